@@ -1,0 +1,208 @@
+//! Image decoding with limits checked before any pixel is allocated.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, RgbaImage};
+use mmembed_core::EmbedError;
+
+/// Bounds on what an image may cost to decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest accepted width × height, checked from the header before
+    /// decoding (default 100 megapixels: any phone photo, not a decompression bomb).
+    pub max_pixels: u64,
+    /// Largest encoded input, in bytes (default 100 MiB).
+    pub max_bytes: u64,
+    /// Most memory the decoder may allocate, in bytes (default 1 GiB).
+    pub max_alloc: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self {
+            max_pixels: 100_000_000,
+            max_bytes: 100 << 20,
+            max_alloc: 1 << 30,
+        }
+    }
+}
+
+/// Formats we decode: what Vertex accepts (BMP, GIF, JPEG, PNG) plus WebP
+/// and TIFF, common in photo collections.
+const FORMATS: &[ImageFormat] = &[
+    ImageFormat::Png,
+    ImageFormat::Jpeg,
+    ImageFormat::Gif,
+    ImageFormat::Bmp,
+    ImageFormat::WebP,
+    ImageFormat::Tiff,
+];
+
+fn decode_error(what: &str, e: image::ImageError) -> EmbedError {
+    let reason = match &e {
+        image::ImageError::Limits(_) => format!("exceeds a decoding limit ({e})"),
+        image::ImageError::Unsupported(_) => format!("unsupported image ({e})"),
+        _ => format!("corrupt or truncated image ({e})"),
+    };
+    EmbedError::media(what, reason, Some(Arc::new(e)))
+}
+
+/// Decodes an image from its bytes, sniffing the format from the content
+/// (never the file name), applying EXIF orientation, and converting to 8-bit
+/// RGB the way Hugging Face's CLIP processor does: transparency is
+/// composited onto white, grayscale is replicated, 16-bit is scaled down.
+///
+/// `what` names the input in error messages (a path, a URI).
+///
+/// ```
+/// use mmembed_media::{decode_image, ImageLimits};
+/// let err = decode_image(b"not an image", "notes.jpg", &ImageLimits::default()).unwrap_err();
+/// assert!(err.to_string().contains("notes.jpg"));
+/// ```
+pub fn decode_image(
+    bytes: &[u8],
+    what: &str,
+    limits: &ImageLimits,
+) -> Result<RgbImage, EmbedError> {
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(EmbedError::media(
+            what,
+            format!(
+                "{} bytes is over the {} byte limit",
+                bytes.len(),
+                limits.max_bytes
+            ),
+            None,
+        ));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| EmbedError::media(what, "cannot read", Some(Arc::new(e))))?;
+    let Some(format) = reader.format() else {
+        return Err(EmbedError::media(
+            what,
+            "not a recognised image format (expected PNG, JPEG, GIF, BMP, WebP or TIFF)",
+            None,
+        ));
+    };
+    if !FORMATS.contains(&format) {
+        return Err(EmbedError::media(
+            what,
+            format!("{format:?} images are not supported"),
+            None,
+        ));
+    }
+    let mut reader = reader;
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_alloc = Some(limits.max_alloc);
+    reader.limits(decoder_limits);
+    let mut decoder = reader.into_decoder().map_err(|e| decode_error(what, e))?;
+    let (w, h) = decoder.dimensions();
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels == 0 {
+        return Err(EmbedError::media(what, "image has zero width or height", None));
+    }
+    if pixels > limits.max_pixels {
+        return Err(EmbedError::media(
+            what,
+            format!(
+                "{w}x{h} is {pixels} pixels, over the limit of {}",
+                limits.max_pixels
+            ),
+            None,
+        ));
+    }
+    let orientation = decoder.orientation().map_err(|e| decode_error(what, e))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(what, e))?;
+    img.apply_orientation(orientation);
+    Ok(to_rgb_on_white(img))
+}
+
+/// Converts to RGB8, compositing any alpha onto white with Pillow's integer
+/// arithmetic (`Image.alpha_composite` onto an opaque white background), so
+/// transparent images match Hugging Face's processor bit for bit.
+pub fn to_rgb_on_white(img: DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.into_rgb8();
+    }
+    let rgba: RgbaImage = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        let a = u32::from(p[3]);
+        for c in 0..3 {
+            o[c] = composite_on_white(u32::from(p[c]), a);
+        }
+    }
+    out
+}
+
+/// Pillow's AlphaComposite.c for an opaque white destination: with
+/// PRECISION_BITS = 7, coef1 = a·128 and coef2 = (255−a)·128.
+fn composite_on_white(c: u32, a: u32) -> u8 {
+    if a == 0 {
+        return 255;
+    }
+    let tmp = (c * a + 255 * (255 - a)) * 128 + (0x80 << 7);
+    let div255 = ((tmp >> 8) + tmp) >> 8;
+    (div255 >> 7) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, Luma, Rgba};
+
+    fn png(img: &DynamicImage) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn composite_matches_pillow_reference_values() {
+        // Values printed by Pillow 13's Image.alpha_composite(white, (c, c, c, a)).
+        assert_eq!(composite_on_white(0, 255), 0);
+        assert_eq!(composite_on_white(200, 255), 200);
+        assert_eq!(composite_on_white(0, 0), 255);
+        assert_eq!(composite_on_white(0, 128), 127);
+        assert_eq!(composite_on_white(100, 128), 177);
+        assert_eq!(composite_on_white(37, 3), 252);
+        assert_eq!(composite_on_white(250, 254), 250);
+    }
+
+    #[test]
+    fn gray_16bit_and_alpha_convert() {
+        let g16: ImageBuffer<Luma<u16>, Vec<u16>> =
+            ImageBuffer::from_fn(4, 3, |x, _| Luma([(x as u16) * 20000]));
+        let rgb = decode_image(
+            &png(&DynamicImage::ImageLuma16(g16)),
+            "g16",
+            &ImageLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(rgb.dimensions(), (4, 3));
+        // 16-bit scaled to 8-bit, replicated to three channels.
+        assert_eq!(rgb.get_pixel(3, 0).0, [233, 233, 233]);
+        let rgba: RgbaImage = ImageBuffer::from_pixel(2, 2, Rgba([0, 0, 0, 0]));
+        let rgb = decode_image(
+            &png(&DynamicImage::ImageRgba8(rgba)),
+            "t",
+            &ImageLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+    }
+
+    #[test]
+    fn pixel_limit_is_checked_from_the_header() {
+        let img = DynamicImage::new_rgb8(100, 100);
+        let limits = ImageLimits {
+            max_pixels: 9_999,
+            ..ImageLimits::default()
+        };
+        let e = decode_image(&png(&img), "big.png", &limits).unwrap_err();
+        assert!(e.to_string().contains("over the limit"), "{e}");
+    }
+}

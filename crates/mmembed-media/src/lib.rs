@@ -1,0 +1,21 @@
+//! Media handling for mmembed: reading media from bytes, paths or URIs with
+//! size limits, decoding images safely (limits checked from the header,
+//! before any pixel is allocated), and CLIP preprocessing that follows a
+//! model's own `preprocessor_config.json`.
+//!
+//! Video probing and frame sampling live here too, behind the `video`
+//! feature (it needs the system's FFmpeg libraries).
+
+mod image;
+mod pillow;
+mod preprocess;
+mod source;
+
+pub use crate::image::{ImageLimits, decode_image, to_rgb_on_white};
+pub use preprocess::{
+    ClipPreprocessor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resample, ResizeTarget,
+};
+pub use source::read_media;
+
+/// The `image` crate, re-exported so callers use the same version.
+pub use ::image as image_crate;

@@ -1,0 +1,488 @@
+//! CLIP image preprocessing driven by a model's `preprocessor_config.json`.
+//!
+//! Follows Hugging Face's PIL-based `CLIPImageProcessor` step by step:
+//! resize (shortest side to `size`, aspect kept, Pillow's filters in uint8),
+//! centre crop (zero padding if the image is smaller), rescale, normalise
+//! with the model's own mean and std. Candle's CLIP example maps pixels to
+//! [-1, 1] instead; that is wrong for OpenAI CLIP and we do not copy it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use image::RgbImage;
+use mmembed_core::EmbedError;
+use serde::Deserialize;
+
+/// OpenAI CLIP's normalisation mean (the default when a config omits it).
+pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// OpenAI CLIP's normalisation std.
+pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// How the image is resized before cropping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeTarget {
+    /// Shortest side to this many pixels, aspect ratio kept (CLIP's way).
+    ShortestEdge(u32),
+    /// Exactly this size (aspect ratio not kept).
+    Exact {
+        /// Output height.
+        height: u32,
+        /// Output width.
+        width: u32,
+    },
+}
+
+/// Resampling filter, numbered as Pillow numbers them in configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// 0
+    Nearest,
+    /// 1
+    Lanczos,
+    /// 2
+    Bilinear,
+    /// 3 (CLIP's)
+    Bicubic,
+    /// 4
+    Box,
+    /// 5
+    Hamming,
+}
+
+impl Resample {
+    fn from_pil(code: u32) -> Result<Self, String> {
+        Ok(match code {
+            0 => Self::Nearest,
+            1 => Self::Lanczos,
+            2 => Self::Bilinear,
+            3 => Self::Bicubic,
+            4 => Self::Box,
+            5 => Self::Hamming,
+            other => return Err(format!("unknown resample code {other} (Pillow uses 0-5)")),
+        })
+    }
+}
+
+/// A model's image preprocessing, read from `preprocessor_config.json`.
+///
+/// ```
+/// use mmembed_media::ClipPreprocessor;
+/// let p = ClipPreprocessor::from_json(r#"{"size": 224, "crop_size": 224}"#)?;
+/// assert_eq!(p.output_size(), (224, 224));
+/// let img = image::RgbImage::from_pixel(640, 480, image::Rgb([255, 0, 0]));
+/// let chw = p.preprocess(&img);
+/// assert_eq!(chw.len(), 3 * 224 * 224);
+/// # Ok::<(), mmembed_core::EmbedError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipPreprocessor {
+    /// Resize step; `None` when `do_resize` is false.
+    pub resize: Option<ResizeTarget>,
+    /// Filter for the resize.
+    pub resample: Resample,
+    /// Centre crop `(height, width)`; `None` when `do_center_crop` is false.
+    pub crop: Option<(u32, u32)>,
+    /// Multiplier applied to 0..255 values (`None`: no rescale).
+    pub rescale_factor: Option<f32>,
+    /// Per-channel mean and std (`None`: no normalisation).
+    pub normalize: Option<([f32; 3], [f32; 3])>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeSpec {
+    Int(u32),
+    Dict {
+        shortest_edge: Option<u32>,
+        height: Option<u32>,
+        width: Option<u32>,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    do_resize: Option<bool>,
+    size: Option<SizeSpec>,
+    resample: Option<u32>,
+    do_center_crop: Option<bool>,
+    crop_size: Option<SizeSpec>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f32>,
+    do_normalize: Option<bool>,
+    image_mean: Option<Vec<f32>>,
+    image_std: Option<Vec<f32>>,
+}
+
+fn three(name: &str, v: Option<Vec<f32>>, default: [f32; 3]) -> Result<[f32; 3], String> {
+    match v {
+        None => Ok(default),
+        Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
+        Some(v) if v.len() == 1 => Ok([v[0]; 3]),
+        Some(v) => Err(format!("{name} has {} values, expected 3", v.len())),
+    }
+}
+
+impl ClipPreprocessor {
+    /// OpenAI CLIP ViT-B/32's preprocessing (224, bicubic, OpenAI mean/std).
+    pub fn openai(size: u32) -> Self {
+        Self {
+            resize: Some(ResizeTarget::ShortestEdge(size)),
+            resample: Resample::Bicubic,
+            crop: Some((size, size)),
+            rescale_factor: Some(1.0 / 255.0),
+            normalize: Some((OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)),
+        }
+    }
+
+    /// Parses `preprocessor_config.json` text. Accepts both the old integer
+    /// form (`"size": 224`) and the dict form (`{"shortest_edge": 224}`).
+    pub fn from_json(json: &str) -> Result<Self, EmbedError> {
+        let bad = |reason: String| EmbedError::ModelLoad {
+            model: "preprocessor_config.json".into(),
+            reason,
+            source: None,
+        };
+        let raw: RawConfig = serde_json::from_str(json)
+            .map_err(|e| bad(format!("not a valid preprocessor config: {e}")))?;
+        let resize = if raw.do_resize.unwrap_or(true) {
+            Some(match raw.size {
+                None => ResizeTarget::ShortestEdge(224),
+                Some(SizeSpec::Int(n)) => ResizeTarget::ShortestEdge(n),
+                Some(SizeSpec::Dict {
+                    shortest_edge: Some(n),
+                    ..
+                }) => ResizeTarget::ShortestEdge(n),
+                Some(SizeSpec::Dict {
+                    height: Some(height),
+                    width: Some(width),
+                    ..
+                }) => ResizeTarget::Exact { height, width },
+                Some(SizeSpec::Dict { .. }) => {
+                    return Err(bad(
+                        "`size` needs `shortest_edge` or `height` and `width`".into(),
+                    ));
+                }
+            })
+        } else {
+            None
+        };
+        let crop = if raw.do_center_crop.unwrap_or(true) {
+            Some(match raw.crop_size {
+                None => match resize {
+                    Some(ResizeTarget::ShortestEdge(n)) => (n, n),
+                    Some(ResizeTarget::Exact { height, width }) => (height, width),
+                    None => (224, 224),
+                },
+                Some(SizeSpec::Int(n)) => (n, n),
+                Some(SizeSpec::Dict {
+                    height: Some(h),
+                    width: Some(w),
+                    ..
+                }) => (h, w),
+                Some(SizeSpec::Dict {
+                    shortest_edge: Some(n),
+                    ..
+                }) => (n, n),
+                Some(SizeSpec::Dict { .. }) => {
+                    return Err(bad("`crop_size` needs `height` and `width`".into()));
+                }
+            })
+        } else {
+            None
+        };
+        for (name, v) in [("size", resize.map(|_| 1)), ("crop", crop.map(|c| c.0.min(c.1)))] {
+            if v == Some(0) {
+                return Err(bad(format!("{name} must be positive")));
+            }
+        }
+        if let Some(ResizeTarget::Exact { height, width } | ResizeTarget::ShortestEdge(height @ width)) =
+            resize
+            && (height == 0 || width == 0)
+        {
+            return Err(bad("resize size must be positive".into()));
+        }
+        let resample = Resample::from_pil(raw.resample.unwrap_or(3)).map_err(bad)?;
+        let rescale_factor = raw
+            .do_rescale
+            .unwrap_or(true)
+            .then_some(raw.rescale_factor.unwrap_or(1.0 / 255.0));
+        let normalize = if raw.do_normalize.unwrap_or(true) {
+            let mean = three("image_mean", raw.image_mean, OPENAI_CLIP_MEAN).map_err(bad)?;
+            let std = three("image_std", raw.image_std, OPENAI_CLIP_STD).map_err(bad)?;
+            if std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+                return Err(bad("image_std must be finite and non-zero".into()));
+            }
+            Some((mean, std))
+        } else {
+            None
+        };
+        Ok(Self {
+            resize,
+            resample,
+            crop,
+            rescale_factor,
+            normalize,
+        })
+    }
+
+    /// Reads `preprocessor_config.json` from a file.
+    pub fn from_file(path: &Path) -> Result<Self, EmbedError> {
+        let text = std::fs::read_to_string(path).map_err(|e| EmbedError::ModelLoad {
+            model: path.display().to_string(),
+            reason: "cannot read preprocessor_config.json".into(),
+            source: Some(Arc::new(e)),
+        })?;
+        Self::from_json(&text).map_err(|e| match e {
+            EmbedError::ModelLoad { reason, source, .. } => EmbedError::ModelLoad {
+                model: path.display().to_string(),
+                reason,
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// `(height, width)` of the tensor [`preprocess`](Self::preprocess) makes
+    /// (for an image of any size when a crop is configured).
+    pub fn output_size(&self) -> (u32, u32) {
+        match (self.crop, self.resize) {
+            (Some(c), _) => c,
+            (None, Some(ResizeTarget::Exact { height, width })) => (height, width),
+            (None, Some(ResizeTarget::ShortestEdge(n))) => (n, n),
+            (None, None) => (0, 0),
+        }
+    }
+
+    /// Size after the resize step, with Hugging Face's rounding
+    /// (`int(size * long / short)`, truncating).
+    pub fn resized_size(&self, width: u32, height: u32) -> (u32, u32) {
+        match self.resize {
+            None => (width, height),
+            Some(ResizeTarget::Exact { height, width }) => (width, height),
+            Some(ResizeTarget::ShortestEdge(n)) => {
+                let (short, long) = if width <= height {
+                    (width, height)
+                } else {
+                    (height, width)
+                };
+                // f64 like Python's float division, then truncation like int().
+                let new_long = (f64::from(n) * f64::from(long) / f64::from(short)) as u32;
+                if width <= height {
+                    (n, new_long.max(1))
+                } else {
+                    (new_long.max(1), n)
+                }
+            }
+        }
+    }
+
+    /// Resizes and centre-crops in uint8, returning the cropped image: the
+    /// exact pixels that get normalised.
+    ///
+    /// When the crop lies inside the resized image, only the cropped window
+    /// is computed, by resizing the matching source box. The filter weights
+    /// are the same as for the full resize (Pillow's box semantics: support
+    /// clipped to the whole image, not the box), so the pixels are identical,
+    /// while time and memory stay bounded for extreme aspect ratios (a
+    /// 1x5000 image would otherwise resize to 224x1,120,000).
+    pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+        let (w, h) = img.dimensions();
+        let (rw, rh) = self.resized_size(w, h);
+        if let Some((ch, cw)) = self.crop {
+            let top = (i64::from(rh) - i64::from(ch)).div_euclid(2);
+            let left = (i64::from(rw) - i64::from(cw)).div_euclid(2);
+            if top >= 0 && left >= 0 && (rw, rh) != (w, h) {
+                let (sx, sy) = (f64::from(w) / f64::from(rw), f64::from(h) / f64::from(rh));
+                let src_box = [
+                    left as f64 * sx,
+                    top as f64 * sy,
+                    f64::from(cw) * sx,
+                    f64::from(ch) * sy,
+                ];
+                return resize_rgb(img, cw, ch, self.resample, Some(src_box));
+            }
+        }
+        let resized = if (rw, rh) == (w, h) {
+            img.clone()
+        } else {
+            resize_rgb(img, rw, rh, self.resample, None)
+        };
+        match self.crop {
+            Some((ch, cw)) => center_crop(&resized, ch, cw),
+            None => resized,
+        }
+    }
+
+    /// The model input for one image: `3 × H × W` floats, channel-first.
+    pub fn preprocess(&self, img: &RgbImage) -> Vec<f32> {
+        let cropped = self.resize_and_crop(img);
+        self.normalize_u8(&cropped)
+    }
+
+    /// Rescales and normalises an already cropped uint8 image into CHW floats.
+    pub fn normalize_u8(&self, img: &RgbImage) -> Vec<f32> {
+        let (w, h) = img.dimensions();
+        let plane = (w * h) as usize;
+        let mut out = vec![0f32; 3 * plane];
+        let scale = self.rescale_factor.unwrap_or(1.0);
+        let (mean, std) = self.normalize.unwrap_or(([0.0; 3], [1.0; 3]));
+        for (i, p) in img.pixels().enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = (f32::from(p[c]) * scale - mean[c]) / std[c];
+            }
+        }
+        out
+    }
+}
+
+/// Resizes `img` (or the source box `[left, top, width, height]` of it) to
+/// `w × h` with Pillow's arithmetic.
+fn resize_rgb(
+    img: &RgbImage,
+    w: u32,
+    h: u32,
+    resample: Resample,
+    src_box: Option<[f64; 4]>,
+) -> RgbImage {
+    let (sw, sh) = img.dimensions();
+    let bx = match src_box {
+        Some([l, t, bw, bh]) => [l, t, l + bw, t + bh],
+        None => [0.0, 0.0, f64::from(sw), f64::from(sh)],
+    };
+    crate::pillow::resize(img, w, h, resample, bx)
+}
+
+/// Hugging Face's `center_crop`: offsets `(orig - crop) // 2` with Python's
+/// floor division; parts of the crop outside the image are zero.
+fn center_crop(img: &RgbImage, ch: u32, cw: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let top = (i64::from(h) - i64::from(ch)).div_euclid(2);
+    let left = (i64::from(w) - i64::from(cw)).div_euclid(2);
+    if top >= 0 && left >= 0 {
+        return image::imageops::crop_imm(img, left as u32, top as u32, cw, ch).to_image();
+    }
+    let mut out = RgbImage::new(cw, ch);
+    for y in 0..ch {
+        let sy = i64::from(y) + top;
+        if sy < 0 || sy >= i64::from(h) {
+            continue;
+        }
+        for x in 0..cw {
+            let sx = i64::from(x) + left;
+            if sx >= 0 && sx < i64::from(w) {
+                out.put_pixel(x, y, *img.get_pixel(sx as u32, sy as u32));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_config_forms() {
+        let old = ClipPreprocessor::from_json(
+            r#"{"crop_size": 224, "do_center_crop": true, "do_normalize": true, "do_resize": true,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}"#,
+        )
+        .unwrap();
+        let new = ClipPreprocessor::from_json(
+            r#"{"crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 224},
+                "rescale_factor": 0.00392156862745098, "image_processor_type": "CLIPImageProcessor"}"#,
+        )
+        .unwrap();
+        assert_eq!(old, new);
+        assert_eq!(old, ClipPreprocessor::openai(224));
+    }
+
+    #[test]
+    fn laion_style_mean_and_siglip_style_exact_size() {
+        let p = ClipPreprocessor::from_json(
+            r#"{"size": {"height": 256, "width": 256}, "do_center_crop": false,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.resize,
+            Some(ResizeTarget::Exact {
+                height: 256,
+                width: 256
+            })
+        );
+        assert_eq!(p.resample, Resample::Bilinear);
+        assert_eq!(p.output_size(), (256, 256));
+        let white = RgbImage::from_pixel(300, 100, image::Rgb([255, 255, 255]));
+        let v = p.preprocess(&white);
+        assert_eq!(v.len(), 3 * 256 * 256);
+        assert!(v.iter().all(|x| (x - 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        for bad in [
+            r#"{"image_std": [0, 1, 1]}"#,
+            r#"{"image_mean": [0.5, 0.5]}"#,
+            r#"{"resample": 9}"#,
+            r#"{"size": {"longest_edge": 3}}"#,
+            r#"{"size": 0}"#,
+            "not json",
+        ] {
+            assert!(ClipPreprocessor::from_json(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resized_size_truncates_like_python() {
+        let p = ClipPreprocessor::openai(224);
+        // int(224 * 451 / 300) = int(336.746...) = 336
+        assert_eq!(p.resized_size(451, 300), (336, 224));
+        assert_eq!(p.resized_size(180, 400), (224, 497));
+        assert_eq!(p.resized_size(1, 1), (224, 224));
+        assert_eq!(p.resized_size(1, 5000), (224, 1_120_000));
+    }
+
+    #[test]
+    fn windowed_resize_equals_resize_then_crop() {
+        let img = RgbImage::from_fn(451, 300, |x, y| {
+            image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x ^ y) % 256) as u8])
+        });
+        let p = ClipPreprocessor::openai(224);
+        let full = resize_rgb(&img, 336, 224, Resample::Bicubic, None);
+        let expected = center_crop(&full, 224, 224);
+        assert_eq!(p.resize_and_crop(&img), expected);
+        let tall = RgbImage::from_fn(97, 403, |x, y| image::Rgb([(x * y % 251) as u8, 3, 200]));
+        let full = resize_rgb(&tall, 224, 930, Resample::Bicubic, None);
+        assert_eq!(p.resize_and_crop(&tall), center_crop(&full, 224, 224));
+    }
+
+    #[test]
+    fn extreme_aspect_ratio_stays_cheap() {
+        let img = RgbImage::from_pixel(1, 5000, image::Rgb([1, 2, 3]));
+        let out = ClipPreprocessor::openai(224).resize_and_crop(&img);
+        assert_eq!(out.dimensions(), (224, 224));
+        assert_eq!(out.get_pixel(0, 0).0, [1, 2, 3]);
+    }
+
+    #[test]
+    fn crop_pads_with_zeros_when_image_is_small() {
+        let img = RgbImage::from_pixel(3, 2, image::Rgb([9, 9, 9]));
+        let c = center_crop(&img, 4, 5);
+        // top = (2-4)//2 = -1, left = (3-5)//2 = -1
+        assert_eq!(c.get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(c.get_pixel(1, 1).0, [9, 9, 9]);
+        assert_eq!(c.get_pixel(3, 2).0, [9, 9, 9]);
+        assert_eq!(c.get_pixel(4, 3).0, [0, 0, 0]);
+    }
+
+    #[test]
+    fn one_pixel_image_fills_the_crop() {
+        let p = ClipPreprocessor::openai(224);
+        let img = RgbImage::from_pixel(1, 1, image::Rgb([10, 200, 30]));
+        let out = p.resize_and_crop(&img);
+        assert_eq!(out.dimensions(), (224, 224));
+        assert_eq!(out.get_pixel(100, 100).0, [10, 200, 30]);
+    }
+}
