@@ -1,0 +1,28 @@
+//! mmembed's local backend: any Hugging Face CLIP checkpoint, run with
+//! candle on CPU, CUDA or Metal, behind [`mmembed_core::Embedder`].
+//!
+//! - [`LocalEmbedder`] loads a checkpoint directory, a built-in model id
+//!   ([`Manifest`]) or a hub repository (through `hf-hub` and its cache,
+//!   honouring `HF_HUB_OFFLINE`, `HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`).
+//! - The architecture comes from the checkpoint's `config.json`
+//!   ([`ClipConfig`]), the preprocessing from its `preprocessor_config.json`,
+//!   so OpenAI and LAION/OpenCLIP exports load with no code change.
+//! - Vectors are L2-normalised and tagged with the model's space id.
+
+mod config;
+mod device;
+mod embedder;
+mod hub;
+mod manifest;
+mod model;
+mod tokenizer;
+
+pub use config::{Activation, ClipConfig, TextConfig, TowerConfig, VisionConfig};
+pub use device::{DeviceSpec, Precision};
+pub use embedder::{LoadedClip, LocalEmbedder, LocalOptions};
+pub use hub::{HubOptions, ModelFiles, hub_files, local_files};
+pub use manifest::Manifest;
+pub use model::{ClipModel, TextTower, VisionTower};
+pub use tokenizer::ClipTokenizer;
+
+pub(crate) use mmembed_core::Source;

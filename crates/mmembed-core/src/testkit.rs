@@ -41,12 +41,18 @@ pub async fn batch_contract(e: &dyn Embedder, texts: [&str; 2]) {
         assert_eq!(r.dimension, info.native_dimension, "item {i} dimension");
         let v = r.text.clone().expect("a text request gets a text vector");
         assert_eq!(v.len(), info.native_dimension, "item {i} vector length");
-        assert!(v.iter().all(|x| x.is_finite()), "item {i} has non-finite values");
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "item {i} has non-finite values"
+        );
         assert!(r.image.is_none() && r.video.is_empty());
         v
     };
     let (a, b, a2) = (vec_of(0), vec_of(3), vec_of(5));
-    assert_ne!(a, b, "different texts must give different vectors (order kept?)");
+    assert_ne!(
+        a, b,
+        "different texts must give different vectors (order kept?)"
+    );
     let same = crate::cosine(&a, &a2);
     assert!(same > 0.9999, "same text twice in a batch: cosine {same}");
 

@@ -230,10 +230,7 @@ impl EmbedRequest {
                 cfg.range()?;
             }
         }
-        let media = [
-            self.image.as_ref(),
-            self.video.as_ref().map(|v| &v.media),
-        ];
+        let media = [self.image.as_ref(), self.video.as_ref().map(|v| &v.media)];
         for m in media.into_iter().flatten() {
             if let MediaSource::Bytes(b) = &m.source
                 && b.is_empty()

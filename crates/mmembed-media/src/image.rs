@@ -101,7 +101,11 @@ pub fn decode_image(
     let (w, h) = decoder.dimensions();
     let pixels = u64::from(w) * u64::from(h);
     if pixels == 0 {
-        return Err(EmbedError::media(what, "image has zero width or height", None));
+        return Err(EmbedError::media(
+            what,
+            "image has zero width or height",
+            None,
+        ));
     }
     if pixels > limits.max_pixels {
         return Err(EmbedError::media(

@@ -12,9 +12,7 @@ mod preprocess;
 mod source;
 
 pub use crate::image::{ImageLimits, decode_image, to_rgb_on_white};
-pub use preprocess::{
-    ClipPreprocessor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resample, ResizeTarget,
-};
+pub use preprocess::{ClipPreprocessor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resample, ResizeTarget};
 pub use source::read_media;
 
 /// The `image` crate, re-exported so callers use the same version.

@@ -232,7 +232,10 @@ mod tests {
         assert_eq!(t.len(), 50);
         for tap in &t {
             let s: i32 = tap.weights.iter().sum();
-            assert!((s - (1 << PRECISION_BITS)).abs() <= tap.weights.len() as i32, "{s}");
+            assert!(
+                (s - (1 << PRECISION_BITS)).abs() <= tap.weights.len() as i32,
+                "{s}"
+            );
         }
         // First output: center 1.0, xmin = (int)(1 - 4 + 0.5) clamped to 0.
         assert_eq!(t[0].start, 0);

@@ -159,7 +159,7 @@ impl ClipPreprocessor {
                 }) => ResizeTarget::Exact { height, width },
                 Some(SizeSpec::Dict { .. }) => {
                     return Err(bad(
-                        "`size` needs `shortest_edge` or `height` and `width`".into(),
+                        "`size` needs `shortest_edge` or `height` and `width`".into()
                     ));
                 }
             })
@@ -190,13 +190,17 @@ impl ClipPreprocessor {
         } else {
             None
         };
-        for (name, v) in [("size", resize.map(|_| 1)), ("crop", crop.map(|c| c.0.min(c.1)))] {
+        for (name, v) in [
+            ("size", resize.map(|_| 1)),
+            ("crop", crop.map(|c| c.0.min(c.1))),
+        ] {
             if v == Some(0) {
                 return Err(bad(format!("{name} must be positive")));
             }
         }
-        if let Some(ResizeTarget::Exact { height, width } | ResizeTarget::ShortestEdge(height @ width)) =
-            resize
+        if let Some(
+            ResizeTarget::Exact { height, width } | ResizeTarget::ShortestEdge(height @ width),
+        ) = resize
             && (height == 0 || width == 0)
         {
             return Err(bad("resize size must be positive".into()));
@@ -447,7 +451,11 @@ mod tests {
     #[test]
     fn windowed_resize_equals_resize_then_crop() {
         let img = RgbImage::from_fn(451, 300, |x, y| {
-            image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x ^ y) % 256) as u8])
+            image::Rgb([
+                (x * 7 % 256) as u8,
+                (y * 13 % 256) as u8,
+                ((x ^ y) % 256) as u8,
+            ])
         });
         let p = ClipPreprocessor::openai(224);
         let full = resize_rgb(&img, 336, 224, Resample::Bicubic, None);

@@ -71,7 +71,11 @@ fn read_path(path: &std::path::Path, field: &str, max_bytes: u64) -> Result<Byte
         .read_to_end(&mut buf)
         .map_err(io_err)?;
     if buf.len() as u64 > max_bytes {
-        return Err(EmbedError::media(what, "grew past the size limit while being read", None));
+        return Err(EmbedError::media(
+            what,
+            "grew past the size limit while being read",
+            None,
+        ));
     }
     Ok(Bytes::from(buf))
 }
@@ -88,17 +92,35 @@ mod tests {
         let got = read_media(&MediaSource::Path(p.clone()), Modality::Image, 100).unwrap();
         assert_eq!(&got[..], b"12345");
         let uri = format!("file://{}", p.display());
-        assert_eq!(read_media(&MediaSource::Uri(uri), Modality::Image, 100).unwrap(), got);
+        assert_eq!(
+            read_media(&MediaSource::Uri(uri), Modality::Image, 100).unwrap(),
+            got
+        );
         let e = read_media(&MediaSource::Path(p), Modality::Image, 4).unwrap_err();
         assert!(e.to_string().contains("over the 4 byte limit"), "{e}");
-        let e = read_media(&MediaSource::Uri("gs://b/o.png".into()), Modality::Image, 100)
-            .unwrap_err();
-        assert!(matches!(e, EmbedError::InvalidInput { ref field, .. } if field == "image"), "{e}");
-        let e = read_media(&MediaSource::Path(dir.path().join("missing.png")), Modality::Image, 9)
-            .unwrap_err();
+        let e = read_media(
+            &MediaSource::Uri("gs://b/o.png".into()),
+            Modality::Image,
+            100,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, EmbedError::InvalidInput { ref field, .. } if field == "image"),
+            "{e}"
+        );
+        let e = read_media(
+            &MediaSource::Path(dir.path().join("missing.png")),
+            Modality::Image,
+            9,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("file not found"), "{e}");
-        let e = read_media(&MediaSource::Path(dir.path().to_path_buf()), Modality::Image, 9)
-            .unwrap_err();
+        let e = read_media(
+            &MediaSource::Path(dir.path().to_path_buf()),
+            Modality::Image,
+            9,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("is a directory"), "{e}");
     }
 }

@@ -1,0 +1,183 @@
+//! Which device and precision the model runs on.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+use mmembed_core::EmbedError;
+
+/// A device request: `auto`, `cpu`, `cuda[:N]` or `metal[:N]`.
+///
+/// `auto` takes CUDA if this build has it and a GPU answers, else Metal, else
+/// the CPU. An explicit device that is missing is an error, never a silent
+/// fallback to the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// Best available.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA GPU by ordinal.
+    Cuda(usize),
+    /// Metal GPU by ordinal.
+    Metal(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        let ordinal = |rest: &str| -> Result<usize, String> {
+            match rest.strip_prefix(':') {
+                None if rest.is_empty() => Ok(0),
+                Some(n) => n.parse().map_err(|_| format!("bad device ordinal `{n}`")),
+                None => Err(format!("unknown device `{s}`")),
+            }
+        };
+        match s.as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            _ if s.starts_with("cuda") => ordinal(&s[4..]).map(Self::Cuda),
+            _ if s.starts_with("metal") => ordinal(&s[5..]).map(Self::Metal),
+            _ => Err(format!(
+                "unknown device `{s}` (expected auto, cpu, cuda[:N] or metal[:N])"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+            Self::Metal(i) => write!(f, "metal:{i}"),
+        }
+    }
+}
+
+fn unavailable(spec: DeviceSpec, why: String) -> EmbedError {
+    EmbedError::Backend {
+        backend: "local".into(),
+        message: format!("device {spec} is not available: {why}"),
+        retryable: false,
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device.
+    pub fn open(self) -> Result<Device, EmbedError> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(i) => {
+                if !cfg!(feature = "cuda") {
+                    return Err(unavailable(
+                        self,
+                        "this build has no CUDA support (rebuild with `--features cuda`)".into(),
+                    ));
+                }
+                Device::new_cuda(i).map_err(|e| unavailable(self, e.to_string()))
+            }
+            Self::Metal(i) => {
+                if !cfg!(feature = "metal") {
+                    return Err(unavailable(
+                        self,
+                        "this build has no Metal support (rebuild with `--features metal`)".into(),
+                    ));
+                }
+                Device::new_metal(i).map_err(|e| unavailable(self, e.to_string()))
+            }
+            Self::Auto => {
+                for gpu in [Self::Cuda(0), Self::Metal(0)] {
+                    match gpu.open() {
+                        Ok(d) => return Ok(d),
+                        Err(e) => tracing::debug!("auto device: {e}"),
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+/// Floating-point precision of the weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// 32-bit (the only choice on CPU).
+    #[default]
+    F32,
+    /// 16-bit IEEE half (GPU only).
+    F16,
+    /// bfloat16 (GPU only).
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(format!(
+                "unknown precision `{other}` (expected f32, f16 or bf16)"
+            )),
+        }
+    }
+}
+
+impl Precision {
+    /// The candle dtype, checked against the device: half precision on the
+    /// CPU is refused (candle's CPU kernels are f32-first; f16 there is slower
+    /// and less accurate, so asking for it is almost certainly a mistake).
+    pub fn dtype_for(self, device: &Device) -> Result<DType, EmbedError> {
+        match (self, device.is_cpu()) {
+            (Self::F32, _) => Ok(DType::F32),
+            (_, true) => Err(EmbedError::invalid(
+                "precision",
+                format!("{self:?} is for GPU devices; the CPU runs f32"),
+            )),
+            (Self::F16, false) => Ok(DType::F16),
+            (Self::Bf16, false) => Ok(DType::BF16),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_specs() {
+        assert_eq!("auto".parse(), Ok(DeviceSpec::Auto));
+        assert_eq!("CPU".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:1".parse(), Ok(DeviceSpec::Cuda(1)));
+        assert_eq!("metal:0".parse(), Ok(DeviceSpec::Metal(0)));
+        assert!("cudax".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn explicit_missing_device_is_an_error_not_a_fallback() {
+        if !cfg!(feature = "cuda") {
+            let e = DeviceSpec::Cuda(0).open().unwrap_err();
+            assert!(e.to_string().contains("--features cuda"), "{e}");
+        }
+        if !cfg!(feature = "metal") {
+            assert!(DeviceSpec::Metal(0).open().is_err());
+        }
+        assert!(DeviceSpec::Auto.open().is_ok());
+    }
+
+    #[test]
+    fn half_precision_is_refused_on_cpu() {
+        assert_eq!(Precision::F32.dtype_for(&Device::Cpu).unwrap(), DType::F32);
+        assert!(Precision::F16.dtype_for(&Device::Cpu).is_err());
+        assert!(Precision::Bf16.dtype_for(&Device::Cpu).is_err());
+        assert_eq!("bf16".parse(), Ok(Precision::Bf16));
+    }
+}

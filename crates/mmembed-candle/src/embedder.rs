@@ -1,0 +1,522 @@
+//! The local backend: a CLIP checkpoint behind the [`Embedder`] trait.
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use mmembed_core::{
+    EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, MediaSource, Modality, SpaceId,
+    async_trait, l2_normalize,
+};
+use mmembed_media::{ClipPreprocessor, ImageLimits, decode_image, read_media};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::config::ClipConfig;
+use crate::device::{DeviceSpec, Precision};
+use crate::hub::{HubOptions, ModelFiles, hub_files, local_files};
+use crate::manifest::Manifest;
+use crate::model::ClipModel;
+use crate::tokenizer::ClipTokenizer;
+
+const BACKEND: &str = "local";
+
+/// How to build a [`LocalEmbedder`].
+///
+/// ```
+/// use mmembed_candle::{LocalOptions, DeviceSpec};
+/// let opts = LocalOptions::new("openai/clip-vit-base-patch32")
+///     .with_device(DeviceSpec::Cpu)
+///     .with_max_batch(16);
+/// assert_eq!(opts.max_batch, 16);
+/// ```
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// A checkpoint directory, a built-in manifest id, or a hub repository
+    /// (`owner/name` or `owner/name@revision`).
+    pub model: String,
+    /// Where to run.
+    pub device: DeviceSpec,
+    /// Weight/activation precision (f32 on CPU).
+    pub precision: Precision,
+    /// Most texts or images per forward pass (default 32).
+    pub max_batch: usize,
+    /// Image decoding limits.
+    pub image_limits: ImageLimits,
+    /// Hub access (default: from the environment).
+    pub hub: HubOptions,
+    /// Overrides the space id (default: the manifest's, else a hash of the weights).
+    pub space: Option<String>,
+}
+
+impl LocalOptions {
+    /// Options for `model` with defaults: auto device, f32, batch 32, hub
+    /// settings from the environment.
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            device: DeviceSpec::Auto,
+            precision: Precision::F32,
+            max_batch: 32,
+            image_limits: ImageLimits::default(),
+            hub: HubOptions::from_env(),
+            space: None,
+        }
+    }
+
+    /// Sets the device.
+    pub fn with_device(mut self, device: DeviceSpec) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Sets the precision.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// Sets the largest model batch (at least 1).
+    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch.max(1);
+        self
+    }
+
+    /// Sets the hub options.
+    pub fn with_hub(mut self, hub: HubOptions) -> Self {
+        self.hub = hub;
+        self
+    }
+
+    /// Sets the image limits.
+    pub fn with_image_limits(mut self, limits: ImageLimits) -> Self {
+        self.image_limits = limits;
+        self
+    }
+
+    /// Overrides the space id.
+    pub fn with_space(mut self, space: impl Into<String>) -> Self {
+        self.space = Some(space.into());
+        self
+    }
+}
+
+/// Where a model's files come from, and the identity that follows.
+fn locate(opts: &LocalOptions) -> Result<(ModelFiles, Option<String>), EmbedError> {
+    let path = Path::new(&opts.model);
+    if path.is_dir() {
+        return Ok((local_files(path)?, None));
+    }
+    if let Some(m) = Manifest::find(&opts.model) {
+        return Ok((hub_files(&m.repo, &m.revision, &opts.hub)?, Some(m.space)));
+    }
+    let (repo, rev) = opts
+        .model
+        .split_once('@')
+        .unwrap_or((opts.model.as_str(), "main"));
+    let looks_like_repo = repo.split('/').count() == 2
+        && repo.split('/').all(|p| !p.is_empty())
+        && !opts.model.starts_with('.')
+        && !opts.model.starts_with('/');
+    if !looks_like_repo {
+        return Err(EmbedError::ModelLoad {
+            model: opts.model.clone(),
+            reason: "not a checkpoint directory, a built-in model id or a hub repository \
+                     (owner/name[@revision])"
+                .into(),
+            source: None,
+        });
+    }
+    Ok((hub_files(repo, rev, &opts.hub)?, None))
+}
+
+/// sha256 of the weights, for a space id that follows the weights wherever
+/// they are loaded from.
+fn weights_space(files: &ModelFiles) -> Result<String, EmbedError> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for w in &files.weights {
+        let mut f = std::fs::File::open(w).map_err(|e| EmbedError::ModelLoad {
+            model: w.display().to_string(),
+            reason: "cannot read weights".into(),
+            source: Some(Arc::new(e)),
+        })?;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| EmbedError::ModelLoad {
+                model: w.display().to_string(),
+                reason: "cannot read weights".into(),
+                source: Some(Arc::new(e)),
+            })?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("clip-sha256:{hex}"))
+}
+
+/// A loaded checkpoint: model, tokenizer and preprocessing, on one device.
+pub struct LoadedClip {
+    /// The network.
+    pub model: ClipModel,
+    /// Its tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// Its image preprocessing.
+    pub preprocessor: ClipPreprocessor,
+    /// Its architecture.
+    pub config: ClipConfig,
+    /// The device it runs on.
+    pub device: Device,
+    /// The dtype it computes in.
+    pub dtype: DType,
+}
+
+impl fmt::Debug for LoadedClip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedClip")
+            .field("config", &self.config)
+            .field("device", &self.device)
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedClip {
+    /// Loads a checkpoint's files: config, tokenizer, preprocessor, and the
+    /// weights by memory map (no copy on CPU for f32 weights).
+    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self, EmbedError> {
+        let model_name = files
+            .config
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            .display()
+            .to_string();
+        let err = |reason: String| EmbedError::ModelLoad {
+            model: model_name.clone(),
+            reason,
+            source: None,
+        };
+        let config_text = std::fs::read_to_string(&files.config)
+            .map_err(|e| err(format!("cannot read config.json: {e}")))?;
+        let config =
+            ClipConfig::from_json(&config_text).map_err(|e| err(format!("config.json: {e}")))?;
+        let tokenizer = ClipTokenizer::from_file(
+            &files.tokenizer,
+            config.text.max_position_embeddings,
+            config.text.eos_token_id,
+        )?;
+        let preprocessor = ClipPreprocessor::from_file(&files.preprocessor)?;
+        let (h, w) = preprocessor.output_size();
+        let side = config.vision.image_size as u32;
+        if (h, w) != (side, side) {
+            return Err(err(format!(
+                "preprocessor_config.json makes {h}x{w} images but the vision tower expects \
+                 {side}x{side}"
+            )));
+        }
+        // SAFETY: the files are memory-mapped read-only; like every
+        // safetensors loader we rely on nobody truncating them while loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
+            .map_err(|e| err(format!("cannot map the weights: {e}")))?;
+        let model = ClipModel::new(&config, vb)
+            .map_err(|e| err(format!("the weights do not match config.json: {e}")))?;
+        Ok(Self {
+            model,
+            tokenizer,
+            preprocessor,
+            config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Unit-length text embeddings for a batch of token id sequences.
+    pub fn embed_token_ids(&self, seqs: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let pad = self.tokenizer.eos_id();
+        let mut flat = Vec::with_capacity(seqs.len() * len);
+        let mut pool = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            pool.push(self.tokenizer.pool_position(s));
+            flat.extend_from_slice(s);
+            // Padding sits after the pooled position; the causal mask keeps
+            // it from influencing the result.
+            flat.extend(std::iter::repeat_n(pad, len - s.len()));
+        }
+        let ids = Tensor::from_vec(flat, (seqs.len(), len), &self.device)?;
+        let out = self.model.text.forward(&ids, &pool)?;
+        rows(&out)
+    }
+
+    /// Unit-length image embeddings for preprocessed CHW pixel buffers.
+    pub fn embed_pixels(&self, images: &[Vec<f32>]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let side = self.config.vision.image_size;
+        let c = self.config.vision.num_channels;
+        let flat: Vec<f32> = images.iter().flatten().copied().collect();
+        let px = Tensor::from_vec(flat, (images.len(), c, side, side), &self.device)?
+            .to_dtype(self.dtype)?;
+        let out = self.model.vision.forward(&px)?;
+        rows(&out)
+    }
+}
+
+fn rows(t: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    let mut v = t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    v.iter_mut().for_each(|r| l2_normalize(r));
+    Ok(v)
+}
+
+enum Item {
+    Text(String),
+    Image(MediaSource),
+}
+
+struct Job {
+    items: Vec<Item>,
+    reply: oneshot::Sender<Vec<Result<Vec<f32>, EmbedError>>>,
+}
+
+fn backend_err(message: String) -> EmbedError {
+    EmbedError::Backend {
+        backend: BACKEND.into(),
+        message,
+        retryable: false,
+    }
+}
+
+struct Worker {
+    clip: LoadedClip,
+    max_batch: usize,
+    limits: ImageLimits,
+}
+
+impl Worker {
+    fn run(&self, items: Vec<Item>) -> Vec<Result<Vec<f32>, EmbedError>> {
+        let mut out: Vec<Option<Result<Vec<f32>, EmbedError>>> =
+            items.iter().map(|_| None).collect();
+        let mut texts = Vec::new();
+        let mut images = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            match item {
+                Item::Text(t) => match self.clip.tokenizer.encode(&t) {
+                    Ok(ids) => texts.push((i, ids)),
+                    Err(e) => out[i] = Some(Err(e)),
+                },
+                Item::Image(src) => match self.pixels(&src) {
+                    Ok(px) => images.push((i, px)),
+                    Err(e) => out[i] = Some(Err(e)),
+                },
+            }
+        }
+        for chunk in texts.chunks(self.max_batch) {
+            let seqs: Vec<Vec<u32>> = chunk.iter().map(|(_, s)| s.clone()).collect();
+            self.fill(
+                &mut out,
+                chunk.iter().map(|(i, _)| *i),
+                self.clip.embed_token_ids(&seqs),
+            );
+        }
+        for chunk in images.chunks(self.max_batch) {
+            let px: Vec<Vec<f32>> = chunk.iter().map(|(_, p)| p.clone()).collect();
+            self.fill(
+                &mut out,
+                chunk.iter().map(|(i, _)| *i),
+                self.clip.embed_pixels(&px),
+            );
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(backend_err("item was not processed".into()))))
+            .collect()
+    }
+
+    fn pixels(&self, src: &MediaSource) -> Result<Vec<f32>, EmbedError> {
+        let bytes = read_media(src, Modality::Image, self.limits.max_bytes)?;
+        let img = decode_image(&bytes, &src.describe(Modality::Image), &self.limits)?;
+        Ok(self.clip.preprocessor.preprocess(&img))
+    }
+
+    fn fill(
+        &self,
+        out: &mut [Option<Result<Vec<f32>, EmbedError>>],
+        idx: impl Iterator<Item = usize>,
+        res: candle_core::Result<Vec<Vec<f32>>>,
+    ) {
+        match res {
+            Ok(vecs) => {
+                for (i, v) in idx.zip(vecs) {
+                    out[i] = Some(Ok(v));
+                }
+            }
+            Err(e) => {
+                let err = backend_err(format!("model forward failed: {e}"));
+                for i in idx {
+                    out[i] = Some(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The local backend: a CLIP checkpoint run with candle.
+///
+/// Model work runs on a dedicated OS thread fed by a channel (async callers
+/// await a oneshot reply), so the async executor never blocks on a matmul
+/// and concurrent callers share one model without contending for cores.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), mmembed_core::EmbedError> {
+/// use mmembed_candle::{LocalEmbedder, LocalOptions};
+/// use mmembed_core::{Embedder, EmbedRequest};
+/// let local = LocalEmbedder::load(LocalOptions::new("openai/clip-vit-base-patch32")).await?;
+/// let v = local.embed(EmbedRequest::text("a photo of a cat")).await?;
+/// assert_eq!(v.text.unwrap().len(), 512);
+/// # Ok(()) }
+/// ```
+pub struct LocalEmbedder {
+    info: EmbedderInfo,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl fmt::Debug for LocalEmbedder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalEmbedder")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalEmbedder {
+    /// Loads the model without blocking the async executor.
+    pub async fn load(opts: LocalOptions) -> Result<Self, EmbedError> {
+        tokio::task::spawn_blocking(move || Self::load_blocking(opts))
+            .await
+            .map_err(|e| backend_err(format!("model loading task failed: {e}")))?
+    }
+
+    /// Loads the model on the calling thread (may download; reads the weights).
+    pub fn load_blocking(opts: LocalOptions) -> Result<Self, EmbedError> {
+        let device = opts.device.open()?;
+        let dtype = opts.precision.dtype_for(&device)?;
+        let (files, manifest_space) = locate(&opts)?;
+        let space = match (&opts.space, manifest_space) {
+            (Some(s), _) => s.clone(),
+            (None, Some(s)) => s,
+            (None, None) => weights_space(&files)?,
+        };
+        let clip = LoadedClip::load(&files, &device, dtype)?;
+        let dim = clip.config.projection_dim;
+        let info = EmbedderInfo {
+            backend: BACKEND.into(),
+            model_id: opts.model.clone(),
+            space: SpaceId::new(space),
+            native_dimension: dim,
+            supported_dimensions: vec![dim as u32],
+            modalities: vec![Modality::Text, Modality::Image],
+            max_text_tokens: Some(clip.tokenizer.context()),
+        };
+        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, ?dtype, "local model loaded");
+        let worker = Worker {
+            clip,
+            max_batch: opts.max_batch.max(1),
+            limits: opts.image_limits,
+        };
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("mmembed-local".into())
+            .spawn(move || {
+                // Ends when every sender (every LocalEmbedder clone) is gone.
+                while let Ok(job) = rx.recv() {
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        worker.run(job.items)
+                    }));
+                    let reply = result.unwrap_or_else(|_| {
+                        vec![Err(backend_err(
+                            "the model worker panicked on this batch".into(),
+                        ))]
+                    });
+                    // The caller may have gone away; nothing to do then.
+                    let _ = job.reply.send(reply);
+                }
+            })
+            .map_err(|e| backend_err(format!("cannot start the model thread: {e}")))?;
+        Ok(Self { info, jobs: tx })
+    }
+}
+
+#[async_trait]
+impl Embedder for LocalEmbedder {
+    fn info(&self) -> &EmbedderInfo {
+        &self.info
+    }
+
+    async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>> {
+        // Which item results belong to which request: (text slot, image slot).
+        let mut slots: Vec<Result<(Option<usize>, Option<usize>), EmbedError>> = Vec::new();
+        let mut items = Vec::new();
+        for req in reqs {
+            let checked = req.validate().and_then(|()| self.info.check(&req));
+            slots.push(checked.map(|()| {
+                let mut slot = (None, None);
+                if let Some(t) = req.text {
+                    slot.0 = Some(items.len());
+                    items.push(Item::Text(t));
+                }
+                if let Some(m) = req.image {
+                    slot.1 = Some(items.len());
+                    items.push(Item::Image(m.source));
+                }
+                slot
+            }));
+        }
+        let n_items = items.len();
+        let mut results: Vec<Result<Vec<f32>, EmbedError>> = if n_items == 0 {
+            Vec::new()
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let sent = self.jobs.send(Job { items, reply: tx });
+            match sent {
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| vec![Err(backend_err("the model worker stopped".into()))]),
+                Err(_) => vec![Err(backend_err("the model worker stopped".into()))],
+            }
+        };
+        if results.len() != n_items {
+            // A panicked or stopped worker answers with one error for all.
+            let e = results
+                .pop()
+                .and_then(Result::err)
+                .unwrap_or_else(|| backend_err("wrong number of results".into()));
+            results = (0..n_items).map(|_| Err(e.clone())).collect();
+        }
+        let mut take = |i: Option<usize>| -> Result<Option<Vec<f32>>, EmbedError> {
+            match i {
+                None => Ok(None),
+                Some(i) => std::mem::replace(&mut results[i], Ok(Vec::new())).map(Some),
+            }
+        };
+        slots
+            .into_iter()
+            .map(|slot| {
+                let (t, i) = slot?;
+                let text = take(t)?;
+                let image = take(i)?;
+                Ok(Embeddings {
+                    text,
+                    image,
+                    video: Vec::new(),
+                    dimension: self.info.native_dimension,
+                    space: self.info.space.clone(),
+                    model: self.info.model_id.clone(),
+                    backend: BACKEND.into(),
+                })
+            })
+            .collect()
+    }
+}

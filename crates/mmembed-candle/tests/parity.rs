@@ -1,0 +1,196 @@
+//! Parity with PyTorch + Hugging Face transformers on the same weights and
+//! the same real photos. References come from
+//! `models/fixtures/make_fixtures.py`; see its docstring to regenerate.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use mmembed_candle::{LoadedClip, local_files};
+use mmembed_core::cosine;
+use mmembed_media::{ImageLimits, decode_image};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures")
+}
+
+struct Reference {
+    texts: Vec<(String, Vec<u32>)>,
+    images: Vec<(String, String)>, // (file, key)
+    tensors: std::collections::HashMap<String, Tensor>,
+}
+
+fn reference(model_dir: &Path) -> Reference {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("reference.json")).unwrap())
+            .unwrap();
+    let texts = meta["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let ids = t["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect();
+            (t["text"].as_str().unwrap().to_string(), ids)
+        })
+        .collect();
+    let images = meta["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["file"].as_str().unwrap().to_string(),
+                i["key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let tensors =
+        candle_core::safetensors::load(model_dir.join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    Reference {
+        texts,
+        images,
+        tensors,
+    }
+}
+
+fn vec_of(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+}
+
+fn unit(mut v: Vec<f32>) -> Vec<f32> {
+    mmembed_core::l2_normalize(&mut v);
+    v
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Checks one model directory against its references. Returns
+/// (min text cosine, min image cosine).
+fn check_model(model_dir: &Path, image_dir: &Path) -> (f32, f32) {
+    let files = local_files(model_dir).unwrap();
+    let clip = LoadedClip::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let r = reference(model_dir);
+    assert!(r.texts.len() >= 20 && r.images.len() >= 6);
+
+    // Token ids, identical.
+    let mut seqs = Vec::new();
+    for (text, want) in &r.texts {
+        let got = clip.tokenizer.encode(text).unwrap();
+        assert_eq!(&got, want, "token ids for {text:?}");
+        assert!(got.len() <= 77);
+        seqs.push(got);
+    }
+
+    // Text embeddings, all in one padded batch (padding must not matter).
+    let got = clip.embed_token_ids(&seqs).unwrap();
+    let mut min_text = 1.0f32;
+    let mut worst_text = 0.0f32;
+    for (i, (text, _)) in r.texts.iter().enumerate() {
+        let want = unit(vec_of(&r.tensors[&format!("text.{i}")]));
+        let c = cosine(&got[i], &want);
+        let d = max_abs(&got[i], &want);
+        min_text = min_text.min(c);
+        worst_text = worst_text.max(d);
+        assert!(c >= 0.99999, "text {text:?}: cosine {c}");
+        // Unit vectors: 1e-4 absolute is 1e-4 of the norm. The gelu/quick_gelu
+        // fixtures differ by at least 7.7e-4 here (make_fixtures.py checks).
+        assert!(d <= 1e-4, "text {text:?}: max abs diff {d}");
+    }
+
+    // Pixels and image embeddings.
+    let crops =
+        candle_core::safetensors::load(image_dir.join("crops.safetensors"), &Device::Cpu).unwrap();
+    let mut pixels = Vec::new();
+    let mut min_image = 1.0f32;
+    for (file, key) in &r.images {
+        let bytes = std::fs::read(image_dir.join(file)).unwrap();
+        let img = decode_image(&bytes, file, &ImageLimits::default()).unwrap();
+        let ours = clip.preprocessor.resize_and_crop(&img);
+        let theirs: Vec<u8> = crops[key].flatten_all().unwrap().to_vec1().unwrap();
+        let plane = 224 * 224;
+        let mut diffs = Vec::with_capacity(theirs.len());
+        for (i, p) in ours.pixels().enumerate() {
+            for c in 0..3 {
+                diffs.push((i32::from(p[c]) - i32::from(theirs[c * plane + i])).unsigned_abs());
+            }
+        }
+        let max = diffs.iter().copied().max().unwrap();
+        let mean = diffs.iter().map(|d| f64::from(*d)).sum::<f64>() / diffs.len() as f64;
+        eprintln!("pixels {file}: max abs diff {max} levels, mean {mean:.4}");
+        if file.ends_with(".png") {
+            // Same decoder output, Pillow's resampling reimplemented exactly.
+            assert_eq!(max, 0, "{file}: resize/crop must match Pillow exactly");
+        } else {
+            // JPEG: libjpeg-turbo (Pillow) and zune-jpeg decode slightly differently.
+            assert!(max <= 4 && mean < 0.2, "{file}: max {max}, mean {mean}");
+        }
+        pixels.push(clip.preprocessor.normalize_u8(&ours));
+    }
+    let got = clip.embed_pixels(&pixels).unwrap();
+    for (i, (file, key)) in r.images.iter().enumerate() {
+        let want = unit(vec_of(&r.tensors[&format!("image.{key}")]));
+        let c = cosine(&got[i], &want);
+        eprintln!(
+            "image {file}: cosine {c:.7}, max abs diff {:.2e}",
+            max_abs(&got[i], &want)
+        );
+        min_image = min_image.min(c);
+        assert!(c >= 0.9999, "{file}: cosine {c}");
+    }
+    eprintln!(
+        "{}: texts min cosine {min_text:.7} (max abs diff {worst_text:.2e}), images min cosine {min_image:.7}",
+        model_dir.display()
+    );
+    (min_text, min_image)
+}
+
+#[test]
+fn tiny_clip_matches_pytorch() {
+    let f = fixtures();
+    check_model(&f.join("tiny-clip"), &f.join("images"));
+}
+
+#[test]
+fn gelu_variant_matches_pytorch() {
+    // Same weights, `hidden_act: gelu` and eps 1e-6 in config.json: passing
+    // this and the test above shows the config drives the architecture.
+    let f = fixtures();
+    check_model(&f.join("tiny-clip-gelu"), &f.join("images"));
+}
+
+#[test]
+fn activation_really_changes_the_output() {
+    // Guards the two tests above against fixtures where the activation
+    // makes no difference.
+    let f = fixtures();
+    let a = reference(&f.join("tiny-clip"));
+    let b = reference(&f.join("tiny-clip-gelu"));
+    let d = max_abs(
+        &unit(vec_of(&a.tensors["text.0"])),
+        &unit(vec_of(&b.tensors["text.0"])),
+    );
+    assert!(d > 1e-4, "{d}");
+}
+
+/// Full-size ViT-B/32 with seeded random weights (about 600 MB, not
+/// committed). Build it with
+/// `python3 models/fixtures/make_fixtures.py --full /tmp/vit-b-32`, then run
+/// `MMEMBED_FULL_FIXTURE=/tmp/vit-b-32 cargo test --release -p mmembed-candle --test parity -- --ignored --nocapture`.
+#[test]
+#[ignore = "needs MMEMBED_FULL_FIXTURE (see the doc comment)"]
+fn full_size_vit_b_32_matches_pytorch() {
+    let dir = PathBuf::from(
+        std::env::var("MMEMBED_FULL_FIXTURE").expect("MMEMBED_FULL_FIXTURE=dir from --full"),
+    );
+    check_model(&dir, &dir.join("images"));
+}
