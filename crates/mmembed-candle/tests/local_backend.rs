@@ -1,0 +1,272 @@
+//! The local backend through the `Embedder` trait: the shared conformance
+//! checks, mixed requests, and a corpus of bad inputs that must each give
+//! their documented result without disturbing the rest of the batch.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mmembed_candle::{DeviceSpec, LocalEmbedder, LocalOptions};
+use mmembed_core::{EmbedError, EmbedRequest, Embedder, MediaSource, cosine, testkit};
+use mmembed_media::image_crate::{self as image, DynamicImage, ImageBuffer, ImageFormat, Rgb};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures")
+}
+
+fn tiny() -> LocalEmbedder {
+    let dir = fixtures().join("tiny-clip");
+    LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.to_str().unwrap())
+            .with_device(DeviceSpec::Cpu)
+            .with_max_batch(3),
+    )
+    .unwrap()
+}
+
+fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A PNG whose header claims `w × h` but carries a 1×1 image's data: a
+/// decompression-bomb-shaped file that must be refused from the header.
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    let mut png = encode(&DynamicImage::new_rgb8(1, 1), ImageFormat::Png);
+    // Signature (8) + length (4) + "IHDR" (4), then width and height.
+    png[16..20].copy_from_slice(&w.to_be_bytes());
+    png[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance() {
+    let e: Arc<dyn Embedder> = Arc::new(tiny());
+    testkit::batch_contract(e.as_ref(), ["a photo of a cat", "a red square"]).await;
+    testkit::refuses_unlisted_modalities(e.as_ref()).await;
+    let info = e.info();
+    assert_eq!(info.native_dimension, 16);
+    assert_eq!(info.max_text_tokens, Some(77));
+    assert!(
+        info.space.as_str().starts_with("clip-sha256:"),
+        "{}",
+        info.space
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_and_image_in_one_request_and_across_batches() {
+    let e = tiny();
+    let cat = fixtures().join("images/cat_451x300.png");
+    // Seven images with max_batch 3: three model batches; order must hold.
+    let files = [
+        "cat_451x300.png",
+        "coffee_tall_180x400.png",
+        "coffee_panorama_600x120.png",
+        "astronaut_small_120x90.png",
+        "camera_gray_300x260.png",
+        "cat_rgba_451x300.png",
+        "rocket_640x427.jpg",
+    ];
+    let reqs: Vec<_> = files
+        .iter()
+        .map(|f| EmbedRequest::image(fixtures().join("images").join(f)))
+        .collect();
+    let batch = e.embed_batch(reqs).await;
+    for (f, r) in files.iter().zip(&batch) {
+        let one = e
+            .embed(EmbedRequest::image(fixtures().join("images").join(f)))
+            .await
+            .unwrap();
+        let c = cosine(
+            r.as_ref().unwrap().image.as_ref().unwrap(),
+            one.image.as_ref().unwrap(),
+        );
+        assert!(c > 0.99999, "{f}: batched vs single cosine {c}");
+    }
+
+    let both = e
+        .embed(EmbedRequest::text("a photo of a cat").with_image(cat.clone()))
+        .await
+        .unwrap();
+    let t = both.text.unwrap();
+    let i = both.image.unwrap();
+    assert_eq!((t.len(), i.len(), both.dimension), (16, 16, 16));
+    let norm: f32 = i.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5, "unit length, got {norm}");
+    // Same image from bytes and from a path: same vector.
+    let from_bytes = e
+        .embed(EmbedRequest::image(std::fs::read(&cat).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(from_bytes.image.unwrap(), i);
+    assert_eq!(
+        e.embed(EmbedRequest::text("a photo of a cat").with_dimension(16))
+            .await
+            .unwrap()
+            .text
+            .unwrap(),
+        t
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_corpus_gives_documented_results_and_spares_the_batch() {
+    let e = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let text_as_jpg = dir.path().join("notes.jpg");
+    std::fs::write(&text_as_jpg, "this is a shopping list, not a photo\n").unwrap();
+    let cat_png = std::fs::read(fixtures().join("images/cat_451x300.png")).unwrap();
+    let one_px = encode(
+        &DynamicImage::ImageRgb8(ImageBuffer::from_pixel(1, 1, Rgb([200, 10, 10]))),
+        ImageFormat::Png,
+    );
+    let gray16 = encode(
+        &DynamicImage::ImageLuma16(ImageBuffer::from_fn(64, 48, |x, y| {
+            image::Luma([(x * 1000 + y * 300) as u16])
+        })),
+        ImageFormat::Png,
+    );
+    let rgba16 = encode(
+        &DynamicImage::ImageRgba16(ImageBuffer::from_fn(40, 30, |x, _| {
+            image::Rgba([60000, (x * 1500) as u16, 0, 30000])
+        })),
+        ImageFormat::Png,
+    );
+    let long = ["a very long caption that keeps going"; 30].join(" ");
+    let longer = ["a very long caption that keeps going"; 60].join(" ");
+
+    type Check = Box<dyn Fn(&Result<mmembed_core::Embeddings, EmbedError>) -> bool>;
+    let invalid = |field: &'static str| -> Check {
+        Box::new(move |r| matches!(r, Err(EmbedError::InvalidInput { field: f, .. }) if f == field))
+    };
+    let decode = |needle: &'static str| -> Check {
+        Box::new(
+            move |r| matches!(r, Err(e @ EmbedError::MediaDecode { .. }) if e.to_string().contains(needle)),
+        )
+    };
+    let ok = || -> Check { Box::new(|r| r.is_ok()) };
+    let cases: Vec<(&str, EmbedRequest, Check)> = vec![
+        ("no modality", EmbedRequest::default(), invalid("request")),
+        ("empty text", EmbedRequest::text(""), invalid("text")),
+        (
+            "whitespace text",
+            EmbedRequest::text(" \t\n"),
+            invalid("text"),
+        ),
+        ("long text", EmbedRequest::text(long.clone()), ok()),
+        (
+            "garbage bytes",
+            EmbedRequest::image(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3]),
+            decode("not a recognised image format"),
+        ),
+        (
+            "text file named .jpg",
+            EmbedRequest::image(text_as_jpg.clone()),
+            decode("notes.jpg"),
+        ),
+        (
+            "truncated PNG",
+            EmbedRequest::image(cat_png[..cat_png.len() / 2].to_vec()),
+            decode("corrupt or truncated"),
+        ),
+        (
+            "PNG signature only",
+            EmbedRequest::image(cat_png[..8].to_vec()),
+            decode(""),
+        ),
+        ("1x1 image", EmbedRequest::image(one_px), ok()),
+        (
+            "20000x20000 header",
+            EmbedRequest::image(png_claiming(20_000, 20_000)),
+            decode("over the limit"),
+        ),
+        (
+            "zero-size header",
+            EmbedRequest::image(png_claiming(0, 5)),
+            decode(""),
+        ),
+        ("16-bit grayscale", EmbedRequest::image(gray16), ok()),
+        ("16-bit RGBA", EmbedRequest::image(rgba16), ok()),
+        (
+            "CMYK JPEG",
+            EmbedRequest::image(fixtures().join("bad-input/cmyk.jpg")),
+            ok(),
+        ),
+        (
+            "zero bytes",
+            EmbedRequest::image(Vec::new()),
+            invalid("media"),
+        ),
+        (
+            "missing file",
+            EmbedRequest::image(dir.path().join("nope.png")),
+            decode("file not found"),
+        ),
+        (
+            "directory",
+            EmbedRequest::image(dir.path().to_path_buf()),
+            invalid("image"),
+        ),
+        (
+            "gs:// URI",
+            EmbedRequest::image(MediaSource::Uri("gs://bucket/cat.png".into())),
+            invalid("image"),
+        ),
+        (
+            "video",
+            EmbedRequest::video(cat_png.clone(), None),
+            Box::new(|r| matches!(r, Err(EmbedError::UnsupportedModality { .. }))),
+        ),
+        (
+            "dimension 1408",
+            EmbedRequest::text("x").with_dimension(1408),
+            Box::new(
+                |r| matches!(r, Err(EmbedError::UnsupportedDimension { supported, .. }) if supported == &vec![16]),
+            ),
+        ),
+        (
+            "text ok + image bad",
+            EmbedRequest::text("fine").with_image(vec![1u8, 2, 3]),
+            decode(""),
+        ),
+        ("longer text", EmbedRequest::text(longer.clone()), ok()),
+    ];
+    let (names, (reqs, checks)): (Vec<_>, (Vec<_>, Vec<_>)) =
+        cases.into_iter().map(|(n, r, c)| (n, (r, c))).unzip();
+    let out = e.embed_batch(reqs).await;
+    assert_eq!(out.len(), names.len());
+    for ((name, check), r) in names.iter().zip(&checks).zip(&out) {
+        assert!(check(r), "{name}: unexpected {r:?}");
+        if let Err(err) = r {
+            // Every error message is something a user can act on.
+            assert!(!err.to_string().is_empty());
+        }
+    }
+    // Truncation at 77 tokens keeps end-of-text: past the limit, more text
+    // changes nothing.
+    let at = |i: usize| out[i].as_ref().unwrap().text.clone().unwrap();
+    let (li, lli) = (
+        names.iter().position(|n| *n == "long text").unwrap(),
+        names.iter().position(|n| *n == "longer text").unwrap(),
+    );
+    assert_eq!(at(li), at(lli));
+}
