@@ -1,1 +1,20 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
 
+pub use mmembed_core::{
+    EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, Media, MediaSource, Modality,
+    Segment, SegmentEmbedding, SpaceId, VideoInput, VideoSegmentConfig, cosine, l2_normalize,
+};
+
+/// The core crate: trait, types, errors, conformance kit.
+pub use mmembed_core as core;
+
+/// Media decoding and CLIP preprocessing (feature `local`).
+#[cfg(feature = "local")]
+pub use mmembed_media as media;
+
+/// The local candle backend (feature `local`).
+#[cfg(feature = "local")]
+pub mod local {
+    pub use mmembed_candle::*;
+}

@@ -187,7 +187,7 @@ fn tower(
     if hidden == 0 || inter == 0 || layers == 0 || heads == 0 {
         return Err(format!("{name}: sizes must be positive"));
     }
-    if hidden % heads != 0 {
+    if !hidden.is_multiple_of(heads) {
         return Err(format!(
             "{name}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
         ));
@@ -233,7 +233,8 @@ impl ClipConfig {
         if projection_dim == 0 {
             return Err("projection_dim must be positive".into());
         }
-        if vi.patch_size == 0 || vi.image_size == 0 || vi.image_size % vi.patch_size != 0 {
+        if vi.patch_size == 0 || vi.image_size == 0 || !vi.image_size.is_multiple_of(vi.patch_size)
+        {
             return Err(format!(
                 "vision_config: image_size {} is not a multiple of patch_size {}",
                 vi.image_size, vi.patch_size

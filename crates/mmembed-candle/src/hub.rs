@@ -149,6 +149,9 @@ fn shard_names(index: &Path, model: &str) -> Result<Vec<String>, EmbedError> {
     Ok(names)
 }
 
+/// Gets one file of the repository, from the cache or the network.
+type FetchFn = dyn Fn(&str) -> Result<PathBuf, EmbedError>;
+
 /// Fetches (or finds in the cache) a hub repository's checkpoint files at
 /// `revision`. Offline, only the cache is used, and a miss says how to get
 /// the weights.
@@ -156,7 +159,7 @@ pub fn hub_files(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelF
     let model = format!("{repo}@{revision}");
     let hub_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
     let cache = opts.cache();
-    let get: Box<dyn Fn(&str) -> Result<PathBuf, EmbedError>> = if opts.offline {
+    let get: Box<FetchFn> = if opts.offline {
         let cached = cache.repo(hub_repo.clone());
         let cache_path = cache.path().display().to_string();
         let model = model.clone();

@@ -15,6 +15,7 @@ mod embedder;
 mod hub;
 mod manifest;
 mod model;
+mod random;
 mod tokenizer;
 
 pub use config::{Activation, ClipConfig, TextConfig, TowerConfig, VisionConfig};
@@ -23,6 +24,10 @@ pub use embedder::{LoadedClip, LocalEmbedder, LocalOptions};
 pub use hub::{HubOptions, ModelFiles, hub_files, local_files};
 pub use manifest::Manifest;
 pub use model::{ClipModel, TextTower, VisionTower};
+pub use random::write_random_checkpoint;
 pub use tokenizer::ClipTokenizer;
 
 pub(crate) use mmembed_core::Source;
+
+/// candle, re-exported so callers use the same version (devices, dtypes).
+pub use candle_core;

@@ -66,7 +66,7 @@ async fn conformance() {
     assert_eq!(info.native_dimension, 16);
     assert_eq!(info.max_text_tokens, Some(77));
     assert!(
-        info.space.as_str().starts_with("clip-sha256:"),
+        info.space.as_str().starts_with("clip-blake3:"),
         "{}",
         info.space
     );
@@ -269,4 +269,95 @@ async fn bad_input_corpus_gives_documented_results_and_spares_the_batch() {
         names.iter().position(|n| *n == "longer text").unwrap(),
     );
     assert_eq!(at(li), at(lli));
+}
+
+fn copy_fixture(to: &Path) {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(fixtures().join("tiny-clip").join(f), to.join(f)).unwrap();
+    }
+}
+
+fn load_dir(dir: &Path) -> Result<LocalEmbedder, EmbedError> {
+    LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.to_str().unwrap()).with_device(DeviceSpec::Cpu),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_checkpoint_with_another_architecture_loads_unchanged() {
+    // A LAION-style tower (gelu, eps 1e-6), patch 16, 4 heads: nothing in the
+    // code names these; config.json alone describes them.
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"{"projection_dim": 24,
+        "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                        "num_attention_heads": 4, "hidden_act": "gelu", "layer_norm_eps": 1e-6},
+        "vision_config": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 1,
+                          "num_attention_heads": 4, "patch_size": 16, "image_size": 64,
+                          "hidden_act": "gelu", "layer_norm_eps": 1e-6}}"#;
+    mmembed_candle::write_random_checkpoint(
+        dir.path(),
+        config,
+        &fixtures().join("tiny-clip/tokenizer.json"),
+        r#"{"size": 64, "crop_size": 64, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}"#,
+    )
+    .unwrap();
+    let e = load_dir(dir.path()).unwrap();
+    assert_eq!(e.info().native_dimension, 24);
+    let r = e
+        .embed(
+            EmbedRequest::text("a photo of a cat")
+                .with_image(fixtures().join("images/cat_451x300.png")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.image.unwrap().len(), 24);
+    assert_ne!(
+        e.info().space,
+        tiny().info().space,
+        "different weights, different space"
+    );
+}
+
+#[test]
+fn weights_config_and_preprocessor_mismatches_are_load_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path());
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"hidden_size\": 16", "\"hidden_size\": 32"),
+    )
+    .unwrap();
+    let e = load_dir(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("do not match config.json"), "{e}");
+
+    copy_fixture(dir.path());
+    std::fs::write(
+        dir.path().join("preprocessor_config.json"),
+        r#"{"size": 256, "crop_size": 256}"#,
+    )
+    .unwrap();
+    let e = load_dir(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("vision tower expects 224x224"), "{e}");
+
+    copy_fixture(dir.path());
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"\x08\0\0\0\0\0\0\0{}garbage",
+    )
+    .unwrap();
+    assert!(matches!(
+        load_dir(dir.path()),
+        Err(EmbedError::ModelLoad { .. })
+    ));
+
+    copy_fixture(dir.path());
+    std::fs::write(dir.path().join("tokenizer.json"), "{").unwrap();
+    let e = load_dir(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.json"), "{e}");
 }

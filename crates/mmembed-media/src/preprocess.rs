@@ -16,6 +16,8 @@ use serde::Deserialize;
 /// OpenAI CLIP's normalisation mean (the default when a config omits it).
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP's normalisation std.
+// OpenAI's published digits, verbatim, as they appear in configs.
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// How the image is resized before cropping.
