@@ -139,17 +139,14 @@ fn weights_space(files: &ModelFiles) -> Result<String, EmbedError> {
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     for w in &files.weights {
-        let mut f = std::fs::File::open(w).map_err(|e| EmbedError::ModelLoad {
+        let read_err = |e: std::io::Error| EmbedError::ModelLoad {
             model: w.display().to_string(),
             reason: "cannot read weights".into(),
             source: Some(Arc::new(e)),
-        })?;
+        };
+        let mut f = std::fs::File::open(w).map_err(read_err)?;
         loop {
-            let n = f.read(&mut buf).map_err(|e| EmbedError::ModelLoad {
-                model: w.display().to_string(),
-                reason: "cannot read weights".into(),
-                source: Some(Arc::new(e)),
-            })?;
+            let n = f.read(&mut buf).map_err(read_err)?;
             if n == 0 {
                 break;
             }

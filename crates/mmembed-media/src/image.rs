@@ -76,7 +76,7 @@ pub fn decode_image(
             None,
         ));
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| EmbedError::media(what, "cannot read", Some(Arc::new(e))))?;
     let Some(format) = reader.format() else {
@@ -93,7 +93,6 @@ pub fn decode_image(
             None,
         ));
     }
-    let mut reader = reader;
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_alloc = Some(limits.max_alloc);
     reader.limits(decoder_limits);

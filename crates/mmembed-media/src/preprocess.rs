@@ -192,20 +192,13 @@ impl ClipPreprocessor {
         } else {
             None
         };
-        for (name, v) in [
-            ("size", resize.map(|_| 1)),
-            ("crop", crop.map(|c| c.0.min(c.1))),
-        ] {
-            if v == Some(0) {
-                return Err(bad(format!("{name} must be positive")));
-            }
-        }
-        if let Some(
-            ResizeTarget::Exact { height, width } | ResizeTarget::ShortestEdge(height @ width),
-        ) = resize
-            && (height == 0 || width == 0)
-        {
-            return Err(bad("resize size must be positive".into()));
+        let resize_empty = match resize {
+            Some(ResizeTarget::ShortestEdge(n)) => n == 0,
+            Some(ResizeTarget::Exact { height, width }) => height == 0 || width == 0,
+            None => false,
+        };
+        if resize_empty || crop.is_some_and(|(h, w)| h == 0 || w == 0) {
+            return Err(bad("`size` and `crop_size` must be positive".into()));
         }
         let resample = Resample::from_pil(raw.resample.unwrap_or(3)).map_err(bad)?;
         let rescale_factor = raw
@@ -434,6 +427,7 @@ mod tests {
             r#"{"resample": 9}"#,
             r#"{"size": {"longest_edge": 3}}"#,
             r#"{"size": 0}"#,
+            r#"{"crop_size": {"height": 0, "width": 3}}"#,
             "not json",
         ] {
             assert!(ClipPreprocessor::from_json(bad).is_err(), "{bad}");
