@@ -1,0 +1,24 @@
+//! mmembed's Vertex AI backend: a typed client for
+//! `multimodalembedding@001` behind [`mmembed_core::Embedder`].
+//!
+//! - Credentials: Application Default Credentials through the official
+//!   `google-cloud-auth` crate, or a plain access token; the quota project
+//!   goes in `x-goog-user-project`; a 401 refreshes the token once.
+//! - Validation before any network call; BMP/GIF/WebP/TIFF transcoded to
+//!   PNG, oversized images downscaled; `gs://` URIs passed through.
+//! - Video ranges over 120 s are split into interval-aligned windows and
+//!   merged into one ordered answer.
+//! - Retries with truncated exponential backoff and full jitter, honouring
+//!   `Retry-After`; evenly paced requests shared by all clones.
+
+mod auth;
+mod client;
+mod config;
+pub mod pacing;
+mod prepare;
+mod wire;
+
+pub use client::VertexEmbedder;
+pub use config::{CredentialsSource, DEFAULT_MODEL, RetryPolicy, VertexConfig};
+pub use pacing::{Clock, TokioClock};
+pub use prepare::{DIMENSIONS, MAX_TEXT_TOKENS, NATIVE_DIMENSION};

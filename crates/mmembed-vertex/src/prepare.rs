@@ -1,0 +1,301 @@
+//! From an `EmbedRequest` to the JSON request(s) Vertex accepts: media
+//! encoding and transcoding, and long-video windowing.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use mmembed_core::{EmbedError, EmbedRequest, Media, MediaSource, Modality, VideoSegmentConfig};
+use mmembed_media::image_crate::{self as image, ImageFormat};
+use mmembed_media::{ImageLimits, decode_image, read_media};
+
+use crate::wire::{Instance, MediaJson, Parameters, PredictRequest, VideoJson};
+
+/// Dimensions the service produces for text and image.
+pub const DIMENSIONS: [u32; 4] = [128, 256, 512, 1408];
+/// The service's default (and video's only) dimension.
+pub const NATIVE_DIMENSION: u32 = 1408;
+/// Text beyond this many tokens is truncated by the service.
+pub const MAX_TEXT_TOKENS: usize = 32;
+/// Most seconds of video the service analyses per request.
+pub const MAX_VIDEO_SPAN: u32 = VideoSegmentConfig::MAX_SPAN_SEC;
+/// Largest video read from a local file or bytes.
+const MAX_VIDEO_BYTES: u64 = 2 << 30;
+/// Largest image read before any transcoding.
+const MAX_IMAGE_INPUT_BYTES: u64 = 200 << 20;
+/// Longest side of an image that had to be downscaled to fit the size limit
+/// (the model works at 512x512, so this loses nothing it would see).
+const DOWNSCALE_SIDE: u32 = 1024;
+
+fn gcs_or_error(u: &str, field: &str) -> Result<String, EmbedError> {
+    if u.starts_with("gs://") && u.len() > 5 {
+        Ok(u.to_string())
+    } else {
+        Err(EmbedError::invalid(
+            field,
+            format!(
+                "`{u}`: Vertex reads gs:// URIs itself; other URIs are not supported (pass bytes or a path)"
+            ),
+        ))
+    }
+}
+
+fn mime_from_name(name: &str) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    if lower.ends_with(".png") {
+        Some("image/png".into())
+    } else if lower.ends_with(".jpg") || lower.ends_with(".jpeg") {
+        Some("image/jpeg".into())
+    } else {
+        None
+    }
+}
+
+/// Encodes an image for the request: JPEG and PNG within the limit go as they
+/// are (with their MIME type); BMP, GIF, WebP and TIFF are transcoded to PNG
+/// (the service's `mimeType` knows only JPEG and PNG); larger images are
+/// downscaled and re-encoded, or rejected when even that does not fit.
+pub(crate) fn image_json(m: &Media, max_bytes: usize) -> Result<MediaJson, EmbedError> {
+    if let MediaSource::Uri(u) = &m.source
+        && !u.starts_with("file://")
+    {
+        return Ok(MediaJson {
+            bytes_base64_encoded: None,
+            gcs_uri: Some(gcs_or_error(u, "image")?),
+            mime_type: m.mime_type.clone().or_else(|| mime_from_name(u)),
+        });
+    }
+    let what = m.source.describe(Modality::Image);
+    let bytes = read_media(&m.source, Modality::Image, MAX_IMAGE_INPUT_BYTES)?;
+    let format = image::guess_format(&bytes).map_err(|_| {
+        EmbedError::media(
+            &what,
+            "not a recognised image format (expected PNG, JPEG, GIF, BMP, WebP or TIFF)",
+            None,
+        )
+    })?;
+    let native_mime = match format {
+        ImageFormat::Png => Some("image/png"),
+        ImageFormat::Jpeg => Some("image/jpeg"),
+        _ => None,
+    };
+    if let Some(mime) = native_mime
+        && bytes.len() <= max_bytes
+    {
+        return Ok(MediaJson {
+            bytes_base64_encoded: Some(B64.encode(&bytes)),
+            gcs_uri: None,
+            mime_type: Some(mime.into()),
+        });
+    }
+    // Transcode (and downscale if needed): decoding also validates the file.
+    let limits = ImageLimits {
+        max_bytes: MAX_IMAGE_INPUT_BYTES,
+        ..ImageLimits::default()
+    };
+    let mut img = decode_image(&bytes, &what, &limits)?;
+    let too_big = bytes.len() > max_bytes;
+    if too_big && img.width().max(img.height()) > DOWNSCALE_SIDE {
+        let (w, h) = img.dimensions();
+        let s = f64::from(DOWNSCALE_SIDE) / f64::from(w.max(h));
+        let (nw, nh) = (
+            ((f64::from(w) * s).round() as u32).max(1),
+            ((f64::from(h) * s).round() as u32).max(1),
+        );
+        img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::CatmullRom);
+        tracing::debug!(%what, from = ?(w, h), to = ?(nw, nh), "downscaled an image over the size limit");
+    }
+    let (out, mime) = if format == ImageFormat::Jpeg {
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92)
+            .encode_image(&img)
+            .map_err(|e| EmbedError::media(&what, format!("cannot re-encode: {e}"), None))?;
+        (out, "image/jpeg")
+    } else {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png)
+            .map_err(|e| EmbedError::media(&what, format!("cannot re-encode: {e}"), None))?;
+        (out.into_inner(), "image/png")
+    };
+    if out.len() > max_bytes {
+        return Err(EmbedError::media(
+            &what,
+            format!(
+                "{} bytes after re-encoding is still over the {max_bytes} byte limit",
+                out.len()
+            ),
+            None,
+        ));
+    }
+    Ok(MediaJson {
+        bytes_base64_encoded: Some(B64.encode(&out)),
+        gcs_uri: None,
+        mime_type: Some(mime.into()),
+    })
+}
+
+fn video_media_json(m: &Media) -> Result<MediaJson, EmbedError> {
+    if let MediaSource::Uri(u) = &m.source
+        && !u.starts_with("file://")
+    {
+        return Ok(MediaJson {
+            bytes_base64_encoded: None,
+            gcs_uri: Some(gcs_or_error(u, "video")?),
+            mime_type: m.mime_type.clone(),
+        });
+    }
+    let bytes = read_media(&m.source, Modality::Video, MAX_VIDEO_BYTES)?;
+    Ok(MediaJson {
+        bytes_base64_encoded: Some(B64.encode(&bytes)),
+        gcs_uri: None,
+        mime_type: m.mime_type.clone(),
+    })
+}
+
+/// The segment configs to send for a video: the caller's own when it spans
+/// at most 120 s (the service's limit per request), else consecutive windows
+/// of at most 120 s aligned to the interval, so that segments come out
+/// exactly as one long request would give them.
+pub(crate) fn video_windows(
+    cfg: Option<VideoSegmentConfig>,
+) -> Result<Vec<Option<VideoSegmentConfig>>, EmbedError> {
+    let Some(cfg) = cfg else {
+        return Ok(vec![None]);
+    };
+    let r = cfg.range()?;
+    if r.interval_sec > MAX_VIDEO_SPAN {
+        return Err(EmbedError::invalid(
+            "video.segment_config.interval_sec",
+            format!(
+                "{} s is longer than the {MAX_VIDEO_SPAN} s Vertex analyses per request",
+                r.interval_sec
+            ),
+        ));
+    }
+    if r.end_sec - r.start_sec <= MAX_VIDEO_SPAN {
+        return Ok(vec![Some(cfg)]);
+    }
+    let window = MAX_VIDEO_SPAN / r.interval_sec * r.interval_sec;
+    let mut out = Vec::new();
+    let mut s = r.start_sec;
+    while s < r.end_sec {
+        let e = (s + window).min(r.end_sec);
+        out.push(Some(VideoSegmentConfig::new(s, e, r.interval_sec)?));
+        s = e;
+    }
+    Ok(out)
+}
+
+/// The request bodies for one `EmbedRequest`, in order: text and image ride
+/// with the first; each further one carries the next video window.
+pub(crate) fn bodies(
+    req: &EmbedRequest,
+    max_image_bytes: usize,
+) -> Result<Vec<PredictRequest>, EmbedError> {
+    if let Some(t) = &req.text {
+        let words = t.split_whitespace().count();
+        if words > MAX_TEXT_TOKENS {
+            tracing::debug!(
+                words,
+                "text is likely over Vertex's 32 tokens; the service truncates it"
+            );
+        }
+    }
+    let image = req
+        .image
+        .as_ref()
+        .map(|m| image_json(m, max_image_bytes))
+        .transpose()?;
+    let (video_media, windows) = match &req.video {
+        Some(v) => (
+            Some(video_media_json(&v.media)?),
+            video_windows(v.segment_config)?,
+        ),
+        None => (None, vec![None]),
+    };
+    let parameters = req.dimension.map(|dimension| Parameters { dimension });
+    Ok(windows
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| PredictRequest {
+            instances: [Instance {
+                text: if i == 0 { req.text.clone() } else { None },
+                image: if i == 0 { image.clone() } else { None },
+                video: video_media.clone().map(|media| VideoJson {
+                    media,
+                    video_segment_config: w,
+                }),
+            }],
+            parameters: parameters.clone(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn windows_split_long_ranges_on_interval_boundaries() {
+        let w = video_windows(Some(VideoSegmentConfig::new(0, 300, 16).unwrap())).unwrap();
+        let spans: Vec<_> = w
+            .iter()
+            .map(|c| {
+                let r = c.unwrap().range().unwrap();
+                (r.start_sec, r.end_sec)
+            })
+            .collect();
+        assert_eq!(spans, vec![(0, 112), (112, 224), (224, 300)]);
+        let w = video_windows(Some(VideoSegmentConfig::new(10, 130, 10).unwrap())).unwrap();
+        assert_eq!(w.len(), 1, "exactly 120 s is one request");
+        assert_eq!(video_windows(None).unwrap(), vec![None]);
+        assert!(video_windows(Some(VideoSegmentConfig::new(0, 600, 200).unwrap())).is_err());
+    }
+
+    #[test]
+    fn png_and_jpeg_pass_through_others_are_transcoded() {
+        let p = png(8, 6);
+        let j = image_json(&Media::from(p.clone()), 1 << 20).unwrap();
+        assert_eq!(j.mime_type.as_deref(), Some("image/png"));
+        assert_eq!(B64.decode(j.bytes_base64_encoded.unwrap()).unwrap(), p);
+
+        let mut bmp = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(image::RgbImage::new(4, 4))
+            .write_to(&mut bmp, ImageFormat::Bmp)
+            .unwrap();
+        let j = image_json(&Media::from(bmp.into_inner()), 1 << 20).unwrap();
+        assert_eq!(j.mime_type.as_deref(), Some("image/png"));
+        let decoded = B64.decode(j.bytes_base64_encoded.unwrap()).unwrap();
+        assert_eq!(image::guess_format(&decoded).unwrap(), ImageFormat::Png);
+    }
+
+    #[test]
+    fn oversized_images_are_downscaled_or_rejected() {
+        let big = png(2000, 1500);
+        let limit = big.len() - 1;
+        let j = image_json(&Media::from(big), limit).unwrap();
+        let bytes = B64.decode(j.bytes_base64_encoded.unwrap()).unwrap();
+        assert!(bytes.len() <= limit);
+        let img = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((img.width(), img.height()), (1024, 768));
+        let e = image_json(&Media::from(png(64, 64)), 10).unwrap_err();
+        assert!(e.to_string().contains("still over"), "{e}");
+    }
+
+    #[test]
+    fn uris_and_garbage() {
+        let j = image_json(&Media::from(MediaSource::Uri("gs://b/c.JPG".into())), 10).unwrap();
+        assert_eq!(j.gcs_uri.as_deref(), Some("gs://b/c.JPG"));
+        assert_eq!(j.mime_type.as_deref(), Some("image/jpeg"));
+        assert!(image_json(&Media::from(MediaSource::Uri("https://x/y.png".into())), 10).is_err());
+        let e = image_json(&Media::from(b"hello".to_vec()), 100).unwrap_err();
+        assert!(matches!(e, EmbedError::MediaDecode { .. }), "{e}");
+    }
+}
