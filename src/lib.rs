@@ -18,3 +18,9 @@ pub use mmembed_media as media;
 pub mod local {
     pub use mmembed_candle::*;
 }
+
+/// The Vertex AI backend (feature `vertex`).
+#[cfg(feature = "vertex")]
+pub mod vertex {
+    pub use mmembed_vertex::*;
+}

@@ -102,3 +102,53 @@ pub async fn refuses_unlisted_modalities(e: &dyn Embedder) {
         );
     }
 }
+
+/// The video contract: for a request with a video and an explicit segment
+/// config, the answer has segments in time order, back to back, starting at
+/// the config's start, none longer than the interval, none past the end, each
+/// a finite vector of the backend's native size.
+pub async fn video_segments_contract(e: &dyn Embedder, req: EmbedRequest) {
+    let cfg = req
+        .video
+        .as_ref()
+        .and_then(|v| v.segment_config)
+        .expect("video_segments_contract needs a video request with a segment config");
+    let range = cfg.range().expect("a valid segment config");
+    let out = e.embed(req).await.expect("the video request succeeds");
+    let segs = &out.video;
+    assert!(!segs.is_empty(), "no segments");
+    assert_eq!(
+        segs[0].start_sec,
+        f64::from(range.start_sec),
+        "first segment start"
+    );
+    for (i, s) in segs.iter().enumerate() {
+        assert!(
+            s.start_sec < s.end_sec,
+            "segment {i} is empty or reversed: {s:?}"
+        );
+        assert!(
+            s.end_sec - s.start_sec <= f64::from(range.interval_sec) + 1e-6,
+            "segment {i} longer than the interval"
+        );
+        assert!(
+            s.end_sec <= f64::from(range.end_sec) + 1e-6,
+            "segment {i} past the end"
+        );
+        assert_eq!(
+            s.embedding.len(),
+            e.info().native_dimension,
+            "segment {i} size"
+        );
+        assert!(s.embedding.iter().all(|x| x.is_finite()));
+        if i > 0 {
+            assert_eq!(
+                segs[i - 1].end_sec,
+                s.start_sec,
+                "segments {} and {i} not back to back",
+                i - 1
+            );
+        }
+    }
+    assert_eq!(out.space, e.info().space);
+}

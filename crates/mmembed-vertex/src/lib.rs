@@ -22,3 +22,5 @@ pub use client::VertexEmbedder;
 pub use config::{CredentialsSource, DEFAULT_MODEL, RetryPolicy, VertexConfig};
 pub use pacing::{Clock, TokioClock};
 pub use prepare::{DIMENSIONS, MAX_TEXT_TOKENS, NATIVE_DIMENSION};
+#[cfg(feature = "fake")]
+pub mod fake;

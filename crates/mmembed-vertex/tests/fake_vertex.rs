@@ -3,9 +3,8 @@
 //! Retries and pacing run in virtual time (a recording `Clock`), so their
 //! spacing is asserted exactly without waiting for it.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -13,203 +12,12 @@ use base64::Engine;
 use mmembed_core::{
     EmbedError, EmbedRequest, Embedder, MediaSource, VideoSegmentConfig, async_trait, testkit,
 };
+use mmembed_vertex::fake::{Behaviour, FakeVertex};
 use mmembed_vertex::{Clock, RetryPolicy, VertexConfig, VertexEmbedder};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const TOKEN: &str = "ya29.test-token-that-must-never-leak";
 const PROJECT: &str = "test-proj";
-/// Length of every video the fake "analyses".
-const VIDEO_SECONDS: f64 = 300.0;
-
-#[derive(Clone, Debug)]
-enum Behaviour {
-    Ok,
-    Status {
-        code: u16,
-        status: &'static str,
-        retry_after: Option<&'static str>,
-    },
-    Slow(Duration),
-    Malformed,
-    Drop,
-    EchoAuth,
-}
-
-#[derive(Clone, Debug)]
-struct Recorded {
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Value,
-}
-
-impl Recorded {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-struct FakeVertex {
-    url: String,
-    log: Arc<Mutex<Vec<Recorded>>>,
-    script: Arc<Mutex<VecDeque<Behaviour>>>,
-}
-
-impl FakeVertex {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Mutex::new(VecDeque::new()));
-        let (l, s) = (log.clone(), script.clone());
-        // The listener thread ends with the test process; each connection
-        // gets its own thread and serves requests until the client closes.
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (l, s) = (l.clone(), s.clone());
-                std::thread::spawn(move || serve(stream, &l, &s));
-            }
-        });
-        Self { url, log, script }
-    }
-
-    fn push(&self, b: Behaviour) {
-        self.script.lock().unwrap().push_back(b);
-    }
-
-    fn requests(&self) -> Vec<Recorded> {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-fn serve(stream: TcpStream, log: &Mutex<Vec<Recorded>>, script: &Mutex<VecDeque<Behaviour>>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut out = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-        let mut headers = Vec::new();
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h).unwrap();
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let (k, v) = h.split_once(':').unwrap();
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-            if k == "content-length" {
-                len = v.parse().unwrap();
-            }
-            headers.push((k, v));
-        }
-        let mut body = vec![0; len];
-        reader.read_exact(&mut body).unwrap();
-        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        log.lock().unwrap().push(Recorded {
-            path,
-            headers: headers.clone(),
-            body: body.clone(),
-        });
-        let behaviour = script.lock().unwrap().pop_front().unwrap_or(Behaviour::Ok);
-        let (code, extra, payload) = match behaviour {
-            Behaviour::Ok => (200, String::new(), predict(&body)),
-            Behaviour::Slow(d) => {
-                std::thread::sleep(d);
-                (200, String::new(), predict(&body))
-            }
-            Behaviour::Status {
-                code,
-                status,
-                retry_after,
-            } => (
-                code,
-                retry_after
-                    .map(|r| format!("Retry-After: {r}\r\n"))
-                    .unwrap_or_default(),
-                json!({"error": {"code": code, "message": format!("fake {status}"), "status": status}})
-                    .to_string(),
-            ),
-            Behaviour::Malformed => (200, String::new(), "{\"predictions\": [".into()),
-            Behaviour::Drop => return,
-            Behaviour::EchoAuth => {
-                let auth = headers
-                    .iter()
-                    .find(|(k, _)| k == "authorization")
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default();
-                (
-                    403,
-                    String::new(),
-                    json!({"error": {"code": 403, "message": format!("denied for {auth}"), "status": "PERMISSION_DENIED"}})
-                        .to_string(),
-                )
-            }
-        };
-        let resp = format!(
-            "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{payload}",
-            payload.len()
-        );
-        if out.write_all(resp.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
-
-/// The documented response for a request body: vectors of the requested
-/// dimension, video segments from the config, clipped to 120 s per request
-/// and to the video's length (as the service does).
-fn predict(body: &Value) -> String {
-    let inst = &body["instances"][0];
-    let dim = body["parameters"]["dimension"].as_u64().unwrap_or(1408) as usize;
-    let vector = |seed: &str, n: usize| -> Vec<f32> {
-        // xorshift seeded by an FNV-1a hash of the seed text.
-        let mut x = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |a, b| {
-            (a ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        }) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    };
-    let mut p = serde_json::Map::new();
-    if let Some(t) = inst["text"].as_str() {
-        p.insert("textEmbedding".into(), json!(vector(t, dim)));
-    }
-    if inst.get("image").is_some() {
-        p.insert("imageEmbedding".into(), json!(vector("image", dim)));
-    }
-    if let Some(v) = inst.get("video") {
-        let c = &v["videoSegmentConfig"];
-        let interval = c["intervalSec"].as_f64().unwrap_or(16.0);
-        let start = c["startOffsetSec"].as_f64().unwrap_or(0.0);
-        let end = c["endOffsetSec"]
-            .as_f64()
-            .unwrap_or(start + 120.0)
-            .min(start + 120.0)
-            .min(VIDEO_SECONDS);
-        let mut segs = Vec::new();
-        let mut s = start;
-        while s < end {
-            let e = (s + interval).min(end);
-            // Offsets as doubles, the way protobuf Value sends them.
-            segs.push(json!({"startOffsetSec": s, "endOffsetSec": e, "embedding": vector(&format!("{s}"), 1408)}));
-            s += interval;
-        }
-        p.insert("videoEmbeddings".into(), Value::Array(segs));
-    }
-    json!({"predictions": [p], "deployedModelId": "1"}).to_string()
-}
 
 /// Virtual time: sleeping moves the clock forward at once and is recorded.
 #[derive(Debug, Default)]
@@ -301,7 +109,7 @@ fn png_bytes() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_exact_body_and_headers() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let (v, _) = client(&fake, |c| c);
     let png = png_bytes();
     let out = v
@@ -348,7 +156,7 @@ async fn sends_exact_body_and_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_video_is_windowed_and_merged() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let (v, _) = client(&fake, |c| c);
     let cfg = VideoSegmentConfig::new(0, 300, 16).unwrap();
     let out = v
@@ -389,7 +197,7 @@ async fn long_video_is_windowed_and_merged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_429_honouring_retry_after_and_backing_off_without_it() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let (v, clock) = client(&fake, |c| c);
     fake.push(Behaviour::Status {
         code: 429,
@@ -430,7 +238,7 @@ async fn retries_429_honouring_retry_after_and_backing_off_without_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_503_exhausts_attempts_with_capped_backoff() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let policy = RetryPolicy {
         max_attempts: 4,
         ..RetryPolicy::default()
@@ -477,7 +285,7 @@ async fn burst_of_503_exhausts_attempts_with_capped_backoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_responses_time_out_and_are_retried() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let policy = RetryPolicy {
         max_attempts: 2,
         ..RetryPolicy::default()
@@ -500,7 +308,7 @@ async fn slow_responses_time_out_and_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_json_and_client_errors_are_not_retried() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let (v, _) = client(&fake, |c| c);
     fake.push(Behaviour::Malformed);
     let e = v.embed(EmbedRequest::text("x")).await.unwrap_err();
@@ -530,7 +338,7 @@ async fn malformed_json_and_client_errors_are_not_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorized_refreshes_once() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let (v, clock) = client(&fake, |c| c);
     fake.push(Behaviour::Status {
         code: 401,
@@ -576,7 +384,7 @@ async fn unauthorized_refreshes_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connections_are_retried() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let (v, _) = client(&fake, |c| c);
     fake.push(Behaviour::Drop);
     fake.push(Behaviour::Drop);
@@ -604,7 +412,7 @@ async fn dropped_connections_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echoed_token_is_scrubbed_and_logs_never_hold_it() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let (v, _) = client(&fake, |c| c);
     fake.push(Behaviour::EchoAuth);
     let e = v.embed(EmbedRequest::text("x")).await.unwrap_err();
@@ -617,7 +425,7 @@ async fn echoed_token_is_scrubbed_and_logs_never_hold_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_requests_fail_before_any_network_call() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let (v, _) = client(&fake, |c| c);
     let bad = vec![
         EmbedRequest::default(),
@@ -658,7 +466,7 @@ async fn invalid_requests_fail_before_any_network_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_300_request_batch_is_paced_at_the_quota() {
     for rpm in [120u32, 600] {
-        let fake = FakeVertex::start();
+        let fake = FakeVertex::start().unwrap();
         let (v, clock) = client(&fake, |c| {
             c.with_requests_per_minute(rpm).with_max_concurrency(16)
         });
@@ -683,10 +491,14 @@ async fn a_300_request_batch_is_paced_at_the_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance() {
-    let fake = FakeVertex::start();
+    let fake = FakeVertex::start().unwrap();
     let (v, _) = client(&fake, |c| c.with_requests_per_minute(60_000));
     testkit::batch_contract(&v, ["a photo of a cat", "a red square"]).await;
     testkit::refuses_unlisted_modalities(&v).await;
+    for cfg in [(0, 60, 8), (30, 290, 16), (0, 120, 4)] {
+        let cfg = VideoSegmentConfig::new(cfg.0, cfg.1, cfg.2).unwrap();
+        testkit::video_segments_contract(&v, EmbedRequest::video(b"mp4".to_vec(), Some(cfg))).await;
+    }
 }
 
 /// Against the real service: needs GOOGLE_CLOUD_PROJECT and credentials
