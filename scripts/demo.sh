@@ -4,12 +4,8 @@
 # (e.g. --model DIR, --images DIR, "a query").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v cc >/dev/null 2>&1; then
-  echo ">> installing system packages: gcc libc6-dev"
-  sudo_cmd=""
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq gcc libc6-dev
-fi
+. scripts/lib/system-deps.sh
+install_system_deps
+
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 exec cargo run --locked --example rank -- "$@"

@@ -5,18 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the build needs: a C compiler (ring, used by the hub
-# client's TLS, has C and assembly parts). The list grows with the video
-# feature (FFmpeg's -dev packages).
-need_pkgs=()
-command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc libc6-dev)
-if ((${#need_pkgs[@]})); then
-  echo ">> installing system packages: ${need_pkgs[*]}"
-  sudo_cmd=""
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_pkgs[@]}"
-fi
+. scripts/lib/system-deps.sh
+install_system_deps
+
 for c in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
     echo ">> installing rustup component $c"

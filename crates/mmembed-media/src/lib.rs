@@ -10,6 +10,8 @@ mod image;
 mod pillow;
 mod preprocess;
 mod source;
+#[cfg(feature = "video")]
+pub mod video;
 
 pub use crate::image::{ImageLimits, decode_image, to_rgb_on_white};
 pub use preprocess::{ClipPreprocessor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resample, ResizeTarget};

@@ -1,0 +1,315 @@
+//! Video probing and sampling on videos made at test time with the `ffmpeg`
+//! CLI (installed by scripts/test.sh).
+#![cfg(feature = "video")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mmembed_core::VideoSegmentConfig;
+use mmembed_media::video::{VideoBytes, probe, sample_frames, sample_times};
+
+const COLOURS: [(&str, [u8; 3]); 6] = [
+    ("red", [255, 0, 0]),
+    ("lime", [0, 255, 0]),
+    ("blue", [0, 0, 255]),
+    ("yellow", [255, 255, 0]),
+    ("magenta", [255, 0, 255]),
+    ("cyan", [0, 255, 255]),
+];
+
+fn ffmpeg(args: &[&str]) {
+    let out = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args(args)
+        .output()
+        .expect("the ffmpeg CLI is installed (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "ffmpeg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A slideshow: colour i from 10·i to 10·(i+1) seconds, cut at `secs`.
+fn slideshow(dir: &Path, name: &str, secs: f64, extra: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let mut args: Vec<String> = Vec::new();
+    for (c, _) in COLOURS {
+        args.extend(["-f", "lavfi", "-i"].map(String::from));
+        args.push(format!("color=c={c}:s=160x120:r=25:d=10"));
+    }
+    args.push("-filter_complex".into());
+    args.push("[0][1][2][3][4][5]concat=n=6:v=1:a=0,format=yuv420p".into());
+    args.extend(["-t".into(), format!("{secs}")]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push(out.display().to_string());
+    ffmpeg(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    out
+}
+
+fn mean_rgb(img: &image::RgbImage) -> [f64; 3] {
+    let mut s = [0f64; 3];
+    for p in img.pixels() {
+        for c in 0..3 {
+            s[c] += f64::from(p[c]);
+        }
+    }
+    let n = f64::from(img.width() * img.height());
+    s.map(|v| v / n)
+}
+
+fn colour_index(img: &image::RgbImage) -> usize {
+    let m = mean_rgb(img);
+    let d = |c: [u8; 3]| {
+        (0..3)
+            .map(|i| (m[i] - f64::from(c[i])).powi(2))
+            .sum::<f64>()
+    };
+    (0..COLOURS.len())
+        .min_by(|a, b| d(COLOURS[*a].1).total_cmp(&d(COLOURS[*b].1)))
+        .unwrap()
+}
+
+/// Samples a video for a segment config; returns per segment the colour
+/// indices of its frames (or the error text).
+fn colours_per_segment(
+    src: &VideoBytes<'_>,
+    cfg: VideoSegmentConfig,
+) -> Vec<Result<Vec<usize>, String>> {
+    let info = probe(src).unwrap();
+    let segs = cfg.segments(info.duration_sec).unwrap();
+    let per_seg = sample_times(&segs, 1.0);
+    let times: Vec<f64> = per_seg.iter().flatten().copied().collect();
+    let mut owner = Vec::new();
+    for (i, t) in per_seg.iter().enumerate() {
+        owner.extend(std::iter::repeat_n(i, t.len()));
+    }
+    let mut out: Vec<Result<Vec<usize>, String>> = vec![Ok(Vec::new()); segs.len()];
+    sample_frames(src, &times, |k, r| {
+        let seg = owner[k];
+        match (r, &mut out[seg]) {
+            (Ok(f), Ok(v)) => {
+                assert!(
+                    (f.time_sec - times[k]).abs() < 0.5,
+                    "frame {} s for target {} s",
+                    f.time_sec,
+                    times[k]
+                );
+                v.push(colour_index(&f.image));
+            }
+            (Err(e), slot) => *slot = Err(e.to_string()),
+            _ => {}
+        }
+    })
+    .unwrap();
+    out
+}
+
+#[test]
+fn slideshow_segments_match_their_colours_path_and_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mp4 = slideshow(
+        dir.path(),
+        "s.mp4",
+        59.0,
+        &["-c:v", "libx264", "-g", "50", "-bf", "2"],
+    );
+    let info = probe(&VideoBytes::Path(&mp4)).unwrap();
+    assert!((info.duration_sec - 59.0).abs() < 0.05, "{info:?}");
+    assert_eq!(
+        (info.codec.as_str(), info.width, info.height, info.rotation),
+        ("h264", 160, 120, 0)
+    );
+    assert_eq!(info.frame_rate, Some(25.0));
+
+    let cfg = VideoSegmentConfig::new(0, 120, 10).unwrap();
+    let segs = cfg.segments(info.duration_sec).unwrap();
+    assert_eq!(segs.len(), 6);
+    assert_eq!((segs[5].start_sec, segs[5].end_sec.round()), (50.0, 59.0));
+
+    let from_path = colours_per_segment(&VideoBytes::Path(&mp4), cfg);
+    for (i, seg) in from_path.iter().enumerate() {
+        let colours = seg.as_ref().unwrap();
+        assert!(!colours.is_empty());
+        assert!(colours.iter().all(|c| *c == i), "segment {i}: {colours:?}");
+    }
+    let bytes = bytes::Bytes::from(std::fs::read(&mp4).unwrap());
+    let from_bytes = colours_per_segment(&VideoBytes::Bytes(bytes), cfg);
+    assert_eq!(from_path, from_bytes);
+}
+
+#[test]
+fn frames_from_path_and_bytes_are_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let mp4 = slideshow(
+        dir.path(),
+        "s.mp4",
+        30.0,
+        &["-c:v", "libx264", "-g", "250", "-bf", "3"],
+    );
+    let bytes = bytes::Bytes::from(std::fs::read(&mp4).unwrap());
+    let times = [0.5, 9.9, 10.1, 19.0, 29.5];
+    let collect = |src: VideoBytes<'_>| {
+        let mut v = Vec::new();
+        sample_frames(&src, &times, |_, r| {
+            let f = r.unwrap();
+            v.push((f.time_sec, f.image));
+        })
+        .unwrap();
+        v
+    };
+    let a = collect(VideoBytes::Path(&mp4));
+    let b = collect(VideoBytes::Bytes(bytes));
+    assert_eq!(a.len(), times.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0);
+        assert!(x.1 == y.1, "pixels differ at {} s", x.0);
+    }
+    // Nearest frame by timestamp, both sides of a colour change.
+    assert_eq!(colour_index(&a[1].1), 0);
+    assert_eq!(colour_index(&a[2].1), 1);
+}
+
+#[test]
+fn rotated_and_variable_frame_rate_videos() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = slideshow(dir.path(), "p.mp4", 20.0, &["-c:v", "libx264"]);
+    let rotated = dir.path().join("r.mp4");
+    ffmpeg(&[
+        "-i",
+        plain.to_str().unwrap(),
+        "-c",
+        "copy",
+        "-metadata:s:v:0",
+        "rotate=90",
+        rotated.to_str().unwrap(),
+    ]);
+    let info = probe(&VideoBytes::Path(&rotated)).unwrap();
+    assert!(info.rotation == 90 || info.rotation == 270, "{info:?}");
+    let mut dims = None;
+    sample_frames(&VideoBytes::Path(&rotated), &[5.0], |_, r| {
+        dims = Some(r.unwrap().image.dimensions());
+    })
+    .unwrap();
+    assert_eq!(dims, Some((120, 160)), "display orientation");
+
+    // Variable frame rate: 5 fps, then 30 fps.
+    let vfr = dir.path().join("vfr.mkv");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=red:s=160x120:r=5:d=10",
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=lime:s=160x120:r=30:d=10",
+        "-filter_complex",
+        "[0][1]concat=n=2:v=1:a=0,format=yuv420p",
+        "-fps_mode",
+        "vfr",
+        "-c:v",
+        "libx264",
+        vfr.to_str().unwrap(),
+    ]);
+    let cfg = VideoSegmentConfig::new(0, 20, 5).unwrap();
+    let got = colours_per_segment(&VideoBytes::Path(&vfr), cfg);
+    let firsts: Vec<usize> = got.iter().map(|s| s.as_ref().unwrap()[0]).collect();
+    assert_eq!(firsts, vec![0, 0, 1, 1]);
+}
+
+#[test]
+fn containers_and_codecs_in_vertex_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        ("v.mp4", &["-c:v", "libx264"]),
+        ("v.mov", &["-c:v", "libx264"]),
+        ("v.mkv", &["-c:v", "libx264"]),
+        ("v.webm", &["-c:v", "libvpx-vp9", "-deadline", "realtime"]),
+        ("v.avi", &["-c:v", "mpeg4"]),
+        ("v.flv", &["-c:v", "flv1"]),
+        ("v.mpg", &["-c:v", "mpeg2video"]),
+        ("v.mpeg", &["-c:v", "mpeg1video"]),
+        ("v.wmv", &["-c:v", "wmv2"]),
+    ];
+    for (name, codec) in cases {
+        let f = slideshow(dir.path(), name, 21.0, codec);
+        let cfg = VideoSegmentConfig::new(0, 20, 10).unwrap();
+        let got = colours_per_segment(&VideoBytes::Path(&f), cfg);
+        assert_eq!(got.len(), 2, "{name}");
+        for (i, seg) in got.iter().enumerate() {
+            let colours = seg
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{name} segment {i}: {e}"));
+            assert!(
+                colours.iter().all(|c| *c == i),
+                "{name} segment {i}: {colours:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_videos_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = dir.path().join("a.m4a");
+    ffmpeg(&["-f", "lavfi", "-i", "sine=d=3", audio.to_str().unwrap()]);
+    let e = probe(&VideoBytes::Path(&audio)).unwrap_err().to_string();
+    assert!(e.contains("no video stream"), "{e}");
+
+    let empty = dir.path().join("e.mp4");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(probe(&VideoBytes::Path(&empty)).is_err());
+    assert!(probe(&VideoBytes::Bytes(bytes::Bytes::new())).is_err());
+    let garbage = dir.path().join("g.mp4");
+    std::fs::write(
+        &garbage,
+        b"this is not a video at all, just text with an .mp4 name",
+    )
+    .unwrap();
+    assert!(probe(&VideoBytes::Path(&garbage)).is_err());
+    assert!(probe(&VideoBytes::Path(&dir.path().join("missing.mp4"))).is_err());
+
+    // 0.2 s: one short segment, one frame.
+    let short = slideshow(dir.path(), "short.mp4", 0.2, &["-c:v", "libx264"]);
+    let got = colours_per_segment(&VideoBytes::Path(&short), VideoSegmentConfig::default());
+    assert_eq!(got, vec![Ok(vec![0])]);
+
+    // Start beyond the end: an error from the segment list, before decoding.
+    let info = probe(&VideoBytes::Path(&short)).unwrap();
+    assert!(
+        VideoSegmentConfig::new(5, 20, 4)
+            .unwrap()
+            .segments(info.duration_sec)
+            .is_err()
+    );
+}
+
+#[test]
+fn truncated_video_keeps_the_segments_that_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    // MPEG-TS survives truncation (no index at the end), like a cut download.
+    let ts = slideshow(dir.path(), "s.ts", 59.0, &["-c:v", "libx264", "-g", "25"]);
+    let data = std::fs::read(&ts).unwrap();
+    let cut = dir.path().join("cut.ts");
+    std::fs::write(&cut, &data[..data.len() / 2]).unwrap();
+    let cfg = VideoSegmentConfig::new(0, 60, 10).unwrap();
+    let info = probe(&VideoBytes::Path(&cut)).unwrap();
+    let segs = cfg.segments(info.duration_sec.max(59.0)).unwrap();
+    let per_seg = sample_times(&segs, 1.0);
+    let times: Vec<f64> = per_seg.iter().flatten().copied().collect();
+    let mut ok = vec![0usize; times.len()];
+    let mut calls = 0;
+    sample_frames(&VideoBytes::Path(&cut), &times, |k, r| {
+        calls += 1;
+        ok[k] = usize::from(r.is_ok());
+    })
+    .unwrap();
+    assert_eq!(calls, times.len(), "every target answered");
+    assert_eq!(ok[0], 1, "the start decodes");
+    assert_eq!(
+        *ok.last().unwrap(),
+        0,
+        "the cut-off end is an error, not a silent drop"
+    );
+}

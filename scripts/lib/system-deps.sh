@@ -1,0 +1,26 @@
+# Installs the Debian packages the build and tests need, when missing, and
+# says so. Sourced by scripts/test.sh and scripts/demo.sh.
+#
+# - a C compiler: ring (TLS) and aws-lc (Google auth) have C parts;
+# - pkg-config, libclang and FFmpeg's -dev libraries: ffmpeg-next links the
+#   system's libavcodec/libavformat/libavutil/libswscale (feature `video`);
+# - the ffmpeg CLI: tests make their videos with it.
+install_system_deps() {
+  local pkgs=()
+  command -v cc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
+  command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
+  command -v ffmpeg >/dev/null 2>&1 || pkgs+=(ffmpeg)
+  if ! pkg-config --exists libavcodec libavformat libavutil libswscale 2>/dev/null; then
+    pkgs+=(libavcodec-dev libavformat-dev libavutil-dev libswscale-dev)
+  fi
+  if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+    pkgs+=(libclang-dev)
+  fi
+  if ((${#pkgs[@]})); then
+    echo ">> installing system packages with apt-get: ${pkgs[*]}"
+    local sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+  fi
+}
