@@ -8,8 +8,8 @@ use std::sync::{Arc, mpsc};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use mmembed_core::{
-    EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, MediaSource, Modality, SpaceId,
-    async_trait, l2_normalize,
+    EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, MediaSource, Modality,
+    SegmentEmbedding, SpaceId, async_trait, l2_normalize,
 };
 use mmembed_media::{ClipPreprocessor, ImageLimits, decode_image, read_media};
 use tokio::sync::oneshot;
@@ -49,6 +49,9 @@ pub struct LocalOptions {
     pub hub: HubOptions,
     /// Overrides the space id (default: the manifest's, else a hash of the weights).
     pub space: Option<String>,
+    /// Video frames sampled per second of each segment (default 1; at least
+    /// one frame per segment whatever the rate).
+    pub video_fps: f64,
 }
 
 impl LocalOptions {
@@ -63,7 +66,14 @@ impl LocalOptions {
             image_limits: ImageLimits::default(),
             hub: HubOptions::from_env(),
             space: None,
+            video_fps: 1.0,
         }
+    }
+
+    /// Sets the video sampling rate in frames per second (must be positive).
+    pub fn with_video_fps(mut self, fps: f64) -> Self {
+        self.video_fps = fps;
+        self
     }
 
     /// Sets the device.
@@ -271,11 +281,20 @@ fn rows(t: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
 enum Item {
     Text(String),
     Image(MediaSource),
+    Video(MediaSource, Option<mmembed_core::VideoSegmentConfig>),
 }
+
+/// What one item turns into.
+enum ItemOut {
+    Vector(Vec<f32>),
+    Segments(Vec<SegmentEmbedding>),
+}
+
+type ItemResult = Result<ItemOut, EmbedError>;
 
 struct Job {
     items: Vec<Item>,
-    reply: oneshot::Sender<Vec<Result<Vec<f32>, EmbedError>>>,
+    reply: oneshot::Sender<Vec<ItemResult>>,
 }
 
 fn backend_err(message: String) -> EmbedError {
@@ -290,14 +309,16 @@ struct Worker {
     clip: LoadedClip,
     max_batch: usize,
     limits: ImageLimits,
+    #[cfg_attr(not(feature = "video"), allow(dead_code))]
+    video_fps: f64,
 }
 
 impl Worker {
-    fn run(&self, items: Vec<Item>) -> Vec<Result<Vec<f32>, EmbedError>> {
-        let mut out: Vec<Option<Result<Vec<f32>, EmbedError>>> =
-            items.iter().map(|_| None).collect();
+    fn run(&self, items: Vec<Item>) -> Vec<ItemResult> {
+        let mut out: Vec<Option<ItemResult>> = items.iter().map(|_| None).collect();
         let mut texts = Vec::new();
         let mut images = Vec::new();
+        let mut videos = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             match item {
                 Item::Text(t) => match self.clip.tokenizer.encode(&t) {
@@ -308,6 +329,7 @@ impl Worker {
                     Ok(px) => images.push((i, px)),
                     Err(e) => out[i] = Some(Err(e)),
                 },
+                Item::Video(src, cfg) => videos.push((i, src, cfg)),
             }
         }
         for chunk in texts.chunks(self.max_batch) {
@@ -326,9 +348,121 @@ impl Worker {
                 self.clip.embed_pixels(&px),
             );
         }
+        for (i, src, cfg) in videos {
+            out[i] = Some(self.video(&src, cfg).map(ItemOut::Segments));
+        }
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err(backend_err("item was not processed".into()))))
             .collect()
+    }
+
+    #[cfg(not(feature = "video"))]
+    fn video(
+        &self,
+        _src: &MediaSource,
+        _cfg: Option<mmembed_core::VideoSegmentConfig>,
+    ) -> Result<Vec<SegmentEmbedding>, EmbedError> {
+        Err(EmbedError::UnsupportedModality {
+            modality: Modality::Video,
+            backend: BACKEND.into(),
+        })
+    }
+
+    /// One embedding per segment: the mean of the segment's L2-normalised
+    /// frame embeddings, normalised again. Frames are embedded in model
+    /// batches as they are decoded, so memory holds at most one batch of
+    /// frames however long the video.
+    #[cfg(feature = "video")]
+    fn video(
+        &self,
+        src: &MediaSource,
+        cfg: Option<mmembed_core::VideoSegmentConfig>,
+    ) -> Result<Vec<SegmentEmbedding>, EmbedError> {
+        use mmembed_media::video::{VideoBytes, probe, sample_frames, sample_times};
+        let owned;
+        let vb = match src {
+            MediaSource::Path(p) => VideoBytes::Path(p),
+            other => {
+                owned = read_media(other, Modality::Video, u64::MAX)?;
+                VideoBytes::Bytes(owned.clone())
+            }
+        };
+        let info = probe(&vb)?;
+        let segments = cfg.unwrap_or_default().segments(info.duration_sec)?;
+        let per_seg = sample_times(&segments, self.video_fps);
+        let times: Vec<f64> = per_seg.iter().flatten().copied().collect();
+        let owner: Vec<usize> = per_seg
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| std::iter::repeat_n(i, t.len()))
+            .collect();
+        let dim = self.clip.config.projection_dim;
+        let mut sums = vec![vec![0f32; dim]; segments.len()];
+        let mut counts = vec![0usize; segments.len()];
+        let mut errors: Vec<Option<String>> = vec![None; segments.len()];
+        let mut pending: Vec<(usize, Vec<f32>)> = Vec::with_capacity(self.max_batch);
+        let mut fatal: Option<EmbedError> = None;
+        let flush = |pending: &mut Vec<(usize, Vec<f32>)>,
+                     sums: &mut Vec<Vec<f32>>,
+                     counts: &mut Vec<usize>,
+                     fatal: &mut Option<EmbedError>| {
+            if pending.is_empty() || fatal.is_some() {
+                pending.clear();
+                return;
+            }
+            let px: Vec<Vec<f32>> = pending.iter().map(|(_, p)| p.clone()).collect();
+            match self.clip.embed_pixels(&px) {
+                Ok(vecs) => {
+                    for ((seg, _), v) in pending.iter().zip(vecs) {
+                        sums[*seg].iter_mut().zip(&v).for_each(|(s, x)| *s += x);
+                        counts[*seg] += 1;
+                    }
+                }
+                Err(e) => *fatal = Some(backend_err(format!("model forward failed: {e}"))),
+            }
+            pending.clear();
+        };
+        sample_frames(&vb, &times, |k, r| match r {
+            Ok(frame) => {
+                pending.push((owner[k], self.clip.preprocessor.preprocess(&frame.image)));
+                if pending.len() >= self.max_batch {
+                    flush(&mut pending, &mut sums, &mut counts, &mut fatal);
+                }
+            }
+            Err(e) => {
+                errors[owner[k]].get_or_insert_with(|| e.to_string());
+            }
+        })?;
+        flush(&mut pending, &mut sums, &mut counts, &mut fatal);
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        Ok(segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let (embedding, error) = if counts[i] > 0 {
+                    let mut v = std::mem::take(&mut sums[i]);
+                    l2_normalize(&mut v);
+                    (v, None)
+                } else {
+                    (
+                        Vec::new(),
+                        Some(
+                            errors[i]
+                                .take()
+                                .unwrap_or_else(|| "no frame decoded".into()),
+                        ),
+                    )
+                };
+                SegmentEmbedding {
+                    start_sec: s.start_sec,
+                    end_sec: s.end_sec,
+                    embedding,
+                    error,
+                }
+            })
+            .collect())
     }
 
     fn pixels(&self, src: &MediaSource) -> Result<Vec<f32>, EmbedError> {
@@ -339,14 +473,14 @@ impl Worker {
 
     fn fill(
         &self,
-        out: &mut [Option<Result<Vec<f32>, EmbedError>>],
+        out: &mut [Option<ItemResult>],
         idx: impl Iterator<Item = usize>,
         res: candle_core::Result<Vec<Vec<f32>>>,
     ) {
         match res {
             Ok(vecs) => {
                 for (i, v) in idx.zip(vecs) {
-                    out[i] = Some(Ok(v));
+                    out[i] = Some(Ok(ItemOut::Vector(v)));
                 }
             }
             Err(e) => {
@@ -413,14 +547,25 @@ impl LocalEmbedder {
             space: SpaceId::new(space),
             native_dimension: dim,
             supported_dimensions: vec![dim as u32],
-            modalities: vec![Modality::Text, Modality::Image],
+            modalities: if cfg!(feature = "video") {
+                vec![Modality::Text, Modality::Image, Modality::Video]
+            } else {
+                vec![Modality::Text, Modality::Image]
+            },
             max_text_tokens: Some(clip.tokenizer.context()),
         };
         tracing::info!(model = %info.model_id, space = %info.space, device = ?device, ?dtype, "local model loaded");
+        if !(opts.video_fps.is_finite() && opts.video_fps > 0.0) {
+            return Err(EmbedError::invalid(
+                "video_fps",
+                format!("{} is not a positive frame rate", opts.video_fps),
+            ));
+        }
         let worker = Worker {
             clip,
             max_batch: opts.max_batch.max(1),
             limits: opts.image_limits,
+            video_fps: opts.video_fps,
         };
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -452,61 +597,73 @@ impl Embedder for LocalEmbedder {
     }
 
     async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>> {
-        // Which item results belong to which request: (text slot, image slot).
-        let mut slots: Vec<Result<(Option<usize>, Option<usize>), EmbedError>> = Vec::new();
+        // Which item results belong to which request: [text, image, video].
+        let mut slots: Vec<Result<[Option<usize>; 3], EmbedError>> = Vec::new();
         let mut items = Vec::new();
         for req in reqs {
             let checked = req.validate().and_then(|()| self.info.check(&req));
             slots.push(checked.map(|()| {
-                let mut slot = (None, None);
+                let mut slot = [None; 3];
+                let mut add = |k: usize, item: Item| {
+                    slot[k] = Some(items.len());
+                    items.push(item);
+                };
                 if let Some(t) = req.text {
-                    slot.0 = Some(items.len());
-                    items.push(Item::Text(t));
+                    add(0, Item::Text(t));
                 }
                 if let Some(m) = req.image {
-                    slot.1 = Some(items.len());
-                    items.push(Item::Image(m.source));
+                    add(1, Item::Image(m.source));
+                }
+                if let Some(v) = req.video {
+                    add(2, Item::Video(v.media.source, v.segment_config));
                 }
                 slot
             }));
         }
         let n_items = items.len();
-        let mut results: Vec<Result<Vec<f32>, EmbedError>> = if n_items == 0 {
+        let mut results: Vec<Option<ItemResult>> = if n_items == 0 {
             Vec::new()
         } else {
             let (tx, rx) = oneshot::channel();
-            let sent = self.jobs.send(Job { items, reply: tx });
-            match sent {
-                Ok(()) => rx
-                    .await
-                    .unwrap_or_else(|_| vec![Err(backend_err("the model worker stopped".into()))]),
-                Err(_) => vec![Err(backend_err("the model worker stopped".into()))],
-            }
+            let stopped = || vec![Err(backend_err("the model worker stopped".into()))];
+            let answer = match self.jobs.send(Job { items, reply: tx }) {
+                Ok(()) => rx.await.unwrap_or_else(|_| stopped()),
+                Err(_) => stopped(),
+            };
+            answer.into_iter().map(Some).collect()
         };
         if results.len() != n_items {
             // A panicked or stopped worker answers with one error for all.
-            let e = results
-                .pop()
-                .and_then(Result::err)
-                .unwrap_or_else(|| backend_err("wrong number of results".into()));
-            results = (0..n_items).map(|_| Err(e.clone())).collect();
+            let e = match results.pop().flatten() {
+                Some(Err(e)) => e,
+                _ => backend_err("wrong number of results".into()),
+            };
+            results = (0..n_items).map(|_| Some(Err(e.clone()))).collect();
         }
-        let mut take = |i: Option<usize>| -> Result<Option<Vec<f32>>, EmbedError> {
-            match i {
+        let mut take = |i: Option<usize>| -> Result<Option<ItemOut>, EmbedError> {
+            match i.and_then(|i| results[i].take()) {
                 None => Ok(None),
-                Some(i) => std::mem::replace(&mut results[i], Ok(Vec::new())).map(Some),
+                Some(r) => r.map(Some),
             }
+        };
+        let vector = |o: Option<ItemOut>| match o {
+            Some(ItemOut::Vector(v)) => Some(v),
+            _ => None,
         };
         slots
             .into_iter()
             .map(|slot| {
-                let (t, i) = slot?;
-                let text = take(t)?;
-                let image = take(i)?;
+                let [t, i, v] = slot?;
+                let text = vector(take(t)?);
+                let image = vector(take(i)?);
+                let video = match take(v)? {
+                    Some(ItemOut::Segments(s)) => s,
+                    _ => Vec::new(),
+                };
                 Ok(Embeddings {
                     text,
                     image,
-                    video: Vec::new(),
+                    video,
                     dimension: self.info.native_dimension,
                     space: self.info.space.clone(),
                     model: self.info.model_id.clone(),

@@ -249,8 +249,12 @@ pub struct SegmentEmbedding {
     pub start_sec: f64,
     /// Where it ends (the last one is clipped to the video's length).
     pub end_sec: f64,
-    /// The vector.
+    /// The vector (empty when `error` is set).
     pub embedding: Vec<f32>,
+    /// Why this segment has no vector (e.g. a corrupt stretch of the video),
+    /// while the others of the same video do. `None` on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl SegmentEmbedding {

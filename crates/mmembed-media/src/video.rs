@@ -353,6 +353,18 @@ pub fn sample_frames(
                 }
             }
             if !fed {
+                // The demuxer stopped: the end, or an unreadable stretch. If
+                // targets remain inside the video, jump past it once for each.
+                if next < times.len()
+                    && times[next] < info.duration_sec
+                    && seeked_for != Some(next)
+                    && seek_to(&mut ictx, times[next])
+                {
+                    seeked_for = Some(next);
+                    decoder.flush();
+                    prev = None;
+                    continue;
+                }
                 let _ = decoder.send_eof();
                 packets_done = true;
             }

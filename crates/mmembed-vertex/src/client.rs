@@ -269,6 +269,7 @@ impl VertexEmbedder {
                 start_sec: s.start_offset_sec,
                 end_sec: s.end_offset_sec,
                 embedding: s.embedding,
+                error: None,
             }));
         }
         let check =

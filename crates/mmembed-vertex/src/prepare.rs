@@ -184,6 +184,41 @@ pub(crate) fn video_windows(
     Ok(out)
 }
 
+/// For a local video whose config leaves the end open, the end is the
+/// video's real length (probed with FFmpeg), so a long video is covered
+/// whole rather than only its first 120 s. `gs://` videos keep the service's
+/// own default (one request).
+#[cfg(feature = "video")]
+fn with_real_end(
+    media: &Media,
+    cfg: Option<VideoSegmentConfig>,
+) -> Result<Option<VideoSegmentConfig>, EmbedError> {
+    use mmembed_media::video::{VideoBytes, probe};
+    if cfg.is_some_and(|c| c.end_offset_sec.is_some()) {
+        return Ok(cfg);
+    }
+    let info = match &media.source {
+        MediaSource::Path(p) => probe(&VideoBytes::Path(p))?,
+        MediaSource::Bytes(b) => probe(&VideoBytes::Bytes(b.clone()))?,
+        MediaSource::Uri(_) => return Ok(cfg),
+    };
+    let c = cfg.unwrap_or_default();
+    let end = info.duration_sec.ceil().max(1.0) as u32;
+    Ok(Some(VideoSegmentConfig {
+        start_offset_sec: Some(c.start_offset_sec.unwrap_or(0)),
+        end_offset_sec: Some(end),
+        interval_sec: c.interval_sec,
+    }))
+}
+
+#[cfg(not(feature = "video"))]
+fn with_real_end(
+    _media: &Media,
+    cfg: Option<VideoSegmentConfig>,
+) -> Result<Option<VideoSegmentConfig>, EmbedError> {
+    Ok(cfg)
+}
+
 /// The request bodies for one `EmbedRequest`, in order: text and image ride
 /// with the first; each further one carries the next video window.
 pub(crate) fn bodies(
@@ -207,7 +242,7 @@ pub(crate) fn bodies(
     let (video_media, windows) = match &req.video {
         Some(v) => (
             Some(video_media_json(&v.media)?),
-            video_windows(v.segment_config)?,
+            video_windows(with_real_end(&v.media, v.segment_config)?)?,
         ),
         None => (None, vec![None]),
     };

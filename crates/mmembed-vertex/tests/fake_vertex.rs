@@ -513,3 +513,49 @@ async fn live_service() {
         .unwrap();
     assert_eq!(out.text.unwrap().len(), 128);
 }
+
+/// With the `video` feature, a local video's range ends at its real length.
+#[cfg(feature = "video")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_video_without_end_is_covered_to_its_real_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = dir.path().join("long.mp4");
+    let st = std::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
+        .arg("color=c=red:s=64x48:r=2:d=150")
+        .args(["-c:v", "libx264"])
+        .arg(&video)
+        .status()
+        .expect("ffmpeg CLI");
+    assert!(st.success());
+    let fake = FakeVertex::start().unwrap();
+    let (v, _) = client(&fake, |c| c);
+    let out = v.embed(EmbedRequest::video(video, None)).await.unwrap();
+    let sent: Vec<_> = fake
+        .requests()
+        .iter()
+        .map(|r| r.body["instances"][0]["video"]["videoSegmentConfig"].clone())
+        .collect();
+    assert_eq!(
+        sent,
+        vec![
+            json!({"startOffsetSec": 0, "endOffsetSec": 112, "intervalSec": 16}),
+            json!({"startOffsetSec": 112, "endOffsetSec": 150}),
+        ]
+        .into_iter()
+        .map(|mut j| {
+            j["intervalSec"] = json!(16);
+            j
+        })
+        .collect::<Vec<_>>()
+    );
+    assert_eq!(out.video.last().unwrap().end_sec, 150.0);
+}

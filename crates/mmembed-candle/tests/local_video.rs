@@ -1,0 +1,230 @@
+//! Local video embeddings: per segment, the mean of the L2-normalised frame
+//! embeddings, normalised again. Videos are made at test time with the
+//! `ffmpeg` CLI from the fixture photos.
+#![cfg(feature = "video")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mmembed_candle::{DeviceSpec, LocalEmbedder, LocalOptions};
+use mmembed_core::{EmbedError, EmbedRequest, Embedder, VideoSegmentConfig, cosine, testkit};
+use mmembed_media::video::{VideoBytes, sample_frames, sample_times};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures")
+}
+
+const PHOTOS: [&str; 3] = [
+    "cat_451x300.png",
+    "coffee_tall_180x400.png",
+    "astronaut_small_120x90.png",
+];
+
+/// Photo i shown from 10·i to 10·(i+1) s, 320x240, H.264.
+fn slideshow(dir: &Path) -> PathBuf {
+    let out = dir.join("photos.mp4");
+    let mut args: Vec<String> = ["-hide_banner", "-loglevel", "error", "-y"]
+        .map(String::from)
+        .to_vec();
+    for p in PHOTOS {
+        args.extend(["-loop", "1", "-t", "10", "-framerate", "25", "-i"].map(String::from));
+        args.push(fixtures().join("images").join(p).display().to_string());
+    }
+    args.push("-filter_complex".into());
+    args.push(
+        "[0]scale=320:240,setsar=1[a];[1]scale=320:240,setsar=1[b];[2]scale=320:240,setsar=1[c];[a][b][c]concat=n=3:v=1:a=0,format=yuv420p"
+            .into(),
+    );
+    args.extend(["-c:v", "libx264", "-g", "50"].map(String::from));
+    args.push(out.display().to_string());
+    let st = Command::new("ffmpeg")
+        .args(&args)
+        .output()
+        .expect("ffmpeg CLI");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    out
+}
+
+fn tiny(fps: f64) -> LocalEmbedder {
+    LocalEmbedder::load_blocking(
+        LocalOptions::new(fixtures().join("tiny-clip").to_str().unwrap())
+            .with_device(DeviceSpec::Cpu)
+            .with_max_batch(4)
+            .with_video_fps(fps),
+    )
+    .unwrap()
+}
+
+fn png(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_is_the_mean_of_its_frame_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = slideshow(dir.path());
+    let e = tiny(1.0);
+    let cfg = VideoSegmentConfig::new(0, 30, 10).unwrap();
+    let out = e
+        .embed(EmbedRequest::video(video.clone(), Some(cfg)))
+        .await
+        .unwrap();
+    assert_eq!(out.video.len(), 3);
+
+    // Independent reference: the same frames, embedded one by one as images,
+    // averaged here.
+    let segs = cfg.segments(30.0).unwrap();
+    let per_seg = sample_times(&segs, 1.0);
+    for (i, times) in per_seg.iter().enumerate() {
+        assert_eq!(times.len(), 10);
+        let mut frames = Vec::new();
+        sample_frames(&VideoBytes::Path(&video), times, |_, r| {
+            frames.push(r.unwrap().image)
+        })
+        .unwrap();
+        let reqs = frames.iter().map(|f| EmbedRequest::image(png(f))).collect();
+        let vecs: Vec<Vec<f32>> = e
+            .embed_batch(reqs)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().image.unwrap())
+            .collect();
+        let mut mean = vec![0f32; vecs[0].len()];
+        for v in &vecs {
+            mean.iter_mut().zip(v).for_each(|(m, x)| *m += x);
+        }
+        mmembed_core::l2_normalize(&mut mean);
+        let seg = &out.video[i];
+        assert_eq!(
+            (seg.start_sec, seg.end_sec),
+            (10.0 * i as f64, 10.0 * (i + 1) as f64)
+        );
+        let c = cosine(&seg.embedding, &mean);
+        assert!(c > 0.99999, "segment {i}: cosine {c}");
+        // And the segment shows photo i more than the other photos.
+        let photo = |k: usize| fixtures().join("images").join(PHOTOS[k]);
+        let sims: Vec<f32> = futures_sims(&e, &seg.embedding, (0..3).map(photo).collect()).await;
+        let best = (0..3).max_by(|a, b| sims[*a].total_cmp(&sims[*b])).unwrap();
+        assert_eq!(best, i, "segment {i} similarities {sims:?}");
+    }
+
+    // Bytes give exactly the same answer as the path.
+    let bytes = std::fs::read(&video).unwrap();
+    let again = e
+        .embed(EmbedRequest::video(bytes, Some(cfg)))
+        .await
+        .unwrap();
+    assert_eq!(again.video, out.video);
+
+    // The shared video contract.
+    testkit::video_segments_contract(&e, EmbedRequest::video(video.clone(), Some(cfg))).await;
+    let long = VideoSegmentConfig::new(0, 600, 7).unwrap();
+    let clipped = e
+        .embed(EmbedRequest::video(video, Some(long)))
+        .await
+        .unwrap();
+    assert_eq!(
+        clipped.video.last().unwrap().end_sec,
+        30.0,
+        "clipped to the real length"
+    );
+}
+
+async fn futures_sims(e: &LocalEmbedder, v: &[f32], photos: Vec<PathBuf>) -> Vec<f32> {
+    let reqs = photos.into_iter().map(EmbedRequest::image).collect();
+    e.embed_batch(reqs)
+        .await
+        .into_iter()
+        .map(|r| cosine(v, &r.unwrap().image.unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_videos_and_partial_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = tiny(2.0);
+    let audio = dir.path().join("a.m4a");
+    let st = Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=d=2",
+        ])
+        .arg(&audio)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let too_late = VideoSegmentConfig::new(100, 200, 10).unwrap();
+    let out = e
+        .embed_batch(vec![
+            EmbedRequest::video(audio, None),
+            EmbedRequest::video(b"not a video".to_vec(), None),
+            EmbedRequest::video(slideshow(dir.path()), Some(too_late)),
+            EmbedRequest::text("still fine"),
+        ])
+        .await;
+    assert!(
+        matches!(&out[0], Err(EmbedError::MediaDecode { reason, .. }) if reason.contains("no video stream")),
+        "{:?}",
+        out[0]
+    );
+    assert!(
+        matches!(&out[1], Err(EmbedError::MediaDecode { .. })),
+        "{:?}",
+        out[1]
+    );
+    assert!(
+        matches!(&out[2], Err(EmbedError::InvalidInput { field, .. }) if field.contains("start_offset_sec")),
+        "{:?}",
+        out[2]
+    );
+    assert!(out[3].is_ok());
+
+    // A transport stream with its middle cut out (a damaged recording: whole
+    // TS packets lost): the segments before and after the hole embed, the
+    // ones inside it say why (nothing is dropped silently).
+    let video = slideshow(dir.path());
+    let ts = dir.path().join("v.ts");
+    let st = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-i"])
+        .arg(&video)
+        .args(["-c", "copy"])
+        .arg(&ts)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let data = std::fs::read(&ts).unwrap();
+    let (a, b) = (
+        data.len() * 3 / 10 / 188 * 188,
+        data.len() * 7 / 10 / 188 * 188,
+    );
+    let data = [&data[..a], &data[b..]].concat();
+    let r = e
+        .embed(EmbedRequest::video(
+            data,
+            Some(VideoSegmentConfig::new(0, 30, 5).unwrap()),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.video.len(), 6, "every segment has a row");
+    let ok: Vec<bool> = r.video.iter().map(|s| s.error.is_none()).collect();
+    assert!(ok[0] && ok[5], "{ok:?}");
+    assert!(
+        ok.iter().any(|o| !o),
+        "the corrupt middle is reported: {ok:?}"
+    );
+    for s in &r.video {
+        assert_eq!(s.error.is_some(), s.embedding.is_empty(), "{s:?}");
+    }
+}
