@@ -316,37 +316,45 @@ struct Worker {
 impl Worker {
     fn run(&self, items: Vec<Item>) -> Vec<ItemResult> {
         let mut out: Vec<Option<ItemResult>> = items.iter().map(|_| None).collect();
-        let mut texts = Vec::new();
-        let mut images = Vec::new();
+        // Item indices and model inputs kept side by side, so a model batch
+        // is a plain slice of the inputs (no per-batch copies).
+        let (mut text_idx, mut seqs) = (Vec::new(), Vec::new());
+        let (mut image_idx, mut pixels) = (Vec::new(), Vec::new());
         let mut videos = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             match item {
                 Item::Text(t) => match self.clip.tokenizer.encode(&t) {
-                    Ok(ids) => texts.push((i, ids)),
+                    Ok(ids) => {
+                        text_idx.push(i);
+                        seqs.push(ids);
+                    }
                     Err(e) => out[i] = Some(Err(e)),
                 },
                 Item::Image(src) => match self.pixels(&src) {
-                    Ok(px) => images.push((i, px)),
+                    Ok(px) => {
+                        image_idx.push(i);
+                        pixels.push(px);
+                    }
                     Err(e) => out[i] = Some(Err(e)),
                 },
                 Item::Video(src, cfg) => videos.push((i, src, cfg)),
             }
         }
-        for chunk in texts.chunks(self.max_batch) {
-            let seqs: Vec<Vec<u32>> = chunk.iter().map(|(_, s)| s.clone()).collect();
+        for (idx, batch) in text_idx
+            .chunks(self.max_batch)
+            .zip(seqs.chunks(self.max_batch))
+        {
             self.fill(
                 &mut out,
-                chunk.iter().map(|(i, _)| *i),
-                self.clip.embed_token_ids(&seqs),
+                idx.iter().copied(),
+                self.clip.embed_token_ids(batch),
             );
         }
-        for chunk in images.chunks(self.max_batch) {
-            let px: Vec<Vec<f32>> = chunk.iter().map(|(_, p)| p.clone()).collect();
-            self.fill(
-                &mut out,
-                chunk.iter().map(|(i, _)| *i),
-                self.clip.embed_pixels(&px),
-            );
+        for (idx, batch) in image_idx
+            .chunks(self.max_batch)
+            .zip(pixels.chunks(self.max_batch))
+        {
+            self.fill(&mut out, idx.iter().copied(), self.clip.embed_pixels(batch));
         }
         for (i, src, cfg) in videos {
             out[i] = Some(self.video(&src, cfg).map(ItemOut::Segments));
@@ -400,40 +408,54 @@ impl Worker {
         let mut sums = vec![vec![0f32; dim]; segments.len()];
         let mut counts = vec![0usize; segments.len()];
         let mut errors: Vec<Option<String>> = vec![None; segments.len()];
-        let mut pending: Vec<(usize, Vec<f32>)> = Vec::with_capacity(self.max_batch);
+        // Decoded frames waiting for a model batch: their segments and pixels.
+        let mut pending_seg: Vec<usize> = Vec::with_capacity(self.max_batch);
+        let mut pending_px: Vec<Vec<f32>> = Vec::with_capacity(self.max_batch);
         let mut fatal: Option<EmbedError> = None;
-        let flush = |pending: &mut Vec<(usize, Vec<f32>)>,
+        let flush = |pending_seg: &mut Vec<usize>,
+                     pending_px: &mut Vec<Vec<f32>>,
                      sums: &mut Vec<Vec<f32>>,
                      counts: &mut Vec<usize>,
                      fatal: &mut Option<EmbedError>| {
-            if pending.is_empty() || fatal.is_some() {
-                pending.clear();
-                return;
-            }
-            let px: Vec<Vec<f32>> = pending.iter().map(|(_, p)| p.clone()).collect();
-            match self.clip.embed_pixels(&px) {
-                Ok(vecs) => {
-                    for ((seg, _), v) in pending.iter().zip(vecs) {
-                        sums[*seg].iter_mut().zip(&v).for_each(|(s, x)| *s += x);
-                        counts[*seg] += 1;
+            if !pending_px.is_empty() && fatal.is_none() {
+                match self.clip.embed_pixels(pending_px) {
+                    Ok(vecs) => {
+                        for (seg, v) in pending_seg.iter().zip(vecs) {
+                            sums[*seg].iter_mut().zip(&v).for_each(|(s, x)| *s += x);
+                            counts[*seg] += 1;
+                        }
                     }
+                    Err(e) => *fatal = Some(backend_err(format!("model forward failed: {e}"))),
                 }
-                Err(e) => *fatal = Some(backend_err(format!("model forward failed: {e}"))),
             }
-            pending.clear();
+            pending_seg.clear();
+            pending_px.clear();
         };
         sample_frames(&vb, &times, |k, r| match r {
             Ok(frame) => {
-                pending.push((owner[k], self.clip.preprocessor.preprocess(&frame.image)));
-                if pending.len() >= self.max_batch {
-                    flush(&mut pending, &mut sums, &mut counts, &mut fatal);
+                pending_seg.push(owner[k]);
+                pending_px.push(self.clip.preprocessor.preprocess(&frame.image));
+                if pending_px.len() >= self.max_batch {
+                    flush(
+                        &mut pending_seg,
+                        &mut pending_px,
+                        &mut sums,
+                        &mut counts,
+                        &mut fatal,
+                    );
                 }
             }
             Err(e) => {
                 errors[owner[k]].get_or_insert_with(|| e.to_string());
             }
         })?;
-        flush(&mut pending, &mut sums, &mut counts, &mut fatal);
+        flush(
+            &mut pending_seg,
+            &mut pending_px,
+            &mut sums,
+            &mut counts,
+            &mut fatal,
+        );
         if let Some(e) = fatal {
             return Err(e);
         }
