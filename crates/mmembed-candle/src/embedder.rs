@@ -52,6 +52,11 @@ pub struct LocalOptions {
     /// Video frames sampled per second of each segment (default 1; at least
     /// one frame per segment whatever the rate).
     pub video_fps: f64,
+    /// Take the keyframe nearest each sample time instead of the exact
+    /// frame (default false): only keyframes are decoded, several times
+    /// faster, at the price of frames up to half a keyframe interval away
+    /// from their time. See `mmembed_media::video::SampleMode`.
+    pub video_keyframes_only: bool,
 }
 
 impl LocalOptions {
@@ -67,7 +72,14 @@ impl LocalOptions {
             hub: HubOptions::from_env(),
             space: None,
             video_fps: 1.0,
+            video_keyframes_only: false,
         }
+    }
+
+    /// Samples only keyframes (see [`LocalOptions::video_keyframes_only`]).
+    pub fn with_video_keyframes_only(mut self, yes: bool) -> Self {
+        self.video_keyframes_only = yes;
+        self
     }
 
     /// Sets the video sampling rate in frames per second (must be positive).
@@ -311,6 +323,8 @@ struct Worker {
     limits: ImageLimits,
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
     video_fps: f64,
+    #[cfg_attr(not(feature = "video"), allow(dead_code))]
+    video_keyframes_only: bool,
 }
 
 impl Worker {
@@ -386,7 +400,9 @@ impl Worker {
         src: &MediaSource,
         cfg: Option<mmembed_core::VideoSegmentConfig>,
     ) -> Result<Vec<SegmentEmbedding>, EmbedError> {
-        use mmembed_media::video::{VideoBytes, probe, sample_frames, sample_times};
+        use mmembed_media::video::{
+            SampleMode, SampleOptions, VideoBytes, probe, sample_frames_with, sample_times,
+        };
         let owned;
         let vb = match src {
             MediaSource::Path(p) => VideoBytes::Path(p),
@@ -431,7 +447,18 @@ impl Worker {
             pending_seg.clear();
             pending_px.clear();
         };
-        sample_frames(&vb, &times, |k, r| match r {
+        let sampling = SampleOptions {
+            mode: if self.video_keyframes_only {
+                SampleMode::Keyframes
+            } else {
+                SampleMode::Exact
+            },
+            // swscale resizes while converting from YUV: one pass over the
+            // full frame instead of two.
+            resize_for: Some(self.clip.preprocessor.clone()),
+            ..SampleOptions::default()
+        };
+        sample_frames_with(&vb, &times, &sampling, |k, r| match r {
             Ok(frame) => {
                 pending_seg.push(owner[k]);
                 pending_px.push(self.clip.preprocessor.preprocess(&frame.image));
@@ -588,6 +615,7 @@ impl LocalEmbedder {
             max_batch: opts.max_batch.max(1),
             limits: opts.image_limits,
             video_fps: opts.video_fps,
+            video_keyframes_only: opts.video_keyframes_only,
         };
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()

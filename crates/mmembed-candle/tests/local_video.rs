@@ -8,7 +8,8 @@ use std::process::Command;
 
 use mmembed_candle::{DeviceSpec, LocalEmbedder, LocalOptions};
 use mmembed_core::{EmbedError, EmbedRequest, Embedder, VideoSegmentConfig, cosine, testkit};
-use mmembed_media::video::{VideoBytes, sample_frames, sample_times};
+use mmembed_media::ClipPreprocessor;
+use mmembed_media::video::{SampleOptions, VideoBytes, sample_frames_with, sample_times};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures")
@@ -79,27 +80,41 @@ async fn segment_is_the_mean_of_its_frame_embeddings() {
 
     // Independent reference: the same frames, embedded one by one as images,
     // averaged here.
+    let preprocessor =
+        ClipPreprocessor::from_file(&fixtures().join("tiny-clip/preprocessor_config.json"))
+            .unwrap();
     let segs = cfg.segments(30.0).unwrap();
     let per_seg = sample_times(&segs, 1.0);
     for (i, times) in per_seg.iter().enumerate() {
         assert_eq!(times.len(), 10);
-        let mut frames = Vec::new();
-        sample_frames(&VideoBytes::Path(&video), times, |_, r| {
-            frames.push(r.unwrap().image)
-        })
-        .unwrap();
-        let reqs = frames.iter().map(|f| EmbedRequest::image(png(f))).collect();
-        let vecs: Vec<Vec<f32>> = e
-            .embed_batch(reqs)
-            .await
-            .into_iter()
-            .map(|r| r.unwrap().image.unwrap())
-            .collect();
-        let mut mean = vec![0f32; vecs[0].len()];
-        for v in &vecs {
-            mean.iter_mut().zip(v).for_each(|(m, x)| *m += x);
-        }
-        mmembed_core::l2_normalize(&mut mean);
+        // The backend has swscale scale frames to the model's resize size
+        // while converting them; the reference does the same, and then the
+        // image path only crops.
+        let scaled = SampleOptions {
+            resize_for: Some(preprocessor.clone()),
+            ..SampleOptions::default()
+        };
+        let mean_of = async |opts: &SampleOptions| {
+            let mut frames = Vec::new();
+            sample_frames_with(&VideoBytes::Path(&video), times, opts, |_, r| {
+                frames.push(r.unwrap().image)
+            })
+            .unwrap();
+            let reqs = frames.iter().map(|f| EmbedRequest::image(png(f))).collect();
+            let vecs: Vec<Vec<f32>> = e
+                .embed_batch(reqs)
+                .await
+                .into_iter()
+                .map(|r| r.unwrap().image.unwrap())
+                .collect();
+            let mut mean = vec![0f32; vecs[0].len()];
+            for v in &vecs {
+                mean.iter_mut().zip(v).for_each(|(m, x)| *m += x);
+            }
+            mmembed_core::l2_normalize(&mut mean);
+            mean
+        };
+        let mean = mean_of(&scaled).await;
         let seg = &out.video[i];
         assert_eq!(
             (seg.start_sec, seg.end_sec),
@@ -107,6 +122,11 @@ async fn segment_is_the_mean_of_its_frame_embeddings() {
         );
         let c = cosine(&seg.embedding, &mean);
         assert!(c > 0.99999, "segment {i}: cosine {c}");
+        // Against full-size frames resized with Pillow's filter (what
+        // Hugging Face pipelines do), the swscale shortcut costs little.
+        let full = mean_of(&SampleOptions::default()).await;
+        let c = cosine(&seg.embedding, &full);
+        assert!(c > 0.999, "segment {i}: cosine to the Pillow path {c}");
         // And the segment shows photo i more than the other photos.
         let photo = |k: usize| fixtures().join("images").join(PHOTOS[k]);
         let sims: Vec<f32> = futures_sims(&e, &seg.embedding, (0..3).map(photo).collect()).await;

@@ -48,6 +48,38 @@ pub struct SampledFrame {
     pub image: RgbImage,
 }
 
+/// How frames are chosen for the target times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SampleMode {
+    /// The decoded frame nearest each target time (within max(1 s, 3
+    /// frames)). Frames far from every target are decoded only as far as
+    /// later frames need them: non-reference frames are skipped outright.
+    #[default]
+    Exact,
+    /// The keyframe nearest each target time, whatever its distance: only
+    /// keyframes are decoded. Several times faster; with keyframes 10 s
+    /// apart, a 1 s target grid gets the same frame for up to 10 targets.
+    /// [`SampledFrame::time_sec`] says which time each frame really shows.
+    Keyframes,
+}
+
+/// Settings of [`sample_frames_with`].
+#[derive(Debug, Clone, Default)]
+pub struct SampleOptions {
+    /// Which frames to take.
+    pub mode: SampleMode,
+    /// Scale kept frames with swscale (bicubic) straight to the size this
+    /// preprocessor resizes to, instead of converting full frames and
+    /// resampling them again. Never scales up.
+    pub resize_for: Option<crate::ClipPreprocessor>,
+    /// Also skip the loop filter on frames far from every target. Faster,
+    /// but reference frames decoded without it blur the kept frames that
+    /// depend on them (drift until the next keyframe), so off by default.
+    pub skip_loop_filter: bool,
+    /// Decoder threads; 0 lets FFmpeg choose (one per core).
+    pub threads: usize,
+}
+
 /// Where a video's bytes are.
 #[derive(Debug, Clone)]
 pub enum VideoBytes<'a> {
@@ -198,20 +230,46 @@ struct Converter {
         (ffmpeg::format::Pixel, u32, u32),
     )>,
     rotation: u32,
+    resize_for: Option<crate::ClipPreprocessor>,
 }
 
 impl Converter {
+    /// Output size for a coded `w`×`h` frame: the preprocessor's resize of
+    /// the displayed (rotated) frame, mapped back to coded orientation.
+    fn out_size(&self, w: u32, h: u32) -> (u32, u32) {
+        let Some(pre) = &self.resize_for else {
+            return (w, h);
+        };
+        let turned = self.rotation % 180 == 90;
+        let (dw, dh) = if turned { (h, w) } else { (w, h) };
+        let (rw, rh) = pre.resized_size(dw, dh);
+        if rw >= dw || rh >= dh {
+            return (w, h);
+        }
+        if turned { (rh, rw) } else { (rw, rh) }
+    }
+
     fn rgb(&mut self, frame: &ffmpeg::frame::Video, what: &str) -> Result<RgbImage, EmbedError> {
         let key = (frame.format(), frame.width(), frame.height());
         if self.scaler.as_ref().map(|s| s.1) != Some(key) {
+            let (ow, oh) = self.out_size(key.1, key.2);
+            let flags = if (ow, oh) == (key.1, key.2) {
+                ffmpeg::software::scaling::Flags::BILINEAR
+            } else {
+                // Bicubic, with exact chroma placement and full-precision
+                // rounding: closest to the Pillow bicubic resize it replaces.
+                ffmpeg::software::scaling::Flags::BICUBIC
+                    | ffmpeg::software::scaling::Flags::ACCURATE_RND
+                    | ffmpeg::software::scaling::Flags::FULL_CHR_H_INT
+            };
             let ctx = ffmpeg::software::scaling::Context::get(
                 key.0,
                 key.1,
                 key.2,
                 ffmpeg::format::Pixel::RGB24,
-                key.1,
-                key.2,
-                ffmpeg::software::scaling::Flags::BILINEAR,
+                ow,
+                oh,
+                flags,
             )
             .map_err(|e| err(what, "cannot convert its pixel format", Some(e)))?;
             self.scaler = Some((ctx, key));
@@ -248,6 +306,17 @@ impl Converter {
 pub fn sample_frames(
     src: &VideoBytes<'_>,
     times: &[f64],
+    on_frame: impl FnMut(usize, Result<SampledFrame, EmbedError>),
+) -> Result<VideoInfo, EmbedError> {
+    sample_frames_with(src, times, &SampleOptions::default(), on_frame)
+}
+
+/// [`sample_frames`] with settings: keyframe-only sampling, scaling straight
+/// to the model's input size, decoder threads.
+pub fn sample_frames_with(
+    src: &VideoBytes<'_>,
+    times: &[f64],
+    opts: &SampleOptions,
     mut on_frame: impl FnMut(usize, Result<SampledFrame, EmbedError>),
 ) -> Result<VideoInfo, EmbedError> {
     let what = src.describe();
@@ -265,14 +334,35 @@ pub fn sample_frames(
     let tb = f64::from(stream.time_base());
     let start_pts = stream.start_time();
     let mut decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
-        .and_then(|c| c.decoder().video())
+        .and_then(|mut c| {
+            c.set_threading(ffmpeg::codec::threading::Config {
+                kind: ffmpeg::codec::threading::Type::Frame,
+                count: opts.threads,
+                ..Default::default()
+            });
+            c.decoder().video()
+        })
         .map_err(|e| err(&what, "cannot open the decoder", Some(e)))?;
+    let keyframes = opts.mode == SampleMode::Keyframes;
+    if keyframes {
+        decoder.skip_frame(ffmpeg::Discard::NonKey);
+    }
     // Frames further than this from their target are not "the frame at t".
     let frame_gap = info.frame_rate.map_or(0.5, |r| 1.0 / r);
-    let tolerance = (3.0 * frame_gap).max(1.0);
+    let tolerance = if keyframes {
+        f64::INFINITY
+    } else {
+        (3.0 * frame_gap).max(1.0)
+    };
+    // A packet whose frame is shown further than this from every remaining
+    // target cannot be the nearest frame to one: decode it only if later
+    // frames need it.
+    let needed_within = 2.0 * frame_gap;
+    let mut skipping = false;
     let mut conv = Converter {
         scaler: None,
         rotation: info.rotation,
+        resize_for: opts.resize_for.clone(),
     };
     let to_sec = |pts: i64| {
         let base = if start_pts == i64::MIN || start_pts < 0 {
@@ -345,6 +435,30 @@ pub fn sample_frames(
             let mut fed = false;
             for (s, packet) in ictx.packets() {
                 if s.index() == index {
+                    if !keyframes {
+                        let far = packet.pts().is_some_and(|p| {
+                            let t = to_sec(p);
+                            let i = times[next..].partition_point(|&x| x < t - needed_within);
+                            times[next..].get(i).is_none_or(|&x| x > t + needed_within)
+                        });
+                        if far != skipping {
+                            skipping = far;
+                            let (frames, filter) = if far {
+                                (
+                                    ffmpeg::Discard::NonReference,
+                                    if opts.skip_loop_filter {
+                                        ffmpeg::Discard::All
+                                    } else {
+                                        ffmpeg::Discard::Default
+                                    },
+                                )
+                            } else {
+                                (ffmpeg::Discard::Default, ffmpeg::Discard::Default)
+                            };
+                            decoder.skip_frame(frames);
+                            decoder.skip_loop_filter(filter);
+                        }
+                    }
                     // A corrupt packet is skipped; the decoder conceals or
                     // resyncs at the next keyframe.
                     let _ = decoder.send_packet(&packet);

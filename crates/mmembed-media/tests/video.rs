@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mmembed_core::VideoSegmentConfig;
-use mmembed_media::video::{VideoBytes, probe, sample_frames, sample_times};
+use mmembed_media::ClipPreprocessor;
+use mmembed_media::video::{
+    SampleMode, SampleOptions, VideoBytes, probe, sample_frames, sample_frames_with, sample_times,
+};
 
 const COLOURS: [(&str, [u8; 3]); 6] = [
     ("red", [255, 0, 0]),
@@ -312,4 +315,124 @@ fn truncated_video_keeps_the_segments_that_decode() {
         0,
         "the cut-off end is an error, not a silent drop"
     );
+}
+
+#[test]
+fn keyframe_mode_takes_the_nearest_keyframe_and_says_when_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    // Keyframes exactly every 5 s (125 frames at 25 fps), B-frames on.
+    let v = slideshow(
+        dir.path(),
+        "gop5.mp4",
+        60.0,
+        &[
+            "-c:v",
+            "libx264",
+            "-bf",
+            "3",
+            "-g",
+            "125",
+            "-keyint_min",
+            "125",
+            "-sc_threshold",
+            "0",
+        ],
+    );
+    let times = [0.5, 3.0, 11.0, 23.9, 41.0, 57.0];
+    let mut got = Vec::new();
+    let opts = SampleOptions {
+        mode: SampleMode::Keyframes,
+        ..Default::default()
+    };
+    sample_frames_with(&VideoBytes::Path(&v), &times, &opts, |i, r| {
+        let f = r.unwrap();
+        got.push((i, f.time_sec, colour_index(&f.image)));
+    })
+    .unwrap();
+    let expected_key = [0.0, 5.0, 10.0, 25.0, 40.0, 55.0];
+    assert_eq!(got.len(), times.len());
+    for ((i, t, colour), want) in got.into_iter().zip(expected_key) {
+        assert!(
+            (t - want).abs() < 1e-6,
+            "target {}: keyframe at {t}, want {want}",
+            times[i]
+        );
+        assert_eq!(
+            colour,
+            (want / 10.0) as usize,
+            "keyframe at {t} shows the wrong colour"
+        );
+    }
+}
+
+#[test]
+fn frames_can_be_scaled_straight_to_the_model_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = slideshow(
+        dir.path(),
+        "wide.mp4",
+        20.0,
+        &["-c:v", "libx264", "-bf", "2"],
+    );
+    let pre = ClipPreprocessor::openai(64);
+    let times = [1.0, 12.0];
+    let mut scaled = Vec::new();
+    let opts = SampleOptions {
+        resize_for: Some(pre.clone()),
+        ..Default::default()
+    };
+    sample_frames_with(&VideoBytes::Path(&v), &times, &opts, |_, r| {
+        scaled.push(r.unwrap())
+    })
+    .unwrap();
+    let mut full = Vec::new();
+    sample_frames(&VideoBytes::Path(&v), &times, |_, r| full.push(r.unwrap())).unwrap();
+    for (s, f) in scaled.iter().zip(&full) {
+        assert_eq!(s.time_sec, f.time_sec);
+        // 160x120 -> shortest edge 64 with Hugging Face's rounding.
+        assert_eq!(s.image.dimensions(), pre.resized_size(160, 120));
+        assert_eq!(s.image.dimensions(), (85, 64));
+        // Solid colours: swscale's and Pillow's resamplers agree to within
+        // YUV rounding.
+        let (a, b) = (mean_rgb(&s.image), mean_rgb(&pre.resize_and_crop(&f.image)));
+        for c in 0..3 {
+            assert!((a[c] - b[c]).abs() < 3.0, "{a:?} vs {b:?}");
+        }
+    }
+}
+
+#[test]
+fn exact_mode_still_finds_the_nearest_frame_while_skipping_unkept_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    // B-frames (skippable non-reference frames) and long GOPs.
+    let v = slideshow(
+        dir.path(),
+        "bframes.mp4",
+        60.0,
+        &[
+            "-c:v",
+            "libx264",
+            "-bf",
+            "3",
+            "-g",
+            "250",
+            "-sc_threshold",
+            "0",
+        ],
+    );
+    let times = [0.013, 3.011, 3.05, 11.0 + 0.018, 23.931, 41.007, 58.97];
+    let mut got = Vec::new();
+    sample_frames(&VideoBytes::Path(&v), &times, |i, r| {
+        got.push((i, r.unwrap().time_sec))
+    })
+    .unwrap();
+    assert_eq!(got.len(), times.len());
+    for (i, t) in got {
+        let nearest = (times[i] * 25.0).round() / 25.0;
+        assert!(
+            (t - nearest).abs() < 1e-6,
+            "target {}: got {t}, nearest frame {nearest}",
+            times[i]
+        );
+    }
 }
