@@ -23,7 +23,7 @@ pub use device::{DeviceSpec, Precision};
 pub use embedder::{LoadedClip, LocalEmbedder, LocalOptions};
 pub use hub::{HubOptions, ModelFiles, hub_files, local_files};
 pub use manifest::Manifest;
-pub use model::{ClipModel, TextTower, VisionTower};
+pub use model::{ClipModel, Kernels, TextTower, VisionTower};
 pub use random::write_random_checkpoint;
 pub use tokenizer::ClipTokenizer;
 

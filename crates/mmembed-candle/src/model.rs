@@ -7,13 +7,60 @@
 //! config decides the architecture and text is pooled at the first
 //! end-of-text token, as transformers does for current configs.
 
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{
     Conv2d, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder, conv2d_no_bias, embedding,
-    layer_norm, linear, linear_no_bias,
+    linear, linear_no_bias,
 };
 
 use crate::config::{Activation, ClipConfig, TowerConfig};
+
+/// Which kernels the forward pass uses.
+///
+/// candle's fused softmax and layer-norm kernels are the fast path for
+/// inference but have no backward pass; training builds the same graph from
+/// elementary ops candle can differentiate. Both compute the same function
+/// (a unit test holds them to 1e-5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Fused kernels, for inference.
+    Fused,
+    /// Differentiable elementary ops, for training.
+    Differentiable,
+}
+
+/// Layer norm that can run on either kernel set.
+struct Norm {
+    ln: LayerNorm,
+    eps: f64,
+    kernels: Kernels,
+}
+
+fn norm(d: usize, eps: f64, kernels: Kernels, vb: VarBuilder) -> Result<Norm> {
+    let w = vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.))?;
+    let b = vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.))?;
+    Ok(Norm {
+        ln: LayerNorm::new(w, b, eps),
+        eps,
+        kernels,
+    })
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.kernels == Kernels::Fused {
+            return self.ln.forward(x);
+        }
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = y.broadcast_mul(self.ln.weight())?;
+        match self.ln.bias() {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
 
 fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     match act {
@@ -33,10 +80,11 @@ struct Attention {
     heads: usize,
     head_dim: usize,
     scale: f64,
+    kernels: Kernels,
 }
 
 impl Attention {
-    fn new(c: &TowerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let d = c.hidden_size;
         let head_dim = d / c.num_attention_heads;
         Ok(Self {
@@ -47,6 +95,7 @@ impl Attention {
             heads: c.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
+            kernels,
         })
     }
 
@@ -64,28 +113,32 @@ impl Attention {
         if let Some(m) = mask {
             w = w.broadcast_add(m)?;
         }
-        let w = candle_nn::ops::softmax_last_dim(&w)?;
+        let w = match self.kernels {
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(&w)?,
+            Kernels::Differentiable => candle_nn::ops::softmax(&w, D::Minus1)?,
+        };
         let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out.forward(&o)
     }
 }
 
 struct Layer {
-    ln1: LayerNorm,
+    ln1: Norm,
     attn: Attention,
-    ln2: LayerNorm,
+    ln2: Norm,
     fc1: Linear,
     fc2: Linear,
     act: Activation,
 }
 
 impl Layer {
-    fn new(c: &TowerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let d = c.hidden_size;
+        let eps = c.layer_norm_eps;
         Ok(Self {
-            ln1: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            attn: Attention::new(c, vb.pp("self_attn"))?,
-            ln2: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            ln1: norm(d, eps, kernels, vb.pp("layer_norm1"))?,
+            attn: Attention::new(c, kernels, vb.pp("self_attn"))?,
+            ln2: norm(d, eps, kernels, vb.pp("layer_norm2"))?,
             fc1: linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
             fc2: linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
             act: c.activation,
@@ -102,9 +155,9 @@ impl Layer {
 struct Encoder(Vec<Layer>);
 
 impl Encoder {
-    fn new(c: &TowerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         (0..c.num_hidden_layers)
-            .map(|i| Layer::new(c, vb.pp(format!("layers.{i}"))))
+            .map(|i| Layer::new(c, kernels, vb.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()
             .map(Self)
     }
@@ -121,13 +174,13 @@ pub struct TextTower {
     token: Embedding,
     position: Embedding,
     encoder: Encoder,
-    final_ln: LayerNorm,
+    final_ln: Norm,
     projection: Linear,
     context: usize,
 }
 
 impl TextTower {
-    fn new(c: &ClipConfig, vb: VarBuilder, proj: VarBuilder) -> Result<Self> {
+    fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder, proj: VarBuilder) -> Result<Self> {
         let t = &c.text;
         let d = t.tower.hidden_size;
         Ok(Self {
@@ -137,8 +190,13 @@ impl TextTower {
                 d,
                 vb.pp("embeddings.position_embedding"),
             )?,
-            encoder: Encoder::new(&t.tower, vb.pp("encoder"))?,
-            final_ln: layer_norm(d, t.tower.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            encoder: Encoder::new(&t.tower, kernels, vb.pp("encoder"))?,
+            final_ln: norm(
+                d,
+                t.tower.layer_norm_eps,
+                kernels,
+                vb.pp("final_layer_norm"),
+            )?,
             projection: linear_no_bias(d, c.projection_dim, proj)?,
             context: t.max_position_embeddings,
         })
@@ -188,15 +246,17 @@ pub struct VisionTower {
     class: Tensor,
     patch: Conv2d,
     position: Embedding,
-    pre_ln: LayerNorm,
+    pre_ln: Norm,
     encoder: Encoder,
-    post_ln: LayerNorm,
+    post_ln: Norm,
     projection: Linear,
     positions: usize,
+    patch_size: usize,
+    kernels: Kernels,
 }
 
 impl VisionTower {
-    fn new(c: &ClipConfig, vb: VarBuilder, proj: VarBuilder) -> Result<Self> {
+    fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder, proj: VarBuilder) -> Result<Self> {
         let v = &c.vision;
         let d = v.tower.hidden_size;
         let grid = v.image_size / v.patch_size;
@@ -217,22 +277,27 @@ impl VisionTower {
             )?,
             position: embedding(positions, d, vb.pp("embeddings.position_embedding"))?,
             // "pre_layrnorm" is the real (misspelt) Hugging Face name.
-            pre_ln: layer_norm(d, eps, vb.pp("pre_layrnorm"))?,
-            encoder: Encoder::new(&v.tower, vb.pp("encoder"))?,
-            post_ln: layer_norm(d, eps, vb.pp("post_layernorm"))?,
+            pre_ln: norm(d, eps, kernels, vb.pp("pre_layrnorm"))?,
+            encoder: Encoder::new(&v.tower, kernels, vb.pp("encoder"))?,
+            post_ln: norm(d, eps, kernels, vb.pp("post_layernorm"))?,
             projection: linear_no_bias(d, c.projection_dim, proj)?,
             positions,
+            patch_size: v.patch_size,
+            kernels,
         })
     }
 
     /// Projected (not normalised) features for `[batch, 3, size, size]` pixels.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let b = pixels.dim(0)?;
-        let x = self
-            .patch
-            .forward(pixels)?
-            .flatten_from(2)?
-            .transpose(1, 2)?;
+        let x = match self.kernels {
+            Kernels::Fused => self
+                .patch
+                .forward(pixels)?
+                .flatten_from(2)?
+                .transpose(1, 2)?,
+            Kernels::Differentiable => self.patches_by_matmul(pixels)?,
+        };
         let d = x.dim(2)?;
         let cls = self.class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?;
         let x = Tensor::cat(&[&cls, &x], 1)?;
@@ -241,6 +306,25 @@ impl VisionTower {
         let x = self.encoder.forward(&self.pre_ln.forward(&x)?, None)?;
         let cls = self.post_ln.forward(&x.i((.., 0, ..))?)?;
         self.projection.forward(&cls)
+    }
+}
+
+impl VisionTower {
+    /// The patch embedding as one matmul over unfolded patches: the same
+    /// function as the strided convolution, and its backward pass is several
+    /// times cheaper in candle than the convolution's.
+    fn patches_by_matmul(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let unfolded = pixels
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, gh * gw, c * p * p))?;
+        let weight = self.patch.weight();
+        let d = weight.dim(0)?;
+        let weight = weight.reshape((d, c * p * p))?;
+        unfolded.broadcast_matmul(&weight.t()?)
     }
 }
 
@@ -256,9 +340,76 @@ impl ClipModel {
     /// Builds the model from Hugging Face weight names (`text_model.*`,
     /// `vision_model.*`, `text_projection`, `visual_projection`).
     pub fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_kernels(c, Kernels::Fused, vb)
+    }
+
+    /// Builds the model for training: the same weights and function as
+    /// [`ClipModel::new`], computed with ops candle can differentiate (the
+    /// fused softmax and layer-norm kernels have no backward pass). With a
+    /// `VarBuilder` over a [`candle_nn::VarMap`], missing weights are created
+    /// with candle-nn's initialisers.
+    pub fn for_training(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_kernels(c, Kernels::Differentiable, vb)
+    }
+
+    /// Builds the model on the given kernel set.
+    pub fn with_kernels(c: &ClipConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            text: TextTower::new(c, vb.pp("text_model"), vb.pp("text_projection"))?,
-            vision: VisionTower::new(c, vb.pp("vision_model"), vb.pp("visual_projection"))?,
+            text: TextTower::new(c, kernels, vb.pp("text_model"), vb.pp("text_projection"))?,
+            vision: VisionTower::new(
+                c,
+                kernels,
+                vb.pp("vision_model"),
+                vb.pp("visual_projection"),
+            )?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn differentiable_kernels_compute_the_same_function() -> Result<()> {
+        let cfg = ClipConfig::from_json(
+            r#"{"projection_dim": 8,
+                "text_config": {"vocab_size": 20, "hidden_size": 16, "intermediate_size": 32,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 8},
+                "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                    "num_attention_heads": 2, "image_size": 16, "patch_size": 8}}"#,
+        )
+        .expect("config");
+        let varmap = VarMap::new();
+        let dev = Device::Cpu;
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let fused = ClipModel::new(&cfg, vb.clone())?;
+        let diff = ClipModel::for_training(&cfg, vb)?;
+        let ids = Tensor::new(&[[3u32, 7, 1, 19, 0, 0], [5, 5, 5, 5, 5, 2]], &dev)?;
+        let pixels = Tensor::randn(0f32, 1., (2, 3, 16, 16), &dev)?;
+        let a = fused.text.forward(&ids, &[3, 5])?;
+        let b = diff.text.forward(&ids, &[3, 5])?;
+        let t = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let a = fused.vision.forward(&pixels)?;
+        let b = diff.vision.forward(&pixels)?;
+        let v = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(t < 1e-5 && v < 1e-5, "text {t}, vision {v}");
+        // And the training graph has gradients for every weight.
+        let loss = diff.vision.forward(&pixels)?.sqr()?.sum_all()?;
+        let grads = loss.backward()?;
+        let vision_vars = varmap
+            .data()
+            .lock()
+            .expect("varmap")
+            .iter()
+            .filter(|(k, _)| k.starts_with("vision_model") || k.starts_with("visual"))
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect::<Vec<_>>();
+        assert!(vision_vars.len() > 10);
+        for v in vision_vars {
+            assert!(grads.get(&v).is_some(), "no gradient for a vision weight");
+        }
+        Ok(())
     }
 }
