@@ -4,7 +4,6 @@
 #![cfg(feature = "video")]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use mmembed_candle::{DeviceSpec, LocalEmbedder, LocalOptions};
 use mmembed_core::{EmbedError, EmbedRequest, Embedder, VideoSegmentConfig, cosine, testkit};
@@ -24,9 +23,7 @@ const PHOTOS: [&str; 3] = [
 /// Photo i shown from 10·i to 10·(i+1) s, 320x240, H.264.
 fn slideshow(dir: &Path) -> PathBuf {
     let out = dir.join("photos.mp4");
-    let mut args: Vec<String> = ["-hide_banner", "-loglevel", "error", "-y"]
-        .map(String::from)
-        .to_vec();
+    let mut args: Vec<String> = Vec::new();
     for p in PHOTOS {
         args.extend(["-loop", "1", "-t", "10", "-framerate", "25", "-i"].map(String::from));
         args.push(fixtures().join("images").join(p).display().to_string());
@@ -38,15 +35,7 @@ fn slideshow(dir: &Path) -> PathBuf {
     );
     args.extend(["-c:v", "libx264", "-g", "50"].map(String::from));
     args.push(out.display().to_string());
-    let st = Command::new("ffmpeg")
-        .args(&args)
-        .output()
-        .expect("ffmpeg CLI");
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    testkit::ffmpeg(&args);
     out
 }
 
@@ -170,21 +159,13 @@ async fn bad_videos_and_partial_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let e = tiny(2.0);
     let audio = dir.path().join("a.m4a");
-    let st = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=d=2",
-        ])
-        .arg(&audio)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    testkit::ffmpeg([
+        "-f".as_ref(),
+        "lavfi".as_ref(),
+        "-i".as_ref(),
+        "sine=d=2".as_ref(),
+        audio.as_os_str(),
+    ]);
     let too_late = VideoSegmentConfig::new(100, 200, 10).unwrap();
     let out = e
         .embed_batch(vec![
@@ -216,14 +197,13 @@ async fn bad_videos_and_partial_corruption() {
     // ones inside it say why (nothing is dropped silently).
     let video = slideshow(dir.path());
     let ts = dir.path().join("v.ts");
-    let st = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y", "-i"])
-        .arg(&video)
-        .args(["-c", "copy"])
-        .arg(&ts)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    testkit::ffmpeg([
+        "-i".as_ref(),
+        video.as_os_str(),
+        "-c".as_ref(),
+        "copy".as_ref(),
+        ts.as_os_str(),
+    ]);
     let data = std::fs::read(&ts).unwrap();
     let (a, b) = (
         data.len() * 3 / 10 / 188 * 188,

@@ -152,3 +152,25 @@ pub async fn video_segments_contract(e: &dyn Embedder, req: EmbedRequest) {
     }
     assert_eq!(out.space, e.info().space);
 }
+
+/// Runs the `ffmpeg` CLI quietly (`-hide_banner -loglevel error -y` first)
+/// to make test media, and panics with its stderr if it fails. Every crate's
+/// video tests make their inputs this way (scripts/test.sh installs the
+/// CLI).
+pub fn ffmpeg<I, S>(args: I)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().into()).collect();
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args(&args)
+        .output()
+        .expect("the ffmpeg CLI runs (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "ffmpeg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

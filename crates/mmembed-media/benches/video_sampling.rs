@@ -12,7 +12,9 @@
 //!   frames;
 //! - `keyframes`: [`SampleMode::Keyframes`], only keyframes decoded.
 //!
-//! The video is generated once with the `ffmpeg` CLI into
+//! Before timing, it prints how far each shortcut moves the frames from full
+//! decoding (set `MMEMBED_BENCH_SKIP_FIDELITY=1` to skip that, e.g. when
+//! measuring peak RSS with `--profile-time`). The video is generated once with the `ffmpeg` CLI into
 //! `target/bench-media/`. Run: `cargo bench -p mmembed-media --features
 //! video --bench video_sampling`.
 
@@ -145,6 +147,84 @@ fn ours(path: &Path, times: &[f64], opts: &SampleOptions, pre: &ClipPreprocessor
     kept
 }
 
+/// Embed-ready (resized, cropped) frames and their times.
+fn frames(
+    path: &Path,
+    times: &[f64],
+    opts: &SampleOptions,
+    pre: &ClipPreprocessor,
+) -> Vec<(f64, image::RgbImage)> {
+    let mut out = Vec::new();
+    sample_frames_with(&VideoBytes::Path(path), times, opts, |_, r| {
+        let f = r.expect("frame");
+        out.push((f.time_sec, pre.resize_and_crop(&f.image)));
+    })
+    .expect("sampling");
+    out
+}
+
+/// Mean absolute difference in levels between two sets of frames.
+fn mean_abs_diff(a: &[(f64, image::RgbImage)], b: &[(f64, image::RgbImage)]) -> f64 {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for ((_, x), (_, y)) in a.iter().zip(b) {
+        for (p, q) in x.as_raw().iter().zip(y.as_raw()) {
+            sum += f64::from(p.abs_diff(*q));
+            n += 1;
+        }
+    }
+    sum / n as f64
+}
+
+/// What each shortcut does to the frames, printed once before timing.
+fn report_fidelity(path: &Path, times: &[f64], pre: &ClipPreprocessor) {
+    let reference = frames(path, times, &SampleOptions::default(), pre);
+    let scaled = SampleOptions {
+        resize_for: Some(pre.clone()),
+        ..Default::default()
+    };
+    let swscale = frames(path, times, &scaled, pre);
+    let no_filter = frames(
+        path,
+        times,
+        &SampleOptions {
+            skip_loop_filter: true,
+            ..scaled.clone()
+        },
+        pre,
+    );
+    let key = frames(
+        path,
+        times,
+        &SampleOptions {
+            mode: SampleMode::Keyframes,
+            ..scaled.clone()
+        },
+        pre,
+    );
+    let off = |f: &[(f64, image::RgbImage)]| {
+        f.iter()
+            .zip(times)
+            .map(|((t, _), want)| (t - want).abs())
+            .fold((0f64, 0f64), |(s, m), d| (s + d, m.max(d)))
+    };
+    let (exact_sum, exact_max) = off(&reference);
+    let (key_sum, key_max) = off(&key);
+    let n = times.len() as f64;
+    eprintln!(
+        "fidelity over {} frames (224x224 crops, levels 0-255):\n  \
+         swscale bicubic vs full RGB + Pillow resize: mean |diff| {:.2}\n  \
+         skip_loop_filter vs exact: mean |diff| {:.2}\n  \
+         frame time - target: exact mean {:.3} s, max {:.3} s; keyframes mean {:.2} s, max {:.2} s",
+        times.len(),
+        mean_abs_diff(&swscale, &reference),
+        mean_abs_diff(&no_filter, &swscale),
+        exact_sum / n,
+        exact_max,
+        key_sum / n,
+        key_max,
+    );
+}
+
 fn bench(c: &mut Criterion) {
     let path = video();
     let info = probe(&VideoBytes::Path(&path)).expect("probe");
@@ -154,6 +234,10 @@ fn bench(c: &mut Criterion) {
         .expect("segments");
     let times: Vec<f64> = sample_times(&segments, 1.0).into_iter().flatten().collect();
     let pre = ClipPreprocessor::openai(224);
+    // Holds four sets of 600 frames: skipped when measuring peak RSS.
+    if std::env::var_os("MMEMBED_BENCH_SKIP_FIDELITY").is_none() {
+        report_fidelity(&path, &times, &pre);
+    }
     let mut g = c.benchmark_group("video_10min_720p");
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))

@@ -3,7 +3,6 @@
 #![cfg(feature = "video")]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use mmembed_core::VideoSegmentConfig;
 use mmembed_media::ClipPreprocessor;
@@ -21,16 +20,7 @@ const COLOURS: [(&str, [u8; 3]); 6] = [
 ];
 
 fn ffmpeg(args: &[&str]) {
-    let out = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y"])
-        .args(args)
-        .output()
-        .expect("the ffmpeg CLI is installed (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "ffmpeg {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mmembed_core::testkit::ffmpeg(args);
 }
 
 /// A slideshow: colour i from 10·i to 10·(i+1) seconds, cut at `secs`.

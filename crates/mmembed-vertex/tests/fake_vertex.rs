@@ -520,22 +520,15 @@ async fn live_service() {
 async fn local_video_without_end_is_covered_to_its_real_length() {
     let dir = tempfile::tempdir().unwrap();
     let video = dir.path().join("long.mp4");
-    let st = std::process::Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-        ])
-        .arg("color=c=red:s=64x48:r=2:d=150")
-        .args(["-c:v", "libx264"])
-        .arg(&video)
-        .status()
-        .expect("ffmpeg CLI");
-    assert!(st.success());
+    mmembed_core::testkit::ffmpeg([
+        "-f".as_ref(),
+        "lavfi".as_ref(),
+        "-i".as_ref(),
+        "color=c=red:s=64x48:r=2:d=150".as_ref(),
+        "-c:v".as_ref(),
+        "libx264".as_ref(),
+        video.as_os_str(),
+    ]);
     let fake = FakeVertex::start().unwrap();
     let (v, _) = client(&fake, |c| c);
     let out = v.embed(EmbedRequest::video(video, None)).await.unwrap();
