@@ -6,8 +6,8 @@
 //!
 //! `--model` takes a checkpoint directory, a built-in id
 //! (`openai/clip-vit-base-patch32`, ...) or a hub repository; the default is
-//! `$MMEMBED_MODEL`, else the tiny random-weight parity fixture, which checks
-//! the pipeline end to end but ranks at random (it is untrained).
+//! `$MMEMBED_MODEL`, else the bundled demo model (`models/demo`: shapes and
+//! colours only, see its README). `scripts/demo.sh` draws scenes for it.
 
 use std::path::PathBuf;
 
@@ -18,7 +18,7 @@ use mmembed::{EmbedRequest, Embedder, cosine};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut model = std::env::var("MMEMBED_MODEL")
-        .unwrap_or_else(|_| root.join("models/fixtures/tiny-clip").display().to_string());
+        .unwrap_or_else(|_| root.join("models/demo").display().to_string());
     let mut images = root.join("models/fixtures/images");
     let mut space = None;
     let mut queries = Vec::new();
