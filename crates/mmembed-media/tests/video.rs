@@ -307,27 +307,30 @@ fn truncated_video_keeps_the_segments_that_decode() {
     );
 }
 
+/// The 60 s slideshow in H.264 with 3 B-frames (skippable non-reference
+/// frames) and a keyframe exactly every `gop` frames.
+fn h264_with_bframes(dir: &Path, name: &str, gop: u32) -> PathBuf {
+    let gop = gop.to_string();
+    let args = [
+        "-c:v",
+        "libx264",
+        "-bf",
+        "3",
+        "-g",
+        &gop,
+        "-keyint_min",
+        &gop,
+        "-sc_threshold",
+        "0",
+    ];
+    slideshow(dir, name, 60.0, &args)
+}
+
 #[test]
 fn keyframe_mode_takes_the_nearest_keyframe_and_says_when_it_is() {
     let dir = tempfile::tempdir().unwrap();
-    // Keyframes exactly every 5 s (125 frames at 25 fps), B-frames on.
-    let v = slideshow(
-        dir.path(),
-        "gop5.mp4",
-        60.0,
-        &[
-            "-c:v",
-            "libx264",
-            "-bf",
-            "3",
-            "-g",
-            "125",
-            "-keyint_min",
-            "125",
-            "-sc_threshold",
-            "0",
-        ],
-    );
+    // Keyframes exactly every 5 s (125 frames at 25 fps).
+    let v = h264_with_bframes(dir.path(), "gop5.mp4", 125);
     let times = [0.5, 3.0, 11.0, 23.9, 41.0, 57.0];
     let mut got = Vec::new();
     let opts = SampleOptions {
@@ -394,22 +397,8 @@ fn frames_can_be_scaled_straight_to_the_model_size() {
 #[test]
 fn exact_mode_still_finds_the_nearest_frame_while_skipping_unkept_ones() {
     let dir = tempfile::tempdir().unwrap();
-    // B-frames (skippable non-reference frames) and long GOPs.
-    let v = slideshow(
-        dir.path(),
-        "bframes.mp4",
-        60.0,
-        &[
-            "-c:v",
-            "libx264",
-            "-bf",
-            "3",
-            "-g",
-            "250",
-            "-sc_threshold",
-            "0",
-        ],
-    );
+    // Long GOPs, so most frames are far from every target.
+    let v = h264_with_bframes(dir.path(), "bframes.mp4", 250);
     let times = [0.013, 3.011, 3.05, 11.0 + 0.018, 23.931, 41.007, 58.97];
     let mut got = Vec::new();
     sample_frames(&VideoBytes::Path(&v), &times, |i, r| {
