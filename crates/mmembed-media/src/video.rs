@@ -299,6 +299,28 @@ impl Converter {
     }
 }
 
+/// Whether time `t` is more than `window` from every (ascending) target.
+fn far_from_all(t: f64, targets: &[f64], window: f64) -> bool {
+    let i = targets.partition_point(|&x| x < t - window);
+    targets.get(i).is_none_or(|&x| x > t + window)
+}
+
+/// Decode a far packet's frame only as far as later frames need it: drop it
+/// if nothing references it, and optionally skip its loop filter.
+fn set_skipping(decoder: &mut ffmpeg::decoder::Video, far: bool, skip_loop_filter: bool) {
+    use ffmpeg::Discard;
+    decoder.skip_frame(if far {
+        Discard::NonReference
+    } else {
+        Discard::Default
+    });
+    decoder.skip_loop_filter(if far && skip_loop_filter {
+        Discard::All
+    } else {
+        Discard::Default
+    });
+}
+
 /// Decodes the frames nearest to `times` (seconds, ascending) and hands each
 /// to `on_frame(index, result)`, exactly once per target, in order. A target
 /// with no decodable frame near it (a corrupt stretch, past the end) gets an
@@ -435,29 +457,13 @@ pub fn sample_frames_with(
             let mut fed = false;
             for (s, packet) in ictx.packets() {
                 if s.index() == index {
-                    if !keyframes {
-                        let far = packet.pts().is_some_and(|p| {
-                            let t = to_sec(p);
-                            let i = times[next..].partition_point(|&x| x < t - needed_within);
-                            times[next..].get(i).is_none_or(|&x| x > t + needed_within)
+                    let far = !keyframes
+                        && packet.pts().is_some_and(|p| {
+                            far_from_all(to_sec(p), &times[next..], needed_within)
                         });
-                        if far != skipping {
-                            skipping = far;
-                            let (frames, filter) = if far {
-                                (
-                                    ffmpeg::Discard::NonReference,
-                                    if opts.skip_loop_filter {
-                                        ffmpeg::Discard::All
-                                    } else {
-                                        ffmpeg::Discard::Default
-                                    },
-                                )
-                            } else {
-                                (ffmpeg::Discard::Default, ffmpeg::Discard::Default)
-                            };
-                            decoder.skip_frame(frames);
-                            decoder.skip_loop_filter(filter);
-                        }
+                    if far != skipping {
+                        skipping = far;
+                        set_skipping(&mut decoder, far, opts.skip_loop_filter);
                     }
                     // A corrupt packet is skipped; the decoder conceals or
                     // resyncs at the next keyframe.
