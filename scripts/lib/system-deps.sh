@@ -13,7 +13,9 @@ install_system_deps() {
   if ! pkg-config --exists libavcodec libavformat libavutil libswscale 2>/dev/null; then
     pkgs+=(libavcodec-dev libavformat-dev libavutil-dev libswscale-dev)
   fi
-  if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+  # libclang itself (bindgen loads it), not libclang-cpp, which other
+  # packages pull in and which bindgen cannot use.
+  if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1; then
     pkgs+=(libclang-dev)
   fi
   if ((${#pkgs[@]})); then
