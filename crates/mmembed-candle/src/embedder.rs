@@ -34,8 +34,9 @@ const BACKEND: &str = "local";
 /// ```
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
-    /// A checkpoint directory, a built-in manifest id, or a hub repository
-    /// (`owner/name` or `owner/name@revision`).
+    /// `mmembed/demo` (or `demo`: the bundled demo model, see
+    /// [`crate::DEMO_MODEL_ID`]), a checkpoint directory, a built-in
+    /// manifest id, or a hub repository (`owner/name` or `owner/name@revision`).
     pub model: String,
     /// Where to run.
     pub device: DeviceSpec,
@@ -127,6 +128,10 @@ impl LocalOptions {
 
 /// Where a model's files come from, and the identity that follows.
 fn locate(opts: &LocalOptions) -> Result<(ModelFiles, Option<String>), EmbedError> {
+    if crate::demo::is_demo(&opts.model) {
+        let dir = crate::demo::demo_model_dir(&crate::demo::cache_dir())?;
+        return Ok((local_files(&dir)?, None));
+    }
     let path = Path::new(&opts.model);
     if path.is_dir() {
         return Ok((local_files(path)?, None));

@@ -10,6 +10,7 @@
 //! - Vectors are L2-normalised and tagged with the model's space id.
 
 mod config;
+mod demo;
 mod device;
 mod embedder;
 mod hub;
@@ -19,6 +20,7 @@ mod random;
 mod tokenizer;
 
 pub use config::{Activation, ClipConfig, TextConfig, TowerConfig, VisionConfig};
+pub use demo::{DEMO_MODEL_ID, cache_dir, demo_model_dir, is_demo};
 pub use device::{DeviceSpec, Precision};
 pub use embedder::{LoadedClip, LocalEmbedder, LocalOptions};
 pub use hub::{HubOptions, ModelFiles, hub_files, local_files};
