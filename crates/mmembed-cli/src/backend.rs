@@ -1,0 +1,210 @@
+//! Backend selection: the flags (and environment variables) shared by every
+//! subcommand that embeds, and building the embedder they describe.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use mmembed::Embedder;
+use mmembed::local::{DeviceSpec, LocalEmbedder, LocalOptions, Manifest, Precision};
+use mmembed::vertex::{CredentialsSource, VertexConfig, VertexEmbedder};
+
+/// A credential from a flag or the environment: `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+/// Which backend embeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The candle CLIP backend on this machine.
+    Local,
+    /// Google Vertex AI `multimodalembedding@001`.
+    Vertex,
+}
+
+/// Backend flags.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Backend")]
+pub struct BackendArgs {
+    /// Backend to embed with.
+    #[arg(long, env = "MMEMBED_BACKEND", value_enum, default_value = "local")]
+    pub backend: BackendKind,
+
+    /// Model. Local: `demo` (the bundled demo model), a built-in id (see
+    /// `mmembed models`), a hub repository `owner/name[@revision]` or a
+    /// checkpoint directory; default the built-in default. Vertex: the
+    /// publisher model name, default `multimodalembedding@001`.
+    #[arg(long, short = 'm', env = "MMEMBED_MODEL")]
+    pub model: Option<String>,
+
+    /// Local device: auto, cpu, cuda[:N], metal[:N].
+    #[arg(long, env = "MMEMBED_DEVICE", default_value = "auto")]
+    pub device: DeviceSpec,
+
+    /// Local precision: f32, f16, bf16 (f16/bf16 on GPUs).
+    #[arg(long, env = "MMEMBED_PRECISION", default_value = "f32")]
+    pub precision: Precision,
+
+    /// Inputs per model call (local forward pass; batch job part size).
+    #[arg(long, env = "MMEMBED_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch_size: u32,
+
+    /// Local video sampling rate, frames per second of each segment.
+    #[arg(long, env = "MMEMBED_VIDEO_FPS", default_value_t = 1.0)]
+    pub fps: f64,
+
+    /// Local video: decode only keyframes (much faster, frames up to half a
+    /// keyframe interval from their time).
+    #[arg(long, env = "MMEMBED_VIDEO_KEYFRAMES_ONLY")]
+    pub keyframes_only: bool,
+
+    /// Vertex: Google Cloud project.
+    #[arg(long, env = "GOOGLE_CLOUD_PROJECT")]
+    pub project: Option<String>,
+
+    /// Vertex: region.
+    #[arg(long, env = "GOOGLE_CLOUD_LOCATION", default_value = "us-central1")]
+    pub location: String,
+
+    /// Vertex: base URL instead of the regional endpoint (a proxy, a fake).
+    #[arg(long, env = "MMEMBED_VERTEX_BASE_URL")]
+    pub vertex_url: Option<String>,
+
+    /// Vertex: requests in flight at once.
+    #[arg(long, env = "MMEMBED_VERTEX_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub concurrency: u32,
+
+    /// Vertex: client-side pacing, requests per minute.
+    #[arg(long, env = "MMEMBED_VERTEX_RPM", default_value_t = 120)]
+    pub rpm: u32,
+
+    /// Vertex: attempts per request (retries on 429/5xx/network errors).
+    #[arg(long, env = "MMEMBED_VERTEX_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+
+    /// Vertex: per-request timeout in seconds.
+    #[arg(long, env = "MMEMBED_VERTEX_TIMEOUT_SECS", default_value_t = 60.0)]
+    pub timeout_secs: f64,
+
+    /// Vertex: a plain OAuth access token instead of Application Default
+    /// Credentials. Never printed.
+    #[arg(long, env = "MMEMBED_VERTEX_ACCESS_TOKEN", hide_env_values = true)]
+    pub access_token: Option<Secret>,
+
+    /// Vertex: project billed for quota (`x-goog-user-project`).
+    #[arg(long, env = "GOOGLE_CLOUD_QUOTA_PROJECT")]
+    pub quota_project: Option<String>,
+}
+
+impl BackendArgs {
+    /// The local options these flags describe.
+    pub fn local_options(&self) -> anyhow::Result<LocalOptions> {
+        if !(self.fps.is_finite() && self.fps > 0.0) {
+            bail!("--fps must be a positive number, got {}", self.fps);
+        }
+        let model = self
+            .model
+            .clone()
+            .unwrap_or_else(|| Manifest::default_model().id);
+        Ok(LocalOptions::new(model)
+            .with_device(self.device)
+            .with_precision(self.precision)
+            .with_max_batch(self.batch_size as usize)
+            .with_video_fps(self.fps)
+            .with_video_keyframes_only(self.keyframes_only))
+    }
+
+    /// The Vertex settings these flags describe.
+    pub fn vertex_config(&self) -> anyhow::Result<VertexConfig> {
+        let project = self.project.clone().context(
+            "the vertex backend needs a project: pass --project or set GOOGLE_CLOUD_PROJECT",
+        )?;
+        let timeout = Duration::try_from_secs_f64(self.timeout_secs)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .context("--timeout-secs must be a positive number")?;
+        let mut c = VertexConfig::new(project)
+            .with_location(self.location.clone())
+            .with_timeout(timeout)
+            .with_requests_per_minute(self.rpm)
+            .with_max_concurrency(self.concurrency as usize);
+        if let Some(m) = &self.model {
+            c = c.with_model(m.clone());
+        }
+        if let Some(u) = &self.vertex_url {
+            c = c.with_base_url(u.clone());
+        }
+        if let Some(t) = &self.access_token {
+            c.credentials = CredentialsSource::AccessToken(t.0.clone().into());
+        }
+        if let Some(q) = &self.quota_project {
+            c = c.with_quota_project(q.clone());
+        }
+        c.retry.max_attempts = self.max_attempts.max(1);
+        Ok(c)
+    }
+
+    /// Builds the embedder (loading a local model may take a while).
+    pub async fn build(&self) -> anyhow::Result<Arc<dyn Embedder>> {
+        Ok(match self.backend {
+            BackendKind::Local => {
+                let opts = self.local_options()?;
+                let model = opts.model.clone();
+                Arc::new(
+                    LocalEmbedder::load(opts)
+                        .await
+                        .with_context(|| format!("loading local model `{model}`"))?,
+                )
+            }
+            BackendKind::Vertex => Arc::new(
+                VertexEmbedder::new(self.vertex_config()?)
+                    .context("setting up the Vertex client")?,
+            ),
+        })
+    }
+}
+
+/// Video segment flags; unset ones take Vertex's defaults (0, 120, 16).
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Video segments")]
+pub struct SegmentArgs {
+    /// First second analysed.
+    #[arg(long, env = "MMEMBED_VIDEO_START")]
+    pub start: Option<u32>,
+    /// Second after which analysis stops (Vertex: at most start + 120).
+    #[arg(long, env = "MMEMBED_VIDEO_END")]
+    pub end: Option<u32>,
+    /// Segment length in seconds (at least 4).
+    #[arg(long, env = "MMEMBED_VIDEO_INTERVAL")]
+    pub interval: Option<u32>,
+}
+
+impl SegmentArgs {
+    /// The segment config, checked, or `None` for the backend's defaults.
+    pub fn config(&self) -> anyhow::Result<Option<mmembed::VideoSegmentConfig>> {
+        if self.start.is_none() && self.end.is_none() && self.interval.is_none() {
+            return Ok(None);
+        }
+        let c = mmembed::VideoSegmentConfig {
+            start_offset_sec: self.start,
+            end_offset_sec: self.end,
+            interval_sec: self.interval,
+        };
+        c.range().context("invalid --start/--end/--interval")?;
+        Ok(Some(c))
+    }
+}

@@ -1,0 +1,389 @@
+//! The input of a batch job: a folder (recursive), a glob, or a manifest
+//! (CSV or JSONL with a `uri` or `path` column; other columns are carried
+//! through to the output rows).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use serde_json::{Map, Value};
+
+/// The columns every output row has; carried columns may not reuse them.
+pub const STANDARD_COLUMNS: [&str; 10] = [
+    "uri",
+    "content_type",
+    "size_bytes",
+    "embedding",
+    "status",
+    "video_start_sec",
+    "video_end_sec",
+    "model",
+    "space",
+    "dimension",
+];
+
+/// What a file holds, judged by its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A still image.
+    Image,
+    /// A video.
+    Video,
+}
+
+const TYPES: &[(&str, &str, Kind)] = &[
+    ("png", "image/png", Kind::Image),
+    ("jpg", "image/jpeg", Kind::Image),
+    ("jpeg", "image/jpeg", Kind::Image),
+    ("gif", "image/gif", Kind::Image),
+    ("bmp", "image/bmp", Kind::Image),
+    ("webp", "image/webp", Kind::Image),
+    ("tif", "image/tiff", Kind::Image),
+    ("tiff", "image/tiff", Kind::Image),
+    ("mp4", "video/mp4", Kind::Video),
+    ("m4v", "video/mp4", Kind::Video),
+    ("mov", "video/quicktime", Kind::Video),
+    ("avi", "video/x-msvideo", Kind::Video),
+    ("flv", "video/x-flv", Kind::Video),
+    ("mkv", "video/x-matroska", Kind::Video),
+    ("webm", "video/webm", Kind::Video),
+    ("wmv", "video/x-ms-wmv", Kind::Video),
+    ("mpeg", "video/mpeg", Kind::Video),
+    ("mpg", "video/mpeg", Kind::Video),
+    ("3gp", "video/3gpp", Kind::Video),
+];
+
+/// The MIME type and kind for a file name, if it is a supported type.
+pub fn content_type(name: &str) -> Option<(&'static str, Kind)> {
+    // Query strings of URLs are not part of the extension.
+    let name = name.split(['?', '#']).next().unwrap_or(name);
+    let ext = Path::new(name).extension()?.to_str()?.to_ascii_lowercase();
+    TYPES
+        .iter()
+        .find(|(e, _, _)| *e == ext)
+        .map(|(_, ct, k)| (*ct, *k))
+}
+
+/// The supported extensions, for error messages.
+pub fn supported_extensions() -> String {
+    TYPES.iter().map(|t| t.0).collect::<Vec<_>>().join(", ")
+}
+
+/// One object of the input table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Input {
+    /// The object's name in the output (`uri` column): the path as listed,
+    /// or the manifest's value.
+    pub uri: String,
+    /// Where to read it on this machine; `None` for remote URIs (`gs://`).
+    pub path: Option<PathBuf>,
+    /// Manifest columns carried to the output.
+    pub carried: Map<String, Value>,
+}
+
+/// The input table and the names of its carried columns, in order.
+#[derive(Debug, Default)]
+pub struct InputTable {
+    /// Objects, sorted by URI, without duplicates.
+    pub inputs: Vec<Input>,
+    /// Carried column names.
+    pub carried_columns: Vec<String>,
+}
+
+fn is_remote(uri: &str) -> bool {
+    uri.contains("://")
+}
+
+fn has_glob_chars(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+/// Lists `spec`: a directory (walked recursively, hidden entries skipped), a
+/// `.csv`/`.jsonl`/`.ndjson` manifest, a glob pattern, or one media file.
+pub fn list(spec: &str) -> anyhow::Result<InputTable> {
+    let path = Path::new(spec);
+    let mut table = if path.is_dir() {
+        from_dir(path)?
+    } else if path.is_file() {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        match ext.as_str() {
+            "csv" => from_csv(path)?,
+            "jsonl" | "ndjson" => from_jsonl(path)?,
+            _ => InputTable {
+                inputs: vec![local(spec.to_string())],
+                carried_columns: vec![],
+            },
+        }
+    } else if has_glob_chars(spec) {
+        from_glob(spec)?
+    } else {
+        bail!("input `{spec}` is not a directory, a manifest (.csv, .jsonl), a file or a glob");
+    };
+    table.inputs.sort_by(|a, b| a.uri.cmp(&b.uri));
+    let before = table.inputs.len();
+    table.inputs.dedup_by(|a, b| a.uri == b.uri);
+    if table.inputs.len() != before {
+        tracing::warn!(
+            duplicates = before - table.inputs.len(),
+            "the input lists some URIs more than once; each is embedded once"
+        );
+    }
+    Ok(table)
+}
+
+fn local(uri: String) -> Input {
+    Input {
+        path: Some(PathBuf::from(&uri)),
+        uri,
+        carried: Map::new(),
+    }
+}
+
+fn from_dir(dir: &Path) -> anyhow::Result<InputTable> {
+    let mut inputs = vec![];
+    let walk = walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .into_iter()
+        .filter_entry(|e| e.depth() == 0 || !is_hidden(e.path()));
+    for entry in walk {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        if entry.file_type().is_file() {
+            inputs.push(local(entry.path().to_string_lossy().into_owned()));
+        }
+    }
+    Ok(InputTable {
+        inputs,
+        carried_columns: vec![],
+    })
+}
+
+fn from_glob(pattern: &str) -> anyhow::Result<InputTable> {
+    let mut inputs = vec![];
+    for entry in glob::glob(pattern).with_context(|| format!("bad glob `{pattern}`"))? {
+        let p = entry.with_context(|| format!("listing `{pattern}`"))?;
+        if p.is_file() {
+            inputs.push(local(p.to_string_lossy().into_owned()));
+        }
+    }
+    Ok(InputTable {
+        inputs,
+        carried_columns: vec![],
+    })
+}
+
+/// A manifest row's object: `uri` or `path`, relative paths taken from the
+/// manifest's directory.
+fn manifest_input(
+    manifest: &Path,
+    line: usize,
+    mut fields: Map<String, Value>,
+) -> anyhow::Result<Input> {
+    let key = ["uri", "path"]
+        .into_iter()
+        .find(|k| fields.contains_key(*k))
+        .with_context(|| format!("{}:{line}: no `uri` or `path` column", manifest.display()))?;
+    let uri = match fields.remove(key) {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => bail!(
+            "{}:{line}: `{key}` is empty or not a string",
+            manifest.display()
+        ),
+    };
+    for k in fields.keys() {
+        if STANDARD_COLUMNS.contains(&k.as_str()) {
+            bail!(
+                "{}: column `{k}` would collide with an output column of the same name; rename it",
+                manifest.display()
+            );
+        }
+    }
+    let path = (!is_remote(&uri)).then(|| {
+        let p = PathBuf::from(&uri);
+        if p.is_absolute() {
+            p
+        } else {
+            manifest.parent().unwrap_or(Path::new("")).join(p)
+        }
+    });
+    Ok(Input {
+        uri,
+        path,
+        carried: fields,
+    })
+}
+
+fn from_csv(path: &Path) -> anyhow::Result<InputTable> {
+    let mut rd =
+        csv::Reader::from_path(path).with_context(|| format!("opening {}", path.display()))?;
+    let headers = rd
+        .headers()
+        .with_context(|| format!("reading the header of {}", path.display()))?
+        .clone();
+    let mut inputs = vec![];
+    for (i, rec) in rd.records().enumerate() {
+        let rec = rec.with_context(|| format!("reading {}", path.display()))?;
+        let fields: Map<String, Value> = headers
+            .iter()
+            .zip(rec.iter())
+            .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
+            .collect();
+        inputs.push(manifest_input(path, i + 2, fields)?);
+    }
+    let carried_columns = headers
+        .iter()
+        .filter(|h| *h != "uri" && *h != "path")
+        .map(String::from)
+        .collect();
+    Ok(InputTable {
+        inputs,
+        carried_columns,
+    })
+}
+
+fn from_jsonl(path: &Path) -> anyhow::Result<InputTable> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut inputs = vec![];
+    let mut columns = BTreeSet::new();
+    let mut order = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let Value::Object(fields) = v else {
+            bail!("{}:{}: not a JSON object", path.display(), i + 1);
+        };
+        let input = manifest_input(path, i + 1, fields)?;
+        for k in input.carried.keys() {
+            if columns.insert(k.clone()) {
+                order.push(k.clone());
+            }
+        }
+        inputs.push(input);
+    }
+    Ok(InputTable {
+        inputs,
+        carried_columns: order,
+    })
+}
+
+/// `--shard i/n`: this machine's slice of the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This slice, `0..count`.
+    pub index: u32,
+    /// Number of slices.
+    pub count: u32,
+}
+
+impl FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not i/n (e.g. 0/4)"))?;
+        let index: u32 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad shard index `{i}`"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad shard count `{n}`"))?;
+        if count == 0 || index >= count {
+            return Err(format!("shard {index}/{count}: need 0 <= i < n"));
+        }
+        Ok(Self { index, count })
+    }
+}
+
+impl Shard {
+    /// Whether `uri` belongs to this slice. By a hash of the URI rather than
+    /// by position, so slices stay the same when machines list files in a
+    /// different order or the input grows.
+    pub fn contains(&self, uri: &str) -> bool {
+        let h = blake3::hash(uri.as_bytes());
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h.as_bytes()[..8]);
+        u64::from_le_bytes(b) % u64::from(self.count) == u64::from(self.index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_input() {
+        let uris: Vec<String> = (0..500).map(|i| format!("media/{i}.png")).collect();
+        let shards: Vec<Shard> = (0..3).map(|i| format!("{i}/3").parse().unwrap()).collect();
+        for u in &uris {
+            assert_eq!(shards.iter().filter(|s| s.contains(u)).count(), 1, "{u}");
+        }
+        let sizes: Vec<usize> = shards
+            .iter()
+            .map(|s| uris.iter().filter(|u| s.contains(u)).count())
+            .collect();
+        assert!(sizes.iter().all(|&n| n > 120), "{sizes:?}");
+        assert!("3/3".parse::<Shard>().is_err());
+        assert!("1/0".parse::<Shard>().is_err());
+        assert!("x".parse::<Shard>().is_err());
+    }
+
+    #[test]
+    fn content_types_by_extension() {
+        assert_eq!(content_type("a/B.JPG"), Some(("image/jpeg", Kind::Image)));
+        assert_eq!(
+            content_type("gs://b/v.webm"),
+            Some(("video/webm", Kind::Video))
+        );
+        assert_eq!(content_type("x.txt"), None);
+        assert_eq!(content_type("noext"), None);
+    }
+
+    #[test]
+    fn manifests_carry_columns_and_refuse_collisions() {
+        let d = tempfile::tempdir().unwrap();
+        let csv = d.path().join("m.csv");
+        std::fs::write(&csv, "path,label\nb.png,cat\na.png,dog\n").unwrap();
+        let t = list(csv.to_str().unwrap()).unwrap();
+        assert_eq!(t.carried_columns, ["label"]);
+        assert_eq!(t.inputs[0].uri, "a.png");
+        assert_eq!(
+            t.inputs[0].path.as_deref(),
+            Some(d.path().join("a.png").as_path())
+        );
+        assert_eq!(t.inputs[0].carried["label"], "dog");
+
+        let jl = d.path().join("m.jsonl");
+        std::fs::write(
+            &jl,
+            "{\"uri\":\"gs://b/x.mp4\",\"n\":3}\n\n{\"uri\":\"y.png\"}\n",
+        )
+        .unwrap();
+        let t = list(jl.to_str().unwrap()).unwrap();
+        assert_eq!(t.inputs.len(), 2);
+        assert_eq!(t.inputs[0].path, None);
+        assert_eq!(t.carried_columns, ["n"]);
+
+        std::fs::write(&csv, "uri,status\na.png,x\n").unwrap();
+        let e = list(csv.to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("collide"), "{e}");
+        std::fs::write(&csv, "file\na.png\n").unwrap();
+        let e = list(csv.to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("no `uri` or `path`"), "{e}");
+    }
+}

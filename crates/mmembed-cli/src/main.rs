@@ -1,0 +1,120 @@
+//! `mmembed`: multimodal embeddings from the command line.
+//!
+//! Subcommands: `embed` (a few inputs to JSON), `batch` (a folder, glob or
+//! manifest to a Parquet/JSONL table with a status per row), `search`
+//! (top-k over batch outputs), `models` (what is available). Every flag
+//! also reads an environment variable, shown in `--help`.
+
+mod backend;
+mod batch;
+mod embed;
+mod inputs;
+mod models;
+mod rows;
+mod search;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mmembed",
+    version,
+    about = "Multimodal (text, image, video) embeddings: local CLIP on candle or Vertex AI",
+    after_help = "Examples:
+  mmembed models
+  mmembed embed --model demo --text 'a red star' photo.png
+  mmembed batch media/ -o media.parquet --model demo
+  mmembed search 'a blue square' --in media.parquet
+
+Logs go to stderr; set MMEMBED_LOG (e.g. debug, mmembed_vertex=trace) to see more."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Embed texts, images and videos; one JSON object per input on stdout.
+    Embed(embed::Args),
+    /// Embed every file of a folder, glob or manifest into a Parquet or
+    /// JSONL table: one row per image or video segment, a status per row.
+    Batch(batch::Args),
+    /// Rank the rows of batch outputs by similarity to a text or image.
+    Search(search::Args),
+    /// List the models: the bundled demo and the built-in ids.
+    Models(models::Args),
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MMEMBED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    Ok(match cli.cmd {
+        Cmd::Embed(a) => {
+            let failed = embed::run(a).await?;
+            if failed > 0 {
+                eprintln!("{failed} inputs failed (see their \"error\")");
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Cmd::Batch(a) => {
+            let output = a.output.clone();
+            let s = batch::run(a).await?;
+            eprintln!(
+                "rows: {} ok, {} failed -> {}",
+                s.ok,
+                s.failed,
+                output.display()
+            );
+            if s.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Cmd::Search(a) => {
+            let json = a.json;
+            search::print(&search::search(a).await?, json)?;
+            ExitCode::SUCCESS
+        }
+        Cmd::Models(a) => {
+            models::run(&a)?;
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

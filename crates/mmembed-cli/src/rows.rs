@@ -1,0 +1,376 @@
+//! Output rows of a batch job and their two file formats: Parquet (one
+//! row group per part, Snappy) and JSON Lines.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use arrow_array::builder::{Float32Builder, ListBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Float64Type, Int32Type, Int64Type};
+use arrow_array::{
+    Array, ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+};
+use arrow_schema::{DataType, Field, Schema};
+use clap::ValueEnum;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// One output row: an image, a video segment, or a file that failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    /// The object, as the input named it.
+    pub uri: String,
+    /// MIME type from the extension (`application/octet-stream` if unknown).
+    pub content_type: String,
+    /// File size, when known.
+    pub size_bytes: Option<i64>,
+    /// The vector; null when `status` is not empty.
+    pub embedding: Option<Vec<f32>>,
+    /// Empty on success, the error otherwise.
+    pub status: String,
+    /// Segment start for videos, null for images.
+    pub video_start_sec: Option<f64>,
+    /// Segment end for videos, null for images.
+    pub video_end_sec: Option<f64>,
+    /// The model that embedded (or would have).
+    pub model: String,
+    /// Its embedding space id: only vectors of one space are comparable.
+    pub space: String,
+    /// Vector length.
+    pub dimension: Option<i32>,
+    /// Manifest columns carried through.
+    #[serde(flatten)]
+    pub carried: Map<String, Value>,
+}
+
+impl Row {
+    /// Whether the row holds a vector.
+    pub fn ok(&self) -> bool {
+        self.status.is_empty()
+    }
+}
+
+/// Output file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Apache Parquet, `embedding` as list<float32>.
+    Parquet,
+    /// JSON Lines, one row per line.
+    Jsonl,
+}
+
+impl Format {
+    /// The format an output path's extension names, if any.
+    pub fn from_path(p: &Path) -> Option<Self> {
+        match p.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "parquet" | "pq" => Some(Self::Parquet),
+            "jsonl" | "ndjson" | "json" => Some(Self::Jsonl),
+            _ => None,
+        }
+    }
+
+    /// File extension for parts.
+    pub fn ext(self) -> &'static str {
+        match self {
+            Self::Parquet => "parquet",
+            Self::Jsonl => "jsonl",
+        }
+    }
+}
+
+fn schema(carried: &[String]) -> Schema {
+    let mut fields = vec![
+        Field::new("uri", DataType::Utf8, false),
+        Field::new("content_type", DataType::Utf8, false),
+        Field::new("size_bytes", DataType::Int64, true),
+        Field::new(
+            "embedding",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
+            true,
+        ),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("video_start_sec", DataType::Float64, true),
+        Field::new("video_end_sec", DataType::Float64, true),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("space", DataType::Utf8, false),
+        Field::new("dimension", DataType::Int32, true),
+    ];
+    fields.extend(carried.iter().map(|c| Field::new(c, DataType::Utf8, true)));
+    Schema::new(fields)
+}
+
+/// A carried value as Parquet text: strings as they are, the rest as JSON.
+fn as_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+fn to_batch(rows: &[Row], carried: &[String]) -> anyhow::Result<RecordBatch> {
+    let strings = |f: &dyn Fn(&Row) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let mut emb = ListBuilder::new(Float32Builder::new());
+    for r in rows {
+        match &r.embedding {
+            Some(v) => {
+                emb.values().append_slice(v);
+                emb.append(true);
+            }
+            None => emb.append(false),
+        }
+    }
+    let mut cols: Vec<ArrayRef> = vec![
+        strings(&|r| &r.uri),
+        strings(&|r| &r.content_type),
+        Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.size_bytes))),
+        Arc::new(emb.finish()),
+        strings(&|r| &r.status),
+        Arc::new(Float64Array::from_iter(
+            rows.iter().map(|r| r.video_start_sec),
+        )),
+        Arc::new(Float64Array::from_iter(
+            rows.iter().map(|r| r.video_end_sec),
+        )),
+        strings(&|r| &r.model),
+        strings(&|r| &r.space),
+        Arc::new(Int32Array::from_iter(rows.iter().map(|r| r.dimension))),
+    ];
+    for c in carried {
+        cols.push(Arc::new(StringArray::from_iter(
+            rows.iter().map(|r| r.carried.get(c).and_then(as_text)),
+        )));
+    }
+    Ok(RecordBatch::try_new(Arc::new(schema(carried)), cols)?)
+}
+
+/// Writes `rows` to `path` atomically: a temporary file in the same
+/// directory, flushed to disk, then renamed over `path`. A crash at any
+/// point leaves either the old file or the new one, never a torn one.
+pub fn write_atomic(
+    path: &Path,
+    format: Format,
+    rows: &[Row],
+    carried: &[String],
+) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("output path has no file name")?;
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let file = match format {
+        Format::Parquet => {
+            let props = WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .build();
+            let batch = to_batch(rows, carried)?;
+            let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))?;
+            w.write(&batch)?;
+            w.into_inner()?
+        }
+        Format::Jsonl => {
+            let mut w = BufWriter::new(file);
+            for r in rows {
+                serde_json::to_writer(&mut w, r)?;
+                w.write_all(b"\n")?;
+            }
+            w.into_inner().map_err(|e| e.into_error())?
+        }
+    };
+    file.sync_all()
+        .with_context(|| format!("flushing {}", tmp.display()))?;
+    drop(file);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads a file written by [`write_atomic`] (or any Parquet/JSONL file with
+/// the same columns).
+pub fn read(path: &Path, format: Format) -> anyhow::Result<Vec<Row>> {
+    let ctx = || format!("reading {}", path.display());
+    match format {
+        Format::Jsonl => {
+            let f = File::open(path).with_context(ctx)?;
+            let mut rows = vec![];
+            for (i, line) in BufReader::new(f).lines().enumerate() {
+                let line = line.with_context(ctx)?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                rows.push(
+                    serde_json::from_str(&line).with_context(|| {
+                        format!("{}:{}: not an output row", path.display(), i + 1)
+                    })?,
+                );
+            }
+            Ok(rows)
+        }
+        Format::Parquet => {
+            let f = File::open(path).with_context(ctx)?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+                .with_context(ctx)?
+                .build()
+                .with_context(ctx)?;
+            let mut rows = vec![];
+            for batch in reader {
+                rows.extend(from_batch(&batch.with_context(ctx)?).with_context(ctx)?);
+            }
+            Ok(rows)
+        }
+    }
+}
+
+fn from_batch(b: &RecordBatch) -> anyhow::Result<Vec<Row>> {
+    let col = |name: &str| -> anyhow::Result<&ArrayRef> {
+        b.column_by_name(name)
+            .with_context(|| format!("no `{name}` column"))
+    };
+    let text = |name: &str| -> anyhow::Result<&StringArray> {
+        col(name)?
+            .as_string_opt::<i32>()
+            .with_context(|| format!("`{name}` is not a string column"))
+    };
+    let (uri, ct, status, model, space) = (
+        text("uri")?,
+        text("content_type")?,
+        text("status")?,
+        text("model")?,
+        text("space")?,
+    );
+    let size = col("size_bytes")?
+        .as_primitive_opt::<Int64Type>()
+        .context("`size_bytes` is not int64")?;
+    let start = col("video_start_sec")?
+        .as_primitive_opt::<Float64Type>()
+        .context("`video_start_sec` is not float64")?;
+    let end = col("video_end_sec")?
+        .as_primitive_opt::<Float64Type>()
+        .context("`video_end_sec` is not float64")?;
+    let dim = col("dimension")?
+        .as_primitive_opt::<Int32Type>()
+        .context("`dimension` is not int32")?;
+    let emb = col("embedding")?
+        .as_list_opt::<i32>()
+        .context("`embedding` is not a list")?;
+    let schema = b.schema();
+    let carried: Vec<(&str, &StringArray)> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .filter(|n| !crate::inputs::STANDARD_COLUMNS.contains(n))
+        .map(|n| Ok((n, text(n)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let opt = |a: &dyn Array, i: usize| a.is_valid(i);
+    let mut rows = Vec::with_capacity(b.num_rows());
+    for i in 0..b.num_rows() {
+        let embedding = if opt(emb, i) {
+            let v = emb.value(i);
+            let v = v
+                .as_primitive_opt::<Float32Type>()
+                .context("`embedding` items are not float32")?;
+            Some(v.values().to_vec())
+        } else {
+            None
+        };
+        rows.push(Row {
+            uri: uri.value(i).to_string(),
+            content_type: ct.value(i).to_string(),
+            size_bytes: opt(size, i).then(|| size.value(i)),
+            embedding,
+            status: status.value(i).to_string(),
+            video_start_sec: opt(start, i).then(|| start.value(i)),
+            video_end_sec: opt(end, i).then(|| end.value(i)),
+            model: model.value(i).to_string(),
+            space: space.value(i).to_string(),
+            dimension: opt(dim, i).then(|| dim.value(i)),
+            carried: carried
+                .iter()
+                .filter(|(_, a)| a.is_valid(i))
+                .map(|(n, a)| (n.to_string(), Value::String(a.value(i).to_string())))
+                .collect(),
+        });
+    }
+    if rows.iter().any(|r| r.uri.is_empty()) {
+        bail!("a row has an empty uri");
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Row> {
+        let mut carried = Map::new();
+        carried.insert("label".into(), Value::String("cat".into()));
+        vec![
+            Row {
+                uri: "a.png".into(),
+                content_type: "image/png".into(),
+                size_bytes: Some(10),
+                embedding: Some(vec![0.5, -0.25, 1e-7]),
+                status: String::new(),
+                video_start_sec: None,
+                video_end_sec: None,
+                model: "m".into(),
+                space: "s".into(),
+                dimension: Some(3),
+                carried,
+            },
+            Row {
+                uri: "b.mp4".into(),
+                content_type: "video/mp4".into(),
+                size_bytes: None,
+                embedding: None,
+                status: "cannot decode".into(),
+                video_start_sec: Some(16.0),
+                video_end_sec: Some(20.5),
+                model: "m".into(),
+                space: "s".into(),
+                dimension: None,
+                carried: Map::new(),
+            },
+        ]
+    }
+
+    #[test]
+    fn both_formats_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [Format::Parquet, Format::Jsonl] {
+            let p = d.path().join(format!("out.{}", f.ext()));
+            write_atomic(&p, f, &sample(), &["label".to_string()]).unwrap();
+            assert_eq!(read(&p, f).unwrap(), sample(), "{f:?}");
+            let leftovers = std::fs::read_dir(d.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".tmp")
+                })
+                .count();
+            assert_eq!(leftovers, 0);
+        }
+    }
+
+    #[test]
+    fn formats_follow_extensions() {
+        assert_eq!(
+            Format::from_path(Path::new("x/o.parquet")),
+            Some(Format::Parquet)
+        );
+        assert_eq!(Format::from_path(Path::new("o.JSONL")), Some(Format::Jsonl));
+        assert_eq!(Format::from_path(Path::new("o.csv")), None);
+    }
+}

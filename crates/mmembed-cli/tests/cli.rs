@@ -1,0 +1,595 @@
+//! The real `mmembed` binary on the bundled demo model: batch rows and
+//! statuses, crash and resume, shards, Parquet schema, search, embed, models.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use arrow_schema::DataType;
+use mmembed_core::testkit;
+use mmembed_shapes::{Attributes, Colour, Position, Scene, Shape, Size};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rand::SeedableRng;
+use serde_json::Value;
+
+fn mmembed(cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mmembed"));
+    // No variable of the developer's shell leaks into the tests.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MMEMBED_") || k.starts_with("GOOGLE_CLOUD_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("MMEMBED_CACHE_DIR", cache)
+        .env("MMEMBED_MODEL", "demo")
+        .env("MMEMBED_DEVICE", "cpu")
+        .env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+fn run_ok(c: &mut Command) -> Output {
+    let out = c.output().expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+const SHOWN: [(Shape, Colour); 4] = [
+    (Shape::Star, Colour::Red),
+    (Shape::Square, Colour::Blue),
+    (Shape::Circle, Colour::Green),
+    (Shape::Triangle, Colour::Yellow),
+];
+
+fn scene(shape: Shape, colour: Colour, seed: u64) -> image::RgbImage {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let a = Attributes {
+        shape,
+        colour,
+        size: Size::Large,
+        position: Position::Center,
+    };
+    Scene::random(a, &mut rng).render(160, 120, seed)
+}
+
+/// A media folder: 4 shape images (one in a subfolder), a 3-segment
+/// slideshow, and bad files: garbage named .png, a truncated JPEG, an
+/// unsupported .txt, an empty .mp4; plus a hidden file that is skipped.
+fn media(dir: &Path) -> PathBuf {
+    let root = dir.join("media");
+    std::fs::create_dir_all(root.join("more")).unwrap();
+    for (i, (shape, colour)) in SHOWN.iter().enumerate() {
+        let sub = if i == 3 { "more/" } else { "" };
+        let p = root.join(format!("{sub}{}-{}.png", colour.name(), shape.name()));
+        scene(*shape, *colour, i as u64).save(p).unwrap();
+    }
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    for (i, (shape, colour)) in [
+        (Shape::Ring, Colour::Orange),
+        (Shape::Cross, Colour::Purple),
+        (Shape::Star, Colour::White),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        scene(shape, colour, 10 + i as u64)
+            .save(frames.join(format!("f{i:02}.png")))
+            .unwrap();
+    }
+    let pattern = frames.join("f%02d.png");
+    let video = root.join("slideshow.mp4");
+    testkit::ffmpeg([
+        "-framerate".as_ref(),
+        "1/4".as_ref(),
+        "-i".as_ref(),
+        pattern.as_os_str(),
+        "-vf".as_ref(),
+        "fps=25,format=yuv420p".as_ref(),
+        "-c:v".as_ref(),
+        "libx264".as_ref(),
+        video.as_os_str(),
+    ]);
+    std::fs::write(root.join("garbage.png"), b"this is not a PNG at all").unwrap();
+    let mut jpeg = vec![];
+    scene(Shape::Cross, Colour::Black, 7)
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    std::fs::write(root.join("truncated.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
+    std::fs::write(root.join("notes.txt"), b"hello").unwrap();
+    std::fs::write(root.join("empty.mp4"), b"").unwrap();
+    std::fs::write(root.join(".DS_Store"), b"\0\0").unwrap();
+    root
+}
+
+fn read_jsonl(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Rows by (uri, segment start) with status and embedding.
+fn by_key(rows: &[Value]) -> BTreeMap<(String, String), (String, Vec<f64>)> {
+    let mut m = BTreeMap::new();
+    for r in rows {
+        let key = (
+            r["uri"].as_str().unwrap().to_string(),
+            r["video_start_sec"].to_string(),
+        );
+        let emb = r["embedding"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_f64().unwrap()).collect())
+            .unwrap_or_default();
+        let old = m.insert(
+            key.clone(),
+            (r["status"].as_str().unwrap().to_string(), emb),
+        );
+        assert!(old.is_none(), "duplicate row {key:?}");
+    }
+    m
+}
+
+fn assert_same_rows(a: &[Value], b: &[Value]) {
+    let (a, b) = (by_key(a), by_key(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, (sa, ea)) in &a {
+        let (sb, eb) = &b[k];
+        assert_eq!(sa, sb, "{k:?}");
+        assert_eq!(ea.len(), eb.len(), "{k:?}");
+        // Chunking differs between runs; vectors agree to float rounding.
+        let dot: f64 = ea.iter().zip(eb).map(|(x, y)| x * y).sum();
+        assert!(ea.is_empty() || dot > 0.99999, "{k:?}: cosine {dot}");
+    }
+}
+
+fn batch(cache: &Path, input: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = mmembed(cache);
+    c.arg("batch").arg(input).arg("-o").arg(out).args(extra);
+    c
+}
+
+#[test]
+fn batch_gives_one_row_per_image_and_segment_with_statuses() {
+    let d = tempfile::tempdir().unwrap();
+    let root = media(d.path());
+    let out = d.path().join("out.jsonl");
+    let o = batch(d.path(), &root, &out, &["--interval", "4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "failed rows make exit 1: {stderr}"
+    );
+    assert!(stderr.contains("rows: 7 ok, 4 failed"), "{stderr}");
+    let rows = read_jsonl(&out);
+    let m = by_key(&rows);
+    let uri = |name: &str| root.join(name).to_string_lossy().into_owned();
+    let status = |name: &str, start: &str| m[&(uri(name), start.to_string())].0.clone();
+    for name in [
+        "red-star.png",
+        "blue-square.png",
+        "green-circle.png",
+        "more/yellow-triangle.png",
+    ] {
+        assert_eq!(status(name, "null"), "", "{name}");
+    }
+    for start in ["0.0", "4.0", "8.0"] {
+        assert_eq!(status("slideshow.mp4", start), "", "segment {start}");
+    }
+    assert!(
+        status("garbage.png", "null").contains("decode"),
+        "{}",
+        status("garbage.png", "null")
+    );
+    assert!(!status("truncated.jpg", "null").is_empty());
+    assert!(status("notes.txt", "null").contains("unsupported file type"));
+    assert!(!status("empty.mp4", "null").is_empty());
+    assert_eq!(rows.len(), 11, "no row for the hidden file, none lost");
+    let seg = rows
+        .iter()
+        .find(|r| r["uri"] == uri("slideshow.mp4") && r["video_start_sec"] == 8.0)
+        .unwrap();
+    assert_eq!(seg["video_end_sec"], 12.0);
+    assert_eq!(seg["content_type"], "video/mp4");
+    assert_eq!(seg["model"], "demo");
+    assert!(seg["space"].as_str().unwrap().starts_with("clip-blake3:"));
+    let ok = rows
+        .iter()
+        .find(|r| r["uri"] == uri("red-star.png"))
+        .unwrap();
+    assert_eq!(
+        ok["embedding"].as_array().unwrap().len() as u64,
+        ok["dimension"].as_u64().unwrap()
+    );
+    assert!(ok["size_bytes"].as_u64().unwrap() > 100);
+    assert!(
+        rows.iter()
+            .filter(|r| r["status"] != "")
+            .all(|r| r["embedding"].is_null())
+    );
+    assert!(
+        !d.path().join("out.jsonl.parts").exists(),
+        "parts are cleaned up"
+    );
+
+    // An existing output is never clobbered by accident.
+    let o = batch(d.path(), &root, &out, &[]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+}
+
+#[test]
+fn a_crashed_job_resumes_to_the_same_rows() {
+    let d = tempfile::tempdir().unwrap();
+    let root = media(d.path());
+    let full = d.path().join("full.jsonl");
+    let _ = batch(d.path(), &root, &full, &["--interval", "4"])
+        .output()
+        .unwrap();
+    let expected = read_jsonl(&full);
+
+    // Deterministic crash: abort after the second part of 2 files.
+    let out = d.path().join("crashed.jsonl");
+    let o = batch(
+        d.path(),
+        &root,
+        &out,
+        &["--interval", "4", "--batch-size", "2"],
+    )
+    .env("MMEMBED_TEST_ABORT_AFTER_PARTS", "2")
+    .output()
+    .unwrap();
+    assert!(
+        o.status.code().is_none(),
+        "aborted by a signal: {:?}",
+        o.status
+    );
+    assert!(!out.exists());
+    let parts = d.path().join("crashed.jsonl.parts");
+    assert_eq!(std::fs::read_dir(&parts).unwrap().count(), 2);
+    // A torn temporary file, as a kill during a write leaves, is ignored.
+    std::fs::write(parts.join(".part-000003.jsonl.tmp"), b"{\"uri\":").unwrap();
+    let o = batch(d.path(), &root, &out, &["--interval", "4", "--resume"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_same_rows(&expected, &read_jsonl(&out));
+
+    // Resuming a finished job re-tries only the failed files.
+    let before = std::fs::metadata(&out).unwrap().modified().unwrap();
+    let o = batch(d.path(), &root, &out, &["--interval", "4", "--resume"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("already_done=5 to_embed=4"), "{stderr}");
+    assert_same_rows(&expected, &read_jsonl(&out));
+    assert!(std::fs::metadata(&out).unwrap().modified().unwrap() >= before);
+}
+
+#[test]
+fn kill_9_mid_job_then_resume_loses_and_duplicates_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let root = media(d.path());
+    let full = d.path().join("full.jsonl");
+    let _ = batch(d.path(), &root, &full, &["--interval", "4"])
+        .output()
+        .unwrap();
+    let expected = read_jsonl(&full);
+
+    let out = d.path().join("killed.jsonl");
+    let parts = d.path().join("killed.jsonl.parts");
+    let mut child = batch(
+        d.path(),
+        &root,
+        &out,
+        &["--interval", "4", "--batch-size", "1"],
+    )
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    // Kill as soon as the first part is in place (or the job is over).
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(120) {
+        let n = std::fs::read_dir(&parts).map(|r| r.count()).unwrap_or(0);
+        if n >= 1 || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().ok(); // SIGKILL
+    child.wait().unwrap();
+    let _ = batch(d.path(), &root, &out, &["--interval", "4", "--resume"])
+        .output()
+        .unwrap();
+    assert_same_rows(&expected, &read_jsonl(&out));
+}
+
+#[test]
+fn shards_partition_the_job_and_parquet_has_the_schema() {
+    let d = tempfile::tempdir().unwrap();
+    let root = media(d.path());
+    let full = d.path().join("full.parquet");
+    let _ = batch(d.path(), &root, &full, &["--interval", "4"])
+        .output()
+        .unwrap();
+
+    let f = std::fs::File::open(&full).unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+    let schema = reader.schema().clone();
+    let want = [
+        ("uri", DataType::Utf8),
+        ("content_type", DataType::Utf8),
+        ("size_bytes", DataType::Int64),
+        ("status", DataType::Utf8),
+        ("video_start_sec", DataType::Float64),
+        ("video_end_sec", DataType::Float64),
+        ("model", DataType::Utf8),
+        ("space", DataType::Utf8),
+        ("dimension", DataType::Int32),
+    ];
+    for (name, ty) in want {
+        assert_eq!(
+            schema.field_with_name(name).unwrap().data_type(),
+            &ty,
+            "{name}"
+        );
+    }
+    match schema.field_with_name("embedding").unwrap().data_type() {
+        DataType::List(item) => assert_eq!(item.data_type(), &DataType::Float32),
+        other => panic!("embedding is {other:?}"),
+    }
+    let n: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(n, 11);
+
+    // The same job as JSONL, whole and in three shards.
+    let whole = d.path().join("whole.jsonl");
+    let _ = batch(d.path(), &root, &whole, &["--interval", "4"])
+        .output()
+        .unwrap();
+    let mut union = vec![];
+    for i in 0..3 {
+        let p = d.path().join(format!("shard-{i}.jsonl"));
+        let _ = batch(
+            d.path(),
+            &root,
+            &p,
+            &["--interval", "4", "--shard", &format!("{i}/3")],
+        )
+        .output()
+        .unwrap();
+        let rows = read_jsonl(&p);
+        assert!(rows.len() < 11, "shard {i} is a strict slice");
+        union.extend(rows);
+    }
+    assert_same_rows(&read_jsonl(&whole), &union);
+}
+
+#[test]
+fn search_ranks_the_matching_file_first_and_refuses_mixed_spaces() {
+    let d = tempfile::tempdir().unwrap();
+    let root = media(d.path());
+    let out = d.path().join("media.parquet");
+    let _ = batch(d.path(), &root, &out, &["--interval", "4"])
+        .output()
+        .unwrap();
+    for (query, want) in [
+        ("a red star", "red-star.png"),
+        ("a photo of a blue square", "blue-square.png"),
+        ("a green circle", "green-circle.png"),
+        ("a purple cross", "slideshow.mp4  [4.0-8.0 s]"),
+    ] {
+        let o = run_ok(
+            mmembed(d.path())
+                .env_remove("MMEMBED_MODEL")
+                .args(["search", query, "--in"])
+                .arg(&out)
+                .args(["-k", "3"]),
+        );
+        let text = String::from_utf8_lossy(&o.stdout);
+        let first = text.lines().next().unwrap_or_default();
+        assert!(first.ends_with(want), "{query}: {text}");
+    }
+    // An image query: the red star itself comes first.
+    let o = run_ok(
+        mmembed(d.path())
+            .args(["search", "--json", "--image"])
+            .arg(root.join("red-star.png"))
+            .arg("--in")
+            .arg(&out),
+    );
+    let first: Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
+    assert!(
+        first["uri"].as_str().unwrap().ends_with("red-star.png"),
+        "{first}"
+    );
+    assert!(first["score"].as_f64().unwrap() > 0.999);
+
+    // Rows of another space are refused, not silently compared.
+    let other = d.path().join("other.jsonl");
+    let mut row: Value = serde_json::from_str(
+        &serde_json::to_string(&serde_json::json!({
+            "uri": "x.png", "content_type": "image/png", "size_bytes": 1, "embedding": [1.0],
+            "status": "", "video_start_sec": null, "video_end_sec": null, "model": "m",
+            "space": "another-space", "dimension": 1
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    row["dimension"] = 1.into();
+    std::fs::write(&other, format!("{row}\n")).unwrap();
+    let o = mmembed(d.path())
+        .args(["search", "a red star", "--in"])
+        .arg(&out)
+        .arg("--in")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("mix embedding spaces"));
+}
+
+#[test]
+fn embed_prints_json_and_reports_bad_inputs() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("red-star.png");
+    scene(Shape::Star, Colour::Red, 1).save(&img).unwrap();
+    let o = run_ok(
+        mmembed(d.path())
+            .args(["embed", "--text", "a red star"])
+            .arg(&img),
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["modality"], "text");
+    assert_eq!(lines[1]["modality"], "image");
+    let (a, b) = (
+        lines[0]["embedding"].as_array().unwrap(),
+        lines[1]["embedding"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), lines[0]["dimension"].as_u64().unwrap() as usize);
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| x.as_f64().unwrap() * y.as_f64().unwrap())
+        .sum();
+    assert!(dot > 0.2, "caption and picture agree: {dot}");
+
+    let mut c = mmembed(d.path());
+    c.args(["embed", "--text", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a blue square\n\na green ring\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
+
+    let o = mmembed(d.path())
+        .args(["embed", "--text", "   "])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(line["error"].as_str().unwrap().contains("empty"), "{line}");
+    let o = mmembed(d.path())
+        .args(["embed", "notes.txt"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = mmembed(d.path())
+        .args(["embed", "--interval", "2", "--text", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("interval"));
+}
+
+#[test]
+fn models_lists_the_demo_as_present() {
+    let d = tempfile::tempdir().unwrap();
+    let o = run_ok(mmembed(d.path()).args(["models", "--json"]));
+    let models: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(models[0]["id"], "mmembed/demo");
+    assert_eq!(models[0]["local"], true);
+    assert!(
+        models
+            .iter()
+            .any(|m| m["id"] == "openai/clip-vit-base-patch32")
+    );
+    let o = run_ok(mmembed(d.path()).arg("--help"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Examples"));
+}
+
+#[test]
+fn batch_on_the_vertex_backend_against_the_fake_service() {
+    let fake = mmembed_vertex::fake::FakeVertex::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("red-star.png");
+    scene(Shape::Star, Colour::Red, 1).save(&img).unwrap();
+    std::fs::write(d.path().join("broken.png"), b"nope").unwrap();
+    let manifest = d.path().join("objects.jsonl");
+    std::fs::write(
+        &manifest,
+        "{\"uri\": \"red-star.png\", \"label\": \"star\"}\n\
+         {\"uri\": \"gs://bucket/cat.jpg\", \"label\": \"cat\"}\n\
+         {\"uri\": \"broken.png\", \"label\": 7}\n",
+    )
+    .unwrap();
+    let out = d.path().join("vertex.jsonl");
+    let token = "ya29.secret-token-for-the-test";
+    let o = mmembed(d.path())
+        .env_remove("MMEMBED_MODEL")
+        .args(["batch"])
+        .arg(&manifest)
+        .arg("-o")
+        .arg(&out)
+        .args([
+            "--backend",
+            "vertex",
+            "--project",
+            "test-proj",
+            "--dimension",
+            "256",
+        ])
+        .args(["--vertex-url", &fake.url, "--rpm", "6000"])
+        .env("MMEMBED_VERTEX_ACCESS_TOKEN", token)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("secret-token"), "{stderr}");
+    let rows = read_jsonl(&out);
+    assert_eq!(rows.len(), 3, "{stderr}");
+    for r in &rows {
+        assert_eq!(r["model"], "multimodalembedding@001");
+        assert_eq!(r["space"], "vertex:multimodalembedding@001");
+        assert_eq!(r["dimension"], 256);
+        assert!(!r.to_string().contains("secret-token"));
+    }
+    let by_uri = |u: &str| rows.iter().find(|r| r["uri"] == u).unwrap();
+    assert_eq!(by_uri("red-star.png")["status"], "");
+    assert_eq!(by_uri("red-star.png")["label"], "star");
+    assert_eq!(
+        by_uri("red-star.png")["embedding"]
+            .as_array()
+            .unwrap()
+            .len(),
+        256
+    );
+    assert_eq!(by_uri("gs://bucket/cat.jpg")["status"], "");
+    assert_eq!(
+        by_uri("broken.png")["label"],
+        7,
+        "carried values keep their JSON type"
+    );
+    assert_ne!(by_uri("broken.png")["status"], "");
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    let sent = fake.requests();
+    assert!(
+        sent.iter()
+            .any(|r| r.body.to_string().contains("gs://bucket/cat.jpg"))
+    );
+}
