@@ -16,6 +16,7 @@
 
 mod embedder;
 mod error;
+pub mod hybrid;
 mod segments;
 #[cfg(feature = "testkit")]
 pub mod testkit;
