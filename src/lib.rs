@@ -6,6 +6,12 @@ pub use mmembed_core::{
     Segment, SegmentEmbedding, SpaceId, VideoInput, VideoSegmentConfig, cosine, l2_normalize,
 };
 
+/// Backends and combinations from a spec string or TOML.
+pub mod spec;
+
+/// Hybrid combinators: fallback with a circuit breaker, hedging.
+pub use mmembed_core::hybrid;
+
 /// The core crate: trait, types, errors, conformance kit.
 pub use mmembed_core as core;
 

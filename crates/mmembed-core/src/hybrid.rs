@@ -392,3 +392,49 @@ impl Embedder for Hedged {
         }
     }
 }
+
+/// Asks `inner` for `dimension` whenever a request names none: a backend
+/// with a configured output size (`vertex:PROJECT?dimension=512`). Requests
+/// that name a dimension keep it.
+pub struct DefaultDimension {
+    inner: Arc<dyn Embedder>,
+    dimension: u32,
+    info: EmbedderInfo,
+}
+
+impl DefaultDimension {
+    /// Wraps `inner`; an error if it cannot produce `dimension`.
+    pub fn new(inner: Arc<dyn Embedder>, dimension: u32) -> Result<Self, EmbedError> {
+        let mut info = inner.info().clone();
+        if !info.supported_dimensions.contains(&dimension) {
+            return Err(EmbedError::UnsupportedDimension {
+                requested: dimension,
+                supported: info.supported_dimensions,
+            });
+        }
+        info.native_dimension = dimension as usize;
+        Ok(Self {
+            inner,
+            dimension,
+            info,
+        })
+    }
+}
+
+#[async_trait]
+impl Embedder for DefaultDimension {
+    fn info(&self) -> &EmbedderInfo {
+        &self.info
+    }
+
+    async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Results {
+        let reqs = reqs
+            .into_iter()
+            .map(|mut r| {
+                r.dimension.get_or_insert(self.dimension);
+                r
+            })
+            .collect();
+        self.inner.embed_batch(reqs).await
+    }
+}

@@ -154,12 +154,20 @@ impl VertexConfig {
 
     /// Settings from the environment (see each field for its variable).
     pub fn from_env() -> Result<Self, EmbedError> {
-        let project = env("GOOGLE_CLOUD_PROJECT").ok_or_else(|| {
-            EmbedError::invalid(
-                "GOOGLE_CLOUD_PROJECT",
-                "is not set; it names the Google Cloud project to bill",
-            )
-        })?;
+        Self::from_env_with_project(None)
+    }
+
+    /// [`VertexConfig::from_env`], with the project given here when it is
+    /// `Some` (then `GOOGLE_CLOUD_PROJECT` need not be set).
+    pub fn from_env_with_project(project: Option<String>) -> Result<Self, EmbedError> {
+        let project = project
+            .or_else(|| env("GOOGLE_CLOUD_PROJECT"))
+            .ok_or_else(|| {
+                EmbedError::invalid(
+                    "GOOGLE_CLOUD_PROJECT",
+                    "is not set; it names the Google Cloud project to bill",
+                )
+            })?;
         let mut c = Self::new(project);
         if let Some(l) = env("GOOGLE_CLOUD_LOCATION") {
             c.location = l;
