@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use mmembed::Embedder;
 use mmembed::local::{DeviceSpec, LocalEmbedder, LocalOptions, Manifest, Precision};
+use mmembed::spec::BackendSpec;
 use mmembed::vertex::{CredentialsSource, VertexConfig, VertexEmbedder};
 
 /// A credential from a flag or the environment: `Debug` never shows it.
@@ -27,21 +28,48 @@ impl std::str::FromStr for Secret {
     }
 }
 
-/// Which backend embeds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// Which backend embeds: `local` or `vertex` (configured by the flags
+/// below), or a spec string or TOML file for anything else.
+#[derive(Debug, Clone, PartialEq)]
 pub enum BackendKind {
     /// The candle CLIP backend on this machine.
     Local,
     /// Google Vertex AI `multimodalembedding@001`.
     Vertex,
+    /// A spec: `fallback(local:demo, vertex:PROJECT)`, `hedged(…)`, …
+    Spec(BackendSpec),
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "local" => Ok(Self::Local),
+            "vertex" => Ok(Self::Vertex),
+            spec if spec.ends_with(".toml") => {
+                let text = std::fs::read_to_string(spec)
+                    .map_err(|e| format!("cannot read backend config {spec}: {e}"))?;
+                BackendSpec::from_toml(&text)
+                    .map(Self::Spec)
+                    .map_err(|e| e.to_string())
+            }
+            spec => spec
+                .parse()
+                .map(Self::Spec)
+                .map_err(|e: mmembed::EmbedError| e.to_string()),
+        }
+    }
 }
 
 /// Backend flags.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Backend")]
 pub struct BackendArgs {
-    /// Backend to embed with.
-    #[arg(long, env = "MMEMBED_BACKEND", value_enum, default_value = "local")]
+    /// Backend: `local` or `vertex` (set up by the flags below), a spec
+    /// such as `fallback(local:demo?device=cpu, vertex:PROJECT/us-central1)`
+    /// or `hedged(A, B)?delay_ms=200`, or a `.toml` file with the same
+    /// (see the README's "Hybrid use").
+    #[arg(long, short = 'b', env = "MMEMBED_BACKEND", default_value = "local")]
     pub backend: BackendKind,
 
     /// Model. Local: `demo` (the bundled demo model), a built-in id (see
@@ -160,7 +188,7 @@ impl BackendArgs {
 
     /// Builds the embedder (loading a local model may take a while).
     pub async fn build(&self) -> anyhow::Result<Arc<dyn Embedder>> {
-        Ok(match self.backend {
+        Ok(match &self.backend {
             BackendKind::Local => {
                 let opts = self.local_options()?;
                 let model = opts.model.clone();
@@ -174,6 +202,10 @@ impl BackendArgs {
                 VertexEmbedder::new(self.vertex_config()?)
                     .context("setting up the Vertex client")?,
             ),
+            BackendKind::Spec(spec) => spec
+                .build()
+                .await
+                .context("building the backend from its spec")?,
         })
     }
 }
