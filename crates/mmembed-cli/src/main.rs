@@ -7,6 +7,7 @@
 
 mod backend;
 mod batch;
+mod bench;
 mod embed;
 mod inputs;
 mod models;
@@ -46,6 +47,9 @@ enum Cmd {
     Search(search::Args),
     /// List the models: the bundled demo and the built-in ids.
     Models(models::Args),
+    /// Compare backends on the same inputs: p50/p95 latency and throughput
+    /// per workload, as a table, CSV and SVG.
+    Bench(bench::Args),
 }
 
 fn init_logging() {
@@ -93,6 +97,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Models(a) => {
             models::run(&a)?;
             ExitCode::SUCCESS
+        }
+        Cmd::Bench(a) => {
+            let rows = bench::run(&a).await?;
+            bench::print_table(&rows)?;
+            if let Some(p) = &a.csv {
+                bench::write_csv(p, &rows)?;
+            }
+            if let Some(p) = &a.svg {
+                bench::write_svg(p, &rows)?;
+            }
+            if rows.iter().any(|r| r.error.is_some()) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
     })
 }

@@ -593,3 +593,91 @@ fn batch_on_the_vertex_backend_against_the_fake_service() {
             .any(|r| r.body.to_string().contains("gs://bucket/cat.jpg"))
     );
 }
+
+#[test]
+fn backend_specs_combine_backends_and_refuse_mixed_spaces() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("red-star.png");
+    scene(Shape::Star, Colour::Red, 1).save(&img).unwrap();
+    let o = run_ok(
+        mmembed(d.path())
+            .args([
+                "embed",
+                "--backend",
+                "fallback(local:demo?device=cpu, local:demo)?failure_threshold=2",
+            ])
+            .arg(&img),
+    );
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["backend"], "local");
+    assert!(line["space"].as_str().unwrap().starts_with("clip-blake3:"));
+
+    let toml = d.path().join("hybrid.toml");
+    std::fs::write(
+        &toml,
+        "kind = 'fallback'\n[primary]\nkind = 'local'\nmodel = 'demo'\n\
+         [secondary]\nkind = 'vertex'\nproject = 'p'\nbase_url = 'http://127.0.0.1:9'\n",
+    )
+    .unwrap();
+    let o = mmembed(d.path())
+        .args(["embed", "--text", "a red star", "--backend"])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("not comparable"), "{stderr}");
+
+    let o = mmembed(d.path())
+        .args(["embed", "--text", "x", "--backend", "fallback(local:demo)"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("two backends"));
+}
+
+#[test]
+fn bench_compares_backends_and_writes_csv_and_svg() {
+    let d = tempfile::tempdir().unwrap();
+    let (csv, svg) = (d.path().join("b.csv"), d.path().join("b.svg"));
+    let o = run_ok(
+        mmembed(d.path())
+            .args(["bench", "local:demo?device=cpu", "--fake-vertex-ms", "5"])
+            .args([
+                "--workloads",
+                "text:1,image:2",
+                "--iterations",
+                "3",
+                "--warmup",
+                "1",
+            ])
+            .arg("--csv")
+            .arg(&csv)
+            .arg("--svg")
+            .arg(&svg),
+    );
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("p50 ms") && table.contains("vertex-fake+5ms"),
+        "{table}"
+    );
+    let rows: Vec<csv::StringRecord> = csv::Reader::from_path(&csv)
+        .unwrap()
+        .records()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rows.len(), 4, "2 backends x 2 workloads");
+    for r in &rows {
+        assert_eq!(&r[2], "3", "{r:?}");
+        assert!(r[3].parse::<f64>().unwrap() > 0.0);
+        assert_eq!(&r[7], "", "no error: {r:?}");
+    }
+    // The fake answers after 5 ms: its p50 cannot be below that.
+    let fake = rows
+        .iter()
+        .find(|r| r[0].starts_with("vertex-fake"))
+        .unwrap();
+    assert!(fake[3].parse::<f64>().unwrap() >= 5.0, "{fake:?}");
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("image x2"));
+}
