@@ -26,12 +26,6 @@ use mmembed::vertex::fake::FakeVertex;
 use mmembed::vertex::{VertexConfig, VertexEmbedder};
 use mmembed::{EmbedRequest, Embedder, VideoSegmentConfig};
 
-const VIT_B_32: &str = r#"{"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 512,
- "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
-                 "num_hidden_layers": 12, "hidden_act": "quick_gelu", "eos_token_id": 49407},
- "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-                   "num_hidden_layers": 12, "patch_size": 32, "image_size": 224, "hidden_act": "quick_gelu"}}"#;
-
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -112,7 +106,7 @@ fn backends(
     let preprocessor = std::fs::read_to_string(fixtures.join("preprocessor_config.json")).unwrap();
     write_random_checkpoint(
         &vit,
-        VIT_B_32,
+        mmembed::local::VIT_B_32_CONFIG_JSON,
         &fixtures.join("tokenizer.json"),
         &preprocessor,
     )

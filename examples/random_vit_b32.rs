@@ -6,12 +6,6 @@
 
 use std::path::Path;
 
-const VIT_B_32: &str = r#"{"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 512,
- "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
-                 "num_hidden_layers": 12, "hidden_act": "quick_gelu", "eos_token_id": 49407},
- "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-                   "num_hidden_layers": 12, "patch_size": 32, "image_size": 224, "hidden_act": "quick_gelu"}}"#;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::env::args()
         .nth(1)
@@ -22,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&out)?;
     mmembed::local::write_random_checkpoint(
         Path::new(&out),
-        VIT_B_32,
+        mmembed::local::VIT_B_32_CONFIG_JSON,
         &fixtures.join("tokenizer.json"),
         &preprocessor,
     )?;

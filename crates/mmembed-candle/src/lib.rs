@@ -26,7 +26,7 @@ pub use embedder::{LoadedClip, LocalEmbedder, LocalOptions};
 pub use hub::{HubOptions, ModelFiles, hub_files, local_files};
 pub use manifest::Manifest;
 pub use model::{ClipModel, Kernels, TextTower, VisionTower};
-pub use random::write_random_checkpoint;
+pub use random::{VIT_B_32_CONFIG_JSON, write_random_checkpoint};
 pub use tokenizer::ClipTokenizer;
 
 pub(crate) use mmembed_core::Source;

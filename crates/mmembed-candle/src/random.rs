@@ -11,6 +11,15 @@ use mmembed_core::EmbedError;
 use crate::config::ClipConfig;
 use crate::model::ClipModel;
 
+/// The Hugging Face `config.json` of OpenAI's ViT-B/32 CLIP (the keys that
+/// differ from the defaults), for [`write_random_checkpoint`]: benchmarks of
+/// the real architecture without its pretrained weights.
+pub const VIT_B_32_CONFIG_JSON: &str = r#"{"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 512,
+ "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
+                 "num_hidden_layers": 12, "hidden_act": "quick_gelu", "eos_token_id": 49407},
+ "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                   "num_hidden_layers": 12, "patch_size": 32, "image_size": 224, "hidden_act": "quick_gelu"}}"#;
+
 /// Writes a complete checkpoint directory (`config.json`,
 /// `model.safetensors`, `tokenizer.json`, `preprocessor_config.json`) whose
 /// architecture is `config_json` (Hugging Face format) and whose weights are

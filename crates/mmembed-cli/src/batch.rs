@@ -439,6 +439,9 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
             }
         }
     }
+    if table.inputs.is_empty() {
+        tracing::warn!(input = %args.input, "the input lists no files");
+    }
     tracing::info!(
         inputs = table.inputs.len(),
         already_done = table.inputs.len() - todo.len(),

@@ -86,6 +86,15 @@ pub async fn search(mut args: Args) -> anyhow::Result<Vec<Hit>> {
         );
     }
     let space = rows[0].space.clone();
+    if args.backend.model.is_none()
+        && args.backend.backend == BackendKind::Local
+        && space.starts_with("vertex:")
+    {
+        bail!(
+            "these outputs were embedded by Vertex AI ({space}): search them with --backend vertex \
+             (and --project)"
+        );
+    }
     if args.backend.model.is_none() && args.backend.backend == BackendKind::Local {
         let models: BTreeSet<&str> = rows.iter().map(|r| r.model.as_str()).collect();
         if models.len() == 1 {
