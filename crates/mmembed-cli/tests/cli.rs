@@ -592,6 +592,16 @@ fn batch_on_the_vertex_backend_against_the_fake_service() {
         sent.iter()
             .any(|r| r.body.to_string().contains("gs://bucket/cat.jpg"))
     );
+
+    // Searching Vertex rows with the default local backend says what to do.
+    let o = mmembed(d.path())
+        .env_remove("MMEMBED_MODEL")
+        .args(["search", "a star", "--in"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--backend vertex"));
 }
 
 #[test]
