@@ -18,6 +18,7 @@ mod manifest;
 mod model;
 mod random;
 mod tokenizer;
+mod train_ops;
 
 pub use config::{Activation, ClipConfig, TextConfig, TowerConfig, VisionConfig};
 pub use demo::{DEMO_MODEL_ID, cache_dir, demo_model_dir, is_demo};

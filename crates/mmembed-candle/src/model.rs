@@ -14,6 +14,7 @@ use candle_nn::{
 };
 
 use crate::config::{Activation, ClipConfig, TowerConfig};
+use crate::train_ops;
 
 /// Which kernels the forward pass uses.
 ///
@@ -51,19 +52,29 @@ impl Norm {
         if self.kernels == Kernels::Fused {
             return self.ln.forward(x);
         }
+        if let (true, Some(b)) = (train_ops::supported(x), self.ln.bias()) {
+            return train_ops::layer_norm(x, self.ln.weight(), b, self.eps);
+        }
         let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let y = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = y.broadcast_mul(self.ln.weight())?;
-        match self.ln.bias() {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        let d = y.dim(D::Minus1)?;
+        let rows = y.elem_count() / d.max(1);
+        let shape = y.shape().clone();
+        let y = (y.reshape((rows, d))? * repeat_rows(self.ln.weight(), rows)?)?;
+        let y = match self.ln.bias() {
+            Some(b) => (y + repeat_rows(b, rows)?)?,
+            None => y,
+        };
+        y.reshape(shape)
     }
 }
 
-fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
+fn activate(act: Activation, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
     match act {
+        Activation::QuickGelu if kernels == Kernels::Differentiable && train_ops::supported(x) => {
+            train_ops::quick_gelu(x)
+        }
         Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
         Activation::Gelu => x.gelu_erf(),
         Activation::GeluTanh => x.gelu(),
@@ -72,11 +83,62 @@ fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `v` (any shape) repeated as `n` rows: `[n, v.elem_count()]`.
+///
+/// Written as a `[n, 1] x [1, len]` matmul rather than a broadcast because
+/// candle differentiates a broadcast by summing over the broadcast dims,
+/// and its sum over leading dims is a slow strided loop: it was a fifth of
+/// a training step. A matmul's backward is a matmul.
+fn repeat_rows(v: &Tensor, n: usize) -> Result<Tensor> {
+    let ones = Tensor::ones((n, 1), v.dtype(), v.device())?;
+    ones.matmul(&v.reshape((1, v.elem_count()))?)
+}
+
+/// A linear layer (Hugging Face `weight`/`bias` names) on either kernel set.
+struct Dense {
+    linear: Linear,
+    kernels: Kernels,
+}
+
+fn dense(i: usize, o: usize, bias: bool, kernels: Kernels, vb: VarBuilder) -> Result<Dense> {
+    let linear = if bias {
+        linear(i, o, vb)?
+    } else {
+        linear_no_bias(i, o, vb)?
+    };
+    Ok(Dense { linear, kernels })
+}
+
+impl Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.kernels == Kernels::Fused {
+            return self.linear.forward(x);
+        }
+        // candle-nn's Linear broadcasts the weight over the batch dims and
+        // the bias over every row; both gradients then go through the slow
+        // leading-dim sum (see `repeat_rows`). Rows-by-weight as one 2-D
+        // matmul has plain matmul gradients.
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&1);
+        let rows = x.elem_count() / k.max(1);
+        let w = self.linear.weight();
+        let mut y = x.reshape((rows, k))?.matmul(&w.t()?)?;
+        if let Some(b) = self.linear.bias() {
+            y = (y + repeat_rows(b, rows)?)?;
+        }
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = w.dim(0)?;
+        }
+        y.reshape(out)
+    }
+}
+
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    out: Dense,
     heads: usize,
     head_dim: usize,
     scale: f64,
@@ -88,10 +150,10 @@ impl Attention {
         let d = c.hidden_size;
         let head_dim = d / c.num_attention_heads;
         Ok(Self {
-            q: linear(d, d, vb.pp("q_proj"))?,
-            k: linear(d, d, vb.pp("k_proj"))?,
-            v: linear(d, d, vb.pp("v_proj"))?,
-            out: linear(d, d, vb.pp("out_proj"))?,
+            q: dense(d, d, true, kernels, vb.pp("q_proj"))?,
+            k: dense(d, d, true, kernels, vb.pp("k_proj"))?,
+            v: dense(d, d, true, kernels, vb.pp("v_proj"))?,
+            out: dense(d, d, true, kernels, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -115,6 +177,7 @@ impl Attention {
         }
         let w = match self.kernels {
             Kernels::Fused => candle_nn::ops::softmax_last_dim(&w)?,
+            Kernels::Differentiable if train_ops::supported(&w) => train_ops::softmax_last_dim(&w)?,
             Kernels::Differentiable => candle_nn::ops::softmax(&w, D::Minus1)?,
         };
         let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
@@ -126,9 +189,10 @@ struct Layer {
     ln1: Norm,
     attn: Attention,
     ln2: Norm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     act: Activation,
+    kernels: Kernels,
 }
 
 impl Layer {
@@ -139,15 +203,20 @@ impl Layer {
             ln1: norm(d, eps, kernels, vb.pp("layer_norm1"))?,
             attn: Attention::new(c, kernels, vb.pp("self_attn"))?,
             ln2: norm(d, eps, kernels, vb.pp("layer_norm2"))?,
-            fc1: linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            fc1: dense(d, c.intermediate_size, true, kernels, vb.pp("mlp.fc1"))?,
+            fc2: dense(c.intermediate_size, d, true, kernels, vb.pp("mlp.fc2"))?,
             act: c.activation,
+            kernels,
         })
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
-        let h = activate(self.act, &self.fc1.forward(&self.ln2.forward(&x)?)?)?;
+        let h = activate(
+            self.act,
+            self.kernels,
+            &self.fc1.forward(&self.ln2.forward(&x)?)?,
+        )?;
         x + self.fc2.forward(&h)?
     }
 }
@@ -175,8 +244,9 @@ pub struct TextTower {
     position: Embedding,
     encoder: Encoder,
     final_ln: Norm,
-    projection: Linear,
+    projection: Dense,
     context: usize,
+    kernels: Kernels,
 }
 
 impl TextTower {
@@ -197,8 +267,9 @@ impl TextTower {
                 kernels,
                 vb.pp("final_layer_norm"),
             )?,
-            projection: linear_no_bias(d, c.projection_dim, proj)?,
+            projection: dense(d, c.projection_dim, false, kernels, proj)?,
             context: t.max_position_embeddings,
+            kernels,
         })
     }
 
@@ -216,10 +287,11 @@ impl TextTower {
         }
         let dev = ids.device();
         let pos = Tensor::arange(0u32, t as u32, dev)?;
-        let x = self
-            .token
-            .forward(ids)?
-            .broadcast_add(&self.position.forward(&pos)?)?;
+        let x = add_positions(
+            &self.token.forward(ids)?,
+            &self.position.forward(&pos)?,
+            self.kernels,
+        )?;
         let mask = causal_mask(t, x.dtype(), dev)?;
         let x = self.encoder.forward(&x, Some(&mask))?;
         let x = self.final_ln.forward(&x)?;
@@ -231,6 +303,17 @@ impl TextTower {
         let idx = Tensor::new(flat.as_slice(), dev)?;
         let pooled = x.reshape((b * t, ()))?.index_select(&idx, 0)?;
         self.projection.forward(&pooled)
+    }
+}
+
+/// `x [b, t, d] + pos [t, d]`, broadcast over the batch.
+fn add_positions(x: &Tensor, pos: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused => x.broadcast_add(pos),
+        Kernels::Differentiable => {
+            let b = x.dim(0)?;
+            x + repeat_rows(pos, b)?.reshape(x.shape())?
+        }
     }
 }
 
@@ -249,7 +332,7 @@ pub struct VisionTower {
     pre_ln: Norm,
     encoder: Encoder,
     post_ln: Norm,
-    projection: Linear,
+    projection: Dense,
     positions: usize,
     patch_size: usize,
     kernels: Kernels,
@@ -280,7 +363,7 @@ impl VisionTower {
             pre_ln: norm(d, eps, kernels, vb.pp("pre_layrnorm"))?,
             encoder: Encoder::new(&v.tower, kernels, vb.pp("encoder"))?,
             post_ln: norm(d, eps, kernels, vb.pp("post_layernorm"))?,
-            projection: linear_no_bias(d, c.projection_dim, proj)?,
+            projection: dense(d, c.projection_dim, false, kernels, proj)?,
             positions,
             patch_size: v.patch_size,
             kernels,
@@ -299,10 +382,13 @@ impl VisionTower {
             Kernels::Differentiable => self.patches_by_matmul(pixels)?,
         };
         let d = x.dim(2)?;
-        let cls = self.class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?;
+        let cls = match self.kernels {
+            Kernels::Fused => self.class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?,
+            Kernels::Differentiable => repeat_rows(&self.class, b)?.reshape((b, 1, d))?,
+        };
         let x = Tensor::cat(&[&cls, &x], 1)?;
         let pos = Tensor::arange(0u32, self.positions as u32, pixels.device())?;
-        let x = x.broadcast_add(&self.position.forward(&pos)?)?;
+        let x = add_positions(&x, &self.position.forward(&pos)?, self.kernels)?;
         let x = self.encoder.forward(&self.pre_ln.forward(&x)?, None)?;
         let cls = self.post_ln.forward(&x.i((.., 0, ..))?)?;
         self.projection.forward(&cls)
@@ -320,11 +406,13 @@ impl VisionTower {
         let unfolded = pixels
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, gh * gw, c * p * p))?;
+            .reshape((b * gh * gw, c * p * p))?;
         let weight = self.patch.weight();
         let d = weight.dim(0)?;
         let weight = weight.reshape((d, c * p * p))?;
-        unfolded.broadcast_matmul(&weight.t()?)
+        // One 2-D matmul: a weight broadcast over the batch would be
+        // differentiated by candle's slow leading-dim sum.
+        unfolded.matmul(&weight.t()?)?.reshape((b, gh * gw, d))
     }
 }
 
