@@ -29,6 +29,7 @@ mod train;
 
 pub use files::{BOS, CONTEXT, EOS, UNK, config_json, preprocessor_json, tokenizer_json};
 pub use scene::{
-    Attributes, Caption, Colour, Position, Scene, Shape, Size, random_caption, vocabulary,
+    Attributes, Caption, Colour, Position, Scene, Shape, Size, random_caption,
+    random_caption_with_position, vocabulary,
 };
 pub use train::{TrainError, TrainOptions, TrainReport, train};

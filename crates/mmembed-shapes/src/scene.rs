@@ -340,9 +340,20 @@ const LEADS: [&str; 5] = [
 /// A random caption for `attributes`: a random lead, size and position each
 /// named half of the time.
 pub fn random_caption(attributes: Attributes, rng: &mut impl Rng) -> Caption {
+    caption_with(attributes, false, rng)
+}
+
+/// A random caption for `attributes` that always names the position (a
+/// random lead, size named half of the time).
+pub fn random_caption_with_position(attributes: Attributes, rng: &mut impl Rng) -> Caption {
+    caption_with(attributes, true, rng)
+}
+
+fn caption_with(attributes: Attributes, always_position: bool, rng: &mut impl Rng) -> Caption {
+    // The order of the draws is what made models/demo: keep it.
     let lead = LEADS[rng.random_range(0..LEADS.len())];
     let names_size = rng.random_bool(0.5);
-    let names_position = rng.random_bool(0.5);
+    let names_position = always_position || rng.random_bool(0.5);
     let mut text = String::from(lead);
     if names_size {
         text.push(' ');

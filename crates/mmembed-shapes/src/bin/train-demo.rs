@@ -27,6 +27,17 @@ struct Args {
     /// Seed of the scene stream and the initial weights.
     #[arg(long, env = "MMEMBED_TRAIN_SEED", default_value_t = TrainOptions::default().seed)]
     seed: u64,
+    /// Every this many groups of six scenes in a batch is a position group
+    /// (one shape and colour in every position) instead of a shape group
+    /// (one colour, every shape); 0 = shape groups only.
+    #[arg(long, env = "MMEMBED_TRAIN_POSITION_GROUP_EVERY",
+          default_value_t = TrainOptions::default().position_group_every)]
+    position_group_every: usize,
+    /// Threads for candle's kernels. One is fastest for this small model:
+    /// with two, most ops are too small to split and the threads spend the
+    /// step waiting at barriers; the other core draws the scenes.
+    #[arg(long, env = "MMEMBED_TRAIN_THREADS", default_value_t = 1)]
+    threads: usize,
 }
 
 #[global_allocator]
@@ -40,11 +51,19 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let threads = args.threads.max(1).to_string();
+    // SAFETY: no other thread exists yet (the tracing subscriber starts
+    // none), and candle reads these once, when its first op builds its pool.
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", &threads);
+        std::env::set_var("RAYON_NUM_THREADS", &threads);
+    }
     let opts = TrainOptions {
         steps: args.steps,
         batch: args.batch,
         learning_rate: args.lr,
         seed: args.seed,
+        position_group_every: args.position_group_every,
         ..TrainOptions::default()
     };
     let report = train(&args.out, &opts, |step, loss, t| {
