@@ -10,6 +10,7 @@
 //! - Vectors are L2-normalised and tagged with the model's space id.
 
 mod config;
+mod cpu_kernels;
 mod demo;
 mod device;
 mod embedder;

@@ -1,0 +1,579 @@
+//! Fused f32 inference kernels for the CPU: linear layers with their bias,
+//! activation and residual in the matmul's output pass, multi-head
+//! attention straight from the packed QKV projection, and layer norm.
+//!
+//! Why: profiled on ViT-B/32 (BENCHMARKS.md, "Where the time goes"), the
+//! matmuls candle calls run as fast as PyTorch's, but everything around them
+//! did not: quick-GELU as three single-threaded elementwise passes with
+//! libm's `expf` was 18 % of a batch-32 image forward, the attention's head
+//! split/merge copies, per-head matmul calls, mask add and softmax another
+//! 5 %, bias and residual adds and layer norm a few more. Here each of those
+//! is folded into one pass that runs on rayon's pool (the one the `gemm`
+//! crate, and so candle's matmul, already uses), so no second thread pool
+//! competes for the cores.
+//!
+//! The kernels take contiguous f32 CPU tensors; [`supported`] says when a
+//! tensor is one, and callers use candle's ops otherwise (other devices,
+//! other dtypes, or the `mkl`/`accelerate` features, whose BLAS we leave in
+//! charge of matmuls). They have no backward pass: training uses
+//! [`crate::train_ops`]. Unit tests compare each with candle's op graph.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Whether `x` can go through these kernels.
+pub(crate) fn supported(x: &Tensor) -> bool {
+    cfg!(not(any(feature = "mkl", feature = "accelerate")))
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("CPU kernels take f32 tensors")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("CPU kernels take contiguous tensors"),
+    }
+}
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor held by an op.
+fn with_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("CPU kernels take CPU tensors")
+    };
+    f(f32s(s, layout)?)
+}
+
+fn threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
+fn parallelism(work: usize) -> gemm::Parallelism {
+    // Below a few hundred thousand multiply-adds, waking a second thread
+    // costs more than it saves.
+    match threads() {
+        n if n > 1 && work >= 1 << 18 => gemm::Parallelism::Rayon(n),
+        _ => gemm::Parallelism::None,
+    }
+}
+
+/// Rows per parallel chunk so each chunk has at least ~64k elements.
+fn rows_per_chunk(rows: usize, width: usize) -> usize {
+    let min_rows = (1usize << 16).div_ceil(width.max(1));
+    rows.div_ceil(threads()).max(min_rows).max(1)
+}
+
+/// What the linear layer applies to its output, in the same pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    /// Nothing.
+    None,
+    /// `y * sigmoid(1.702 y)`, CLIP's quick GELU.
+    QuickGelu,
+}
+
+/// `act(x · wᵀ + b) (+ residual)` for `x [.., k]`, `w [n, k]` (any
+/// strides: a transposed view of a `[k, n]` tensor is read in place), `b [n]`,
+/// `residual` shaped like the output. The bias (and residual) are written
+/// into the output first and the matmul accumulates onto them, so neither
+/// costs a pass of its own. `residual` and an epilogue do not combine (CLIP
+/// never needs both, and the order would be ambiguous).
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+    epilogue: Epilogue,
+) -> Result<Tensor> {
+    if residual.is_some() && epilogue != Epilogue::None {
+        candle_core::bail!("a fused linear takes a residual or an activation, not both");
+    }
+    let x = x.contiguous()?;
+    let op = Linear {
+        w: w.clone(),
+        b: b.contiguous()?,
+        residual: residual.map(Tensor::contiguous).transpose()?,
+        epilogue,
+    };
+    x.apply_op1_no_bwd(&op)
+}
+
+struct Linear {
+    w: Tensor,
+    b: Tensor,
+    residual: Option<Tensor>,
+    epilogue: Epilogue,
+}
+
+impl CustomOp1 for Linear {
+    fn name(&self) -> &'static str {
+        "cpu-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l)?;
+        let (n, k) = self.w.dims2()?;
+        let in_dims = l.dims();
+        if in_dims.last() != Some(&k) || self.b.dims() != [n] {
+            candle_core::bail!(
+                "cpu-linear: input {:?}, weight [{n}, {k}], bias {:?}",
+                in_dims,
+                self.b.dims()
+            );
+        }
+        let m = x.len() / k.max(1);
+        let mut out_dims = in_dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        if let Some(res) = &self.residual
+            && res.dims() != out_dims.as_slice()
+        {
+            candle_core::bail!("cpu-linear: residual {:?}, output {out_dims:?}", res.dims());
+        }
+        // The output starts as bias (+ residual) rows; the matmul adds onto it.
+        let mut y = vec![0f32; m * n];
+        let chunk = n * rows_per_chunk(m, n);
+        with_f32s(&self.b, |b| match &self.residual {
+            None => {
+                y.par_chunks_mut(chunk)
+                    .for_each(|y| y.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)));
+                Ok(())
+            }
+            Some(res) => with_f32s(res, |r| {
+                y.par_chunks_mut(chunk)
+                    .zip(r.par_chunks(chunk))
+                    .for_each(|(y, r)| {
+                        for (y, r) in y.chunks_exact_mut(n).zip(r.chunks_exact(n)) {
+                            for ((y, r), b) in y.iter_mut().zip(r).zip(b) {
+                                *y = r + b;
+                            }
+                        }
+                    });
+                Ok(())
+            }),
+        })?;
+        // The weight may be stored either way round (see `Dense` in
+        // model.rs): read it through its strides, `w[j, kk]` at
+        // `j * s0 + kk * s1`, as the k×n right-hand side.
+        let (storage, layout) = self.w.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(w)) = &*storage else {
+            candle_core::bail!("cpu-linear: the weight is not an f32 CPU tensor")
+        };
+        let (s0, s1) = match layout.stride() {
+            &[s0, s1] => (s0, s1),
+            _ => candle_core::bail!("cpu-linear: weight strides {:?}", layout.stride()),
+        };
+        let start = layout.start_offset();
+        if n == 0 || k == 0 || w.len() < start + (n - 1) * s0 + (k - 1) * s1 + 1 {
+            candle_core::bail!("cpu-linear: empty or out-of-bounds weight [{n}, {k}]");
+        }
+        // SAFETY: `y` is m×n row-major and `x` m×k row-major (lengths
+        // checked above); every weight index `start + j*s0 + kk*s1` with
+        // j < n, kk < k is in bounds (checked just above).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr().add(start),
+                s0 as isize,
+                s1 as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(m * n * k),
+            );
+        }
+        drop(storage);
+        if self.epilogue == Epilogue::QuickGelu {
+            y.par_chunks_mut(chunk).for_each(quick_gelu_in_place);
+        }
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+}
+
+/// Multi-head self-attention from a packed projection: `qkv [b, t, 3d]`
+/// holds each token's query, key and value (heads side by side in each);
+/// the result is `[b, t, d]` with heads merged, ready for the output
+/// projection. Scores are scaled by `1/sqrt(d/heads)`; `causal` masks
+/// later tokens. Each (sequence, head) pair is one task: two small matmuls
+/// read the heads in place by stride and write the output in place, so
+/// no split or merge copies are made.
+pub(crate) fn attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    qkv.contiguous()?
+        .apply_op1_no_bwd(&Attention { heads, causal })
+}
+
+struct Attention {
+    heads: usize,
+    causal: bool,
+}
+
+/// A pointer that tasks write through at disjoint offsets.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (its own head's
+// columns of its own sequence), and the buffer outlives the parallel loop.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "cpu-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32s(s, l)?;
+        let (b, t, d3) = l.shape().dims3()?;
+        let h = self.heads;
+        if h == 0 || d3 % 3 != 0 || (d3 / 3) % h != 0 {
+            candle_core::bail!("cpu-attention: width {d3} is not 3 x {h} heads");
+        }
+        let d = d3 / 3;
+        let hd = d / h;
+        let scale = (hd as f32).powf(-0.5);
+        let mut out = vec![0f32; b * t * d];
+        let dst = SharedOut(out.as_mut_ptr());
+        let causal = self.causal;
+        (0..b * h).into_par_iter().for_each_init(
+            || vec![0f32; t * t],
+            |scores, task| {
+                let (seq, head) = (task / h, task % h);
+                let base = seq * t * d3 + head * hd;
+                let (q, k, v) = (base, base + d, base + 2 * d);
+                // SAFETY: q/k/v index rows of `qkv` with row stride 3d and
+                // hd columns inside it; `scores` is t×t; the output block is
+                // rows `seq*t..` with row stride d and this head's hd
+                // columns, written by this task only.
+                unsafe {
+                    gemm::gemm(
+                        t,
+                        t,
+                        hd,
+                        scores.as_mut_ptr(),
+                        1,
+                        t as isize,
+                        false,
+                        qkv.as_ptr().add(q),
+                        1,
+                        d3 as isize,
+                        qkv.as_ptr().add(k),
+                        d3 as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for (i, row) in scores.chunks_exact_mut(t).enumerate() {
+                    let valid = if causal { i + 1 } else { t };
+                    softmax_in_place(&mut row[..valid]);
+                    row[valid..].fill(0.0);
+                }
+                let out = dst;
+                // SAFETY: see above.
+                unsafe {
+                    gemm::gemm(
+                        t,
+                        hd,
+                        t,
+                        out.0.add(seq * t * d + head * hd),
+                        1,
+                        d as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        t as isize,
+                        qkv.as_ptr().add(v),
+                        1,
+                        d3 as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
+    }
+}
+
+/// Layer norm over the last dim with affine weight and bias, rows in
+/// parallel.
+pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&LayerNorm {
+        w: w.contiguous()?,
+        b: b.contiguous()?,
+        eps: eps as f32,
+    })
+}
+
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f32,
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "cpu-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l)?;
+        let d = match l.dims().last() {
+            Some(&d) if d > 0 && self.w.dims() == [d] && self.b.dims() == [d] => d,
+            _ => candle_core::bail!(
+                "cpu-layer-norm: input {:?}, weight {:?}, bias {:?}",
+                l.dims(),
+                self.w.dims(),
+                self.b.dims()
+            ),
+        };
+        let mut y = vec![0f32; x.len()];
+        let rows = x.len() / d;
+        let chunk = d * rows_per_chunk(rows, d);
+        with_f32s(&self.w, |w| {
+            with_f32s(&self.b, |b| {
+                y.par_chunks_mut(chunk)
+                    .zip(x.par_chunks(chunk))
+                    .for_each(|(y, x)| {
+                        for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                            let mean = x.iter().sum::<f32>() / d as f32;
+                            let var =
+                                x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                            let inv = 1.0 / (var + self.eps).sqrt();
+                            for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                                *y = (x - mean) * inv * w + b;
+                            }
+                        }
+                    });
+                Ok(())
+            })
+        })?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// `exp(x)` to within a few ulp, written so the compiler can vectorise a
+/// loop of it (libm's `expf` is a call per element). Cody-Waite reduction
+/// to `[-ln2/2, ln2/2]` and Cephes' degree-6 polynomial; inputs are
+/// clamped to the range where `2^n` is a normal f32 (the ends are what
+/// softmax weights and sigmoid tails need: ~1e-38 below, ~2e38 above).
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * LOG2E).round_ties_even();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 5e-1);
+    let e = (p * r).mul_add(r, r) + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn quick_gelu_generic(v: &mut [f32]) {
+    for x in v {
+        *x /= 1.0 + exp_approx(-1.702 * *x);
+    }
+}
+
+#[inline(always)]
+fn softmax_generic(v: &mut [f32]) {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in v.iter_mut() {
+        *x = exp_approx(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    v.iter_mut().for_each(|x| *x *= inv);
+}
+
+// The same loops compiled for AVX2+FMA, picked at run time: the crate
+// itself is built for baseline x86-64, where `round_ties_even` and `mul_add`
+// are calls rather than instructions and nothing vectorises.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quick_gelu_avx2(v: &mut [f32]) {
+    quick_gelu_generic(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_avx2(v: &mut [f32]) {
+    softmax_generic(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static YES: OnceLock<bool> = OnceLock::new();
+    *YES.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// `x * sigmoid(1.702 x)` in place.
+pub(crate) fn quick_gelu_in_place(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has the features this copy was compiled for.
+        return unsafe { quick_gelu_avx2(v) };
+    }
+    quick_gelu_generic(v)
+}
+
+/// Softmax of one row in place.
+fn softmax_in_place(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: as above.
+        return unsafe { softmax_avx2(v) };
+    }
+    softmax_generic(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Module};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    #[test]
+    fn exp_approx_is_within_a_few_ulp_of_libm() {
+        let mut worst = 0f32;
+        for i in -870_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let (a, e) = (exp_approx(x), x.exp());
+            worst = worst.max(((a - e) / e).abs());
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp_approx(-1e4), exp_approx(-87.3));
+        assert!(exp_approx(1e4).is_finite());
+    }
+
+    #[test]
+    fn quick_gelu_matches_candle() -> Result<()> {
+        let x = (Tensor::randn(0f32, 3., (7, 301), &Device::Cpu)? * 4.0)?;
+        let want = (&x * candle_nn::ops::sigmoid(&(&x * 1.702)?)?)?;
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        quick_gelu_in_place(&mut v);
+        let got = Tensor::from_vec(v, (7, 301), &Device::Cpu)?;
+        assert!(max_diff(&got, &want) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn linear_with_bias_activation_and_residual_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        // Sizes on both sides of the single-thread threshold.
+        for (b, t, k, n) in [(2, 3, 5, 4), (4, 50, 96, 384)] {
+            let x = Tensor::randn(0f32, 1., (b, t, k), &dev)?;
+            let w = Tensor::randn(0f32, 0.2, (n, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1., n, &dev)?;
+            let lin = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
+            let plain = lin.forward(&x)?;
+            let got = linear(&x, &w, &bias, None, Epilogue::None)?;
+            assert_eq!(got.dims(), &[b, t, n]);
+            assert!(max_diff(&got, &plain) < 1e-4);
+            let gelu = (&plain * candle_nn::ops::sigmoid(&(&plain * 1.702)?)?)?;
+            let got = linear(&x, &w, &bias, None, Epilogue::QuickGelu)?;
+            assert!(max_diff(&got, &gelu) < 1e-4);
+            let res = Tensor::randn(0f32, 1., (b, t, n), &dev)?;
+            let got = linear(&x, &w, &bias, Some(&res), Epilogue::None)?;
+            assert!(max_diff(&got, &(&plain + &res)?) < 1e-4);
+            // A weight stored [k, n] and passed as its transposed view.
+            let w_kn = w.t()?.contiguous()?;
+            let got = linear(&x, &w_kn.t()?, &bias, None, Epilogue::None)?;
+            assert!(max_diff(&got, &plain) < 1e-4);
+        }
+        let x = Tensor::zeros((2, 5), DType::F32, &dev)?;
+        let w = Tensor::zeros((4, 6), DType::F32, &dev)?;
+        let bias = Tensor::zeros(4, DType::F32, &dev)?;
+        assert!(linear(&x, &w, &bias, None, Epilogue::None).is_err());
+        Ok(())
+    }
+
+    /// Reference attention the way the model's candle path computes it.
+    fn reference(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+        let (b, t, d3) = qkv.dims3()?;
+        let d = d3 / 3;
+        let hd = d / heads;
+        let part = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * d, d)?
+                .reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let mut w = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+        if causal {
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            w = w.broadcast_add(&Tensor::from_vec(m, (t, t), qkv.device())?)?;
+        }
+        let w = candle_nn::ops::softmax(&w, D::Minus1)?;
+        w.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
+    }
+
+    #[test]
+    fn attention_matches_candle_with_and_without_causal_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, t, heads, hd) in [(1, 1, 1, 4), (3, 7, 2, 8), (2, 50, 12, 64)] {
+            let qkv = Tensor::randn(0f32, 1., (b, t, 3 * heads * hd), &dev)?;
+            for causal in [false, true] {
+                let got = attention(&qkv, heads, causal)?;
+                let want = reference(&qkv, heads, causal)?;
+                assert_eq!(got.dims(), want.dims());
+                let diff = max_diff(&got, &want);
+                assert!(diff < 1e-5, "b{b} t{t} h{heads} causal {causal}: {diff}");
+            }
+        }
+        let bad = Tensor::zeros((1, 2, 10), DType::F32, &dev)?;
+        assert!(attention(&bad, 3, false).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 2., (3, 40, 96), &dev)? + 5.0)?;
+        let w = Tensor::randn(0f32, 1., 96, &dev)?;
+        let b = Tensor::randn(0f32, 1., 96, &dev)?;
+        let want = candle_nn::LayerNorm::new(w.clone(), b.clone(), 1e-5).forward(&x)?;
+        let got = layer_norm(&x, &w, &b, 1e-5)?;
+        assert!(max_diff(&got, &want) < 1e-4);
+        Ok(())
+    }
+}
