@@ -1,0 +1,65 @@
+//! Runs one local-model workload in a loop, for profilers (`perf record`,
+//! `valgrind --tool=callgrind`) and quick throughput checks: the model is
+//! loaded first, then the forward pass repeats for the given seconds.
+//!
+//! ```sh
+//! cargo run --release --example random_vit_b32 -- /tmp/vit-b-32
+//! cargo build --release --example clip_loop --features local
+//! target/release/examples/clip_loop /tmp/vit-b-32 images 32 20
+//! ```
+//!
+//! Workloads: `images`, `texts77` (77-token texts), `texts16` (16 tokens).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mmembed::local::LoadedClip;
+use mmembed::local::candle_core::{DType, Device};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, model, workload, batch, seconds] = args.as_slice() else {
+        return Err("usage: clip_loop MODEL_DIR images|texts77|texts16 BATCH SECONDS".into());
+    };
+    let batch: usize = batch.parse()?;
+    let seconds: f64 = seconds.parse()?;
+    let files = mmembed::local::local_files(Path::new(model))?;
+    let clip = LoadedClip::load(&files, &Device::Cpu, DType::F32)?;
+    let side = clip.config.vision.image_size;
+    let mut run: Box<dyn FnMut() -> Result<(), Box<dyn std::error::Error>>> =
+        match workload.as_str() {
+            "images" => {
+                // Values do not change the cost; a fixed pattern keeps runs equal.
+                let px: Vec<f32> = (0..3 * side * side)
+                    .map(|i| (i % 17) as f32 / 17.0)
+                    .collect();
+                let input = vec![px; batch];
+                Box::new(move || clip.embed_pixels(&input).map(drop).map_err(Into::into))
+            }
+            "texts77" | "texts16" => {
+                let tokens = if workload == "texts77" { 77 } else { 16 };
+                let words = ["a photo of a cat sitting on a red sofa"; 12].join(" ");
+                let mut ids = clip.tokenizer.encode(&words)?;
+                ids.truncate(tokens - 1);
+                ids.push(clip.tokenizer.eos_id());
+                let input = vec![ids; batch];
+                Box::new(move || clip.embed_token_ids(&input).map(drop).map_err(Into::into))
+            }
+            other => return Err(format!("unknown workload {other:?}").into()),
+        };
+    run()?;
+    eprintln!("loaded and warmed up; running");
+    let start = Instant::now();
+    let mut calls = 0u32;
+    while start.elapsed() < Duration::from_secs_f64(seconds) || calls < 3 {
+        run()?;
+        calls += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{workload} batch {batch}: {calls} calls, {:.1} ms/call, {:.2} items/s",
+        secs * 1e3 / f64::from(calls),
+        f64::from(calls) * batch as f64 / secs
+    );
+    Ok(())
+}
