@@ -6,25 +6,35 @@
 //! cargo run --release --example random_vit_b32 -- /tmp/vit-b-32
 //! cargo build --release --example clip_loop --features local
 //! target/release/examples/clip_loop /tmp/vit-b-32 images 32 20
+//! /usr/bin/time -v target/release/examples/clip_loop /tmp/vit-b-32 images 1 5 int8
 //! ```
 //!
 //! Workloads: `images`, `texts77` (77-token texts), `texts16` (16 tokens).
+//! An optional last argument is the precision (`f32`, the default, or
+//! `int8`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mmembed::local::LoadedClip;
-use mmembed::local::candle_core::{DType, Device};
+use mmembed::local::candle_core::Device;
+use mmembed::local::{LoadedClip, Precision};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, model, workload, batch, seconds] = args.as_slice() else {
-        return Err("usage: clip_loop MODEL_DIR images|texts77|texts16 BATCH SECONDS".into());
+    let (model, workload, batch, seconds, precision) = match args.as_slice() {
+        [_, m, w, b, s] => (m, w, b, s, Precision::F32),
+        [_, m, w, b, s, p] => (m, w, b, s, p.parse::<Precision>()?),
+        _ => {
+            return Err(
+                "usage: clip_loop MODEL_DIR images|texts77|texts16 BATCH SECONDS [PRECISION]"
+                    .into(),
+            );
+        }
     };
     let batch: usize = batch.parse()?;
     let seconds: f64 = seconds.parse()?;
     let files = mmembed::local::local_files(Path::new(model))?;
-    let clip = LoadedClip::load(&files, &Device::Cpu, DType::F32)?;
+    let clip = LoadedClip::load(&files, &Device::Cpu, precision)?;
     let side = clip.config.vision.image_size;
     let mut run: Box<dyn FnMut() -> Result<(), Box<dyn std::error::Error>>> =
         match workload.as_str() {

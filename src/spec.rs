@@ -47,7 +47,7 @@ pub struct LocalSpec {
     pub model: Option<String>,
     /// `auto`, `cpu`, `cuda[:N]`, `metal[:N]`.
     pub device: Option<String>,
-    /// `f32`, `f16`, `bf16`.
+    /// `f32`, `f16`, `bf16` (GPUs), `int8` (CPU).
     pub precision: Option<String>,
     /// Largest forward batch.
     pub max_batch: Option<usize>,

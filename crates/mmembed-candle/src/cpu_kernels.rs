@@ -28,7 +28,7 @@ pub(crate) fn supported(x: &Tensor) -> bool {
         && x.dtype() == DType::F32
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("CPU kernels take f32 tensors")
     };
@@ -39,7 +39,7 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor held by an op.
-fn with_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(s) = &*storage else {
         candle_core::bail!("CPU kernels take CPU tensors")
@@ -47,7 +47,7 @@ fn with_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     f(f32s(s, layout)?)
 }
 
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)
 }
 
@@ -432,7 +432,7 @@ fn softmax_avx2(v: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static YES: OnceLock<bool> = OnceLock::new();
     *YES.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))

@@ -19,6 +19,7 @@ use crate::device::{DeviceSpec, Precision};
 use crate::hub::{HubOptions, ModelFiles, hub_files, local_files};
 use crate::manifest::Manifest;
 use crate::model::ClipModel;
+use crate::model::Kernels;
 use crate::tokenizer::ClipTokenizer;
 
 const BACKEND: &str = "local";
@@ -212,8 +213,14 @@ impl fmt::Debug for LoadedClip {
 
 impl LoadedClip {
     /// Loads a checkpoint's files: config, tokenizer, preprocessor, and the
-    /// weights by memory map (no copy on CPU for f32 weights).
-    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self, EmbedError> {
+    /// weights, read tensor by tensor (peak memory about the weights' size).
+    /// [`Precision::Int8`] quantises the encoder layers while loading.
+    pub fn load(
+        files: &ModelFiles,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, EmbedError> {
+        let dtype = precision.dtype_for(device)?;
         let model_name = files
             .config
             .parent()
@@ -243,11 +250,14 @@ impl LoadedClip {
                  {side}x{side}"
             )));
         }
-        // SAFETY: the files are memory-mapped read-only; like every
-        // safetensors loader we rely on nobody truncating them while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
-            .map_err(|e| err(format!("cannot map the weights: {e}")))?;
-        let model = ClipModel::new(&config, vb)
+        let weights = crate::weights::SafetensorsFiles::open(&files.weights)
+            .map_err(|e| err(format!("cannot read the weights: {e}")))?;
+        let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
+        let kernels = match precision {
+            Precision::Int8 => Kernels::Int8,
+            _ => Kernels::Fused,
+        };
+        let model = ClipModel::with_kernels(&config, kernels, vb)
             .map_err(|e| err(format!("the weights do not match config.json: {e}")))?;
         Ok(Self {
             model,
@@ -586,14 +596,13 @@ impl LocalEmbedder {
     /// Loads the model on the calling thread (may download; reads the weights).
     pub fn load_blocking(opts: LocalOptions) -> Result<Self, EmbedError> {
         let device = opts.device.open()?;
-        let dtype = opts.precision.dtype_for(&device)?;
         let (files, manifest_space) = locate(&opts)?;
         let space = match (&opts.space, manifest_space) {
             (Some(s), _) => s.clone(),
             (None, Some(s)) => s,
             (None, None) => weights_space(&files)?,
         };
-        let clip = LoadedClip::load(&files, &device, dtype)?;
+        let clip = LoadedClip::load(&files, &device, opts.precision)?;
         let dim = clip.config.projection_dim;
         let info = EmbedderInfo {
             backend: BACKEND.into(),
@@ -608,7 +617,7 @@ impl LocalEmbedder {
             },
             max_text_tokens: Some(clip.tokenizer.context()),
         };
-        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, ?dtype, "local model loaded");
+        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, "local model loaded");
         if !(opts.video_fps.is_finite() && opts.video_fps > 0.0) {
             return Err(EmbedError::invalid(
                 "video_fps",

@@ -15,11 +15,13 @@ mod demo;
 mod device;
 mod embedder;
 mod hub;
+mod int8;
 mod manifest;
 mod model;
 mod random;
 mod tokenizer;
 mod train_ops;
+mod weights;
 
 pub use config::{Activation, ClipConfig, TextConfig, TowerConfig, VisionConfig};
 pub use demo::{DEMO_MODEL_ID, cache_dir, demo_model_dir, is_demo};

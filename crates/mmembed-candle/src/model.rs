@@ -15,6 +15,7 @@ use candle_nn::{
 
 use crate::config::{Activation, ClipConfig, TowerConfig};
 use crate::cpu_kernels::{self, Epilogue};
+use crate::int8::QLinear;
 use crate::train_ops;
 
 /// Which kernels the forward pass uses.
@@ -27,8 +28,20 @@ use crate::train_ops;
 pub enum Kernels {
     /// Fused kernels, for inference.
     Fused,
+    /// Fused kernels with the encoder layers' linear weights quantised to
+    /// int8 (one scale per output channel) and activations to 16 bits at
+    /// run time: faster on CPUs, slightly less exact (BENCHMARKS.md gives
+    /// the cosine to fp32). Applies to f32 CPU models; elsewhere it is
+    /// [`Kernels::Fused`].
+    Int8,
     /// Differentiable elementary ops, for training.
     Differentiable,
+}
+
+impl Kernels {
+    fn fused(self) -> bool {
+        self != Kernels::Differentiable
+    }
 }
 
 /// Layer norm that can run on either kernel set.
@@ -50,7 +63,7 @@ fn norm(d: usize, eps: f64, kernels: Kernels, vb: VarBuilder) -> Result<Norm> {
 
 impl Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.kernels == Kernels::Fused {
+        if self.kernels.fused() {
             if let (true, Some(b)) = (cpu_kernels::supported(x), self.ln.bias()) {
                 return cpu_kernels::layer_norm(x, self.ln.weight(), b, self.eps);
             }
@@ -100,8 +113,35 @@ fn repeat_rows(v: &Tensor, n: usize) -> Result<Tensor> {
 
 /// A linear layer (Hugging Face `weight`/`bias` names) on either kernel set.
 struct Dense {
-    linear: Linear,
+    linear: Weights,
     kernels: Kernels,
+}
+
+enum Weights {
+    Float(Linear),
+    Int8(QLinear),
+}
+
+impl Dense {
+    /// `linear` as is, or quantised for [`Kernels::Int8`] when it has a
+    /// bias and lives in f32 on the CPU (the f32 weight is then dropped).
+    fn from_linear(linear: Linear, kernels: Kernels) -> Result<Self> {
+        let linear = match linear.bias() {
+            Some(b) if kernels == Kernels::Int8 && cpu_kernels::supported(linear.weight()) => {
+                Weights::Int8(QLinear::new(linear.weight(), b)?)
+            }
+            _ => Weights::Float(linear),
+        };
+        Ok(Self { linear, kernels })
+    }
+
+    /// The float layer; only [`Kernels::Int8`] layers have none.
+    fn float(&self) -> Result<&Linear> {
+        match &self.linear {
+            Weights::Float(l) => Ok(l),
+            Weights::Int8(_) => candle_core::bail!("int8 layer has no float weight"),
+        }
+    }
 }
 
 fn dense(i: usize, o: usize, bias: bool, kernels: Kernels, vb: VarBuilder) -> Result<Dense> {
@@ -120,12 +160,12 @@ fn dense(i: usize, o: usize, bias: bool, kernels: Kernels, vb: VarBuilder) -> Re
         let kn = linear.weight().t()?.contiguous()?;
         linear = Linear::new(kn.t()?, linear.bias().cloned());
     }
-    Ok(Dense { linear, kernels })
+    Dense::from_linear(linear, kernels)
 }
 
 impl Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.kernels == Kernels::Fused {
+        if self.kernels.fused() {
             return self.forward_fused(x, None, Epilogue::None);
         }
         // candle-nn's Linear broadcasts the weight over the batch dims and
@@ -135,9 +175,10 @@ impl Dense {
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&1);
         let rows = x.elem_count() / k.max(1);
-        let w = self.linear.weight();
+        let linear = self.float()?;
+        let w = linear.weight();
         let mut y = x.reshape((rows, k))?.matmul(&w.t()?)?;
-        if let Some(b) = self.linear.bias() {
+        if let Some(b) = linear.bias() {
             y = (y + repeat_rows(b, rows)?)?;
         }
         let mut out = dims;
@@ -157,10 +198,14 @@ impl Dense {
         residual: Option<&Tensor>,
         epilogue: Epilogue,
     ) -> Result<Tensor> {
-        if let (true, Some(b)) = (cpu_kernels::supported(x), self.linear.bias()) {
-            return cpu_kernels::linear(x, self.linear.weight(), b, residual, epilogue);
+        let linear = match &self.linear {
+            Weights::Int8(q) => return q.forward(x, residual, epilogue),
+            Weights::Float(l) => l,
+        };
+        if let (true, Some(b)) = (cpu_kernels::supported(x), linear.bias()) {
+            return cpu_kernels::linear(x, linear.weight(), b, residual, epilogue);
         }
-        let mut y = self.linear.forward(x)?;
+        let mut y = linear.forward(x)?;
         if epilogue == Epilogue::QuickGelu {
             y = activate(Activation::QuickGelu, Kernels::Fused, &y)?;
         }
@@ -175,8 +220,8 @@ impl Dense {
 /// for the fused CPU kernels, one packed `[3d, d]` layer (one matmul instead
 /// of three, and the attention kernel reads heads from it in place).
 enum Qkv {
-    Separate { q: Dense, k: Dense, v: Dense },
-    Packed { weight: Tensor, bias: Tensor },
+    Separate(Box<[Dense; 3]>),
+    Packed(Dense),
 }
 
 struct Attention {
@@ -192,22 +237,29 @@ impl Attention {
     fn new(c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let d = c.hidden_size;
         let head_dim = d / c.num_attention_heads;
-        let q = dense(d, d, true, kernels, vb.pp("q_proj"))?;
-        let k = dense(d, d, true, kernels, vb.pp("k_proj"))?;
-        let v = dense(d, d, true, kernels, vb.pp("v_proj"))?;
-        let qkv = match (q.linear.bias(), k.linear.bias(), v.linear.bias()) {
+        // Quantised, if at all, after packing.
+        let float = if kernels.fused() {
+            Kernels::Fused
+        } else {
+            kernels
+        };
+        let q = dense(d, d, true, float, vb.pp("q_proj"))?;
+        let k = dense(d, d, true, float, vb.pp("k_proj"))?;
+        let v = dense(d, d, true, float, vb.pp("v_proj"))?;
+        let (ql, kl, vl) = (q.float()?, k.float()?, v.float()?);
+        let qkv = match (ql.bias(), kl.bias(), vl.bias()) {
             (Some(qb), Some(kb), Some(vb))
-                if kernels == Kernels::Fused && cpu_kernels::supported(q.linear.weight()) =>
+                if kernels.fused() && cpu_kernels::supported(ql.weight()) =>
             {
                 // The separate tensors are dropped: packing costs no memory.
-                let weight = Tensor::cat(
-                    &[q.linear.weight(), k.linear.weight(), v.linear.weight()],
-                    0,
-                )?;
+                let weight = Tensor::cat(&[ql.weight(), kl.weight(), vl.weight()], 0)?;
                 let bias = Tensor::cat(&[qb, kb, vb], 0)?;
-                Qkv::Packed { weight, bias }
+                Qkv::Packed(Dense::from_linear(
+                    Linear::new(weight, Some(bias)),
+                    kernels,
+                )?)
             }
-            _ => Qkv::Separate { q, k, v },
+            _ => Qkv::Separate(Box::new([q, k, v])),
         };
         Ok(Self {
             qkv,
@@ -227,7 +279,7 @@ impl Attention {
     /// Attention plus the residual `x + out(attention(h))`, where `h` is the
     /// normalised `x`.
     fn forward_residual(&self, h: &Tensor, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        if self.kernels == Kernels::Fused {
+        if self.kernels.fused() {
             return self
                 .out
                 .forward_fused(&self.heads_output(h, mask)?, Some(x), Epilogue::None);
@@ -238,20 +290,20 @@ impl Attention {
     /// The heads' outputs merged, `[b, t, d]`, before the output projection.
     fn heads_output(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (q, k, v) = match &self.qkv {
-            Qkv::Packed { weight, bias } if cpu_kernels::supported(x) => {
-                let qkv = cpu_kernels::linear(x, weight, bias, None, Epilogue::None)?;
+            Qkv::Packed(qkv) if cpu_kernels::supported(x) => {
+                let qkv = qkv.forward_fused(x, None, Epilogue::None)?;
                 return cpu_kernels::attention(&qkv, self.heads, mask.is_some());
             }
-            Qkv::Packed { weight, bias } => {
+            Qkv::Packed(qkv) => {
                 let d = self.heads * self.head_dim;
-                let qkv = x.broadcast_matmul(&weight.t()?)?.broadcast_add(bias)?;
+                let qkv = qkv.forward_fused(x, None, Epilogue::None)?;
                 (
                     qkv.narrow(2, 0, d)?,
                     qkv.narrow(2, d, d)?,
                     qkv.narrow(2, 2 * d, d)?,
                 )
             }
-            Qkv::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Separate(qkv) => (qkv[0].forward(x)?, qkv[1].forward(x)?, qkv[2].forward(x)?),
         };
         let (b, t, d) = x.dims3()?;
         let split = |y: Tensor| -> Result<Tensor> {
@@ -265,7 +317,7 @@ impl Attention {
             w = w.broadcast_add(m)?;
         }
         let w = match self.kernels {
-            Kernels::Fused => candle_nn::ops::softmax_last_dim(&w)?,
+            Kernels::Fused | Kernels::Int8 => candle_nn::ops::softmax_last_dim(&w)?,
             Kernels::Differentiable if train_ops::supported(&w) => train_ops::softmax_last_dim(&w)?,
             Kernels::Differentiable => candle_nn::ops::softmax(&w, D::Minus1)?,
         };
@@ -300,7 +352,7 @@ impl Layer {
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = self.attn.forward_residual(&self.ln1.forward(x)?, x, mask)?;
-        if self.kernels == Kernels::Fused {
+        if self.kernels.fused() {
             let h = self.ln2.forward(&x)?;
             let h = match self.act {
                 Activation::QuickGelu => self.fc1.forward_fused(&h, None, Epilogue::QuickGelu)?,
@@ -405,7 +457,7 @@ impl TextTower {
 /// `x [b, t, d] + pos [t, d]`, broadcast over the batch.
 fn add_positions(x: &Tensor, pos: &Tensor, kernels: Kernels) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused => x.broadcast_add(pos),
+        Kernels::Fused | Kernels::Int8 => x.broadcast_add(pos),
         Kernels::Differentiable => {
             let b = x.dim(0)?;
             x + repeat_rows(pos, b)?.reshape(x.shape())?
@@ -481,7 +533,9 @@ impl VisionTower {
         };
         let d = x.dim(2)?;
         let cls = match self.kernels {
-            Kernels::Fused => self.class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?,
+            Kernels::Fused | Kernels::Int8 => {
+                self.class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?
+            }
             Kernels::Differentiable => repeat_rows(&self.class, b)?.reshape((b, 1, d))?,
         };
         let x = Tensor::cat(&[&cls, &x], 1)?;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use mmembed_candle::{LoadedClip, local_files};
+use mmembed_candle::{LoadedClip, Precision, local_files};
 use mmembed_core::cosine;
 use mmembed_media::{ImageLimits, decode_image};
 
@@ -74,11 +74,20 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Checks one model directory against its references. Returns
-/// (min text cosine, min image cosine).
-fn check_model(model_dir: &Path, image_dir: &Path) -> (f32, f32) {
+/// int8's floor for any one embedding. The tiny fixtures' 16-dimensional
+/// text embeddings are the hard case (every coordinate weighs a lot); the
+/// issue's goal is on the mean, 0.999.
+const INT8_MIN: f32 = 0.998;
+
+/// Checks one model directory against its references: f32 to PyTorch's
+/// precision, int8 to a mean cosine of 0.999 (and [`INT8_MIN`] for any one
+/// embedding). Returns
+/// (min text cosine, min image cosine, mean cosine).
+fn check_model(model_dir: &Path, image_dir: &Path, precision: Precision) -> (f32, f32, f32) {
     let files = local_files(model_dir).unwrap();
-    let clip = LoadedClip::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let clip = LoadedClip::load(&files, &Device::Cpu, precision).unwrap();
+    let exact = precision == Precision::F32;
+    let mut sum = 0.0f32;
     let r = reference(model_dir);
     assert!(r.texts.len() >= 20 && r.images.len() >= 6);
 
@@ -101,10 +110,16 @@ fn check_model(model_dir: &Path, image_dir: &Path) -> (f32, f32) {
         let d = max_abs(&got[i], &want);
         min_text = min_text.min(c);
         worst_text = worst_text.max(d);
-        assert!(c >= 0.99999, "text {text:?}: cosine {c}");
-        // Unit vectors: 1e-4 absolute is 1e-4 of the norm. The gelu/quick_gelu
-        // fixtures differ by at least 7.7e-4 here (make_fixtures.py checks).
-        assert!(d <= 1e-4, "text {text:?}: max abs diff {d}");
+        sum += c;
+        if exact {
+            assert!(c >= 0.99999, "text {text:?}: cosine {c}");
+            // Unit vectors: 1e-4 absolute is 1e-4 of the norm. The
+            // gelu/quick_gelu fixtures differ by at least 7.7e-4 here
+            // (make_fixtures.py checks).
+            assert!(d <= 1e-4, "text {text:?}: max abs diff {d}");
+        } else {
+            assert!(c >= INT8_MIN, "{precision:?} text {text:?}: cosine {c}");
+        }
     }
 
     // Pixels and image embeddings.
@@ -145,19 +160,37 @@ fn check_model(model_dir: &Path, image_dir: &Path) -> (f32, f32) {
             max_abs(&got[i], &want)
         );
         min_image = min_image.min(c);
-        assert!(c >= 0.9999, "{file}: cosine {c}");
+        sum += c;
+        assert!(
+            c >= if exact { 0.9999 } else { INT8_MIN },
+            "{precision:?} {file}: cosine {c}"
+        );
     }
+    let mean = sum / (r.texts.len() + r.images.len()) as f32;
+    assert!(exact || mean >= 0.999, "{precision:?}: mean cosine {mean}");
     eprintln!(
-        "{}: texts min cosine {min_text:.7} (max abs diff {worst_text:.2e}), images min cosine {min_image:.7}",
+        "{} {precision:?}: texts min cosine {min_text:.7} (max abs diff {worst_text:.2e}), \
+         images min cosine {min_image:.7}, mean {mean:.7}",
         model_dir.display()
     );
-    (min_text, min_image)
+    (min_text, min_image, mean)
 }
 
 #[test]
 fn tiny_clip_matches_pytorch() {
     let f = fixtures();
-    check_model(&f.join("tiny-clip"), &f.join("images"));
+    check_model(&f.join("tiny-clip"), &f.join("images"), Precision::F32);
+}
+
+#[test]
+fn tiny_clip_int8_stays_close_to_pytorch() {
+    let f = fixtures();
+    let (text, image, _) = check_model(&f.join("tiny-clip"), &f.join("images"), Precision::Int8);
+    // Close, but really quantised: not the f32 path under another name.
+    assert!(
+        text.min(image) < 0.99999,
+        "int8 matches f32 exactly: {text} {image}"
+    );
 }
 
 #[test]
@@ -165,7 +198,7 @@ fn gelu_variant_matches_pytorch() {
     // Same weights, `hidden_act: gelu` and eps 1e-6 in config.json: passing
     // this and the test above shows the config drives the architecture.
     let f = fixtures();
-    check_model(&f.join("tiny-clip-gelu"), &f.join("images"));
+    check_model(&f.join("tiny-clip-gelu"), &f.join("images"), Precision::F32);
 }
 
 #[test]
@@ -185,12 +218,14 @@ fn activation_really_changes_the_output() {
 /// Full-size ViT-B/32 with seeded random weights (about 600 MB, not
 /// committed). Build it with
 /// `python3 models/fixtures/make_fixtures.py --full /tmp/vit-b-32`, then run
-/// `MMEMBED_FULL_FIXTURE=/tmp/vit-b-32 cargo test --release -p mmembed-candle --test parity -- --ignored --nocapture`.
+/// `MMEMBED_FULL_FIXTURE=/tmp/vit-b-32 cargo test --release -p mmembed-candle --test parity -- --ignored --nocapture`
+/// (both precisions).
 #[test]
 #[ignore = "needs MMEMBED_FULL_FIXTURE (see the doc comment)"]
 fn full_size_vit_b_32_matches_pytorch() {
     let dir = PathBuf::from(
         std::env::var("MMEMBED_FULL_FIXTURE").expect("MMEMBED_FULL_FIXTURE=dir from --full"),
     );
-    check_model(&dir, &dir.join("images"));
+    check_model(&dir, &dir.join("images"), Precision::F32);
+    check_model(&dir, &dir.join("images"), Precision::Int8);
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mmembed_candle::{DeviceSpec, LocalEmbedder, LocalOptions};
+use mmembed_candle::{DeviceSpec, LocalEmbedder, LocalOptions, Precision};
 use mmembed_core::{EmbedRequest, Embedder, VideoSegmentConfig, cosine, testkit};
 use mmembed_shapes::{Attributes, Colour, Position, Scene, Shape, Size};
 use rand::SeedableRng;
@@ -21,13 +21,21 @@ fn demo_dir() -> PathBuf {
 }
 
 fn demo() -> LocalEmbedder {
+    demo_at(Precision::F32)
+}
+
+fn demo_at(precision: Precision) -> LocalEmbedder {
     LocalEmbedder::load_blocking(
         LocalOptions::new(demo_dir().to_str().expect("utf-8 path"))
             .with_device(DeviceSpec::Cpu)
+            .with_precision(precision)
             .with_max_batch(64),
     )
     .expect("models/demo loads")
 }
+
+/// Both CPU precisions: the quantised path is held to the same floors.
+const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Int8];
 
 fn png(img: &image::RgbImage) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
@@ -75,7 +83,29 @@ fn argmax(scores: impl Iterator<Item = f32>) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_shot_classification_over_every_colour_and_shape() {
-    let e = demo();
+    let mut f32_vectors = Vec::new();
+    for precision in PRECISIONS {
+        let vectors = zero_shot(precision).await;
+        if precision == Precision::F32 {
+            f32_vectors = vectors;
+        } else {
+            let n = vectors.len() as f32;
+            let mean = f32_vectors
+                .iter()
+                .zip(&vectors)
+                .map(|(a, b)| cosine(a, b))
+                .sum::<f32>()
+                / n;
+            eprintln!("{precision:?} image embeddings: mean cosine to f32 {mean:.6}");
+            assert!(mean >= 0.999, "{precision:?}: mean cosine to f32 {mean}");
+        }
+    }
+}
+
+/// Zero-shot accuracy at one precision (asserted); returns the image
+/// embeddings.
+async fn zero_shot(precision: Precision) -> Vec<Vec<f32>> {
+    let e = demo_at(precision);
     let classes: Vec<(Shape, Colour)> = Shape::ALL
         .iter()
         .flat_map(|&s| Colour::ALL.iter().map(move |&c| (s, c)))
@@ -115,20 +145,27 @@ async fn zero_shot_classification_over_every_colour_and_shape() {
     }
     let acc = correct as f64 / scenes.len() as f64;
     eprintln!(
-        "zero-shot top-1 over {} classes: {correct}/{} = {:.1} %",
+        "{precision:?} zero-shot top-1 over {} classes: {correct}/{} = {:.1} %",
         classes.len(),
         scenes.len(),
         acc * 100.0
     );
     assert!(
         acc >= ZERO_SHOT_FLOOR,
-        "zero-shot top-1 {acc:.3} < {ZERO_SHOT_FLOOR}"
+        "{precision:?} zero-shot top-1 {acc:.3} < {ZERO_SHOT_FLOOR}"
     );
+    vectors
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_to_image_retrieval_among_100_distinct_scenes() {
-    let e = demo();
+    for precision in PRECISIONS {
+        retrieval(precision).await;
+    }
+}
+
+async fn retrieval(precision: Precision) {
+    let e = demo_at(precision);
     let mut rng = ChaCha8Rng::seed_from_u64(0x7e7);
     let mut combos = Attributes::all();
     combos.shuffle(&mut rng);
@@ -150,10 +187,10 @@ async fn text_to_image_retrieval_among_100_distinct_scenes() {
             eprintln!("{:?} -> {:?}", combos[i], combos[best]);
         }
     }
-    eprintln!("text->image recall@1 among 100 scenes: {hits}/100");
+    eprintln!("{precision:?} text->image recall@1 among 100 scenes: {hits}/100");
     assert!(
         hits >= RECALL_AT_1_FLOOR,
-        "recall@1 {hits}/100 < {RECALL_AT_1_FLOOR}"
+        "{precision:?} recall@1 {hits}/100 < {RECALL_AT_1_FLOOR}"
     );
 }
 
