@@ -348,7 +348,7 @@ impl Worker {
         // Item indices and model inputs kept side by side, so a model batch
         // is a plain slice of the inputs (no per-batch copies).
         let (mut text_idx, mut seqs) = (Vec::new(), Vec::new());
-        let (mut image_idx, mut pixels) = (Vec::new(), Vec::new());
+        let mut images = Vec::new();
         let mut videos = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             match item {
@@ -359,13 +359,7 @@ impl Worker {
                     }
                     Err(e) => out[i] = Some(Err(e)),
                 },
-                Item::Image(src) => match self.pixels(&src) {
-                    Ok(px) => {
-                        image_idx.push(i);
-                        pixels.push(px);
-                    }
-                    Err(e) => out[i] = Some(Err(e)),
-                },
+                Item::Image(src) => images.push((i, src)),
                 Item::Video(src, cfg) => videos.push((i, src, cfg)),
             }
         }
@@ -379,12 +373,7 @@ impl Worker {
                 self.clip.embed_token_ids(batch),
             );
         }
-        for (idx, batch) in image_idx
-            .chunks(self.max_batch)
-            .zip(pixels.chunks(self.max_batch))
-        {
-            self.fill(&mut out, idx.iter().copied(), self.clip.embed_pixels(batch));
-        }
+        self.images(&images, &mut out);
         for (i, src, cfg) in videos {
             out[i] = Some(self.video(&src, cfg).map(ItemOut::Segments));
         }
@@ -527,6 +516,44 @@ impl Worker {
                 }
             })
             .collect())
+    }
+
+    /// Embeds images one model batch at a time, decoding and preprocessing
+    /// the next batch while the model runs the current one. Both go through
+    /// rayon's pool (the one the model's kernels use), so the decoding fills
+    /// cores the model leaves idle instead of adding threads that compete
+    /// with it; the images of one batch decode in parallel.
+    fn images(&self, images: &[(usize, MediaSource)], out: &mut [Option<ItemResult>]) {
+        use rayon::prelude::*;
+        let prepare =
+            |chunk: &[(usize, MediaSource)]| -> Vec<(usize, Result<Vec<f32>, EmbedError>)> {
+                chunk
+                    .par_iter()
+                    .map(|(i, src)| (*i, self.pixels(src)))
+                    .collect()
+            };
+        let chunks: Vec<_> = images.chunks(self.max_batch).collect();
+        let mut ready = chunks.first().map(|c| prepare(c));
+        for k in 0..chunks.len() {
+            let (mut idx, mut pixels) = (Vec::new(), Vec::new());
+            for (i, px) in ready.take().unwrap_or_default() {
+                match px {
+                    Ok(px) => {
+                        idx.push(i);
+                        pixels.push(px);
+                    }
+                    Err(e) => out[i] = Some(Err(e)),
+                }
+            }
+            let (res, next) = rayon::join(
+                || (!pixels.is_empty()).then(|| self.clip.embed_pixels(&pixels)),
+                || chunks.get(k + 1).map(|c| prepare(c)),
+            );
+            if let Some(res) = res {
+                self.fill(out, idx.into_iter(), res);
+            }
+            ready = next;
+        }
     }
 
     fn pixels(&self, src: &MediaSource) -> Result<Vec<f32>, EmbedError> {

@@ -102,6 +102,27 @@ async fn text_and_image_in_one_request_and_across_batches() {
         );
         assert!(c > 0.99999, "{f}: batched vs single cosine {c}");
     }
+    // A broken image in the middle (decoded while the model runs the batch
+    // before it) fails alone; the rest are unchanged and in place.
+    let mut reqs: Vec<_> = files
+        .iter()
+        .map(|f| EmbedRequest::image(fixtures().join("images").join(f)))
+        .collect();
+    reqs.insert(4, EmbedRequest::image(b"not an image at all".to_vec()));
+    let with_bad = e.embed_batch(reqs).await;
+    assert_eq!(with_bad.len(), files.len() + 1);
+    assert!(with_bad[4].is_err(), "{:?}", with_bad[4]);
+    let good: Vec<_> = with_bad
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 4)
+        .map(|(_, r)| r)
+        .collect();
+    for ((f, a), b) in files.iter().zip(&batch).zip(good) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        let c = cosine(a.image.as_ref().unwrap(), b.image.as_ref().unwrap());
+        assert!(c > 0.99999, "{f}: cosine {c} with a bad image in the batch");
+    }
 
     let both = e
         .embed(EmbedRequest::text("a photo of a cat").with_image(cat.clone()))
