@@ -11,8 +11,6 @@
 //! PyTorch half is skipped with a message. Both stacks use candle's thread
 //! count, which `RAYON_NUM_THREADS` sets.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -88,14 +86,18 @@ impl Drop for PyTorch {
     }
 }
 
-/// Total time and iterations per (stack, workload), for the ratio table.
-type Tally = RefCell<BTreeMap<(String, &'static str), (Duration, u64)>>;
-
-fn record(tally: &Tally, workload: &str, stack: &'static str, took: Duration, iters: u64) {
-    let mut t = tally.borrow_mut();
-    let e = t.entry((workload.to_string(), stack)).or_default();
-    e.0 += took;
-    e.1 += iters;
+/// Whether the command line's filter (if any) can select `model/...`
+/// benchmarks; the PyTorch process and the paired rounds are skipped when
+/// only other groups run.
+fn model_group_selected() -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| "model/".contains(f.as_str()) || f.starts_with("model"))
 }
 
 fn bench(c: &mut Criterion) {
@@ -125,14 +127,14 @@ fn bench(c: &mut Criterion) {
     short_ids.push(clip.tokenizer.eos_id());
 
     let threads = mmembed::local::candle_core::utils::get_num_threads();
-    let mut pytorch = match PyTorch::start(threads) {
-        Ok(p) => Some(p),
-        Err(e) => {
+    let mut pytorch = match model_group_selected().then(|| PyTorch::start(threads)) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
             eprintln!("PyTorch comparison skipped: {e}");
             None
         }
+        None => None,
     };
-    let tally = Tally::default();
 
     let mut g = c.benchmark_group("model");
     g.sample_size(10)
@@ -172,25 +174,29 @@ fn bench(c: &mut Criterion) {
                     for _ in 0..iters {
                         run();
                     }
-                    let took = start.elapsed();
-                    record(&tally, &name, stack, took, iters);
-                    took
+                    start.elapsed()
                 })
             });
         }
         if let Some(py) = pytorch.as_mut() {
             g.bench_function(BenchmarkId::new("pytorch", &name), |b| {
-                b.iter_custom(|iters| {
-                    let took = py.time(workload, batch, iters);
-                    record(&tally, &name, "pytorch", took, iters);
-                    took
-                })
+                b.iter_custom(|iters| py.time(workload, batch, iters))
             });
         }
     }
     g.finish();
+    if let Some(py) = pytorch.as_mut() {
+        paired_ratios(
+            py,
+            [clip, &clip8],
+            &pixels,
+            &ids,
+            &short_ids,
+            &workloads,
+            threads,
+        );
+    }
     drop(pytorch);
-    print_ratios(&tally.borrow(), &workloads, threads);
 
     // End to end through the trait: PNG decode + resize + model, on the
     // worker thread, awaited from tokio.
@@ -212,6 +218,23 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let reqs = (0..8).map(|_| EmbedRequest::image(cat.clone())).collect();
             let out = rt.block_on(local.embed_batch(reqs));
+            assert!(out.iter().all(Result::is_ok));
+            black_box(out)
+        })
+    });
+    // Four model batches in one request: the next batch's PNGs decode while
+    // the model runs (the pipelining this measures).
+    let local16 = LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.path().to_str().unwrap())
+            .with_device(DeviceSpec::Cpu)
+            .with_max_batch(16),
+    )
+    .unwrap();
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("png_images/64_in_batches_of_16", |b| {
+        b.iter(|| {
+            let reqs = (0..64).map(|_| EmbedRequest::image(cat.clone())).collect();
+            let out = rt.block_on(local16.embed_batch(reqs));
             assert!(out.iter().all(Result::is_ok));
             black_box(out)
         })
@@ -263,37 +286,70 @@ fn int8_accuracy(f32: &LoadedClip, int8: &LoadedClip, fixtures: &Path) {
     );
 }
 
-fn print_ratios(
-    tally: &BTreeMap<(String, &'static str), (Duration, u64)>,
+/// The ratio table: for each workload, rounds of one candle f32 call, one
+/// candle int8 call and one PyTorch call back to back, and the median of
+/// the per-round ratios. On shared cores whose speed drifts by tens of
+/// percent over a minute, pairing calls this closely is what keeps the
+/// comparison fair; criterion's figures above are each stack's own.
+fn paired_ratios(
+    py: &mut PyTorch,
+    [f32, int8]: [&LoadedClip; 2],
+    pixels: &[f32],
+    ids: &[u32],
+    short_ids: &[u32],
     workloads: &[(&str, usize)],
     threads: usize,
 ) {
-    println!("\nthroughput, {threads} threads (mean over all timed calls, warm-up included)");
     println!(
-        "{:<12} {:>10} {:>10} {:>10} {:>8} {:>8}",
-        "workload", "f32/s", "int8/s", "pytorch/s", "f32/pt", "int8/pt"
+        "\npaired rounds, {threads} threads: items/s (median of rounds) and median per-round ratio"
     );
-    for (workload, batch) in workloads {
-        let name = format!("{workload}/{batch}");
-        let rate = |stack| {
-            tally
-                .get(&(name.clone(), stack))
-                .map(|(d, n)| *batch as f64 * *n as f64 / d.as_secs_f64())
+    println!(
+        "{:<12} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "workload", "rounds", "f32/s", "int8/s", "torch/s", "f32/pt", "int8/pt"
+    );
+    for &(workload, batch) in workloads {
+        let px = vec![pixels.to_vec(); if workload == "images" { batch } else { 0 }];
+        let one = if workload == "texts77" {
+            ids
+        } else {
+            short_ids
         };
-        let (Some(c), Some(q)) = (rate("candle"), rate("candle-int8")) else {
-            continue;
+        let tokens = vec![one.to_vec(); if workload == "images" { 0 } else { batch }];
+        let time = |clip: &LoadedClip| {
+            let start = Instant::now();
+            if workload == "images" {
+                drop(black_box(clip.embed_pixels(&px).unwrap()));
+            } else {
+                drop(black_box(clip.embed_token_ids(&tokens).unwrap()));
+            }
+            start.elapsed().as_secs_f64()
         };
-        match rate("pytorch") {
-            Some(p) => println!(
-                "{name:<12} {c:>10.2} {q:>10.2} {p:>10.2} {:>7.2}x {:>7.2}x",
-                c / p,
-                q / p
-            ),
-            None => println!(
-                "{name:<12} {c:>10.2} {q:>10.2} {:>10} {:>8} {:>8}",
-                "-", "-", "-"
-            ),
+        // About 20 s per workload, at least 7 rounds.
+        let first = time(f32) + time(int8) + py.time(workload, batch, 1).as_secs_f64();
+        let rounds = ((20.0 / first) as usize).clamp(7, 200);
+        let mut r = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            r.push([
+                time(f32),
+                time(int8),
+                py.time(workload, batch, 1).as_secs_f64(),
+            ]);
         }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let rate = |k: usize| batch as f64 / median(r.iter().map(|t| t[k]).collect());
+        let ratio = |k: usize| median(r.iter().map(|t| t[2] / t[k]).collect());
+        println!(
+            "{:<12} {rounds:>6} {:>9.2} {:>9.2} {:>9.2} {:>7.2}x {:>7.2}x",
+            format!("{workload}/{batch}"),
+            rate(0),
+            rate(1),
+            rate(2),
+            ratio(0),
+            ratio(1)
+        );
     }
 }
 
