@@ -23,9 +23,12 @@ CATEGORIES = [
     ("softmax", r"softmax"),
     ("layer norm", r"layer_norm|layernorm|LayerNorm"),
     ("copies (contiguous, transpose, cat)", r"copy_strided|copy2d|memmove|memcpy|index_select|Tensor::cat"),
-    ("elementwise adds/muls", r"binary_map|vs_add|vd_add|broadcast|affine"),
+    ("elementwise adds/muls", r"binary_map|Map2::map|vs_add|vd_add|broadcast|affine"),
     ("allocation, zeroing, page faults", r"memset|clear_page|page_fault|alloc|malloc|free|do_anonymous|mm_fault|charge|folio|lruvec|pte|unmap|munmap|mmap|madvise|brk"),
-    ("thread pool / scheduling", r"rayon|crossbeam|sched|futex|yield|spin|switch|wake|idle"),
+    ("thread pool / scheduling", r"rayon|crossbeam|BarrierGuard|sched|futex|yield|spin|switch|wake|idle|do_syscall"),
+    # Closures inlined into a pool thread's entry point, so perf cannot name
+    # them: with candle's own ops, its softmax, layer norm and conv2d loops.
+    ("inlined into pool threads (candle softmax, layer norm, conv)", r"__rust_begin_short_backtrace"),
     ("model loading (quantising weights, reading)", r"QLinear::new|roundf|read|SafetensorsFiles"),
 ]
 
