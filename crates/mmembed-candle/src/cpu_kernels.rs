@@ -81,6 +81,16 @@ pub(crate) enum Epilogue {
 /// into the output first and the matmul accumulates onto them, so neither
 /// costs a pass of its own. `residual` and an epilogue do not combine (CLIP
 /// never needs both, and the order would be ambiguous).
+/// A fused linear layer's output pass adds a residual or applies an
+/// activation, not both (CLIP never needs both, and the order would be
+/// ambiguous).
+pub(crate) fn check_epilogue(residual: Option<&Tensor>, epilogue: Epilogue) -> Result<()> {
+    if residual.is_some() && epilogue != Epilogue::None {
+        candle_core::bail!("a fused linear takes a residual or an activation, not both");
+    }
+    Ok(())
+}
+
 pub(crate) fn linear(
     x: &Tensor,
     w: &Tensor,
@@ -88,9 +98,7 @@ pub(crate) fn linear(
     residual: Option<&Tensor>,
     epilogue: Epilogue,
 ) -> Result<Tensor> {
-    if residual.is_some() && epilogue != Epilogue::None {
-        candle_core::bail!("a fused linear takes a residual or an activation, not both");
-    }
+    check_epilogue(residual, epilogue)?;
     let x = x.contiguous()?;
     let op = Linear {
         w: w.clone(),
@@ -224,7 +232,16 @@ struct Attention {
 
 /// A pointer that tasks write through at disjoint offsets.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+
+impl SharedOut {
+    /// # Safety
+    /// `i` is inside the buffer, and no other task writes that element.
+    pub(crate) unsafe fn at(&self, i: usize) -> *mut f32 {
+        // SAFETY: per the contract.
+        unsafe { self.0.add(i) }
+    }
+}
 // SAFETY: every task writes a disjoint set of elements (its own head's
 // columns of its own sequence), and the buffer outlives the parallel loop.
 unsafe impl Send for SharedOut {}

@@ -21,7 +21,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernels::{Epilogue, f32s, quick_gelu_in_place, threads, with_f32s};
+use crate::cpu_kernels::{Epilogue, SharedOut, f32s, quick_gelu_in_place, threads, with_f32s};
 
 /// Columns per weight strip (two 8-lane registers).
 const NR: usize = 16;
@@ -101,9 +101,7 @@ impl QLinear {
         residual: Option<&Tensor>,
         epilogue: Epilogue,
     ) -> Result<Tensor> {
-        if residual.is_some() && epilogue != Epilogue::None {
-            candle_core::bail!("a fused linear takes a residual or an activation, not both");
-        }
+        crate::cpu_kernels::check_epilogue(residual, epilogue)?;
         let op = Op {
             q: self,
             residual: residual.map(Tensor::contiguous).transpose()?,
@@ -249,20 +247,6 @@ impl TileOut<'_> {
         }
     }
 }
-
-struct SharedOut(*mut f32);
-
-impl SharedOut {
-    /// # Safety
-    /// `i` is inside the buffer.
-    unsafe fn at(&self, i: usize) -> *mut f32 {
-        // SAFETY: per the contract.
-        unsafe { self.0.add(i) }
-    }
-}
-// SAFETY: used only to write disjoint regions from parallel tasks.
-unsafe impl Sync for SharedOut {}
-unsafe impl Send for SharedOut {}
 
 /// Quantises one row to `±qmax`, returns its scale.
 fn quantize_row(x: &[f32], q: &mut [i16], qmax: f32) -> f32 {
@@ -493,22 +477,13 @@ mod tests {
     }
 
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let n = b
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        (d / n).sqrt()
+        let sum_sq = |t: &Tensor| {
+            t.sqr()
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.to_scalar::<f32>())
+        };
+        let d = sum_sq(&(a - b).unwrap()).unwrap();
+        (d / sum_sq(b).unwrap()).sqrt()
     }
 
     #[test]
