@@ -1,5 +1,6 @@
 //! Any bytes through video probing and frame sampling from memory, in both
-//! sampling modes and with swscale resizing to a model size.
+//! sampling modes, with swscale resizing to a model size, on one decoder or
+//! on parallel keyframe runs.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,7 +19,8 @@ fuzz_target!(|data: &[u8]| {
             mode: if pick & 1 == 1 { SampleMode::Keyframes } else { SampleMode::Exact },
             resize_for: (pick & 2 == 2).then(|| ClipPreprocessor::openai(32)),
             skip_loop_filter: pick & 4 == 4,
-            threads: 1,
+            // Two threads reach the parallel keyframe runs on indexed files.
+            threads: if pick & 8 == 8 { 2 } else { 1 },
         };
         let _ = sample_frames_with(&src, &times, &opts, |_, _| {});
     }

@@ -76,7 +76,11 @@ pub struct SampleOptions {
     /// but reference frames decoded without it blur the kept frames that
     /// depend on them (drift until the next keyframe), so off by default.
     pub skip_loop_filter: bool,
-    /// Decoder threads; 0 lets FFmpeg choose (one per core).
+    /// Threads for decoding; 0 = one per core. In exact mode on a file
+    /// whose index lists its keyframes (MP4, MOV, MKV, WebM, AVI), targets
+    /// that span several keyframes are cut into runs decoded side by side by
+    /// that many single-threaded decoders; otherwise one decoder uses that
+    /// many frame threads. 1 = one decoder on one thread.
     pub threads: usize,
 }
 
@@ -335,6 +339,16 @@ pub fn sample_frames(
 
 /// [`sample_frames`] with settings: keyframe-only sampling, scaling straight
 /// to the model's input size, decoder threads.
+///
+/// In exact mode, when the container indexes its keyframes (MP4, MOV, MKV,
+/// WebM, AVI) and the targets span several of them, the targets are cut
+/// at keyframes into runs that single-threaded decoders take in turn, one
+/// per thread; frames still reach `on_frame` in order. This beats one decoder
+/// with frame threads because skipping the unkept non-reference frames
+/// leaves a chain of reference frames that each wait for the one before: on
+/// a B-frame H.264 video FFmpeg decodes that chain no faster with two
+/// threads than with one. Memory stays bounded: a thread runs at most one
+/// buffer of frames ahead of the caller.
 pub fn sample_frames_with(
     src: &VideoBytes<'_>,
     times: &[f64],
@@ -350,16 +364,268 @@ pub fn sample_frames_with(
             "sample times must be ascending",
         ));
     }
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    if opts.mode == SampleMode::Exact && threads >= 2 && seeks_to_keyframes(&ictx) {
+        let buffer = frames_per_buffer(&info, opts);
+        // A few runs per thread, so that threads finish close together.
+        let run_len = (times.len() / (threads * 4)).clamp(1, buffer);
+        let runs = keyframe_runs(&mut ictx, index, &info, times, run_len);
+        if runs.len() >= 2 {
+            tracing::debug!(
+                video = %what,
+                runs = runs.len(),
+                threads = threads.min(runs.len()),
+                "sampling keyframe runs in parallel"
+            );
+            drop(ictx);
+            sample_parallel(src, times, opts, &runs, threads, buffer, &mut on_frame);
+            return Ok(info);
+        }
+    }
+    sample_serial(
+        ictx,
+        index,
+        &info,
+        src,
+        times,
+        opts,
+        opts.threads,
+        false,
+        &mut on_frame,
+    )?;
+    Ok(info)
+}
+
+/// Containers whose seeks land on a keyframe at or before the wanted time,
+/// from an index stored in the file. Seeking in MPEG program streams (and
+/// other formats without one) searches by timestamp and may land between
+/// keyframes, so a run starting there would begin with the wrong frames.
+fn seeks_to_keyframes(ictx: &Input) -> bool {
+    let format = ictx.format();
+    let name = format.name();
+    name.starts_with("mov,") || name.starts_with("matroska") || name == "avi"
+}
+
+/// Converted frames a decoding thread may hold ahead of the caller: about
+/// 64 MiB, between 2 and 64 frames.
+fn frames_per_buffer(info: &VideoInfo, opts: &SampleOptions) -> usize {
+    let conv = Converter {
+        scaler: None,
+        rotation: info.rotation,
+        resize_for: opts.resize_for.clone(),
+    };
+    let (w, h) = conv.out_size(info.width.max(1), info.height.max(1));
+    let bytes = (w as usize * h as usize * 3).max(1);
+    ((64 << 20) / bytes).clamp(2, 64)
+}
+
+/// Timestamps of one stream in seconds from its start.
+#[derive(Clone, Copy)]
+struct Clock {
+    time_base: f64,
+    base: i64,
+}
+
+impl Clock {
+    fn of(stream: &ffmpeg::format::stream::Stream<'_>) -> Self {
+        let start = stream.start_time();
+        Clock {
+            time_base: f64::from(stream.time_base()),
+            base: if start == i64::MIN || start < 0 {
+                0
+            } else {
+                start
+            },
+        }
+    }
+
+    fn sec(self, pts: i64) -> f64 {
+        (pts - self.base) as f64 * self.time_base
+    }
+}
+
+/// Times of the keyframes the container's index lists for a stream.
+fn index_keyframes(ictx: &Input, index: usize) -> Vec<f64> {
+    let Some(stream) = ictx.stream(index) else {
+        return Vec::new();
+    };
+    let clock = Clock::of(&stream);
+    // SAFETY: the stream pointer is a live stream of `ictx`, which we borrow
+    // for the whole block and nothing else touches; each entry is copied
+    // out before the next call.
+    unsafe {
+        let ptr = stream.as_ptr() as *mut ffmpeg::ffi::AVStream;
+        let n = ffmpeg::ffi::avformat_index_get_entries_count(ptr);
+        (0..n)
+            .filter_map(|i| {
+                let e = ffmpeg::ffi::avformat_index_get_entry(ptr, i);
+                (!e.is_null() && (*e).flags() & ffmpeg::ffi::AVINDEX_KEYFRAME != 0)
+                    .then(|| clock.sec((*e).timestamp))
+            })
+            .collect()
+    }
+}
+
+/// Cuts `times` into runs that each start at a keyframe of the container's
+/// index, whole keyframe intervals per run, at most `max_len` targets per
+/// run unless one interval holds more. One run when the index lists fewer
+/// than two keyframes in range (streams without an index, such as MPEG-TS).
+fn keyframe_runs(
+    ictx: &mut Input,
+    index: usize,
+    info: &VideoInfo,
+    times: &[f64],
+    max_len: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut keyframes = index_keyframes(ictx, index);
+    if keyframes.len() < 2 {
+        // Matroska and WebM read their index (cues, at the end of the file)
+        // only when first asked to seek. Back to the start either way.
+        let _ = ictx.seek(0, ..1);
+        keyframes = index_keyframes(ictx, index);
+    }
+    // Index times may be decode times, a few frames before the keyframe is
+    // shown; a run starts a little after its keyframe, so that its first
+    // target's nearest frame is never one from before the keyframe.
+    let gap = info.frame_rate.map_or(0.04, |r| 1.0 / r);
+    runs_at_keyframes(&keyframes, (8.0 * gap).min(1.0), times, max_len)
+}
+
+/// Cuts ascending `times` where a run may start: `margin` after each
+/// keyframe time. Whole keyframe intervals per run, joined while the run
+/// stays within `max_len` targets.
+fn runs_at_keyframes(
+    keyframes: &[f64],
+    margin: f64,
+    times: &[f64],
+    max_len: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut starts: Vec<f64> = keyframes
+        .iter()
+        .map(|k| k + margin)
+        .filter(|s| s.is_finite() && *s > margin)
+        .collect();
+    starts.sort_by(f64::total_cmp);
+    starts.dedup();
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut i = 0;
+    while i < times.len() {
+        // The keyframe interval of times[i] ends at the next start after it.
+        let g = starts.partition_point(|s| *s <= times[i]);
+        let end_t = starts.get(g).copied().unwrap_or(f64::INFINITY);
+        let j = i + times[i..].partition_point(|t| *t < end_t);
+        match runs.last_mut() {
+            Some(r) if r.end - r.start + (j - i) <= max_len => r.end = j,
+            _ => runs.push(i..j),
+        }
+        i = j;
+    }
+    runs
+}
+
+/// Runs of targets decoded by `threads` single-threaded decoders, run k on
+/// thread k mod `threads`, handed to `on_frame` in order.
+fn sample_parallel(
+    src: &VideoBytes<'_>,
+    times: &[f64],
+    opts: &SampleOptions,
+    runs: &[std::ops::Range<usize>],
+    threads: usize,
+    buffer: usize,
+    on_frame: &mut dyn FnMut(usize, Result<SampledFrame, EmbedError>),
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    type Msg = (usize, Result<SampledFrame, EmbedError>);
+    let threads = threads.min(runs.len());
+    let what = src.describe();
+    // Set when the caller stopped listening (it panicked): threads finish
+    // the run they are in and quit.
+    let abandoned = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let mut receivers = Vec::with_capacity(threads);
+        for w in 0..threads {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(buffer);
+            receivers.push(rx);
+            let abandoned = &abandoned;
+            let src = src.clone();
+            scope.spawn(move || {
+                for run in runs.iter().skip(w).step_by(threads) {
+                    if abandoned.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let mut done = run.start;
+                    let send = |k: usize, r| {
+                        if tx.send((k, r)).is_err() {
+                            abandoned.store(true, Ordering::Relaxed);
+                        }
+                    };
+                    let r = open(&src).and_then(|ictx| {
+                        let (index, info) = info_of(&ictx, &src.describe())?;
+                        sample_serial(
+                            ictx,
+                            index,
+                            &info,
+                            &src,
+                            &times[run.clone()],
+                            opts,
+                            1,
+                            true,
+                            &mut |k, r| {
+                                done = run.start + k + 1;
+                                send(run.start + k, r);
+                            },
+                        )
+                    });
+                    if let Err(e) = r {
+                        for k in done..run.end {
+                            send(k, Err(e.clone()));
+                        }
+                    }
+                }
+            });
+        }
+        for (n, run) in runs.iter().enumerate() {
+            let rx = &receivers[n % threads];
+            for k in run.clone() {
+                match rx.recv() {
+                    Ok((got, r)) => on_frame(got, r),
+                    // Only if a decoding thread died; the scope re-raises
+                    // its panic after this loop.
+                    Err(_) => on_frame(k, Err(err(&what, "a decoding thread failed", None))),
+                }
+            }
+        }
+    });
+}
+
+/// One decoder with `threads` frame threads over `times` (ascending,
+/// checked by the caller), from the start or, with `seek_first`, from the
+/// keyframe before the first target.
+#[allow(clippy::too_many_arguments)]
+fn sample_serial(
+    mut ictx: Input,
+    index: usize,
+    info: &VideoInfo,
+    src: &VideoBytes<'_>,
+    times: &[f64],
+    opts: &SampleOptions,
+    threads: usize,
+    seek_first: bool,
+    on_frame: &mut dyn FnMut(usize, Result<SampledFrame, EmbedError>),
+) -> Result<(), EmbedError> {
+    let what = src.describe();
     let stream = ictx
         .stream(index)
         .ok_or_else(|| err(&what, "video stream vanished", None))?;
-    let tb = f64::from(stream.time_base());
-    let start_pts = stream.start_time();
+    let clock = Clock::of(&stream);
     let mut decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
         .and_then(|mut c| {
             c.set_threading(ffmpeg::codec::threading::Config {
                 kind: ffmpeg::codec::threading::Type::Frame,
-                count: opts.threads,
+                count: threads,
                 ..Default::default()
             });
             c.decoder().video()
@@ -386,14 +652,7 @@ pub fn sample_frames_with(
         rotation: info.rotation,
         resize_for: opts.resize_for.clone(),
     };
-    let to_sec = |pts: i64| {
-        let base = if start_pts == i64::MIN || start_pts < 0 {
-            0
-        } else {
-            start_pts
-        };
-        (pts - base) as f64 * tb
-    };
+    let to_sec = |pts: i64| clock.sec(pts);
 
     let mut next = 0usize;
     let mut prev: Option<(f64, ffmpeg::frame::Video)> = None;
@@ -403,18 +662,15 @@ pub fn sample_frames_with(
         let ts = (t * f64::from(ffmpeg::ffi::AV_TIME_BASE)) as i64;
         ictx.seek(ts, ..ts + 1).is_ok()
     };
-    if let Some(first) = times.first()
-        && *first > SEEK_AHEAD_SEC
-        && seek_to(&mut ictx, *first)
-    {
+    let seek_at_start = times
+        .first()
+        .is_some_and(|f| seek_first || *f > SEEK_AHEAD_SEC);
+    if seek_at_start && seek_to(&mut ictx, times[0]) {
         decoder.flush();
     }
     // The target we last seeked for: a seek lands on the keyframe before it,
     // which may still be "far", so never seek twice for the same target.
-    let mut seeked_for = times
-        .first()
-        .is_some_and(|f| *f > SEEK_AHEAD_SEC)
-        .then_some(0usize);
+    let mut seeked_for = seek_at_start.then_some(0usize);
 
     // Emits every target up to frame time `t`, choosing prev or cur.
     let mut emit = |t: f64,
@@ -451,6 +707,7 @@ pub fn sample_frames_with(
     };
 
     let mut packets_done = false;
+    let mut eof_sent = false;
     while next < times.len() {
         // Feed one packet of our stream (or EOF), then drain frames.
         if !packets_done {
@@ -473,20 +730,31 @@ pub fn sample_frames_with(
                 }
             }
             if !fed {
-                // The demuxer stopped: the end, or an unreadable stretch. If
-                // targets remain inside the video, jump past it once for each.
-                if next < times.len()
+                // The demuxer stopped: the end, or an unreadable stretch.
+                // Drain the decoder first: its last frames may be the ones
+                // wanted. Then, if targets remain inside the video and no
+                // frame near them was seen, jump past the stretch once for
+                // each.
+                let next_unseen = next < times.len()
+                    && prev
+                        .as_ref()
+                        .is_none_or(|(pt, _)| (times[next] - pt).abs() > tolerance);
+                if !eof_sent {
+                    let _ = decoder.send_eof();
+                    eof_sent = true;
+                } else if next_unseen
                     && times[next] < info.duration_sec
                     && seeked_for != Some(next)
                     && seek_to(&mut ictx, times[next])
                 {
                     seeked_for = Some(next);
                     decoder.flush();
+                    eof_sent = false;
                     prev = None;
                     continue;
+                } else {
+                    packets_done = true;
                 }
-                let _ = decoder.send_eof();
-                packets_done = true;
             }
         }
         let mut got_any = false;
@@ -508,6 +776,7 @@ pub fn sample_frames_with(
             {
                 seeked_for = Some(next);
                 decoder.flush();
+                eof_sent = false;
                 prev = None;
                 break;
             }
@@ -537,5 +806,34 @@ pub fn sample_frames_with(
         on_frame(next, r);
         next += 1;
     }
-    Ok(info)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_start_after_keyframes_and_hold_whole_intervals() {
+        // Keyframes every 10 s (the first at 0), targets every second.
+        let keys = [0.0, 10.0, 20.0, 30.0];
+        let times: Vec<f64> = (0..40).map(|s| s as f64 + 0.5).collect();
+        let runs = runs_at_keyframes(&keys, 0.32, &times, 10);
+        assert_eq!(runs, vec![0..10, 10..20, 20..30, 30..40]);
+        // Two intervals fit in 20 targets; a target just after a keyframe,
+        // within the margin, stays with the interval before.
+        let runs = runs_at_keyframes(&keys, 0.32, &times, 20);
+        assert_eq!(runs, vec![0..20, 20..40]);
+        let near = [9.5, 10.1, 10.4, 19.0];
+        assert_eq!(runs_at_keyframes(&keys, 0.32, &near, 1), vec![0..2, 2..4]);
+        // An interval holding more than max_len targets is one run anyway.
+        assert_eq!(runs_at_keyframes(&keys, 0.32, &times, 4).len(), 4);
+        // No keyframes past the start, or no index: one run.
+        assert_eq!(runs_at_keyframes(&[0.0], 0.32, &times, 4), vec![0..40]);
+        assert_eq!(runs_at_keyframes(&[], 0.32, &times, 4), vec![0..40]);
+        assert!(runs_at_keyframes(&keys, 0.32, &[], 4).is_empty());
+        // Unsorted or duplicated index entries change nothing.
+        let messy = [20.0, 0.0, 10.0, 10.0, 30.0, f64::NAN];
+        assert_eq!(runs_at_keyframes(&messy, 0.32, &times, 10).len(), 4);
+    }
 }

@@ -415,3 +415,99 @@ fn exact_mode_still_finds_the_nearest_frame_while_skipping_unkept_ones() {
         );
     }
 }
+
+/// Every frame different (a moving test pattern with a frame counter), so a
+/// frame taken one step off shows in the pixels.
+fn test_pattern(dir: &Path, name: &str, codec: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let mut args = vec![
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=25:duration=24",
+    ];
+    args.extend_from_slice(codec);
+    let out_s = out.display().to_string();
+    args.extend(["-pix_fmt", "yuv420p", &out_s]);
+    ffmpeg(&args);
+    out
+}
+
+fn sampled(src: &VideoBytes<'_>, times: &[f64], threads: usize) -> Vec<(f64, Vec<u8>)> {
+    let opts = SampleOptions {
+        threads,
+        ..SampleOptions::default()
+    };
+    let mut got = Vec::new();
+    sample_frames_with(src, times, &opts, |k, r| {
+        assert_eq!(k, got.len(), "frames arrive in order");
+        let f = r.unwrap_or_else(|e| panic!("{threads} threads, target {}: {e}", times[k]));
+        got.push((f.time_sec, f.image.into_raw()));
+    })
+    .unwrap();
+    assert_eq!(got.len(), times.len());
+    got
+}
+
+#[test]
+fn decoding_in_parallel_runs_takes_the_same_frames_as_one_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    // Keyframes every second (25 frames), so the targets span many runs;
+    // targets on, just before and just after keyframes test the cuts.
+    let mut times = Vec::new();
+    for s in 0..24 {
+        let s = f64::from(s);
+        times.extend([s, s + 0.019, s + 0.31, s + 0.63, s + 0.97]);
+    }
+    times.push(23.99);
+    let h264 = [
+        "-c:v",
+        "libx264",
+        "-bf",
+        "3",
+        "-g",
+        "25",
+        "-keyint_min",
+        "25",
+        "-sc_threshold",
+        "0",
+    ];
+    let cases: &[(&str, &[&str])] = &[
+        ("p.mp4", &h264),
+        ("p.mkv", &h264),
+        (
+            "p.webm",
+            &["-c:v", "libvpx-vp9", "-deadline", "realtime", "-g", "25"],
+        ),
+        ("p.avi", &["-c:v", "mpeg4", "-g", "25"]),
+        ("p.mpg", &["-c:v", "mpeg2video", "-bf", "2", "-g", "25"]),
+        ("p.flv", &["-c:v", "flv1", "-g", "25"]),
+        ("p.wmv", &["-c:v", "wmv2", "-g", "25"]),
+    ];
+    for (name, codec) in cases {
+        let v = test_pattern(dir.path(), name, codec);
+        let one = sampled(&VideoBytes::Path(&v), &times, 1);
+        for (k, (t, _)) in one.iter().enumerate() {
+            // The last frame is shown at 23.96 s.
+            let nearest = ((times[k] * 25.0).round() / 25.0).min(23.96);
+            assert!(
+                (t - nearest).abs() < 1e-6,
+                "{name}: target {} got {t}, nearest frame {nearest}",
+                times[k]
+            );
+        }
+        let bytes = bytes::Bytes::from(std::fs::read(&v).unwrap());
+        for threads in [2, 3] {
+            for src in [VideoBytes::Path(&v), VideoBytes::Bytes(bytes.clone())] {
+                let many = sampled(&src, &times, threads);
+                for (k, (a, b)) in one.iter().zip(&many).enumerate() {
+                    assert_eq!(a.0, b.0, "{name}, {threads} threads: time of target {k}");
+                    assert!(
+                        a.1 == b.1,
+                        "{name}, {threads} threads: pixels of target {k}"
+                    );
+                }
+            }
+        }
+    }
+}
