@@ -228,6 +228,9 @@ pub fn sample_times(segments: &[mmembed_core::Segment], fps: f64) -> Vec<Vec<f64
 /// 2-10 s apart).
 const SEEK_AHEAD_SEC: f64 = 8.0;
 
+/// How far before a target a seek may be retried when it lands after it.
+const MAX_SEEK_BACK_SEC: f64 = 64.0;
+
 struct Converter {
     scaler: Option<(
         ffmpeg::software::scaling::Context,
@@ -445,6 +448,11 @@ impl Clock {
     fn sec(self, pts: i64) -> f64 {
         (pts - self.base) as f64 * self.time_base
     }
+
+    /// Where time 0 is on the container's absolute timeline.
+    fn start_sec(self) -> f64 {
+        self.base as f64 * self.time_base
+    }
 }
 
 /// Times of the keyframes the container's index lists for a stream.
@@ -658,15 +666,25 @@ fn sample_serial(
     let mut prev: Option<(f64, ffmpeg::frame::Video)> = None;
     let mut cur = ffmpeg::frame::Video::empty();
 
+    // Our times count from the stream's first frame; seeks take absolute
+    // times (MPEG streams often start at 0.5-1.4 s).
+    let start_sec = clock.start_sec();
     let seek_to = |ictx: &mut Input, t: f64| -> bool {
-        let ts = (t * f64::from(ffmpeg::ffi::AV_TIME_BASE)) as i64;
+        let ts = ((t + start_sec) * f64::from(ffmpeg::ffi::AV_TIME_BASE)) as i64;
         ictx.seek(ts, ..ts + 1).is_ok()
     };
+    // After a seek: the time asked for, and how far before the target to
+    // ask next if the first frame decoded comes after the target. Indexed
+    // containers land on the keyframe before the target; others (MPEG-PS,
+    // MPEG-TS) search by timestamp and can land between keyframes, so the
+    // decoder only starts at the next one, possibly seconds late.
+    let mut landing: Option<(f64, f64)> = None;
     let seek_at_start = times
         .first()
         .is_some_and(|f| seek_first || *f > SEEK_AHEAD_SEC);
     if seek_at_start && seek_to(&mut ictx, times[0]) {
         decoder.flush();
+        landing = Some((times[0], 1.0));
     }
     // The target we last seeked for: a seek lands on the keyframe before it,
     // which may still be "far", so never seek twice for the same target.
@@ -764,6 +782,24 @@ fn sample_serial(
                 continue;
             };
             let t = to_sec(pts);
+            if let Some((asked, back)) = landing.take() {
+                // Landed after the target, where an earlier frame may be
+                // nearer: ask again further back, doubling the distance.
+                let target = times[next];
+                let pos = (target - back).max(0.0);
+                if t - target > frame_gap / 2.0
+                    && asked > 0.0
+                    && back <= MAX_SEEK_BACK_SEC
+                    && !packets_done
+                    && seek_to(&mut ictx, pos)
+                {
+                    decoder.flush();
+                    eof_sent = false;
+                    prev = None;
+                    landing = Some((pos, back * 2.0));
+                    break;
+                }
+            }
             emit(t, &cur, &prev, &mut next, &mut conv);
             if next >= times.len() {
                 break;
@@ -778,6 +814,7 @@ fn sample_serial(
                 decoder.flush();
                 eof_sent = false;
                 prev = None;
+                landing = Some((times[next], 1.0));
                 break;
             }
             let frame = std::mem::replace(&mut cur, ffmpeg::frame::Video::empty());

@@ -511,3 +511,33 @@ fn decoding_in_parallel_runs_takes_the_same_frames_as_one_decoder() {
         }
     }
 }
+
+#[test]
+fn seeking_ahead_finds_the_nearest_frame_where_seeks_are_not_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    // Targets far apart, so the sampler seeks between them. MPEG program
+    // streams and transport streams have no index: their seeks search by
+    // timestamp and may land between keyframes (2 s apart here).
+    let times = [1.31, 9.63, 17.97, 23.21];
+    let cases: &[(&str, &[&str])] = &[
+        ("far.mpg", &["-c:v", "mpeg2video", "-bf", "2", "-g", "50"]),
+        ("far.ts", &["-c:v", "libx264", "-bf", "3", "-g", "50"]),
+        ("far.mp4", &["-c:v", "libx264", "-bf", "3", "-g", "50"]),
+    ];
+    for (name, codec) in cases {
+        let v = test_pattern(dir.path(), name, codec);
+        for threads in [1, 2] {
+            for (k, (t, _)) in sampled(&VideoBytes::Path(&v), &times, threads)
+                .iter()
+                .enumerate()
+            {
+                let nearest = (times[k] * 25.0).round() / 25.0;
+                assert!(
+                    (t - nearest).abs() < 1e-6,
+                    "{name}, {threads} threads: target {} got {t}, nearest frame {nearest}",
+                    times[k]
+                );
+            }
+        }
+    }
+}
