@@ -554,12 +554,13 @@ fn sample_parallel(
     let abandoned = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let mut receivers = Vec::with_capacity(threads);
+        let mut handles = Vec::with_capacity(threads);
         for w in 0..threads {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(buffer);
             receivers.push(rx);
             let abandoned = &abandoned;
             let src = src.clone();
-            scope.spawn(move || {
+            handles.push(scope.spawn(move || {
                 for run in runs.iter().skip(w).step_by(threads) {
                     if abandoned.load(Ordering::Relaxed) {
                         return;
@@ -587,23 +588,35 @@ fn sample_parallel(
                             },
                         )
                     });
-                    if let Err(e) = r {
-                        for k in done..run.end {
-                            send(k, Err(e.clone()));
-                        }
+                    // Exactly one message per target, whatever happened, so
+                    // that the caller's count per run stays right.
+                    let e = r
+                        .err()
+                        .unwrap_or_else(|| err(&src.describe(), "no frame decoded", None));
+                    for k in done..run.end {
+                        send(k, Err(e.clone()));
                     }
                 }
-            });
+            }));
         }
         for (n, run) in runs.iter().enumerate() {
             let rx = &receivers[n % threads];
             for k in run.clone() {
                 match rx.recv() {
                     Ok((got, r)) => on_frame(got, r),
-                    // Only if a decoding thread died; the scope re-raises
-                    // its panic after this loop.
+                    // Only if a decoding thread died; its panic is raised
+                    // below.
                     Err(_) => on_frame(k, Err(err(&what, "a decoding thread failed", None))),
                 }
+            }
+        }
+        // Join explicitly rather than at the end of the scope: a scope
+        // returns once the threads' closures are done, before the threads
+        // themselves are gone, and memory they still hold looked like a
+        // leak to LeakSanitizer.
+        for handle in handles {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
             }
         }
     });
