@@ -384,7 +384,17 @@ pub fn sample_frames_with(
                 "sampling keyframe runs in parallel"
             );
             drop(ictx);
-            sample_parallel(src, times, opts, &runs, threads, buffer, &mut on_frame);
+            sample_parallel(
+                src,
+                index,
+                &info,
+                times,
+                opts,
+                &runs,
+                threads,
+                buffer,
+                &mut on_frame,
+            );
             return Ok(info);
         }
     }
@@ -536,8 +546,11 @@ fn runs_at_keyframes(
 
 /// Runs of targets decoded by `threads` single-threaded decoders, run k on
 /// thread k mod `threads`, handed to `on_frame` in order.
+#[allow(clippy::too_many_arguments)]
 fn sample_parallel(
     src: &VideoBytes<'_>,
+    index: usize,
+    info: &VideoInfo,
     times: &[f64],
     opts: &SampleOptions,
     runs: &[std::ops::Range<usize>],
@@ -571,12 +584,12 @@ fn sample_parallel(
                             abandoned.store(true, Ordering::Relaxed);
                         }
                     };
+                    // The same bytes: the caller's probe holds for them.
                     let r = open(&src).and_then(|ictx| {
-                        let (index, info) = info_of(&ictx, &src.describe())?;
                         sample_serial(
                             ictx,
                             index,
-                            &info,
+                            info,
                             &src,
                             &times[run.clone()],
                             opts,
