@@ -33,10 +33,16 @@ struct Args {
     #[arg(long, env = "MMEMBED_TRAIN_POSITION_GROUP_EVERY",
           default_value_t = TrainOptions::default().position_group_every)]
     position_group_every: usize,
-    /// Threads for candle's kernels. One is fastest for this small model:
-    /// with two, most ops are too small to split and the threads spend the
-    /// step waiting at barriers; the other core draws the scenes.
-    #[arg(long, env = "MMEMBED_TRAIN_THREADS", default_value_t = 1)]
+    /// Start the vision position embeddings from 2-D sines and cosines
+    /// (`true`) or from CLIP's small random values (`false`).
+    #[arg(long, env = "MMEMBED_TRAIN_SINCOS_POSITIONS", action = clap::ArgAction::Set,
+          default_value_t = TrainOptions::default().sincos_positions)]
+    sincos_positions: bool,
+    /// Threads that compute each step, every one the forward and backward
+    /// pass of its share of the batch with single-threaded candle kernels
+    /// (for a model this small, candle's own threads mostly wait at
+    /// barriers). The gradients are the whole batch's either way.
+    #[arg(long, env = "MMEMBED_TRAIN_THREADS", default_value_t = TrainOptions::default().threads)]
     threads: usize,
 }
 
@@ -51,12 +57,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let threads = args.threads.max(1).to_string();
     // SAFETY: no other thread exists yet (the tracing subscriber starts
     // none), and candle reads these once, when its first op builds its pool.
     unsafe {
-        std::env::set_var("CANDLE_NUM_THREADS", &threads);
-        std::env::set_var("RAYON_NUM_THREADS", &threads);
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+        std::env::set_var("RAYON_NUM_THREADS", "1");
     }
     let opts = TrainOptions {
         steps: args.steps,
@@ -64,6 +69,8 @@ fn main() -> anyhow::Result<()> {
         learning_rate: args.lr,
         seed: args.seed,
         position_group_every: args.position_group_every,
+        sincos_positions: args.sincos_positions,
+        threads: args.threads.max(1),
         ..TrainOptions::default()
     };
     let report = train(&args.out, &opts, |step, loss, t| {
