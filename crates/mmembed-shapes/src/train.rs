@@ -209,6 +209,19 @@ impl SceneStream {
     }
 }
 
+/// CLIP's symmetric contrastive loss of unit-norm text and image embeddings
+/// (`[n, dim]` each), with `targets[i][j]` = caption i fits scene j.
+fn contrastive_loss(
+    txt: &Tensor,
+    img: &Tensor,
+    logit_scale: &Tensor,
+    targets: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let logits = txt.matmul(&img.t()?)?.broadcast_mul(&logit_scale.exp()?)?;
+    (soft_cross_entropy(&logits, targets)? + soft_cross_entropy(&logits.t()?, &targets.t()?)?)?
+        / 2.0
+}
+
 /// Cross-entropy against soft targets whose rows sum to one.
 fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let t = targets.broadcast_div(&targets.sum_keepdim(D::Minus1)?)?;
@@ -289,26 +302,22 @@ fn gradients(
             let _ = grad_tx.send(share);
             handles.push(handle);
         }
-        let mut total: Option<GradStore> = None;
+        // Each thread's gradients are its share's; the model's are their sum
+        // (added in thread order, so a run is reproducible).
+        let mut handles = handles.into_iter();
+        let mut total = join(handles.next().expect("at least one share"))?;
         for h in handles {
             let g = join(h)?;
-            total = Some(match total {
-                None => g,
-                Some(mut acc) => {
-                    for v in vars {
-                        if let Some(add) = g.get(v) {
-                            let sum = match acc.get(v) {
-                                Some(prev) => (prev + add)?,
-                                None => add.clone(),
-                            };
-                            acc.insert(v, sum);
-                        }
-                    }
-                    acc
+            for v in vars {
+                if let Some(add) = g.get(v) {
+                    let sum = match total.get(v) {
+                        Some(prev) => (prev + add)?,
+                        None => add.clone(),
+                    };
+                    total.insert(v, sum);
                 }
-            });
+            }
         }
-        let mut total = total.expect("at least one share");
         if let Some(g) = loss_grads.get(logit_scale) {
             total.insert(logit_scale, g.clone());
         }
@@ -332,13 +341,7 @@ fn whole_batch_loss(
         &parts.iter().map(|p| &p.1).collect::<Vec<_>>(),
         0,
     )?)?;
-    let logits = txt
-        .as_tensor()
-        .matmul(&img.as_tensor().t()?)?
-        .broadcast_mul(&logit_scale.exp()?)?;
-    let loss = ((soft_cross_entropy(&logits, targets)?
-        + soft_cross_entropy(&logits.t()?, &targets.t()?)?)?
-        / 2.0)?;
+    let loss = contrastive_loss(txt.as_tensor(), img.as_tensor(), logit_scale, targets)?;
     let grads = loss.backward()?;
     Ok((loss.to_scalar::<f32>()?, grads, img, txt))
 }
@@ -693,13 +696,7 @@ mod tests {
         let targets = Tensor::from_slice(&b.targets, (n, n), &Device::Cpu).unwrap();
         let img = l2n(&model.vision.forward(&pixels).unwrap()).unwrap();
         let txt = l2n(&model.text.forward(&ids, &b.pool).unwrap()).unwrap();
-        let logits = txt.matmul(&img.t().unwrap()).unwrap();
-        let logits = logits.broadcast_mul(&scale.exp().unwrap()).unwrap();
-        let loss = ((soft_cross_entropy(&logits, &targets).unwrap()
-            + soft_cross_entropy(&logits.t().unwrap(), &targets.t().unwrap()).unwrap())
-        .unwrap()
-            / 2.0)
-            .unwrap();
+        let loss = contrastive_loss(&txt, &img, &scale, &targets).unwrap();
         let reference = loss.backward().unwrap();
         let want_loss = loss.to_scalar::<f32>().unwrap();
 
