@@ -375,19 +375,25 @@ impl CustomOp1 for LayerNorm {
                     .zip(x.par_chunks(chunk))
                     .for_each(|(y, x)| {
                         for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                            let mean = x.iter().sum::<f32>() / d as f32;
-                            let var =
-                                x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                            let inv = 1.0 / (var + self.eps).sqrt();
-                            for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                                *y = (x - mean) * inv * w + b;
-                            }
+                            layer_norm_row(x, w, b, self.eps, y);
                         }
                     });
                 Ok(())
             })
         })?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// One row of layer norm, `y = (x - mean) / sqrt(var + eps) · w + b`; all
+/// slices the same length (not checked: callers check the shapes once).
+pub(crate) fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+        *y = (x - mean) * inv * w + b;
     }
 }
 
@@ -414,8 +420,11 @@ fn exp_approx(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Quick-GELU in place, always inlined so that inside a caller compiled for
+/// AVX2 + FMA (such as the int8 kernel's epilogue) it vectorises with
+/// them.
 #[inline(always)]
-fn quick_gelu_generic(v: &mut [f32]) {
+pub(crate) fn quick_gelu_generic(v: &mut [f32]) {
     for x in v {
         *x /= 1.0 + exp_approx(-1.702 * *x);
     }
