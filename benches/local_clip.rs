@@ -101,6 +101,8 @@ fn model_group_selected() -> bool {
 }
 
 fn bench(c: &mut Criterion) {
+    // As the `mmembed` CLI does: measure what it runs.
+    mmembed::local::tune_malloc_for_inference();
     let dir = tempfile::tempdir().expect("temp dir");
     let fixtures = root().join("models/fixtures");
     let preprocessor =

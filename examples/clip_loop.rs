@@ -31,6 +31,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     };
+    // As the `mmembed` CLI does, so profiles show what it runs.
+    mmembed::local::tune_malloc_for_inference();
     let batch: usize = batch.parse()?;
     let seconds: f64 = seconds.parse()?;
     let files = mmembed::local::local_files(Path::new(model))?;

@@ -119,6 +119,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    // Every command here runs batches of inference: keep the large blocks
+    // each layer frees for the next one (BENCHMARKS.md, issue #8).
+    let tuned = mmembed::local::tune_malloc_for_inference();
+    tracing::debug!(tuned, "malloc tuned for inference");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
