@@ -75,12 +75,6 @@ pub(crate) enum Epilogue {
     QuickGelu,
 }
 
-/// `act(x · wᵀ + b) (+ residual)` for `x [.., k]`, `w [n, k]` (any
-/// strides: a transposed view of a `[k, n]` tensor is read in place), `b [n]`,
-/// `residual` shaped like the output. The bias (and residual) are written
-/// into the output first and the matmul accumulates onto them, so neither
-/// costs a pass of its own. `residual` and an epilogue do not combine (CLIP
-/// never needs both, and the order would be ambiguous).
 /// A fused linear layer's output pass adds a residual or applies an
 /// activation, not both (CLIP never needs both, and the order would be
 /// ambiguous).
@@ -91,6 +85,12 @@ pub(crate) fn check_epilogue(residual: Option<&Tensor>, epilogue: Epilogue) -> R
     Ok(())
 }
 
+/// `act(x · wᵀ + b) (+ residual)` for `x [.., k]`, `w [n, k]` (any
+/// strides: a transposed view of a `[k, n]` tensor is read in place), `b [n]`,
+/// `residual` shaped like the output. The bias (and residual) are written
+/// into the output first and the matmul accumulates onto them, so neither
+/// costs a pass of its own. `residual` and an epilogue do not combine (CLIP
+/// never needs both, and the order would be ambiguous).
 pub(crate) fn linear(
     x: &Tensor,
     w: &Tensor,
