@@ -95,6 +95,22 @@ pub enum EmbedError {
         retryable: bool,
     },
 
+    /// Too much work is queued: the request was refused before any work
+    /// (a bounded queue gives backpressure instead of unbounded memory).
+    /// Retry later, or elsewhere.
+    #[error(
+        "overloaded: {queued} items already queued (limit {limit}); retry in {}s",
+        retry_after.as_secs().max(1)
+    )]
+    Overloaded {
+        /// Items waiting when the request arrived.
+        queued: usize,
+        /// The queue's limit.
+        limit: usize,
+        /// A hint for when to try again.
+        retry_after: Duration,
+    },
+
     /// The request did not finish in time.
     #[error("timed out after {after:?}")]
     Timeout {
@@ -131,7 +147,7 @@ impl EmbedError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Backend { retryable, .. } | Self::Remote { retryable, .. } => *retryable,
-            Self::Timeout { .. } => true,
+            Self::Timeout { .. } | Self::Overloaded { .. } => true,
             _ => false,
         }
     }

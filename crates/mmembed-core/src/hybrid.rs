@@ -24,9 +24,10 @@ type Results = Vec<Result<Embeddings, EmbedError>>;
 /// being wrong (it would fail there too).
 pub fn is_backend_failure(e: &EmbedError) -> bool {
     match e {
-        EmbedError::Backend { .. } | EmbedError::ModelLoad { .. } | EmbedError::Timeout { .. } => {
-            true
-        }
+        EmbedError::Backend { .. }
+        | EmbedError::ModelLoad { .. }
+        | EmbedError::Timeout { .. }
+        | EmbedError::Overloaded { .. } => true,
         // Retryable (429, 5xx), or the service refusing us rather than the
         // request: bad credentials, no permission, no such model.
         EmbedError::Remote {

@@ -14,6 +14,7 @@
 //! }
 //! ```
 
+pub mod batching;
 mod embedder;
 mod error;
 pub mod hybrid;
