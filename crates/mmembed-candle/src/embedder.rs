@@ -584,11 +584,38 @@ impl Worker {
     }
 }
 
+/// The job just received plus the jobs already waiting behind it, up to
+/// `budget` items in all, so that concurrent callers share model batches
+/// instead of queueing for a batch each (continuous batching: nothing
+/// waits for company, but whatever piled up while the model was busy runs
+/// together). Jobs whose callers stopped waiting are dropped unrun.
+fn merge_waiting(first: Job, rx: &mpsc::Receiver<Job>, budget: usize) -> Vec<Job> {
+    let mut n = first.items.len();
+    let mut jobs = Vec::new();
+    if !first.reply.is_closed() {
+        jobs.push(first);
+    }
+    while n < budget {
+        match rx.try_recv() {
+            Ok(job) if job.reply.is_closed() => {}
+            Ok(job) => {
+                n += job.items.len();
+                jobs.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    jobs
+}
+
 /// The local backend: a CLIP checkpoint run with candle.
 ///
 /// Model work runs on a dedicated OS thread fed by a channel (async callers
 /// await a oneshot reply), so the async executor never blocks on a matmul
 /// and concurrent callers share one model without contending for cores.
+/// Calls that queue up while the model is busy are merged into the next
+/// model batches (up to `max_batch` items); for a bounded queue, a waiting
+/// time and batching metrics, wrap it in `mmembed_core::batching::Batcher`.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), mmembed_core::EmbedError> {
@@ -663,17 +690,32 @@ impl LocalEmbedder {
             .name("mmembed-local".into())
             .spawn(move || {
                 // Ends when every sender (every LocalEmbedder clone) is gone.
-                while let Ok(job) = rx.recv() {
+                while let Ok(first) = rx.recv() {
+                    let jobs = merge_waiting(first, &rx, worker.max_batch);
+                    if jobs.is_empty() {
+                        continue;
+                    }
+                    let lens: Vec<usize> = jobs.iter().map(|j| j.items.len()).collect();
+                    let (items, replies): (Vec<Vec<Item>>, Vec<_>) =
+                        jobs.into_iter().map(|j| (j.items, j.reply)).unzip();
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        worker.run(job.items)
+                        worker.run(items.into_iter().flatten().collect())
                     }));
-                    let reply = result.unwrap_or_else(|_| {
-                        vec![Err(backend_err(
-                            "the model worker panicked on this batch".into(),
-                        ))]
-                    });
-                    // The caller may have gone away; nothing to do then.
-                    let _ = job.reply.send(reply);
+                    let mut results = match result {
+                        Ok(r) => r.into_iter(),
+                        Err(_) => {
+                            for reply in replies {
+                                let _ = reply.send(vec![Err(backend_err(
+                                    "the model worker panicked on this batch".into(),
+                                ))]);
+                            }
+                            continue;
+                        }
+                    };
+                    for (reply, n) in replies.into_iter().zip(lens) {
+                        // The caller may have gone away; nothing to do then.
+                        let _ = reply.send(results.by_ref().take(n).collect());
+                    }
                 }
             })
             .map_err(|e| backend_err(format!("cannot start the model thread: {e}")))?;

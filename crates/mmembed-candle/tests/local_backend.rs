@@ -390,3 +390,54 @@ fn weights_config_and_preprocessor_mismatches_are_load_errors() {
     let e = load_dir(dir.path()).unwrap_err().to_string();
     assert!(e.contains("tokenizer.json"), "{e}");
 }
+
+/// Concurrent callers' calls are merged into shared model batches by the
+/// worker; each caller must still get exactly its own answers, bad items
+/// included, equal to what it gets alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_get_their_own_answers() {
+    let e = Arc::new(tiny());
+    let call = |i: usize| -> Vec<EmbedRequest> {
+        let mut v = vec![EmbedRequest::text(format!(
+            "caller {i} says a photo of a cat"
+        ))];
+        if i.is_multiple_of(3) {
+            v.push(EmbedRequest::image(b"not an image".to_vec()));
+        }
+        if i.is_multiple_of(4) {
+            v.push(EmbedRequest::image(
+                std::fs::read(fixtures().join("images/cat_451x300.png")).unwrap(),
+            ));
+        }
+        v
+    };
+    let mut alone = Vec::new();
+    for i in 0..24 {
+        alone.push(e.embed_batch(call(i)).await);
+    }
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let e = e.clone();
+            tokio::spawn(async move { e.embed_batch(call(i)).await })
+        })
+        .collect();
+    for (i, (t, want)) in tasks.into_iter().zip(alone).enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(got.len(), want.len(), "caller {i}");
+        for (g, w) in got.iter().zip(&want) {
+            match (g, w) {
+                (Ok(g), Ok(w)) => {
+                    for (a, b) in [(&g.text, &w.text), (&g.image, &w.image)] {
+                        if let (Some(a), Some(b)) = (a, b) {
+                            assert!(cosine(a, b) > 0.99999, "caller {i}");
+                        } else {
+                            assert_eq!(a.is_some(), b.is_some(), "caller {i}");
+                        }
+                    }
+                }
+                (Err(g), Err(w)) => assert_eq!(g.to_string(), w.to_string()),
+                other => panic!("caller {i}: {other:?}"),
+            }
+        }
+    }
+}
