@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 . scripts/lib/system-deps.sh
+. scripts/lib/python-venv.sh
 install_system_deps
+# Early, so a missing Python fails in seconds rather than after the build.
+python_venv tests/python/requirements.txt
 
 for c in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
@@ -23,3 +26,7 @@ echo ">> build without default features (text + image only)"
 cargo check -p mmembed --no-default-features --features local --locked
 echo ">> cargo test"
 cargo test --workspace --locked
+# `cargo test` built target/debug/mmembed for the CLI's tests; the SDK tests
+# start it as `mmembed serve --model demo` on a loopback port.
+echo ">> the official Vertex AI Python SDK against mmembed serve (REST and gRPC)"
+MMEMBED_BIN=target/debug/mmembed HF_HUB_OFFLINE=1 "$VENV_PY" -m pytest -q -p no:cacheprovider tests/python

@@ -2,7 +2,8 @@
 //!
 //! Subcommands: `embed` (a few inputs to JSON), `batch` (a folder, glob or
 //! manifest to a Parquet/JSONL table with a status per row), `search`
-//! (top-k over batch outputs), `models` (what is available). Every flag
+//! (top-k over batch outputs), `models` (what is available), `bench`
+//! (backends side by side), `serve` (a Vertex-compatible server). Every flag
 //! also reads an environment variable, shown in `--help`.
 
 mod backend;
@@ -13,6 +14,7 @@ mod inputs;
 mod models;
 mod rows;
 mod search;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -28,6 +30,7 @@ use clap::{Parser, Subcommand};
   mmembed embed --model demo --text 'a red star' photo.png
   mmembed batch media/ -o media.parquet --model demo
   mmembed search 'a blue square' --in media.parquet
+  mmembed serve --model demo
 
 Logs go to stderr; set MMEMBED_LOG (e.g. debug, mmembed_vertex=trace) to see more."
 )]
@@ -50,6 +53,9 @@ enum Cmd {
     /// Compare backends on the same inputs: p50/p95 latency and throughput
     /// per workload, as a table, CSV and SVG.
     Bench(bench::Args),
+    /// Serve the backend as Vertex AI's multimodalembedding@001 (REST and
+    /// gRPC on one port) with dynamic batching, health and metrics.
+    Serve(serve::Args),
 }
 
 fn init_logging() {
@@ -96,6 +102,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Models(a) => {
             models::run(&a)?;
+            ExitCode::SUCCESS
+        }
+        Cmd::Serve(a) => {
+            serve::run(a).await?;
             ExitCode::SUCCESS
         }
         Cmd::Bench(a) => {

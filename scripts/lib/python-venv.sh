@@ -1,0 +1,28 @@
+# A Python venv with pinned packages from PyPI, made once per requirements
+# file and cached (keyed by the file's hash), so a rerun reuses it.
+# Sourced by scripts/test.sh.
+#
+#   python_venv tests/python/requirements.txt   # sets VENV_PY to its python
+python_venv() {
+  local req="$1"
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo ">> installing Python (python3, python3-venv) with apt-get"
+    local sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends python3 python3-venv
+  fi
+  local hash
+  hash=$(sha256sum "$req" | cut -c1-12)
+  local dir="${MMEMBED_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mmembed}/venv-$hash"
+  if [ ! -x "$dir/bin/python" ] || [ ! -f "$dir/.complete" ]; then
+    echo ">> creating a Python venv in $dir and installing $req from PyPI (about 300 MB, a minute or two)"
+    rm -rf "$dir"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+    touch "$dir/.complete"
+  else
+    echo ">> reusing the Python venv $dir"
+  fi
+  VENV_PY="$dir/bin/python"
+}
