@@ -125,6 +125,22 @@ async fn library_rate(e: &Arc<dyn Embedder>, inputs: &Inputs, w: Workload, secs:
     n as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// One request per `embed` call, back to back: the library's own latency
+/// floor, to set beside one HTTP client.
+async fn library_single(e: &Arc<dyn Embedder>, inputs: &Inputs, w: Workload, secs: f64) -> Point {
+    let _ = e.embed(inputs.request(w, 0)).await;
+    let t0 = Instant::now();
+    let mut lat = Vec::new();
+    let mut i = 0;
+    while t0.elapsed().as_secs_f64() < secs {
+        let s = Instant::now();
+        e.embed(inputs.request(w, i)).await.expect("library call failed");
+        lat.push(s.elapsed().as_secs_f64());
+        i += 1;
+    }
+    point(lat, 0, t0.elapsed().as_secs_f64())
+}
+
 struct Point {
     rate: f64,
     p50: f64,
@@ -268,11 +284,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| workload | clients | req/s | vs library batch-32 | p50 ms | p95 ms | p99 ms | errors |"
     );
     println!("|---|---|---|---|---|---|---|---|");
+    // `SERVE_LOAD_WORKLOADS=texts` (or `images`) runs one of the two.
+    let only = std::env::var("SERVE_LOAD_WORKLOADS").unwrap_or_default();
     for w in [Workload::Text, Workload::Image] {
+        if !only.is_empty() && !only.split(',').any(|o| o == w.name()) {
+            continue;
+        }
         let lib = library_rate(&e, &inputs, w, secs).await;
         println!(
             "| {} | library, batch 32 | {lib:.1} | 1.00 | | | | |",
             w.name()
+        );
+        let one = library_single(&e, &inputs, w, secs / 2.0).await;
+        println!(
+            "| {} | library, 1 per call | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | |",
+            w.name(),
+            one.rate,
+            one.rate / lib,
+            one.p50,
+            one.p95,
+            one.p99
         );
         let bodies = Arc::new(inputs.bodies(w));
         // Warm the server path (connections, allocator).

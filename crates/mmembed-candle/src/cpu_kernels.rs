@@ -47,8 +47,15 @@ pub(crate) fn with_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> R
     f(f32s(s, layout)?)
 }
 
+/// candle's thread count, read once. `candle_core::utils::get_num_threads`
+/// re-reads `/proc/cpuinfo` on every call when no thread count is set in
+/// the environment (`num_cpus::get_physical` is not cached): measured at
+/// 8-10 % of the model thread's time on small batches (perf, the demo
+/// model serving single texts), since every kernel asks. The count cannot
+/// change while the process runs: rayon's pool is built once.
 pub(crate) fn threads() -> usize {
-    candle_core::utils::get_num_threads().max(1)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
 fn parallelism(work: usize) -> gemm::Parallelism {
