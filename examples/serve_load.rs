@@ -134,7 +134,9 @@ async fn library_single(e: &Arc<dyn Embedder>, inputs: &Inputs, w: Workload, sec
     let mut i = 0;
     while t0.elapsed().as_secs_f64() < secs {
         let s = Instant::now();
-        e.embed(inputs.request(w, i)).await.expect("library call failed");
+        e.embed(inputs.request(w, i))
+            .await
+            .expect("library call failed");
         lat.push(s.elapsed().as_secs_f64());
         i += 1;
     }
