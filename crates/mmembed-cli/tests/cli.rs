@@ -698,3 +698,103 @@ fn bench_compares_backends_and_writes_csv_and_svg() {
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("image x2"));
 }
+
+/// One HTTP/1.1 exchange on loopback; returns the status and body.
+fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+#[test]
+fn serve_follows_the_vertex_custom_container_variables() {
+    use std::io::BufRead;
+    let cache = tempfile::tempdir().unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo");
+    let mut c = mmembed(cache.path());
+    c.env_remove("MMEMBED_MODEL")
+        .env("AIP_HTTP_PORT", "0")
+        .env("AIP_PREDICT_ROUTE", "/v1/models/demo:predict")
+        .env("AIP_HEALTH_ROUTE", "/ping")
+        .env("AIP_DEPLOYED_MODEL_ID", "42")
+        .env("AIP_STORAGE_URI", demo.to_str().unwrap())
+        .args(["serve"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // AIP_HTTP_PORT set: all interfaces, as the contract requires.
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening on http://0.0.0.0:")
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    let mut healthy = false;
+    for _ in 0..600 {
+        if matches!(http(port, "GET", "/ping", ""), Ok((200, _))) {
+            healthy = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(healthy, "never healthy on /ping");
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/models/demo:predict",
+        r#"{"instances": [{"text": "a red star"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["deployedModelId"], "42");
+    assert_eq!(
+        v["predictions"][0]["textEmbedding"]
+            .as_array()
+            .unwrap()
+            .len(),
+        64
+    );
+    // SIGTERM: a clean stop.
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(child.wait().unwrap().success());
+
+    // A bucket as the model location is refused with a clear message.
+    let out = mmembed(cache.path())
+        .env_remove("MMEMBED_MODEL")
+        .env("AIP_STORAGE_URI", "gs://bucket/models/clip")
+        .args(["serve", "--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("AIP_STORAGE_URI is `gs://bucket/models/clip`"),
+        "{err}"
+    );
+}
