@@ -9,7 +9,11 @@ cd "$(dirname "$0")/.."
 . scripts/lib/python-venv.sh
 install_system_deps
 # Early, so a missing Python fails in seconds rather than after the build.
-python_venv tests/python/requirements.txt
+python_venv tests/python/requirements.txt SDK_PY
+# The CUDA 13.0 toolchain (nvcc, runtime, nvrtc, CCCL headers) from PyPI
+# wheels, to compile and lint the `cuda` feature without a GPU (GPU.md).
+python_venv scripts/lib/cuda-requirements.txt CUDA_PY
+CUDA_HOME_WHEELS=$("$CUDA_PY" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
 
 for c in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
@@ -24,9 +28,16 @@ echo ">> cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo ">> build without default features (text + image only)"
 cargo check -p mmembed --no-default-features --features local --locked
+# No GPU can be asked for its compute capability here: build candle's
+# kernels for Hopper (9.0, the H200 test machine). `check`/`clippy` never
+# link, so no libcuda.so is needed; most of this step is nvcc compiling
+# candle-kernels' PTX (about 13 minutes on 2 cores, once per clean build).
+echo ">> cargo clippy --features cuda (mmembed-candle, the facade, the CLI; nvcc from $CUDA_HOME_WHEELS, CUDA_COMPUTE_CAP=90)"
+PATH="$CUDA_HOME_WHEELS/bin:$PATH" CUDA_ROOT="$CUDA_HOME_WHEELS" CUDA_PATH="$CUDA_HOME_WHEELS" CUDA_COMPUTE_CAP=90 \
+  cargo clippy -p mmembed-candle -p mmembed -p mmembed-cli --features cuda --all-targets --locked -- -D warnings
 echo ">> cargo test"
 cargo test --workspace --locked
 # `cargo test` built target/debug/mmembed for the CLI's tests; the SDK tests
 # start it as `mmembed serve --model demo` on a loopback port.
 echo ">> the official Vertex AI Python SDK against mmembed serve (REST and gRPC)"
-MMEMBED_BIN=target/debug/mmembed HF_HUB_OFFLINE=1 "$VENV_PY" -m pytest -q -p no:cacheprovider tests/python
+MMEMBED_BIN=target/debug/mmembed HF_HUB_OFFLINE=1 "$SDK_PY" -m pytest -q -p no:cacheprovider tests/python

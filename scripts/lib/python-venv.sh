@@ -2,9 +2,9 @@
 # file and cached (keyed by the file's hash), so a rerun reuses it.
 # Sourced by scripts/test.sh.
 #
-#   python_venv tests/python/requirements.txt   # sets VENV_PY to its python
+#   python_venv tests/python/requirements.txt SDK_PY   # sets SDK_PY to its python
 python_venv() {
-  local req="$1"
+  local req="$1" var="$2"
   if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     echo ">> installing Python (python3, python3-venv) with apt-get"
     local sudo_cmd=""
@@ -16,7 +16,7 @@ python_venv() {
   hash=$(sha256sum "$req" | cut -c1-12)
   local dir="${MMEMBED_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mmembed}/venv-$hash"
   if [ ! -x "$dir/bin/python" ] || [ ! -f "$dir/.complete" ]; then
-    echo ">> creating a Python venv in $dir and installing $req from PyPI (about 300 MB, a minute or two)"
+    echo ">> creating a Python venv in $dir and installing $req from PyPI (a few hundred MB, a minute or two)"
     rm -rf "$dir"
     python3 -m venv "$dir"
     "$dir/bin/pip" install --quiet --disable-pip-version-check -r "$req"
@@ -24,5 +24,5 @@ python_venv() {
   else
     echo ">> reusing the Python venv $dir"
   fi
-  VENV_PY="$dir/bin/python"
+  printf -v "$var" '%s' "$dir/bin/python"
 }

@@ -253,7 +253,11 @@ impl LoadedClip {
         let weights = crate::weights::SafetensorsFiles::open(&files.weights)
             .map_err(|e| err(format!("cannot read the weights: {e}")))?;
         let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
+        // The fused and int8 kernels are CPU code (gemm + AVX on host
+        // memory); on a GPU the model runs candle's generic ops, which every
+        // device implements. (GPU-specific fused paths: issue #19.)
         let kernels = match precision {
+            _ if !device.is_cpu() => Kernels::Differentiable,
             Precision::Int8 => Kernels::Int8,
             _ => Kernels::Fused,
         };
