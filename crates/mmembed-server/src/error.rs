@@ -135,11 +135,16 @@ impl ApiError {
     /// The error of instance `i` of a request, its message prefixed with
     /// which instance failed (a predict call fails as a whole, as Vertex's does).
     pub fn for_instance(e: &EmbedError, i: usize, n: usize) -> Self {
-        let mut err = Self::from(e);
+        Self::from(e).at_instance(i, n)
+    }
+
+    /// Prefixes the message with `instances[i]: ` when the call had more
+    /// than one instance (with one, there is nothing to tell apart).
+    pub fn at_instance(mut self, i: usize, n: usize) -> Self {
         if n > 1 {
-            err.message = format!("instances[{i}]: {}", err.message);
+            self.message = format!("instances[{i}]: {}", self.message);
         }
-        err
+        self
     }
 }
 

@@ -94,13 +94,8 @@ pub(crate) fn parse_grpc_timeout(s: &str) -> Option<Duration> {
 
 impl Grpc {
     fn key<T>(req: &Request<T>) -> Option<String> {
-        let md = req.metadata();
-        if let Some(v) = md.get("authorization").and_then(|v| v.to_str().ok()) {
-            return Some(v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
-        }
-        md.get("x-goog-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim().to_string())
+        let md = |name: &str| req.metadata().get(name).and_then(|v| v.to_str().ok());
+        crate::header_key(md("authorization"), md("x-goog-api-key")).map(str::to_string)
     }
 
     fn finish<T>(

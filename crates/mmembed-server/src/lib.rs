@@ -238,13 +238,7 @@ impl App {
         let mut out = Vec::with_capacity(n);
         for (i, r) in results.into_iter().enumerate() {
             let e = r.map_err(|e| ApiError::for_instance(&e, i, n))?;
-            out.push(wire::prediction(&e).map_err(|m| {
-                ApiError::invalid(if n > 1 {
-                    format!("instances[{i}]: {m}")
-                } else {
-                    m
-                })
-            })?);
+            out.push(wire::prediction(&e).map_err(|m| ApiError::invalid(m).at_instance(i, n))?);
         }
         Ok(out)
     }
@@ -291,19 +285,23 @@ fn rest_key<'a>(
     headers: &'a HeaderMap,
     query: Option<&'a str>,
 ) -> Option<std::borrow::Cow<'a, str>> {
-    if let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        return Some(v.strip_prefix("Bearer ").unwrap_or(v).trim().into());
-    }
-    if let Some(v) = headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) {
-        return Some(v.trim().into());
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(k) = header_key(header("authorization"), header("x-goog-api-key")) {
+        return Some(k.into());
     }
     query?
         .split('&')
         .find_map(|kv| kv.strip_prefix("key="))
         .map(|k| percent_decode_str(k).decode_utf8_lossy())
+}
+
+/// The key in an `Authorization: Bearer KEY` or `x-goog-api-key: KEY`
+/// header (HTTP headers or gRPC metadata), the first one wins.
+fn header_key<'a>(authorization: Option<&'a str>, api_key: Option<&'a str>) -> Option<&'a str> {
+    authorization
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
+        .or(api_key)
+        .map(str::trim)
 }
 
 /// `X-Server-Timeout: SECONDS` (Google's REST deadline header).

@@ -74,13 +74,8 @@ pub fn parse_predict(
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            parse_instance(v, dimension).map_err(|m| {
-                if instances.len() > 1 {
-                    ApiError::invalid(format!("instances[{i}]: {m}"))
-                } else {
-                    ApiError::invalid(m)
-                }
-            })
+            parse_instance(v, dimension)
+                .map_err(|m| ApiError::invalid(m).at_instance(i, instances.len()))
         })
         .collect()
 }
