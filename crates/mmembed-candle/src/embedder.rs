@@ -59,6 +59,10 @@ pub struct LocalOptions {
     /// faster, at the price of frames up to half a keyframe interval away
     /// from their time. See `mmembed_media::video::SampleMode`.
     pub video_keyframes_only: bool,
+    /// Largest video read from an object store, in bytes (default 2 GiB).
+    /// Remote videos are held in memory while they are embedded; local
+    /// files are read by FFmpeg from disk whatever their size.
+    pub max_video_bytes: u64,
 }
 
 impl LocalOptions {
@@ -75,7 +79,14 @@ impl LocalOptions {
             space: None,
             video_fps: 1.0,
             video_keyframes_only: false,
+            max_video_bytes: 2 << 30,
         }
+    }
+
+    /// Sets the largest video read from an object store.
+    pub fn with_max_video_bytes(mut self, bytes: u64) -> Self {
+        self.max_video_bytes = bytes;
+        self
     }
 
     /// Samples only keyframes (see [`LocalOptions::video_keyframes_only`]).
@@ -310,6 +321,8 @@ fn rows(t: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
 }
 
 enum Item {
+    /// Failed before reaching the model (a remote object that could not be fetched).
+    Failed(EmbedError),
     Text(String),
     Image(MediaSource),
     Video(MediaSource, Option<mmembed_core::VideoSegmentConfig>),
@@ -363,6 +376,7 @@ impl Worker {
                     }
                     Err(e) => out[i] = Some(Err(e)),
                 },
+                Item::Failed(e) => out[i] = Some(Err(e)),
                 Item::Image(src) => images.push((i, src)),
                 Item::Video(src, cfg) => videos.push((i, src, cfg)),
             }
@@ -633,6 +647,55 @@ fn merge_waiting(first: Job, rx: &mpsc::Receiver<Job>, budget: usize) -> Vec<Job
 pub struct LocalEmbedder {
     info: EmbedderInfo,
     jobs: mpsc::Sender<Job>,
+    max_image_bytes: u64,
+    max_video_bytes: u64,
+}
+
+/// Remote objects fetched at once per call, so a large batch of URIs does
+/// not open hundreds of connections.
+const FETCH_CONCURRENCY: usize = 32;
+
+impl LocalEmbedder {
+    /// Replaces remote media (`gs://`, `s3://`, `az://`, `http(s)://`) by
+    /// their bytes, concurrently and here on the async side, so the model
+    /// thread never waits on the network; an object that cannot be fetched
+    /// fails its own item only.
+    async fn fetch_remote(&self, items: &mut [Item]) {
+        use futures::StreamExt;
+        let wanted: Vec<(usize, MediaSource, Modality, u64)> = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, it)| match it {
+                Item::Image(src @ MediaSource::Uri(u)) if mmembed_store::is_remote(u) => {
+                    Some((i, src.clone(), Modality::Image, self.max_image_bytes))
+                }
+                Item::Video(src @ MediaSource::Uri(u), _) if mmembed_store::is_remote(u) => {
+                    Some((i, src.clone(), Modality::Video, self.max_video_bytes))
+                }
+                _ => None,
+            })
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let fetched: Vec<_> = futures::stream::iter(wanted)
+            .map(|(i, src, kind, max)| async move {
+                (i, mmembed_media::fetch_remote(&src, kind, max).await)
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        for (i, r) in fetched {
+            let item = &mut items[i];
+            match (r, &mut *item) {
+                (Ok(Some(b)), Item::Image(src) | Item::Video(src, _)) => {
+                    *src = MediaSource::Bytes(b)
+                }
+                (Err(e), _) => *item = Item::Failed(e),
+                _ => {}
+            }
+        }
+    }
 }
 
 impl fmt::Debug for LocalEmbedder {
@@ -723,7 +786,12 @@ impl LocalEmbedder {
                 }
             })
             .map_err(|e| backend_err(format!("cannot start the model thread: {e}")))?;
-        Ok(Self { info, jobs: tx })
+        Ok(Self {
+            info,
+            jobs: tx,
+            max_image_bytes: opts.image_limits.max_bytes,
+            max_video_bytes: opts.max_video_bytes,
+        })
     }
 }
 
@@ -757,6 +825,7 @@ impl Embedder for LocalEmbedder {
                 slot
             }));
         }
+        self.fetch_remote(&mut items).await;
         let n_items = items.len();
         let mut results: Vec<Option<ItemResult>> = if n_items == 0 {
             Vec::new()

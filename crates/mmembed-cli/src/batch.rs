@@ -1,32 +1,45 @@
 //! `mmembed batch`: the counterpart of BigQuery's `AI.GENERATE_EMBEDDING`
 //! over an object table. One row per image and per video segment, a status
-//! per row, and crash safety through atomically written parts.
+//! per row, and crash safety through parts that are each written whole.
 //!
-//! Layout on disk while a job runs, for `-o out.parquet`:
+//! Layout while a job runs, for `-o out.parquet` (a local path or a bucket
+//! URI such as `gs://b/out.parquet`; object stores have no rename, so every
+//! part and the final object are written in one put or one completed
+//! multipart upload, which readers see whole or not at all):
 //!
 //! ```text
-//! out.parquet.parts/part-000001.parquet   one part per chunk of inputs,
-//! out.parquet.parts/part-000002.parquet   each renamed into place whole
+//! out.parquet.lock                        the one job writing this output
+//! out.parquet.parts/part-000001.parquet   one part per chunk of inputs
+//! out.parquet.parts/part-000002.parquet
 //! ```
 //!
 //! At the end the parts (and, with `--resume`, the previous `out.parquet`)
-//! are merged into `out.parquet` by another atomic rename, then the parts
-//! are removed. Every URI's rows live in exactly one part, so merging keeps,
-//! for each URI, the rows of the newest file that has it: a retried URI
-//! replaces its failed rows, and a crash between the final rename and the
-//! clean-up duplicates nothing.
+//! are merged into `out.parquet`, written whole, then the parts are
+//! removed. Every URI's rows live in exactly one part, so merging keeps,
+//! for each URI, the rows of the newest file that has it: a retried or
+//! changed object replaces its old rows, and a crash between the final
+//! write and the clean-up duplicates nothing.
+//!
+//! Remote objects are fetched ahead of the model by a separate task,
+//! concurrently and bounded by bytes in flight, so storage latency overlaps
+//! compute.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use clap::Args as ClapArgs;
+use futures::StreamExt;
 use mmembed::{EmbedRequest, Embedder, Media, MediaSource};
+use mmembed_store::{PutMode, StoreError, Stores};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::backend::{BackendArgs, SegmentArgs};
-use crate::inputs::{self, Input, Kind, Shard};
+use crate::inputs::{self, Identity, Input, Kind, Shard};
+use crate::lock::OutputLock;
 use crate::rows::{self, Format, Row};
 
 /// Flags of `mmembed batch`.
@@ -35,24 +48,30 @@ use crate::rows::{self, Format, Row};
   mmembed batch photos/ -o photos.parquet --model demo
   mmembed batch 'media/**/*.mp4' -o videos.jsonl --interval 8
   mmembed batch manifest.csv -o out.parquet --resume
+  mmembed batch gs://bucket/photos/ -o gs://bucket/emb/photos.parquet
+  mmembed batch 's3://bucket/clips/**/*.mp4' -o clips.parquet --resume
   mmembed batch media/ -o part-2.parquet --shard 2/8   # one of 8 machines")]
 pub struct Args {
     /// A folder (walked recursively; hidden entries skipped), a glob
     /// (quote it), a manifest (`.csv`/`.jsonl` with a `uri` or `path`
-    /// column; other columns are carried to the output) or one file.
+    /// column; other columns are carried to the output), one file, or a
+    /// bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`, `az://c/x/`).
     #[arg(env = "MMEMBED_INPUT")]
     pub input: String,
 
-    /// Output file; `.parquet` or `.jsonl` chooses the format.
+    /// Output file or bucket object (`gs://`, `s3://`, `az://`); `.parquet`
+    /// or `.jsonl` chooses the format.
     #[arg(short, long, env = "MMEMBED_OUTPUT")]
-    pub output: PathBuf,
+    pub output: String,
 
     /// Output format, when the extension does not say.
     #[arg(long, env = "MMEMBED_FORMAT", value_enum)]
     pub format: Option<Format>,
 
-    /// Continue an interrupted or partly failed job: keep rows of URIs that
-    /// succeeded, embed the rest and retry failed ones.
+    /// Continue an interrupted or partly failed job, or bring an output up
+    /// to date: keep the rows of objects that succeeded and are unchanged
+    /// (same generation/ETag, else same size and modification time), embed
+    /// new and changed objects and retry failed ones.
     #[arg(long, env = "MMEMBED_RESUME", conflicts_with = "overwrite")]
     pub resume: bool,
 
@@ -69,6 +88,21 @@ pub struct Args {
     /// Output dimension (Vertex: 128, 256, 512, 1408).
     #[arg(long, env = "MMEMBED_DIMENSION")]
     pub dimension: Option<u32>,
+
+    /// Remote objects fetched at once, ahead of the model.
+    #[arg(long, env = "MMEMBED_FETCH_CONCURRENCY", default_value_t = 32)]
+    pub fetch_concurrency: usize,
+
+    /// Most bytes of fetched objects held in memory, waiting for the model
+    /// (MiB). An object larger than this is fetched alone.
+    #[arg(long, env = "MMEMBED_FETCH_BUFFER_MIB", default_value_t = 512)]
+    pub fetch_buffer_mib: u64,
+
+    /// How long a bucket output's lock stays valid without its job renewing
+    /// it (seconds; the job renews it every third of this). A lock of a
+    /// process that died on this machine is taken over at once.
+    #[arg(long, env = "MMEMBED_LOCK_TTL_SECS", default_value_t = 120)]
+    pub lock_ttl_secs: u64,
 
     #[command(flatten)]
     pub segments: SegmentArgs,
@@ -91,28 +125,102 @@ pub struct Summary {
     pub failed: usize,
 }
 
+/// Where the output, its parts and its lock live: a local path or a bucket.
+pub(crate) enum Location {
+    Local(PathBuf),
+    Remote(String),
+}
+
+impl Location {
+    pub(crate) fn parse(s: &str) -> Self {
+        if mmembed_store::is_remote(s) {
+            Self::Remote(s.to_string())
+        } else {
+            Self::Local(inputs::absolute(Path::new(
+                s.strip_prefix("file://").unwrap_or(s),
+            )))
+        }
+    }
+
+    pub(crate) fn display(&self) -> String {
+        match self {
+            Self::Local(p) => p.display().to_string(),
+            Self::Remote(u) => u.clone(),
+        }
+    }
+
+    /// The same location with `suffix` appended to its name.
+    pub(crate) fn suffixed(&self, suffix: &str) -> Self {
+        match self {
+            Self::Local(p) => {
+                let mut s = p.clone().into_os_string();
+                s.push(suffix);
+                Self::Local(PathBuf::from(s))
+            }
+            Self::Remote(u) => Self::Remote(format!("{u}{suffix}")),
+        }
+    }
+
+    pub(crate) async fn exists(&self) -> anyhow::Result<bool> {
+        match self {
+            Self::Local(p) => Ok(p.exists()),
+            Self::Remote(u) => Ok(Stores::shared().exists(u).await?),
+        }
+    }
+
+    pub(crate) async fn read(&self) -> anyhow::Result<Bytes> {
+        match self {
+            Self::Local(p) => Ok(Bytes::from(
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            )),
+            Self::Remote(u) => Ok(Stores::shared().read(u, u64::MAX).await?.0),
+        }
+    }
+
+    /// Writes the whole object at once (atomic rename locally; one put or
+    /// one completed multipart upload in a bucket).
+    pub(crate) async fn write(&self, bytes: Vec<u8>, content_type: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Local(p) => rows::write_file_atomic(p, &bytes),
+            Self::Remote(u) => Ok(Stores::shared()
+                .put(u, Bytes::from(bytes), content_type, PutMode::Overwrite)
+                .await?),
+        }
+    }
+
+    pub(crate) async fn remove(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Local(p) => match std::fs::remove_file(p) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
+            },
+            Self::Remote(u) => Ok(Stores::shared().delete(u).await?),
+        }
+    }
+}
+
 struct Output {
-    path: PathBuf,
-    parts: PathBuf,
+    path: Location,
+    parts: Location,
     format: Format,
 }
 
 impl Output {
-    fn new(path: PathBuf, format: Option<Format>) -> anyhow::Result<Self> {
+    fn new(path: &str, format: Option<Format>) -> anyhow::Result<Self> {
         let format = format
-            .or_else(|| Format::from_path(&path))
+            .or_else(|| Format::from_path(Path::new(path)))
             .with_context(|| {
                 format!(
-                    "cannot tell the format of {}: name it .parquet or .jsonl, or pass --format",
-                    path.display()
+                    "cannot tell the format of {path}: name it .parquet or .jsonl, or pass --format"
                 )
             })?;
-        let name = path
-            .file_name()
-            .context("the output path has no file name")?
-            .to_string_lossy()
-            .into_owned();
-        let parts = path.with_file_name(format!("{name}.parts"));
+        let name = path.rsplit('/').next().unwrap_or_default();
+        if name.is_empty() || name == "." || name == ".." {
+            bail!("the output `{path}` has no file name");
+        }
+        let path = Location::parse(path);
+        let parts = path.suffixed(".parts");
         Ok(Self {
             path,
             parts,
@@ -120,35 +228,107 @@ impl Output {
         })
     }
 
+    fn part_name(&self, n: u64) -> String {
+        format!("part-{n:06}.{}", self.format.ext())
+    }
+
     /// Finished parts in order, removing temporary files a crash left.
-    fn part_files(&self) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    async fn part_files(&self) -> anyhow::Result<Vec<(u64, Location)>> {
         let mut parts = vec![];
-        let Ok(dir) = std::fs::read_dir(&self.parts) else {
-            return Ok(parts);
-        };
-        for e in dir {
-            let p = e?.path();
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            if name.ends_with(".tmp") {
-                std::fs::remove_file(&p).ok();
-                continue;
-            }
-            let n = name
-                .strip_prefix("part-")
+        let parse = |name: &str| -> Option<u64> {
+            name.strip_prefix("part-")
                 .and_then(|r| r.strip_suffix(&format!(".{}", self.format.ext())))
-                .and_then(|n| n.parse().ok());
-            match n {
-                Some(n) => parts.push((n, p)),
-                None => tracing::warn!(file = %p.display(), "ignoring a file that is not a part"),
+                .and_then(|n| n.parse().ok())
+        };
+        match &self.parts {
+            Location::Local(dir) => {
+                let Ok(entries) = std::fs::read_dir(dir) else {
+                    return Ok(parts);
+                };
+                for e in entries {
+                    let p = e?.path();
+                    let name = p.file_name().unwrap_or_default().to_string_lossy();
+                    if name.ends_with(".tmp") {
+                        std::fs::remove_file(&p).ok();
+                        continue;
+                    }
+                    match parse(&name) {
+                        Some(n) => parts.push((n, Location::Local(p))),
+                        None => {
+                            tracing::warn!(file = %p.display(), "ignoring a file that is not a part")
+                        }
+                    }
+                }
+            }
+            Location::Remote(prefix) => {
+                for o in Stores::shared().list(&format!("{prefix}/")).await? {
+                    let name = o.uri.rsplit('/').next().unwrap_or_default().to_string();
+                    match parse(&name) {
+                        Some(n) => parts.push((n, Location::Remote(o.uri))),
+                        None => {
+                            tracing::warn!(object = %o.uri, "ignoring an object that is not a part")
+                        }
+                    }
+                }
             }
         }
-        parts.sort();
+        parts.sort_by_key(|(n, _)| *n);
         Ok(parts)
     }
 
-    fn part_path(&self, n: u64) -> PathBuf {
-        self.parts
-            .join(format!("part-{n:06}.{}", self.format.ext()))
+    fn part(&self, n: u64) -> Location {
+        match &self.parts {
+            Location::Local(d) => Location::Local(d.join(self.part_name(n))),
+            Location::Remote(p) => Location::Remote(format!("{p}/{}", self.part_name(n))),
+        }
+    }
+
+    async fn prepare_parts(&self) -> anyhow::Result<()> {
+        if let Location::Local(d) = &self.parts {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(())
+    }
+
+    async fn remove_parts(&self) -> anyhow::Result<()> {
+        match &self.parts {
+            Location::Local(d) => {
+                if d.exists() {
+                    std::fs::remove_dir_all(d)
+                        .with_context(|| format!("removing {}", d.display()))?;
+                }
+            }
+            Location::Remote(_) => {
+                for (_, p) in self.part_files().await? {
+                    p.remove().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_rows(&self, loc: &Location) -> anyhow::Result<Vec<Row>> {
+        rows::decode(loc.read().await?, self.format, &loc.display())
+    }
+
+    async fn write_rows(
+        &self,
+        loc: &Location,
+        rows: &[Row],
+        carried: &[String],
+    ) -> anyhow::Result<()> {
+        let bytes = rows::encode(self.format, rows, carried)?;
+        loc.write(bytes, self.format.content_type())
+            .await
+            .with_context(|| format!("writing {}", loc.display()))
+    }
+
+    /// Whether an input object is this job's own output, one of its parts
+    /// or its lock: never an input.
+    fn owns(&self, uri: &str) -> bool {
+        let out = self.path.display();
+        let parts = format!("{}/", self.parts.display());
+        uri == out || uri == format!("{out}.lock") || uri.starts_with(&parts)
     }
 }
 
@@ -178,59 +358,131 @@ fn merge(sources: Vec<Vec<Row>>) -> Vec<Row> {
     out
 }
 
-/// URIs whose rows all succeeded.
-fn done_uris(rows: &[Row]) -> HashSet<String> {
+/// URIs whose rows all succeeded, with the identity the rows recorded.
+fn done_uris(rows: &[Row]) -> HashMap<String, Identity> {
     let mut failed = HashSet::new();
-    let mut seen = HashSet::new();
+    let mut seen = HashMap::new();
     for r in rows {
-        seen.insert(r.uri.clone());
+        seen.entry(r.uri.clone()).or_insert_with(|| Identity {
+            size: r.size_bytes,
+            updated: r.updated,
+            etag: r.etag.clone(),
+            generation: r.generation.clone(),
+        });
         if !r.ok() {
             failed.insert(r.uri.clone());
         }
     }
-    seen.retain(|u| !failed.contains(u));
+    seen.retain(|u, _| !failed.contains(u));
     seen
 }
 
-struct Job {
-    embedder: Arc<dyn Embedder>,
-    segments: Option<mmembed::VideoSegmentConfig>,
-    dimension: Option<u32>,
-}
+/// Largest remote image / video fetched for the local backend; the same
+/// defaults as its own limits (`ImageLimits`, `LocalOptions::max_video_bytes`).
+const MAX_REMOTE_IMAGE: u64 = 100 << 20;
+const MAX_REMOTE_VIDEO: u64 = 2 << 30;
+/// A remote object of unknown size (named by a manifest) counts as this
+/// much of the fetch buffer until its size is known.
+const UNKNOWN_SIZE: u64 = 1 << 20;
 
 enum Planned {
     Request(EmbedRequest),
     Failed(String),
 }
 
-impl Job {
-    fn plan(&self, input: &Input) -> (String, Option<i64>, Planned) {
+/// One input, read or ready to be read by the backend.
+struct Prepared {
+    input: Input,
+    content_type: String,
+    identity: Identity,
+    planned: Planned,
+    /// The share of the fetch buffer its bytes take, until it is embedded.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Turns inputs into requests: stats local files, fetches remote objects
+/// the backend does not read itself.
+struct Fetcher {
+    embedder: Arc<dyn Embedder>,
+    segments: Option<mmembed::VideoSegmentConfig>,
+    dimension: Option<u32>,
+    buffer: Arc<Semaphore>,
+    /// The buffer's size in KiB permits.
+    buffer_kib: u32,
+}
+
+impl Fetcher {
+    fn permits_for(&self, input: &Input) -> u32 {
+        let remote = input.path.is_none() && !self.embedder.reads_uri(&input.uri);
+        if !remote {
+            return 0;
+        }
+        let size = input.listed.as_ref().map_or(UNKNOWN_SIZE, |o| o.size);
+        // An object larger than the whole buffer takes all of it: alone.
+        (size.div_ceil(1024).max(1)).min(u64::from(self.buffer_kib)) as u32
+    }
+
+    async fn prepare(&self, input: Input, permit: Option<OwnedSemaphorePermit>) -> Prepared {
+        let mut identity = input.identity.clone();
+        let fail = |ct: &str, identity: Identity, status: String| Prepared {
+            input: input.clone(),
+            content_type: ct.to_string(),
+            identity,
+            planned: Planned::Failed(status),
+            _permit: None,
+        };
+        let listed_type = input
+            .listed
+            .as_ref()
+            .and_then(|o| o.content_type.clone())
+            .filter(|t| t.starts_with("image/") || t.starts_with("video/"));
         let Some((ct, kind)) = inputs::content_type(&input.uri) else {
-            return (
-                "application/octet-stream".into(),
-                input
-                    .path
-                    .as_ref()
-                    .and_then(|p| std::fs::metadata(p).ok())
-                    .map(|m| m.len() as i64),
-                Planned::Failed(format!(
+            return fail(
+                listed_type.as_deref().unwrap_or("application/octet-stream"),
+                identity,
+                format!(
                     "unsupported file type (supported extensions: {})",
                     inputs::supported_extensions()
-                )),
+                ),
             );
         };
-        let (source, size) = match &input.path {
+        let source = match &input.path {
             Some(p) => match std::fs::metadata(p) {
-                Ok(m) => (MediaSource::Path(p.clone()), Some(m.len() as i64)),
+                Ok(m) => {
+                    identity = Identity::of_file(&m);
+                    MediaSource::Path(p.clone())
+                }
                 Err(e) => {
-                    return (
-                        ct.into(),
-                        None,
-                        Planned::Failed(format!("cannot read {}: {e}", p.display())),
+                    return fail(
+                        ct,
+                        Identity::default(),
+                        format!("cannot read {}: {e}", p.display()),
                     );
                 }
             },
-            None => (MediaSource::Uri(input.uri.clone()), None),
+            None if self.embedder.reads_uri(&input.uri) => MediaSource::Uri(input.uri.clone()),
+            None => {
+                let limit = match kind {
+                    Kind::Image => MAX_REMOTE_IMAGE,
+                    Kind::Video => MAX_REMOTE_VIDEO,
+                };
+                let stores = Stores::shared();
+                let info = match &input.listed {
+                    Some(o) => Ok(o.clone()),
+                    None => stores.head(&input.uri).await,
+                };
+                let got = match info {
+                    Ok(info) => {
+                        identity = Identity::of(&info);
+                        stores.read_listed(&info, limit).await
+                    }
+                    Err(e) => Err(e),
+                };
+                match got {
+                    Ok(bytes) => MediaSource::Bytes(bytes),
+                    Err(e) => return fail(ct, identity, store_status(&e)),
+                }
+            }
         };
         let media = Media {
             source,
@@ -243,87 +495,153 @@ impl Job {
         if let Some(d) = self.dimension {
             req = req.with_dimension(d);
         }
-        (ct.into(), size, Planned::Request(req))
-    }
-
-    /// Embeds one chunk of inputs into rows; never fails as a whole.
-    async fn run(&self, chunk: &[Input]) -> Vec<Row> {
-        let info = self.embedder.info();
-        let planned: Vec<_> = chunk.iter().map(|i| self.plan(i)).collect();
-        let reqs: Vec<EmbedRequest> = planned
-            .iter()
-            .filter_map(|(_, _, p)| match p {
-                Planned::Request(r) => Some(r.clone()),
-                Planned::Failed(_) => None,
-            })
-            .collect();
-        let n_reqs = reqs.len();
-        let mut results = if reqs.is_empty() {
-            vec![]
-        } else {
-            self.embedder.embed_batch(reqs).await
+        Prepared {
+            input,
+            content_type: ct.into(),
+            identity,
+            planned: Planned::Request(req),
+            _permit: permit,
         }
-        .into_iter();
-        let base = |input: &Input, ct: &str, size: Option<i64>| Row {
+    }
+}
+
+/// A row's status for an object that could not be read.
+fn store_status(e: &StoreError) -> String {
+    match e {
+        StoreError::Transport { .. } => format!("{e} (after retries)"),
+        _ => e.to_string(),
+    }
+}
+
+/// Embeds one chunk of prepared inputs into rows; never fails as a whole.
+async fn embed_chunk(
+    embedder: &dyn Embedder,
+    dimension: Option<u32>,
+    chunk: Vec<Prepared>,
+) -> Vec<Row> {
+    let info = embedder.info();
+    let mut planned = Vec::with_capacity(chunk.len());
+    let mut reqs = vec![];
+    for p in chunk {
+        let status = match p.planned {
+            Planned::Request(r) => {
+                reqs.push(r);
+                None
+            }
+            Planned::Failed(s) => Some(s),
+        };
+        planned.push((p.input, p.content_type, p.identity, status, p._permit));
+    }
+    let n_reqs = reqs.len();
+    let mut results = if reqs.is_empty() {
+        vec![]
+    } else {
+        embedder.embed_batch(reqs).await
+    }
+    .into_iter();
+    let mut rows = vec![];
+    for (input, ct, id, status, permit) in planned {
+        // The bytes are in the backend's hands now (or dropped).
+        drop(permit);
+        let mut row = Row {
             uri: input.uri.clone(),
-            content_type: ct.to_string(),
-            size_bytes: size,
+            content_type: ct,
+            size_bytes: id.size,
+            generation: id.generation,
+            etag: id.etag,
+            updated: id.updated,
             embedding: None,
             status: String::new(),
             video_start_sec: None,
             video_end_sec: None,
             model: info.model_id.clone(),
             space: info.space.as_str().to_string(),
-            dimension: Some(
-                self.dimension
-                    .map_or(info.native_dimension as i32, |d| d as i32),
-            ),
-            carried: input.carried.clone(),
+            dimension: Some(dimension.map_or(info.native_dimension as i32, |d| d as i32)),
+            carried: input.carried,
         };
-        let mut rows = vec![];
-        for (input, (ct, size, planned)) in chunk.iter().zip(planned) {
-            let mut row = base(input, &ct, size);
-            let result = match planned {
-                Planned::Failed(status) => Err(status),
-                Planned::Request(_) => match results.next() {
-                    Some(r) => r.map_err(|e| e.to_string()),
-                    None => Err(format!(
-                        "the backend returned fewer results than the {n_reqs} requests sent"
-                    )),
-                },
-            };
-            match result {
-                Err(status) => {
-                    row.status = status;
+        let result = match status {
+            Some(status) => Err(status),
+            None => match results.next() {
+                Some(r) => r.map_err(|e| e.to_string()),
+                None => Err(format!(
+                    "the backend returned fewer results than the {n_reqs} requests sent"
+                )),
+            },
+        };
+        match result {
+            Err(status) => {
+                row.status = status;
+                rows.push(row);
+            }
+            Ok(e) => {
+                row.model = e.model.clone();
+                row.space = e.space.as_str().to_string();
+                row.dimension = Some(e.dimension as i32);
+                if let Some(v) = e.image {
+                    row.embedding = Some(v);
                     rows.push(row);
-                }
-                Ok(e) => {
-                    row.model = e.model.clone();
-                    row.space = e.space.as_str().to_string();
-                    row.dimension = Some(e.dimension as i32);
-                    if let Some(v) = e.image {
-                        row.embedding = Some(v);
-                        rows.push(row);
-                    } else if e.video.is_empty() {
-                        row.status = "the backend returned no vector for this input".into();
-                        rows.push(row);
-                    } else {
-                        for s in e.video {
-                            let mut r = row.clone();
-                            r.video_start_sec = Some(s.start_sec);
-                            r.video_end_sec = Some(s.end_sec);
-                            match s.error {
-                                Some(err) => r.status = err,
-                                None => r.embedding = Some(s.embedding),
-                            }
-                            rows.push(r);
+                } else if e.video.is_empty() {
+                    row.status = "the backend returned no vector for this input".into();
+                    rows.push(row);
+                } else {
+                    for s in e.video {
+                        let mut r = row.clone();
+                        r.video_start_sec = Some(s.start_sec);
+                        r.video_end_sec = Some(s.end_sec);
+                        match s.error {
+                            Some(err) => r.status = err,
+                            None => r.embedding = Some(s.embedding),
                         }
+                        rows.push(r);
                     }
                 }
             }
         }
-        rows
     }
+    rows
+}
+
+/// Prepares `todo` on its own task, `concurrency` objects at a time, and
+/// hands chunks of at most `batch` to the returned channel. Buffer permits
+/// are taken in input order, so later objects never starve earlier ones.
+fn prefetch(
+    fetcher: Arc<Fetcher>,
+    todo: Vec<Input>,
+    concurrency: usize,
+    batch: usize,
+) -> mpsc::Receiver<Vec<Prepared>> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let f = fetcher.clone();
+        let chunks = futures::stream::iter(todo)
+            .then(move |input| {
+                let f = f.clone();
+                async move {
+                    let n = f.permits_for(&input);
+                    let permit = if n == 0 {
+                        None
+                    } else {
+                        f.buffer.clone().acquire_many_owned(n).await.ok()
+                    };
+                    (input, permit)
+                }
+            })
+            .map(move |(input, permit)| {
+                let f = fetcher.clone();
+                async move { f.prepare(input, permit).await }
+            })
+            .buffered(concurrency.max(1))
+            // Whatever is ready, up to a batch: the model never waits for a
+            // full chunk while objects trickle in.
+            .ready_chunks(batch.max(1));
+        let mut chunks = std::pin::pin!(chunks);
+        while let Some(chunk) = chunks.next().await {
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 struct Progress {
@@ -388,15 +706,31 @@ impl Progress {
 
 /// Runs the job; the summary counts the rows of the whole output.
 pub async fn run(args: Args) -> anyhow::Result<Summary> {
-    let out = Output::new(args.output.clone(), args.format)?;
+    let out = Output::new(&args.output, args.format)?;
+    let lock =
+        OutputLock::acquire(&out.path, Duration::from_secs(args.lock_ttl_secs.max(3))).await?;
+    let result = run_locked(&args, &out).await;
+    lock.release().await;
+    result
+}
+
+async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     let segments = args.segments.config()?;
-    let mut table = inputs::list(&args.input)?;
+    let mut table = inputs::list(&args.input).await?;
+    let listed = table.inputs.len();
+    table.inputs.retain(|i| !out.owns(&i.uri));
+    if table.inputs.len() != listed {
+        tracing::info!(
+            left_out = listed - table.inputs.len(),
+            "the input holds this job's own output, parts or lock; they are not inputs"
+        );
+    }
     if let Some(shard) = args.shard {
         table.inputs.retain(|i| shard.contains(&i.uri));
     }
 
-    let exists = out.path.exists();
-    let old_parts = out.part_files()?;
+    let exists = out.path.exists().await?;
+    let old_parts = out.part_files().await?;
     if (exists || !old_parts.is_empty()) && !args.resume {
         if !args.overwrite {
             bail!(
@@ -404,30 +738,32 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
                 out.path.display()
             );
         }
-        if exists {
-            std::fs::remove_file(&out.path)
-                .with_context(|| format!("removing {}", out.path.display()))?;
-        }
-        if out.parts.exists() {
-            std::fs::remove_dir_all(&out.parts)
-                .with_context(|| format!("removing {}", out.parts.display()))?;
-        }
+        out.path.remove().await?;
+        out.remove_parts().await?;
     }
     let mut sources = vec![];
     if args.resume {
         if exists {
-            sources.push(rows::read(&out.path, out.format)?);
+            sources.push(out.read_rows(&out.path).await?);
         }
-        for (_, p) in out.part_files()? {
-            sources.push(rows::read(&p, out.format)?);
+        for (_, p) in out.part_files().await? {
+            sources.push(out.read_rows(&p).await?);
         }
     }
-    let previous = merge(sources.clone());
+    let previous = merge(sources);
     let done = done_uris(&previous);
+    let mut changed = 0;
     let todo: Vec<Input> = table
         .inputs
         .iter()
-        .filter(|i| !done.contains(&i.uri))
+        .filter(|i| match done.get(&i.uri) {
+            Some(id) if id.same_version(&i.identity) => false,
+            Some(_) => {
+                changed += 1;
+                true
+            }
+            None => true,
+        })
         .cloned()
         .collect();
     // Columns carried by earlier runs stay, new ones are added.
@@ -444,30 +780,47 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     }
     tracing::info!(
         inputs = table.inputs.len(),
-        already_done = table.inputs.len() - todo.len(),
+        unchanged_and_done = table.inputs.len() - todo.len(),
+        changed,
         to_embed = todo.len(),
         output = %out.path.display(),
         "batch job"
     );
+    if args.resume && todo.len() < table.inputs.len() {
+        eprintln!(
+            "skipping {} objects already embedded and unchanged; embedding {} ({changed} changed since)",
+            table.inputs.len() - todo.len(),
+            todo.len()
+        );
+    }
 
     if !todo.is_empty() {
-        std::fs::create_dir_all(&out.parts)
-            .with_context(|| format!("creating {}", out.parts.display()))?;
-        let job = Job {
-            embedder: args.backend.build().await?,
+        out.prepare_parts().await?;
+        let embedder = args.backend.build().await?;
+        let buffer_kib = (args.fetch_buffer_mib.max(1) * 1024).min(u64::from(u32::MAX >> 3)) as u32;
+        let fetcher = Arc::new(Fetcher {
+            embedder: embedder.clone(),
             segments,
             dimension: args.dimension,
-        };
-        let first_part = out.part_files()?.last().map_or(1, |(n, _)| n + 1);
+            buffer: Arc::new(Semaphore::new(buffer_kib as usize)),
+            buffer_kib,
+        });
+        let first_part = out.part_files().await?.last().map_or(1, |(n, _)| n + 1);
         let mut progress = Progress::new(todo.len() as u64);
         let mut failed_rows = 0;
-        let chunks = todo.chunks(args.backend.batch_size as usize);
-        for (written, (part, chunk)) in (first_part..).zip(chunks).enumerate() {
-            let rows = job.run(chunk).await;
+        let batch = args.backend.batch_size as usize;
+        let mut chunks = prefetch(fetcher, todo, args.fetch_concurrency, batch);
+        let mut part = first_part;
+        let mut written = 0;
+        while let Some(chunk) = chunks.recv().await {
+            let n = chunk.len() as u64;
+            let rows = embed_chunk(embedder.as_ref(), args.dimension, chunk).await;
             failed_rows += rows.iter().filter(|r| !r.ok()).count();
-            rows::write_atomic(&out.part_path(part), out.format, &rows, &carried)?;
-            progress.advance(chunk.len() as u64, failed_rows);
-            if args.abort_after_parts == Some(written + 1) {
+            out.write_rows(&out.part(part), &rows, &carried).await?;
+            part += 1;
+            written += 1;
+            progress.advance(n, failed_rows);
+            if args.abort_after_parts == Some(written) {
                 std::process::abort();
             }
         }
@@ -476,18 +829,15 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
 
     // Merge everything there is: the previous output and all parts.
     let mut all = vec![];
-    if out.path.exists() {
-        all.push(rows::read(&out.path, out.format)?);
+    if out.path.exists().await? {
+        all.push(out.read_rows(&out.path).await?);
     }
-    for (_, p) in out.part_files()? {
-        all.push(rows::read(&p, out.format)?);
+    for (_, p) in out.part_files().await? {
+        all.push(out.read_rows(&p).await?);
     }
     let merged = merge(all);
-    rows::write_atomic(&out.path, out.format, &merged, &carried)?;
-    if out.parts.exists() {
-        std::fs::remove_dir_all(&out.parts)
-            .with_context(|| format!("removing {}", out.parts.display()))?;
-    }
+    out.write_rows(&out.path, &merged, &carried).await?;
+    out.remove_parts().await?;
     let failed = merged.iter().filter(|r| !r.ok()).count();
     Ok(Summary {
         ok: merged.len() - failed,
@@ -504,6 +854,9 @@ mod tests {
             uri: uri.into(),
             content_type: "x".into(),
             size_bytes: None,
+            generation: None,
+            etag: None,
+            updated: None,
             embedding: status.is_empty().then(|| vec![1.0]),
             status: status.into(),
             video_start_sec: start,
@@ -528,6 +881,7 @@ mod tests {
         assert!(m.iter().all(Row::ok));
         assert_eq!(m[0].uri, "a.png");
         assert_eq!(m[1].video_start_sec, Some(0.0));
-        assert_eq!(done_uris(&old), HashSet::from(["a.png".to_string()]));
+        let done = done_uris(&old);
+        assert_eq!(done.keys().collect::<Vec<_>>(), ["a.png"]);
     }
 }

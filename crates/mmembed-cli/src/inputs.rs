@@ -1,19 +1,27 @@
-//! The input of a batch job: a folder (recursive), a glob, or a manifest
-//! (CSV or JSONL with a `uri` or `path` column; other columns are carried
-//! through to the output rows).
+//! The input of a batch job, an object table: a folder (recursive), a glob,
+//! a bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`), or a
+//! manifest (CSV or JSONL with a `uri` or `path` column; other columns are
+//! carried through to the output rows). Every object comes with its
+//! identity (size, modification time, ETag/generation) so a rerun can tell
+//! which objects changed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use mmembed_store::ObjectInfo;
 use serde_json::{Map, Value};
 
 /// The columns every output row has; carried columns may not reuse them.
-pub const STANDARD_COLUMNS: [&str; 10] = [
+pub const STANDARD_COLUMNS: [&str; 13] = [
     "uri",
     "content_type",
     "size_bytes",
+    "generation",
+    "etag",
+    "updated",
     "embedding",
     "status",
     "video_start_sec",
@@ -70,14 +78,77 @@ pub fn supported_extensions() -> String {
     TYPES.iter().map(|t| t.0).collect::<Vec<_>>().join(", ")
 }
 
+/// What identifies one version of an object: BigQuery object tables'
+/// `generation`, `etag`, `updated` and `size` columns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// Size in bytes.
+    pub size: Option<i64>,
+    /// Last modification.
+    pub updated: Option<DateTime<Utc>>,
+    /// The store's entity tag.
+    pub etag: Option<String>,
+    /// GCS generation / S3 version id.
+    pub generation: Option<String>,
+}
+
+impl Identity {
+    /// A remote object's identity from its listing.
+    pub fn of(o: &ObjectInfo) -> Self {
+        Self {
+            size: Some(o.size as i64),
+            updated: o.updated,
+            etag: o.etag.clone(),
+            generation: o.generation.clone(),
+        }
+    }
+
+    /// A local file's identity from its metadata.
+    pub fn of_file(m: &std::fs::Metadata) -> Self {
+        Self {
+            size: Some(m.len() as i64),
+            updated: m.modified().ok().map(DateTime::<Utc>::from),
+            etag: None,
+            generation: None,
+        }
+    }
+
+    /// Whether `self` and `other` name the same version: the generation
+    /// when both have one, else the ETag, else size and modification time;
+    /// with nothing to compare, the same.
+    pub fn same_version(&self, other: &Identity) -> bool {
+        if let (Some(a), Some(b)) = (&self.generation, &other.generation) {
+            return a == b;
+        }
+        if let (Some(a), Some(b)) = (&self.etag, &other.etag) {
+            return a == b;
+        }
+        let size = match (self.size, other.size) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        let updated = match (self.updated, other.updated) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        size && updated
+    }
+}
+
 /// One object of the input table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Input {
-    /// The object's name in the output (`uri` column): the path as listed,
-    /// or the manifest's value.
+    /// The object's name in the output (`uri` column): an absolute path for
+    /// local files, the URI for remote objects.
     pub uri: String,
     /// Where to read it on this machine; `None` for remote URIs (`gs://`).
     pub path: Option<PathBuf>,
+    /// Its identity when listed (remote objects named by a manifest get
+    /// theirs when they are read).
+    pub identity: Identity,
+    /// The listing entry of a remote object, to read it without asking
+    /// for its metadata again.
+    pub listed: Option<ObjectInfo>,
     /// Manifest columns carried to the output.
     pub carried: Map<String, Value>,
 }
@@ -92,7 +163,13 @@ pub struct InputTable {
 }
 
 fn is_remote(uri: &str) -> bool {
-    uri.contains("://")
+    uri.contains("://") && !uri.starts_with("file://")
+}
+
+/// An absolute form of a local path (not resolving links: the name the
+/// user gave stays recognisable).
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn has_glob_chars(s: &str) -> bool {
@@ -106,29 +183,13 @@ fn is_hidden(p: &Path) -> bool {
 }
 
 /// Lists `spec`: a directory (walked recursively, hidden entries skipped), a
-/// `.csv`/`.jsonl`/`.ndjson` manifest, a glob pattern, or one media file.
-pub fn list(spec: &str) -> anyhow::Result<InputTable> {
-    let path = Path::new(spec);
-    let mut table = if path.is_dir() {
-        from_dir(path)?
-    } else if path.is_file() {
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .unwrap_or_default();
-        match ext.as_str() {
-            "csv" => from_csv(path)?,
-            "jsonl" | "ndjson" => from_jsonl(path)?,
-            _ => InputTable {
-                inputs: vec![local(spec.to_string())],
-                carried_columns: vec![],
-            },
-        }
-    } else if has_glob_chars(spec) {
-        from_glob(spec)?
+/// `.csv`/`.jsonl`/`.ndjson` manifest, a glob pattern, one media file, or a
+/// bucket prefix, glob or object (`gs://`, `s3://`, `az://`).
+pub async fn list(spec: &str) -> anyhow::Result<InputTable> {
+    let mut table = if mmembed_store::is_remote(spec) {
+        from_bucket(spec).await?
     } else {
-        bail!("input `{spec}` is not a directory, a manifest (.csv, .jsonl), a file or a glob");
+        list_local(spec)?
     };
     table.inputs.sort_by(|a, b| a.uri.cmp(&b.uri));
     let before = table.inputs.len();
@@ -142,10 +203,67 @@ pub fn list(spec: &str) -> anyhow::Result<InputTable> {
     Ok(table)
 }
 
-fn local(uri: String) -> Input {
+async fn from_bucket(spec: &str) -> anyhow::Result<InputTable> {
+    let objects = mmembed_store::Stores::shared()
+        .list(spec)
+        .await
+        .with_context(|| format!("listing {spec}"))?;
+    let inputs = objects
+        .into_iter()
+        .map(|o| Input {
+            uri: o.uri.clone(),
+            path: None,
+            identity: Identity::of(&o),
+            listed: Some(o),
+            carried: Map::new(),
+        })
+        .collect();
+    Ok(InputTable {
+        inputs,
+        carried_columns: vec![],
+    })
+}
+
+fn list_local(spec: &str) -> anyhow::Result<InputTable> {
+    let path = Path::new(spec);
+    let table = if path.is_dir() {
+        from_dir(path)?
+    } else if path.is_file() {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        match ext.as_str() {
+            "csv" => from_csv(path)?,
+            "jsonl" | "ndjson" => from_jsonl(path)?,
+            _ => InputTable {
+                inputs: vec![local(path)],
+                carried_columns: vec![],
+            },
+        }
+    } else if has_glob_chars(spec) {
+        from_glob(spec)?
+    } else {
+        bail!(
+            "input `{spec}` is not a directory, a manifest (.csv, .jsonl), a file, a glob \
+             or a gs://, s3://, az:// prefix"
+        );
+    };
+    Ok(table)
+}
+
+/// A local file, named by its absolute path; its identity from a `stat`
+/// (a file that cannot be read keeps an empty one and fails its row later).
+fn local(p: &Path) -> Input {
+    let p = absolute(p);
     Input {
-        path: Some(PathBuf::from(&uri)),
-        uri,
+        uri: p.to_string_lossy().into_owned(),
+        identity: std::fs::metadata(&p)
+            .map(|m| Identity::of_file(&m))
+            .unwrap_or_default(),
+        path: Some(p),
+        listed: None,
         carried: Map::new(),
     }
 }
@@ -159,7 +277,7 @@ fn from_dir(dir: &Path) -> anyhow::Result<InputTable> {
     for entry in walk {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         if entry.file_type().is_file() {
-            inputs.push(local(entry.path().to_string_lossy().into_owned()));
+            inputs.push(local(entry.path()));
         }
     }
     Ok(InputTable {
@@ -173,7 +291,7 @@ fn from_glob(pattern: &str) -> anyhow::Result<InputTable> {
     for entry in glob::glob(pattern).with_context(|| format!("bad glob `{pattern}`"))? {
         let p = entry.with_context(|| format!("listing `{pattern}`"))?;
         if p.is_file() {
-            inputs.push(local(p.to_string_lossy().into_owned()));
+            inputs.push(local(&p));
         }
     }
     Ok(InputTable {
@@ -208,19 +326,24 @@ fn manifest_input(
             );
         }
     }
-    let path = (!is_remote(&uri)).then(|| {
-        let p = PathBuf::from(&uri);
-        if p.is_absolute() {
-            p
-        } else {
-            manifest.parent().unwrap_or(Path::new("")).join(p)
-        }
-    });
-    Ok(Input {
-        uri,
-        path,
-        carried: fields,
-    })
+    if is_remote(&uri) {
+        return Ok(Input {
+            uri,
+            path: None,
+            identity: Identity::default(),
+            listed: None,
+            carried: fields,
+        });
+    }
+    let p = PathBuf::from(uri.strip_prefix("file://").unwrap_or(&uri));
+    let p = if p.is_absolute() {
+        p
+    } else {
+        manifest.parent().unwrap_or(Path::new("")).join(p)
+    };
+    let mut input = local(&p);
+    input.carried = fields;
+    Ok(input)
 }
 
 fn from_csv(path: &Path) -> anyhow::Result<InputTable> {
@@ -344,6 +467,33 @@ mod tests {
     }
 
     #[test]
+    fn identities_compare_the_strongest_field_both_have() {
+        let t = |s: i64| DateTime::<Utc>::from_timestamp(s, 0);
+        let a = Identity {
+            size: Some(3),
+            updated: t(10),
+            etag: Some("e1".into()),
+            generation: Some("1".into()),
+        };
+        let mut b = a.clone();
+        b.updated = t(11);
+        assert!(a.same_version(&b), "same generation");
+        b.generation = Some("2".into());
+        assert!(!a.same_version(&b));
+        let local = Identity {
+            size: Some(3),
+            updated: t(10),
+            ..Default::default()
+        };
+        assert!(local.same_version(&local.clone()));
+        assert!(!local.same_version(&Identity {
+            updated: t(12),
+            ..local.clone()
+        }));
+        assert!(Identity::default().same_version(&a));
+    }
+
+    #[test]
     fn content_types_by_extension() {
         assert_eq!(content_type("a/B.JPG"), Some(("image/jpeg", Kind::Image)));
         assert_eq!(
@@ -359,13 +509,23 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let csv = d.path().join("m.csv");
         std::fs::write(&csv, "path,label\nb.png,cat\na.png,dog\n").unwrap();
-        let t = list(csv.to_str().unwrap()).unwrap();
+        let t = list_local(csv.to_str().unwrap()).unwrap();
         assert_eq!(t.carried_columns, ["label"]);
-        assert_eq!(t.inputs[0].uri, "a.png");
-        assert_eq!(
-            t.inputs[0].path.as_deref(),
-            Some(d.path().join("a.png").as_path())
-        );
+        let a = absolute(&d.path().join("a.png"));
+        let a_row = t
+            .inputs
+            .iter()
+            .find(|i| i.path.as_deref() == Some(&a))
+            .unwrap();
+        assert_eq!(a_row.uri, a.to_string_lossy());
+        let t = InputTable {
+            inputs: {
+                let mut v = t.inputs;
+                v.sort_by(|a, b| a.uri.cmp(&b.uri));
+                v
+            },
+            ..t
+        };
         assert_eq!(t.inputs[0].carried["label"], "dog");
 
         let jl = d.path().join("m.jsonl");
@@ -374,16 +534,17 @@ mod tests {
             "{\"uri\":\"gs://b/x.mp4\",\"n\":3}\n\n{\"uri\":\"y.png\"}\n",
         )
         .unwrap();
-        let t = list(jl.to_str().unwrap()).unwrap();
+        let t = list_local(jl.to_str().unwrap()).unwrap();
         assert_eq!(t.inputs.len(), 2);
+        assert_eq!(t.inputs[0].uri, "gs://b/x.mp4");
         assert_eq!(t.inputs[0].path, None);
         assert_eq!(t.carried_columns, ["n"]);
 
         std::fs::write(&csv, "uri,status\na.png,x\n").unwrap();
-        let e = list(csv.to_str().unwrap()).unwrap_err().to_string();
+        let e = list_local(csv.to_str().unwrap()).unwrap_err().to_string();
         assert!(e.contains("collide"), "{e}");
         std::fs::write(&csv, "file\na.png\n").unwrap();
-        let e = list(csv.to_str().unwrap()).unwrap_err().to_string();
+        let e = list_local(csv.to_str().unwrap()).unwrap_err().to_string();
         assert!(e.contains("no `uri` or `path`"), "{e}");
     }
 }

@@ -11,6 +11,7 @@ mod batch;
 mod bench;
 mod embed;
 mod inputs;
+mod lock;
 mod models;
 mod rows;
 mod search;
@@ -83,12 +84,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Batch(a) => {
             let output = a.output.clone();
             let s = batch::run(a).await?;
-            eprintln!(
-                "rows: {} ok, {} failed -> {}",
-                s.ok,
-                s.failed,
-                output.display()
-            );
+            eprintln!("rows: {} ok, {} failed -> {output}", s.ok, s.failed);
             if s.failed > 0 {
                 ExitCode::FAILURE
             } else {

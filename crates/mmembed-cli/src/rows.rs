@@ -2,18 +2,24 @@
 //! row group per part, Snappy) and JSON Lines.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
 
 use anyhow::{Context, bail};
 use arrow_array::builder::{Float32Builder, ListBuilder};
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, Float64Type, Int32Type, Int64Type};
+use arrow_array::types::{
+    Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
+};
 use arrow_array::{
     Array, ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
 };
-use arrow_schema::{DataType, Field, Schema};
+use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use clap::ValueEnum;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -31,6 +37,15 @@ pub struct Row {
     pub content_type: String,
     /// File size, when known.
     pub size_bytes: Option<i64>,
+    /// The object's generation (GCS) or version id (S3), when it has one.
+    #[serde(default)]
+    pub generation: Option<String>,
+    /// The object's ETag, when the store reports one.
+    #[serde(default)]
+    pub etag: Option<String>,
+    /// The object's last modification, when known.
+    #[serde(default)]
+    pub updated: Option<DateTime<Utc>>,
     /// The vector; null when `status` is not empty.
     pub embedding: Option<Vec<f32>>,
     /// Empty on success, the error otherwise.
@@ -67,6 +82,14 @@ pub enum Format {
 }
 
 impl Format {
+    /// The MIME type of the format, for objects written to buckets.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Parquet => "application/vnd.apache.parquet",
+            Self::Jsonl => "application/x-ndjson",
+        }
+    }
+
     /// The format an output path's extension names, if any.
     pub fn from_path(p: &Path) -> Option<Self> {
         match p.extension()?.to_str()?.to_ascii_lowercase().as_str() {
@@ -90,6 +113,13 @@ fn schema(carried: &[String]) -> Schema {
         Field::new("uri", DataType::Utf8, false),
         Field::new("content_type", DataType::Utf8, false),
         Field::new("size_bytes", DataType::Int64, true),
+        Field::new("generation", DataType::Utf8, true),
+        Field::new("etag", DataType::Utf8, true),
+        Field::new(
+            "updated",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            true,
+        ),
         Field::new(
             "embedding",
             DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
@@ -133,6 +163,18 @@ fn to_batch(rows: &[Row], carried: &[String]) -> anyhow::Result<RecordBatch> {
         strings(&|r| &r.uri),
         strings(&|r| &r.content_type),
         Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.size_bytes))),
+        Arc::new(StringArray::from_iter(
+            rows.iter().map(|r| r.generation.as_deref()),
+        )),
+        Arc::new(StringArray::from_iter(
+            rows.iter().map(|r| r.etag.as_deref()),
+        )),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(
+                rows.iter().map(|r| r.updated.map(|t| t.timestamp_micros())),
+            )
+            .with_timezone("UTC"),
+        ),
         Arc::new(emb.finish()),
         strings(&|r| &r.status),
         Arc::new(Float64Array::from_iter(
@@ -153,40 +195,41 @@ fn to_batch(rows: &[Row], carried: &[String]) -> anyhow::Result<RecordBatch> {
     Ok(RecordBatch::try_new(Arc::new(schema(carried)), cols)?)
 }
 
-/// Writes `rows` to `path` atomically: a temporary file in the same
-/// directory, flushed to disk, then renamed over `path`. A crash at any
-/// point leaves either the old file or the new one, never a torn one.
-pub fn write_atomic(
-    path: &Path,
-    format: Format,
-    rows: &[Row],
-    carried: &[String],
-) -> anyhow::Result<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("output path has no file name")?;
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let file = match format {
+/// `rows` as the bytes of a whole file of `format`.
+pub fn encode(format: Format, rows: &[Row], carried: &[String]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    match format {
         Format::Parquet => {
             let props = WriterProperties::builder()
                 .set_compression(Compression::SNAPPY)
                 .build();
             let batch = to_batch(rows, carried)?;
-            let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))?;
+            let mut w = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
             w.write(&batch)?;
-            w.into_inner()?
+            w.close()?;
         }
         Format::Jsonl => {
-            let mut w = BufWriter::new(file);
             for r in rows {
-                serde_json::to_writer(&mut w, r)?;
-                w.write_all(b"\n")?;
+                serde_json::to_writer(&mut out, r)?;
+                out.push(b'\n');
             }
-            w.into_inner().map_err(|e| e.into_error())?
         }
-    };
+    }
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same
+/// directory, flushed to disk, then renamed over `path`. A crash at any
+/// point leaves either the old file or the new one, never a torn one.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("output path has no file name")?;
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     file.sync_all()
         .with_context(|| format!("flushing {}", tmp.display()))?;
     drop(file);
@@ -194,30 +237,45 @@ pub fn write_atomic(
     Ok(())
 }
 
-/// Reads a file written by [`write_atomic`] (or any Parquet/JSONL file with
-/// the same columns).
+/// Encodes and writes `rows` with [`write_file_atomic`].
+#[cfg(test)]
+pub fn write_atomic(
+    path: &Path,
+    format: Format,
+    rows: &[Row],
+    carried: &[String],
+) -> anyhow::Result<()> {
+    write_file_atomic(path, &encode(format, rows, carried)?)
+}
+
+/// Reads a local file written by [`write_file_atomic`].
+#[cfg(test)]
 pub fn read(path: &Path, format: Format) -> anyhow::Result<Vec<Row>> {
-    let ctx = || format!("reading {}", path.display());
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    decode(Bytes::from(bytes), format, &path.display().to_string())
+}
+
+/// Parses a whole output file (or any Parquet/JSONL file with the same
+/// columns); `what` names it in errors.
+pub fn decode(bytes: Bytes, format: Format, what: &str) -> anyhow::Result<Vec<Row>> {
+    let ctx = || format!("reading {what}");
     match format {
         Format::Jsonl => {
-            let f = File::open(path).with_context(ctx)?;
+            let text = std::str::from_utf8(&bytes).with_context(ctx)?;
             let mut rows = vec![];
-            for (i, line) in BufReader::new(f).lines().enumerate() {
-                let line = line.with_context(ctx)?;
+            for (i, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
                 }
                 rows.push(
-                    serde_json::from_str(&line).with_context(|| {
-                        format!("{}:{}: not an output row", path.display(), i + 1)
-                    })?,
+                    serde_json::from_str(line)
+                        .with_context(|| format!("{what}:{}: not an output row", i + 1))?,
                 );
             }
             Ok(rows)
         }
         Format::Parquet => {
-            let f = File::open(path).with_context(ctx)?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
                 .with_context(ctx)?
                 .build()
                 .with_context(ctx)?;
@@ -250,6 +308,24 @@ fn from_batch(b: &RecordBatch) -> anyhow::Result<Vec<Row>> {
     let size = col("size_bytes")?
         .as_primitive_opt::<Int64Type>()
         .context("`size_bytes` is not int64")?;
+    // Outputs written before identities were recorded lack these three.
+    let optional_text = |name: &str| -> anyhow::Result<Option<&StringArray>> {
+        b.column_by_name(name)
+            .map(|c| {
+                c.as_string_opt::<i32>()
+                    .with_context(|| format!("`{name}` is not a string column"))
+            })
+            .transpose()
+    };
+    let generation = optional_text("generation")?;
+    let etag = optional_text("etag")?;
+    let updated = b
+        .column_by_name("updated")
+        .map(|c| {
+            c.as_primitive_opt::<TimestampMicrosecondType>()
+                .context("`updated` is not a microsecond timestamp")
+        })
+        .transpose()?;
     let start = col("video_start_sec")?
         .as_primitive_opt::<Float64Type>()
         .context("`video_start_sec` is not float64")?;
@@ -286,6 +362,15 @@ fn from_batch(b: &RecordBatch) -> anyhow::Result<Vec<Row>> {
             uri: uri.value(i).to_string(),
             content_type: ct.value(i).to_string(),
             size_bytes: opt(size, i).then(|| size.value(i)),
+            generation: generation
+                .filter(|a| a.is_valid(i))
+                .map(|a| a.value(i).to_string()),
+            etag: etag
+                .filter(|a| a.is_valid(i))
+                .map(|a| a.value(i).to_string()),
+            updated: updated
+                .filter(|a| a.is_valid(i))
+                .and_then(|a| DateTime::<Utc>::from_timestamp_micros(a.value(i))),
             embedding,
             status: status.value(i).to_string(),
             video_start_sec: opt(start, i).then(|| start.value(i)),
@@ -318,6 +403,9 @@ mod tests {
                 uri: "a.png".into(),
                 content_type: "image/png".into(),
                 size_bytes: Some(10),
+                generation: Some("1733000000123456".into()),
+                etag: Some("\"abc\"".into()),
+                updated: DateTime::<Utc>::from_timestamp_micros(1_733_000_000_123_456),
                 embedding: Some(vec![0.5, -0.25, 1e-7]),
                 status: String::new(),
                 video_start_sec: None,
@@ -331,6 +419,9 @@ mod tests {
                 uri: "b.mp4".into(),
                 content_type: "video/mp4".into(),
                 size_bytes: None,
+                generation: None,
+                etag: None,
+                updated: None,
                 embedding: None,
                 status: "cannot decode".into(),
                 video_start_sec: Some(16.0),

@@ -34,7 +34,7 @@ pub struct Args {
         env = "MMEMBED_SEARCH_IN",
         value_delimiter = ','
     )]
-    pub inputs: Vec<PathBuf>,
+    pub inputs: Vec<String>,
 
     /// How many results.
     #[arg(short = 'k', long, env = "MMEMBED_TOP_K", default_value_t = 10)]
@@ -57,13 +57,14 @@ pub struct Hit {
     pub row: Row,
 }
 
-fn load(inputs: &[PathBuf]) -> anyhow::Result<Vec<Row>> {
+async fn load(inputs: &[String]) -> anyhow::Result<Vec<Row>> {
     let mut all = vec![];
     for p in inputs {
-        let f = Format::from_path(p)
-            .with_context(|| format!("{}: name a .parquet or .jsonl batch output", p.display()))?;
+        let f = Format::from_path(std::path::Path::new(p))
+            .with_context(|| format!("{p}: name a .parquet or .jsonl batch output"))?;
+        let loc = crate::batch::Location::parse(p);
         all.extend(
-            rows::read(p, f)?
+            rows::decode(loc.read().await?, f, p)?
                 .into_iter()
                 .filter(|r| r.ok() && r.embedding.is_some()),
         );
@@ -71,9 +72,20 @@ fn load(inputs: &[PathBuf]) -> anyhow::Result<Vec<Row>> {
     Ok(all)
 }
 
+/// A row's URI for people: local paths under the working directory
+/// relative to it (rows store absolute paths).
+fn readable(uri: &str) -> String {
+    if let Ok(cwd) = std::env::current_dir()
+        && let Ok(rel) = std::path::Path::new(uri).strip_prefix(&cwd)
+    {
+        return rel.display().to_string();
+    }
+    uri.to_string()
+}
+
 /// Ranks the rows of `args.inputs` for the query.
 pub async fn search(mut args: Args) -> anyhow::Result<Vec<Hit>> {
-    let rows = load(&args.inputs)?;
+    let rows = load(&args.inputs).await?;
     if rows.is_empty() {
         bail!("the outputs hold no embedded rows");
     }
@@ -174,7 +186,13 @@ pub fn print(hits: &[Hit], as_json: bool) -> anyhow::Result<()> {
             writeln!(out, "{o}")?;
         } else {
             let at = when(&h.row).map(|w| format!("  [{w}]")).unwrap_or_default();
-            writeln!(out, "{:>3}  {:.4}  {}{at}", i + 1, h.score, h.row.uri)?;
+            writeln!(
+                out,
+                "{:>3}  {:.4}  {}{at}",
+                i + 1,
+                h.score,
+                readable(&h.row.uri)
+            )?;
         }
     }
     Ok(())

@@ -272,7 +272,10 @@ fn a_crashed_job_resumes_to_the_same_rows() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("already_done=5 to_embed=4"), "{stderr}");
+    assert!(
+        stderr.contains("unchanged_and_done=5 changed=0 to_embed=4"),
+        "{stderr}"
+    );
     assert_same_rows(&expected, &read_jsonl(&out));
     assert!(std::fs::metadata(&out).unwrap().modified().unwrap() >= before);
 }
@@ -576,7 +579,18 @@ fn batch_on_the_vertex_backend_against_the_fake_service() {
         assert_eq!(r["dimension"], 256);
         assert!(!r.to_string().contains("secret-token"));
     }
-    let by_uri = |u: &str| rows.iter().find(|r| r["uri"] == u).unwrap();
+    // Local files are named by their absolute path, remote objects by URI.
+    let by_uri = |u: &str| {
+        rows.iter()
+            .find(|r| r["uri"].as_str().unwrap().ends_with(u))
+            .unwrap()
+    };
+    assert!(
+        by_uri("red-star.png")["uri"]
+            .as_str()
+            .unwrap()
+            .starts_with('/')
+    );
     assert_eq!(by_uri("red-star.png")["status"], "");
     assert_eq!(by_uri("red-star.png")["label"], "star");
     assert_eq!(

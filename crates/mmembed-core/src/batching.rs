@@ -125,6 +125,8 @@ pub struct Batcher {
     info: EmbedderInfo,
     shared: Arc<Shared>,
     opts: BatchOptions,
+    /// Only to answer `reads_uri`; batches go through the dispatcher.
+    inner: Arc<dyn Embedder>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -162,8 +164,13 @@ impl Batcher {
             closed: AtomicBool::new(false),
         });
         let info = inner.info().clone();
-        tokio::spawn(dispatch(inner, shared.clone(), opts.clone(), hook));
-        Self { info, shared, opts }
+        tokio::spawn(dispatch(inner.clone(), shared.clone(), opts.clone(), hook));
+        Self {
+            info,
+            shared,
+            opts,
+            inner,
+        }
     }
 
     /// Cost units waiting now (a gauge for metrics).
@@ -196,6 +203,10 @@ impl Drop for Batcher {
 impl Embedder for Batcher {
     fn info(&self) -> &EmbedderInfo {
         &self.info
+    }
+
+    fn reads_uri(&self, uri: &str) -> bool {
+        self.inner.reads_uri(uri)
     }
 
     async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>> {

@@ -18,6 +18,14 @@ pub trait Embedder: Send + Sync {
     /// per-row `status`).
     async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>>;
 
+    /// Whether this backend reads `uri` itself (Vertex reads `gs://`
+    /// objects server-side). Batch jobs fetch every other remote object
+    /// ahead of the backend and pass its bytes. Default: no URI.
+    fn reads_uri(&self, uri: &str) -> bool {
+        let _ = uri;
+        false
+    }
+
     /// Embeds one request.
     async fn embed(&self, req: EmbedRequest) -> Result<Embeddings, EmbedError> {
         self.embed_batch(vec![req])

@@ -235,6 +235,11 @@ impl Embedder for Fallback {
         &self.info
     }
 
+    fn reads_uri(&self, uri: &str) -> bool {
+        // Either may serve the request, so both must read it.
+        self.primary.reads_uri(uri) && self.secondary.reads_uri(uri)
+    }
+
     async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Results {
         let n = reqs.len();
         let mut results: Vec<Option<Result<Embeddings, EmbedError>>> = vec![None; n];
@@ -372,6 +377,10 @@ impl Embedder for Hedged {
         &self.info
     }
 
+    fn reads_uri(&self, uri: &str) -> bool {
+        self.first.reads_uri(uri) && self.second.reads_uri(uri)
+    }
+
     async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Results {
         let first = self.first.embed_batch(reqs.clone());
         tokio::pin!(first);
@@ -426,6 +435,10 @@ impl DefaultDimension {
 impl Embedder for DefaultDimension {
     fn info(&self) -> &EmbedderInfo {
         &self.info
+    }
+
+    fn reads_uri(&self, uri: &str) -> bool {
+        self.inner.reads_uri(uri)
     }
 
     async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Results {

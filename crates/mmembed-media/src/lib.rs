@@ -15,7 +15,7 @@ pub mod video;
 
 pub use crate::image::{ImageLimits, decode_image, to_rgb_on_white};
 pub use preprocess::{ClipPreprocessor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resample, ResizeTarget};
-pub use source::read_media;
+pub use source::{fetch_remote, read_media, store_error};
 
 /// The `image` crate, re-exported so callers use the same version.
 pub use ::image as image_crate;

@@ -6,12 +6,64 @@ use std::sync::Arc;
 use bytes::Bytes;
 use mmembed_core::{EmbedError, MediaSource, Modality};
 
+/// Fetches a media source that lives in an object store (`gs://`, `s3://`,
+/// `az://`, `http(s)://`) through [`mmembed_store::Stores::shared`],
+/// refusing objects over `max_bytes` before downloading them. Returns
+/// `Ok(None)` for sources that are not remote (bytes, paths, `file://`),
+/// which [`read_media`] reads.
+pub async fn fetch_remote(
+    source: &MediaSource,
+    kind: Modality,
+    max_bytes: u64,
+) -> Result<Option<Bytes>, EmbedError> {
+    let MediaSource::Uri(u) = source else {
+        return Ok(None);
+    };
+    if !mmembed_store::is_remote(u) {
+        return Ok(None);
+    }
+    match mmembed_store::Stores::shared().read(u, max_bytes).await {
+        Ok((bytes, _)) => Ok(Some(bytes)),
+        Err(e) => Err(store_error(e, kind)),
+    }
+}
+
+/// A store failure as the error of the request that needed the object.
+pub fn store_error(e: mmembed_store::StoreError, kind: Modality) -> EmbedError {
+    use mmembed_store::StoreError as S;
+    match e {
+        S::Denied { .. } => EmbedError::Remote {
+            http_status: None,
+            status: Some("PERMISSION_DENIED".into()),
+            message: e.to_string(),
+            retryable: false,
+        },
+        S::Transport { retryable, .. } => EmbedError::Remote {
+            http_status: None,
+            status: Some("UNAVAILABLE".into()),
+            message: e.to_string(),
+            retryable,
+        },
+        S::BadUri { .. } | S::Unsupported { .. } => {
+            EmbedError::invalid(kind.to_string(), e.to_string())
+        }
+        S::NotFound { ref uri } | S::TooLarge { ref uri, .. } | S::AlreadyExists { ref uri } => {
+            let uri = uri.clone();
+            let reason = e.to_string();
+            let reason = reason
+                .strip_prefix(&format!("{uri}: "))
+                .unwrap_or(&reason)
+                .to_string();
+            EmbedError::media(uri, reason, None)
+        }
+    }
+}
+
 /// Reads the bytes of a local media source, refusing anything over
 /// `max_bytes` before reading it all.
 ///
-/// `file://` URIs are read as paths; other URIs (`gs://`, `https://`) are
-/// for backends that fetch them themselves, so this returns an
-/// `InvalidInput` error naming the scheme.
+/// `file://` URIs are read as paths; remote URIs are fetched with
+/// [`fetch_remote`] first (async), so here they are an `InvalidInput` error.
 pub fn read_media(
     source: &MediaSource,
     kind: Modality,
@@ -35,8 +87,8 @@ pub fn read_media(
             None => Err(EmbedError::invalid(
                 field,
                 format!(
-                    "cannot read `{u}` locally: only paths and file:// URIs are read here \
-                     (gs:// URIs are for the Vertex backend)"
+                    "cannot read `{u}`: not a path, a file:// URI or a gs://, s3://, az:// \
+                     or http(s):// object"
                 ),
             )),
         },

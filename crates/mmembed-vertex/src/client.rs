@@ -250,9 +250,10 @@ impl VertexEmbedder {
         }
     }
 
-    async fn embed_one(&self, req: EmbedRequest) -> Result<Embeddings, EmbedError> {
+    async fn embed_one(&self, mut req: EmbedRequest) -> Result<Embeddings, EmbedError> {
         req.validate()?;
         self.inner.info.check(&req)?;
+        crate::prepare::fetch_non_gcs(&mut req).await?;
         let dimension = req.dimension.unwrap_or(NATIVE_DIMENSION) as usize;
         let max_image = self.inner.cfg.max_image_bytes;
         let bodies = bodies(&req, max_image)?;
@@ -323,6 +324,10 @@ impl VertexEmbedder {
 impl Embedder for VertexEmbedder {
     fn info(&self) -> &EmbedderInfo {
         &self.inner.info
+    }
+
+    fn reads_uri(&self, uri: &str) -> bool {
+        uri.starts_with("gs://")
     }
 
     async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>> {

@@ -49,6 +49,28 @@ fn mime_from_name(name: &str) -> Option<String> {
     }
 }
 
+/// Replaces media in object stores other than GCS (`s3://`, `az://`,
+/// `http(s)://`) by their bytes: the service reads only `gs://` itself.
+/// `gs://` URIs stay as they are and go to the service as `gcsUri`.
+pub(crate) async fn fetch_non_gcs(req: &mut EmbedRequest) -> Result<(), EmbedError> {
+    let fetch = async |m: &mut Media, kind: Modality, max: u64| -> Result<(), EmbedError> {
+        if let MediaSource::Uri(u) = &m.source
+            && !u.starts_with("gs://")
+            && let Some(b) = mmembed_media::fetch_remote(&m.source, kind, max).await?
+        {
+            m.source = MediaSource::Bytes(b);
+        }
+        Ok(())
+    };
+    if let Some(m) = req.image.as_mut() {
+        fetch(m, Modality::Image, MAX_IMAGE_INPUT_BYTES).await?;
+    }
+    if let Some(v) = req.video.as_mut() {
+        fetch(&mut v.media, Modality::Video, MAX_VIDEO_BYTES).await?;
+    }
+    Ok(())
+}
+
 /// Encodes an image for the request: JPEG and PNG within the limit go as they
 /// are (with their MIME type); BMP, GIF, WebP and TIFF are transcoded to PNG
 /// (the service's `mimeType` knows only JPEG and PNG); larger images are

@@ -1,0 +1,465 @@
+//! Google Cloud Storage through its JSON API.
+//!
+//! Hand-rolled rather than `object_store`'s GCS client because that client
+//! speaks the XML API: its listings carry no `generation` (the identity
+//! BigQuery's object tables use), and the GCS emulators on PyPI implement
+//! only the JSON API. The surface needed is five requests (metadata,
+//! download, list, media upload, delete), each retried here on 408/429/5xx,
+//! timeouts and connection faults; a download that breaks off mid-body
+//! resumes with a `Range` request pinned to the same generation.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use google_cloud_auth::credentials::{Builder, CacheableResource, Credentials};
+use http::HeaderMap;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use crate::{Bucket, ObjectInfo, PutMode, StoreError, StoreOptions, backoff};
+
+const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
+const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
+/// Characters left as they are in an object name inside a URL path.
+const NAME: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+pub(crate) struct GcsBucket {
+    bucket: String,
+    endpoint: String,
+    /// `None` against an emulator (`STORAGE_EMULATOR_HOST`).
+    auth: Option<Mutex<Option<Credentials>>>,
+    http: reqwest::Client,
+    max_retries: usize,
+    initial_backoff: Duration,
+}
+
+impl std::fmt::Debug for GcsBucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcsBucket")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("authenticated", &self.auth.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Resource {
+    name: String,
+    #[serde(default)]
+    size: Option<String>,
+    #[serde(default)]
+    generation: Option<String>,
+    #[serde(default)]
+    updated: Option<String>,
+    #[serde(default)]
+    etag: Option<String>,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Listing {
+    #[serde(default)]
+    items: Vec<Resource>,
+    #[serde(default)]
+    next_page_token: Option<String>,
+}
+
+/// One attempt's outcome, before retrying.
+enum Attempt<T> {
+    Done(T),
+    Retry(StoreError),
+    Fail(StoreError),
+}
+
+impl GcsBucket {
+    pub(crate) fn new(bucket: &str, o: &StoreOptions) -> Result<Self, StoreError> {
+        let http = reqwest::Client::builder()
+            .timeout(o.timeout)
+            .connect_timeout(o.connect_timeout)
+            .build()
+            .map_err(|e| StoreError::BadUri {
+                uri: format!("gs://{bucket}/"),
+                reason: format!("cannot build an HTTP client: {e}"),
+            })?;
+        Ok(Self {
+            bucket: bucket.to_string(),
+            endpoint: o
+                .gcs_endpoint
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()),
+            auth: o.gcs_endpoint.is_none().then(|| Mutex::new(None)),
+            http,
+            max_retries: o.max_retries,
+            initial_backoff: o.initial_backoff,
+        })
+    }
+
+    fn uri(&self, key: &str) -> String {
+        format!("gs://{}/{key}", self.bucket)
+    }
+
+    fn object_url(&self, api: &str, key: &str) -> String {
+        format!(
+            "{}/{api}storage/v1/b/{}/o/{}",
+            self.endpoint,
+            utf8_percent_encode(&self.bucket, NAME),
+            utf8_percent_encode(key, NAME)
+        )
+    }
+
+    async fn headers(&self, key: &str) -> Result<HeaderMap, StoreError> {
+        let Some(auth) = &self.auth else {
+            return Ok(HeaderMap::new());
+        };
+        let creds = {
+            let mut guard = auth.lock().await;
+            if guard.is_none() {
+                let built = Builder::default()
+                    .with_scopes([SCOPE])
+                    .build()
+                    .map_err(|e| StoreError::Denied {
+                        uri: self.uri(key),
+                        message: format!(
+                            "no usable Application Default Credentials ({e}); run `gcloud auth \
+                             application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+                        ),
+                    })?;
+                *guard = Some(built);
+            }
+            guard.clone().expect("set above")
+        };
+        match creds.headers(http::Extensions::new()).await {
+            Ok(CacheableResource::New { data, .. }) => Ok(data),
+            Ok(CacheableResource::NotModified) => Err(StoreError::Denied {
+                uri: self.uri(key),
+                message: "the credentials returned no headers".into(),
+            }),
+            Err(e) => Err(StoreError::Transport {
+                uri: self.uri(key),
+                message: format!("cannot get an access token: {e}"),
+                retryable: e.is_transient(),
+            }),
+        }
+    }
+
+    /// Runs `attempt` until it is done, fails for good, or the retries are
+    /// spent.
+    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Attempt<T>>,
+    {
+        let mut n = 0;
+        loop {
+            match attempt(n).await {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Retry(e) if n >= self.max_retries => return Err(e),
+                Attempt::Retry(e) => {
+                    let wait = backoff(self.initial_backoff, n);
+                    tracing::debug!(error = %e, attempt = n + 1, ?wait, "retrying a GCS request");
+                    tokio::time::sleep(wait).await;
+                    n += 1;
+                }
+            }
+        }
+    }
+
+    fn transport(&self, key: &str, e: &reqwest::Error) -> StoreError {
+        // reqwest's Display names the URL, which carries no credentials (the
+        // token travels in a header).
+        StoreError::Transport {
+            uri: self.uri(key),
+            message: format!("request failed: {}", without_url(e)),
+            retryable: true,
+        }
+    }
+
+    /// Classifies a non-success response.
+    async fn status_error<T>(&self, key: &str, resp: reqwest::Response) -> Attempt<T> {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(String::from))
+            .unwrap_or_else(|| body.chars().take(200).collect());
+        let uri = self.uri(key);
+        match status {
+            StatusCode::NOT_FOUND => Attempt::Fail(StoreError::NotFound { uri }),
+            StatusCode::PRECONDITION_FAILED => Attempt::Fail(StoreError::AlreadyExists { uri }),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                Attempt::Fail(StoreError::Denied { uri, message })
+            }
+            s if s == StatusCode::REQUEST_TIMEOUT
+                || s == StatusCode::TOO_MANY_REQUESTS
+                || s.is_server_error() =>
+            {
+                Attempt::Retry(StoreError::Transport {
+                    uri,
+                    message: format!("HTTP {status}: {message}"),
+                    retryable: true,
+                })
+            }
+            _ => Attempt::Fail(StoreError::Transport {
+                uri,
+                message: format!("HTTP {status}: {message}"),
+                retryable: false,
+            }),
+        }
+    }
+
+    fn info(&self, r: Resource) -> Result<ObjectInfo, StoreError> {
+        let size = r
+            .size
+            .as_deref()
+            .unwrap_or("0")
+            .parse()
+            .map_err(|_| StoreError::Transport {
+                uri: self.uri(&r.name),
+                message: format!("GCS reported a size that is not a number: {:?}", r.size),
+                retryable: false,
+            })?;
+        let updated = r
+            .updated
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        Ok(ObjectInfo {
+            uri: self.uri(&r.name),
+            size,
+            updated,
+            etag: r.etag,
+            generation: r.generation,
+            content_type: r.content_type,
+        })
+    }
+}
+
+/// reqwest's error text without the URL it appends (long, and noise next
+/// to the object URI the message already names).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(i) = s.find(" for url (") {
+        s.truncate(i);
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+#[async_trait]
+impl Bucket for GcsBucket {
+    async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        let url = self.object_url("", key);
+        let r: Resource = self
+            .retrying(|_| async {
+                let h = match self.headers(key).await {
+                    Ok(h) => h,
+                    Err(e) if e.is_retryable() => return Attempt::Retry(e),
+                    Err(e) => return Attempt::Fail(e),
+                };
+                match self.http.get(&url).headers(h).send().await {
+                    Ok(resp) if resp.status().is_success() => match resp.json().await {
+                        Ok(r) => Attempt::Done(r),
+                        Err(e) => Attempt::Retry(self.transport(key, &e)),
+                    },
+                    Ok(resp) => self.status_error(key, resp).await,
+                    Err(e) => Attempt::Retry(self.transport(key, &e)),
+                }
+            })
+            .await?;
+        self.info(r)
+    }
+
+    async fn get(&self, info: &ObjectInfo, key: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
+        let mut url = format!("{}?alt=media", self.object_url("download/", key));
+        if let Some(g) = &info.generation {
+            url.push_str(&format!("&generation={g}"));
+        }
+        let buf = Mutex::new(BytesMut::with_capacity(info.size as usize));
+        self.retrying(|_| async {
+            let mut buf = buf.lock().await;
+            let h = match self.headers(key).await {
+                Ok(h) => h,
+                Err(e) if e.is_retryable() => return Attempt::Retry(e),
+                Err(e) => return Attempt::Fail(e),
+            };
+            let mut req = self.http.get(&url).headers(h);
+            // Resume where a broken-off body stopped.
+            if !buf.is_empty() {
+                req = req.header(http::header::RANGE, format!("bytes={}-", buf.len()));
+            }
+            let resp = match req.send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => return self.status_error(key, r).await,
+                Err(e) => return Attempt::Retry(self.transport(key, &e)),
+            };
+            if !buf.is_empty() && resp.status() != StatusCode::PARTIAL_CONTENT {
+                // The server ignored the range: start over.
+                buf.clear();
+            }
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                match chunk {
+                    Ok(c) => {
+                        if (buf.len() + c.len()) as u64 > max_bytes {
+                            return Attempt::Fail(StoreError::TooLarge {
+                                uri: info.uri.clone(),
+                                size: (buf.len() + c.len()) as u64,
+                                limit: max_bytes,
+                            });
+                        }
+                        buf.extend_from_slice(&c);
+                    }
+                    Err(e) => return Attempt::Retry(self.transport(key, &e)),
+                }
+            }
+            if (buf.len() as u64) < info.size {
+                return Attempt::Retry(StoreError::Transport {
+                    uri: info.uri.clone(),
+                    message: format!("the body ended after {} of {} bytes", buf.len(), info.size),
+                    retryable: true,
+                });
+            }
+            Attempt::Done(())
+        })
+        .await?;
+        Ok(buf.into_inner().freeze())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let url = format!(
+            "{}/storage/v1/b/{}/o",
+            self.endpoint,
+            utf8_percent_encode(&self.bucket, NAME)
+        );
+        let mut out = vec![];
+        let mut token: Option<String> = None;
+        loop {
+            let page: Listing = self
+                .retrying(|_| {
+                    let token = token.clone();
+                    let url = url.clone();
+                    async move {
+                        let h = match self.headers(prefix).await {
+                            Ok(h) => h,
+                            Err(e) if e.is_retryable() => return Attempt::Retry(e),
+                            Err(e) => return Attempt::Fail(e),
+                        };
+                        let mut q = vec![
+                            ("prefix", prefix.to_string()),
+                            ("maxResults", "1000".into()),
+                        ];
+                        if let Some(t) = token {
+                            q.push(("pageToken", t));
+                        }
+                        match self.http.get(&url).headers(h).query(&q).send().await {
+                            Ok(resp) if resp.status().is_success() => match resp.json().await {
+                                Ok(p) => Attempt::Done(p),
+                                Err(e) => Attempt::Retry(self.transport(prefix, &e)),
+                            },
+                            Ok(resp) => self.status_error(prefix, resp).await,
+                            Err(e) => Attempt::Retry(self.transport(prefix, &e)),
+                        }
+                    }
+                })
+                .await?;
+            for r in page.items {
+                out.push(self.info(r)?);
+            }
+            match page.next_page_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        data: Bytes,
+        content_type: &str,
+        mode: PutMode,
+    ) -> Result<(), StoreError> {
+        let url = format!(
+            "{}/upload/storage/v1/b/{}/o",
+            self.endpoint,
+            utf8_percent_encode(&self.bucket, NAME)
+        );
+        let mut q = vec![("uploadType", "media"), ("name", key)];
+        if mode == PutMode::Create {
+            // Atomic create-if-absent on GCS.
+            q.push(("ifGenerationMatch", "0"));
+        }
+        self.retrying(|_| {
+            let data = data.clone();
+            let q = q.clone();
+            let url = url.clone();
+            async move {
+                let h = match self.headers(key).await {
+                    Ok(h) => h,
+                    Err(e) if e.is_retryable() => return Attempt::Retry(e),
+                    Err(e) => return Attempt::Fail(e),
+                };
+                let sent = self
+                    .http
+                    .post(&url)
+                    .headers(h)
+                    .query(&q)
+                    .header(http::header::CONTENT_TYPE, content_type)
+                    .body(data)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(resp) if resp.status().is_success() => Attempt::Done(()),
+                    // 412 is AlreadyExists, also for a create retried after
+                    // a lost answer that had in fact succeeded; callers that
+                    // care (the output lock) read the object back.
+                    Ok(resp) => self.status_error(key, resp).await,
+                    Err(e) => Attempt::Retry(self.transport(key, &e)),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let url = self.object_url("", key);
+        let r = self
+            .retrying(|_| async {
+                let h = match self.headers(key).await {
+                    Ok(h) => h,
+                    Err(e) if e.is_retryable() => return Attempt::Retry(e),
+                    Err(e) => return Attempt::Fail(e),
+                };
+                match self.http.delete(&url).headers(h).send().await {
+                    Ok(resp) if resp.status().is_success() => Attempt::Done(()),
+                    Ok(resp) => self.status_error(key, resp).await,
+                    Err(e) => Attempt::Retry(self.transport(key, &e)),
+                }
+            })
+            .await;
+        match r {
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

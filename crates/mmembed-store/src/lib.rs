@@ -1,0 +1,580 @@
+//! mmembed's one object-store access layer: every `gs://`, `s3://`,
+//! `az://` and `http(s)://` read, listing and write of the workspace goes
+//! through [`Stores`].
+//!
+//! - **S3, Azure Blob and plain HTTP** go through the Arrow project's
+//!   [`object_store`] crate: its credential chains (the AWS chain,
+//!   `AZURE_*` variables), its retries (5xx, timeouts, connection resets,
+//!   also in the middle of a body) and its multipart uploads.
+//! - **GCS** goes through the GCS JSON API ([`gcs`](crate) module): it is
+//!   the API that reports an object's `generation` (BigQuery object tables
+//!   key on it), the one the GCS emulators implement, and it takes
+//!   `ifGenerationMatch=0` for create-if-absent. Credentials come from
+//!   Application Default Credentials (google-cloud-auth);
+//!   `STORAGE_EMULATOR_HOST` points it at an emulator without credentials,
+//!   as Google's own client libraries do.
+//!
+//! Reads check the object's size against the caller's limit *before*
+//! downloading and stop at the limit while streaming, so no object can make
+//! a process allocate without bound. Credentials never appear in errors,
+//! logs or `Debug` output.
+//!
+//! ```
+//! use mmembed_store::ObjectUri;
+//!
+//! let u = ObjectUri::parse("gs://photos/2024/cat.jpg").unwrap();
+//! assert_eq!((u.bucket.as_str(), u.key.as_str()), ("photos", "2024/cat.jpg"));
+//! assert!(mmembed_store::is_remote("s3://b/k"));
+//! assert!(!mmembed_store::is_remote("/data/cat.jpg"));
+//! ```
+
+mod gcs;
+mod objstore;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+/// What a store operation can fail with. Messages name the object, never a
+/// credential.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The URI is not one this layer reads (or is malformed).
+    #[error("`{uri}`: {reason}")]
+    BadUri {
+        /// The URI as given.
+        uri: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No such object (or bucket).
+    #[error("{uri}: not found")]
+    NotFound {
+        /// The object.
+        uri: String,
+    },
+    /// The object is larger than the caller accepts; nothing was downloaded.
+    #[error("{uri}: {size} bytes is over the {limit} byte limit")]
+    TooLarge {
+        /// The object.
+        uri: String,
+        /// Its size (or the bytes read when it grew while being read).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A create-if-absent write found the object already there.
+    #[error("{uri} already exists")]
+    AlreadyExists {
+        /// The object.
+        uri: String,
+    },
+    /// Access refused: missing or insufficient credentials.
+    #[error("{uri}: access denied ({message})")]
+    Denied {
+        /// The object.
+        uri: String,
+        /// The store's reason.
+        message: String,
+    },
+    /// The store does not support the operation (e.g. listing over HTTP).
+    #[error("{uri}: {operation} is not supported by this store")]
+    Unsupported {
+        /// The object or prefix.
+        uri: String,
+        /// What was asked.
+        operation: String,
+    },
+    /// Anything else: network faults that outlasted the retries, 5xx bursts,
+    /// malformed answers.
+    #[error("{uri}: {message}")]
+    Transport {
+        /// The object.
+        uri: String,
+        /// What happened.
+        message: String,
+        /// Whether trying again later may succeed.
+        retryable: bool,
+    },
+}
+
+impl StoreError {
+    /// Whether a later attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Transport {
+                retryable: true,
+                ..
+            }
+        )
+    }
+}
+
+/// An object's listing entry: what BigQuery's object tables call its
+/// metadata columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// `scheme://bucket/key`.
+    pub uri: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time.
+    pub updated: Option<DateTime<Utc>>,
+    /// The HTTP entity tag, when the store reports one.
+    pub etag: Option<String>,
+    /// GCS's `generation` or S3's version id: changes on every write.
+    pub generation: Option<String>,
+    /// The stored MIME type, when the store has one.
+    pub content_type: Option<String>,
+}
+
+/// How a write treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Replace it.
+    Overwrite,
+    /// Fail with [`StoreError::AlreadyExists`] if it exists (GCS
+    /// `ifGenerationMatch=0`, S3 `If-None-Match: *`).
+    Create,
+}
+
+/// The schemes of remote objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// Google Cloud Storage, `gs://bucket/key`.
+    Gcs,
+    /// Amazon S3 and compatible stores, `s3://bucket/key`.
+    S3,
+    /// Azure Blob Storage, `az://container/key`.
+    Azure,
+    /// Plain `http://` or `https://`; read-only, no listing.
+    Http,
+}
+
+/// A parsed remote object URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectUri {
+    /// Which store.
+    pub scheme: Scheme,
+    /// Bucket or container; for HTTP, `scheme://host[:port]`.
+    pub bucket: String,
+    /// The object key (no leading `/`); for HTTP, the URL's path.
+    pub key: String,
+}
+
+/// `uri` with any `user:password@` replaced by `***@`, for messages.
+pub fn redact(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let end = rest.find('/').unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => uri.to_string(),
+    }
+}
+
+/// Whether `uri` names a remote object this layer reads.
+pub fn is_remote(uri: &str) -> bool {
+    ObjectUri::scheme_of(uri).is_some()
+}
+
+impl ObjectUri {
+    fn scheme_of(uri: &str) -> Option<(Scheme, &str)> {
+        let (scheme, rest) = uri.split_once("://")?;
+        let s = match scheme.to_ascii_lowercase().as_str() {
+            "gs" => Scheme::Gcs,
+            "s3" | "s3a" => Scheme::S3,
+            "az" | "azure" => Scheme::Azure,
+            "http" | "https" => Scheme::Http,
+            _ => return None,
+        };
+        Some((s, rest))
+    }
+
+    /// Parses `gs://b/k`, `s3://b/k`, `az://container/k`, `http(s)://host/path`.
+    pub fn parse(uri: &str) -> Result<Self, StoreError> {
+        let shown = redact(uri);
+        let bad = |reason: &str| StoreError::BadUri {
+            uri: shown.clone(),
+            reason: reason.to_string(),
+        };
+        let (scheme, rest) = Self::scheme_of(uri)
+            .ok_or_else(|| bad("not a gs://, s3://, az:// or http(s):// URI"))?;
+        if scheme == Scheme::Http {
+            let url = url::Url::parse(uri).map_err(|e| bad(&format!("not a URL: {e}")))?;
+            if url.query().is_some() {
+                // object_store's HTTP client addresses objects by path; a
+                // signed URL's query would be dropped and the read refused.
+                return Err(bad(
+                    "URLs with a query string (signed URLs) are not supported; \
+                     use the bucket's own scheme (gs://, s3://) with credentials",
+                ));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(bad(
+                    "credentials in URLs are refused; they would end up in logs",
+                ));
+            }
+            let host = url.host_str().ok_or_else(|| bad("no host"))?;
+            let bucket = match url.port() {
+                Some(p) => format!("{}://{host}:{p}", url.scheme()),
+                None => format!("{}://{host}", url.scheme()),
+            };
+            let key = url.path().trim_start_matches('/').to_string();
+            return Ok(Self {
+                scheme,
+                bucket,
+                key,
+            });
+        }
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("no bucket name"));
+        }
+        Ok(Self {
+            scheme,
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+        })
+    }
+
+    /// The URI again, in canonical form.
+    pub fn to_uri(&self) -> String {
+        match self.scheme {
+            Scheme::Gcs => format!("gs://{}/{}", self.bucket, self.key),
+            Scheme::S3 => format!("s3://{}/{}", self.bucket, self.key),
+            Scheme::Azure => format!("az://{}/{}", self.bucket, self.key),
+            Scheme::Http => format!("{}/{}", self.bucket, self.key),
+        }
+    }
+
+    /// The same bucket, another key.
+    pub fn with_key(&self, key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            ..self.clone()
+        }
+    }
+}
+
+/// One bucket of one store: the operations the workspace needs.
+#[async_trait]
+pub(crate) trait Bucket: Send + Sync + fmt::Debug {
+    async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError>;
+    /// The bytes of the object `info` describes (as `head` or `list` gave
+    /// it: pinned to that generation/ETag where the store allows), at most
+    /// `max_bytes`.
+    async fn get(&self, info: &ObjectInfo, key: &str, max_bytes: u64) -> Result<Bytes, StoreError>;
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+    async fn put(
+        &self,
+        key: &str,
+        data: Bytes,
+        content_type: &str,
+        mode: PutMode,
+    ) -> Result<(), StoreError>;
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// Retries and timeouts of every store; each is an environment variable.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Attempts after the first on 5xx, 429, timeouts and resets
+    /// (`MMEMBED_STORE_RETRIES`, default 10).
+    pub max_retries: usize,
+    /// Longest a single request may take before it is retried
+    /// (`MMEMBED_STORE_TIMEOUT_SECS`, default 120).
+    pub timeout: Duration,
+    /// Connection timeout (`MMEMBED_STORE_CONNECT_TIMEOUT_SECS`, default 10).
+    pub connect_timeout: Duration,
+    /// First backoff between attempts, doubled each time up to 10 s
+    /// (`MMEMBED_STORE_BACKOFF_MS`, default 100).
+    pub initial_backoff: Duration,
+    /// GCS endpoint (`STORAGE_EMULATOR_HOST`, as Google's client libraries
+    /// read it): when set, requests go there without credentials.
+    pub gcs_endpoint: Option<String>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_retries: 10,
+            timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(100),
+            gcs_endpoint: None,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Defaults overridden by the environment variables named on each field.
+    pub fn from_env() -> Self {
+        let mut o = Self::default();
+        let num = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let Some(n) = num("MMEMBED_STORE_RETRIES") {
+            o.max_retries = n as usize;
+        }
+        if let Some(n) = num("MMEMBED_STORE_TIMEOUT_SECS") {
+            o.timeout = Duration::from_secs(n.max(1));
+        }
+        if let Some(n) = num("MMEMBED_STORE_CONNECT_TIMEOUT_SECS") {
+            o.connect_timeout = Duration::from_secs(n.max(1));
+        }
+        if let Some(n) = num("MMEMBED_STORE_BACKOFF_MS") {
+            o.initial_backoff = Duration::from_millis(n);
+        }
+        o.gcs_endpoint = std::env::var("STORAGE_EMULATOR_HOST")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                let v = v.trim().trim_end_matches('/');
+                if v.contains("://") {
+                    v.to_string()
+                } else {
+                    format!("http://{v}")
+                }
+            });
+        o
+    }
+}
+
+/// The stores of a process: one client per bucket, made on first use.
+pub struct Stores {
+    options: StoreOptions,
+    buckets: Mutex<HashMap<(Scheme, String), Arc<dyn Bucket>>>,
+}
+
+impl fmt::Debug for Stores {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stores")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Characters that never start a glob in our listings.
+fn glob_start(key: &str) -> Option<usize> {
+    key.find(['*', '?', '['])
+}
+
+fn hidden(key: &str) -> bool {
+    key.split('/').any(|c| c.starts_with('.'))
+}
+
+impl Stores {
+    /// Stores configured by `options`.
+    pub fn new(options: StoreOptions) -> Self {
+        Self {
+            options,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The process's stores, configured from the environment on first use.
+    pub fn shared() -> &'static Stores {
+        static S: OnceLock<Stores> = OnceLock::new();
+        S.get_or_init(|| Stores::new(StoreOptions::from_env()))
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    fn bucket(&self, u: &ObjectUri) -> Result<Arc<dyn Bucket>, StoreError> {
+        let k = (u.scheme, u.bucket.clone());
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = map.get(&k) {
+            return Ok(b.clone());
+        }
+        let b: Arc<dyn Bucket> = match u.scheme {
+            Scheme::Gcs => Arc::new(gcs::GcsBucket::new(&u.bucket, &self.options)?),
+            _ => Arc::new(objstore::OsBucket::new(u, &self.options)?),
+        };
+        map.insert(k, b.clone());
+        Ok(b)
+    }
+
+    /// An object's metadata.
+    pub async fn head(&self, uri: &str) -> Result<ObjectInfo, StoreError> {
+        let u = ObjectUri::parse(uri)?;
+        self.bucket(&u)?.head(&u.key).await
+    }
+
+    /// Whether the object exists.
+    pub async fn exists(&self, uri: &str) -> Result<bool, StoreError> {
+        match self.head(uri).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The object's bytes and metadata, refusing objects over `max_bytes`
+    /// before downloading them.
+    pub async fn read(&self, uri: &str, max_bytes: u64) -> Result<(Bytes, ObjectInfo), StoreError> {
+        let u = ObjectUri::parse(uri)?;
+        let b = self.bucket(&u)?;
+        let info = b.head(&u.key).await?;
+        let bytes = self.read_listed(&info, max_bytes).await?;
+        Ok((bytes, info))
+    }
+
+    /// The bytes of an object as a listing described it (one request less
+    /// than [`read`](Self::read); pinned to the listed generation/ETag where
+    /// the store allows, so a concurrent rewrite is an error, not a mix).
+    pub async fn read_listed(
+        &self,
+        info: &ObjectInfo,
+        max_bytes: u64,
+    ) -> Result<Bytes, StoreError> {
+        if info.size > max_bytes {
+            return Err(StoreError::TooLarge {
+                uri: info.uri.clone(),
+                size: info.size,
+                limit: max_bytes,
+            });
+        }
+        let u = ObjectUri::parse(&info.uri)?;
+        self.bucket(&u)?.get(info, &u.key, max_bytes).await
+    }
+
+    /// Lists `spec`: a prefix (`gs://b/photos/`: everything under it), a
+    /// glob over keys (`s3://b/photos/**/*.jpg`, `*` within one level, `**`
+    /// across levels) or one object. Keys with a component starting with `.`
+    /// and folder placeholders (keys ending in `/`) are skipped, as hidden
+    /// entries are in local folders. Sorted by URI.
+    pub async fn list(&self, spec: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let u = ObjectUri::parse(spec)?;
+        let b = self.bucket(&u)?;
+        let mut out = match glob_start(&u.key) {
+            Some(i) => {
+                let prefix = &u.key[..u.key[..i].rfind('/').map_or(0, |j| j + 1)];
+                let pattern = glob::Pattern::new(&u.key).map_err(|e| StoreError::BadUri {
+                    uri: spec.into(),
+                    reason: format!("bad glob: {e}"),
+                })?;
+                let opts = glob::MatchOptions {
+                    case_sensitive: true,
+                    require_literal_separator: true,
+                    require_literal_leading_dot: true,
+                };
+                b.list(prefix)
+                    .await?
+                    .into_iter()
+                    .filter(|o| {
+                        let key = ObjectUri::parse(&o.uri).map(|x| x.key).unwrap_or_default();
+                        pattern.matches_with(&key, opts)
+                    })
+                    .collect()
+            }
+            None => {
+                let dir = if u.key.is_empty() || u.key.ends_with('/') {
+                    u.key.clone()
+                } else {
+                    format!("{}/", u.key)
+                };
+                let listed = b.list(&dir).await?;
+                if listed.is_empty() && !u.key.is_empty() && !u.key.ends_with('/') {
+                    match b.head(&u.key).await {
+                        Ok(one) => vec![one],
+                        Err(StoreError::NotFound { .. }) => vec![],
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    listed
+                }
+            }
+        };
+        out.retain(|o| {
+            let key = ObjectUri::parse(&o.uri).map(|x| x.key).unwrap_or_default();
+            !key.ends_with('/') && !hidden(&key)
+        });
+        out.sort_by(|a, b| a.uri.cmp(&b.uri));
+        Ok(out)
+    }
+
+    /// Writes an object whole: readers see the old object or the new one,
+    /// never a part (a single PUT; large ones as one multipart upload that
+    /// becomes visible only when completed).
+    pub async fn put(
+        &self,
+        uri: &str,
+        data: Bytes,
+        content_type: &str,
+        mode: PutMode,
+    ) -> Result<(), StoreError> {
+        let u = ObjectUri::parse(uri)?;
+        self.bucket(&u)?.put(&u.key, data, content_type, mode).await
+    }
+
+    /// Deletes an object; deleting a missing object is not an error.
+    pub async fn delete(&self, uri: &str) -> Result<(), StoreError> {
+        let u = ObjectUri::parse(uri)?;
+        self.bucket(&u)?.delete(&u.key).await
+    }
+}
+
+/// Exponential backoff with jitter: `initial * 2^attempt`, at most 10 s.
+pub(crate) fn backoff(initial: Duration, attempt: usize) -> Duration {
+    let base = initial.saturating_mul(1u32 << attempt.min(16));
+    let capped = base.min(Duration::from_secs(10));
+    capped.mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse() {
+        let u = ObjectUri::parse("s3://bkt/a/b.png").unwrap();
+        assert_eq!(u.scheme, Scheme::S3);
+        assert_eq!(u.to_uri(), "s3://bkt/a/b.png");
+        let u = ObjectUri::parse("az://ctr/x/y.mp4").unwrap();
+        assert_eq!(
+            (u.scheme, u.bucket.as_str(), u.key.as_str()),
+            (Scheme::Azure, "ctr", "x/y.mp4")
+        );
+        let u = ObjectUri::parse("http://127.0.0.1:8080/m/c.jpg").unwrap();
+        assert_eq!(u.bucket, "http://127.0.0.1:8080");
+        assert_eq!(u.key, "m/c.jpg");
+        assert_eq!(u.to_uri(), "http://127.0.0.1:8080/m/c.jpg");
+        assert!(ObjectUri::parse("gs:///k").is_err());
+        assert!(ObjectUri::parse("ftp://h/k").is_err());
+        let e = ObjectUri::parse("https://h/k.png?X-Amz-Signature=abc").unwrap_err();
+        assert!(e.to_string().contains("signed URLs"), "{e}");
+        let e = ObjectUri::parse("https://user:hunter2@h/k.png").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(e.to_string().contains("https://***@h/k.png"), "{e}");
+        assert!(!is_remote("file:///x"));
+    }
+
+    #[test]
+    fn hidden_and_glob_helpers() {
+        assert!(hidden("a/.parts/p"));
+        assert!(!hidden("a/b.c"));
+        assert_eq!(glob_start("a/b/*.png"), Some(4));
+        assert_eq!(glob_start("a/b/"), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let i = Duration::from_millis(100);
+        assert!(backoff(i, 0) <= Duration::from_millis(100));
+        assert!(backoff(i, 3) >= Duration::from_millis(400));
+        assert!(backoff(i, 30) <= Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,289 @@
+//! S3, Azure Blob and plain HTTP through the `object_store` crate.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{
+    Attribute, Attributes, ClientConfigKey, GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
+
+use crate::{Bucket, ObjectInfo, ObjectUri, PutMode, Scheme, StoreError, StoreOptions};
+
+/// Objects at least this large are written as one multipart upload (S3
+/// refuses single PUTs over 5 GiB; parts also retry independently).
+const MULTIPART_FROM: usize = 64 << 20;
+
+#[derive(Debug)]
+pub(crate) struct OsBucket {
+    store: Arc<dyn ObjectStore>,
+    base: ObjectUri,
+}
+
+fn retry(o: &StoreOptions) -> RetryConfig {
+    RetryConfig {
+        max_retries: o.max_retries,
+        retry_timeout: std::time::Duration::from_secs(300),
+        backoff: object_store::BackoffConfig {
+            init_backoff: o.initial_backoff,
+            max_backoff: std::time::Duration::from_secs(10),
+            base: 2.0,
+        },
+    }
+}
+
+fn secs(d: std::time::Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+impl OsBucket {
+    pub(crate) fn new(u: &ObjectUri, o: &StoreOptions) -> Result<Self, StoreError> {
+        let err = |e: object_store::Error| StoreError::BadUri {
+            uri: u.to_uri(),
+            reason: format!("cannot configure the store: {e}"),
+        };
+        let store: Arc<dyn ObjectStore> = match u.scheme {
+            Scheme::S3 => {
+                use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+                // `from_env` reads the AWS chain's variables (AWS_ACCESS_KEY_ID,
+                // AWS_REGION, AWS_ENDPOINT_URL, AWS_PROFILE is not read: use
+                // the variables or instance/web-identity credentials).
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(&u.bucket)
+                    .with_retry(retry(o))
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                        secs(o.timeout),
+                    )
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        secs(o.connect_timeout),
+                    );
+                // S3 has honoured `If-None-Match: *` since 2024; without it a
+                // create-if-absent (the output lock) cannot be atomic.
+                if std::env::var_os("AWS_CONDITIONAL_PUT").is_none() {
+                    b = b.with_conditional_put(S3ConditionalPut::ETagMatch);
+                }
+                // An explicit plain-HTTP endpoint (MinIO, moto) is allowed
+                // without a second setting.
+                let endpoint = std::env::var("AWS_ENDPOINT_URL")
+                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                    .unwrap_or_default();
+                if endpoint.starts_with("http://") && std::env::var_os("AWS_ALLOW_HTTP").is_none() {
+                    b = b.with_allow_http(true);
+                }
+                Arc::new(b.build().map_err(err)?)
+            }
+            Scheme::Azure => {
+                use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+                let b = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&u.bucket)
+                    .with_retry(retry(o))
+                    .with_config(
+                        AzureConfigKey::Client(ClientConfigKey::Timeout),
+                        secs(o.timeout),
+                    )
+                    .with_config(
+                        AzureConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        secs(o.connect_timeout),
+                    );
+                Arc::new(b.build().map_err(err)?)
+            }
+            Scheme::Http => {
+                use object_store::http::HttpBuilder;
+                let b = HttpBuilder::new()
+                    .with_url(&u.bucket)
+                    .with_retry(retry(o))
+                    .with_config(ClientConfigKey::Timeout, secs(o.timeout))
+                    .with_config(ClientConfigKey::ConnectTimeout, secs(o.connect_timeout))
+                    .with_config(
+                        ClientConfigKey::AllowHttp,
+                        u.bucket.starts_with("http://").to_string(),
+                    );
+                Arc::new(b.build().map_err(err)?)
+            }
+            Scheme::Gcs => unreachable!("GCS has its own client"),
+        };
+        Ok(Self {
+            store,
+            base: u.with_key(""),
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<Path, StoreError> {
+        Path::parse(key).map_err(|e| StoreError::BadUri {
+            uri: self.base.with_key(key).to_uri(),
+            reason: format!("not a valid object key: {e}"),
+        })
+    }
+
+    fn info(&self, m: ObjectMeta) -> ObjectInfo {
+        ObjectInfo {
+            uri: self.base.with_key(m.location.as_ref()).to_uri(),
+            size: m.size,
+            updated: Some(m.last_modified),
+            etag: m.e_tag,
+            generation: m.version,
+            content_type: None,
+        }
+    }
+
+    fn error(&self, key: &str, e: object_store::Error) -> StoreError {
+        let uri = self.base.with_key(key).to_uri();
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { uri },
+            object_store::Error::AlreadyExists { .. } => StoreError::AlreadyExists { uri },
+            object_store::Error::Precondition { .. } => StoreError::Transport {
+                uri,
+                message: "the object changed while being read".into(),
+                retryable: true,
+            },
+            object_store::Error::NotImplemented { operation, .. } => {
+                StoreError::Unsupported { uri, operation }
+            }
+            object_store::Error::PermissionDenied { source, .. }
+            | object_store::Error::Unauthenticated { source, .. } => StoreError::Denied {
+                uri,
+                message: source.to_string(),
+            },
+            other => StoreError::Transport {
+                uri,
+                // object_store's messages name the request and the status,
+                // never the signing key or token.
+                message: other.to_string(),
+                retryable: false,
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Bucket for OsBucket {
+    async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        let p = self.path(key)?;
+        match self.store.head(&p).await {
+            Ok(m) => Ok(self.info(m)),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+
+    async fn get(&self, info: &ObjectInfo, key: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
+        let p = self.path(key)?;
+        let opts = GetOptions {
+            if_match: info.etag.clone(),
+            version: info.generation.clone(),
+            ..Default::default()
+        };
+        let got = self
+            .store
+            .get_opts(&p, opts)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        if got.meta.size > max_bytes {
+            return Err(StoreError::TooLarge {
+                uri: info.uri.clone(),
+                size: got.meta.size,
+                limit: max_bytes,
+            });
+        }
+        let mut buf = BytesMut::with_capacity(got.meta.size as usize);
+        // object_store resumes a body that breaks off mid-way (a reset, a
+        // timeout) with a ranged request pinned to the same ETag.
+        let mut stream = got.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.error(key, e))?;
+            if (buf.len() + chunk.len()) as u64 > max_bytes {
+                return Err(StoreError::TooLarge {
+                    uri: info.uri.clone(),
+                    size: (buf.len() + chunk.len()) as u64,
+                    limit: max_bytes,
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        if self.base.scheme == Scheme::Http {
+            return Err(StoreError::Unsupported {
+                uri: self.base.with_key(prefix).to_uri(),
+                operation: "listing (plain HTTP has no listing; give a manifest of URLs)".into(),
+            });
+        }
+        // object_store lists by whole path segments; a partial last segment
+        // is filtered here.
+        let (dir, rest) = match prefix.rfind('/') {
+            Some(i) => (&prefix[..i], &prefix[i + 1..]),
+            None => ("", prefix),
+        };
+        let dir_path = if dir.is_empty() {
+            None
+        } else {
+            Some(self.path(dir)?)
+        };
+        let mut stream = self.store.list(dir_path.as_ref());
+        let mut out = vec![];
+        while let Some(m) = stream.next().await {
+            let m = m.map_err(|e| self.error(prefix, e))?;
+            if m.location.as_ref().starts_with(prefix) || rest.is_empty() {
+                out.push(self.info(m));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        data: Bytes,
+        content_type: &str,
+        mode: PutMode,
+    ) -> Result<(), StoreError> {
+        let p = self.path(key)?;
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, content_type.to_string().into());
+        if data.len() >= MULTIPART_FROM && mode == PutMode::Overwrite {
+            let upload = self
+                .store
+                .put_multipart_opts(
+                    &p,
+                    object_store::PutMultipartOptions {
+                        attributes,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| self.error(key, e))?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, 16 << 20);
+            w.put(data);
+            // Not visible until completed; a failure aborts the upload.
+            w.finish().await.map_err(|e| self.error(key, e))?;
+            return Ok(());
+        }
+        let opts = PutOptions {
+            mode: match mode {
+                PutMode::Overwrite => object_store::PutMode::Overwrite,
+                PutMode::Create => object_store::PutMode::Create,
+            },
+            attributes,
+            ..Default::default()
+        };
+        self.store
+            .put_opts(&p, PutPayload::from_bytes(data), opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(key, e))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let p = self.path(key)?;
+        match self.store.delete(&p).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+}
