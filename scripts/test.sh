@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 
 . scripts/lib/system-deps.sh
 . scripts/lib/python-venv.sh
+. scripts/lib/storage-emulators.sh
 install_system_deps
 # Early, so a missing Python fails in seconds rather than after the build.
 python_venv tests/python/requirements.txt SDK_PY
+# S3 and GCS emulators for the bucket tests (started before `cargo test`).
+python_venv tests/storage/requirements.txt STORAGE_PY
 # The CUDA 13.0 toolchain (nvcc, runtime, nvrtc, CCCL headers) from PyPI
 # wheels, to compile and lint the `cuda` feature without a GPU (GPU.md).
 python_venv scripts/lib/cuda-requirements.txt CUDA_PY
@@ -35,7 +38,8 @@ cargo check -p mmembed --no-default-features --features local --locked
 echo ">> cargo clippy --features cuda (mmembed-candle, the facade, the CLI; nvcc from $CUDA_HOME_WHEELS, CUDA_COMPUTE_CAP=90)"
 PATH="$CUDA_HOME_WHEELS/bin:$PATH" CUDA_ROOT="$CUDA_HOME_WHEELS" CUDA_PATH="$CUDA_HOME_WHEELS" CUDA_COMPUTE_CAP=90 \
   cargo clippy -p mmembed-candle -p mmembed -p mmembed-cli --features cuda --all-targets --locked -- -D warnings
-echo ">> cargo test"
+start_storage_emulators "$STORAGE_PY"
+echo ">> cargo test (bucket tests against S3 at $MMEMBED_TEST_S3 and GCS at $MMEMBED_TEST_GCS)"
 cargo test --workspace --locked
 # `cargo test` built target/debug/mmembed for the CLI's tests; the SDK tests
 # start it as `mmembed serve --model demo` on a loopback port.

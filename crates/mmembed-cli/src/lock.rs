@@ -64,6 +64,10 @@ impl Holder {
     }
 }
 
+/// The lock's MIME type. JSON inside, but not `application/json`: the GCS
+/// emulator on PyPI parses such upload bodies as JSON and fails.
+const LOCK_TYPE: &str = "text/plain; charset=utf-8";
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -168,12 +172,7 @@ impl OutputLock {
             }
             let me = Holder::new(ttl);
             match stores
-                .put(
-                    &uri,
-                    Bytes::from(serde_json::to_vec(&me)?),
-                    "application/json",
-                    mode,
-                )
+                .put(&uri, Bytes::from(serde_json::to_vec(&me)?), LOCK_TYPE, mode)
                 .await
             {
                 Ok(()) => {}
@@ -229,12 +228,7 @@ async fn renew(uri: String, mut me: Holder, ttl: Duration) {
             return;
         };
         if let Err(e) = Stores::shared()
-            .put(
-                &uri,
-                Bytes::from(body),
-                "application/json",
-                PutMode::Overwrite,
-            )
+            .put(&uri, Bytes::from(body), LOCK_TYPE, PutMode::Overwrite)
             .await
         {
             tracing::warn!(lock = %uri, error = %e, "could not renew the output lock");

@@ -30,6 +30,8 @@
 
 mod gcs;
 mod objstore;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -1,0 +1,515 @@
+//! `mmembed batch` over buckets, against real protocol servers on loopback:
+//! moto's S3 server and gcp-storage-emulator's GCS JSON API, started by
+//! `scripts/test.sh` (`MMEMBED_TEST_S3`, `MMEMBED_TEST_GCS`, a bucket
+//! `mmembed-test` in each), behind a fault-injecting proxy; and plain HTTP.
+//!
+//! Without the variables the bucket tests say so and pass, except under
+//! `CI=true`, where a missing emulator is an error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mmembed_shapes::{Attributes, Colour, Position, Scene, Shape, Size};
+use mmembed_store::testkit::{FaultProxy, Faults};
+use mmembed_store::{PutMode, StoreOptions, Stores};
+use rand::SeedableRng;
+use serde_json::Value;
+
+const SECRET: &str = "s3cr3t-key-never-printed";
+
+fn png(shape: Shape, colour: Colour, seed: u64) -> Vec<u8> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let a = Attributes {
+        shape,
+        colour,
+        size: Size::Large,
+        position: Position::Center,
+    };
+    let img = Scene::random(a, &mut rng).render(160, 120, seed);
+    let mut out = vec![];
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// The objects of every test: four images, a corrupt one, a text file, a
+/// hidden one.
+fn objects() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("red-star.png", png(Shape::Star, Colour::Red, 1)),
+        ("blue-square.png", png(Shape::Square, Colour::Blue, 2)),
+        ("sub/green-circle.png", png(Shape::Circle, Colour::Green, 3)),
+        (
+            "sub/yellow-triangle.png",
+            png(Shape::Triangle, Colour::Yellow, 4),
+        ),
+        ("garbage.png", b"not a png".to_vec()),
+        ("notes.txt", b"hello".to_vec()),
+        (".hidden/x.png", png(Shape::Ring, Colour::Orange, 5)),
+    ]
+}
+
+enum Kind {
+    S3,
+    Gcs,
+}
+
+struct Bucket {
+    kind: Kind,
+    endpoint: String,
+    stores: Stores,
+}
+
+fn bucket(kind: Kind) -> Option<Bucket> {
+    let var = match kind {
+        Kind::S3 => "MMEMBED_TEST_S3",
+        Kind::Gcs => "MMEMBED_TEST_GCS",
+    };
+    let endpoint = match std::env::var(var) {
+        Ok(v) if !v.is_empty() => v,
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{var} is not set: scripts/test.sh starts the emulators and sets it")
+        }
+        _ => {
+            eprintln!("{var} not set; skipping (scripts/test.sh starts the emulators)");
+            return None;
+        }
+    };
+    let gcs = matches!(kind, Kind::Gcs).then(|| endpoint.clone());
+    if matches!(kind, Kind::S3) {
+        // SAFETY: every test sets the same values before building a store.
+        unsafe {
+            std::env::set_var("AWS_ENDPOINT_URL", &endpoint);
+            std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET);
+            std::env::set_var("AWS_REGION", "us-east-1");
+        }
+    }
+    Some(Bucket {
+        kind,
+        endpoint,
+        stores: Stores::new(StoreOptions {
+            gcs_endpoint: gcs,
+            ..StoreOptions::default()
+        }),
+    })
+}
+
+impl Bucket {
+    fn base(&self, test: &str) -> String {
+        let scheme = match self.kind {
+            Kind::S3 => "s3",
+            Kind::Gcs => "gs",
+        };
+        format!("{scheme}://mmembed-test/{test}-{:x}", fastrand_u64())
+    }
+
+    /// The binary, talking to the store through `via` (a proxy URL).
+    fn mmembed(&self, cache: &Path, via: &str) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mmembed"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("MMEMBED_") || k.starts_with("AWS_") || k == "STORAGE_EMULATOR_HOST" {
+                c.env_remove(k);
+            }
+        }
+        c.env("MMEMBED_CACHE_DIR", cache)
+            .env("MMEMBED_MODEL", "demo")
+            .env("MMEMBED_DEVICE", "cpu")
+            .env("HF_HUB_OFFLINE", "1")
+            .env("MMEMBED_STORE_BACKOFF_MS", "5")
+            .env("MMEMBED_STORE_TIMEOUT_SECS", "1");
+        match self.kind {
+            Kind::S3 => {
+                c.env("AWS_ENDPOINT_URL", via)
+                    .env("AWS_ACCESS_KEY_ID", "testing")
+                    .env("AWS_SECRET_ACCESS_KEY", SECRET)
+                    .env("AWS_REGION", "us-east-1");
+            }
+            Kind::Gcs => {
+                c.env("STORAGE_EMULATOR_HOST", via);
+            }
+        }
+        c
+    }
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn jsonl(bytes: &[u8]) -> Vec<Value> {
+    std::str::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The same objects embedded from local disk: the reference vectors.
+fn local_reference(dir: &Path) -> Vec<(String, Vec<f64>)> {
+    let media = dir.join("ref-media");
+    for (k, b) in objects() {
+        let p = media.join(k);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b).unwrap();
+    }
+    let out = dir.join("ref.jsonl");
+    let o = Command::new(env!("CARGO_BIN_EXE_mmembed"))
+        .env("MMEMBED_CACHE_DIR", dir.join("cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["batch", "--model", "demo", "--device", "cpu"])
+        .arg(&media)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let prefix = format!("{}/", media.display());
+    vectors(&jsonl(&std::fs::read(out).unwrap()), &prefix)
+}
+
+/// `(name under prefix, embedding)` of the ok rows, sorted.
+fn vectors(rows: &[Value], prefix: &str) -> Vec<(String, Vec<f64>)> {
+    let mut v: Vec<_> = rows
+        .iter()
+        .filter(|r| r["status"] == "")
+        .map(|r| {
+            let uri = r["uri"].as_str().unwrap();
+            let name = uri.strip_prefix(prefix).unwrap_or(uri).to_string();
+            let e = r["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            (name, e)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn assert_same_vectors(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)]) {
+    assert_eq!(
+        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    for ((n, x), (_, y)) in a.iter().zip(b) {
+        let dot: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        assert!(dot > 0.99999, "{n}: cosine {dot}");
+    }
+}
+
+fn whole_job(kind: Kind) {
+    let Some(b) = bucket(kind) else { return };
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let reference = local_reference(d.path());
+    let rt = rt();
+    let base = b.base("job");
+    let input = format!("{base}/in/");
+    rt.block_on(async {
+        for (k, bytes) in objects() {
+            b.stores
+                .put(
+                    &format!("{input}{k}"),
+                    Bytes::from(bytes),
+                    "image/png",
+                    PutMode::Overwrite,
+                )
+                .await
+                .unwrap();
+        }
+    });
+    // Storage faults on the way: a 503 burst in every 7 requests, every
+    // 3rd body cut off half-way, every 13th request held past the client's
+    // 1 s timeout (MMEMBED_STORE_TIMEOUT_SECS below), 5 ms on every request.
+    let proxy = rt
+        .block_on(FaultProxy::start(
+            &b.endpoint,
+            Faults {
+                delay: Duration::from_millis(5),
+                unavailable: Some((7, 2)),
+                cut_body_every: Some(3),
+                slow: Some((13, Duration::from_millis(1500))),
+            },
+        ))
+        .unwrap();
+    // The output sits inside the input prefix: it must never be an input.
+    let out = format!("{input}out.jsonl");
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut c = b.mmembed(&cache, &proxy.url);
+        c.args(["batch", &input, "-o", &out]).args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let _guard = rt.enter();
+        c.output().unwrap()
+    };
+    let o = run(&[], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!stderr(&o).contains(SECRET));
+    let read_out = || {
+        let (bytes, _) = rt.block_on(b.stores.read(&out, 1 << 30)).unwrap();
+        jsonl(&bytes)
+    };
+    let rows = read_out();
+    assert!(!format!("{rows:?}").contains(SECRET));
+    let uris: Vec<&str> = rows.iter().map(|r| r["uri"].as_str().unwrap()).collect();
+    assert_eq!(uris.len(), 6, "{uris:?}");
+    assert!(
+        uris.iter()
+            .all(|u| u.starts_with(&input) && !u.contains("out.jsonl") && !u.contains(".hidden"))
+    );
+    for r in &rows {
+        assert!(r["etag"].is_string() || r["generation"].is_string(), "{r}");
+        assert!(r["updated"].is_string(), "{r}");
+        assert!(r["size_bytes"].as_i64().unwrap() > 0);
+    }
+    assert_same_vectors(&reference, &vectors(&rows, &input));
+    assert!(proxy.stats.unavailable.load(Ordering::Relaxed) > 0);
+    assert!(proxy.stats.cut.load(Ordering::Relaxed) > 0);
+    assert!(proxy.stats.slowed.load(Ordering::Relaxed) > 0);
+    // Parts and lock are gone.
+    let left = rt
+        .block_on(b.stores.list(&format!("{input}out.jsonl.parts/")))
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        !rt.block_on(b.stores.exists(&format!("{out}.lock")))
+            .unwrap()
+    );
+
+    // A rerun skips what is done and unchanged, retries the failures.
+    let o = run(&["--resume"], &[]);
+    let e = stderr(&o);
+    assert!(
+        e.contains("unchanged_and_done=4 changed=0 to_embed=2"),
+        "{e}"
+    );
+    assert_eq!(read_out().len(), 6);
+
+    // A changed object is embedded again; the others are not.
+    rt.block_on(b.stores.put(
+        &format!("{input}red-star.png"),
+        Bytes::from(png(Shape::Cross, Colour::Purple, 9)),
+        "image/png",
+        PutMode::Overwrite,
+    ))
+    .unwrap();
+    let o = run(&["--resume"], &[]);
+    let e = stderr(&o);
+    assert!(
+        e.contains("unchanged_and_done=3 changed=1 to_embed=3"),
+        "{e}"
+    );
+    let after = vectors(&read_out(), &input);
+    let red =
+        |v: &[(String, Vec<f64>)]| v.iter().find(|x| x.0 == "red-star.png").unwrap().1.clone();
+    let dot: f64 = red(&after)
+        .iter()
+        .zip(red(&reference))
+        .map(|(p, q)| p * q)
+        .sum();
+    assert!(dot < 0.9999, "the changed object kept its old vector");
+
+    // Killed mid-job (as kill -9 would): parts stay in the bucket, the
+    // lock of the dead process is taken over, nothing lost or duplicated.
+    let out2 = format!("{base}/out2.jsonl");
+    let mut c = b.mmembed(&cache, &proxy.url);
+    c.args(["batch", &input, "-o", &out2, "--batch-size", "1"])
+        .env("MMEMBED_TEST_ABORT_AFTER_PARTS", "2");
+    let o = c.output().unwrap();
+    assert!(
+        o.status.code().is_none(),
+        "aborted: {:?} {}",
+        o.status,
+        stderr(&o)
+    );
+    let parts = rt
+        .block_on(b.stores.list(&format!("{out2}.parts/")))
+        .unwrap();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert!(
+        rt.block_on(b.stores.exists(&format!("{out2}.lock")))
+            .unwrap()
+    );
+    let mut c = b.mmembed(&cache, &proxy.url);
+    c.args(["batch", &input, "-o", &out2, "--resume"]);
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let (bytes, _) = rt.block_on(b.stores.read(&out2, 1 << 30)).unwrap();
+    let resumed = jsonl(&bytes);
+    // The first job's output sits in this job's input: one more row (an
+    // unsupported type).
+    assert_eq!(resumed.len(), 7);
+    assert_eq!(
+        resumed
+            .iter()
+            .filter(|r| r["uri"] == format!("{input}out.jsonl"))
+            .count(),
+        1
+    );
+    assert_same_vectors(&after, &vectors(&resumed, &input));
+    drop(proxy);
+}
+
+#[test]
+fn s3_batch_reads_writes_resumes_and_survives_faults() {
+    whole_job(Kind::S3);
+}
+
+#[test]
+fn gcs_batch_reads_writes_resumes_and_survives_faults() {
+    whole_job(Kind::Gcs);
+}
+
+#[test]
+fn a_second_job_on_a_bucket_output_is_refused_naming_the_holder() {
+    let Some(b) = bucket(Kind::Gcs) else { return };
+    let d = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let base = b.base("lock");
+    let out = format!("{base}/out.parquet");
+    let holder = serde_json::json!({
+        "host": "other-machine", "pid": 4242,
+        "started": "2026-01-01T00:00:00Z", "expires": "2999-01-01T00:00:00Z",
+        "token": "t",
+    });
+    rt.block_on(b.stores.put(
+        &format!("{out}.lock"),
+        Bytes::from(holder.to_string()),
+        "text/plain",
+        PutMode::Overwrite,
+    ))
+    .unwrap();
+    let o = b
+        .mmembed(&d.path().join("cache"), &b.endpoint)
+        .args(["batch", &format!("{base}/in/"), "-o", &out])
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("being written by another job (pid 4242 on other-machine"),
+        "{e}"
+    );
+}
+
+/// Serves `dir` over plain HTTP on loopback.
+fn serve_dir(dir: PathBuf) -> String {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", server.server_addr().to_ip().unwrap());
+    std::thread::spawn(move || {
+        for req in server.incoming_requests() {
+            let p = dir.join(req.url().trim_start_matches('/'));
+            let _ = match std::fs::read(&p) {
+                Ok(b) => req.respond(tiny_http::Response::from_data(b)),
+                Err(_) => req.respond(tiny_http::Response::empty(404)),
+            };
+        }
+    });
+    url
+}
+
+#[test]
+fn http_objects_named_by_a_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let reference = local_reference(d.path());
+    let url = serve_dir(d.path().join("ref-media"));
+    let manifest = d.path().join("m.csv");
+    let mut text = String::from("uri,label\n");
+    for (k, _) in objects() {
+        text.push_str(&format!("{url}/{k},x\n"));
+    }
+    text.push_str(&format!("{url}/missing.png,y\n"));
+    std::fs::write(&manifest, text).unwrap();
+    let out = d.path().join("http.jsonl");
+    let o = Command::new(env!("CARGO_BIN_EXE_mmembed"))
+        .env("MMEMBED_CACHE_DIR", d.path().join("cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("MMEMBED_STORE_RETRIES", "1")
+        .args(["batch", "--model", "demo", "--device", "cpu"])
+        .arg(&manifest)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let rows = jsonl(&std::fs::read(&out).unwrap());
+    let missing = rows
+        .iter()
+        .find(|r| r["uri"].as_str().unwrap().ends_with("missing.png"))
+        .unwrap();
+    assert!(
+        missing["status"].as_str().unwrap().contains("not found"),
+        "{missing}"
+    );
+    // The hidden object is listed by the manifest, so it is an input here.
+    let mut want = reference.clone();
+    let hidden = vectors(&rows, &format!("{url}/"))
+        .into_iter()
+        .find(|x| x.0 == ".hidden/x.png")
+        .unwrap();
+    want.insert(0, hidden);
+    assert_same_vectors(&want, &vectors(&rows, &format!("{url}/")));
+}
+
+#[test]
+fn local_outputs_inside_the_input_and_a_second_local_job() {
+    let d = tempfile::tempdir().unwrap();
+    let media = d.path().join("media");
+    std::fs::create_dir_all(&media).unwrap();
+    std::fs::write(media.join("a.png"), png(Shape::Star, Colour::Red, 1)).unwrap();
+    let out = media.join("out.jsonl");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mmembed"))
+            .env("MMEMBED_CACHE_DIR", d.path().join("cache"))
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["batch", "--model", "demo", "--device", "cpu"])
+            .arg(&media)
+            .arg("-o")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["--resume"]);
+    assert!(
+        o.status.success(),
+        "the output was read as an input: {}",
+        stderr(&o)
+    );
+    let rows = jsonl(&std::fs::read(&out).unwrap());
+    assert_eq!(rows.len(), 1);
+    assert!(Path::new(rows[0]["uri"].as_str().unwrap()).is_absolute());
+
+    // Another job holds the output: refused at once, naming it.
+    let lock = std::fs::File::create(media.join("out.jsonl.lock")).unwrap();
+    lock.lock().unwrap();
+    let o = run(&["--resume"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("being written by another job"),
+        "{}",
+        stderr(&o)
+    );
+    drop(lock);
+}
