@@ -83,6 +83,10 @@ fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
     let media = |p: &PathBuf, kind: Kind| -> anyhow::Result<(String, EmbedRequest)> {
         let (label, source) = if is_stdin(p) {
             ("-".to_string(), MediaSource::Bytes(read_stdin()?.into()))
+        } else if let Some(u) = p.to_str().filter(|u| mmembed_store::is_remote(u)) {
+            // gs://, s3://, az://, http(s)://: the backend fetches it (or,
+            // Vertex and gs://, passes it on).
+            (u.to_string(), MediaSource::Uri(u.to_string()))
         } else {
             (p.display().to_string(), MediaSource::Path(p.clone()))
         };

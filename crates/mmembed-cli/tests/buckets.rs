@@ -295,6 +295,25 @@ fn whole_job(kind: Kind) {
             .unwrap()
     );
 
+    // `mmembed embed` reads bucket objects too.
+    let o = b
+        .mmembed(&cache, &proxy.url)
+        .args(["embed", &format!("{input}blue-square.png")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let got: Vec<f64> = v["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_same_vectors(
+        &reference[..1],
+        &[("blue-square.png".to_string(), got)],
+    );
+
     // A rerun skips what is done and unchanged, retries the failures.
     let o = run(&["--resume"], &[]);
     let e = stderr(&o);
