@@ -88,7 +88,12 @@ async fn main() {
             .unwrap();
         std::fs::write(media.join(format!("{i:04}.png")), &png).unwrap();
         stores
-            .put(&format!("{prefix}{i:04}.png"), Bytes::from(png), "image/png", PutMode::Overwrite)
+            .put(
+                &format!("{prefix}{i:04}.png"),
+                Bytes::from(png),
+                "image/png",
+                PutMode::Overwrite,
+            )
             .await
             .unwrap();
     }
@@ -111,9 +116,23 @@ async fn main() {
         local = local.min(run(&bin, &model, &local_in, &out, &proxy.url, &cache));
         remote = remote.min(run(&bin, &model, &prefix, &out, &proxy.url, &cache));
     }
-    let requests = proxy.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let requests = proxy
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
     println!("model {model}, {n} images of 224x224, +{delay} ms per storage request");
-    println!("local disk : {:.2} s  {:.1} images/s", local, n as f64 / local);
-    println!("S3 (moto)  : {:.2} s  {:.1} images/s", remote, n as f64 / remote);
-    println!("remote / local throughput: {:.3}  ({requests} requests through the proxy)", local / remote);
+    println!(
+        "local disk : {:.2} s  {:.1} images/s",
+        local,
+        n as f64 / local
+    );
+    println!(
+        "S3 (moto)  : {:.2} s  {:.1} images/s",
+        remote,
+        n as f64 / remote
+    );
+    println!(
+        "remote / local throughput: {:.3}  ({requests} requests through the proxy)",
+        local / remote
+    );
 }

@@ -309,10 +309,7 @@ fn whole_job(kind: Kind) {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect();
-    assert_same_vectors(
-        &reference[..1],
-        &[("blue-square.png".to_string(), got)],
-    );
+    assert_same_vectors(&reference[..1], &[("blue-square.png".to_string(), got)]);
 
     // A rerun skips what is done and unchanged, retries the failures.
     let o = run(&["--resume"], &[]);
