@@ -154,47 +154,57 @@ impl OutputLock {
     async fn remote(output: &str, ttl: Duration) -> anyhow::Result<Self> {
         let uri = format!("{output}.lock");
         let stores = Stores::shared();
-        for _ in 0..5 {
-            let mut mode = PutMode::Create;
-            match stores.read(&uri, 1 << 20).await {
+        let me = Holder::new(ttl);
+        let body = Bytes::from(serde_json::to_vec(&me)?);
+        let mut last_error = None;
+        for attempt in 0..8 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 << attempt.min(5))).await;
+            }
+            let mode = match stores.read(&uri, 1 << 20).await {
                 Ok((bytes, _)) => match serde_json::from_slice::<Holder>(&bytes) {
+                    // An earlier attempt's write landed although its answer
+                    // was lost (a create is not retried by the store layer).
+                    Ok(h) if h.token == me.token => {
+                        return Ok(Self::held(uri, &me, ttl));
+                    }
                     Ok(h) if !h.stale() => bail!(refuse(output, &h.describe())),
                     Ok(h) => {
                         tracing::warn!(lock = %uri, holder = %h.describe(), "taking over a stale lock");
-                        mode = PutMode::Overwrite;
+                        PutMode::Overwrite
                     }
                     Err(_) => bail!(
                         "{uri} exists but is not an mmembed lock; remove it if no job writes {output}"
                     ),
                 },
-                Err(StoreError::NotFound { .. }) => {}
+                Err(StoreError::NotFound { .. }) => PutMode::Create,
+                Err(e @ StoreError::Transport { .. }) => {
+                    last_error = Some(e);
+                    continue;
+                }
                 Err(e) => return Err(e).with_context(|| format!("reading the lock {uri}")),
-            }
-            let me = Holder::new(ttl);
-            match stores
-                .put(&uri, Bytes::from(serde_json::to_vec(&me)?), LOCK_TYPE, mode)
-                .await
-            {
-                Ok(()) => {}
-                Err(StoreError::AlreadyExists { .. }) => continue,
+            };
+            match stores.put(&uri, body.clone(), LOCK_TYPE, mode).await {
+                // Read back on the next turn: a racing job that overwrote a
+                // stale lock at the same moment shows there.
+                Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                Err(e @ StoreError::Transport { .. }) => last_error = Some(e),
                 Err(e) => return Err(e).with_context(|| format!("writing the lock {uri}")),
             }
-            // Read back: a racing job that overwrote a stale lock at the same
-            // moment shows here.
-            let (bytes, _) = stores.read(&uri, 1 << 20).await?;
-            match serde_json::from_slice::<Holder>(&bytes) {
-                Ok(h) if h.token == me.token => {}
-                Ok(h) => bail!(refuse(output, &h.describe())),
-                Err(_) => continue,
-            }
-            let renew = tokio::spawn(renew(uri.clone(), me.clone(), ttl));
-            return Ok(Self::Remote {
-                uri,
-                token: me.token,
-                renew,
-            });
         }
-        bail!("cannot take the lock {uri}: other jobs keep taking it")
+        match last_error {
+            Some(e) => Err(e).with_context(|| format!("taking the lock {uri}")),
+            None => bail!("cannot take the lock {uri}: other jobs keep taking it"),
+        }
+    }
+
+    fn held(uri: String, me: &Holder, ttl: Duration) -> Self {
+        let renew = tokio::spawn(renew(uri.clone(), me.clone(), ttl));
+        Self::Remote {
+            uri,
+            token: me.token.clone(),
+            renew,
+        }
     }
 
     /// Gives the lock up.

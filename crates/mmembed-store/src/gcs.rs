@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use google_cloud_auth::credentials::{Builder, CacheableResource, Credentials};
@@ -293,7 +293,7 @@ impl Bucket for GcsBucket {
         if let Some(g) = &info.generation {
             url.push_str(&format!("&generation={g}"));
         }
-        let buf = Mutex::new(BytesMut::with_capacity(info.size as usize));
+        let buf = Mutex::new(crate::Capped::new(&info.uri, max_bytes, info.size));
         self.retrying(|_| async {
             let mut buf = buf.lock().await;
             let h = match self.headers(key).await {
@@ -319,14 +319,9 @@ impl Bucket for GcsBucket {
             while let Some(chunk) = body.next().await {
                 match chunk {
                     Ok(c) => {
-                        if (buf.len() + c.len()) as u64 > max_bytes {
-                            return Attempt::Fail(StoreError::TooLarge {
-                                uri: info.uri.clone(),
-                                size: (buf.len() + c.len()) as u64,
-                                limit: max_bytes,
-                            });
+                        if let Err(e) = buf.push(&c) {
+                            return Attempt::Fail(e);
                         }
-                        buf.extend_from_slice(&c);
                     }
                     Err(e) => return Attempt::Retry(self.transport(key, &e)),
                 }

@@ -442,13 +442,7 @@ impl Stores {
         info: &ObjectInfo,
         max_bytes: u64,
     ) -> Result<Bytes, StoreError> {
-        if info.size > max_bytes {
-            return Err(StoreError::TooLarge {
-                uri: info.uri.clone(),
-                size: info.size,
-                limit: max_bytes,
-            });
-        }
+        check_size(&info.uri, info.size, max_bytes)?;
         let u = ObjectUri::parse(&info.uri)?;
         self.bucket(&u)?.get(info, &u.key, max_bytes).await
     }
@@ -526,6 +520,58 @@ impl Stores {
     pub async fn delete(&self, uri: &str) -> Result<(), StoreError> {
         let u = ObjectUri::parse(uri)?;
         self.bucket(&u)?.delete(&u.key).await
+    }
+}
+
+/// Refuses an object whose size is over the limit, before downloading it.
+pub(crate) fn check_size(uri: &str, size: u64, limit: u64) -> Result<(), StoreError> {
+    if size > limit {
+        return Err(StoreError::TooLarge {
+            uri: uri.to_string(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// A download buffer that refuses to grow past the limit (an object that
+/// grows while being read, or a server that sends more than it said).
+pub(crate) struct Capped<'a> {
+    uri: &'a str,
+    limit: u64,
+    buf: bytes::BytesMut,
+}
+
+impl<'a> Capped<'a> {
+    pub(crate) fn new(uri: &'a str, limit: u64, expected: u64) -> Self {
+        Self {
+            uri,
+            limit,
+            buf: bytes::BytesMut::with_capacity(expected.min(limit) as usize),
+        }
+    }
+
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        check_size(self.uri, (self.buf.len() + chunk.len()) as u64, self.limit)?;
+        self.buf.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    pub(crate) fn freeze(self) -> Bytes {
+        self.buf.freeze()
     }
 }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{
@@ -21,6 +21,8 @@ const MULTIPART_FROM: usize = 64 << 20;
 pub(crate) struct OsBucket {
     store: Arc<dyn ObjectStore>,
     base: ObjectUri,
+    max_retries: usize,
+    initial_backoff: std::time::Duration,
 }
 
 fn retry(o: &StoreOptions) -> RetryConfig {
@@ -110,6 +112,8 @@ impl OsBucket {
         Ok(Self {
             store,
             base: u.with_key(""),
+            max_retries: o.max_retries,
+            initial_backoff: o.initial_backoff,
         })
     }
 
@@ -182,27 +186,13 @@ impl Bucket for OsBucket {
             .get_opts(&p, opts)
             .await
             .map_err(|e| self.error(key, e))?;
-        if got.meta.size > max_bytes {
-            return Err(StoreError::TooLarge {
-                uri: info.uri.clone(),
-                size: got.meta.size,
-                limit: max_bytes,
-            });
-        }
-        let mut buf = BytesMut::with_capacity(got.meta.size as usize);
+        crate::check_size(&info.uri, got.meta.size, max_bytes)?;
+        let mut buf = crate::Capped::new(&info.uri, max_bytes, got.meta.size);
         // object_store resumes a body that breaks off mid-way (a reset, a
         // timeout) with a ranged request pinned to the same ETag.
         let mut stream = got.into_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.error(key, e))?;
-            if (buf.len() + chunk.len()) as u64 > max_bytes {
-                return Err(StoreError::TooLarge {
-                    uri: info.uri.clone(),
-                    size: (buf.len() + chunk.len()) as u64,
-                    limit: max_bytes,
-                });
-            }
-            buf.extend_from_slice(&chunk);
+            buf.push(&chunk.map_err(|e| self.error(key, e))?)?;
         }
         Ok(buf.freeze())
     }
@@ -281,9 +271,20 @@ impl Bucket for OsBucket {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let p = self.path(key)?;
-        match self.store.delete(&p).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.error(key, e)),
+        // S3 deletes go out as a bulk-delete POST, which object_store does
+        // not retry once it may have been sent (a timeout, a reset). Deleting
+        // is idempotent for us, so it is retried here.
+        let mut attempt = 0;
+        loop {
+            match self.store.delete(&p).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+                Err(e @ object_store::Error::Generic { .. }) if attempt < self.max_retries => {
+                    tracing::debug!(error = %e, attempt = attempt + 1, "retrying a delete");
+                    tokio::time::sleep(crate::backoff(self.initial_backoff, attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.error(key, e)),
+            }
         }
     }
 }
