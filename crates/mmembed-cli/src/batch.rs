@@ -397,7 +397,7 @@ struct Prepared {
     identity: Identity,
     planned: Planned,
     /// The share of the fetch buffer its bytes take, until it is embedded.
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Turns inputs into requests: stats local files, fetches remote objects
@@ -429,7 +429,7 @@ impl Fetcher {
             content_type: ct.to_string(),
             identity,
             planned: Planned::Failed(status),
-            _permit: None,
+            permit: None,
         };
         let listed_type = input
             .listed
@@ -500,7 +500,7 @@ impl Fetcher {
             content_type: ct.into(),
             identity,
             planned: Planned::Request(req),
-            _permit: permit,
+            permit,
         }
     }
 }
@@ -530,7 +530,7 @@ async fn embed_chunk(
             }
             Planned::Failed(s) => Some(s),
         };
-        planned.push((p.input, p.content_type, p.identity, status, p._permit));
+        planned.push((p.input, p.content_type, p.identity, status, p.permit));
     }
     let n_reqs = reqs.len();
     let mut results = if reqs.is_empty() {

@@ -84,6 +84,16 @@ enum Attempt<T> {
     Fail(StoreError),
 }
 
+impl<T> Attempt<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U> {
+        match self {
+            Attempt::Done(v) => Attempt::Done(f(v)),
+            Attempt::Retry(e) => Attempt::Retry(e),
+            Attempt::Fail(e) => Attempt::Fail(e),
+        }
+    }
+}
+
 impl GcsBucket {
     pub(crate) fn new(bucket: &str, o: &StoreOptions) -> Result<Self, StoreError> {
         let http = reqwest::Client::builder()
@@ -264,26 +274,50 @@ fn without_url(e: &reqwest::Error) -> String {
     s
 }
 
+impl GcsBucket {
+    /// One attempt of a request: credentials, send, the status classified
+    /// (a success is `Done` with the response, to read).
+    async fn send(
+        &self,
+        key: &str,
+        request: impl FnOnce(HeaderMap) -> reqwest::RequestBuilder,
+    ) -> Attempt<reqwest::Response> {
+        let h = match self.headers(key).await {
+            Ok(h) => h,
+            Err(e) if e.is_retryable() => return Attempt::Retry(e),
+            Err(e) => return Attempt::Fail(e),
+        };
+        match request(h).send().await {
+            Ok(resp) if resp.status().is_success() => Attempt::Done(resp),
+            Ok(resp) => self.status_error(key, resp).await,
+            Err(e) => Attempt::Retry(self.transport(key, &e)),
+        }
+    }
+
+    /// [`send`](Self::send) and parse a JSON answer (a body cut off is
+    /// retried like any transport fault).
+    async fn send_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        request: impl FnOnce(HeaderMap) -> reqwest::RequestBuilder,
+    ) -> Attempt<T> {
+        match self.send(key, request).await {
+            Attempt::Done(resp) => match resp.json().await {
+                Ok(v) => Attempt::Done(v),
+                Err(e) => Attempt::Retry(self.transport(key, &e)),
+            },
+            Attempt::Retry(e) => Attempt::Retry(e),
+            Attempt::Fail(e) => Attempt::Fail(e),
+        }
+    }
+}
+
 #[async_trait]
 impl Bucket for GcsBucket {
     async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
         let url = self.object_url("", key);
         let r: Resource = self
-            .retrying(|_| async {
-                let h = match self.headers(key).await {
-                    Ok(h) => h,
-                    Err(e) if e.is_retryable() => return Attempt::Retry(e),
-                    Err(e) => return Attempt::Fail(e),
-                };
-                match self.http.get(&url).headers(h).send().await {
-                    Ok(resp) if resp.status().is_success() => match resp.json().await {
-                        Ok(r) => Attempt::Done(r),
-                        Err(e) => Attempt::Retry(self.transport(key, &e)),
-                    },
-                    Ok(resp) => self.status_error(key, resp).await,
-                    Err(e) => Attempt::Retry(self.transport(key, &e)),
-                }
-            })
+            .retrying(|_| self.send_json(key, |h| self.http.get(&url).headers(h)))
             .await?;
         self.info(r)
     }
@@ -296,22 +330,24 @@ impl Bucket for GcsBucket {
         let buf = Mutex::new(crate::Capped::new(&info.uri, max_bytes, info.size));
         self.retrying(|_| async {
             let mut buf = buf.lock().await;
-            let h = match self.headers(key).await {
-                Ok(h) => h,
-                Err(e) if e.is_retryable() => return Attempt::Retry(e),
-                Err(e) => return Attempt::Fail(e),
+            let resume_at = buf.len();
+            let resp = match self
+                .send(key, |h| {
+                    let req = self.http.get(&url).headers(h);
+                    // Resume where a broken-off body stopped.
+                    if resume_at > 0 {
+                        req.header(http::header::RANGE, format!("bytes={resume_at}-"))
+                    } else {
+                        req
+                    }
+                })
+                .await
+            {
+                Attempt::Done(r) => r,
+                Attempt::Retry(e) => return Attempt::Retry(e),
+                Attempt::Fail(e) => return Attempt::Fail(e),
             };
-            let mut req = self.http.get(&url).headers(h);
-            // Resume where a broken-off body stopped.
-            if !buf.is_empty() {
-                req = req.header(http::header::RANGE, format!("bytes={}-", buf.len()));
-            }
-            let resp = match req.send().await {
-                Ok(r) if r.status().is_success() => r,
-                Ok(r) => return self.status_error(key, r).await,
-                Err(e) => return Attempt::Retry(self.transport(key, &e)),
-            };
-            if !buf.is_empty() && resp.status() != StatusCode::PARTIAL_CONTENT {
+            if resume_at > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
                 // The server ignored the range: start over.
                 buf.clear();
             }
@@ -348,33 +384,15 @@ impl Bucket for GcsBucket {
         let mut out = vec![];
         let mut token: Option<String> = None;
         loop {
+            let mut q = vec![
+                ("prefix", prefix.to_string()),
+                ("maxResults", "1000".into()),
+            ];
+            if let Some(t) = &token {
+                q.push(("pageToken", t.clone()));
+            }
             let page: Listing = self
-                .retrying(|_| {
-                    let token = token.clone();
-                    let url = url.clone();
-                    async move {
-                        let h = match self.headers(prefix).await {
-                            Ok(h) => h,
-                            Err(e) if e.is_retryable() => return Attempt::Retry(e),
-                            Err(e) => return Attempt::Fail(e),
-                        };
-                        let mut q = vec![
-                            ("prefix", prefix.to_string()),
-                            ("maxResults", "1000".into()),
-                        ];
-                        if let Some(t) = token {
-                            q.push(("pageToken", t));
-                        }
-                        match self.http.get(&url).headers(h).query(&q).send().await {
-                            Ok(resp) if resp.status().is_success() => match resp.json().await {
-                                Ok(p) => Attempt::Done(p),
-                                Err(e) => Attempt::Retry(self.transport(prefix, &e)),
-                            },
-                            Ok(resp) => self.status_error(prefix, resp).await,
-                            Err(e) => Attempt::Retry(self.transport(prefix, &e)),
-                        }
-                    }
-                })
+                .retrying(|_| self.send_json(prefix, |h| self.http.get(&url).headers(h).query(&q)))
                 .await?;
             for r in page.items {
                 out.push(self.info(r)?);
@@ -401,37 +419,22 @@ impl Bucket for GcsBucket {
         );
         let mut q = vec![("uploadType", "media"), ("name", key)];
         if mode == PutMode::Create {
-            // Atomic create-if-absent on GCS.
+            // Atomic create-if-absent on GCS. A 412 is AlreadyExists, also
+            // for a create retried after a lost answer that had in fact
+            // succeeded; callers that care (the output lock) read it back.
             q.push(("ifGenerationMatch", "0"));
         }
-        self.retrying(|_| {
-            let data = data.clone();
-            let q = q.clone();
-            let url = url.clone();
-            async move {
-                let h = match self.headers(key).await {
-                    Ok(h) => h,
-                    Err(e) if e.is_retryable() => return Attempt::Retry(e),
-                    Err(e) => return Attempt::Fail(e),
-                };
-                let sent = self
-                    .http
+        self.retrying(|_| async {
+            self.send(key, |h| {
+                self.http
                     .post(&url)
                     .headers(h)
                     .query(&q)
                     .header(http::header::CONTENT_TYPE, content_type)
-                    .body(data)
-                    .send()
-                    .await;
-                match sent {
-                    Ok(resp) if resp.status().is_success() => Attempt::Done(()),
-                    // 412 is AlreadyExists, also for a create retried after
-                    // a lost answer that had in fact succeeded; callers that
-                    // care (the output lock) read the object back.
-                    Ok(resp) => self.status_error(key, resp).await,
-                    Err(e) => Attempt::Retry(self.transport(key, &e)),
-                }
-            }
+                    .body(data.clone())
+            })
+            .await
+            .map(|_| ())
         })
         .await
     }
@@ -440,16 +443,9 @@ impl Bucket for GcsBucket {
         let url = self.object_url("", key);
         let r = self
             .retrying(|_| async {
-                let h = match self.headers(key).await {
-                    Ok(h) => h,
-                    Err(e) if e.is_retryable() => return Attempt::Retry(e),
-                    Err(e) => return Attempt::Fail(e),
-                };
-                match self.http.delete(&url).headers(h).send().await {
-                    Ok(resp) if resp.status().is_success() => Attempt::Done(()),
-                    Ok(resp) => self.status_error(key, resp).await,
-                    Err(e) => Attempt::Retry(self.transport(key, &e)),
-                }
+                self.send(key, |h| self.http.delete(&url).headers(h))
+                    .await
+                    .map(|_| ())
             })
             .await;
         match r {

@@ -562,10 +562,6 @@ impl<'a> Capped<'a> {
         self.buf.len()
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
     pub(crate) fn clear(&mut self) {
         self.buf.clear();
     }
