@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use google_cloud_auth::credentials::{Builder, CacheableResource, Credentials};
 use http::HeaderMap;
+use mmembed_transport::{Auth, CredentialsSource, STORAGE_READ_WRITE, without_url};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -24,7 +24,6 @@ use tokio::sync::Mutex;
 use crate::{Bucket, ObjectInfo, PutMode, StoreError, StoreOptions, backoff};
 
 const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
-const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
 /// Characters left as they are in an object name inside a URL path.
 const NAME: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -36,7 +35,7 @@ pub(crate) struct GcsBucket {
     bucket: String,
     endpoint: String,
     /// `None` against an emulator (`STORAGE_EMULATOR_HOST`).
-    auth: Option<Mutex<Option<Credentials>>>,
+    auth: Option<Auth>,
     http: reqwest::Client,
     max_retries: usize,
     initial_backoff: Duration,
@@ -110,7 +109,13 @@ impl GcsBucket {
                 .gcs_endpoint
                 .clone()
                 .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()),
-            auth: o.gcs_endpoint.is_none().then(|| Mutex::new(None)),
+            auth: o.gcs_endpoint.is_none().then(|| {
+                Auth::new(
+                    CredentialsSource::ApplicationDefault,
+                    STORAGE_READ_WRITE,
+                    None,
+                )
+            }),
             http,
             max_retries: o.max_retries,
             initial_backoff: o.initial_backoff,
@@ -134,35 +139,20 @@ impl GcsBucket {
         let Some(auth) = &self.auth else {
             return Ok(HeaderMap::new());
         };
-        let creds = {
-            let mut guard = auth.lock().await;
-            if guard.is_none() {
-                let built = Builder::default()
-                    .with_scopes([SCOPE])
-                    .build()
-                    .map_err(|e| StoreError::Denied {
-                        uri: self.uri(key),
-                        message: format!(
-                            "no usable Application Default Credentials ({e}); run `gcloud auth \
-                             application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
-                        ),
-                    })?;
-                *guard = Some(built);
+        auth.headers(false).await.map_err(|e| {
+            if e.is_retryable() {
+                StoreError::Transport {
+                    uri: self.uri(key),
+                    message: e.to_string(),
+                    retryable: true,
+                }
+            } else {
+                StoreError::Denied {
+                    uri: self.uri(key),
+                    message: e.to_string(),
+                }
             }
-            guard.clone().expect("set above")
-        };
-        match creds.headers(http::Extensions::new()).await {
-            Ok(CacheableResource::New { data, .. }) => Ok(data),
-            Ok(CacheableResource::NotModified) => Err(StoreError::Denied {
-                uri: self.uri(key),
-                message: "the credentials returned no headers".into(),
-            }),
-            Err(e) => Err(StoreError::Transport {
-                uri: self.uri(key),
-                message: format!("cannot get an access token: {e}"),
-                retryable: e.is_transient(),
-            }),
-        }
+        })
     }
 
     /// Runs `attempt` until it is done, fails for good, or the retries are
@@ -256,22 +246,6 @@ impl GcsBucket {
             content_type: r.content_type,
         })
     }
-}
-
-/// reqwest's error text without the URL it appends (long, and noise next
-/// to the object URI the message already names).
-fn without_url(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(i) = s.find(" for url (") {
-        s.truncate(i);
-    }
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 impl GcsBucket {

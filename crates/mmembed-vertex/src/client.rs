@@ -1,20 +1,17 @@
 //! The Vertex backend: validation, pacing, retries, windowing, merging.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use mmembed_core::{
     EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, Modality, SegmentEmbedding,
     SpaceId, async_trait,
 };
-use reqwest::StatusCode;
+use mmembed_transport::{Clock, JsonClient, TokioClock};
 
-use crate::auth::{Auth, scrub};
 use crate::config::VertexConfig;
-use crate::pacing::{Clock, Pacer, TokioClock};
 use crate::prepare::{DIMENSIONS, MAX_TEXT_TOKENS, NATIVE_DIMENSION, bodies};
-use crate::wire::{ErrorBody, PredictRequest, PredictResponse, Prediction};
+use crate::wire::{PredictRequest, PredictResponse, Prediction};
 
 const BACKEND: &str = "vertex";
 
@@ -40,10 +37,7 @@ pub struct VertexEmbedder {
 struct Inner {
     cfg: VertexConfig,
     endpoint: String,
-    http: reqwest::Client,
-    auth: Auth,
-    pacer: Pacer,
-    clock: Arc<dyn Clock>,
+    transport: JsonClient,
     info: EmbedderInfo,
 }
 
@@ -51,16 +45,9 @@ impl std::fmt::Debug for VertexEmbedder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VertexEmbedder")
             .field("endpoint", &self.inner.endpoint)
-            .field("auth", &self.inner.auth)
+            .field("transport", &self.inner.transport)
             .finish_non_exhaustive()
     }
-}
-
-/// What one attempt ended with, when it did not succeed.
-struct Failure {
-    error: EmbedError,
-    retry_after: Option<Duration>,
-    unauthorized: bool,
 }
 
 fn remote(
@@ -87,18 +74,7 @@ impl VertexEmbedder {
     /// and pacing in virtual time this way).
     pub fn with_clock(cfg: VertexConfig, clock: Arc<dyn Clock>) -> Result<Self, EmbedError> {
         cfg.validate()?;
-        let http = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .user_agent(concat!("mmembed/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| {
-                remote(
-                    None,
-                    None,
-                    format!("cannot build the HTTP client: {e}"),
-                    false,
-                )
-            })?;
+        let transport = cfg.transport("Vertex AI", clock)?;
         let info = EmbedderInfo {
             backend: BACKEND.into(),
             model_id: cfg.model.clone(),
@@ -111,10 +87,7 @@ impl VertexEmbedder {
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint: cfg.endpoint(),
-                http,
-                auth: Auth::new(cfg.credentials.clone(), cfg.quota_project.clone()),
-                pacer: Pacer::new(cfg.requests_per_minute),
-                clock,
+                transport,
                 info,
                 cfg,
             }),
@@ -126,128 +99,22 @@ impl VertexEmbedder {
         &self.inner.cfg
     }
 
-    async fn attempt(&self, body: &PredictRequest, refresh: bool) -> Result<Prediction, Failure> {
-        let i = &self.inner;
-        let plain = |error: EmbedError| Failure {
-            error,
-            retry_after: None,
-            unauthorized: false,
-        };
-        let headers = i.auth.headers(refresh).await.map_err(plain)?;
-        let sent = i
-            .http
-            .post(&i.endpoint)
-            .headers(headers)
-            .json(body)
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) if e.is_timeout() => {
-                return Err(plain(EmbedError::Timeout {
-                    after: i.cfg.timeout,
-                }));
-            }
-            Err(e) => {
-                return Err(plain(remote(
-                    None,
-                    Some("UNAVAILABLE".into()),
-                    format!("request failed: {e}"),
-                    true,
-                )));
-            }
-        };
-        let code = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) if e.is_timeout() => {
-                return Err(plain(EmbedError::Timeout {
-                    after: i.cfg.timeout,
-                }));
-            }
-            Err(e) => {
-                return Err(plain(remote(
-                    Some(code.as_u16()),
-                    Some("UNAVAILABLE".into()),
-                    format!("connection lost while reading the response: {e}"),
-                    true,
-                )));
-            }
-        };
-        if code.is_success() {
-            let parsed: PredictResponse = serde_json::from_slice(&bytes).map_err(|e| {
-                plain(remote(
-                    Some(code.as_u16()),
-                    None,
-                    format!("malformed response from the service: {e}"),
-                    false,
-                ))
-            })?;
-            return parsed.predictions.into_iter().next().ok_or_else(|| {
-                plain(remote(
-                    Some(code.as_u16()),
-                    None,
-                    "the service returned no prediction".into(),
-                    false,
-                ))
-            });
-        }
-        let (status, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) => (b.error.status, b.error.message),
-            Err(_) => (
-                None,
-                String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned(),
-            ),
-        };
-        let message = scrub(message, i.auth.static_token());
-        let retryable = matches!(
-            code,
-            StatusCode::TOO_MANY_REQUESTS
-                | StatusCode::INTERNAL_SERVER_ERROR
-                | StatusCode::BAD_GATEWAY
-                | StatusCode::SERVICE_UNAVAILABLE
-                | StatusCode::GATEWAY_TIMEOUT
-        );
-        Err(Failure {
-            error: remote(Some(code.as_u16()), status, message, retryable),
-            retry_after,
-            unauthorized: code == StatusCode::UNAUTHORIZED,
-        })
-    }
-
-    /// One `:predict` call with pacing, retries and one token refresh.
+    /// One `:predict` call (pacing, retries and credentials are the
+    /// transport's).
     async fn predict(&self, body: &PredictRequest) -> Result<Prediction, EmbedError> {
-        let i = &self.inner;
-        let policy = i.cfg.retry;
-        let mut retries = 0u32;
-        let mut refreshed = false;
-        let mut refresh = false;
-        loop {
-            i.pacer.acquire(i.clock.as_ref()).await;
-            match self.attempt(body, refresh).await {
-                Ok(p) => return Ok(p),
-                Err(f) if f.unauthorized && !refreshed => {
-                    tracing::debug!("401 from Vertex: refreshing credentials once");
-                    refreshed = true;
-                    refresh = true;
-                }
-                Err(f) if f.error.is_retryable() && retries + 1 < policy.max_attempts => {
-                    let wait = policy.delay(retries, f.retry_after);
-                    tracing::debug!(error = %f.error, attempt = retries + 1, ?wait, "retrying Vertex request");
-                    i.clock.sleep(wait).await;
-                    retries += 1;
-                    refresh = false;
-                }
-                Err(f) => return Err(f.error),
-            }
-        }
+        let reply = self
+            .inner
+            .transport
+            .post::<PredictResponse>(&self.inner.endpoint, body)
+            .await?;
+        reply.value.predictions.into_iter().next().ok_or_else(|| {
+            remote(
+                Some(200),
+                None,
+                "the service returned no prediction".into(),
+                false,
+            )
+        })
     }
 
     async fn embed_one(&self, mut req: EmbedRequest) -> Result<Embeddings, EmbedError> {

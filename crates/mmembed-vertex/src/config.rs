@@ -1,82 +1,13 @@
 //! Client settings: builder methods and environment variables.
 
-use std::fmt;
 use std::time::Duration;
 
 use mmembed_core::EmbedError;
+pub use mmembed_transport::{CredentialsSource, RetryPolicy};
 use secrecy::SecretString;
 
 /// Vertex's model name for multimodal embeddings.
 pub const DEFAULT_MODEL: &str = "multimodalembedding@001";
-
-/// Where the access token comes from.
-#[derive(Clone, Default)]
-pub enum CredentialsSource {
-    /// Application Default Credentials through `google-cloud-auth`:
-    /// `GOOGLE_APPLICATION_CREDENTIALS`, then gcloud's ADC file, then the
-    /// metadata server.
-    #[default]
-    ApplicationDefault,
-    /// A ready access token (e.g. `gcloud auth print-access-token`), for CI
-    /// and quick use. It expires; ADC refreshes itself.
-    AccessToken(SecretString),
-}
-
-impl fmt::Debug for CredentialsSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::ApplicationDefault => f.write_str("ApplicationDefault"),
-            Self::AccessToken(_) => f.write_str("AccessToken(<redacted>)"),
-        }
-    }
-}
-
-/// Truncated exponential backoff with full jitter.
-///
-/// Attempt `n` (0-based) waits a random time in `[0, min(max_delay,
-/// initial_delay · multiplierⁿ)]`, or `Retry-After` when the server sends a
-/// longer one (Google's guidance for its APIs).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
-    /// Total attempts, the first one included (default 5).
-    pub max_attempts: u32,
-    /// First backoff ceiling (default 1 s).
-    pub initial_delay: Duration,
-    /// Largest backoff (default 60 s).
-    pub max_delay: Duration,
-    /// Growth per attempt (default 2).
-    pub multiplier: f64,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 5,
-            initial_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(60),
-            multiplier: 2.0,
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The backoff ceiling before retry number `n` (0 = the first retry).
-    pub fn ceiling(&self, n: u32) -> Duration {
-        let grow = self.multiplier.max(1.0).powi(n.min(64) as i32);
-        let secs = (self.initial_delay.as_secs_f64() * grow).min(self.max_delay.as_secs_f64());
-        Duration::from_secs_f64(secs.max(0.0))
-    }
-
-    /// The wait before retry `n`: full jitter under the ceiling, but never
-    /// less than the server's `Retry-After`.
-    pub fn delay(&self, n: u32, retry_after: Option<Duration>) -> Duration {
-        let jittered = self.ceiling(n).mul_f64(fastrand::f64());
-        match retry_after {
-            Some(ra) => ra.max(jittered),
-            None => jittered,
-        }
-    }
-}
 
 /// Settings of a [`crate::VertexEmbedder`].
 ///
@@ -253,16 +184,50 @@ impl VertexConfig {
 
     /// The `:predict` URL.
     pub fn endpoint(&self) -> String {
+        self.model_url("predict")
+    }
+
+    /// The URL of `verb` (`predict`, `generateContent`, `countTokens`) on
+    /// the configured model. Location `global` uses the global host,
+    /// `us`/`eu` the multi-region ones, anything else the regional one.
+    pub fn model_url(&self, verb: &str) -> String {
         let base = self
             .base_url
             .clone()
-            .unwrap_or_else(|| format!("https://{}-aiplatform.googleapis.com", self.location));
+            .unwrap_or_else(|| match self.location.as_str() {
+                "global" => "https://aiplatform.googleapis.com".to_string(),
+                "us" | "eu" => format!("https://aiplatform.{}.rep.googleapis.com", self.location),
+                l => format!("https://{l}-aiplatform.googleapis.com"),
+            });
         format!(
-            "{}/v1/projects/{}/locations/{}/publishers/google/models/{}:predict",
+            "{}/v1/projects/{}/locations/{}/publishers/google/models/{}:{verb}",
             base.trim_end_matches('/'),
             self.project,
             self.location,
             self.model
+        )
+    }
+
+    /// The transport these settings describe: credentials, pacing, retries
+    /// and timeout shared by every request of one client.
+    pub fn transport(
+        &self,
+        service: &str,
+        clock: std::sync::Arc<dyn mmembed_transport::Clock>,
+    ) -> Result<mmembed_transport::JsonClient, EmbedError> {
+        mmembed_transport::JsonClient::with_clock(
+            mmembed_transport::Auth::new(
+                self.credentials.clone(),
+                mmembed_transport::CLOUD_PLATFORM,
+                self.quota_project.clone(),
+            ),
+            mmembed_transport::ClientOptions {
+                timeout: self.timeout,
+                retry: self.retry,
+                requests_per_minute: self.requests_per_minute,
+                service: service.to_string(),
+            },
+            clock,
         )
     }
 
@@ -305,19 +270,6 @@ impl VertexConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy::default();
-        assert_eq!(p.ceiling(0), Duration::from_secs(1));
-        assert_eq!(p.ceiling(3), Duration::from_secs(8));
-        assert_eq!(p.ceiling(10), Duration::from_secs(60));
-        for n in 0..8 {
-            let d = p.delay(n, None);
-            assert!(d <= p.ceiling(n));
-        }
-        assert!(p.delay(0, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
-    }
 
     #[test]
     fn token_is_redacted_in_debug() {

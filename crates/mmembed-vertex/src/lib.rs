@@ -11,16 +11,16 @@
 //! - Retries with truncated exponential backoff and full jitter, honouring
 //!   `Retry-After`; evenly paced requests shared by all clones.
 
-mod auth;
 mod client;
 mod config;
-pub mod pacing;
 mod prepare;
 mod wire;
 
 pub use client::VertexEmbedder;
 pub use config::{CredentialsSource, DEFAULT_MODEL, RetryPolicy, VertexConfig};
-pub use pacing::{Clock, TokioClock};
+/// Time and pacing (the shared transport's).
+pub use mmembed_transport::pacing;
+pub use mmembed_transport::{Clock, TokioClock};
 pub use prepare::{DIMENSIONS, MAX_TEXT_TOKENS, NATIVE_DIMENSION};
 #[cfg(feature = "fake")]
 pub mod fake;

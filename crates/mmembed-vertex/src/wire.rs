@@ -86,19 +86,6 @@ pub(crate) struct PredictResponse {
     pub predictions: Vec<Prediction>,
 }
 
-/// `google.rpc.Status` inside `{"error": ...}`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub(crate) struct ErrorBody {
-    pub error: Status,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub(crate) struct Status {
-    #[serde(default)]
-    pub message: String,
-    pub status: Option<String>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -307,14 +307,22 @@ async fn slow_responses_time_out_and_are_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_json_and_client_errors_are_not_retried() {
+async fn malformed_bodies_are_retried_client_errors_are_not() {
     let fake = FakeVertex::start().unwrap();
     let (v, _) = client(&fake, |c| c);
+    // A 200 with a cut-off body is a transport fault: retried, and the
+    // second (good) answer is used.
     fake.push(Behaviour::Malformed);
+    v.embed(EmbedRequest::text("x")).await.unwrap();
+    assert_eq!(fake.requests().len(), 2);
+    // Every attempt malformed: the last error says so, and is retryable.
+    for _ in 0..5 {
+        fake.push(Behaviour::Malformed);
+    }
     let e = v.embed(EmbedRequest::text("x")).await.unwrap_err();
     assert!(e.to_string().contains("malformed response"), "{e}");
-    assert!(!e.is_retryable());
-    assert_eq!(fake.requests().len(), 1);
+    assert!(e.is_retryable());
+    assert_eq!(fake.requests().len(), 7);
 
     for (code, status) in [
         (400, "INVALID_ARGUMENT"),

@@ -1,5 +1,9 @@
 //! Request headers that authenticate us: Application Default Credentials
-//! through `google-cloud-auth`, or a plain access token.
+//! through `google-cloud-auth`, a plain bearer token (a Google access token,
+//! a self-hosted server's API key), or nothing (emulators, local servers).
+//!
+//! One place for every Google API we call (Vertex embeddings, Gemini, Cloud
+//! Storage): each builds an [`Auth`] with its own scope.
 
 use std::fmt;
 
@@ -9,14 +13,43 @@ use mmembed_core::EmbedError;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 
-use crate::config::CredentialsSource;
-
-const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+/// The scope of Vertex AI (embeddings, Gemini).
+pub const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+/// The scope of Cloud Storage reads and writes.
+pub const STORAGE_READ_WRITE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
 const QUOTA_HEADER: &str = "x-goog-user-project";
 
-/// Produces auth headers; shared by all clones of a client.
-pub(crate) struct Auth {
+/// Where the credentials come from.
+#[derive(Clone, Default)]
+pub enum CredentialsSource {
+    /// Application Default Credentials through `google-cloud-auth`:
+    /// `GOOGLE_APPLICATION_CREDENTIALS`, then gcloud's ADC file, then the
+    /// metadata server.
+    #[default]
+    ApplicationDefault,
+    /// A ready bearer token: a Google access token (`gcloud auth
+    /// print-access-token`; it expires, ADC refreshes itself) or a
+    /// self-hosted server's API key.
+    AccessToken(SecretString),
+    /// No `Authorization` header (emulators, local servers without a key).
+    Anonymous,
+}
+
+impl fmt::Debug for CredentialsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ApplicationDefault => f.write_str("ApplicationDefault"),
+            Self::AccessToken(_) => f.write_str("AccessToken(<redacted>)"),
+            Self::Anonymous => f.write_str("Anonymous"),
+        }
+    }
+}
+
+/// Produces auth headers; share one per client (clones of a client share
+/// its token cache).
+pub struct Auth {
     source: CredentialsSource,
+    scope: &'static str,
     quota_project: Option<String>,
     adc: Mutex<Option<Credentials>>,
 }
@@ -25,6 +58,7 @@ impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Auth")
             .field("source", &self.source)
+            .field("scope", &self.scope)
             .field("quota_project", &self.quota_project)
             .finish_non_exhaustive()
     }
@@ -42,16 +76,23 @@ fn auth_error(message: String) -> EmbedError {
 }
 
 impl Auth {
-    pub(crate) fn new(source: CredentialsSource, quota_project: Option<String>) -> Self {
+    /// Credentials from `source` for `scope` (see [`CLOUD_PLATFORM`],
+    /// [`STORAGE_READ_WRITE`]), billing `quota_project` when given.
+    pub fn new(
+        source: CredentialsSource,
+        scope: &'static str,
+        quota_project: Option<String>,
+    ) -> Self {
         Self {
             source,
+            scope,
             quota_project,
             adc: Mutex::new(None),
         }
     }
 
     fn build_adc(&self) -> Result<Credentials, EmbedError> {
-        let mut b = Builder::default().with_scopes([SCOPE]);
+        let mut b = Builder::default().with_scopes([self.scope]);
         if let Some(q) = &self.quota_project {
             b = b.with_quota_project_id(q.clone());
         }
@@ -59,15 +100,16 @@ impl Auth {
             auth_error(format!(
                 "no usable Application Default Credentials ({e}); run `gcloud auth \
                  application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, or give an \
-                 access token (MMEMBED_VERTEX_ACCESS_TOKEN)"
+                 access token (e.g. MMEMBED_VERTEX_ACCESS_TOKEN)"
             ))
         })
     }
 
     /// Headers for the next request. `refresh` drops cached credentials so a
     /// new token is fetched (after a 401).
-    pub(crate) async fn headers(&self, refresh: bool) -> Result<HeaderMap, EmbedError> {
+    pub async fn headers(&self, refresh: bool) -> Result<HeaderMap, EmbedError> {
         let mut headers = match &self.source {
+            CredentialsSource::Anonymous => HeaderMap::new(),
             CredentialsSource::AccessToken(t) => {
                 let mut h = HeaderMap::new();
                 let mut v = HeaderValue::from_str(&format!("Bearer {}", t.expose_secret()))
@@ -113,22 +155,22 @@ impl Auth {
     }
 
     /// The static token, to scrub it from anything we might print.
-    pub(crate) fn static_token(&self) -> Option<&SecretString> {
+    pub fn static_token(&self) -> Option<&SecretString> {
         match &self.source {
             CredentialsSource::AccessToken(t) => Some(t),
-            CredentialsSource::ApplicationDefault => None,
+            CredentialsSource::ApplicationDefault | CredentialsSource::Anonymous => None,
         }
     }
 
-    #[cfg(test)]
-    pub(crate) fn quota_project(&self) -> Option<&str> {
+    /// The project billed for quota, if one was given.
+    pub fn quota_project(&self) -> Option<&str> {
         self.quota_project.as_deref()
     }
 }
 
 /// Replaces any occurrence of `secret` in `text` (defence in depth for
 /// messages that echo request data).
-pub(crate) fn scrub(text: String, secret: Option<&SecretString>) -> String {
+pub fn scrub(text: String, secret: Option<&SecretString>) -> String {
     match secret {
         Some(s) if !s.expose_secret().is_empty() && text.contains(s.expose_secret()) => {
             text.replace(s.expose_secret(), "<redacted>")
@@ -145,6 +187,7 @@ mod tests {
     async fn static_token_and_quota_project_headers() {
         let a = Auth::new(
             CredentialsSource::AccessToken("ya29.tok".to_string().into()),
+            CLOUD_PLATFORM,
             Some("billing-proj".into()),
         );
         let h = a.headers(false).await.unwrap();
@@ -157,5 +200,12 @@ mod tests {
             scrub("echo ya29.tok back".into(), a.static_token()),
             "echo <redacted> back"
         );
+    }
+
+    #[tokio::test]
+    async fn anonymous_sends_no_authorization() {
+        let a = Auth::new(CredentialsSource::Anonymous, CLOUD_PLATFORM, None);
+        assert!(a.headers(false).await.unwrap().is_empty());
+        assert!(a.static_token().is_none());
     }
 }

@@ -48,13 +48,13 @@ impl Clock for TokioClock {
 /// Evenly spaced request slots: at most one every `60 / rpm` seconds, no
 /// bursts (a burst of a minute's quota right away is what earns 429s).
 #[derive(Debug)]
-pub(crate) struct Pacer {
+pub struct Pacer {
     interval: Duration,
     next: Mutex<Duration>,
 }
 
 impl Pacer {
-    pub(crate) fn new(requests_per_minute: u32) -> Self {
+    pub fn new(requests_per_minute: u32) -> Self {
         Self {
             interval: Duration::from_secs(60) / requests_per_minute.max(1),
             next: Mutex::new(Duration::ZERO),
@@ -62,7 +62,7 @@ impl Pacer {
     }
 
     /// Takes the next slot, waiting until it comes.
-    pub(crate) async fn acquire(&self, clock: &dyn Clock) {
+    pub async fn acquire(&self, clock: &dyn Clock) {
         let wait = {
             let now = clock.now();
             // A poisoned lock only means another task panicked mid-update of
