@@ -1,7 +1,11 @@
-//! Combinators that are themselves [`Embedder`]s: [`Fallback`] (a primary
+//! Combinators that are themselves backends: [`Fallback`] (a primary
 //! backend, a secondary one when the primary is down or cannot serve a
 //! request, with a circuit breaker) and [`Hedged`] (ask a second backend
 //! when the first is slow; the first good answer wins).
+//!
+//! Both are written once over [`Backend`], which [`Embedder`]s and
+//! [`Generator`]s both are: `Fallback<dyn Embedder>` is an `Embedder`,
+//! `Fallback<dyn Generator>` a `Generator`.
 //!
 //! Both refuse backends of different embedding spaces unless mixing is
 //! explicitly allowed: vectors of two models are not comparable, and a
@@ -15,9 +19,120 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::generate::{GenerateRequest, Generation, Generator, GeneratorInfo};
 use crate::{EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, SpaceId};
 
-type Results = Vec<Result<Embeddings, EmbedError>>;
+type Results<B> = Vec<Result<<B as Backend>::Output, EmbedError>>;
+
+/// What the combinators need of a backend: requests in, one result per
+/// request out, a way to check a request before sending it, and how two
+/// backends' descriptions combine. Implemented for `dyn Embedder` and
+/// `dyn Generator`.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// One request.
+    type Request: Clone + Send + Sync + 'static;
+    /// One answer.
+    type Output: Send + 'static;
+    /// What the backend says about itself.
+    type Info: Clone + Send + Sync + 'static;
+
+    /// The description.
+    fn describe(&self) -> &Self::Info;
+    /// The backend's name, for logs.
+    fn name(&self) -> &str;
+    /// Whether it can serve `req` at all (modality, dimension).
+    fn accepts(&self, req: &Self::Request) -> Result<(), EmbedError>;
+    /// Whether it reads `uri` itself.
+    fn reads(&self, uri: &str) -> bool;
+    /// Runs a batch.
+    async fn run(&self, reqs: Vec<Self::Request>) -> Vec<Result<Self::Output, EmbedError>>;
+    /// The description of a combination `kind(a, b)`.
+    fn combine(
+        kind: &str,
+        a: &Self::Info,
+        b: &Self::Info,
+        allow_mixed_spaces: bool,
+    ) -> Result<Self::Info, EmbedError>;
+}
+
+#[async_trait]
+impl<'a> Backend for dyn Embedder + 'a {
+    type Request = EmbedRequest;
+    type Output = Embeddings;
+    type Info = EmbedderInfo;
+
+    fn describe(&self) -> &EmbedderInfo {
+        self.info()
+    }
+    fn name(&self) -> &str {
+        &self.info().backend
+    }
+    fn accepts(&self, req: &EmbedRequest) -> Result<(), EmbedError> {
+        self.info().check(req)
+    }
+    fn reads(&self, uri: &str) -> bool {
+        self.reads_uri(uri)
+    }
+    async fn run(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>> {
+        self.embed_batch(reqs).await
+    }
+    fn combine(
+        kind: &str,
+        a: &EmbedderInfo,
+        b: &EmbedderInfo,
+        allow_mixed_spaces: bool,
+    ) -> Result<EmbedderInfo, EmbedError> {
+        combined_info(kind, a, b, allow_mixed_spaces)
+    }
+}
+
+#[async_trait]
+impl<'a> Backend for dyn Generator + 'a {
+    type Request = GenerateRequest;
+    type Output = Generation;
+    type Info = GeneratorInfo;
+
+    fn describe(&self) -> &GeneratorInfo {
+        self.info()
+    }
+    fn name(&self) -> &str {
+        &self.info().backend
+    }
+    fn accepts(&self, req: &GenerateRequest) -> Result<(), EmbedError> {
+        self.info().check(req)
+    }
+    fn reads(&self, uri: &str) -> bool {
+        self.reads_uri(uri)
+    }
+    async fn run(&self, reqs: Vec<GenerateRequest>) -> Vec<Result<Generation, EmbedError>> {
+        self.generate_batch(reqs).await
+    }
+    /// Answers of two models are text either way: no space to protect, so
+    /// `allow_mixed_spaces` does not apply.
+    fn combine(
+        kind: &str,
+        a: &GeneratorInfo,
+        b: &GeneratorInfo,
+        _allow_mixed_spaces: bool,
+    ) -> Result<GeneratorInfo, EmbedError> {
+        let mut modalities = a.modalities.clone();
+        for m in &b.modalities {
+            if !modalities.contains(m) {
+                modalities.push(*m);
+            }
+        }
+        Ok(GeneratorInfo {
+            backend: format!("{kind}({},{})", a.backend, b.backend),
+            model_id: if a.model_id == b.model_id {
+                a.model_id.clone()
+            } else {
+                format!("{}|{}", a.model_id, b.model_id)
+            },
+            modalities,
+        })
+    }
+}
 
 /// Whether another backend may succeed where this error came from: the
 /// backend was down, overloaded, slow or broken, as opposed to the input
@@ -157,26 +272,48 @@ pub enum Circuit {
 /// let both = Fallback::new(local, remote, FallbackOptions::default())?;
 /// # Ok(()) }
 /// ```
-pub struct Fallback {
-    primary: Arc<dyn Embedder>,
-    secondary: Arc<dyn Embedder>,
+pub struct Fallback<B: ?Sized + Backend = dyn Embedder> {
+    primary: Arc<B>,
+    secondary: Arc<B>,
     opts: FallbackOptions,
-    info: EmbedderInfo,
+    info: B::Info,
     breaker: Mutex<Breaker>,
 }
 
-impl Fallback {
-    /// Combines two backends; an error if their spaces differ and mixing is
-    /// not allowed.
+impl Fallback<dyn Embedder> {
+    /// Combines two embedders; an error if their spaces differ and mixing
+    /// is not allowed.
     pub fn new(
         primary: Arc<dyn Embedder>,
         secondary: Arc<dyn Embedder>,
         opts: FallbackOptions,
     ) -> Result<Self, EmbedError> {
-        let info = combined_info(
+        Self::combine(primary, secondary, opts)
+    }
+}
+
+impl Fallback<dyn Generator> {
+    /// Combines two generators (`allow_mixed_spaces` does not apply).
+    pub fn for_generators(
+        primary: Arc<dyn Generator>,
+        secondary: Arc<dyn Generator>,
+        opts: FallbackOptions,
+    ) -> Result<Self, EmbedError> {
+        Self::combine(primary, secondary, opts)
+    }
+}
+
+impl<B: ?Sized + Backend> Fallback<B> {
+    /// Combines two backends of any kind.
+    pub fn combine(
+        primary: Arc<B>,
+        secondary: Arc<B>,
+        opts: FallbackOptions,
+    ) -> Result<Self, EmbedError> {
+        let info = B::combine(
             "fallback",
-            primary.info(),
-            secondary.info(),
+            primary.describe(),
+            secondary.describe(),
             opts.allow_mixed_spaces,
         )?;
         Ok(Self {
@@ -212,7 +349,7 @@ impl Fallback {
             if b.consecutive_failures >= self.opts.failure_threshold || b.open_until.is_some() {
                 if b.open_until.is_none_or(|t| Instant::now() >= t) {
                     tracing::warn!(
-                        primary = %self.primary.info().backend,
+                        primary = %self.primary.name(),
                         failures = b.consecutive_failures,
                         open_for = ?self.opts.open_for,
                         "primary backend failing: skipping it"
@@ -222,27 +359,16 @@ impl Fallback {
             }
         } else {
             if b.open_until.is_some() {
-                tracing::info!(primary = %self.primary.info().backend, "primary backend is back");
+                tracing::info!(primary = %self.primary.name(), "primary backend is back");
             }
             *b = Breaker::default();
         }
     }
-}
 
-#[async_trait]
-impl Embedder for Fallback {
-    fn info(&self) -> &EmbedderInfo {
-        &self.info
-    }
-
-    fn reads_uri(&self, uri: &str) -> bool {
-        // Either may serve the request, so both must read it.
-        self.primary.reads_uri(uri) && self.secondary.reads_uri(uri)
-    }
-
-    async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Results {
+    async fn route(&self, reqs: Vec<B::Request>) -> Results<B> {
         let n = reqs.len();
-        let mut results: Vec<Option<Result<Embeddings, EmbedError>>> = vec![None; n];
+        let mut results: Vec<Option<Result<B::Output, EmbedError>>> =
+            (0..n).map(|_| None).collect();
         let mut primary_errors: Vec<Option<EmbedError>> = vec![None; n];
         let mut to_primary = vec![];
         let mut to_secondary = vec![];
@@ -252,7 +378,7 @@ impl Embedder for Fallback {
                 to_secondary.push(i);
                 continue;
             }
-            match self.primary.info().check(r) {
+            match self.primary.accepts(r) {
                 Ok(()) => to_primary.push(i),
                 Err(e) => {
                     primary_errors[i] = Some(e);
@@ -262,11 +388,11 @@ impl Embedder for Fallback {
         }
         if !to_primary.is_empty() {
             let batch = to_primary.iter().map(|&i| reqs[i].clone()).collect();
-            let mut out = self.primary.embed_batch(batch).await.into_iter();
+            let mut out = self.primary.run(batch).await.into_iter();
             for &i in &to_primary {
                 let r = out
                     .next()
-                    .unwrap_or_else(|| Err(missing(&self.primary.info().backend, n)));
+                    .unwrap_or_else(|| Err(missing(self.primary.name(), n)));
                 match r {
                     Err(e) if is_backend_failure(&e) || e.is_unsupported() => {
                         self.record(!e.is_unsupported());
@@ -286,11 +412,11 @@ impl Embedder for Fallback {
         if !to_secondary.is_empty() {
             to_secondary.sort_unstable();
             let batch = to_secondary.iter().map(|&i| reqs[i].clone()).collect();
-            let mut out = self.secondary.embed_batch(batch).await.into_iter();
+            let mut out = self.secondary.run(batch).await.into_iter();
             for &i in &to_secondary {
                 let r = out
                     .next()
-                    .unwrap_or_else(|| Err(missing(&self.secondary.info().backend, n)));
+                    .unwrap_or_else(|| Err(missing(self.secondary.name(), n)));
                 // Neither can serve it: the primary's reason is the first one.
                 results[i] = Some(match (r, primary_errors[i].take()) {
                     (Err(e), Some(p)) if e.is_unsupported() => Err(p),
@@ -300,8 +426,42 @@ impl Embedder for Fallback {
         }
         results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(missing(&self.info.backend, n))))
+            .map(|r| r.unwrap_or_else(|| Err(missing("fallback", n))))
             .collect()
+    }
+}
+
+#[async_trait]
+impl Embedder for Fallback<dyn Embedder> {
+    fn info(&self) -> &EmbedderInfo {
+        &self.info
+    }
+
+    fn reads_uri(&self, uri: &str) -> bool {
+        // Either may serve the request, so both must read it.
+        self.primary.reads_uri(uri) && self.secondary.reads_uri(uri)
+    }
+
+    async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>> {
+        self.route(reqs).await
+    }
+}
+
+#[async_trait]
+impl Generator for Fallback<dyn Generator> {
+    fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
+
+    fn reads_uri(&self, uri: &str) -> bool {
+        self.primary.reads_uri(uri) && self.secondary.reads_uri(uri)
+    }
+
+    async fn generate_batch(
+        &self,
+        reqs: Vec<GenerateRequest>,
+    ) -> Vec<Result<Generation, EmbedError>> {
+        self.route(reqs).await
     }
 }
 
@@ -333,25 +493,43 @@ impl Default for HedgedOptions {
 /// An answer in which every request failed with a backend error (see
 /// [`is_backend_failure`]) or was unsupported does not win: the other
 /// backend's answer is awaited instead (and asked at once, if it was not yet).
-pub struct Hedged {
-    first: Arc<dyn Embedder>,
-    second: Arc<dyn Embedder>,
+pub struct Hedged<B: ?Sized + Backend = dyn Embedder> {
+    first: Arc<B>,
+    second: Arc<B>,
     delay: Duration,
-    info: EmbedderInfo,
+    info: B::Info,
 }
 
-impl Hedged {
-    /// Combines two backends; an error if their spaces differ and mixing is
-    /// not allowed.
+impl Hedged<dyn Embedder> {
+    /// Combines two embedders; an error if their spaces differ and mixing
+    /// is not allowed.
     pub fn new(
         first: Arc<dyn Embedder>,
         second: Arc<dyn Embedder>,
         opts: HedgedOptions,
     ) -> Result<Self, EmbedError> {
-        let info = combined_info(
+        Self::combine(first, second, opts)
+    }
+}
+
+impl Hedged<dyn Generator> {
+    /// Combines two generators.
+    pub fn for_generators(
+        first: Arc<dyn Generator>,
+        second: Arc<dyn Generator>,
+        opts: HedgedOptions,
+    ) -> Result<Self, EmbedError> {
+        Self::combine(first, second, opts)
+    }
+}
+
+impl<B: ?Sized + Backend> Hedged<B> {
+    /// Combines two backends of any kind.
+    pub fn combine(first: Arc<B>, second: Arc<B>, opts: HedgedOptions) -> Result<Self, EmbedError> {
+        let info = B::combine(
             "hedged",
-            first.info(),
-            second.info(),
+            first.describe(),
+            second.describe(),
             opts.allow_mixed_spaces,
         )?;
         Ok(Self {
@@ -361,34 +539,15 @@ impl Hedged {
             info,
         })
     }
-}
 
-fn all_failed(r: &Results) -> bool {
-    !r.is_empty()
-        && r.iter().all(|x| {
-            x.as_ref()
-                .is_err_and(|e| is_backend_failure(e) || e.is_unsupported())
-        })
-}
-
-#[async_trait]
-impl Embedder for Hedged {
-    fn info(&self) -> &EmbedderInfo {
-        &self.info
-    }
-
-    fn reads_uri(&self, uri: &str) -> bool {
-        self.first.reads_uri(uri) && self.second.reads_uri(uri)
-    }
-
-    async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Results {
-        let first = self.first.embed_batch(reqs.clone());
+    async fn race(&self, reqs: Vec<B::Request>) -> Results<B> {
+        let first = self.first.run(reqs.clone());
         tokio::pin!(first);
         let early = tokio::select! {
             r = &mut first => Some(r),
             () = tokio::time::sleep(self.delay) => None,
         };
-        let second = self.second.embed_batch(reqs);
+        let second = self.second.run(reqs);
         match early {
             Some(r) if !all_failed(&r) => return r,
             Some(_) => return second.await,
@@ -400,6 +559,47 @@ impl Embedder for Hedged {
             r = &mut first => if all_failed(&r) { second.await } else { r },
             r = &mut second => if all_failed(&r) { first.await } else { r },
         }
+    }
+}
+
+fn all_failed<T>(r: &[Result<T, EmbedError>]) -> bool {
+    !r.is_empty()
+        && r.iter().all(|x| {
+            x.as_ref()
+                .is_err_and(|e| is_backend_failure(e) || e.is_unsupported())
+        })
+}
+
+#[async_trait]
+impl Embedder for Hedged<dyn Embedder> {
+    fn info(&self) -> &EmbedderInfo {
+        &self.info
+    }
+
+    fn reads_uri(&self, uri: &str) -> bool {
+        self.first.reads_uri(uri) && self.second.reads_uri(uri)
+    }
+
+    async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>> {
+        self.race(reqs).await
+    }
+}
+
+#[async_trait]
+impl Generator for Hedged<dyn Generator> {
+    fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
+
+    fn reads_uri(&self, uri: &str) -> bool {
+        self.first.reads_uri(uri) && self.second.reads_uri(uri)
+    }
+
+    async fn generate_batch(
+        &self,
+        reqs: Vec<GenerateRequest>,
+    ) -> Vec<Result<Generation, EmbedError>> {
+        self.race(reqs).await
     }
 }
 
@@ -441,7 +641,7 @@ impl Embedder for DefaultDimension {
         self.inner.reads_uri(uri)
     }
 
-    async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Results {
+    async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>> {
         let reqs = reqs
             .into_iter()
             .map(|mut r| {

@@ -17,7 +17,9 @@
 pub mod batching;
 mod embedder;
 mod error;
+pub mod generate;
 pub mod hybrid;
+pub mod schema;
 mod segments;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -25,6 +27,7 @@ mod types;
 
 pub use embedder::Embedder;
 pub use error::{EmbedError, Source};
+pub use generate::{GenerateRequest, Generation, Generator, GeneratorInfo, Part};
 pub use segments::{Segment, SegmentRange, VideoSegmentConfig};
 pub use types::{
     EmbedRequest, EmbedderInfo, Embeddings, Media, MediaSource, Modality, SegmentEmbedding,
