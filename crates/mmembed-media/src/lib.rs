@@ -10,12 +10,14 @@ mod image;
 mod pillow;
 mod preprocess;
 mod source;
+mod upload;
 #[cfg(feature = "video")]
 pub mod video;
 
 pub use crate::image::{ImageLimits, decode_image, to_rgb_on_white};
 pub use preprocess::{ClipPreprocessor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resample, ResizeTarget};
 pub use source::{fetch_remote, read_media, store_error};
+pub use upload::{UploadImage, encode_for_upload};
 
 /// The `image` crate, re-exported so callers use the same version.
 pub use ::image as image_crate;

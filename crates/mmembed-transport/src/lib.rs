@@ -35,5 +35,5 @@ mod retry;
 
 pub use auth::{Auth, CLOUD_PLATFORM, CredentialsSource, STORAGE_READ_WRITE, scrub};
 pub use client::{ClientOptions, JsonClient, Reply, error_message, without_url};
-pub use pacing::{Clock, Pacer, TokioClock};
+pub use pacing::{Clock, Pacer, TokioClock, VirtualClock};
 pub use retry::RetryPolicy;

@@ -1,5 +1,6 @@
-//! A fake Vertex `:predict` server on loopback, for tests and benches
-//! (feature `fake`). Not for production use.
+//! A fake Vertex AI on loopback — `:predict` (multimodal embeddings) and
+//! `:generateContent` (Gemini) — for tests and benches (feature `fake`).
+//! Not for production use.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -34,6 +35,9 @@ pub enum Behaviour {
     Drop,
     /// Answer 403 with the request's `Authorization` header in the message.
     EchoAuth,
+    /// Answer 200 with this body (a scripted `generateContent` response:
+    /// blocked, cut off, odd answers).
+    Reply(String),
 }
 
 /// One request the fake received.
@@ -165,7 +169,7 @@ fn serve(
         }
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         lock(log).push(Recorded {
-            path,
+            path: path.clone(),
             headers: headers.clone(),
             body: body.clone(),
         });
@@ -175,11 +179,12 @@ fn serve(
             std::thread::sleep(extra_latency);
         }
         let (code, extra, payload) = match behaviour {
-            Behaviour::Ok => (200, String::new(), predict(&body)),
+            Behaviour::Ok => (200, String::new(), answer(&path, &body)),
             Behaviour::Slow(d) => {
                 std::thread::sleep(d);
-                (200, String::new(), predict(&body))
+                (200, String::new(), answer(&path, &body))
             }
+            Behaviour::Reply(b) => (200, String::new(), b),
             Behaviour::Status {
                 code,
                 status,
@@ -216,6 +221,75 @@ fn serve(
             return;
         }
     }
+}
+
+/// The contract's answer for the method the path names.
+fn answer(path: &str, body: &Value) -> String {
+    if path.ends_with(":generateContent") {
+        generate(body)
+    } else {
+        predict(body)
+    }
+}
+
+/// A value of a `responseSchema` (the OpenAPI subset): strings are `fake`
+/// (or the first enum value), integers and numbers `2` (written as a JSON
+/// integer, which a FLOAT64 must accept), booleans `true`, arrays one item.
+pub fn value_for_schema(s: &Value) -> Value {
+    let ty = s["type"].as_str().unwrap_or("STRING").to_ascii_uppercase();
+    match ty.as_str() {
+        "OBJECT" => {
+            let mut o = serde_json::Map::new();
+            if let Some(p) = s["properties"].as_object() {
+                for (k, v) in p {
+                    o.insert(k.clone(), value_for_schema(v));
+                }
+            }
+            Value::Object(o)
+        }
+        "ARRAY" => json!([value_for_schema(&s["items"])]),
+        "INTEGER" | "NUMBER" => json!(2),
+        "BOOLEAN" => json!(true),
+        _ => match s["enum"].as_array().and_then(|e| e.first()) {
+            Some(v) => v.clone(),
+            None => json!("fake"),
+        },
+    }
+}
+
+/// A `generateContent` answer: a thought part (which clients must skip),
+/// then JSON fitting `responseSchema` when one is given, else `You asked:`
+/// and the prompt's text parts with the number of media parts.
+fn generate(body: &Value) -> String {
+    let parts = body["contents"][0]["parts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let text: String = parts.iter().filter_map(|p| p["text"].as_str()).collect();
+    let media = parts
+        .iter()
+        .filter(|p| p.get("inlineData").is_some() || p.get("fileData").is_some())
+        .count();
+    let schema = &body["generationConfig"]["responseSchema"];
+    let answer = if schema.is_null() {
+        format!("You asked: {text} ({media} media)")
+    } else {
+        value_for_schema(schema).to_string()
+    };
+    json!({
+        "candidates": [{
+            "content": {"role": "model", "parts": [
+                {"text": "Let me think about this.", "thought": true},
+                {"text": answer}
+            ]},
+            "finishReason": "STOP",
+            "safetyRatings": []
+        }],
+        "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 5, "totalTokenCount": 17},
+        "modelVersion": "gemini-fake-001",
+        "responseId": "fake"
+    })
+    .to_string()
 }
 
 /// The documented response for a request body: vectors of the requested

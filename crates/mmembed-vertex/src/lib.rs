@@ -1,5 +1,6 @@
-//! mmembed's Vertex AI backend: a typed client for
-//! `multimodalembedding@001` behind [`mmembed_core::Embedder`].
+//! mmembed's Vertex AI backends: a typed client for
+//! `multimodalembedding@001` behind [`mmembed_core::Embedder`], and Gemini's
+//! `generateContent` behind [`mmembed_core::Generator`] ([`GeminiGenerator`]).
 //!
 //! - Credentials: Application Default Credentials through the official
 //!   `google-cloud-auth` crate, or a plain access token; the quota project
@@ -13,14 +14,19 @@
 
 mod client;
 mod config;
+mod gemini;
 mod prepare;
 mod wire;
 
 pub use client::VertexEmbedder;
 pub use config::{CredentialsSource, DEFAULT_MODEL, RetryPolicy, VertexConfig};
+pub use gemini::{
+    DEFAULT_GEMINI_MODEL, GeminiGenerator, MAX_INLINE_FILE_BYTES, MAX_INLINE_REQUEST_BYTES,
+    VIDEO_SECONDS,
+};
 /// Time and pacing (the shared transport's).
 pub use mmembed_transport::pacing;
-pub use mmembed_transport::{Clock, TokioClock};
+pub use mmembed_transport::{Clock, TokioClock, VirtualClock};
 pub use prepare::{DIMENSIONS, MAX_TEXT_TOKENS, NATIVE_DIMENSION};
 #[cfg(feature = "fake")]
 pub mod fake;

@@ -4,8 +4,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use mmembed_core::{EmbedError, EmbedRequest, Media, MediaSource, Modality, VideoSegmentConfig};
-use mmembed_media::image_crate::{self as image, ImageFormat};
-use mmembed_media::{ImageLimits, decode_image, read_media};
+use mmembed_media::image_crate::ImageFormat;
+use mmembed_media::{encode_for_upload, read_media};
 
 use crate::wire::{Instance, MediaJson, Parameters, PredictRequest, VideoJson};
 
@@ -21,9 +21,6 @@ pub const MAX_VIDEO_SPAN: u32 = VideoSegmentConfig::MAX_SPAN_SEC;
 const MAX_VIDEO_BYTES: u64 = 2 << 30;
 /// Largest image read before any transcoding.
 const MAX_IMAGE_INPUT_BYTES: u64 = 200 << 20;
-/// Longest side of an image that had to be downscaled to fit the size limit
-/// (the model works at 512x512, so this loses nothing it would see).
-const DOWNSCALE_SIDE: u32 = 1024;
 
 fn gcs_or_error(u: &str, field: &str) -> Result<String, EmbedError> {
     if u.starts_with("gs://") && u.len() > 5 {
@@ -87,70 +84,17 @@ pub(crate) fn image_json(m: &Media, max_bytes: usize) -> Result<MediaJson, Embed
     }
     let what = m.source.describe(Modality::Image);
     let bytes = read_media(&m.source, Modality::Image, MAX_IMAGE_INPUT_BYTES)?;
-    let format = image::guess_format(&bytes).map_err(|_| {
-        EmbedError::media(
-            &what,
-            "not a recognised image format (expected PNG, JPEG, GIF, BMP, WebP or TIFF)",
-            None,
-        )
-    })?;
-    let native_mime = match format {
-        ImageFormat::Png => Some("image/png"),
-        ImageFormat::Jpeg => Some("image/jpeg"),
-        _ => None,
-    };
-    if let Some(mime) = native_mime
-        && bytes.len() <= max_bytes
-    {
-        return Ok(MediaJson {
-            bytes_base64_encoded: Some(B64.encode(&bytes)),
-            gcs_uri: None,
-            mime_type: Some(mime.into()),
-        });
-    }
-    // Transcode (and downscale if needed): decoding also validates the file.
-    let limits = ImageLimits {
-        max_bytes: MAX_IMAGE_INPUT_BYTES,
-        ..ImageLimits::default()
-    };
-    let mut img = decode_image(&bytes, &what, &limits)?;
-    let too_big = bytes.len() > max_bytes;
-    if too_big && img.width().max(img.height()) > DOWNSCALE_SIDE {
-        let (w, h) = img.dimensions();
-        let s = f64::from(DOWNSCALE_SIDE) / f64::from(w.max(h));
-        let (nw, nh) = (
-            ((f64::from(w) * s).round() as u32).max(1),
-            ((f64::from(h) * s).round() as u32).max(1),
-        );
-        img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::CatmullRom);
-        tracing::debug!(%what, from = ?(w, h), to = ?(nw, nh), "downscaled an image over the size limit");
-    }
-    let (out, mime) = if format == ImageFormat::Jpeg {
-        let mut out = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92)
-            .encode_image(&img)
-            .map_err(|e| EmbedError::media(&what, format!("cannot re-encode: {e}"), None))?;
-        (out, "image/jpeg")
-    } else {
-        let mut out = std::io::Cursor::new(Vec::new());
-        img.write_to(&mut out, ImageFormat::Png)
-            .map_err(|e| EmbedError::media(&what, format!("cannot re-encode: {e}"), None))?;
-        (out.into_inner(), "image/png")
-    };
-    if out.len() > max_bytes {
-        return Err(EmbedError::media(
-            &what,
-            format!(
-                "{} bytes after re-encoding is still over the {max_bytes} byte limit",
-                out.len()
-            ),
-            None,
-        ));
-    }
+    // The service's `mimeType` knows only JPEG and PNG.
+    let up = encode_for_upload(
+        &bytes,
+        &what,
+        max_bytes,
+        &[ImageFormat::Png, ImageFormat::Jpeg],
+    )?;
     Ok(MediaJson {
-        bytes_base64_encoded: Some(B64.encode(&out)),
+        bytes_base64_encoded: Some(B64.encode(&up.bytes)),
         gcs_uri: None,
-        mime_type: Some(mime.into()),
+        mime_type: Some(up.mime_type.into()),
     })
 }
 
@@ -289,6 +233,7 @@ pub(crate) fn bodies(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mmembed_media::image_crate as image;
 
     fn png(w: u32, h: u32) -> Vec<u8> {
         let img = image::RgbImage::from_fn(w, h, |x, y| {

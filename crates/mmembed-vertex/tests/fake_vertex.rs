@@ -9,38 +9,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
-use mmembed_core::{
-    EmbedError, EmbedRequest, Embedder, MediaSource, VideoSegmentConfig, async_trait, testkit,
-};
+use mmembed_core::{EmbedError, EmbedRequest, Embedder, MediaSource, VideoSegmentConfig, testkit};
 use mmembed_vertex::fake::{Behaviour, FakeVertex};
-use mmembed_vertex::{Clock, RetryPolicy, VertexConfig, VertexEmbedder};
+use mmembed_vertex::{Clock, RetryPolicy, VertexConfig, VertexEmbedder, VirtualClock};
 use serde_json::json;
 
 const TOKEN: &str = "ya29.test-token-that-must-never-leak";
 const PROJECT: &str = "test-proj";
-
-/// Virtual time: sleeping moves the clock forward at once and is recorded.
-#[derive(Debug, Default)]
-struct VirtualClock {
-    now: Mutex<Duration>,
-    sleeps: Mutex<Vec<Duration>>,
-}
-
-#[async_trait]
-impl Clock for VirtualClock {
-    fn now(&self) -> Duration {
-        *self.now.lock().unwrap()
-    }
-    async fn sleep(&self, d: Duration) {
-        let start = self.now();
-        self.sleeps.lock().unwrap().push(d);
-        {
-            let mut n = self.now.lock().unwrap();
-            *n = (*n).max(start + d);
-        }
-        tokio::task::yield_now().await;
-    }
-}
 
 /// Every log line of the test binary, to check that no token leaks.
 fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
@@ -217,7 +192,7 @@ async fn retries_429_honouring_retry_after_and_backing_off_without_it() {
     v.embed(EmbedRequest::text("x")).await.unwrap();
     assert_eq!(fake.requests().len(), 4);
     // Pacing sleeps (0.5 s slots at 120/min) are mixed in; pick the backoffs.
-    let sleeps: Vec<_> = clock.sleeps.lock().unwrap().clone();
+    let sleeps: Vec<_> = clock.sleeps();
     let backoffs: Vec<_> = sleeps
         .iter()
         .filter(|d| **d != Duration::from_millis(500))
@@ -271,7 +246,7 @@ async fn burst_of_503_exhausts_attempts_with_capped_backoff() {
         }
         other => panic!("{other:?}"),
     }
-    let sleeps = clock.sleeps.lock().unwrap().clone();
+    let sleeps = clock.sleeps();
     let backoffs: Vec<_> = sleeps
         .iter()
         .filter(|d| **d > Duration::from_millis(1))
@@ -357,9 +332,7 @@ async fn unauthorized_refreshes_once() {
     assert_eq!(fake.requests().len(), 2);
     assert!(
         clock
-            .sleeps
-            .lock()
-            .unwrap()
+            .sleeps()
             .iter()
             .all(|d| *d <= Duration::from_millis(500)),
         "a refresh is not a backoff"

@@ -1,0 +1,528 @@
+//! Gemini on Vertex AI (`generateContent`) as a [`Generator`], with
+//! BigQuery's `AI.GENERATE` semantics (see `GENERATE.md`).
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures::StreamExt;
+use mmembed_core::generate::{GenerateRequest, Generation, Generator, GeneratorInfo, Part};
+use mmembed_core::{EmbedError, Media, MediaSource, Modality, async_trait};
+use mmembed_media::image_crate::ImageFormat;
+use mmembed_media::{encode_for_upload, read_media};
+use mmembed_transport::{Clock, JsonClient, TokioClock};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::VertexConfig;
+
+/// The model a `gemini` backend uses unless told otherwise.
+pub const DEFAULT_GEMINI_MODEL: &str = "gemini-2.5-flash";
+/// Largest image or video sent inline, per file (current Flash models).
+pub const MAX_INLINE_FILE_BYTES: usize = 7_000_000;
+/// Largest request body with inline data (base64 included).
+pub const MAX_INLINE_REQUEST_BYTES: usize = 20_000_000;
+/// BigQuery sends at most this much of a video: its first two minutes.
+pub const VIDEO_SECONDS: u32 = 120;
+const BACKEND: &str = "gemini";
+/// Largest media read before encoding (bigger ones belong in a bucket).
+const MAX_READ_BYTES: u64 = 200 << 20;
+
+/// A client for Gemini's `generateContent` on Vertex AI.
+///
+/// Shares the transport of [`crate::VertexEmbedder`] (credentials, quota
+/// project, pacing, retries, error mapping). Each request is one
+/// `generateContent` call; a batch runs `max_concurrency` at once.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), mmembed_core::EmbedError> {
+/// use mmembed_core::generate::{GenerateRequest, Generator};
+/// use mmembed_vertex::{GeminiGenerator, VertexConfig};
+/// let gemini = GeminiGenerator::new(VertexConfig::new("my-project").with_model("gemini-2.5-flash"))?;
+/// let answer = gemini.generate(GenerateRequest::text("The capital of Washington state?")).await?;
+/// println!("{:?} {}", answer.text, answer.status);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct GeminiGenerator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: VertexConfig,
+    url: String,
+    transport: JsonClient,
+    info: GeneratorInfo,
+}
+
+impl std::fmt::Debug for GeminiGenerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeminiGenerator")
+            .field("url", &self.inner.url)
+            .field("transport", &self.inner.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Response {
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+    #[serde(default)]
+    prompt_feedback: Option<PromptFeedback>,
+    #[serde(default)]
+    model_version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Candidate {
+    #[serde(default)]
+    content: Option<Content>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Content {
+    #[serde(default)]
+    parts: Vec<AnswerPart>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AnswerPart {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    thought: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    #[serde(default)]
+    block_reason: Option<String>,
+    #[serde(default)]
+    block_reason_message: Option<String>,
+}
+
+/// The answer text, or why there is none.
+fn answer(r: &Response) -> Result<String, String> {
+    let Some(c) = r.candidates.first() else {
+        return Err(
+            match r
+                .prompt_feedback
+                .as_ref()
+                .and_then(|f| f.block_reason.clone())
+            {
+                Some(reason) => {
+                    let msg = r
+                        .prompt_feedback
+                        .as_ref()
+                        .and_then(|f| f.block_reason_message.clone())
+                        .map(|m| format!(" ({m})"))
+                        .unwrap_or_default();
+                    format!("blocked: {reason}{msg}")
+                }
+                None => "the response has no candidates".to_string(),
+            },
+        );
+    };
+    match c.finish_reason.as_deref() {
+        None | Some("STOP") | Some("FINISH_REASON_UNSPECIFIED") => {}
+        Some(other) => return Err(format!("finish reason {other}")),
+    }
+    let text: String = c
+        .content
+        .iter()
+        .flat_map(|c| &c.parts)
+        .filter(|p| !p.thought)
+        .filter_map(|p| p.text.as_deref())
+        .collect();
+    if text.is_empty() {
+        return Err("the answer has no text".into());
+    }
+    Ok(text)
+}
+
+/// `snake_case` to `lowerCamel` (BigQuery's examples use the former, the
+/// REST API the latter).
+fn camel(k: &str) -> String {
+    let mut out = String::with_capacity(k.len());
+    let mut up = false;
+    for c in k.chars() {
+        if c == '_' {
+            up = true;
+        } else if up {
+            out.extend(c.to_uppercase());
+            up = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Renames keys to lowerCamel, except where keys are the user's own data:
+/// label names, and property names inside a schema.
+fn camel_keys(v: Value, user_keys: bool) -> Value {
+    match v {
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| {
+                    let key = if user_keys { k } else { camel(&k) };
+                    let inner_user = !user_keys && matches!(key.as_str(), "labels" | "properties");
+                    (key, camel_keys(v, inner_user))
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(|v| camel_keys(v, false)).collect()),
+        other => other,
+    }
+}
+
+/// Merges `add` into `base` field by field (objects recursively, anything
+/// else replaced).
+fn merge(base: &mut Map<String, Value>, add: Map<String, Value>) {
+    for (k, v) in add {
+        match (base.get_mut(&k), v) {
+            (Some(Value::Object(b)), Value::Object(a)) => merge(b, a),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn mime_from_name(name: &str) -> Option<&'static str> {
+    let ext = name.rsplit('.').next()?.to_ascii_lowercase();
+    Some(match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "heic" => "image/heic",
+        "heif" => "image/heif",
+        "mp4" | "m4v" => "video/mp4",
+        "mov" => "video/quicktime",
+        "webm" => "video/webm",
+        "mpeg" | "mpg" => "video/mpeg",
+        "wmv" => "video/wmv",
+        "flv" => "video/x-flv",
+        "3gp" => "video/3gpp",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        _ => return None,
+    })
+}
+
+/// A video's MIME type from its first bytes (ISO BMFF `ftyp`, WebM/Matroska).
+fn sniff_video(b: &[u8]) -> Option<&'static str> {
+    if b.len() >= 12 && &b[4..8] == b"ftyp" {
+        return Some(if &b[8..10] == b"qt" {
+            "video/quicktime"
+        } else {
+            "video/mp4"
+        });
+    }
+    if b.starts_with(&[0x1a, 0x45, 0xdf, 0xa3]) {
+        return Some("video/webm");
+    }
+    None
+}
+
+impl GeminiGenerator {
+    /// A client with real time. `cfg.model` names the Gemini model (the
+    /// embedding default is replaced by [`DEFAULT_GEMINI_MODEL`]).
+    pub fn new(cfg: VertexConfig) -> Result<Self, EmbedError> {
+        Self::with_clock(cfg, Arc::new(TokioClock::default()))
+    }
+
+    /// A client reading time from `clock`.
+    pub fn with_clock(mut cfg: VertexConfig, clock: Arc<dyn Clock>) -> Result<Self, EmbedError> {
+        if cfg.model == crate::DEFAULT_MODEL {
+            cfg.model = DEFAULT_GEMINI_MODEL.into();
+        }
+        cfg.validate()?;
+        let transport = cfg.transport("Vertex AI Gemini", clock)?;
+        let info = GeneratorInfo {
+            backend: BACKEND.into(),
+            model_id: cfg.model.clone(),
+            modalities: vec![Modality::Text, Modality::Image, Modality::Video],
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                url: cfg.model_url("generateContent"),
+                transport,
+                info,
+                cfg,
+            }),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &VertexConfig {
+        &self.inner.cfg
+    }
+
+    /// The `generateContent` body for a request (media read and encoded).
+    pub async fn body(&self, req: &GenerateRequest) -> Result<Value, EmbedError> {
+        let mut parts = Vec::with_capacity(req.parts.len());
+        let mut inline_total = 0usize;
+        let mut videos = 0;
+        for p in &req.parts {
+            match p {
+                Part::Text(t) => parts.push(json!({"text": t})),
+                Part::Media(m) => {
+                    let (part, inline) = self.media_part(m, &mut videos).await?;
+                    inline_total += inline;
+                    parts.push(part);
+                }
+            }
+        }
+        if inline_total > MAX_INLINE_REQUEST_BYTES {
+            return Err(EmbedError::invalid(
+                "prompt",
+                format!(
+                    "{inline_total} bytes of inline media (base64) is over the {MAX_INLINE_REQUEST_BYTES} \
+                     byte request limit: put large media in a gs:// bucket"
+                ),
+            ));
+        }
+        let mut body = Map::new();
+        body.insert("contents".into(), json!([{"role": "user", "parts": parts}]));
+        if let Some(s) = &req.output_schema {
+            body.insert(
+                "generationConfig".into(),
+                json!({"responseMimeType": "application/json", "responseSchema": s.to_vertex()}),
+            );
+        }
+        let params = match camel_keys(Value::Object(req.model_params.clone()), false) {
+            Value::Object(o) => o,
+            _ => Map::new(),
+        };
+        if params.contains_key("contents") {
+            return Err(EmbedError::invalid(
+                "model_params",
+                "cannot set `contents`: the prompt comes from the row",
+            ));
+        }
+        if req.output_schema.is_some()
+            && params
+                .get("generationConfig")
+                .is_some_and(|g| g.get("responseSchema").is_some())
+        {
+            return Err(EmbedError::invalid(
+                "model_params",
+                "sets generationConfig.responseSchema and an output schema is given too: use one",
+            ));
+        }
+        merge(&mut body, params);
+        Ok(Value::Object(body))
+    }
+
+    /// One media part; returns it and its inline size (0 for `fileData`).
+    async fn media_part(
+        &self,
+        m: &Media,
+        videos: &mut usize,
+    ) -> Result<(Value, usize), EmbedError> {
+        let name = match &m.source {
+            MediaSource::Path(p) => p.to_string_lossy().into_owned(),
+            MediaSource::Uri(u) => u.clone(),
+            MediaSource::Bytes(_) => String::new(),
+        };
+        let kind = mmembed_core::generate::media_kind(m);
+        let video_meta = json!({"endOffset": format!("{VIDEO_SECONDS}s")});
+        if let MediaSource::Uri(u) = &m.source
+            && u.starts_with("gs://")
+        {
+            let mime = m
+                .mime_type
+                .clone()
+                .or_else(|| mime_from_name(u).map(String::from))
+                .ok_or_else(|| {
+                    EmbedError::invalid(
+                        "prompt",
+                        format!(
+                            "cannot tell the media type of `{u}` from its name: give a MIME type"
+                        ),
+                    )
+                })?;
+            let mut part = json!({"fileData": {"mimeType": mime, "fileUri": u}});
+            if mime.starts_with("video/") {
+                *videos += 1;
+                part["videoMetadata"] = video_meta;
+            }
+            self.one_video(*videos)?;
+            return Ok((part, 0));
+        }
+        let what = if name.is_empty() {
+            m.source.describe(kind.unwrap_or(Modality::Image))
+        } else {
+            mmembed_store::redact(&name)
+        };
+        let read_kind = kind.unwrap_or(Modality::Image);
+        let bytes = match mmembed_media::fetch_remote(&m.source, read_kind, MAX_READ_BYTES).await? {
+            Some(b) => b,
+            None => read_media(&m.source, read_kind, MAX_READ_BYTES)?,
+        };
+        let is_video = kind == Some(Modality::Video)
+            || m.mime_type
+                .as_deref()
+                .is_some_and(|t| t.starts_with("video/"))
+            || (kind.is_none() && sniff_video(&bytes).is_some());
+        let (data, mime) = if is_video {
+            *videos += 1;
+            self.one_video(*videos)?;
+            let mime = m
+                .mime_type
+                .clone()
+                .or_else(|| sniff_video(&bytes).map(String::from))
+                .or_else(|| mime_from_name(&name).map(String::from))
+                .unwrap_or_else(|| "video/mp4".into());
+            if bytes.len() > MAX_INLINE_FILE_BYTES {
+                return Err(EmbedError::media(
+                    &what,
+                    format!(
+                        "{} bytes is over Gemini's {MAX_INLINE_FILE_BYTES} byte limit for inline files: \
+                         put it in a gs:// bucket",
+                        bytes.len()
+                    ),
+                    None,
+                ));
+            }
+            (bytes.to_vec(), mime)
+        } else {
+            // Gemini takes PNG, JPEG, WebP, HEIC/HEIF; others become PNG,
+            // large ones are downscaled to fit the inline limit.
+            if m.mime_type
+                .as_deref()
+                .is_some_and(|t| t == "image/heic" || t == "image/heif")
+            {
+                (bytes.to_vec(), m.mime_type.clone().unwrap_or_default())
+            } else {
+                let up = encode_for_upload(
+                    &bytes,
+                    &what,
+                    MAX_INLINE_FILE_BYTES,
+                    &[ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP],
+                )?;
+                (up.bytes, up.mime_type.to_string())
+            }
+        };
+        let encoded = B64.encode(&data);
+        let size = encoded.len();
+        let mut part = json!({"inlineData": {"mimeType": mime, "data": encoded}});
+        if is_video {
+            part["videoMetadata"] = video_meta;
+        }
+        Ok((part, size))
+    }
+
+    fn one_video(&self, videos: usize) -> Result<(), EmbedError> {
+        if videos > 1 {
+            return Err(EmbedError::invalid(
+                "prompt",
+                "holds more than one video; BigQuery's AI.GENERATE uses at most one",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn generate_one(&self, req: GenerateRequest) -> Result<Generation, EmbedError> {
+        self.inner.info.check(&req)?;
+        let body = self.body(&req).await?;
+        let reply = self
+            .inner
+            .transport
+            .post::<Response>(&self.inner.url, &body)
+            .await?;
+        let full = String::from_utf8_lossy(&reply.body).into_owned();
+        let model = reply
+            .value
+            .model_version
+            .clone()
+            .unwrap_or_else(|| self.inner.info.model_id.clone());
+        Ok(Generation::from_answer(
+            answer(&reply.value),
+            req.output_schema.as_ref(),
+            full,
+            BACKEND,
+            &model,
+        ))
+    }
+}
+
+#[async_trait]
+impl Generator for GeminiGenerator {
+    fn info(&self) -> &GeneratorInfo {
+        &self.inner.info
+    }
+
+    fn reads_uri(&self, uri: &str) -> bool {
+        uri.starts_with("gs://")
+    }
+
+    async fn generate_batch(
+        &self,
+        reqs: Vec<GenerateRequest>,
+    ) -> Vec<Result<Generation, EmbedError>> {
+        futures::stream::iter(reqs.into_iter().map(|r| self.generate_one(r)))
+            .buffered(self.inner.cfg.max_concurrency)
+            .collect()
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_merge_field_by_field_in_either_case() {
+        let mut body =
+            json!({"contents": [], "generationConfig": {"responseMimeType": "application/json"}})
+                .as_object()
+                .cloned()
+                .unwrap();
+        let params = camel_keys(
+            json!({"generation_config": {"thinking_config": {"thinking_budget": 0}, "temperature": 0},
+                   "labels": {"my_job": "x"}}),
+            false,
+        );
+        merge(&mut body, params.as_object().cloned().unwrap());
+        assert_eq!(
+            Value::Object(body),
+            json!({"contents": [], "generationConfig": {"responseMimeType": "application/json",
+                   "thinkingConfig": {"thinkingBudget": 0}, "temperature": 0},
+                   "labels": {"my_job": "x"}})
+        );
+        // Property names inside a schema are the user's.
+        let v = camel_keys(
+            json!({"response_schema": {"properties": {"first_name": {"type": "STRING"}}}}),
+            false,
+        );
+        assert_eq!(
+            v,
+            json!({"responseSchema": {"properties": {"first_name": {"type": "STRING"}}}})
+        );
+    }
+
+    #[test]
+    fn answers_skip_thoughts_and_name_what_went_wrong() {
+        let r: Response = serde_json::from_value(json!({"candidates": [{"content": {"parts": [
+            {"text": "hmm", "thought": true}, {"text": "Olym"}, {"text": "pia"}]}, "finishReason": "STOP"}]}))
+        .unwrap();
+        assert_eq!(answer(&r).unwrap(), "Olympia");
+        let r: Response =
+            serde_json::from_value(json!({"promptFeedback": {"blockReason": "SAFETY"}})).unwrap();
+        assert_eq!(answer(&r).unwrap_err(), "blocked: SAFETY");
+        let r: Response = serde_json::from_value(
+            json!({"candidates": [{"content": {"parts": [{"text": "{\"a\": "}]},
+            "finishReason": "MAX_TOKENS"}]}),
+        )
+        .unwrap();
+        assert_eq!(answer(&r).unwrap_err(), "finish reason MAX_TOKENS");
+    }
+}
