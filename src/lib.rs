@@ -2,8 +2,9 @@
 #![warn(missing_docs)]
 
 pub use mmembed_core::{
-    EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, Media, MediaSource, Modality,
-    Segment, SegmentEmbedding, SpaceId, VideoInput, VideoSegmentConfig, cosine, l2_normalize,
+    EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, GenerateRequest, Generation,
+    Generator, GeneratorInfo, Media, MediaSource, Modality, Part, Segment, SegmentEmbedding,
+    SpaceId, VideoInput, VideoSegmentConfig, cosine, l2_normalize,
 };
 
 /// Backends and combinations from a spec string or TOML.
@@ -25,7 +26,19 @@ pub mod local {
     pub use mmembed_candle::*;
 }
 
-/// The Vertex AI backend (feature `vertex`).
+/// Generation: the trait, requests, answers, statuses.
+pub use mmembed_core::generate;
+
+/// BigQuery-style output schemas for generation.
+pub use mmembed_core::schema;
+
+/// Generation on self-hosted LLM servers (feature `llm`).
+#[cfg(feature = "llm")]
+pub mod llm {
+    pub use mmembed_llm::*;
+}
+
+/// The Vertex AI backends, embeddings and Gemini (feature `vertex`).
 #[cfg(feature = "vertex")]
 pub mod vertex {
     pub use mmembed_vertex::*;

@@ -246,7 +246,7 @@ fn to_json(spec: &str) -> Result<Value, EmbedError> {
                 obj.insert("model".into(), body.into());
             }
         }
-        "vertex" => {
+        "vertex" | "gemini" => {
             if !body.is_empty() {
                 let (project, location) = body.split_once('/').unwrap_or((body, ""));
                 obj.insert("project".into(), project.into());
@@ -255,10 +255,18 @@ fn to_json(spec: &str) -> Result<Value, EmbedError> {
                 }
             }
         }
+        "openai" | "ollama" => {
+            if !body.is_empty() {
+                obj.insert("url".into(), body.into());
+            }
+        }
         other => {
             return Err(bad(
                 spec,
-                format!("unknown backend `{other}` (local, vertex, fallback(A, B), hedged(A, B))"),
+                format!(
+                    "unknown backend `{other}` (embedding: local, vertex; generation: gemini, \
+                     openai, ollama; either: fallback(A, B), hedged(A, B))"
+                ),
             ));
         }
     }
@@ -435,6 +443,267 @@ impl VertexSpec {
     }
 }
 
+/// A Gemini backend's settings (unset ones from the environment, as for
+/// `vertex`; the model defaults to `gemini-2.5-flash`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeminiSpec {
+    /// Project (default `GOOGLE_CLOUD_PROJECT`).
+    pub project: Option<String>,
+    /// Location (default `GOOGLE_CLOUD_LOCATION` or `us-central1`; `global` works).
+    pub location: Option<String>,
+    /// Gemini model.
+    pub model: Option<String>,
+    /// Base URL instead of the regional endpoint.
+    pub base_url: Option<String>,
+    /// Requests in flight.
+    pub concurrency: Option<usize>,
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Attempts per request.
+    pub max_attempts: Option<u32>,
+    /// Per-request timeout.
+    pub timeout_secs: Option<f64>,
+}
+
+/// An OpenAI-compatible or Ollama server's settings; the API key comes
+/// from `MMEMBED_LLM_API_KEY`, never from the spec.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmSpec {
+    /// Base URL (default `http://127.0.0.1:8000` for openai,
+    /// `http://127.0.0.1:11434` for ollama).
+    pub url: Option<String>,
+    /// Model name as the server knows it (required).
+    pub model: Option<String>,
+    /// Requests in flight.
+    pub concurrency: Option<usize>,
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Attempts per request.
+    pub max_attempts: Option<u32>,
+    /// Per-request timeout.
+    pub timeout_secs: Option<f64>,
+}
+
+/// Any generation backend or combination:
+///
+/// ```text
+/// gemini[:PROJECT[/LOCATION]][?model=gemini-2.5-flash&concurrency=8&rpm=60&max_attempts=5&timeout_secs=60&base_url=…]
+/// openai[:URL]?model=NAME[&concurrency=4&rpm=…&max_attempts=…&timeout_secs=…]
+/// ollama[:URL]?model=NAME[&…]
+/// fallback(SPEC, SPEC)[?failure_threshold=3&open_secs=30]
+/// hedged(SPEC, SPEC)[?delay_ms=200]
+/// ```
+///
+/// ```
+/// use mmembed::spec::GeneratorSpec;
+/// let s: GeneratorSpec = "fallback(ollama:http://127.0.0.1:11434?model=gemma3, gemini:my-proj/global)".parse()?;
+/// assert!(matches!(s, GeneratorSpec::Fallback { .. }));
+/// # Ok::<(), mmembed::EmbedError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum GeneratorSpec {
+    /// Gemini on Vertex AI.
+    Gemini(GeminiSpec),
+    /// An OpenAI-compatible chat-completions server.
+    Openai(LlmSpec),
+    /// An Ollama server.
+    Ollama(LlmSpec),
+    /// `primary`, and `secondary` when it fails.
+    Fallback {
+        /// Tried first.
+        primary: Box<GeneratorSpec>,
+        /// Used when the primary fails.
+        secondary: Box<GeneratorSpec>,
+        /// Consecutive failures that open the circuit.
+        failure_threshold: Option<u32>,
+        /// Seconds the open circuit skips the primary.
+        open_secs: Option<f64>,
+    },
+    /// `first`, and `second` too when the first is slow.
+    Hedged {
+        /// Asked at once.
+        first: Box<GeneratorSpec>,
+        /// Asked after the delay.
+        second: Box<GeneratorSpec>,
+        /// Milliseconds before hedging.
+        delay_ms: Option<u64>,
+    },
+}
+
+impl FromStr for GeneratorSpec {
+    type Err = EmbedError;
+
+    fn from_str(spec: &str) -> Result<Self, EmbedError> {
+        let v = to_json(spec)?;
+        serde_json::from_value(v).map_err(|e| bad(spec, e))
+    }
+}
+
+type GenFuture<'a> = Pin<
+    Box<
+        dyn Future<Output = Result<Arc<dyn mmembed_core::generate::Generator>, EmbedError>>
+            + Send
+            + 'a,
+    >,
+>;
+
+fn positive_secs(field: &str, t: f64) -> Result<std::time::Duration, EmbedError> {
+    std::time::Duration::try_from_secs_f64(t)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| EmbedError::invalid(field, "must be a positive number"))
+}
+
+impl GeneratorSpec {
+    /// Parses the TOML form (as [`BackendSpec::from_toml`]).
+    pub fn from_toml(text: &str) -> Result<Self, EmbedError> {
+        toml::from_str(text).map_err(|e| EmbedError::invalid("generator config", e.to_string()))
+    }
+
+    /// Builds the generator.
+    pub fn build(&self) -> GenFuture<'_> {
+        use mmembed_core::generate::Generator;
+        Box::pin(async move {
+            let built: Arc<dyn Generator> = match self {
+                #[cfg(feature = "vertex")]
+                Self::Gemini(g) => Arc::new(crate::vertex::GeminiGenerator::new(g.config()?)?),
+                #[cfg(feature = "llm")]
+                Self::Openai(l) => Arc::new(crate::llm::OpenAiGenerator::new(
+                    l.config("http://127.0.0.1:8000")?,
+                )?),
+                #[cfg(feature = "llm")]
+                Self::Ollama(l) => Arc::new(crate::llm::OllamaGenerator::new(
+                    l.config("http://127.0.0.1:11434")?,
+                )?),
+                Self::Fallback {
+                    primary,
+                    secondary,
+                    failure_threshold,
+                    open_secs,
+                } => {
+                    let d = FallbackOptions::default();
+                    let opts = FallbackOptions {
+                        failure_threshold: failure_threshold.unwrap_or(d.failure_threshold),
+                        open_for: match open_secs {
+                            Some(s) => {
+                                std::time::Duration::try_from_secs_f64(*s).map_err(|_| {
+                                    EmbedError::invalid(
+                                        "open_secs",
+                                        "must be a non-negative number",
+                                    )
+                                })?
+                            }
+                            None => d.open_for,
+                        },
+                        allow_mixed_spaces: false,
+                    };
+                    Arc::new(Fallback::for_generators(
+                        primary.build().await?,
+                        secondary.build().await?,
+                        opts,
+                    )?)
+                }
+                Self::Hedged {
+                    first,
+                    second,
+                    delay_ms,
+                } => {
+                    let d = HedgedOptions::default();
+                    Arc::new(Hedged::for_generators(
+                        first.build().await?,
+                        second.build().await?,
+                        HedgedOptions {
+                            delay: delay_ms.map_or(d.delay, std::time::Duration::from_millis),
+                            allow_mixed_spaces: false,
+                        },
+                    )?)
+                }
+                #[allow(unreachable_patterns)]
+                other => {
+                    return Err(EmbedError::invalid(
+                        "generator spec",
+                        format!("{other:?} needs a cargo feature this build lacks"),
+                    ));
+                }
+            };
+            Ok(built)
+        })
+    }
+}
+
+#[cfg(feature = "vertex")]
+impl GeminiSpec {
+    /// The client settings this spec describes, over the environment's.
+    pub fn config(&self) -> Result<crate::vertex::VertexConfig, EmbedError> {
+        let mut c = crate::vertex::VertexConfig::from_env_with_project(self.project.clone())?;
+        // MMEMBED_VERTEX_MODEL names the embedding model; Gemini has its own.
+        c = c.with_model(
+            self.model
+                .clone()
+                .or_else(|| {
+                    std::env::var("MMEMBED_GEMINI_MODEL")
+                        .ok()
+                        .filter(|m| !m.is_empty())
+                })
+                .unwrap_or_else(|| crate::vertex::DEFAULT_GEMINI_MODEL.to_string()),
+        );
+        if let Some(l) = &self.location {
+            c = c.with_location(l.clone());
+        }
+        if let Some(u) = &self.base_url {
+            c = c.with_base_url(u.clone());
+        }
+        if let Some(n) = self.concurrency {
+            c = c.with_max_concurrency(n);
+        }
+        if let Some(n) = self.rpm {
+            c = c.with_requests_per_minute(n);
+        }
+        if let Some(n) = self.max_attempts {
+            c.retry.max_attempts = n.max(1);
+        }
+        if let Some(t) = self.timeout_secs {
+            c = c.with_timeout(positive_secs("timeout_secs", t)?);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(feature = "llm")]
+impl LlmSpec {
+    /// The client settings this spec describes.
+    pub fn config(&self, default_url: &str) -> Result<crate::llm::LlmConfig, EmbedError> {
+        let model = self.model.clone().ok_or_else(|| {
+            EmbedError::invalid(
+                "model",
+                "is required: name the model the server serves (`?model=…`)",
+            )
+        })?;
+        let mut c = crate::llm::LlmConfig::new(
+            self.url.clone().unwrap_or_else(|| default_url.to_string()),
+            model,
+        );
+        if let Some(n) = self.concurrency {
+            c.max_concurrency = n;
+        }
+        if let Some(n) = self.rpm {
+            c.requests_per_minute = n.max(1);
+        }
+        if let Some(n) = self.max_attempts {
+            c.retry.max_attempts = n.max(1);
+        }
+        if let Some(t) = self.timeout_secs {
+            c.timeout = positive_secs("timeout_secs", t)?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,6 +736,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s, t);
+    }
+
+    #[test]
+    fn generator_specs() {
+        let s: GeneratorSpec =
+            "hedged(openai:http://127.0.0.1:8000?model=qwen&concurrency=2, ollama?model=gemma3)?delay_ms=50"
+                .parse()
+                .unwrap();
+        let GeneratorSpec::Hedged {
+            first,
+            second,
+            delay_ms,
+        } = s
+        else {
+            panic!()
+        };
+        assert_eq!(delay_ms, Some(50));
+        assert!(matches!(*first, GeneratorSpec::Openai(ref l)
+            if l.url.as_deref() == Some("http://127.0.0.1:8000") && l.model.as_deref() == Some("qwen") && l.concurrency == Some(2)));
+        assert!(matches!(*second, GeneratorSpec::Ollama(ref l) if l.url.is_none()));
+        let g: GeneratorSpec = "gemini:p/global?model=gemini-2.5-pro".parse().unwrap();
+        assert!(matches!(g, GeneratorSpec::Gemini(ref s)
+            if s.project.as_deref() == Some("p") && s.location.as_deref() == Some("global")));
+        let e = "local:demo"
+            .parse::<GeneratorSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `local`"), "{e}");
+        let e = "openai?modle=x"
+            .parse::<GeneratorSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("modle"), "{e}");
+        let e = "gemini:p?dimension=5"
+            .parse::<GeneratorSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dimension"), "{e}");
     }
 
     #[test]

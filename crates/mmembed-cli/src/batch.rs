@@ -25,21 +25,22 @@
 //! compute.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
+
 use clap::Args as ClapArgs;
 use futures::StreamExt;
 use mmembed::{EmbedRequest, Embedder, Media, MediaSource};
-use mmembed_store::{PutMode, StoreError, Stores};
+use mmembed_store::{StoreError, Stores};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::backend::{BackendArgs, SegmentArgs};
 use crate::inputs::{self, Identity, Input, Kind, Shard};
 use crate::lock::OutputLock;
+use crate::output::{Location, Output};
 use crate::rows::{self, Format, Row};
 
 /// Flags of `mmembed batch`.
@@ -125,211 +126,20 @@ pub struct Summary {
     pub failed: usize,
 }
 
-/// Where the output, its parts and its lock live: a local path or a bucket.
-pub(crate) enum Location {
-    Local(PathBuf),
-    Remote(String),
+async fn read_rows(out: &Output, loc: &Location) -> anyhow::Result<Vec<Row>> {
+    rows::decode(loc.read().await?, out.format, &loc.display())
 }
 
-impl Location {
-    pub(crate) fn parse(s: &str) -> Self {
-        if mmembed_store::is_remote(s) {
-            Self::Remote(s.to_string())
-        } else {
-            Self::Local(inputs::absolute(Path::new(
-                s.strip_prefix("file://").unwrap_or(s),
-            )))
-        }
-    }
-
-    pub(crate) fn display(&self) -> String {
-        match self {
-            Self::Local(p) => p.display().to_string(),
-            Self::Remote(u) => u.clone(),
-        }
-    }
-
-    /// The same location with `suffix` appended to its name.
-    pub(crate) fn suffixed(&self, suffix: &str) -> Self {
-        match self {
-            Self::Local(p) => {
-                let mut s = p.clone().into_os_string();
-                s.push(suffix);
-                Self::Local(PathBuf::from(s))
-            }
-            Self::Remote(u) => Self::Remote(format!("{u}{suffix}")),
-        }
-    }
-
-    pub(crate) async fn exists(&self) -> anyhow::Result<bool> {
-        match self {
-            Self::Local(p) => Ok(p.exists()),
-            Self::Remote(u) => Ok(Stores::shared().exists(u).await?),
-        }
-    }
-
-    pub(crate) async fn read(&self) -> anyhow::Result<Bytes> {
-        match self {
-            Self::Local(p) => Ok(Bytes::from(
-                std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-            )),
-            Self::Remote(u) => Ok(Stores::shared().read(u, u64::MAX).await?.0),
-        }
-    }
-
-    /// Writes the whole object at once (atomic rename locally; one put or
-    /// one completed multipart upload in a bucket).
-    pub(crate) async fn write(&self, bytes: Vec<u8>, content_type: &str) -> anyhow::Result<()> {
-        match self {
-            Self::Local(p) => rows::write_file_atomic(p, &bytes),
-            Self::Remote(u) => Ok(Stores::shared()
-                .put(u, Bytes::from(bytes), content_type, PutMode::Overwrite)
-                .await?),
-        }
-    }
-
-    pub(crate) async fn remove(&self) -> anyhow::Result<()> {
-        match self {
-            Self::Local(p) => match std::fs::remove_file(p) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
-            },
-            Self::Remote(u) => Ok(Stores::shared().delete(u).await?),
-        }
-    }
-}
-
-struct Output {
-    path: Location,
-    parts: Location,
-    format: Format,
-}
-
-impl Output {
-    fn new(path: &str, format: Option<Format>) -> anyhow::Result<Self> {
-        let format = format
-            .or_else(|| Format::from_path(Path::new(path)))
-            .with_context(|| {
-                format!(
-                    "cannot tell the format of {path}: name it .parquet or .jsonl, or pass --format"
-                )
-            })?;
-        let name = path.rsplit('/').next().unwrap_or_default();
-        if name.is_empty() || name == "." || name == ".." {
-            bail!("the output `{path}` has no file name");
-        }
-        let path = Location::parse(path);
-        let parts = path.suffixed(".parts");
-        Ok(Self {
-            path,
-            parts,
-            format,
-        })
-    }
-
-    fn part_name(&self, n: u64) -> String {
-        format!("part-{n:06}.{}", self.format.ext())
-    }
-
-    /// Finished parts in order, removing temporary files a crash left.
-    async fn part_files(&self) -> anyhow::Result<Vec<(u64, Location)>> {
-        let mut parts = vec![];
-        let parse = |name: &str| -> Option<u64> {
-            name.strip_prefix("part-")
-                .and_then(|r| r.strip_suffix(&format!(".{}", self.format.ext())))
-                .and_then(|n| n.parse().ok())
-        };
-        match &self.parts {
-            Location::Local(dir) => {
-                let Ok(entries) = std::fs::read_dir(dir) else {
-                    return Ok(parts);
-                };
-                for e in entries {
-                    let p = e?.path();
-                    let name = p.file_name().unwrap_or_default().to_string_lossy();
-                    if name.ends_with(".tmp") {
-                        std::fs::remove_file(&p).ok();
-                        continue;
-                    }
-                    match parse(&name) {
-                        Some(n) => parts.push((n, Location::Local(p))),
-                        None => {
-                            tracing::warn!(file = %p.display(), "ignoring a file that is not a part")
-                        }
-                    }
-                }
-            }
-            Location::Remote(prefix) => {
-                for o in Stores::shared().list(&format!("{prefix}/")).await? {
-                    let name = o.uri.rsplit('/').next().unwrap_or_default().to_string();
-                    match parse(&name) {
-                        Some(n) => parts.push((n, Location::Remote(o.uri))),
-                        None => {
-                            tracing::warn!(object = %o.uri, "ignoring an object that is not a part")
-                        }
-                    }
-                }
-            }
-        }
-        parts.sort_by_key(|(n, _)| *n);
-        Ok(parts)
-    }
-
-    fn part(&self, n: u64) -> Location {
-        match &self.parts {
-            Location::Local(d) => Location::Local(d.join(self.part_name(n))),
-            Location::Remote(p) => Location::Remote(format!("{p}/{}", self.part_name(n))),
-        }
-    }
-
-    async fn prepare_parts(&self) -> anyhow::Result<()> {
-        if let Location::Local(d) = &self.parts {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        }
-        Ok(())
-    }
-
-    async fn remove_parts(&self) -> anyhow::Result<()> {
-        match &self.parts {
-            Location::Local(d) => {
-                if d.exists() {
-                    std::fs::remove_dir_all(d)
-                        .with_context(|| format!("removing {}", d.display()))?;
-                }
-            }
-            Location::Remote(_) => {
-                for (_, p) in self.part_files().await? {
-                    p.remove().await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn read_rows(&self, loc: &Location) -> anyhow::Result<Vec<Row>> {
-        rows::decode(loc.read().await?, self.format, &loc.display())
-    }
-
-    async fn write_rows(
-        &self,
-        loc: &Location,
-        rows: &[Row],
-        carried: &[String],
-    ) -> anyhow::Result<()> {
-        let bytes = rows::encode(self.format, rows, carried)?;
-        loc.write(bytes, self.format.content_type())
-            .await
-            .with_context(|| format!("writing {}", loc.display()))
-    }
-
-    /// Whether an input object is this job's own output, one of its parts
-    /// or its lock: never an input.
-    fn owns(&self, uri: &str) -> bool {
-        let out = self.path.display();
-        let parts = format!("{}/", self.parts.display());
-        uri == out || uri == format!("{out}.lock") || uri.starts_with(&parts)
-    }
+async fn write_rows(
+    out: &Output,
+    loc: &Location,
+    rows: &[Row],
+    carried: &[String],
+) -> anyhow::Result<()> {
+    let bytes = rows::encode(out.format, rows, carried)?;
+    loc.write(bytes, out.format.content_type())
+        .await
+        .with_context(|| format!("writing {}", loc.display()))
 }
 
 /// Keeps, for each URI, the rows of the newest source that has it.
@@ -644,7 +454,7 @@ fn prefetch(
     rx
 }
 
-struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: u64,
     done: u64,
@@ -653,7 +463,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: u64) -> Self {
+    pub(crate) fn new(total: u64) -> Self {
         use std::io::IsTerminal;
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(total);
@@ -674,7 +484,7 @@ impl Progress {
         }
     }
 
-    fn advance(&mut self, n: u64, failed_rows: usize) {
+    pub(crate) fn advance(&mut self, n: u64, failed_rows: usize) {
         self.done += n;
         if let Some(b) = &self.bar {
             b.set_position(self.done);
@@ -697,7 +507,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
@@ -744,10 +554,10 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     let mut sources = vec![];
     if args.resume {
         if exists {
-            sources.push(out.read_rows(&out.path).await?);
+            sources.push(read_rows(out, &out.path).await?);
         }
         for (_, p) in out.part_files().await? {
-            sources.push(out.read_rows(&p).await?);
+            sources.push(read_rows(out, &p).await?);
         }
     }
     let previous = merge(sources);
@@ -816,7 +626,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
             let n = chunk.len() as u64;
             let rows = embed_chunk(embedder.as_ref(), args.dimension, chunk).await;
             failed_rows += rows.iter().filter(|r| !r.ok()).count();
-            out.write_rows(&out.part(part), &rows, &carried).await?;
+            write_rows(out, &out.part(part), &rows, &carried).await?;
             part += 1;
             written += 1;
             progress.advance(n, failed_rows);
@@ -830,13 +640,13 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     // Merge everything there is: the previous output and all parts.
     let mut all = vec![];
     if out.path.exists().await? {
-        all.push(out.read_rows(&out.path).await?);
+        all.push(read_rows(out, &out.path).await?);
     }
     for (_, p) in out.part_files().await? {
-        all.push(out.read_rows(&p).await?);
+        all.push(read_rows(out, &p).await?);
     }
     let merged = merge(all);
-    out.write_rows(&out.path, &merged, &carried).await?;
+    write_rows(out, &out.path, &merged, &carried).await?;
     out.remove_parts().await?;
     let failed = merged.iter().filter(|r| !r.ok()).count();
     Ok(Summary {

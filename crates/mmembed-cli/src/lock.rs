@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use mmembed_store::{PutMode, StoreError, Stores};
 use serde::{Deserialize, Serialize};
 
-use crate::batch::Location;
+use crate::output::Location;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Holder {

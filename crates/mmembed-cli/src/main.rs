@@ -3,19 +3,26 @@
 //! Subcommands: `embed` (a few inputs to JSON), `batch` (a folder, glob or
 //! manifest to a Parquet/JSONL table with a status per row), `search`
 //! (top-k over batch outputs), `models` (what is available), `bench`
-//! (backends side by side), `serve` (a Vertex-compatible server). Every flag
+//! (backends side by side), `serve` (a Vertex-compatible server),
+//! `generate` (BigQuery's AI.GENERATE family over a table), `classify` and
+//! `score` (AI.CLASSIFY / AI.SCORE, offline on CLIP or on a generator). Every flag
 //! also reads an environment variable, shown in `--help`.
 
 mod backend;
 mod batch;
 mod bench;
 mod embed;
+mod generate;
 mod inputs;
+mod job;
 mod lock;
 mod models;
+mod output;
 mod rows;
 mod search;
 mod serve;
+mod table;
+mod zeroshot;
 
 use std::process::ExitCode;
 
@@ -32,6 +39,9 @@ use clap::{Parser, Subcommand};
   mmembed batch media/ -o media.parquet --model demo
   mmembed search 'a blue square' --in media.parquet
   mmembed serve --model demo
+  mmembed classify media/ --labels 'red star,blue square' -o labels.parquet --model demo
+  mmembed generate cities.csv -o out.parquet -g gemini:my-proj/global \\
+      --prompt 'Capital of {state}?' --output-schema 'capital STRING'
 
 Logs go to stderr; set MMEMBED_LOG (e.g. debug, mmembed_vertex=trace) to see more."
 )]
@@ -57,6 +67,15 @@ enum Cmd {
     /// Serve the backend as Vertex AI's multimodalembedding@001 (REST and
     /// gRPC on one port) with dynamic batching, health and metrics.
     Serve(serve::Args),
+    /// BigQuery's AI.GENERATE (and _DOUBLE, _INT, _BOOL) over a table, on
+    /// Gemini or a local LLM server: one row per input row with a status.
+    Generate(generate::Args),
+    /// BigQuery's AI.CLASSIFY: one label per image or video segment, by CLIP
+    /// zero-shot (offline) or a generator.
+    Classify(zeroshot::ClassifyArgs),
+    /// BigQuery's AI.SCORE: how well each image or video segment matches a
+    /// text, by CLIP (offline) or a generator.
+    Score(zeroshot::ScoreArgs),
 }
 
 fn init_logging() {
@@ -100,6 +119,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             models::run(&a)?;
             ExitCode::SUCCESS
         }
+        Cmd::Generate(a) => {
+            let output = a.job.output.clone();
+            rows_summary(generate::run(a).await?, &output)
+        }
+        Cmd::Classify(a) => {
+            let output = a.common.job.output.clone();
+            rows_summary(zeroshot::classify(a).await?, &output)
+        }
+        Cmd::Score(a) => {
+            let output = a.common.job.output.clone();
+            rows_summary(zeroshot::score(a).await?, &output)
+        }
         Cmd::Serve(a) => {
             serve::run(a).await?;
             ExitCode::SUCCESS
@@ -120,6 +151,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// Prints a row job's summary; failure exit status when a row failed.
+fn rows_summary(s: job::Summary, output: &str) -> ExitCode {
+    eprintln!("rows: {} ok, {} failed -> {output}", s.ok, s.failed);
+    if s.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn main() -> ExitCode {

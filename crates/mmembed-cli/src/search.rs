@@ -62,7 +62,7 @@ async fn load(inputs: &[String]) -> anyhow::Result<Vec<Row>> {
     for p in inputs {
         let f = Format::from_path(std::path::Path::new(p))
             .with_context(|| format!("{p}: name a .parquet or .jsonl batch output"))?;
-        let loc = crate::batch::Location::parse(p);
+        let loc = crate::output::Location::parse(p);
         all.extend(
             rows::decode(loc.read().await?, f, p)?
                 .into_iter()

@@ -12,23 +12,15 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mmembed_shapes::{Attributes, Colour, Position, Scene, Shape, Size};
+use mmembed_shapes::{Colour, Scene, Shape};
 use mmembed_store::testkit::{FaultProxy, Faults};
 use mmembed_store::{PutMode, StoreOptions, Stores};
-use rand::SeedableRng;
 use serde_json::Value;
 
 const SECRET: &str = "s3cr3t-key-never-printed";
 
 fn png(shape: Shape, colour: Colour, seed: u64) -> Vec<u8> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let a = Attributes {
-        shape,
-        colour,
-        size: Size::Large,
-        position: Position::Center,
-    };
-    let img = Scene::random(a, &mut rng).render(160, 120, seed);
+    let img = Scene::sample(shape, colour, seed);
     let mut out = vec![];
     img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
         .unwrap();

@@ -7,9 +7,8 @@ use std::process::{Command, Output};
 
 use arrow_schema::DataType;
 use mmembed_core::testkit;
-use mmembed_shapes::{Attributes, Colour, Position, Scene, Shape, Size};
+use mmembed_shapes::{Colour, Scene, Shape};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use rand::SeedableRng;
 use serde_json::Value;
 
 fn mmembed(cache: &Path) -> Command {
@@ -46,14 +45,7 @@ const SHOWN: [(Shape, Colour); 4] = [
 ];
 
 fn scene(shape: Shape, colour: Colour, seed: u64) -> image::RgbImage {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let a = Attributes {
-        shape,
-        colour,
-        size: Size::Large,
-        position: Position::Center,
-    };
-    Scene::random(a, &mut rng).render(160, 120, seed)
+    Scene::sample(shape, colour, seed)
 }
 
 /// A media folder: 4 shape images (one in a subfolder), a 3-segment

@@ -432,6 +432,26 @@ impl Scene {
         }
     }
 
+    /// A seeded 160×120 picture of a large, centred `shape` in `colour`:
+    /// the fixture images of the CLI's tests and examples.
+    ///
+    /// ```
+    /// use mmembed_shapes::{Colour, Scene, Shape};
+    /// let img = Scene::sample(Shape::Star, Colour::Red, 1);
+    /// assert_eq!(img.dimensions(), (160, 120));
+    /// assert_eq!(img, Scene::sample(Shape::Star, Colour::Red, 1));
+    /// ```
+    pub fn sample(shape: Shape, colour: Colour, seed: u64) -> RgbImage {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let a = Attributes {
+            shape,
+            colour,
+            size: Size::Large,
+            position: Position::Center,
+        };
+        Scene::random(a, &mut rng).render(160, 120, seed)
+    }
+
     /// Renders the scene as a `width`×`height` image (the shape scales with
     /// the shorter side), 4×4 supersampled edges. `seed` drives the noise.
     pub fn render(&self, width: u32, height: u32, seed: u64) -> RgbImage {

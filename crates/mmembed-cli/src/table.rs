@@ -1,0 +1,378 @@
+//! Tables of any columns, for `generate`, `classify` and `score`: read from
+//! CSV, JSON Lines, Parquet or an object listing (a folder, a glob, a
+//! bucket prefix), written as Parquet (typed columns: INT64 → int64, ARRAY
+//! → list, STRUCT → struct) or JSON Lines.
+//!
+//! Rows travel as JSON objects; Arrow's JSON decoder turns them into typed
+//! record batches, so one code path serves every column type, nested ones
+//! included. Rows read from a file pass through the same conversion once
+//! (`normalize`), so a row read back from an output compares equal to the
+//! input row it came from.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use arrow_array::RecordBatch;
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use mmembed::schema::{Field as SchemaField, FieldType, OutputSchema};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde_json::{Map, Value};
+
+use crate::inputs;
+use crate::rows::Format;
+
+/// One row: column name to value.
+pub type Row = Map<String, Value>;
+
+/// A table read from an input.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// Its columns and their types.
+    pub schema: SchemaRef,
+    /// Its rows, in input order.
+    pub rows: Vec<Row>,
+    /// Where relative media paths are taken from (a manifest's folder).
+    pub base: Option<PathBuf>,
+}
+
+/// The Arrow type of an output schema type.
+pub fn arrow_type(t: &FieldType) -> DataType {
+    match t {
+        FieldType::String => DataType::Utf8,
+        FieldType::Int64 => DataType::Int64,
+        FieldType::Float64 => DataType::Float64,
+        FieldType::Bool => DataType::Boolean,
+        FieldType::Array(inner) => {
+            DataType::List(Arc::new(Field::new("item", arrow_type(inner), true)))
+        }
+        FieldType::Struct(fields) => DataType::Struct(arrow_fields(fields).into()),
+    }
+}
+
+fn arrow_fields(fields: &[SchemaField]) -> Vec<Field> {
+    fields
+        .iter()
+        .map(|f| Field::new(&f.name, arrow_type(&f.ty), true))
+        .collect()
+}
+
+/// The columns of an output schema as Arrow fields.
+pub fn result_fields(s: &OutputSchema) -> Vec<Field> {
+    arrow_fields(&s.fields)
+}
+
+fn object_table_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("uri", DataType::Utf8, true),
+        Field::new("content_type", DataType::Utf8, true),
+        Field::new("size_bytes", DataType::Int64, true),
+        Field::new("generation", DataType::Utf8, true),
+        Field::new("etag", DataType::Utf8, true),
+        Field::new(
+            "updated",
+            // An offset rather than "UTC": Arrow's JSON reader parses named
+            // zones only with chrono-tz, a large table we do not need.
+            DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
+            true,
+        ),
+    ])
+}
+
+/// Rows into one record batch of `schema` (fields a row lacks are NULL).
+pub fn to_batch(schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<RecordBatch> {
+    let mut d = arrow_json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(rows.len().max(1))
+        .build_decoder()?;
+    d.serialize(rows)
+        .context("a value does not fit its column's type")?;
+    Ok(d.flush()?
+        .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
+}
+
+/// A record batch as rows (NULLs kept, so every row has every column).
+pub fn from_batch(b: &RecordBatch) -> anyhow::Result<Vec<Row>> {
+    let mut w = arrow_json::WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, arrow_json::writer::JsonArray>(Vec::new());
+    w.write(b)?;
+    w.finish()?;
+    let bytes = w.into_inner();
+    if bytes.is_empty() {
+        return Ok(vec![]);
+    }
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Rows as their typed form would read back (see the module docs).
+pub fn normalize(schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<Vec<Row>> {
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    from_batch(&to_batch(schema, rows)?)
+}
+
+fn read_parquet(bytes: Bytes, what: &str) -> anyhow::Result<(SchemaRef, Vec<Row>)> {
+    let ctx = || format!("reading {what}");
+    let b = ParquetRecordBatchReaderBuilder::try_new(bytes).with_context(ctx)?;
+    let schema = b.schema().clone();
+    let mut rows = vec![];
+    for batch in b.build().with_context(ctx)? {
+        rows.extend(from_batch(&batch.with_context(ctx)?).with_context(ctx)?);
+    }
+    Ok((schema, rows))
+}
+
+/// A JSON object's keys in the order they are written (`serde_json::Map`
+/// sorts them), for the column order of a JSON Lines table.
+struct KeyOrder(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for KeyOrder {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = KeyOrder;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<KeyOrder, A::Error> {
+                let mut keys = vec![];
+                while let Some((k, _)) = m.next_entry::<String, serde::de::IgnoredAny>()? {
+                    keys.push(k);
+                }
+                Ok(KeyOrder(keys))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The columns of JSON Lines in the order the lines first name them.
+fn jsonl_columns(text: &str) -> Vec<String> {
+    let mut order: Vec<String> = vec![];
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Ok(KeyOrder(keys)) = serde_json::from_str::<KeyOrder>(line) {
+            for k in keys {
+                if !order.contains(&k) {
+                    order.push(k);
+                }
+            }
+        }
+    }
+    order
+}
+
+fn read_jsonl(text: &str, what: &str) -> anyhow::Result<Vec<Row>> {
+    let mut rows = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(o)) => rows.push(o),
+            Ok(_) => bail!("{what}:{}: not a JSON object", i + 1),
+            Err(e) => bail!("{what}:{}: not JSON ({e})", i + 1),
+        }
+    }
+    Ok(rows)
+}
+
+/// Reads the input of a job: a `.csv` (every column a string), `.jsonl`
+/// (types inferred), `.parquet` (types kept) table, or anything `mmembed
+/// batch` lists (a folder, glob, media file, bucket prefix), which becomes
+/// an object table (`uri`, `content_type`, `size_bytes`, `generation`,
+/// `etag`, `updated`).
+pub async fn read_input(spec: &str) -> anyhow::Result<Table> {
+    let path = Path::new(spec);
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    let is_file = !mmembed_store::is_remote(spec) && path.is_file();
+    let base = is_file
+        .then(|| inputs::absolute(path).parent().map(Path::to_path_buf))
+        .flatten();
+    let (schema, rows): (SchemaRef, Vec<Row>) = match ext.as_str() {
+        "csv" if is_file => {
+            let mut rd = csv::Reader::from_path(path).with_context(|| format!("opening {spec}"))?;
+            let headers = rd
+                .headers()
+                .with_context(|| format!("reading {spec}"))?
+                .clone();
+            let mut rows = vec![];
+            for rec in rd.records() {
+                let rec = rec.with_context(|| format!("reading {spec}"))?;
+                rows.push(
+                    headers
+                        .iter()
+                        .zip(rec.iter())
+                        .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
+                        .collect(),
+                );
+            }
+            let fields: Vec<Field> = headers
+                .iter()
+                .map(|h| Field::new(h, DataType::Utf8, true))
+                .collect();
+            (Arc::new(Schema::new(fields)), rows)
+        }
+        "jsonl" | "ndjson" if is_file => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {spec}"))?;
+            let rows = read_jsonl(&text, spec)?;
+            let values: Vec<Value> = rows.iter().cloned().map(Value::Object).collect();
+            let inferred =
+                arrow_json::reader::infer_json_schema_from_iterator(values.iter().map(Ok))
+                    .with_context(|| format!("{spec}: the columns have no consistent types"))?;
+            let order = jsonl_columns(&text);
+            let fields: Vec<Field> = order
+                .iter()
+                .filter_map(|n| inferred.field_with_name(n).ok().cloned())
+                .collect();
+            (Arc::new(Schema::new(fields)), rows)
+        }
+        "parquet" | "pq" if is_file => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {spec}"))?;
+            read_parquet(Bytes::from(bytes), spec)?
+        }
+        _ => {
+            let listed = inputs::list(spec).await?;
+            let rows = listed
+                .inputs
+                .iter()
+                .map(|i| {
+                    let mut r = Row::new();
+                    r.insert("uri".into(), i.uri.clone().into());
+                    r.insert(
+                        "content_type".into(),
+                        inputs::content_type(&i.uri)
+                            .map_or("application/octet-stream", |c| c.0)
+                            .into(),
+                    );
+                    r.insert("size_bytes".into(), i.identity.size.into());
+                    r.insert("generation".into(), i.identity.generation.clone().into());
+                    r.insert("etag".into(), i.identity.etag.clone().into());
+                    r.insert(
+                        "updated".into(),
+                        i.identity
+                            .updated
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                            .into(),
+                    );
+                    r
+                })
+                .collect();
+            (Arc::new(object_table_schema()), rows)
+        }
+    };
+    let rows = normalize(&schema, &rows).with_context(|| format!("reading {spec}"))?;
+    Ok(Table { schema, rows, base })
+}
+
+/// Encodes rows of `schema` as a whole file.
+pub fn encode(format: Format, schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    match format {
+        Format::Parquet => {
+            let props = WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .build();
+            let batch = to_batch(schema, rows)?;
+            let mut w = ArrowWriter::try_new(&mut out, schema.clone(), Some(props))?;
+            w.write(&batch)?;
+            w.close()?;
+        }
+        Format::Jsonl => {
+            // Columns in schema order, every one present (NULL as null).
+            for r in normalize(schema, rows)? {
+                out.push(b'{');
+                for (i, f) in schema.fields().iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    serde_json::to_writer(&mut out, f.name())?;
+                    out.push(b':');
+                    serde_json::to_writer(&mut out, r.get(f.name()).unwrap_or(&Value::Null))?;
+                }
+                out.extend_from_slice(b"}\n");
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes a whole file written by [`encode`]: its column names and rows.
+pub fn decode(bytes: Bytes, format: Format, what: &str) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
+    match format {
+        Format::Parquet => {
+            let (schema, rows) = read_parquet(bytes, what)?;
+            Ok((
+                schema.fields().iter().map(|f| f.name().clone()).collect(),
+                rows,
+            ))
+        }
+        Format::Jsonl => {
+            let text = std::str::from_utf8(&bytes).with_context(|| format!("reading {what}"))?;
+            Ok((jsonl_columns(text), read_jsonl(text, what)?))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_columns_round_trip_through_both_formats() {
+        let s: OutputSchema =
+            "n INT64, x FLOAT64, ok BOOL, tags ARRAY<STRING>, p STRUCT<a INT64, b STRING>"
+                .parse()
+                .unwrap();
+        let mut fields = vec![Field::new("uri", DataType::Utf8, true)];
+        fields.extend(result_fields(&s));
+        let schema: SchemaRef = Arc::new(Schema::new(fields));
+        let rows: Vec<Row> = vec![
+            serde_json::json!({"uri": "a", "n": 2, "x": 2.0, "ok": true, "tags": ["t"], "p": {"a": 1, "b": "z"}}),
+            serde_json::json!({"uri": "b"}),
+        ]
+        .into_iter()
+        .map(|v| v.as_object().cloned().unwrap())
+        .collect();
+        let want = normalize(&schema, &rows).unwrap();
+        assert_eq!(want[1]["n"], Value::Null);
+        for format in [Format::Parquet, Format::Jsonl] {
+            let bytes = encode(format, &schema, &rows).unwrap();
+            let (names, back) = decode(Bytes::from(bytes), format, "t").unwrap();
+            assert_eq!(names.len(), 6, "{format:?}");
+            assert_eq!(back, want, "{format:?}");
+        }
+        let batch = to_batch(&schema, &rows).unwrap();
+        assert_eq!(
+            batch.schema().field_with_name("n").unwrap().data_type(),
+            &DataType::Int64
+        );
+        assert!(matches!(
+            batch.schema().field_with_name("tags").unwrap().data_type(),
+            DataType::List(_)
+        ));
+        assert!(matches!(
+            batch.schema().field_with_name("p").unwrap().data_type(),
+            DataType::Struct(_)
+        ));
+        // A value of the wrong type is an error, not a silent NULL.
+        let bad = vec![
+            serde_json::json!({"uri": "c", "n": "many"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        ];
+        assert!(to_batch(&schema, &bad).is_err());
+    }
+}
