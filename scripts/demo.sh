@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, offline: draws a dozen shape scenes and a slideshow video,
 # embeds them with the bundled demo model into a Parquet table (one row per
-# image and per 4-second video segment) and searches it with text queries.
-# Arguments replace the default queries.
+# image and per 4-second video segment), searches it with text queries and
+# labels every image and segment zero-shot (`mmembed classify`, BigQuery's
+# AI.CLASSIFY run offline). Arguments replace the default queries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/system-deps.sh
@@ -26,3 +27,9 @@ for q in "$@"; do
   echo "==> $mmembed search \"$q\" --in $table -k 3"
   "$mmembed" search "$q" --in "$table" -k 3
 done
+labels=target/demo-labels.jsonl
+echo "==> $mmembed classify $media --labels 'red star,blue square,green circle,orange ring,purple cross' -o $labels --model demo --interval 4"
+"$mmembed" classify "$media" --labels 'red star,blue square,green circle,orange ring,purple cross' \
+  --label-template 'a {}' -o "$labels" --model demo --interval 4 --overwrite
+# file, segment and label of the first rows (the table has full_response too)
+sed -E 's/^\{"uri":"([^"]*)".*"video_start_sec":([^,]*),"video_end_sec":([^,]*),"result":("[^"]*"|null).*"status":"(.*)"\}$/\1 [\2-\3] \4 \5/' "$labels" | sed "s|$PWD/||" | head -n 8

@@ -34,7 +34,7 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use mmembed_core::hybrid::{DefaultDimension, Fallback, FallbackOptions, Hedged, HedgedOptions};
+use mmembed_core::hybrid::{Fallback, FallbackOptions, Hedged, HedgedOptions};
 use mmembed_core::{EmbedError, Embedder};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -315,7 +315,9 @@ impl BackendSpec {
                     let client: Arc<dyn Embedder> =
                         Arc::new(crate::vertex::VertexEmbedder::new(v.config()?)?);
                     match v.dimension {
-                        Some(d) => Arc::new(DefaultDimension::new(client, d)?),
+                        Some(d) => {
+                            Arc::new(mmembed_core::hybrid::DefaultDimension::new(client, d)?)
+                        }
                         None => client,
                     }
                 }
@@ -550,6 +552,7 @@ type GenFuture<'a> = Pin<
     >,
 >;
 
+#[cfg(any(feature = "vertex", feature = "llm"))]
 fn positive_secs(field: &str, t: f64) -> Result<std::time::Duration, EmbedError> {
     std::time::Duration::try_from_secs_f64(t)
         .ok()

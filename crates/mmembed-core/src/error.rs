@@ -120,6 +120,21 @@ pub enum EmbedError {
 }
 
 impl EmbedError {
+    /// Shorthand for [`EmbedError::Remote`].
+    pub fn remote(
+        http_status: Option<u16>,
+        status: Option<String>,
+        message: impl Into<String>,
+        retryable: bool,
+    ) -> Self {
+        Self::Remote {
+            http_status,
+            status,
+            message: message.into(),
+            retryable,
+        }
+    }
+
     /// Shorthand for [`EmbedError::InvalidInput`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::InvalidInput {

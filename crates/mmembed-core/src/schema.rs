@@ -454,11 +454,14 @@ pub fn quote(text: &str) -> String {
 }
 
 fn check(path: &str, f: &Field, v: &Value) -> Result<Value, AnswerError> {
+    // The value as JSON text (a string keeps its quotes), cut if long.
     let bad = |what: &str| {
-        Err(AnswerError(format!(
-            "`{path}` is not {what}: {}",
-            quote(&v.to_string())
-        )))
+        let text = v.to_string();
+        let mut shown: String = text.chars().take(120).collect();
+        if shown.len() < text.len() {
+            shown.push('…');
+        }
+        Err(AnswerError(format!("`{path}` is not {what}: {shown}")))
     };
     match &f.ty {
         FieldType::String => match v.as_str() {
@@ -484,10 +487,11 @@ fn check(path: &str, f: &Field, v: &Value) -> Result<Value, AnswerError> {
                     )))
                 } else {
                     match n.as_f64() {
+                        // i64 as f64 spans [-2^63, 2^63).
                         Some(x)
                             if x.fract() == 0.0
-                                && x >= -9.223_372_036_854_776e18
-                                && x < 9.223_372_036_854_776e18 =>
+                                && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18)
+                                    .contains(&x) =>
                         {
                             Ok((x as i64).into())
                         }

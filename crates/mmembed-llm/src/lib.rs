@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use mmembed_core::generate::{GenerateRequest, Part};
+use mmembed_core::generate::{GenerateRequest, Generation, GeneratorInfo, Part};
 use mmembed_core::{EmbedError, Modality};
 use mmembed_media::image_crate::ImageFormat;
 use mmembed_media::{encode_for_upload, fetch_remote, read_media};
@@ -173,6 +173,43 @@ async fn pieces(req: &GenerateRequest, max_image_bytes: usize) -> Result<Vec<Pie
         }
     }
     Ok(out)
+}
+
+/// Sends `body`, parses the answer with `answer`, and builds the row's
+/// result: the shared last step of both backends.
+async fn complete<R: serde::de::DeserializeOwned>(
+    transport: &JsonClient,
+    url: &str,
+    body: &Value,
+    req: &GenerateRequest,
+    info: &GeneratorInfo,
+    answer: fn(&R) -> (Result<String, String>, Option<String>),
+) -> Result<Generation, EmbedError> {
+    let reply = transport.post::<R>(url, body).await?;
+    let (text, model) = answer(&reply.value);
+    Ok(Generation::from_answer(
+        text,
+        req.output_schema.as_ref(),
+        String::from_utf8_lossy(&reply.body).into_owned(),
+        &info.backend,
+        model.as_deref().unwrap_or(&info.model_id),
+    ))
+}
+
+/// Answers a batch `concurrency` requests at a time, in order.
+async fn in_order<'a, F>(
+    reqs: Vec<GenerateRequest>,
+    concurrency: usize,
+    one: impl Fn(GenerateRequest) -> F,
+) -> Vec<Result<Generation, EmbedError>>
+where
+    F: std::future::Future<Output = Result<Generation, EmbedError>> + 'a,
+{
+    use futures::StreamExt;
+    futures::stream::iter(reqs.into_iter().map(one))
+        .buffered(concurrency)
+        .collect()
+        .await
 }
 
 /// Merges `add` into `base` field by field (objects recursively).

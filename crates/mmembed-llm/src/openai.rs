@@ -2,14 +2,13 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use mmembed_core::generate::{GenerateRequest, Generation, Generator, GeneratorInfo};
 use mmembed_core::{EmbedError, Modality, async_trait};
 use mmembed_transport::JsonClient;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::{LlmConfig, Piece, check_params, merge, pieces};
+use crate::{LlmConfig, Piece, check_params, complete, in_order, merge, pieces};
 
 const BACKEND: &str = "openai";
 
@@ -51,7 +50,11 @@ struct Message {
     refusal: Option<String>,
 }
 
-fn answer(r: &Response) -> Result<String, String> {
+fn answer(r: &Response) -> (Result<String, String>, Option<String>) {
+    (text(r), r.model.clone())
+}
+
+fn text(r: &Response) -> Result<String, String> {
     let c = r
         .choices
         .first()
@@ -126,23 +129,8 @@ impl OpenAiGenerator {
     async fn generate_one(&self, req: GenerateRequest) -> Result<Generation, EmbedError> {
         self.inner.info.check(&req)?;
         let body = self.body(&req).await?;
-        let reply = self
-            .inner
-            .transport
-            .post::<Response>(&self.inner.url, &body)
-            .await?;
-        let model = reply
-            .value
-            .model
-            .clone()
-            .unwrap_or_else(|| self.inner.info.model_id.clone());
-        Ok(Generation::from_answer(
-            answer(&reply.value),
-            req.output_schema.as_ref(),
-            String::from_utf8_lossy(&reply.body).into_owned(),
-            BACKEND,
-            &model,
-        ))
+        let i = &self.inner;
+        complete(&i.transport, &i.url, &body, &req, &i.info, answer).await
     }
 }
 
@@ -156,9 +144,9 @@ impl Generator for OpenAiGenerator {
         &self,
         reqs: Vec<GenerateRequest>,
     ) -> Vec<Result<Generation, EmbedError>> {
-        futures::stream::iter(reqs.into_iter().map(|r| self.generate_one(r)))
-            .buffered(self.inner.cfg.max_concurrency)
-            .collect()
-            .await
+        in_order(reqs, self.inner.cfg.max_concurrency, |r| {
+            self.generate_one(r)
+        })
+        .await
     }
 }

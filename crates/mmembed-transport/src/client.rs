@@ -79,20 +79,6 @@ struct Failure {
     unauthorized: bool,
 }
 
-fn remote(
-    http: Option<u16>,
-    status: Option<String>,
-    message: String,
-    retryable: bool,
-) -> EmbedError {
-    EmbedError::Remote {
-        http_status: http,
-        status,
-        message,
-        retryable,
-    }
-}
-
 /// The status name and message of an error body: Google's
 /// `{"error": {"status", "message"}}`, OpenAI's `{"error": {"type",
 /// "message"}}`, Ollama's `{"error": "…"}`, or the start of the text.
@@ -155,7 +141,7 @@ impl JsonClient {
             .user_agent(concat!("mmembed/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| {
-                remote(
+                EmbedError::remote(
                     None,
                     None,
                     format!("cannot build the HTTP client: {e}"),
@@ -247,7 +233,7 @@ impl JsonClient {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Err(plain(timeout())),
             Err(e) => {
-                return Err(plain(remote(
+                return Err(plain(EmbedError::remote(
                     None,
                     Some("UNAVAILABLE".into()),
                     format!("request to {} failed: {}", i.opts.service, without_url(&e)),
@@ -261,7 +247,7 @@ impl JsonClient {
             Ok(b) => b,
             Err(e) if e.is_timeout() => return Err(plain(timeout())),
             Err(e) => {
-                return Err(plain(remote(
+                return Err(plain(EmbedError::remote(
                     Some(code.as_u16()),
                     Some("UNAVAILABLE".into()),
                     format!(
@@ -277,7 +263,7 @@ impl JsonClient {
                 Ok(value) => Ok(Reply { value, body: bytes }),
                 // Idempotent requests: a cut-off or garbled body is a
                 // transport fault like a dropped connection.
-                Err(e) => Err(plain(remote(
+                Err(e) => Err(plain(EmbedError::remote(
                     Some(code.as_u16()),
                     Some("UNAVAILABLE".into()),
                     format!(
@@ -300,7 +286,7 @@ impl JsonClient {
                 | StatusCode::GATEWAY_TIMEOUT
         );
         Err(Failure {
-            error: remote(Some(code.as_u16()), status, message, retryable),
+            error: EmbedError::remote(Some(code.as_u16()), status, message, retryable),
             retry_after,
             unauthorized: code == StatusCode::UNAUTHORIZED,
         })

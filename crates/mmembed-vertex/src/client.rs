@@ -50,20 +50,6 @@ impl std::fmt::Debug for VertexEmbedder {
     }
 }
 
-fn remote(
-    http: Option<u16>,
-    status: Option<String>,
-    message: String,
-    retryable: bool,
-) -> EmbedError {
-    EmbedError::Remote {
-        http_status: http,
-        status,
-        message,
-        retryable,
-    }
-}
-
 impl VertexEmbedder {
     /// A client with real time.
     pub fn new(cfg: VertexConfig) -> Result<Self, EmbedError> {
@@ -108,12 +94,7 @@ impl VertexEmbedder {
             .post::<PredictResponse>(&self.inner.endpoint, body)
             .await?;
         reply.value.predictions.into_iter().next().ok_or_else(|| {
-            remote(
-                Some(200),
-                None,
-                "the service returned no prediction".into(),
-                false,
-            )
+            EmbedError::remote(Some(200), None, "the service returned no prediction", false)
         })
     }
 
@@ -143,13 +124,13 @@ impl VertexEmbedder {
         let check =
             |what: &str, present: bool, v: Option<&Vec<f32>>, want: usize| match (present, v) {
                 (false, _) => Ok(()),
-                (true, None) => Err(remote(
+                (true, None) => Err(EmbedError::remote(
                     None,
                     None,
                     format!("the service returned no {what} embedding"),
                     false,
                 )),
-                (true, Some(v)) if v.len() != want => Err(remote(
+                (true, Some(v)) if v.len() != want => Err(EmbedError::remote(
                     None,
                     None,
                     format!(
@@ -164,10 +145,10 @@ impl VertexEmbedder {
         check("image", req.image.is_some(), image.as_ref(), dimension)?;
         if req.video.is_some() {
             if video.is_empty() {
-                return Err(remote(
+                return Err(EmbedError::remote(
                     None,
                     None,
-                    "the service returned no video segments".into(),
+                    "the service returned no video segments",
                     false,
                 ));
             }
