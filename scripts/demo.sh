@@ -28,8 +28,11 @@ for q in "$@"; do
   "$mmembed" search "$q" --in "$table" -k 3
 done
 labels=target/demo-labels.jsonl
-echo "==> $mmembed classify $media --labels 'red star,blue square,green circle,orange ring,purple cross' -o $labels --model demo --interval 4"
-"$mmembed" classify "$media" --labels 'red star,blue square,green circle,orange ring,purple cross' \
+echo "==> $mmembed classify $media --labels 'star,square,circle,triangle,ring,cross' -o $labels --model demo --interval 4"
+"$mmembed" classify "$media" --labels 'star,square,circle,triangle,ring,cross' \
   --label-template 'a {}' -o "$labels" --model demo --interval 4 --overwrite
-# file, segment and label of the first rows (the table has full_response too)
-sed -E 's/^\{"uri":"([^"]*)".*"video_start_sec":([^,]*),"video_end_sec":([^,]*),"result":("[^"]*"|null).*"status":"(.*)"\}$/\1 [\2-\3] \4 \5/' "$labels" | sed "s|$PWD/||" | head -n 8
+# file, video segment and label of each row (the table has the
+# probabilities in full_response too)
+sed -E 's/^\{"uri":"([^"]*)".*"video_start_sec":([^,]*),"video_end_sec":([^,]*),"result":("[^"]*"|null).*"status":"(.*)"\}$/\1  [\2-\3 s]  \4 \5/' "$labels" |
+  sed -e "s|$PWD/||" -e 's/  \[null-null s\]//'
+
