@@ -560,7 +560,59 @@ fn positive_secs(field: &str, t: f64) -> Result<std::time::Duration, EmbedError>
         .ok_or_else(|| EmbedError::invalid(field, "must be a positive number"))
 }
 
+/// Settings given once for every backend of a [`GeneratorSpec`] (the
+/// CLI's flags); a backend's own setting in the spec wins.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GeneratorDefaults {
+    /// Requests in flight per backend.
+    pub concurrency: Option<usize>,
+    /// Requests per minute per backend.
+    pub rpm: Option<u32>,
+    /// Attempts per request.
+    pub max_attempts: Option<u32>,
+    /// Per-request timeout in seconds.
+    pub timeout_secs: Option<f64>,
+}
+
 impl GeneratorSpec {
+    /// Fills the settings no backend of the spec gives from `d`.
+    ///
+    /// ```
+    /// use mmembed::spec::{GeneratorDefaults, GeneratorSpec};
+    /// let mut s: GeneratorSpec = "fallback(ollama?model=a&rpm=10, gemini:p)".parse()?;
+    /// s.fill(&GeneratorDefaults { rpm: Some(60), ..Default::default() });
+    /// let GeneratorSpec::Fallback { primary, secondary, .. } = s else { unreachable!() };
+    /// assert!(matches!(*primary, GeneratorSpec::Ollama(ref l) if l.rpm == Some(10)));
+    /// assert!(matches!(*secondary, GeneratorSpec::Gemini(ref g) if g.rpm == Some(60)));
+    /// # Ok::<(), mmembed::EmbedError>(())
+    /// ```
+    pub fn fill(&mut self, d: &GeneratorDefaults) {
+        match self {
+            Self::Gemini(g) => {
+                g.concurrency = g.concurrency.or(d.concurrency);
+                g.rpm = g.rpm.or(d.rpm);
+                g.max_attempts = g.max_attempts.or(d.max_attempts);
+                g.timeout_secs = g.timeout_secs.or(d.timeout_secs);
+            }
+            Self::Openai(l) | Self::Ollama(l) => {
+                l.concurrency = l.concurrency.or(d.concurrency);
+                l.rpm = l.rpm.or(d.rpm);
+                l.max_attempts = l.max_attempts.or(d.max_attempts);
+                l.timeout_secs = l.timeout_secs.or(d.timeout_secs);
+            }
+            Self::Fallback {
+                primary, secondary, ..
+            } => {
+                primary.fill(d);
+                secondary.fill(d);
+            }
+            Self::Hedged { first, second, .. } => {
+                first.fill(d);
+                second.fill(d);
+            }
+        }
+    }
+
     /// Parses the TOML form (as [`BackendSpec::from_toml`]).
     pub fn from_toml(text: &str) -> Result<Self, EmbedError> {
         toml::from_str(text).map_err(|e| EmbedError::invalid("generator config", e.to_string()))

@@ -11,7 +11,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use clap::{Args as ClapArgs, ValueEnum};
 use mmembed::generate::{GenerateRequest, Generator, Part, status_of};
 use mmembed::schema::{FieldType, OutputSchema};
-use mmembed::spec::GeneratorSpec;
+use mmembed::spec::{GeneratorDefaults, GeneratorSpec};
 use mmembed::{Media, MediaSource};
 use serde_json::{Map, Value};
 
@@ -31,18 +31,42 @@ pub struct GeneratorArgs {
     /// an API key for local servers in MMEMBED_LLM_API_KEY.
     #[arg(long, short = 'g', env = "MMEMBED_GENERATOR")]
     pub generator: String,
+
+    /// Requests in flight, for every backend of the spec that sets none
+    /// (default: Gemini 8, local servers 4).
+    #[arg(long, env = "MMEMBED_GENERATE_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrency: Option<u32>,
+
+    /// Client-side pacing in requests per minute, for every backend that
+    /// sets none (default: Gemini 120, local servers 6000).
+    #[arg(long, env = "MMEMBED_GENERATE_RPM", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rpm: Option<u32>,
+
+    /// Attempts per request (retries of 429/5xx/network faults; default 5).
+    #[arg(long, env = "MMEMBED_GENERATE_MAX_ATTEMPTS", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: Option<u32>,
+
+    /// Per-request timeout in seconds (default: Gemini 60, local servers 300).
+    #[arg(long, env = "MMEMBED_GENERATE_TIMEOUT_SECS")]
+    pub timeout_secs: Option<f64>,
 }
 
 impl GeneratorArgs {
     /// Builds the generator.
     pub async fn build(&self) -> anyhow::Result<Arc<dyn Generator>> {
-        let spec = if self.generator.trim().ends_with(".toml") {
+        let mut spec = if self.generator.trim().ends_with(".toml") {
             let text = std::fs::read_to_string(self.generator.trim())
                 .with_context(|| format!("reading generator config {}", self.generator))?;
             GeneratorSpec::from_toml(&text)?
         } else {
             self.generator.parse::<GeneratorSpec>()?
         };
+        spec.fill(&GeneratorDefaults {
+            concurrency: self.concurrency.map(|n| n as usize),
+            rpm: self.rpm,
+            max_attempts: self.max_attempts,
+            timeout_secs: self.timeout_secs,
+        });
         spec.build()
             .await
             .context("building the generator from its spec")

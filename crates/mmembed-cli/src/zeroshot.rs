@@ -288,8 +288,14 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
     let shared = Arc::new(input.clone());
     match &c.generator {
         Some(spec) => {
+            // Concurrency and pacing of a generator go in its spec here
+            // (the backend flags are the embedding model's).
             let g = GeneratorArgs {
                 generator: spec.clone(),
+                concurrency: None,
+                rpm: None,
+                max_attempts: None,
+                timeout_secs: None,
             }
             .build()
             .await?;

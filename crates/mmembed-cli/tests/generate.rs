@@ -443,3 +443,115 @@ fn generate_on_local_llm_servers_and_fallback() {
         .args(["-o", "x.jsonl", "-g", "claude:x", "--prompt", "{q}"]));
     assert!(!ok && err.contains("unknown backend `claude`"), "{err}");
 }
+
+#[test]
+fn parquet_tables_and_classify_score_on_gemini() {
+    use std::sync::Arc;
+
+    use arrow_array::{Int64Array, RecordBatch, StringArray};
+    let d = tempfile::tempdir().unwrap();
+    let root = media(d.path());
+    // A Parquet table: its column types survive into the output.
+    let table = d.path().join("items.parquet");
+    let batch = RecordBatch::try_from_iter([
+        (
+            "name",
+            Arc::new(StringArray::from(vec!["apple", "pear"])) as arrow_array::ArrayRef,
+        ),
+        (
+            "qty",
+            Arc::new(Int64Array::from(vec![3, 5])) as arrow_array::ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&table).unwrap(),
+        batch.schema(),
+        None,
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let fake = FakeVertex::start().unwrap();
+    let spec = format!("gemini:test-proj/us-central1?base_url={}", fake.url);
+    let out = d.path().join("prices.jsonl");
+    let (ok, err) = run(mmembed(d.path())
+        .arg("generate")
+        .arg(&table)
+        .arg("-o")
+        .arg(&out)
+        .args(["-g", &spec, "--concurrency", "1", "--max-attempts", "1"])
+        .args(["--prompt", "Price of {qty} {name}s?", "--returns", "int"]));
+    assert!(ok, "{err}");
+    let rows = read_jsonl(&out);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (
+            rows[0]["name"].clone(),
+            rows[0]["qty"].clone(),
+            rows[0]["result"].clone()
+        ),
+        (json!("apple"), json!(3), json!(2))
+    );
+    assert_eq!(
+        fake.requests()[1].body["contents"][0]["parts"][0]["text"],
+        "Price of 5 pears?"
+    );
+
+    // An input column named like an output column is refused, naming it.
+    let (ok, err) = run(mmembed(d.path()).arg("generate").arg(&out).args([
+        "-o",
+        "again.jsonl",
+        "-g",
+        &spec,
+        "--prompt",
+        "{name}",
+    ]));
+    assert!(
+        !ok && err.contains("column `result`") && err.contains("rename"),
+        "{err}"
+    );
+
+    // classify and score on a generator: enum and number schemas, same rows.
+    let labels = d.path().join("g-labels.jsonl");
+    let (ok, _) = run(mmembed(d.path())
+        .args(["classify", "--labels", "star,square", "-g", &spec])
+        .arg(&root)
+        .arg("-o")
+        .arg(&labels));
+    assert!(!ok, "the broken files fail");
+    let rows = read_jsonl(&labels);
+    assert_eq!(rows.len(), 5);
+    let star = rows
+        .iter()
+        .find(|r| r["uri"].as_str().unwrap().ends_with("red-star.png"))
+        .unwrap();
+    assert_eq!(
+        star["result"], "star",
+        "the fake answers the first allowed value"
+    );
+    assert!(star["video_start_sec"].is_null());
+    let sent = fake.requests();
+    let classify_req = sent
+        .iter()
+        .rev()
+        .find(|r| !r.body["generationConfig"]["responseSchema"].is_null())
+        .unwrap();
+    assert_eq!(
+        classify_req.body["generationConfig"]["responseSchema"]["properties"]["result"]["enum"],
+        json!(["star", "square"])
+    );
+    let scores = d.path().join("g-scores.jsonl");
+    run(mmembed(d.path())
+        .args(["score", "--text", "a red star", "-g", &spec])
+        .arg(&root)
+        .arg("-o")
+        .arg(&scores));
+    let rows = read_jsonl(&scores);
+    let star = rows
+        .iter()
+        .find(|r| r["uri"].as_str().unwrap().ends_with("red-star.png"))
+        .unwrap();
+    assert_eq!(star["result"], 2.0);
+    assert_eq!(star["status"], "");
+}

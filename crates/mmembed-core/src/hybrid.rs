@@ -380,6 +380,8 @@ impl<B: ?Sized + Backend> Fallback<B> {
             }
             match self.primary.accepts(r) {
                 Ok(()) => to_primary.push(i),
+                // Wrong in itself (an empty prompt): wrong everywhere.
+                Err(e) if !e.is_unsupported() => results[i] = Some(Err(e)),
                 Err(e) => {
                     primary_errors[i] = Some(e);
                     to_secondary.push(i);

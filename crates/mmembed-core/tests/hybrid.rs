@@ -316,3 +316,102 @@ async fn hedging_asks_the_second_only_when_the_first_is_slow_and_cancels_the_los
     assert_eq!(who(&h, EmbedRequest::text("a")).await.unwrap(), "fast");
     assert_eq!(t0.elapsed(), Duration::from_millis(60));
 }
+
+/// A generator that answers with its name after `latency`, or fails.
+struct Talker {
+    info: mmembed_core::GeneratorInfo,
+    latency: Duration,
+    fail: Option<EmbedError>,
+    calls: AtomicUsize,
+}
+
+fn talker(name: &str, latency_ms: u64, fail: Option<EmbedError>) -> Arc<Talker> {
+    Arc::new(Talker {
+        info: mmembed_core::GeneratorInfo {
+            backend: name.into(),
+            model_id: format!("{name}-model"),
+            modalities: vec![Modality::Text],
+        },
+        latency: Duration::from_millis(latency_ms),
+        fail,
+        calls: AtomicUsize::new(0),
+    })
+}
+
+#[async_trait]
+impl mmembed_core::Generator for Talker {
+    fn info(&self) -> &mmembed_core::GeneratorInfo {
+        &self.info
+    }
+    async fn generate_batch(
+        &self,
+        reqs: Vec<mmembed_core::GenerateRequest>,
+    ) -> Vec<Result<mmembed_core::Generation, EmbedError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.latency).await;
+        reqs.iter()
+            .map(|_| match &self.fail {
+                Some(e) => Err(e.clone()),
+                None => Ok(mmembed_core::Generation::from_answer(
+                    Ok(self.info.backend.clone()),
+                    None,
+                    "{}".into(),
+                    &self.info.backend,
+                    &self.info.model_id,
+                )),
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_combinators_serve_generators() {
+    use mmembed_core::{GenerateRequest, Generator};
+    let down = EmbedError::Remote {
+        http_status: Some(503),
+        status: Some("UNAVAILABLE".into()),
+        message: "down".into(),
+        retryable: true,
+    };
+    let a = talker("a", 0, Some(down));
+    let b = talker("b", 0, None);
+    let f = Fallback::for_generators(a.clone(), b.clone(), FallbackOptions::default()).unwrap();
+    let out = f
+        .generate_batch(vec![
+            GenerateRequest::text("x"),
+            GenerateRequest::text("   "),
+        ])
+        .await;
+    assert_eq!(out[0].as_ref().unwrap().text.as_deref(), Some("b"));
+    // An empty prompt is the caller's mistake: refused before either runs it.
+    assert!(
+        matches!(out[1], Err(EmbedError::InvalidInput { .. })),
+        "{:?}",
+        out[1]
+    );
+    assert_eq!(f.info().backend, "fallback(a,b)");
+
+    // Hedged: the slow first is overtaken by the second after the delay.
+    let slow = talker("slow", 1000, None);
+    let fast = talker("fast", 10, None);
+    let h = Hedged::for_generators(
+        slow.clone(),
+        fast.clone(),
+        HedgedOptions {
+            delay: Duration::from_millis(100),
+            allow_mixed_spaces: false,
+        },
+    )
+    .unwrap();
+    let start = tokio::time::Instant::now();
+    let g = h.generate(GenerateRequest::text("x")).await.unwrap();
+    assert_eq!(g.text.as_deref(), Some("fast"));
+    assert!(start.elapsed() < Duration::from_millis(200));
+    assert_eq!(
+        (
+            slow.calls.load(Ordering::SeqCst),
+            fast.calls.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+}

@@ -175,6 +175,10 @@ async fn pieces(req: &GenerateRequest, max_image_bytes: usize) -> Result<Vec<Pie
     Ok(out)
 }
 
+/// What a backend reads from its response: the answer (or why there is
+/// none) and the model that answered.
+type Extract<R> = fn(&R) -> (Result<String, String>, Option<String>);
+
 /// Sends `body`, parses the answer with `answer`, and builds the row's
 /// result: the shared last step of both backends.
 async fn complete<R: serde::de::DeserializeOwned>(
@@ -183,7 +187,7 @@ async fn complete<R: serde::de::DeserializeOwned>(
     body: &Value,
     req: &GenerateRequest,
     info: &GeneratorInfo,
-    answer: fn(&R) -> (Result<String, String>, Option<String>),
+    answer: Extract<R>,
 ) -> Result<Generation, EmbedError> {
     let reply = transport.post::<R>(url, body).await?;
     let (text, model) = answer(&reply.value);
