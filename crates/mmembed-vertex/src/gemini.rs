@@ -216,6 +216,17 @@ fn mime_from_name(name: &str) -> Option<&'static str> {
     })
 }
 
+fn too_big_inline(what: &str, len: usize) -> EmbedError {
+    EmbedError::media(
+        what,
+        format!(
+            "{len} bytes is over Gemini's {MAX_INLINE_FILE_BYTES} byte limit for inline files: \
+             put it in a gs:// bucket"
+        ),
+        None,
+    )
+}
+
 /// A video's MIME type from its first bytes (ISO BMFF `ftyp`, WebM/Matroska).
 fn sniff_video(b: &[u8]) -> Option<&'static str> {
     if b.len() >= 12 && &b[4..8] == b"ftyp" {
@@ -382,25 +393,23 @@ impl GeminiGenerator {
                 .or_else(|| mime_from_name(&name).map(String::from))
                 .unwrap_or_else(|| "video/mp4".into());
             if bytes.len() > MAX_INLINE_FILE_BYTES {
-                return Err(EmbedError::media(
-                    &what,
-                    format!(
-                        "{} bytes is over Gemini's {MAX_INLINE_FILE_BYTES} byte limit for inline files: \
-                         put it in a gs:// bucket",
-                        bytes.len()
-                    ),
-                    None,
-                ));
+                return Err(too_big_inline(&what, bytes.len()));
             }
             (bytes.to_vec(), mime)
         } else {
             // Gemini takes PNG, JPEG, WebP, HEIC/HEIF; others become PNG,
             // large ones are downscaled to fit the inline limit.
-            if m.mime_type
-                .as_deref()
-                .is_some_and(|t| t == "image/heic" || t == "image/heif")
-            {
-                (bytes.to_vec(), m.mime_type.clone().unwrap_or_default())
+            let declared = m
+                .mime_type
+                .clone()
+                .or_else(|| mime_from_name(&name).map(String::from));
+            if let Some(heif) = declared.filter(|t| t == "image/heic" || t == "image/heif") {
+                // Gemini reads HEIC/HEIF; we cannot decode them, so they go
+                // as they are, within the inline limit.
+                if bytes.len() > MAX_INLINE_FILE_BYTES {
+                    return Err(too_big_inline(&what, bytes.len()));
+                }
+                (bytes.to_vec(), heif)
             } else {
                 let up = encode_for_upload(
                     &bytes,

@@ -380,3 +380,28 @@ async fn live_gemini() {
     assert_eq!(out.status, "", "{}", out.full_response);
     assert_eq!(out.fields.unwrap()["capital"], "Olympia");
 }
+
+#[tokio::test]
+async fn heic_goes_as_it_is_and_oversized_inline_media_are_refused() {
+    let fake = FakeVertex::start().unwrap();
+    let (g, _) = gemini(&fake, |c| c);
+    let d = tempfile::tempdir().unwrap();
+    let heic = d.path().join("photo.heic");
+    std::fs::write(&heic, b"\0\0\0\x18ftypheic-not-decoded-by-us").unwrap();
+    let big = d.path().join("big.mp4");
+    std::fs::write(&big, vec![0u8; mmembed_vertex::MAX_INLINE_FILE_BYTES + 1]).unwrap();
+    let out = g
+        .generate_batch(vec![
+            GenerateRequest::text("what is it").with_media(heic),
+            GenerateRequest::text("what is it").with_media(big),
+        ])
+        .await;
+    assert!(out[0].as_ref().unwrap().is_ok());
+    assert_eq!(
+        fake.requests()[0].body["contents"][0]["parts"][1]["inlineData"]["mimeType"],
+        "image/heic"
+    );
+    let e = out[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("inline files") && e.contains("gs://"), "{e}");
+    assert_eq!(fake.request_count(), 1);
+}
