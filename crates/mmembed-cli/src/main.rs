@@ -32,7 +32,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "mmembed",
     version,
-    about = "Multimodal (text, image, video) embeddings: local CLIP on candle or Vertex AI",
+    about = "Multimodal (text, image, video) embeddings and generation: local CLIP on candle, Vertex AI (embeddings, Gemini), local LLM servers",
     after_help = "Examples:
   mmembed models
   mmembed embed --model demo --text 'a red star' photo.png
