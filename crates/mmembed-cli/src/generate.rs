@@ -434,17 +434,9 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         let schema = schema.clone();
         let params = params.clone();
         async move {
-            let mut reqs = vec![];
-            let mut slots = vec![];
-            for row in &rows {
-                match request(&table, &template, row, schema.as_ref(), &params) {
-                    Ok(r) => {
-                        slots.push(Ok(reqs.len()));
-                        reqs.push(r);
-                    }
-                    Err(e) => slots.push(Err(e)),
-                }
-            }
+            let (reqs, slots) = job::plan(&rows, |row| {
+                request(&table, &template, row, schema.as_ref(), &params)
+            });
             let answers = generator.generate_batch(reqs).await;
             rows.into_iter()
                 .zip(slots)

@@ -63,6 +63,25 @@ pub fn row_key(columns: &[String], row: &Row) -> String {
     blake3::hash(text.as_bytes()).to_hex()[..32].to_string()
 }
 
+/// Splits a chunk into the requests to send and, per row, the index of its
+/// request or why it has none (that row fails alone, nothing is sent).
+pub fn plan<T>(
+    rows: &[Row],
+    mut make: impl FnMut(&Row) -> Result<T, String>,
+) -> (Vec<T>, Vec<Result<usize, String>>) {
+    let mut reqs = vec![];
+    let slots = rows
+        .iter()
+        .map(|r| {
+            make(r).map(|q| {
+                reqs.push(q);
+                reqs.len() - 1
+            })
+        })
+        .collect();
+    (reqs, slots)
+}
+
 /// Makes `rows` the newest rows of their keys.
 fn absorb(done: &mut HashMap<String, Vec<Row>>, columns: &[String], rows: Vec<Row>) {
     let mut fresh: HashMap<String, Vec<Row>> = HashMap::new();

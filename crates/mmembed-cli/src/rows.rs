@@ -195,19 +195,24 @@ fn to_batch(rows: &[Row], carried: &[String]) -> anyhow::Result<RecordBatch> {
     Ok(RecordBatch::try_new(Arc::new(schema(carried)), cols)?)
 }
 
+/// One record batch as a whole Parquet file (one row group, Snappy): the
+/// shape of every part and output.
+pub fn parquet_bytes(batch: &RecordBatch) -> anyhow::Result<Vec<u8>> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let mut out = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
+    w.write(batch)?;
+    w.close()?;
+    Ok(out)
+}
+
 /// `rows` as the bytes of a whole file of `format`.
 pub fn encode(format: Format, rows: &[Row], carried: &[String]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     match format {
-        Format::Parquet => {
-            let props = WriterProperties::builder()
-                .set_compression(Compression::SNAPPY)
-                .build();
-            let batch = to_batch(rows, carried)?;
-            let mut w = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
-            w.write(&batch)?;
-            w.close()?;
-        }
+        Format::Parquet => out = parquet_bytes(&to_batch(rows, carried)?)?,
         Format::Jsonl => {
             for r in rows {
                 serde_json::to_writer(&mut out, r)?;

@@ -17,10 +17,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
 use mmembed::schema::{Field as SchemaField, FieldType, OutputSchema};
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Value};
 
 use crate::inputs;
@@ -280,15 +277,7 @@ pub async fn read_input(spec: &str) -> anyhow::Result<Table> {
 pub fn encode(format: Format, schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     match format {
-        Format::Parquet => {
-            let props = WriterProperties::builder()
-                .set_compression(Compression::SNAPPY)
-                .build();
-            let batch = to_batch(schema, rows)?;
-            let mut w = ArrowWriter::try_new(&mut out, schema.clone(), Some(props))?;
-            w.write(&batch)?;
-            w.close()?;
-        }
+        Format::Parquet => out = crate::rows::parquet_bytes(&to_batch(schema, rows)?)?,
         Format::Jsonl => {
             // Columns in schema order, every one present (NULL as null).
             for r in normalize(schema, rows)? {

@@ -224,6 +224,15 @@ fn kind_of(row: &Row) -> Option<Modality> {
     }
 }
 
+/// The image or video a row names, or why it names none.
+fn media(table: &Table, row: &Row) -> Result<(mmembed::Media, Modality), String> {
+    let m = media_of(table, row, "uri")?;
+    match kind_of(row) {
+        Some(kind @ (Modality::Image | Modality::Video)) => Ok((m, kind)),
+        _ => Err("not an image or video (by its content type or extension)".to_string()),
+    }
+}
+
 fn out_row(
     input: &Row,
     start: Option<f64>,
@@ -339,19 +348,12 @@ async fn on_embedder(
     rows: Vec<Row>,
 ) -> Vec<Vec<Row>> {
     let model = e.info().model_id.clone();
-    let mut reqs = vec![];
-    let mut slots: Vec<Result<usize, String>> = vec![];
-    for r in &rows {
-        let req = media_of(&table, r, "uri").and_then(|m| match kind_of(r) {
-            Some(Modality::Image) => Ok(EmbedRequest::image(m)),
-            Some(Modality::Video) => Ok(EmbedRequest::video(m, segments)),
-            _ => Err("not an image or video (by its content type or extension)".to_string()),
-        });
-        slots.push(req.map(|q| {
-            reqs.push(q);
-            reqs.len() - 1
-        }));
-    }
+    let (reqs, slots) = job::plan(&rows, |r| {
+        media(&table, r).map(|(m, kind)| match kind {
+            Modality::Video => EmbedRequest::video(m, segments),
+            _ => EmbedRequest::image(m),
+        })
+    });
     let answers: Vec<Result<Embeddings, mmembed::EmbedError>> = e.embed_batch(reqs).await;
     rows.iter()
         .zip(slots)
@@ -428,19 +430,9 @@ async fn on_generator(
     rows: Vec<Row>,
 ) -> Vec<Vec<Row>> {
     let model = g.info().model_id.clone();
-    let mut reqs = vec![];
-    let mut slots: Vec<Result<usize, String>> = vec![];
-    for r in &rows {
-        let req = media_of(&table, r, "uri").and_then(|m| match kind_of(r) {
-            Some(Modality::Image) => Ok(task.request("image", m)),
-            Some(Modality::Video) => Ok(task.request("video", m)),
-            _ => Err("not an image or video (by its content type or extension)".to_string()),
-        });
-        slots.push(req.map(|q| {
-            reqs.push(q);
-            reqs.len() - 1
-        }));
-    }
+    let (reqs, slots) = job::plan(&rows, |r| {
+        media(&table, r).map(|(m, kind)| task.request(&kind.to_string(), m))
+    });
     let answers = g.generate_batch(reqs).await;
     rows.iter()
         .zip(slots)
