@@ -693,38 +693,29 @@ impl GeneratorSpec {
 impl GeminiSpec {
     /// The client settings this spec describes, over the environment's.
     pub fn config(&self) -> Result<crate::vertex::VertexConfig, EmbedError> {
-        let mut c = crate::vertex::VertexConfig::from_env_with_project(self.project.clone())?;
-        // MMEMBED_VERTEX_MODEL names the embedding model; Gemini has its own.
-        c = c.with_model(
-            self.model
-                .clone()
-                .or_else(|| {
-                    std::env::var("MMEMBED_GEMINI_MODEL")
-                        .ok()
-                        .filter(|m| !m.is_empty())
-                })
-                .unwrap_or_else(|| crate::vertex::DEFAULT_GEMINI_MODEL.to_string()),
-        );
-        if let Some(l) = &self.location {
-            c = c.with_location(l.clone());
+        // The same settings as a Vertex embedding client, but
+        // MMEMBED_VERTEX_MODEL names the embedding model: Gemini has its own.
+        let model = self
+            .model
+            .clone()
+            .or_else(|| {
+                std::env::var("MMEMBED_GEMINI_MODEL")
+                    .ok()
+                    .filter(|m| !m.is_empty())
+            })
+            .unwrap_or_else(|| crate::vertex::DEFAULT_GEMINI_MODEL.to_string());
+        VertexSpec {
+            project: self.project.clone(),
+            location: self.location.clone(),
+            model: Some(model),
+            dimension: None,
+            base_url: self.base_url.clone(),
+            concurrency: self.concurrency,
+            rpm: self.rpm,
+            max_attempts: self.max_attempts,
+            timeout_secs: self.timeout_secs,
         }
-        if let Some(u) = &self.base_url {
-            c = c.with_base_url(u.clone());
-        }
-        if let Some(n) = self.concurrency {
-            c = c.with_max_concurrency(n);
-        }
-        if let Some(n) = self.rpm {
-            c = c.with_requests_per_minute(n);
-        }
-        if let Some(n) = self.max_attempts {
-            c.retry.max_attempts = n.max(1);
-        }
-        if let Some(t) = self.timeout_secs {
-            c = c.with_timeout(positive_secs("timeout_secs", t)?);
-        }
-        c.validate()?;
-        Ok(c)
+        .config()
     }
 }
 
