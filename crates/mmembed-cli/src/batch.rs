@@ -33,7 +33,7 @@ use anyhow::{Context, bail};
 
 use clap::Args as ClapArgs;
 use futures::StreamExt;
-use mmembed::{EmbedRequest, Embedder, Media, MediaSource};
+use mmembed::{Embedder, MediaSource};
 use mmembed_store::{StoreError, Stores};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -42,6 +42,7 @@ use crate::inputs::{self, Identity, Input, Kind, Shard};
 use crate::lock::OutputLock;
 use crate::output::{Location, Output};
 use crate::rows::{self, Format, Row};
+use mmembed_rows::RowInput;
 
 /// Flags of `mmembed batch`.
 #[derive(Debug, ClapArgs)]
@@ -51,7 +52,8 @@ use crate::rows::{self, Format, Row};
   mmembed batch manifest.csv -o out.parquet --resume
   mmembed batch gs://bucket/photos/ -o gs://bucket/emb/photos.parquet
   mmembed batch 's3://bucket/clips/**/*.mp4' -o clips.parquet --resume
-  mmembed batch media/ -o part-2.parquet --shard 2/8   # one of 8 machines")]
+  mmembed batch media/ -o part-2.parquet --shard 2/8   # one of 8 machines
+  mmembed batch gs://b/media/ -o 'gs://b/emb/part-{shard}.parquet' --shard auto   # array job")]
 pub struct Args {
     /// A folder (walked recursively; hidden entries skipped), a glob
     /// (quote it), a manifest (`.csv`/`.jsonl` with a `uri` or `path`
@@ -82,7 +84,11 @@ pub struct Args {
 
     /// Take only slice i of n (`0/4` .. `3/4`), by a hash of each URI: n
     /// machines with the same input each write their own output, and the
-    /// outputs together are the whole job.
+    /// outputs together are the whole job. `auto` (or `auto/n`) takes i and
+    /// n from a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX` and
+    /// `MMEMBED_SHARD_COUNT`) or a Slurm array (`SLURM_ARRAY_TASK_ID`,
+    /// `SLURM_ARRAY_TASK_COUNT`); `{shard}` and `{shards}` in `--output`
+    /// become i and n.
     #[arg(long, env = "MMEMBED_SHARD")]
     pub shard: Option<Shard>,
 
@@ -195,17 +201,9 @@ const MAX_REMOTE_VIDEO: u64 = 2 << 30;
 /// much of the fetch buffer until its size is known.
 const UNKNOWN_SIZE: u64 = 1 << 20;
 
-enum Planned {
-    Request(EmbedRequest),
-    Failed(String),
-}
-
 /// One input, read or ready to be read by the backend.
 struct Prepared {
-    input: Input,
-    content_type: String,
-    identity: Identity,
-    planned: Planned,
+    row: RowInput,
     /// The share of the fetch buffer its bytes take, until it is embedded.
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -233,53 +231,38 @@ impl Fetcher {
     }
 
     async fn prepare(&self, input: Input, permit: Option<OwnedSemaphorePermit>) -> Prepared {
-        let mut identity = input.identity.clone();
-        let fail = |ct: &str, identity: Identity, status: String| Prepared {
-            input: input.clone(),
-            content_type: ct.to_string(),
-            identity,
-            planned: Planned::Failed(status),
-            permit: None,
+        let (segments, dimension) = (self.segments, self.dimension);
+        let uri = input.uri.clone();
+        let Some((ct, kind)) = inputs::content_type(&uri) else {
+            let listed_type = input
+                .listed
+                .as_ref()
+                .and_then(|o| o.content_type.clone())
+                .filter(|t| t.starts_with("image/") || t.starts_with("video/"));
+            let ct = listed_type.as_deref().unwrap_or("application/octet-stream");
+            let row = RowInput::failed(uri, ct, mmembed_rows::unsupported_type_status());
+            return Prepared {
+                row: with_identity(row, input.identity, input.carried),
+                permit: None,
+            };
         };
-        let listed_type = input
-            .listed
-            .as_ref()
-            .and_then(|o| o.content_type.clone())
-            .filter(|t| t.starts_with("image/") || t.starts_with("video/"));
-        let Some((ct, kind)) = inputs::content_type(&input.uri) else {
-            return fail(
-                listed_type.as_deref().unwrap_or("application/octet-stream"),
-                identity,
-                format!(
-                    "unsupported file type (supported extensions: {})",
-                    inputs::supported_extensions()
-                ),
-            );
-        };
-        let source = match &input.path {
-            Some(p) => match std::fs::metadata(p) {
-                Ok(m) => {
-                    identity = Identity::of_file(&m);
-                    MediaSource::Path(p.clone())
-                }
-                Err(e) => {
-                    return fail(
-                        ct,
-                        Identity::default(),
-                        format!("cannot read {}: {e}", p.display()),
-                    );
-                }
-            },
-            None if self.embedder.reads_uri(&input.uri) => MediaSource::Uri(input.uri.clone()),
+        let (row, identity) = match &input.path {
+            // Its size and modification time are read now, not at listing.
+            Some(p) => (RowInput::file(uri, p, segments, dimension), None),
+            None if self.embedder.reads_uri(&uri) => (
+                RowInput::new(uri.clone(), MediaSource::Uri(uri), segments, dimension),
+                Some(input.identity),
+            ),
             None => {
                 let limit = match kind {
                     Kind::Image => MAX_REMOTE_IMAGE,
                     Kind::Video => MAX_REMOTE_VIDEO,
                 };
                 let stores = Stores::shared();
+                let mut identity = input.identity;
                 let info = match &input.listed {
                     Some(o) => Ok(o.clone()),
-                    None => stores.head(&input.uri).await,
+                    None => stores.head(&uri).await,
                 };
                 let got = match info {
                     Ok(info) => {
@@ -288,30 +271,39 @@ impl Fetcher {
                     }
                     Err(e) => Err(e),
                 };
-                match got {
-                    Ok(bytes) => MediaSource::Bytes(bytes),
-                    Err(e) => return fail(ct, identity, store_status(&e)),
-                }
+                let row = match got {
+                    Ok(bytes) => RowInput::new(uri, MediaSource::Bytes(bytes), segments, dimension),
+                    Err(e) => RowInput::failed(uri, ct, store_status(&e)),
+                };
+                (row, Some(identity))
             }
         };
-        let media = Media {
-            source,
-            mime_type: Some(ct.into()),
+        let mut row = match identity {
+            Some(id) => with_identity(row, id, input.carried),
+            None => RowInput {
+                carried: input.carried,
+                ..row
+            },
         };
-        let mut req = match kind {
-            Kind::Image => EmbedRequest::image(media),
-            Kind::Video => EmbedRequest::video(media, self.segments),
-        };
-        if let Some(d) = self.dimension {
-            req = req.with_dimension(d);
-        }
-        Prepared {
-            input,
-            content_type: ct.into(),
-            identity,
-            planned: Planned::Request(req),
-            permit,
-        }
+        row.content_type = ct.into();
+        let permit = if row.request.is_ok() { permit } else { None };
+        Prepared { row, permit }
+    }
+}
+
+/// `row` with an object's identity and carried columns.
+fn with_identity(
+    row: RowInput,
+    id: Identity,
+    carried: serde_json::Map<String, serde_json::Value>,
+) -> RowInput {
+    RowInput {
+        size_bytes: id.size,
+        generation: id.generation,
+        etag: id.etag,
+        updated: id.updated,
+        carried,
+        ..row
     }
 }
 
@@ -329,86 +321,11 @@ async fn embed_chunk(
     dimension: Option<u32>,
     chunk: Vec<Prepared>,
 ) -> Vec<Row> {
-    let info = embedder.info();
-    let mut planned = Vec::with_capacity(chunk.len());
-    let mut reqs = vec![];
-    for p in chunk {
-        let status = match p.planned {
-            Planned::Request(r) => {
-                reqs.push(r);
-                None
-            }
-            Planned::Failed(s) => Some(s),
-        };
-        planned.push((p.input, p.content_type, p.identity, status, p.permit));
-    }
-    let n_reqs = reqs.len();
-    let mut results = if reqs.is_empty() {
-        vec![]
-    } else {
-        embedder.embed_batch(reqs).await
-    }
-    .into_iter();
-    let mut rows = vec![];
-    for (input, ct, id, status, permit) in planned {
-        // The bytes are in the backend's hands now (or dropped).
-        drop(permit);
-        let mut row = Row {
-            uri: input.uri.clone(),
-            content_type: ct,
-            size_bytes: id.size,
-            generation: id.generation,
-            etag: id.etag,
-            updated: id.updated,
-            embedding: None,
-            status: String::new(),
-            video_start_sec: None,
-            video_end_sec: None,
-            model: info.model_id.clone(),
-            space: info.space.as_str().to_string(),
-            dimension: Some(dimension.map_or(info.native_dimension as i32, |d| d as i32)),
-            carried: input.carried,
-        };
-        let result = match status {
-            Some(status) => Err(status),
-            None => match results.next() {
-                Some(r) => r.map_err(|e| e.to_string()),
-                None => Err(format!(
-                    "the backend returned fewer results than the {n_reqs} requests sent"
-                )),
-            },
-        };
-        match result {
-            Err(status) => {
-                row.status = status;
-                rows.push(row);
-            }
-            Ok(e) => {
-                row.model = e.model.clone();
-                row.space = e.space.as_str().to_string();
-                row.dimension = Some(e.dimension as i32);
-                if let Some(v) = e.image {
-                    row.embedding = Some(v);
-                    rows.push(row);
-                } else if e.video.is_empty() {
-                    row.status = "the backend returned no vector for this input".into();
-                    rows.push(row);
-                } else {
-                    for s in e.video {
-                        let mut r = row.clone();
-                        r.video_start_sec = Some(s.start_sec);
-                        r.video_end_sec = Some(s.end_sec);
-                        match s.error {
-                            Some(err) => r.status = err,
-                            None => r.embedding = Some(s.embedding),
-                        }
-                        rows.push(r);
-                    }
-                }
-            }
-        }
-    }
-    rows
+    let (inputs, permits): (Vec<_>, Vec<_>) = chunk.into_iter().map(|p| (p.row, p.permit)).unzip();
+    let rows = mmembed_rows::embed_rows(embedder, dimension, inputs).await;
+    // The bytes were in the backend's hands until now (or dropped).
+    drop(permits);
+    rows.into_iter().map(|(_, row)| row).collect()
 }
 
 /// Prepares `todo` on its own task, `concurrency` objects at a time, and
@@ -516,7 +433,7 @@ impl Progress {
 
 /// Runs the job; the summary counts the rows of the whole output.
 pub async fn run(args: Args) -> anyhow::Result<Summary> {
-    let out = Output::new(&args.output, args.format)?;
+    let out = Output::new(&Shard::name_output(&args.output, args.shard)?, args.format)?;
     let lock =
         OutputLock::acquire(&out.path, Duration::from_secs(args.lock_ttl_secs.max(3))).await?;
     let result = run_locked(&args, &out).await;

@@ -108,7 +108,8 @@ pub struct JobArgs {
     #[arg(long, env = "MMEMBED_OVERWRITE")]
     pub overwrite: bool,
 
-    /// Take only slice i of n (`0/4` .. `3/4`), by a hash of each row.
+    /// Take only slice i of n (`0/4` .. `3/4`), by a hash of each row; `auto`
+    /// reads i and n from an array job (see `mmembed batch --help`).
     #[arg(long, env = "MMEMBED_SHARD")]
     pub shard: Option<Shard>,
 

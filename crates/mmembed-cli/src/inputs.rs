@@ -14,69 +14,7 @@ use chrono::{DateTime, Utc};
 use mmembed_store::ObjectInfo;
 use serde_json::{Map, Value};
 
-/// The columns every output row has; carried columns may not reuse them.
-pub const STANDARD_COLUMNS: [&str; 13] = [
-    "uri",
-    "content_type",
-    "size_bytes",
-    "generation",
-    "etag",
-    "updated",
-    "embedding",
-    "status",
-    "video_start_sec",
-    "video_end_sec",
-    "model",
-    "space",
-    "dimension",
-];
-
-/// What a file holds, judged by its extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A still image.
-    Image,
-    /// A video.
-    Video,
-}
-
-const TYPES: &[(&str, &str, Kind)] = &[
-    ("png", "image/png", Kind::Image),
-    ("jpg", "image/jpeg", Kind::Image),
-    ("jpeg", "image/jpeg", Kind::Image),
-    ("gif", "image/gif", Kind::Image),
-    ("bmp", "image/bmp", Kind::Image),
-    ("webp", "image/webp", Kind::Image),
-    ("tif", "image/tiff", Kind::Image),
-    ("tiff", "image/tiff", Kind::Image),
-    ("mp4", "video/mp4", Kind::Video),
-    ("m4v", "video/mp4", Kind::Video),
-    ("mov", "video/quicktime", Kind::Video),
-    ("avi", "video/x-msvideo", Kind::Video),
-    ("flv", "video/x-flv", Kind::Video),
-    ("mkv", "video/x-matroska", Kind::Video),
-    ("webm", "video/webm", Kind::Video),
-    ("wmv", "video/x-ms-wmv", Kind::Video),
-    ("mpeg", "video/mpeg", Kind::Video),
-    ("mpg", "video/mpeg", Kind::Video),
-    ("3gp", "video/3gpp", Kind::Video),
-];
-
-/// The MIME type and kind for a file name, if it is a supported type.
-pub fn content_type(name: &str) -> Option<(&'static str, Kind)> {
-    // Query strings of URLs are not part of the extension.
-    let name = name.split(['?', '#']).next().unwrap_or(name);
-    let ext = Path::new(name).extension()?.to_str()?.to_ascii_lowercase();
-    TYPES
-        .iter()
-        .find(|(e, _, _)| *e == ext)
-        .map(|(_, ct, k)| (*ct, *k))
-}
-
-/// The supported extensions, for error messages.
-pub fn supported_extensions() -> String {
-    TYPES.iter().map(|t| t.0).collect::<Vec<_>>().join(", ")
-}
+pub use mmembed_rows::{Kind, STANDARD_COLUMNS, content_type, supported_extensions};
 
 /// What identifies one version of an object: BigQuery object tables'
 /// `generation`, `etag`, `updated` and `size` columns.
@@ -403,7 +341,8 @@ fn from_jsonl(path: &Path) -> anyhow::Result<InputTable> {
     })
 }
 
-/// `--shard i/n`: this machine's slice of the input.
+/// `--shard i/n`: this machine's slice of the input; `--shard auto` (or
+/// `auto/n`) reads it from an array job's environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     /// This slice, `0..count`.
@@ -415,9 +354,22 @@ pub struct Shard {
 impl FromStr for Shard {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(rest) = s.strip_prefix("auto") {
+            let count = match rest.strip_prefix('/') {
+                Some(n) => Some(
+                    n.trim()
+                        .parse()
+                        .map_err(|_| format!("bad shard count `{n}`"))?,
+                ),
+                None if rest.is_empty() => None,
+                None => return Err(format!("`{s}` is not auto or auto/n")),
+            };
+            return Self::from_env(count, |k| std::env::var(k).ok());
+        }
         let (i, n) = s
             .split_once('/')
-            .ok_or_else(|| format!("`{s}` is not i/n (e.g. 0/4)"))?;
+            .ok_or_else(|| format!("`{s}` is not i/n (e.g. 0/4) or auto"))?;
         let index: u32 = i
             .trim()
             .parse()
@@ -426,14 +378,87 @@ impl FromStr for Shard {
             .trim()
             .parse()
             .map_err(|_| format!("bad shard count `{n}`"))?;
+        Self::new(index, count)
+    }
+}
+
+impl Shard {
+    fn new(index: u32, count: u32) -> Result<Self, String> {
         if count == 0 || index >= count {
             return Err(format!("shard {index}/{count}: need 0 <= i < n"));
         }
         Ok(Self { index, count })
     }
-}
 
-impl Shard {
+    /// The slice of an array job, from its environment (`var` looks a
+    /// variable up):
+    ///
+    /// - Kubernetes Indexed Job: `JOB_COMPLETION_INDEX`; the count is not in
+    ///   the pod's environment, so it comes from `count` (`auto/n`) or
+    ///   `MMEMBED_SHARD_COUNT` (the manifest sets it to `completions`);
+    /// - Slurm job array: `SLURM_ARRAY_TASK_ID` counted from
+    ///   `SLURM_ARRAY_TASK_MIN` (so `--array=1-8` works), with
+    ///   `SLURM_ARRAY_TASK_COUNT` slices unless `count` says otherwise.
+    pub fn from_env(
+        count: Option<u32>,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
+        let num = |k: &str| -> Result<Option<u32>, String> {
+            var(k)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| {
+                    v.trim()
+                        .parse::<u32>()
+                        .map_err(|_| format!("{k}={v} is not a non-negative integer"))
+                })
+                .transpose()
+        };
+        let (index, count) = if let Some(i) = num("JOB_COMPLETION_INDEX")? {
+            let n = match count {
+                Some(n) => n,
+                None => num("MMEMBED_SHARD_COUNT")?.ok_or(
+                    "--shard auto in a Kubernetes Indexed Job needs the number of shards: \
+                     pass --shard auto/N or set MMEMBED_SHARD_COUNT to the job's completions",
+                )?,
+            };
+            (i, n)
+        } else if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
+            let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let i = id.checked_sub(min).ok_or_else(|| {
+                format!("SLURM_ARRAY_TASK_ID={id} is below SLURM_ARRAY_TASK_MIN={min}")
+            })?;
+            let n = match count {
+                Some(n) => n,
+                None => num("SLURM_ARRAY_TASK_COUNT")?.ok_or(
+                    "--shard auto: SLURM_ARRAY_TASK_COUNT is not set; pass --shard auto/N",
+                )?,
+            };
+            (i, n)
+        } else {
+            return Err(
+                "--shard auto: neither JOB_COMPLETION_INDEX (Kubernetes Indexed Job) \
+                        nor SLURM_ARRAY_TASK_ID (Slurm job array) is set; pass --shard i/n"
+                    .into(),
+            );
+        };
+        Self::new(index, count)
+    }
+
+    /// `output` with `{shard}` replaced by this slice's index and
+    /// `{shards}` by the count, so every task of an array job can share one
+    /// command line (`-o gs://b/emb/part-{shard}-of-{shards}.parquet`).
+    pub fn name_output(output: &str, shard: Option<Shard>) -> anyhow::Result<String> {
+        if !output.contains("{shard") {
+            return Ok(output.to_string());
+        }
+        let s = shard.with_context(|| {
+            format!("the output `{output}` names {{shard}}/{{shards}} but no --shard is given")
+        })?;
+        Ok(output
+            .replace("{shards}", &s.count.to_string())
+            .replace("{shard}", &s.index.to_string()))
+    }
+
     /// Whether `uri` belongs to this slice. By a hash of the URI rather than
     /// by position, so slices stay the same when machines list files in a
     /// different order or the input grows.
@@ -448,6 +473,53 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_shards_from_array_job_variables() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let k8s = env(&[("JOB_COMPLETION_INDEX", "3"), ("MMEMBED_SHARD_COUNT", "8")]);
+        assert_eq!(Shard::from_env(None, k8s), Ok(Shard { index: 3, count: 8 }));
+        assert_eq!(
+            Shard::from_env(Some(4), k8s),
+            Ok(Shard { index: 3, count: 4 })
+        );
+        let no_count = Shard::from_env(None, env(&[("JOB_COMPLETION_INDEX", "1")])).unwrap_err();
+        assert!(no_count.contains("MMEMBED_SHARD_COUNT"), "{no_count}");
+        let slurm = env(&[
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "8"),
+        ]);
+        assert_eq!(
+            Shard::from_env(None, slurm),
+            Ok(Shard { index: 4, count: 8 })
+        );
+        let none = Shard::from_env(None, env(&[])).unwrap_err();
+        assert!(none.contains("JOB_COMPLETION_INDEX") && none.contains("SLURM_ARRAY_TASK_ID"));
+        let out_of_range = env(&[("JOB_COMPLETION_INDEX", "8"), ("MMEMBED_SHARD_COUNT", "8")]);
+        assert!(Shard::from_env(None, out_of_range).is_err());
+        let bad = env(&[
+            ("SLURM_ARRAY_TASK_ID", "x"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+        ]);
+        assert!(
+            Shard::from_env(None, bad)
+                .unwrap_err()
+                .contains("SLURM_ARRAY_TASK_ID=x")
+        );
+        let s = Some(Shard { index: 2, count: 5 });
+        assert_eq!(
+            Shard::name_output("gs://b/part-{shard}-of-{shards}.parquet", s).unwrap(),
+            "gs://b/part-2-of-5.parquet"
+        );
+        assert!(Shard::name_output("part-{shard}.parquet", None).is_err());
+    }
 
     #[test]
     fn shards_partition_the_input() {

@@ -108,7 +108,7 @@ where
     F: FnMut(Vec<Row>) -> Fut,
     Fut: Future<Output = Vec<Vec<Row>>>,
 {
-    let out = Output::new(&opts.output, opts.format)?;
+    let out = Output::new(&Shard::name_output(&opts.output, opts.shard)?, opts.format)?;
     let lock = OutputLock::acquire(&out.path, opts.lock_ttl).await?;
     let result = run_locked(input, out_schema, opts, &out, &mut compute).await;
     lock.release().await;

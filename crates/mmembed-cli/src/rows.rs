@@ -4,73 +4,24 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
 use anyhow::{Context, bail};
-use arrow_array::builder::{Float32Builder, ListBuilder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
 };
-use arrow_array::{
-    Array, ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
-};
-use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use clap::ValueEnum;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-/// One output row: an image, a video segment, or a file that failed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Row {
-    /// The object, as the input named it.
-    pub uri: String,
-    /// MIME type from the extension (`application/octet-stream` if unknown).
-    pub content_type: String,
-    /// File size, when known.
-    pub size_bytes: Option<i64>,
-    /// The object's generation (GCS) or version id (S3), when it has one.
-    #[serde(default)]
-    pub generation: Option<String>,
-    /// The object's ETag, when the store reports one.
-    #[serde(default)]
-    pub etag: Option<String>,
-    /// The object's last modification, when known.
-    #[serde(default)]
-    pub updated: Option<DateTime<Utc>>,
-    /// The vector; null when `status` is not empty.
-    pub embedding: Option<Vec<f32>>,
-    /// Empty on success, the error otherwise.
-    pub status: String,
-    /// Segment start for videos, null for images.
-    pub video_start_sec: Option<f64>,
-    /// Segment end for videos, null for images.
-    pub video_end_sec: Option<f64>,
-    /// The model that embedded (or would have).
-    pub model: String,
-    /// Its embedding space id: only vectors of one space are comparable.
-    pub space: String,
-    /// Vector length.
-    pub dimension: Option<i32>,
-    /// Manifest columns carried through.
-    #[serde(flatten)]
-    pub carried: Map<String, Value>,
-}
-
-impl Row {
-    /// Whether the row holds a vector.
-    pub fn ok(&self) -> bool {
-        self.status.is_empty()
-    }
-}
+pub use mmembed_rows::Row;
 
 /// Output file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -108,91 +59,12 @@ impl Format {
     }
 }
 
-fn schema(carried: &[String]) -> Schema {
-    let mut fields = vec![
-        Field::new("uri", DataType::Utf8, false),
-        Field::new("content_type", DataType::Utf8, false),
-        Field::new("size_bytes", DataType::Int64, true),
-        Field::new("generation", DataType::Utf8, true),
-        Field::new("etag", DataType::Utf8, true),
-        Field::new(
-            "updated",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            true,
-        ),
-        Field::new(
-            "embedding",
-            DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
-            true,
-        ),
-        Field::new("status", DataType::Utf8, false),
-        Field::new("video_start_sec", DataType::Float64, true),
-        Field::new("video_end_sec", DataType::Float64, true),
-        Field::new("model", DataType::Utf8, false),
-        Field::new("space", DataType::Utf8, false),
-        Field::new("dimension", DataType::Int32, true),
-    ];
-    fields.extend(carried.iter().map(|c| Field::new(c, DataType::Utf8, true)));
-    Schema::new(fields)
-}
-
-/// A carried value as Parquet text: strings as they are, the rest as JSON.
-fn as_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
-}
-
 fn to_batch(rows: &[Row], carried: &[String]) -> anyhow::Result<RecordBatch> {
-    let strings = |f: &dyn Fn(&Row) -> &str| -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
-    };
-    let mut emb = ListBuilder::new(Float32Builder::new());
-    for r in rows {
-        match &r.embedding {
-            Some(v) => {
-                emb.values().append_slice(v);
-                emb.append(true);
-            }
-            None => emb.append(false),
-        }
-    }
-    let mut cols: Vec<ArrayRef> = vec![
-        strings(&|r| &r.uri),
-        strings(&|r| &r.content_type),
-        Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.size_bytes))),
-        Arc::new(StringArray::from_iter(
-            rows.iter().map(|r| r.generation.as_deref()),
-        )),
-        Arc::new(StringArray::from_iter(
-            rows.iter().map(|r| r.etag.as_deref()),
-        )),
-        Arc::new(
-            TimestampMicrosecondArray::from_iter(
-                rows.iter().map(|r| r.updated.map(|t| t.timestamp_micros())),
-            )
-            .with_timezone("UTC"),
-        ),
-        Arc::new(emb.finish()),
-        strings(&|r| &r.status),
-        Arc::new(Float64Array::from_iter(
-            rows.iter().map(|r| r.video_start_sec),
-        )),
-        Arc::new(Float64Array::from_iter(
-            rows.iter().map(|r| r.video_end_sec),
-        )),
-        strings(&|r| &r.model),
-        strings(&|r| &r.space),
-        Arc::new(Int32Array::from_iter(rows.iter().map(|r| r.dimension))),
-    ];
-    for c in carried {
-        cols.push(Arc::new(StringArray::from_iter(
-            rows.iter().map(|r| r.carried.get(c).and_then(as_text)),
-        )));
-    }
-    Ok(RecordBatch::try_new(Arc::new(schema(carried)), cols)?)
+    Ok(mmembed_rows::arrow::to_batch(
+        rows,
+        carried,
+        mmembed_rows::arrow::EmbeddingLayout::List,
+    )?)
 }
 
 /// One record batch as a whole Parquet file (one row group, Snappy): the
@@ -399,6 +271,7 @@ fn from_batch(b: &RecordBatch) -> anyhow::Result<Vec<Row>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     fn sample() -> Vec<Row> {
         let mut carried = Map::new();

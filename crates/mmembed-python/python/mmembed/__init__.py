@@ -1,0 +1,80 @@
+"""mmembed: multimodal (text, image, video) embeddings from Python.
+
+The same backends and spec strings as the ``mmembed`` command::
+
+    import mmembed
+    e = mmembed.Embedder("local:demo")
+    r = e.embed_texts(["a red star", "a blue square"])
+    r.embeddings.shape      # (2, 64), float32, L2-normalised
+    r.status                # ["", ""]: a failed item has its error here
+
+Media rows exactly as ``mmembed batch`` makes them (one per image, one per
+video segment, a status per row) come from :meth:`Embedder.embed_arrow`;
+:mod:`mmembed.ray` and :mod:`mmembed.daft` wrap it for Ray Data and Daft.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import _native
+from ._native import EmbedResult, InvalidInputError, MmembedError, embedding_dtype
+
+__version__ = _native.__version__
+__all__ = [
+    "Embedder",
+    "EmbedResult",
+    "MmembedError",
+    "InvalidInputError",
+    "embedding_dtype",
+    "__version__",
+]
+
+
+class Embedder(_native.Embedder):
+    """An embedding backend built from a spec string (or a ``.toml`` file).
+
+    ``"local:demo"``, ``"local:/path/to/checkpoint?device=cuda&precision=f16"``,
+    ``"vertex:my-project/us-central1"``, ``"fallback(local:demo, vertex:my-project)"``.
+    Loading a local model happens here, once; calls release the GIL while
+    the model runs.
+    """
+
+    def embed_arrow(
+        self,
+        data: Any,
+        *,
+        start_sec: int | None = None,
+        end_sec: int | None = None,
+        interval_sec: int | None = None,
+        dimension: int | None = None,
+    ) -> pa.Table | pa.RecordBatch:
+        """Rows of ``mmembed batch`` for a table of media.
+
+        ``data`` is a ``pyarrow.RecordBatch``, a ``pyarrow.Table`` or any
+        object with ``__arrow_c_stream__``; it needs a string column ``uri``
+        (or ``path``, as ``ray.data.read_binary_files(include_paths=True)``
+        names it) and may have a binary ``bytes`` column with the content.
+        Every other column is carried to the rows of its object. The result
+        (a batch for a batch, a table otherwise) has the columns ``uri``,
+        ``content_type``, ``size_bytes``, ``generation``, ``etag``,
+        ``updated``, ``embedding`` (fixed_size_list<float32>), ``status``,
+        ``video_start_sec``, ``video_end_sec``, ``model``, ``space``,
+        ``dimension``, then the carried ones.
+        """
+        opts = dict(
+            start_sec=start_sec, end_sec=end_sec, interval_sec=interval_sec, dimension=dimension
+        )
+        if isinstance(data, pa.RecordBatch):
+            return self.embed_record_batch(data, **opts)[0]
+        table = data if isinstance(data, pa.Table) else pa.table(data)
+        batches = [self.embed_record_batch(b, **opts)[0] for b in table.to_batches() if b.num_rows]
+        if not batches:
+            empty = pa.RecordBatch.from_pydict(
+                {c: pa.array([], type=table.schema.field(c).type) for c in table.column_names}
+            )
+            batches = [self.embed_record_batch(empty, **opts)[0]]
+        return pa.Table.from_batches(batches)

@@ -1,0 +1,162 @@
+"""The Python API on the demo model: shapes, dtypes, statuses, nearest
+neighbours, the GIL released, errors, and rows equal to `mmembed batch`'s."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import mmembed
+from conftest import INTERVAL, assert_same_rows, rows_by_key
+
+
+def test_info_and_repr(embedder):
+    info = embedder.info
+    assert info["backend"] == "local"
+    assert info["model"] == "demo"
+    assert info["dimension"] == 64
+    assert info["space"].startswith("clip-")
+    assert set(info["modalities"]) == {"text", "image", "video"}
+    assert "demo" in repr(embedder) and embedder.spec == "local:demo"
+
+
+def test_texts_are_float32_unit_vectors_with_a_status_per_item(embedder):
+    r = embedder.embed_texts(["a red star", "   ", "a blue square"])
+    assert isinstance(r.embeddings, np.ndarray)
+    assert r.embeddings.dtype == np.float32 and r.embeddings.shape == (3, 64)
+    assert r.embeddings.flags["C_CONTIGUOUS"]
+    assert r.status[0] == "" and r.status[2] == ""
+    assert "empty" in r.status[1]
+    assert r.ok.tolist() == [True, False, True]
+    assert np.isnan(r.embeddings[1]).all()
+    norms = np.linalg.norm(r.embeddings[r.ok], axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert r.input_index.tolist() == [0, 1, 2]
+    assert np.isnan(r.start_sec).all()
+    assert len(r) == 3 and r.model == "demo"
+    # The same text twice gives the same vector: one batch or two.
+    again = embedder.embed_texts(["a red star"])
+    np.testing.assert_array_equal(again.embeddings[0], r.embeddings[0])
+
+
+def test_known_nearest_neighbours(embedder, media):
+    names = sorted(p.name for p in media.glob("*.png") if p.name[0] in "ls")
+    imgs = embedder.embed_images([str(media / n) for n in names])
+    assert all(s == "" for s in imgs.status), imgs.status
+    queries = {
+        "a small purple cross": "small-purple-cross-left.png",
+        "a large blue square": "large-blue-square-bottom.png",
+        "a large black triangle": "large-black-triangle-left.png",
+        "a small white circle": "small-white-circle-center.png",
+    }
+    q = embedder.embed_texts(list(queries))
+    best = (q.embeddings @ imgs.embeddings.T).argmax(axis=1)
+    assert [names[i] for i in best] == list(queries.values())
+
+
+def test_images_from_bytes_paths_and_pathlike_agree(embedder, media):
+    p = media / "large-blue-square-bottom.png"
+    data = p.read_bytes()
+    r = embedder.embed_images([data, str(p), p, bytearray(data), memoryview(data)])
+    assert r.status == [""] * 5
+    for row in r.embeddings[1:]:
+        np.testing.assert_array_equal(row, r.embeddings[0])
+
+
+def test_broken_images_fail_alone(embedder, media):
+    r = embedder.embed_images(
+        [media / "garbage.png", media / "large-blue-square-bottom.png", b"", media / "nope.png"]
+    )
+    assert r.ok.tolist() == [False, True, False, False]
+    assert "cannot decode" in r.status[0]
+    assert "not found" in r.status[3] or "No such file" in r.status[3]
+    assert np.isnan(r.embeddings[[0, 2, 3]]).all()
+
+
+def test_video_segments_match_the_cli(embedder, media, cli_rows):
+    video = media / "slideshow.mp4"
+    r = embedder.embed_videos([video, media / "cut.mp4", b"junk"], interval_sec=INTERVAL)
+    seg = [i for i in range(len(r)) if r.input_index[i] == 0]
+    assert [(r.start_sec[i], r.end_sec[i]) for i in seg] == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    for i in seg:
+        want = cli_rows[(str(video), r.start_sec[i])]
+        assert r.status[i] == want["status"] == ""
+        np.testing.assert_allclose(r.embeddings[i], want["embedding"], atol=1e-6)
+    junk = [i for i in range(len(r)) if r.input_index[i] == 2]
+    assert len(junk) == 1 and r.status[junk[0]] != ""
+
+
+def test_arrow_rows_equal_the_cli_rows(embedder, media, cli_rows):
+    files = sorted(str(p) for p in media.iterdir())
+    table = pa.table({"uri": files, "tag": [f"t{i}" for i in range(len(files))]})
+    out = embedder.embed_arrow(table, interval_sec=INTERVAL)
+    assert isinstance(out, pa.Table)
+    assert out.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert out.schema.field("embedding").type == mmembed.embedding_dtype(64)
+    got = rows_by_key(out)
+    assert_same_rows(got, cli_rows)
+    # Carried columns keep their values on every row of their object.
+    tags = dict(zip(files, table["tag"].to_pylist()))
+    assert all(r["tag"] == tags[r["uri"]] for r in got.values())
+    # A record batch in, a record batch out; bytes instead of paths.
+    data = [open(f, "rb").read() for f in files]
+    batch = pa.RecordBatch.from_pydict({"path": files, "bytes": data})
+    out = embedder.embed_arrow(batch, interval_sec=INTERVAL)
+    assert isinstance(out, pa.RecordBatch)
+    # Bytes carry no modification time; the rest is the same.
+    assert_same_rows(rows_by_key(out), cli_rows, ignore_identity=True)
+
+
+def test_arrow_input_errors_are_clear(embedder):
+    with pytest.raises(mmembed.InvalidInputError, match="`uri` or `path`"):
+        embedder.embed_arrow(pa.table({"name": ["a.png"]}))
+    with pytest.raises(mmembed.InvalidInputError, match="`status`"):
+        embedder.embed_arrow(pa.table({"uri": ["a.png"], "status": ["x"]}))
+    empty = embedder.embed_arrow(pa.table({"uri": pa.array([], pa.string())}))
+    assert empty.num_rows == 0 and "embedding" in empty.column_names
+
+
+def test_errors_are_python_exceptions_with_the_library_messages():
+    with pytest.raises(mmembed.MmembedError, match="cannot load model `no-such-model`"):
+        mmembed.Embedder("local:no-such-model")
+    with pytest.raises(mmembed.InvalidInputError, match="backend spec"):
+        mmembed.Embedder("nonsense:thing")
+    e = mmembed.Embedder("local:demo")
+    with pytest.raises(mmembed.InvalidInputError, match="got int"):
+        e.embed_images([5])
+    with pytest.raises(mmembed.InvalidInputError, match="interval"):
+        e.embed_videos([b"x"], interval_sec=1)
+    r = e.embed_texts(["a star"], dimension=32)
+    assert r.ok.tolist() == [False] and "dimension" in r.status[0]
+
+
+def test_the_gil_is_released_while_the_model_runs(embedder, media):
+    """Another Python thread keeps running during one long embed call."""
+    images = [(media / "large-blue-square-bottom.png").read_bytes()] * 400
+    ticks = 0
+    stop = threading.Event()
+
+    def count():
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    t = threading.Thread(target=count)
+    t.start()
+    time.sleep(0.05)
+    before = ticks
+    start = time.perf_counter()
+    r = embedder.embed_images(images)
+    took = time.perf_counter() - start
+    during = ticks - before
+    stop.set()
+    t.join()
+    assert all(r.ok)
+    assert took > 0.1, f"the call was too short ({took:.3f} s) to tell"
+    # With the GIL held the counter could not move at all during the call.
+    assert during > 0.2 * took / 0.0015, (during, took)
