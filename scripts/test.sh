@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 install_system_deps
 # Early, so a missing Python fails in seconds rather than after the build.
 python_venv tests/python/requirements.txt SDK_PY
+# The Python package's tests: maturin, numpy, pyarrow, pytest, Ray, Daft.
+python_venv tests/python_pkg/requirements.txt PKG_PY
 # S3 and GCS emulators for the bucket tests (started before `cargo test`).
 python_venv tests/storage/requirements.txt STORAGE_PY
 # The CUDA 13.0 toolchain (nvcc, runtime, nvrtc, CCCL headers) from PyPI
@@ -45,3 +47,14 @@ cargo test --workspace --locked
 # start it as `mmembed serve --model demo` on a loopback port.
 echo ">> the official Vertex AI Python SDK against mmembed serve (REST and gRPC)"
 MMEMBED_BIN=target/debug/mmembed HF_HUB_OFFLINE=1 "$SDK_PY" -m pytest -q -p no:cacheprovider tests/python
+# The Python package, installed the way the README says (pip from the
+# checkout, maturin as the build backend), in the dev profile so that it
+# reuses what `cargo test` just compiled: about 30 s instead of a release
+# build of the whole tree. maturin comes from the venv (pinned), not from
+# an isolated build environment.
+echo ">> pip install ./crates/mmembed-python (maturin, dev profile) into $(dirname "$(dirname "$PKG_PY")")"
+MATURIN_PEP517_ARGS="--profile dev --locked" "$PKG_PY" -m pip install --quiet --disable-pip-version-check \
+  --no-build-isolation --no-deps --force-reinstall ./crates/mmembed-python
+echo ">> the Python package: API, Ray Data, Daft, array jobs (pytest)"
+MMEMBED_BIN=target/debug/mmembed MMEMBED_MAKE_SCENES=target/debug/examples/make-scenes HF_HUB_OFFLINE=1 \
+  "$PKG_PY" -m pytest -q -p no:cacheprovider tests/python_pkg
