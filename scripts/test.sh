@@ -11,14 +11,18 @@ cd "$(dirname "$0")/.."
 install_system_deps
 # Early, so a missing Python fails in seconds rather than after the build.
 python_venv tests/python/requirements.txt SDK_PY
-# The Python package's tests: maturin, numpy, pyarrow, pytest, Ray, Daft.
-python_venv tests/python_pkg/requirements.txt PKG_PY
 # S3 and GCS emulators for the bucket tests (started before `cargo test`).
 python_venv tests/storage/requirements.txt STORAGE_PY
 # The CUDA 13.0 toolchain (nvcc, runtime, nvrtc, CCCL headers) from PyPI
 # wheels, to compile and lint the `cuda` feature without a GPU (GPU.md).
 python_venv scripts/lib/cuda-requirements.txt CUDA_PY
 CUDA_HOME_WHEELS=$("$CUDA_PY" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
+# The Python package's tests (maturin, numpy, pyarrow, pytest, Ray, Daft:
+# about 800 MB installed) get their venv in the background while Rust
+# compiles; it is waited for before they run.
+PKG_PY=$(venv_python tests/python_pkg/requirements.txt)
+(set -o pipefail; python_venv tests/python_pkg/requirements.txt _ 2>&1 | sed -u 's/^/[python package venv] /') &
+PKG_VENV_PID=$!
 
 for c in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
@@ -52,6 +56,7 @@ MMEMBED_BIN=target/debug/mmembed HF_HUB_OFFLINE=1 "$SDK_PY" -m pytest -q -p no:c
 # reuses what `cargo test` just compiled: about 30 s instead of a release
 # build of the whole tree. maturin comes from the venv (pinned), not from
 # an isolated build environment.
+wait "$PKG_VENV_PID" || { echo "!! the Python package's venv could not be made (see above)"; exit 1; }
 echo ">> pip install ./crates/mmembed-python (maturin, dev profile) into $(dirname "$(dirname "$PKG_PY")")"
 MATURIN_PEP517_ARGS="--profile dev --locked" "$PKG_PY" -m pip install --quiet --disable-pip-version-check \
   --no-build-isolation --no-deps --force-reinstall ./crates/mmembed-python
