@@ -54,11 +54,11 @@ MMEMBED_BIN=target/debug/mmembed HF_HUB_OFFLINE=1 "$SDK_PY" -m pytest -q -p no:c
 # The Python package, installed the way the README says (pip from the
 # checkout, maturin as the build backend), in the dev profile so that it
 # reuses what `cargo test` just compiled: about 30 s instead of a release
-# build of the whole tree. maturin comes from the venv (pinned), not from
-# an isolated build environment.
+# build of the whole tree. maturin comes from the venv (pinned, found on
+# PATH by its build hook), not from an isolated build environment.
 wait "$PKG_VENV_PID" || { echo "!! the Python package's venv could not be made (see above)"; exit 1; }
 echo ">> pip install ./crates/mmembed-python (maturin, dev profile) into $(dirname "$(dirname "$PKG_PY")")"
-MATURIN_PEP517_ARGS="--profile dev --locked" "$PKG_PY" -m pip install --quiet --disable-pip-version-check \
+PATH="$(dirname "$PKG_PY"):$PATH" MATURIN_PEP517_ARGS="--profile dev --locked" "$PKG_PY" -m pip install --quiet --disable-pip-version-check \
   --no-build-isolation --no-deps --force-reinstall ./crates/mmembed-python
 echo ">> the Python package: API, Ray Data, Daft, array jobs (pytest)"
 MMEMBED_BIN=target/debug/mmembed MMEMBED_MAKE_SCENES=target/debug/examples/make-scenes HF_HUB_OFFLINE=1 \
