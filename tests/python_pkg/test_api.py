@@ -160,3 +160,31 @@ def test_the_gil_is_released_while_the_model_runs(embedder, media):
     assert took > 0.1, f"the call was too short ({took:.3f} s) to tell"
     # With the GIL held the counter could not move at all during the call.
     assert during > 0.2 * took / 0.0015, (during, took)
+
+
+def test_pickles_as_its_spec(embedder):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(embedder))
+    assert copy.spec == embedder.spec and copy.info == embedder.info
+    a = embedder.embed_texts(["a green ring"]).embeddings
+    np.testing.assert_array_equal(copy.embed_texts(["a green ring"]).embeddings, a)
+
+
+def test_a_forked_child_gets_a_clear_error_not_a_hang(embedder):
+    import multiprocessing as mp
+
+    def child(q):
+        try:
+            embedder.embed_texts(["a star"])
+            q.put("no error")
+        except mmembed.MmembedError as e:
+            q.put(str(e))
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    msg = q.get(timeout=30)
+    p.join(timeout=30)
+    assert "a fork" in msg and "spawn" in msg, msg

@@ -269,6 +269,9 @@ fn binaries(a: &ArrayRef) -> Option<Vec<Option<Vec<u8>>>> {
 struct Embedder {
     inner: Arc<dyn mmembed::Embedder>,
     spec: String,
+    /// The process that built it: a forked child has none of its threads
+    /// (the model's worker, the runtime's), so a call there would hang.
+    pid: u32,
 }
 
 impl Embedder {
@@ -276,11 +279,27 @@ impl Embedder {
         dimension.map_or(self.inner.info().native_dimension, |d| d as usize)
     }
 
+    /// Refuses calls in a process forked after the embedder was built.
+    fn check_process(&self) -> PyResult<()> {
+        if std::process::id() == self.pid {
+            return Ok(());
+        }
+        Err(MmembedError::new_err(format!(
+            "this Embedder ({}) was built in process {} and this is process {} (a fork): \
+             its model threads do not exist here. Build it in the worker (Ray actors and \
+             Daft classes do so in __init__), or use the 'spawn' start method",
+            self.spec,
+            self.pid,
+            std::process::id()
+        )))
+    }
+
     fn run(
         &self,
         py: Python<'_>,
         reqs: Vec<EmbedRequest>,
     ) -> PyResult<Vec<Result<Embeddings, EmbedError>>> {
+        self.check_process()?;
         let rt = runtime()?;
         let inner = self.inner.clone();
         // The GIL is released while the model runs: other Python threads
@@ -317,6 +336,7 @@ impl Embedder {
         Ok(Self {
             inner,
             spec: spec.to_string(),
+            pid: std::process::id(),
         })
     }
 
@@ -464,6 +484,7 @@ impl Embedder {
         dimension: Option<u32>,
     ) -> PyResult<(PyArrowType<RecordBatch>, Bound<'py, PyArray1<i64>>)> {
         let batch = batch.0;
+        self.check_process()?;
         let cfg = segment_config(start_sec, end_sec, interval_sec)?;
         let schema = batch.schema();
         let (name_col, names) = ["uri", "path"]

@@ -40,8 +40,15 @@ class Embedder(_native.Embedder):
     ``"local:demo"``, ``"local:/path/to/checkpoint?device=cuda&precision=f16"``,
     ``"vertex:my-project/us-central1"``, ``"fallback(local:demo, vertex:my-project)"``.
     Loading a local model happens here, once; calls release the GIL while
-    the model runs.
+    the model runs. An embedder pickles as its spec (the receiving process
+    loads its own model); one built before a ``fork`` refuses calls in the
+    child with a clear error instead of hanging.
     """
+
+    def __reduce__(self):
+        # Pickled as its spec: the receiving process loads the model itself
+        # (how Ray and multiprocessing ship an embedder to workers).
+        return (type(self), (self.spec,))
 
     def embed_arrow(
         self,
