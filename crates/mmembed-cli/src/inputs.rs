@@ -566,17 +566,6 @@ mod tests {
     }
 
     #[test]
-    fn content_types_by_extension() {
-        assert_eq!(content_type("a/B.JPG"), Some(("image/jpeg", Kind::Image)));
-        assert_eq!(
-            content_type("gs://b/v.webm"),
-            Some(("video/webm", Kind::Video))
-        );
-        assert_eq!(content_type("x.txt"), None);
-        assert_eq!(content_type("noext"), None);
-    }
-
-    #[test]
     fn manifests_carry_columns_and_refuse_collisions() {
         let d = tempfile::tempdir().unwrap();
         let csv = d.path().join("m.csv");

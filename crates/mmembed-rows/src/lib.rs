@@ -240,17 +240,6 @@ impl RowInput {
     }
 }
 
-/// A [`RowInput`] without its request, once that is in the backend's hands.
-struct RowHead {
-    uri: String,
-    content_type: String,
-    size_bytes: Option<i64>,
-    generation: Option<String>,
-    etag: Option<String>,
-    updated: Option<DateTime<Utc>>,
-    carried: Map<String, Value>,
-}
-
 /// Embeds `inputs` in one backend call and makes their rows, in input
 /// order: one per image, one per video segment, one with a status for each
 /// object or segment that failed. Never fails as a whole. Each row comes
@@ -276,30 +265,9 @@ pub async fn embed_rows(
             }
             Err(s) => Some(s),
         };
-        planned.push((
-            RowHead {
-                uri: input.uri,
-                content_type: input.content_type,
-                size_bytes: input.size_bytes,
-                generation: input.generation,
-                etag: input.etag,
-                updated: input.updated,
-                carried: input.carried,
-            },
-            status,
-        ));
-    }
-    let n_reqs = reqs.len();
-    let mut from_bytes = from_bytes.into_iter();
-    let mut results = if reqs.is_empty() {
-        vec![]
-    } else {
-        embedder.embed_batch(reqs).await
-    }
-    .into_iter();
-    let mut rows = vec![];
-    for (index, (input, status)) in planned.into_iter().enumerate() {
-        let mut row = Row {
+        // The row as it is before the answer: the backend's model and space,
+        // the size asked for.
+        let row = Row {
             uri: input.uri,
             content_type: input.content_type,
             size_bytes: input.size_bytes,
@@ -315,6 +283,18 @@ pub async fn embed_rows(
             dimension: Some(dimension.map_or(info.native_dimension as i32, |d| d as i32)),
             carried: input.carried,
         };
+        planned.push((row, status));
+    }
+    let n_reqs = reqs.len();
+    let mut from_bytes = from_bytes.into_iter();
+    let mut results = if reqs.is_empty() {
+        vec![]
+    } else {
+        embedder.embed_batch(reqs).await
+    }
+    .into_iter();
+    let mut rows = vec![];
+    for (index, (mut row, status)) in planned.into_iter().enumerate() {
         let result = match status {
             Some(status) => Err(status),
             None => match (results.next(), from_bytes.next()) {
