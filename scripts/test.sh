@@ -46,20 +46,25 @@ PATH="$CUDA_HOME_WHEELS/bin:$PATH" CUDA_ROOT="$CUDA_HOME_WHEELS" CUDA_PATH="$CUD
   cargo clippy -p mmembed-candle -p mmembed -p mmembed-cli --features cuda --all-targets --locked -- -D warnings
 start_storage_emulators "$STORAGE_PY"
 echo ">> cargo test (bucket tests against S3 at $MMEMBED_TEST_S3 and GCS at $MMEMBED_TEST_GCS)"
-cargo test --workspace --locked
+# PYO3_BUILD_EXTENSION_MODULE: the Python module (an example of
+# mmembed-python) is built as an extension, not linked to libpython.
+PYO3_BUILD_EXTENSION_MODULE=1 cargo test --workspace --locked
 # `cargo test` built target/debug/mmembed for the CLI's tests; the SDK tests
 # start it as `mmembed serve --model demo` on a loopback port.
 echo ">> the official Vertex AI Python SDK against mmembed serve (REST and gRPC)"
 MMEMBED_BIN=target/debug/mmembed HF_HUB_OFFLINE=1 "$SDK_PY" -m pytest -q -p no:cacheprovider tests/python
-# The Python package, installed the way the README says (pip from the
-# checkout, maturin as the build backend), in the dev profile so that it
-# reuses what `cargo test` just compiled: about 30 s instead of a release
-# build of the whole tree. maturin comes from the venv (pinned, found on
-# PATH by its build hook), not from an isolated build environment.
+# The Python package: its Python sources beside the extension module that
+# `cargo test` just built as the example `mmembed_native` (with the
+# workspace's features, so nothing is compiled again: a wheel of the
+# package alone would recompile most of the tree, 10 minutes here).
+# `maturin sdist` checks the packaging that `pip install` goes through.
 wait "$PKG_VENV_PID" || { echo "!! the Python package's venv could not be made (see above)"; exit 1; }
-echo ">> pip install ./crates/mmembed-python (maturin, dev profile) into $(dirname "$(dirname "$PKG_PY")")"
-PATH="$(dirname "$PKG_PY"):$PATH" MATURIN_PEP517_ARGS="--profile dev --locked" "$PKG_PY" -m pip install --quiet --disable-pip-version-check \
-  --no-build-isolation --no-deps --force-reinstall ./crates/mmembed-python
+echo ">> maturin sdist (the package's build metadata) and the Python package from cargo test's build in target/python-pkg"
+mkdir -p target/python-pkg
+"$(dirname "$PKG_PY")/maturin" sdist -m crates/mmembed-python/Cargo.toml -o target/python-pkg/sdist
+rm -rf target/python-pkg/mmembed
+cp -r crates/mmembed-python/python/mmembed target/python-pkg/
+cp target/debug/examples/libmmembed_native.so target/python-pkg/mmembed/_native.abi3.so
 echo ">> the Python package: API, Ray Data, Daft, array jobs (pytest)"
-MMEMBED_BIN=target/debug/mmembed MMEMBED_MAKE_SCENES=target/debug/examples/make-scenes HF_HUB_OFFLINE=1 \
+PYTHONPATH="$PWD/target/python-pkg" MMEMBED_BIN=target/debug/mmembed MMEMBED_MAKE_SCENES=target/debug/examples/make-scenes HF_HUB_OFFLINE=1 \
   "$PKG_PY" -m pytest -q -p no:cacheprovider tests/python_pkg

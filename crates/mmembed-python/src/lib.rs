@@ -1,9 +1,12 @@
-//! `mmembed._native`: the Python bindings, a thin layer over the facade.
-//!
-//! Conversion happens at the edge (Python objects to requests before the
-//! work, vectors to numpy/Arrow after it); the model runs with the GIL
-//! released, on the same backends and spec strings as the CLI, and rows of
-//! media come from `mmembed-rows`, exactly as `mmembed batch` makes them.
+// `mmembed._native`: the Python bindings, a thin layer over the facade.
+//
+// Conversion happens at the edge (Python objects to requests before the
+// work, vectors to numpy/Arrow after it); the model runs with the GIL
+// released, on the same backends and spec strings as the CLI, and rows of
+// media come from `mmembed-rows`, exactly as `mmembed batch` makes them.
+//
+// Also compiled as the example `mmembed_native` (examples/mmembed_native.rs
+// includes this file), so no inner attributes or `//!` docs here.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
