@@ -15,9 +15,9 @@ Both sides must be release builds::
     pip install ./crates/mmembed-python        # release by default
     python benches/python_overhead.py --vit /tmp/vit-b-32
 
-Images on both sides of (1) are the same 640x480 pattern ``mmembed bench``
-draws, PNG-encoded (here by zlib, there by the image crate: the same pixels,
-slightly different compressed bytes). Texts are ``mmembed bench``'s captions.
+Images on both sides of (1) are the same files (``mmembed bench --images``):
+8 PNGs of the 640x480 pattern ``mmembed bench`` draws by default. Texts are
+``mmembed bench``'s captions.
 """
 
 from __future__ import annotations
@@ -81,13 +81,16 @@ def bench_image(i: int) -> bytes:
     return png(rgb)
 
 
-def rust_call(bin_: Path, spec: str, workload: str, iterations: int) -> tuple[float, float]:
-    """(p50 ms, items/s) from `mmembed bench`."""
+def rust_call(
+    bin_: Path, spec: str, workload: str, iterations: int, image_files: list[Path]
+) -> tuple[float, float]:
+    """(p50 ms, items/s) from `mmembed bench` on the same image files."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "b.csv"
+        images = [a for f in image_files for a in ("--images", str(f))]
         subprocess.run(
             [str(bin_), "bench", spec, "--workloads", workload, "--iterations", str(iterations),
-             "--warmup", "2", "--csv", str(out)],
+             "--warmup", "2", "--csv", str(out), *images],
             check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
         row = next(csv.DictReader(out.open()))
@@ -117,15 +120,21 @@ def python_call(e, workload: str, iterations: int, images: list[bytes]) -> tuple
 
 
 def overhead(args) -> list[dict]:
-    # `mmembed bench` cycles through 8 images in every image workload; so do we.
+    # 8 images of `mmembed bench`'s pattern, the same bytes on both sides
+    # (given to `mmembed bench --images`), cycled through.
     images = [bench_image(i) for i in range(8)]
+    img_dir = Path(tempfile.mkdtemp(prefix="mmembed-bench-images-"))
+    image_files = []
+    for i, data in enumerate(images):
+        image_files.append(img_dir / f"{i}.png")
+        image_files[-1].write_bytes(data)
     rows = []
     for spec in args.specs:
         e = mmembed.Embedder(spec)
         for workload in args.workloads:
             rust, py = [], []
             for _ in range(args.rounds):
-                rust.append(rust_call(args.bin, spec, workload, args.iterations))
+                rust.append(rust_call(args.bin, spec, workload, args.iterations, image_files))
                 py.append(python_call(e, workload, args.iterations, images))
             r50 = statistics.median(p for p, _ in rust)
             p50 = statistics.median(p for p, _ in py)

@@ -44,6 +44,11 @@ pub struct Args {
     #[arg(long, env = "MMEMBED_BENCH_MAX_SECS", default_value_t = 60.0)]
     pub max_secs: f64,
 
+    /// Images to use, cycled through (files read once, in name order;
+    /// default: 8 generated 640x480 PNGs).
+    #[arg(long, env = "MMEMBED_BENCH_IMAGES")]
+    pub images: Vec<PathBuf>,
+
     /// Video to use (default: a 60 s 640x360 clip made with the ffmpeg CLI).
     #[arg(long, env = "MMEMBED_BENCH_VIDEO")]
     pub video: Option<PathBuf>,
@@ -253,7 +258,16 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Measured>> {
     for s in &args.specs {
         s.parse::<BackendSpec>()?;
     }
-    let images: Vec<Vec<u8>> = (0..8).map(test_image).collect::<anyhow::Result<_>>()?;
+    let images: Vec<Vec<u8>> = if args.images.is_empty() {
+        (0..8).map(test_image).collect::<anyhow::Result<_>>()?
+    } else {
+        let mut files = args.images.clone();
+        files.sort();
+        files
+            .iter()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading --images {}", p.display())))
+            .collect::<anyhow::Result<_>>()?
+    };
     let tmp = tempfile::tempdir()?;
     let wants_video = args
         .workloads
