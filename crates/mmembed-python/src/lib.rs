@@ -498,7 +498,7 @@ impl Embedder {
                     "the batch needs a string column `uri` or `path` naming each object",
                 )
             })?;
-        let contents =
+        let mut contents =
             match batch.column_by_name("bytes") {
                 Some(c) => Some(binaries(c).ok_or_else(|| {
                     InvalidInputError::new_err("the `bytes` column must be binary")
@@ -534,7 +534,8 @@ impl Embedder {
             };
             // Bytes when the batch has them; else the file (stat'ed like
             // `mmembed batch` does) or the URI, read by the backend.
-            inputs.push(match contents.as_ref().and_then(|c| c[i].clone()) {
+            // Taken, not cloned: each object's bytes are copied out of Arrow once.
+            inputs.push(match contents.as_mut().and_then(|c| c[i].take()) {
                 Some(b) => {
                     let size = b.len() as i64;
                     let mut input = RowInput::new(uri, b, cfg, dimension);
