@@ -188,3 +188,13 @@ def test_a_forked_child_gets_a_clear_error_not_a_hang(embedder):
     msg = q.get(timeout=30)
     p.join(timeout=30)
     assert "a fork" in msg and "spawn" in msg, msg
+
+
+def test_allocator_is_set_for_inference(embedder):
+    # Building an embedder set glibc's allocator once (as the CLI does);
+    # calling it again is harmless and says whether it takes effect here.
+    import platform
+
+    assert mmembed._malloc_tuned
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert mmembed.tune_malloc_for_inference() is expected

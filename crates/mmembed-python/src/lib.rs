@@ -594,11 +594,22 @@ fn embedding_dtype(dimension: i32) -> PyArrowType<DataType> {
     ))
 }
 
+/// glibc's allocator set for batches of inference (`mmembed` the CLI does
+/// the same at start): large activation blocks freed by one layer are
+/// reused by the next instead of being unmapped and faulted back in page by
+/// page. Process-wide; returns whether it took effect (false off
+/// Linux/glibc). `mmembed.Embedder` calls it unless `MMEMBED_TUNE_MALLOC=0`.
+#[pyfunction]
+fn tune_malloc_for_inference() -> bool {
+    mmembed::local::tune_malloc_for_inference()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Embedder>()?;
     m.add_class::<EmbedResult>()?;
     m.add_function(wrap_pyfunction!(embedding_dtype, m)?)?;
+    m.add_function(wrap_pyfunction!(tune_malloc_for_inference, m)?)?;
     m.add("MmembedError", m.py().get_type::<MmembedError>())?;
     m.add("InvalidInputError", m.py().get_type::<InvalidInputError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

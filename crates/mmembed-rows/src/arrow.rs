@@ -4,10 +4,15 @@
 use std::sync::Arc;
 
 use arrow_array::builder::{FixedSizeListBuilder, Float32Builder, ListBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
+};
 use arrow_array::{
-    ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    Array, ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
+use chrono::{DateTime, Utc};
 use arrow_schema::{ArrowError, DataType, Field, Schema, TimeUnit};
 use serde_json::Value;
 
@@ -161,12 +166,172 @@ pub fn to_batch(
     RecordBatch::try_new(Arc::new(schema(carried, layout)), cols)
 }
 
+fn schema_error(msg: String) -> ArrowError {
+    ArrowError::SchemaError(msg)
+}
+
+/// The `embedding` column's vectors, whichever [`EmbeddingLayout`] wrote
+/// it: row `i`'s values are `values[offsets[i]..offsets[i + 1]]`.
+#[derive(Debug)]
+pub struct Vectors<'a> {
+    array: &'a dyn Array,
+    values: &'a Float32Array,
+    kind: VectorsKind<'a>,
+}
+
+#[derive(Debug)]
+enum VectorsKind<'a> {
+    List(&'a [i32]),
+    Fixed(usize),
+}
+
+impl<'a> Vectors<'a> {
+    /// The `embedding` column of `b` (`list<float32>` or
+    /// `fixed_size_list<float32, N>`).
+    pub fn of(b: &'a RecordBatch) -> Result<Self, ArrowError> {
+        let col = b
+            .column_by_name("embedding")
+            .ok_or_else(|| schema_error("no `embedding` column".into()))?;
+        let not_f32 = || schema_error("`embedding` items are not float32".into());
+        if let Some(l) = col.as_list_opt::<i32>() {
+            Ok(Self {
+                array: col.as_ref(),
+                values: l.values().as_primitive_opt::<Float32Type>().ok_or_else(not_f32)?,
+                kind: VectorsKind::List(l.value_offsets()),
+            })
+        } else if let Some(l) = col.as_fixed_size_list_opt() {
+            Ok(Self {
+                array: col.as_ref(),
+                values: l.values().as_primitive_opt::<Float32Type>().ok_or_else(not_f32)?,
+                kind: VectorsKind::Fixed(usize::try_from(l.value_length()).unwrap_or(0)),
+            })
+        } else {
+            Err(schema_error(format!(
+                "`embedding` is {}, not a list of float32",
+                col.data_type()
+            )))
+        }
+    }
+
+    /// Row `i`'s vector; `None` when it is null.
+    pub fn get(&self, i: usize) -> Option<&'a [f32]> {
+        if !self.array.is_valid(i) {
+            return None;
+        }
+        let v = self.values.values();
+        // Offsets of a valid array lie within its values: slicing cannot
+        // fail, but a corrupt file must not panic either.
+        match self.kind {
+            VectorsKind::List(off) => {
+                let (a, b) = (off[i], off[i + 1]);
+                v.get(usize::try_from(a).ok()?..usize::try_from(b).ok()?)
+            }
+            VectorsKind::Fixed(n) => v.get(i * n..(i + 1) * n),
+        }
+    }
+}
+
+/// Rows of a record batch written by [`to_batch`] (or read back from a
+/// batch output): the inverse of [`to_batch`] for either layout. Columns
+/// outputs written before identities were recorded lack (`generation`,
+/// `etag`, `updated`) are read as null.
+pub fn from_batch(b: &RecordBatch) -> Result<Vec<Row>, ArrowError> {
+    let col = |name: &str| -> Result<&ArrayRef, ArrowError> {
+        b.column_by_name(name)
+            .ok_or_else(|| schema_error(format!("no `{name}` column")))
+    };
+    let text = |name: &str| -> Result<&StringArray, ArrowError> {
+        col(name)?
+            .as_string_opt::<i32>()
+            .ok_or_else(|| schema_error(format!("`{name}` is not a string column")))
+    };
+    let typed = |what: &str| schema_error(format!("`{what}`"));
+    let (uri, ct, status, model, space) = (
+        text("uri")?,
+        text("content_type")?,
+        text("status")?,
+        text("model")?,
+        text("space")?,
+    );
+    let size = col("size_bytes")?
+        .as_primitive_opt::<Int64Type>()
+        .ok_or_else(|| typed("size_bytes` is not int64"))?;
+    let optional_text = |name: &str| -> Result<Option<&StringArray>, ArrowError> {
+        b.column_by_name(name)
+            .map(|c| {
+                c.as_string_opt::<i32>()
+                    .ok_or_else(|| schema_error(format!("`{name}` is not a string column")))
+            })
+            .transpose()
+    };
+    let generation = optional_text("generation")?;
+    let etag = optional_text("etag")?;
+    let updated = b
+        .column_by_name("updated")
+        .map(|c| {
+            c.as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or_else(|| typed("updated` is not a microsecond timestamp"))
+        })
+        .transpose()?;
+    let start = col("video_start_sec")?
+        .as_primitive_opt::<Float64Type>()
+        .ok_or_else(|| typed("video_start_sec` is not float64"))?;
+    let end = col("video_end_sec")?
+        .as_primitive_opt::<Float64Type>()
+        .ok_or_else(|| typed("video_end_sec` is not float64"))?;
+    let dim = col("dimension")?
+        .as_primitive_opt::<Int32Type>()
+        .ok_or_else(|| typed("dimension` is not int32"))?;
+    let emb = Vectors::of(b)?;
+    let schema = b.schema();
+    let carried: Vec<(&str, &StringArray)> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .filter(|n| !crate::STANDARD_COLUMNS.contains(n))
+        .map(|n| Ok((n, text(n)?)))
+        .collect::<Result<_, ArrowError>>()?;
+    let opt = |a: &dyn Array, i: usize| a.is_valid(i);
+    let mut rows = Vec::with_capacity(b.num_rows());
+    for i in 0..b.num_rows() {
+        if uri.value(i).is_empty() {
+            return Err(ArrowError::InvalidArgumentError(
+                "a row has an empty uri".into(),
+            ));
+        }
+        rows.push(Row {
+            uri: uri.value(i).to_string(),
+            content_type: ct.value(i).to_string(),
+            size_bytes: opt(size, i).then(|| size.value(i)),
+            generation: generation
+                .filter(|a| a.is_valid(i))
+                .map(|a| a.value(i).to_string()),
+            etag: etag
+                .filter(|a| a.is_valid(i))
+                .map(|a| a.value(i).to_string()),
+            updated: updated
+                .filter(|a| a.is_valid(i))
+                .and_then(|a| DateTime::<Utc>::from_timestamp_micros(a.value(i))),
+            embedding: emb.get(i).map(<[f32]>::to_vec),
+            status: status.value(i).to_string(),
+            video_start_sec: opt(start, i).then(|| start.value(i)),
+            video_end_sec: opt(end, i).then(|| end.value(i)),
+            model: model.value(i).to_string(),
+            space: space.value(i).to_string(),
+            dimension: opt(dim, i).then(|| dim.value(i)),
+            carried: carried
+                .iter()
+                .filter(|(_, a)| a.is_valid(i))
+                .map(|(n, a)| (n.to_string(), Value::String(a.value(i).to_string())))
+                .collect(),
+        });
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow_array::Array;
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::Float32Type;
 
     fn row(uri: &str, v: Option<Vec<f32>>) -> Row {
         Row {
@@ -204,5 +369,25 @@ mod tests {
         let wrong = [row("c.png", Some(vec![1.0]))];
         let err = to_batch(&wrong, &[], EmbeddingLayout::FixedSize(2)).unwrap_err();
         assert!(err.to_string().contains("c.png"), "{err}");
+    }
+
+    #[test]
+    fn rows_read_back_from_either_layout() {
+        let mut rows = vec![row("a.png", Some(vec![1.0, 2.0])), row("b.png", None)];
+        // Carried values come back as the strings the batch stores.
+        for r in &mut rows {
+            r.carried.insert("k".into(), Value::String("7".into()));
+        }
+        for layout in [EmbeddingLayout::List, EmbeddingLayout::FixedSize(2)] {
+            let b = to_batch(&rows, &["k".into()], layout).unwrap();
+            assert_eq!(from_batch(&b).unwrap(), rows, "{layout:?}");
+            let v = Vectors::of(&b).unwrap();
+            assert_eq!(v.get(0), Some(&[1.0f32, 2.0][..]));
+            assert_eq!(v.get(1), None);
+        }
+        let mut empty = rows[..1].to_vec();
+        empty[0].uri.clear();
+        let b = to_batch(&empty, &["k".into()], EmbeddingLayout::List).unwrap();
+        assert!(from_batch(&b).unwrap_err().to_string().contains("empty uri"));
     }
 }

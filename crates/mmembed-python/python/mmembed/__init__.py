@@ -15,13 +15,20 @@ video segment, a status per row) come from :meth:`Embedder.embed_arrow`;
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from . import _native
-from ._native import EmbedResult, InvalidInputError, MmembedError, embedding_dtype
+from ._native import (
+    EmbedResult,
+    InvalidInputError,
+    MmembedError,
+    embedding_dtype,
+    tune_malloc_for_inference,
+)
 
 __version__ = _native.__version__
 __all__ = [
@@ -30,8 +37,25 @@ __all__ = [
     "MmembedError",
     "InvalidInputError",
     "embedding_dtype",
+    "tune_malloc_for_inference",
     "__version__",
 ]
+
+
+_malloc_tuned = False
+
+
+def _tune_malloc_once() -> None:
+    # What the ``mmembed`` command does at start: without it glibc unmaps
+    # each layer's large activation blocks and faults them back in on the
+    # next layer (measured 3-10 % of a CPU batch). Process-wide, so it can be
+    # turned off with MMEMBED_TUNE_MALLOC=0.
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    if os.environ.get("MMEMBED_TUNE_MALLOC", "1").strip().lower() not in ("0", "false", "no", "off"):
+        tune_malloc_for_inference()
 
 
 class Embedder(_native.Embedder):
@@ -43,7 +67,15 @@ class Embedder(_native.Embedder):
     the model runs. An embedder pickles as its spec (the receiving process
     loads its own model); one built before a ``fork`` refuses calls in the
     child with a clear error instead of hanging.
+
+    The first embedder built in a process sets glibc's allocator for
+    inference (:func:`tune_malloc_for_inference`, as the ``mmembed`` command
+    does); ``MMEMBED_TUNE_MALLOC=0`` leaves the allocator alone.
     """
+
+    def __new__(cls, spec: str):
+        _tune_malloc_once()
+        return super().__new__(cls, spec)
 
     def __reduce__(self):
         # Pickled as its spec: the receiving process loads the model itself

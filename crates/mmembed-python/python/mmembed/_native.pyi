@@ -66,3 +66,6 @@ class Embedder:
     ) -> tuple[pa.RecordBatch, npt.NDArray[np.int64]]: ...
 
 def embedding_dtype(dimension: int) -> pa.DataType: ...
+def tune_malloc_for_inference() -> bool:
+    """Sets glibc's allocator for batches of inference (process-wide);
+    False where it has no effect (not Linux/glibc)."""
