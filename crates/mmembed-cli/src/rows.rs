@@ -6,20 +6,14 @@ use std::io::Write;
 use std::path::Path;
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 
-use anyhow::{Context, bail};
-use arrow_array::cast::AsArray;
-use arrow_array::types::{
-    Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
-};
-use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+use anyhow::Context;
+use arrow_array::RecordBatch;
 use clap::ValueEnum;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use serde_json::Value;
 
 pub use mmembed_rows::Row;
 
@@ -172,7 +166,9 @@ fn from_batch(b: &RecordBatch) -> anyhow::Result<Vec<Row>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::{DateTime, Utc};
     use serde_json::Map;
+    use serde_json::Value;
 
     fn sample() -> Vec<Row> {
         let mut carried = Map::new();

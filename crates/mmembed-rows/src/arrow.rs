@@ -12,8 +12,8 @@ use arrow_array::{
     Array, ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
-use chrono::{DateTime, Utc};
 use arrow_schema::{ArrowError, DataType, Field, Schema, TimeUnit};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::Row;
@@ -196,13 +196,19 @@ impl<'a> Vectors<'a> {
         if let Some(l) = col.as_list_opt::<i32>() {
             Ok(Self {
                 array: col.as_ref(),
-                values: l.values().as_primitive_opt::<Float32Type>().ok_or_else(not_f32)?,
+                values: l
+                    .values()
+                    .as_primitive_opt::<Float32Type>()
+                    .ok_or_else(not_f32)?,
                 kind: VectorsKind::List(l.value_offsets()),
             })
         } else if let Some(l) = col.as_fixed_size_list_opt() {
             Ok(Self {
                 array: col.as_ref(),
-                values: l.values().as_primitive_opt::<Float32Type>().ok_or_else(not_f32)?,
+                values: l
+                    .values()
+                    .as_primitive_opt::<Float32Type>()
+                    .ok_or_else(not_f32)?,
                 kind: VectorsKind::Fixed(usize::try_from(l.value_length()).unwrap_or(0)),
             })
         } else {
@@ -388,6 +394,11 @@ mod tests {
         let mut empty = rows[..1].to_vec();
         empty[0].uri.clear();
         let b = to_batch(&empty, &["k".into()], EmbeddingLayout::List).unwrap();
-        assert!(from_batch(&b).unwrap_err().to_string().contains("empty uri"));
+        assert!(
+            from_batch(&b)
+                .unwrap_err()
+                .to_string()
+                .contains("empty uri")
+        );
     }
 }
