@@ -1,23 +1,27 @@
 //! `mmembed search`: top-k rows of batch outputs by cosine to a text or an
-//! image query.
+//! image query, streamed through `mmembed-search` (memory independent of
+//! the tables' size).
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use clap::Args as ClapArgs;
-use mmembed::{EmbedRequest, cosine};
+use clap::{Args as ClapArgs, ValueEnum};
+use mmembed::EmbedRequest;
+use mmembed_search::{Filter, Modality, Options, Summary, Table};
 use serde_json::json;
 
 use crate::backend::{BackendArgs, BackendKind};
-use crate::rows::{self, Format, Row};
+use crate::rows::Row;
 
 /// Flags of `mmembed search`.
 #[derive(Debug, ClapArgs)]
 #[command(after_help = "Examples:
   mmembed search 'a red star' --in media.parquet
   mmembed search --image query.png --in a.parquet --in b.jsonl -k 5
-The model defaults to the one recorded in the outputs.")]
+  mmembed search 'a goal' --in clips.parquet --modality video --where league=premier
+The model defaults to the one recorded in the outputs. Tables are streamed, not
+loaded: memory stays flat whatever their size (tables in buckets are copied to a
+temporary file first).")]
 pub struct Args {
     /// The text query.
     #[arg(required_unless_present = "image", conflicts_with = "image")]
@@ -27,7 +31,8 @@ pub struct Args {
     #[arg(long, short = 'i', env = "MMEMBED_SEARCH_IMAGE")]
     pub image: Option<PathBuf>,
 
-    /// Batch outputs to search (`.parquet`/`.jsonl`); repeatable.
+    /// Batch outputs to search (`.parquet`/`.jsonl`, local or in a bucket);
+    /// repeatable.
     #[arg(
         long = "in",
         required = true,
@@ -40,12 +45,45 @@ pub struct Args {
     #[arg(short = 'k', long, env = "MMEMBED_TOP_K", default_value_t = 10)]
     pub top: usize,
 
+    /// Only images or only video segments.
+    #[arg(long, env = "MMEMBED_SEARCH_MODALITY")]
+    pub modality: Option<ModalityArg>,
+
+    /// Only rows whose uri starts with this.
+    #[arg(long, env = "MMEMBED_SEARCH_URI_PREFIX")]
+    pub uri_prefix: Option<String>,
+
+    /// Only rows whose (manifest) column has this value, as COLUMN=VALUE;
+    /// repeatable, all must hold.
+    #[arg(long = "where", env = "MMEMBED_SEARCH_WHERE", value_delimiter = ',', value_parser = parse_equals)]
+    pub equals: Vec<(String, String)>,
+
+    /// Threads reading and scoring the tables (default: all cores).
+    #[arg(long, env = "MMEMBED_SEARCH_THREADS")]
+    pub threads: Option<usize>,
+
     /// Print JSON lines instead of a table.
     #[arg(long, env = "MMEMBED_JSON")]
     pub json: bool,
 
     #[command(flatten)]
     pub backend: BackendArgs,
+}
+
+/// `--modality`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModalityArg {
+    /// Images only.
+    Image,
+    /// Video segments only.
+    Video,
+}
+
+fn parse_equals(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((c, v)) if !c.trim().is_empty() => Ok((c.trim().to_string(), v.to_string())),
+        _ => Err(format!("`{s}`: write COLUMN=VALUE")),
+    }
 }
 
 /// One hit.
@@ -55,21 +93,6 @@ pub struct Hit {
     pub score: f32,
     /// The row.
     pub row: Row,
-}
-
-async fn load(inputs: &[String]) -> anyhow::Result<Vec<Row>> {
-    let mut all = vec![];
-    for p in inputs {
-        let f = Format::from_path(std::path::Path::new(p))
-            .with_context(|| format!("{p}: name a .parquet or .jsonl batch output"))?;
-        let loc = crate::output::Location::parse(p);
-        all.extend(
-            rows::decode(loc.read().await?, f, p)?
-                .into_iter()
-                .filter(|r| r.ok() && r.embedding.is_some()),
-        );
-    }
-    Ok(all)
 }
 
 /// A row's URI for people: local paths under the working directory
@@ -83,21 +106,39 @@ fn readable(uri: &str) -> String {
     uri.to_string()
 }
 
+/// The tables as local files: bucket objects are copied to `tmp` first.
+async fn local_tables(inputs: &[String], tmp: &tempfile::TempDir) -> anyhow::Result<Vec<Table>> {
+    let mut tables = vec![];
+    for (i, p) in inputs.iter().enumerate() {
+        let table = match crate::output::Location::parse(p) {
+            crate::output::Location::Local(path) => Table::new(path),
+            remote @ crate::output::Location::Remote(_) => {
+                let name = p.rsplit('/').next().unwrap_or_default();
+                let local = tmp.path().join(format!("{i}-{name}"));
+                // The format is the object's, from its name.
+                let t = Table::new(&local)?;
+                std::fs::write(&local, remote.read().await?)
+                    .with_context(|| format!("copying {p} to {}", local.display()))?;
+                Ok(t)
+            }
+        };
+        tables.push(table.with_context(|| format!("searching {p}"))?);
+    }
+    Ok(tables)
+}
+
 /// Ranks the rows of `args.inputs` for the query.
 pub async fn search(mut args: Args) -> anyhow::Result<Vec<Hit>> {
-    let rows = load(&args.inputs).await?;
-    if rows.is_empty() {
+    let tmp = tempfile::tempdir()?;
+    let tables = local_tables(&args.inputs, &tmp).await?;
+    let Some(Summary {
+        space,
+        model,
+        dimension,
+    }) = mmembed_search::summarize(&tables)?
+    else {
         bail!("the outputs hold no embedded rows");
-    }
-    let spaces: BTreeSet<&str> = rows.iter().map(|r| r.space.as_str()).collect();
-    if spaces.len() > 1 {
-        bail!(
-            "the outputs mix embedding spaces ({}); vectors of different spaces are not comparable, \
-             search them separately",
-            spaces.into_iter().collect::<Vec<_>>().join(", ")
-        );
-    }
-    let space = rows[0].space.clone();
+    };
     if args.backend.model.is_none()
         && args.backend.backend == BackendKind::Local
         && space.starts_with("vertex:")
@@ -108,10 +149,7 @@ pub async fn search(mut args: Args) -> anyhow::Result<Vec<Hit>> {
         );
     }
     if args.backend.model.is_none() && args.backend.backend == BackendKind::Local {
-        let models: BTreeSet<&str> = rows.iter().map(|r| r.model.as_str()).collect();
-        if models.len() == 1 {
-            args.backend.model = Some(rows[0].model.clone());
-        }
+        args.backend.model = Some(model);
     }
     let embedder = args.backend.build().await?;
     let info = embedder.info();
@@ -123,40 +161,52 @@ pub async fn search(mut args: Args) -> anyhow::Result<Vec<Hit>> {
             info.space
         );
     }
-    let dims: BTreeSet<usize> = rows
-        .iter()
-        .filter_map(|r| r.embedding.as_ref().map(Vec::len))
-        .collect();
     let mut req = match (&args.query, &args.image) {
         (Some(q), None) => EmbedRequest::text(q.as_str()),
         (None, Some(p)) => EmbedRequest::image(p.clone()),
         _ => bail!("give either a text query or --image"),
     };
-    if let [d] = dims.iter().copied().collect::<Vec<_>>()[..]
-        && d != info.native_dimension
-    {
-        req = req.with_dimension(d as u32);
-    } else if dims.len() > 1 {
-        bail!("the outputs mix vector lengths {dims:?}");
+    if dimension != info.native_dimension {
+        req = req.with_dimension(dimension as u32);
     }
     let e = embedder.embed(req).await.context("embedding the query")?;
     let q = e
         .text
         .or(e.image)
         .context("the backend returned no vector for the query")?;
-    let mut hits: Vec<Hit> = rows
+    let mut opts = Options {
+        k: args.top,
+        space: Some(space),
+        filter: Filter {
+            modality: args.modality.map(|m| match m {
+                ModalityArg::Image => Modality::Image,
+                ModalityArg::Video => Modality::Video,
+            }),
+            uri_prefix: args.uri_prefix.take(),
+            equals: std::mem::take(&mut args.equals),
+        },
+        ..Options::default()
+    };
+    if let Some(t) = args.threads {
+        opts.threads = t;
+    }
+    let found = tokio::task::spawn_blocking(move || mmembed_search::search(&tables, &q, &opts))
+        .await
+        .context("the search thread failed")??;
+    tracing::info!(
+        scanned = found.scanned,
+        matched = found.matched,
+        hits = found.hits.len(),
+        "searched"
+    );
+    Ok(found
+        .hits
         .into_iter()
-        .filter_map(|row| {
-            let v = row.embedding.as_ref()?;
-            Some(Hit {
-                score: cosine(&q, v),
-                row,
-            })
+        .map(|h| Hit {
+            score: h.score,
+            row: h.row,
         })
-        .collect();
-    hits.sort_by(|a, b| b.score.total_cmp(&a.score));
-    hits.truncate(args.top);
-    Ok(hits)
+        .collect())
 }
 
 fn when(r: &Row) -> Option<String> {

@@ -418,6 +418,49 @@ fn search_ranks_the_matching_file_first_and_refuses_mixed_spaces() {
     );
     assert!(first["score"].as_f64().unwrap() > 0.999);
 
+    // Filters: the purple cross is a video segment; among images only, or
+    // under another folder, it is not found; among videos every hit is one.
+    let hits = |extra: &[&str]| -> Vec<Value> {
+        let o = run_ok(
+            mmembed(d.path())
+                .args(["search", "a purple cross", "--json", "--in"])
+                .arg(&out)
+                .args(extra),
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let images = hits(&["--modality", "image", "-k", "50"]);
+    assert!(!images.is_empty());
+    assert!(
+        images.iter().all(|h| h["video_start_sec"].is_null()),
+        "{images:?}"
+    );
+    let videos = hits(&["--modality", "video"]);
+    assert!(
+        videos
+            .iter()
+            .all(|h| h["uri"].as_str().unwrap().ends_with(".mp4")),
+        "{videos:?}"
+    );
+    assert_eq!(videos[0]["video_start_sec"], 4.0);
+    let prefix = format!("{}/", root.join("more").display());
+    let under = hits(&["--uri-prefix", &prefix]);
+    assert_eq!(under.len(), 1, "{under:?}");
+    assert!(
+        under[0]["uri"].as_str().unwrap().starts_with(&prefix),
+        "{under:?}"
+    );
+    let o = mmembed(d.path())
+        .args(["search", "x", "--where", "novalue", "--in"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("COLUMN=VALUE"));
+
     // Rows of another space are refused, not silently compared.
     let other = d.path().join("other.jsonl");
     let mut row: Value = serde_json::from_str(
