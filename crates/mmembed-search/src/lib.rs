@@ -136,6 +136,28 @@ pub enum SearchError {
         /// The index asked for.
         index: u64,
     },
+    /// The index library failed (building, saving, loading, searching).
+    #[error("index {}: {message}", path.display())]
+    Index {
+        /// The index.
+        path: PathBuf,
+        /// What the library said.
+        message: String,
+    },
+    /// A table changed since the index was built from it.
+    #[error(
+        "index {} is stale: {} {why} since it was built; run `mmembed index build` again",
+        index.display(),
+        table.display()
+    )]
+    Stale {
+        /// The index.
+        index: PathBuf,
+        /// The table.
+        table: PathBuf,
+        /// What changed.
+        why: String,
+    },
     /// A search thread panicked (a bug: reported, not propagated).
     #[error("a search thread failed: {0}")]
     Thread(String),
@@ -360,6 +382,32 @@ impl Filter {
     fn columns(&self) -> impl Iterator<Item = &str> {
         self.equals.iter().map(|(c, _)| c.as_str())
     }
+
+    /// Whether no row is filtered out.
+    pub fn is_empty(&self) -> bool {
+        self.modality.is_none() && self.uri_prefix.is_none() && self.equals.is_empty()
+    }
+
+    /// Whether `row` passes (what the streaming scan applies column by
+    /// column).
+    pub fn matches(&self, row: &Row) -> bool {
+        modality_ok(self.modality, &row.content_type, row.video_start_sec.is_some())
+            && self
+                .uri_prefix
+                .as_deref()
+                .is_none_or(|p| row.uri.starts_with(p))
+            && self.equals.iter().all(|(c, want)| {
+                matches!(row.carried.get(c), Some(serde_json::Value::String(s)) if s == want)
+            })
+    }
+}
+
+fn modality_ok(want: Option<Modality>, content_type: &str, segment: bool) -> bool {
+    match want {
+        None => true,
+        Some(Modality::Video) => segment || content_type.starts_with("video/"),
+        Some(Modality::Image) => !segment && content_type.starts_with("image/"),
+    }
 }
 
 /// How to search.
@@ -487,7 +535,7 @@ impl TopK {
 /// Cosine of a unit query `q` and `v` (`v` need not be unit length: rows
 /// from other tools may not be). Eight lanes so that the compiler keeps it
 /// in vector registers.
-fn cosine_to_unit(q: &[f32], v: &[f32]) -> f32 {
+pub(crate) fn cosine_to_unit(q: &[f32], v: &[f32]) -> f32 {
     let (mut dot, mut norm) = ([0f32; 8], [0f32; 8]);
     let (qc, qr) = q.as_chunks::<8>();
     let (vc, vr) = v.as_chunks::<8>();
@@ -516,11 +564,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn modality_ok(&self, content_type: &str, segment: bool) -> bool {
-        match self.filter.modality {
-            None => true,
-            Some(Modality::Video) => segment || content_type.starts_with("video/"),
-            Some(Modality::Image) => !segment && content_type.starts_with("image/"),
-        }
+        modality_ok(self.filter.modality, content_type, segment)
     }
 
     fn prefix_ok(&self, uri: &str) -> bool {
@@ -632,13 +676,7 @@ impl Ctx<'_> {
                 continue;
             };
             self.admit(t, &r.uri, &r.space, v, top)?;
-            let equals_ok = self.filter.equals.iter().all(|(c, want)| {
-                matches!(r.carried.get(c), Some(serde_json::Value::String(s)) if s == want)
-            });
-            if !self.modality_ok(&r.content_type, r.video_start_sec.is_some())
-                || !self.prefix_ok(&r.uri)
-                || !equals_ok
-            {
+            if !self.filter.matches(&r) {
                 continue;
             }
             top.matched += 1;
@@ -794,6 +832,76 @@ fn produce(
         }
     }
     Ok(())
+}
+
+/// Calls `f(index, uri, space, vector)` for every embedded row of `t`, in
+/// order, reading only the columns it needs (what an index is built from).
+pub(crate) fn each_vector(
+    t: &Table,
+    mut f: impl FnMut(u64, &str, &str, &[f32]) -> Result<(), SearchError>,
+) -> Result<(), SearchError> {
+    match t.format {
+        Format::Jsonl => {
+            for l in t.lines()? {
+                let l = l?;
+                let r = t.parse(&l)?;
+                if let Some(v) = r.embedding.as_deref().filter(|_| r.ok()) {
+                    f(l.index, &r.uri, &r.space, v)?;
+                }
+            }
+        }
+        Format::Parquet => {
+            let meta = t.metadata()?;
+            let mask = projection(t, &meta, &Filter::default())?;
+            let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(t.open()?, meta)
+                .with_projection(mask)
+                .with_batch_size(BATCH_ROWS)
+                .build()
+                .map_err(|e| t.pq(e))?;
+            let mut at = 0u64;
+            for b in reader {
+                let b = b.map_err(|e| t.arrow(e))?;
+                let text = |name: &str| {
+                    b.column_by_name(name)
+                        .and_then(|c| c.as_string_opt::<i32>())
+                        .ok_or_else(|| {
+                            t.arrow(ArrowError::SchemaError(format!(
+                                "no string column `{name}`"
+                            )))
+                        })
+                };
+                let (uri, status, space) = (text("uri")?, text("status")?, text("space")?);
+                let vectors = Vectors::of(&b).map_err(|e| t.arrow(e))?;
+                for i in 0..b.num_rows() {
+                    if status.is_valid(i) && !status.value(i).is_empty() {
+                        continue;
+                    }
+                    if let Some(v) = vectors.get(i) {
+                        f(at + i as u64, uri.value(i), space.value(i), v)?;
+                    }
+                }
+                at += b.num_rows() as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The number of rows of `t` ([`Hit::index`] runs below it).
+pub(crate) fn row_count(t: &Table) -> Result<u64, SearchError> {
+    match t.format {
+        Format::Parquet => {
+            Ok(u64::try_from(t.metadata()?.metadata().file_metadata().num_rows()).unwrap_or(0))
+        }
+        Format::Jsonl => {
+            let mut n = 0;
+            for l in t.lines()? {
+                l?;
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
 }
 
 /// The `opts.k` embedded rows of `tables` nearest to `query` by cosine.
@@ -980,6 +1088,8 @@ pub fn rows(table: &Table, indices: &[u64]) -> Result<Vec<Row>, SearchError> {
         })
         .collect()
 }
+
+pub mod index;
 
 #[cfg(test)]
 mod tests;

@@ -416,3 +416,222 @@ fn cosine_matches_a_plain_loop_at_every_length() {
     }
     assert_eq!(cosine_to_unit(&[1.0], &[0.0]), 0.0);
 }
+
+mod index {
+    use super::*;
+    use crate::index::{BuildOptions, Index, IndexSearch, Outcome, Quantization, build};
+
+    fn small() -> BuildOptions {
+        BuildOptions {
+            threads: 2,
+            ..BuildOptions::default()
+        }
+    }
+
+    /// Share of the exact top `k` (by the in-memory reference) that the
+    /// index found.
+    fn recall(found: &Found, want: &[(usize, u64, f64)], k: usize) -> f64 {
+        let got: Vec<(usize, u64)> = found.hits.iter().map(|h| (h.table, h.index)).collect();
+        want[..k]
+            .iter()
+            .filter(|w| got.contains(&(w.0, w.1)))
+            .count() as f64
+            / k as f64
+    }
+
+    #[test]
+    fn index_finds_what_brute_force_finds_with_exact_scores() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = make_rows(3000, 24, 21, "/i/a");
+        let b = make_rows(1500, 24, 22, "/i/b");
+        write_parquet(
+            &dir.path().join("a.parquet"),
+            &a,
+            1000,
+            EmbeddingLayout::List,
+        );
+        write_jsonl(&dir.path().join("b.jsonl"), &b);
+        let tables = [
+            Table::new(dir.path().join("a.parquet")).unwrap(),
+            Table::new(dir.path().join("b.jsonl")).unwrap(),
+        ];
+        let all = vec![a, b];
+        let idx = dir.path().join("media.index");
+        for q8 in [Quantization::F16, Quantization::I8] {
+            let _ = std::fs::remove_dir_all(&idx);
+            let r = build(
+                &tables,
+                &idx,
+                &BuildOptions {
+                    quantization: q8,
+                    ..small()
+                },
+            )
+            .unwrap();
+            assert_eq!(r.outcome, Outcome::Built { reason: None });
+            let embedded = all.iter().flatten().filter(|r| r.ok()).count() as u64;
+            assert_eq!((r.added, r.vectors), (embedded, embedded));
+            let index = Index::open(&idx).unwrap();
+            index.check_fresh().unwrap();
+            let mut total = 0.0;
+            for s in 0..10 {
+                let q = make_rows(1, 24, 100 + s, "q")[0].embedding.clone().unwrap();
+                let want = reference(&all, &q, |_| true);
+                let found = index
+                    .search(
+                        &q,
+                        &IndexSearch {
+                            k: 10,
+                            ..IndexSearch::default()
+                        },
+                    )
+                    .unwrap();
+                assert_eq!(found.hits.len(), 10);
+                total += recall(&found, &want, 10);
+                // Scores are the exact cosines of the rows found, best first.
+                for h in &found.hits {
+                    let w = want
+                        .iter()
+                        .find(|w| (w.0, w.1) == (h.table, h.index))
+                        .unwrap();
+                    assert!((h.score as f64 - w.2).abs() < 1e-5);
+                    assert_eq!(h.row, all[h.table][h.index as usize]);
+                }
+                assert!(found.hits.windows(2).all(|p| p[0].score >= p[1].score));
+            }
+            assert!(total / 10.0 >= 0.95, "{q8:?}: recall@10 {}", total / 10.0);
+        }
+        // A filter: candidates are fetched until k pass.
+        let index = Index::open(&idx).unwrap();
+        let q = vec![0.2f32; 24];
+        let keep = |r: &Row| r.content_type.starts_with("video/") && r.uri.starts_with("/i/b/");
+        let filter = Filter {
+            modality: Some(Modality::Video),
+            uri_prefix: Some("/i/b/".into()),
+            ..Filter::default()
+        };
+        let found = index
+            .search(
+                &q,
+                &IndexSearch {
+                    k: 5,
+                    filter,
+                    ..IndexSearch::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(found.hits.len(), 5);
+        assert!(found.hits.iter().all(|h| keep(&h.row)));
+        let want = reference(&all, &q, keep);
+        assert!(recall(&found, &want, 5) >= 0.8);
+        // A query of another length.
+        assert!(matches!(
+            index.search(&[1.0; 3], &IndexSearch::default()),
+            Err(SearchError::Dimension { .. })
+        ));
+    }
+
+    #[test]
+    fn index_grows_with_its_tables_and_is_rebuilt_when_one_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = make_rows(800, 8, 31, "/g/a");
+        let b = make_rows(300, 8, 32, "/g/b");
+        let pa = dir.path().join("a.parquet");
+        let pb = dir.path().join("b.parquet");
+        write_parquet(&pa, &a, 1000, EmbeddingLayout::List);
+        write_parquet(&pb, &b, 1000, EmbeddingLayout::List);
+        let (ta, tb) = (Table::new(&pa).unwrap(), Table::new(&pb).unwrap());
+        let idx = dir.path().join("idx");
+        let ok = |rows: &[Row]| rows.iter().filter(|r| r.ok()).count() as u64;
+
+        build(std::slice::from_ref(&ta), &idx, &small()).unwrap();
+        let r = build(&[ta.clone(), tb.clone()], &idx, &small()).unwrap();
+        assert_eq!(r.outcome, Outcome::Extended { tables: 1 });
+        assert_eq!((r.added, r.vectors), (ok(&b), ok(&a) + ok(&b)));
+        let index = Index::open(&idx).unwrap();
+        // A row of the added table is found by its own vector.
+        let target = b.iter().position(|r| r.ok()).unwrap();
+        let q = b[target].embedding.clone().unwrap();
+        let found = index
+            .search(
+                &q,
+                &IndexSearch {
+                    k: 1,
+                    ..IndexSearch::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (found.hits[0].table, found.hits[0].index),
+            (1, target as u64)
+        );
+        assert!((found.hits[0].score - 1.0).abs() < 1e-5);
+
+        assert_eq!(
+            build(&[ta.clone(), tb.clone()], &idx, &small())
+                .unwrap()
+                .outcome,
+            Outcome::Unchanged
+        );
+
+        // Listing fewer tables, other options, or a changed table: rebuilt.
+        let r = build(std::slice::from_ref(&tb), &idx, &small()).unwrap();
+        assert!(
+            matches!(&r.outcome, Outcome::Built { reason: Some(w) } if w.contains("no longer listed")),
+            "{r:?}"
+        );
+        assert_eq!(r.vectors, ok(&b));
+        let r = build(
+            std::slice::from_ref(&tb),
+            &idx,
+            &BuildOptions {
+                connectivity: 8,
+                ..small()
+            },
+        )
+        .unwrap();
+        assert!(
+            matches!(&r.outcome, Outcome::Built { reason: Some(w) } if w.contains("options")),
+            "{r:?}"
+        );
+        let fewer = make_rows(100, 8, 33, "/g/b");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_parquet(&pb, &fewer, 1000, EmbeddingLayout::List);
+        // Until it is rebuilt, the index refuses to answer for the changed table.
+        let err = Index::open(&idx).unwrap().check_fresh().unwrap_err();
+        assert!(matches!(err, SearchError::Stale { .. }), "{err}");
+        assert!(err.to_string().contains("mmembed index build"), "{err}");
+        let opts = BuildOptions {
+            connectivity: 8,
+            ..small()
+        };
+        let r = build(std::slice::from_ref(&tb), &idx, &opts).unwrap();
+        assert!(
+            matches!(&r.outcome, Outcome::Built { reason: Some(w) } if w.contains("changed")),
+            "{r:?}"
+        );
+        assert_eq!(r.vectors, ok(&fewer));
+        Index::open(&idx).unwrap().check_fresh().unwrap();
+
+        // Tables of another space are refused.
+        let mut other = make_rows(50, 8, 34, "/g/c");
+        for r in &mut other {
+            r.space = "elsewhere".into();
+        }
+        let pc = dir.path().join("c.jsonl");
+        write_jsonl(&pc, &other);
+        let err = build(&[tb.clone(), Table::new(&pc).unwrap()], &idx, &opts).unwrap_err();
+        assert!(err.to_string().contains("refused"), "{err}");
+        // A folder that is not an index is not overwritten.
+        let err = build(std::slice::from_ref(&tb), dir.path(), &opts).unwrap_err();
+        assert!(err.to_string().contains("not overwriting"), "{err}");
+        // A graph that does not match its manifest is reported.
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(idx.join("manifest.json")).unwrap())
+                .unwrap();
+        m["vectors"] = 1.into();
+        std::fs::write(idx.join("manifest.json"), m.to_string()).unwrap();
+        let err = Index::open(&idx).unwrap_err();
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+}
