@@ -13,6 +13,7 @@ mod batch;
 mod bench;
 mod embed;
 mod generate;
+mod index;
 mod inputs;
 mod job;
 mod lock;
@@ -38,6 +39,7 @@ use clap::{Parser, Subcommand};
   mmembed embed --model demo --text 'a red star' photo.png
   mmembed batch media/ -o media.parquet --model demo
   mmembed search 'a blue square' --in media.parquet
+  mmembed index build media.parquet -o media.index && mmembed search 'a blue square' --index media.index
   mmembed serve --model demo
   mmembed classify media/ --labels 'red star,blue square' -o labels.parquet --model demo
   mmembed generate cities.csv -o out.parquet -g gemini:my-proj/global \\
@@ -59,6 +61,8 @@ enum Cmd {
     Batch(batch::Args),
     /// Rank the rows of batch outputs by similarity to a text or image.
     Search(search::Args),
+    /// Build an approximate index of batch outputs for large collections.
+    Index(index::Args),
     /// List the models: the bundled demo and the built-in ids.
     Models(models::Args),
     /// Compare backends on the same inputs: p50/p95 latency and throughput
@@ -113,6 +117,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Search(a) => {
             let json = a.json;
             search::print(&search::search(a).await?, json)?;
+            ExitCode::SUCCESS
+        }
+        Cmd::Index(a) => {
+            index::run(a).await?;
             ExitCode::SUCCESS
         }
         Cmd::Models(a) => {

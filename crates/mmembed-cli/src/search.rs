@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args as ClapArgs, ValueEnum};
 use mmembed::EmbedRequest;
+use mmembed_search::index::{Index, IndexSearch};
 use mmembed_search::{Filter, Modality, Options, Summary, Table};
 use serde_json::json;
 
@@ -35,11 +36,22 @@ pub struct Args {
     /// repeatable.
     #[arg(
         long = "in",
-        required = true,
+        required_unless_present = "index",
+        conflicts_with = "index",
         env = "MMEMBED_SEARCH_IN",
         value_delimiter = ','
     )]
     pub inputs: Vec<String>,
+
+    /// Search through an index built by `mmembed index build` (over its
+    /// tables) instead of scanning tables.
+    #[arg(long, env = "MMEMBED_SEARCH_INDEX")]
+    pub index: Option<PathBuf>,
+
+    /// With --index: candidates kept while searching (HNSW's ef); more is
+    /// slower and closer to exact.
+    #[arg(long, env = "MMEMBED_SEARCH_EF", default_value_t = 128)]
+    pub ef: usize,
 
     /// How many results.
     #[arg(short = 'k', long, env = "MMEMBED_TOP_K", default_value_t = 10)]
@@ -127,15 +139,38 @@ async fn local_tables(inputs: &[String], tmp: &tempfile::TempDir) -> anyhow::Res
     Ok(tables)
 }
 
-/// Ranks the rows of `args.inputs` for the query.
+/// What a search runs over.
+enum Source {
+    Tables(Vec<Table>),
+    Index(Index),
+}
+
+/// Ranks the rows of `args.inputs` (or `args.index`) for the query.
 pub async fn search(mut args: Args) -> anyhow::Result<Vec<Hit>> {
     let tmp = tempfile::tempdir()?;
-    let tables = local_tables(&args.inputs, &tmp).await?;
+    let (source, summary) = match &args.index {
+        Some(dir) => {
+            let index = Index::open(dir)?;
+            index.check_fresh()?;
+            let m = index.manifest();
+            let s = Summary {
+                space: m.space.clone(),
+                model: m.model.clone(),
+                dimension: m.dimension,
+            };
+            (Source::Index(index), Some(s))
+        }
+        None => {
+            let tables = local_tables(&args.inputs, &tmp).await?;
+            let s = mmembed_search::summarize(&tables)?;
+            (Source::Tables(tables), s)
+        }
+    };
     let Some(Summary {
         space,
         model,
         dimension,
-    }) = mmembed_search::summarize(&tables)?
+    }) = summary
     else {
         bail!("the outputs hold no embedded rows");
     };
@@ -174,25 +209,37 @@ pub async fn search(mut args: Args) -> anyhow::Result<Vec<Hit>> {
         .text
         .or(e.image)
         .context("the backend returned no vector for the query")?;
+    let filter = Filter {
+        modality: args.modality.map(|m| match m {
+            ModalityArg::Image => Modality::Image,
+            ModalityArg::Video => Modality::Video,
+        }),
+        uri_prefix: args.uri_prefix.take(),
+        equals: std::mem::take(&mut args.equals),
+    };
     let mut opts = Options {
         k: args.top,
         space: Some(space),
-        filter: Filter {
-            modality: args.modality.map(|m| match m {
-                ModalityArg::Image => Modality::Image,
-                ModalityArg::Video => Modality::Video,
-            }),
-            uri_prefix: args.uri_prefix.take(),
-            equals: std::mem::take(&mut args.equals),
-        },
+        filter,
         ..Options::default()
     };
     if let Some(t) = args.threads {
         opts.threads = t;
     }
-    let found = tokio::task::spawn_blocking(move || mmembed_search::search(&tables, &q, &opts))
-        .await
-        .context("the search thread failed")??;
+    let ef = args.ef;
+    let found = tokio::task::spawn_blocking(move || match source {
+        Source::Tables(tables) => mmembed_search::search(&tables, &q, &opts),
+        Source::Index(index) => index.search(
+            &q,
+            &IndexSearch {
+                k: opts.k,
+                filter: opts.filter,
+                expansion: ef,
+            },
+        ),
+    })
+    .await
+    .context("the search thread failed")??;
     tracing::info!(
         scanned = found.scanned,
         matched = found.matched,

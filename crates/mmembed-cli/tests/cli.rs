@@ -461,6 +461,55 @@ fn search_ranks_the_matching_file_first_and_refuses_mixed_spaces() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("COLUMN=VALUE"));
 
+    // Through an index: the same first hits; stale once the table changes.
+    let idx = d.path().join("media.index");
+    let o = run_ok(
+        mmembed(d.path())
+            .args(["index", "build"])
+            .arg(&out)
+            .arg("-o")
+            .arg(&idx),
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("index built"));
+    for (query, want) in [
+        ("a red star", "red-star.png"),
+        ("a purple cross", "slideshow.mp4  [4.0-8.0 s]"),
+    ] {
+        let o = run_ok(
+            mmembed(d.path())
+                .args(["search", query, "--index"])
+                .arg(&idx),
+        );
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.lines().next().unwrap_or_default().ends_with(want),
+            "{query}: {text}"
+        );
+    }
+    let o = run_ok(
+        mmembed(d.path())
+            .args(["index", "build"])
+            .arg(&out)
+            .arg("-o")
+            .arg(&idx),
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("up to date"));
+    let copy = d.path().join("copy.parquet");
+    std::fs::copy(&out, &copy).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::copy(&copy, &out).unwrap();
+    let o = mmembed(d.path())
+        .args(["search", "x", "--index"])
+        .arg(&idx)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is stale"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     // Rows of another space are refused, not silently compared.
     let other = d.path().join("other.jsonl");
     let mut row: Value = serde_json::from_str(
