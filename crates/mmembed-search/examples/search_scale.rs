@@ -11,6 +11,11 @@
 //! # each run in its own process, so that its peak RSS is its own
 //! target/release/examples/search_scale run /tmp/t100k.parquet
 //! target/release/examples/search_scale run /tmp/t1m.parquet --threads 2 --repeat 3
+//! # the index: a clustered table (1000 clusters, as real embeddings group),
+//! # built, then recall@10 and latency against brute force
+//! target/release/examples/search_scale gen /tmp/c1m.parquet 1000000 512 --clusters 1000
+//! target/release/examples/search_scale index /tmp/c1m.parquet /tmp/c1m.index
+//! target/release/examples/search_scale recall /tmp/c1m.index --queries 100 --ef 128
 //! ```
 
 use std::fs::File;
@@ -18,6 +23,7 @@ use std::time::Instant;
 
 use mmembed_rows::Row;
 use mmembed_rows::arrow::{EmbeddingLayout, to_batch};
+use mmembed_search::index::{BuildOptions, Index, IndexSearch, Quantization, build};
 use mmembed_search::{Options, Table, search};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -29,8 +35,23 @@ fn unit(rng: &mut fastrand::Rng, dim: usize) -> Vec<f32> {
     v.into_iter().map(|x| x / n).collect()
 }
 
-fn gen_table(path: &str, rows: usize, dim: usize) -> Result<(), Box<dyn std::error::Error>> {
+/// A unit vector near `centre`: about 0.7 cosine to it at 512 dimensions,
+/// as photos of one subject sit around their subject in CLIP's space.
+fn near(rng: &mut fastrand::Rng, centre: &[f32]) -> Vec<f32> {
+    let noise = unit(rng, centre.len());
+    let v: Vec<f32> = centre.iter().zip(noise).map(|(c, n)| c + n).collect();
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.into_iter().map(|x| x / n).collect()
+}
+
+fn gen_table(
+    path: &str,
+    rows: usize,
+    dim: usize,
+    clusters: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = fastrand::Rng::with_seed(25);
+    let centres: Vec<Vec<f32>> = (0..clusters).map(|_| unit(&mut rng, dim)).collect();
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .build();
@@ -46,7 +67,12 @@ fn gen_table(path: &str, rows: usize, dim: usize) -> Result<(), Box<dyn std::err
                 generation: None,
                 etag: None,
                 updated: None,
-                embedding: Some(unit(&mut rng, dim)),
+                embedding: Some(if centres.is_empty() {
+                    unit(&mut rng, dim)
+                } else {
+                    let c = rng.usize(..centres.len());
+                    near(&mut rng, &centres[c])
+                }),
                 status: String::new(),
                 video_start_sec: None,
                 video_end_sec: None,
@@ -135,11 +161,142 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+fn index(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut opts = BuildOptions::default();
+    let mut paths = vec![];
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quantization" => {
+                opts.quantization = match it.next().map(String::as_str) {
+                    Some("f32") => Quantization::F32,
+                    Some("f16") => Quantization::F16,
+                    Some("bf16") => Quantization::Bf16,
+                    Some("i8") => Quantization::I8,
+                    _ => return Err("--quantization f32|f16|bf16|i8".into()),
+                }
+            }
+            "--threads" => opts.threads = it.next().ok_or("--threads N")?.parse()?,
+            p => paths.push(p.to_string()),
+        }
+    }
+    let dir = paths.pop().ok_or("index TABLE... DIR")?;
+    let tables = paths
+        .iter()
+        .map(Table::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    let r = build(&tables, std::path::Path::new(&dir), &opts)?;
+    println!(
+        "{:?}: {} vectors added ({} in all) in {:.1} s = {:.0} vectors/s, {:?}, {} threads; peak RSS {:.0} MiB",
+        r.outcome,
+        r.added,
+        r.vectors,
+        r.seconds,
+        r.added as f64 / r.seconds,
+        opts.quantization,
+        opts.threads,
+        peak_rss_mib().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn recall(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let (mut queries, mut ef, mut k) = (100usize, 128usize, 10usize);
+    let mut dir = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--queries" => queries = it.next().ok_or("--queries N")?.parse()?,
+            "--ef" => ef = it.next().ok_or("--ef N")?.parse()?,
+            "--k" => k = it.next().ok_or("--k N")?.parse()?,
+            p => dir = Some(p.to_string()),
+        }
+    }
+    let t0 = Instant::now();
+    let index = Index::open(dir.ok_or("recall DIR")?)?;
+    let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let tables = index.tables();
+    let m = index.manifest().clone();
+    // Queries near random rows' clusters: rows of the tables, perturbed.
+    let mut rng = fastrand::Rng::with_seed(99);
+    let total = m.tables.iter().map(|t| t.rows).sum::<u64>();
+    let picks: Vec<(usize, u64)> = (0..queries)
+        .map(|_| {
+            let mut key = rng.u64(..total);
+            let mut t = 0;
+            while key >= m.tables[t].rows {
+                key -= m.tables[t].rows;
+                t += 1;
+            }
+            (t, key)
+        })
+        .collect();
+    let mut qs = vec![];
+    for (t, i) in picks {
+        let row = mmembed_search::rows(&tables[t], &[i])?.remove(0);
+        let v = row.embedding.ok_or("a picked row has no vector")?;
+        qs.push(near(&mut rng, &v));
+    }
+    let opts = Options {
+        k,
+        space: Some(m.space.clone()),
+        ..Options::default()
+    };
+    let search_opts = IndexSearch {
+        k,
+        expansion: ef,
+        ..IndexSearch::default()
+    };
+    let (mut lat, mut brute, mut hit) = (vec![], vec![], 0usize);
+    for q in &qs {
+        let t = Instant::now();
+        let found = index.search(q, &search_opts)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let exact = search(&tables, q, &opts)?;
+        brute.push(t.elapsed().as_secs_f64() * 1e3);
+        let got: Vec<(usize, u64)> = found.hits.iter().map(|h| (h.table, h.index)).collect();
+        hit += exact
+            .hits
+            .iter()
+            .filter(|h| got.contains(&(h.table, h.index)))
+            .count();
+    }
+    lat.sort_by(f64::total_cmp);
+    brute.sort_by(f64::total_cmp);
+    println!(
+        "{} vectors, {:?}, ef {ef}: recall@{k} {:.4} over {queries} queries; index p50 {:.2} ms, p99 {:.2} ms (open {:.0} ms); brute force p50 {:.0} ms; peak RSS {:.0} MiB",
+        m.vectors,
+        m.quantization,
+        hit as f64 / (queries * k) as f64,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        open_ms,
+        percentile(&brute, 0.5),
+        peak_rss_mib().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("gen") if args.len() == 4 => gen_table(&args[1], args[2].parse()?, args[3].parse()?),
+        Some("gen") if args.len() == 4 || args.len() == 6 => {
+            let clusters = match args.get(4).map(String::as_str) {
+                Some("--clusters") => args[5].parse()?,
+                Some(_) => return Err("gen PATH ROWS DIM [--clusters N]".into()),
+                None => 0,
+            };
+            gen_table(&args[1], args[2].parse()?, args[3].parse()?, clusters)
+        }
         Some("run") if args.len() > 1 => run(&args[1..]),
-        _ => Err("usage: search_scale gen PATH ROWS DIM | search_scale run TABLE... [--threads N] [--k K] [--repeat N]".into()),
+        Some("index") if args.len() > 2 => index(&args[1..]),
+        Some("recall") if args.len() > 1 => recall(&args[1..]),
+        _ => Err("usage: search_scale gen PATH ROWS DIM [--clusters N] | run TABLE... [--threads N] [--k K] [--repeat N] | index TABLE... DIR [--quantization Q] [--threads N] | recall DIR [--queries N] [--ef N] [--k K]".into()),
     }
 }
