@@ -221,17 +221,12 @@ struct SearchParams {
 }
 
 impl SearchParams {
-    fn filter(&self) -> Result<Filter, Response> {
+    fn filter(&self) -> Result<Filter, String> {
         let modality = match self.modality.as_deref() {
             None | Some("" | "all") => None,
             Some("image") => Some(Modality::Image),
             Some("video") => Some(Modality::Video),
-            Some(m) => {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    format!("modality `{m}`: image, video or all"),
-                ));
-            }
+            Some(m) => return Err(format!("modality `{m}`: image, video or all")),
         };
         Ok(Filter {
             modality,
@@ -255,7 +250,7 @@ fn local_file(uri: &str) -> Option<PathBuf> {
 async fn answer(p: Shared, req: EmbedRequest, params: &SearchParams) -> Response {
     let filter = match params.filter() {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let Some(embedder) = p.embedder.get().cloned() else {
         return error(
