@@ -9,10 +9,13 @@ cd "$(dirname "$0")/.."
 . scripts/lib/python-venv.sh
 . scripts/lib/storage-emulators.sh
 install_system_deps
+install_browser
 # Early, so a missing Python fails in seconds rather than after the build.
 python_venv tests/python/requirements.txt SDK_PY
 # S3 and GCS emulators for the bucket tests (started before `cargo test`).
 python_venv tests/storage/requirements.txt STORAGE_PY
+# Selenium for the search page's browser tests.
+python_venv tests/search_page/requirements.txt PAGE_PY
 # The CUDA 13.0 toolchain (nvcc, runtime, nvrtc, CCCL headers) from PyPI
 # wheels, to compile and lint the `cuda` feature without a GPU (GPU.md).
 python_venv scripts/lib/cuda-requirements.txt CUDA_PY
@@ -68,3 +71,7 @@ cp target/debug/examples/libmmembed_native.so target/python-pkg/mmembed/_native.
 echo ">> the Python package: API, Ray Data, Daft, array jobs (pytest)"
 PYTHONPATH="$PWD/target/python-pkg" MMEMBED_BIN=target/debug/mmembed MMEMBED_MAKE_SCENES=target/debug/examples/make-scenes HF_HUB_OFFLINE=1 \
   "$PKG_PY" -m pytest -q -p no:cacheprovider tests/python_pkg
+echo ">> the search page in Debian's chromium (WebDriver): text and image queries, video segments, no path traversal"
+MMEMBED_BIN=target/debug/mmembed MMEMBED_MAKE_SCENES=target/debug/examples/make-scenes MMEMBED_TEST_ARTIFACTS="$PWD/target/test-artifacts" \
+  "$PAGE_PY" -m pytest -q -p no:cacheprovider tests/search_page
+echo ">> screenshots of the search page: target/test-artifacts/search-page-*.png"

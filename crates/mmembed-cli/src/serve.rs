@@ -2,11 +2,15 @@
 //! (`mmembed-server`) over the backend the flags describe.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args as ClapArgs;
 use mmembed::core::batching::BatchOptions;
+use mmembed_search::Table;
+use mmembed_search_page::SearchPage;
 use mmembed_server::{ApiKey, Server, ServerConfig};
 
 use crate::backend::{BackendArgs, BackendKind, Secret};
@@ -17,6 +21,7 @@ use crate::backend::{BackendArgs, BackendKind, Secret};
   mmembed serve --model demo                                  # 127.0.0.1:8080, REST and gRPC
   mmembed serve --backend 'local:/models/clip?device=cuda' --port 9000
   mmembed serve --backend 'fallback(local:demo, vertex:my-proj)' --api-key \"$KEY\"
+  mmembed serve --search-in media.parquet                     # + a search page at http://127.0.0.1:8080/
   curl -s localhost:8080/v1/projects/p/locations/l/publishers/google/models/multimodalembedding@001:predict \\
        -d '{\"instances\": [{\"text\": \"a red star\"}]}'
 
@@ -103,6 +108,22 @@ pub struct Args {
         default_value_t = 30.0
     )]
     pub shutdown_grace_secs: f64,
+
+    /// Also serve a search page at `/` over these batch outputs
+    /// (`.parquet`/`.jsonl`; repeatable): a text box, an image upload, a grid
+    /// of thumbnails. The backend defaults to the tables' model.
+    #[arg(
+        long = "search-in",
+        env = "MMEMBED_SERVE_SEARCH_IN",
+        value_delimiter = ',',
+        conflicts_with = "search_index"
+    )]
+    pub search_in: Vec<PathBuf>,
+
+    /// Also serve a search page at `/` over an index built by `mmembed index
+    /// build` (and its tables).
+    #[arg(long = "search-index", env = "MMEMBED_SERVE_SEARCH_INDEX")]
+    pub search_index: Option<PathBuf>,
 
     #[command(flatten)]
     pub backend: BackendArgs,
@@ -199,16 +220,68 @@ impl Args {
     }
 }
 
+/// The search page the flags ask for, if any.
+fn search_page(args: &Args, cfg: &ServerConfig) -> anyhow::Result<Option<Arc<SearchPage>>> {
+    let page = match (&args.search_index, args.search_in.is_empty()) {
+        (Some(dir), _) => SearchPage::over_index(dir)?,
+        (None, false) => {
+            let tables = args
+                .search_in
+                .iter()
+                .map(Table::new)
+                .collect::<Result<Vec<_>, _>>()?;
+            SearchPage::over_tables(tables)?
+        }
+        (None, true) => return Ok(None),
+    };
+    // The page's routes are matched before the Vertex API's.
+    for (flag, r) in [
+        ("--predict-route", &cfg.predict_route),
+        ("--health-route", &cfg.health_route),
+    ] {
+        if r == "/"
+            || ["/api/", "/thumb/", "/media/"]
+                .iter()
+                .any(|p| r.starts_with(p))
+        {
+            bail!(
+                "{flag} `{r}` collides with the search page's routes (/, /api/, /thumb/, /media/)"
+            );
+        }
+    }
+    Ok(Some(Arc::new(page)))
+}
+
 /// Runs the server until SIGTERM or Ctrl-C.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = args.config()?;
-    let backend = args.backend_args()?;
-    let server = Server::bind(cfg).await?;
+    let mut backend = args.backend_args()?;
+    let page = search_page(&args, &cfg)?;
+    if let Some(p) = &page
+        && backend.model.is_none()
+        && backend.backend == BackendKind::Local
+    {
+        // Queries must land in the tables' space: their model by default.
+        backend.model = Some(p.model().to_string());
+    }
+    let mut server = Server::bind(cfg).await?;
     let addr = server.local_addr();
+    if let Some(p) = &page {
+        server = server.with_routes(p.clone().router());
+    }
     // One line on stdout, for scripts that start the server on port 0.
     println!("listening on http://{addr}");
+    if page.is_some() {
+        println!("search page on http://{addr}/");
+    }
     tracing::info!(%addr, "serving REST and gRPC; loading the backend");
-    let load = async move { backend.build().await.map_err(|e| format!("{e:#}")) };
+    let load = async move {
+        let e = backend.build().await.map_err(|e| format!("{e:#}"))?;
+        if let Some(p) = page {
+            p.set_embedder(e.clone()).map_err(|e| e.to_string())?;
+        }
+        Ok(e)
+    };
     server.run(load, mmembed_server::shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -506,6 +506,7 @@ mod grpc;
 pub struct Server {
     listener: tokio::net::TcpListener,
     app: Arc<App>,
+    extra: axum::Router,
 }
 
 impl std::fmt::Debug for Server {
@@ -533,7 +534,17 @@ impl Server {
                 embedder: OnceLock::new(),
                 metrics: Metrics::new(),
             }),
+            extra: axum::Router::new(),
         })
+    }
+
+    /// Serves `routes` on the same port, beside the Vertex API; they are
+    /// matched first, so they must not reuse its paths (`/v1/…`, the
+    /// predict and health routes, `/livez`, `/metrics`). What `mmembed
+    /// serve --search-in` mounts its search page with.
+    pub fn with_routes(mut self, routes: axum::Router) -> Self {
+        self.extra = self.extra.merge(routes);
+        self
     }
 
     /// The bound address.
@@ -554,10 +565,13 @@ impl Server {
         S: Future<Output = ()> + Send + 'static,
     {
         let app = self.app.clone();
-        let router = grpc::routes(app.clone()).fallback(move |req: Request<Body>| {
-            let app = app.clone();
-            async move { rest(app, req).await }
-        });
+        let router =
+            grpc::routes(app.clone())
+                .merge(self.extra)
+                .fallback(move |req: Request<Body>| {
+                    let app = app.clone();
+                    async move { rest(app, req).await }
+                });
         let stop = Arc::new(tokio::sync::Notify::new());
         let graceful = {
             let stop = stop.clone();
