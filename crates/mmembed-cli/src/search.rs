@@ -50,7 +50,7 @@ pub struct Args {
 
     /// With --index: candidates kept while searching (HNSW's ef); more is
     /// slower and closer to exact.
-    #[arg(long, env = "MMEMBED_SEARCH_EF", default_value_t = 128)]
+    #[arg(long, env = "MMEMBED_SEARCH_EF", default_value_t = 512)]
     pub ef: usize,
 
     /// How many results.

@@ -15,7 +15,7 @@
 //! # built, then recall@10 and latency against brute force
 //! target/release/examples/search_scale gen /tmp/c1m.parquet 1000000 512 --clusters 1000
 //! target/release/examples/search_scale index /tmp/c1m.parquet /tmp/c1m.index
-//! target/release/examples/search_scale recall /tmp/c1m.index --queries 100 --ef 128
+//! target/release/examples/search_scale recall /tmp/c1m.index --queries 100 --ef 64,128,256,512,1024
 //! ```
 
 use std::fs::File;
@@ -206,13 +206,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn recall(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let (mut queries, mut ef, mut k) = (100usize, 128usize, 10usize);
+    let (mut queries, mut k) = (100usize, 10usize);
+    let mut efs: Vec<usize> = vec![];
     let mut dir = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--queries" => queries = it.next().ok_or("--queries N")?.parse()?,
-            "--ef" => ef = it.next().ok_or("--ef N")?.parse()?,
+            "--ef" => {
+                for e in it.next().ok_or("--ef N[,N…]")?.split(',') {
+                    efs.push(e.parse()?);
+                }
+            }
             "--k" => k = it.next().ok_or("--k N")?.parse()?,
             p => dir = Some(p.to_string()),
         }
@@ -247,39 +252,52 @@ fn recall(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         space: Some(m.space.clone()),
         ..Options::default()
     };
-    let search_opts = IndexSearch {
-        k,
-        expansion: ef,
-        ..IndexSearch::default()
-    };
-    let (mut lat, mut brute, mut hit) = (vec![], vec![], 0usize);
+    if efs.is_empty() {
+        efs.push(IndexSearch::default().expansion);
+    }
+    // Brute force once per query; every ef against it.
+    let mut brute = vec![];
+    let mut lat = vec![vec![]; efs.len()];
+    let mut hit = vec![0usize; efs.len()];
     for q in &qs {
-        let t = Instant::now();
-        let found = index.search(q, &search_opts)?;
-        lat.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         let exact = search(&tables, q, &opts)?;
         brute.push(t.elapsed().as_secs_f64() * 1e3);
-        let got: Vec<(usize, u64)> = found.hits.iter().map(|h| (h.table, h.index)).collect();
-        hit += exact
-            .hits
-            .iter()
-            .filter(|h| got.contains(&(h.table, h.index)))
-            .count();
+        for (j, ef) in efs.iter().enumerate() {
+            let search_opts = IndexSearch {
+                k,
+                expansion: *ef,
+                ..IndexSearch::default()
+            };
+            let t = Instant::now();
+            let found = index.search(q, &search_opts)?;
+            lat[j].push(t.elapsed().as_secs_f64() * 1e3);
+            let got: Vec<(usize, u64)> = found.hits.iter().map(|h| (h.table, h.index)).collect();
+            hit[j] += exact
+                .hits
+                .iter()
+                .filter(|h| got.contains(&(h.table, h.index)))
+                .count();
+        }
     }
-    lat.sort_by(f64::total_cmp);
     brute.sort_by(f64::total_cmp);
     println!(
-        "{} vectors, {:?}, ef {ef}: recall@{k} {:.4} over {queries} queries; index p50 {:.2} ms, p99 {:.2} ms (open {:.0} ms); brute force p50 {:.0} ms; peak RSS {:.0} MiB",
+        "{} vectors, {:?}, {queries} queries, k {k}; brute force p50 {:.0} ms; index open {:.0} ms",
         m.vectors,
         m.quantization,
-        hit as f64 / (queries * k) as f64,
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        open_ms,
         percentile(&brute, 0.5),
-        peak_rss_mib().unwrap_or(f64::NAN)
+        open_ms
     );
+    for (j, ef) in efs.iter().enumerate() {
+        lat[j].sort_by(f64::total_cmp);
+        println!(
+            "  ef {ef}: recall@{k} {:.4}; p50 {:.2} ms, p99 {:.2} ms",
+            hit[j] as f64 / (queries * k) as f64,
+            percentile(&lat[j], 0.5),
+            percentile(&lat[j], 0.99),
+        );
+    }
+    println!("peak RSS {:.0} MiB", peak_rss_mib().unwrap_or(f64::NAN));
     Ok(())
 }
 
@@ -297,6 +315,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("run") if args.len() > 1 => run(&args[1..]),
         Some("index") if args.len() > 2 => index(&args[1..]),
         Some("recall") if args.len() > 1 => recall(&args[1..]),
-        _ => Err("usage: search_scale gen PATH ROWS DIM [--clusters N] | run TABLE... [--threads N] [--k K] [--repeat N] | index TABLE... DIR [--quantization Q] [--threads N] | recall DIR [--queries N] [--ef N] [--k K]".into()),
+        _ => Err("usage: search_scale gen PATH ROWS DIM [--clusters N] | run TABLE... [--threads N] [--k K] [--repeat N] | index TABLE... DIR [--quantization Q] [--threads N] | recall DIR [--queries N] [--ef N,N…] [--k K]".into()),
     }
 }
