@@ -36,3 +36,4 @@ echo "==> $mmembed classify $media --labels 'star,square,circle,triangle,ring,cr
 sed -E 's/^\{"uri":"([^"]*)".*"video_start_sec":([^,]*),"video_end_sec":([^,]*),"result":("[^"]*"|null).*"status":"(.*)"\}$/\1  [\2-\3 s]  \4 \5/' "$labels" |
   sed -e "s|$PWD/||" -e 's/  \[null-null s\]//'
 
+echo "==> to look at the results in a browser: $mmembed serve --search-in $table   (then open http://127.0.0.1:8080/)"

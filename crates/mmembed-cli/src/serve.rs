@@ -234,6 +234,13 @@ fn search_page(args: &Args, cfg: &ServerConfig) -> anyhow::Result<Option<Arc<Sea
         }
         (None, true) => return Ok(None),
     };
+    if cfg.api_key.is_some() {
+        // The page and its media would be reachable without the key.
+        bail!(
+            "the search page has no access control: serve it without --api-key (on loopback, \
+             the default), or put it behind a proxy that authenticates"
+        );
+    }
     // The page's routes are matched before the Vertex API's.
     for (flag, r) in [
         ("--predict-route", &cfg.predict_route),

@@ -510,6 +510,26 @@ fn search_ranks_the_matching_file_first_and_refuses_mixed_spaces() {
         String::from_utf8_lossy(&o.stderr)
     );
 
+    // The search page is refused where it would bypass --api-key or
+    // shadow the predict route.
+    for (extra, want) in [
+        (["--api-key", "k"], "no access control"),
+        (["--predict-route", "/"], "collides with the search page"),
+    ] {
+        let o = mmembed(d.path())
+            .args(["serve", "--port", "0", "--search-in"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(want),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
     // Rows of another space are refused, not silently compared.
     let other = d.path().join("other.jsonl");
     let mut row: Value = serde_json::from_str(

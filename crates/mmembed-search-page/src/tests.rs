@@ -213,3 +213,29 @@ async fn only_rows_of_the_tables_are_served() {
         assert_eq!(get(&f.page, uri).await.0, StatusCode::NOT_FOUND, "{uri}");
     }
 }
+
+#[tokio::test]
+async fn a_page_over_an_index_answers_like_one_over_its_tables() {
+    let f = fixture().await;
+    let table = f.page.tables[0].clone();
+    let dir = f._dir.path().join("media.index");
+    mmembed_search::index::build(std::slice::from_ref(&table), &dir, &Default::default()).unwrap();
+    let page = Arc::new(SearchPage::over_index(&dir).unwrap());
+    let embedder: Arc<dyn Embedder> = "local:demo"
+        .parse::<BackendSpec>()
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    page.set_embedder(embedder.clone()).unwrap();
+    f.page.set_embedder(embedder).unwrap();
+    let (_, body) = get(&page, "/api/info").await;
+    let info: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(info["index"], true);
+    let (_, by_index) = get(&page, "/api/search?q=a+green+circle&k=4").await;
+    let (_, by_scan) = get(&f.page, "/api/search?q=a+green+circle&k=4").await;
+    let hits = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap()["hits"].clone();
+    assert_eq!(hits(&by_index), hits(&by_scan));
+    assert_eq!(hits(&by_index)[0]["name"], "green-circle.png");
+    assert_eq!(get(&page, "/media/0/0").await.0, StatusCode::OK);
+}
