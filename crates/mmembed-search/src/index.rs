@@ -605,10 +605,7 @@ impl Index {
     /// The `opts.k` rows nearest to `query`, as [`crate::search`] returns
     /// them (`scanned`: candidates the index returned; scores exact).
     pub fn search(&self, query: &[f32], opts: &IndexSearch) -> Result<Found, SearchError> {
-        let norm = query.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if query.is_empty() || !norm.is_finite() || norm == 0.0 {
-            return Err(SearchError::Query);
-        }
+        let q = crate::unit(query)?;
         if query.len() != self.manifest.dimension {
             return Err(SearchError::Dimension {
                 path: self.dir.clone(),
@@ -617,7 +614,6 @@ impl Index {
                 expected: query.len(),
             });
         }
-        let q: Vec<f32> = query.iter().map(|x| x / norm).collect();
         let size = self.inner.size();
         let tables = self.tables();
         // Over-fetch under a filter: 8× first, then 4× more per round.
@@ -663,12 +659,7 @@ impl Index {
             }
             let matched = hits.len() as u64;
             if hits.len() >= opts.k || count >= size {
-                hits.sort_by(|a, b| {
-                    b.score
-                        .total_cmp(&a.score)
-                        .then(a.table.cmp(&b.table))
-                        .then(a.index.cmp(&b.index))
-                });
+                crate::rank(&mut hits);
                 hits.truncate(opts.k);
                 return Ok(Found {
                     hits,

@@ -391,22 +391,25 @@ impl Filter {
     /// Whether `row` passes (what the streaming scan applies column by
     /// column).
     pub fn matches(&self, row: &Row) -> bool {
-        modality_ok(self.modality, &row.content_type, row.video_start_sec.is_some())
-            && self
-                .uri_prefix
-                .as_deref()
-                .is_none_or(|p| row.uri.starts_with(p))
+        self.modality_ok(&row.content_type, row.video_start_sec.is_some())
+            && self.uri_ok(&row.uri)
             && self.equals.iter().all(|(c, want)| {
                 matches!(row.carried.get(c), Some(serde_json::Value::String(s)) if s == want)
             })
     }
-}
 
-fn modality_ok(want: Option<Modality>, content_type: &str, segment: bool) -> bool {
-    match want {
-        None => true,
-        Some(Modality::Video) => segment || content_type.starts_with("video/"),
-        Some(Modality::Image) => !segment && content_type.starts_with("image/"),
+    fn modality_ok(&self, content_type: &str, segment: bool) -> bool {
+        match self.modality {
+            None => true,
+            Some(Modality::Video) => segment || content_type.starts_with("video/"),
+            Some(Modality::Image) => !segment && content_type.starts_with("image/"),
+        }
+    }
+
+    fn uri_ok(&self, uri: &str) -> bool {
+        self.uri_prefix
+            .as_deref()
+            .is_none_or(|p| uri.starts_with(p))
     }
 }
 
@@ -471,6 +474,21 @@ struct Cand {
     score: f32,
     table: usize,
     index: u64,
+}
+
+impl From<&Hit> for Cand {
+    fn from(h: &Hit) -> Self {
+        Self {
+            score: h.score,
+            table: h.table,
+            index: h.index,
+        }
+    }
+}
+
+/// Hits best first, ties in table and row order (as the scan ranks them).
+pub(crate) fn rank(hits: &mut [Hit]) {
+    hits.sort_by(|a, b| Cand::from(b).cmp(&Cand::from(a)));
 }
 
 impl Ord for Cand {
@@ -563,17 +581,6 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn modality_ok(&self, content_type: &str, segment: bool) -> bool {
-        modality_ok(self.filter.modality, content_type, segment)
-    }
-
-    fn prefix_ok(&self, uri: &str) -> bool {
-        self.filter
-            .uri_prefix
-            .as_deref()
-            .is_none_or(|p| uri.starts_with(p))
-    }
-
     /// Checks an embedded row's space and length; true if it is to be
     /// scored.
     fn admit(
@@ -611,21 +618,9 @@ impl Ctx<'_> {
         top: &mut TopK,
     ) -> Result<(), SearchError> {
         let t = &self.tables[table];
-        let text = |name: &str| -> Result<&StringArray, SearchError> {
-            b.column_by_name(name)
-                .and_then(|c| c.as_string_opt::<i32>())
-                .ok_or_else(|| {
-                    t.arrow(ArrowError::SchemaError(format!(
-                        "no string column `{name}`"
-                    )))
-                })
-        };
-        let (uri, ct, status, space) = (
-            text("uri")?,
-            text("content_type")?,
-            text("status")?,
-            text("space")?,
-        );
+        let cols = Columns::of(t, b)?;
+        let (uri, space) = (cols.uri, cols.space);
+        let ct = text_column(t, b, "content_type")?;
         let start = b
             .column_by_name("video_start_sec")
             .and_then(|c| c.as_primitive_opt::<Float64Type>());
@@ -642,16 +637,12 @@ impl Ctx<'_> {
                 )
             })
             .collect();
-        let vectors = Vectors::of(b).map_err(|e| t.arrow(e))?;
         for i in 0..b.num_rows() {
-            if status.is_valid(i) && !status.value(i).is_empty() {
-                continue;
-            }
-            let Some(v) = vectors.get(i) else { continue };
+            let Some(v) = cols.embedded(i) else { continue };
             self.admit(t, uri.value(i), space.value(i), v, top)?;
             let segment = start.is_some_and(|s| s.is_valid(i));
-            if !self.modality_ok(ct.value(i), segment)
-                || !self.prefix_ok(uri.value(i))
+            if !self.filter.modality_ok(ct.value(i), segment)
+                || !self.filter.uri_ok(uri.value(i))
                 || !equals
                     .iter()
                     .all(|(col, want)| col.is_some_and(|c| c.is_valid(i) && c.value(i) == *want))
@@ -834,6 +825,48 @@ fn produce(
     Ok(())
 }
 
+fn text_column<'b>(
+    t: &Table,
+    b: &'b RecordBatch,
+    name: &str,
+) -> Result<&'b StringArray, SearchError> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_string_opt::<i32>())
+        .ok_or_else(|| {
+            t.arrow(ArrowError::SchemaError(format!(
+                "no string column `{name}`"
+            )))
+        })
+}
+
+/// The columns of a batch that say whether a row has a vector, which, and
+/// where it is from.
+struct Columns<'b> {
+    uri: &'b StringArray,
+    space: &'b StringArray,
+    status: &'b StringArray,
+    vectors: Vectors<'b>,
+}
+
+impl<'b> Columns<'b> {
+    fn of(t: &Table, b: &'b RecordBatch) -> Result<Self, SearchError> {
+        Ok(Self {
+            uri: text_column(t, b, "uri")?,
+            space: text_column(t, b, "space")?,
+            status: text_column(t, b, "status")?,
+            vectors: Vectors::of(b).map_err(|e| t.arrow(e))?,
+        })
+    }
+
+    /// Row `i`'s vector, unless the row failed or has none.
+    fn embedded(&self, i: usize) -> Option<&'b [f32]> {
+        if self.status.is_valid(i) && !self.status.value(i).is_empty() {
+            return None;
+        }
+        self.vectors.get(i)
+    }
+}
+
 /// Calls `f(index, uri, space, vector)` for every embedded row of `t`, in
 /// order, reading only the columns it needs (what an index is built from).
 pub(crate) fn each_vector(
@@ -861,23 +894,10 @@ pub(crate) fn each_vector(
             let mut at = 0u64;
             for b in reader {
                 let b = b.map_err(|e| t.arrow(e))?;
-                let text = |name: &str| {
-                    b.column_by_name(name)
-                        .and_then(|c| c.as_string_opt::<i32>())
-                        .ok_or_else(|| {
-                            t.arrow(ArrowError::SchemaError(format!(
-                                "no string column `{name}`"
-                            )))
-                        })
-                };
-                let (uri, status, space) = (text("uri")?, text("status")?, text("space")?);
-                let vectors = Vectors::of(&b).map_err(|e| t.arrow(e))?;
+                let cols = Columns::of(t, &b)?;
                 for i in 0..b.num_rows() {
-                    if status.is_valid(i) && !status.value(i).is_empty() {
-                        continue;
-                    }
-                    if let Some(v) = vectors.get(i) {
-                        f(at + i as u64, uri.value(i), space.value(i), v)?;
+                    if let Some(v) = cols.embedded(i) {
+                        f(at + i as u64, cols.uri.value(i), cols.space.value(i), v)?;
                     }
                 }
                 at += b.num_rows() as u64;
@@ -904,6 +924,15 @@ pub(crate) fn row_count(t: &Table) -> Result<u64, SearchError> {
     }
 }
 
+/// `query` scaled to unit length; empty, zero or non-finite is an error.
+pub(crate) fn unit(query: &[f32]) -> Result<Vec<f32>, SearchError> {
+    let norm = query.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if query.is_empty() || !norm.is_finite() || norm == 0.0 {
+        return Err(SearchError::Query);
+    }
+    Ok(query.iter().map(|x| x / norm).collect())
+}
+
 /// The `opts.k` embedded rows of `tables` nearest to `query` by cosine.
 ///
 /// Rows with a failure status or no vector are skipped; a row of another
@@ -911,10 +940,7 @@ pub(crate) fn row_count(t: &Table) -> Result<u64, SearchError> {
 /// with a vector of another length than the query's is an error, as mixing
 /// them would rank incomparable scores. The first error stops the search.
 pub fn search(tables: &[Table], query: &[f32], opts: &Options) -> Result<Found, SearchError> {
-    let norm = query.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if query.is_empty() || !norm.is_finite() || norm == 0.0 {
-        return Err(SearchError::Query);
-    }
+    let query = unit(query)?;
     let space = match &opts.space {
         Some(s) => s.clone(),
         None => match summarize(tables)? {
@@ -930,7 +956,7 @@ pub fn search(tables: &[Table], query: &[f32], opts: &Options) -> Result<Found, 
     };
     let ctx = Ctx {
         tables,
-        query: query.iter().map(|x| x / norm).collect(),
+        query,
         space,
         filter: &opts.filter,
         k: opts.k,
