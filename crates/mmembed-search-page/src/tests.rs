@@ -20,14 +20,18 @@ struct Fixture {
     red_star: PathBuf,
 }
 
-async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let embedder: Arc<dyn Embedder> = "local:demo"
+async fn demo() -> Arc<dyn Embedder> {
+    "local:demo"
         .parse::<BackendSpec>()
         .unwrap()
         .build()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let embedder = demo().await;
     let mut inputs = vec![];
     for (i, (shape, colour)) in [
         (Shape::Star, Colour::Red),
@@ -96,12 +100,7 @@ async fn text_and_image_queries_answer_with_the_matching_file_first() {
     );
     assert!(String::from_utf8_lossy(&body).contains("loading"));
 
-    let embedder: Arc<dyn Embedder> = "local:demo"
-        .parse::<BackendSpec>()
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
+    let embedder = demo().await;
     f.page.set_embedder(embedder).unwrap();
     let (s, body) = get(&f.page, "/").await;
     assert_eq!(s, StatusCode::OK);
@@ -221,12 +220,7 @@ async fn a_page_over_an_index_answers_like_one_over_its_tables() {
     let dir = f._dir.path().join("media.index");
     mmembed_search::index::build(std::slice::from_ref(&table), &dir, &Default::default()).unwrap();
     let page = Arc::new(SearchPage::over_index(&dir).unwrap());
-    let embedder: Arc<dyn Embedder> = "local:demo"
-        .parse::<BackendSpec>()
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
+    let embedder = demo().await;
     page.set_embedder(embedder.clone()).unwrap();
     f.page.set_embedder(embedder).unwrap();
     let (_, body) = get(&page, "/api/info").await;
