@@ -231,6 +231,22 @@ impl LoadedClip {
         device: &Device,
         precision: Precision,
     ) -> Result<Self, EmbedError> {
+        Self::load_with_kernels(
+            files,
+            device,
+            precision,
+            Kernels::for_device(device, precision),
+        )
+    }
+
+    /// [`LoadedClip::load`] on a chosen kernel set, e.g. the GPU's
+    /// [`Kernels::Portable`] on the CPU to check it against references.
+    pub fn load_with_kernels(
+        files: &ModelFiles,
+        device: &Device,
+        precision: Precision,
+        kernels: Kernels,
+    ) -> Result<Self, EmbedError> {
         let dtype = precision.dtype_for(device)?;
         let model_name = files
             .config
@@ -264,14 +280,6 @@ impl LoadedClip {
         let weights = crate::weights::SafetensorsFiles::open(&files.weights)
             .map_err(|e| err(format!("cannot read the weights: {e}")))?;
         let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
-        // The fused and int8 kernels are CPU code (gemm + AVX on host
-        // memory); on a GPU the model runs candle's generic ops, which every
-        // device implements. (GPU-specific fused paths: issue #19.)
-        let kernels = match precision {
-            _ if !device.is_cpu() => Kernels::Differentiable,
-            Precision::Int8 => Kernels::Int8,
-            _ => Kernels::Fused,
-        };
         let model = ClipModel::with_kernels(&config, kernels, vb)
             .map_err(|e| err(format!("the weights do not match config.json: {e}")))?;
         Ok(Self {

@@ -36,11 +36,34 @@ pub enum Kernels {
     Int8,
     /// Differentiable elementary ops, for training.
     Differentiable,
+    /// Inference with the fused kernels every candle device has (layer
+    /// norm, last-dim softmax, sigmoid) and graph-level fusions: packed
+    /// Q/K/V in one matmul, the attention scale folded into the query
+    /// weights, 2-D matmuls over all rows, the patch embedding as one
+    /// matmul. The GPU path (CUDA, Metal); on the CPU it runs the same
+    /// graph through candle's CPU ops, which is how its tests check it.
+    Portable,
 }
 
 impl Kernels {
     fn fused(self) -> bool {
         self != Kernels::Differentiable
+    }
+
+    /// The inference kernels for a device and precision: our own CPU
+    /// kernels (f32 or int8: gemm and AVX code on host memory) on the CPU,
+    /// [`Kernels::Portable`] on GPUs.
+    pub fn for_device(device: &Device, precision: crate::Precision) -> Self {
+        match precision {
+            _ if !device.is_cpu() => Kernels::Portable,
+            crate::Precision::Int8 => Kernels::Int8,
+            _ => Kernels::Fused,
+        }
+    }
+
+    /// Whether `x` goes through our own CPU kernels (fused f32 or int8).
+    fn host(self, x: &Tensor) -> bool {
+        matches!(self, Kernels::Fused | Kernels::Int8) && cpu_kernels::supported(x)
     }
 }
 
@@ -64,10 +87,12 @@ fn norm(d: usize, eps: f64, kernels: Kernels, vb: VarBuilder) -> Result<Norm> {
 impl Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.kernels.fused() {
-            if let (true, Some(b)) = (cpu_kernels::supported(x), self.ln.bias()) {
+            if let (true, Some(b)) = (self.kernels.host(x), self.ln.bias()) {
                 return cpu_kernels::layer_norm(x, self.ln.weight(), b, self.eps);
             }
-            return self.ln.forward(x);
+            // candle's fused layer-norm kernel needs a contiguous input
+            // (else LayerNorm falls back to a chain of reductions).
+            return self.ln.forward(&x.contiguous()?);
         }
         if let (true, Some(b)) = (train_ops::supported(x), self.ln.bias()) {
             return train_ops::layer_norm(x, self.ln.weight(), b, self.eps);
@@ -202,12 +227,27 @@ impl Dense {
             Weights::Int8(q) => return q.forward(x, residual, epilogue),
             Weights::Float(l) => l,
         };
-        if let (true, Some(b)) = (cpu_kernels::supported(x), linear.bias()) {
+        if let (true, Some(b)) = (self.kernels.host(x), linear.bias()) {
             return cpu_kernels::linear(x, linear.weight(), b, residual, epilogue);
         }
-        let mut y = linear.forward(x)?;
+        // All rows as one 2-D matmul against the transposed weight (one
+        // GEMM, where candle-nn's Linear broadcasts the weight into a
+        // batched one), then the bias over the rows.
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&1);
+        let rows = x.elem_count() / k.max(1);
+        let w = linear.weight();
+        let mut y = x.reshape((rows, k))?.matmul(&w.t()?)?;
+        if let Some(b) = linear.bias() {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = w.dim(0)?;
+        }
+        let mut y = y.reshape(out)?;
         if epilogue == Epilogue::QuickGelu {
-            y = activate(Activation::QuickGelu, Kernels::Fused, &y)?;
+            y = activate(Activation::QuickGelu, self.kernels, &y)?;
         }
         match residual {
             Some(r) => y + r,
@@ -228,7 +268,7 @@ impl Dense {
         epilogue: Epilogue,
     ) -> Result<Tensor> {
         if let (Weights::Int8(q), true, Some(b)) =
-            (&self.linear, cpu_kernels::supported(x), norm.ln.bias())
+            (&self.linear, self.kernels.host(x), norm.ln.bias())
         {
             return q.forward_normed(x, (norm.ln.weight(), b, norm.eps), residual, epilogue);
         }
@@ -267,13 +307,22 @@ impl Attention {
         let k = dense(d, d, true, float, vb.pp("k_proj"))?;
         let v = dense(d, d, true, float, vb.pp("v_proj"))?;
         let (ql, kl, vl) = (q.float()?, k.float()?, v.float()?);
+        let scale = (head_dim as f64).powf(-0.5);
         let qkv = match (ql.bias(), kl.bias(), vl.bias()) {
             (Some(qb), Some(kb), Some(vb))
-                if kernels.fused() && cpu_kernels::supported(ql.weight()) =>
+                if kernels == Kernels::Portable || kernels.host(ql.weight()) =>
             {
+                // The portable path scales the queries through their
+                // weights, saving a pass over q (exact for CLIP's head dim
+                // 64: the scale is 1/8, a power of two).
+                let (qw, qb) = if kernels == Kernels::Portable {
+                    ((ql.weight() * scale)?, (qb * scale)?)
+                } else {
+                    (ql.weight().clone(), qb.clone())
+                };
                 // The separate tensors are dropped: packing costs no memory.
-                let weight = Tensor::cat(&[ql.weight(), kl.weight(), vl.weight()], 0)?;
-                let bias = Tensor::cat(&[qb, kb, vb], 0)?;
+                let weight = Tensor::cat(&[&qw, kl.weight(), vl.weight()], 0)?;
+                let bias = Tensor::cat(&[&qb, kb, vb], 0)?;
                 Qkv::Packed(Dense::from_linear(
                     Linear::new(weight, Some(bias)),
                     kernels,
@@ -286,7 +335,7 @@ impl Attention {
             out: dense(d, d, true, kernels, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
             head_dim,
-            scale: (head_dim as f64).powf(-0.5),
+            scale,
             kernels,
         })
     }
@@ -304,9 +353,13 @@ impl Attention {
     /// The heads' outputs merged, `[b, t, d]`, before the output projection.
     fn heads_output(&self, x: &Tensor, norm: &Norm, mask: Option<&Tensor>) -> Result<Tensor> {
         let (q, k, v) = match &self.qkv {
-            Qkv::Packed(qkv) if cpu_kernels::supported(x) => {
+            Qkv::Packed(qkv) if self.kernels.host(x) => {
                 let qkv = qkv.forward_normed(x, norm, None, Epilogue::None)?;
                 return cpu_kernels::attention(&qkv, self.heads, mask.is_some());
+            }
+            Qkv::Packed(qkv) if self.kernels == Kernels::Portable => {
+                let qkv = qkv.forward_normed(x, norm, None, Epilogue::None)?;
+                return self.portable_attention(&qkv, mask);
             }
             Qkv::Packed(qkv) => {
                 let d = self.heads * self.head_dim;
@@ -338,11 +391,32 @@ impl Attention {
             w = w.broadcast_add(m)?;
         }
         let w = match self.kernels {
-            Kernels::Fused | Kernels::Int8 => candle_nn::ops::softmax_last_dim(&w)?,
+            Kernels::Fused | Kernels::Int8 | Kernels::Portable => {
+                candle_nn::ops::softmax_last_dim(&w)?
+            }
             Kernels::Differentiable if train_ops::supported(&w) => train_ops::softmax_last_dim(&w)?,
             Kernels::Differentiable => candle_nn::ops::softmax(&w, D::Minus1)?,
         };
         w.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
+    }
+
+    /// Attention from packed `[b, t, 3d]` projections whose queries are
+    /// already scaled: one copy splits the heads of q, k and v at once,
+    /// then two batched matmuls around candle's fused last-dim softmax.
+    fn portable_attention(&self, qkv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = qkv.dims3()?;
+        let (h, dh) = (self.heads, self.head_dim);
+        let qkv = qkv
+            .reshape((b, t, 3, h, dh))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let (q, k, v) = (qkv.i(0)?, qkv.i(1)?, qkv.i(2)?);
+        let mut w = q.matmul(&k.t()?)?;
+        if let Some(m) = mask {
+            w = w.broadcast_add(m)?;
+        }
+        let w = candle_nn::ops::softmax_last_dim(&w)?;
+        w.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * dh))
     }
 }
 
@@ -486,7 +560,7 @@ impl TextTower {
 /// `x [b, t, d] + pos [t, d]`, broadcast over the batch.
 fn add_positions(x: &Tensor, pos: &Tensor, kernels: Kernels) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused | Kernels::Int8 => x.broadcast_add(pos),
+        Kernels::Fused | Kernels::Int8 | Kernels::Portable => x.broadcast_add(pos),
         Kernels::Differentiable => {
             let b = x.dim(0)?;
             x + repeat_rows(pos, b)?.reshape(x.shape())?
@@ -566,19 +640,14 @@ impl VisionTower {
     /// Projected (not normalised) features for `[batch, 3, size, size]` pixels.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let b = pixels.dim(0)?;
-        // On CPU the unfolded matmul also beats candle's direct convolution
-        // at inference (the gemm crate's kernel against a tiled loop).
-        let x = if self.kernels == Kernels::Differentiable || cpu_kernels::supported(pixels) {
-            self.patches_by_matmul(pixels)?
-        } else {
-            self.patch
-                .forward(pixels)?
-                .flatten_from(2)?
-                .transpose(1, 2)?
-        };
+        // The unfolded matmul beats candle's convolutions on every device:
+        // the gemm crate's kernel against a tiled loop on the CPU, and on
+        // CUDA one reshaping copy and one GEMM against an im2col kernel and
+        // a GEMM (the patches do not overlap, so unfolding is a permute).
+        let x = self.patches_by_matmul(pixels)?;
         let d = x.dim(2)?;
         let cls = match self.kernels {
-            Kernels::Fused | Kernels::Int8 => {
+            Kernels::Fused | Kernels::Int8 | Kernels::Portable => {
                 self.class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?
             }
             Kernels::Differentiable => repeat_rows(&self.class, b)?.reshape((b, 1, d))?,
@@ -604,7 +673,7 @@ impl VisionTower {
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * gh * gw, c * p * p))?;
-        if let (Some(q), true) = (&self.patch_int8, cpu_kernels::supported(&unfolded)) {
+        if let (Some(q), true) = (&self.patch_int8, self.kernels.host(&unfolded)) {
             let x = q.forward(&unfolded, None, Epilogue::None)?;
             let d = x.dim(1)?;
             return x.reshape((b, gh * gw, d));
@@ -660,6 +729,52 @@ impl ClipModel {
 mod tests {
     use super::*;
     use candle_nn::VarMap;
+
+    /// The GPU path's graph, run on the CPU, against our CPU kernels: same
+    /// weights, same function (texts through the causal mask, images through
+    /// the patch matmul), with a head dim of 64 as in every CLIP tower so
+    /// the folded attention scale is the real one.
+    #[test]
+    fn portable_kernels_compute_the_same_function() -> Result<()> {
+        let cfg = ClipConfig::from_json(
+            r#"{"projection_dim": 8,
+                "text_config": {"vocab_size": 20, "hidden_size": 128, "intermediate_size": 96,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 8},
+                "vision_config": {"hidden_size": 64, "intermediate_size": 80, "num_hidden_layers": 2,
+                    "num_attention_heads": 1, "image_size": 16, "patch_size": 8,
+                    "hidden_act": "gelu"}}"#,
+        )
+        .expect("config");
+        let varmap = VarMap::new();
+        let dev = Device::Cpu;
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        // Training-style init, then widened so activations are O(1) and a
+        // missing scale or a wrong head split shows.
+        let _ = ClipModel::for_training(&cfg, vb.clone())?;
+        for var in varmap.all_vars() {
+            let t = var.as_tensor();
+            var.set(&Tensor::randn(0f32, 0.3, t.shape(), &dev)?)?;
+        }
+        let fused = ClipModel::new(&cfg, vb.clone())?;
+        let portable = ClipModel::with_kernels(&cfg, Kernels::Portable, vb)?;
+        let ids = Tensor::new(&[[3u32, 7, 1, 19, 0, 0], [5, 5, 5, 5, 5, 2]], &dev)?;
+        let pixels = Tensor::randn(0f32, 1., (3, 3, 16, 16), &dev)?;
+        let rel = |a: Tensor, b: Tensor| -> Result<f32> {
+            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(scale > 0.1, "degenerate output");
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+        };
+        let t = rel(
+            fused.text.forward(&ids, &[3, 5])?,
+            portable.text.forward(&ids, &[3, 5])?,
+        )?;
+        let v = rel(
+            fused.vision.forward(&pixels)?,
+            portable.vision.forward(&pixels)?,
+        )?;
+        assert!(t < 1e-5 && v < 1e-5, "text {t}, vision {v}");
+        Ok(())
+    }
 
     #[test]
     fn differentiable_kernels_compute_the_same_function() -> Result<()> {
