@@ -78,7 +78,9 @@ impl DeviceSpec {
                         "this build has no CUDA support (rebuild with `--features cuda`)".into(),
                     ));
                 }
-                Device::new_cuda(i).map_err(|e| unavailable(self, e.to_string()))
+                let dev = Device::new_cuda(i).map_err(|e| unavailable(self, e.to_string()))?;
+                check_kernels_run(&dev).map_err(|why| unavailable(self, why))?;
+                Ok(dev)
             }
             Self::Metal(i) => {
                 if !cfg!(feature = "metal") {
@@ -98,6 +100,48 @@ impl DeviceSpec {
                 }
                 Ok(Device::Cpu)
             }
+        }
+    }
+}
+
+/// The GPU's name and compute capability, where the device can say.
+#[cfg(feature = "cuda")]
+fn gpu_model(device: &Device) -> Option<(String, (i32, i32))> {
+    let Device::Cuda(d) = device else { return None };
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    Some((ctx.name().ok()?, ctx.compute_capability().ok()?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_model(_device: &Device) -> Option<(String, (i32, i32))> {
+    None
+}
+
+/// Runs one of candle's kernels on a freshly opened device. candle-kernels
+/// compiles its PTX for one compute capability at build time
+/// (`CUDA_COMPUTE_CAP`), and the driver cannot load it on an older GPU;
+/// without this check that would surface at the first forward pass as a
+/// bare driver error.
+fn check_kernels_run(device: &Device) -> Result<(), String> {
+    let probe = || -> candle_core::Result<Vec<f32>> {
+        candle_core::Tensor::ones(4, DType::F32, device)?
+            .affine(2.0, 1.0)?
+            .to_vec1()
+    };
+    match probe() {
+        Ok(v) if v == [3.0; 4] => Ok(()),
+        Ok(v) => Err(format!("a test kernel computed {v:?} instead of 3s")),
+        Err(e) => {
+            let gpu = gpu_model(device).map_or_else(String::new, |(name, (major, minor))| {
+                format!(" on {name} (compute capability {major}.{minor})")
+            });
+            Err(format!(
+                "candle's kernels in this build cannot run{gpu}: {e}. The kernels are \
+                 compiled for the compute capability in CUDA_COMPUTE_CAP at build time \
+                 (the GPU's own when one is present); rebuild with this GPU's, e.g. \
+                 CUDA_COMPUTE_CAP=80 for an A100"
+            ))
         }
     }
 }
@@ -151,7 +195,17 @@ impl Precision {
                 format!("{self:?} is for GPU devices; the CPU runs f32"),
             )),
             (Self::F16, false) => Ok(DType::F16),
-            (Self::Bf16, false) => Ok(DType::BF16),
+            (Self::Bf16, false) => match gpu_model(device) {
+                // bf16 arithmetic (and candle's bf16 kernels) need Ampere.
+                Some((name, (major, minor))) if major < 8 => Err(EmbedError::invalid(
+                    "precision",
+                    format!(
+                        "bf16 needs compute capability 8.0 or newer; {name} is \
+                         {major}.{minor}: use f16"
+                    ),
+                )),
+                _ => Ok(DType::BF16),
+            },
         }
     }
 }

@@ -24,6 +24,16 @@ use crate::tokenizer::ClipTokenizer;
 
 const BACKEND: &str = "local";
 
+/// The default model batch on the CPU, the batch the CPU benchmarks
+/// measure (BENCHMARKS.md): larger batches add latency there, not speed.
+pub const CPU_MAX_BATCH: usize = 32;
+
+/// The default model batch on GPUs: 256 images of ViT-B/32 are 12,800
+/// token rows per GEMM, enough to occupy a large GPU's SMs, while one
+/// batch's host buffer stays at 154 MB of f32 pixels. A starting point:
+/// `scripts/gpu-check.sh` measures batches 32 to 1024 on a real GPU.
+pub const GPU_MAX_BATCH: usize = 256;
+
 /// How to build a [`LocalEmbedder`].
 ///
 /// ```
@@ -31,7 +41,7 @@ const BACKEND: &str = "local";
 /// let opts = LocalOptions::new("openai/clip-vit-base-patch32")
 ///     .with_device(DeviceSpec::Cpu)
 ///     .with_max_batch(16);
-/// assert_eq!(opts.max_batch, 16);
+/// assert_eq!(opts.max_batch, Some(16));
 /// ```
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
@@ -43,8 +53,9 @@ pub struct LocalOptions {
     pub device: DeviceSpec,
     /// Weight/activation precision (f32 on CPU).
     pub precision: Precision,
-    /// Most texts or images per forward pass (default 32).
-    pub max_batch: usize,
+    /// Most texts or images per forward pass; `None` (the default) picks
+    /// the device's: [`CPU_MAX_BATCH`] on the CPU, [`GPU_MAX_BATCH`] on GPUs.
+    pub max_batch: Option<usize>,
     /// Image decoding limits.
     pub image_limits: ImageLimits,
     /// Hub access (default: from the environment).
@@ -66,14 +77,14 @@ pub struct LocalOptions {
 }
 
 impl LocalOptions {
-    /// Options for `model` with defaults: auto device, f32, batch 32, hub
-    /// settings from the environment.
+    /// Options for `model` with defaults: auto device, f32, the device's
+    /// batch size, hub settings from the environment.
     pub fn new(model: impl Into<String>) -> Self {
         Self {
             model: model.into(),
             device: DeviceSpec::Auto,
             precision: Precision::F32,
-            max_batch: 32,
+            max_batch: None,
             image_limits: ImageLimits::default(),
             hub: HubOptions::from_env(),
             space: None,
@@ -115,7 +126,7 @@ impl LocalOptions {
 
     /// Sets the largest model batch (at least 1).
     pub fn with_max_batch(mut self, max_batch: usize) -> Self {
-        self.max_batch = max_batch.max(1);
+        self.max_batch = Some(max_batch.max(1));
         self
     }
 
@@ -746,7 +757,15 @@ impl LocalEmbedder {
             },
             max_text_tokens: Some(clip.tokenizer.context()),
         };
-        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, "local model loaded");
+        let max_batch = opts
+            .max_batch
+            .unwrap_or(if device.is_cpu() {
+                CPU_MAX_BATCH
+            } else {
+                GPU_MAX_BATCH
+            })
+            .max(1);
+        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, max_batch, "local model loaded");
         if !(opts.video_fps.is_finite() && opts.video_fps > 0.0) {
             return Err(EmbedError::invalid(
                 "video_fps",
@@ -755,7 +774,7 @@ impl LocalEmbedder {
         }
         let worker = Worker {
             clip,
-            max_batch: opts.max_batch.max(1),
+            max_batch,
             limits: opts.image_limits,
             video_fps: opts.video_fps,
             video_keyframes_only: opts.video_keyframes_only,

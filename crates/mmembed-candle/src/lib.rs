@@ -27,7 +27,7 @@ mod weights;
 pub use config::{Activation, ClipConfig, TextConfig, TowerConfig, VisionConfig};
 pub use demo::{DEMO_MODEL_ID, cache_dir, demo_model_dir, is_demo};
 pub use device::{DeviceSpec, Precision};
-pub use embedder::{LoadedClip, LocalEmbedder, LocalOptions};
+pub use embedder::{CPU_MAX_BATCH, GPU_MAX_BATCH, LoadedClip, LocalEmbedder, LocalOptions};
 pub use hub::{HubOptions, ModelFiles, hub_files, local_files};
 pub use malloc::tune_malloc_for_inference;
 pub use manifest::Manifest;

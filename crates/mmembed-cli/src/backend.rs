@@ -95,9 +95,17 @@ pub struct BackendArgs {
     #[arg(long, env = "MMEMBED_PRECISION", default_value = "f32")]
     pub precision: Precision,
 
-    /// Inputs per model call (local forward pass; batch job part size).
-    #[arg(long, env = "MMEMBED_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub batch_size: u32,
+    /// Inputs per backend call: a batch job's part size, the server's
+    /// batching budget, and the local model's batch unless --max-batch is
+    /// given. Default 32; 1024 with --device cuda or metal, so that a call
+    /// spans several model batches and decoding overlaps the GPU's work.
+    #[arg(long, env = "MMEMBED_BATCH_SIZE", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub batch_size: Option<u32>,
+
+    /// Local model: most inputs per forward pass. Default: --batch-size
+    /// when given, else the device's (32 on the CPU, 256 on GPUs).
+    #[arg(long, env = "MMEMBED_MAX_BATCH", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_batch: Option<u32>,
 
     /// Local video sampling rate, frames per second of each segment.
     #[arg(long, env = "MMEMBED_VIDEO_FPS", default_value_t = 1.0)]
@@ -147,6 +155,15 @@ pub struct BackendArgs {
 }
 
 impl BackendArgs {
+    /// Inputs per backend call (see `--batch-size`).
+    pub fn batch_size(&self) -> usize {
+        match (self.batch_size, self.device) {
+            (Some(b), _) => b as usize,
+            (None, DeviceSpec::Cuda(_) | DeviceSpec::Metal(_)) => 1024,
+            (None, _) => 32,
+        }
+    }
+
     /// The local options these flags describe.
     pub fn local_options(&self) -> anyhow::Result<LocalOptions> {
         if !(self.fps.is_finite() && self.fps > 0.0) {
@@ -156,10 +173,13 @@ impl BackendArgs {
             .model
             .clone()
             .unwrap_or_else(|| Manifest::default_model().id);
-        Ok(LocalOptions::new(model)
+        let mut opts = LocalOptions::new(model);
+        if let Some(b) = self.max_batch.or(self.batch_size) {
+            opts = opts.with_max_batch(b as usize);
+        }
+        Ok(opts
             .with_device(self.device)
             .with_precision(self.precision)
-            .with_max_batch(self.batch_size as usize)
             .with_video_fps(self.fps)
             .with_video_keyframes_only(self.keyframes_only))
     }

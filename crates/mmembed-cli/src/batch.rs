@@ -535,7 +535,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         let first_part = out.part_files().await?.last().map_or(1, |(n, _)| n + 1);
         let mut progress = Progress::new(todo.len() as u64);
         let mut failed_rows = 0;
-        let batch = args.backend.batch_size as usize;
+        let batch = args.backend.batch_size();
         let mut chunks = prefetch(fetcher, todo, args.fetch_concurrency, batch);
         let mut part = first_part;
         let mut written = 0;

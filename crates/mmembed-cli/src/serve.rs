@@ -183,7 +183,7 @@ impl Args {
             batch: BatchOptions {
                 max_batch: self
                     .batch_budget
-                    .unwrap_or(self.backend.batch_size as usize)
+                    .unwrap_or(self.backend.batch_size())
                     .max(1),
                 max_wait: secs("--batch-wait-ms", self.batch_wait_ms / 1e3)?,
                 max_queued: self.max_queue,

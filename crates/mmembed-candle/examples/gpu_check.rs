@@ -1,0 +1,313 @@
+//! Our side of `scripts/gpu-check.sh`: parity inputs in, embeddings out;
+//! model-only and host-to-host throughput; the decode ceiling.
+//!
+//! ```text
+//! gpu_check parity MODEL_DIR INPUTS_DIR OUT.safetensors [--device cuda] [--precision f32]
+//!                  [--kernels auto|portable] (portable: the GPU graph, e.g. on the CPU)
+//! gpu_check speed MODEL_DIR [--device cuda] [--precisions f32,f16,bf16]
+//!                 [--images 1,32,256,1024] [--texts 32,256] [--seconds 3]
+//! gpu_check decode IMAGE_DIR [--model MODEL_DIR] [--seconds 3]
+//! ```
+//!
+//! `parity` reads `INPUTS_DIR/inputs.json` (texts and the token ids
+//! Hugging Face's tokenizer gave them) and `INPUTS_DIR/pixels.safetensors`
+//! (`pixel_values`, f32 `[n, 3, 224, 224]`, from Hugging Face's image
+//! processor), checks our tokenizer gives the same ids (the CPU path), embeds
+//! both with our model and writes the unit vectors as `text` and `image`.
+//! `speed` prints one JSON line per measurement: model-only (inputs already on
+//! the device, as PyTorch is timed) and, for images, the library's own call
+//! (host f32 pixels in, unit vectors out: transfers included). `decode`
+//! times JPEG decoding and preprocessing on all cores, the host's ceiling.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+use mmembed_candle::{DeviceSpec, Kernels, LoadedClip, Precision, local_files};
+use rayon::prelude::*;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args.split_first().context(USAGE)?;
+    let (pos, flags) = split_flags(rest)?;
+    let flag = |name: &str, default: &str| -> String {
+        flags
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or_else(|| default.to_string(), |(_, v)| v.clone())
+    };
+    match (cmd.as_str(), pos.as_slice()) {
+        ("parity", [model, inputs, out]) => parity(
+            Path::new(model),
+            Path::new(inputs),
+            Path::new(out),
+            &flag("device", "cuda"),
+            flag("precision", "f32")
+                .parse()
+                .map_err(anyhow::Error::msg)?,
+            &flag("kernels", "auto"),
+        ),
+        ("speed", [model]) => speed(
+            Path::new(model),
+            &flag("device", "cuda"),
+            &flag("precisions", "f32,f16,bf16"),
+            &numbers(&flag("images", "1,32,256,1024"))?,
+            &numbers(&flag("texts", "32,256"))?,
+            seconds(&flag("seconds", "3"))?,
+        ),
+        ("decode", [dir]) => decode(
+            Path::new(dir),
+            flags
+                .iter()
+                .find(|(k, _)| k == "model")
+                .map(|(_, v)| v.as_str()),
+            seconds(&flag("seconds", "3"))?,
+        ),
+        _ => bail!(USAGE),
+    }
+}
+
+const USAGE: &str =
+    "usage: gpu_check parity MODEL INPUTS OUT | speed MODEL | decode DIR (see the source's header)";
+
+/// Positional arguments, and `--name value` pairs.
+type Parsed = (Vec<String>, Vec<(String, String)>);
+
+fn split_flags(args: &[String]) -> Result<Parsed> {
+    let (mut pos, mut flags) = (Vec::new(), Vec::new());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.strip_prefix("--") {
+            Some(name) => {
+                let v = it
+                    .next()
+                    .with_context(|| format!("--{name} needs a value"))?;
+                flags.push((name.to_string(), v.clone()));
+            }
+            None => pos.push(a.clone()),
+        }
+    }
+    Ok((pos, flags))
+}
+
+fn numbers(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.trim()
+                .parse()
+                .with_context(|| format!("not a number: {p}"))
+        })
+        .collect()
+}
+
+fn seconds(s: &str) -> Result<Duration> {
+    Ok(Duration::from_secs_f64(s.parse().context("--seconds")?))
+}
+
+fn open(model: &Path, device: &str, precision: Precision, kernels: &str) -> Result<LoadedClip> {
+    let device = device
+        .parse::<DeviceSpec>()
+        .map_err(anyhow::Error::msg)?
+        .open()?;
+    let kernels = match kernels {
+        "auto" => Kernels::for_device(&device, precision),
+        "portable" => Kernels::Portable,
+        other => bail!("--kernels {other}: expected auto or portable"),
+    };
+    let files = local_files(model)?;
+    Ok(LoadedClip::load_with_kernels(
+        &files, &device, precision, kernels,
+    )?)
+}
+
+fn parity(
+    model: &Path,
+    inputs: &Path,
+    out: &Path,
+    device: &str,
+    precision: Precision,
+    kernels: &str,
+) -> Result<()> {
+    let clip = open(model, device, precision, kernels)?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(inputs.join("inputs.json"))?)?;
+    let texts = meta["texts"].as_array().context("inputs.json: texts")?;
+    let mut seqs = Vec::new();
+    let mut mismatched = 0;
+    for t in texts {
+        let text = t["text"].as_str().context("text")?;
+        let want: Vec<u32> = serde_json::from_value(t["ids"].clone())?;
+        let ours = clip.tokenizer.encode(text)?;
+        if ours != want {
+            mismatched += 1;
+            eprintln!("token ids differ for {text:?}: ours {ours:?}, theirs {want:?}");
+        }
+        seqs.push(want);
+    }
+    let px = candle_core::safetensors::load(inputs.join("pixels.safetensors"), &Device::Cpu)?;
+    let px = px
+        .get("pixel_values")
+        .context("pixels.safetensors: pixel_values")?;
+    let n = px.dim(0)?;
+    let images: Vec<Vec<f32>> = (0..n)
+        .map(|i| px.get(i)?.flatten_all()?.to_vec1::<f32>())
+        .collect::<candle_core::Result<_>>()?;
+    let text = clip.embed_token_ids(&seqs)?;
+    let image = clip.embed_pixels(&images)?;
+    let to_tensor = |rows: Vec<Vec<f32>>| -> candle_core::Result<Tensor> {
+        let (r, c) = (rows.len(), rows.first().map_or(0, Vec::len));
+        Tensor::from_vec(rows.concat(), (r, c), &Device::Cpu)
+    };
+    candle_core::safetensors::save(
+        &[("text", to_tensor(text)?), ("image", to_tensor(image)?)]
+            .into_iter()
+            .collect(),
+        out,
+    )?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "check": "parity", "precision": format!("{precision:?}").to_lowercase(),
+            "texts": texts.len(), "images": n, "token_id_mismatches": mismatched,
+        })
+    );
+    if mismatched > 0 {
+        bail!("{mismatched} texts tokenised differently");
+    }
+    Ok(())
+}
+
+/// Runs `f` until `budget` has passed (at least 3 times after 2 warm-up
+/// runs), synchronising the device only around the timed run so queued
+/// kernels overlap as they would in a job. Returns seconds per call.
+fn time(dev: &Device, budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let t = Instant::now();
+    f()?;
+    dev.synchronize()?;
+    let one = t.elapsed().as_secs_f64().max(1e-6);
+    let n = ((budget.as_secs_f64() / one) as usize).clamp(3, 100_000);
+    let t = Instant::now();
+    for _ in 0..n {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / n as f64)
+}
+
+fn speed(
+    model: &Path,
+    device: &str,
+    precisions: &str,
+    images: &[usize],
+    texts: &[usize],
+    budget: Duration,
+) -> Result<()> {
+    for p in precisions.split(',').filter(|p| !p.is_empty()) {
+        let precision: Precision = p.parse().map_err(anyhow::Error::msg)?;
+        let clip = open(model, device, precision, "auto")?;
+        let dev = clip.device.clone();
+        let side = clip.config.vision.image_size;
+        let report = |workload: &str, batch: usize, secs: f64| {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "stack": "mmembed", "precision": p, "workload": workload,
+                    "batch": batch, "ms": secs * 1e3, "per_s": batch as f64 / secs,
+                })
+            );
+        };
+        for &b in images {
+            let px = Tensor::randn(0f32, 1.0, (b, 3, side, side), &dev)?.to_dtype(clip.dtype)?;
+            let secs = time(&dev, budget, || {
+                clip.model.vision.forward(&px)?;
+                Ok(())
+            })?;
+            report("images", b, secs);
+        }
+        // The library's call: host pixels up, unit vectors down.
+        if let Some(&b) = images.iter().max() {
+            let host: Vec<Vec<f32>> = (0..b)
+                .map(|i| vec![(i % 7) as f32 * 0.1; 3 * side * side])
+                .collect();
+            let secs = time(&dev, budget, || {
+                clip.embed_pixels(&host)?;
+                Ok(())
+            })?;
+            report("images_from_host", b, secs);
+        }
+        let t = clip.config.text.max_position_embeddings;
+        let vocab = clip.config.text.vocab_size as u32;
+        let eos = clip.tokenizer.eos_id();
+        for &b in texts {
+            // Full-length rows ending in end-of-text, as PyTorch is fed.
+            let ids: Vec<u32> = (0..b * t)
+                .map(|i| {
+                    if i % t == t - 1 {
+                        eos
+                    } else {
+                        (i as u32 * 7919) % (vocab - 2)
+                    }
+                })
+                .collect();
+            let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+            let pool = vec![t - 1; b];
+            let secs = time(&dev, budget, || {
+                clip.model.text.forward(&ids, &pool)?;
+                Ok(())
+            })?;
+            report(&format!("texts{t}"), b, secs);
+        }
+        drop(clip);
+    }
+    Ok(())
+}
+
+fn decode(dir: &Path, model: Option<&str>, budget: Duration) -> Result<()> {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg" || e == "jpeg"))
+        .collect();
+    if files.is_empty() {
+        bail!("no .jpg files in {}", dir.display());
+    }
+    // The preprocessing of the model that will be run (CLIP's by default).
+    let Some(model) = model else {
+        bail!("decode needs --model (for its preprocessor_config.json)")
+    };
+    let pre = mmembed_media::ClipPreprocessor::from_file(
+        &Path::new(model).join("preprocessor_config.json"),
+    )?;
+    let limits = mmembed_media::ImageLimits::default();
+    let run = |files: &[PathBuf]| -> Result<usize> {
+        files
+            .par_iter()
+            .map(|f| -> Result<usize> {
+                let bytes = std::fs::read(f)?;
+                let img = mmembed_media::decode_image(&bytes, &f.display().to_string(), &limits)?;
+                Ok(pre.preprocess(&img).len())
+            })
+            .try_reduce(|| 0, |a, b| Ok(a + b))
+    };
+    run(&files[..files.len().min(64)])?;
+    let t = Instant::now();
+    let mut done = 0;
+    while t.elapsed() < budget || done == 0 {
+        run(&files)?;
+        done += files.len();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "stack": "mmembed", "workload": "decode_preprocess", "threads": rayon::current_num_threads(),
+            "files": files.len(), "per_s": done as f64 / secs,
+        })
+    );
+    Ok(())
+}

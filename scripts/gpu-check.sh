@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# The GPU check of issue #19, in one go (GPU.md).
+#
+#   scripts/gpu-check.sh build          here (no GPU needed): the CUDA 13
+#                                       toolchain from PyPI wheels, link-time
+#                                       stand-ins for the CUDA libraries, and
+#                                       a release build of `mmembed` and
+#                                       `gpu_check` with --features cuda for
+#                                       compute capability 9.0 (Hopper), into
+#                                       target/gpu-check/ (about 25 MB, xz)
+#   scripts/gpu-check.sh run OUT        on the GPU machine (no Rust, no
+#                                       network; its python3 with torch and
+#                                       transformers): parity against PyTorch
+#                                       on the same GPU, throughput side by
+#                                       side, JPEG files end to end; writes
+#                                       OUT/report.md and the raw JSON lines.
+#                                       About 6 minutes on an H200.
+#   scripts/gpu-check.sh dry-run OUT    here, on the CPU: the same steps on
+#                                       the tiny fixture model with the debug
+#                                       CPU builds, to check the script itself
+#                                       (needs a Python with torch).
+#
+# With the device tool: build here, then run there with
+#   carry ["target/gpu-check"], command "bash scripts/gpu-check.sh run $OUT"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=target/gpu-check
+say() { echo ">> [$(date +%T)] $*"; }
+
+build() {
+  . scripts/lib/system-deps.sh
+  . scripts/lib/python-venv.sh
+  install_system_deps
+  python_venv scripts/lib/cuda-requirements.txt CUDA_PY
+  local nv stubs cudarc
+  nv=$("$CUDA_PY" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
+  cargo fetch --locked >/dev/null
+  cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$(awk '/^name = "cudarc"/{getline; print $3}' Cargo.lock | tr -d '"')" | head -1)
+  stubs=$PWD/target/cuda-link-stubs
+  say "link-time stand-ins for libcuda, libcublas(Lt), libcurand, libnvrtc in $stubs (see scripts/gpu/link_stubs.py)"
+  python3 scripts/gpu/link_stubs.py "$cudarc" "$stubs"
+  say "release build with --features cuda (CUDA_COMPUTE_CAP=90; nvcc from $nv): 20-30 minutes cold on 2 cores, most of it candle's kernels"
+  # Its own target directory: the CUDA feature set would otherwise evict
+  # the CPU build's artefacts, and the link step needs the stand-ins.
+  PATH="$nv/bin:$PATH" CUDA_ROOT="$nv" CUDA_PATH="$nv" CUDA_TOOLKIT_ROOT_DIR="$stubs" CUDA_COMPUTE_CAP=90 \
+    CARGO_TARGET_DIR=target/gpu-build \
+    cargo build --release --locked -p mmembed-cli -p mmembed-candle --no-default-features \
+      --features mmembed-cli/cuda,mmembed-candle/cuda --bin mmembed --example gpu_check
+  rm -rf "$BUNDLE" && mkdir -p "$BUNDLE"
+  local tmp
+  tmp=$(mktemp -d)
+  strip -o "$tmp/mmembed" target/gpu-build/release/mmembed
+  strip -o "$tmp/gpu_check" target/gpu-build/release/examples/gpu_check
+  printf '{"commit": "%s", "built": "%s", "compute_capability": "9.0", "cuda": "13.0 (PyPI wheels)"}\n' \
+    "$(git rev-parse --short HEAD)$(git diff --quiet || echo +changes)" "$(date -u +%FT%TZ)" >"$tmp/build.json"
+  tar -C "$tmp" -cJf "$BUNDLE/bin.tar.xz" mmembed gpu_check build.json
+  rm -rf "$tmp"
+  say "bundle: $(du -h "$BUNDLE/bin.tar.xz" | cut -f1) in $BUNDLE (carry it to the GPU machine)"
+}
+
+# run OUT DEVICE PRECISIONS: the steps, shared by run and dry-run.
+steps() {
+  local out=$1 device=$2 precisions=$3
+  local work model inputs t0
+  t0=$(date +%s)
+  work=$(mktemp -d)
+  mkdir -p "$out"
+  inputs=$work/inputs
+  "$PY" scripts/gpu/torch_side.py inputs "$inputs"
+  if [ -n "${MODEL:-}" ]; then
+    model=$MODEL
+  else
+    model=$work/vit-b-32
+    say "making the seeded ViT-B/32 with this machine's PyTorch"
+    "$PY" scripts/gpu/torch_side.py make "$model"
+  fi
+
+  say "parity: ours on $device per precision"
+  for p in ${precisions//,/ }; do
+    "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
+      --kernels "${KERNELS:-auto}" \
+      | tee -a "$out/parity_ours.jsonl"
+  done
+  say "parity: PyTorch on $device, then the cosines"
+  "$PY" scripts/gpu/torch_side.py reference "$model" "$inputs" "$out" --device "$device" --precisions "$precisions"
+  "$PY" scripts/gpu/torch_side.py compare "$inputs" "$out" || echo "!! parity below the goal: see $out/parity.jsonl"
+
+  say "throughput: ours"
+  "$BIN/gpu_check" speed "$model" --device "$device" --precisions "$precisions" \
+    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" | tee "$out/speed_ours.jsonl"
+  say "throughput: PyTorch eager"
+  "$PY" scripts/gpu/torch_side.py speed "$model" --device "$device" --precisions "$precisions" \
+    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" | tee "$out/speed_torch.jsonl"
+
+  say "end to end: $E2E_LARGE JPEG files (640x480) through mmembed batch"
+  "$PY" scripts/gpu/torch_side.py jpegs "$work/jpegs" "$E2E_LARGE"
+  mkdir -p "$work/jpegs-small"
+  ls "$work/jpegs" | head -n "$E2E_SMALL" | while read -r f; do ln -s "$work/jpegs/$f" "$work/jpegs-small/$f"; done
+  "$BIN/gpu_check" decode "$work/jpegs" --model "$model" --seconds "$SECONDS_EACH" | tee "$out/decode.jsonl"
+  local prec=${precisions##*,} small large
+  # Two sizes: their difference is the steady rate, without the model's
+  # load and the process start.
+  for n in small large; do
+    local dir=$work/jpegs; [ $n = small ] && dir=$work/jpegs-small
+    local s e
+    s=$(date +%s.%N)
+    "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
+      --precision "$prec" --batch-size "$E2E_BATCH" --max-batch "$E2E_MAX_BATCH" >"$out/batch_$n.log" 2>&1 \
+      || { echo "!! mmembed batch failed:"; tail -20 "$out/batch_$n.log"; }
+    e=$(date +%s.%N)
+    printf -v "$n" '%s' "$(awk "BEGIN { print $e - $s }")"
+  done
+  local ceiling
+  ceiling=$(sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' "$out/decode.jsonl" | head -1)
+  printf '{"precision": "%s", "files_small": %s, "seconds_small": %.2f, "files_large": %s, "seconds_large": %.2f, "steady_images_per_s": %.0f, "decode_ceiling_per_s": %.0f, "batch_size": %s, "max_batch": %s, "cores": %s}\n' \
+    "$prec" "$E2E_SMALL" "$small" "$E2E_LARGE" "$large" \
+    "$(awk "BEGIN { d = $large - $small; print (d > 0 ? ($E2E_LARGE - $E2E_SMALL) / d : 0) }")" "${ceiling:-0}" \
+    "$E2E_BATCH" "$E2E_MAX_BATCH" "$(nproc)" | tee "$out/e2e.jsonl"
+  "$PY" - "$work/large.parquet" "$E2E_LARGE" <<'EOF' | tee -a "$out/e2e_rows.txt"
+import sys
+try:
+    import pyarrow.parquet as pq
+except ImportError:
+    sys.exit(print("pyarrow missing: rows not checked"))
+t = pq.read_table(sys.argv[1])
+st = t.column("status").to_pylist()
+ok = sum(1 for s in st if not s)
+print(f"rows {t.num_rows} of {sys.argv[2]}, ok {ok}, failed {t.num_rows - ok}")
+EOF
+
+  if [ -n "$COMPILE" ] && [ $(( $(date +%s) - t0 )) -lt "$COMPILE_IF_UNDER" ]; then
+    say "throughput: PyTorch torch.compile $COMPILE (time allows)"
+    "$PY" scripts/gpu/torch_side.py speed "$model" --device "$device" --precisions "" --compile "$COMPILE" \
+      --images "$COMPILE_IMAGES" --texts "$COMPILE_TEXTS" --seconds "$SECONDS_EACH" | tee -a "$out/speed_torch.jsonl" \
+      || echo "!! torch.compile failed (eager figures stand)"
+  fi
+  "$PY" scripts/gpu/torch_side.py report "$out" >/dev/null
+  say "done in $(( $(date +%s) - t0 )) s: $out/report.md"
+  rm -rf "$work"
+}
+
+env_json() {
+  local out=$1
+  mkdir -p "$out"
+  "$PY" - "$out/env.json" "${BUILD_JSON:-}" <<'EOF'
+import json, os, subprocess, sys
+env = {}
+try:
+    import torch
+    env["torch"] = torch.__version__
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["compute capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+except Exception as e:  # noqa: BLE001
+    env["torch"] = f"unavailable: {e}"
+try:
+    env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                   capture_output=True, text=True, timeout=20).stdout.strip()
+except Exception:  # noqa: BLE001
+    pass
+env["cpu cores"] = os.cpu_count()
+if len(sys.argv) > 2 and sys.argv[2] and os.path.exists(sys.argv[2]):
+    env["build"] = json.load(open(sys.argv[2]))
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(env))
+EOF
+}
+
+run() {
+  local out=${1:?usage: scripts/gpu-check.sh run OUT}
+  PY=${MMEMBED_GPU_PYTHON:-python3}
+  [ -f "$BUNDLE/bin.tar.xz" ] || { echo "no $BUNDLE/bin.tar.xz: run 'scripts/gpu-check.sh build' first and carry $BUNDLE"; exit 1; }
+  BIN=$(mktemp -d)
+  # Python's tarfile: the machine may have no xz.
+  "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$BUNDLE/bin.tar.xz" "$BIN"
+  chmod +x "$BIN/mmembed" "$BIN/gpu_check"
+  BUILD_JSON=$BIN/build.json
+  # The CUDA libraries of this machine's PyTorch wheels (cuBLAS, cuRAND,
+  # NVRTC); the driver's libcuda.so.1 is on the loader's path already.
+  local libs
+  libs=$("$PY" -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**", "lib*.so*"), recursive=True)})))')
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  if ldd "$BIN/mmembed" | grep -q "not found"; then
+    echo "!! libraries missing for the binary:"; ldd "$BIN/mmembed" | grep "not found"; exit 1
+  fi
+  env_json "$out"
+  IMAGES=1,32,256,1024 TEXTS=32,256 SECONDS_EACH=${SECONDS_EACH:-2}
+  E2E_SMALL=2000 E2E_LARGE=${E2E_LARGE:-20000} E2E_BATCH=1024 E2E_MAX_BATCH=256
+  COMPILE=bf16 COMPILE_IMAGES=256,1024 COMPILE_TEXTS=256 COMPILE_IF_UNDER=270
+  steps "$out" cuda f32,f16,bf16
+}
+
+dry_run() {
+  local out=${1:?usage: scripts/gpu-check.sh dry-run OUT}
+  PY=${MMEMBED_GPU_PYTHON:-python3}
+  say "building the CPU binaries (debug)"
+  cargo build --locked -p mmembed-cli --bin mmembed -p mmembed-candle --example gpu_check
+  BIN=$(mktemp -d)
+  ln -s "$PWD/target/debug/mmembed" "$PWD/target/debug/examples/gpu_check" "$BIN/"
+  env_json "$out"
+  MODEL=$PWD/models/fixtures/tiny-clip
+  IMAGES=1,8 TEXTS=8 SECONDS_EACH=0.2
+  E2E_SMALL=20 E2E_LARGE=100 E2E_BATCH=32 E2E_MAX_BATCH=8
+  COMPILE="" COMPILE_IF_UNDER=0
+  # Parity through the GPU's graph (Kernels::Portable), run on the CPU.
+  KERNELS=portable
+  steps "$out" cpu f32
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) shift; run "$@" ;;
+  dry-run) shift; dry_run "$@" ;;
+  *) sed -n 2,25p "$0"; exit 2 ;;
+esac

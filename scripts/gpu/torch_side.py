@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""PyTorch's side of `scripts/gpu-check.sh`, on the GPU machine's own Python
+(torch, transformers, safetensors, numpy, pillow; nothing is downloaded).
+
+    torch_side.py make MODEL_DIR                 seeded random ViT-B/32, fp32
+    torch_side.py inputs INPUTS_DIR              texts + ids, pixel_values
+    torch_side.py reference MODEL INPUTS OUT     PyTorch's unit vectors per precision
+    torch_side.py compare INPUTS OUT             cosines, ours against PyTorch's
+    torch_side.py speed MODEL [--precisions ...] [--images ...] [--texts ...]
+                        [--compile bf16] [--seconds 3]
+    torch_side.py jpegs DIR COUNT                JPEG photos for the end-to-end run
+    torch_side.py report OUT                     OUT/report.md from the JSON lines
+
+The checkpoint is `make_fixtures.py --full`'s: OpenAI ViT-B/32's
+architecture with `torch.manual_seed(SEED)` weights (605 MB, so made there
+rather than carried). Inputs are the committed parity inputs: the texts and
+token ids of models/fixtures/tiny-clip/reference.json (Hugging Face's
+CLIPTokenizer over OpenAI's vocabulary, which ViT-B/32 shares) and the
+committed Pillow crops of the real photos, normalised as CLIPImageProcessor
+does (make_fixtures.py checks that equality to 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "models" / "fixtures"
+SEED = 20261122  # make_fixtures.py's
+MEAN = [0.48145466, 0.4578275, 0.40821073]
+STD = [0.26862954, 0.26130258, 0.27577711]
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def vit_b32_config():
+    from transformers import CLIPConfig
+
+    # make_fixtures.py's vit_b32_config(), without its image-library imports.
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+            num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            image_size=224, patch_size=32, hidden_act="quick_gelu",
+        ),
+        projection_dim=512,
+    )
+
+
+def make(model_dir: Path) -> None:
+    from transformers import CLIPModel
+
+    torch.manual_seed(SEED)
+    model = CLIPModel(vit_b32_config()).eval()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    tiny = FIXTURES / "tiny-clip"
+    for f in ("tokenizer.json", "preprocessor_config.json"):
+        (model_dir / f).write_bytes((tiny / f).read_bytes())
+    print(f"seeded ViT-B/32 (seed {SEED}) in {model_dir}")
+
+
+def inputs(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    ref = json.loads((FIXTURES / "tiny-clip" / "reference.json").read_text())
+    texts = [{"text": t["text"], "ids": t["ids"]} for t in ref["texts"]]
+    crops = load_file(str(FIXTURES / "images" / "crops.safetensors"))
+    keys = [i["key"] for i in ref["images"]]
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    px = torch.stack([(crops[k].float() * (1 / 255) - mean) / std for k in keys]).contiguous()
+    save_file({"pixel_values": px}, str(out / "pixels.safetensors"))
+    (out / "inputs.json").write_text(json.dumps({"texts": texts, "images": keys}, ensure_ascii=False))
+    print(f"{len(texts)} texts, {len(keys)} images in {out}")
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: str):
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(str(model_dir), dtype=dtype).eval().to(device)
+
+
+def features(out) -> torch.Tensor:
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+@torch.inference_mode()
+def reference(model_dir: Path, inp: Path, out: Path, device: str, precisions: list[str]) -> None:
+    meta = json.loads((inp / "inputs.json").read_text())
+    seqs = [t["ids"] for t in meta["texts"]]
+    n = max(map(len, seqs))
+    ids = torch.tensor([s + [49407] * (n - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
+    px = load_file(str(inp / "pixels.safetensors"))["pixel_values"].to(device)
+    for p in precisions:
+        model = load_model(model_dir, DTYPES[p], device)
+        t = features(model.get_text_features(input_ids=ids, attention_mask=mask)).float()
+        i = features(model.get_image_features(pixel_values=px.to(DTYPES[p]))).float()
+        norm = lambda x: torch.nn.functional.normalize(x, dim=-1).cpu().contiguous()  # noqa: E731
+        save_file({"text": norm(t), "image": norm(i)}, str(out / f"torch_{p}.safetensors"))
+        del model
+        print(f"PyTorch {p} references written")
+
+
+def compare(inp: Path, out: Path) -> None:
+    """Cosines of our unit vectors to PyTorch's, per precision, as JSON lines."""
+    truth = load_file(str(out / "torch_f32.safetensors"))
+    rows = []
+    for p in DTYPES:
+        ours_file = out / f"ours_{p}.safetensors"
+        if not ours_file.exists():
+            continue
+        ours = load_file(str(ours_file))
+        same = load_file(str(out / f"torch_{p}.safetensors")) if (out / f"torch_{p}.safetensors").exists() else None
+        for kind in ("text", "image"):
+            c = (ours[kind] * truth[kind]).sum(-1)
+            row = {"check": "cosine", "precision": p, "kind": kind, "n": len(c),
+                   "min_vs_torch_f32": float(c.min()), "mean_vs_torch_f32": float(c.mean())}
+            if same is not None:
+                row["min_vs_torch_same"] = float((ours[kind] * same[kind]).sum(-1).min())
+                # PyTorch's own reduced-precision error, for scale.
+                row["torch_same_vs_torch_f32"] = float((same[kind] * truth[kind]).sum(-1).min())
+            goal = 0.99999 if p == "f32" else 0.999
+            row["goal"] = goal
+            row["pass"] = row["min_vs_torch_f32"] >= goal
+            rows.append(row)
+            print(json.dumps(row))
+    (out / "parity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if not all(r["pass"] for r in rows):
+        sys.exit("parity below the goal (see parity.jsonl)")
+
+
+def timed(fn, device: str, seconds: float) -> float:
+    """Seconds per call: 2 warm-ups, then enough calls for `seconds`."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(2):
+        fn()
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    one = max(time.perf_counter() - t, 1e-6)
+    n = int(min(max(seconds / one, 3), 100_000))
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / n
+
+
+@torch.inference_mode()
+def speed(model_dir: Path, device: str, precisions: list[str], images: list[int], texts: list[int],
+          compile_precisions: list[str], seconds: float) -> None:
+    for p in precisions + [f"compile:{c}" for c in compile_precisions]:
+        compiled = p.startswith("compile:")
+        prec = p.split(":")[-1]
+        model = load_model(model_dir, DTYPES[prec], device)
+        vision = lambda x: model.get_image_features(pixel_values=x)  # noqa: E731
+        text = lambda x: model.get_text_features(input_ids=x)  # noqa: E731
+        if compiled:
+            vision, text = torch.compile(vision), torch.compile(text)
+        stack = "pytorch-compile" if compiled else "pytorch-eager"
+        for b in images:
+            x = torch.randn(b, 3, 224, 224, device=device, dtype=DTYPES[prec])
+            s = timed(lambda: vision(x), device, seconds)
+            print(json.dumps({"stack": stack, "precision": prec, "workload": "images", "batch": b,
+                              "ms": s * 1e3, "per_s": b / s}), flush=True)
+        for b in texts:
+            ids = torch.randint(0, 49405, (b, 77), device=device)
+            ids[:, -1] = 49407
+            s = timed(lambda: text(ids), device, seconds)
+            print(json.dumps({"stack": stack, "precision": prec, "workload": "texts77", "batch": b,
+                              "ms": s * 1e3, "per_s": b / s}), flush=True)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _jpeg(args) -> None:
+    from PIL import Image
+
+    i, src, out = args
+    rng = np.random.default_rng(i)
+    im = Image.open(src).convert("RGB").resize((640, 480))
+    a = np.asarray(im).astype(np.int16) + rng.integers(-8, 9, (480, 640, 3))
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(out / f"{i:06d}.jpg", quality=90)
+
+
+def jpegs(out: Path, count: int) -> None:
+    """640x480 JPEGs (quality 90) from the committed photos with per-file
+    noise, so no two files decode alike."""
+    from multiprocessing import Pool
+
+    out.mkdir(parents=True, exist_ok=True)
+    photos = sorted(p for p in (FIXTURES / "images").iterdir() if p.suffix in (".png", ".jpg"))
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_jpeg, [(i, photos[i % len(photos)], out) for i in range(count)], chunksize=64)
+    print(f"{count} JPEGs in {out}")
+
+
+def lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.startswith("{")]
+
+
+def report(out: Path) -> None:
+    """report.md: machine, parity table, throughput side by side, end to end."""
+    env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
+    parity = lines(out / "parity.jsonl")
+    speed_rows = lines(out / "speed_ours.jsonl") + lines(out / "speed_torch.jsonl")
+    e2e = lines(out / "e2e.jsonl")
+    md = ["# GPU check report", ""]
+    for k, v in env.items():
+        md.append(f"- {k}: {v}")
+    md += ["", "## Parity (cosine of unit vectors; PyTorch fp32 on the same GPU is the truth)", "",
+           "| ours | kind | n | min | mean | goal | PyTorch same precision vs fp32 (min) | pass |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in parity:
+        md.append(f"| {r['precision']} | {r['kind']} | {r['n']} | {r['min_vs_torch_f32']:.7f} | "
+                  f"{r['mean_vs_torch_f32']:.7f} | {r['goal']} | "
+                  f"{r.get('torch_same_vs_torch_f32', float('nan')):.7f} | {'yes' if r['pass'] else '**no**'} |")
+    md += ["", "## Throughput, model only (inputs on the GPU), per second", ""]
+    keys = sorted({(r["workload"], r["batch"]) for r in speed_rows if r["workload"] != "images_from_host"},
+                  key=lambda k: (k[0], k[1]))
+    stacks = sorted({(r["stack"], r["precision"]) for r in speed_rows})
+    md.append("| workload | batch | " + " | ".join(f"{s} {p}" for s, p in stacks) + " | ours bf16 / eager bf16 |")
+    md.append("|---|---|" + "---|" * len(stacks) + "---|")
+    index = {(r["stack"], r["precision"], r["workload"], r["batch"]): r["per_s"] for r in speed_rows}
+    for w, b in keys:
+        cells = [f"{index[(s, p, w, b)]:,.0f}" if (s, p, w, b) in index else "–" for s, p in stacks]
+        ours, theirs = index.get(("mmembed", "bf16", w, b)), index.get(("pytorch-eager", "bf16", w, b))
+        ratio = f"{ours / theirs:.2f}×" if ours and theirs else "–"
+        md.append(f"| {w} | {b} | " + " | ".join(cells) + f" | {ratio} |")
+    host = [r for r in speed_rows if r["workload"] == "images_from_host"]
+    if host:
+        md += ["", "Images through the library's call (host f32 pixels up, unit vectors down):", ""]
+        for r in host:
+            model_only = index.get(("mmembed", r["precision"], "images", r["batch"]))
+            note = f" (model only {model_only:,.0f}/s: transfers and host work cost " \
+                   f"{100 * (1 - r['per_s'] / model_only):.0f} %)" if model_only else ""
+            md.append(f"- {r['precision']} batch {r['batch']}: {r['per_s']:,.0f} images/s{note}")
+    if e2e:
+        md += ["", "## End to end: JPEG files through `mmembed batch`", ""]
+        for r in e2e:
+            md.append("- " + ", ".join(f"{k} {v}" for k, v in r.items()))
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("make").add_argument("model", type=Path)
+    sub.add_parser("inputs").add_argument("out", type=Path)
+    r = sub.add_parser("reference")
+    r.add_argument("model", type=Path)
+    r.add_argument("inputs", type=Path)
+    r.add_argument("out", type=Path)
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--precisions", default="f32,f16,bf16")
+    c = sub.add_parser("compare")
+    c.add_argument("inputs", type=Path)
+    c.add_argument("out", type=Path)
+    s = sub.add_parser("speed")
+    s.add_argument("model", type=Path)
+    s.add_argument("--device", default="cuda")
+    s.add_argument("--precisions", default="f32,f16,bf16")
+    s.add_argument("--images", default="1,32,256,1024")
+    s.add_argument("--texts", default="32,256")
+    s.add_argument("--compile", default="", help="precisions to also time under torch.compile")
+    s.add_argument("--seconds", type=float, default=3.0)
+    j = sub.add_parser("jpegs")
+    j.add_argument("out", type=Path)
+    j.add_argument("count", type=int)
+    sub.add_parser("report").add_argument("out", type=Path)
+    a = ap.parse_args()
+    nums = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    words = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    if a.cmd == "make":
+        make(a.model)
+    elif a.cmd == "inputs":
+        inputs(a.out)
+    elif a.cmd == "reference":
+        reference(a.model, a.inputs, a.out, a.device, words(a.precisions))
+    elif a.cmd == "compare":
+        compare(a.inputs, a.out)
+    elif a.cmd == "speed":
+        speed(a.model, a.device, words(a.precisions), nums(a.images), nums(a.texts), words(a.compile), a.seconds)
+    elif a.cmd == "jpegs":
+        jpegs(a.out, a.count)
+    elif a.cmd == "report":
+        report(a.out)
+
+
+if __name__ == "__main__":
+    main()
