@@ -323,9 +323,23 @@ impl LoadedClip {
 
     /// Unit-length image embeddings for preprocessed CHW pixel buffers.
     pub fn embed_pixels(&self, images: &[Vec<f32>]) -> candle_core::Result<Vec<Vec<f32>>> {
+        use rayon::prelude::*;
         let side = self.config.vision.image_size;
         let c = self.config.vision.num_channels;
-        let flat: Vec<f32> = images.iter().flatten().copied().collect();
+        let len = c * side * side;
+        if let Some(bad) = images.iter().position(|i| i.len() != len) {
+            candle_core::bail!(
+                "image {bad} has {} values, the model takes {len}",
+                images[bad].len()
+            );
+        }
+        // One batch is large (ViT-B/32 at 256 images: 154 MB of f32), and
+        // gathering it on one thread costs as much as a GPU's forward pass:
+        // copied in parallel instead.
+        let mut flat = vec![0f32; images.len() * len];
+        flat.par_chunks_mut(len.max(1))
+            .zip(images.par_iter())
+            .for_each(|(dst, src)| dst.copy_from_slice(src));
         let px = Tensor::from_vec(flat, (images.len(), c, side, side), &self.device)?
             .to_dtype(self.dtype)?;
         let out = self.model.vision.forward(&px)?;
