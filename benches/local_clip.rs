@@ -8,8 +8,11 @@
 //! `models/fixtures/bench_pytorch.py --serve` process, so both see the same
 //! machine state; a ratio table is printed at the end. The Python comes
 //! from `MMEMBED_BENCH_PYTHON` (default `python3`); without torch the
-//! PyTorch half is skipped with a message. Both stacks use candle's thread
-//! count, which `RAYON_NUM_THREADS` sets.
+//! PyTorch half is skipped with a message. The same process exports the
+//! weights to ONNX and serves ONNX Runtime fp32 and dynamic int8 (what a
+//! fastembed user runs), timed in the paired rounds beside PyTorch; without
+//! onnxruntime that half is skipped with a message. Every stack uses
+//! candle's thread count, which `RAYON_NUM_THREADS` sets.
 
 use std::hint::black_box;
 use std::io::{BufRead, BufReader, Write};
@@ -33,6 +36,8 @@ struct PyTorch {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    /// Whether ONNX Runtime answers too (`ort-fp32`, `ort-int8`).
+    ort: bool,
 }
 
 impl PyTorch {
@@ -41,7 +46,7 @@ impl PyTorch {
         let script = root().join("models/fixtures/bench_pytorch.py");
         let mut child = Command::new(&python)
             .arg(&script)
-            .args(["--serve", "--threads", &threads.to_string()])
+            .args(["--serve", "--ort", "--threads", &threads.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -59,16 +64,26 @@ impl PyTorch {
             ));
         }
         eprintln!("PyTorch comparison: {}", line.trim());
+        let ort = !line.contains("ort missing");
+        if !ort {
+            eprintln!("ONNX Runtime comparison skipped (pip install onnxruntime onnx)");
+        }
         Ok(Self {
             child,
             stdin,
             stdout,
+            ort,
         })
     }
 
     /// Seconds `iters` forward passes of `workload` at `batch` took.
     fn time(&mut self, workload: &str, batch: usize, iters: u64) -> Duration {
-        writeln!(self.stdin, "{workload} {batch} {iters}").expect("write to PyTorch");
+        self.time_on("pytorch", workload, batch, iters)
+    }
+
+    /// [`PyTorch::time`] on a stack: `pytorch`, `ort-fp32` or `ort-int8`.
+    fn time_on(&mut self, stack: &str, workload: &str, batch: usize, iters: u64) -> Duration {
+        writeln!(self.stdin, "{stack} {workload} {batch} {iters}").expect("write to PyTorch");
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("read from PyTorch");
         let secs: f64 = line
@@ -76,6 +91,14 @@ impl PyTorch {
             .parse()
             .unwrap_or_else(|_| panic!("PyTorch said {line:?}"));
         Duration::from_secs_f64(secs)
+    }
+
+    /// ONNX Runtime int8's mean cosine to its fp32 (fixture photos, texts).
+    fn ort_cosine(&mut self) -> String {
+        writeln!(self.stdin, "cosine").expect("write to PyTorch");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read from PyTorch");
+        line.trim().to_string()
     }
 }
 
@@ -289,10 +312,11 @@ fn int8_accuracy(f32: &LoadedClip, int8: &LoadedClip, fixtures: &Path) {
 }
 
 /// The ratio table: for each workload, rounds of one candle f32 call, one
-/// candle int8 call and one PyTorch call back to back, and the median of
-/// the per-round ratios. On shared cores whose speed drifts by tens of
-/// percent over a minute, pairing calls this closely is what keeps the
-/// comparison fair; criterion's figures above are each stack's own.
+/// candle int8 call, one PyTorch call and (when it answers) one ONNX
+/// Runtime fp32 and one int8 call back to back, and the median of the
+/// per-round ratios. On shared cores whose speed drifts by tens of percent
+/// over a minute, pairing calls this closely is what keeps the comparison
+/// fair; criterion's figures above are each stack's own.
 fn paired_ratios(
     py: &mut PyTorch,
     [f32, int8]: [&LoadedClip; 2],
@@ -303,12 +327,31 @@ fn paired_ratios(
     threads: usize,
 ) {
     println!(
-        "\npaired rounds, {threads} threads: items/s (median of rounds) and median per-round ratio"
+        "\npaired rounds, {threads} threads: items/s (median of rounds) and median per-round ratio \
+         (ours over theirs: >1 is faster)"
     );
+    if py.ort {
+        println!("ONNX Runtime int8 vs fp32 mean cosine: {}", py.ort_cosine());
+    }
     println!(
-        "{:<12} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8}",
-        "workload", "rounds", "f32/s", "int8/s", "torch/s", "f32/pt", "int8/pt"
+        "{:<12} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "workload",
+        "rounds",
+        "f32/s",
+        "int8/s",
+        "torch/s",
+        "ort32/s",
+        "ort8/s",
+        "f32/pt",
+        "int8/pt",
+        "f32/ort32",
+        "int8/ort8"
     );
+    let stacks: &[&str] = if py.ort {
+        &["pytorch", "ort-fp32", "ort-int8"]
+    } else {
+        &["pytorch"]
+    };
     for &(workload, batch) in workloads {
         let px = vec![pixels.to_vec(); if workload == "images" { batch } else { 0 }];
         let one = if workload == "texts77" {
@@ -326,31 +369,40 @@ fn paired_ratios(
             }
             start.elapsed().as_secs_f64()
         };
+        // One round: [ours f32, ours int8, pytorch, ort fp32, ort int8]
+        // (NaN for a stack that does not answer).
+        let mut round = || {
+            let mut t = [f64::NAN; 5];
+            t[0] = time(f32);
+            t[1] = time(int8);
+            for (k, stack) in stacks.iter().enumerate() {
+                t[2 + k] = py.time_on(stack, workload, batch, 1).as_secs_f64();
+            }
+            t
+        };
         // About 20 s per workload, at least 7 rounds.
-        let first = time(f32) + time(int8) + py.time(workload, batch, 1).as_secs_f64();
+        let first: f64 = round().iter().filter(|t| t.is_finite()).sum();
         let rounds = ((20.0 / first) as usize).clamp(7, 200);
-        let mut r = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            r.push([
-                time(f32),
-                time(int8),
-                py.time(workload, batch, 1).as_secs_f64(),
-            ]);
-        }
+        let r: Vec<[f64; 5]> = (0..rounds).map(|_| round()).collect();
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
         let rate = |k: usize| batch as f64 / median(r.iter().map(|t| t[k]).collect());
-        let ratio = |k: usize| median(r.iter().map(|t| t[2] / t[k]).collect());
+        // Ours (k) against theirs (j), per round.
+        let ratio = |k: usize, j: usize| median(r.iter().map(|t| t[j] / t[k]).collect());
         println!(
-            "{:<12} {rounds:>6} {:>9.2} {:>9.2} {:>9.2} {:>7.2}x {:>7.2}x",
+            "{:<12} {rounds:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2}x {:>7.2}x {:>8.2}x {:>8.2}x",
             format!("{workload}/{batch}"),
             rate(0),
             rate(1),
             rate(2),
-            ratio(0),
-            ratio(1)
+            rate(3),
+            rate(4),
+            ratio(0, 2),
+            ratio(1, 2),
+            ratio(0, 3),
+            ratio(1, 4),
         );
     }
 }
