@@ -39,6 +39,9 @@ build() {
   stubs=$PWD/target/cuda-link-stubs
   say "link-time stand-ins for libcuda, libcublas(Lt), libcurand, libnvrtc in $stubs (see scripts/gpu/link_stubs.py)"
   python3 scripts/gpu/link_stubs.py "$cudarc" "$stubs"
+  # candle-kernels' own CUDA C++ (its libmoe.a) links the CUDA runtime: the
+  # wheel's real one, which has no unversioned name to link by.
+  ln -sf "$nv/lib/libcudart.so.13" "$stubs/lib/stubs/libcudart.so"
   say "release build with --features cuda (CUDA_COMPUTE_CAP=90; nvcc from $nv): 20-30 minutes cold on 2 cores, most of it candle's kernels"
   # Its own target directory: the CUDA feature set would otherwise evict
   # the CPU build's artefacts, and the link step needs the stand-ins.
