@@ -197,21 +197,30 @@ impl Dense {
         // the bias over every row; both gradients then go through the slow
         // leading-dim sum (see `repeat_rows`). Rows-by-weight as one 2-D
         // matmul has plain matmul gradients.
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&1);
-        let rows = x.elem_count() / k.max(1);
         let linear = self.float()?;
-        let w = linear.weight();
-        let mut y = x.reshape((rows, k))?.matmul(&w.t()?)?;
-        if let Some(b) = linear.bias() {
-            y = (y + repeat_rows(b, rows)?)?;
-        }
-        let mut out = dims;
-        if let Some(last) = out.last_mut() {
-            *last = w.dim(0)?;
-        }
-        y.reshape(out)
+        matmul_rows(x, linear.weight(), |y, rows| match linear.bias() {
+            Some(b) => y + repeat_rows(b, rows)?,
+            None => Ok(y),
+        })
     }
+}
+
+/// `x [.., k] · wᵀ` as one 2-D matmul over all rows, `bias(product, rows)`
+/// applied to the `[rows, out]` product, then back in `x`'s leading shape.
+fn matmul_rows(
+    x: &Tensor,
+    w: &Tensor,
+    bias: impl FnOnce(Tensor, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / k.max(1);
+    let y = bias(x.reshape((rows, k))?.matmul(&w.t()?)?, rows)?;
+    let mut out = dims;
+    if let Some(last) = out.last_mut() {
+        *last = w.dim(0)?;
+    }
+    y.reshape(out)
 }
 
 impl Dense {
@@ -233,19 +242,10 @@ impl Dense {
         // All rows as one 2-D matmul against the transposed weight (one
         // GEMM, where candle-nn's Linear broadcasts the weight into a
         // batched one), then the bias over the rows.
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&1);
-        let rows = x.elem_count() / k.max(1);
-        let w = linear.weight();
-        let mut y = x.reshape((rows, k))?.matmul(&w.t()?)?;
-        if let Some(b) = linear.bias() {
-            y = y.broadcast_add(b)?;
-        }
-        let mut out = dims;
-        if let Some(last) = out.last_mut() {
-            *last = w.dim(0)?;
-        }
-        let mut y = y.reshape(out)?;
+        let mut y = matmul_rows(x, linear.weight(), |y, _| match linear.bias() {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        })?;
         if epilogue == Epilogue::QuickGelu {
             y = activate(Activation::QuickGelu, self.kernels, &y)?;
         }
