@@ -38,28 +38,12 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "models" / "fixtures"
-SEED = 20261122  # make_fixtures.py's
-MEAN = [0.48145466, 0.4578275, 0.40821073]
-STD = [0.26862954, 0.26130258, 0.27577711]
+sys.path.insert(0, str(FIXTURES))
+# The seed and architecture of `make_fixtures.py --full`, from there.
+from make_fixtures import PREPROCESSOR, SEED, vit_b32_config  # noqa: E402
+
+MEAN, STD = PREPROCESSOR["image_mean"], PREPROCESSOR["image_std"]
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-
-
-def vit_b32_config():
-    from transformers import CLIPConfig
-
-    # make_fixtures.py's vit_b32_config(), without its image-library imports.
-    return CLIPConfig(
-        text_config=dict(
-            vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-            num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ),
-        vision_config=dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            image_size=224, patch_size=32, hidden_act="quick_gelu",
-        ),
-        projection_dim=512,
-    )
 
 
 def make(model_dir: Path) -> None:
