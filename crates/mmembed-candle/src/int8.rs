@@ -18,20 +18,11 @@
 //! computed in 6-row × 16-column tiles over the whole reduction (the weight
 //! strip of a tile stays in L2), the tiles spread over rayon's pool.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernels::{
-    Epilogue, SharedOut, f32s, layer_norm_row, quick_gelu_in_place, threads, with_f32s,
-};
-
-/// Columns per weight strip (two 8-lane registers).
-const NR: usize = 16;
-/// Rows per tile.
-const MR: usize = 6;
-/// Rows per parallel task: a multiple of `MR`, small enough that the 16-bit
-/// activation rows of a task stay in L2 at ViT-B/32's widths.
-const MC: usize = 8 * MR;
+use crate::cpu_kernels::{layer_norm_row, with_f32s};
+use crate::tiled::{MR, NR, RowNorm, TileOut, TiledLinear, for_each_tile};
 
 /// A linear layer `y = x · wᵀ + b` with `w` quantised to int8.
 pub(crate) struct QLinear {
@@ -96,61 +87,6 @@ impl QLinear {
         })
     }
 
-    /// `act(x · wᵀ + b) (+ residual)` for `x [.., k]`.
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        epilogue: Epilogue,
-    ) -> Result<Tensor> {
-        self.apply(x, None, residual, epilogue)
-    }
-
-    /// `act(layer_norm(x) · wᵀ + b) (+ residual)`: the layer norm (weight,
-    /// bias, eps) is computed row by row as the rows are quantised, so the
-    /// normalised activations are never written out as f32 (one pass and
-    /// one allocation fewer per layer than a layer norm op before this one).
-    pub(crate) fn forward_normed(
-        &self,
-        x: &Tensor,
-        norm: (&Tensor, &Tensor, f64),
-        residual: Option<&Tensor>,
-        epilogue: Epilogue,
-    ) -> Result<Tensor> {
-        let (w, b, eps) = norm;
-        if w.dims() != [self.k] || b.dims() != [self.k] {
-            candle_core::bail!(
-                "int8 linear: layer norm weight {:?} and bias {:?} for input width {}",
-                w.dims(),
-                b.dims(),
-                self.k
-            );
-        }
-        let norm = (
-            w.to_dtype(candle_core::DType::F32)?.contiguous()?,
-            b.to_dtype(candle_core::DType::F32)?.contiguous()?,
-            eps as f32,
-        );
-        self.apply(x, Some(norm), residual, epilogue)
-    }
-
-    fn apply(
-        &self,
-        x: &Tensor,
-        norm: Option<(Tensor, Tensor, f32)>,
-        residual: Option<&Tensor>,
-        epilogue: Epilogue,
-    ) -> Result<Tensor> {
-        crate::cpu_kernels::check_epilogue(residual, epilogue)?;
-        let op = Op {
-            q: self,
-            norm,
-            residual: residual.map(Tensor::contiguous).transpose()?,
-            epilogue,
-        };
-        x.contiguous()?.apply_op1_no_bwd(&op)
-    }
-
     /// Largest activation magnitude that keeps `kp` pair sums of
     /// `q·127 + q·127` inside an i32.
     fn activation_max(&self) -> f32 {
@@ -203,53 +139,20 @@ impl QLinear {
         residual: Option<&[f32]>,
         gelu: bool,
     ) -> Vec<f32> {
-        let n = self.n;
         let (qx, sx) = self.quantize_rows(x, m, norm);
-        // Not zero-filled: the tiles below write every element (zeroing
-        // was 2.6 % of a batch-32 image forward).
-        let mut y: Vec<f32> = Vec::with_capacity(m * n);
-        let strips = n.div_ceil(NR);
-        let row_blocks = m.div_ceil(MC);
-        // Short batches have few row blocks; split the columns too so both
-        // cores get work.
-        let groups = (4 * threads()).div_ceil(row_blocks).clamp(1, strips.max(1));
-        let per_group = strips.div_ceil(groups);
-        let out = SharedOut(y.as_mut_ptr());
-        (0..row_blocks * groups).into_par_iter().for_each(|task| {
-            let (rb, g) = (task / groups, task % groups);
-            let rows = rb * MC..((rb + 1) * MC).min(m);
-            let strips = g * per_group..((g + 1) * per_group).min(strips);
-            for strip in strips {
-                let tile_cols = strip * NR..((strip + 1) * NR).min(n);
-                for r0 in rows.clone().step_by(MR) {
-                    let out = TileOut {
-                        // SAFETY: tasks cover disjoint (row block, strip)
-                        // rectangles of `y`'s allocation, which outlives
-                        // the loop.
-                        y: unsafe { out.at(r0 * n + tile_cols.start) },
-                        ld: n,
-                        rows: MR.min(rows.end - r0),
-                        cols: tile_cols.len(),
-                        row_scale: &sx[r0..],
-                        scale: &self.scale[strip * NR..],
-                        bias: &self.bias[strip * NR..],
-                        residual: residual.map(|r| &r[r0 * n + tile_cols.start..]),
-                        gelu,
-                    };
-                    self.tile(&qx, r0 / MR, strip, &out);
-                }
-            }
-        });
-        // SAFETY: the row blocks cover rows 0..m and, for each, the groups
-        // cover strips 0..strips (groups · per_group >= strips), so every
-        // one of the m · n elements was written above.
-        unsafe { y.set_len(m * n) };
-        y
+        for_each_tile(m, self.n, residual, gelu, |tile, out| {
+            let deq = Dequant {
+                row_scale: &sx[tile.r0..],
+                scale: &self.scale[tile.strip * NR..],
+                bias: &self.bias[tile.strip * NR..],
+            };
+            self.tile(&qx, tile.r0 / MR, tile.strip, &deq, out);
+        })
     }
 
     /// Integer dot products of activation tile `t` (rows `MR t..MR t + MR`)
     /// with one weight strip, dequantised into `out`.
-    fn tile(&self, qx: &[i16], t: usize, strip: usize, out: &TileOut) {
+    fn tile(&self, qx: &[i16], t: usize, strip: usize, deq: &Dequant, out: &TileOut) {
         let len = self.kp * MR * 2;
         let a = &qx[t * len..(t + 1) * len];
         let len = self.kp * NR * 2;
@@ -258,50 +161,61 @@ impl QLinear {
         if crate::cpu_kernels::has_avx2_fma() {
             // SAFETY: the CPU has AVX2; `a` and `b` hold the `kp` pairs of
             // MR rows and NR columns the kernel reads.
-            return unsafe { avx2::tile(a, b, self.kp, out) };
+            return unsafe { avx2::tile(a, b, self.kp, deq, out) };
         }
         let mut acc = [[0i32; NR]; MR];
         dot_generic(a, b, self.kp, &mut acc);
         // SAFETY: `out` describes a writable rectangle of the output.
-        unsafe { out.store(&acc) };
+        unsafe { deq.store(&acc, out) };
     }
 }
 
-/// Where a tile's results go and how they are dequantised:
-/// `y[i][j] = acc[i][j] · row_scale[i] · scale[j] + bias[j] (+ residual[i][j])`
-/// for `i < rows`, `j < cols`.
-struct TileOut<'a> {
-    y: *mut f32,
-    /// Row stride of `y` and `residual`.
-    ld: usize,
-    rows: usize,
-    cols: usize,
+impl TiledLinear for QLinear {
+    fn name(&self) -> &'static str {
+        "cpu-int8-linear"
+    }
+
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn run(
+        &self,
+        x: &[f32],
+        m: usize,
+        norm: Option<&RowNorm>,
+        residual: Option<&[f32]>,
+        gelu: bool,
+    ) -> Vec<f32> {
+        QLinear::run(self, x, m, norm, residual, gelu)
+    }
+}
+
+/// How a tile's integer sums become floats:
+/// `acc[i][j] · row_scale[i] · scale[j] + bias[j]`.
+struct Dequant<'a> {
     row_scale: &'a [f32],
     /// `NR` values.
     scale: &'a [f32],
     /// `NR` values.
     bias: &'a [f32],
-    residual: Option<&'a [f32]>,
-    /// Quick-GELU after the bias (never together with a residual).
-    gelu: bool,
 }
 
-impl TileOut<'_> {
+impl Dequant<'_> {
     /// # Safety
-    /// `y` points at `rows` rows of `cols` writable floats, `ld` apart.
-    unsafe fn store(&self, acc: &[[i32; NR]; MR]) {
-        for (i, acc) in acc.iter().enumerate().take(self.rows) {
+    /// As [`TileOut::finish_row`] for each of `out.rows` rows.
+    unsafe fn store(&self, acc: &[[i32; NR]; MR], out: &TileOut) {
+        for (i, acc) in acc.iter().enumerate().take(out.rows) {
+            let mut t = [0f32; NR];
+            for (j, t) in t.iter_mut().enumerate() {
+                *t = acc[j] as f32 * (self.row_scale[i] * self.scale[j]) + self.bias[j];
+            }
             // SAFETY: per the contract.
-            let y = unsafe { std::slice::from_raw_parts_mut(self.y.add(i * self.ld), self.cols) };
-            for (j, y) in y.iter_mut().enumerate() {
-                *y = acc[j] as f32 * (self.row_scale[i] * self.scale[j]) + self.bias[j];
-                if let Some(r) = self.residual {
-                    *y += r[i * self.ld + j];
-                }
-            }
-            if self.gelu {
-                quick_gelu_in_place(y);
-            }
+            unsafe { out.finish_row(i, &mut t) };
         }
     }
 }
@@ -407,8 +321,7 @@ fn dot_generic(a: &[i16], b: &[i16], kp: usize, acc: &mut [[i32; NR]; MR]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{MR, NR, TileOut};
-    use crate::cpu_kernels::quick_gelu_generic;
+    use super::{Dequant, MR, NR, TileOut};
     use std::arch::x86_64::*;
 
     /// `acc[i][j] = Σ_p a[p][i][0..2] · b[p][j][0..2]`, dequantised into
@@ -418,7 +331,7 @@ mod avx2 {
     /// AVX2 and FMA must be available; `a` holds `kp · MR · 2` values and
     /// `b` `kp · NR · 2`; `out` describes a writable rectangle.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(a: &[i16], b: &[i16], kp: usize, out: &TileOut) {
+    pub(super) unsafe fn tile(a: &[i16], b: &[i16], kp: usize, deq: &Dequant, out: &TileOut) {
         const NV: usize = NR / 8;
         assert!(a.len() >= kp * MR * 2 && b.len() >= kp * NR * 2);
         let mut acc = [[_mm256_setzero_si256(); NV]; MR];
@@ -438,15 +351,15 @@ mod avx2 {
                 b = b.add(NV);
             }
         }
-        assert!(out.scale.len() >= NR && out.bias.len() >= NR && out.row_scale.len() >= out.rows);
+        assert!(deq.scale.len() >= NR && deq.bias.len() >= NR && deq.row_scale.len() >= out.rows);
         // SAFETY: lengths asserted; `y` rows per the contract.
         unsafe {
             let s: [__m256; NV] =
-                std::array::from_fn(|v| _mm256_loadu_ps(out.scale.as_ptr().add(8 * v)));
+                std::array::from_fn(|v| _mm256_loadu_ps(deq.scale.as_ptr().add(8 * v)));
             let bias: [__m256; NV] =
-                std::array::from_fn(|v| _mm256_loadu_ps(out.bias.as_ptr().add(8 * v)));
+                std::array::from_fn(|v| _mm256_loadu_ps(deq.bias.as_ptr().add(8 * v)));
             for (i, acc) in acc.iter().enumerate().take(out.rows) {
-                let sr = _mm256_set1_ps(out.row_scale[i]);
+                let sr = _mm256_set1_ps(deq.row_scale[i]);
                 let mut t = [0f32; NR];
                 for v in 0..NV {
                     let y = _mm256_fmadd_ps(
@@ -456,85 +369,17 @@ mod avx2 {
                     );
                     _mm256_storeu_ps(t.as_mut_ptr().add(8 * v), y);
                 }
-                if out.gelu {
-                    // Here, while the tile is in registers, rather than as
-                    // a pass over the output afterwards (measured: 3 % of
-                    // a batch-32 image forward as a separate pass).
-                    quick_gelu_generic(&mut t);
-                }
-                let y = std::slice::from_raw_parts_mut(out.y.add(i * out.ld), out.cols);
-                match out.residual {
-                    Some(r) => {
-                        let r = &r[i * out.ld..i * out.ld + out.cols];
-                        for ((y, t), r) in y.iter_mut().zip(t).zip(r) {
-                            *y = t + r;
-                        }
-                    }
-                    None => y.copy_from_slice(&t[..out.cols]),
-                }
+                out.finish_row(i, &mut t);
             }
         }
-    }
-}
-
-/// A layer norm applied to each input row before quantisation.
-struct RowNorm<'a> {
-    w: &'a [f32],
-    b: &'a [f32],
-    eps: f32,
-}
-
-struct Op<'a> {
-    q: &'a QLinear,
-    /// Layer norm weight, bias, eps (checked to be `[k]` f32).
-    norm: Option<(Tensor, Tensor, f32)>,
-    residual: Option<Tensor>,
-    epilogue: Epilogue,
-}
-
-impl CustomOp1 for Op<'_> {
-    fn name(&self) -> &'static str {
-        "cpu-int8-linear"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l)?;
-        let (k, n) = (self.q.k, self.q.n);
-        let in_dims = l.dims();
-        if in_dims.last() != Some(&k) {
-            candle_core::bail!("int8 linear: input {in_dims:?}, weight [{n}, {k}]");
-        }
-        let m = x.len() / k.max(1);
-        let mut out_dims = in_dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = n;
-        }
-        let gelu = self.epilogue == Epilogue::QuickGelu;
-        if let Some(res) = &self.residual
-            && res.dims() != out_dims.as_slice()
-        {
-            candle_core::bail!(
-                "int8 linear: residual {:?}, output {out_dims:?}",
-                res.dims()
-            );
-        }
-        let with_residual = |norm: Option<&RowNorm>| match &self.residual {
-            Some(res) => with_f32s(res, |r| Ok(self.q.run(x, m, norm, Some(r), gelu))),
-            None => Ok(self.q.run(x, m, norm, None, gelu)),
-        };
-        let y = match &self.norm {
-            Some((w, b, eps)) => with_f32s(w, |w| {
-                with_f32s(b, |b| with_residual(Some(&RowNorm { w, b, eps: *eps })))
-            })?,
-            None => with_residual(None)?,
-        };
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_kernels::Epilogue;
+    use crate::tiled::{forward, forward_normed};
     use candle_core::{DType, Device, Module};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -576,7 +421,7 @@ mod tests {
             let b = randn(&[n], 3);
             let want = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
             let q = QLinear::new(&w, &b)?;
-            let got = q.forward(&x, None, Epilogue::None)?;
+            let got = forward(&q, &x, None, Epilogue::None)?;
             assert_eq!(got.dims(), [m, n]);
             // Rows with a 20x outlier get a coarse scale: a few percent is
             // what int8 per-channel rounding costs on such weights.
@@ -617,21 +462,23 @@ mod tests {
         let sx = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0];
         let res: Vec<f32> = (0..MR * NR).map(|i| i as f32).collect();
         let (mut want, mut got) = ([0f32; MR * NR], [0f32; MR * NR]);
+        let deq = Dequant {
+            row_scale: &sx,
+            scale: &q.scale,
+            bias: &q.bias,
+        };
         let out = |y: &mut [f32; MR * NR], residual, gelu| TileOut {
             y: y.as_mut_ptr(),
             ld: NR,
             rows: MR,
             cols: NR,
-            row_scale: &sx,
-            scale: &q.scale,
-            bias: &q.bias,
             residual,
             gelu,
         };
         for (residual, gelu) in [(None, false), (Some(res.as_slice()), false), (None, true)] {
             // SAFETY: 6 rows of 16 floats.
-            unsafe { out(&mut want, residual, gelu).store(&acc) };
-            q.tile(&qx, 0, 0, &out(&mut got, residual, gelu));
+            unsafe { deq.store(&acc, &out(&mut want, residual, gelu)) };
+            q.tile(&qx, 0, 0, &deq, &out(&mut got, residual, gelu));
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
             }
@@ -652,15 +499,12 @@ mod tests {
             (None, Epilogue::QuickGelu),
             (Some(&res), Epilogue::None),
         ] {
-            let want = q.forward(&normed, residual, epilogue)?;
-            let got = q.forward_normed(&x, (&lw, &lb, 1e-5), residual, epilogue)?;
+            let want = forward(&q, &normed, residual, epilogue)?;
+            let got = forward_normed(&q, &x, (&lw, &lb, 1e-5), residual, epilogue)?;
             assert_eq!(got.to_vec3::<f32>()?, want.to_vec3::<f32>()?);
         }
         let short = randn(&[k - 1], 16);
-        assert!(
-            q.forward_normed(&x, (&short, &lb, 1e-5), None, Epilogue::None)
-                .is_err()
-        );
+        assert!(forward_normed(&q, &x, (&short, &lb, 1e-5), None, Epilogue::None).is_err());
         Ok(())
     }
 
@@ -687,10 +531,10 @@ mod tests {
         let b = randn(&[n], 8);
         let res = randn(&[2, m, n], 9);
         let q = QLinear::new(&w, &b)?;
-        let lin = q.forward(&x, None, Epilogue::None)?;
-        let with_res = q.forward(&x, Some(&res), Epilogue::None)?;
+        let lin = forward(&q, &x, None, Epilogue::None)?;
+        let with_res = forward(&q, &x, Some(&res), Epilogue::None)?;
         assert!(rel_err(&with_res, &(&lin + &res)?) < 1e-6);
-        let gelu = q.forward(&x, None, Epilogue::QuickGelu)?;
+        let gelu = forward(&q, &x, None, Epilogue::QuickGelu)?;
         let want = (&lin * candle_nn::ops::sigmoid(&(&lin * 1.702)?)?)?;
         assert!(rel_err(&gelu, &want) < 1e-5);
         // A zero row stays exactly the bias; a row with inf becomes NaN
@@ -701,17 +545,14 @@ mod tests {
         rows[2][63] = f32::NAN;
         rows[3][9] = f32::NAN;
         let x = Tensor::new(rows, &Device::Cpu)?;
-        let y = q.forward(&x, None, Epilogue::None)?.to_vec2::<f32>()?;
+        let y = forward(&q, &x, None, Epilogue::None)?.to_vec2::<f32>()?;
         assert_eq!(y[0], b.to_vec1::<f32>()?);
         for (r, row) in y.iter().enumerate().take(4).skip(1) {
             assert!(row.iter().all(|v| v.is_nan()), "row {r}");
         }
         assert!(y[4].iter().all(|v| v.is_finite()));
-        assert!(
-            q.forward(&randn(&[3, 63], 1), None, Epilogue::None)
-                .is_err()
-        );
-        assert!(q.forward(&x, Some(&res), Epilogue::QuickGelu).is_err());
+        assert!(forward(&q, &randn(&[3, 63], 1), None, Epilogue::None).is_err());
+        assert!(forward(&q, &x, Some(&res), Epilogue::QuickGelu).is_err());
         Ok(())
     }
 }

@@ -16,6 +16,8 @@ use candle_nn::{
 use crate::config::{Activation, ClipConfig, TowerConfig};
 use crate::cpu_kernels::{self, Epilogue};
 use crate::int8::QLinear;
+use crate::packed::{self, PackedLinear};
+use crate::tiled::{self, TiledLinear};
 use crate::train_ops;
 
 /// Which kernels the forward pass uses.
@@ -143,28 +145,46 @@ struct Dense {
 }
 
 enum Weights {
+    /// candle's tensors, for candle's ops (or the `gemm` crate).
     Float(Linear),
-    Int8(QLinear),
+    /// Packed at load for our CPU tile kernels: int8 ([`QLinear`]) or f32
+    /// ([`PackedLinear`]).
+    Packed(Box<dyn TiledLinear>),
+}
+
+/// The CPU's packed form of a layer for these kernels, if it has one:
+/// int8 for [`Kernels::Int8`] (layers with a bias), else f32 where the CPU
+/// runs the packed f32 kernel. The candle weight is then dropped.
+fn packed_layer(
+    w: &Tensor,
+    b: Option<&Tensor>,
+    kernels: Kernels,
+) -> Result<Option<Box<dyn TiledLinear>>> {
+    if !matches!(kernels, Kernels::Fused | Kernels::Int8) || !cpu_kernels::supported(w) {
+        return Ok(None);
+    }
+    Ok(match b {
+        Some(b) if kernels == Kernels::Int8 => Some(Box::new(QLinear::new(w, b)?)),
+        _ if packed::available() => Some(Box::new(PackedLinear::new(w, b)?)),
+        _ => None,
+    })
 }
 
 impl Dense {
-    /// `linear` as is, or quantised for [`Kernels::Int8`] when it has a
-    /// bias and lives in f32 on the CPU (the f32 weight is then dropped).
+    /// `linear` as is, or packed for our CPU kernels ([`packed_layer`]).
     fn from_linear(linear: Linear, kernels: Kernels) -> Result<Self> {
-        let linear = match linear.bias() {
-            Some(b) if kernels == Kernels::Int8 && cpu_kernels::supported(linear.weight()) => {
-                Weights::Int8(QLinear::new(linear.weight(), b)?)
-            }
-            _ => Weights::Float(linear),
+        let linear = match packed_layer(linear.weight(), linear.bias(), kernels)? {
+            Some(p) => Weights::Packed(p),
+            None => Weights::Float(linear),
         };
         Ok(Self { linear, kernels })
     }
 
-    /// The float layer; only [`Kernels::Int8`] layers have none.
+    /// The float layer; packed layers have none.
     fn float(&self) -> Result<&Linear> {
         match &self.linear {
             Weights::Float(l) => Ok(l),
-            Weights::Int8(_) => candle_core::bail!("int8 layer has no float weight"),
+            Weights::Packed(_) => candle_core::bail!("a packed layer has no candle weight"),
         }
     }
 }
@@ -175,13 +195,18 @@ fn dense(i: usize, o: usize, bias: bool, kernels: Kernels, vb: VarBuilder) -> Re
     } else {
         linear_no_bias(i, o, vb)?
     };
-    if kernels == Kernels::Fused && i > o && bias && cpu_kernels::supported(linear.weight()) {
-        // For a layer that narrows (CLIP's second MLP layer), the gemm
-        // crate runs a short batch (one image: 50 rows) faster reading the
-        // weight as [in, out] rows: measured 2.4 -> 2.0 ms for ViT-B/32's
-        // 3072 -> 768 at 50 rows, the same at 1,600. Stored so once, kept
-        // as the transposed view `Linear` expects; the fused kernel reads
-        // it through its strides.
+    if kernels == Kernels::Fused
+        && i > o
+        && bias
+        && cpu_kernels::supported(linear.weight())
+        && !packed::available()
+    {
+        // Where layers stay unpacked (no AVX2): for a layer that narrows
+        // (CLIP's second MLP layer), the gemm crate runs a short batch (one
+        // image: 50 rows) faster reading the weight as [in, out] rows:
+        // measured 2.4 -> 2.0 ms for ViT-B/32's 3072 -> 768 at 50 rows, the
+        // same at 1,600. Stored so once, kept as the transposed view
+        // `Linear` expects; the fused kernel reads it through its strides.
         let kn = linear.weight().t()?.contiguous()?;
         linear = Linear::new(kn.t()?, linear.bias().cloned());
     }
@@ -233,7 +258,7 @@ impl Dense {
         epilogue: Epilogue,
     ) -> Result<Tensor> {
         let linear = match &self.linear {
-            Weights::Int8(q) => return q.forward(x, residual, epilogue),
+            Weights::Packed(p) => return tiled::forward(p.as_ref(), x, residual, epilogue),
             Weights::Float(l) => l,
         };
         if let (true, Some(b)) = (self.kernels.host(x), linear.bias()) {
@@ -257,8 +282,8 @@ impl Dense {
 }
 
 impl Dense {
-    /// Inference: `act(norm(x) wᵀ + b) + residual`. An int8 layer folds the
-    /// layer norm into its activation quantisation; otherwise the norm runs
+    /// Inference: `act(norm(x) wᵀ + b) + residual`. A packed layer folds the
+    /// layer norm into packing its activations; otherwise the norm runs
     /// first.
     fn forward_normed(
         &self,
@@ -267,10 +292,11 @@ impl Dense {
         residual: Option<&Tensor>,
         epilogue: Epilogue,
     ) -> Result<Tensor> {
-        if let (Weights::Int8(q), true, Some(b)) =
+        if let (Weights::Packed(p), true, Some(b)) =
             (&self.linear, self.kernels.host(x), norm.ln.bias())
         {
-            return q.forward_normed(x, (norm.ln.weight(), b, norm.eps), residual, epilogue);
+            let norm = (norm.ln.weight(), b, norm.eps);
+            return tiled::forward_normed(p.as_ref(), x, norm, residual, epilogue);
         }
         self.forward_fused(&norm.forward(x)?, residual, epilogue)
     }
@@ -303,10 +329,12 @@ impl Attention {
         } else {
             kernels
         };
-        let q = dense(d, d, true, float, vb.pp("q_proj"))?;
-        let k = dense(d, d, true, float, vb.pp("k_proj"))?;
-        let v = dense(d, d, true, float, vb.pp("v_proj"))?;
-        let (ql, kl, vl) = (q.float()?, k.float()?, v.float()?);
+        // candle's layers first: packed, if at all, after concatenation.
+        let (ql, kl, vl) = (
+            linear(d, d, vb.pp("q_proj"))?,
+            linear(d, d, vb.pp("k_proj"))?,
+            linear(d, d, vb.pp("v_proj"))?,
+        );
         let scale = (head_dim as f64).powf(-0.5);
         let qkv = match (ql.bias(), kl.bias(), vl.bias()) {
             (Some(qb), Some(kb), Some(vb))
@@ -328,7 +356,11 @@ impl Attention {
                     kernels,
                 )?)
             }
-            _ => Qkv::Separate(Box::new([q, k, v])),
+            _ => Qkv::Separate(Box::new([
+                Dense::from_linear(ql, float)?,
+                Dense::from_linear(kl, float)?,
+                Dense::from_linear(vl, float)?,
+            ])),
         };
         Ok(Self {
             qkv,
@@ -579,9 +611,9 @@ fn causal_mask(t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
 pub struct VisionTower {
     class: Tensor,
     patch: Conv2d,
-    /// The patch embedding as an int8 matmul over unfolded patches, for
-    /// [`Kernels::Int8`] on the CPU.
-    patch_int8: Option<QLinear>,
+    /// The patch embedding as a packed matmul over unfolded patches (int8
+    /// or f32, see [`packed_layer`]) on the CPU.
+    patch_packed: Option<Box<dyn TiledLinear>>,
     position: Embedding,
     pre_ln: Norm,
     encoder: Encoder,
@@ -613,18 +645,18 @@ impl VisionTower {
         // 2.6 % of ViT-B/32's multiply-adds, but 3.3 % of an int8 image
         // forward while it ran in f32 (the f32 gemm's share of the profile
         // went from 4.7 to 1.4 %).
-        let patch_int8 = match kernels {
-            Kernels::Int8 if cpu_kernels::supported(patch.weight()) => {
+        let patch_packed = match cpu_kernels::supported(patch.weight()) {
+            true => {
                 let w = patch.weight().flatten_from(1)?;
                 let zero = Tensor::zeros(d, DType::F32, w.device())?;
-                Some(QLinear::new(&w, &zero)?)
+                packed_layer(&w, Some(&zero), kernels)?
             }
-            _ => None,
+            false => None,
         };
         Ok(Self {
             class: vb.get(d, "embeddings.class_embedding")?,
             patch,
-            patch_int8,
+            patch_packed,
             position: embedding(positions, d, vb.pp("embeddings.position_embedding"))?,
             // "pre_layrnorm" is the real (misspelt) Hugging Face name.
             pre_ln: norm(d, eps, kernels, vb.pp("pre_layrnorm"))?,
@@ -673,8 +705,8 @@ impl VisionTower {
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * gh * gw, c * p * p))?;
-        if let (Some(q), true) = (&self.patch_int8, self.kernels.host(&unfolded)) {
-            let x = q.forward(&unfolded, None, Epilogue::None)?;
+        if let (Some(p), true) = (&self.patch_packed, self.kernels.host(&unfolded)) {
+            let x = tiled::forward(p.as_ref(), &unfolded, None, Epilogue::None)?;
             let d = x.dim(1)?;
             return x.reshape((b, gh * gw, d));
         }

@@ -1,0 +1,407 @@
+//! f32 linear layers with weights packed once at load, for x86-64 CPUs
+//! with AVX2 and FMA.
+//!
+//! The `gemm` crate (and so candle's matmul) packs the weights into its
+//! kernel's layout on every call: 16 % of a one-image ViT-B/32 forward
+//! (BENCHMARKS.md). Here they are packed at load into strips of
+//! [`NR`] output columns, `[strip][k][NR]`, and each call packs only its
+//! activations, into tiles of [`MR`] rows `[tile][k][MR]` (layer-normed on
+//! the way when the layer follows a norm, so the norm's output is never a
+//! tensor of its own). A 6 × 16 tile is 12 accumulator registers over the
+//! whole reduction: per input element, two weight loads, six broadcasts and
+//! twelve FMAs. Bias, quick-GELU and residual are applied as the tile is
+//! stored. The tiling and threading are [`crate::tiled`]'s, shared with the
+//! int8 layers.
+//!
+//! Elsewhere (no AVX2, other architectures, the `mkl`/`accelerate`
+//! features) layers keep candle's weights and the `gemm` crate.
+
+use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu_kernels::{layer_norm_row, with_f32s};
+use crate::tiled::{MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile};
+
+/// Whether this CPU runs packed layers (faster than the `gemm` crate only
+/// with the AVX2 kernel).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::cpu_kernels::has_avx2_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A linear layer `y = x · wᵀ + b` with `w` packed for the tile kernel.
+pub(crate) struct PackedLinear {
+    /// Input width.
+    k: usize,
+    /// Output width.
+    n: usize,
+    /// `[n / NR strips][k][NR columns]`, zero past `n`.
+    w: Vec<f32>,
+    /// Zero past `n` (and everywhere for a layer without bias).
+    bias: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedLinear(f32, in {}, out {})", self.k, self.n)
+    }
+}
+
+impl PackedLinear {
+    /// Packs `w [n, k]` (any strides, any float dtype) and `b [n]`.
+    pub(crate) fn new(w: &Tensor, b: Option<&Tensor>) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        if n == 0 || k == 0 {
+            candle_core::bail!("packed linear: empty weight [{n}, {k}]");
+        }
+        let strips = n.div_ceil(NR);
+        let mut bias = match b {
+            Some(b) if b.dims() != [n] => {
+                candle_core::bail!("packed linear: weight [{n}, {k}], bias {:?}", b.dims())
+            }
+            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0.0; n],
+        };
+        bias.resize(strips * NR, 0.0);
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        let mut packed = vec![0f32; strips * k * NR];
+        with_f32s(&w, |w| {
+            packed
+                .par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(strip, dst)| {
+                    for (col, row) in w.chunks_exact(k).enumerate().skip(strip * NR).take(NR) {
+                        for (kk, v) in row.iter().enumerate() {
+                            dst[kk * NR + col % NR] = *v;
+                        }
+                    }
+                });
+            Ok(())
+        })?;
+        Ok(Self {
+            k,
+            n,
+            w: packed,
+            bias,
+        })
+    }
+
+    /// Rows of `x` (layer-normed first if `norm` is given) in tiles of `MR`
+    /// rows, each `[k][MR]` (the last padded with zero rows): the kernel's
+    /// broadcasts then walk one contiguous stream.
+    fn pack_rows(&self, x: &[f32], m: usize, norm: Option<&RowNorm>) -> Vec<f32> {
+        let k = self.k;
+        let mut a = vec![0f32; m.div_ceil(MR) * k * MR];
+        a.par_chunks_mut(k * MR).enumerate().for_each(|(t, a)| {
+            let mut normed = vec![0f32; if norm.is_some() { k } else { 0 }];
+            for lane in 0..MR {
+                let r = t * MR + lane;
+                if r >= m {
+                    break;
+                }
+                let mut row = &x[r * k..(r + 1) * k];
+                if let Some(n) = norm {
+                    layer_norm_row(row, n.w, n.b, n.eps, &mut normed);
+                    row = &normed;
+                }
+                for (kk, v) in row.iter().enumerate() {
+                    a[kk * MR + lane] = *v;
+                }
+            }
+        });
+        a
+    }
+
+    /// One output tile: activation tile `r0 / MR` against weight strip
+    /// `strip`, over the whole reduction.
+    ///
+    /// Why not in blocks of the reduction, so that a block of the weight
+    /// strip stays in L1 across the task's row tiles: measured slower
+    /// (blocks of 256, partial sums stored and read back: 7-15 % fewer
+    /// images/s at batch 1 and 32, ViT-B/32, this project's Zen 3 machine);
+    /// the strip streams from L2 fast enough for this kernel.
+    fn tile(&self, a: &[f32], tile: &Tile, out: &TileOut) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu_kernels::has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2::tile(self, a, tile, out) };
+        }
+        self.tile_with(a, tile, out, dot_generic)
+    }
+
+    /// [`Self::tile`]'s body with the given inner product; inlined into
+    /// the AVX2 copy so that the epilogue (quick-GELU) is vectorised too.
+    #[inline(always)]
+    fn tile_with(
+        &self,
+        a: &[f32],
+        tile: &Tile,
+        out: &TileOut,
+        dot: impl FnOnce(&[f32], &[f32], usize, &mut [[f32; NR]; MR]),
+    ) {
+        let (k, t) = (self.k, tile.r0 / MR);
+        let a = &a[t * k * MR..(t + 1) * k * MR];
+        let b = &self.w[tile.strip * k * NR..(tile.strip + 1) * k * NR];
+        let mut acc = [[0f32; NR]; MR];
+        for acc in &mut acc {
+            acc.copy_from_slice(&self.bias[tile.strip * NR..(tile.strip + 1) * NR]);
+        }
+        dot(a, b, k, &mut acc);
+        for (i, acc) in acc.iter_mut().enumerate().take(out.rows) {
+            // SAFETY: `out` describes a writable rectangle of the output.
+            unsafe { out.finish_row(i, acc) };
+        }
+    }
+}
+
+impl TiledLinear for PackedLinear {
+    fn name(&self) -> &'static str {
+        "cpu-packed-linear"
+    }
+
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn run(
+        &self,
+        x: &[f32],
+        m: usize,
+        norm: Option<&RowNorm>,
+        residual: Option<&[f32]>,
+        gelu: bool,
+    ) -> Vec<f32> {
+        let a = self.pack_rows(x, m, norm);
+        for_each_tile(m, self.n, residual, gelu, |tile, out| {
+            self.tile(&a, tile, out)
+        })
+    }
+}
+
+/// `acc[i][j] += Σ_p a[p][i] · b[p][j]`.
+fn dot_generic(a: &[f32], b: &[f32], k: usize, acc: &mut [[f32; NR]; MR]) {
+    for p in 0..k {
+        let a = &a[p * MR..(p + 1) * MR];
+        let b = &b[p * NR..(p + 1) * NR];
+        for (acc, a) in acc.iter_mut().zip(a) {
+            for (acc, b) in acc.iter_mut().zip(b) {
+                *acc += a * b;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR, NR, PackedLinear, Tile, TileOut};
+    use std::arch::x86_64::*;
+
+    /// [`PackedLinear::tile`] compiled for AVX2 and FMA.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(p: &PackedLinear, a: &[f32], tile: &Tile, out: &TileOut) {
+        // SAFETY: this function's features are the kernel's.
+        p.tile_with(a, tile, out, |a, b, k, acc| unsafe { dot(a, b, k, acc) })
+    }
+
+    /// `acc[i][j] += Σ_p a[p][i] · b[p][j]`, in registers.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32], k: usize, acc: &mut [[f32; NR]; MR]) {
+        const NV: usize = NR / 8;
+        assert!(a.len() >= k * MR && b.len() >= k * NR);
+        // SAFETY: `acc` rows hold NR = NV · 8 floats.
+        let mut v: [[__m256; NV]; MR] = std::array::from_fn(|i| {
+            std::array::from_fn(|j| unsafe { _mm256_loadu_ps(acc[i].as_ptr().add(8 * j)) })
+        });
+        let (mut a, mut b) = (a.as_ptr(), b.as_ptr());
+        for _ in 0..k {
+            // SAFETY (all loads): `k` steps of MR and NR floats stay within
+            // the lengths asserted above.
+            unsafe {
+                let bv: [__m256; NV] = std::array::from_fn(|j| _mm256_loadu_ps(b.add(8 * j)));
+                for (i, v) in v.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*a.add(i));
+                    for (v, bv) in v.iter_mut().zip(bv) {
+                        *v = _mm256_fmadd_ps(av, bv, *v);
+                    }
+                }
+                a = a.add(MR);
+                b = b.add(NR);
+            }
+        }
+        for (acc, v) in acc.iter_mut().zip(v) {
+            for (j, v) in v.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(8 * j), *v) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu_kernels::Epilogue;
+    use crate::tiled::{forward, forward_normed};
+    use candle_core::{Device, Module};
+
+    /// Uniform in [-0.5, 0.5), from a fixed xorshift sequence.
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// `x · wᵀ + b` in f64, row by row: the reference, independent of
+    /// candle's and our kernels.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Vec<Vec<f64>> {
+        let (x, w, b) = (
+            x.to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap(),
+            b.to_vec1::<f32>().unwrap(),
+        );
+        x.iter()
+            .map(|x| {
+                w.iter()
+                    .zip(&b)
+                    .map(|(w, b)| {
+                        x.iter()
+                            .zip(w)
+                            .map(|(x, w)| *x as f64 * *w as f64)
+                            .sum::<f64>()
+                            + *b as f64
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn max_abs_err(got: &Tensor, want: &[Vec<f64>]) -> f64 {
+        got.to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .zip(want)
+            .flat_map(|(g, w)| g.iter().zip(w).map(|(g, w)| (*g as f64 - w).abs()))
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn matches_an_f64_reference_on_every_edge_of_the_tiling() -> Result<()> {
+        // Rows not a multiple of 6 or of a task's 48, output not a multiple
+        // of 16, odd and long reductions, one row, one column.
+        for (m, k, n) in [
+            (1, 1, 1),
+            (1, 7, 3),
+            (5, 64, 16),
+            (53, 131, 37),
+            (100, 768, 200),
+        ] {
+            let x = randn(&[m, k], 1);
+            let w = randn(&[n, k], 2);
+            let b = randn(&[n], 3);
+            let want = reference(&x, &w, &b);
+            let p = PackedLinear::new(&w, Some(&b))?;
+            let got = forward(&p, &x, None, Epilogue::None)?;
+            assert_eq!(got.dims(), [m, n]);
+            let e = max_abs_err(&got, &want);
+            assert!(e < 1e-5 * (k as f64).sqrt(), "{m}x{k}x{n}: max error {e}");
+            // A transposed view packs the same.
+            let wt = w.t()?.contiguous()?.t()?;
+            let again = forward(&PackedLinear::new(&wt, Some(&b))?, &x, None, Epilogue::None)?;
+            assert_eq!(again.to_vec2::<f32>()?, got.to_vec2::<f32>()?);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn epilogues_norm_and_bad_shapes() -> Result<()> {
+        let (m, k, n) = (13, 96, 40);
+        let x = (randn(&[2, m, k], 10) * 3.0)?.affine(1.0, 0.5)?;
+        let (w, b) = (randn(&[n, k], 11), randn(&[n], 12));
+        let (lw, lb) = (randn(&[k], 13), randn(&[k], 14));
+        let res = randn(&[2, m, n], 15);
+        let p = PackedLinear::new(&w, Some(&b))?;
+        let lin = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert!(close(&forward(&p, &x, None, Epilogue::None)?, &lin)? < 1e-4);
+        let with_res = forward(&p, &x, Some(&res), Epilogue::None)?;
+        assert!(close(&with_res, &(&lin + &res)?)? < 1e-4);
+        let gelu = forward(&p, &x, None, Epilogue::QuickGelu)?;
+        let want = (&lin * candle_nn::ops::sigmoid(&(&lin * 1.702)?)?)?;
+        assert!(close(&gelu, &want)? < 1e-4);
+        // The layer norm folded into packing is exactly norm, then linear.
+        let normed = crate::cpu_kernels::layer_norm(&x, &lw, &lb, 1e-5)?;
+        for (residual, epilogue) in [
+            (None, Epilogue::None),
+            (None, Epilogue::QuickGelu),
+            (Some(&res), Epilogue::None),
+        ] {
+            let want = forward(&p, &normed, residual, epilogue)?;
+            let got = forward_normed(&p, &x, (&lw, &lb, 1e-5), residual, epilogue)?;
+            assert_eq!(got.to_vec3::<f32>()?, want.to_vec3::<f32>()?);
+        }
+        // No bias is a zero bias.
+        let nb = PackedLinear::new(&w, None)?;
+        let want = candle_nn::Linear::new(w.clone(), None).forward(&x)?;
+        assert!(close(&forward(&nb, &x, None, Epilogue::None)?, &want)? < 1e-4);
+        // Clear errors, no panics.
+        assert!(forward(&p, &randn(&[3, k - 1], 1), None, Epilogue::None).is_err());
+        assert!(forward(&p, &x, Some(&res), Epilogue::QuickGelu).is_err());
+        assert!(forward(&p, &x, Some(&randn(&[2, m, n - 1], 1)), Epilogue::None).is_err());
+        let short = randn(&[k - 1], 16);
+        assert!(forward_normed(&p, &x, (&short, &lb, 1e-5), None, Epilogue::None).is_err());
+        assert!(PackedLinear::new(&w, Some(&randn(&[n + 1], 1))).is_err());
+        assert!(PackedLinear::new(&randn(&[0, k], 1), None).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn generic_and_avx2_tiles_agree() {
+        let (k, n) = (301, 16);
+        let p = PackedLinear::new(&randn(&[n, k], 4), Some(&randn(&[n], 5))).unwrap();
+        let x = randn(&[MR, k], 6).to_vec2::<f32>().unwrap().concat();
+        let a = p.pack_rows(&x, MR, None);
+        let mut acc = [[0f32; NR]; MR];
+        dot_generic(&a, &p.w, k, &mut acc);
+        let mut want = [0f32; MR * NR];
+        for (i, row) in acc.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                want[i * NR + j] = v + p.bias[j];
+            }
+        }
+        let mut got = [0f32; MR * NR];
+        let out = TileOut {
+            y: got.as_mut_ptr(),
+            ld: NR,
+            rows: MR,
+            cols: NR,
+            residual: None,
+            gelu: false,
+        };
+        p.tile(&a, &Tile { r0: 0, strip: 0 }, &out);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+}

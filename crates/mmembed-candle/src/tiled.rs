@@ -1,0 +1,252 @@
+//! What the CPU's packed linear layers share, whatever their number format
+//! (f32 in [`crate::packed`], int8 in [`crate::int8`]): weights packed once
+//! at load into strips of [`NR`] output columns, activations packed per
+//! call into tiles of [`MR`] rows (layer-normed on the way when the layer
+//! follows a norm), `MR × NR` output tiles computed over the whole
+//! reduction with bias, activation and residual applied while the tile is
+//! in registers, and tiles spread over rayon's pool.
+//!
+//! Why packed once: the `gemm` crate packs its right-hand side (our
+//! weights) on every call, which was 16 % of a one-image ViT-B/32 forward
+//! (BENCHMARKS.md, "Where the time goes, per op type"); ONNX Runtime's MLAS
+//! packs constant weights at load, and so do we.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu_kernels::{Epilogue, SharedOut, f32s, quick_gelu_generic, threads, with_f32s};
+
+/// Columns per weight strip (two 8-lane registers).
+pub(crate) const NR: usize = 16;
+/// Rows per tile.
+pub(crate) const MR: usize = 6;
+/// Rows per parallel task: a multiple of `MR`, small enough that a task's
+/// packed activation rows stay in L2 at ViT-B/32's widths, while each
+/// weight strip is read from memory once per task.
+pub(crate) const MC: usize = 8 * MR;
+
+/// A layer norm applied to each input row as it is packed.
+pub(crate) struct RowNorm<'a> {
+    pub(crate) w: &'a [f32],
+    pub(crate) b: &'a [f32],
+    pub(crate) eps: f32,
+}
+
+/// A linear layer `y = x · wᵀ + b` with weights packed at load.
+pub(crate) trait TiledLinear: Send + Sync {
+    /// The op's name in candle errors.
+    fn name(&self) -> &'static str;
+    /// Input width.
+    fn k(&self) -> usize;
+    /// Output width.
+    fn n(&self) -> usize;
+    /// `act(norm(x) · wᵀ + b) (+ residual)` for `m` contiguous rows of `x`
+    /// (shapes checked by the caller).
+    fn run(
+        &self,
+        x: &[f32],
+        m: usize,
+        norm: Option<&RowNorm>,
+        residual: Option<&[f32]>,
+        gelu: bool,
+    ) -> Vec<f32>;
+}
+
+/// `act(x · wᵀ + b) (+ residual)` for `x [.., k]`.
+pub(crate) fn forward(
+    layer: &dyn TiledLinear,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    epilogue: Epilogue,
+) -> Result<Tensor> {
+    apply(layer, x, None, residual, epilogue)
+}
+
+/// `act(layer_norm(x) · wᵀ + b) (+ residual)`: the layer norm (weight,
+/// bias, eps) is computed row by row as the rows are packed, so the
+/// normalised activations are never written out as a tensor (one pass and
+/// one allocation fewer per layer than a layer norm op before this one).
+pub(crate) fn forward_normed(
+    layer: &dyn TiledLinear,
+    x: &Tensor,
+    norm: (&Tensor, &Tensor, f64),
+    residual: Option<&Tensor>,
+    epilogue: Epilogue,
+) -> Result<Tensor> {
+    let (w, b, eps) = norm;
+    let k = layer.k();
+    if w.dims() != [k] || b.dims() != [k] {
+        candle_core::bail!(
+            "{}: layer norm weight {:?} and bias {:?} for input width {k}",
+            layer.name(),
+            w.dims(),
+            b.dims(),
+        );
+    }
+    let norm = (
+        w.to_dtype(candle_core::DType::F32)?.contiguous()?,
+        b.to_dtype(candle_core::DType::F32)?.contiguous()?,
+        eps as f32,
+    );
+    apply(layer, x, Some(norm), residual, epilogue)
+}
+
+fn apply(
+    layer: &dyn TiledLinear,
+    x: &Tensor,
+    norm: Option<(Tensor, Tensor, f32)>,
+    residual: Option<&Tensor>,
+    epilogue: Epilogue,
+) -> Result<Tensor> {
+    crate::cpu_kernels::check_epilogue(residual, epilogue)?;
+    let op = Op {
+        layer,
+        norm,
+        residual: residual.map(Tensor::contiguous).transpose()?,
+        epilogue,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+struct Op<'a> {
+    layer: &'a dyn TiledLinear,
+    /// Layer norm weight, bias, eps (checked to be `[k]` f32).
+    norm: Option<(Tensor, Tensor, f32)>,
+    residual: Option<Tensor>,
+    epilogue: Epilogue,
+}
+
+impl CustomOp1 for Op<'_> {
+    fn name(&self) -> &'static str {
+        self.layer.name()
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l)?;
+        let (k, n, name) = (self.layer.k(), self.layer.n(), self.layer.name());
+        let in_dims = l.dims();
+        if in_dims.last() != Some(&k) {
+            candle_core::bail!("{name}: input {in_dims:?}, weight [{n}, {k}]");
+        }
+        let m = x.len() / k.max(1);
+        let mut out_dims = in_dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        let gelu = self.epilogue == Epilogue::QuickGelu;
+        if let Some(res) = &self.residual
+            && res.dims() != out_dims.as_slice()
+        {
+            candle_core::bail!("{name}: residual {:?}, output {out_dims:?}", res.dims());
+        }
+        let with_residual = |norm: Option<&RowNorm>| match &self.residual {
+            Some(res) => with_f32s(res, |r| Ok(self.layer.run(x, m, norm, Some(r), gelu))),
+            None => Ok(self.layer.run(x, m, norm, None, gelu)),
+        };
+        let y = match &self.norm {
+            Some((w, b, eps)) => with_f32s(w, |w| {
+                with_f32s(b, |b| with_residual(Some(&RowNorm { w, b, eps: *eps })))
+            })?,
+            None => with_residual(None)?,
+        };
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+}
+
+/// Where a tile's rows go: `rows × cols` floats at `y`, `ld` apart, with
+/// the residual (same layout) added and quick-GELU applied on the way.
+pub(crate) struct TileOut<'a> {
+    pub(crate) y: *mut f32,
+    /// Row stride of `y` and `residual`.
+    pub(crate) ld: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) residual: Option<&'a [f32]>,
+    /// Quick-GELU after the bias (never together with a residual).
+    pub(crate) gelu: bool,
+}
+
+impl TileOut<'_> {
+    /// Writes row `i` of the tile from `t` (the product plus bias).
+    ///
+    /// # Safety
+    /// `i < rows`, and `y` points at `rows` rows of `cols` writable floats,
+    /// `ld` apart.
+    #[inline(always)]
+    pub(crate) unsafe fn finish_row(&self, i: usize, t: &mut [f32; NR]) {
+        if self.gelu {
+            // Here, while the tile is in cache, rather than as a pass over
+            // the output afterwards (measured: 3 % of a batch-32 image
+            // forward as a separate pass).
+            quick_gelu_generic(t);
+        }
+        // SAFETY: per the contract.
+        let y = unsafe { std::slice::from_raw_parts_mut(self.y.add(i * self.ld), self.cols) };
+        match self.residual {
+            Some(r) => {
+                let r = &r[i * self.ld..i * self.ld + self.cols];
+                for ((y, t), r) in y.iter_mut().zip(t.iter()).zip(r) {
+                    *y = t + r;
+                }
+            }
+            None => y.copy_from_slice(&t[..self.cols]),
+        }
+    }
+}
+
+/// One output tile: rows `r0 ..` (`MR` at most; tile `r0 / MR` of the
+/// packed activations) of strip `strip`.
+pub(crate) struct Tile {
+    pub(crate) r0: usize,
+    pub(crate) strip: usize,
+}
+
+/// Makes the `m × n` output by calling `f` with each tile and where it
+/// goes (residual rows attached); every element is written by exactly one
+/// call. Tasks are (row block of [`MC`], group of strips); short batches
+/// have few row blocks, so the columns are split too and every core gets
+/// work.
+pub(crate) fn for_each_tile(
+    m: usize,
+    n: usize,
+    residual: Option<&[f32]>,
+    gelu: bool,
+    f: impl Fn(&Tile, &TileOut) + Sync,
+) -> Vec<f32> {
+    // Not zero-filled: the tiles write every element (zeroing was 2.6 % of
+    // a batch-32 image forward).
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let strips = n.div_ceil(NR);
+    let row_blocks = m.div_ceil(MC);
+    let groups = (4 * threads()).div_ceil(row_blocks).clamp(1, strips.max(1));
+    let per_group = strips.div_ceil(groups);
+    let out = SharedOut(y.as_mut_ptr());
+    (0..row_blocks * groups).into_par_iter().for_each(|task| {
+        let (rb, g) = (task / groups, task % groups);
+        let rows = rb * MC..((rb + 1) * MC).min(m);
+        let strips = g * per_group..((g + 1) * per_group).min(strips);
+        for strip in strips {
+            let cols = strip * NR..((strip + 1) * NR).min(n);
+            for r0 in rows.clone().step_by(MR) {
+                let tile = Tile { r0, strip };
+                let to = TileOut {
+                    // SAFETY: tasks cover disjoint (row block, strip)
+                    // rectangles of `y`'s allocation, which outlives the
+                    // loop.
+                    y: unsafe { out.at(r0 * n + cols.start) },
+                    ld: n,
+                    rows: MR.min(rows.end - r0),
+                    cols: cols.len(),
+                    residual: residual.map(|r| &r[r0 * n + cols.start..]),
+                    gelu,
+                };
+                f(&tile, &to);
+            }
+        }
+    });
+    // SAFETY: the row blocks cover rows 0..m and, for each, the groups
+    // cover strips 0..strips (groups · per_group >= strips), so every one
+    // of the m · n elements was written above.
+    unsafe { y.set_len(m * n) };
+    y
+}
