@@ -139,7 +139,7 @@ impl PackedLinear {
         a: &[f32],
         tile: &Tile,
         out: &TileOut,
-        dot: impl FnOnce(&[f32], &[f32], usize, &mut [[f32; NR]; MR]),
+        dot: impl FnOnce(&[f32], &[f32], usize, usize, &mut [[f32; NR]; MR]),
     ) {
         let (k, t) = (self.k, tile.r0 / MR);
         let a = &a[t * k * MR..(t + 1) * k * MR];
@@ -148,7 +148,7 @@ impl PackedLinear {
         for acc in &mut acc {
             acc.copy_from_slice(&self.bias[tile.strip * NR..(tile.strip + 1) * NR]);
         }
-        dot(a, b, k, &mut acc);
+        dot(a, b, k, out.rows, &mut acc);
         for (i, acc) in acc.iter_mut().enumerate().take(out.rows) {
             // SAFETY: `out` describes a writable rectangle of the output.
             unsafe { out.finish_row(i, acc) };
@@ -184,10 +184,10 @@ impl TiledLinear for PackedLinear {
     }
 }
 
-/// `acc[i][j] += Σ_p a[p][i] · b[p][j]`.
-fn dot_generic(a: &[f32], b: &[f32], k: usize, acc: &mut [[f32; NR]; MR]) {
+/// `acc[i][j] += Σ_p a[p][i] · b[p][j]` for the first `rows` rows.
+fn dot_generic(a: &[f32], b: &[f32], k: usize, rows: usize, acc: &mut [[f32; NR]; MR]) {
     for p in 0..k {
-        let a = &a[p * MR..(p + 1) * MR];
+        let a = &a[p * MR..p * MR + rows.min(MR)];
         let b = &b[p * NR..(p + 1) * NR];
         for (acc, a) in acc.iter_mut().zip(a) {
             for (acc, b) in acc.iter_mut().zip(b) {
@@ -209,19 +209,31 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile(p: &PackedLinear, a: &[f32], tile: &Tile, out: &TileOut) {
         // SAFETY: this function's features are the kernel's.
-        p.tile_with(a, tile, out, |a, b, k, acc| unsafe { dot(a, b, k, acc) })
+        // Only the tile's rows: the last tile of a batch is often short
+        // (one image is 50 rows, 8 tiles and 2 rows).
+        p.tile_with(a, tile, out, |a, b, k, rows, acc| unsafe {
+            match rows {
+                6.. => dot::<6>(a, b, k, acc),
+                5 => dot::<5>(a, b, k, acc),
+                4 => dot::<4>(a, b, k, acc),
+                3 => dot::<3>(a, b, k, acc),
+                2 => dot::<2>(a, b, k, acc),
+                _ => dot::<1>(a, b, k, acc),
+            }
+        })
     }
 
-    /// `acc[i][j] += Σ_p a[p][i] · b[p][j]`, in registers.
+    /// `acc[i][j] += Σ_p a[p][i] · b[p][j]` for the first `R <= MR` rows,
+    /// in registers.
     ///
     /// # Safety
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(a: &[f32], b: &[f32], k: usize, acc: &mut [[f32; NR]; MR]) {
+    unsafe fn dot<const R: usize>(a: &[f32], b: &[f32], k: usize, acc: &mut [[f32; NR]; MR]) {
         const NV: usize = NR / 8;
-        assert!(a.len() >= k * MR && b.len() >= k * NR);
+        assert!(R <= MR && a.len() >= k * MR && b.len() >= k * NR);
         // SAFETY: `acc` rows hold NR = NV · 8 floats.
-        let mut v: [[__m256; NV]; MR] = std::array::from_fn(|i| {
+        let mut v: [[__m256; NV]; R] = std::array::from_fn(|i| {
             std::array::from_fn(|j| unsafe { _mm256_loadu_ps(acc[i].as_ptr().add(8 * j)) })
         });
         let (mut a, mut b) = (a.as_ptr(), b.as_ptr());
@@ -383,7 +395,7 @@ mod tests {
         let x = randn(&[MR, k], 6).to_vec2::<f32>().unwrap().concat();
         let a = p.pack_rows(&x, MR, None);
         let mut acc = [[0f32; NR]; MR];
-        dot_generic(&a, &p.w, k, &mut acc);
+        dot_generic(&a, &p.w, k, MR, &mut acc);
         let mut want = [0f32; MR * NR];
         for (i, row) in acc.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {

@@ -217,13 +217,18 @@ pub(crate) fn for_each_tile(
     // a batch-32 image forward).
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let strips = n.div_ceil(NR);
-    let row_blocks = m.div_ceil(MC);
+    // Blocks of about MC rows, evened out in whole tiles: 50 rows (one
+    // image) are one block rather than 48 + 2, whose tasks would each
+    // stream the weights for two rows.
+    let row_blocks = ((m + MC / 2) / MC).max(1);
+    let block = m.div_ceil(row_blocks).next_multiple_of(MR);
+    let row_blocks = m.div_ceil(block.max(1));
     let groups = (4 * threads()).div_ceil(row_blocks).clamp(1, strips.max(1));
     let per_group = strips.div_ceil(groups);
     let out = SharedOut(y.as_mut_ptr());
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
         let (rb, g) = (task / groups, task % groups);
-        let rows = rb * MC..((rb + 1) * MC).min(m);
+        let rows = rb * block..((rb + 1) * block).min(m);
         let strips = g * per_group..((g + 1) * per_group).min(strips);
         for strip in strips {
             let cols = strip * NR..((strip + 1) * NR).min(n);
