@@ -131,25 +131,6 @@ impl QLinear {
         (q, scales)
     }
 
-    fn run(
-        &self,
-        x: &[f32],
-        m: usize,
-        norm: Option<&RowNorm>,
-        residual: Option<&[f32]>,
-        gelu: bool,
-    ) -> Vec<f32> {
-        let (qx, sx) = self.quantize_rows(x, m, norm);
-        for_each_tile(m, self.n, residual, gelu, |tile, out| {
-            let deq = Dequant {
-                row_scale: &sx[tile.r0..],
-                scale: &self.scale[tile.strip * NR..],
-                bias: &self.bias[tile.strip * NR..],
-            };
-            self.tile(&qx, tile.r0 / MR, tile.strip, &deq, out);
-        })
-    }
-
     /// Integer dot products of activation tile `t` (rows `MR t..MR t + MR`)
     /// with one weight strip, dequantised into `out`.
     fn tile(&self, qx: &[i16], t: usize, strip: usize, deq: &Dequant, out: &TileOut) {
@@ -191,7 +172,15 @@ impl TiledLinear for QLinear {
         residual: Option<&[f32]>,
         gelu: bool,
     ) -> Vec<f32> {
-        QLinear::run(self, x, m, norm, residual, gelu)
+        let (qx, sx) = self.quantize_rows(x, m, norm);
+        for_each_tile(m, self.n, residual, gelu, |tile, out| {
+            let deq = Dequant {
+                row_scale: &sx[tile.r0..],
+                scale: &self.scale[tile.strip * NR..],
+                bias: &self.bias[tile.strip * NR..],
+            };
+            self.tile(&qx, tile.r0 / MR, tile.strip, &deq, out);
+        })
     }
 }
 
