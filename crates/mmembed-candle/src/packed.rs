@@ -31,14 +31,32 @@ pub(crate) fn available() -> bool {
     false
 }
 
+/// One step of a weight strip: `NR` floats, one 64-byte cache line. Aligned
+/// so the kernel's two 32-byte loads never straddle two lines (the
+/// allocator only promises 16 bytes, which splits one load in two for half
+/// the strips): measured +3.5 % images/s at one image, +5.5 % at 32 (medians
+/// of six A/B rounds). Prefetching the strip 8 lines ahead on top of this
+/// changed nothing measurable (+0.1 to +0.8 %) and was left out.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; NR]);
+
+/// The floats of `lines`, in order.
+fn floats(lines: &[Line]) -> &[f32] {
+    // SAFETY: `Line` is `repr(C)` around `[f32; NR]` and 64 bytes, exactly
+    // NR floats with no padding, so the lines are `len · NR` contiguous
+    // floats.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const f32, lines.len() * NR) }
+}
+
 /// A linear layer `y = x · wᵀ + b` with `w` packed for the tile kernel.
 pub(crate) struct PackedLinear {
     /// Input width.
     k: usize,
     /// Output width.
     n: usize,
-    /// `[n / NR strips][k][NR columns]`, zero past `n`.
-    w: Vec<f32>,
+    /// `[n / NR strips][k]` lines of NR columns, zero past `n`.
+    w: Vec<Line>,
     /// Zero past `n` (and everywhere for a layer without bias).
     bias: Vec<f32>,
 }
@@ -66,15 +84,15 @@ impl PackedLinear {
         };
         bias.resize(strips * NR, 0.0);
         let w = w.to_dtype(DType::F32)?.contiguous()?;
-        let mut packed = vec![0f32; strips * k * NR];
+        let mut packed = vec![Line([0.0; NR]); strips * k];
         with_f32s(&w, |w| {
             packed
-                .par_chunks_mut(k * NR)
+                .par_chunks_mut(k)
                 .enumerate()
                 .for_each(|(strip, dst)| {
                     for (col, row) in w.chunks_exact(k).enumerate().skip(strip * NR).take(NR) {
-                        for (kk, v) in row.iter().enumerate() {
-                            dst[kk * NR + col % NR] = *v;
+                        for (line, v) in dst.iter_mut().zip(row) {
+                            line.0[col % NR] = *v;
                         }
                     }
                 });
@@ -143,7 +161,7 @@ impl PackedLinear {
     ) {
         let (k, t) = (self.k, tile.r0 / MR);
         let a = &a[t * k * MR..(t + 1) * k * MR];
-        let b = &self.w[tile.strip * k * NR..(tile.strip + 1) * k * NR];
+        let b = floats(&self.w[tile.strip * k..(tile.strip + 1) * k]);
         let mut acc = [[0f32; NR]; MR];
         for acc in &mut acc {
             acc.copy_from_slice(&self.bias[tile.strip * NR..(tile.strip + 1) * NR]);
@@ -395,7 +413,7 @@ mod tests {
         let x = randn(&[MR, k], 6).to_vec2::<f32>().unwrap().concat();
         let a = p.pack_rows(&x, MR, None);
         let mut acc = [[0f32; NR]; MR];
-        dot_generic(&a, &p.w, k, MR, &mut acc);
+        dot_generic(&a, floats(&p.w), k, MR, &mut acc);
         let mut want = [0f32; MR * NR];
         for (i, row) in acc.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
