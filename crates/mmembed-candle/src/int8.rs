@@ -21,8 +21,8 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernels::{layer_norm_row, with_f32s};
-use crate::tiled::{MR, NR, RowNorm, TileOut, TiledLinear, for_each_tile};
+use crate::cpu_kernels::with_f32s;
+use crate::tiled::{MR, NR, RowNorm, TileOut, TiledLinear, for_each_tile, rows_of_tile};
 
 /// A linear layer `y = x · wᵀ + b` with `w` quantised to int8.
 pub(crate) struct QLinear {
@@ -110,23 +110,13 @@ impl QLinear {
             .enumerate()
             .for_each(|(t, (q, s))| {
                 let mut row = vec![0i16; 2 * kp];
-                let mut normed = vec![0f32; if norm.is_some() { k } else { 0 }];
-                for (lane, s) in s.iter_mut().enumerate() {
-                    let r = t * MR + lane;
-                    if r >= m {
-                        break;
-                    }
-                    let mut x = &x[r * k..(r + 1) * k];
-                    if let Some(n) = norm {
-                        layer_norm_row(x, n.w, n.b, n.eps, &mut normed);
-                        x = &normed;
-                    }
-                    *s = quantize_row(x, &mut row[..k], qmax);
+                rows_of_tile(x, m, k, t, norm, |lane, x| {
+                    s[lane] = quantize_row(x, &mut row[..k], qmax);
                     for (p, pair) in row.chunks_exact(2).enumerate() {
                         let at = (p * MR + lane) * 2;
                         q[at..at + 2].copy_from_slice(pair);
                     }
-                }
+                });
             });
         (q, scales)
     }

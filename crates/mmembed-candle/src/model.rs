@@ -645,13 +645,12 @@ impl VisionTower {
         // 2.6 % of ViT-B/32's multiply-adds, but 3.3 % of an int8 image
         // forward while it ran in f32 (the f32 gemm's share of the profile
         // went from 4.7 to 1.4 %).
-        let patch_packed = match cpu_kernels::supported(patch.weight()) {
-            true => {
-                let w = patch.weight().flatten_from(1)?;
-                let zero = Tensor::zeros(d, DType::F32, w.device())?;
-                packed_layer(&w, Some(&zero), kernels)?
-            }
-            false => None,
+        let patch_packed = if cpu_kernels::supported(patch.weight()) {
+            let w = patch.weight().flatten_from(1)?;
+            let zero = Tensor::zeros(d, DType::F32, w.device())?;
+            packed_layer(&w, Some(&zero), kernels)?
+        } else {
+            None
         };
         Ok(Self {
             class: vb.get(d, "embeddings.class_embedding")?,

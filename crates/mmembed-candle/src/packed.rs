@@ -19,8 +19,8 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernels::{layer_norm_row, with_f32s};
-use crate::tiled::{MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile};
+use crate::cpu_kernels::with_f32s;
+use crate::tiled::{MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile, rows_of_tile};
 
 /// Whether this CPU runs packed layers (faster than the `gemm` crate only
 /// with the AVX2 kernel).
@@ -113,21 +113,11 @@ impl PackedLinear {
         let k = self.k;
         let mut a = vec![0f32; m.div_ceil(MR) * k * MR];
         a.par_chunks_mut(k * MR).enumerate().for_each(|(t, a)| {
-            let mut normed = vec![0f32; if norm.is_some() { k } else { 0 }];
-            for lane in 0..MR {
-                let r = t * MR + lane;
-                if r >= m {
-                    break;
-                }
-                let mut row = &x[r * k..(r + 1) * k];
-                if let Some(n) = norm {
-                    layer_norm_row(row, n.w, n.b, n.eps, &mut normed);
-                    row = &normed;
-                }
+            rows_of_tile(x, m, k, t, norm, |lane, row| {
                 for (kk, v) in row.iter().enumerate() {
                     a[kk * MR + lane] = *v;
                 }
-            }
+            });
         });
         a
     }

@@ -14,7 +14,9 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernels::{Epilogue, SharedOut, f32s, quick_gelu_generic, threads, with_f32s};
+use crate::cpu_kernels::{
+    Epilogue, SharedOut, f32s, layer_norm_row, quick_gelu_generic, threads, with_f32s,
+};
 
 /// Columns per weight strip (two 8-lane registers).
 pub(crate) const NR: usize = 16;
@@ -30,6 +32,31 @@ pub(crate) struct RowNorm<'a> {
     pub(crate) w: &'a [f32],
     pub(crate) b: &'a [f32],
     pub(crate) eps: f32,
+}
+
+/// Calls `f(lane, row)` for the rows of activation tile `t` (rows
+/// `MR t ..`, fewer in the last tile) of the `m × k` input `x`, each
+/// layer-normed first when `norm` is given: how both packed layers walk
+/// their input when packing it.
+pub(crate) fn rows_of_tile(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    t: usize,
+    norm: Option<&RowNorm>,
+    mut f: impl FnMut(usize, &[f32]),
+) {
+    let mut normed = vec![0f32; if norm.is_some() { k } else { 0 }];
+    for (lane, r) in (t * MR..((t + 1) * MR).min(m)).enumerate() {
+        let row = &x[r * k..(r + 1) * k];
+        match norm {
+            Some(n) => {
+                layer_norm_row(row, n.w, n.b, n.eps, &mut normed);
+                f(lane, &normed);
+            }
+            None => f(lane, row),
+        }
+    }
 }
 
 /// A linear layer `y = x · wᵀ + b` with weights packed at load.
