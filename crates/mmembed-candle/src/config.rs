@@ -1,4 +1,5 @@
-//! A CLIP architecture, read from a Hugging Face `config.json`.
+//! A dual-encoder architecture (CLIP or SigLIP), read from a Hugging Face
+//! `config.json`.
 
 use serde::Deserialize;
 
@@ -52,6 +53,46 @@ pub struct TowerConfig {
     pub layer_norm_eps: f64,
 }
 
+/// The model family, from `config.json`'s `model_type`: which layers sit
+/// around the shared transformer encoder and how each tower pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// CLIP (`clip`, also the default when `model_type` is missing): class
+    /// token and pre-norm in the vision tower, causal text attention pooled
+    /// at the first end-of-text token, bias-free projections to
+    /// `projection_dim`.
+    Clip,
+    /// SigLIP (`siglip`; SigLIP 2's fixed-resolution checkpoints use it
+    /// too): no class token, a multi-head attention pooling head over every
+    /// patch, bidirectional text attention over a fixed-length padded
+    /// sequence pooled at its last position, a text `head` with bias; the
+    /// joint space is the vision width.
+    Siglip,
+}
+
+impl Family {
+    fn from_model_type(t: Option<&str>) -> Result<Self, String> {
+        match t {
+            None | Some("clip") => Ok(Self::Clip),
+            Some("siglip") => Ok(Self::Siglip),
+            Some("siglip2") => Err("model_type `siglip2` (NaFlex, variable resolution) is not \
+                 supported; SigLIP 2's fixed-resolution checkpoints (model_type `siglip`) are"
+                .into()),
+            Some(other) => Err(format!(
+                "model_type `{other}` is not supported (supported: clip, siglip)"
+            )),
+        }
+    }
+
+    /// The `model_type` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Clip => "clip",
+            Self::Siglip => "siglip",
+        }
+    }
+}
+
 /// The text tower.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextConfig {
@@ -59,11 +100,14 @@ pub struct TextConfig {
     pub tower: TowerConfig,
     /// Vocabulary size.
     pub vocab_size: usize,
-    /// Context length (77 for CLIP).
+    /// Context length (77 for CLIP, 64 for SigLIP).
     pub max_position_embeddings: usize,
     /// `eos_token_id` from the config (2 in old OpenAI configs, which is wrong;
     /// the tokenizer's end-of-text id is preferred, see [`crate::ClipTokenizer`]).
     pub eos_token_id: Option<u32>,
+    /// `pad_token_id`: what SigLIP pads every sequence to the context with
+    /// (CLIP pads with end-of-text, after the pooled position).
+    pub pad_token_id: Option<u32>,
 }
 
 /// The vision tower.
@@ -79,108 +123,94 @@ pub struct VisionConfig {
     pub patch_size: usize,
 }
 
-/// A whole CLIP model: both towers and the shared embedding size.
+/// A whole dual encoder: both towers and the shared embedding size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
+    /// The architecture around the encoders.
+    pub family: Family,
     /// Text tower.
     pub text: TextConfig,
     /// Vision tower.
     pub vision: VisionConfig,
-    /// Size of the joint embedding space.
+    /// Size of the joint embedding space (CLIP's `projection_dim`; SigLIP's
+    /// vision width, which its text `projection_size` must equal).
     pub projection_dim: usize,
 }
 
-// Raw forms with Hugging Face's defaults (transformers' CLIPTextConfig /
-// CLIPVisionConfig), so short old configs load as transformers loads them.
+// Raw forms: every field optional, filled with the family's defaults as
+// transformers' config classes have them (CLIPTextConfig, SiglipTextConfig,
+// ...), so short old configs load as transformers loads them.
 #[derive(Deserialize)]
 struct RawText {
-    #[serde(default = "d_vocab")]
-    vocab_size: usize,
-    #[serde(default = "d_512")]
-    hidden_size: usize,
-    #[serde(default = "d_2048")]
-    intermediate_size: usize,
-    #[serde(default = "d_12")]
-    num_hidden_layers: usize,
-    #[serde(default = "d_8")]
-    num_attention_heads: usize,
-    #[serde(default = "d_77")]
-    max_position_embeddings: usize,
-    #[serde(default = "d_act")]
-    hidden_act: String,
-    #[serde(default = "d_eps")]
-    layer_norm_eps: f64,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    hidden_act: Option<String>,
+    layer_norm_eps: Option<f64>,
     eos_token_id: Option<u32>,
+    pad_token_id: Option<u32>,
+    projection_size: Option<usize>,
 }
 
 #[derive(Deserialize)]
 struct RawVision {
-    #[serde(default = "d_768")]
-    hidden_size: usize,
-    #[serde(default = "d_3072")]
-    intermediate_size: usize,
-    #[serde(default = "d_12")]
-    num_hidden_layers: usize,
-    #[serde(default = "d_12")]
-    num_attention_heads: usize,
-    #[serde(default = "d_3")]
-    num_channels: usize,
-    #[serde(default = "d_224")]
-    image_size: usize,
-    #[serde(default = "d_32")]
-    patch_size: usize,
-    #[serde(default = "d_act")]
-    hidden_act: String,
-    #[serde(default = "d_eps")]
-    layer_norm_eps: f64,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_channels: Option<usize>,
+    image_size: Option<usize>,
+    patch_size: Option<usize>,
+    hidden_act: Option<String>,
+    layer_norm_eps: Option<f64>,
+    vision_use_head: Option<bool>,
 }
 
-fn d_vocab() -> usize {
-    49408
+/// One family's defaults for the fields a config may leave out.
+struct Defaults {
+    vocab: usize,
+    text: [usize; 4],
+    context: usize,
+    vision: [usize; 4],
+    patch: usize,
+    act: &'static str,
+    eps: f64,
+    pad: Option<u32>,
 }
-fn d_512() -> usize {
-    512
-}
-fn d_2048() -> usize {
-    2048
-}
-fn d_12() -> usize {
-    12
-}
-fn d_8() -> usize {
-    8
-}
-fn d_77() -> usize {
-    77
-}
-fn d_768() -> usize {
-    768
-}
-fn d_3072() -> usize {
-    3072
-}
-fn d_3() -> usize {
-    3
-}
-fn d_224() -> usize {
-    224
-}
-fn d_32() -> usize {
-    32
-}
-fn d_act() -> String {
-    "quick_gelu".into()
-}
-fn d_eps() -> f64 {
-    1e-5
+
+impl Defaults {
+    fn of(family: Family) -> Self {
+        match family {
+            Family::Clip => Self {
+                vocab: 49408,
+                text: [512, 2048, 12, 8],
+                context: 77,
+                vision: [768, 3072, 12, 12],
+                patch: 32,
+                act: "quick_gelu",
+                eps: 1e-5,
+                pad: None,
+            },
+            Family::Siglip => Self {
+                vocab: 32000,
+                text: [768, 3072, 12, 12],
+                context: 64,
+                vision: [768, 3072, 12, 12],
+                patch: 16,
+                act: "gelu_pytorch_tanh",
+                eps: 1e-6,
+                pad: Some(1),
+            },
+        }
+    }
 }
 
 fn tower(
     name: &str,
-    hidden: usize,
-    inter: usize,
-    layers: usize,
-    heads: usize,
+    [hidden, inter, layers, heads]: [usize; 4],
     act: &str,
     eps: f64,
 ) -> Result<TowerConfig, String> {
@@ -206,14 +236,25 @@ fn tower(
 }
 
 impl ClipConfig {
-    /// Parses a Hugging Face CLIP `config.json`.
+    /// Parses a Hugging Face `config.json` of a supported family
+    /// ([`Family`], from `model_type`).
     ///
     /// Reads `text_config` / `vision_config` (or the older `*_config_dict`),
-    /// fills in transformers' defaults for missing fields, and checks that
-    /// the shapes are consistent.
+    /// fills in transformers' defaults for the family where fields are
+    /// missing, and checks that the shapes are consistent.
+    ///
+    /// ```
+    /// use mmembed_candle::{ClipConfig, Family};
+    /// let c = ClipConfig::from_json(r#"{"model_type": "siglip", "text_config": {}, "vision_config": {}}"#)?;
+    /// assert_eq!(c.family, Family::Siglip);
+    /// assert_eq!((c.text.max_position_embeddings, c.vision.patch_size, c.projection_dim), (64, 16, 768));
+    /// # Ok::<(), String>(())
+    /// ```
     pub fn from_json(json: &str) -> Result<Self, String> {
         let v: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| format!("config.json is not valid JSON: {e}"))?;
+        let family = Family::from_model_type(v.get("model_type").and_then(|t| t.as_str()))?;
+        let d = Defaults::of(family);
         let section = |a: &str, b: &str| -> serde_json::Value {
             [a, b]
                 .iter()
@@ -226,51 +267,86 @@ impl ClipConfig {
             .map_err(|e| format!("text_config: {e}"))?;
         let vi: RawVision = serde_json::from_value(section("vision_config", "vision_config_dict"))
             .map_err(|e| format!("vision_config: {e}"))?;
-        let projection_dim = v
-            .get("projection_dim")
-            .and_then(|p| p.as_u64())
-            .map_or(512, |p| p as usize);
+        let text_tower = tower(
+            "text_config",
+            [
+                t.hidden_size.unwrap_or(d.text[0]),
+                t.intermediate_size.unwrap_or(d.text[1]),
+                t.num_hidden_layers.unwrap_or(d.text[2]),
+                t.num_attention_heads.unwrap_or(d.text[3]),
+            ],
+            t.hidden_act.as_deref().unwrap_or(d.act),
+            t.layer_norm_eps.unwrap_or(d.eps),
+        )?;
+        let vision_tower = tower(
+            "vision_config",
+            [
+                vi.hidden_size.unwrap_or(d.vision[0]),
+                vi.intermediate_size.unwrap_or(d.vision[1]),
+                vi.num_hidden_layers.unwrap_or(d.vision[2]),
+                vi.num_attention_heads.unwrap_or(d.vision[3]),
+            ],
+            vi.hidden_act.as_deref().unwrap_or(d.act),
+            vi.layer_norm_eps.unwrap_or(d.eps),
+        )?;
+        let projection_dim = match family {
+            Family::Clip => v
+                .get("projection_dim")
+                .and_then(|p| p.as_u64())
+                .map_or(512, |p| p as usize),
+            Family::Siglip => {
+                if vi.vision_use_head == Some(false) {
+                    return Err(
+                        "vision_config: vision_use_head is false, so the vision tower \
+                         has no pooled embedding"
+                            .into(),
+                    );
+                }
+                let width = vision_tower.hidden_size;
+                let text = t.projection_size.unwrap_or(text_tower.hidden_size);
+                if text != width {
+                    return Err(format!(
+                        "text_config: projection_size {text} differs from the vision width \
+                         {width}: the towers would not share a space"
+                    ));
+                }
+                width
+            }
+        };
         if projection_dim == 0 {
             return Err("projection_dim must be positive".into());
         }
-        if vi.patch_size == 0 || vi.image_size == 0 || !vi.image_size.is_multiple_of(vi.patch_size)
-        {
+        let (image_size, patch_size) = (
+            vi.image_size.unwrap_or(224),
+            vi.patch_size.unwrap_or(d.patch),
+        );
+        if patch_size == 0 || image_size == 0 || !image_size.is_multiple_of(patch_size) {
             return Err(format!(
-                "vision_config: image_size {} is not a multiple of patch_size {}",
-                vi.image_size, vi.patch_size
+                "vision_config: image_size {image_size} is not a multiple of patch_size {patch_size}"
             ));
         }
-        if t.max_position_embeddings < 2 || t.vocab_size == 0 || vi.num_channels == 0 {
+        let context = t.max_position_embeddings.unwrap_or(d.context);
+        let (vocab_size, num_channels) = (
+            t.vocab_size.unwrap_or(d.vocab),
+            vi.num_channels.unwrap_or(3),
+        );
+        if context < 2 || vocab_size == 0 || num_channels == 0 {
             return Err("text_config/vision_config: sizes must be positive".into());
         }
         Ok(Self {
+            family,
             text: TextConfig {
-                tower: tower(
-                    "text_config",
-                    t.hidden_size,
-                    t.intermediate_size,
-                    t.num_hidden_layers,
-                    t.num_attention_heads,
-                    &t.hidden_act,
-                    t.layer_norm_eps,
-                )?,
-                vocab_size: t.vocab_size,
-                max_position_embeddings: t.max_position_embeddings,
+                tower: text_tower,
+                vocab_size,
+                max_position_embeddings: context,
                 eos_token_id: t.eos_token_id,
+                pad_token_id: t.pad_token_id.or(d.pad),
             },
             vision: VisionConfig {
-                tower: tower(
-                    "vision_config",
-                    vi.hidden_size,
-                    vi.intermediate_size,
-                    vi.num_hidden_layers,
-                    vi.num_attention_heads,
-                    &vi.hidden_act,
-                    vi.layer_norm_eps,
-                )?,
-                num_channels: vi.num_channels,
-                image_size: vi.image_size,
-                patch_size: vi.patch_size,
+                tower: vision_tower,
+                num_channels,
+                image_size,
+                patch_size,
             },
             projection_dim,
         })
@@ -324,6 +400,46 @@ mod tests {
         .unwrap();
         assert_eq!(c.vision.image_size / c.vision.patch_size, 16);
         assert_eq!(c.projection_dim, 768);
+    }
+
+    #[test]
+    fn siglip_defaults_are_transformers_siglip_defaults() {
+        // google/siglip-base-patch16-224's config.json leaves most fields out.
+        let c = ClipConfig::from_json(
+            r#"{"model_type": "siglip", "text_config": {"model_type": "siglip_text_model"},
+                "vision_config": {"model_type": "siglip_vision_model"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.family, Family::Siglip);
+        assert_eq!(c.text.vocab_size, 32000);
+        assert_eq!(c.text.max_position_embeddings, 64);
+        assert_eq!(c.text.pad_token_id, Some(1));
+        assert_eq!(c.text.tower.activation, Activation::GeluTanh);
+        assert_eq!(c.vision.tower.layer_norm_eps, 1e-6);
+        assert_eq!(c.vision.patch_size, 16);
+        assert_eq!(c.projection_dim, 768);
+        // CLIP keeps its own defaults.
+        let clip = ClipConfig::vit_b_32();
+        assert_eq!((clip.family, clip.text.pad_token_id), (Family::Clip, None));
+    }
+
+    #[test]
+    fn siglip_shapes_that_share_no_space_are_refused() {
+        for (json, needle) in [
+            (
+                r#"{"model_type": "siglip", "text_config": {"projection_size": 512}}"#,
+                "projection_size 512 differs from the vision width 768",
+            ),
+            (
+                r#"{"model_type": "siglip", "vision_config": {"vision_use_head": false}}"#,
+                "vision_use_head",
+            ),
+            (r#"{"model_type": "siglip2"}"#, "NaFlex"),
+            (r#"{"model_type": "blip"}"#, "model_type `blip` is not supported"),
+        ] {
+            let e = ClipConfig::from_json(json).unwrap_err();
+            assert!(e.contains(needle), "{json}: {e}");
+        }
     }
 
     #[test]

@@ -274,11 +274,7 @@ impl LoadedClip {
             .map_err(|e| err(format!("cannot read config.json: {e}")))?;
         let config =
             ClipConfig::from_json(&config_text).map_err(|e| err(format!("config.json: {e}")))?;
-        let tokenizer = ClipTokenizer::from_file(
-            &files.tokenizer,
-            config.text.max_position_embeddings,
-            config.text.eos_token_id,
-        )?;
+        let tokenizer = ClipTokenizer::for_config(&files.tokenizer, &config)?;
         let preprocessor = ClipPreprocessor::from_file(&files.preprocessor)?;
         let (h, w) = preprocessor.output_size();
         let side = config.vision.image_size as u32;
@@ -305,17 +301,7 @@ impl LoadedClip {
 
     /// Unit-length text embeddings for a batch of token id sequences.
     pub fn embed_token_ids(&self, seqs: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let len = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let pad = self.tokenizer.eos_id();
-        let mut flat = Vec::with_capacity(seqs.len() * len);
-        let mut pool = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            pool.push(self.tokenizer.pool_position(s));
-            flat.extend_from_slice(s);
-            // Padding sits after the pooled position; the causal mask keeps
-            // it from influencing the result.
-            flat.extend(std::iter::repeat_n(pad, len - s.len()));
-        }
+        let (flat, len, pool) = self.tokenizer.batch(seqs);
         let ids = Tensor::from_vec(flat, (seqs.len(), len), &self.device)?;
         let out = self.model.text.forward(&ids, &pool)?;
         rows(&out)

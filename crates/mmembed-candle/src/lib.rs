@@ -1,12 +1,13 @@
-//! mmembed's local backend: any Hugging Face CLIP checkpoint, run with
-//! candle on CPU, CUDA or Metal, behind [`mmembed_core::Embedder`].
+//! mmembed's local backend: Hugging Face CLIP and SigLIP checkpoints, run
+//! with candle on CPU, CUDA or Metal, behind [`mmembed_core::Embedder`].
 //!
 //! - [`LocalEmbedder`] loads a checkpoint directory, a built-in model id
 //!   ([`Manifest`]) or a hub repository (through `hf-hub` and its cache,
 //!   honouring `HF_HUB_OFFLINE`, `HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`).
 //! - The architecture comes from the checkpoint's `config.json`
-//!   ([`ClipConfig`]), the preprocessing from its `preprocessor_config.json`,
-//!   so OpenAI and LAION/OpenCLIP exports load with no code change.
+//!   ([`ClipConfig`], its `model_type` picks the [`Family`]), the
+//!   preprocessing from its `preprocessor_config.json`, so OpenAI,
+//!   LAION/OpenCLIP and SigLIP exports load with no code change.
 //! - Vectors are L2-normalised and tagged with the model's space id.
 
 mod config;
@@ -26,7 +27,7 @@ mod tokenizer;
 mod train_ops;
 mod weights;
 
-pub use config::{Activation, ClipConfig, TextConfig, TowerConfig, VisionConfig};
+pub use config::{Activation, ClipConfig, Family, TextConfig, TowerConfig, VisionConfig};
 pub use demo::{DEMO_MODEL_ID, cache_dir, demo_model_dir, is_demo};
 pub use device::{DeviceSpec, Precision};
 pub use embedder::{CPU_MAX_BATCH, GPU_MAX_BATCH, LoadedClip, LocalEmbedder, LocalOptions};

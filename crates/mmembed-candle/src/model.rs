@@ -9,11 +9,11 @@
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{
-    Conv2d, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder, conv2d_no_bias, embedding,
-    linear, linear_no_bias,
+    Conv2d, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder, conv2d, conv2d_no_bias,
+    embedding, linear, linear_no_bias,
 };
 
-use crate::config::{Activation, ClipConfig, TowerConfig};
+use crate::config::{Activation, ClipConfig, Family, TowerConfig};
 use crate::cpu_kernels::{self, Epilogue};
 use crate::int8::QLinear;
 use crate::packed::{self, PackedLinear};
@@ -452,14 +452,53 @@ impl Attention {
     }
 }
 
-struct Layer {
-    ln1: Norm,
-    attn: Attention,
-    ln2: Norm,
+/// The MLP with its residual, `x + fc2(act(fc1(norm(x))))`.
+struct Mlp {
     fc1: Dense,
     fc2: Dense,
     act: Activation,
     kernels: Kernels,
+}
+
+impl Mlp {
+    fn new(d: usize, c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: dense(d, c.intermediate_size, true, kernels, vb.pp("fc1"))?,
+            fc2: dense(c.intermediate_size, d, true, kernels, vb.pp("fc2"))?,
+            act: c.activation,
+            kernels,
+        })
+    }
+
+    fn forward_residual(&self, x: &Tensor, norm: &Norm) -> Result<Tensor> {
+        if self.kernels.fused() {
+            let h = match self.act {
+                Activation::QuickGelu => {
+                    self.fc1
+                        .forward_normed(x, norm, None, Epilogue::QuickGelu)?
+                }
+                act => activate(
+                    act,
+                    self.kernels,
+                    &self.fc1.forward_normed(x, norm, None, Epilogue::None)?,
+                )?,
+            };
+            return self.fc2.forward_fused(&h, Some(x), Epilogue::None);
+        }
+        let h = activate(
+            self.act,
+            self.kernels,
+            &self.fc1.forward(&norm.forward(x)?)?,
+        )?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+struct Layer {
+    ln1: Norm,
+    attn: Attention,
+    ln2: Norm,
+    mlp: Mlp,
 }
 
 impl Layer {
@@ -470,37 +509,13 @@ impl Layer {
             ln1: norm(d, eps, kernels, vb.pp("layer_norm1"))?,
             attn: Attention::new(c, kernels, vb.pp("self_attn"))?,
             ln2: norm(d, eps, kernels, vb.pp("layer_norm2"))?,
-            fc1: dense(d, c.intermediate_size, true, kernels, vb.pp("mlp.fc1"))?,
-            fc2: dense(c.intermediate_size, d, true, kernels, vb.pp("mlp.fc2"))?,
-            act: c.activation,
-            kernels,
+            mlp: Mlp::new(d, c, kernels, vb.pp("mlp"))?,
         })
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = self.attn.forward_residual(x, &self.ln1, mask)?;
-        if self.kernels.fused() {
-            let h = match self.act {
-                Activation::QuickGelu => {
-                    self.fc1
-                        .forward_normed(&x, &self.ln2, None, Epilogue::QuickGelu)?
-                }
-                act => activate(
-                    act,
-                    self.kernels,
-                    &self
-                        .fc1
-                        .forward_normed(&x, &self.ln2, None, Epilogue::None)?,
-                )?,
-            };
-            return self.fc2.forward_fused(&h, Some(&x), Epilogue::None);
-        }
-        let h = activate(
-            self.act,
-            self.kernels,
-            &self.fc1.forward(&self.ln2.forward(&x)?)?,
-        )?;
-        x + self.fc2.forward(&h)?
+        self.mlp.forward_residual(&x, &self.ln2)
     }
 }
 
@@ -529,13 +544,27 @@ pub struct TextTower {
     final_ln: Norm,
     projection: Dense,
     context: usize,
+    /// CLIP's causal mask; SigLIP attends both ways.
+    causal: bool,
     kernels: Kernels,
 }
 
 impl TextTower {
-    fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder, proj: VarBuilder) -> Result<Self> {
+    fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let t = &c.text;
         let d = t.tower.hidden_size;
+        // CLIP: a bias-free `text_projection` beside the tower; SigLIP: the
+        // tower's own `head`, with a bias.
+        let projection = match c.family {
+            Family::Clip => dense(
+                d,
+                c.projection_dim,
+                false,
+                kernels,
+                vb.root().pp("text_projection"),
+            )?,
+            Family::Siglip => dense(d, c.projection_dim, true, kernels, vb.pp("head"))?,
+        };
         Ok(Self {
             token: embedding(t.vocab_size, d, vb.pp("embeddings.token_embedding"))?,
             position: embedding(
@@ -550,16 +579,18 @@ impl TextTower {
                 kernels,
                 vb.pp("final_layer_norm"),
             )?,
-            projection: dense(d, c.projection_dim, false, kernels, proj)?,
+            projection,
             context: t.max_position_embeddings,
+            causal: c.family == Family::Clip,
             kernels,
         })
     }
 
     /// Projected (not normalised) features for a `[batch, len]` u32 tensor of
-    /// token ids, pooled at `pool[i]` for row `i` (the first end-of-text
-    /// position). Padding after that position cannot change the result: the
-    /// mask is causal.
+    /// token ids, pooled at `pool[i]` for row `i` (CLIP: the first
+    /// end-of-text position, after which padding cannot change the result,
+    /// the mask being causal; SigLIP: the last position of a sequence padded
+    /// to the context, see [`crate::ClipTokenizer::batch`]).
     pub fn forward(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.context {
@@ -575,8 +606,11 @@ impl TextTower {
             &self.position.forward(&pos)?,
             self.kernels,
         )?;
-        let mask = causal_mask(t, x.dtype(), dev)?;
-        let x = self.encoder.forward(&x, Some(&mask))?;
+        let mask = self
+            .causal
+            .then(|| causal_mask(t, x.dtype(), dev))
+            .transpose()?;
+        let x = self.encoder.forward(&x, mask.as_ref())?;
         let x = self.final_ln.forward(&x)?;
         let flat: Vec<u32> = pool
             .iter()
@@ -607,61 +641,103 @@ fn causal_mask(t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
     Tensor::from_slice(&m, (t, t), dev)?.to_dtype(dtype)
 }
 
-/// The vision tower with its projection.
+/// The vision tower with its pooling and projection.
 pub struct VisionTower {
-    class: Tensor,
+    /// CLIP's class token; SigLIP has none.
+    class: Option<Tensor>,
     patch: Conv2d,
     /// The patch embedding as a packed matmul over unfolded patches (int8
     /// or f32, see [`packed_layer`]) on the CPU.
     patch_packed: Option<Box<dyn TiledLinear>>,
     position: Embedding,
-    pre_ln: Norm,
+    /// CLIP's norm before the encoder; SigLIP has none.
+    pre_ln: Option<Norm>,
     encoder: Encoder,
     post_ln: Norm,
-    projection: Dense,
+    pool: VisionPool,
     positions: usize,
     patch_size: usize,
     kernels: Kernels,
 }
 
+/// How the encoder's output becomes one vector.
+enum VisionPool {
+    /// CLIP: the class token, normed, through a bias-free projection.
+    Class(Dense),
+    /// SigLIP: attention pooling over every normed patch.
+    Attention(Box<AttentionPool>),
+}
+
 impl VisionTower {
-    fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder, proj: VarBuilder) -> Result<Self> {
+    fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let v = &c.vision;
         let d = v.tower.hidden_size;
         let grid = v.image_size / v.patch_size;
-        let positions = grid * grid + 1;
+        let clip = c.family == Family::Clip;
+        let positions = grid * grid + usize::from(clip);
         let conv = Conv2dConfig {
             stride: v.patch_size,
             ..Default::default()
         };
         let eps = v.tower.layer_norm_eps;
-        let patch = conv2d_no_bias(
-            v.num_channels,
-            d,
-            v.patch_size,
-            conv,
-            vb.pp("embeddings.patch_embedding"),
-        )?;
+        let emb = vb.pp("embeddings");
+        let patch = if clip {
+            conv2d_no_bias(
+                v.num_channels,
+                d,
+                v.patch_size,
+                conv,
+                emb.pp("patch_embedding"),
+            )?
+        } else {
+            conv2d(
+                v.num_channels,
+                d,
+                v.patch_size,
+                conv,
+                emb.pp("patch_embedding"),
+            )?
+        };
         // 2.6 % of ViT-B/32's multiply-adds, but 3.3 % of an int8 image
         // forward while it ran in f32 (the f32 gemm's share of the profile
         // went from 4.7 to 1.4 %).
         let patch_packed = if cpu_kernels::supported(patch.weight()) {
             let w = patch.weight().flatten_from(1)?;
-            let zero = Tensor::zeros(d, DType::F32, w.device())?;
-            packed_layer(&w, Some(&zero), kernels)?
+            let bias = match patch.bias() {
+                Some(b) => b.clone(),
+                None => Tensor::zeros(d, DType::F32, w.device())?,
+            };
+            packed_layer(&w, Some(&bias), kernels)?
         } else {
             None
         };
+        let pool = if clip {
+            VisionPool::Class(dense(
+                d,
+                c.projection_dim,
+                false,
+                kernels,
+                vb.root().pp("visual_projection"),
+            )?)
+        } else {
+            VisionPool::Attention(Box::new(AttentionPool::new(
+                &v.tower,
+                kernels,
+                vb.pp("head"),
+            )?))
+        };
         Ok(Self {
-            class: vb.get(d, "embeddings.class_embedding")?,
+            class: clip.then(|| emb.get(d, "class_embedding")).transpose()?,
             patch,
             patch_packed,
-            position: embedding(positions, d, vb.pp("embeddings.position_embedding"))?,
+            position: embedding(positions, d, emb.pp("position_embedding"))?,
             // "pre_layrnorm" is the real (misspelt) Hugging Face name.
-            pre_ln: norm(d, eps, kernels, vb.pp("pre_layrnorm"))?,
+            pre_ln: clip
+                .then(|| norm(d, eps, kernels, vb.pp("pre_layrnorm")))
+                .transpose()?,
             encoder: Encoder::new(&v.tower, kernels, vb.pp("encoder"))?,
             post_ln: norm(d, eps, kernels, vb.pp("post_layernorm"))?,
-            projection: dense(d, c.projection_dim, false, kernels, proj)?,
+            pool,
             positions,
             patch_size: v.patch_size,
             kernels,
@@ -675,20 +751,108 @@ impl VisionTower {
         // the gemm crate's kernel against a tiled loop on the CPU, and on
         // CUDA one reshaping copy and one GEMM against an im2col kernel and
         // a GEMM (the patches do not overlap, so unfolding is a permute).
-        let x = self.patches_by_matmul(pixels)?;
+        let mut x = self.patches_by_matmul(pixels)?;
         let d = x.dim(2)?;
-        let cls = match self.kernels {
-            Kernels::Fused | Kernels::Int8 | Kernels::Portable => {
-                self.class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?
-            }
-            Kernels::Differentiable => repeat_rows(&self.class, b)?.reshape((b, 1, d))?,
-        };
-        let x = Tensor::cat(&[&cls, &x], 1)?;
+        if let Some(class) = &self.class {
+            let cls = match self.kernels {
+                Kernels::Fused | Kernels::Int8 | Kernels::Portable => {
+                    class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?
+                }
+                Kernels::Differentiable => repeat_rows(class, b)?.reshape((b, 1, d))?,
+            };
+            x = Tensor::cat(&[&cls, &x], 1)?;
+        }
         let pos = Tensor::arange(0u32, self.positions as u32, pixels.device())?;
-        let x = add_positions(&x, &self.position.forward(&pos)?, self.kernels)?;
-        let x = self.encoder.forward(&self.pre_ln.forward(&x)?, None)?;
-        let cls = self.post_ln.forward(&x.i((.., 0, ..))?)?;
-        self.projection.forward(&cls)
+        let mut x = add_positions(&x, &self.position.forward(&pos)?, self.kernels)?;
+        if let Some(pre_ln) = &self.pre_ln {
+            x = pre_ln.forward(&x)?;
+        }
+        let x = self.encoder.forward(&x, None)?;
+        match &self.pool {
+            VisionPool::Class(projection) => {
+                let cls = self.post_ln.forward(&x.i((.., 0, ..))?)?;
+                projection.forward(&cls)
+            }
+            VisionPool::Attention(head) => head.forward(&x, &self.post_ln),
+        }
+    }
+}
+
+/// SigLIP's multi-head attention pooling (`SiglipMultiheadAttentionPoolingHead`):
+/// one learnt query (`probe`) attends over every patch, then an MLP with
+/// its residual. The query depends on no input: it is projected once per
+/// call (one row), and only keys and values are computed per image, as one
+/// packed `[2d, d]` layer with the tower's final norm folded in.
+struct AttentionPool {
+    probe: Tensor,
+    q_weight: Tensor,
+    q_bias: Tensor,
+    kv: Dense,
+    out: Dense,
+    ln: Norm,
+    mlp: Mlp,
+    heads: usize,
+    head_dim: usize,
+    kernels: Kernels,
+}
+
+impl AttentionPool {
+    fn new(c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
+        let d = c.hidden_size;
+        let attn = vb.pp("attention");
+        // torch.nn.MultiheadAttention's names: q, k, v stacked in one tensor.
+        let w = attn.get((3 * d, d), "in_proj_weight")?;
+        let b = attn.get(3 * d, "in_proj_bias")?;
+        let kv = Linear::new(
+            w.narrow(0, d, 2 * d)?.contiguous()?,
+            Some(b.narrow(0, d, 2 * d)?.contiguous()?),
+        );
+        Ok(Self {
+            probe: vb.get((1, 1, d), "probe")?.reshape((1, d))?,
+            q_weight: w.narrow(0, 0, d)?.contiguous()?,
+            q_bias: b.narrow(0, 0, d)?.contiguous()?,
+            kv: Dense::from_linear(kv, kernels)?,
+            out: dense(d, d, true, kernels, attn.pp("out_proj"))?,
+            ln: norm(d, c.layer_norm_eps, kernels, vb.pp("layernorm"))?,
+            mlp: Mlp::new(d, c, kernels, vb.pp("mlp"))?,
+            heads: c.num_attention_heads,
+            head_dim: d / c.num_attention_heads,
+            kernels,
+        })
+    }
+
+    /// `[b, n, d]` encoder output (before `norm`, the tower's final norm)
+    /// to `[b, d]`.
+    fn forward(&self, x: &Tensor, norm: &Norm) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let (h, dh) = (self.heads, self.head_dim);
+        let scale = (dh as f64).powf(-0.5);
+        let q = ((self.probe.matmul(&self.q_weight.t()?)? + self.q_bias.unsqueeze(0)?)? * scale)?
+            .reshape((1, h, 1, dh))?
+            .broadcast_as((b, h, 1, dh))?
+            .contiguous()?;
+        let kv = if self.kernels.fused() {
+            self.kv.forward_normed(x, norm, None, Epilogue::None)?
+        } else {
+            self.kv.forward(&norm.forward(x)?)?
+        };
+        let split = |y: Tensor| -> Result<Tensor> {
+            y.reshape((b, n, h, dh))?.transpose(1, 2)?.contiguous()
+        };
+        let (k, v) = (split(kv.narrow(2, 0, d)?)?, split(kv.narrow(2, d, d)?)?);
+        let w = q.matmul(&k.t()?)?;
+        let w = match self.kernels {
+            Kernels::Differentiable if train_ops::supported(&w) => train_ops::softmax_last_dim(&w)?,
+            Kernels::Differentiable => candle_nn::ops::softmax(&w, D::Minus1)?,
+            _ => candle_nn::ops::softmax_last_dim(&w)?,
+        };
+        let pooled = w.matmul(&v)?.reshape((b, d))?;
+        let pooled = if self.kernels.fused() {
+            self.out.forward_fused(&pooled, None, Epilogue::None)?
+        } else {
+            self.out.forward(&pooled)?
+        };
+        self.mlp.forward_residual(&pooled, &self.ln)
     }
 }
 
@@ -714,11 +878,18 @@ impl VisionTower {
         let weight = weight.reshape((d, c * p * p))?;
         // One 2-D matmul: a weight broadcast over the batch would be
         // differentiated by candle's slow leading-dim sum.
-        unfolded.matmul(&weight.t()?)?.reshape((b, gh * gw, d))
+        let mut y = unfolded.matmul(&weight.t()?)?;
+        if let Some(bias) = self.patch.bias() {
+            y = match self.kernels {
+                Kernels::Differentiable => (y + repeat_rows(bias, b * gh * gw)?)?,
+                _ => y.broadcast_add(bias)?,
+            };
+        }
+        y.reshape((b, gh * gw, d))
     }
 }
 
-/// A CLIP dual encoder.
+/// A dual encoder (CLIP or SigLIP, see [`Family`]).
 pub struct ClipModel {
     /// Text tower.
     pub text: TextTower,
@@ -728,7 +899,8 @@ pub struct ClipModel {
 
 impl ClipModel {
     /// Builds the model from Hugging Face weight names (`text_model.*`,
-    /// `vision_model.*`, `text_projection`, `visual_projection`).
+    /// `vision_model.*`, and for CLIP `text_projection`,
+    /// `visual_projection`).
     pub fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
         Self::with_kernels(c, Kernels::Fused, vb)
     }
@@ -745,13 +917,8 @@ impl ClipModel {
     /// Builds the model on the given kernel set.
     pub fn with_kernels(c: &ClipConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            text: TextTower::new(c, kernels, vb.pp("text_model"), vb.pp("text_projection"))?,
-            vision: VisionTower::new(
-                c,
-                kernels,
-                vb.pp("vision_model"),
-                vb.pp("visual_projection"),
-            )?,
+            text: TextTower::new(c, kernels, vb.pp("text_model"))?,
+            vision: VisionTower::new(c, kernels, vb.pp("vision_model"))?,
         })
     }
 }

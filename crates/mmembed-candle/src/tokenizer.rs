@@ -3,15 +3,32 @@
 use std::path::Path;
 
 use mmembed_core::EmbedError;
+
+use crate::config::{ClipConfig, Family};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-/// A `tokenizer.json` set up for CLIP: truncation at the context length that
-/// keeps the end-of-text token, and the id the text tower pools at.
+/// A `tokenizer.json` set up for a text tower: truncation at the context
+/// length that keeps the end-of-text token, and where the tower pools.
 #[derive(Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
     eos_id: u32,
     context: usize,
+    pooling: Pooling,
+}
+
+/// How a text tower reads its sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pooling {
+    /// CLIP: causal attention pooled at the first end-of-text token; a
+    /// batch is padded (with end-of-text) after it, where padding cannot
+    /// reach the pooled position.
+    FirstEos,
+    /// SigLIP: bidirectional attention without a mask over a sequence
+    /// padded to the full context with `pad`, pooled at the last position.
+    /// Padding is part of the input the model was trained on, so every
+    /// sequence is padded the same way whatever the batch.
+    LastOfContext { pad: u32 },
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -19,6 +36,7 @@ impl std::fmt::Debug for ClipTokenizer {
         f.debug_struct("ClipTokenizer")
             .field("eos_id", &self.eos_id)
             .field("context", &self.context)
+            .field("pooling", &self.pooling)
             .finish_non_exhaustive()
     }
 }
@@ -61,7 +79,23 @@ impl ClipTokenizer {
             inner,
             eos_id,
             context,
+            pooling: Pooling::FirstEos,
         })
+    }
+
+    /// Loads `tokenizer.json` for a model: context and ids from its config,
+    /// padding and pooling as its [`Family`] reads text.
+    pub fn for_config(path: &Path, config: &ClipConfig) -> Result<Self, EmbedError> {
+        let text = &config.text;
+        let mut tok = Self::from_file(path, text.max_position_embeddings, text.eos_token_id)?;
+        if config.family == Family::Siglip {
+            let pad = text
+                .pad_token_id
+                .or_else(|| tok.inner.token_to_id("</s>"))
+                .unwrap_or(tok.eos_id);
+            tok.pooling = Pooling::LastOfContext { pad };
+        }
+        Ok(tok)
     }
 
     /// The end-of-text id the text tower pools at.
@@ -87,19 +121,47 @@ impl ClipTokenizer {
                 retryable: false,
             })?;
         let mut ids = enc.get_ids().to_vec();
-        // A tokenizer.json without a post-processor adds no end-of-text; the
-        // tower needs one to pool at.
-        if !ids.contains(&self.eos_id) {
+        // A tokenizer.json without a post-processor adds no end-of-text; a
+        // CLIP tower needs one to pool at. (SigLIP pools at the last
+        // position: its tokenizer's own rule stands.)
+        if self.pooling == Pooling::FirstEos && !ids.contains(&self.eos_id) {
             ids.truncate(self.context - 1);
             ids.push(self.eos_id);
         }
         Ok(ids)
     }
 
-    /// Where the text tower pools: the first end-of-text token.
+    /// Where the text tower pools in `ids` as [`ClipTokenizer::batch`] lays
+    /// them out: the first end-of-text token (CLIP), the last position of
+    /// the context (SigLIP).
     pub fn pool_position(&self, ids: &[u32]) -> usize {
-        ids.iter()
-            .position(|&t| t == self.eos_id)
-            .unwrap_or(ids.len().saturating_sub(1))
+        match self.pooling {
+            Pooling::FirstEos => ids
+                .iter()
+                .position(|&t| t == self.eos_id)
+                .unwrap_or(ids.len().saturating_sub(1)),
+            Pooling::LastOfContext { .. } => self.context - 1,
+        }
+    }
+
+    /// Sequences as one padded batch for the text tower:
+    /// `(ids row-major, sequence length, pool position per row)`. CLIP pads
+    /// to the longest sequence with end-of-text; SigLIP pads every sequence
+    /// to the context with its pad id, as it was trained. Sequences longer
+    /// than the context are the caller's error, reported by the tower.
+    pub fn batch(&self, seqs: &[Vec<u32>]) -> (Vec<u32>, usize, Vec<usize>) {
+        let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let (len, pad) = match self.pooling {
+            Pooling::FirstEos => (longest, self.eos_id),
+            Pooling::LastOfContext { pad } => (longest.max(self.context), pad),
+        };
+        let mut flat = Vec::with_capacity(seqs.len() * len);
+        let mut pool = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            flat.extend_from_slice(s);
+            flat.extend(std::iter::repeat_n(pad, len - s.len()));
+            pool.push(self.pool_position(&flat[flat.len() - len..]));
+        }
+        (flat, len, pool)
     }
 }

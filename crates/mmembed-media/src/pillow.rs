@@ -12,7 +12,9 @@
 //! - weights normalised in f64, then quantised to 22-bit fixed point with
 //!   round-half-away-from-zero;
 //! - the horizontal pass first, rounded and clipped to u8, then the vertical
-//!   pass on those bytes.
+//!   pass on those bytes; except (recent Pillow, checked in Pillow 13's
+//!   `Resample.c`) when the height shrinks by more than twice what the
+//!   width does: then the vertical pass runs first, over every column.
 //!
 //! A source box (Pillow's `box=` argument) selects a window of the source
 //! while the taps stay clipped to the whole image; resizing the box of a
@@ -144,8 +146,18 @@ fn nearest_index(in_size: u32, in0: f64, in1: f64, out_size: u32) -> Vec<usize> 
 
 /// Resizes the source box `[left, top, right, bottom]` of `img` to `w × h`
 /// exactly as Pillow's `Image.resize((w, h), resample, box)` does for an RGB
-/// image. `w`, `h` and the image must be non-empty.
-pub(crate) fn resize(img: &RgbImage, w: u32, h: u32, resample: Resample, bx: [f64; 4]) -> RgbImage {
+/// image. `w`, `h` and the image must be non-empty. `whole` is the size of
+/// the resize this is a window of (`(w, h)` for a plain resize): Pillow
+/// picks its pass order from that call's sizes, and the order changes the
+/// rounding.
+pub(crate) fn resize(
+    img: &RgbImage,
+    w: u32,
+    h: u32,
+    resample: Resample,
+    bx: [f64; 4],
+    whole: (u32, u32),
+) -> RgbImage {
     let (sw, sh) = img.dimensions();
     let src = img.as_raw();
     if resample == Resample::Nearest {
@@ -161,64 +173,99 @@ pub(crate) fn resize(img: &RgbImage, w: u32, h: u32, resample: Resample, bx: [f6
     }
     let need_h = w != sw || bx[0] != 0.0 || bx[2] != f64::from(w);
     let need_v = h != sh || bx[1] != 0.0 || bx[3] != f64::from(h);
+    // Pillow runs the vertical pass first when the height shrinks by more
+    // than twice what the width does (fewer rows for the horizontal pass);
+    // a different order rounds differently in between (up to 10 levels on
+    // a 180 x 400 photo squashed to 224 x 224).
+    let (dh, dw) = (
+        i64::from(sh) - i64::from(whole.1),
+        i64::from(sw) - i64::from(whole.0),
+    );
+    let vertical_first = dh > 0 && dh > 2 * dw;
     let vtaps = need_v.then(|| taps(sh, bx[1], bx[3], h, resample));
-
-    // Horizontal pass, only over the rows the vertical pass will read.
-    let (row0, row1) = match &vtaps {
-        Some(t) => {
-            let first = t.first().map_or(0, |t| t.start);
-            let last = t.last().map_or(0, |t| t.start + t.weights.len());
-            (first, last.max(first))
+    let htaps = || taps(sw, bx[0], bx[2], w, resample);
+    let (out_w, out) = if vertical_first {
+        let mid = match &vtaps {
+            Some(vt) => vertical(src, sw as usize, 0, vt),
+            None => src.to_vec(),
+        };
+        if need_h {
+            (
+                w as usize,
+                horizontal(&mid, sw as usize, 0..h as usize, &htaps()),
+            )
+        } else {
+            (sw as usize, mid)
         }
-        None => (0, sh as usize),
-    };
-    let rows = row1 - row0;
-    let (mid_w, mid) = if need_h {
-        let htaps = taps(sw, bx[0], bx[2], w, resample);
-        let mut mid = vec![0u8; rows * w as usize * 3];
-        for r in 0..rows {
-            let srow = &src[(row0 + r) * sw as usize * 3..][..sw as usize * 3];
-            let drow = &mut mid[r * w as usize * 3..][..w as usize * 3];
-            for (xx, t) in htaps.iter().enumerate() {
-                let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-                for (i, k) in t.weights.iter().enumerate() {
-                    let p = &srow[(t.start + i) * 3..][..3];
-                    for c in 0..3 {
-                        acc[c] += i64::from(p[c]) * i64::from(*k);
-                    }
-                }
-                for c in 0..3 {
-                    drow[xx * 3 + c] = clip8(acc[c]);
-                }
-            }
-        }
-        (w as usize, mid)
     } else {
-        (
-            sw as usize,
-            src[row0 * sw as usize * 3..row1 * sw as usize * 3].to_vec(),
-        )
-    };
-
-    let out = match vtaps {
-        None => mid,
-        Some(vt) => {
-            let stride = mid_w * 3;
-            let mut out = vec![0u8; h as usize * stride];
-            for (yy, t) in vt.iter().enumerate() {
-                let drow = &mut out[yy * stride..][..stride];
-                for (x, d) in drow.iter_mut().enumerate() {
-                    let mut acc = 1i64 << (PRECISION_BITS - 1);
-                    for (i, k) in t.weights.iter().enumerate() {
-                        acc += i64::from(mid[(t.start - row0 + i) * stride + x]) * i64::from(*k);
-                    }
-                    *d = clip8(acc);
-                }
+        // Horizontal pass, only over the rows the vertical pass will read.
+        let (row0, row1) = match &vtaps {
+            Some(t) => {
+                let first = t.first().map_or(0, |t| t.start);
+                let last = t.last().map_or(0, |t| t.start + t.weights.len());
+                (first, last.max(first))
             }
-            out
+            None => (0, sh as usize),
+        };
+        let (mid_w, mid) = if need_h {
+            (
+                w as usize,
+                horizontal(src, sw as usize, row0..row1, &htaps()),
+            )
+        } else {
+            (
+                sw as usize,
+                src[row0 * sw as usize * 3..row1 * sw as usize * 3].to_vec(),
+            )
+        };
+        match &vtaps {
+            None => (mid_w, mid),
+            Some(vt) => (mid_w, vertical(&mid, mid_w, row0, vt)),
         }
     };
-    RgbImage::from_raw(mid_w as u32, h, out).unwrap_or_else(|| unreachable!("buffer is w*h*3"))
+    RgbImage::from_raw(out_w as u32, h, out).unwrap_or_else(|| unreachable!("buffer is w*h*3"))
+}
+
+/// Pillow's horizontal 8-bit pass over `rows` of an RGB buffer `width`
+/// pixels wide: one output row per input row, rounded and clipped to u8.
+fn horizontal(src: &[u8], width: usize, rows: std::ops::Range<usize>, htaps: &[Taps]) -> Vec<u8> {
+    let w = htaps.len();
+    let mut mid = vec![0u8; rows.len() * w * 3];
+    for (r, y) in rows.enumerate() {
+        let srow = &src[y * width * 3..][..width * 3];
+        let drow = &mut mid[r * w * 3..][..w * 3];
+        for (xx, t) in htaps.iter().enumerate() {
+            let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
+            for (i, k) in t.weights.iter().enumerate() {
+                let p = &srow[(t.start + i) * 3..][..3];
+                for c in 0..3 {
+                    acc[c] += i64::from(p[c]) * i64::from(*k);
+                }
+            }
+            for c in 0..3 {
+                drow[xx * 3 + c] = clip8(acc[c]);
+            }
+        }
+    }
+    mid
+}
+
+/// Pillow's vertical 8-bit pass: one output row per tap set, reading the
+/// RGB buffer `width` pixels wide whose first row is source row `row0`.
+fn vertical(src: &[u8], width: usize, row0: usize, vtaps: &[Taps]) -> Vec<u8> {
+    let stride = width * 3;
+    let mut out = vec![0u8; vtaps.len() * stride];
+    for (yy, t) in vtaps.iter().enumerate() {
+        let drow = &mut out[yy * stride..][..stride];
+        for (x, d) in drow.iter_mut().enumerate() {
+            let mut acc = 1i64 << (PRECISION_BITS - 1);
+            for (i, k) in t.weights.iter().enumerate() {
+                acc += i64::from(src[(t.start - row0 + i) * stride + x]) * i64::from(*k);
+            }
+            *d = clip8(acc);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -244,7 +291,7 @@ mod tests {
     #[test]
     fn identity_size_is_a_copy() {
         let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
-        let out = resize(&img, 5, 4, Resample::Bicubic, [0.0, 0.0, 5.0, 4.0]);
+        let out = resize(&img, 5, 4, Resample::Bicubic, [0.0, 0.0, 5.0, 4.0], (5, 4));
         assert_eq!(out, img);
     }
 }

@@ -113,6 +113,42 @@ struct RawConfig {
     do_normalize: Option<bool>,
     image_mean: Option<Vec<f32>>,
     image_std: Option<Vec<f32>>,
+    image_processor_type: Option<String>,
+}
+
+/// Defaults for the fields a `preprocessor_config.json` leaves out, as the
+/// transformers processor class it names has them.
+struct Defaults {
+    resize: ResizeTarget,
+    center_crop: bool,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl Defaults {
+    fn for_processor(kind: Option<&str>) -> Self {
+        match kind {
+            // SiglipImageProcessor: a square resize without cropping,
+            // mean/std 0.5 ("IMAGENET_STANDARD").
+            Some(k) if k.starts_with("Siglip") => Self {
+                resize: ResizeTarget::Exact {
+                    height: 224,
+                    width: 224,
+                },
+                center_crop: false,
+                mean: [0.5; 3],
+                std: [0.5; 3],
+            },
+            // CLIPImageProcessor (and CLIPFeatureExtractor, unnamed
+            // configs): shortest side, centre crop, OpenAI's statistics.
+            _ => Self {
+                resize: ResizeTarget::ShortestEdge(224),
+                center_crop: true,
+                mean: OPENAI_CLIP_MEAN,
+                std: OPENAI_CLIP_STD,
+            },
+        }
+    }
 }
 
 fn three(name: &str, v: Option<Vec<f32>>, default: [f32; 3]) -> Result<[f32; 3], String> {
@@ -146,9 +182,10 @@ impl ClipPreprocessor {
         };
         let raw: RawConfig = serde_json::from_str(json)
             .map_err(|e| bad(format!("not a valid preprocessor config: {e}")))?;
+        let defaults = Defaults::for_processor(raw.image_processor_type.as_deref());
         let resize = if raw.do_resize.unwrap_or(true) {
             Some(match raw.size {
-                None => ResizeTarget::ShortestEdge(224),
+                None => defaults.resize,
                 Some(SizeSpec::Int(n)) => ResizeTarget::ShortestEdge(n),
                 Some(SizeSpec::Dict {
                     shortest_edge: Some(n),
@@ -168,7 +205,7 @@ impl ClipPreprocessor {
         } else {
             None
         };
-        let crop = if raw.do_center_crop.unwrap_or(true) {
+        let crop = if raw.do_center_crop.unwrap_or(defaults.center_crop) {
             Some(match raw.crop_size {
                 None => match resize {
                     Some(ResizeTarget::ShortestEdge(n)) => (n, n),
@@ -206,8 +243,8 @@ impl ClipPreprocessor {
             .unwrap_or(true)
             .then_some(raw.rescale_factor.unwrap_or(1.0 / 255.0));
         let normalize = if raw.do_normalize.unwrap_or(true) {
-            let mean = three("image_mean", raw.image_mean, OPENAI_CLIP_MEAN).map_err(bad)?;
-            let std = three("image_std", raw.image_std, OPENAI_CLIP_STD).map_err(bad)?;
+            let mean = three("image_mean", raw.image_mean, defaults.mean).map_err(bad)?;
+            let std = three("image_std", raw.image_std, defaults.std).map_err(bad)?;
             if std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
                 return Err(bad("image_std must be finite and non-zero".into()));
             }
@@ -298,13 +335,13 @@ impl ClipPreprocessor {
                     f64::from(cw) * sx,
                     f64::from(ch) * sy,
                 ];
-                return resize_rgb(img, cw, ch, self.resample, Some(src_box));
+                return resize_rgb(img, (cw, ch), self.resample, Some((src_box, (rw, rh))));
             }
         }
         let resized = if (rw, rh) == (w, h) {
             img.clone()
         } else {
-            resize_rgb(img, rw, rh, self.resample, None)
+            resize_rgb(img, (rw, rh), self.resample, None)
         };
         match self.crop {
             Some((ch, cw)) => center_crop(&resized, ch, cw),
@@ -336,19 +373,20 @@ impl ClipPreprocessor {
 
 /// Resizes `img` (or the source box `[left, top, width, height]` of it) to
 /// `w × h` with Pillow's arithmetic.
+/// `window`: the source box `[left, top, width, height]` of a window of a
+/// whole resize to `(width, height)`.
 fn resize_rgb(
     img: &RgbImage,
-    w: u32,
-    h: u32,
+    (w, h): (u32, u32),
     resample: Resample,
-    src_box: Option<[f64; 4]>,
+    window: Option<([f64; 4], (u32, u32))>,
 ) -> RgbImage {
     let (sw, sh) = img.dimensions();
-    let bx = match src_box {
-        Some([l, t, bw, bh]) => [l, t, l + bw, t + bh],
-        None => [0.0, 0.0, f64::from(sw), f64::from(sh)],
+    let (bx, whole) = match window {
+        Some(([l, t, bw, bh], whole)) => ([l, t, l + bw, t + bh], whole),
+        None => ([0.0, 0.0, f64::from(sw), f64::from(sh)], (w, h)),
     };
-    crate::pillow::resize(img, w, h, resample, bx)
+    crate::pillow::resize(img, w, h, resample, bx, whole)
 }
 
 /// Hugging Face's `center_crop`: offsets `(orig - crop) // 2` with Python's
@@ -420,6 +458,32 @@ mod tests {
     }
 
     #[test]
+    fn siglip_processor_defaults_are_siglips() {
+        // Only the processor named: transformers' SiglipImageProcessor fills
+        // in a 224 x 224 squash, no crop, mean/std 0.5 (not CLIP's).
+        let p = ClipPreprocessor::from_json(r#"{"image_processor_type": "SiglipImageProcessor"}"#)
+            .unwrap();
+        assert_eq!(
+            p.resize,
+            Some(ResizeTarget::Exact {
+                height: 224,
+                width: 224
+            })
+        );
+        assert_eq!(p.crop, None);
+        assert_eq!(p.normalize, Some(([0.5; 3], [0.5; 3])));
+        // A wide image is squashed, not cropped: its left and right edges
+        // survive.
+        let mut img = RgbImage::from_pixel(600, 100, image::Rgb([0, 0, 0]));
+        for y in 0..100 {
+            img.put_pixel(0, y, image::Rgb([255, 255, 255]));
+        }
+        let out = p.resize_and_crop(&img);
+        assert_eq!(out.dimensions(), (224, 224));
+        assert!(out.get_pixel(0, 112)[0] > 50);
+    }
+
+    #[test]
     fn rejects_bad_configs() {
         for bad in [
             r#"{"image_std": [0, 1, 1]}"#,
@@ -454,11 +518,11 @@ mod tests {
             ])
         });
         let p = ClipPreprocessor::openai(224);
-        let full = resize_rgb(&img, 336, 224, Resample::Bicubic, None);
+        let full = resize_rgb(&img, (336, 224), Resample::Bicubic, None);
         let expected = center_crop(&full, 224, 224);
         assert_eq!(p.resize_and_crop(&img), expected);
         let tall = RgbImage::from_fn(97, 403, |x, y| image::Rgb([(x * y % 251) as u8, 3, 200]));
-        let full = resize_rgb(&tall, 224, 930, Resample::Bicubic, None);
+        let full = resize_rgb(&tall, (224, 930), Resample::Bicubic, None);
         assert_eq!(p.resize_and_crop(&tall), center_crop(&full, 224, 224));
     }
 
