@@ -435,7 +435,10 @@ mod tests {
                 "vision_use_head",
             ),
             (r#"{"model_type": "siglip2"}"#, "NaFlex"),
-            (r#"{"model_type": "blip"}"#, "model_type `blip` is not supported"),
+            (
+                r#"{"model_type": "blip"}"#,
+                "model_type `blip` is not supported",
+            ),
         ] {
             let e = ClipConfig::from_json(json).unwrap_err();
             assert!(e.contains(needle), "{json}: {e}");

@@ -72,6 +72,54 @@ async fn conformance() {
     );
 }
 
+/// A SigLIP checkpoint behind the same trait: the shared contract, its own
+/// dimension (the vision width) and context, and texts of different lengths
+/// batched together giving what each gives alone (every SigLIP sequence is
+/// padded to the context, so batch-mates cannot change it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn siglip_conformance() {
+    let dir = fixtures().join("tiny-siglip");
+    let e = LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.to_str().unwrap())
+            .with_device(DeviceSpec::Cpu)
+            .with_max_batch(3),
+    )
+    .unwrap();
+    testkit::batch_contract(&e, ["a photo of a cat", "a red square"]).await;
+    testkit::refuses_unlisted_modalities(&e).await;
+    let info = e.info();
+    assert_eq!(info.native_dimension, 32);
+    assert_eq!(info.max_text_tokens, Some(64));
+    assert!(
+        info.space.as_str().starts_with("clip-blake3:"),
+        "{}",
+        info.space
+    );
+    let texts = [
+        "x",
+        "a photo of a cat",
+        "a much longer caption about a cup of coffee on a saucer",
+    ];
+    let batch = e
+        .embed_batch(texts.iter().map(|t| EmbedRequest::text(*t)).collect())
+        .await;
+    for (t, r) in texts.iter().zip(batch) {
+        let one = e.embed(EmbedRequest::text(*t)).await.unwrap();
+        let c = cosine(
+            r.unwrap().text.as_ref().unwrap(),
+            one.text.as_ref().unwrap(),
+        );
+        assert!(c > 0.99999, "{t}: batched vs single cosine {c}");
+    }
+    let img = e
+        .embed(EmbedRequest::image(
+            fixtures().join("images/cat_451x300.png"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(img.image.unwrap().len(), 32);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_and_image_in_one_request_and_across_batches() {
     let e = tiny();
