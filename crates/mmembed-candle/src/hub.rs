@@ -16,7 +16,8 @@ pub struct ModelFiles {
     pub config: PathBuf,
     /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
     pub weights: Vec<PathBuf>,
-    /// `tokenizer.json`.
+    /// `tokenizer.json`, or `spiece.model` where a (SigLIP) checkpoint has
+    /// only that.
     pub tokenizer: PathBuf,
     /// `preprocessor_config.json`.
     pub preprocessor: PathBuf,
@@ -25,6 +26,8 @@ pub struct ModelFiles {
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 const OTHERS: [&str; 3] = ["config.json", "tokenizer.json", "preprocessor_config.json"];
+/// What a SigLIP v1 repository has instead of `tokenizer.json`.
+const SPIECE: &str = "spiece.model";
 
 /// How to reach the hub. [`HubOptions::from_env`] reads the variables
 /// `huggingface_hub` users already set.
@@ -119,7 +122,10 @@ pub fn local_files(dir: &Path) -> Result<ModelFiles, EmbedError> {
     Ok(ModelFiles {
         config: need(OTHERS[0])?,
         weights,
-        tokenizer: need(OTHERS[1])?,
+        tokenizer: match dir.join(SPIECE) {
+            p if p.is_file() && !dir.join(OTHERS[1]).is_file() => p,
+            _ => need(OTHERS[1])?,
+        },
         preprocessor: need(OTHERS[2])?,
     })
 }
@@ -211,7 +217,10 @@ pub fn hub_files(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelF
     Ok(ModelFiles {
         config: get(OTHERS[0])?,
         weights,
-        tokenizer: get(OTHERS[1])?,
+        tokenizer: match get(OTHERS[1]) {
+            Ok(p) => p,
+            Err(json_err) => get(SPIECE).map_err(|_| json_err)?,
+        },
         preprocessor: get(OTHERS[2])?,
     })
 }

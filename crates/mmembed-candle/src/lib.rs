@@ -22,6 +22,7 @@ mod manifest;
 mod model;
 mod packed;
 mod random;
+mod spm;
 mod tiled;
 mod tokenizer;
 mod train_ops;

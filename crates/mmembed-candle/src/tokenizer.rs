@@ -45,7 +45,8 @@ impl std::fmt::Debug for ClipTokenizer {
 const EOS_TOKENS: &[&str] = &["<|endoftext|>", "</s>", "[SEP]", "<eos>"];
 
 impl ClipTokenizer {
-    /// Loads `tokenizer.json`. `context` is the text tower's
+    /// Loads `tokenizer.json` (or a SigLIP `spiece.model`, converted: see
+    /// [`ClipTokenizer::for_config`]). `context` is the text tower's
     /// `max_position_embeddings`; `config_eos` the config's `eos_token_id`,
     /// used only when the vocabulary has no end-of-text token (old OpenAI
     /// configs say 2, which is not end-of-text in their own vocabulary).
@@ -59,8 +60,16 @@ impl ClipTokenizer {
             reason,
             source: None,
         };
-        let mut inner = Tokenizer::from_file(path)
-            .map_err(|e| load_err(format!("cannot load tokenizer.json: {e}")))?;
+        // A SentencePiece model (SigLIP repositories without tokenizer.json)
+        // is converted; anything else is read as tokenizer.json.
+        let mut inner = if path.extension().is_some_and(|e| e == "model") {
+            let bytes = std::fs::read(path)
+                .map_err(|e| load_err(format!("cannot read {}: {e}", path.display())))?;
+            crate::spm::siglip_tokenizer(&bytes).map_err(load_err)?
+        } else {
+            Tokenizer::from_file(path)
+                .map_err(|e| load_err(format!("cannot load tokenizer.json: {e}")))?
+        };
         let eos_id = EOS_TOKENS
             .iter()
             .find_map(|t| inner.token_to_id(t))
@@ -84,7 +93,10 @@ impl ClipTokenizer {
     }
 
     /// Loads `tokenizer.json` for a model: context and ids from its config,
-    /// padding and pooling as its [`Family`] reads text.
+    /// padding and pooling as its [`Family`] reads text. A path ending in
+    /// `.model` is a SentencePiece model, converted as transformers'
+    /// `SiglipTokenizer` tokenizes (lower case, ASCII punctuation removed):
+    /// Google's SigLIP v1 repositories ship only `spiece.model`.
     pub fn for_config(path: &Path, config: &ClipConfig) -> Result<Self, EmbedError> {
         let text = &config.text;
         let mut tok = Self::from_file(path, text.max_position_embeddings, text.eos_token_id)?;

@@ -231,6 +231,56 @@ fn tiny_siglip_matches_pytorch() {
     assert!(text.min(image) < 0.99999, "int8 matches f32 exactly");
 }
 
+/// Google's SigLIP v1 repositories ship `spiece.model` and no
+/// `tokenizer.json`: the same checkpoint without its tokenizer.json loads
+/// from the SentencePiece model, converted in Rust, and gives the
+/// sentencepiece library's ids (the references) and the same embeddings;
+/// on random strings it agrees with the Python-converted tokenizer.json.
+#[test]
+fn siglip_loads_from_spiece_model_alone() {
+    let f = fixtures();
+    let src = f.join("tiny-siglip");
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "spiece.model",
+        "reference.json",
+        "reference.safetensors",
+        "crops.safetensors",
+    ] {
+        std::fs::copy(src.join(name), dir.path().join(name)).unwrap();
+    }
+    let files = local_files(dir.path()).unwrap();
+    assert!(files.tokenizer.ends_with("spiece.model"));
+    check_model(dir.path(), &f.join("images"), Precision::F32);
+
+    let from_spm = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+    let from_json =
+        LoadedClip::load(&local_files(&src).unwrap(), &Device::Cpu, Precision::F32).unwrap();
+    let alphabet: Vec<char> =
+        "abcXYZ019 .,!?'-_\t\néüßﬁＦ日本🚀\u{a0}\u{301}\u{2581}".chars().collect();
+    let mut state = 0x2545_f491_u64;
+    for _ in 0..2000 {
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let len = (next() % 40) as usize;
+        let text: String = (0..len)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .collect();
+        assert_eq!(
+            from_spm.tokenizer.encode(&text).unwrap(),
+            from_json.tokenizer.encode(&text).unwrap(),
+            "{text:?}"
+        );
+    }
+}
+
 /// Padding is part of SigLIP's input: the same text pooled without its
 /// padding (as CLIP's rule would) gives another vector, so the test above
 /// really checks where and with what we pad.
