@@ -12,7 +12,9 @@
 //! weights to ONNX and serves ONNX Runtime fp32 and dynamic int8 (what a
 //! fastembed user runs), timed in the paired rounds beside PyTorch; without
 //! onnxruntime that half is skipped with a message. Every stack uses
-//! candle's thread count, which `RAYON_NUM_THREADS` sets.
+//! candle's thread count, which `RAYON_NUM_THREADS` sets. A SigLIP base
+//! patch16 224 (random weights) follows in paired rounds against PyTorch
+//! and ONNX Runtime (`-- siglip` runs only that).
 
 use std::hint::black_box;
 use std::io::{BufRead, BufReader, Write};
@@ -41,12 +43,13 @@ struct PyTorch {
 }
 
 impl PyTorch {
-    fn start(threads: usize) -> Result<Self, String> {
+    fn start(threads: usize, family: &str) -> Result<Self, String> {
         let python = std::env::var("MMEMBED_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
         let script = root().join("models/fixtures/bench_pytorch.py");
         let mut child = Command::new(&python)
             .arg(&script)
-            .args(["--serve", "--ort", "--threads", &threads.to_string()])
+            .args(["--serve", "--ort", "--family", family])
+            .args(["--threads", &threads.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -109,6 +112,67 @@ impl Drop for PyTorch {
     }
 }
 
+/// Whether the command line names `what` among its filters, or has none.
+fn selected(what: &str) -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    filters.is_empty() || filters.iter().any(|f| f.contains(what))
+}
+
+/// google/siglip-base-patch16-224's architecture (the defaults of
+/// transformers' SigLIP configs).
+const SIGLIP_B_16_CONFIG_JSON: &str = r#"{"architectures": ["SiglipModel"], "model_type": "siglip", "text_config": {}, "vision_config": {}}"#;
+
+/// The SigLIP family next to CLIP: a random SigLIP base patch16 224 in
+/// paired rounds against PyTorch and ONNX Runtime on the same weights
+/// (`cargo bench --bench local_clip -- siglip` runs only this).
+fn siglip(fixtures: &Path, threads: usize) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let preprocessor =
+        std::fs::read_to_string(fixtures.join("tiny-siglip/preprocessor_config.json")).unwrap();
+    // The fixture's 1,000-piece tokenizer: its ids are valid in the full
+    // 32,000 vocabulary, and the model's cost does not depend on them.
+    write_random_checkpoint(
+        dir.path(),
+        SIGLIP_B_16_CONFIG_JSON,
+        &fixtures.join("tiny-siglip/tokenizer.json"),
+        &preprocessor,
+    )
+    .expect("random SigLIP checkpoint");
+    let files = mmembed::local::local_files(dir.path()).unwrap();
+    let f32 = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+    let int8 = LoadedClip::load(&files, &Device::Cpu, Precision::Int8).unwrap();
+    int8_accuracy("SigLIP B/16", &f32, &int8, fixtures);
+    let cat = std::fs::read(fixtures.join("images/cat_451x300.png")).unwrap();
+    let img = mmembed::media::decode_image(&cat, "cat", &Default::default()).unwrap();
+    let pixels = f32.preprocessor.preprocess(&img);
+    let ids = f32
+        .tokenizer
+        .encode(&["a photo of a cat sitting on a red sofa"; 12].join(" "))
+        .unwrap();
+    assert_eq!(ids.len(), 64);
+    match PyTorch::start(threads, "siglip") {
+        Ok(mut py) => {
+            println!(
+                "
+SigLIP base patch16 224 (random weights)"
+            );
+            paired_ratios(
+                &mut py,
+                [&f32, &int8],
+                &pixels,
+                &ids,
+                &ids,
+                &[("images", 1), ("images", 32), ("texts64", 32)],
+                threads,
+            );
+        }
+        Err(e) => eprintln!("SigLIP comparison skipped: {e}"),
+    }
+}
+
 /// Whether the command line's filter (if any) can select `model/...`
 /// benchmarks; the PyTorch process and the paired rounds are skipped when
 /// only other groups run.
@@ -140,7 +204,7 @@ fn bench(c: &mut Criterion) {
     let files = mmembed::local::local_files(dir.path()).unwrap();
     let clip = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
     let clip8 = LoadedClip::load(&files, &Device::Cpu, Precision::Int8).unwrap();
-    int8_accuracy(&clip, &clip8, &fixtures);
+    int8_accuracy("ViT-B/32", &clip, &clip8, &fixtures);
 
     let cat = std::fs::read(fixtures.join("images/cat_451x300.png")).unwrap();
     let img = mmembed::media::decode_image(&cat, "cat", &Default::default()).unwrap();
@@ -152,7 +216,7 @@ fn bench(c: &mut Criterion) {
     short_ids.push(clip.tokenizer.eos_id());
 
     let threads = mmembed::local::candle_core::utils::get_num_threads();
-    let mut pytorch = match model_group_selected().then(|| PyTorch::start(threads)) {
+    let mut pytorch = match model_group_selected().then(|| PyTorch::start(threads, "clip")) {
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => {
             eprintln!("PyTorch comparison skipped: {e}");
@@ -222,6 +286,9 @@ fn bench(c: &mut Criterion) {
         );
     }
     drop(pytorch);
+    if selected("siglip") {
+        siglip(&fixtures, threads);
+    }
 
     // End to end through the trait: PNG decode + resize + model, on the
     // worker thread, awaited from tokio.
@@ -269,7 +336,7 @@ fn bench(c: &mut Criterion) {
 
 /// Prints the mean cosine of int8 to f32 embeddings over the fixture
 /// images and a few texts (random ViT-B/32 weights).
-fn int8_accuracy(f32: &LoadedClip, int8: &LoadedClip, fixtures: &Path) {
+fn int8_accuracy(label: &str, f32: &LoadedClip, int8: &LoadedClip, fixtures: &Path) {
     let mut pixels = Vec::new();
     for entry in std::fs::read_dir(fixtures.join("images")).unwrap() {
         let path = entry.unwrap().path();
@@ -307,7 +374,7 @@ fn int8_accuracy(f32: &LoadedClip, int8: &LoadedClip, fixtures: &Path) {
         int8.embed_token_ids(&ids).unwrap(),
     );
     println!(
-        "int8 vs f32 on ViT-B/32: mean cosine {img:.6} over {ni} images, {txt:.6} over {nt} texts"
+        "int8 vs f32 on {label}: mean cosine {img:.6} over {ni} images, {txt:.6} over {nt} texts"
     );
 }
 
@@ -354,10 +421,10 @@ fn paired_ratios(
     };
     for &(workload, batch) in workloads {
         let px = vec![pixels.to_vec(); if workload == "images" { batch } else { 0 }];
-        let one = if workload == "texts77" {
-            ids
-        } else {
+        let one = if workload == "texts16" {
             short_ids
+        } else {
+            ids
         };
         let tokens = vec![one.to_vec(); if workload == "images" { 0 } else { batch }];
         let time = |clip: &LoadedClip| {

@@ -80,6 +80,21 @@ pub(crate) enum Epilogue {
     None,
     /// `y * sigmoid(1.702 y)`, CLIP's quick GELU.
     QuickGelu,
+    /// The tanh approximation of GELU (`gelu_pytorch_tanh`, SigLIP's).
+    GeluTanh,
+}
+
+impl Epilogue {
+    /// Applies the activation to `v` in place (inlined, so it vectorises
+    /// inside callers compiled for AVX2 + FMA).
+    #[inline(always)]
+    pub(crate) fn apply_generic(self, v: &mut [f32]) {
+        match self {
+            Epilogue::None => {}
+            Epilogue::QuickGelu => quick_gelu_generic(v),
+            Epilogue::GeluTanh => gelu_tanh_generic(v),
+        }
+    }
 }
 
 /// A fused linear layer's output pass adds a residual or applies an
@@ -226,8 +241,9 @@ impl CustomOp1 for Linear {
             );
         }
         drop(storage);
-        if self.epilogue == Epilogue::QuickGelu {
-            y.par_chunks_mut(chunk).for_each(quick_gelu_in_place);
+        if self.epilogue != Epilogue::None {
+            let act = self.epilogue;
+            y.par_chunks_mut(chunk).for_each(|v| act_in_place(act, v));
         }
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
@@ -495,6 +511,19 @@ pub(crate) fn quick_gelu_generic(v: &mut [f32]) {
     }
 }
 
+/// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))` in place, as PyTorch's
+/// `gelu(approximate="tanh")`, written as `x · sigmoid(2 z)` (the same
+/// function: `(1 + tanh z) / 2 = sigmoid(2 z)`) so it vectorises with
+/// [`exp_approx`] instead of a libm `tanhf` call per element.
+#[inline(always)]
+pub(crate) fn gelu_tanh_generic(v: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    for x in v {
+        let z = C * x.mul_add(0.044_715 * *x * *x, *x);
+        *x /= 1.0 + exp_approx(-2.0 * z);
+    }
+}
+
 #[inline(always)]
 fn softmax_generic(v: &mut [f32]) {
     let max = max_lanes(v);
@@ -516,6 +545,12 @@ fn quick_gelu_avx2(v: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+fn act_avx2(act: Epilogue, v: &mut [f32]) {
+    act.apply_generic(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 fn softmax_avx2(v: &mut [f32]) {
     softmax_generic(v)
 }
@@ -531,6 +566,16 @@ pub(crate) fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static YES: OnceLock<bool> = OnceLock::new();
     *YES.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// An [`Epilogue`]'s activation in place.
+pub(crate) fn act_in_place(act: Epilogue, v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has the features this copy was compiled for.
+        return unsafe { act_avx2(act, v) };
+    }
+    act.apply_generic(v)
 }
 
 /// `x * sigmoid(1.702 x)` in place.
@@ -575,6 +620,26 @@ mod tests {
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(exp_approx(-1e4), exp_approx(-87.3));
         assert!(exp_approx(1e4).is_finite());
+    }
+
+    #[test]
+    fn gelu_tanh_matches_candle_and_pytorchs_formula() -> Result<()> {
+        // candle's `gelu` is the tanh approximation, as PyTorch's
+        // `gelu(approximate="tanh")`; checked over the range where it bends
+        // and its tails, where sigmoid(2z) must not overflow.
+        let xs: Vec<f32> = (-4000..=4000)
+            .map(|i| i as f32 * 0.005)
+            .chain([-90.0, 90.0])
+            .collect();
+        let want: Vec<f32> = Tensor::new(xs.as_slice(), &Device::Cpu)?
+            .gelu()?
+            .to_vec1()?;
+        let mut got = xs.clone();
+        act_in_place(Epilogue::GeluTanh, &mut got);
+        for ((x, g), w) in xs.iter().zip(&got).zip(&want) {
+            assert!((g - w).abs() <= 2e-6 * (1.0 + w.abs()), "x {x}: {g} vs {w}");
+        }
+        Ok(())
     }
 
     #[test]

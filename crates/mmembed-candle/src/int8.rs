@@ -21,7 +21,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernels::with_f32s;
+use crate::cpu_kernels::{Epilogue, with_f32s};
 use crate::tiled::{MR, NR, RowNorm, TileOut, TiledLinear, for_each_tile, rows_of_tile};
 
 /// A linear layer `y = x · wᵀ + b` with `w` quantised to int8.
@@ -160,10 +160,10 @@ impl TiledLinear for QLinear {
         m: usize,
         norm: Option<&RowNorm>,
         residual: Option<&[f32]>,
-        gelu: bool,
+        act: Epilogue,
     ) -> Vec<f32> {
         let (qx, sx) = self.quantize_rows(x, m, norm);
-        for_each_tile(m, self.n, residual, gelu, |tile, out| {
+        for_each_tile(m, self.n, residual, act, |tile, out| {
             let deq = Dequant {
                 row_scale: &sx[tile.r0..],
                 scale: &self.scale[tile.strip * NR..],
@@ -446,18 +446,23 @@ mod tests {
             scale: &q.scale,
             bias: &q.bias,
         };
-        let out = |y: &mut [f32; MR * NR], residual, gelu| TileOut {
+        let out = |y: &mut [f32; MR * NR], residual, act| TileOut {
             y: y.as_mut_ptr(),
             ld: NR,
             rows: MR,
             cols: NR,
             residual,
-            gelu,
+            act,
         };
-        for (residual, gelu) in [(None, false), (Some(res.as_slice()), false), (None, true)] {
+        for (residual, act) in [
+            (None, Epilogue::None),
+            (Some(res.as_slice()), Epilogue::None),
+            (None, Epilogue::QuickGelu),
+            (None, Epilogue::GeluTanh),
+        ] {
             // SAFETY: 6 rows of 16 floats.
-            unsafe { deq.store(&acc, &out(&mut want, residual, gelu)) };
-            q.tile(&qx, 0, 0, &deq, &out(&mut got, residual, gelu));
+            unsafe { deq.store(&acc, &out(&mut want, residual, act)) };
+            q.tile(&qx, 0, 0, &deq, &out(&mut got, residual, act));
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
             }

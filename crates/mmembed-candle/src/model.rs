@@ -1,4 +1,5 @@
-//! CLIP's two towers, loading Hugging Face weight names.
+//! The two towers of CLIP and SigLIP ([`Family`]), loading Hugging Face
+//! weight names.
 //!
 //! Our own module rather than `candle_transformers::models::clip` because
 //! that one (0.11.1) only knows `quick_gelu`, hard-codes layer-norm eps
@@ -6,6 +7,13 @@
 //! which is the end-of-text position only for OpenAI's vocabulary. Here the
 //! config decides the architecture and text is pooled at the first
 //! end-of-text token, as transformers does for current configs.
+//!
+//! SigLIP shares the encoder layers (same weight names, same layer-norm /
+//! attention / MLP order) and differs only around them, so it is this
+//! module's second family rather than candle-transformers' `siglip`: that
+//! way every linear layer, the pooling head's included, runs on our packed
+//! f32 and int8 CPU kernels, and the GPU graph is the same one CLIP's
+//! parity tests hold.
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{
@@ -271,8 +279,10 @@ impl Dense {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         })?;
-        if epilogue == Epilogue::QuickGelu {
-            y = activate(Activation::QuickGelu, self.kernels, &y)?;
+        match epilogue {
+            Epilogue::None => {}
+            Epilogue::QuickGelu => y = activate(Activation::QuickGelu, self.kernels, &y)?,
+            Epilogue::GeluTanh => y = activate(Activation::GeluTanh, self.kernels, &y)?,
         }
         match residual {
             Some(r) => y + r,
@@ -472,13 +482,17 @@ impl Mlp {
 
     fn forward_residual(&self, x: &Tensor, norm: &Norm) -> Result<Tensor> {
         if self.kernels.fused() {
-            let h = match self.act {
-                Activation::QuickGelu => {
-                    self.fc1
-                        .forward_normed(x, norm, None, Epilogue::QuickGelu)?
-                }
-                act => activate(
-                    act,
+            // The activations our kernels apply as they store the product
+            // (in cache, on every core); others run after it.
+            let fused = match self.act {
+                Activation::QuickGelu => Some(Epilogue::QuickGelu),
+                Activation::GeluTanh => Some(Epilogue::GeluTanh),
+                _ => None,
+            };
+            let h = match fused {
+                Some(epilogue) => self.fc1.forward_normed(x, norm, None, epilogue)?,
+                None => activate(
+                    self.act,
                     self.kernels,
                     &self.fc1.forward_normed(x, norm, None, Epilogue::None)?,
                 )?,

@@ -19,7 +19,7 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernels::with_f32s;
+use crate::cpu_kernels::{Epilogue, with_f32s};
 use crate::tiled::{MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile, rows_of_tile};
 
 /// Whether this CPU runs packed layers (faster than the `gemm` crate only
@@ -183,10 +183,10 @@ impl TiledLinear for PackedLinear {
         m: usize,
         norm: Option<&RowNorm>,
         residual: Option<&[f32]>,
-        gelu: bool,
+        act: Epilogue,
     ) -> Vec<f32> {
         let a = self.pack_rows(x, m, norm);
-        for_each_tile(m, self.n, residual, gelu, |tile, out| {
+        for_each_tile(m, self.n, residual, act, |tile, out| {
             self.tile(&a, tile, out)
         })
     }
@@ -417,7 +417,7 @@ mod tests {
             rows: MR,
             cols: NR,
             residual: None,
-            gelu: false,
+            act: Epilogue::None,
         };
         p.tile(&a, &Tile { r0: 0, strip: 0 }, &out);
         for (g, w) in got.iter().zip(&want) {

@@ -14,9 +14,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernels::{
-    Epilogue, SharedOut, f32s, layer_norm_row, quick_gelu_generic, threads, with_f32s,
-};
+use crate::cpu_kernels::{Epilogue, SharedOut, f32s, layer_norm_row, threads, with_f32s};
 
 /// Columns per weight strip (two 8-lane registers).
 pub(crate) const NR: usize = 16;
@@ -75,7 +73,7 @@ pub(crate) trait TiledLinear: Send + Sync {
         m: usize,
         norm: Option<&RowNorm>,
         residual: Option<&[f32]>,
-        gelu: bool,
+        act: Epilogue,
     ) -> Vec<f32>;
 }
 
@@ -160,15 +158,15 @@ impl CustomOp1 for Op<'_> {
         if let Some(last) = out_dims.last_mut() {
             *last = n;
         }
-        let gelu = self.epilogue == Epilogue::QuickGelu;
+        let act = self.epilogue;
         if let Some(res) = &self.residual
             && res.dims() != out_dims.as_slice()
         {
             candle_core::bail!("{name}: residual {:?}, output {out_dims:?}", res.dims());
         }
         let with_residual = |norm: Option<&RowNorm>| match &self.residual {
-            Some(res) => with_f32s(res, |r| Ok(self.layer.run(x, m, norm, Some(r), gelu))),
-            None => Ok(self.layer.run(x, m, norm, None, gelu)),
+            Some(res) => with_f32s(res, |r| Ok(self.layer.run(x, m, norm, Some(r), act))),
+            None => Ok(self.layer.run(x, m, norm, None, act)),
         };
         let y = match &self.norm {
             Some((w, b, eps)) => with_f32s(w, |w| {
@@ -189,8 +187,8 @@ pub(crate) struct TileOut<'a> {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) residual: Option<&'a [f32]>,
-    /// Quick-GELU after the bias (never together with a residual).
-    pub(crate) gelu: bool,
+    /// The activation after the bias (never together with a residual).
+    pub(crate) act: Epilogue,
 }
 
 impl TileOut<'_> {
@@ -201,12 +199,10 @@ impl TileOut<'_> {
     /// `ld` apart.
     #[inline(always)]
     pub(crate) unsafe fn finish_row(&self, i: usize, t: &mut [f32; NR]) {
-        if self.gelu {
-            // Here, while the tile is in cache, rather than as a pass over
-            // the output afterwards (measured: 3 % of a batch-32 image
-            // forward as a separate pass).
-            quick_gelu_generic(t);
-        }
+        // Here, while the tile is in cache, rather than as a pass over the
+        // output afterwards (measured: 3 % of a batch-32 image forward as a
+        // separate pass).
+        self.act.apply_generic(t);
         // SAFETY: per the contract.
         let y = unsafe { std::slice::from_raw_parts_mut(self.y.add(i * self.ld), self.cols) };
         match self.residual {
@@ -237,7 +233,7 @@ pub(crate) fn for_each_tile(
     m: usize,
     n: usize,
     residual: Option<&[f32]>,
-    gelu: bool,
+    act: Epilogue,
     f: impl Fn(&Tile, &TileOut) + Sync,
 ) -> Vec<f32> {
     // Not zero-filled: the tiles write every element (zeroing was 2.6 % of
@@ -270,7 +266,7 @@ pub(crate) fn for_each_tile(
                     rows: MR.min(rows.end - r0),
                     cols: cols.len(),
                     residual: residual.map(|r| &r[r0 * n + cols.start..]),
-                    gelu,
+                    act,
                 };
                 f(&tile, &to);
             }

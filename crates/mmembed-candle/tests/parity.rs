@@ -259,8 +259,9 @@ fn siglip_loads_from_spiece_model_alone() {
     let from_spm = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
     let from_json =
         LoadedClip::load(&local_files(&src).unwrap(), &Device::Cpu, Precision::F32).unwrap();
-    let alphabet: Vec<char> =
-        "abcXYZ019 .,!?'-_\t\néüßﬁＦ日本🚀\u{a0}\u{301}\u{2581}".chars().collect();
+    let alphabet: Vec<char> = "abcXYZ019 .,!?'-_\t\néüßﬁＦ日本🚀\u{a0}\u{301}\u{2581}"
+        .chars()
+        .collect();
     let mut state = 0x2545_f491_u64;
     for _ in 0..2000 {
         let mut next = || {
