@@ -537,11 +537,6 @@ fn softmax_generic(v: &mut [f32]) {
 // The same loops compiled for AVX2+FMA, picked at run time: the crate
 // itself is built for baseline x86-64, where `round_ties_even` and `mul_add`
 // are calls rather than instructions and nothing vectorises.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn quick_gelu_avx2(v: &mut [f32]) {
-    quick_gelu_generic(v)
-}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -576,16 +571,6 @@ pub(crate) fn act_in_place(act: Epilogue, v: &mut [f32]) {
         return unsafe { act_avx2(act, v) };
     }
     act.apply_generic(v)
-}
-
-/// `x * sigmoid(1.702 x)` in place.
-pub(crate) fn quick_gelu_in_place(v: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU has the features this copy was compiled for.
-        return unsafe { quick_gelu_avx2(v) };
-    }
-    quick_gelu_generic(v)
 }
 
 /// Softmax of one row in place.
@@ -647,7 +632,7 @@ mod tests {
         let x = (Tensor::randn(0f32, 3., (7, 301), &Device::Cpu)? * 4.0)?;
         let want = (&x * candle_nn::ops::sigmoid(&(&x * 1.702)?)?)?;
         let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-        quick_gelu_in_place(&mut v);
+        act_in_place(Epilogue::QuickGelu, &mut v);
         let got = Tensor::from_vec(v, (7, 301), &Device::Cpu)?;
         assert!(max_diff(&got, &want) < 1e-5);
         Ok(())
