@@ -141,15 +141,21 @@ pub struct ClipConfig {
 // transformers' config classes have them (CLIPTextConfig, SiglipTextConfig,
 // ...), so short old configs load as transformers loads them.
 #[derive(Deserialize)]
-struct RawText {
-    vocab_size: Option<usize>,
+struct RawTower {
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
     num_hidden_layers: Option<usize>,
     num_attention_heads: Option<usize>,
-    max_position_embeddings: Option<usize>,
     hidden_act: Option<String>,
     layer_norm_eps: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct RawText {
+    #[serde(flatten)]
+    tower: RawTower,
+    vocab_size: Option<usize>,
+    max_position_embeddings: Option<usize>,
     eos_token_id: Option<u32>,
     pad_token_id: Option<u32>,
     projection_size: Option<usize>,
@@ -157,15 +163,11 @@ struct RawText {
 
 #[derive(Deserialize)]
 struct RawVision {
-    hidden_size: Option<usize>,
-    intermediate_size: Option<usize>,
-    num_hidden_layers: Option<usize>,
-    num_attention_heads: Option<usize>,
+    #[serde(flatten)]
+    tower: RawTower,
     num_channels: Option<usize>,
     image_size: Option<usize>,
     patch_size: Option<usize>,
-    hidden_act: Option<String>,
-    layer_norm_eps: Option<f64>,
     vision_use_head: Option<bool>,
 }
 
@@ -205,6 +207,29 @@ impl Defaults {
                 pad: Some(1),
             },
         }
+    }
+}
+
+impl RawTower {
+    /// The tower's shape, the family's `defaults` (width, MLP width,
+    /// layers, heads) where the config is silent.
+    fn resolve(
+        &self,
+        name: &str,
+        defaults: [usize; 4],
+        d: &Defaults,
+    ) -> Result<TowerConfig, String> {
+        tower(
+            name,
+            [
+                self.hidden_size.unwrap_or(defaults[0]),
+                self.intermediate_size.unwrap_or(defaults[1]),
+                self.num_hidden_layers.unwrap_or(defaults[2]),
+                self.num_attention_heads.unwrap_or(defaults[3]),
+            ],
+            self.hidden_act.as_deref().unwrap_or(d.act),
+            self.layer_norm_eps.unwrap_or(d.eps),
+        )
     }
 }
 
@@ -267,28 +292,8 @@ impl ClipConfig {
             .map_err(|e| format!("text_config: {e}"))?;
         let vi: RawVision = serde_json::from_value(section("vision_config", "vision_config_dict"))
             .map_err(|e| format!("vision_config: {e}"))?;
-        let text_tower = tower(
-            "text_config",
-            [
-                t.hidden_size.unwrap_or(d.text[0]),
-                t.intermediate_size.unwrap_or(d.text[1]),
-                t.num_hidden_layers.unwrap_or(d.text[2]),
-                t.num_attention_heads.unwrap_or(d.text[3]),
-            ],
-            t.hidden_act.as_deref().unwrap_or(d.act),
-            t.layer_norm_eps.unwrap_or(d.eps),
-        )?;
-        let vision_tower = tower(
-            "vision_config",
-            [
-                vi.hidden_size.unwrap_or(d.vision[0]),
-                vi.intermediate_size.unwrap_or(d.vision[1]),
-                vi.num_hidden_layers.unwrap_or(d.vision[2]),
-                vi.num_attention_heads.unwrap_or(d.vision[3]),
-            ],
-            vi.hidden_act.as_deref().unwrap_or(d.act),
-            vi.layer_norm_eps.unwrap_or(d.eps),
-        )?;
+        let text_tower = t.tower.resolve("text_config", d.text, &d)?;
+        let vision_tower = vi.tower.resolve("vision_config", d.vision, &d)?;
         let projection_dim = match family {
             Family::Clip => v
                 .get("projection_dim")

@@ -359,7 +359,7 @@ fn shards_partition_the_job_and_parquet_has_the_schema() {
     let mut union = vec![];
     for i in 0..3 {
         let p = d.path().join(format!("shard-{i}.jsonl"));
-        let _ = batch(
+        let o = batch(
             d.path(),
             rel,
             &p,
@@ -371,7 +371,15 @@ fn shards_partition_the_job_and_parquet_has_the_schema() {
         let rows = read_jsonl(&p);
         let files: std::collections::BTreeSet<_> =
             rows.iter().map(|r| r["uri"].to_string()).collect();
-        assert!((1..9).contains(&files.len()), "shard {i}: {files:?}");
+        // Failed rows make exit 1, so the status alone proves nothing; the
+        // job's own report goes into the message (a CI run once saw an
+        // empty shard here that no rerun reproduced).
+        assert!(
+            (1..9).contains(&files.len()),
+            "shard {i}: {files:?}; exit {:?}, stderr: {}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr)
+        );
         union.extend(rows);
     }
     assert_same_rows(&read_jsonl(&whole), &union);
