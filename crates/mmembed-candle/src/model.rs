@@ -135,6 +135,16 @@ fn activate(act: Activation, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Softmax over the last dimension: candle's fused kernel for inference,
+/// ops candle can differentiate for training.
+fn softmax(kernels: Kernels, w: &Tensor) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused | Kernels::Int8 | Kernels::Portable => candle_nn::ops::softmax_last_dim(w),
+        Kernels::Differentiable if train_ops::supported(w) => train_ops::softmax_last_dim(w),
+        Kernels::Differentiable => candle_nn::ops::softmax(w, D::Minus1),
+    }
+}
+
 /// `v` (any shape) repeated as `n` rows: `[n, v.elem_count()]`.
 ///
 /// Written as a `[n, 1] x [1, len]` matmul rather than a broadcast because
@@ -432,13 +442,7 @@ impl Attention {
         if let Some(m) = mask {
             w = w.broadcast_add(m)?;
         }
-        let w = match self.kernels {
-            Kernels::Fused | Kernels::Int8 | Kernels::Portable => {
-                candle_nn::ops::softmax_last_dim(&w)?
-            }
-            Kernels::Differentiable if train_ops::supported(&w) => train_ops::softmax_last_dim(&w)?,
-            Kernels::Differentiable => candle_nn::ops::softmax(&w, D::Minus1)?,
-        };
+        let w = softmax(self.kernels, &w)?;
         w.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
     }
 
@@ -855,11 +859,7 @@ impl AttentionPool {
         };
         let (k, v) = (split(kv.narrow(2, 0, d)?)?, split(kv.narrow(2, d, d)?)?);
         let w = q.matmul(&k.t()?)?;
-        let w = match self.kernels {
-            Kernels::Differentiable if train_ops::supported(&w) => train_ops::softmax_last_dim(&w)?,
-            Kernels::Differentiable => candle_nn::ops::softmax(&w, D::Minus1)?,
-            _ => candle_nn::ops::softmax_last_dim(&w)?,
-        };
+        let w = softmax(self.kernels, &w)?;
         let pooled = w.matmul(&v)?.reshape((b, d))?;
         let pooled = if self.kernels.fused() {
             self.out.forward_fused(&pooled, None, Epilogue::None)?
