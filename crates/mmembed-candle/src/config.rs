@@ -1,5 +1,5 @@
-//! A dual-encoder architecture (CLIP or SigLIP), read from a Hugging Face
-//! `config.json`.
+//! A dual-encoder architecture (CLIP, SigLIP or Chinese-CLIP), read from a
+//! Hugging Face `config.json`.
 
 use serde::Deserialize;
 
@@ -68,6 +68,11 @@ pub enum Family {
     /// sequence pooled at its last position, a text `head` with bias; the
     /// joint space is the vision width.
     Siglip,
+    /// Chinese-CLIP (`chinese_clip`): CLIP's vision tower, and a BERT text
+    /// tower (WordPiece tokens, post-norm layers, exact GELU, a padding
+    /// mask) pooled at its first (`[CLS]`) token; bias-free projections to
+    /// `projection_dim`.
+    ChineseClip,
 }
 
 impl Family {
@@ -75,11 +80,12 @@ impl Family {
         match t {
             None | Some("clip") => Ok(Self::Clip),
             Some("siglip") => Ok(Self::Siglip),
+            Some("chinese_clip") => Ok(Self::ChineseClip),
             Some("siglip2") => Err("model_type `siglip2` (NaFlex, variable resolution) is not \
                  supported; SigLIP 2's fixed-resolution checkpoints (model_type `siglip`) are"
                 .into()),
             Some(other) => Err(format!(
-                "model_type `{other}` is not supported (supported: clip, siglip)"
+                "model_type `{other}` is not supported (supported: clip, siglip, chinese_clip)"
             )),
         }
     }
@@ -89,6 +95,7 @@ impl Family {
         match self {
             Self::Clip => "clip",
             Self::Siglip => "siglip",
+            Self::ChineseClip => "chinese_clip",
         }
     }
 }
@@ -100,13 +107,15 @@ pub struct TextConfig {
     pub tower: TowerConfig,
     /// Vocabulary size.
     pub vocab_size: usize,
-    /// Context length (77 for CLIP, 64 for SigLIP).
+    /// Context length (77 for CLIP, 64 for SigLIP, 512 positions for
+    /// Chinese-CLIP's BERT).
     pub max_position_embeddings: usize,
     /// `eos_token_id` from the config (2 in old OpenAI configs, which is wrong;
     /// the tokenizer's end-of-text id is preferred, see [`crate::ClipTokenizer`]).
     pub eos_token_id: Option<u32>,
-    /// `pad_token_id`: what SigLIP pads every sequence to the context with
-    /// (CLIP pads with end-of-text, after the pooled position).
+    /// `pad_token_id`: what SigLIP pads every sequence to the context with,
+    /// and Chinese-CLIP a batch to its longest sequence (CLIP pads with
+    /// end-of-text, after the pooled position).
     pub pad_token_id: Option<u32>,
 }
 
@@ -178,8 +187,9 @@ struct Defaults {
     context: usize,
     vision: [usize; 4],
     patch: usize,
-    act: &'static str,
-    eps: f64,
+    /// `hidden_act` and `layer_norm_eps`, text tower then vision tower.
+    act: [&'static str; 2],
+    eps: [f64; 2],
     pad: Option<u32>,
 }
 
@@ -192,8 +202,8 @@ impl Defaults {
                 context: 77,
                 vision: [768, 3072, 12, 12],
                 patch: 32,
-                act: "quick_gelu",
-                eps: 1e-5,
+                act: ["quick_gelu"; 2],
+                eps: [1e-5; 2],
                 pad: None,
             },
             Family::Siglip => Self {
@@ -202,23 +212,31 @@ impl Defaults {
                 context: 64,
                 vision: [768, 3072, 12, 12],
                 patch: 16,
-                act: "gelu_pytorch_tanh",
-                eps: 1e-6,
+                act: ["gelu_pytorch_tanh"; 2],
+                eps: [1e-6; 2],
                 pad: Some(1),
+            },
+            // ChineseCLIPTextConfig (BERT-base) and ChineseCLIPVisionConfig.
+            Family::ChineseClip => Self {
+                vocab: 30522,
+                text: [768, 3072, 12, 12],
+                context: 512,
+                vision: [768, 3072, 12, 12],
+                patch: 32,
+                act: ["gelu", "quick_gelu"],
+                eps: [1e-12, 1e-5],
+                pad: Some(0),
             },
         }
     }
 }
 
 impl RawTower {
-    /// The tower's shape, the family's `defaults` (width, MLP width,
-    /// layers, heads) where the config is silent.
-    fn resolve(
-        &self,
-        name: &str,
-        defaults: [usize; 4],
-        d: &Defaults,
-    ) -> Result<TowerConfig, String> {
+    /// The tower's shape, the family's defaults for tower `which` (0 text,
+    /// 1 vision: width, MLP width, layers, heads, activation, eps) where the
+    /// config is silent.
+    fn resolve(&self, name: &str, which: usize, d: &Defaults) -> Result<TowerConfig, String> {
+        let defaults = [d.text, d.vision][which];
         tower(
             name,
             [
@@ -227,8 +245,8 @@ impl RawTower {
                 self.num_hidden_layers.unwrap_or(defaults[2]),
                 self.num_attention_heads.unwrap_or(defaults[3]),
             ],
-            self.hidden_act.as_deref().unwrap_or(d.act),
-            self.layer_norm_eps.unwrap_or(d.eps),
+            self.hidden_act.as_deref().unwrap_or(d.act[which]),
+            self.layer_norm_eps.unwrap_or(d.eps[which]),
         )
     }
 }
@@ -292,10 +310,10 @@ impl ClipConfig {
             .map_err(|e| format!("text_config: {e}"))?;
         let vi: RawVision = serde_json::from_value(section("vision_config", "vision_config_dict"))
             .map_err(|e| format!("vision_config: {e}"))?;
-        let text_tower = t.tower.resolve("text_config", d.text, &d)?;
-        let vision_tower = vi.tower.resolve("vision_config", d.vision, &d)?;
+        let text_tower = t.tower.resolve("text_config", 0, &d)?;
+        let vision_tower = vi.tower.resolve("vision_config", 1, &d)?;
         let projection_dim = match family {
-            Family::Clip => v
+            Family::Clip | Family::ChineseClip => v
                 .get("projection_dim")
                 .and_then(|p| p.as_u64())
                 .map_or(512, |p| p as usize),
@@ -426,6 +444,21 @@ mod tests {
         // CLIP keeps its own defaults.
         let clip = ClipConfig::vit_b_32();
         assert_eq!((clip.family, clip.text.pad_token_id), (Family::Clip, None));
+    }
+
+    #[test]
+    fn chinese_clip_defaults_are_transformers_defaults() {
+        let c = ClipConfig::from_json(r#"{"model_type": "chinese_clip"}"#).unwrap();
+        assert_eq!(c.family, Family::ChineseClip);
+        // BERT-base text tower, CLIP ViT-B/32 vision tower.
+        assert_eq!(c.text.vocab_size, 30522);
+        assert_eq!(c.text.max_position_embeddings, 512);
+        assert_eq!(c.text.pad_token_id, Some(0));
+        assert_eq!(c.text.tower.activation, Activation::Gelu);
+        assert_eq!(c.text.tower.layer_norm_eps, 1e-12);
+        assert_eq!(c.vision.tower.activation, Activation::QuickGelu);
+        assert_eq!(c.vision.tower.layer_norm_eps, 1e-5);
+        assert_eq!((c.vision.patch_size, c.projection_dim), (32, 512));
     }
 
     #[test]

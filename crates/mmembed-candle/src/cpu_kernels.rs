@@ -252,18 +252,35 @@ impl CustomOp1 for Linear {
 /// Multi-head self-attention from a packed projection: `qkv [b, t, 3d]`
 /// holds each token's query, key and value (heads side by side in each);
 /// the result is `[b, t, d]` with heads merged, ready for the output
-/// projection. Scores are scaled by `1/sqrt(d/heads)`; `causal` masks
-/// later tokens. Each (sequence, head) pair is one task: two small matmuls
-/// read the heads in place by stride and write the output in place, so
-/// no split or merge copies are made.
-pub(crate) fn attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+/// projection. Scores are scaled by `1/sqrt(d/heads)`; `visible` says
+/// which keys each query sees. Each (sequence, head) pair is one task: two
+/// small matmuls read the heads in place by stride and write the output in
+/// place, so no split or merge copies are made.
+pub(crate) fn attention(qkv: &Tensor, heads: usize, visible: Visible) -> Result<Tensor> {
+    let b = qkv.dim(0)?;
+    if let Visible::Prefix(lens) = &visible
+        && lens.len() != b
+    {
+        candle_core::bail!("cpu-attention: {} lengths for {b} sequences", lens.len());
+    }
     qkv.contiguous()?
-        .apply_op1_no_bwd(&Attention { heads, causal })
+        .apply_op1_no_bwd(&Attention { heads, visible })
+}
+
+/// The keys each query attends to.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Visible {
+    /// Every key.
+    All,
+    /// Keys up to the query's own position (CLIP's text).
+    Causal,
+    /// Sequence `i`'s first `lens[i]` keys: the rest is padding (BERT).
+    Prefix(Vec<usize>),
 }
 
 struct Attention {
     heads: usize,
-    causal: bool,
+    visible: Visible,
 }
 
 /// A pointer that tasks write through at disjoint offsets.
@@ -300,7 +317,7 @@ impl CustomOp1 for Attention {
         let scale = (hd as f32).powf(-0.5);
         let mut out = vec![0f32; b * t * d];
         let dst = SharedOut(out.as_mut_ptr());
-        let causal = self.causal;
+        let visible = &self.visible;
         (0..b * h).into_par_iter().for_each_init(
             || vec![0f32; t * t],
             |scores, task| {
@@ -335,7 +352,13 @@ impl CustomOp1 for Attention {
                     );
                 }
                 for (i, row) in scores.chunks_exact_mut(t).enumerate() {
-                    let valid = if causal { i + 1 } else { t };
+                    // At least one key: a padded sequence keeps its first
+                    // token, whatever length it is given.
+                    let valid = match visible {
+                        Visible::All => t,
+                        Visible::Causal => i + 1,
+                        Visible::Prefix(lens) => lens[seq].clamp(1, t),
+                    };
                     softmax_in_place(&mut row[..valid]);
                     row[valid..].fill(0.0);
                 }
@@ -670,7 +693,7 @@ mod tests {
     }
 
     /// Reference attention the way the model's candle path computes it.
-    fn reference(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    fn reference(qkv: &Tensor, heads: usize, visible: &Visible) -> Result<Tensor> {
         let (b, t, d3) = qkv.dims3()?;
         let d = d3 / 3;
         let hd = d / heads;
@@ -682,31 +705,46 @@ mod tests {
         };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let mut w = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-        if causal {
-            let m: Vec<f32> = (0..t)
-                .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            w = w.broadcast_add(&Tensor::from_vec(m, (t, t), qkv.device())?)?;
-        }
+        // An additive mask [b, 1, t, t]: -inf where a key is hidden.
+        let hidden = |s: usize, i: usize, j: usize| match visible {
+            Visible::All => false,
+            Visible::Causal => j > i,
+            Visible::Prefix(lens) => j >= lens[s].max(1),
+        };
+        let m: Vec<f32> = (0..b * t * t)
+            .map(|n| {
+                let (s, i, j) = (n / (t * t), n / t % t, n % t);
+                if hidden(s, i, j) {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        w = w.broadcast_add(&Tensor::from_vec(m, (b, 1, t, t), qkv.device())?)?;
         let w = candle_nn::ops::softmax(&w, D::Minus1)?;
         w.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
     }
 
     #[test]
-    fn attention_matches_candle_with_and_without_causal_mask() -> Result<()> {
+    fn attention_matches_candle_with_each_mask() -> Result<()> {
         let dev = Device::Cpu;
         for (b, t, heads, hd) in [(1, 1, 1, 4), (3, 7, 2, 8), (2, 50, 12, 64)] {
             let qkv = Tensor::randn(0f32, 1., (b, t, 3 * heads * hd), &dev)?;
-            for causal in [false, true] {
-                let got = attention(&qkv, heads, causal)?;
-                let want = reference(&qkv, heads, causal)?;
+            // Lengths from full down to 1 (and a 0, read as 1).
+            let lens = (0..b).map(|i| t.saturating_sub(3 * i)).collect();
+            for visible in [Visible::All, Visible::Causal, Visible::Prefix(lens)] {
+                let got = attention(&qkv, heads, visible.clone())?;
+                let want = reference(&qkv, heads, &visible)?;
                 assert_eq!(got.dims(), want.dims());
                 let diff = max_diff(&got, &want);
-                assert!(diff < 1e-5, "b{b} t{t} h{heads} causal {causal}: {diff}");
+                assert!(diff < 1e-5, "b{b} t{t} h{heads} {visible:?}: {diff}");
             }
         }
         let bad = Tensor::zeros((1, 2, 10), DType::F32, &dev)?;
-        assert!(attention(&bad, 3, false).is_err());
+        assert!(attention(&bad, 3, Visible::All).is_err());
+        let qkv = Tensor::zeros((2, 2, 6), DType::F32, &dev)?;
+        assert!(attention(&qkv, 1, Visible::Prefix(vec![1])).is_err());
         Ok(())
     }
 

@@ -301,9 +301,12 @@ impl LoadedClip {
 
     /// Unit-length text embeddings for a batch of token id sequences.
     pub fn embed_token_ids(&self, seqs: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let (flat, len, pool) = self.tokenizer.batch(seqs);
-        let ids = Tensor::from_vec(flat, (seqs.len(), len), &self.device)?;
-        let out = self.model.text.forward(&ids, &pool)?;
+        let batch = self.tokenizer.batch(seqs);
+        let ids = Tensor::from_vec(batch.ids, (seqs.len(), batch.len), &self.device)?;
+        let out = self
+            .model
+            .text
+            .forward_padded(&ids, &batch.pool, Some(&batch.lens))?;
         rows(&out)
     }
 

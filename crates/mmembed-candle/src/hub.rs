@@ -16,8 +16,9 @@ pub struct ModelFiles {
     pub config: PathBuf,
     /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
     pub weights: Vec<PathBuf>,
-    /// `tokenizer.json`, or `spiece.model` where a (SigLIP) checkpoint has
-    /// only that.
+    /// `tokenizer.json`; where a checkpoint has none, `spiece.model`
+    /// (SigLIP) or `vocab.txt` (Chinese-CLIP's BERT, with the
+    /// `tokenizer_config.json` beside it when there is one).
     pub tokenizer: PathBuf,
     /// `preprocessor_config.json`.
     pub preprocessor: PathBuf,
@@ -28,6 +29,10 @@ const INDEX: &str = "model.safetensors.index.json";
 const OTHERS: [&str; 3] = ["config.json", "tokenizer.json", "preprocessor_config.json"];
 /// What a SigLIP v1 repository has instead of `tokenizer.json`.
 const SPIECE: &str = "spiece.model";
+/// What a Chinese-CLIP repository has instead of `tokenizer.json`, and the
+/// file with its tokenizer's options.
+const VOCAB: &str = "vocab.txt";
+const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 
 /// How to reach the hub. [`HubOptions::from_env`] reads the variables
 /// `huggingface_hub` users already set.
@@ -122,8 +127,10 @@ pub fn local_files(dir: &Path) -> Result<ModelFiles, EmbedError> {
     Ok(ModelFiles {
         config: need(OTHERS[0])?,
         weights,
-        tokenizer: match dir.join(SPIECE) {
-            p if p.is_file() && !dir.join(OTHERS[1]).is_file() => p,
+        tokenizer: match [SPIECE, VOCAB].map(|n| dir.join(n)) {
+            _ if dir.join(OTHERS[1]).is_file() => need(OTHERS[1])?,
+            [spiece, _] if spiece.is_file() => spiece,
+            [_, vocab] if vocab.is_file() => vocab,
             _ => need(OTHERS[1])?,
         },
         preprocessor: need(OTHERS[2])?,
@@ -219,7 +226,16 @@ pub fn hub_files(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelF
         weights,
         tokenizer: match get(OTHERS[1]) {
             Ok(p) => p,
-            Err(json_err) => get(SPIECE).map_err(|_| json_err)?,
+            Err(json_err) => match get(SPIECE) {
+                Ok(p) => p,
+                Err(_) => {
+                    let vocab = get(VOCAB).map_err(|_| json_err)?;
+                    // Into the same snapshot directory, where the loader
+                    // looks for it; BERT's defaults when there is none.
+                    let _ = get(TOKENIZER_CONFIG);
+                    vocab
+                }
+            },
         },
         preprocessor: get(OTHERS[2])?,
     })

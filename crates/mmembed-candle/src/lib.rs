@@ -37,7 +37,7 @@ pub use malloc::tune_malloc_for_inference;
 pub use manifest::Manifest;
 pub use model::{ClipModel, Kernels, TextTower, VisionTower};
 pub use random::{VIT_B_32_CONFIG_JSON, write_random_checkpoint};
-pub use tokenizer::ClipTokenizer;
+pub use tokenizer::{ClipTokenizer, TextBatch};
 
 pub(crate) use mmembed_core::Source;
 

@@ -1,5 +1,5 @@
-//! The two towers of CLIP and SigLIP ([`Family`]), loading Hugging Face
-//! weight names.
+//! The two towers of CLIP, SigLIP and Chinese-CLIP ([`Family`]), loading
+//! Hugging Face weight names.
 //!
 //! Our own module rather than `candle_transformers::models::clip` because
 //! that one (0.11.1) only knows `quick_gelu`, hard-codes layer-norm eps
@@ -14,6 +14,12 @@
 //! way every linear layer, the pooling head's included, runs on our packed
 //! f32 and int8 CPU kernels, and the GPU graph is the same one CLIP's
 //! parity tests hold.
+//!
+//! Chinese-CLIP's vision tower is CLIP's; its text tower is BERT: the same
+//! attention and MLP blocks under other weight names, with the layer norm
+//! after each residual (post-norm) instead of before, a padding mask, and
+//! token-type embeddings (always type 0, folded into the positions at load).
+//! It is built from this module's layers for the same reasons.
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{
@@ -22,7 +28,7 @@ use candle_nn::{
 };
 
 use crate::config::{Activation, ClipConfig, Family, TowerConfig};
-use crate::cpu_kernels::{self, Epilogue};
+use crate::cpu_kernels::{self, Epilogue, Visible};
 use crate::int8::QLinear;
 use crate::packed::{self, PackedLinear};
 use crate::tiled::{self, TiledLinear};
@@ -304,14 +310,18 @@ impl Dense {
 impl Dense {
     /// Inference: `act(norm(x) wᵀ + b) + residual`. A packed layer folds the
     /// layer norm into packing its activations; otherwise the norm runs
-    /// first.
+    /// first. Without a norm (post-norm layers) it is
+    /// [`Dense::forward_fused`].
     fn forward_normed(
         &self,
         x: &Tensor,
-        norm: &Norm,
+        norm: Option<&Norm>,
         residual: Option<&Tensor>,
         epilogue: Epilogue,
     ) -> Result<Tensor> {
+        let Some(norm) = norm else {
+            return self.forward_fused(x, residual, epilogue);
+        };
         if let (Weights::Packed(p), true, Some(b)) =
             (&self.linear, self.kernels.host(x), norm.ln.bias())
         {
@@ -321,6 +331,79 @@ impl Dense {
         self.forward_fused(&norm.forward(x)?, residual, epilogue)
     }
 }
+
+/// Which keys each query attends to in one forward pass: as our CPU kernel
+/// takes it, and as the additive tensor (0 or -inf) candle's ops add to the
+/// scores.
+struct Mask {
+    visible: Visible,
+    additive: Option<Tensor>,
+}
+
+impl Mask {
+    fn all() -> Self {
+        Self {
+            visible: Visible::All,
+            additive: None,
+        }
+    }
+
+    /// CLIP's text: `[t, t]`, keys up to the query's own position.
+    fn causal(t: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let m: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Ok(Self {
+            visible: Visible::Causal,
+            additive: Some(Tensor::from_slice(&m, (t, t), dev)?.to_dtype(dtype)?),
+        })
+    }
+
+    /// BERT's padding: `[b, 1, 1, t]`, sequence `i`'s first `lens[i]` keys
+    /// (at least one).
+    fn prefix(lens: &[usize], t: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let m: Vec<f32> = lens
+            .iter()
+            .flat_map(|&n| {
+                (0..t).map(move |j| {
+                    if j >= n.max(1) {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        Ok(Self {
+            visible: Visible::Prefix(lens.to_vec()),
+            additive: Some(Tensor::from_slice(&m, (lens.len(), 1, 1, t), dev)?.to_dtype(dtype)?),
+        })
+    }
+}
+
+/// An attention block's weight names under its prefix.
+struct AttentionNames {
+    q: &'static str,
+    k: &'static str,
+    v: &'static str,
+    out: &'static str,
+}
+
+/// CLIP's and SigLIP's (`self_attn.q_proj`, ...).
+const CLIP_ATTENTION: AttentionNames = AttentionNames {
+    q: "q_proj",
+    k: "k_proj",
+    v: "v_proj",
+    out: "out_proj",
+};
+
+/// BERT's (`attention.self.query`, ..., `attention.output.dense`).
+const BERT_ATTENTION: AttentionNames = AttentionNames {
+    q: "self.query",
+    k: "self.key",
+    v: "self.value",
+    out: "output.dense",
+};
 
 /// The query/key/value projections: three layers as in the checkpoint, or,
 /// for the fused CPU kernels, one packed `[3d, d]` layer (one matmul instead
@@ -340,7 +423,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        c: &TowerConfig,
+        kernels: Kernels,
+        vb: VarBuilder,
+        names: &AttentionNames,
+    ) -> Result<Self> {
         let d = c.hidden_size;
         let head_dim = d / c.num_attention_heads;
         // Quantised, if at all, after packing.
@@ -351,9 +439,9 @@ impl Attention {
         };
         // candle's layers first: packed, if at all, after concatenation.
         let (ql, kl, vl) = (
-            linear(d, d, vb.pp("q_proj"))?,
-            linear(d, d, vb.pp("k_proj"))?,
-            linear(d, d, vb.pp("v_proj"))?,
+            linear(d, d, vb.pp(names.q))?,
+            linear(d, d, vb.pp(names.k))?,
+            linear(d, d, vb.pp(names.v))?,
         );
         let scale = (head_dim as f64).powf(-0.5);
         let qkv = match (ql.bias(), kl.bias(), vl.bias()) {
@@ -384,7 +472,7 @@ impl Attention {
         };
         Ok(Self {
             qkv,
-            out: dense(d, d, true, kernels, vb.pp("out_proj"))?,
+            out: dense(d, d, true, kernels, vb.pp(names.out))?,
             heads: c.num_attention_heads,
             head_dim,
             scale,
@@ -392,9 +480,9 @@ impl Attention {
         })
     }
 
-    /// Attention plus the residual, `x + out(attention(norm(x)))`; `mask`
-    /// is the causal mask (the only one CLIP uses) or none.
-    fn forward_residual(&self, x: &Tensor, norm: &Norm, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Attention plus the residual, `x + out(attention(norm(x)))` (no norm:
+    /// post-norm layers norm the sum instead).
+    fn forward_residual(&self, x: &Tensor, norm: Option<&Norm>, mask: &Mask) -> Result<Tensor> {
         let heads = self.heads_output(x, norm, mask)?;
         if self.kernels.fused() {
             return self.out.forward_fused(&heads, Some(x), Epilogue::None);
@@ -403,15 +491,15 @@ impl Attention {
     }
 
     /// The heads' outputs merged, `[b, t, d]`, before the output projection.
-    fn heads_output(&self, x: &Tensor, norm: &Norm, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn heads_output(&self, x: &Tensor, norm: Option<&Norm>, mask: &Mask) -> Result<Tensor> {
         let (q, k, v) = match &self.qkv {
             Qkv::Packed(qkv) if self.kernels.host(x) => {
                 let qkv = qkv.forward_normed(x, norm, None, Epilogue::None)?;
-                return cpu_kernels::attention(&qkv, self.heads, mask.is_some());
+                return cpu_kernels::attention(&qkv, self.heads, mask.visible.clone());
             }
             Qkv::Packed(qkv) if self.kernels == Kernels::Portable => {
                 let qkv = qkv.forward_normed(x, norm, None, Epilogue::None)?;
-                return self.portable_attention(&qkv, mask);
+                return self.portable_attention(&qkv, mask.additive.as_ref());
             }
             Qkv::Packed(qkv) => {
                 let d = self.heads * self.head_dim;
@@ -423,7 +511,10 @@ impl Attention {
                 )
             }
             Qkv::Separate(qkv) => {
-                let h = norm.forward(x)?;
+                let h = match norm {
+                    Some(n) => n.forward(x)?,
+                    None => x.clone(),
+                };
                 (
                     qkv[0].forward(&h)?,
                     qkv[1].forward(&h)?,
@@ -439,7 +530,7 @@ impl Attention {
         };
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let mut w = (q.matmul(&k.t()?)? * self.scale)?;
-        if let Some(m) = mask {
+        if let Some(m) = &mask.additive {
             w = w.broadcast_add(m)?;
         }
         let w = softmax(self.kernels, &w)?;
@@ -466,7 +557,8 @@ impl Attention {
     }
 }
 
-/// The MLP with its residual, `x + fc2(act(fc1(norm(x))))`.
+/// The MLP with its residual, `x + fc2(act(fc1(norm(x))))` (`fc1`/`fc2`:
+/// BERT's `intermediate.dense` / `output.dense`).
 struct Mlp {
     fc1: Dense,
     fc2: Dense,
@@ -475,16 +567,22 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(d: usize, c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        d: usize,
+        c: &TowerConfig,
+        kernels: Kernels,
+        fc1: VarBuilder,
+        fc2: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
-            fc1: dense(d, c.intermediate_size, true, kernels, vb.pp("fc1"))?,
-            fc2: dense(c.intermediate_size, d, true, kernels, vb.pp("fc2"))?,
+            fc1: dense(d, c.intermediate_size, true, kernels, fc1)?,
+            fc2: dense(c.intermediate_size, d, true, kernels, fc2)?,
             act: c.activation,
             kernels,
         })
     }
 
-    fn forward_residual(&self, x: &Tensor, norm: &Norm) -> Result<Tensor> {
+    fn forward_residual(&self, x: &Tensor, norm: Option<&Norm>) -> Result<Tensor> {
         if self.kernels.fused() {
             // The activations our kernels apply as they store the product
             // (in cache, on every core); others run after it.
@@ -503,37 +601,69 @@ impl Mlp {
             };
             return self.fc2.forward_fused(&h, Some(x), Epilogue::None);
         }
-        let h = activate(
-            self.act,
-            self.kernels,
-            &self.fc1.forward(&norm.forward(x)?)?,
-        )?;
+        let h = match norm {
+            Some(n) => self.fc1.forward(&n.forward(x)?)?,
+            None => self.fc1.forward(x)?,
+        };
+        let h = activate(self.act, self.kernels, &h)?;
         x + self.fc2.forward(&h)?
     }
 }
 
+/// One encoder layer: attention then MLP, each with its residual; the layer
+/// norms before each block (CLIP, SigLIP) or after each sum (BERT).
 struct Layer {
     ln1: Norm,
     attn: Attention,
     ln2: Norm,
     mlp: Mlp,
+    post_norm: bool,
 }
 
 impl Layer {
+    /// A pre-norm layer under CLIP's names.
     fn new(c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let d = c.hidden_size;
         let eps = c.layer_norm_eps;
+        let mlp = vb.pp("mlp");
         Ok(Self {
             ln1: norm(d, eps, kernels, vb.pp("layer_norm1"))?,
-            attn: Attention::new(c, kernels, vb.pp("self_attn"))?,
+            attn: Attention::new(c, kernels, vb.pp("self_attn"), &CLIP_ATTENTION)?,
             ln2: norm(d, eps, kernels, vb.pp("layer_norm2"))?,
-            mlp: Mlp::new(d, c, kernels, vb.pp("mlp"))?,
+            mlp: Mlp::new(d, c, kernels, mlp.pp("fc1"), mlp.pp("fc2"))?,
+            post_norm: false,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = self.attn.forward_residual(x, &self.ln1, mask)?;
-        self.mlp.forward_residual(&x, &self.ln2)
+    /// A post-norm BERT layer (`BertLayer`'s names).
+    fn bert(c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
+        let d = c.hidden_size;
+        let eps = c.layer_norm_eps;
+        let attn = vb.pp("attention");
+        Ok(Self {
+            ln1: norm(d, eps, kernels, attn.pp("output.LayerNorm"))?,
+            attn: Attention::new(c, kernels, attn, &BERT_ATTENTION)?,
+            ln2: norm(d, eps, kernels, vb.pp("output.LayerNorm"))?,
+            mlp: Mlp::new(
+                d,
+                c,
+                kernels,
+                vb.pp("intermediate.dense"),
+                vb.pp("output.dense"),
+            )?,
+            post_norm: true,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Mask) -> Result<Tensor> {
+        if self.post_norm {
+            let x = self
+                .ln1
+                .forward(&self.attn.forward_residual(x, None, mask)?)?;
+            return self.ln2.forward(&self.mlp.forward_residual(&x, None)?);
+        }
+        let x = self.attn.forward_residual(x, Some(&self.ln1), mask)?;
+        self.mlp.forward_residual(&x, Some(&self.ln2))
     }
 }
 
@@ -547,7 +677,15 @@ impl Encoder {
             .map(Self)
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// BERT's encoder (`encoder.layer.{i}`).
+    fn bert(c: &TowerConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
+        (0..c.num_hidden_layers)
+            .map(|i| Layer::bert(c, kernels, vb.pp(format!("layer.{i}"))))
+            .collect::<Result<_>>()
+            .map(Self)
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Mask) -> Result<Tensor> {
         self.0
             .iter()
             .try_fold(x.clone(), |x, l| l.forward(&x, mask))
@@ -557,49 +695,90 @@ impl Encoder {
 /// The text tower with its projection.
 pub struct TextTower {
     token: Embedding,
+    /// Position embeddings; BERT's token-type 0 embedding is folded in (every
+    /// token is type 0, and `(w + t) + p` and `w + (p + t)` differ only in
+    /// rounding).
     position: Embedding,
+    /// BERT's layer norm over the embeddings.
+    embed_ln: Option<Norm>,
     encoder: Encoder,
-    final_ln: Norm,
+    /// CLIP's and SigLIP's final layer norm (BERT's layers end normed).
+    final_ln: Option<Norm>,
     projection: Dense,
     context: usize,
-    /// CLIP's causal mask; SigLIP attends both ways.
-    causal: bool,
+    attends: TextAttention,
     kernels: Kernels,
+}
+
+/// How a text tower's tokens attend to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TextAttention {
+    /// CLIP: each token to those before it.
+    Causal,
+    /// SigLIP: every token to every token, padding included (as trained).
+    All,
+    /// BERT: every token to the sequence's own tokens, not its padding.
+    Unpadded,
 }
 
 impl TextTower {
     fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let t = &c.text;
         let d = t.tower.hidden_size;
+        let eps = t.tower.layer_norm_eps;
+        let context = t.max_position_embeddings;
+        if c.family == Family::ChineseClip {
+            let emb = vb.pp("embeddings");
+            let position = emb.get((context, d), "position_embeddings.weight")?;
+            // Only type 0 is ever used: its row, not the whole table.
+            let types = emb.pp("token_type_embeddings");
+            let type0 = match types.get((2, d), "weight") {
+                Ok(w) => w,
+                Err(_) => types.get((1, d), "weight")?,
+            }
+            .i(0)?;
+            return Ok(Self {
+                token: embedding(t.vocab_size, d, emb.pp("word_embeddings"))?,
+                position: Embedding::new(position.broadcast_add(&type0)?, d),
+                embed_ln: Some(norm(d, eps, kernels, emb.pp("LayerNorm"))?),
+                encoder: Encoder::bert(&t.tower, kernels, vb.pp("encoder"))?,
+                final_ln: None,
+                projection: dense(
+                    d,
+                    c.projection_dim,
+                    false,
+                    kernels,
+                    vb.root().pp("text_projection"),
+                )?,
+                context,
+                attends: TextAttention::Unpadded,
+                kernels,
+            });
+        }
         // CLIP: a bias-free `text_projection` beside the tower; SigLIP: the
         // tower's own `head`, with a bias.
         let projection = match c.family {
-            Family::Clip => dense(
+            Family::Siglip => dense(d, c.projection_dim, true, kernels, vb.pp("head"))?,
+            _ => dense(
                 d,
                 c.projection_dim,
                 false,
                 kernels,
                 vb.root().pp("text_projection"),
             )?,
-            Family::Siglip => dense(d, c.projection_dim, true, kernels, vb.pp("head"))?,
         };
         Ok(Self {
             token: embedding(t.vocab_size, d, vb.pp("embeddings.token_embedding"))?,
-            position: embedding(
-                t.max_position_embeddings,
-                d,
-                vb.pp("embeddings.position_embedding"),
-            )?,
+            position: embedding(context, d, vb.pp("embeddings.position_embedding"))?,
+            embed_ln: None,
             encoder: Encoder::new(&t.tower, kernels, vb.pp("encoder"))?,
-            final_ln: norm(
-                d,
-                t.tower.layer_norm_eps,
-                kernels,
-                vb.pp("final_layer_norm"),
-            )?,
+            final_ln: Some(norm(d, eps, kernels, vb.pp("final_layer_norm"))?),
             projection,
-            context: t.max_position_embeddings,
-            causal: c.family == Family::Clip,
+            context,
+            attends: match c.family {
+                Family::Siglip => TextAttention::All,
+                _ => TextAttention::Causal,
+            },
             kernels,
         })
     }
@@ -608,8 +787,25 @@ impl TextTower {
     /// token ids, pooled at `pool[i]` for row `i` (CLIP: the first
     /// end-of-text position, after which padding cannot change the result,
     /// the mask being causal; SigLIP: the last position of a sequence padded
-    /// to the context, see [`crate::ClipTokenizer::batch`]).
+    /// to the context; Chinese-CLIP: the first, `[CLS]`; see
+    /// [`crate::ClipTokenizer::batch`]). Every token of every row is read as
+    /// part of its sequence: a batch padded for Chinese-CLIP goes through
+    /// [`TextTower::forward_padded`].
     pub fn forward(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {
+        self.forward_padded(ids, pool, None)
+    }
+
+    /// [`TextTower::forward`] for a padded batch: row `i` holds `lens[i]`
+    /// tokens, then padding. A tower that masks its padding (Chinese-CLIP's
+    /// BERT) hides it from attention; CLIP (causal, pooled before its
+    /// padding) and SigLIP (trained on padding it attends to) read the same
+    /// rows either way.
+    pub fn forward_padded(
+        &self,
+        ids: &Tensor,
+        pool: &[usize],
+        lens: Option<&[usize]>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.context {
             candle_core::bail!(
@@ -617,19 +813,30 @@ impl TextTower {
                 self.context
             );
         }
+        if pool.len() != b || lens.is_some_and(|l| l.len() != b) {
+            candle_core::bail!("a batch of {b} sequences needs {b} pool positions and lengths");
+        }
         let dev = ids.device();
         let pos = Tensor::arange(0u32, t as u32, dev)?;
-        let x = add_positions(
+        let mut x = add_positions(
             &self.token.forward(ids)?,
             &self.position.forward(&pos)?,
             self.kernels,
         )?;
-        let mask = self
-            .causal
-            .then(|| causal_mask(t, x.dtype(), dev))
-            .transpose()?;
-        let x = self.encoder.forward(&x, mask.as_ref())?;
-        let x = self.final_ln.forward(&x)?;
+        if let Some(ln) = &self.embed_ln {
+            x = ln.forward(&x)?;
+        }
+        let mask = match (self.attends, lens) {
+            (TextAttention::Causal, _) => Mask::causal(t, x.dtype(), dev)?,
+            (TextAttention::Unpadded, Some(lens)) if lens.iter().any(|&n| n < t) => {
+                Mask::prefix(lens, t, x.dtype(), dev)?
+            }
+            _ => Mask::all(),
+        };
+        let mut x = self.encoder.forward(&x, &mask)?;
+        if let Some(ln) = &self.final_ln {
+            x = ln.forward(&x)?;
+        }
         let flat: Vec<u32> = pool
             .iter()
             .enumerate()
@@ -650,13 +857,6 @@ fn add_positions(x: &Tensor, pos: &Tensor, kernels: Kernels) -> Result<Tensor> {
             x + repeat_rows(pos, b)?.reshape(x.shape())?
         }
     }
-}
-
-fn causal_mask(t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_slice(&m, (t, t), dev)?.to_dtype(dtype)
 }
 
 /// The vision tower with its pooling and projection.
@@ -691,7 +891,8 @@ impl VisionTower {
         let v = &c.vision;
         let d = v.tower.hidden_size;
         let grid = v.image_size / v.patch_size;
-        let clip = c.family == Family::Clip;
+        // CLIP's vision tower, which Chinese-CLIP shares; or SigLIP's.
+        let clip = c.family != Family::Siglip;
         let positions = grid * grid + usize::from(clip);
         let conv = Conv2dConfig {
             stride: v.patch_size,
@@ -785,7 +986,7 @@ impl VisionTower {
         if let Some(pre_ln) = &self.pre_ln {
             x = pre_ln.forward(&x)?;
         }
-        let x = self.encoder.forward(&x, None)?;
+        let x = self.encoder.forward(&x, &Mask::all())?;
         match &self.pool {
             VisionPool::Class(projection) => {
                 let cls = self.post_ln.forward(&x.i((.., 0, ..))?)?;
@@ -832,7 +1033,7 @@ impl AttentionPool {
             kv: Dense::from_linear(kv, kernels)?,
             out: dense(d, d, true, kernels, attn.pp("out_proj"))?,
             ln: norm(d, c.layer_norm_eps, kernels, vb.pp("layernorm"))?,
-            mlp: Mlp::new(d, c, kernels, vb.pp("mlp"))?,
+            mlp: Mlp::new(d, c, kernels, vb.pp("mlp.fc1"), vb.pp("mlp.fc2"))?,
             heads: c.num_attention_heads,
             head_dim: d / c.num_attention_heads,
             kernels,
@@ -850,7 +1051,8 @@ impl AttentionPool {
             .broadcast_as((b, h, 1, dh))?
             .contiguous()?;
         let kv = if self.kernels.fused() {
-            self.kv.forward_normed(x, norm, None, Epilogue::None)?
+            self.kv
+                .forward_normed(x, Some(norm), None, Epilogue::None)?
         } else {
             self.kv.forward(&norm.forward(x)?)?
         };
@@ -866,7 +1068,7 @@ impl AttentionPool {
         } else {
             self.out.forward(&pooled)?
         };
-        self.mlp.forward_residual(&pooled, &self.ln)
+        self.mlp.forward_residual(&pooled, Some(&self.ln))
     }
 }
 

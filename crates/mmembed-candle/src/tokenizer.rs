@@ -29,6 +29,25 @@ enum Pooling {
     /// Padding is part of the input the model was trained on, so every
     /// sequence is padded the same way whatever the batch.
     LastOfContext { pad: u32 },
+    /// Chinese-CLIP (BERT): bidirectional attention pooled at the first
+    /// (`[CLS]`) token; a batch is padded with `pad` to its longest
+    /// sequence and the padding masked (see [`TextBatch::lens`]).
+    FirstMasked { pad: u32 },
+}
+
+/// Token id sequences laid out as one padded batch for the text tower
+/// ([`ClipTokenizer::batch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextBatch {
+    /// `[rows, len]` ids, row-major.
+    pub ids: Vec<u32>,
+    /// Tokens per row, padding included.
+    pub len: usize,
+    /// Where the tower pools each row.
+    pub pool: Vec<usize>,
+    /// Each row's own tokens before its padding, for towers that mask
+    /// padding ([`crate::TextTower::forward_padded`]).
+    pub lens: Vec<usize>,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -44,9 +63,12 @@ impl std::fmt::Debug for ClipTokenizer {
 /// End-of-text spellings, in the order we look for them.
 const EOS_TOKENS: &[&str] = &["<|endoftext|>", "</s>", "[SEP]", "<eos>"];
 
+/// BERT's special tokens, which a `vocab.txt` lists among its words.
+const BERT_SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
 impl ClipTokenizer {
-    /// Loads `tokenizer.json` (or a SigLIP `spiece.model`, converted: see
-    /// [`ClipTokenizer::for_config`]). `context` is the text tower's
+    /// Loads `tokenizer.json` (or a SigLIP `spiece.model` or a BERT
+    /// `vocab.txt`, converted: see [`ClipTokenizer::for_config`]). `context` is the text tower's
     /// `max_position_embeddings`; `config_eos` the config's `eos_token_id`,
     /// used only when the vocabulary has no end-of-text token (old OpenAI
     /// configs say 2, which is not end-of-text in their own vocabulary).
@@ -61,11 +83,23 @@ impl ClipTokenizer {
             source: None,
         };
         // A SentencePiece model (SigLIP repositories without tokenizer.json)
-        // is converted; anything else is read as tokenizer.json.
-        let mut inner = if path.extension().is_some_and(|e| e == "model") {
+        // or a WordPiece vocabulary (Chinese-CLIP's) is converted; anything
+        // else is read as tokenizer.json.
+        let ext = path.extension().and_then(|e| e.to_str());
+        let mut inner = if ext == Some("model") {
             let bytes = std::fs::read(path)
                 .map_err(|e| load_err(format!("cannot read {}: {e}", path.display())))?;
             crate::spm::siglip_tokenizer(&bytes).map_err(load_err)?
+        } else if ext == Some("txt") {
+            let vocab = std::fs::read_to_string(path)
+                .map_err(|e| load_err(format!("cannot read {}: {e}", path.display())))?;
+            let config = path.with_file_name("tokenizer_config.json");
+            let config = match std::fs::read_to_string(&config) {
+                Ok(text) => Some(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(load_err(format!("cannot read {}: {e}", config.display()))),
+            };
+            bert_tokenizer(&vocab, config.as_deref()).map_err(load_err)?
         } else {
             Tokenizer::from_file(path)
                 .map_err(|e| load_err(format!("cannot load tokenizer.json: {e}")))?
@@ -96,16 +130,29 @@ impl ClipTokenizer {
     /// padding and pooling as its [`Family`] reads text. A path ending in
     /// `.model` is a SentencePiece model, converted as transformers'
     /// `SiglipTokenizer` tokenizes (lower case, ASCII punctuation removed):
-    /// Google's SigLIP v1 repositories ship only `spiece.model`.
+    /// Google's SigLIP v1 repositories ship only `spiece.model`. A path
+    /// ending in `.txt` is a BERT WordPiece `vocab.txt` (Chinese-CLIP
+    /// repositories ship that), tokenized as transformers' `BertTokenizer`
+    /// with the options of a `tokenizer_config.json` beside it.
     pub fn for_config(path: &Path, config: &ClipConfig) -> Result<Self, EmbedError> {
         let text = &config.text;
         let mut tok = Self::from_file(path, text.max_position_embeddings, text.eos_token_id)?;
-        if config.family == Family::Siglip {
-            let pad = text
-                .pad_token_id
-                .or_else(|| tok.inner.token_to_id("</s>"))
-                .unwrap_or(tok.eos_id);
-            tok.pooling = Pooling::LastOfContext { pad };
+        match config.family {
+            Family::Clip => {}
+            Family::Siglip => {
+                let pad = text
+                    .pad_token_id
+                    .or_else(|| tok.inner.token_to_id("</s>"))
+                    .unwrap_or(tok.eos_id);
+                tok.pooling = Pooling::LastOfContext { pad };
+            }
+            Family::ChineseClip => {
+                let pad = text
+                    .pad_token_id
+                    .or_else(|| tok.inner.token_to_id("[PAD]"))
+                    .unwrap_or(0);
+                tok.pooling = Pooling::FirstMasked { pad };
+            }
         }
         Ok(tok)
     }
@@ -145,7 +192,7 @@ impl ClipTokenizer {
 
     /// Where the text tower pools in `ids` as [`ClipTokenizer::batch`] lays
     /// them out: the first end-of-text token (CLIP), the last position of
-    /// the context (SigLIP).
+    /// the context (SigLIP), the first token (Chinese-CLIP).
     pub fn pool_position(&self, ids: &[u32]) -> usize {
         match self.pooling {
             Pooling::FirstEos => ids
@@ -153,27 +200,101 @@ impl ClipTokenizer {
                 .position(|&t| t == self.eos_id)
                 .unwrap_or(ids.len().saturating_sub(1)),
             Pooling::LastOfContext { .. } => self.context - 1,
+            Pooling::FirstMasked { .. } => 0,
         }
     }
 
-    /// Sequences as one padded batch for the text tower:
-    /// `(ids row-major, sequence length, pool position per row)`. CLIP pads
-    /// to the longest sequence with end-of-text; SigLIP pads every sequence
-    /// to the context with its pad id, as it was trained. Sequences longer
-    /// than the context are the caller's error, reported by the tower.
-    pub fn batch(&self, seqs: &[Vec<u32>]) -> (Vec<u32>, usize, Vec<usize>) {
+    /// Sequences as one padded batch for the text tower. CLIP pads to the
+    /// longest sequence with end-of-text; SigLIP pads every sequence to the
+    /// context with its pad id, as it was trained; Chinese-CLIP pads to the
+    /// longest with its pad id, which the tower then masks. Sequences
+    /// longer than the context are the caller's error, reported by the
+    /// tower.
+    pub fn batch(&self, seqs: &[Vec<u32>]) -> TextBatch {
         let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let (len, pad) = match self.pooling {
             Pooling::FirstEos => (longest, self.eos_id),
             Pooling::LastOfContext { pad } => (longest.max(self.context), pad),
+            Pooling::FirstMasked { pad } => (longest, pad),
         };
-        let mut flat = Vec::with_capacity(seqs.len() * len);
+        let mut ids = Vec::with_capacity(seqs.len() * len);
         let mut pool = Vec::with_capacity(seqs.len());
         for s in seqs {
-            flat.extend_from_slice(s);
-            flat.extend(std::iter::repeat_n(pad, len - s.len()));
-            pool.push(self.pool_position(&flat[flat.len() - len..]));
+            ids.extend_from_slice(s);
+            ids.extend(std::iter::repeat_n(pad, len - s.len()));
+            pool.push(self.pool_position(&ids[ids.len() - len..]));
         }
-        (flat, len, pool)
+        TextBatch {
+            ids,
+            len,
+            pool,
+            lens: seqs.iter().map(Vec::len).collect(),
+        }
     }
+}
+
+/// The `BertTokenizer` options a `tokenizer_config.json` may set
+/// (transformers' defaults where it does not).
+#[derive(serde::Deserialize)]
+struct BertOptions {
+    #[serde(default = "yes")]
+    do_lower_case: bool,
+    #[serde(default = "yes")]
+    tokenize_chinese_chars: bool,
+    #[serde(default)]
+    strip_accents: Option<bool>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A BERT WordPiece `vocab.txt` (one token per line, its id the line
+/// number) as the `tokenizer.json` transformers' `BertTokenizer` saves:
+/// BERT's normaliser (control characters dropped, CJK characters split,
+/// lower case and accents stripped unless `tokenizer_config.json` says
+/// otherwise), whitespace-and-punctuation pre-tokenizer, greedy
+/// longest-match WordPiece with `##` continuations (`[UNK]` for a word
+/// over 100 characters or with no match), then `[CLS] … [SEP]`. Written as
+/// that document and read by `tokenizers` (as `spm.rs` does), so the
+/// `tokenizers` crate does all the tokenizing.
+fn bert_tokenizer(vocab: &str, config: Option<&str>) -> Result<Tokenizer, String> {
+    let opts: BertOptions = serde_json::from_str(config.unwrap_or("{}"))
+        .map_err(|e| format!("tokenizer_config.json: {e}"))?;
+    // As transformers' `load_vocab`: a repeated line takes the later id.
+    let mut ids = serde_json::Map::new();
+    for (i, line) in vocab.lines().enumerate() {
+        ids.insert(line.to_string(), serde_json::Value::from(i));
+    }
+    let id = |t: &str| -> Result<u64, String> {
+        ids.get(t)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| format!("vocab.txt has no {t} token"))
+    };
+    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+    id("[UNK]")?;
+    let added: Vec<serde_json::Value> = BERT_SPECIALS
+        .iter()
+        .filter_map(|t| Some((t, id(t).ok()?)))
+        .map(|(t, i)| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                               "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true,
+                       "handle_chinese_chars": opts.tokenize_chinese_chars,
+                       "strip_accents": opts.strip_accents, "lowercase": opts.do_lower_case},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", sep], "cls": ["[CLS]", cls]},
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": ids},
+    });
+    Tokenizer::from_bytes(doc.to_string().as_bytes())
+        .map_err(|e| format!("cannot build a WordPiece tokenizer from vocab.txt: {e}"))
 }

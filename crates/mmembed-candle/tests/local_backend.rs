@@ -72,13 +72,12 @@ async fn conformance() {
     );
 }
 
-/// A SigLIP checkpoint behind the same trait: the shared contract, its own
-/// dimension (the vision width) and context, and texts of different lengths
-/// batched together giving what each gives alone (every SigLIP sequence is
-/// padded to the context, so batch-mates cannot change it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn siglip_conformance() {
-    let dir = fixtures().join("tiny-siglip");
+/// Another family's checkpoint behind the same trait: the shared contract,
+/// its own dimension and context, and texts of different lengths batched
+/// together giving what each gives alone (SigLIP pads every sequence to the
+/// context; Chinese-CLIP masks the padding a batch adds).
+async fn family_conformance(fixture: &str, dimension: usize, context: usize) {
+    let dir = fixtures().join(fixture);
     let e = LocalEmbedder::load_blocking(
         LocalOptions::new(dir.to_str().unwrap())
             .with_device(DeviceSpec::Cpu)
@@ -88,8 +87,8 @@ async fn siglip_conformance() {
     testkit::batch_contract(&e, ["a photo of a cat", "a red square"]).await;
     testkit::refuses_unlisted_modalities(&e).await;
     let info = e.info();
-    assert_eq!(info.native_dimension, 32);
-    assert_eq!(info.max_text_tokens, Some(64));
+    assert_eq!(info.native_dimension, dimension);
+    assert_eq!(info.max_text_tokens, Some(context));
     assert!(
         info.space.as_str().starts_with("clip-blake3:"),
         "{}",
@@ -99,6 +98,7 @@ async fn siglip_conformance() {
         "x",
         "a photo of a cat",
         "a much longer caption about a cup of coffee on a saucer",
+        "一只猫的照片",
     ];
     let batch = e
         .embed_batch(texts.iter().map(|t| EmbedRequest::text(*t)).collect())
@@ -109,7 +109,7 @@ async fn siglip_conformance() {
             r.unwrap().text.as_ref().unwrap(),
             one.text.as_ref().unwrap(),
         );
-        assert!(c > 0.99999, "{t}: batched vs single cosine {c}");
+        assert!(c > 0.99999, "{fixture} {t}: batched vs single cosine {c}");
     }
     let img = e
         .embed(EmbedRequest::image(
@@ -117,7 +117,19 @@ async fn siglip_conformance() {
         ))
         .await
         .unwrap();
-    assert_eq!(img.image.unwrap().len(), 32);
+    assert_eq!(img.image.unwrap().len(), dimension);
+}
+
+/// SigLIP: the joint space is the vision width (32).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn siglip_conformance() {
+    family_conformance("tiny-siglip", 32, 64).await;
+}
+
+/// Chinese-CLIP: BERT text tower, CLIP vision tower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chinese_clip_conformance() {
+    family_conformance("tiny-chinese-clip", 16, 64).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -303,6 +303,109 @@ fn siglip_padding_changes_the_output() {
     assert!(c < 0.999, "padding made no difference: {c}");
 }
 
+/// Chinese-CLIP: CLIP's vision tower, and a BERT text tower (post-norm
+/// layers, exact GELU, eps 1e-12, token-type embeddings, `[CLS]` pooling)
+/// whose padding is masked: `check_model` embeds every text in one padded
+/// batch, and the references are each text alone (make_fixtures.py checks
+/// that the masked batch equals them and the unmasked one does not).
+/// WordPiece ids are checked against transformers' pure-Python
+/// `BertTokenizerLegacy`.
+#[test]
+fn tiny_chinese_clip_matches_pytorch() {
+    let f = fixtures();
+    let dir = f.join("tiny-chinese-clip");
+    check_model(&dir, &f.join("images"), Precision::F32);
+    check_model_on(&dir, &f.join("images"), Precision::F32, Kernels::Portable);
+    let (text, image, _) = check_model(&dir, &f.join("images"), Precision::Int8);
+    assert!(text.min(image) < 0.99999, "int8 matches f32 exactly");
+}
+
+/// Chinese-CLIP repositories ship a BERT `vocab.txt` and no
+/// `tokenizer.json`: the checkpoint without its tokenizer.json loads from
+/// the vocabulary, converted in Rust, with the reference ids and
+/// embeddings, and agrees with transformers' tokenizer.json on random
+/// strings (CJK, kana, accents, controls, special tokens).
+#[test]
+fn chinese_clip_loads_from_vocab_txt_alone() {
+    let f = fixtures();
+    let src = f.join("tiny-chinese-clip");
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "vocab.txt",
+        "reference.json",
+        "reference.safetensors",
+    ] {
+        std::fs::copy(src.join(name), dir.path().join(name)).unwrap();
+    }
+    let files = local_files(dir.path()).unwrap();
+    assert!(files.tokenizer.ends_with("vocab.txt"));
+    check_model(dir.path(), &f.join("images"), Precision::F32);
+
+    let from_vocab = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+    let from_json =
+        LoadedClip::load(&local_files(&src).unwrap(), &Device::Cpu, Precision::F32).unwrap();
+    let alphabet: Vec<char> = "abcXYZ019 .,!?'-_\t\n\u{0}éüßﬁ一只猫龘のテпр🚀\u{a0}\u{301}[]SEPCLS"
+        .chars()
+        .collect();
+    let mut state = 0x2545_f491_u64;
+    for _ in 0..2000 {
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let len = (next() % 40) as usize;
+        let text: String = (0..len)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .collect();
+        assert_eq!(
+            from_vocab.tokenizer.encode(&text).unwrap(),
+            from_json.tokenizer.encode(&text).unwrap(),
+            "{text:?}"
+        );
+    }
+    // `do_lower_case: false` in tokenizer_config.json is honoured.
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"do_lower_case": false}"#,
+    )
+    .unwrap();
+    let cased = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+    assert_ne!(
+        cased.tokenizer.encode("Photo").unwrap(),
+        from_vocab.tokenizer.encode("Photo").unwrap()
+    );
+}
+
+/// The mask is what keeps a short text's vector when it shares a batch with
+/// a long one: the same padded batch read without it gives another vector.
+#[test]
+fn chinese_clip_padding_is_masked() {
+    let f = fixtures();
+    let files = local_files(&f.join("tiny-chinese-clip")).unwrap();
+    let clip = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+    let short = clip.tokenizer.encode("a photo of a cat").unwrap();
+    let long = clip
+        .tokenizer
+        .encode("an astronaut riding a rocket into space, seen from far away")
+        .unwrap();
+    let alone = clip.embed_token_ids(std::slice::from_ref(&short)).unwrap();
+    let batched = clip
+        .embed_token_ids(&[short.clone(), long.clone()])
+        .unwrap();
+    assert!(cosine(&alone[0], &batched[0]) > 0.999_999);
+    let b = clip.tokenizer.batch(&[short, long]);
+    let ids = Tensor::from_vec(b.ids, (2, b.len), &Device::Cpu).unwrap();
+    let unmasked = clip.model.text.forward(&ids, &b.pool).unwrap();
+    let unmasked = unit(unmasked.get(0).unwrap().to_vec1().unwrap());
+    let c = cosine(&alone[0], &unmasked);
+    assert!(c < 0.999, "padding made no difference unmasked: {c}");
+}
+
 #[test]
 fn tiny_clip_int8_stays_close_to_pytorch() {
     let f = fixtures();
