@@ -17,11 +17,20 @@ pub struct Manifest {
     pub space: String,
     /// Native vector size.
     pub dimension: usize,
+    /// The architecture family (`config.json`'s `model_type`: `clip`,
+    /// `siglip`, `chinese_clip`), for listings before the weights are here;
+    /// loading reads the family from the checkpoint's own config.
+    #[serde(default = "clip")]
+    pub family: String,
     /// Whether this is the default local model.
     #[serde(default)]
     pub default: bool,
     /// One line for listings.
     pub description: String,
+}
+
+fn clip() -> String {
+    "clip".into()
 }
 
 // The manifests ship inside the binary so a model id works from anywhere.
@@ -41,6 +50,14 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "laion-clip-vit-b-32-laion2b.toml",
         include_str!("../../../models/laion-clip-vit-b-32-laion2b.toml"),
+    ),
+    (
+        "google-siglip-base-patch16-224.toml",
+        include_str!("../../../models/google-siglip-base-patch16-224.toml"),
+    ),
+    (
+        "ofa-sys-chinese-clip-vit-base-patch16.toml",
+        include_str!("../../../models/ofa-sys-chinese-clip-vit-base-patch16.toml"),
     ),
 ];
 
@@ -88,7 +105,13 @@ mod tests {
         for m in &all {
             assert_eq!(m.revision.len(), 40, "{} revision is a commit sha", m.id);
             assert!(m.revision.chars().all(|c| c.is_ascii_hexdigit()));
+            let family =
+                crate::ClipConfig::from_json(&format!(r#"{{"model_type": "{}"}}"#, m.family))
+                    .map(|c| c.family.name());
+            assert_eq!(family, Ok(m.family.as_str()), "{}", m.id);
         }
+        let families: std::collections::HashSet<_> = all.iter().map(|m| &m.family).collect();
+        assert_eq!(families.len(), 3, "{families:?}");
         let spaces: std::collections::HashSet<_> = all.iter().map(|m| &m.space).collect();
         assert_eq!(spaces.len(), all.len(), "every model has its own space");
         assert!(Manifest::find("laion/CLIP-ViT-B-32-laion2B-s34B-b79K").is_some());

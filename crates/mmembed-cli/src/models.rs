@@ -22,6 +22,8 @@ pub struct Listed {
     pub id: String,
     /// Vector length.
     pub dimension: usize,
+    /// Architecture family (`clip`, `siglip`, `chinese_clip`).
+    pub family: String,
     /// Embedding space id.
     pub space: String,
     /// Whether the weights are here (the demo model always is).
@@ -42,6 +44,7 @@ pub fn list() -> anyhow::Result<Vec<Listed>> {
     let mut out = vec![Listed {
         id: DEMO_MODEL_ID.into(),
         dimension: info.native_dimension,
+        family: "clip".into(),
         space: info.space.as_str().into(),
         local: true,
         description: "bundled demo: 6 shapes x 8 colours on plain backgrounds, nothing else".into(),
@@ -53,6 +56,7 @@ pub fn list() -> anyhow::Result<Vec<Listed>> {
             local: hub_files(&m.repo, &m.revision, &offline).is_ok(),
             id: m.id,
             dimension: m.dimension,
+            family: m.family,
             space: m.space,
             description: if m.default {
                 format!("{} (default)", m.description)
@@ -75,15 +79,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     let w = models.iter().map(|m| m.id.len()).max().unwrap_or(2);
     let s = models.iter().map(|m| m.space.len()).max().unwrap_or(5);
+    let f = models.iter().map(|m| m.family.len()).max().unwrap_or(6);
     println!(
-        "{:w$}  {:>5}  {:s$}  LOCAL  DESCRIPTION",
-        "ID", "DIM", "SPACE"
+        "{:w$}  {:>5}  {:f$}  {:s$}  LOCAL  DESCRIPTION",
+        "ID", "DIM", "FAMILY", "SPACE"
     );
     for m in &models {
         println!(
-            "{:w$}  {:>5}  {:s$}  {:5}  {}",
+            "{:w$}  {:>5}  {:f$}  {:s$}  {:5}  {}",
             m.id,
             m.dimension,
+            m.family,
             m.space,
             if m.local { "yes" } else { "no" },
             m.description

@@ -644,6 +644,13 @@ fn models_lists_the_demo_as_present() {
             .iter()
             .any(|m| m["id"] == "openai/clip-vit-base-patch32")
     );
+    // Every family has a listed checkpoint.
+    for family in ["clip", "siglip", "chinese_clip"] {
+        assert!(
+            models.iter().any(|m| m["family"] == family),
+            "no {family} model listed"
+        );
+    }
     let o = run_ok(mmembed(d.path()).arg("--help"));
     assert!(String::from_utf8_lossy(&o.stdout).contains("Examples"));
 }
