@@ -13,8 +13,9 @@
 //! fastembed user runs), timed in the paired rounds beside PyTorch; without
 //! onnxruntime that half is skipped with a message. Every stack uses
 //! candle's thread count, which `RAYON_NUM_THREADS` sets. A SigLIP base
-//! patch16 224 (random weights) follows in paired rounds against PyTorch
-//! and ONNX Runtime (`-- siglip` runs only that).
+//! patch16 224 and a Chinese-CLIP ViT-B/16 (random weights) follow in
+//! paired rounds against PyTorch and ONNX Runtime (`-- siglip` or
+//! `-- chinese_clip` runs only that family).
 
 use std::hint::black_box;
 use std::io::{BufRead, BufReader, Write};
@@ -121,55 +122,90 @@ fn selected(what: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| f.contains(what))
 }
 
-/// google/siglip-base-patch16-224's architecture (the defaults of
-/// transformers' SigLIP configs).
-const SIGLIP_B_16_CONFIG_JSON: &str = r#"{"architectures": ["SiglipModel"], "model_type": "siglip", "text_config": {}, "vision_config": {}}"#;
+/// A model family benched next to CLIP: its architecture, the fixture whose
+/// tokenizer and preprocessor it borrows, and its text workload.
+struct FamilyBench {
+    /// `bench_pytorch.py --family`.
+    family: &'static str,
+    label: &'static str,
+    config_json: &'static str,
+    fixture: &'static str,
+    /// The text workload (`texts64`: 64 tokens) and its token count.
+    texts: (&'static str, usize),
+}
 
-/// The SigLIP family next to CLIP: a random SigLIP base patch16 224 in
-/// paired rounds against PyTorch and ONNX Runtime on the same weights
-/// (`cargo bench --bench local_clip -- siglip` runs only this).
-fn siglip(fixtures: &Path, threads: usize) {
+const FAMILIES: [FamilyBench; 2] = [
+    // google/siglip-base-patch16-224's architecture (the defaults of
+    // transformers' SigLIP configs). The fixture's 1,000-piece tokenizer:
+    // its ids are valid in the full 32,000 vocabulary, and the model's cost
+    // does not depend on them.
+    FamilyBench {
+        family: "siglip",
+        label: "SigLIP base patch16 224",
+        config_json: r#"{"architectures": ["SiglipModel"], "model_type": "siglip", "text_config": {}, "vision_config": {}}"#,
+        fixture: "tiny-siglip",
+        texts: ("texts64", 64),
+    },
+    // OFA-Sys/chinese-clip-vit-base-patch16's architecture: CLIP ViT-B/16
+    // and a BERT-base text tower; texts of 52 tokens, the context
+    // Chinese-CLIP's own code pads to.
+    FamilyBench {
+        family: "chinese_clip",
+        label: "Chinese-CLIP ViT-B/16",
+        config_json: r#"{"architectures": ["ChineseCLIPModel"], "model_type": "chinese_clip", "projection_dim": 512, "text_config": {"vocab_size": 21128}, "vision_config": {"patch_size": 16}}"#,
+        fixture: "tiny-chinese-clip",
+        texts: ("texts52", 52),
+    },
+];
+
+/// One family in paired rounds against PyTorch and ONNX Runtime on the same
+/// random weights (`cargo bench --bench local_clip -- <family>` runs only
+/// it).
+fn family_bench(b: &FamilyBench, fixtures: &Path, threads: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let preprocessor =
-        std::fs::read_to_string(fixtures.join("tiny-siglip/preprocessor_config.json")).unwrap();
-    // The fixture's 1,000-piece tokenizer: its ids are valid in the full
-    // 32,000 vocabulary, and the model's cost does not depend on them.
+    let fixture = fixtures.join(b.fixture);
+    let preprocessor = std::fs::read_to_string(fixture.join("preprocessor_config.json")).unwrap();
     write_random_checkpoint(
         dir.path(),
-        SIGLIP_B_16_CONFIG_JSON,
-        &fixtures.join("tiny-siglip/tokenizer.json"),
+        b.config_json,
+        &fixture.join("tokenizer.json"),
         &preprocessor,
     )
-    .expect("random SigLIP checkpoint");
+    .expect("random checkpoint");
     let files = mmembed::local::local_files(dir.path()).unwrap();
     let f32 = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
     let int8 = LoadedClip::load(&files, &Device::Cpu, Precision::Int8).unwrap();
-    int8_accuracy("SigLIP B/16", &f32, &int8, fixtures);
+    int8_accuracy(b.label, &f32, &int8, fixtures);
     let cat = std::fs::read(fixtures.join("images/cat_451x300.png")).unwrap();
     let img = mmembed::media::decode_image(&cat, "cat", &Default::default()).unwrap();
     let pixels = f32.preprocessor.preprocess(&img);
-    let ids = f32
+    let (workload, tokens) = b.texts;
+    let mut ids = f32
         .tokenizer
         .encode(&["a photo of a cat sitting on a red sofa"; 12].join(" "))
         .unwrap();
-    assert_eq!(ids.len(), 64);
-    match PyTorch::start(threads, "siglip") {
+    // SigLIP's tokenizer stops at its context (64); Chinese-CLIP's BERT
+    // has 512 positions: cut to the workload's length, end token kept.
+    if ids.len() > tokens {
+        let last = ids[ids.len() - 1];
+        ids.truncate(tokens - 1);
+        ids.push(last);
+    }
+    assert_eq!(ids.len(), tokens);
+    match PyTorch::start(threads, b.family) {
         Ok(mut py) => {
-            println!(
-                "
-SigLIP base patch16 224 (random weights)"
-            );
+            println!("\n{} (random weights)", b.label);
             paired_ratios(
                 &mut py,
                 [&f32, &int8],
                 &pixels,
                 &ids,
                 &ids,
-                &[("images", 1), ("images", 32), ("texts64", 32)],
+                &[("images", 1), ("images", 32), (workload, 32)],
                 threads,
             );
         }
-        Err(e) => eprintln!("SigLIP comparison skipped: {e}"),
+        Err(e) => eprintln!("{} comparison skipped: {e}", b.label),
     }
 }
 
@@ -286,8 +322,10 @@ fn bench(c: &mut Criterion) {
         );
     }
     drop(pytorch);
-    if selected("siglip") {
-        siglip(&fixtures, threads);
+    for family in &FAMILIES {
+        if selected(family.family) {
+            family_bench(family, &fixtures, threads);
+        }
     }
 
     // End to end through the trait: PNG decode + resize + model, on the

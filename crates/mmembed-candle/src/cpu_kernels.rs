@@ -82,6 +82,8 @@ pub(crate) enum Epilogue {
     QuickGelu,
     /// The tanh approximation of GELU (`gelu_pytorch_tanh`, SigLIP's).
     GeluTanh,
+    /// Exact (erf) GELU, `x Φ(x)` (`gelu`: OpenCLIP exports, BERT).
+    GeluErf,
 }
 
 impl Epilogue {
@@ -93,6 +95,7 @@ impl Epilogue {
             Epilogue::None => {}
             Epilogue::QuickGelu => quick_gelu_generic(v),
             Epilogue::GeluTanh => gelu_tanh_generic(v),
+            Epilogue::GeluErf => gelu_erf_generic(v),
         }
     }
 }
@@ -547,6 +550,43 @@ pub(crate) fn gelu_tanh_generic(v: &mut [f32]) {
     }
 }
 
+/// `x Φ(x) = x (1 + erf(x/√2)) / 2` in place, as PyTorch's exact `gelu`.
+/// `erfc(|x|/√2)` comes from Abramowitz & Stegun 7.1.26 (absolute error
+/// under 1.5e-7) on [`exp_approx`], branch-free so it vectorises (libm's
+/// `erff` is a call per element: candle's `gelu_erf` ran one thread at a
+/// time over BERT's whole MLP width). Negative inputs take `erfc / 2`
+/// directly rather than `1 - erf`, so the tail loses nothing to
+/// cancellation.
+#[inline(always)]
+pub(crate) fn gelu_erf_generic(v: &mut [f32]) {
+    const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_7,
+        -1.453_152,
+        1.061_405_4,
+    ];
+    for x in v {
+        let z = x.abs() * FRAC_1_SQRT_2;
+        let t = 1.0 / P.mul_add(z, 1.0);
+        let poly = A[4]
+            .mul_add(t, A[3])
+            .mul_add(t, A[2])
+            .mul_add(t, A[1])
+            .mul_add(t, A[0])
+            * t;
+        let half_erfc = 0.5 * poly * exp_approx(-z * z);
+        let phi = if *x >= 0.0 {
+            1.0 - half_erfc
+        } else {
+            half_erfc
+        };
+        *x *= phi;
+    }
+}
+
 #[inline(always)]
 fn softmax_generic(v: &mut [f32]) {
     let max = max_lanes(v);
@@ -646,6 +686,24 @@ mod tests {
         act_in_place(Epilogue::GeluTanh, &mut got);
         for ((x, g), w) in xs.iter().zip(&got).zip(&want) {
             assert!((g - w).abs() <= 2e-6 * (1.0 + w.abs()), "x {x}: {g} vs {w}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gelu_erf_matches_candles_libm_erf() -> Result<()> {
+        // candle's `gelu_erf` evaluates erf with libm, as PyTorch's `gelu`.
+        let xs: Vec<f32> = (-4000..=4000)
+            .map(|i| i as f32 * 0.005)
+            .chain([-90.0, -1e30, 90.0, 1e30, 0.0, -0.0])
+            .collect();
+        let want: Vec<f32> = Tensor::new(xs.as_slice(), &Device::Cpu)?
+            .gelu_erf()?
+            .to_vec1()?;
+        let mut got = xs.clone();
+        act_in_place(Epilogue::GeluErf, &mut got);
+        for ((x, g), w) in xs.iter().zip(&got).zip(&want) {
+            assert!((g - w).abs() <= 2e-7 * (1.0 + x.abs()), "x {x}: {g} vs {w}");
         }
         Ok(())
     }

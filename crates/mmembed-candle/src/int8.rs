@@ -459,6 +459,7 @@ mod tests {
             (Some(res.as_slice()), Epilogue::None),
             (None, Epilogue::QuickGelu),
             (None, Epilogue::GeluTanh),
+            (None, Epilogue::GeluErf),
         ] {
             // SAFETY: 6 rows of 16 floats.
             unsafe { deq.store(&acc, &out(&mut want, residual, act)) };

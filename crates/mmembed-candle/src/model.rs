@@ -299,6 +299,7 @@ impl Dense {
             Epilogue::None => {}
             Epilogue::QuickGelu => y = activate(Activation::QuickGelu, self.kernels, &y)?,
             Epilogue::GeluTanh => y = activate(Activation::GeluTanh, self.kernels, &y)?,
+            Epilogue::GeluErf => y = activate(Activation::Gelu, self.kernels, &y)?,
         }
         match residual {
             Some(r) => y + r,
@@ -589,6 +590,7 @@ impl Mlp {
             let fused = match self.act {
                 Activation::QuickGelu => Some(Epilogue::QuickGelu),
                 Activation::GeluTanh => Some(Epilogue::GeluTanh),
+                Activation::Gelu => Some(Epilogue::GeluErf),
                 _ => None,
             };
             let h = match fused {
