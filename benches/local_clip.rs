@@ -44,13 +44,19 @@ struct PyTorch {
 }
 
 impl PyTorch {
-    fn start(threads: usize, family: &str) -> Result<Self, String> {
+    /// `save`: where the process first writes its random model, for our
+    /// side to load the same weights.
+    fn start(threads: usize, family: &str, save: Option<&Path>) -> Result<Self, String> {
         let python = std::env::var("MMEMBED_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
         let script = root().join("models/fixtures/bench_pytorch.py");
-        let mut child = Command::new(&python)
-            .arg(&script)
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
             .args(["--serve", "--ort", "--family", family])
-            .args(["--threads", &threads.to_string()])
+            .args(["--threads", &threads.to_string()]);
+        if let Some(dir) = save {
+            cmd.arg("--save").arg(dir);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -159,19 +165,31 @@ const FAMILIES: [FamilyBench; 2] = [
 ];
 
 /// One family in paired rounds against PyTorch and ONNX Runtime on the same
-/// random weights (`cargo bench --bench local_clip -- <family>` runs only
-/// it).
+/// random weights: the Python process writes its transformers-initialised
+/// model and we load it, so the int8 accuracies printed (ours, ORT's) are
+/// on one model; without Python, our own random checkpoint (`cargo bench
+/// --bench local_clip -- <family>` runs only this).
 fn family_bench(b: &FamilyBench, fixtures: &Path, threads: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     let fixture = fixtures.join(b.fixture);
     let preprocessor = std::fs::read_to_string(fixture.join("preprocessor_config.json")).unwrap();
-    write_random_checkpoint(
-        dir.path(),
-        b.config_json,
-        &fixture.join("tokenizer.json"),
-        &preprocessor,
-    )
-    .expect("random checkpoint");
+    let py = PyTorch::start(threads, b.family, Some(dir.path()));
+    if py.is_ok() {
+        std::fs::write(dir.path().join("preprocessor_config.json"), &preprocessor).unwrap();
+        std::fs::copy(
+            fixture.join("tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+    } else {
+        write_random_checkpoint(
+            dir.path(),
+            b.config_json,
+            &fixture.join("tokenizer.json"),
+            &preprocessor,
+        )
+        .expect("random checkpoint");
+    }
     let files = mmembed::local::local_files(dir.path()).unwrap();
     let f32 = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
     let int8 = LoadedClip::load(&files, &Device::Cpu, Precision::Int8).unwrap();
@@ -192,7 +210,7 @@ fn family_bench(b: &FamilyBench, fixtures: &Path, threads: usize) {
         ids.push(last);
     }
     assert_eq!(ids.len(), tokens);
-    match PyTorch::start(threads, b.family) {
+    match py {
         Ok(mut py) => {
             println!("\n{} (random weights)", b.label);
             paired_ratios(
@@ -252,7 +270,7 @@ fn bench(c: &mut Criterion) {
     short_ids.push(clip.tokenizer.eos_id());
 
     let threads = mmembed::local::candle_core::utils::get_num_threads();
-    let mut pytorch = match model_group_selected().then(|| PyTorch::start(threads, "clip")) {
+    let mut pytorch = match model_group_selected().then(|| PyTorch::start(threads, "clip", None)) {
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => {
             eprintln!("PyTorch comparison skipped: {e}");
