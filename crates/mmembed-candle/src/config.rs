@@ -117,6 +117,9 @@ pub struct TextConfig {
     /// and Chinese-CLIP a batch to its longest sequence (CLIP pads with
     /// end-of-text, after the pooled position).
     pub pad_token_id: Option<u32>,
+    /// Rows of BERT's token-type embedding (`type_vocab_size`, 2); only
+    /// type 0 is used. Unused by CLIP and SigLIP.
+    pub type_vocab_size: usize,
 }
 
 /// The vision tower.
@@ -168,6 +171,7 @@ struct RawText {
     eos_token_id: Option<u32>,
     pad_token_id: Option<u32>,
     projection_size: Option<usize>,
+    type_vocab_size: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -353,7 +357,7 @@ impl ClipConfig {
             t.vocab_size.unwrap_or(d.vocab),
             vi.num_channels.unwrap_or(3),
         );
-        if context < 2 || vocab_size == 0 || num_channels == 0 {
+        if context < 2 || vocab_size == 0 || num_channels == 0 || t.type_vocab_size == Some(0) {
             return Err("text_config/vision_config: sizes must be positive".into());
         }
         Ok(Self {
@@ -364,6 +368,7 @@ impl ClipConfig {
                 max_position_embeddings: context,
                 eos_token_id: t.eos_token_id,
                 pad_token_id: t.pad_token_id.or(d.pad),
+                type_vocab_size: t.type_vocab_size.unwrap_or(2),
             },
             vision: VisionConfig {
                 tower: vision_tower,

@@ -733,12 +733,9 @@ impl TextTower {
             let emb = vb.pp("embeddings");
             let position = emb.get((context, d), "position_embeddings.weight")?;
             // Only type 0 is ever used: its row, not the whole table.
-            let types = emb.pp("token_type_embeddings");
-            let type0 = match types.get((2, d), "weight") {
-                Ok(w) => w,
-                Err(_) => types.get((1, d), "weight")?,
-            }
-            .i(0)?;
+            let type0 = emb
+                .get((t.type_vocab_size, d), "token_type_embeddings.weight")?
+                .i(0)?;
             return Ok(Self {
                 token: embedding(t.vocab_size, d, emb.pp("word_embeddings"))?,
                 position: Embedding::new(position.broadcast_add(&type0)?, d),

@@ -233,20 +233,17 @@ impl ClipTokenizer {
     }
 }
 
-/// The `BertTokenizer` options a `tokenizer_config.json` may set
-/// (transformers' defaults where it does not).
+/// The `BertTokenizer` options a `tokenizer_config.json` may set; missing
+/// or null, transformers' defaults (lower case, CJK characters split,
+/// accents stripped when lower-casing).
 #[derive(serde::Deserialize)]
 struct BertOptions {
-    #[serde(default = "yes")]
-    do_lower_case: bool,
-    #[serde(default = "yes")]
-    tokenize_chinese_chars: bool,
+    #[serde(default)]
+    do_lower_case: Option<bool>,
+    #[serde(default)]
+    tokenize_chinese_chars: Option<bool>,
     #[serde(default)]
     strip_accents: Option<bool>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// A BERT WordPiece `vocab.txt` (one token per line, its id the line
@@ -287,8 +284,9 @@ fn bert_tokenizer(vocab: &str, config: Option<&str>) -> Result<Tokenizer, String
         "padding": null,
         "added_tokens": added,
         "normalizer": {"type": "BertNormalizer", "clean_text": true,
-                       "handle_chinese_chars": opts.tokenize_chinese_chars,
-                       "strip_accents": opts.strip_accents, "lowercase": opts.do_lower_case},
+                       "handle_chinese_chars": opts.tokenize_chinese_chars.unwrap_or(true),
+                       "strip_accents": opts.strip_accents,
+                       "lowercase": opts.do_lower_case.unwrap_or(true)},
         "pre_tokenizer": {"type": "BertPreTokenizer"},
         "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", sep], "cls": ["[CLS]", cls]},
         "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
@@ -297,4 +295,35 @@ fn bert_tokenizer(vocab: &str, config: Option<&str>) -> Result<Tokenizer, String
     });
     Tokenizer::from_bytes(doc.to_string().as_bytes())
         .map_err(|e| format!("cannot build a WordPiece tokenizer from vocab.txt: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VOCAB: &str = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nphoto\n##s\n猫\n";
+
+    #[test]
+    fn vocab_txt_tokenizes_as_bert() {
+        let t = bert_tokenizer(VOCAB, None).unwrap();
+        let ids = t.encode("Photos 猫 dog [SEP]", true).unwrap();
+        // [CLS] photo ##s 猫 [UNK] [SEP] [SEP]: lower-cased, CJK split, the
+        // special token in the text kept whole.
+        assert_eq!(ids.get_ids(), [2, 5, 6, 7, 1, 3, 3]);
+        let cased = bert_tokenizer(VOCAB, Some(r#"{"do_lower_case": false}"#)).unwrap();
+        assert_eq!(cased.encode("Photo", true).unwrap().get_ids(), [2, 1, 3]);
+        // Nulls are transformers' defaults.
+        let nulls = r#"{"do_lower_case": null, "strip_accents": null}"#;
+        assert!(bert_tokenizer(VOCAB, Some(nulls)).is_ok());
+    }
+
+    #[test]
+    fn broken_vocab_or_options_are_clear_errors() {
+        let e = bert_tokenizer("[PAD]\n[UNK]\nphoto\n", None).unwrap_err();
+        assert!(e.contains("no [CLS] token"), "{e}");
+        let e = bert_tokenizer(VOCAB, Some("{")).unwrap_err();
+        assert!(e.contains("tokenizer_config.json"), "{e}");
+        let e = bert_tokenizer(VOCAB, Some(r#"{"do_lower_case": "yes"}"#)).unwrap_err();
+        assert!(e.contains("tokenizer_config.json"), "{e}");
+    }
 }
