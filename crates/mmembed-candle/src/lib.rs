@@ -1,5 +1,6 @@
-//! mmembed's local backend: Hugging Face CLIP and SigLIP checkpoints, run
-//! with candle on CPU, CUDA or Metal, behind [`mmembed_core::Embedder`].
+//! mmembed's local backend: Hugging Face CLIP, SigLIP and Chinese-CLIP
+//! checkpoints, run with candle on CPU, CUDA or Metal, behind
+//! [`mmembed_core::Embedder`].
 //!
 //! - [`LocalEmbedder`] loads a checkpoint directory, a built-in model id
 //!   ([`Manifest`]) or a hub repository (through `hf-hub` and its cache,
@@ -7,7 +8,8 @@
 //! - The architecture comes from the checkpoint's `config.json`
 //!   ([`ClipConfig`], its `model_type` picks the [`Family`]), the
 //!   preprocessing from its `preprocessor_config.json`, so OpenAI,
-//!   LAION/OpenCLIP and SigLIP exports load with no code change.
+//!   LAION/OpenCLIP, SigLIP and Chinese-CLIP exports load with no code
+//!   change.
 //! - Vectors are L2-normalised and tagged with the model's space id.
 
 mod config;

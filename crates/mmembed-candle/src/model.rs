@@ -1104,7 +1104,7 @@ impl VisionTower {
     }
 }
 
-/// A dual encoder (CLIP or SigLIP, see [`Family`]).
+/// A dual encoder (CLIP, SigLIP or Chinese-CLIP, see [`Family`]).
 pub struct ClipModel {
     /// Text tower.
     pub text: TextTower,
