@@ -306,6 +306,43 @@ async fn rest_answers_like_the_library_for_every_modality() {
     server.stop().await;
 }
 
+/// The other model families behind the server: the same answers as the
+/// library, texts of different lengths in one request included (SigLIP
+/// pads to its context, Chinese-CLIP masks a batch's padding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_families_answer_like_the_library() {
+    let png = cat_png();
+    for fixture in ["tiny-siglip", "tiny-chinese-clip"] {
+        let dir = format!("{}/models/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR"));
+        let load = || LocalEmbedder::load_blocking(LocalOptions::new(&dir).with_max_batch(8));
+        let reference = load().unwrap();
+        let server = Running::start(ServerConfig::default(), Arc::new(load().unwrap())).await;
+        let texts = [
+            "一只猫的照片",
+            "a photo of a cat",
+            "a much longer caption about a cup of coffee on a saucer, seen from above",
+        ];
+        let mut instances: Vec<Value> = texts.iter().map(|t| json!({"text": t})).collect();
+        instances.push(json!({"image": {"bytesBase64Encoded": b64(&png)}}));
+        let (status, body, _) = post(&server.url, &json!({"instances": instances})).await;
+        assert_eq!(status, 200, "{fixture}: {body}");
+        for (i, t) in texts.iter().enumerate() {
+            let want = reference.embed(EmbedRequest::text(*t)).await.unwrap();
+            let got = vector(&body["predictions"][i]["textEmbedding"]);
+            assert_close(&got, want.text.as_ref().unwrap());
+        }
+        let want = reference
+            .embed(EmbedRequest::image(png.clone()))
+            .await
+            .unwrap();
+        assert_close(
+            &vector(&body["predictions"][3]["imageEmbedding"]),
+            want.image.as_ref().unwrap(),
+        );
+        server.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_are_batched_and_a_full_queue_answers_429() {
     let e = demo().await;
