@@ -231,37 +231,30 @@ fn tiny_siglip_matches_pytorch() {
     assert!(text.min(image) < 0.99999, "int8 matches f32 exactly");
 }
 
-/// Google's SigLIP v1 repositories ship `spiece.model` and no
-/// `tokenizer.json`: the same checkpoint without its tokenizer.json loads
-/// from the SentencePiece model, converted in Rust, and gives the
-/// sentencepiece library's ids (the references) and the same embeddings;
-/// on random strings it agrees with the Python-converted tokenizer.json.
-#[test]
-fn siglip_loads_from_spiece_model_alone() {
-    let f = fixtures();
-    let src = f.join("tiny-siglip");
+/// The fixture `src` without its tokenizer.json: `keep` copied to a
+/// temporary directory, whose tokenizer must be `tokenizer` (converted at
+/// load), checked against the references like the fixture itself. Returns
+/// the directory (kept alive) and the model loaded from it.
+fn without_tokenizer_json(
+    src: &Path,
+    keep: &[&str],
+    tokenizer: &str,
+) -> (tempfile::TempDir, LoadedClip) {
     let dir = tempfile::tempdir().unwrap();
-    for name in [
-        "config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-        "spiece.model",
-        "reference.json",
-        "reference.safetensors",
-        "crops.safetensors",
-    ] {
+    for name in keep {
         std::fs::copy(src.join(name), dir.path().join(name)).unwrap();
     }
     let files = local_files(dir.path()).unwrap();
-    assert!(files.tokenizer.ends_with("spiece.model"));
-    check_model(dir.path(), &f.join("images"), Precision::F32);
+    assert!(files.tokenizer.ends_with(tokenizer));
+    check_model(dir.path(), &fixtures().join("images"), Precision::F32);
+    let clip = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+    (dir, clip)
+}
 
-    let from_spm = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
-    let from_json =
-        LoadedClip::load(&local_files(&src).unwrap(), &Device::Cpu, Precision::F32).unwrap();
-    let alphabet: Vec<char> = "abcXYZ019 .,!?'-_\t\néüßﬁＦ日本🚀\u{a0}\u{301}\u{2581}"
-        .chars()
-        .collect();
+/// 2,000 random strings (up to 40 characters of `alphabet`) give the same
+/// ids through both models' tokenizers.
+fn tokenizers_agree(a: &LoadedClip, b: &LoadedClip, alphabet: &str) {
+    let alphabet: Vec<char> = alphabet.chars().collect();
     let mut state = 0x2545_f491_u64;
     for _ in 0..2000 {
         let mut next = || {
@@ -275,11 +268,38 @@ fn siglip_loads_from_spiece_model_alone() {
             .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
             .collect();
         assert_eq!(
-            from_spm.tokenizer.encode(&text).unwrap(),
-            from_json.tokenizer.encode(&text).unwrap(),
+            a.tokenizer.encode(&text).unwrap(),
+            b.tokenizer.encode(&text).unwrap(),
             "{text:?}"
         );
     }
+}
+
+/// Google's SigLIP v1 repositories ship `spiece.model` and no
+/// `tokenizer.json`: the same checkpoint without its tokenizer.json loads
+/// from the SentencePiece model, converted in Rust, and gives the
+/// sentencepiece library's ids (the references) and the same embeddings;
+/// on random strings it agrees with the Python-converted tokenizer.json.
+#[test]
+fn siglip_loads_from_spiece_model_alone() {
+    let src = fixtures().join("tiny-siglip");
+    let keep = [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "spiece.model",
+        "reference.json",
+        "reference.safetensors",
+        "crops.safetensors",
+    ];
+    let (_dir, from_spm) = without_tokenizer_json(&src, &keep, "spiece.model");
+    let from_json =
+        LoadedClip::load(&local_files(&src).unwrap(), &Device::Cpu, Precision::F32).unwrap();
+    tokenizers_agree(
+        &from_spm,
+        &from_json,
+        "abcXYZ019 .,!?'-_\t\néüßﬁＦ日本🚀\u{a0}\u{301}\u{2581}",
+    );
 }
 
 /// Padding is part of SigLIP's input: the same text pooled without its
@@ -327,53 +347,30 @@ fn tiny_chinese_clip_matches_pytorch() {
 /// strings (CJK, kana, accents, controls, special tokens).
 #[test]
 fn chinese_clip_loads_from_vocab_txt_alone() {
-    let f = fixtures();
-    let src = f.join("tiny-chinese-clip");
-    let dir = tempfile::tempdir().unwrap();
-    for name in [
+    let src = fixtures().join("tiny-chinese-clip");
+    let keep = [
         "config.json",
         "model.safetensors",
         "preprocessor_config.json",
         "vocab.txt",
         "reference.json",
         "reference.safetensors",
-    ] {
-        std::fs::copy(src.join(name), dir.path().join(name)).unwrap();
-    }
-    let files = local_files(dir.path()).unwrap();
-    assert!(files.tokenizer.ends_with("vocab.txt"));
-    check_model(dir.path(), &f.join("images"), Precision::F32);
-
-    let from_vocab = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+    ];
+    let (dir, from_vocab) = without_tokenizer_json(&src, &keep, "vocab.txt");
     let from_json =
         LoadedClip::load(&local_files(&src).unwrap(), &Device::Cpu, Precision::F32).unwrap();
-    let alphabet: Vec<char> = "abcXYZ019 .,!?'-_\t\n\u{0}éüßﬁ一只猫龘のテпр🚀\u{a0}\u{301}[]SEPCLS"
-        .chars()
-        .collect();
-    let mut state = 0x2545_f491_u64;
-    for _ in 0..2000 {
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let len = (next() % 40) as usize;
-        let text: String = (0..len)
-            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
-            .collect();
-        assert_eq!(
-            from_vocab.tokenizer.encode(&text).unwrap(),
-            from_json.tokenizer.encode(&text).unwrap(),
-            "{text:?}"
-        );
-    }
+    tokenizers_agree(
+        &from_vocab,
+        &from_json,
+        "abcXYZ019 .,!?'-_\t\n\u{0}éüßﬁ一只猫龘のテпр🚀\u{a0}\u{301}[]SEPCLS",
+    );
     // `do_lower_case: false` in tokenizer_config.json is honoured.
     std::fs::write(
         dir.path().join("tokenizer_config.json"),
         r#"{"do_lower_case": false}"#,
     )
     .unwrap();
+    let files = local_files(dir.path()).unwrap();
     let cased = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
     assert_ne!(
         cased.tokenizer.encode("Photo").unwrap(),
