@@ -281,6 +281,35 @@ pub(crate) enum Visible {
     Prefix(Vec<usize>),
 }
 
+impl Visible {
+    /// The same rule as an additive `[b, 1, t, t]` mask for candle's ops:
+    /// 0 where query `i` of sequence `s` sees key `j`, -inf where not (a
+    /// sequence always sees its first key, as the kernel does).
+    pub(crate) fn additive(&self, b: usize, t: usize, dev: &candle_core::Device) -> Result<Tensor> {
+        if let Visible::Prefix(lens) = self
+            && lens.len() != b
+        {
+            candle_core::bail!("attention mask: {} lengths for {b} sequences", lens.len());
+        }
+        let hidden = |s: usize, i: usize, j: usize| match self {
+            Visible::All => false,
+            Visible::Causal => j > i,
+            Visible::Prefix(lens) => j >= lens[s].max(1),
+        };
+        let m: Vec<f32> = (0..b * t * t)
+            .map(|n| {
+                let (s, i, j) = (n / (t * t), n / t % t, n % t);
+                if hidden(s, i, j) {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(m, (b, 1, t, t), dev)
+    }
+}
+
 struct Attention {
     heads: usize,
     visible: Visible,
@@ -763,23 +792,7 @@ mod tests {
         };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let mut w = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-        // An additive mask [b, 1, t, t]: -inf where a key is hidden.
-        let hidden = |s: usize, i: usize, j: usize| match visible {
-            Visible::All => false,
-            Visible::Causal => j > i,
-            Visible::Prefix(lens) => j >= lens[s].max(1),
-        };
-        let m: Vec<f32> = (0..b * t * t)
-            .map(|n| {
-                let (s, i, j) = (n / (t * t), n / t % t, n % t);
-                if hidden(s, i, j) {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        w = w.broadcast_add(&Tensor::from_vec(m, (b, 1, t, t), qkv.device())?)?;
+        w = w.broadcast_add(&visible.additive(b, t, qkv.device())?)?;
         let w = candle_nn::ops::softmax(&w, D::Minus1)?;
         w.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
     }

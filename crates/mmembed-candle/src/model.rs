@@ -349,35 +349,12 @@ impl Mask {
         }
     }
 
-    /// CLIP's text: `[t, t]`, keys up to the query's own position.
-    fn causal(t: usize, dtype: DType, dev: &Device) -> Result<Self> {
-        let m: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
+    /// `visible` for a batch of `b` sequences of `t` tokens.
+    fn new(visible: Visible, b: usize, t: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let additive = visible.additive(b, t, dev)?.to_dtype(dtype)?;
         Ok(Self {
-            visible: Visible::Causal,
-            additive: Some(Tensor::from_slice(&m, (t, t), dev)?.to_dtype(dtype)?),
-        })
-    }
-
-    /// BERT's padding: `[b, 1, 1, t]`, sequence `i`'s first `lens[i]` keys
-    /// (at least one).
-    fn prefix(lens: &[usize], t: usize, dtype: DType, dev: &Device) -> Result<Self> {
-        let m: Vec<f32> = lens
-            .iter()
-            .flat_map(|&n| {
-                (0..t).map(move |j| {
-                    if j >= n.max(1) {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Ok(Self {
-            visible: Visible::Prefix(lens.to_vec()),
-            additive: Some(Tensor::from_slice(&m, (lens.len(), 1, 1, t), dev)?.to_dtype(dtype)?),
+            visible,
+            additive: Some(additive),
         })
     }
 }
@@ -826,9 +803,9 @@ impl TextTower {
             x = ln.forward(&x)?;
         }
         let mask = match (self.attends, lens) {
-            (TextAttention::Causal, _) => Mask::causal(t, x.dtype(), dev)?,
+            (TextAttention::Causal, _) => Mask::new(Visible::Causal, b, t, x.dtype(), dev)?,
             (TextAttention::Unpadded, Some(lens)) if lens.iter().any(|&n| n < t) => {
-                Mask::prefix(lens, t, x.dtype(), dev)?
+                Mask::new(Visible::Prefix(lens.to_vec()), b, t, x.dtype(), dev)?
             }
             _ => Mask::all(),
         };
