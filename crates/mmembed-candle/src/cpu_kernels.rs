@@ -655,6 +655,28 @@ pub(crate) fn has_avx2_fma() -> bool {
     *YES.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// Whether this CPU has AVX-512 VNNI with 256-bit forms (VL): the int8
+/// kernel then sums its 16-bit pair products in one instruction.
+/// `MMEMBED_NO_VNNI=1` turns it off, for A/B runs and to test the AVX2
+/// kernel on such CPUs.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512_vnni() -> bool {
+    use std::sync::OnceLock;
+    static YES: OnceLock<bool> = OnceLock::new();
+    *YES.get_or_init(|| {
+        has_avx2_fma()
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+            && !env_flag("MMEMBED_NO_VNNI")
+    })
+}
+
+/// Whether the environment variable `name` is set to something other than
+/// empty or `0` (read once per name and process by its callers).
+pub(crate) fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// An [`Epilogue`]'s activation in place.
 pub(crate) fn act_in_place(act: Epilogue, v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]

@@ -22,7 +22,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
-use crate::tiled::{MR, NR, RowNorm, TileOut, TiledLinear, for_each_tile, rows_of_tile};
+use crate::tiled::{MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile, rows_of_tile};
 
 /// A linear layer `y = x · wᵀ + b` with `w` quantised to int8.
 pub(crate) struct QLinear {
@@ -47,36 +47,51 @@ impl std::fmt::Debug for QLinear {
     }
 }
 
+/// Per output channel int8 quantisation of `w [n, k]` (any strides, any
+/// float dtype), bias `b [n]`: calls `put(c, i, q)` with the quantised
+/// weight of output `c`, input `i`, and returns the scales and the bias,
+/// both zero past `n` up to whole strips.
+pub(crate) fn quantize_weights(
+    w: &Tensor,
+    b: &Tensor,
+    mut put: impl FnMut(usize, usize, i8),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (n, k) = w.dims2()?;
+    if b.dims() != [n] {
+        candle_core::bail!("int8 linear: weight [{n}, {k}], bias {:?}", b.dims());
+    }
+    let w = w.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let mut bias = b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    let strips = n.div_ceil(NR);
+    let mut scale = vec![0f32; strips * NR];
+    with_f32s(&w, |w| {
+        for (c, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if !amax.is_finite() {
+                candle_core::bail!("int8 linear: weight row {c} is not finite");
+            }
+            let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            scale[c] = s;
+            for (i, v) in row.iter().enumerate() {
+                put(c, i, (v / s).round().clamp(-127.0, 127.0) as i8);
+            }
+        }
+        Ok(())
+    })?;
+    bias.resize(strips * NR, 0.0);
+    Ok((scale, bias))
+}
+
 impl QLinear {
     /// Quantises `w [n, k]` (any strides) with one scale per output row.
     pub(crate) fn new(w: &Tensor, b: &Tensor) -> Result<Self> {
         let (n, k) = w.dims2()?;
-        if b.dims() != [n] {
-            candle_core::bail!("int8 linear: weight [{n}, {k}], bias {:?}", b.dims());
-        }
-        let w = w.to_dtype(candle_core::DType::F32)?.contiguous()?;
-        let mut bias = b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         let kp = k.div_ceil(2);
-        let strips = n.div_ceil(NR);
-        let mut packed = vec![0i16; strips * kp * NR * 2];
-        let mut scale = vec![0f32; strips * NR];
-        with_f32s(&w, |w| {
-            for (c, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
-                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                if !amax.is_finite() {
-                    candle_core::bail!("int8 linear: weight row {c} is not finite");
-                }
-                let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-                scale[c] = s;
-                let (strip, col) = (c / NR, c % NR);
-                for (i, v) in row.iter().enumerate() {
-                    let q = (v / s).round().clamp(-127.0, 127.0) as i16;
-                    packed[((strip * kp + i / 2) * NR + col) * 2 + i % 2] = q;
-                }
-            }
-            Ok(())
+        let mut packed = vec![0i16; n.div_ceil(NR) * kp * NR * 2];
+        let (scale, bias) = quantize_weights(w, b, |c, i, q| {
+            let (strip, col) = (c / NR, c % NR);
+            packed[((strip * kp + i / 2) * NR + col) * 2 + i % 2] = q as i16;
         })?;
-        bias.resize(strips * NR, 0.0);
         Ok(Self {
             k,
             kp,
@@ -100,25 +115,56 @@ impl QLinear {
     /// rows), each tile `[kp pairs][MR rows][2]`, so the kernel's broadcasts
     /// walk one contiguous stream.
     fn quantize_rows(&self, x: &[f32], m: usize, norm: Option<&RowNorm>) -> (Vec<i16>, Vec<f32>) {
-        let (k, kp) = (self.k, self.kp);
-        let qmax = self.activation_max();
-        let tiles = m.div_ceil(MR);
-        let mut q = vec![0i16; tiles * kp * MR * 2];
-        let mut scales = vec![0f32; tiles * MR];
-        q.par_chunks_mut(kp * MR * 2)
+        let (mut q, mut scales) = self.tile_buffers(m);
+        q.par_chunks_mut(self.tile_len())
             .zip(scales.par_chunks_mut(MR))
             .enumerate()
-            .for_each(|(t, (q, s))| {
-                let mut row = vec![0i16; 2 * kp];
-                rows_of_tile(x, m, k, t, norm, |lane, x| {
-                    s[lane] = quantize_row(x, &mut row[..k], qmax);
-                    for (p, pair) in row.chunks_exact(2).enumerate() {
-                        let at = (p * MR + lane) * 2;
-                        q[at..at + 2].copy_from_slice(pair);
-                    }
-                });
-            });
+            .for_each(|(t, (q, s))| self.quantize_tile(x, m, t, norm, q, s));
         (q, scales)
+    }
+
+    /// Zeroed buffers for [`Self::quantize_rows`]'s output over `m` rows.
+    pub(crate) fn tile_buffers(&self, m: usize) -> (Vec<i16>, Vec<f32>) {
+        let tiles = m.div_ceil(MR);
+        (vec![0i16; tiles * self.tile_len()], vec![0f32; tiles * MR])
+    }
+
+    /// Values in one quantised activation tile.
+    pub(crate) fn tile_len(&self) -> usize {
+        self.kp * MR * 2
+    }
+
+    /// Tile `t` of [`Self::quantize_rows`]: its `MR` rows into `q`
+    /// ([`Self::tile_len`] values) and their scales into `s`.
+    pub(crate) fn quantize_tile(
+        &self,
+        x: &[f32],
+        m: usize,
+        t: usize,
+        norm: Option<&RowNorm>,
+        q: &mut [i16],
+        s: &mut [f32],
+    ) {
+        let (k, kp) = (self.k, self.kp);
+        let qmax = self.activation_max();
+        let mut row = vec![0i16; 2 * kp];
+        rows_of_tile(x, m, k, t, norm, |lane, x| {
+            s[lane] = quantize_row(x, &mut row[..k], qmax);
+            for (p, pair) in row.chunks_exact(2).enumerate() {
+                let at = (p * MR + lane) * 2;
+                q[at..at + 2].copy_from_slice(pair);
+            }
+        });
+    }
+
+    /// Output tile `tile` from [`Self::quantize_rows`]'s `qx` and `sx`.
+    pub(crate) fn output_tile(&self, qx: &[i16], sx: &[f32], tile: &Tile, out: &TileOut) {
+        let deq = Dequant {
+            row_scale: &sx[tile.r0..],
+            scale: &self.scale[tile.strip * NR..],
+            bias: &self.bias[tile.strip * NR..],
+        };
+        self.tile(qx, tile.r0 / MR, tile.strip, &deq, out);
     }
 
     /// Integer dot products of activation tile `t` (rows `MR t..MR t + MR`)
@@ -132,7 +178,13 @@ impl QLinear {
         if crate::cpu_kernels::has_avx2_fma() {
             // SAFETY: the CPU has AVX2; `a` and `b` hold the `kp` pairs of
             // MR rows and NR columns the kernel reads.
-            return unsafe { avx2::tile(a, b, self.kp, deq, out) };
+            return unsafe {
+                if crate::cpu_kernels::has_avx512_vnni() {
+                    avx2::tile_vnni(a, b, self.kp, deq, out)
+                } else {
+                    avx2::tile(a, b, self.kp, deq, out)
+                }
+            };
         }
         let mut acc = [[0i32; NR]; MR];
         dot_generic(a, b, self.kp, &mut acc);
@@ -164,12 +216,7 @@ impl TiledLinear for QLinear {
     ) -> Vec<f32> {
         let (qx, sx) = self.quantize_rows(x, m, norm);
         for_each_tile(m, self.n, residual, act, |tile, out| {
-            let deq = Dequant {
-                row_scale: &sx[tile.r0..],
-                scale: &self.scale[tile.strip * NR..],
-                bias: &self.bias[tile.strip * NR..],
-            };
-            self.tile(&qx, tile.r0 / MR, tile.strip, &deq, out);
+            self.output_tile(&qx, &sx, tile, out)
         })
     }
 }
@@ -303,17 +350,59 @@ mod avx2 {
     use super::{Dequant, MR, NR, TileOut};
     use std::arch::x86_64::*;
 
-    /// `acc[i][j] = Σ_p a[p][i][0..2] · b[p][j][0..2]`, dequantised into
-    /// `out` in registers.
+    /// [`tile_with`] with AVX2's `vpmaddwd` + `vpaddd`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; otherwise as [`tile_with`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(a: &[i16], b: &[i16], kp: usize, deq: &Dequant, out: &TileOut) {
+        // SAFETY: this function's features are the body's; the rest is the
+        // caller's contract.
+        unsafe {
+            tile_with(a, b, kp, deq, out, |acc, av, bv| {
+                _mm256_add_epi32(acc, _mm256_madd_epi16(av, bv))
+            })
+        }
+    }
+
+    /// [`tile_with`] with AVX-512 VNNI's `vpdpwssd` on 256-bit registers:
+    /// the same 16-bit pair products and 32-bit sums as [`tile`] (so the
+    /// same results, bit for bit), one instruction where AVX2 needs two.
+    ///
+    /// # Safety
+    /// AVX2, FMA, AVX-512 VNNI and VL must be available; otherwise as
+    /// [`tile_with`].
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub(super) unsafe fn tile_vnni(a: &[i16], b: &[i16], kp: usize, deq: &Dequant, out: &TileOut) {
+        // SAFETY: as in `tile`.
+        unsafe {
+            tile_with(a, b, kp, deq, out, |acc, av, bv| {
+                _mm256_dpwssd_epi32(acc, av, bv)
+            })
+        }
+    }
+
+    /// `acc[i][j] = Σ_p a[p][i][0..2] · b[p][j][0..2]` (`mac(acc, a, b)`
+    /// adds the pair products of `a` and `b` to `acc`, lane by lane),
+    /// dequantised into `out` in registers. Inlined into each caller, so
+    /// it is compiled with that caller's features.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; `a` holds `kp · MR · 2` values and
     /// `b` `kp · NR · 2`; `out` describes a writable rectangle.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(a: &[i16], b: &[i16], kp: usize, deq: &Dequant, out: &TileOut) {
+    #[inline(always)]
+    unsafe fn tile_with(
+        a: &[i16],
+        b: &[i16],
+        kp: usize,
+        deq: &Dequant,
+        out: &TileOut,
+        mac: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
         const NV: usize = NR / 8;
         assert!(a.len() >= kp * MR * 2 && b.len() >= kp * NR * 2);
-        let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+        // SAFETY (all intrinsics): AVX2 per the contract.
+        let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
         let (mut a, mut b) = (a.as_ptr() as *const i32, b.as_ptr() as *const __m256i);
         for _ in 0..kp {
             // SAFETY (all loads): `kp` steps of MR pairs and NV vectors stay
@@ -323,7 +412,7 @@ mod avx2 {
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let av = _mm256_set1_epi32(a.add(i).read_unaligned());
                     for (acc, bv) in acc.iter_mut().zip(bv) {
-                        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(av, bv));
+                        *acc = mac(*acc, av, bv);
                     }
                 }
                 a = a.add(MR);
@@ -468,6 +557,48 @@ mod tests {
                 assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
             }
         }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_and_vnni_kernels_give_the_same_bits() {
+        // Same 16-bit pair products, same 32-bit sums: `vpdpwssd` is
+        // `vpmaddwd` + `vpaddd` in one instruction (checked where the CPU
+        // has both; CI machines without VNNI run the AVX2 one elsewhere).
+        if !crate::cpu_kernels::has_avx512_vnni() {
+            return;
+        }
+        let (k, n, m) = (3072, 16, 6);
+        let q = QLinear::new(&randn(&[n, k], 6), &randn(&[n], 7)).unwrap();
+        let x = randn(&[m, k], 8).to_vec2::<f32>().unwrap().concat();
+        let (qx, sx) = q.quantize_rows(&x, m, None);
+        let deq = Dequant {
+            row_scale: &sx,
+            scale: &q.scale,
+            bias: &q.bias,
+        };
+        let run = |vnni: bool| {
+            let mut y = [0f32; MR * NR];
+            let out = TileOut {
+                y: y.as_mut_ptr(),
+                ld: NR,
+                rows: MR,
+                cols: NR,
+                residual: None,
+                act: Epilogue::None,
+            };
+            // SAFETY: the CPU has AVX2, FMA, VNNI and VL (checked above);
+            // `qx` and `q.w` hold one tile and one strip; `out` is `y`.
+            unsafe {
+                if vnni {
+                    avx2::tile_vnni(&qx, &q.w, q.kp, &deq, &out)
+                } else {
+                    avx2::tile(&qx, &q.w, q.kp, &deq, &out)
+                }
+            };
+            y
+        };
+        assert_eq!(run(false), run(true));
     }
 
     #[test]

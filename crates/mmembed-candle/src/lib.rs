@@ -28,6 +28,7 @@ mod spm;
 mod tiled;
 mod tokenizer;
 mod train_ops;
+mod w8a8;
 mod weights;
 
 pub use config::{Activation, ClipConfig, Family, TextConfig, TowerConfig, VisionConfig};

@@ -33,6 +33,7 @@ use crate::int8::QLinear;
 use crate::packed::{self, PackedLinear};
 use crate::tiled::{self, TiledLinear};
 use crate::train_ops;
+use crate::w8a8::{self, W8A8Linear};
 
 /// Which kernels the forward pass uses.
 ///
@@ -176,18 +177,36 @@ enum Weights {
     Packed(Box<dyn TiledLinear>),
 }
 
+/// What feeds a layer, which decides how its int8 form quantises its
+/// activations.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Input {
+    /// A layer norm's output (attention's q/k/v, the first MLP layer):
+    /// rows centred and scaled, so 8 bits per row fit them (8-bit
+    /// activations where the CPU has AVX-512 VNNI, see [`crate::w8a8`]).
+    Normed,
+    /// Anything else (attention output, GELU output, projections): 16 bits.
+    Other,
+}
+
 /// The CPU's packed form of a layer for these kernels, if it has one:
-/// int8 for [`Kernels::Int8`] (layers with a bias), else f32 where the CPU
-/// runs the packed f32 kernel. The candle weight is then dropped.
+/// int8 for [`Kernels::Int8`] (layers with a bias; 8-bit activations for a
+/// [`Input::Normed`] layer where the CPU has VNNI, else 16-bit), else f32
+/// where the CPU runs the packed f32 kernel. The candle weight is then
+/// dropped.
 fn packed_layer(
     w: &Tensor,
     b: Option<&Tensor>,
     kernels: Kernels,
+    input: Input,
 ) -> Result<Option<Box<dyn TiledLinear>>> {
     if !matches!(kernels, Kernels::Fused | Kernels::Int8) || !cpu_kernels::supported(w) {
         return Ok(None);
     }
     Ok(match b {
+        Some(b) if kernels == Kernels::Int8 && input == Input::Normed && w8a8::available() => {
+            Some(Box::new(W8A8Linear::new(w, b)?))
+        }
         Some(b) if kernels == Kernels::Int8 => Some(Box::new(QLinear::new(w, b)?)),
         _ if packed::available() => Some(Box::new(PackedLinear::new(w, b)?)),
         _ => None,
@@ -196,8 +215,8 @@ fn packed_layer(
 
 impl Dense {
     /// `linear` as is, or packed for our CPU kernels ([`packed_layer`]).
-    fn from_linear(linear: Linear, kernels: Kernels) -> Result<Self> {
-        let linear = match packed_layer(linear.weight(), linear.bias(), kernels)? {
+    fn from_linear(linear: Linear, kernels: Kernels, input: Input) -> Result<Self> {
+        let linear = match packed_layer(linear.weight(), linear.bias(), kernels, input)? {
             Some(p) => Weights::Packed(p),
             None => Weights::Float(linear),
         };
@@ -213,7 +232,14 @@ impl Dense {
     }
 }
 
-fn dense(i: usize, o: usize, bias: bool, kernels: Kernels, vb: VarBuilder) -> Result<Dense> {
+fn dense(
+    i: usize,
+    o: usize,
+    bias: bool,
+    kernels: Kernels,
+    input: Input,
+    vb: VarBuilder,
+) -> Result<Dense> {
     let mut linear = if bias {
         linear(i, o, vb)?
     } else {
@@ -234,7 +260,7 @@ fn dense(i: usize, o: usize, bias: bool, kernels: Kernels, vb: VarBuilder) -> Re
         let kn = linear.weight().t()?.contiguous()?;
         linear = Linear::new(kn.t()?, linear.bias().cloned());
     }
-    Dense::from_linear(linear, kernels)
+    Dense::from_linear(linear, kernels, input)
 }
 
 impl Dense {
@@ -440,17 +466,18 @@ impl Attention {
                 Qkv::Packed(Dense::from_linear(
                     Linear::new(weight, Some(bias)),
                     kernels,
+                    Input::Normed,
                 )?)
             }
             _ => Qkv::Separate(Box::new([
-                Dense::from_linear(ql, float)?,
-                Dense::from_linear(kl, float)?,
-                Dense::from_linear(vl, float)?,
+                Dense::from_linear(ql, float, Input::Normed)?,
+                Dense::from_linear(kl, float, Input::Normed)?,
+                Dense::from_linear(vl, float, Input::Normed)?,
             ])),
         };
         Ok(Self {
             qkv,
-            out: dense(d, d, true, kernels, vb.pp(names.out))?,
+            out: dense(d, d, true, kernels, Input::Other, vb.pp(names.out))?,
             heads: c.num_attention_heads,
             head_dim,
             scale,
@@ -553,8 +580,8 @@ impl Mlp {
         fc2: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            fc1: dense(d, c.intermediate_size, true, kernels, fc1)?,
-            fc2: dense(c.intermediate_size, d, true, kernels, fc2)?,
+            fc1: dense(d, c.intermediate_size, true, kernels, Input::Normed, fc1)?,
+            fc2: dense(c.intermediate_size, d, true, kernels, Input::Other, fc2)?,
             act: c.activation,
             kernels,
         })
@@ -724,6 +751,7 @@ impl TextTower {
                     c.projection_dim,
                     false,
                     kernels,
+                    Input::Other,
                     vb.root().pp("text_projection"),
                 )?,
                 context,
@@ -734,12 +762,20 @@ impl TextTower {
         // CLIP: a bias-free `text_projection` beside the tower; SigLIP: the
         // tower's own `head`, with a bias.
         let projection = match c.family {
-            Family::Siglip => dense(d, c.projection_dim, true, kernels, vb.pp("head"))?,
+            Family::Siglip => dense(
+                d,
+                c.projection_dim,
+                true,
+                kernels,
+                Input::Other,
+                vb.pp("head"),
+            )?,
             _ => dense(
                 d,
                 c.projection_dim,
                 false,
                 kernels,
+                Input::Other,
                 vb.root().pp("text_projection"),
             )?,
         };
@@ -902,7 +938,7 @@ impl VisionTower {
                 Some(b) => b.clone(),
                 None => Tensor::zeros(d, DType::F32, w.device())?,
             };
-            packed_layer(&w, Some(&bias), kernels)?
+            packed_layer(&w, Some(&bias), kernels, Input::Other)?
         } else {
             None
         };
@@ -912,6 +948,7 @@ impl VisionTower {
                 c.projection_dim,
                 false,
                 kernels,
+                Input::Other,
                 vb.root().pp("visual_projection"),
             )?)
         } else {
@@ -1006,8 +1043,8 @@ impl AttentionPool {
             probe: vb.get((1, 1, d), "probe")?.reshape((1, d))?,
             q_weight: w.narrow(0, 0, d)?.contiguous()?,
             q_bias: b.narrow(0, 0, d)?.contiguous()?,
-            kv: Dense::from_linear(kv, kernels)?,
-            out: dense(d, d, true, kernels, attn.pp("out_proj"))?,
+            kv: Dense::from_linear(kv, kernels, Input::Normed)?,
+            out: dense(d, d, true, kernels, Input::Other, attn.pp("out_proj"))?,
             ln: norm(d, c.layer_norm_eps, kernels, vb.pp("layernorm"))?,
             mlp: Mlp::new(d, c, kernels, vb.pp("mlp.fc1"), vb.pp("mlp.fc2"))?,
             heads: c.num_attention_heads,
