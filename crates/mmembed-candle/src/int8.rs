@@ -541,14 +541,7 @@ mod tests {
             scale: &q.scale,
             bias: &q.bias,
         };
-        let out = |y: &mut [f32; MR * NR], residual, act| TileOut {
-            y: y.as_mut_ptr(),
-            ld: NR,
-            rows: MR,
-            cols: NR,
-            residual,
-            act,
-        };
+        let out = TileOut::whole;
         for (residual, act) in [
             (None, Epilogue::None),
             (Some(res.as_slice()), Epilogue::None),
@@ -585,14 +578,7 @@ mod tests {
         };
         let run = |vnni: bool| {
             let mut y = [0f32; MR * NR];
-            let out = TileOut {
-                y: y.as_mut_ptr(),
-                ld: NR,
-                rows: MR,
-                cols: NR,
-                residual: None,
-                act: Epilogue::None,
-            };
+            let out = TileOut::whole(&mut y, None, Epilogue::None);
             // SAFETY: the CPU has AVX2, FMA, VNNI and VL (checked above);
             // `qx` and `q.w` hold one tile and one strip; `out` is `y`.
             unsafe {

@@ -411,14 +411,7 @@ mod tests {
             }
         }
         let mut got = [0f32; MR * NR];
-        let out = TileOut {
-            y: got.as_mut_ptr(),
-            ld: NR,
-            rows: MR,
-            cols: NR,
-            residual: None,
-            act: Epilogue::None,
-        };
+        let out = TileOut::whole(&mut got, None, Epilogue::None);
         p.tile(&a, &Tile { r0: 0, strip: 0 }, &out);
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");

@@ -191,7 +191,25 @@ pub(crate) struct TileOut<'a> {
     pub(crate) act: Epilogue,
 }
 
-impl TileOut<'_> {
+impl<'a> TileOut<'a> {
+    /// A whole `MR × NR` tile written to `y`, row after row: what the
+    /// kernels' unit tests compare.
+    #[cfg(test)]
+    pub(crate) fn whole(
+        y: &mut [f32; MR * NR],
+        residual: Option<&'a [f32]>,
+        act: Epilogue,
+    ) -> Self {
+        Self {
+            y: y.as_mut_ptr(),
+            ld: NR,
+            rows: MR,
+            cols: NR,
+            residual,
+            act,
+        }
+    }
+
     /// Writes row `i` of the tile from `t` (the product plus bias).
     ///
     /// # Safety

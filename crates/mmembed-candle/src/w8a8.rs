@@ -636,14 +636,7 @@ mod tests {
         };
         let run = |vnni: bool| {
             let mut y = [0f32; MR * NR];
-            let out = TileOut {
-                y: y.as_mut_ptr(),
-                ld: NR,
-                rows: MR,
-                cols: NR,
-                residual: None,
-                act: Epilogue::None,
-            };
+            let out = TileOut::whole(&mut y, None, Epilogue::None);
             #[cfg(target_arch = "x86_64")]
             if vnni {
                 // SAFETY: checked below that the CPU has the features.
