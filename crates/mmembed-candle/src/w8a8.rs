@@ -258,13 +258,7 @@ impl Dequant<'_> {
 /// Quantises one row to 0..=255: `x ≈ (q − zp) · scale`, with zero exactly
 /// representable (`zp` is an integer) so that zero padding stays zero.
 fn quantize_row(x: &[f32], q: &mut [u8]) -> RowQuant {
-    let (mut lo, mut hi, mut nan, mut sq) = (0f32, 0f32, false, 0f32);
-    for v in x {
-        lo = lo.min(*v);
-        hi = hi.max(*v);
-        nan |= v.is_nan();
-        sq += v * v;
-    }
+    let (lo, hi, nan, sq) = row_stats(x);
     let scale = (hi - lo) / 255.0;
     if nan || !scale.is_finite() || scale <= 0.0 {
         // All zeros stays zeros; a non-finite row cannot be scaled and
@@ -299,6 +293,63 @@ fn quantize_row(x: &[f32], q: &mut [u8]) -> RowQuant {
         zp: zp as i32,
         fits,
     }
+}
+
+/// A row's `min(x, 0)`, `max(x, 0)`, whether it has a NaN, and its sum of
+/// squares.
+fn row_stats(x: &[f32]) -> (f32, f32, bool, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu_kernels::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { row_stats_avx2(x) };
+    }
+    row_stats_generic(x)
+}
+
+#[inline(always)]
+fn row_stats_generic(x: &[f32]) -> (f32, f32, bool, f32) {
+    let (mut lo, mut hi, mut nan, mut sq) = (0f32, 0f32, false, 0f32);
+    for v in x {
+        lo = lo.min(*v);
+        hi = hi.max(*v);
+        nan |= v.is_nan();
+        sq += v * v;
+    }
+    (lo, hi, nan, sq)
+}
+
+/// [`row_stats_generic`] eight lanes at a time. Written out: `f32::min`'s
+/// NaN rule keeps the compiler from vectorising the loop (3.7 % of an int8
+/// text forward as the scalar loop); here NaNs are tracked apart, so the
+/// lanes' `min`/`max` need not care.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn row_stats_avx2(x: &[f32]) -> (f32, f32, bool, f32) {
+    use std::arch::x86_64::*;
+    let n8 = x.len() / 8 * 8;
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut sq, mut nan) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for c in x[..n8].chunks_exact(8) {
+        // SAFETY: 8 floats.
+        let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        lo = _mm256_min_ps(lo, v);
+        hi = _mm256_max_ps(hi, v);
+        sq = _mm256_fmadd_ps(v, v, sq);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+    }
+    let lanes = |v: __m256| {
+        let mut a = [0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+        a
+    };
+    let (tlo, thi, tnan, tsq) = row_stats_generic(&x[n8..]);
+    (
+        lanes(lo).iter().fold(tlo, |a, b| a.min(*b)),
+        lanes(hi).iter().fold(thi, |a, b| a.max(*b)),
+        tnan || _mm256_movemask_ps(nan) != 0,
+        lanes(sq).iter().sum::<f32>() + tsq,
+    )
 }
 
 /// `q = clamp(round(x · inv) + zp, 0, 255)`, rounding to nearest even as
@@ -617,6 +668,25 @@ mod tests {
         // The row's extremes land at the ends of the grid.
         assert_eq!(q.iter().min(), Some(&0));
         assert!(*q.iter().max().unwrap() >= 254);
+    }
+
+    #[test]
+    fn row_stats_avx2_equals_scalar() {
+        let mut x = flat(&randn(&[1, 203], 18, 0.1, true));
+        let close = |a: (f32, f32, bool, f32), b: (f32, f32, bool, f32)| {
+            a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && (a.3 - b.3).abs() <= 1e-5 * b.3
+        };
+        assert!(close(row_stats(&x), row_stats_generic(&x)));
+        // A NaN in the vector part and in the tail.
+        for at in [17, 201] {
+            let saved = x[at];
+            x[at] = f32::NAN;
+            assert!(row_stats(&x).2, "NaN at {at} missed");
+            x[at] = saved;
+        }
+        // All positive: the minimum is zero, not the smallest value.
+        let pos: Vec<f32> = x.iter().map(|v| v.abs() + 1.0).collect();
+        assert_eq!(row_stats(&pos).0, 0.0);
     }
 
     #[test]
