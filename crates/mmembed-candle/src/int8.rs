@@ -28,7 +28,9 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
-use crate::tiled::{MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile, rows_of_tile};
+use crate::tiled::{
+    MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile, put_row, rows_of_tile,
+};
 
 /// A linear layer `y = x · wᵀ + b` with `w` quantised to int8.
 pub(crate) struct QLinear {
@@ -156,10 +158,7 @@ impl QLinear {
         let mut row = vec![0i16; 2 * kp];
         rows_of_tile(x, m, k, t, norm, |lane, x| {
             s[lane] = quantize_row(x, &mut row[..k], qmax);
-            for (p, pair) in row.chunks_exact(2).enumerate() {
-                let at = (p * MR + lane) * 2;
-                q[at..at + 2].copy_from_slice(pair);
-            }
+            put_row::<_, 2>(q, lane, &row);
         });
     }
 

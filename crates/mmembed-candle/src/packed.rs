@@ -20,7 +20,9 @@ use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
-use crate::tiled::{MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile, rows_of_tile};
+use crate::tiled::{
+    MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile, put_row, rows_of_tile,
+};
 
 /// Whether this CPU runs packed layers (faster than the `gemm` crate only
 /// with the AVX2 kernel).
@@ -113,11 +115,7 @@ impl PackedLinear {
         let k = self.k;
         let mut a = vec![0f32; m.div_ceil(MR) * k * MR];
         a.par_chunks_mut(k * MR).enumerate().for_each(|(t, a)| {
-            rows_of_tile(x, m, k, t, norm, |lane, row| {
-                for (kk, v) in row.iter().enumerate() {
-                    a[kk * MR + lane] = *v;
-                }
-            });
+            rows_of_tile(x, m, k, t, norm, |lane, row| put_row::<_, 1>(a, lane, row));
         });
         a
     }

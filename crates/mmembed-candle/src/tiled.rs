@@ -57,6 +57,19 @@ pub(crate) fn rows_of_tile(
     }
 }
 
+/// Writes `row` into lane `lane` of an activation tile laid out
+/// `[k / G][MR][G]`: each row's values in groups of `G` consecutive ones
+/// (one f32, an i16 pair, a u8 quad: what one kernel step multiplies), the
+/// tile's rows interleaved group by group, so the kernel's broadcasts walk
+/// one contiguous stream. The layout of all three packed layers' inputs.
+#[inline(always)]
+pub(crate) fn put_row<T: Copy, const G: usize>(tile: &mut [T], lane: usize, row: &[T]) {
+    for (p, group) in row.chunks_exact(G).enumerate() {
+        let at = (p * MR + lane) * G;
+        tile[at..at + G].copy_from_slice(group);
+    }
+}
+
 /// A linear layer `y = x · wᵀ + b` with weights packed at load.
 pub(crate) trait TiledLinear: Send + Sync {
     /// The op's name in candle errors.

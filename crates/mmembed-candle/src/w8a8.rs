@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use crate::cpu_kernels::Epilogue;
 use crate::int8::{QLinear, quantize_weights};
-use crate::tiled::{MR, NR, RowNorm, TileOut, TiledLinear, for_each_tile, rows_of_tile};
+use crate::tiled::{MR, NR, RowNorm, TileOut, TiledLinear, for_each_tile, put_row, rows_of_tile};
 
 /// A row whose range (`max(x, 0) − min(x, 0)`) exceeds this many times its
 /// root mean square is quantised to 16 bits, with its tile (see the module
@@ -147,10 +147,7 @@ impl W8A8Linear {
                 let mut row = vec![0u8; 4 * k4];
                 rows_of_tile(x, m, k, t, norm, |lane, x| {
                     rq[lane] = quantize_row(x, &mut row[..k]);
-                    for (p, quad) in row.chunks_exact(4).enumerate() {
-                        let at = (p * MR + lane) * 4;
-                        q[at..at + 4].copy_from_slice(quad);
-                    }
+                    put_row::<_, 4>(q, lane, &row);
                 });
             });
         (q, rq)
