@@ -663,6 +663,18 @@ pub(crate) fn has_avx2_fma() -> bool {
     *YES.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// Whether this CPU has AVX-512 F (and AVX2 + FMA): the packed f32 kernel
+/// then runs on 16-lane registers. `MMEMBED_NO_AVX512=1` turns it off (A/B
+/// runs, and to test the AVX2 kernel on such CPUs).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512f() -> bool {
+    use std::sync::OnceLock;
+    static YES: OnceLock<bool> = OnceLock::new();
+    *YES.get_or_init(|| {
+        has_avx2_fma() && is_x86_feature_detected!("avx512f") && !env_flag("MMEMBED_NO_AVX512")
+    })
+}
+
 /// Whether this CPU has AVX-512 VNNI with 256-bit forms (VL): the int8
 /// kernel then sums its 16-bit pair products in one instruction.
 /// `MMEMBED_NO_VNNI=1` turns it off, for A/B runs and to test the AVX2
