@@ -19,8 +19,11 @@ each normed row over its root mean square, the statistic `W8A8Linear`
 checks before it uses 8 bits (`MAX_RANGE_OVER_RMS`).
 
 Needs torch, transformers and safetensors (the bench venv of BENCHMARKS.md).
-This is the evidence behind the choice in `crates/mmembed-candle/src/w8a8.rs`;
-the Rust path's own figures come from `gpu_check parity --device cpu`.
+This was the first evidence behind the choice in
+`crates/mmembed-candle/src/w8a8.rs`; the choice now rests on the Rust
+path's own figures (`gpu_check parity --device cpu`, the parity tests'
+fixtures; BENCHMARKS.md, "Step 4"), which put 8 bits on every layer but
+attention's output projection.
 """
 
 from __future__ import annotations
