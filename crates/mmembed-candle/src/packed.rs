@@ -208,6 +208,24 @@ fn dot_generic(a: &[f32], b: &[f32], k: usize, rows: usize, acc: &mut [[f32; NR]
     }
 }
 
+/// `$dot::<R>(args)` with `R` the tile's row count (1 to `MR` = 6), so a
+/// kernel computes only the tile's rows: the last tile of a batch is often
+/// short (one image is 50 rows, 8 tiles and 2 rows).
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot_rows {
+    ($dot:ident, $rows:expr, $($arg:expr),*) => {{
+        const { assert!(MR == 6) };
+        match $rows {
+            6.. => $dot::<6>($($arg),*),
+            5 => $dot::<5>($($arg),*),
+            4 => $dot::<4>($($arg),*),
+            3 => $dot::<3>($($arg),*),
+            2 => $dot::<2>($($arg),*),
+            _ => $dot::<1>($($arg),*),
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{MR, NR, PackedLinear, Tile, TileOut};
@@ -220,17 +238,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile(p: &PackedLinear, a: &[f32], tile: &Tile, out: &TileOut) {
         // SAFETY: this function's features are the kernel's.
-        // Only the tile's rows: the last tile of a batch is often short
-        // (one image is 50 rows, 8 tiles and 2 rows).
         p.tile_with(a, tile, out, |a, b, k, rows, acc| unsafe {
-            match rows {
-                6.. => dot::<6>(a, b, k, acc),
-                5 => dot::<5>(a, b, k, acc),
-                4 => dot::<4>(a, b, k, acc),
-                3 => dot::<3>(a, b, k, acc),
-                2 => dot::<2>(a, b, k, acc),
-                _ => dot::<1>(a, b, k, acc),
-            }
+            dot_rows!(dot, rows, a, b, k, acc)
         })
     }
 
@@ -289,14 +298,7 @@ mod avx512 {
     pub(super) unsafe fn tile(p: &PackedLinear, a: &[f32], tile: &Tile, out: &TileOut) {
         // SAFETY: this function's features are the kernel's.
         p.tile_with(a, tile, out, |a, b, k, rows, acc| unsafe {
-            match rows {
-                6.. => dot::<6>(a, b, k, acc),
-                5 => dot::<5>(a, b, k, acc),
-                4 => dot::<4>(a, b, k, acc),
-                3 => dot::<3>(a, b, k, acc),
-                2 => dot::<2>(a, b, k, acc),
-                _ => dot::<1>(a, b, k, acc),
-            }
+            dot_rows!(dot, rows, a, b, k, acc)
         })
     }
 
