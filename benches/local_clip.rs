@@ -12,7 +12,10 @@
 //! weights to ONNX and serves ONNX Runtime fp32 and dynamic int8 (what a
 //! fastembed user runs), timed in the paired rounds beside PyTorch; without
 //! onnxruntime that half is skipped with a message. Every stack uses
-//! candle's thread count, which `RAYON_NUM_THREADS` sets. A SigLIP base
+//! candle's thread count, which `RAYON_NUM_THREADS` sets. With Python, the
+//! weights are the Python process's (transformers' init, seed 0, written
+//! for us to load), so the int8-accuracy lines of ours and of ORT are on
+//! one model and the same every run. A SigLIP base
 //! patch16 224 and a Chinese-CLIP ViT-B/16 (random weights) follow in
 //! paired rounds against PyTorch and ONNX Runtime (`-- siglip` or
 //! `-- chinese_clip` runs only that family).
@@ -248,13 +251,36 @@ fn bench(c: &mut Criterion) {
     let fixtures = root().join("models/fixtures");
     let preprocessor =
         std::fs::read_to_string(fixtures.join("tiny-clip/preprocessor_config.json")).unwrap();
-    write_random_checkpoint(
-        dir.path(),
-        mmembed::local::VIT_B_32_CONFIG_JSON,
-        &fixtures.join("tiny-clip/tokenizer.json"),
-        &preprocessor,
-    )
-    .expect("random ViT-B/32 checkpoint");
+    // As `family_bench` does: the Python process writes its seeded
+    // transformers model and we load it, so our int8 accuracy line is on
+    // the weights ORT's is (and the same every run); without Python, our
+    // own random checkpoint, drawn afresh each run.
+    let threads = mmembed::local::candle_core::utils::get_num_threads();
+    let mut pytorch =
+        match model_group_selected().then(|| PyTorch::start(threads, "clip", Some(dir.path()))) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                eprintln!("PyTorch comparison skipped: {e}");
+                None
+            }
+            None => None,
+        };
+    if pytorch.is_some() {
+        std::fs::write(dir.path().join("preprocessor_config.json"), &preprocessor).unwrap();
+        std::fs::copy(
+            fixtures.join("tiny-clip/tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+    } else {
+        write_random_checkpoint(
+            dir.path(),
+            mmembed::local::VIT_B_32_CONFIG_JSON,
+            &fixtures.join("tiny-clip/tokenizer.json"),
+            &preprocessor,
+        )
+        .expect("random ViT-B/32 checkpoint");
+    }
     let files = mmembed::local::local_files(dir.path()).unwrap();
     let clip = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
     let clip8 = LoadedClip::load(&files, &Device::Cpu, Precision::Int8).unwrap();
@@ -268,16 +294,6 @@ fn bench(c: &mut Criterion) {
     assert_eq!(ids.len(), 77);
     let mut short_ids = ids[..15].to_vec();
     short_ids.push(clip.tokenizer.eos_id());
-
-    let threads = mmembed::local::candle_core::utils::get_num_threads();
-    let mut pytorch = match model_group_selected().then(|| PyTorch::start(threads, "clip", None)) {
-        Some(Ok(p)) => Some(p),
-        Some(Err(e)) => {
-            eprintln!("PyTorch comparison skipped: {e}");
-            None
-        }
-        None => None,
-    };
 
     let mut g = c.benchmark_group("model");
     g.sample_size(10)
