@@ -167,6 +167,25 @@ const FAMILIES: [FamilyBench; 2] = [
     },
 ];
 
+/// Makes `dir` a loadable checkpoint: beside the weights and config the
+/// Python process wrote there (`from_python`), the fixture's tokenizer and
+/// preprocessor; otherwise our own random checkpoint of `config_json`.
+fn complete_checkpoint(dir: &Path, from_python: bool, config_json: &str, fixture: &Path) {
+    let preprocessor = std::fs::read_to_string(fixture.join("preprocessor_config.json")).unwrap();
+    if from_python {
+        std::fs::write(dir.join("preprocessor_config.json"), &preprocessor).unwrap();
+        std::fs::copy(fixture.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    } else {
+        write_random_checkpoint(
+            dir,
+            config_json,
+            &fixture.join("tokenizer.json"),
+            &preprocessor,
+        )
+        .expect("random checkpoint");
+    }
+}
+
 /// One family in paired rounds against PyTorch and ONNX Runtime on the same
 /// random weights: the Python process writes its transformers-initialised
 /// model and we load it, so the int8 accuracies printed (ours, ORT's) are
@@ -175,24 +194,8 @@ const FAMILIES: [FamilyBench; 2] = [
 fn family_bench(b: &FamilyBench, fixtures: &Path, threads: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     let fixture = fixtures.join(b.fixture);
-    let preprocessor = std::fs::read_to_string(fixture.join("preprocessor_config.json")).unwrap();
     let py = PyTorch::start(threads, b.family, Some(dir.path()));
-    if py.is_ok() {
-        std::fs::write(dir.path().join("preprocessor_config.json"), &preprocessor).unwrap();
-        std::fs::copy(
-            fixture.join("tokenizer.json"),
-            dir.path().join("tokenizer.json"),
-        )
-        .unwrap();
-    } else {
-        write_random_checkpoint(
-            dir.path(),
-            b.config_json,
-            &fixture.join("tokenizer.json"),
-            &preprocessor,
-        )
-        .expect("random checkpoint");
-    }
+    complete_checkpoint(dir.path(), py.is_ok(), b.config_json, &fixture);
     let files = mmembed::local::local_files(dir.path()).unwrap();
     let f32 = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
     let int8 = LoadedClip::load(&files, &Device::Cpu, Precision::Int8).unwrap();
@@ -249,8 +252,6 @@ fn bench(c: &mut Criterion) {
     mmembed::local::tune_malloc_for_inference();
     let dir = tempfile::tempdir().expect("temp dir");
     let fixtures = root().join("models/fixtures");
-    let preprocessor =
-        std::fs::read_to_string(fixtures.join("tiny-clip/preprocessor_config.json")).unwrap();
     // As `family_bench` does: the Python process writes its seeded
     // transformers model and we load it, so our int8 accuracy line is on
     // the weights ORT's is (and the same every run); without Python, our
@@ -265,22 +266,12 @@ fn bench(c: &mut Criterion) {
             }
             None => None,
         };
-    if pytorch.is_some() {
-        std::fs::write(dir.path().join("preprocessor_config.json"), &preprocessor).unwrap();
-        std::fs::copy(
-            fixtures.join("tiny-clip/tokenizer.json"),
-            dir.path().join("tokenizer.json"),
-        )
-        .unwrap();
-    } else {
-        write_random_checkpoint(
-            dir.path(),
-            mmembed::local::VIT_B_32_CONFIG_JSON,
-            &fixtures.join("tiny-clip/tokenizer.json"),
-            &preprocessor,
-        )
-        .expect("random ViT-B/32 checkpoint");
-    }
+    complete_checkpoint(
+        dir.path(),
+        pytorch.is_some(),
+        mmembed::local::VIT_B_32_CONFIG_JSON,
+        &fixtures.join("tiny-clip"),
+    );
     let files = mmembed::local::local_files(dir.path()).unwrap();
     let clip = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
     let clip8 = LoadedClip::load(&files, &Device::Cpu, Precision::Int8).unwrap();
