@@ -193,9 +193,8 @@ enum Input {
 
 /// The CPU's packed form of a layer for these kernels, if it has one:
 /// int8 for [`Kernels::Int8`] (layers with a bias; activations as `input`
-/// says), else f32
-/// where the CPU runs the packed f32 kernel. The candle weight is then
-/// dropped.
+/// says), else f32 where the CPU runs the packed f32 kernel. The candle
+/// weight is then dropped.
 fn packed_layer(
     w: &Tensor,
     b: Option<&Tensor>,
