@@ -52,7 +52,13 @@ start_storage_emulators "$STORAGE_PY"
 echo ">> cargo test (bucket tests against S3 at $MMEMBED_TEST_S3 and GCS at $MMEMBED_TEST_GCS)"
 # PYO3_BUILD_EXTENSION_MODULE: the Python module (an example of
 # mmembed-python) is built as an extension, not linked to libpython.
-PYO3_BUILD_EXTENSION_MODULE=1 cargo test --workspace --locked
+# Bounded, so a test that hangs fails this run in minutes instead of
+# running into CI's limit (cargo names it "running for over 60 seconds").
+PYO3_BUILD_EXTENSION_MODULE=1 timeout -k 30 2400 cargo test --workspace --locked || {
+  rc=$?
+  [ "$rc" = 124 ] && echo "!! cargo test ran past 40 minutes: a test hung (the one running for over 60 seconds above)"
+  exit "$rc"
+}
 # `cargo test` built target/debug/mmembed for the CLI's tests; the SDK tests
 # start it as `mmembed serve --model demo` on a loopback port.
 echo ">> the official Vertex AI Python SDK against mmembed serve (REST and gRPC)"

@@ -79,6 +79,60 @@ fn slideshow(dir: &std::path::Path) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
+/// A backend that holds every call until the test opens it, so a test can
+/// act while a request is in the backend without racing how long the
+/// demo model takes (a few milliseconds on a fast machine).
+struct Gated {
+    inner: Arc<dyn Embedder>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Gated {
+    fn new(inner: Arc<dyn Embedder>) -> (Arc<dyn Embedder>, tokio::sync::watch::Sender<bool>) {
+        let (tx, open) = tokio::sync::watch::channel(false);
+        (Arc::new(Self { inner, open }), tx)
+    }
+}
+
+#[async_trait::async_trait]
+impl Embedder for Gated {
+    fn info(&self) -> &mmembed::EmbedderInfo {
+        self.inner.info()
+    }
+
+    async fn embed_batch(
+        &self,
+        reqs: Vec<EmbedRequest>,
+    ) -> Vec<Result<mmembed::Embeddings, mmembed::EmbedError>> {
+        let _ = self.open.clone().wait_for(|open| *open).await;
+        self.inner.embed_batch(reqs).await
+    }
+}
+
+/// Waits for `cond`, checking every few milliseconds; a test that would
+/// otherwise hang fails after a minute instead.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut cond: impl FnMut() -> F,
+) {
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        while !cond().await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "waited a minute for {what}");
+}
+
+async fn metrics(url: &str) -> String {
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 struct Running {
     url: String,
     stop: Option<oneshot::Sender<()>>,
@@ -286,12 +340,7 @@ async fn rest_answers_like_the_library_for_every_modality() {
     assert_eq!(r.status(), 405);
 
     // Metrics saw it all.
-    let m = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&server.url).await;
     for needle in [
         r#"mmembed_requests_total{route="predict",code="200"} 3"#,
         r#"mmembed_requests_total{route="predict",code="400"} 2"#,
@@ -367,12 +416,7 @@ async fn concurrent_clients_are_batched_and_a_full_queue_answers_429() {
             w.unwrap().text.as_ref().unwrap(),
         );
     }
-    let m = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&server.url).await;
     let batches: f64 = m
         .lines()
         .find_map(|l| l.strip_prefix("mmembed_batch_requests_count "))
@@ -401,7 +445,10 @@ async fn concurrent_clients_are_batched_and_a_full_queue_answers_429() {
         },
         ..ServerConfig::default()
     };
-    let server = Running::start(cfg, e).await;
+    // The backend holds the first call, so the queue stays full and the
+    // others must be refused, however fast the model is.
+    let (gated, open) = Gated::new(e);
+    let server = Running::start(cfg, gated).await;
     let mut tasks = Vec::new();
     for i in 0..24 {
         let url = server.url.clone();
@@ -413,6 +460,13 @@ async fn concurrent_clients_are_batched_and_a_full_queue_answers_429() {
             .await
         }));
     }
+    // While the backend is held, a task can only finish by being refused.
+    eventually("a refused request", || {
+        let any = tasks.iter().any(|t| t.is_finished());
+        async move { any }
+    })
+    .await;
+    open.send(true).unwrap();
     let (mut ok, mut refused) = (0, 0);
     for t in tasks {
         let (status, body, headers) = t.await.unwrap();
@@ -603,11 +657,12 @@ async fn health_waits_for_the_model_keys_and_limits_are_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_accepted_requests_and_a_failed_load_stops_the_server() {
-    let server = Running::start(ServerConfig::default(), demo().await).await;
+    let (gated, open) = Gated::new(demo().await);
+    let server = Running::start(ServerConfig::default(), gated).await;
     let dir = tempfile::tempdir().unwrap();
     let video = slideshow(dir.path());
     let url = server.url.clone();
-    // A video takes a while; shutdown is asked while it runs.
+    // The backend holds the video until shutdown has been asked.
     let slow = tokio::spawn(async move {
         post(
             &url,
@@ -616,20 +671,23 @@ async fn shutdown_finishes_accepted_requests_and_a_failed_load_stops_the_server(
         )
         .await
     });
-    // Shut down once the server has the request in hand.
-    loop {
-        let m = reqwest::get(format!("{}/metrics", server.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.contains("mmembed_in_flight_requests 1") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    server.stop().await;
+    let url = server.url.clone();
+    eventually("the video request in the backend", || {
+        let url = url.clone();
+        async move { metrics(&url).await.contains("mmembed_in_flight_requests 1") }
+    })
+    .await;
+    let stopping = tokio::spawn(server.stop());
+    // Shutdown waits for the accepted request: still running a moment
+    // later (a server that dropped it would have finished by then).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stopping.is_finished(), "stopped with a request in hand");
+    assert!(!slow.is_finished());
+    open.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), stopping)
+        .await
+        .expect("shutdown finished within a minute of the request")
+        .unwrap();
     let (status, body, _) = slow.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(
