@@ -88,7 +88,8 @@ struct Gated {
 }
 
 impl Gated {
-    fn new(inner: Arc<dyn Embedder>) -> (Arc<dyn Embedder>, tokio::sync::watch::Sender<bool>) {
+    /// The gated backend and the switch that opens it.
+    fn closed(inner: Arc<dyn Embedder>) -> (Arc<dyn Embedder>, tokio::sync::watch::Sender<bool>) {
         let (tx, open) = tokio::sync::watch::channel(false);
         (Arc::new(Self { inner, open }), tx)
     }
@@ -447,7 +448,7 @@ async fn concurrent_clients_are_batched_and_a_full_queue_answers_429() {
     };
     // The backend holds the first call, so the queue stays full and the
     // others must be refused, however fast the model is.
-    let (gated, open) = Gated::new(e);
+    let (gated, open) = Gated::closed(e);
     let server = Running::start(cfg, gated).await;
     let mut tasks = Vec::new();
     for i in 0..24 {
@@ -657,7 +658,7 @@ async fn health_waits_for_the_model_keys_and_limits_are_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_accepted_requests_and_a_failed_load_stops_the_server() {
-    let (gated, open) = Gated::new(demo().await);
+    let (gated, open) = Gated::closed(demo().await);
     let server = Running::start(ServerConfig::default(), gated).await;
     let dir = tempfile::tempdir().unwrap();
     let video = slideshow(dir.path());
