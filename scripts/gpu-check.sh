@@ -26,6 +26,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=target/gpu-check
 say() { echo ">> [$(date +%T)] $*"; }
+# One failed step is reported and the others still run: a GPU machine's
+# time is short, and every figure that can be had is worth having.
+failed() { echo "!! [$(date +%T)] $* failed; going on with the next step"; }
 
 build() {
   . scripts/lib/system-deps.sh
@@ -82,24 +85,35 @@ steps() {
   for p in ${precisions//,/ }; do
     "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
       --kernels "${KERNELS:-auto}" \
-      | tee -a "$out/parity_ours.jsonl"
+      | tee -a "$out/parity_ours.jsonl" || failed "our parity run at $p"
   done
   say "parity: PyTorch on $device, then the cosines"
-  "$PY" scripts/gpu/torch_side.py reference "$model" "$inputs" "$out" --device "$device" --precisions "$precisions"
+  "$PY" scripts/gpu/torch_side.py reference "$model" "$inputs" "$out" --device "$device" --precisions "$precisions" \
+    || failed "PyTorch's references"
   "$PY" scripts/gpu/torch_side.py compare "$inputs" "$out" || echo "!! parity below the goal: see $out/parity.jsonl"
 
   say "throughput: ours"
   "$BIN/gpu_check" speed "$model" --device "$device" --precisions "$precisions" \
-    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" | tee "$out/speed_ours.jsonl"
+    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" | tee "$out/speed_ours.jsonl" \
+    || failed "our throughput run"
   say "throughput: PyTorch eager"
   "$PY" scripts/gpu/torch_side.py speed "$model" --device "$device" --precisions "$precisions" \
-    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" | tee "$out/speed_torch.jsonl"
+    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" | tee "$out/speed_torch.jsonl" \
+    || failed "PyTorch's throughput run"
 
   say "end to end: $E2E_LARGE JPEG files (640x480) through mmembed batch"
-  "$PY" scripts/gpu/torch_side.py jpegs "$work/jpegs" "$E2E_LARGE"
+  "$PY" scripts/gpu/torch_side.py jpegs "$work/jpegs" "$E2E_LARGE" || failed "making the JPEG files"
   mkdir -p "$work/jpegs-small"
-  ls "$work/jpegs" | head -n "$E2E_SMALL" | while read -r f; do ln -s "$work/jpegs/$f" "$work/jpegs-small/$f"; done
-  "$BIN/gpu_check" decode "$work/jpegs" --model "$model" --seconds "$SECONDS_EACH" | tee "$out/decode.jsonl"
+  # A loop, not `ls | head`: with pipefail, ls killed by SIGPIPE once head
+  # has its lines (20,000 names overflow the pipe) would stop the script.
+  local f k=0
+  for f in "$work"/jpegs/*.jpg; do
+    [ "$k" -lt "$E2E_SMALL" ] || break
+    ln -s "$f" "$work/jpegs-small/"
+    k=$((k + 1))
+  done
+  "$BIN/gpu_check" decode "$work/jpegs" --model "$model" --seconds "$SECONDS_EACH" | tee "$out/decode.jsonl" \
+    || failed "the decode ceiling"
   local prec=${precisions##*,} small large
   # Two sizes: their difference is the steady rate, without the model's
   # load and the process start.
@@ -119,7 +133,7 @@ steps() {
     "$prec" "$E2E_SMALL" "$small" "$E2E_LARGE" "$large" \
     "$(awk "BEGIN { d = $large - $small; print (d > 0 ? ($E2E_LARGE - $E2E_SMALL) / d : 0) }")" "${ceiling:-0}" \
     "$E2E_BATCH" "$E2E_MAX_BATCH" "$(nproc)" | tee "$out/e2e.jsonl"
-  "$PY" - "$work/large.parquet" "$E2E_LARGE" <<'EOF' | tee -a "$out/e2e_rows.txt"
+  "$PY" - "$work/large.parquet" "$E2E_LARGE" <<'EOF' | tee -a "$out/e2e_rows.txt" || failed "reading the batch's rows"
 import sys
 try:
     import pyarrow.parquet as pq
@@ -137,7 +151,7 @@ EOF
       --images "$COMPILE_IMAGES" --texts "$COMPILE_TEXTS" --seconds "$SECONDS_EACH" | tee -a "$out/speed_torch.jsonl" \
       || echo "!! torch.compile failed (eager figures stand)"
   fi
-  "$PY" scripts/gpu/torch_side.py report "$out" >/dev/null
+  "$PY" scripts/gpu/torch_side.py report "$out" >/dev/null || failed "the report"
   say "done in $(( $(date +%s) - t0 )) s: $out/report.md"
   rm -rf "$work"
 }
