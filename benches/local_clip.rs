@@ -441,12 +441,17 @@ fn int8_accuracy(label: &str, f32: &LoadedClip, int8: &LoadedClip, fixtures: &Pa
     );
 }
 
+/// The quiet before each stack's turn in the paired rounds: longer than
+/// the other stacks' idle thread pools spin (see the round below).
+const PAUSE: Duration = Duration::from_millis(100);
+
 /// The ratio table: for each workload, rounds of one candle f32 call, one
 /// candle int8 call, one PyTorch call and (when it answers) one ONNX
-/// Runtime fp32 and one int8 call back to back, and the median of the
-/// per-round ratios. On shared cores whose speed drifts by tens of percent
-/// over a minute, pairing calls this closely is what keeps the comparison
-/// fair; criterion's figures above are each stack's own.
+/// Runtime fp32 and one int8 call (each warmed and paused, see the round
+/// below), and the median of the per-round ratios. On shared cores whose
+/// speed drifts by tens of percent over a minute, pairing calls this
+/// closely is what keeps the comparison fair; criterion's figures above
+/// are each stack's own.
 fn paired_ratios(
     py: &mut PyTorch,
     [f32, int8]: [&LoadedClip; 2],
@@ -500,17 +505,31 @@ fn paired_ratios(
             start.elapsed().as_secs_f64()
         };
         // One round: [ours f32, ours int8, pytorch, ort fp32, ort int8]
-        // (NaN for a stack that does not answer).
+        // (NaN for a stack that does not answer). Each stack gets the
+        // cores to itself and a warm thread pool, as in a batch job's
+        // steady state: a pause, one untimed call, then the timed call
+        // right after it. Why the pause: a thread pool keeps spinning
+        // after its call returns (measured: ONNX Runtime's worker ~40 ms of
+        // CPU, PyTorch's ~9 ms), which took one of the two cores from
+        // whichever stack came next (until 2026-12-04 these rounds ran
+        // back to back: ours f32 followed ORT int8 and read 0.65–0.75× ORT
+        // at batch 1, ORT int8 followed ORT fp32 and read slow).
         let mut round = || {
             let mut t = [f64::NAN; 5];
-            t[0] = time(f32);
-            t[1] = time(int8);
+            for (k, clip) in [f32, int8].into_iter().enumerate() {
+                std::thread::sleep(PAUSE);
+                time(clip);
+                t[k] = time(clip);
+            }
             for (k, stack) in stacks.iter().enumerate() {
+                std::thread::sleep(PAUSE);
+                py.time_on(stack, workload, batch, 1);
                 t[2 + k] = py.time_on(stack, workload, batch, 1).as_secs_f64();
             }
             t
         };
-        // About 20 s per workload, at least 7 rounds.
+        // About 20 s of calls per workload (pauses not counted), at least
+        // 7 rounds.
         let first: f64 = round().iter().filter(|t| t.is_finite()).sum();
         let rounds = ((20.0 / first) as usize).clamp(7, 200);
         let r: Vec<[f64; 5]> = (0..rounds).map(|_| round()).collect();
