@@ -301,13 +301,29 @@ impl LoadedClip {
 
     /// Unit-length text embeddings for a batch of token id sequences.
     pub fn embed_token_ids(&self, seqs: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let batch = self.tokenizer.batch(seqs);
-        let ids = Tensor::from_vec(batch.ids, (seqs.len(), batch.len), &self.device)?;
-        let out = self
-            .model
-            .text
-            .forward_padded(&ids, &batch.pool, Some(&batch.lens))?;
-        rows(&out)
+        self.on_pool(|| {
+            let batch = self.tokenizer.batch(seqs);
+            let ids = Tensor::from_vec(batch.ids, (seqs.len(), batch.len), &self.device)?;
+            let out = self
+                .model
+                .text
+                .forward_padded(&ids, &batch.pool, Some(&batch.lens))?;
+            rows(&out)
+        })
+    }
+
+    /// Runs a CPU forward pass on one of rayon's worker threads. Each of
+    /// its parallel ops is then forked from inside the pool, where the
+    /// calling worker takes a share of the work and the others are still
+    /// spinning from the op before; called from any other thread, every
+    /// op is a hand-off to the pool and a sleep until it is done (~70 per
+    /// ViT-B/32 forward).
+    fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            rayon::scope(|_| f())
+        } else {
+            f()
+        }
     }
 
     /// Unit-length image embeddings for preprocessed CHW pixel buffers.
@@ -329,10 +345,12 @@ impl LoadedClip {
         flat.par_chunks_mut(len.max(1))
             .zip(images.par_iter())
             .for_each(|(dst, src)| dst.copy_from_slice(src));
-        let px = Tensor::from_vec(flat, (images.len(), c, side, side), &self.device)?
-            .to_dtype(self.dtype)?;
-        let out = self.model.vision.forward(&px)?;
-        rows(&out)
+        self.on_pool(|| {
+            let px = Tensor::from_vec(flat, (images.len(), c, side, side), &self.device)?
+                .to_dtype(self.dtype)?;
+            let out = self.model.vision.forward(&px)?;
+            rows(&out)
+        })
     }
 }
 
