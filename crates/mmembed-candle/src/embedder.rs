@@ -338,14 +338,14 @@ impl LoadedClip {
                 images[bad].len()
             );
         }
-        // One batch is large (ViT-B/32 at 256 images: 154 MB of f32), and
-        // gathering it on one thread costs as much as a GPU's forward pass:
-        // copied in parallel instead.
-        let mut flat = vec![0f32; images.len() * len];
-        flat.par_chunks_mut(len.max(1))
-            .zip(images.par_iter())
-            .for_each(|(dst, src)| dst.copy_from_slice(src));
         self.on_pool(|| {
+            // One batch is large (ViT-B/32 at 256 images: 154 MB of f32),
+            // and gathering it on one thread costs as much as a GPU's
+            // forward pass: copied in parallel instead.
+            let mut flat = vec![0f32; images.len() * len];
+            flat.par_chunks_mut(len.max(1))
+                .zip(images.par_iter())
+                .for_each(|(dst, src)| dst.copy_from_slice(src));
             let px = Tensor::from_vec(flat, (images.len(), c, side, side), &self.device)?
                 .to_dtype(self.dtype)?;
             let out = self.model.vision.forward(&px)?;
