@@ -127,7 +127,9 @@ impl QLinear {
         q.par_chunks_mut(self.tile_len())
             .zip(scales.par_chunks_mut(MR))
             .enumerate()
-            .for_each(|(t, (q, s))| self.quantize_tile(x, m, t, norm, q, s));
+            .for_each_init(TileBufs::default, |bufs, (t, (q, s))| {
+                self.quantize_tile(x, m, t, norm, (q, s), bufs)
+            });
         (q, scales)
     }
 
@@ -150,15 +152,18 @@ impl QLinear {
         m: usize,
         t: usize,
         norm: Option<&RowNorm>,
-        q: &mut [i16],
-        s: &mut [f32],
+        (q, s): (&mut [i16], &mut [f32]),
+        bufs: &mut TileBufs,
     ) {
         let (k, kp) = (self.k, self.kp);
         let qmax = self.activation_max();
-        let mut row = vec![0i16; 2 * kp];
-        rows_of_tile(x, m, k, t, norm, |lane, x| {
+        // Zero past `k` (the odd pair's second half) and never written.
+        bufs.row.clear();
+        bufs.row.resize(2 * kp, 0);
+        let row = &mut bufs.row;
+        rows_of_tile(x, (m, k), t, norm, &mut bufs.normed, |lane, x| {
             s[lane] = quantize_row(x, &mut row[..k], qmax);
-            put_row::<_, 2>(q, lane, &row);
+            put_row::<_, 2>(q, lane, row);
         });
     }
 
@@ -196,6 +201,14 @@ impl QLinear {
         // SAFETY: `out` describes a writable rectangle of the output.
         unsafe { deq.store(&acc, out) };
     }
+}
+
+/// A parallel task's buffers for [`QLinear::quantize_tile`], reused
+/// across its tiles.
+#[derive(Default)]
+pub(crate) struct TileBufs {
+    normed: Vec<f32>,
+    row: Vec<i16>,
 }
 
 impl TiledLinear for QLinear {

@@ -21,7 +21,8 @@ use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
 use crate::tiled::{
-    MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile, put_row, rows_of_tile,
+    Line, MR, NR, RowNorm, Tile, TileOut, TiledLinear, floats, for_each_tile, put_row,
+    rows_of_tile, with_scratch,
 };
 
 /// Whether this CPU runs packed layers (faster than the `gemm` crate only
@@ -33,31 +34,18 @@ pub(crate) fn available() -> bool {
     false
 }
 
-/// One step of a weight strip: `NR` floats, one 64-byte cache line. Aligned
-/// so the kernel's two 32-byte loads never straddle two lines (the
-/// allocator only promises 16 bytes, which splits one load in two for half
-/// the strips): measured +3.5 % images/s at one image, +5.5 % at 32 (medians
-/// of six A/B rounds). Prefetching the strip 8 lines ahead on top of this
-/// changed nothing measurable (+0.1 to +0.8 %) and was left out.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; NR]);
-
-/// The floats of `lines`, in order.
-fn floats(lines: &[Line]) -> &[f32] {
-    // SAFETY: `Line` is `repr(C)` around `[f32; NR]` and 64 bytes, exactly
-    // NR floats with no padding, so the lines are `len · NR` contiguous
-    // floats.
-    unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const f32, lines.len() * NR) }
-}
-
 /// A linear layer `y = x · wᵀ + b` with `w` packed for the tile kernel.
 pub(crate) struct PackedLinear {
     /// Input width.
     k: usize,
     /// Output width.
     n: usize,
-    /// `[n / NR strips][k]` lines of NR columns, zero past `n`.
+    /// `[n / NR strips][k]` lines of NR columns, zero past `n`. Lines so
+    /// that the kernel's loads never straddle two cache lines (the
+    /// allocator only promises 16 bytes, which splits one load in two for
+    /// half the strips): measured +3.5 % images/s at one image, +5.5 % at
+    /// 32 (medians of six A/B rounds). Prefetching the strip 8 lines ahead
+    /// on top of this changed nothing measurable (+0.1 to +0.8 %).
     w: Vec<Line>,
     /// Zero past `n` (and everywhere for a layer without bias).
     bias: Vec<f32>,
@@ -108,16 +96,24 @@ impl PackedLinear {
         })
     }
 
-    /// Rows of `x` (layer-normed first if `norm` is given) in tiles of `MR`
-    /// rows, each `[k][MR]` (the last padded with zero rows): the kernel's
-    /// broadcasts then walk one contiguous stream.
-    fn pack_rows(&self, x: &[f32], m: usize, norm: Option<&RowNorm>) -> Vec<f32> {
+    /// Rows of `x` (layer-normed first if `norm` is given) into `a` in
+    /// tiles of `MR` rows, each `[k][MR]` (the last padded with zero rows):
+    /// the kernel's broadcasts then walk one contiguous stream.
+    fn pack_rows(&self, x: &[f32], m: usize, norm: Option<&RowNorm>, a: &mut [f32]) {
         let k = self.k;
-        let mut a = vec![0f32; m.div_ceil(MR) * k * MR];
-        a.par_chunks_mut(k * MR).enumerate().for_each(|(t, a)| {
-            rows_of_tile(x, m, k, t, norm, |lane, row| put_row::<_, 1>(a, lane, row));
-        });
-        a
+        a.par_chunks_mut(k * MR)
+            .enumerate()
+            .for_each_init(Vec::new, |normed, (t, a)| {
+                if (t + 1) * MR > m {
+                    // The scratch holds an earlier layer's values; the
+                    // kernel never reads padding lanes, but zeros keep it
+                    // that way.
+                    a.fill(0.0);
+                }
+                rows_of_tile(x, (m, k), t, norm, normed, |lane, row| {
+                    put_row::<_, 1>(a, lane, row)
+                });
+            });
     }
 
     /// One output tile: activation tile `r0 / MR` against weight strip
@@ -188,9 +184,12 @@ impl TiledLinear for PackedLinear {
         residual: Option<&[f32]>,
         act: Epilogue,
     ) -> Vec<f32> {
-        let a = self.pack_rows(x, m, norm);
-        for_each_tile(m, self.n, residual, act, |tile, out| {
-            self.tile(&a, tile, out)
+        with_scratch(m.div_ceil(MR) * self.k * MR, |a| {
+            self.pack_rows(x, m, norm, a);
+            let a = &*a;
+            for_each_tile(m, self.n, residual, act, |tile, out| {
+                self.tile(a, tile, out)
+            })
         })
     }
 }
@@ -465,7 +464,8 @@ mod tests {
         let (k, n) = (301, 16);
         let p = PackedLinear::new(&randn(&[n, k], 4), Some(&randn(&[n], 5))).unwrap();
         let x = randn(&[MR, k], 6).to_vec2::<f32>().unwrap().concat();
-        let a = p.pack_rows(&x, MR, None);
+        let mut a = vec![f32::NAN; k * MR];
+        p.pack_rows(&x, MR, None, &mut a);
         let mut acc = [[0f32; NR]; MR];
         dot_generic(&a, floats(&p.w), k, MR, &mut acc);
         let mut want = [0f32; MR * NR];

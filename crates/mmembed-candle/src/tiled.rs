@@ -25,6 +25,68 @@ pub(crate) const MR: usize = 6;
 /// weight strip is read from memory once per task.
 pub(crate) const MC: usize = 8 * MR;
 
+/// The most packed-activation bytes a thread keeps between calls
+/// ([`with_scratch`]): ViT-B/32's largest (the MLP's second layer) at 64
+/// images is 39 MB. Larger buffers are allocated per call and freed, so a
+/// thread that once ran a huge batch does not hold its buffer for good.
+const SCRATCH_KEEP_BYTES: usize = 64 << 20;
+
+/// 16 floats on one 64-byte cache line: the unit of the f32 weight strips
+/// and of the scratch buffers, so that neither straddles lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Line(pub(crate) [f32; NR]);
+
+/// The floats of `lines`, in order.
+pub(crate) fn floats(lines: &[Line]) -> &[f32] {
+    // SAFETY: `Line` is `repr(C)` around `[f32; NR]` and 64 bytes, exactly
+    // NR floats with no padding, so the lines are `len · NR` contiguous
+    // floats.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const f32, lines.len() * NR) }
+}
+
+thread_local! {
+    /// This thread's packed-activation buffer, kept between layers.
+    static SCRATCH: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Calls `f` with `len` floats of this thread's scratch buffer (holding
+/// whatever the last call left there) for a layer's packed activations.
+///
+/// Why not a fresh `Vec` per layer: a forward pass runs on one of rayon's
+/// workers ([`crate::LoadedClip`]'s `on_pool`), and glibc gives each
+/// worker its own arena, made of 64 MB heaps that are unmapped as soon as
+/// they empty, whatever `M_TRIM_THRESHOLD` says. At ViT-B/32 and 32 images
+/// a layer's blocks (20 MB for the MLP's packed hidden rows) outgrow the
+/// first heap, so every layer mapped fresh pages and faulted them in: 1.05
+/// million page faults in 8 s of images ×32 (BENCHMARKS.md, issue #24).
+/// Re-entrant: a call made while this thread's buffer is lent out (rayon
+/// runs other jobs while it waits) allocates its own.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let lines = len.div_ceil(NR);
+    let all = |buf: &mut Vec<Line>| {
+        // SAFETY: as in `floats`; `buf` is exclusively borrowed here.
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut f32, buf.len() * NR) }
+    };
+    if lines * size_of::<Line>() > SCRATCH_KEEP_BYTES {
+        // Too large to keep: a buffer of its own, and the kept one stays.
+        let mut buf = vec![Line([0.0; NR]); lines];
+        return f(&mut all(&mut buf)[..len]);
+    }
+    let mut buf = SCRATCH.with(std::cell::Cell::take);
+    if buf.len() < lines {
+        // Not `resize`: the old contents need no copy.
+        buf = vec![Line([0.0; NR]); lines];
+    }
+    let r = f(&mut all(&mut buf)[..len]);
+    SCRATCH.with(|s| {
+        // Keep the larger of ours and one a nested call put back.
+        let other = s.take();
+        s.set(if other.len() > buf.len() { other } else { buf });
+    });
+    r
+}
+
 /// A layer norm applied to each input row as it is packed.
 pub(crate) struct RowNorm<'a> {
     pub(crate) w: &'a [f32],
@@ -34,23 +96,32 @@ pub(crate) struct RowNorm<'a> {
 
 /// Calls `f(lane, row)` for the rows of activation tile `t` (rows
 /// `MR t ..`, fewer in the last tile) of the `m × k` input `x`, each
-/// layer-normed first when `norm` is given: how both packed layers walk
-/// their input when packing it.
+/// layer-normed first (into `normed`, grown as needed) when `norm` is
+/// given: how the packed layers walk their input when packing it.
+///
+/// `normed` (and the callers' other per-row buffers) belong to the
+/// parallel loop's task (`for_each_init`), not to each tile: per tile they
+/// were hundreds of allocations per layer from every pool thread, and,
+/// with glibc limited to one arena (`MALLOC_ARENA_MAX=1`), most of the
+/// lock waits beside the `gemm` crate's buffers in attention
+/// (BENCHMARKS.md, issue #24).
 pub(crate) fn rows_of_tile(
     x: &[f32],
-    m: usize,
-    k: usize,
+    (m, k): (usize, usize),
     t: usize,
     norm: Option<&RowNorm>,
+    normed: &mut Vec<f32>,
     mut f: impl FnMut(usize, &[f32]),
 ) {
-    let mut normed = vec![0f32; if norm.is_some() { k } else { 0 }];
+    if norm.is_some() && normed.len() < k {
+        normed.resize(k, 0.0);
+    }
     for (lane, r) in (t * MR..((t + 1) * MR).min(m)).enumerate() {
         let row = &x[r * k..(r + 1) * k];
         match norm {
             Some(n) => {
-                layer_norm_row(row, n.w, n.b, n.eps, &mut normed);
-                f(lane, &normed);
+                layer_norm_row(row, n.w, n.b, n.eps, &mut normed[..k]);
+                f(lane, &normed[..k]);
             }
             None => f(lane, row),
         }
@@ -308,4 +379,39 @@ pub(crate) fn for_each_tile(
     // of the m · n elements was written above.
     unsafe { y.set_len(m * n) };
     y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_is_reused_and_a_nested_call_gets_its_own() {
+        let first = with_scratch(100, |a| {
+            a.fill(7.0);
+            a.as_ptr() as usize
+        });
+        // Same thread, no larger request: the same buffer, as left.
+        let (again, stale) = with_scratch(40, |a| (a.as_ptr() as usize, a[39]));
+        assert_eq!((again, stale), (first, 7.0));
+        assert_eq!(first % 64, 0, "scratch starts on a cache line");
+        with_scratch(64, |outer| {
+            outer.fill(1.0);
+            with_scratch(64, |inner| {
+                assert_ne!(inner.as_ptr(), outer.as_ptr());
+                inner.fill(2.0);
+            });
+            assert!(outer.iter().all(|&v| v == 1.0));
+        });
+        // Larger than kept: served, not kept (the kept one stays).
+        let big = SCRATCH_KEEP_BYTES / size_of::<f32>() + 1;
+        with_scratch(big, |a| assert_eq!(a.len(), big));
+        let kept = SCRATCH.with(|s| {
+            let v = s.take();
+            let len = v.len();
+            s.set(v);
+            len
+        });
+        assert!(kept * size_of::<Line>() <= SCRATCH_KEEP_BYTES && kept > 0);
+    }
 }

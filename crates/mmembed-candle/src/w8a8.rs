@@ -145,13 +145,16 @@ impl W8A8Linear {
         q.par_chunks_mut(k4 * MR * 4)
             .zip(rq.par_chunks_mut(MR))
             .enumerate()
-            .for_each(|(t, (q, rq))| {
-                let mut row = vec![0u8; 4 * k4];
-                rows_of_tile(x, m, k, t, norm, |lane, x| {
-                    rq[lane] = quantize_row(x, &mut row[..k]);
-                    put_row::<_, 4>(q, lane, &row);
-                });
-            });
+            .for_each_init(
+                || (Vec::new(), vec![0u8; 4 * k4]),
+                |(normed, row), (t, (q, rq))| {
+                    // `row` past `k` stays zero: never written.
+                    rows_of_tile(x, (m, k), t, norm, normed, |lane, x| {
+                        rq[lane] = quantize_row(x, &mut row[..k]);
+                        put_row::<_, 4>(q, lane, row);
+                    });
+                },
+            );
         (q, rq)
     }
 
@@ -210,7 +213,9 @@ impl TiledLinear for W8A8Linear {
                 .zip(s16.par_chunks_mut(MR))
                 .enumerate()
                 .filter(|(t, _)| wide[*t])
-                .for_each(|(t, (q, s))| self.wide.quantize_tile(x, m, t, norm, q, s));
+                .for_each_init(crate::int8::TileBufs::default, |bufs, (t, (q, s))| {
+                    self.wide.quantize_tile(x, m, t, norm, (q, s), bufs)
+                });
         }
         for_each_tile(m, self.n, residual, act, |tile, out| {
             if wide[tile.r0 / MR] {
