@@ -390,13 +390,15 @@ mod tests {
     #[test]
     fn matches_an_f64_reference_on_every_edge_of_the_tiling() -> Result<()> {
         // Rows not a multiple of 6 or of a task's 48, output not a multiple
-        // of 16, odd and long reductions, one row, one column.
+        // of 16, odd and long reductions, one row, one column; 403 rows
+        // are 8 row blocks of 8 or 9 tiles (the last one short).
         for (m, k, n) in [
             (1, 1, 1),
             (1, 7, 3),
             (5, 64, 16),
             (53, 131, 37),
             (100, 768, 200),
+            (403, 40, 70),
         ] {
             let x = randn(&[m, k], 1);
             let w = randn(&[n, k], 2);

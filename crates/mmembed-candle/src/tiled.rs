@@ -342,12 +342,13 @@ pub(crate) fn for_each_tile(
     // a batch-32 image forward).
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let strips = n.div_ceil(NR);
-    // Blocks of about MC rows, evened out in whole tiles: 50 rows (one
+    // Blocks of about MC rows, as even as whole tiles allow: 50 rows (one
     // image) are one block rather than 48 + 2, whose tasks would each
-    // stream the weights for two rows.
-    let row_blocks = ((m + MC / 2) / MC).max(1);
-    let block = m.div_ceil(row_blocks).next_multiple_of(MR);
-    let row_blocks = m.div_ceil(block.max(1));
+    // stream the weights for two rows; 400 rows (8 images) are blocks of 8
+    // or 9 tiles, not seven of 54 rows and one of 22 (whose short tasks
+    // left a thread idle: +4 to +9 % images/s at 8 images, f32).
+    let tiles = m.div_ceil(MR);
+    let row_blocks = ((m + MC / 2) / MC).clamp(1, tiles.max(1));
     // At least 8 tasks per thread: rayon balances by stealing whole tasks,
     // so the last one to finish can leave the other threads idle for up
     // to a task's time. 16-token texts ×32 (512 rows) were 11 tasks with 4
@@ -356,12 +357,14 @@ pub(crate) fn for_each_tile(
     // Splitting the columns costs little: each task still reads its
     // strips of the weights once.
     let groups = (8 * threads()).div_ceil(row_blocks).clamp(1, strips.max(1));
-    let per_group = strips.div_ceil(groups);
+    // Part `i` of `parts` nearly equal ones of `0..len`.
+    let part = |i: usize, parts: usize, len: usize| i * len / parts..(i + 1) * len / parts;
     let out = SharedOut(y.as_mut_ptr());
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
         let (rb, g) = (task / groups, task % groups);
-        let rows = rb * block..((rb + 1) * block).min(m);
-        let strips = g * per_group..((g + 1) * per_group).min(strips);
+        let t = part(rb, row_blocks, tiles);
+        let rows = t.start * MR..(t.end * MR).min(m);
+        let strips = part(g, groups, strips);
         for strip in strips {
             let cols = strip * NR..((strip + 1) * NR).min(n);
             for r0 in rows.clone().step_by(MR) {
@@ -381,9 +384,9 @@ pub(crate) fn for_each_tile(
             }
         }
     });
-    // SAFETY: the row blocks cover rows 0..m and, for each, the groups
-    // cover strips 0..strips (groups · per_group >= strips), so every one
-    // of the m · n elements was written above.
+    // SAFETY: the row blocks' tiles cover tiles 0..tiles (rows 0..m) and,
+    // for each, the groups cover strips 0..strips (consecutive parts of
+    // both ranges), so every one of the m · n elements was written above.
     unsafe { y.set_len(m * n) };
     y
 }
