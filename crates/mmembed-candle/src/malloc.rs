@@ -14,6 +14,13 @@
 /// (up to that much freed memory stays in the process for reuse). Peak
 /// memory does not grow; memory is simply not handed back between layers.
 ///
+/// What it cannot change: threads other than the main one allocate from
+/// arenas of 64 MB heaps that glibc unmaps as soon as one empties. The
+/// forward pass runs on a rayon worker, so the packed layers keep their
+/// largest per-layer buffer themselves; limiting glibc to one arena
+/// (`M_ARENA_MAX`) would catch the rest but made the pool's threads wait
+/// on its lock (BENCHMARKS.md, issue #24, step 7).
+///
 /// It changes the whole process's allocator, so the library never calls it
 /// on its own: a program that runs batches of inference calls it once, at
 /// the start of `main` (the `mmembed` CLI and the benchmarks do). Returns
