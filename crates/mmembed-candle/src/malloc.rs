@@ -15,7 +15,8 @@
 /// memory does not grow; memory is simply not handed back between layers.
 ///
 /// What it cannot change: threads other than the main one allocate from
-/// arenas of 64 MB heaps that glibc unmaps as soon as one empties. The
+/// arenas of 64 MB heaps, and glibc unmaps each heap but an arena's first
+/// as soon as it empties. The
 /// forward pass runs on a rayon worker, so the packed layers keep their
 /// largest per-layer buffer themselves; limiting glibc to one arena
 /// (`M_ARENA_MAX`) would catch the rest but made the pool's threads wait

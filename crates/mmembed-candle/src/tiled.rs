@@ -55,8 +55,8 @@ thread_local! {
 ///
 /// Why not a fresh `Vec` per layer: a forward pass runs on one of rayon's
 /// workers ([`crate::LoadedClip`]'s `on_pool`), and glibc gives each
-/// worker its own arena, made of 64 MB heaps that are unmapped as soon as
-/// they empty, whatever `M_TRIM_THRESHOLD` says. At ViT-B/32 and 32 images
+/// worker its own arena, made of 64 MB heaps of which all but the first
+/// are unmapped as soon as they empty, whatever `M_TRIM_THRESHOLD` says. At ViT-B/32 and 32 images
 /// a layer's blocks (20 MB for the MLP's packed hidden rows) outgrow the
 /// first heap, so every layer mapped fresh pages and faulted them in: 1.05
 /// million page faults in 8 s of images ×32 (BENCHMARKS.md, issue #24).
