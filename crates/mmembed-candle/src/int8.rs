@@ -157,10 +157,12 @@ impl QLinear {
     ) {
         let (k, kp) = (self.k, self.kp);
         let qmax = self.activation_max();
-        // Zero past `k` (the odd pair's second half) and never written.
-        bufs.row.clear();
-        bufs.row.resize(2 * kp, 0);
-        let row = &mut bufs.row;
+        // Zero past `k` (the odd pair's second half): only `..k` is ever
+        // written, so the task's buffer is zeroed once, as w8a8's is.
+        if bufs.row.len() < 2 * kp {
+            bufs.row.resize(2 * kp, 0);
+        }
+        let row = &mut bufs.row[..2 * kp];
         rows_of_tile(x, (m, k), t, norm, &mut bufs.normed, |lane, x| {
             s[lane] = quantize_row(x, &mut row[..k], qmax);
             put_row::<_, 2>(q, lane, row);
