@@ -29,7 +29,8 @@ use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
 use crate::tiled::{
-    MR, NR, RowNorm, Tile, TileOut, TiledLinear, for_each_tile, put_row, rows_of_tile,
+    MR, NR, RowNorm, Rows, Tile, TileOut, TiledLinear, for_each_tile, put_row, rows_of_tile,
+    with_scratch,
 };
 
 /// A linear layer `y = x · wᵀ + b` with `w` quantised to int8.
@@ -121,16 +122,23 @@ impl QLinear {
     /// `±activation_max`, and its scale. The rows are laid out as the
     /// kernel reads them: in tiles of `MR` rows (the last padded with zero
     /// rows), each tile `[kp pairs][MR rows][2]`, so the kernel's broadcasts
-    /// walk one contiguous stream.
-    fn quantize_rows(&self, x: &[f32], m: usize, norm: Option<&RowNorm>) -> (Vec<i16>, Vec<f32>) {
-        let (mut q, mut scales) = self.tile_buffers(m);
+    /// walk one contiguous stream. `q` holds [`Self::tile_len`] values per
+    /// tile, any contents.
+    fn quantize_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        norm: Option<&RowNorm>,
+        q: &mut [i16],
+    ) -> Vec<f32> {
+        let mut scales = vec![0f32; m.div_ceil(MR) * MR];
         q.par_chunks_mut(self.tile_len())
             .zip(scales.par_chunks_mut(MR))
             .enumerate()
             .for_each_init(TileBufs::default, |bufs, (t, (q, s))| {
                 self.quantize_tile(x, m, t, norm, (q, s), bufs)
             });
-        (q, scales)
+        scales
     }
 
     /// Zeroed buffers for [`Self::quantize_rows`]'s output over `m` rows.
@@ -163,6 +171,10 @@ impl QLinear {
             bufs.row.resize(2 * kp, 0);
         }
         let row = &mut bufs.row[..2 * kp];
+        if (t + 1) * MR > m {
+            // The last tile's padding rows (`q` may hold anything).
+            q.fill(0);
+        }
         rows_of_tile(x, (m, k), t, norm, &mut bufs.normed, |lane, x| {
             s[lane] = quantize_row(x, &mut row[..k], qmax);
             put_row::<_, 2>(q, lane, row);
@@ -233,10 +245,15 @@ impl TiledLinear for QLinear {
         norm: Option<&RowNorm>,
         residual: Option<&[f32]>,
         act: Epilogue,
-    ) -> Vec<f32> {
-        let (qx, sx) = self.quantize_rows(x, m, norm);
-        for_each_tile(m, self.n, residual, act, |tile, out| {
-            self.output_tile(&qx, &sx, tile, out)
+    ) -> Rows {
+        // In this thread's scratch buffer, not a fresh zeroed one (as
+        // `W8A8Linear::run`).
+        with_scratch(m.div_ceil(MR) * self.tile_len(), |qx: &mut [i16]| {
+            let sx = self.quantize_rows(x, m, norm, qx);
+            let qx = &*qx;
+            for_each_tile(m, self.n, residual, act, |tile, out| {
+                self.output_tile(qx, &sx, tile, out)
+            })
         })
     }
 }
@@ -448,16 +465,10 @@ mod avx2 {
                 std::array::from_fn(|v| _mm256_loadu_ps(deq.bias.as_ptr().add(8 * v)));
             for (i, acc) in acc.iter().enumerate().take(out.rows) {
                 let sr = _mm256_set1_ps(deq.row_scale[i]);
-                let mut t = [0f32; NR];
-                for v in 0..NV {
-                    let y = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(acc[v]),
-                        _mm256_mul_ps(sr, s[v]),
-                        bias[v],
-                    );
-                    _mm256_storeu_ps(t.as_mut_ptr().add(8 * v), y);
-                }
-                out.finish_row(i, &mut t);
+                let y = std::array::from_fn(|v| {
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[v]), _mm256_mul_ps(sr, s[v]), bias[v])
+                });
+                out.store_row_avx(i, y);
             }
         }
     }
@@ -543,7 +554,8 @@ mod tests {
         let w = randn(&[n, k], 4);
         let q = QLinear::new(&w, &Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
         let x = randn(&[m, k], 5).to_vec2::<f32>().unwrap().concat();
-        let (qx, _) = q.quantize_rows(&x, m, None);
+        let mut qx = vec![0x55; m.div_ceil(MR) * q.tile_len()];
+        q.quantize_rows(&x, m, None, &mut qx);
         let mut acc = [[0i32; NR]; MR];
         dot_generic(&qx, &q.w, q.kp, &mut acc);
         assert!(acc.iter().flatten().any(|&v| v != 0));
@@ -584,7 +596,8 @@ mod tests {
         let (k, n, m) = (3072, 16, 6);
         let q = QLinear::new(&randn(&[n, k], 6), &randn(&[n], 7)).unwrap();
         let x = randn(&[m, k], 8).to_vec2::<f32>().unwrap().concat();
-        let (qx, sx) = q.quantize_rows(&x, m, None);
+        let mut qx = vec![0x55; m.div_ceil(MR) * q.tile_len()];
+        let sx = q.quantize_rows(&x, m, None, &mut qx);
         let deq = Dequant {
             row_scale: &sx,
             scale: &q.scale,

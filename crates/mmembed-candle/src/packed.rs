@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
 use crate::tiled::{
-    Line, MR, NR, RowNorm, Tile, TileOut, TiledLinear, floats, for_each_tile, put_row,
+    Line, MR, NR, RowNorm, Rows, Tile, TileOut, TiledLinear, floats, for_each_tile, put_row,
     rows_of_tile, with_scratch,
 };
 
@@ -183,7 +183,7 @@ impl TiledLinear for PackedLinear {
         norm: Option<&RowNorm>,
         residual: Option<&[f32]>,
         act: Epilogue,
-    ) -> Vec<f32> {
+    ) -> Rows {
         with_scratch(m.div_ceil(MR) * self.k * MR, |a| {
             self.pack_rows(x, m, norm, a);
             let a = &*a;

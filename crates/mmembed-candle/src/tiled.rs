@@ -13,6 +13,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::cpu_kernels::{Epilogue, SharedOut, f32s, layer_norm_row, threads, with_f32s};
 
@@ -50,8 +51,23 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Calls `f` with `len` floats of this thread's scratch buffer (holding
-/// whatever the last call left there) for a layer's packed activations.
+/// Element types for which every bit pattern is a value, so a scratch
+/// buffer's stale bytes can be lent out as them.
+///
+/// # Safety
+/// Implementors have no invalid bit patterns, no padding, and an alignment
+/// of at most 64 bytes.
+pub(crate) unsafe trait Plain: Copy {}
+// SAFETY: plain numbers, aligned to their size (≤ 4 bytes).
+unsafe impl Plain for f32 {}
+// SAFETY: as above.
+unsafe impl Plain for i16 {}
+// SAFETY: as above.
+unsafe impl Plain for u8 {}
+
+/// Calls `f` with `len` values of this thread's scratch buffer (holding
+/// whatever the last call left there) for a layer's packed activations:
+/// f32 rows, or the int8 layers' quantised ones.
 ///
 /// Why not a fresh `Vec` per layer: a forward pass runs on one of rayon's
 /// workers ([`crate::LoadedClip`]'s `on_pool`), and glibc gives each
@@ -62,11 +78,14 @@ thread_local! {
 /// million page faults in 8 s of images ×32 (BENCHMARKS.md, issue #24).
 /// Re-entrant: a call made while this thread's buffer is lent out (rayon
 /// runs other jobs while it waits) allocates its own.
-pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let lines = len.div_ceil(NR);
+pub(crate) fn with_scratch<T: Plain, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    let per_line = size_of::<Line>() / size_of::<T>();
+    let lines = len.div_ceil(per_line);
     let all = |buf: &mut Vec<Line>| {
-        // SAFETY: as in `floats`; `buf` is exclusively borrowed here.
-        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut f32, buf.len() * NR) }
+        // SAFETY: the lines are `len · 64` contiguous initialised bytes,
+        // aligned to 64, which `T` (`Plain`) may view as values of its own;
+        // `buf` is exclusively borrowed here.
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut T, buf.len() * per_line) }
     };
     if lines * size_of::<Line>() > SCRATCH_KEEP_BYTES {
         // Too large to keep: a buffer of its own, and the kept one stays.
@@ -158,7 +177,21 @@ pub(crate) trait TiledLinear: Send + Sync {
         norm: Option<&RowNorm>,
         residual: Option<&[f32]>,
         act: Epilogue,
-    ) -> Vec<f32>;
+    ) -> Rows;
+}
+
+/// A layer's `m × n` output, starting on a cache line inside `data`: the
+/// tiles' rows of 16 floats are then whole 64-byte lines. From the heap
+/// (`M_MMAP_THRESHOLD` is raised for inference) a `Vec<f32>` starts
+/// anywhere 16 bytes apart, and one that straddles lines made each of the
+/// tile's row stores two partial ones: single-threaded int8 layers of
+/// 77-token texts ×32 ran 2–25 % slower (q/k/v 130 → 162 GMAC/s, the
+/// same binary alternating the two placements; BENCHMARKS.md, issue #24).
+pub(crate) struct Rows {
+    /// `start` floats of padding, the output, then padding to the end:
+    /// zeros.
+    pub(crate) data: Vec<f32>,
+    pub(crate) start: usize,
 }
 
 /// `act(x · wᵀ + b) (+ residual)` for `x [.., k]`.
@@ -213,8 +246,18 @@ fn apply(
         norm,
         residual: residual.map(Tensor::contiguous).transpose()?,
         epilogue,
+        start: AtomicUsize::new(0),
     };
-    x.contiguous()?.apply_op1_no_bwd(&op)
+    let y = x.contiguous()?.apply_op1_no_bwd(&op)?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = layer.n();
+    }
+    let len = dims.iter().product();
+    // A view from the first cache line on (see `Rows`); contiguous, so
+    // candle's ops and ours read it as any other tensor.
+    y.narrow(0, op.start.load(Ordering::Relaxed), len)?
+        .reshape(dims)
 }
 
 struct Op<'a> {
@@ -223,6 +266,8 @@ struct Op<'a> {
     norm: Option<(Tensor, Tensor, f32)>,
     residual: Option<Tensor>,
     epilogue: Epilogue,
+    /// Where `cpu_fwd`'s output starts in the buffer it returns.
+    start: AtomicUsize,
 }
 
 impl CustomOp1 for Op<'_> {
@@ -258,7 +303,11 @@ impl CustomOp1 for Op<'_> {
             })?,
             None => with_residual(None)?,
         };
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+        // The whole buffer, padding and all: `apply` narrows it to the
+        // output (a custom op's result cannot start at an offset).
+        self.start.store(y.start, Ordering::Relaxed);
+        let len = y.data.len();
+        Ok((CpuStorage::F32(y.data), Shape::from(len)))
     }
 }
 
@@ -294,6 +343,42 @@ impl<'a> TileOut<'a> {
         }
     }
 
+    /// Writes row `i` of the tile from two vectors of 8 (the product plus
+    /// bias), adding the residual in registers when there is no activation
+    /// and the tile is a whole `NR` columns wide. Why not through
+    /// [`Self::finish_row`] always: the kernels' two 32-byte stores into its
+    /// array, read back as one 64-byte copy, defeat store forwarding, and
+    /// that round trip was a tenth of an int8 layer's epilogue time.
+    ///
+    /// # Safety
+    /// As [`Self::finish_row`]; the CPU has AVX.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) unsafe fn store_row_avx(&self, i: usize, y: [std::arch::x86_64::__m256; NR / 8]) {
+        use std::arch::x86_64::*;
+        // SAFETY (all intrinsics): the CPU has AVX; the stores write row
+        // `i`'s `NR` floats, which the contract makes writable.
+        unsafe {
+            if self.cols == NR && self.act == Epilogue::None {
+                let at = self.y.add(i * self.ld);
+                let r = self.residual.map(|r| &r[i * self.ld..i * self.ld + NR]);
+                for (v, y) in y.into_iter().enumerate() {
+                    let y = match r {
+                        Some(r) => _mm256_add_ps(y, _mm256_loadu_ps(r.as_ptr().add(8 * v))),
+                        None => y,
+                    };
+                    _mm256_storeu_ps(at.add(8 * v), y);
+                }
+                return;
+            }
+            let mut t = [0f32; NR];
+            for (v, y) in y.into_iter().enumerate() {
+                _mm256_storeu_ps(t.as_mut_ptr().add(8 * v), y);
+            }
+            self.finish_row(i, &mut t);
+        }
+    }
+
     /// Writes row `i` of the tile from `t` (the product plus bias).
     ///
     /// # Safety
@@ -314,7 +399,12 @@ impl<'a> TileOut<'a> {
                     *y = t + r;
                 }
             }
-            None => y.copy_from_slice(&t[..self.cols]),
+            None => match <&mut [f32; NR]>::try_from(&mut *y) {
+                // A whole tile row as a fixed-size copy: vector stores, not
+                // a call to `memcpy` (5 % of an int8 layer's time).
+                Ok(y) => *y = *t,
+                Err(_) => y.copy_from_slice(&t[..self.cols]),
+            },
         }
     }
 }
@@ -337,10 +427,14 @@ pub(crate) fn for_each_tile(
     residual: Option<&[f32]>,
     act: Epilogue,
     f: impl Fn(&Tile, &TileOut) + Sync,
-) -> Vec<f32> {
+) -> Rows {
     // Not zero-filled: the tiles write every element (zeroing was 2.6 % of
     // a batch-32 image forward).
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let len = m * n;
+    let mut y: Vec<f32> = Vec::with_capacity(len + NR - 1);
+    // Floats from the allocation's start to its first cache line (f32s are
+    // 4-byte aligned, so the distance is a whole number of them).
+    let start = y.as_ptr().align_offset(size_of::<Line>());
     let strips = n.div_ceil(NR);
     // Blocks of about MC rows, as even as whole tiles allow: 50 rows (one
     // image) are one block rather than 48 + 2, whose tasks would each
@@ -359,7 +453,8 @@ pub(crate) fn for_each_tile(
     let groups = (8 * threads()).div_ceil(row_blocks).clamp(1, strips.max(1));
     // Part `i` of `parts` nearly equal ones of `0..len`.
     let part = |i: usize, parts: usize, len: usize| i * len / parts..(i + 1) * len / parts;
-    let out = SharedOut(y.as_mut_ptr());
+    // SAFETY: `start + len ≤ len + NR − 1`, within the capacity.
+    let out = SharedOut(unsafe { y.as_mut_ptr().add(start) });
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
         let (rb, g) = (task / groups, task % groups);
         let t = part(rb, row_blocks, tiles);
@@ -386,9 +481,15 @@ pub(crate) fn for_each_tile(
     });
     // SAFETY: the row blocks' tiles cover tiles 0..tiles (rows 0..m) and,
     // for each, the groups cover strips 0..strips (consecutive parts of
-    // both ranges), so every one of the m · n elements was written above.
-    unsafe { y.set_len(m * n) };
-    y
+    // both ranges), so every one of the m · n elements after `start` was
+    // written above; the padding on either side is written here.
+    unsafe {
+        let pad = y.spare_capacity_mut();
+        pad[..start].fill(std::mem::MaybeUninit::new(0.0));
+        pad[start + len..NR - 1 + len].fill(std::mem::MaybeUninit::new(0.0));
+        y.set_len(len + NR - 1);
+    }
+    Rows { data: y, start }
 }
 
 #[cfg(test)]
@@ -396,18 +497,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn outputs_start_on_a_cache_line() -> candle_core::Result<()> {
+        use candle_core::{Device, Storage};
+        let w = Tensor::arange(0f32, 37.0 * 5.0, &Device::Cpu)?.reshape((37, 5))?;
+        let b = Tensor::zeros(37, candle_core::DType::F32, &Device::Cpu)?;
+        let layer = crate::packed::PackedLinear::new(&w, Some(&b))?;
+        // Several sizes, so that the heap hands out differently placed
+        // blocks; the values are the layer's tests' business.
+        for m in [1, 7, 50, 301] {
+            let x = Tensor::ones((m, 5), candle_core::DType::F32, &Device::Cpu)?;
+            let y = forward(&layer, &x, None, Epilogue::None)?;
+            assert_eq!(y.dims(), [m, 37]);
+            assert!(y.is_contiguous());
+            let (storage, layout) = y.storage_and_layout();
+            let Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
+                panic!("f32 CPU storage")
+            };
+            assert_eq!(
+                v[layout.start_offset()..].as_ptr() as usize % 64,
+                0,
+                "{m} rows"
+            );
+            // Each output is its weight row's sum (x is all ones).
+            let want = w.sum(1)?.to_vec1::<f32>()?;
+            for row in y.to_vec2::<f32>()? {
+                assert_eq!(row, want);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn scratch_is_reused_and_a_nested_call_gets_its_own() {
-        let first = with_scratch(100, |a| {
+        let first = with_scratch(100, |a: &mut [f32]| {
             a.fill(7.0);
             a.as_ptr() as usize
         });
         // Same thread, no larger request: the same buffer, as left.
-        let (again, stale) = with_scratch(40, |a| (a.as_ptr() as usize, a[39]));
+        let (again, stale) = with_scratch(40, |a: &mut [f32]| (a.as_ptr() as usize, a[39]));
         assert_eq!((again, stale), (first, 7.0));
         assert_eq!(first % 64, 0, "scratch starts on a cache line");
-        with_scratch(64, |outer| {
+        with_scratch(64, |outer: &mut [f32]| {
             outer.fill(1.0);
-            with_scratch(64, |inner| {
+            with_scratch(64, |inner: &mut [f32]| {
                 assert_ne!(inner.as_ptr(), outer.as_ptr());
                 inner.fill(2.0);
             });
@@ -415,7 +547,13 @@ mod tests {
         });
         // Larger than kept: served, not kept (the kept one stays).
         let big = SCRATCH_KEEP_BYTES / size_of::<f32>() + 1;
-        with_scratch(big, |a| assert_eq!(a.len(), big));
+        with_scratch(big, |a: &mut [f32]| assert_eq!(a.len(), big));
+        // Other element types view the same lines.
+        with_scratch(100, |a: &mut [u8]| {
+            assert_eq!((a.len(), a.as_ptr() as usize % 64), (100, 0));
+            a.fill(1);
+        });
+        with_scratch(33, |a: &mut [i16]| assert_eq!(a.len(), 33));
         let kept = SCRATCH.with(|s| {
             let v = s.take();
             let len = v.len();
