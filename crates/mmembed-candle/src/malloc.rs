@@ -10,22 +10,27 @@
 /// in, page by page: measured 7.4 % of an int8 77-token text batch in page
 /// faults and zeroing, 2.7 % with this setting (BENCHMARKS.md, issue #8).
 /// It sets `M_MMAP_THRESHOLD` to 32 MiB (the most glibc accepts on 64-bit:
-/// smaller blocks come from the heap) and `M_TRIM_THRESHOLD` to 256 MiB
-/// (up to that much freed memory stays in the process for reuse). Peak
-/// memory does not grow; memory is simply not handed back between layers.
+/// smaller blocks come from the heap), `M_TRIM_THRESHOLD` to 256 MiB (up
+/// to that much freed memory stays in the process for reuse) and
+/// `M_TOP_PAD` to 64 MiB. Peak memory does not grow; memory is simply not
+/// handed back between layers.
 ///
-/// What it cannot change: threads other than the main one allocate from
-/// arenas of 64 MB heaps, and glibc unmaps each heap but an arena's first
-/// as soon as it empties. The
-/// forward pass runs on a rayon worker, so the packed layers keep their
-/// largest per-layer buffer themselves; limiting glibc to one arena
-/// (`M_ARENA_MAX`) would catch the rest but made the pool's threads wait
-/// on its lock (BENCHMARKS.md, issue #24, step 7).
+/// Why the pad: threads other than the main one (the forward pass runs on
+/// a rayon worker) allocate from arenas of 64 MiB heaps, and glibc unmaps
+/// a heap as soon as it empties unless the heap before it lacks `M_TOP_PAD`
+/// bytes of room; the trim threshold does not apply there. At 32 images the
+/// layers' outputs spill into a second heap, which then came and went in
+/// every layer: 1.2 million page faults in 6 s of int8 images ×32, 0.18
+/// million with a 64 MiB pad (the size of a whole heap, so an empty one is
+/// always kept), and 52 → 65 images/s (BENCHMARKS.md, issue #24, step 8).
+/// Limiting glibc to one arena (`M_ARENA_MAX`) also stops those faults but
+/// makes the pool's threads wait on its lock. The pad only reserves address
+/// space: untouched pages cost no memory.
 ///
 /// It changes the whole process's allocator, so the library never calls it
 /// on its own: a program that runs batches of inference calls it once, at
 /// the start of `main` (the `mmembed` CLI and the benchmarks do). Returns
-/// whether both settings took effect; elsewhere than Linux with glibc it
+/// whether all three settings took effect; elsewhere than Linux with glibc it
 /// does nothing and returns `false`.
 ///
 /// ```
@@ -40,6 +45,7 @@ pub fn tune_malloc_for_inference() -> bool {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20) == 1
+                && libc::mallopt(libc::M_TOP_PAD, 64 << 20) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

@@ -72,10 +72,13 @@ unsafe impl Plain for u8 {}
 /// Why not a fresh `Vec` per layer: a forward pass runs on one of rayon's
 /// workers ([`crate::LoadedClip`]'s `on_pool`), and glibc gives each
 /// worker its own arena, made of 64 MB heaps of which all but the first
-/// are unmapped as soon as they empty, whatever `M_TRIM_THRESHOLD` says. At ViT-B/32 and 32 images
-/// a layer's blocks (20 MB for the MLP's packed hidden rows) outgrow the
-/// first heap, so every layer mapped fresh pages and faulted them in: 1.05
-/// million page faults in 8 s of images ×32 (BENCHMARKS.md, issue #24).
+/// are unmapped as soon as they empty, whatever `M_TRIM_THRESHOLD` says
+/// (only [`crate::tune_malloc_for_inference`]'s `M_TOP_PAD` stops that, and
+/// a library cannot count on its caller having called it). At ViT-B/32 and
+/// 32 images a layer's blocks (20 MB for the MLP's packed hidden rows)
+/// outgrow the first heap, so every layer mapped fresh pages and faulted
+/// them in: 1.05 million page faults in 8 s of images ×32 (BENCHMARKS.md,
+/// issue #24). A reused buffer also needs no zeroing.
 /// Re-entrant: a call made while this thread's buffer is lent out (rayon
 /// runs other jobs while it waits) allocates its own.
 pub(crate) fn with_scratch<T: Plain, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
