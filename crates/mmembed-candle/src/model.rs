@@ -490,10 +490,16 @@ impl Attention {
     /// post-norm layers norm the sum instead).
     fn forward_residual(&self, x: &Tensor, norm: Option<&Norm>, mask: &Mask) -> Result<Tensor> {
         let heads = self.heads_output(x, norm, mask)?;
+        self.project_residual(&heads, x)
+    }
+
+    /// `x + out(heads)`: the output projection of [`Self::heads_output`]'s
+    /// rows, plus the residual rows `x` (the same shape).
+    fn project_residual(&self, heads: &Tensor, x: &Tensor) -> Result<Tensor> {
         if self.kernels.fused() {
-            return self.out.forward_fused(&heads, Some(x), Epilogue::None);
+            return self.out.forward_fused(heads, Some(x), Epilogue::None);
         }
-        x + self.out.forward(&heads)?
+        x + self.out.forward(heads)?
     }
 
     /// The heads' outputs merged, `[b, t, d]`, before the output projection.
@@ -672,6 +678,42 @@ impl Layer {
         let x = self.attn.forward_residual(x, Some(&self.ln1), mask)?;
         self.mlp.forward_residual(&x, Some(&self.ln2))
     }
+
+    /// [`Self::forward`]'s output at one position per sequence, `[b, 1,
+    /// d]`: row `i`'s position `pool[i]` (gathered by [`pooled_rows`]).
+    /// Attention reads every position, so the keys and values are computed
+    /// for all of them; the output projection and the MLP, three quarters
+    /// of a layer's work, only for the rows wanted. Each row's result does
+    /// not depend on the others', so it is the row `forward` would give.
+    fn forward_at(&self, x: &Tensor, mask: &Mask, pool: &Tensor) -> Result<Tensor> {
+        let norm = (!self.post_norm).then_some(&self.ln1);
+        let heads = pooled_rows(&self.attn.heads_output(x, norm, mask)?, pool)?;
+        let x = self.attn.project_residual(&heads, &pooled_rows(x, pool)?)?;
+        if self.post_norm {
+            let x = self.ln1.forward(&x)?;
+            return self.ln2.forward(&self.mlp.forward_residual(&x, None)?);
+        }
+        self.mlp.forward_residual(&x, Some(&self.ln2))
+    }
+}
+
+/// Flat row indices `i · t + pool[i]` into a `[b, t, ..]` batch, for
+/// [`pooled_rows`].
+fn pool_index(pool: &[usize], t: usize, dev: &Device) -> Result<Tensor> {
+    let flat: Vec<u32> = pool
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i * t + p) as u32)
+        .collect();
+    Tensor::new(flat.as_slice(), dev)
+}
+
+/// Rows `index` (from [`pool_index`]) of `x [b, t, d]`, as `[b, 1, d]`.
+fn pooled_rows(x: &Tensor, index: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    x.reshape((b * t, d))?
+        .index_select(index, 0)?
+        .reshape((index.dim(0)?, 1, d))
 }
 
 struct Encoder(Vec<Layer>);
@@ -696,6 +738,23 @@ impl Encoder {
         self.0
             .iter()
             .try_fold(x.clone(), |x, l| l.forward(&x, mask))
+    }
+
+    /// The last layer's output at one position per sequence (`pool`, from
+    /// [`pool_index`]), `[b, 1, d]`: what a tower that pools one token
+    /// reads. The last layer runs its output projection and MLP on those
+    /// rows only ([`Layer::forward_at`]): at 77-token texts that is 6 % of
+    /// the encoder's work saved, the same share at 50-patch images.
+    fn forward_pooled(&self, x: &Tensor, mask: &Mask, pool: &Tensor) -> Result<Tensor> {
+        match self.0.split_last() {
+            Some((last, rest)) => {
+                let x = rest
+                    .iter()
+                    .try_fold(x.clone(), |x, l| l.forward(&x, mask))?;
+                last.forward_at(&x, mask, pool)
+            }
+            None => pooled_rows(x, pool),
+        }
     }
 }
 
@@ -846,18 +905,16 @@ impl TextTower {
             }
             _ => Mask::all(),
         };
-        let mut x = self.encoder.forward(&x, &mask)?;
+        if let Some(&p) = pool.iter().find(|&&p| p >= t) {
+            candle_core::bail!("pool position {p} outside a sequence of {t} tokens");
+        }
+        let idx = pool_index(pool, t, dev)?;
+        // `[b, 1, d]`; the final norm is per row, so it runs on these only.
+        let mut x = self.encoder.forward_pooled(&x, &mask, &idx)?;
         if let Some(ln) = &self.final_ln {
             x = ln.forward(&x)?;
         }
-        let flat: Vec<u32> = pool
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i * t + p) as u32)
-            .collect();
-        let idx = Tensor::new(flat.as_slice(), dev)?;
-        let pooled = x.reshape((b * t, ()))?.index_select(&idx, 0)?;
-        self.projection.forward(&pooled)
+        self.projection.forward(&x.squeeze(1)?)
     }
 }
 
@@ -1000,13 +1057,16 @@ impl VisionTower {
         if let Some(pre_ln) = &self.pre_ln {
             x = pre_ln.forward(&x)?;
         }
-        let x = self.encoder.forward(&x, &Mask::all())?;
         match &self.pool {
             VisionPool::Class(projection) => {
-                let cls = self.post_ln.forward(&x.i((.., 0, ..))?)?;
-                projection.forward(&cls)
+                // Only the class token's row of the last layer is read.
+                let first = pool_index(&vec![0; b], x.dim(1)?, x.device())?;
+                let cls = self.encoder.forward_pooled(&x, &Mask::all(), &first)?;
+                projection.forward(&self.post_ln.forward(&cls.squeeze(1)?)?)
             }
-            VisionPool::Attention(head) => head.forward(&x, &self.post_ln),
+            VisionPool::Attention(head) => {
+                head.forward(&self.encoder.forward(&x, &Mask::all())?, &self.post_ln)
+            }
         }
     }
 }
