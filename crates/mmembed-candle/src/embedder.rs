@@ -289,6 +289,7 @@ impl LoadedClip {
         let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
         let model = ClipModel::with_kernels(&config, kernels, vb)
             .map_err(|e| err(format!("the weights do not match config.json: {e}")))?;
+        crate::malloc::return_freed_pages();
         Ok(Self {
             model,
             tokenizer,
