@@ -17,9 +17,11 @@ import sys
 CATEGORIES = [
     ("matmul (f32 gemm kernel)", r"gemm_f32::microkernel|gemm_common::gemm|gemm::gemm"),
     ("matmul packing", r"gemm_common::(simd|pack)|V3::vectorize"),
+    ("matmul (packed f32 kernel)", r"packed::avx512::tile|packed::avx2::tile|packed::dot_generic"),
     ("matmul (int8 kernel)", r"int8::avx2::tile|int8::dot_generic"),
     ("matmul (8-bit activation kernel)", r"w8a8::vnni::tile|w8a8::dot_generic"),
-    ("activation quantisation (int8)", r"int8::quantize_row|w8a8::quantize"),
+    ("activation quantisation (int8)", r"int8::quantize_row|w8a8::quantize|w8a8::row_stats|quantize_tile"),
+    ("activation packing (rows into tiles)", r"rows_of_tile|pack_rows"),
     ("activation (GELU)", r"quick_gelu|gelu|unary_map|expf|exp_approx|__expf|sigmoid"),
     ("softmax", r"softmax"),
     ("layer norm", r"layer_norm|layernorm|LayerNorm"),
