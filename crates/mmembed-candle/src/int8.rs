@@ -29,8 +29,8 @@ use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
 use crate::tiled::{
-    MR, NR, RowNorm, Rows, Tile, TileOut, TiledLinear, for_each_tile, put_row, rows_of_tile,
-    with_scratch,
+    MR, NR, RowNorm, Rows, Tile, TileOut, TiledLinear, clear_padding_tile, for_each_tile, put_row,
+    rows_of_tile, with_scratch,
 };
 
 /// A linear layer `y = x · wᵀ + b` with `w` quantised to int8.
@@ -141,7 +141,8 @@ impl QLinear {
         scales
     }
 
-    /// Zeroed buffers for [`Self::quantize_rows`]'s output over `m` rows.
+    /// Zeroed buffers for [`Self::quantize_tile`]'s output over `m` rows
+    /// (the 8-bit layer's 16-bit fallback tiles).
     pub(crate) fn tile_buffers(&self, m: usize) -> (Vec<i16>, Vec<f32>) {
         let tiles = m.div_ceil(MR);
         (vec![0i16; tiles * self.tile_len()], vec![0f32; tiles * MR])
@@ -171,10 +172,7 @@ impl QLinear {
             bufs.row.resize(2 * kp, 0);
         }
         let row = &mut bufs.row[..2 * kp];
-        if (t + 1) * MR > m {
-            // The last tile's padding rows (`q` may hold anything).
-            q.fill(0);
-        }
+        clear_padding_tile(q, t, m);
         rows_of_tile(x, (m, k), t, norm, &mut bufs.normed, |lane, x| {
             s[lane] = quantize_row(x, &mut row[..k], qmax);
             put_row::<_, 2>(q, lane, row);

@@ -21,8 +21,8 @@ use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
 use crate::tiled::{
-    Line, MR, NR, RowNorm, Rows, Tile, TileOut, TiledLinear, floats, for_each_tile, put_row,
-    rows_of_tile, with_scratch,
+    Line, MR, NR, RowNorm, Rows, Tile, TileOut, TiledLinear, clear_padding_tile, floats,
+    for_each_tile, put_row, rows_of_tile, with_scratch,
 };
 
 /// Whether this CPU runs packed layers (faster than the `gemm` crate only
@@ -104,12 +104,9 @@ impl PackedLinear {
         a.par_chunks_mut(k * MR)
             .enumerate()
             .for_each_init(Vec::new, |normed, (t, a)| {
-                if (t + 1) * MR > m {
-                    // The scratch holds an earlier layer's values; the
-                    // kernel never reads padding lanes, but zeros keep it
-                    // that way.
-                    a.fill(0.0);
-                }
+                // The kernel never reads padding lanes, but zeros keep it
+                // that way.
+                clear_padding_tile(a, t, m);
                 rows_of_tile(x, (m, k), t, norm, normed, |lane, row| {
                     put_row::<_, 1>(a, lane, row)
                 });

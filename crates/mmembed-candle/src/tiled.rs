@@ -150,6 +150,16 @@ pub(crate) fn rows_of_tile(
     }
 }
 
+/// Zeroes activation tile `t` of an `m`-row input when it is the last,
+/// partial one: its padding rows must read as zeros, and the packed layers'
+/// tiles live in a reused scratch buffer ([`with_scratch`]) that holds an
+/// earlier layer's values. Whole tiles are overwritten row by row anyway.
+pub(crate) fn clear_padding_tile<T: Plain + Default>(tile: &mut [T], t: usize, m: usize) {
+    if (t + 1) * MR > m {
+        tile.fill(T::default());
+    }
+}
+
 /// Writes `row` into lane `lane` of an activation tile laid out
 /// `[k / G][MR][G]`: each row's values in groups of `G` consecutive ones
 /// (one f32, an i16 pair, a u8 quad: what one kernel step multiplies), the
@@ -437,7 +447,10 @@ pub(crate) fn for_each_tile(
     let mut y: Vec<f32> = Vec::with_capacity(len + NR - 1);
     // Floats from the allocation's start to its first cache line (f32s are
     // 4-byte aligned, so the distance is a whole number of them).
-    let start = y.as_ptr().align_offset(size_of::<Line>());
+    // Not `align_offset`, which may answer `usize::MAX`: `start` bounds the
+    // writes below, so it is computed. An f32 address is a multiple of 4,
+    // so this is at most NR − 1.
+    let start = (y.as_ptr() as usize).wrapping_neg() % size_of::<Line>() / size_of::<f32>();
     let strips = n.div_ceil(NR);
     // Blocks of about MC rows, as even as whole tiles allow: 50 rows (one
     // image) are one block rather than 48 + 2, whose tasks would each

@@ -37,7 +37,8 @@ use rayon::prelude::*;
 use crate::cpu_kernels::Epilogue;
 use crate::int8::{QLinear, quantize_weights};
 use crate::tiled::{
-    MR, NR, RowNorm, Rows, TileOut, TiledLinear, for_each_tile, put_row, rows_of_tile, with_scratch,
+    MR, NR, RowNorm, Rows, TileOut, TiledLinear, clear_padding_tile, for_each_tile, put_row,
+    rows_of_tile, with_scratch,
 };
 
 /// A row whose range (`max(x, 0) − min(x, 0)`) exceeds this many times its
@@ -156,10 +157,7 @@ impl W8A8Linear {
             .for_each_init(
                 || (Vec::new(), vec![0u8; 4 * k4]),
                 |(normed, row), (t, (q, rq))| {
-                    if (t + 1) * MR > m {
-                        // The last tile's padding rows.
-                        q.fill(0);
-                    }
+                    clear_padding_tile(q, t, m);
                     // `row` past `k` stays zero: never written.
                     rows_of_tile(x, (m, k), t, norm, normed, |lane, x| {
                         rq[lane] = quantize_row(x, &mut row[..k]);
