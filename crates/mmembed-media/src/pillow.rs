@@ -128,18 +128,20 @@ fn taps(in_size: u32, in0: f64, in1: f64, out_size: u32, resample: Resample) -> 
         .collect()
 }
 
-#[inline]
-fn clip8(acc: i64) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-/// Pillow's nearest-neighbour: the source pixel under each output centre.
-fn nearest_index(in_size: u32, in0: f64, in1: f64, out_size: u32) -> Vec<usize> {
-    let scale = (in1 - in0) / f64::from(out_size);
+/// Pillow's nearest-neighbour (`ImagingScaleAffine`): the source pixel
+/// under each output centre, the centres found by repeated addition of the
+/// step (not multiplication: the accumulated rounding moves some exact
+/// halves, e.g. 24 -> 18 pixels, to the neighbour, and Pillow's output has
+/// them there), truncated toward zero. A centre outside the source leaves
+/// the pixel black, as Pillow's fill does.
+fn nearest_index(in_size: u32, in0: f64, in1: f64, out_size: u32) -> Vec<Option<u32>> {
+    let step = (in1 - in0) / f64::from(out_size);
+    let mut centre = in0 + step * 0.5;
     (0..out_size)
-        .map(|x| {
-            let v = (in0 + (f64::from(x) + 0.5) * scale).floor();
-            (v.max(0.0) as usize).min(in_size as usize - 1)
+        .map(|_| {
+            let i = (centre >= 0.0 && centre < f64::from(in_size)).then_some(centre as u32);
+            centre += step;
+            i
         })
         .collect()
 }
@@ -166,7 +168,9 @@ pub(crate) fn resize(
         let mut out = RgbImage::new(w, h);
         for (y, sy) in ys.iter().enumerate() {
             for (x, sx) in xs.iter().enumerate() {
-                out.put_pixel(x as u32, y as u32, *img.get_pixel(*sx as u32, *sy as u32));
+                if let (Some(sx), Some(sy)) = (sx, sy) {
+                    out.put_pixel(x as u32, y as u32, *img.get_pixel(*sx, *sy));
+                }
             }
         }
         return out;
@@ -226,24 +230,111 @@ pub(crate) fn resize(
     RgbImage::from_raw(out_w as u32, h, out).unwrap_or_else(|| unreachable!("buffer is w*h*3"))
 }
 
-/// Pillow's horizontal 8-bit pass over `rows` of an RGB buffer `width`
-/// pixels wide: one output row per input row, rounded and clipped to u8.
-fn horizontal(src: &[u8], width: usize, rows: std::ops::Range<usize>, htaps: &[Taps]) -> Vec<u8> {
-    let w = htaps.len();
-    let mut mid = vec![0u8; rows.len() * w * 3];
-    for (r, y) in rows.enumerate() {
-        let srow = &src[y * width * 3..][..width * 3];
-        let drow = &mut mid[r * w * 3..][..w * 3];
-        for (xx, t) in htaps.iter().enumerate() {
-            let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-            for (i, k) in t.weights.iter().enumerate() {
-                let p = &srow[(t.start + i) * 3..][..3];
-                for c in 0..3 {
-                    acc[c] += i64::from(p[c]) * i64::from(*k);
+/// Pillow's accumulator start: half of the last fixed-point unit, so the
+/// final shift rounds.
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+/// Rows of the source one horizontal block transposes and filters at once.
+/// 16 RGB rows are 48 lanes per tap (three AVX-512 or six AVX2 registers);
+/// the transposed block (16 × width × 3 bytes, 30 KB for a 640-pixel row)
+/// stays in L1.
+const BLOCK: usize = 16;
+
+#[inline]
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Runs `$body` (an `#[inline(always)]` function's call) compiled for the
+/// widest vectors the CPU has: the passes are plain loops over contiguous
+/// lanes that the compiler vectorises, and the baseline x86-64 target
+/// (SSE2) has no 32-bit lane multiply.
+macro_rules! widest {
+    ($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                {
+                    // SAFETY: the CPU has the features the copy was built for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
                 }
             }
-            for c in 0..3 {
-                drow[xx * 3 + c] = clip8(acc[c]);
+            $body($($arg),*)
+        }
+    };
+}
+
+widest!(horizontal(src: &[u8], width: usize, rows: std::ops::Range<usize>, htaps: &[Taps]) -> Vec<u8> = horizontal_lanes);
+widest!(vertical(src: &[u8], width: usize, row0: usize, vtaps: &[Taps]) -> Vec<u8> = vertical_lanes);
+
+/// Pillow's horizontal 8-bit pass over `rows` of an RGB buffer `width`
+/// pixels wide: one output row per input row, rounded and clipped to u8.
+///
+/// Pillow loops over each output pixel's taps, a dot product too short to
+/// vectorise. The taps are the same on every row, so this transposes
+/// [`BLOCK`] rows at a time (`[x][row][channel]`) and filters them
+/// together: each tap is then a multiply-add over 48 contiguous lanes.
+/// Same products, same 32-bit sums as Pillow's, so the same bytes.
+#[inline(always)]
+fn horizontal_lanes(
+    src: &[u8],
+    width: usize,
+    rows: std::ops::Range<usize>,
+    htaps: &[Taps],
+) -> Vec<u8> {
+    const LANES: usize = BLOCK * 3;
+    let w = htaps.len();
+    let mut mid = vec![0u8; rows.len() * w * 3];
+    let mut block = vec![0u8; width * LANES];
+    let (first, end) = (rows.start, rows.end);
+    for y0 in rows.step_by(BLOCK) {
+        let n = BLOCK.min(end - y0);
+        // (Copying 4 bytes per pixel into 49-byte columns measured 2 %
+        // slower than these 3-byte copies.)
+        for r in 0..n {
+            let srow = &src[(y0 + r) * width * 3..][..width * 3];
+            for (x, p) in srow.chunks_exact(3).enumerate() {
+                block[x * LANES + r * 3..][..3].copy_from_slice(p);
+            }
+        }
+        // Rows past `n` in the last block hold stale bytes: filtered, never
+        // written out.
+        for (xx, t) in htaps.iter().enumerate() {
+            let mut bytes = [0u8; LANES];
+            // 16 lanes at a time, so that the sums stay in registers (one
+            // AVX-512 or two AVX2 registers) across the taps.
+            for (part, out) in bytes.chunks_exact_mut(16).enumerate() {
+                let mut acc = [HALF; 16];
+                for (i, &k) in t.weights.iter().enumerate() {
+                    let col: &[u8; 16] = block[(t.start + i) * LANES + part * 16..][..16]
+                        .try_into()
+                        .unwrap_or_else(|_| unreachable!("16 bytes"));
+                    for (a, &p) in acc.iter_mut().zip(col) {
+                        // Pillow's int arithmetic; never wraps (|sum| < 2^31
+                        // for normalised weights), wrapping keeps it panic-free.
+                        *a = a.wrapping_add(i32::from(p).wrapping_mul(k));
+                    }
+                }
+                for (o, a) in out.iter_mut().zip(acc) {
+                    *o = clip8(a);
+                }
+            }
+            for r in 0..n {
+                mid[(y0 - first + r) * w * 3 + xx * 3..][..3].copy_from_slice(&bytes[r * 3..][..3]);
             }
         }
     }
@@ -252,17 +343,23 @@ fn horizontal(src: &[u8], width: usize, rows: std::ops::Range<usize>, htaps: &[T
 
 /// Pillow's vertical 8-bit pass: one output row per tap set, reading the
 /// RGB buffer `width` pixels wide whose first row is source row `row0`.
-fn vertical(src: &[u8], width: usize, row0: usize, vtaps: &[Taps]) -> Vec<u8> {
+/// Row at a time (a multiply-add of each tap's whole row into 32-bit
+/// sums) where Pillow goes pixel at a time: the same sums.
+#[inline(always)]
+fn vertical_lanes(src: &[u8], width: usize, row0: usize, vtaps: &[Taps]) -> Vec<u8> {
     let stride = width * 3;
     let mut out = vec![0u8; vtaps.len() * stride];
+    let mut acc = vec![0i32; stride];
     for (yy, t) in vtaps.iter().enumerate() {
-        let drow = &mut out[yy * stride..][..stride];
-        for (x, d) in drow.iter_mut().enumerate() {
-            let mut acc = 1i64 << (PRECISION_BITS - 1);
-            for (i, k) in t.weights.iter().enumerate() {
-                acc += i64::from(src[(t.start - row0 + i) * stride + x]) * i64::from(*k);
+        acc.fill(HALF);
+        for (i, &k) in t.weights.iter().enumerate() {
+            let srow = &src[(t.start - row0 + i) * stride..][..stride];
+            for (a, &p) in acc.iter_mut().zip(srow) {
+                *a = a.wrapping_add(i32::from(p).wrapping_mul(k));
             }
-            *d = clip8(acc);
+        }
+        for (d, &a) in out[yy * stride..][..stride].iter_mut().zip(&acc) {
+            *d = clip8(a);
         }
     }
     out
@@ -286,6 +383,50 @@ mod tests {
         }
         // First output: center 1.0, xmin = (int)(1 - 4 + 0.5) clamped to 0.
         assert_eq!(t[0].start, 0);
+    }
+
+    /// Every filter, boxes, up- and downscaling, both pass orders, against
+    /// Pillow's own output (models/fixtures/make_resample.py).
+    #[test]
+    fn matches_pillow_on_noise() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/resample");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
+        let blob = std::fs::read(dir.join("cases.bin")).unwrap();
+        let cases = meta["cases"].as_array().unwrap();
+        assert!(cases.len() > 70);
+        let dims =
+            |v: &serde_json::Value| (v[0].as_u64().unwrap() as u32, v[1].as_u64().unwrap() as u32);
+        let mut bad = Vec::new();
+        for (n, case) in cases.iter().enumerate() {
+            let resample = Resample::from_pil(case["resample"].as_u64().unwrap() as u32).unwrap();
+            let ((sw, sh), (w, h)) = (dims(&case["src"]), dims(&case["dst"]));
+            let at = |key: &str, len: u32| {
+                let o = case[key].as_u64().unwrap() as usize;
+                blob[o..o + len as usize * 3].to_vec()
+            };
+            let img = RgbImage::from_raw(sw, sh, at("src_offset", sw * sh)).unwrap();
+            let want = at("dst_offset", w * h);
+            let bx = match case["box"].as_array() {
+                Some(b) => [0, 1, 2, 3].map(|i| b[i].as_f64().unwrap()),
+                None => [0.0, 0.0, f64::from(sw), f64::from(sh)],
+            };
+            let got = resize(&img, w, h, resample, bx, (w, h));
+            let wrong = got
+                .as_raw()
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a != b)
+                .count();
+            if wrong > 0 {
+                bad.push(format!(
+                    "case {n} {case}: {wrong} of {} bytes differ",
+                    want.len()
+                ));
+            }
+        }
+        assert!(bad.is_empty(), "differ from Pillow:\n{}", bad.join("\n"));
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub enum Resample {
 }
 
 impl Resample {
-    fn from_pil(code: u32) -> Result<Self, String> {
+    pub(crate) fn from_pil(code: u32) -> Result<Self, String> {
         Ok(match code {
             0 => Self::Nearest,
             1 => Self::Lanczos,
