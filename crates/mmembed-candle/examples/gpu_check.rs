@@ -28,6 +28,9 @@ use mmembed_candle::{DeviceSpec, Kernels, LoadedClip, Precision, local_files};
 use rayon::prelude::*;
 
 fn main() -> Result<()> {
+    // As the `mmembed` CLI does, so that the decode ceiling and the model
+    // timings see the allocator the batch job runs with.
+    mmembed_candle::tune_malloc_for_inference();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args.split_first().context(USAGE)?;
     let (pos, flags) = split_flags(rest)?;
