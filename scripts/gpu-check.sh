@@ -94,7 +94,8 @@ steps() {
 
   say "throughput: ours"
   "$BIN/gpu_check" speed "$model" --device "$device" --precisions "$precisions" \
-    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" | tee "$out/speed_ours.jsonl" \
+    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" --kernels "${KERNELS:-auto}" \
+    | tee "$out/speed_ours.jsonl" \
     || failed "our throughput run"
   say "throughput: PyTorch eager"
   "$PY" scripts/gpu/torch_side.py speed "$model" --device "$device" --precisions "$precisions" \
@@ -114,7 +115,7 @@ steps() {
   done
   "$BIN/gpu_check" decode "$work/jpegs" --model "$model" --seconds "$SECONDS_EACH" | tee "$out/decode.jsonl" \
     || failed "the decode ceiling"
-  local prec=${precisions##*,} small large
+  local prec=${E2E_PRECISION:-${precisions##*,}} small large
   # Two sizes: their difference is the steady rate, without the model's
   # load and the process start.
   for n in small large; do
@@ -219,9 +220,11 @@ dry_run() {
   IMAGES=1,8 TEXTS=8 SECONDS_EACH=0.2
   E2E_SMALL=20 E2E_LARGE=100 E2E_BATCH=32 E2E_MAX_BATCH=8
   COMPILE="" COMPILE_IF_UNDER=0
-  # Parity through the GPU's graph (Kernels::Portable), run on the CPU.
-  KERNELS=portable
-  steps "$out" cpu f32
+  # Parity and model-only speed through the GPU's graph (Kernels::Portable)
+  # in every precision, run on the CPU; the batch job (which picks its own
+  # kernels, and on the CPU only f32) in f32.
+  KERNELS=portable E2E_PRECISION=f32
+  steps "$out" cpu f32,f16,bf16
 }
 
 case "${1:-}" in

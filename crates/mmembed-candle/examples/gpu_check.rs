@@ -6,6 +6,7 @@
 //!                  [--kernels auto|portable] (portable: the GPU graph, e.g. on the CPU)
 //! gpu_check speed MODEL_DIR [--device cuda] [--precisions f32,f16,bf16]
 //!                 [--images 1,32,256,1024] [--texts 32,256] [--seconds 3]
+//!                 [--kernels auto|portable]
 //! gpu_check decode IMAGE_DIR [--model MODEL_DIR] [--seconds 3]
 //! ```
 //!
@@ -58,6 +59,7 @@ fn main() -> Result<()> {
             &numbers(&flag("images", "1,32,256,1024"))?,
             &numbers(&flag("texts", "32,256"))?,
             seconds(&flag("seconds", "3"))?,
+            &flag("kernels", "auto"),
         ),
         ("decode", [dir]) => decode(
             Path::new(dir),
@@ -210,10 +212,11 @@ fn speed(
     images: &[usize],
     texts: &[usize],
     budget: Duration,
+    kernels: &str,
 ) -> Result<()> {
     for p in precisions.split(',').filter(|p| !p.is_empty()) {
         let precision: Precision = p.parse().map_err(anyhow::Error::msg)?;
-        let clip = open(model, device, precision, "auto")?;
+        let clip = open(model, device, precision, kernels)?;
         let dev = clip.device.clone();
         let side = clip.config.vision.image_size;
         let report = |workload: &str, batch: usize, secs: f64| {

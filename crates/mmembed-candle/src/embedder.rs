@@ -252,13 +252,20 @@ impl LoadedClip {
 
     /// [`LoadedClip::load`] on a chosen kernel set, e.g. the GPU's
     /// [`Kernels::Portable`] on the CPU to check it against references.
+    /// With those kernels the CPU also takes f16 and bf16 (refused by
+    /// [`LoadedClip::load`] there, where they would only be slow): so the
+    /// GPU's half-precision graphs run, and are tested, without a GPU.
     pub fn load_with_kernels(
         files: &ModelFiles,
         device: &Device,
         precision: Precision,
         kernels: Kernels,
     ) -> Result<Self, EmbedError> {
-        let dtype = precision.dtype_for(device)?;
+        let dtype = match precision {
+            Precision::F16 if kernels == Kernels::Portable && device.is_cpu() => DType::F16,
+            Precision::Bf16 if kernels == Kernels::Portable && device.is_cpu() => DType::BF16,
+            _ => precision.dtype_for(device)?,
+        };
         let model_name = files
             .config
             .parent()
