@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -337,9 +337,7 @@ impl LoadedClip {
     /// Unit-length image embeddings for preprocessed CHW pixel buffers.
     pub fn embed_pixels(&self, images: &[Vec<f32>]) -> candle_core::Result<Vec<Vec<f32>>> {
         use rayon::prelude::*;
-        let side = self.config.vision.image_size;
-        let c = self.config.vision.num_channels;
-        let len = c * side * side;
+        let len = self.pixels_per_image();
         if let Some(bad) = images.iter().position(|i| i.len() != len) {
             candle_core::bail!(
                 "image {bad} has {} values, the model takes {len}",
@@ -354,11 +352,44 @@ impl LoadedClip {
             flat.par_chunks_mut(len.max(1))
                 .zip(images.par_iter())
                 .for_each(|(dst, src)| dst.copy_from_slice(src));
-            let px = Tensor::from_vec(flat, (images.len(), c, side, side), &self.device)?
-                .to_dtype(self.dtype)?;
-            let out = self.model.vision.forward(&px)?;
-            rows(&out)
+            let px = Tensor::from_vec(flat, self.pixel_shape(images.len()), &self.device)?;
+            self.forward_pixels(px)
         })
+    }
+
+    /// [`embed_pixels`](Self::embed_pixels) for `n` images already laid
+    /// out one after another in `flat` (each
+    /// [`pixels_per_image`](Self::pixels_per_image) values), e.g. a batch
+    /// buffer that is filled and reused: on a GPU the pixels are copied
+    /// straight from it to the device.
+    pub fn embed_pixel_rows(&self, flat: &[f32], n: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        let len = self.pixels_per_image();
+        if flat.len() != n * len {
+            candle_core::bail!(
+                "{} values for {n} images, the model takes {len} per image",
+                flat.len()
+            );
+        }
+        self.on_pool(|| {
+            let px = Tensor::from_slice(flat, self.pixel_shape(n), &self.device)?;
+            self.forward_pixels(px)
+        })
+    }
+
+    /// Floats of one preprocessed image: channels × side × side.
+    pub fn pixels_per_image(&self) -> usize {
+        let side = self.config.vision.image_size;
+        self.config.vision.num_channels * side * side
+    }
+
+    fn pixel_shape(&self, n: usize) -> (usize, usize, usize, usize) {
+        let side = self.config.vision.image_size;
+        (n, self.config.vision.num_channels, side, side)
+    }
+
+    fn forward_pixels(&self, px: Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+        let out = self.model.vision.forward(&px.to_dtype(self.dtype)?)?;
+        rows(&out)
     }
 }
 
@@ -397,9 +428,21 @@ fn backend_err(message: String) -> EmbedError {
     }
 }
 
+/// One model batch of images, decoded and preprocessed: the item indices
+/// of its rows, the items that failed, and the rows.
+struct Prepared {
+    idx: Vec<usize>,
+    failed: Vec<(usize, EmbedError)>,
+    buf: Vec<f32>,
+}
+
 struct Worker {
     clip: LoadedClip,
     max_batch: usize,
+    /// Batch buffers kept between calls (see [`Worker::images`]). Only the
+    /// model thread takes them; a `Mutex` because rayon shares `&Worker`
+    /// with the thread that prepares the next batch.
+    spare: Mutex<Vec<Vec<f32>>>,
     limits: ImageLimits,
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
     video_fps: f64,
@@ -588,44 +631,76 @@ impl Worker {
     /// the next batch while the model runs the current one. Both go through
     /// rayon's pool (the one the model's kernels use), so the decoding fills
     /// cores the model leaves idle instead of adding threads that compete
-    /// with it; the images of one batch decode in parallel.
+    /// with it; the images of one batch decode in parallel, each straight
+    /// into its slot of the batch buffer.
+    ///
+    /// The two batch buffers (the one the model reads, the one being
+    /// filled) are kept for the next call: at 256 images a buffer is 154 MB,
+    /// and a fresh one is fresh pages for the kernel to fault in and zero,
+    /// on top of a copy of every image from its own buffer into the batch
+    /// (what this did before: 2,000 JPEGs on 2 cores at batch 256 spent
+    /// 1.6-2.6 s in the kernel then, 1.5 s now; BENCHMARKS.md, issue #19).
     fn images(&self, images: &[(usize, MediaSource)], out: &mut [Option<ItemResult>]) {
         use rayon::prelude::*;
-        let prepare =
-            |chunk: &[(usize, MediaSource)]| -> Vec<(usize, Result<Vec<f32>, EmbedError>)> {
-                chunk
-                    .par_iter()
-                    .map(|(i, src)| (*i, self.pixels(src)))
-                    .collect()
-            };
-        let chunks: Vec<_> = images.chunks(self.max_batch).collect();
-        let mut ready = chunks.first().map(|c| prepare(c));
-        for k in 0..chunks.len() {
-            let (mut idx, mut pixels) = (Vec::new(), Vec::new());
-            for (i, px) in ready.take().unwrap_or_default() {
-                match px {
-                    Ok(px) => {
-                        idx.push(i);
-                        pixels.push(px);
+        let len = self.clip.pixels_per_image();
+        let prepare = |chunk: &[(usize, MediaSource)], mut buf: Vec<f32>| -> Prepared {
+            buf.resize(chunk.len() * len, 0.0);
+            let results: Vec<Result<(), EmbedError>> = buf
+                .par_chunks_mut(len.max(1))
+                .zip(chunk.par_iter())
+                .map(|(slot, (_, src))| self.pixels_into(src, slot))
+                .collect();
+            // Failed images leave holes: the rows after them move up (the
+            // model runs on good rows only).
+            let (mut idx, mut failed, mut n) = (Vec::new(), Vec::new(), 0);
+            for ((i, _), (k, res)) in chunk.iter().zip(results.into_iter().enumerate()) {
+                match res {
+                    Ok(()) => {
+                        if k != n {
+                            buf.copy_within(k * len..(k + 1) * len, n * len);
+                        }
+                        idx.push(*i);
+                        n += 1;
                     }
-                    Err(e) => out[i] = Some(Err(e)),
+                    Err(e) => failed.push((*i, e)),
                 }
             }
+            buf.truncate(n * len);
+            Prepared { idx, failed, buf }
+        };
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let chunks: Vec<_> = images.chunks(self.max_batch).collect();
+        let mut ready = chunks
+            .first()
+            .map(|c| prepare(c, spare.pop().unwrap_or_default()));
+        for k in 0..chunks.len() {
+            let Some(Prepared { idx, failed, buf }) = ready.take() else {
+                break;
+            };
+            for (i, e) in failed {
+                out[i] = Some(Err(e));
+            }
+            let next_buf = spare.pop().unwrap_or_default();
             let (res, next) = rayon::join(
-                || (!pixels.is_empty()).then(|| self.clip.embed_pixels(&pixels)),
-                || chunks.get(k + 1).map(|c| prepare(c)),
+                || (!idx.is_empty()).then(|| self.clip.embed_pixel_rows(&buf, idx.len())),
+                || chunks.get(k + 1).map(|c| prepare(c, next_buf)),
             );
             if let Some(res) = res {
                 self.fill(out, idx.into_iter(), res);
             }
+            spare.push(buf);
             ready = next;
         }
     }
 
-    fn pixels(&self, src: &MediaSource) -> Result<Vec<f32>, EmbedError> {
+    fn pixels_into(&self, src: &MediaSource, slot: &mut [f32]) -> Result<(), EmbedError> {
+        let what = src.describe(Modality::Image);
         let bytes = read_media(src, Modality::Image, self.limits.max_bytes)?;
-        let img = decode_image(&bytes, &src.describe(Modality::Image), &self.limits)?;
-        Ok(self.clip.preprocessor.preprocess(&img))
+        let img = decode_image(&bytes, &what, &self.limits)?;
+        self.clip
+            .preprocessor
+            .preprocess_into(&img, slot)
+            .map_err(|e| EmbedError::media(&what, e, None))
     }
 
     fn fill(
@@ -804,6 +879,7 @@ impl LocalEmbedder {
         let worker = Worker {
             clip,
             max_batch,
+            spare: Mutex::new(Vec::new()),
             limits: opts.image_limits,
             video_fps: opts.video_fps,
             video_keyframes_only: opts.video_keyframes_only,

@@ -355,19 +355,46 @@ impl ClipPreprocessor {
         self.normalize_u8(&cropped)
     }
 
+    /// [`preprocess`](Self::preprocess) into `out`, e.g. an image's slot in
+    /// a batch buffer (no buffer of its own, no copy into the batch). `out`
+    /// must hold `3 × H × W` floats for [`output_size`](Self::output_size);
+    /// an image whose crop is another size (no crop configured) is refused.
+    pub fn preprocess_into(&self, img: &RgbImage, out: &mut [f32]) -> Result<(), String> {
+        let cropped = self.resize_and_crop(img);
+        self.normalize_u8_into(&cropped, out)
+    }
+
     /// Rescales and normalises an already cropped uint8 image into CHW floats.
     pub fn normalize_u8(&self, img: &RgbImage) -> Vec<f32> {
         let (w, h) = img.dimensions();
+        let mut out = vec![0f32; 3 * (w * h) as usize];
+        // The buffer is sized from the image: cannot be refused.
+        let _ = self.normalize_u8_into(img, &mut out);
+        out
+    }
+
+    /// [`normalize_u8`](Self::normalize_u8) into `out`, which must hold
+    /// exactly `3 × w × h` floats.
+    pub fn normalize_u8_into(&self, img: &RgbImage, out: &mut [f32]) -> Result<(), String> {
+        let (w, h) = img.dimensions();
         let plane = (w * h) as usize;
-        let mut out = vec![0f32; 3 * plane];
+        if out.len() != 3 * plane {
+            return Err(format!(
+                "a {w}x{h} image is {} values, the buffer holds {}",
+                3 * plane,
+                out.len()
+            ));
+        }
         let scale = self.rescale_factor.unwrap_or(1.0);
         let (mean, std) = self.normalize.unwrap_or(([0.0; 3], [1.0; 3]));
-        for (i, p) in img.pixels().enumerate() {
-            for c in 0..3 {
-                out[c * plane + i] = (f32::from(p[c]) * scale - mean[c]) / std[c];
-            }
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        for (((p, r), g), b) in img.pixels().zip(r).zip(g).zip(b) {
+            *r = (f32::from(p[0]) * scale - mean[0]) / std[0];
+            *g = (f32::from(p[1]) * scale - mean[1]) / std[1];
+            *b = (f32::from(p[2]) * scale - mean[2]) / std[2];
         }
-        out
+        Ok(())
     }
 }
 
@@ -524,6 +551,25 @@ mod tests {
         let tall = RgbImage::from_fn(97, 403, |x, y| image::Rgb([(x * y % 251) as u8, 3, 200]));
         let full = resize_rgb(&tall, (224, 930), Resample::Bicubic, None);
         assert_eq!(p.resize_and_crop(&tall), center_crop(&full, 224, 224));
+    }
+
+    #[test]
+    fn preprocess_into_fills_a_slot_and_refuses_a_wrong_one() {
+        // `preprocess` is the path checked against transformers' fixtures;
+        // the batch buffer's slots must hold exactly its output.
+        let img = RgbImage::from_fn(451, 300, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let p = ClipPreprocessor::openai(32);
+        let want = p.preprocess(&img);
+        let mut batch = vec![f32::NAN; 3 * want.len()];
+        p.preprocess_into(&img, &mut batch[want.len()..2 * want.len()])
+            .unwrap();
+        assert_eq!(&batch[want.len()..2 * want.len()], &want[..]);
+        assert!(
+            batch[..want.len()].iter().all(|v| v.is_nan()),
+            "neighbours untouched"
+        );
+        let err = p.preprocess_into(&img, &mut batch[1..]).unwrap_err();
+        assert!(err.contains("32x32 image is 3072 values"), "{err}");
     }
 
     #[test]
