@@ -243,6 +243,9 @@ def report(out: Path) -> None:
         md += ["", "## End to end: JPEG files through `mmembed batch`", ""]
         for r in e2e:
             md.append("- " + ", ".join(f"{k} {v}" for k, v in r.items()))
+        checked = out / "e2e_rows.txt"
+        if checked.exists():
+            md += [f"- output of the large run: {l}" for l in checked.read_text().splitlines() if l]
     (out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
