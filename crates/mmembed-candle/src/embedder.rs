@@ -344,6 +344,9 @@ impl LoadedClip {
                 images[bad].len()
             );
         }
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
         self.on_pool(|| {
             // One batch is large (ViT-B/32 at 256 images: 154 MB of f32),
             // and gathering it on one thread costs as much as a GPU's
@@ -369,6 +372,9 @@ impl LoadedClip {
                 "{} values for {n} images, the model takes {len} per image",
                 flat.len()
             );
+        }
+        if n == 0 {
+            return Ok(Vec::new());
         }
         self.on_pool(|| {
             let px = Tensor::from_slice(flat, self.pixel_shape(n), &self.device)?;

@@ -169,6 +169,19 @@ fn check_model_on(
         pixels.push(clip.preprocessor.normalize_u8(&ours));
     }
     let got = clip.embed_pixels(&pixels).unwrap();
+    // The batch-buffer entry point (what the embedder's worker calls) is
+    // the same model on the same rows.
+    let flat = pixels.concat();
+    let rows = clip.embed_pixel_rows(&flat, pixels.len()).unwrap();
+    for (a, b) in rows.iter().zip(&got) {
+        assert!(
+            max_abs(a, b) < 1e-6,
+            "embed_pixel_rows differs from embed_pixels"
+        );
+    }
+    assert!(clip.embed_pixel_rows(&flat[1..], pixels.len()).is_err());
+    assert!(clip.embed_pixel_rows(&[], 0).unwrap().is_empty());
+    assert!(clip.embed_pixels(&[]).unwrap().is_empty());
     for (i, (file, key)) in r.images.iter().enumerate() {
         let want = unit(vec_of(&r.tensors[&format!("image.{key}")]));
         let c = cosine(&got[i], &want);
