@@ -121,10 +121,10 @@ steps() {
   # E2E_WIDE_BATCH rows. Within a call the next model batch decodes while
   # the model runs one, but each call's last model batch runs with the
   # decoders idle: if the wide calls are faster, that gap bounds the rate.
+  local -A batch_of=([small]=$E2E_BATCH [large]=$E2E_BATCH [wide]=$E2E_WIDE_BATCH)
   for n in small large wide; do
-    local dir=$work/jpegs batch=$E2E_BATCH
+    local dir=$work/jpegs batch=${batch_of[$n]}
     [ $n = small ] && dir=$work/jpegs-small
-    [ $n = wide ] && batch=$E2E_WIDE_BATCH
     local s e
     s=$(date +%s.%N)
     "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
@@ -137,8 +137,7 @@ steps() {
   ceiling=$(sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' "$out/decode.jsonl" | head -1)
   : >"$out/e2e.jsonl"
   for n in large wide; do
-    local secs=${!n} batch=$E2E_BATCH
-    [ $n = wide ] && batch=$E2E_WIDE_BATCH
+    local secs=${!n} batch=${batch_of[$n]}
     printf '{"precision": "%s", "files_small": %s, "seconds_small": %.2f, "files_large": %s, "seconds_large": %.2f, "steady_images_per_s": %.0f, "decode_ceiling_per_s": %.0f, "batch_size": %s, "max_batch": %s, "cores": %s}\n' \
       "$prec" "$E2E_SMALL" "$small" "$E2E_LARGE" "$secs" \
       "$(awk "BEGIN { d = $secs - $small; print (d > 0 ? ($E2E_LARGE - $E2E_SMALL) / d : 0) }")" "${ceiling:-0}" \
