@@ -115,20 +115,24 @@ steps() {
   done
   "$BIN/gpu_check" decode "$work/jpegs" --model "$model" --seconds "$SECONDS_EACH" | tee "$out/decode.jsonl" \
     || failed "the decode ceiling"
-  local prec=${E2E_PRECISION:-${precisions##*,}} small large wide
+  local prec=${E2E_PRECISION:-${precisions##*,}} small large serial wide
   # Two sizes: their difference is the steady rate, without the model's
-  # load and the process start. `wide`: the large set again in calls of
-  # E2E_WIDE_BATCH rows. Within a call the next model batch decodes while
-  # the model runs one, but each call's last model batch runs with the
-  # decoders idle: if the wide calls are faster, that gap bounds the rate.
-  local -A batch_of=([small]=$E2E_BATCH [large]=$E2E_BATCH [wide]=$E2E_WIDE_BATCH)
-  for n in small large wide; do
+  # load and the process start. Then the large set twice more, to say what
+  # bounds it: `serial` sends one call at a time (--calls-in-flight 1), so
+  # at each call's end the decoders wait for the model's last batch and the
+  # GPU for the next call's first (the default keeps a second call queued,
+  # prepared while the model finishes the one before); `wide` sends calls
+  # of E2E_WIDE_BATCH rows, a quarter of the seams.
+  local -A batch_of=([small]=$E2E_BATCH [large]=$E2E_BATCH [serial]=$E2E_BATCH [wide]=$E2E_WIDE_BATCH)
+  local -A inflight_of=([small]=2 [large]=2 [serial]=1 [wide]=2)
+  for n in small large serial wide; do
     local dir=$work/jpegs batch=${batch_of[$n]}
     [ $n = small ] && dir=$work/jpegs-small
     local s e
     s=$(date +%s.%N)
     "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
-      --precision "$prec" --batch-size "$batch" --max-batch "$E2E_MAX_BATCH" >"$out/batch_$n.log" 2>&1 \
+      --precision "$prec" --batch-size "$batch" --max-batch "$E2E_MAX_BATCH" \
+      --calls-in-flight "${inflight_of[$n]}" >"$out/batch_$n.log" 2>&1 \
       || { echo "!! mmembed batch failed:"; tail -20 "$out/batch_$n.log"; }
     e=$(date +%s.%N)
     printf -v "$n" '%s' "$(awk "BEGIN { print $e - $s }")"
@@ -136,12 +140,12 @@ steps() {
   local ceiling
   ceiling=$(sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' "$out/decode.jsonl" | head -1)
   : >"$out/e2e.jsonl"
-  for n in large wide; do
+  for n in large serial wide; do
     local secs=${!n} batch=${batch_of[$n]}
-    printf '{"precision": "%s", "files_small": %s, "seconds_small": %.2f, "files_large": %s, "seconds_large": %.2f, "steady_images_per_s": %.0f, "decode_ceiling_per_s": %.0f, "batch_size": %s, "max_batch": %s, "cores": %s}\n' \
-      "$prec" "$E2E_SMALL" "$small" "$E2E_LARGE" "$secs" \
+    printf '{"run": "%s", "precision": "%s", "files_small": %s, "seconds_small": %.2f, "files_large": %s, "seconds_large": %.2f, "steady_images_per_s": %.0f, "decode_ceiling_per_s": %.0f, "batch_size": %s, "calls_in_flight": %s, "max_batch": %s, "cores": %s}\n' \
+      "$n" "$prec" "$E2E_SMALL" "$small" "$E2E_LARGE" "$secs" \
       "$(awk "BEGIN { d = $secs - $small; print (d > 0 ? ($E2E_LARGE - $E2E_SMALL) / d : 0) }")" "${ceiling:-0}" \
-      "$batch" "$E2E_MAX_BATCH" "$(nproc)" | tee -a "$out/e2e.jsonl"
+      "$batch" "${inflight_of[$n]}" "$E2E_MAX_BATCH" "$(nproc)" | tee -a "$out/e2e.jsonl"
   done
   "$PY" - "$work/large.parquet" "$E2E_LARGE" "$out/batch_large.log" <<'EOF' | tee -a "$out/e2e_rows.txt" || failed "reading the batch's rows"
 import sys

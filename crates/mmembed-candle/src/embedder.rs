@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -435,20 +435,137 @@ fn backend_err(message: String) -> EmbedError {
 }
 
 /// One model batch of images, decoded and preprocessed: the item indices
-/// of its rows, the items that failed, and the rows.
+/// of its rows, the items that failed, and the rows (in a batch buffer that
+/// goes back to the preparing thread once the model has read it).
 struct Prepared {
     idx: Vec<usize>,
     failed: Vec<(usize, EmbedError)>,
     buf: Vec<f32>,
 }
 
+/// Model work, handed from the preparing thread to the model thread in
+/// call order. Each work unit travels with a pipeline slot (a batch buffer,
+/// used by images, empty for the rest) that the model thread sends back
+/// when it is done with the unit: with [`SLOTS`] of them the preparing
+/// thread is one unit ahead of the model, across calls as within one.
+enum Unit {
+    /// A group of calls starts: who gets the answers, and how many items
+    /// each sent.
+    Begin {
+        replies: Vec<oneshot::Sender<Vec<ItemResult>>>,
+        lens: Vec<usize>,
+    },
+    /// Items answered before reaching the model (a text the tokenizer
+    /// refused, an object that could not be fetched).
+    Answered(Vec<(usize, ItemResult)>),
+    Texts {
+        idx: Vec<usize>,
+        seqs: Vec<Vec<u32>>,
+        slot: Vec<f32>,
+    },
+    Images(Prepared),
+    /// Decoded on the model thread: frames go to the model as they come.
+    Video {
+        i: usize,
+        src: MediaSource,
+        cfg: Option<mmembed_core::VideoSegmentConfig>,
+        slot: Vec<f32>,
+    },
+    /// The group is complete: answer its callers. `panicked`: preparing it
+    /// panicked, so its unprepared items get that error.
+    End {
+        panicked: bool,
+    },
+}
+
+/// Units prepared or being run at once: one in the model, one ready or
+/// being prepared. More would only hold more memory (a batch buffer each,
+/// 154 MB at 256 ViT-B/32 images): the slower side sets the pace anyway.
+const SLOTS: usize = 2;
+
+/// The preparing thread's slots: the one it holds for the next group, the
+/// ones the model thread sends back, and how many it made up for.
+struct SlotPool {
+    back: mpsc::Receiver<Vec<f32>>,
+    held: Option<Vec<f32>>,
+    /// Taken for the unit being prepared, not yet sent (0 or 1).
+    in_hand: usize,
+    /// Slots lost to a panic while preparing: new ones replace them
+    /// (with a sender of its own here the channel would never close, and
+    /// this thread would wait forever for a model thread that is gone).
+    lost: usize,
+}
+
+impl SlotPool {
+    /// A slot, waiting for the model to give one back if need be; None when
+    /// the model thread is gone.
+    fn take(&mut self) -> Option<Vec<f32>> {
+        let slot = match self.held.take() {
+            Some(s) => s,
+            None if self.lost > 0 => {
+                self.lost -= 1;
+                Vec::new()
+            }
+            None => self.back.recv().ok()?,
+        };
+        self.in_hand += 1;
+        Some(slot)
+    }
+
+    /// Holds a slot for the next group, if it does not hold one yet.
+    fn hold(&mut self) -> bool {
+        if self.held.is_none() {
+            let Some(slot) = self.take() else {
+                return false;
+            };
+            self.in_hand -= 1;
+            self.held = Some(slot);
+        }
+        true
+    }
+
+    /// Hands a unit (and its slot) to the model thread; false when it is gone.
+    fn send(&mut self, units: &mpsc::Sender<Unit>, unit: Unit) -> bool {
+        self.in_hand -= 1;
+        units.send(unit).is_ok()
+    }
+}
+
+/// The model's calls as they run on the model thread: the answers so far.
+struct Group {
+    out: Vec<Option<ItemResult>>,
+    replies: Vec<oneshot::Sender<Vec<ItemResult>>>,
+    lens: Vec<usize>,
+}
+
+impl Group {
+    fn answer(self, panicked: bool) {
+        let missing = if panicked {
+            "preparing this call panicked"
+        } else {
+            "item was not processed"
+        };
+        let mut results = self
+            .out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(backend_err(missing.into()))));
+        for (reply, n) in self.replies.into_iter().zip(self.lens) {
+            // The caller may have gone away; nothing to do then.
+            let _ = reply.send(results.by_ref().take(n).collect());
+        }
+    }
+}
+
+/// Runs `f`, turning a panic into an error for the items it was working on
+/// (the other items and later calls go on).
+fn unpanicked<T>(what: &str, f: impl FnOnce() -> Result<T, EmbedError>) -> Result<T, EmbedError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(backend_err(format!("{what} panicked"))))
+}
+
 struct Worker {
     clip: LoadedClip,
     max_batch: usize,
-    /// Batch buffers kept between calls (see [`Worker::images`]). Only the
-    /// model thread takes them; a `Mutex` because rayon shares `&Worker`
-    /// with the thread that prepares the next batch.
-    spare: Mutex<Vec<Vec<f32>>>,
     limits: ImageLimits,
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
     video_fps: f64,
@@ -457,44 +574,192 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&self, items: Vec<Item>) -> Vec<ItemResult> {
-        let mut out: Vec<Option<ItemResult>> = items.iter().map(|_| None).collect();
-        // Item indices and model inputs kept side by side, so a model batch
-        // is a plain slice of the inputs (no per-batch copies).
+    /// The preparing thread: takes calls (merging those that wait, see
+    /// [`merge_waiting`]), tokenizes texts, decodes and preprocesses images
+    /// into batch buffers, and hands the model thread one unit at a time.
+    /// It holds a slot before it takes a call, so the calls that arrive
+    /// while both slots are busy are merged into one group, as they were
+    /// when the model thread took calls itself.
+    fn prepare_loop(
+        &self,
+        jobs: &mpsc::Receiver<Job>,
+        units: &mpsc::Sender<Unit>,
+        slots: mpsc::Receiver<Vec<f32>>,
+    ) {
+        let mut slots = SlotPool {
+            back: slots,
+            held: None,
+            in_hand: 0,
+            lost: 0,
+        };
+        loop {
+            // False: the model thread is gone (it never stops first).
+            if !slots.hold() {
+                return;
+            }
+            // Err: the LocalEmbedder was dropped.
+            let Ok(first) = jobs.recv() else { return };
+            let jobs = merge_waiting(first, jobs, self.max_batch);
+            if jobs.is_empty() {
+                continue;
+            }
+            let lens: Vec<usize> = jobs.iter().map(|j| j.items.len()).collect();
+            let (items, replies): (Vec<Vec<Item>>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.items, j.reply)).unzip();
+            if units.send(Unit::Begin { replies, lens }).is_err() {
+                return;
+            }
+            let items = items.into_iter().flatten().collect();
+            // Texts and images are guarded one by one; this is for the rest.
+            let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.prepare_group(items, units, &mut slots)
+            }));
+            let (panicked, going) = match prepared {
+                Ok(going) => (false, going),
+                Err(_) => {
+                    // A slot taken for a unit that was never sent is gone
+                    // with the unwinding: make up for it.
+                    slots.lost += slots.in_hand;
+                    (true, true)
+                }
+            };
+            if units.send(Unit::End { panicked }).is_err() || !going {
+                return;
+            }
+        }
+    }
+
+    /// Sends one group's units: texts, then images, then videos, in model
+    /// batches. Returns false when the model thread is gone.
+    fn prepare_group(
+        &self,
+        items: Vec<Item>,
+        units: &mpsc::Sender<Unit>,
+        slots: &mut SlotPool,
+    ) -> bool {
+        let mut answered = Vec::new();
+        // Item indices and model inputs kept side by side.
         let (mut text_idx, mut seqs) = (Vec::new(), Vec::new());
         let mut images = Vec::new();
         let mut videos = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             match item {
-                Item::Text(t) => match self.clip.tokenizer.encode(&t) {
-                    Ok(ids) => {
-                        text_idx.push(i);
-                        seqs.push(ids);
+                Item::Text(t) => {
+                    match unpanicked("tokenizing the text", || self.clip.tokenizer.encode(&t)) {
+                        Ok(ids) => {
+                            text_idx.push(i);
+                            seqs.push(ids);
+                        }
+                        Err(e) => answered.push((i, Err(e))),
                     }
-                    Err(e) => out[i] = Some(Err(e)),
-                },
-                Item::Failed(e) => out[i] = Some(Err(e)),
+                }
+                Item::Failed(e) => answered.push((i, Err(e))),
                 Item::Image(src) => images.push((i, src)),
                 Item::Video(src, cfg) => videos.push((i, src, cfg)),
             }
         }
-        for (idx, batch) in text_idx
-            .chunks(self.max_batch)
-            .zip(seqs.chunks(self.max_batch))
-        {
-            self.fill(
-                &mut out,
-                idx.iter().copied(),
-                self.clip.embed_token_ids(batch),
-            );
+        if !answered.is_empty() && units.send(Unit::Answered(answered)).is_err() {
+            return false;
         }
-        self.images(&images, &mut out);
+        let batch = self.max_batch;
+        let (mut text_idx, mut seqs) = (text_idx.into_iter(), seqs.into_iter());
+        loop {
+            let seqs: Vec<Vec<u32>> = seqs.by_ref().take(batch).collect();
+            if seqs.is_empty() {
+                break;
+            }
+            let idx = text_idx.by_ref().take(seqs.len()).collect();
+            let Some(slot) = slots.take() else {
+                return false;
+            };
+            if !slots.send(units, Unit::Texts { idx, seqs, slot }) {
+                return false;
+            }
+        }
+        for chunk in images.chunks(batch) {
+            let Some(buf) = slots.take() else {
+                return false;
+            };
+            if !slots.send(units, Unit::Images(self.prepare_images(chunk, buf))) {
+                return false;
+            }
+        }
         for (i, src, cfg) in videos {
-            out[i] = Some(self.video(&src, cfg).map(ItemOut::Segments));
+            let Some(slot) = slots.take() else {
+                return false;
+            };
+            if !slots.send(units, Unit::Video { i, src, cfg, slot }) {
+                return false;
+            }
         }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(backend_err("item was not processed".into()))))
-            .collect()
+        true
+    }
+
+    /// The model thread: runs each unit as it comes and answers each group
+    /// when its last unit is done, handing slots back as it goes.
+    fn model_loop(&self, units: &mpsc::Receiver<Unit>, slots: &mpsc::Sender<Vec<f32>>) {
+        let mut group: Option<Group> = None;
+        while let Ok(unit) = units.recv() {
+            let slot = match unit {
+                Unit::Begin { replies, lens } => {
+                    let n = lens.iter().sum();
+                    let out = (0..n).map(|_| None).collect();
+                    group = Some(Group { out, replies, lens });
+                    None
+                }
+                Unit::End { panicked } => {
+                    if let Some(g) = group.take() {
+                        g.answer(panicked);
+                    }
+                    None
+                }
+                Unit::Answered(done) => {
+                    if let Some(g) = group.as_mut() {
+                        for (i, r) in done {
+                            g.out[i] = Some(r);
+                        }
+                    }
+                    None
+                }
+                Unit::Texts { idx, seqs, slot } => {
+                    if let Some(g) = group.as_mut() {
+                        let res = unpanicked("the text model", || {
+                            self.clip.embed_token_ids(&seqs).map_err(forward_err)
+                        });
+                        fill(&mut g.out, idx.into_iter(), res);
+                    }
+                    Some(slot)
+                }
+                Unit::Images(Prepared { idx, failed, buf }) => {
+                    if let Some(g) = group.as_mut() {
+                        for (i, e) in failed {
+                            g.out[i] = Some(Err(e));
+                        }
+                        if !idx.is_empty() {
+                            let res = unpanicked("the image model", || {
+                                self.clip
+                                    .embed_pixel_rows(&buf, idx.len())
+                                    .map_err(forward_err)
+                            });
+                            fill(&mut g.out, idx.into_iter(), res);
+                        }
+                    }
+                    Some(buf)
+                }
+                Unit::Video { i, src, cfg, slot } => {
+                    if let Some(g) = group.as_mut() {
+                        let res =
+                            unpanicked("decoding or embedding the video", || self.video(&src, cfg));
+                        g.out[i] = Some(res.map(ItemOut::Segments));
+                    }
+                    Some(slot)
+                }
+            };
+            if let Some(slot) = slot {
+                // Err: the preparing thread has stopped; this ends next.
+                let _ = slots.send(slot);
+            }
+        }
     }
 
     #[cfg(not(feature = "video"))]
@@ -633,70 +898,46 @@ impl Worker {
             .collect())
     }
 
-    /// Embeds images one model batch at a time, decoding and preprocessing
-    /// the next batch while the model runs the current one. Both go through
-    /// rayon's pool (the one the model's kernels use), so the decoding fills
-    /// cores the model leaves idle instead of adding threads that compete
-    /// with it; the images of one batch decode in parallel, each straight
-    /// into its slot of the batch buffer.
+    /// Decodes and preprocesses one model batch of images into `buf`, in
+    /// parallel on rayon's pool (the one the model's CPU kernels use, so on
+    /// the CPU decoding fills the cores the model leaves idle instead of
+    /// adding threads that compete with it), each image straight into its
+    /// row of the batch buffer.
     ///
-    /// The two batch buffers (the one the model reads, the one being
-    /// filled) are kept for the next call: at 256 images a buffer is 154 MB,
-    /// and a fresh one is fresh pages for the kernel to fault in and zero,
-    /// on top of a copy of every image from its own buffer into the batch
-    /// (what this did before: 2,000 JPEGs on 2 cores at batch 256 spent
-    /// 1.6-2.6 s in the kernel then, 1.5 s now; BENCHMARKS.md, issue #19).
-    fn images(&self, images: &[(usize, MediaSource)], out: &mut [Option<ItemResult>]) {
+    /// The [`SLOTS`] batch buffers live as long as the embedder: at 256
+    /// images a buffer is 154 MB, and a fresh one is fresh pages for the
+    /// kernel to fault in and zero, on top of a copy of every image from
+    /// its own buffer into the batch (what this did before: 2,000 JPEGs on
+    /// 2 cores at batch 256 spent 1.6-2.6 s in the kernel then, 1.5 s now;
+    /// BENCHMARKS.md, issue #19).
+    fn prepare_images(&self, chunk: &[(usize, MediaSource)], mut buf: Vec<f32>) -> Prepared {
         use rayon::prelude::*;
         let len = self.clip.pixels_per_image();
-        let prepare = |chunk: &[(usize, MediaSource)], mut buf: Vec<f32>| -> Prepared {
-            buf.resize(chunk.len() * len, 0.0);
-            let results: Vec<Result<(), EmbedError>> = buf
-                .par_chunks_mut(len.max(1))
-                .zip(chunk.par_iter())
-                .map(|(slot, (_, src))| self.pixels_into(src, slot))
-                .collect();
-            // Failed images leave holes: the rows after them move up (the
-            // model runs on good rows only).
-            let (mut idx, mut failed, mut n) = (Vec::new(), Vec::new(), 0);
-            for ((i, _), (k, res)) in chunk.iter().zip(results.into_iter().enumerate()) {
-                match res {
-                    Ok(()) => {
-                        if k != n {
-                            buf.copy_within(k * len..(k + 1) * len, n * len);
-                        }
-                        idx.push(*i);
-                        n += 1;
+        buf.resize(chunk.len() * len, 0.0);
+        let results: Vec<Result<(), EmbedError>> = buf
+            .par_chunks_mut(len.max(1))
+            .zip(chunk.par_iter())
+            .map(|(slot, (_, src))| {
+                unpanicked("decoding the image", || self.pixels_into(src, slot))
+            })
+            .collect();
+        // Failed images leave holes: the rows after them move up (the model
+        // runs on good rows only).
+        let (mut idx, mut failed, mut n) = (Vec::new(), Vec::new(), 0);
+        for ((i, _), (k, res)) in chunk.iter().zip(results.into_iter().enumerate()) {
+            match res {
+                Ok(()) => {
+                    if k != n {
+                        buf.copy_within(k * len..(k + 1) * len, n * len);
                     }
-                    Err(e) => failed.push((*i, e)),
+                    idx.push(*i);
+                    n += 1;
                 }
+                Err(e) => failed.push((*i, e)),
             }
-            buf.truncate(n * len);
-            Prepared { idx, failed, buf }
-        };
-        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-        let chunks: Vec<_> = images.chunks(self.max_batch).collect();
-        let mut ready = chunks
-            .first()
-            .map(|c| prepare(c, spare.pop().unwrap_or_default()));
-        for k in 0..chunks.len() {
-            let Some(Prepared { idx, failed, buf }) = ready.take() else {
-                break;
-            };
-            for (i, e) in failed {
-                out[i] = Some(Err(e));
-            }
-            let next_buf = spare.pop().unwrap_or_default();
-            let (res, next) = rayon::join(
-                || (!idx.is_empty()).then(|| self.clip.embed_pixel_rows(&buf, idx.len())),
-                || chunks.get(k + 1).map(|c| prepare(c, next_buf)),
-            );
-            if let Some(res) = res {
-                self.fill(out, idx.into_iter(), res);
-            }
-            spare.push(buf);
-            ready = next;
         }
+        buf.truncate(n * len);
+        Prepared { idx, failed, buf }
     }
 
     fn pixels_into(&self, src: &MediaSource, slot: &mut [f32]) -> Result<(), EmbedError> {
@@ -708,24 +949,27 @@ impl Worker {
             .preprocess_into(&img, slot)
             .map_err(|e| EmbedError::media(&what, e, None))
     }
+}
 
-    fn fill(
-        &self,
-        out: &mut [Option<ItemResult>],
-        idx: impl Iterator<Item = usize>,
-        res: candle_core::Result<Vec<Vec<f32>>>,
-    ) {
-        match res {
-            Ok(vecs) => {
-                for (i, v) in idx.zip(vecs) {
-                    out[i] = Some(Ok(ItemOut::Vector(v)));
-                }
+fn forward_err(e: candle_core::Error) -> EmbedError {
+    backend_err(format!("model forward failed: {e}"))
+}
+
+/// Puts a model batch's vectors (or its one error) in the items' places.
+fn fill(
+    out: &mut [Option<ItemResult>],
+    idx: impl Iterator<Item = usize>,
+    res: Result<Vec<Vec<f32>>, EmbedError>,
+) {
+    match res {
+        Ok(vecs) => {
+            for (i, v) in idx.zip(vecs) {
+                out[i] = Some(Ok(ItemOut::Vector(v)));
             }
-            Err(e) => {
-                let err = backend_err(format!("model forward failed: {e}"));
-                for i in idx {
-                    out[i] = Some(Err(err.clone()));
-                }
+        }
+        Err(err) => {
+            for i in idx {
+                out[i] = Some(Err(err.clone()));
             }
         }
     }
@@ -760,9 +1004,14 @@ fn merge_waiting(first: Job, rx: &mpsc::Receiver<Job>, budget: usize) -> Vec<Job
 /// Model work runs on a dedicated OS thread fed by a channel (async callers
 /// await a oneshot reply), so the async executor never blocks on a matmul
 /// and concurrent callers share one model without contending for cores.
-/// Calls that queue up while the model is busy are merged into the next
-/// model batches (up to `max_batch` items); for a bounded queue, a waiting
-/// time and batching metrics, wrap it in `mmembed_core::batching::Batcher`.
+/// A second thread prepares the model's next batch while it runs the
+/// current one (tokenizing texts; decoding and preprocessing images on
+/// rayon's pool), across calls too: a caller that keeps a second call
+/// queued (as `mmembed batch` does) keeps the model and the decoders busy
+/// at the seam between calls. Calls that queue up while the model is busy
+/// are merged into the next model batches (up to `max_batch` items); for a
+/// bounded queue, a waiting time and batching metrics, wrap it in
+/// `mmembed_core::batching::Batcher`.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), mmembed_core::EmbedError> {
@@ -882,48 +1131,37 @@ impl LocalEmbedder {
                 format!("{} is not a positive frame rate", opts.video_fps),
             ));
         }
-        let worker = Worker {
+        let worker = Arc::new(Worker {
             clip,
             max_batch,
-            spare: Mutex::new(Vec::new()),
             limits: opts.image_limits,
             video_fps: opts.video_fps,
             video_keyframes_only: opts.video_keyframes_only,
+        });
+        let (tx, jobs) = mpsc::channel::<Job>();
+        let (units_tx, units) = mpsc::channel::<Unit>();
+        let (slots_tx, slots) = mpsc::channel::<Vec<f32>>();
+        for _ in 0..SLOTS {
+            // Buffers grow to a batch on first use.
+            let _ = slots_tx.send(Vec::new());
+        }
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| backend_err(format!("cannot start the {name} thread: {e}")))
         };
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("mmembed-local".into())
-            .spawn(move || {
-                // Ends when every sender (every LocalEmbedder clone) is gone.
-                while let Ok(first) = rx.recv() {
-                    let jobs = merge_waiting(first, &rx, worker.max_batch);
-                    if jobs.is_empty() {
-                        continue;
-                    }
-                    let lens: Vec<usize> = jobs.iter().map(|j| j.items.len()).collect();
-                    let (items, replies): (Vec<Vec<Item>>, Vec<_>) =
-                        jobs.into_iter().map(|j| (j.items, j.reply)).unzip();
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        worker.run(items.into_iter().flatten().collect())
-                    }));
-                    let mut results = match result {
-                        Ok(r) => r.into_iter(),
-                        Err(_) => {
-                            for reply in replies {
-                                let _ = reply.send(vec![Err(backend_err(
-                                    "the model worker panicked on this batch".into(),
-                                ))]);
-                            }
-                            continue;
-                        }
-                    };
-                    for (reply, n) in replies.into_iter().zip(lens) {
-                        // The caller may have gone away; nothing to do then.
-                        let _ = reply.send(results.by_ref().take(n).collect());
-                    }
-                }
-            })
-            .map_err(|e| backend_err(format!("cannot start the model thread: {e}")))?;
+        // Each thread ends when the one before it does: the preparing one
+        // when every LocalEmbedder clone is gone, the model one after it.
+        let w = worker.clone();
+        spawn(
+            "mmembed-local",
+            Box::new(move || w.model_loop(&units, &slots_tx)),
+        )?;
+        spawn(
+            "mmembed-prepare",
+            Box::new(move || worker.prepare_loop(&jobs, &units_tx, slots)),
+        )?;
         Ok(Self {
             info,
             jobs: tx,

@@ -256,3 +256,89 @@ async fn bad_videos_and_partial_corruption() {
         assert_eq!(s.error.is_some(), s.embedding.is_empty(), "{s:?}");
     }
 }
+
+/// A named pipe at `path`.
+fn fifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only reads it.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Opens the pipe's write end once something has it open for reading
+/// (before that, a non-blocking open fails with ENXIO), or None after
+/// `wait`. The returned file blocks on writes again.
+fn writer_once_read(path: &Path, wait: std::time::Duration) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let start = std::time::Instant::now();
+    while start.elapsed() < wait {
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            // SAFETY: a file descriptor this function owns.
+            assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) }, 0);
+            return Some(f);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}
+
+/// The backend prepares the next call while the model works on the one
+/// before (issue #19: at the seam between two calls of `mmembed batch`
+/// neither the GPU nor the decoders should sit idle). Both inputs are named
+/// pipes, so "the model is busy with the video" is "ffmpeg waits for the
+/// test to write": the next call's image gets a reader while the video's
+/// pipe has had nothing written. One thread doing both in turn (as before)
+/// reads the image only after the video is done, and fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_call_is_read_while_the_model_is_busy() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (video, image) = (dir.path().join("v.mp4"), dir.path().join("i.png"));
+    fifo(&video);
+    fifo(&image);
+    let cat = fixtures().join("images/cat_451x300.png");
+    let wait = Duration::from_secs(60);
+    // One item per model batch, so the two calls are never merged.
+    let e = Arc::new(
+        LocalEmbedder::load_blocking(
+            LocalOptions::new(fixtures().join("tiny-clip").to_str().unwrap())
+                .with_device(DeviceSpec::Cpu)
+                .with_max_batch(1),
+        )
+        .unwrap(),
+    );
+    let ev = e.clone();
+    let v = video.clone();
+    let video_call = tokio::spawn(async move { ev.embed(EmbedRequest::video(v, None)).await });
+    // ffmpeg (on the model thread) has the video pipe open; kept open and
+    // unwritten, it keeps the model thread waiting.
+    let video_w = writer_once_read(&video, wait).expect("the video is never opened");
+    let ei = e.clone();
+    let i = image.clone();
+    let image_call = tokio::spawn(async move { ei.embed(EmbedRequest::image(i)).await });
+    let image_w = writer_once_read(&image, wait);
+    // Whatever happened, let the threads go on.
+    drop(video_w);
+    let Some(mut image_w) = image_w else {
+        panic!("the second call was not read while the model worked on the first");
+    };
+    image_w.write_all(&std::fs::read(&cat).unwrap()).unwrap();
+    drop(image_w);
+    let err = video_call.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("v.mp4"), "{err}");
+    let got = image_call.await.unwrap().unwrap().image.unwrap();
+    let want = e
+        .embed(EmbedRequest::image(cat))
+        .await
+        .unwrap()
+        .image
+        .unwrap();
+    assert_eq!(got, want);
+}

@@ -37,7 +37,7 @@ use mmembed::{Embedder, MediaSource};
 use mmembed_store::{StoreError, Stores};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::backend::{BackendArgs, SegmentArgs};
+use crate::backend::{BackendArgs, BackendKind, SegmentArgs};
 use crate::inputs::{self, Identity, Input, Kind, Shard};
 use crate::lock::OutputLock;
 use crate::output::{Location, Output};
@@ -104,6 +104,14 @@ pub struct Args {
     /// (MiB). An object larger than this is fetched alone.
     #[arg(long, env = "MMEMBED_FETCH_BUFFER_MIB", default_value_t = 512)]
     pub fetch_buffer_mib: u64,
+
+    /// Backend calls (parts of `--batch-size` rows) in flight at once.
+    /// Default 2 with `--backend local`: the model works on one while the
+    /// next is decoded, and a part is written while the next is embedded.
+    /// Default 1 for the others, which already send
+    /// `MMEMBED_VERTEX_CONCURRENCY` requests at once per call.
+    #[arg(long, env = "MMEMBED_CALLS_IN_FLIGHT", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub calls_in_flight: Option<u32>,
 
     /// How long a bucket output's lock stays valid without its job renewing
     /// it (seconds; the job renews it every third of this). A lock of a
@@ -536,12 +544,30 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         let mut progress = Progress::new(todo.len() as u64);
         let mut failed_rows = 0;
         let batch = args.backend.batch_size();
-        let mut chunks = prefetch(fetcher, todo, args.fetch_concurrency, batch);
+        let chunks = prefetch(fetcher, todo, args.fetch_concurrency, batch);
+        let in_flight = args.calls_in_flight.map_or_else(
+            || match args.backend.backend {
+                BackendKind::Local => 2,
+                _ => 1,
+            },
+            |n| n as usize,
+        );
+        // Parts come back in input order; while one is written the next
+        // ones are with the backend (a local model prepares a queued call's
+        // first batch while it finishes the call before).
+        let embedded = futures::stream::unfold(chunks, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        })
+        .map(|chunk| {
+            let n = chunk.len() as u64;
+            let embedder = embedder.as_ref();
+            async move { (n, embed_chunk(embedder, args.dimension, chunk).await) }
+        })
+        .buffered(in_flight);
+        let mut embedded = std::pin::pin!(embedded);
         let mut part = first_part;
         let mut written = 0;
-        while let Some(chunk) = chunks.recv().await {
-            let n = chunk.len() as u64;
-            let rows = embed_chunk(embedder.as_ref(), args.dimension, chunk).await;
+        while let Some((n, rows)) = embedded.next().await {
             failed_rows += rows.iter().filter(|r| !r.ok()).count();
             write_rows(out, &out.part(part), &rows, &carried).await?;
             part += 1;
