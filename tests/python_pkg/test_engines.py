@@ -17,7 +17,10 @@ def ray_local():
     ray.shutdown()
 
 
-def test_ray_data_rows_equal_the_cli_rows(ray_local, media, cli_rows):
+@pytest.mark.parametrize("calls_per_actor", [1, 2])
+def test_ray_data_rows_equal_the_cli_rows(ray_local, media, cli_rows, calls_per_actor):
+    """One batch at a time per actor, and two at once on threads (the
+    docstring's GPU advice: the model runs one while the next decodes)."""
     from mmembed.ray import RayEmbedder
 
     ds = ray_local.data.read_binary_files(str(media), include_paths=True)
@@ -26,7 +29,11 @@ def test_ray_data_rows_equal_the_cli_rows(ray_local, media, cli_rows):
         fn_constructor_kwargs={"spec": "local:demo", "interval_sec": INTERVAL},
         batch_format="pyarrow",
         batch_size=4,
-        concurrency=1,
+        compute=ray_local.data.ActorPoolStrategy(
+            size=1,
+            max_concurrent_calls_per_actor=calls_per_actor,
+            enable_true_multi_threading=calls_per_actor > 1,
+        ),
     )
     table = pa.Table.from_batches(
         [b for b in rows.iter_batches(batch_format="pyarrow", batch_size=None) for b in b.to_batches()]
