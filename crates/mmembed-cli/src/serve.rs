@@ -85,9 +85,11 @@ pub struct Args {
     #[arg(long, env = "MMEMBED_SERVE_MAX_QUEUE", default_value_t = 1024)]
     pub max_queue: usize,
 
-    /// Backend calls in flight at once (1 for a local model; more for remote backends).
-    #[arg(long, env = "MMEMBED_SERVE_CONCURRENT_BATCHES", default_value_t = 1)]
-    pub concurrent_batches: usize,
+    /// Backend calls in flight at once. Default 2 with `--backend local`
+    /// (its model runs one batch while the next is decoded), 1 for the
+    /// others; raise it for remote backends.
+    #[arg(long, env = "MMEMBED_SERVE_CONCURRENT_BATCHES", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrent_batches: Option<u32>,
 
     /// Custom-container predict route.
     #[arg(long, env = "AIP_PREDICT_ROUTE", default_value = "/predict")]
@@ -187,7 +189,13 @@ impl Args {
                     .max(1),
                 max_wait: secs("--batch-wait-ms", self.batch_wait_ms / 1e3)?,
                 max_queued: self.max_queue,
-                max_concurrent_batches: self.concurrent_batches.max(1),
+                max_concurrent_batches: self.concurrent_batches.map_or(
+                    match self.backend.backend {
+                        BackendKind::Local => 2,
+                        _ => 1,
+                    },
+                    |n| n as usize,
+                ),
             },
             predict_route: route("--predict-route", &self.predict_route)?,
             health_route: route("--health-route", &self.health_route)?,
