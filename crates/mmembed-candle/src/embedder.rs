@@ -524,6 +524,12 @@ impl SlotPool {
         true
     }
 
+    /// After a panic while preparing: a slot taken for a unit that was
+    /// never sent is gone with the unwinding, so a new one will replace it.
+    fn unwound(&mut self) {
+        self.lost += std::mem::take(&mut self.in_hand);
+    }
+
     /// Hands a unit (and its slot) to the model thread; false when it is gone.
     fn send(&mut self, units: &mpsc::Sender<Unit>, unit: Unit) -> bool {
         self.in_hand -= 1;
@@ -617,9 +623,7 @@ impl Worker {
             let (panicked, going) = match prepared {
                 Ok(going) => (false, going),
                 Err(_) => {
-                    // A slot taken for a unit that was never sent is gone
-                    // with the unwinding: make up for it.
-                    slots.lost += slots.in_hand;
+                    slots.unwound();
                     (true, true)
                 }
             };
@@ -1253,5 +1257,41 @@ impl Embedder for LocalEmbedder {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot lost to a panic is replaced once, and only once: the
+    /// preparing thread neither waits forever for it nor adds slots.
+    #[test]
+    fn a_slot_lost_to_a_panic_is_replaced_once() {
+        let (tx, rx) = mpsc::channel();
+        tx.send(vec![1.0]).unwrap();
+        let mut pool = SlotPool {
+            back: rx,
+            held: None,
+            in_hand: 0,
+            lost: 0,
+        };
+        assert!(pool.hold());
+        let slot = pool.take().unwrap();
+        assert_eq!(slot, [1.0], "the held slot comes first");
+        drop(slot); // preparing its unit panicked
+        pool.unwound();
+        let made = pool.take().expect("made up for");
+        assert!(made.is_empty());
+        let (units, _model) = mpsc::channel();
+        let texts = Unit::Texts {
+            idx: vec![],
+            seqs: vec![],
+            slot: made,
+        };
+        assert!(pool.send(&units, texts));
+        pool.unwound(); // a later panic with nothing in hand
+        drop(tx); // no model thread: nothing more to take
+        assert_eq!(pool.take(), None, "no second replacement");
     }
 }
