@@ -164,6 +164,17 @@ impl BackendArgs {
         }
     }
 
+    /// Backend calls to keep in flight when no flag says: 2 for the local
+    /// model, whose preparing thread decodes a queued call's first batch
+    /// while the model finishes the call before (so neither waits at the
+    /// seam); 1 for the others, whose concurrency settings are per call.
+    pub fn default_calls_in_flight(&self) -> usize {
+        match self.backend {
+            BackendKind::Local => 2,
+            _ => 1,
+        }
+    }
+
     /// The local options these flags describe.
     pub fn local_options(&self) -> anyhow::Result<LocalOptions> {
         if !(self.fps.is_finite() && self.fps > 0.0) {

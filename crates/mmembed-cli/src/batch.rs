@@ -37,7 +37,7 @@ use mmembed::{Embedder, MediaSource};
 use mmembed_store::{StoreError, Stores};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::backend::{BackendArgs, BackendKind, SegmentArgs};
+use crate::backend::{BackendArgs, SegmentArgs};
 use crate::inputs::{self, Identity, Input, Kind, Shard};
 use crate::lock::OutputLock;
 use crate::output::{Location, Output};
@@ -545,13 +545,9 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         let mut failed_rows = 0;
         let batch = args.backend.batch_size();
         let chunks = prefetch(fetcher, todo, args.fetch_concurrency, batch);
-        let in_flight = args.calls_in_flight.map_or_else(
-            || match args.backend.backend {
-                BackendKind::Local => 2,
-                _ => 1,
-            },
-            |n| n as usize,
-        );
+        let in_flight = args
+            .calls_in_flight
+            .map_or_else(|| args.backend.default_calls_in_flight(), |n| n as usize);
         // Parts come back in input order; while one is written the next
         // ones are with the backend (a local model prepares a queued call's
         // first batch while it finishes the call before).

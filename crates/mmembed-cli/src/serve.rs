@@ -189,13 +189,9 @@ impl Args {
                     .max(1),
                 max_wait: secs("--batch-wait-ms", self.batch_wait_ms / 1e3)?,
                 max_queued: self.max_queue,
-                max_concurrent_batches: self.concurrent_batches.map_or(
-                    match self.backend.backend {
-                        BackendKind::Local => 2,
-                        _ => 1,
-                    },
-                    |n| n as usize,
-                ),
+                max_concurrent_batches: self
+                    .concurrent_batches
+                    .map_or_else(|| self.backend.default_calls_in_flight(), |n| n as usize),
             },
             predict_route: route("--predict-route", &self.predict_route)?,
             health_route: route("--health-route", &self.health_route)?,
