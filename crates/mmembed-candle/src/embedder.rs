@@ -739,14 +739,14 @@ impl Worker {
                         for (i, e) in failed {
                             g.out[i] = Some(Err(e));
                         }
-                        if !idx.is_empty() {
-                            let res = unpanicked("the image model", || {
-                                self.clip
-                                    .embed_pixel_rows(&buf, idx.len())
-                                    .map_err(forward_err)
-                            });
-                            fill(&mut g.out, idx.into_iter(), res);
-                        }
+                        // All failed: no rows, and embed_pixel_rows answers
+                        // none without running the model.
+                        let res = unpanicked("the image model", || {
+                            self.clip
+                                .embed_pixel_rows(&buf, idx.len())
+                                .map_err(forward_err)
+                        });
+                        fill(&mut g.out, idx.into_iter(), res);
                     }
                     Some(buf)
                 }
@@ -1219,7 +1219,8 @@ impl Embedder for LocalEmbedder {
             answer.into_iter().map(Some).collect()
         };
         if results.len() != n_items {
-            // A panicked or stopped worker answers with one error for all.
+            // A stopped worker answers with one error for all (a panic
+            // answers each item; see `Group::answer`).
             let e = match results.pop().flatten() {
                 Some(Err(e)) => e,
                 _ => backend_err("wrong number of results".into()),
