@@ -4,10 +4,14 @@
 # - a C compiler: ring (TLS) and aws-lc (Google auth) have C parts;
 # - pkg-config, libclang and FFmpeg's -dev libraries: ffmpeg-next links the
 #   system's libavcodec/libavformat/libavutil/libswscale (feature `video`);
-# - the ffmpeg CLI: tests make their videos with it.
+# - the ffmpeg CLI: tests make their videos with it;
+# - cmake and nasm: turbojpeg-sys builds libjpeg-turbo (Pillow's JPEG
+#   decoder, with its SIMD code) from source.
 install_system_deps() {
   local pkgs=()
   command -v cc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
+  command -v cmake >/dev/null 2>&1 || pkgs+=(cmake)
+  command -v nasm >/dev/null 2>&1 || pkgs+=(nasm)
   command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
   command -v ffmpeg >/dev/null 2>&1 || pkgs+=(ffmpeg)
   if ! pkg-config --exists libavcodec libavformat libavutil libswscale 2>/dev/null; then

@@ -117,6 +117,13 @@ pub fn decode_image(
         ));
     }
     let orientation = decoder.orientation().map_err(|e| decode_error(what, e))?;
+    if format == ImageFormat::Jpeg
+        && let Some(rgb) = crate::jpeg::decode_plain(bytes, (w, h), limits)
+    {
+        let mut img = DynamicImage::ImageRgb8(rgb);
+        img.apply_orientation(orientation);
+        return Ok(img.into_rgb8());
+    }
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(what, e))?;
     img.apply_orientation(orientation);
     Ok(to_rgb_on_white(img))
@@ -207,5 +214,78 @@ mod tests {
         };
         let e = decode_image(&png(&img), "big.png", &limits).unwrap_err();
         assert!(e.to_string().contains("over the limit"), "{e}");
+    }
+
+    /// Pillow's pixels for small JPEGs of every subsampling, progressive,
+    /// restart markers, grayscale, odd sizes and EXIF orientation
+    /// (models/fixtures/make_jpeg.py): exact, since both decode with
+    /// libjpeg-turbo. The one file libjpeg warns about (junk before its end
+    /// marker) takes the lenient fallback and is only close.
+    #[test]
+    fn jpeg_pixels_match_pillow() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/jpeg");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
+        let blob = std::fs::read(dir.join("decoded.bin")).unwrap();
+        let cases = meta["cases"].as_array().unwrap();
+        assert!(cases.len() >= 12);
+        let mut bad = Vec::new();
+        for case in cases {
+            let file = case["file"].as_str().unwrap();
+            let (w, h) = (
+                case["size"][0].as_u64().unwrap() as u32,
+                case["size"][1].as_u64().unwrap() as u32,
+            );
+            let o = case["offset"].as_u64().unwrap() as usize;
+            let want = &blob[o..o + (w * h * 3) as usize];
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let got = decode_image(&bytes, file, &ImageLimits::default()).unwrap();
+            assert_eq!(got.dimensions(), (w, h), "{file}");
+            let max = got
+                .as_raw()
+                .iter()
+                .zip(want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            let exact = case["exact"].as_bool().unwrap();
+            if (exact && max != 0) || max > 8 {
+                bad.push(format!("{file}: max difference {max} levels"));
+            }
+            if !exact {
+                // Else the fallback is not what this case exercises.
+                assert!(max > 0, "{file} decoded exactly: not by the fallback?");
+            }
+        }
+        assert!(bad.is_empty(), "differ from Pillow:\n{}", bad.join("\n"));
+    }
+
+    /// What the JPEG path does not take goes to the `image` crate's decoder
+    /// and is accepted or refused as before: CMYK, truncated data.
+    #[test]
+    fn other_jpegs_take_the_fallback() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures");
+        let cmyk = std::fs::read(dir.join("bad-input/cmyk.jpg")).unwrap();
+        assert!(crate::jpeg::decode_plain(&cmyk, (120, 80), &ImageLimits::default()).is_none());
+        let rgb = decode_image(&cmyk, "cmyk.jpg", &ImageLimits::default()).unwrap();
+        assert_eq!(rgb.dimensions(), (120, 80));
+
+        let jpg = std::fs::read(dir.join("jpeg/progressive_420.jpg")).unwrap();
+        let cut = &jpg[..jpg.len() * 2 / 3];
+        assert!(crate::jpeg::decode_plain(cut, (48, 33), &ImageLimits::default()).is_none());
+        // Refused as before (and as Pillow refuses it by default).
+        let e = decode_image(cut, "cut.jpg", &ImageLimits::default()).unwrap_err();
+        assert!(e.to_string().contains("corrupt or truncated"), "{e}");
+        // A decode that fails must not spoil the next one on this thread.
+        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default()).is_some());
+        // A header that disagrees with the caller's, or a limit the
+        // progressive coefficients would pass, sends it the other way too.
+        assert!(crate::jpeg::decode_plain(&jpg, (33, 48), &ImageLimits::default()).is_none());
+        let tight = ImageLimits {
+            max_alloc: 48 * 33 * 3 * 2,
+            ..ImageLimits::default()
+        };
+        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &tight).is_none());
     }
 }

@@ -7,6 +7,7 @@
 //! feature (it needs the system's FFmpeg libraries).
 
 mod image;
+mod jpeg;
 mod pillow;
 mod preprocess;
 mod source;
