@@ -220,25 +220,33 @@ def report(out: Path) -> None:
                   f"{r['mean_vs_torch_f32']:.7f} | {r['goal']} | "
                   f"{r.get('torch_same_vs_torch_f32', float('nan')):.7f} | {'yes' if r['pass'] else '**no**'} |")
     md += ["", "## Throughput, model only (inputs on the GPU), per second", ""]
-    keys = sorted({(r["workload"], r["batch"]) for r in speed_rows if r["workload"] != "images_from_host"},
+    host_kinds = ("images_from_host", "images_from_host_u8", "u8_vs_f32_rows")
+    keys = sorted({(r["workload"], r["batch"]) for r in speed_rows if r["workload"] not in host_kinds},
                   key=lambda k: (k[0], k[1]))
     stacks = sorted({(r["stack"], r["precision"]) for r in speed_rows})
     md.append("| workload | batch | " + " | ".join(f"{s} {p}" for s, p in stacks) + " | ours bf16 / eager bf16 |")
     md.append("|---|---|" + "---|" * len(stacks) + "---|")
-    index = {(r["stack"], r["precision"], r["workload"], r["batch"]): r["per_s"] for r in speed_rows}
+    index = {(r["stack"], r["precision"], r["workload"], r["batch"]): r["per_s"] for r in speed_rows if "per_s" in r}
     for w, b in keys:
         cells = [f"{index[(s, p, w, b)]:,.0f}" if (s, p, w, b) in index else "–" for s, p in stacks]
         ours, theirs = index.get(("mmembed", "bf16", w, b)), index.get(("pytorch-eager", "bf16", w, b))
         ratio = f"{ours / theirs:.2f}×" if ours and theirs else "–"
         md.append(f"| {w} | {b} | " + " | ".join(cells) + f" | {ratio} |")
-    host = [r for r in speed_rows if r["workload"] == "images_from_host"]
+    host = [r for r in speed_rows if r["workload"] in ("images_from_host", "images_from_host_u8")]
     if host:
-        md += ["", "Images through the library's call (host f32 pixels up, unit vectors down):", ""]
+        md += ["", "Images through the library's calls (host pixels up, unit vectors down; "
+               "`f32`: normalised pixels, `u8`: the crops' bytes, normalised on the GPU, "
+               "what `mmembed batch` sends):", ""]
         for r in host:
             model_only = index.get(("mmembed", r["precision"], "images", r["batch"]))
             note = f" (model only {model_only:,.0f}/s: transfers and host work cost " \
                    f"{100 * (1 - r['per_s'] / model_only):.0f} %)" if model_only else ""
-            md.append(f"- {r['precision']} batch {r['batch']}: {r['per_s']:,.0f} images/s{note}")
+            kind = "u8" if r["workload"].endswith("_u8") else "f32"
+            md.append(f"- {r['precision']} {kind} batch {r['batch']}: {r['per_s']:,.0f} images/s{note}")
+        for r in speed_rows:
+            if r["workload"] == "u8_vs_f32_rows":
+                md.append(f"- {r['precision']}: u8 rows normalised on the GPU vs host f32 rows, "
+                          f"{r['batch']} images: max abs diff of the unit vectors {r['max_abs_diff']:.2e}")
     if e2e:
         md += ["", "## End to end: JPEG files through `mmembed batch`", ""]
         for r in e2e:

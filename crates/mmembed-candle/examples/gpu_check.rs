@@ -16,8 +16,9 @@
 //! processor), checks our tokenizer gives the same ids (the CPU path), embeds
 //! both with our model and writes the unit vectors as `text` and `image`.
 //! `speed` prints one JSON line per measurement: model-only (inputs already on
-//! the device, as PyTorch is timed) and, for images, the library's own call
-//! (host f32 pixels in, unit vectors out: transfers included). `decode`
+//! the device, as PyTorch is timed) and, for images, the library's own calls
+//! (host f32 pixels, or the crops' bytes as `mmembed batch` sends them, in;
+//! unit vectors out: transfers included). `decode`
 //! times JPEG decoding and preprocessing on all cores, the host's ceiling.
 
 use std::path::{Path, PathBuf};
@@ -246,6 +247,41 @@ fn speed(
                 Ok(())
             })?;
             report("images_from_host", b, secs);
+            // What `mmembed batch` sends: the crops' bytes, normalised on
+            // the device. First a check that the device's normalisation
+            // gives the host's vectors (the CPU test holds it bit for bit
+            // there; here the GPU's kernels do it).
+            let len = clip.pixels_per_image();
+            let hwc: Vec<u8> = (0..b * len).map(|i| (i * 7 + i / 3) as u8).collect();
+            let k = b.min(8);
+            let mut flat = vec![0f32; k * len];
+            for (dst, src) in flat.chunks_mut(len).zip(hwc.chunks(len)) {
+                clip.preprocessor
+                    .normalize_hwc_into(src, dst)
+                    .map_err(anyhow::Error::msg)?;
+            }
+            let (a, f) = (
+                clip.embed_u8_rows(&hwc[..k * len], k)?,
+                clip.embed_pixel_rows(&flat, k)?,
+            );
+            let diff = a
+                .iter()
+                .flatten()
+                .zip(f.iter().flatten())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "stack": "mmembed", "precision": p, "workload": "u8_vs_f32_rows",
+                    "batch": k, "max_abs_diff": diff,
+                })
+            );
+            let secs = time(&dev, budget, || {
+                clip.embed_u8_rows(&hwc, b)?;
+                Ok(())
+            })?;
+            report("images_from_host_u8", b, secs);
         }
         let t = clip.config.text.max_position_embeddings;
         let vocab = clip.config.text.vocab_size as u32;
@@ -296,14 +332,18 @@ fn decode(dir: &Path, model: Option<&str>, budget: Duration) -> Result<()> {
         files
             .par_iter()
             // Into a buffer reused per task, as the backend fills its batch
-            // buffers (a fresh one per image is a 602 KB memset each).
+            // buffers with the crops' bytes (the model normalises them).
             .map_init(
-                || vec![0f32; len],
+                || vec![0u8; len],
                 |buf, f| -> Result<usize> {
                     let bytes = std::fs::read(f)?;
                     let img =
                         mmembed_media::decode_image(&bytes, &f.display().to_string(), &limits)?;
-                    pre.preprocess_into(&img, buf).map_err(anyhow::Error::msg)?;
+                    let crop = pre.resize_and_crop(&img);
+                    if crop.as_raw().len() != len {
+                        bail!("{} preprocesses to another size", f.display());
+                    }
+                    buf.copy_from_slice(crop.as_raw());
                     Ok(buf.len())
                 },
             )

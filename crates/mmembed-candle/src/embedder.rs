@@ -382,6 +382,63 @@ impl LoadedClip {
         })
     }
 
+    /// Unit-length image embeddings for `n` resized and cropped images
+    /// given as their RGB bytes (`side × side × 3` each, row-major, the
+    /// channels interleaved: [`ClipPreprocessor::resize_and_crop`]'s
+    /// output), one after another in `hwc`. This is what the embedder's
+    /// batches take: a quarter of the f32 pixels' bytes to hold and, on a
+    /// GPU, to copy to the device (38.5 MB instead of 154 MB for 256
+    /// ViT-B/32 images), where they are normalised. The floats are the same
+    /// as [`ClipPreprocessor::normalize_u8`]'s on every device.
+    pub fn embed_u8_rows(&self, hwc: &[u8], n: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        use rayon::prelude::*;
+        let len = self.pixels_per_image();
+        if self.config.vision.num_channels != 3 || hwc.len() != n * len {
+            candle_core::bail!(
+                "{} bytes for {n} images, the model takes {len} per image ({} channels)",
+                hwc.len(),
+                self.config.vision.num_channels
+            );
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        self.on_pool(|| {
+            let px = if self.device.is_cpu() {
+                // Normalised in parallel straight into the model's input
+                // (one buffer, which the tensor then owns).
+                let mut flat = vec![0f32; n * len];
+                flat.par_chunks_mut(len)
+                    .zip(hwc.par_chunks(len))
+                    .try_for_each(|(dst, src)| self.preprocessor.normalize_hwc_into(src, dst))
+                    .map_err(candle_core::Error::msg)?;
+                Tensor::from_vec(flat, self.pixel_shape(n), &self.device)?
+            } else {
+                self.normalize_on_device(hwc, n)?
+            };
+            self.forward_pixels(px)
+        })
+    }
+
+    /// The bytes of `n` cropped images copied to the device as they are,
+    /// then rescaled and normalised there: `(x · scale − mean) / std`, one
+    /// rounded f32 step at a time as the host does, so the same floats.
+    fn normalize_on_device(&self, hwc: &[u8], n: usize) -> candle_core::Result<Tensor> {
+        let side = self.config.vision.image_size;
+        let pre = &self.preprocessor;
+        let (mean, std) = pre.normalize_stats();
+        let per_channel = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3, 1, 1), &self.device);
+        let x = Tensor::from_slice(hwc, (n, side, side, 3), &self.device)?
+            .permute((0, 3, 1, 2))?
+            .to_dtype(DType::F32)?;
+        let x = match pre.rescale_factor {
+            Some(scale) => x.broadcast_mul(&per_channel([scale; 3])?)?,
+            None => x,
+        };
+        x.broadcast_sub(&per_channel(mean)?)?
+            .broadcast_div(&per_channel(std)?)
+    }
+
     /// Floats of one preprocessed image: channels × side × side.
     pub fn pixels_per_image(&self) -> usize {
         let side = self.config.vision.image_size;
@@ -440,7 +497,7 @@ fn backend_err(message: String) -> EmbedError {
 struct Prepared {
     idx: Vec<usize>,
     failed: Vec<(usize, EmbedError)>,
-    buf: Vec<f32>,
+    buf: Vec<u8>,
 }
 
 /// Model work, handed from the preparing thread to the model thread in
@@ -461,7 +518,7 @@ enum Unit {
     Texts {
         idx: Vec<usize>,
         seqs: Vec<Vec<u32>>,
-        slot: Vec<f32>,
+        slot: Vec<u8>,
     },
     Images(Prepared),
     /// Decoded on the model thread: frames go to the model as they come.
@@ -469,7 +526,7 @@ enum Unit {
         i: usize,
         src: MediaSource,
         cfg: Option<mmembed_core::VideoSegmentConfig>,
-        slot: Vec<f32>,
+        slot: Vec<u8>,
     },
     /// The group is complete: answer its callers. `panicked`: preparing it
     /// panicked, so its unprepared items get that error.
@@ -480,14 +537,14 @@ enum Unit {
 
 /// Units prepared or being run at once: one in the model, one ready or
 /// being prepared. More would only hold more memory (a batch buffer each,
-/// 154 MB at 256 ViT-B/32 images): the slower side sets the pace anyway.
+/// 38.5 MB at 256 ViT-B/32 images): the slower side sets the pace anyway.
 const SLOTS: usize = 2;
 
 /// The preparing thread's slots: the one it holds for the next group, the
 /// ones the model thread sends back, and how many it made up for.
 struct SlotPool {
-    back: mpsc::Receiver<Vec<f32>>,
-    held: Option<Vec<f32>>,
+    back: mpsc::Receiver<Vec<u8>>,
+    held: Option<Vec<u8>>,
     /// Taken for the unit being prepared, not yet sent (0 or 1).
     in_hand: usize,
     /// Slots lost to a panic while preparing: new ones replace them
@@ -499,7 +556,7 @@ struct SlotPool {
 impl SlotPool {
     /// A slot, waiting for the model to give one back if need be; None when
     /// the model thread is gone.
-    fn take(&mut self) -> Option<Vec<f32>> {
+    fn take(&mut self) -> Option<Vec<u8>> {
         let slot = match self.held.take() {
             Some(s) => s,
             None if self.lost > 0 => {
@@ -590,7 +647,7 @@ impl Worker {
         &self,
         jobs: &mpsc::Receiver<Job>,
         units: &mpsc::Sender<Unit>,
-        slots: mpsc::Receiver<Vec<f32>>,
+        slots: mpsc::Receiver<Vec<u8>>,
     ) {
         let mut slots = SlotPool {
             back: slots,
@@ -701,7 +758,7 @@ impl Worker {
 
     /// The model thread: runs each unit as it comes and answers each group
     /// when its last unit is done, handing slots back as it goes.
-    fn model_loop(&self, units: &mpsc::Receiver<Unit>, slots: &mpsc::Sender<Vec<f32>>) {
+    fn model_loop(&self, units: &mpsc::Receiver<Unit>, slots: &mpsc::Sender<Vec<u8>>) {
         let mut group: Option<Group> = None;
         while let Ok(unit) = units.recv() {
             let slot = match unit {
@@ -743,7 +800,7 @@ impl Worker {
                         // none without running the model.
                         let res = unpanicked("the image model", || {
                             self.clip
-                                .embed_pixel_rows(&buf, idx.len())
+                                .embed_u8_rows(&buf, idx.len())
                                 .map_err(forward_err)
                         });
                         fill(&mut g.out, idx.into_iter(), res);
@@ -908,16 +965,18 @@ impl Worker {
     /// adding threads that compete with it), each image straight into its
     /// row of the batch buffer.
     ///
-    /// The [`SLOTS`] batch buffers live as long as the embedder: at 256
-    /// images a buffer is 154 MB, and a fresh one is fresh pages for the
-    /// kernel to fault in and zero, on top of a copy of every image from
-    /// its own buffer into the batch (what this did before: 2,000 JPEGs on
-    /// 2 cores at batch 256 spent 1.6-2.6 s in the kernel then, 1.5 s now;
-    /// BENCHMARKS.md, issue #19).
-    fn prepare_images(&self, chunk: &[(usize, MediaSource)], mut buf: Vec<f32>) -> Prepared {
+    /// The rows are the crops' bytes, normalised by the model
+    /// ([`LoadedClip::embed_u8_rows`]: on a GPU, after a copy of a quarter
+    /// of the f32 pixels' size). The [`SLOTS`] batch buffers live as long
+    /// as the embedder: a fresh one is fresh pages for the kernel to fault
+    /// in and zero, on top of a copy of every image from its own buffer
+    /// into the batch (what this did before: 2,000 JPEGs on 2 cores at
+    /// batch 256 spent 1.6-2.6 s in the kernel then, 1.5 s with reused f32
+    /// buffers; BENCHMARKS.md, issue #19).
+    fn prepare_images(&self, chunk: &[(usize, MediaSource)], mut buf: Vec<u8>) -> Prepared {
         use rayon::prelude::*;
         let len = self.clip.pixels_per_image();
-        buf.resize(chunk.len() * len, 0.0);
+        buf.resize(chunk.len() * len, 0);
         let results: Vec<Result<(), EmbedError>> = buf
             .par_chunks_mut(len.max(1))
             .zip(chunk.par_iter())
@@ -944,14 +1003,25 @@ impl Worker {
         Prepared { idx, failed, buf }
     }
 
-    fn pixels_into(&self, src: &MediaSource, slot: &mut [f32]) -> Result<(), EmbedError> {
+    /// Decodes, resizes and crops one image into its row of a batch
+    /// buffer: the crop's RGB bytes, which the model normalises
+    /// ([`LoadedClip::embed_u8_rows`]).
+    fn pixels_into(&self, src: &MediaSource, slot: &mut [u8]) -> Result<(), EmbedError> {
         let what = src.describe(Modality::Image);
         let bytes = read_media(src, Modality::Image, self.limits.max_bytes)?;
         let img = decode_image(&bytes, &what, &self.limits)?;
-        self.clip
-            .preprocessor
-            .preprocess_into(&img, slot)
-            .map_err(|e| EmbedError::media(&what, e, None))
+        let crop = self.clip.preprocessor.resize_and_crop(&img);
+        if crop.as_raw().len() != slot.len() {
+            let (w, h) = crop.dimensions();
+            let side = self.clip.config.vision.image_size;
+            return Err(EmbedError::media(
+                &what,
+                format!("preprocessed to {w}x{h}, the model takes {side}x{side}"),
+                None,
+            ));
+        }
+        slot.copy_from_slice(crop.as_raw());
+        Ok(())
     }
 }
 
@@ -1144,7 +1214,7 @@ impl LocalEmbedder {
         });
         let (tx, jobs) = mpsc::channel::<Job>();
         let (units_tx, units) = mpsc::channel::<Unit>();
-        let (slots_tx, slots) = mpsc::channel::<Vec<f32>>();
+        let (slots_tx, slots) = mpsc::channel::<Vec<u8>>();
         for _ in 0..SLOTS {
             // Buffers grow to a batch on first use.
             let _ = slots_tx.send(Vec::new());
@@ -1270,7 +1340,7 @@ mod tests {
     #[test]
     fn a_slot_lost_to_a_panic_is_replaced_once() {
         let (tx, rx) = mpsc::channel();
-        tx.send(vec![1.0]).unwrap();
+        tx.send(vec![1u8]).unwrap();
         let mut pool = SlotPool {
             back: rx,
             held: None,
@@ -1279,7 +1349,7 @@ mod tests {
         };
         assert!(pool.hold());
         let slot = pool.take().unwrap();
-        assert_eq!(slot, [1.0], "the held slot comes first");
+        assert_eq!(slot, [1], "the held slot comes first");
         drop(slot); // preparing its unit panicked
         pool.unwound();
         let made = pool.take().expect("made up for");
@@ -1294,5 +1364,41 @@ mod tests {
         pool.unwound(); // a later panic with nothing in hand
         drop(tx); // no model thread: nothing more to take
         assert_eq!(pool.take(), None, "no second replacement");
+    }
+
+    /// What a GPU runs for the embedder's batches (the crops' bytes
+    /// normalised by tensor ops), run here on the CPU: the same floats as
+    /// the host's normalisation, bit for bit, for CLIP's statistics and for
+    /// SigLIP's (mean and std 0.5).
+    #[test]
+    fn crops_normalised_by_tensor_ops_equal_the_hosts() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures");
+        for model in ["tiny-clip", "tiny-siglip"] {
+            let files = crate::local_files(&fixtures.join(model)).unwrap();
+            let clip = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+            let (n, len) = (3, clip.pixels_per_image());
+            // Every byte value, in every channel and position.
+            let hwc: Vec<u8> = (0..n * len).map(|i| (i * 7 + i / 3) as u8).collect();
+            let mut host = vec![0f32; n * len];
+            for (dst, src) in host.chunks_mut(len).zip(hwc.chunks(len)) {
+                clip.preprocessor.normalize_hwc_into(src, dst).unwrap();
+            }
+            let dev = clip.normalize_on_device(&hwc, n).unwrap();
+            let dev: Vec<f32> = dev.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                dev.iter()
+                    .zip(&host)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{model}: tensor ops differ from the host's normalisation"
+            );
+            // And the embedder's entry point on the CPU: the same vectors as
+            // the f32 rows.
+            let a = clip.embed_u8_rows(&hwc, n).unwrap();
+            let b = clip.embed_pixel_rows(&host, n).unwrap();
+            assert_eq!(a, b, "{model}");
+            assert!(clip.embed_u8_rows(&hwc[1..], n).is_err());
+            assert!(clip.embed_u8_rows(&[], 0).unwrap().is_empty());
+        }
     }
 }

@@ -143,6 +143,8 @@ fn check_model_on(
     };
     let crops = candle_core::safetensors::load(crops_file, &Device::Cpu).unwrap();
     let mut pixels = Vec::new();
+    // The crops' bytes, as the embedder's batches carry them.
+    let mut crop_bytes = Vec::new();
     let mut min_image = 1.0f32;
     for (file, key) in &r.images {
         let bytes = std::fs::read(image_dir.join(file)).unwrap();
@@ -167,6 +169,7 @@ fn check_model_on(
             "{file}: decode/resize/crop must match Pillow exactly"
         );
         pixels.push(clip.preprocessor.normalize_u8(&ours));
+        crop_bytes.extend_from_slice(ours.as_raw());
     }
     let got = clip.embed_pixels(&pixels).unwrap();
     // The batch-buffer entry point (what the embedder's worker calls) is
@@ -179,6 +182,8 @@ fn check_model_on(
             "embed_pixel_rows differs from embed_pixels"
         );
     }
+    // The bytes normalised by the model: the same vectors.
+    assert_eq!(clip.embed_u8_rows(&crop_bytes, pixels.len()).unwrap(), rows);
     assert!(clip.embed_pixel_rows(&flat[1..], pixels.len()).is_err());
     assert!(clip.embed_pixel_rows(&[], 0).unwrap().is_empty());
     assert!(clip.embed_pixels(&[]).unwrap().is_empty());

@@ -377,24 +377,46 @@ impl ClipPreprocessor {
     /// exactly `3 × w × h` floats.
     pub fn normalize_u8_into(&self, img: &RgbImage, out: &mut [f32]) -> Result<(), String> {
         let (w, h) = img.dimensions();
-        let plane = (w * h) as usize;
-        if out.len() != 3 * plane {
+        if out.len() != img.as_raw().len() {
             return Err(format!(
                 "a {w}x{h} image is {} values, the buffer holds {}",
-                3 * plane,
+                img.as_raw().len(),
                 out.len()
             ));
         }
+        self.normalize_hwc_into(img.as_raw(), out)
+    }
+
+    /// Rescales and normalises `w × h` RGB pixels, row-major with the
+    /// channels interleaved (an [`RgbImage`]'s bytes), into CHW floats:
+    /// `out` must hold one float per byte.
+    pub fn normalize_hwc_into(&self, hwc: &[u8], out: &mut [f32]) -> Result<(), String> {
+        if out.len() != hwc.len() || !hwc.len().is_multiple_of(3) {
+            return Err(format!(
+                "{} pixel bytes and {} floats: need 3 per pixel, one float per byte",
+                hwc.len(),
+                out.len()
+            ));
+        }
+        let plane = hwc.len() / 3;
         let scale = self.rescale_factor.unwrap_or(1.0);
-        let (mean, std) = self.normalize.unwrap_or(([0.0; 3], [1.0; 3]));
+        let (mean, std) = self.normalize_stats();
         let (r, rest) = out.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
-        for (((p, r), g), b) in img.pixels().zip(r).zip(g).zip(b) {
+        // Op by op as written (no fused multiply-add): a GPU that gets the
+        // crops' bytes repeats these three steps and gets the same floats.
+        for (((p, r), g), b) in hwc.chunks_exact(3).zip(r).zip(g).zip(b) {
             *r = (f32::from(p[0]) * scale - mean[0]) / std[0];
             *g = (f32::from(p[1]) * scale - mean[1]) / std[1];
             *b = (f32::from(p[2]) * scale - mean[2]) / std[2];
         }
         Ok(())
+    }
+
+    /// Per-channel mean and std, `([0; 3], [1; 3])` when there is no
+    /// normalisation step.
+    pub fn normalize_stats(&self) -> ([f32; 3], [f32; 3]) {
+        self.normalize.unwrap_or(([0.0; 3], [1.0; 3]))
     }
 }
 
