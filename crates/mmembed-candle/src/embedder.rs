@@ -30,7 +30,8 @@ pub const CPU_MAX_BATCH: usize = 32;
 
 /// The default model batch on GPUs: 256 images of ViT-B/32 are 12,800
 /// token rows per GEMM, enough to occupy a large GPU's SMs, while one
-/// batch's host buffer stays at 154 MB of f32 pixels. A starting point:
+/// batch's host buffer stays at 38.5 MB of crops (154 MB once normalised
+/// to f32 on the device). A starting point:
 /// `scripts/gpu-check.sh` measures batches 32 to 1024 on a real GPU.
 pub const GPU_MAX_BATCH: usize = 256;
 
