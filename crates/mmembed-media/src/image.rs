@@ -52,6 +52,9 @@ fn decode_error(what: &str, e: image::ImageError) -> EmbedError {
 /// (never the file name), applying EXIF orientation, and converting to 8-bit
 /// RGB the way Hugging Face's CLIP processor does: transparency is
 /// composited onto white, grayscale is replicated, 16-bit is scaled down.
+/// JPEGs decode with libjpeg-turbo, as in Pillow, so their pixels are
+/// Pillow's; the rare ones it does not take plainly (CMYK, 12-bit, corrupt
+/// data) fall back to the `image` crate's decoder.
 ///
 /// `what` names the input in error messages (a path, a URI).
 ///
