@@ -870,17 +870,19 @@ impl Worker {
         let mut sums = vec![vec![0f32; dim]; segments.len()];
         let mut counts = vec![0usize; segments.len()];
         let mut errors: Vec<Option<String>> = vec![None; segments.len()];
-        // Decoded frames waiting for a model batch: their segments and pixels.
+        // Decoded frames waiting for a model batch: their segments and the
+        // crops' bytes, one after another (as image batches carry them).
+        let len = self.clip.pixels_per_image();
         let mut pending_seg: Vec<usize> = Vec::with_capacity(self.max_batch);
-        let mut pending_px: Vec<Vec<f32>> = Vec::with_capacity(self.max_batch);
+        let mut pending_px: Vec<u8> = Vec::with_capacity(self.max_batch * len);
         let mut fatal: Option<EmbedError> = None;
         let flush = |pending_seg: &mut Vec<usize>,
-                     pending_px: &mut Vec<Vec<f32>>,
+                     pending_px: &mut Vec<u8>,
                      sums: &mut Vec<Vec<f32>>,
                      counts: &mut Vec<usize>,
                      fatal: &mut Option<EmbedError>| {
-            if !pending_px.is_empty() && fatal.is_none() {
-                match self.clip.embed_pixels(pending_px) {
+            if !pending_seg.is_empty() && fatal.is_none() {
+                match self.clip.embed_u8_rows(pending_px, pending_seg.len()) {
                     Ok(vecs) => {
                         for (seg, v) in pending_seg.iter().zip(vecs) {
                             sums[*seg].iter_mut().zip(&v).for_each(|(s, x)| *s += x);
@@ -906,9 +908,17 @@ impl Worker {
         };
         sample_frames_with(&vb, &times, &sampling, |k, r| match r {
             Ok(frame) => {
+                let crop = self.clip.preprocessor.resize_and_crop(&frame.image);
+                if crop.as_raw().len() != len {
+                    let (w, h) = crop.dimensions();
+                    errors[owner[k]].get_or_insert_with(|| {
+                        format!("frame preprocessed to {w}x{h}, not the model's input size")
+                    });
+                    return;
+                }
                 pending_seg.push(owner[k]);
-                pending_px.push(self.clip.preprocessor.preprocess(&frame.image));
-                if pending_px.len() >= self.max_batch {
+                pending_px.extend_from_slice(crop.as_raw());
+                if pending_seg.len() >= self.max_batch {
                     flush(
                         &mut pending_seg,
                         &mut pending_px,
