@@ -5,10 +5,11 @@
 //! integer IDCT and smooth chroma upsampling. zune-jpeg's pixels differ from
 //! those by up to a few levels, so our crops could not match the reference
 //! exactly, and it is slower: on 640×480 photos (AMD EPYC Zen 2, one core)
-//! 1.38–1.41 ms per image against zune-jpeg's 1.76–1.86 ms, a quarter of
-//! the whole decode-and-preprocess time that bounds `mmembed batch` on a
-//! GPU. libjpeg-turbo (3.1, built from the `turbojpeg-sys` crate's sources
-//! with its SIMD code) gives the same bytes as Pillow's.
+//! 1.38–1.41 ms per image against zune-jpeg's 1.76–1.86 ms, which makes
+//! decode-and-preprocess, what bounds `mmembed batch` on a GPU, 1.2× as
+//! fast per core (BENCHMARKS.md). libjpeg-turbo (3.1, built from the
+//! `turbojpeg-sys` crate's sources with its SIMD code) gives the same bytes
+//! as Pillow's.
 //!
 //! Only the plain cases go this way: 8-bit lossy JPEGs in YCbCr, RGB or
 //! grayscale that decode without a single warning. Everything else (CMYK
