@@ -339,11 +339,7 @@ fn decode(dir: &Path, model: Option<&str>, budget: Duration) -> Result<()> {
                     let bytes = std::fs::read(f)?;
                     let img =
                         mmembed_media::decode_image(&bytes, &f.display().to_string(), &limits)?;
-                    let crop = pre.resize_and_crop(&img);
-                    if crop.as_raw().len() != len {
-                        bail!("{} preprocesses to another size", f.display());
-                    }
-                    buf.copy_from_slice(crop.as_raw());
+                    pre.crop_into(&img, buf).map_err(anyhow::Error::msg)?;
                     Ok(buf.len())
                 },
             )

@@ -797,7 +797,7 @@ impl Worker {
                         for (i, e) in failed {
                             g.out[i] = Some(Err(e));
                         }
-                        // All failed: no rows, and embed_pixel_rows answers
+                        // All failed: no rows, and embed_u8_rows answers
                         // none without running the model.
                         let res = unpanicked("the image model", || {
                             self.clip
@@ -908,16 +908,18 @@ impl Worker {
         };
         sample_frames_with(&vb, &times, &sampling, |k, r| match r {
             Ok(frame) => {
-                let crop = self.clip.preprocessor.resize_and_crop(&frame.image);
-                if crop.as_raw().len() != len {
-                    let (w, h) = crop.dimensions();
-                    errors[owner[k]].get_or_insert_with(|| {
-                        format!("frame preprocessed to {w}x{h}, not the model's input size")
-                    });
+                let at = pending_px.len();
+                pending_px.resize(at + len, 0);
+                let cropped = self
+                    .clip
+                    .preprocessor
+                    .crop_into(&frame.image, &mut pending_px[at..]);
+                if let Err(e) = cropped {
+                    pending_px.truncate(at);
+                    errors[owner[k]].get_or_insert_with(|| format!("frame {e}"));
                     return;
                 }
                 pending_seg.push(owner[k]);
-                pending_px.extend_from_slice(crop.as_raw());
                 if pending_seg.len() >= self.max_batch {
                     flush(
                         &mut pending_seg,
@@ -1021,18 +1023,10 @@ impl Worker {
         let what = src.describe(Modality::Image);
         let bytes = read_media(src, Modality::Image, self.limits.max_bytes)?;
         let img = decode_image(&bytes, &what, &self.limits)?;
-        let crop = self.clip.preprocessor.resize_and_crop(&img);
-        if crop.as_raw().len() != slot.len() {
-            let (w, h) = crop.dimensions();
-            let side = self.clip.config.vision.image_size;
-            return Err(EmbedError::media(
-                &what,
-                format!("preprocessed to {w}x{h}, the model takes {side}x{side}"),
-                None,
-            ));
-        }
-        slot.copy_from_slice(crop.as_raw());
-        Ok(())
+        self.clip
+            .preprocessor
+            .crop_into(&img, slot)
+            .map_err(|e| EmbedError::media(&what, e, None))
     }
 }
 

@@ -364,6 +364,25 @@ impl ClipPreprocessor {
         self.normalize_u8_into(&cropped, out)
     }
 
+    /// [`resize_and_crop`](Self::resize_and_crop) into `out`, e.g. an
+    /// image's row of a batch of crops' bytes (what the embedder's batches
+    /// carry; the model normalises them). `out` must hold the crop's
+    /// `H × W × 3` bytes; a crop of another size (no crop configured) is
+    /// refused.
+    pub fn crop_into(&self, img: &RgbImage, out: &mut [u8]) -> Result<(), String> {
+        let crop = self.resize_and_crop(img);
+        if crop.as_raw().len() != out.len() {
+            let (w, h) = crop.dimensions();
+            return Err(format!(
+                "preprocessed to {w}x{h}, {} bytes; the model's input is {} bytes",
+                crop.as_raw().len(),
+                out.len()
+            ));
+        }
+        out.copy_from_slice(crop.as_raw());
+        Ok(())
+    }
+
     /// Rescales and normalises an already cropped uint8 image into CHW floats.
     pub fn normalize_u8(&self, img: &RgbImage) -> Vec<f32> {
         let (w, h) = img.dimensions();
@@ -592,6 +611,23 @@ mod tests {
         );
         let err = p.preprocess_into(&img, &mut batch[1..]).unwrap_err();
         assert!(err.contains("32x32 image is 3072 values"), "{err}");
+    }
+
+    #[test]
+    fn crop_into_fills_a_slot_and_refuses_a_wrong_one() {
+        let img = RgbImage::from_fn(451, 300, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let p = ClipPreprocessor::openai(32);
+        let want = p.resize_and_crop(&img).into_raw();
+        let mut batch = vec![0xAAu8; 3 * want.len()];
+        p.crop_into(&img, &mut batch[want.len()..2 * want.len()])
+            .unwrap();
+        assert_eq!(&batch[want.len()..2 * want.len()], &want[..]);
+        assert!(
+            batch[..want.len()].iter().all(|v| *v == 0xAA),
+            "neighbours untouched"
+        );
+        let err = p.crop_into(&img, &mut batch[1..]).unwrap_err();
+        assert!(err.contains("preprocessed to 32x32, 3072 bytes"), "{err}");
     }
 
     #[test]
