@@ -292,8 +292,9 @@ widest!(vertical(src: &[u8], width: usize, row0: usize, vtaps: &[Taps]) -> Vec<u
 ///
 /// Pillow loops over each output pixel's taps, a dot product too short to
 /// vectorise. The taps are the same on every row, so this transposes
-/// [`BLOCK`] rows at a time (`[x][row][channel]`) and filters them
-/// together: each tap is then a multiply-add over 48 contiguous lanes.
+/// [`BLOCK`] rows at a time (`[x][channel][row]`, by 16 × 16 byte
+/// transposes) and filters them together: each tap is then a multiply-add
+/// over 48 contiguous lanes. The outputs are transposed back the same way.
 /// Same products, same 32-bit sums as Pillow's, so the same bytes.
 #[inline(always)]
 fn horizontal_lanes(
@@ -306,9 +307,15 @@ fn horizontal_lanes(
     let w = htaps.len();
     let mut mid = vec![0u8; rows.len() * w * 3];
     let mut block = Vec::new();
+    let mut outs = [0u8; OUT_CHUNK * LANES];
     let (first, end) = (rows.start, rows.end);
     for y0 in rows.step_by(BLOCK) {
         let n = BLOCK.min(end - y0);
+        // Rows past `n` in the last block repeat its last row: filtered,
+        // never written out.
+        let lines: [&[u8]; BLOCK] =
+            std::array::from_fn(|r| &src[(y0 + r.min(n - 1)) * width * 3..][..width * 3]);
+        let out_rows = &mut mid[(y0 - first) * w * 3..][..n * w * 3];
         for (c, chunk) in htaps.chunks(OUT_CHUNK).enumerate() {
             // The source columns this chunk of outputs reads, transposed.
             let lo = chunk.iter().map(|t| t.start).min().unwrap_or(0);
@@ -318,17 +325,8 @@ fn horizontal_lanes(
                 .max()
                 .unwrap_or(lo);
             block.resize((hi - lo) * LANES, 0);
-            for r in 0..n {
-                let srow = &src[((y0 + r) * width + lo) * 3..][..(hi - lo) * 3];
-                for (x, p) in srow.chunks_exact(3).enumerate() {
-                    block[x * LANES + r * 3..][..3].copy_from_slice(p);
-                }
-            }
-            // Rows past `n` in the last block hold stale bytes: filtered,
-            // never written out.
-            for (k, t) in chunk.iter().enumerate() {
-                let xx = c * OUT_CHUNK + k;
-                let mut bytes = [0u8; LANES];
+            rows_to_lanes(&lines, lo, hi, &mut block);
+            for (t, bytes) in chunk.iter().zip(outs.chunks_exact_mut(LANES)) {
                 // 16 lanes at a time, so that the sums stay in registers
                 // (one AVX-512 or two AVX2 registers) across the taps.
                 for (part, out) in bytes.chunks_exact_mut(16).enumerate() {
@@ -348,14 +346,139 @@ fn horizontal_lanes(
                         *o = clip8(a);
                     }
                 }
-                for r in 0..n {
-                    mid[(y0 - first + r) * w * 3 + xx * 3..][..3]
-                        .copy_from_slice(&bytes[r * 3..][..3]);
-                }
             }
+            lanes_to_rows(&outs[..chunk.len() * LANES], out_rows, w, c * OUT_CHUNK);
         }
     }
     mid
+}
+
+/// Transposes a 16 × 16 byte matrix (`m[r][c]` becomes `m[c][r]`).
+#[inline(always)]
+fn transpose16(m: &mut [[u8; 16]; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // SSE2, which every x86-64 CPU has: four rounds of unpacking, each
+        // doubling the run of one column's bytes (1, 2, 4, 8, then 16 rows).
+        // SAFETY: the loads and stores are of 16-byte arrays in bounds.
+        unsafe {
+            let x: [__m128i; 16] = std::array::from_fn(|r| _mm_loadu_si128(m[r].as_ptr().cast()));
+            // a[8h + p]: rows 2p, 2p + 1 interleaved, columns 8h..8h + 8.
+            let a: [__m128i; 16] = std::array::from_fn(|i| {
+                let (h, p) = (i / 8, i % 8);
+                if h == 0 {
+                    _mm_unpacklo_epi8(x[2 * p], x[2 * p + 1])
+                } else {
+                    _mm_unpackhi_epi8(x[2 * p], x[2 * p + 1])
+                }
+            });
+            // b[4g + q]: rows 4q..4q + 4, columns 4g..4g + 4.
+            let b: [__m128i; 16] = std::array::from_fn(|i| {
+                let (g, q) = (i / 4, i % 4);
+                let (u, v) = (a[8 * (g / 2) + 2 * q], a[8 * (g / 2) + 2 * q + 1]);
+                if g % 2 == 0 {
+                    _mm_unpacklo_epi16(u, v)
+                } else {
+                    _mm_unpackhi_epi16(u, v)
+                }
+            });
+            // d[4g + 2e + h]: rows 8h..8h + 8, columns 4g + 2e, 4g + 2e + 1.
+            let d: [__m128i; 16] = std::array::from_fn(|i| {
+                let (g, e, h) = (i / 4, (i / 2) % 2, i % 2);
+                let (u, v) = (b[4 * g + 2 * h], b[4 * g + 2 * h + 1]);
+                if e == 0 {
+                    _mm_unpacklo_epi32(u, v)
+                } else {
+                    _mm_unpackhi_epi32(u, v)
+                }
+            });
+            for (c, row) in m.iter_mut().enumerate() {
+                let (pair, odd) = (c / 2, c % 2);
+                let (u, v) = (d[2 * pair], d[2 * pair + 1]);
+                let col = if odd == 0 {
+                    _mm_unpacklo_epi64(u, v)
+                } else {
+                    _mm_unpackhi_epi64(u, v)
+                };
+                _mm_storeu_si128(row.as_mut_ptr().cast(), col);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let t = *m;
+        for (r, row) in m.iter_mut().enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = t[c][r];
+            }
+        }
+    }
+}
+
+/// Columns `lo..hi` of 16 RGB rows into `block` as `[x][channel][row]`
+/// (48 bytes per column). Per 16 columns: each row's 48 bytes are three
+/// 16-byte pieces; transposing the 16 rows' `k`th pieces gives, for each
+/// byte `16k + j` of a row (column `(16k + j) / 3`, channel `(16k + j) % 3`),
+/// that byte of all 16 rows. Byte-at-a-time copies (three per pixel, to
+/// slots 48 bytes apart) took half of this pass.
+#[inline(always)]
+fn rows_to_lanes(lines: &[&[u8]; BLOCK], lo: usize, hi: usize, block: &mut [u8]) {
+    let mut x0 = lo;
+    while x0 + 16 <= hi {
+        for k in 0..3 {
+            // Loops rather than `array::from_fn`, which was not inlined.
+            let mut m = [[0u8; 16]; 16];
+            for (row, line) in m.iter_mut().zip(lines) {
+                row.copy_from_slice(&line[x0 * 3 + 16 * k..][..16]);
+            }
+            transpose16(&mut m);
+            for (j, bytes) in m.iter().enumerate() {
+                let b = 16 * k + j;
+                block[(x0 - lo + b / 3) * 48 + (b % 3) * 16..][..16].copy_from_slice(bytes);
+            }
+        }
+        x0 += 16;
+    }
+    for x in x0..hi {
+        for (r, line) in lines.iter().enumerate() {
+            for ch in 0..3 {
+                block[(x - lo) * 48 + ch * 16 + r] = line[x * 3 + ch];
+            }
+        }
+    }
+}
+
+/// The inverse of [`rows_to_lanes`] for outputs: `outs` holds consecutive
+/// output pixels as `[channel][row]` (48 bytes each), written to columns
+/// from `xx0` of the rows of `rows` (`w` pixels wide; as many rows as it
+/// holds, at most 16).
+#[inline(always)]
+fn lanes_to_rows(outs: &[u8], rows: &mut [u8], w: usize, xx0: usize) {
+    let n = rows.len() / (w * 3);
+    let count = outs.len() / 48;
+    let mut g = 0;
+    while g + 16 <= count {
+        for k in 0..3 {
+            let mut m = [[0u8; 16]; 16];
+            for (j, row) in m.iter_mut().enumerate() {
+                let b = 16 * k + j;
+                row.copy_from_slice(&outs[(g + b / 3) * 48 + (b % 3) * 16..][..16]);
+            }
+            transpose16(&mut m);
+            for (r, bytes) in m.iter().enumerate().take(n) {
+                rows[r * w * 3 + (xx0 + g) * 3 + 16 * k..][..16].copy_from_slice(bytes);
+            }
+        }
+        g += 16;
+    }
+    for x in g..count {
+        for r in 0..n {
+            for ch in 0..3 {
+                rows[r * w * 3 + (xx0 + x) * 3 + ch] = outs[x * 48 + ch * 16 + r];
+            }
+        }
+    }
 }
 
 /// Pillow's vertical 8-bit pass: one output row per tap set, reading the
