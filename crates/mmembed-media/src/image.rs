@@ -265,7 +265,8 @@ mod tests {
     }
 
     /// What the JPEG path does not take goes to the `image` crate's decoder
-    /// and is accepted or refused as before: CMYK, truncated data.
+    /// and is accepted or refused as before: CMYK, truncated data, more
+    /// than 100 progressive scans.
     #[test]
     fn other_jpegs_take_the_fallback() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures");
@@ -290,5 +291,15 @@ mod tests {
             ..ImageLimits::default()
         };
         assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &tight).is_none());
+
+        // A valid progressive JPEG of 128 scans (no decoder warning; made by
+        // models/fixtures/make_many_scans.py): past 100 scans it stops here
+        // and is refused on the other path, as before libjpeg-turbo.
+        let many = std::fs::read(dir.join("bad-input/scans_128.jpg")).unwrap();
+        assert!(crate::jpeg::decode_plain(&many, (40, 24), &ImageLimits::default()).is_none());
+        let e = decode_image(&many, "scans.jpg", &ImageLimits::default()).unwrap_err();
+        assert!(e.to_string().contains("Too many scans"), "{e}");
+        // And the thread's next decode is fine.
+        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default()).is_some());
     }
 }

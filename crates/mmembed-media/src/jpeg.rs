@@ -16,7 +16,10 @@
 //! and YCCK, 12-bit, lossless, corrupt or truncated data, junk before a
 //! marker) returns `None` and takes the `image` crate's path as before, so
 //! what is accepted and what is refused does not change, only the pixels of
-//! the plain case and their speed.
+//! the plain case and their speed. That includes progressive JPEGs of more
+//! than [`MAX_SCANS`] scans, which the `image` crate refuses: each scan is a
+//! pass over the image's blocks, so a small file could otherwise ask for
+//! thousands of passes.
 
 use std::cell::RefCell;
 
@@ -24,6 +27,12 @@ use image::RgbImage;
 use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat};
 
 use crate::image::ImageLimits;
+
+/// Scans a progressive JPEG may have on this path: the `image` crate's
+/// decoder (zune-jpeg) refuses more than 100, and jpegtran's scan scripts
+/// stop at 100 too; past it libjpeg-turbo stops and the file goes to the
+/// other path, which refuses it.
+const MAX_SCANS: u32 = 100;
 
 thread_local! {
     // A decompressor per thread: rayon's workers decode many images each,
@@ -46,7 +55,11 @@ pub(crate) fn decode_plain(
     // an error libjpeg's state is not worth trusting for the next image.
     let mut d = match DECOMPRESSOR.with(|cell| cell.borrow_mut().take()) {
         Some(d) => d,
-        None => Decompressor::new().ok()?,
+        None => {
+            let mut d = Decompressor::new().ok()?;
+            d.set_scan_limit(MAX_SCANS).ok()?;
+            d
+        }
     };
     let rgb = decode_with(&mut d, bytes, (width, height), limits)?;
     DECOMPRESSOR.with(|cell| *cell.borrow_mut() = Some(d));
