@@ -235,9 +235,9 @@ pub(crate) fn resize(
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
 /// Rows of the source one horizontal block transposes and filters at once.
-/// 16 RGB rows are 48 lanes per tap (three AVX-512 or six AVX2 registers);
-/// the transposed block (16 × width × 3 bytes, 30 KB for a 640-pixel row)
-/// stays in L1.
+/// 16 RGB rows are 48 lanes per tap (three AVX-512 or six AVX2 registers),
+/// and 16 is the side of the byte transposes ([`transpose16`]); the
+/// transposed columns are taken [`OUT_CHUNK`] outputs at a time.
 const BLOCK: usize = 16;
 
 /// Outputs of the horizontal pass filtered per transposed block of
@@ -347,7 +347,7 @@ fn horizontal_lanes(
                     }
                 }
             }
-            lanes_to_rows(&outs[..chunk.len() * LANES], out_rows, w, c * OUT_CHUNK);
+            lanes_to_rows(&outs[..chunk.len() * LANES], out_rows, n, w, c * OUT_CHUNK);
         }
     }
     mid
@@ -451,11 +451,10 @@ fn rows_to_lanes(lines: &[&[u8]; BLOCK], lo: usize, hi: usize, block: &mut [u8])
 
 /// The inverse of [`rows_to_lanes`] for outputs: `outs` holds consecutive
 /// output pixels as `[channel][row]` (48 bytes each), written to columns
-/// from `xx0` of the rows of `rows` (`w` pixels wide; as many rows as it
-/// holds, at most 16).
+/// from `xx0` of the first `n` (at most 16) rows of `rows`, `w` pixels
+/// wide.
 #[inline(always)]
-fn lanes_to_rows(outs: &[u8], rows: &mut [u8], w: usize, xx0: usize) {
-    let n = rows.len() / (w * 3);
+fn lanes_to_rows(outs: &[u8], rows: &mut [u8], n: usize, w: usize, xx0: usize) {
     let count = outs.len() / 48;
     let mut g = 0;
     while g + 16 <= count {
