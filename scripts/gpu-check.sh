@@ -194,6 +194,18 @@ try:
 except Exception:  # noqa: BLE001
     pass
 env["cpu cores"] = os.cpu_count()
+# The decode ceiling depends on the cores' vectors (the resampling passes
+# are compiled for AVX-512 and AVX2; libjpeg-turbo picks its own SIMD).
+try:
+    lines = open("/proc/cpuinfo").read().splitlines()
+    model = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), None)
+    flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    if model:
+        env["cpu"] = model
+    env["cpu vectors"] = " ".join(f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_bf16")
+                                  if f in flags) or "no AVX2"
+except OSError:
+    pass
 if len(sys.argv) > 2 and sys.argv[2] and os.path.exists(sys.argv[2]):
     env["build"] = json.load(open(sys.argv[2]))
 json.dump(env, open(sys.argv[1], "w"), indent=1)
