@@ -339,7 +339,8 @@ fn decode(dir: &Path, model: Option<&str>, budget: Duration) -> Result<()> {
                     let bytes = std::fs::read(f)?;
                     let img =
                         mmembed_media::decode_image(&bytes, &f.display().to_string(), &limits)?;
-                    pre.crop_into(&img, buf).map_err(anyhow::Error::msg)?;
+                    pre.crop_into(&img, buf)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
                     Ok(buf.len())
                 },
             )

@@ -246,6 +246,16 @@ const BLOCK: usize = 16;
 /// where a whole row's (30 KB) left the stores missing it.
 const OUT_CHUNK: usize = 64;
 
+/// Bytes per column of a transposed block: [`BLOCK`] rows of RGB.
+const LANES: usize = BLOCK * 3;
+
+/// Where channel `ch` of column `x` starts in a transposed block laid out
+/// `[x][channel][row]`: its [`BLOCK`] rows' bytes follow one another.
+#[inline(always)]
+fn lane(x: usize, ch: usize) -> usize {
+    x * LANES + ch * BLOCK
+}
+
 #[inline]
 fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
@@ -303,7 +313,6 @@ fn horizontal_lanes(
     rows: std::ops::Range<usize>,
     htaps: &[Taps],
 ) -> Vec<u8> {
-    const LANES: usize = BLOCK * 3;
     let w = htaps.len();
     let mut mid = vec![0u8; rows.len() * w * 3];
     let mut block = Vec::new();
@@ -435,7 +444,7 @@ fn rows_to_lanes(lines: &[&[u8]; BLOCK], lo: usize, hi: usize, block: &mut [u8])
             transpose16(&mut m);
             for (j, bytes) in m.iter().enumerate() {
                 let b = 16 * k + j;
-                block[(x0 - lo + b / 3) * 48 + (b % 3) * 16..][..16].copy_from_slice(bytes);
+                block[lane(x0 - lo + b / 3, b % 3)..][..16].copy_from_slice(bytes);
             }
         }
         x0 += 16;
@@ -443,7 +452,7 @@ fn rows_to_lanes(lines: &[&[u8]; BLOCK], lo: usize, hi: usize, block: &mut [u8])
     for x in x0..hi {
         for (r, line) in lines.iter().enumerate() {
             for ch in 0..3 {
-                block[(x - lo) * 48 + ch * 16 + r] = line[x * 3 + ch];
+                block[lane(x - lo, ch) + r] = line[x * 3 + ch];
             }
         }
     }
@@ -455,14 +464,14 @@ fn rows_to_lanes(lines: &[&[u8]; BLOCK], lo: usize, hi: usize, block: &mut [u8])
 /// wide.
 #[inline(always)]
 fn lanes_to_rows(outs: &[u8], rows: &mut [u8], n: usize, w: usize, xx0: usize) {
-    let count = outs.len() / 48;
+    let count = outs.len() / LANES;
     let mut g = 0;
     while g + 16 <= count {
         for k in 0..3 {
             let mut m = [[0u8; 16]; 16];
             for (j, row) in m.iter_mut().enumerate() {
                 let b = 16 * k + j;
-                row.copy_from_slice(&outs[(g + b / 3) * 48 + (b % 3) * 16..][..16]);
+                row.copy_from_slice(&outs[lane(g + b / 3, b % 3)..][..16]);
             }
             transpose16(&mut m);
             for (r, bytes) in m.iter().enumerate().take(n) {
@@ -474,7 +483,7 @@ fn lanes_to_rows(outs: &[u8], rows: &mut [u8], n: usize, w: usize, xx0: usize) {
     for x in g..count {
         for r in 0..n {
             for ch in 0..3 {
-                rows[r * w * 3 + (xx0 + x) * 3 + ch] = outs[x * 48 + ch * 16 + r];
+                rows[r * w * 3 + (xx0 + x) * 3 + ch] = outs[lane(x, ch) + r];
             }
         }
     }
