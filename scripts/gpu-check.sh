@@ -14,7 +14,7 @@
 #                                       on the same GPU, throughput side by
 #                                       side, JPEG files end to end; writes
 #                                       OUT/report.md and the raw JSON lines.
-#                                       About 6 minutes on an H200.
+#                                       About 6.5 minutes on an H200.
 #   scripts/gpu-check.sh dry-run OUT    here, on the CPU: the same steps on
 #                                       the tiny fixture model with the debug
 #                                       CPU builds, to check the script itself
@@ -113,35 +113,55 @@ steps() {
     ln -s "$f" "$work/jpegs-small/"
     k=$((k + 1))
   done
-  "$BIN/gpu_check" decode "$work/jpegs" --model "$model" --seconds "$SECONDS_EACH" | tee "$out/decode.jsonl" \
-    || failed "the decode ceiling"
-  local prec=${E2E_PRECISION:-${precisions##*,}} small large serial wide
+  # The host's ceilings: decode and preprocess on all cores, exact and with
+  # --jpeg-draft's reduced decoding, for these photos and for large ones.
+  : >"$out/decode.jsonl"
+  local draft
+  for draft in false true; do
+    "$BIN/gpu_check" decode "$work/jpegs" --model "$model" --seconds "$SECONDS_EACH" --draft $draft \
+      | sed 's/}$/, "photos": "640x480"}/' | tee -a "$out/decode.jsonl" || failed "the decode ceiling (draft $draft)"
+  done
+  "$PY" scripts/gpu/torch_side.py jpegs "$work/photos-big" "$BIG_PHOTOS" --size "$BIG_SIZE" \
+    || failed "making the large JPEG files"
+  for draft in false true; do
+    "$BIN/gpu_check" decode "$work/photos-big" --model "$model" --seconds "$SECONDS_EACH" --draft $draft \
+      | sed "s/}\$/, \"photos\": \"$BIG_SIZE\"}/" | tee -a "$out/decode.jsonl" \
+      || failed "the decode ceiling on large photos (draft $draft)"
+  done
+  rm -rf "$work/photos-big"
+  local prec=${E2E_PRECISION:-${precisions##*,}} small large serial wide draft
   # Two sizes: their difference is the steady rate, without the model's
   # load and the process start. Then the large set twice more, to say what
   # bounds it: `serial` sends one call at a time (--calls-in-flight 1), so
   # at each call's end the decoders wait for the model's last batch and the
   # GPU for the next call's first (the default keeps a second call queued,
   # prepared while the model finishes the one before); `wide` sends calls
-  # of E2E_WIDE_BATCH rows, a quarter of the seams.
-  local -A batch_of=([small]=$E2E_BATCH [large]=$E2E_BATCH [serial]=$E2E_BATCH [wide]=$E2E_WIDE_BATCH)
-  local -A inflight_of=([small]=2 [large]=2 [serial]=1 [wide]=2)
-  for n in small large serial wide; do
-    local dir=$work/jpegs batch=${batch_of[$n]}
+  # of E2E_WIDE_BATCH rows, a quarter of the seams; `draft` decodes with
+  # --jpeg-draft (its steady rate is taken against the exact small run, so
+  # it understates a little: the small run's decoding was the slower one).
+  local -A batch_of=([small]=$E2E_BATCH [large]=$E2E_BATCH [serial]=$E2E_BATCH [wide]=$E2E_WIDE_BATCH [draft]=$E2E_BATCH)
+  local -A inflight_of=([small]=2 [large]=2 [serial]=1 [wide]=2 [draft]=2)
+  for n in small large serial wide draft; do
+    local dir=$work/jpegs batch=${batch_of[$n]} extra=()
     [ $n = small ] && dir=$work/jpegs-small
+    [ $n = draft ] && extra=(--jpeg-draft)
     local s e
     s=$(date +%s.%N)
     "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
       --precision "$prec" --batch-size "$batch" --max-batch "$E2E_MAX_BATCH" \
-      --calls-in-flight "${inflight_of[$n]}" >"$out/batch_$n.log" 2>&1 \
+      --calls-in-flight "${inflight_of[$n]}" "${extra[@]}" >"$out/batch_$n.log" 2>&1 \
       || { echo "!! mmembed batch failed:"; tail -20 "$out/batch_$n.log"; }
     e=$(date +%s.%N)
     printf -v "$n" '%s' "$(awk "BEGIN { print $e - $s }")"
   done
-  local ceiling
-  ceiling=$(sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' "$out/decode.jsonl" | head -1)
+  local ceiling exact_ceiling draft_ceiling
+  exact_ceiling=$(grep '"decode_preprocess"' "$out/decode.jsonl" | sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' | head -1)
+  draft_ceiling=$(grep '"decode_preprocess_draft"' "$out/decode.jsonl" | sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' | head -1)
   : >"$out/e2e.jsonl"
-  for n in large serial wide; do
+  for n in large serial wide draft; do
     local secs=${!n} batch=${batch_of[$n]}
+    ceiling=$exact_ceiling
+    [ $n = draft ] && ceiling=$draft_ceiling
     printf '{"run": "%s", "precision": "%s", "files_small": %s, "seconds_small": %.2f, "files_large": %s, "seconds_large": %.2f, "steady_images_per_s": %.0f, "decode_ceiling_per_s": %.0f, "batch_size": %s, "calls_in_flight": %s, "max_batch": %s, "cores": %s}\n' \
       "$n" "$prec" "$E2E_SMALL" "$small" "$E2E_LARGE" "$secs" \
       "$(awk "BEGIN { d = $secs - $small; print (d > 0 ? ($E2E_LARGE - $E2E_SMALL) / d : 0) }")" "${ceiling:-0}" \
@@ -233,6 +253,7 @@ run() {
   env_json "$out"
   IMAGES=1,32,256,1024 TEXTS=32,256 SECONDS_EACH=${SECONDS_EACH:-2}
   E2E_SMALL=2000 E2E_LARGE=${E2E_LARGE:-20000} E2E_BATCH=1024 E2E_WIDE_BATCH=4096 E2E_MAX_BATCH=256
+  BIG_PHOTOS=160 BIG_SIZE=4000x3000
   COMPILE=bf16 COMPILE_IMAGES=256,1024 COMPILE_TEXTS=256 COMPILE_IF_UNDER=270
   steps "$out" cuda f32,f16,bf16
 }
@@ -248,6 +269,7 @@ dry_run() {
   MODEL=$PWD/models/fixtures/tiny-clip
   IMAGES=1,8 TEXTS=8 SECONDS_EACH=0.2
   E2E_SMALL=20 E2E_LARGE=100 E2E_BATCH=32 E2E_WIDE_BATCH=96 E2E_MAX_BATCH=8
+  BIG_PHOTOS=4 BIG_SIZE=1600x1200
   COMPILE="" COMPILE_IF_UNDER=0
   # Parity and model-only speed through the GPU's graph (Kernels::Portable)
   # in every precision, run on the CPU; the batch job (which picks its own

@@ -4,7 +4,7 @@
 //! String form:
 //!
 //! ```text
-//! local[:MODEL][?device=cuda&precision=f16&max_batch=32&fps=1&keyframes_only=true]
+//! local[:MODEL][?device=cuda&precision=f16&max_batch=32&fps=1&keyframes_only=true&jpeg_draft=true]
 //! vertex[:PROJECT[/LOCATION]][?dimension=512&model=…&base_url=…&concurrency=8&rpm=120&max_attempts=5&timeout_secs=60]
 //! fallback(SPEC, SPEC)[?failure_threshold=3&open_secs=30&allow_mixed_spaces=false]
 //! hedged(SPEC, SPEC)[?delay_ms=200&allow_mixed_spaces=false]
@@ -55,6 +55,8 @@ pub struct LocalSpec {
     pub fps: Option<f64>,
     /// Keyframe-only video sampling.
     pub keyframes_only: Option<bool>,
+    /// Reduced JPEG decoding (`LocalOptions::jpeg_draft`).
+    pub jpeg_draft: Option<bool>,
 }
 
 /// A Vertex backend's settings.
@@ -132,7 +134,7 @@ const NUMBERS: [&str; 11] = [
     "delay_ms",
     "delay",
 ];
-const BOOLS: [&str; 2] = ["keyframes_only", "allow_mixed_spaces"];
+const BOOLS: [&str; 3] = ["keyframes_only", "jpeg_draft", "allow_mixed_spaces"];
 
 /// `a=1&b=x` into typed JSON values.
 fn params(spec: &str, query: &str, into: &mut Map<String, Value>) -> Result<(), EmbedError> {
@@ -404,6 +406,9 @@ impl LocalSpec {
         }
         if let Some(k) = self.keyframes_only {
             o = o.with_video_keyframes_only(k);
+        }
+        if let Some(d) = self.jpeg_draft {
+            o = o.with_jpeg_draft(d);
         }
         Ok(o)
     }
@@ -756,7 +761,7 @@ mod tests {
 
     #[test]
     fn string_and_toml_forms_agree() {
-        let s: BackendSpec = "hedged(local:models/demo?device=cpu&max_batch=8, fallback(vertex:p/us-east1?dimension=512&rpm=600, local))?delay_ms=150"
+        let s: BackendSpec = "hedged(local:models/demo?device=cpu&max_batch=8&jpeg_draft=true, fallback(vertex:p/us-east1?dimension=512&rpm=600, local))?delay_ms=150"
             .parse()
             .unwrap();
         let t = BackendSpec::from_toml(
@@ -768,6 +773,7 @@ mod tests {
             model = "models/demo"
             device = "cpu"
             max_batch = 8
+            jpeg_draft = true
             [second]
             kind = "fallback"
             [second.primary]
@@ -782,6 +788,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s, t);
+        #[cfg(feature = "local")]
+        {
+            let BackendSpec::Hedged { first, .. } = s else {
+                unreachable!()
+            };
+            let BackendSpec::Local(l) = *first else {
+                unreachable!()
+            };
+            let o = l.options().unwrap();
+            assert!(o.jpeg_draft);
+            assert_eq!(o.max_batch, Some(8));
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! Any bytes through image decoding and CLIP preprocessing: errors are fine,
-//! panics, hangs and huge allocations are bugs.
+//! Any bytes through image decoding and CLIP preprocessing, whole and
+//! reduced (`decode_image_draft`, as `--jpeg-draft` decodes): errors are
+//! fine, panics, hangs and huge allocations are bugs.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mmembed_media::{ClipPreprocessor, ImageLimits, decode_image};
+use mmembed_media::{ClipPreprocessor, ImageLimits, decode_image, decode_image_draft};
 
 fuzz_target!(|data: &[u8]| {
     let limits = ImageLimits {
@@ -11,7 +12,14 @@ fuzz_target!(|data: &[u8]| {
         max_bytes: 1 << 20,
         max_alloc: 256 << 20,
     };
-    if let Ok(img) = decode_image(data, "fuzz", &limits) {
-        let _ = ClipPreprocessor::openai(224).preprocess(&img);
+    let pre = ClipPreprocessor::openai(224);
+    // The input's last byte picks the path, so the corpus reaches both.
+    let img = if data.last().is_some_and(|b| b & 1 == 1) {
+        decode_image_draft(data, "fuzz", &limits, |w, h| pre.resized_size(w, h))
+    } else {
+        decode_image(data, "fuzz", &limits)
+    };
+    if let Ok(img) = img {
+        let _ = pre.preprocess(&img);
     }
 });

@@ -178,23 +178,24 @@ def speed(model_dir: Path, device: str, precisions: list[str], images: list[int]
 def _jpeg(args) -> None:
     from PIL import Image
 
-    i, src, out = args
+    i, src, out, (w, h) = args
     rng = np.random.default_rng(i)
-    im = Image.open(src).convert("RGB").resize((640, 480))
-    a = np.asarray(im).astype(np.int16) + rng.integers(-8, 9, (480, 640, 3))
+    im = Image.open(src).convert("RGB").resize((w, h))
+    a = np.asarray(im).astype(np.int16) + rng.integers(-8, 9, (h, w, 3))
     Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(out / f"{i:06d}.jpg", quality=90)
 
 
-def jpegs(out: Path, count: int) -> None:
-    """640x480 JPEGs (quality 90) from the committed photos with per-file
+def jpegs(out: Path, count: int, size: tuple[int, int] = (640, 480)) -> None:
+    """JPEGs of `size` (quality 90) from the committed photos with per-file
     noise, so no two files decode alike."""
     from multiprocessing import Pool
 
     out.mkdir(parents=True, exist_ok=True)
     photos = sorted(p for p in (FIXTURES / "images").iterdir() if p.suffix in (".png", ".jpg"))
     with Pool(os.cpu_count()) as pool:
-        pool.map(_jpeg, [(i, photos[i % len(photos)], out) for i in range(count)], chunksize=64)
-    print(f"{count} JPEGs in {out}")
+        pool.map(_jpeg, [(i, photos[i % len(photos)], out, size) for i in range(count)],
+                 chunksize=max(1, min(64, count // (4 * (os.cpu_count() or 1)))))
+    print(f"{count} {size[0]}x{size[1]} JPEGs in {out}")
 
 
 def lines(path: Path) -> list[dict]:
@@ -247,6 +248,13 @@ def report(out: Path) -> None:
             if r["workload"] == "u8_vs_f32_rows":
                 md.append(f"- {r['precision']}: u8 rows normalised on the GPU vs host f32 rows, "
                           f"{r['batch']} images: max abs diff of the unit vectors {r['max_abs_diff']:.2e}")
+    decode = lines(out / "decode.jsonl")
+    if decode:
+        md += ["", "## Decode and preprocess on the host's cores (no model), per second", ""]
+        for r in decode:
+            how = "reduced (`--jpeg-draft`)" if r["workload"].endswith("_draft") else "exact"
+            md.append(f"- {r.get('photos', '?')} JPEGs, {how}: {r['per_s']:,.0f} images/s "
+                      f"on {r['threads']} threads")
     if e2e:
         md += ["", "## End to end: JPEG files through `mmembed batch`", ""]
         for r in e2e:
@@ -283,6 +291,7 @@ def main() -> None:
     j = sub.add_parser("jpegs")
     j.add_argument("out", type=Path)
     j.add_argument("count", type=int)
+    j.add_argument("--size", default="640x480", help="WIDTHxHEIGHT")
     sub.add_parser("report").add_argument("out", type=Path)
     a = ap.parse_args()
     nums = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -298,7 +307,7 @@ def main() -> None:
     elif a.cmd == "speed":
         speed(a.model, a.device, words(a.precisions), nums(a.images), nums(a.texts), words(a.compile), a.seconds)
     elif a.cmd == "jpegs":
-        jpegs(a.out, a.count)
+        jpegs(a.out, a.count, tuple(int(x) for x in a.size.split("x")))
     elif a.cmd == "report":
         report(a.out)
 

@@ -7,7 +7,7 @@
 //! gpu_check speed MODEL_DIR [--device cuda] [--precisions f32,f16,bf16]
 //!                 [--images 1,32,256,1024] [--texts 32,256] [--seconds 3]
 //!                 [--kernels auto|portable]
-//! gpu_check decode IMAGE_DIR [--model MODEL_DIR] [--seconds 3]
+//! gpu_check decode IMAGE_DIR [--model MODEL_DIR] [--seconds 3] [--draft false|true]
 //! ```
 //!
 //! `parity` reads `INPUTS_DIR/inputs.json` (texts and the token ids
@@ -19,7 +19,8 @@
 //! the device, as PyTorch is timed) and, for images, the library's own calls
 //! (host f32 pixels, or the crops' bytes as `mmembed batch` sends them, in;
 //! unit vectors out: transfers included). `decode`
-//! times JPEG decoding and preprocessing on all cores, the host's ceiling.
+//! times JPEG decoding and preprocessing on all cores, the host's ceiling
+//! (`--draft true`: with `mmembed batch --jpeg-draft`'s reduced decoding).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -69,6 +70,9 @@ fn main() -> Result<()> {
                 .find(|(k, _)| k == "model")
                 .map(|(_, v)| v.as_str()),
             seconds(&flag("seconds", "3"))?,
+            flag("draft", "false")
+                .parse()
+                .context("--draft true|false")?,
         ),
         _ => bail!(USAGE),
     }
@@ -310,7 +314,7 @@ fn speed(
     Ok(())
 }
 
-fn decode(dir: &Path, model: Option<&str>, budget: Duration) -> Result<()> {
+fn decode(dir: &Path, model: Option<&str>, budget: Duration, draft: bool) -> Result<()> {
     let files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "jpg" || e == "jpeg"))
@@ -337,8 +341,15 @@ fn decode(dir: &Path, model: Option<&str>, budget: Duration) -> Result<()> {
                 || vec![0u8; len],
                 |buf, f| -> Result<usize> {
                     let bytes = std::fs::read(f)?;
-                    let img =
-                        mmembed_media::decode_image(&bytes, &f.display().to_string(), &limits)?;
+                    let what = f.display().to_string();
+                    // As the backend decodes with and without --jpeg-draft.
+                    let img = if draft {
+                        mmembed_media::decode_image_draft(&bytes, &what, &limits, |w, h| {
+                            pre.resized_size(w, h)
+                        })?
+                    } else {
+                        mmembed_media::decode_image(&bytes, &what, &limits)?
+                    };
                     pre.crop_into(&img, buf)
                         .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
                     Ok(buf.len())
@@ -357,7 +368,8 @@ fn decode(dir: &Path, model: Option<&str>, budget: Duration) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "stack": "mmembed", "workload": "decode_preprocess", "threads": rayon::current_num_threads(),
+            "stack": "mmembed", "workload": if draft { "decode_preprocess_draft" } else { "decode_preprocess" },
+            "threads": rayon::current_num_threads(),
             "files": files.len(), "per_s": done as f64 / secs,
         })
     );

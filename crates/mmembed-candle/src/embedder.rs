@@ -11,7 +11,7 @@ use mmembed_core::{
     EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, MediaSource, Modality,
     SegmentEmbedding, SpaceId, async_trait, l2_normalize,
 };
-use mmembed_media::{ClipPreprocessor, ImageLimits, decode_image, read_media};
+use mmembed_media::{ClipPreprocessor, ImageLimits, decode_image, decode_image_draft, read_media};
 use tokio::sync::oneshot;
 
 use crate::config::ClipConfig;
@@ -59,6 +59,12 @@ pub struct LocalOptions {
     pub max_batch: Option<usize>,
     /// Image decoding limits.
     pub image_limits: ImageLimits,
+    /// Decode JPEGs reduced by 2, 4 or 8 when that still covers the
+    /// model's resize, as Pillow's `Image.draft` does (default false):
+    /// faster, the more so the larger the photos, at the price of inputs a
+    /// few levels off the exact decode's. See
+    /// [`mmembed_media::decode_image_draft`].
+    pub jpeg_draft: bool,
     /// Hub access (default: from the environment).
     pub hub: HubOptions,
     /// Overrides the space id (default: the manifest's, else a hash of the weights).
@@ -87,6 +93,7 @@ impl LocalOptions {
             precision: Precision::F32,
             max_batch: None,
             image_limits: ImageLimits::default(),
+            jpeg_draft: false,
             hub: HubOptions::from_env(),
             space: None,
             video_fps: 1.0,
@@ -134,6 +141,13 @@ impl LocalOptions {
     /// Sets the hub options.
     pub fn with_hub(mut self, hub: HubOptions) -> Self {
         self.hub = hub;
+        self
+    }
+
+    /// Decodes JPEGs reduced where the model's resize allows (see
+    /// [`LocalOptions::jpeg_draft`]).
+    pub fn with_jpeg_draft(mut self, yes: bool) -> Self {
+        self.jpeg_draft = yes;
         self
     }
 
@@ -631,6 +645,7 @@ struct Worker {
     clip: LoadedClip,
     max_batch: usize,
     limits: ImageLimits,
+    jpeg_draft: bool,
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
     video_fps: f64,
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
@@ -1022,10 +1037,14 @@ impl Worker {
     fn pixels_into(&self, src: &MediaSource, slot: &mut [u8]) -> Result<(), EmbedError> {
         let what = src.describe(Modality::Image);
         let bytes = read_media(src, Modality::Image, self.limits.max_bytes)?;
-        let img = decode_image(&bytes, &what, &self.limits)?;
-        self.clip
-            .preprocessor
-            .crop_into(&img, slot)
+        let pre = &self.clip.preprocessor;
+        let img = if self.jpeg_draft {
+            // Reduced no further than the resize's size for the image.
+            decode_image_draft(&bytes, &what, &self.limits, |w, h| pre.resized_size(w, h))?
+        } else {
+            decode_image(&bytes, &what, &self.limits)?
+        };
+        pre.crop_into(&img, slot)
             .map_err(|e| EmbedError::media(&what, e, None))
     }
 }
@@ -1203,7 +1222,7 @@ impl LocalEmbedder {
                 GPU_MAX_BATCH
             })
             .max(1);
-        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, max_batch, "local model loaded");
+        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, max_batch, jpeg_draft = opts.jpeg_draft, "local model loaded");
         if !(opts.video_fps.is_finite() && opts.video_fps > 0.0) {
             return Err(EmbedError::invalid(
                 "video_fps",
@@ -1214,6 +1233,7 @@ impl LocalEmbedder {
             clip,
             max_batch,
             limits: opts.image_limits,
+            jpeg_draft: opts.jpeg_draft,
             video_fps: opts.video_fps,
             video_keyframes_only: opts.video_keyframes_only,
         });

@@ -503,3 +503,39 @@ async fn concurrent_callers_get_their_own_answers() {
         }
     }
 }
+
+/// `jpeg_draft` reaches the decoder with the model's resize as the need: a
+/// 640×480 JPEG embeds as its 320×240 reduction (decoded alone, as Pillow
+/// would decode it; `mmembed-media`'s fixtures hold those pixels to
+/// Pillow's) does without the option, and not as the whole image does.
+#[tokio::test]
+async fn jpeg_draft_embeds_the_reduced_decode() {
+    let photo = image::RgbImage::from_fn(640, 480, |x, y| {
+        let n = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)) % 97;
+        Rgb([(x / 3) as u8, (y / 2) as u8, (n * 2) as u8])
+    });
+    let jpeg = encode(&DynamicImage::ImageRgb8(photo), ImageFormat::Jpeg);
+    let limits = mmembed_media::ImageLimits::default();
+    // CLIP's 224 shortest edge: 298×224 of 640×480, so halved.
+    let reduced =
+        mmembed_media::decode_image_draft(&jpeg, "photo.jpg", &limits, |_, _| (298, 224)).unwrap();
+    assert_eq!(reduced.dimensions(), (320, 240));
+    let png = encode(&DynamicImage::ImageRgb8(reduced), ImageFormat::Png);
+
+    let dir = fixtures().join("tiny-clip");
+    let draft = LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.to_str().unwrap())
+            .with_device(DeviceSpec::Cpu)
+            .with_jpeg_draft(true),
+    )
+    .unwrap();
+    let exact = tiny();
+    async fn embed(e: &LocalEmbedder, bytes: Vec<u8>) -> Vec<f32> {
+        let mut r = e.embed_batch(vec![EmbedRequest::image(bytes)]).await;
+        r.remove(0).unwrap().image.unwrap()
+    }
+    let drafted = embed(&draft, jpeg.clone()).await;
+    assert_eq!(drafted, embed(&exact, png).await);
+    let whole = embed(&exact, jpeg).await;
+    assert_ne!(drafted, whole);
+}

@@ -68,6 +68,52 @@ pub fn decode_image(
     what: &str,
     limits: &ImageLimits,
 ) -> Result<RgbImage, EmbedError> {
+    decode(bytes, what, limits, None)
+}
+
+/// [`decode_image`], except that a JPEG may be decoded at 1/2, 1/4 or 1/8
+/// of its size, as Pillow's `Image.draft("RGB", need)` does: the largest
+/// reduction that keeps both sides at least `need(width, height)`, where
+/// `(width, height)` is the image's size as displayed (after its EXIF
+/// orientation) and so is the need.
+///
+/// libjpeg reduces in the inverse DCT, so most of the decoding and of the
+/// resizing after it is skipped: a 640×480 photo that a CLIP model resizes
+/// to 298×224 decodes at 320×240, about twice as fast end to end, and a
+/// 12-megapixel one at 1/8 (BENCHMARKS.md). The pixels are Pillow's for
+/// the same request, but not those of a full decode resized: the DCT's
+/// reduction is a different filter from the resize's, so preprocessed
+/// inputs differ by a few levels. Images other than the plain JPEGs that
+/// libjpeg-turbo takes (see [`decode_image`]) decode at full size.
+///
+/// ```
+/// use mmembed_media::{decode_image_draft, ImageLimits};
+/// let mut jpeg = Vec::new();
+/// image::RgbImage::from_pixel(640, 480, image::Rgb([200, 30, 90]))
+///     .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+///     .unwrap();
+/// // A model that resizes the shortest side to 224 needs 298×224 of it.
+/// let img = decode_image_draft(&jpeg, "red.jpg", &ImageLimits::default(), |_, _| (298, 224))?;
+/// assert_eq!(img.dimensions(), (320, 240));
+/// # Ok::<(), mmembed_core::EmbedError>(())
+/// ```
+pub fn decode_image_draft(
+    bytes: &[u8],
+    what: &str,
+    limits: &ImageLimits,
+    need: impl Fn(u32, u32) -> (u32, u32),
+) -> Result<RgbImage, EmbedError> {
+    decode(bytes, what, limits, Some(&need))
+}
+
+type Need<'a> = Option<&'a dyn Fn(u32, u32) -> (u32, u32)>;
+
+fn decode(
+    bytes: &[u8],
+    what: &str,
+    limits: &ImageLimits,
+    need: Need<'_>,
+) -> Result<RgbImage, EmbedError> {
     if bytes.len() as u64 > limits.max_bytes {
         return Err(EmbedError::media(
             what,
@@ -120,8 +166,24 @@ pub fn decode_image(
         ));
     }
     let orientation = decoder.orientation().map_err(|e| decode_error(what, e))?;
+    let denominator = need.map_or(1, |need| {
+        // The need is for the image as displayed; the reduction applies to
+        // it as stored, turned a quarter for orientations 5-8.
+        use image::metadata::Orientation::*;
+        let turned = matches!(
+            orientation,
+            Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH
+        );
+        let (nw, nh) = if turned {
+            let (nw, nh) = need(h, w);
+            (nh, nw)
+        } else {
+            need(w, h)
+        };
+        crate::jpeg::draft_denominator((w, h), (nw, nh))
+    });
     if format == ImageFormat::Jpeg
-        && let Some(rgb) = crate::jpeg::decode_plain(bytes, (w, h), limits)
+        && let Some(rgb) = crate::jpeg::decode_plain(bytes, (w, h), limits, denominator)
     {
         let mut img = DynamicImage::ImageRgb8(rgb);
         img.apply_orientation(orientation);
@@ -232,7 +294,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
         let blob = std::fs::read(dir.join("decoded.bin")).unwrap();
         let cases = meta["cases"].as_array().unwrap();
-        assert!(cases.len() >= 12);
+        assert!(cases.len() >= 26);
         let mut bad = Vec::new();
         for case in cases {
             let file = case["file"].as_str().unwrap();
@@ -243,7 +305,19 @@ mod tests {
             let o = case["offset"].as_u64().unwrap() as usize;
             let want = &blob[o..o + (w * h * 3) as usize];
             let bytes = std::fs::read(dir.join(file)).unwrap();
-            let got = decode_image(&bytes, file, &ImageLimits::default()).unwrap();
+            let limits = ImageLimits::default();
+            let (got, file) = match case.get("draft") {
+                // Reduced as Pillow's draft reduces it, for this need.
+                Some(d) => {
+                    let need = (d[0].as_u64().unwrap() as u32, d[1].as_u64().unwrap() as u32);
+                    let got = decode_image_draft(&bytes, file, &limits, |_, _| need).unwrap();
+                    (got, format!("{file} (draft {need:?})"))
+                }
+                None => (
+                    decode_image(&bytes, file, &limits).unwrap(),
+                    file.to_string(),
+                ),
+            };
             assert_eq!(got.dimensions(), (w, h), "{file}");
             let max = got
                 .as_raw()
@@ -264,6 +338,35 @@ mod tests {
         assert!(bad.is_empty(), "differ from Pillow:\n{}", bad.join("\n"));
     }
 
+    /// The need is asked for the image as displayed, and the reduction is
+    /// Pillow's rule on the stored one; files the JPEG path does not take
+    /// decode whole.
+    #[test]
+    fn draft_asks_for_the_displayed_size() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures");
+        // Stored 30 × 20, displayed 20 × 30 (EXIF orientation 6).
+        let jpg = std::fs::read(dir.join("jpeg/exif_orientation_6.jpg")).unwrap();
+        let asked = std::cell::Cell::new(None);
+        let img = decode_image_draft(&jpg, "turned.jpg", &ImageLimits::default(), |w, h| {
+            asked.set(Some((w, h)));
+            (w / 2, h / 2)
+        })
+        .unwrap();
+        assert_eq!(asked.get(), Some((20, 30)));
+        assert_eq!(img.dimensions(), (10, 15));
+
+        assert_eq!(crate::jpeg::draft_denominator((640, 480), (298, 224)), 2);
+        assert_eq!(crate::jpeg::draft_denominator((4000, 3000), (298, 224)), 8);
+        assert_eq!(crate::jpeg::draft_denominator((1200, 900), (298, 224)), 4);
+        assert_eq!(crate::jpeg::draft_denominator((597, 448), (298, 224)), 2);
+        assert_eq!(crate::jpeg::draft_denominator((595, 448), (298, 224)), 1);
+        assert_eq!(crate::jpeg::draft_denominator((5, 5), (0, 0)), 4);
+
+        let cmyk = std::fs::read(dir.join("bad-input/cmyk.jpg")).unwrap();
+        let img = decode_image_draft(&cmyk, "cmyk.jpg", &ImageLimits::default(), |_, _| (1, 1));
+        assert_eq!(img.unwrap().dimensions(), (120, 80));
+    }
+
     /// What the JPEG path does not take goes to the `image` crate's decoder
     /// and is accepted or refused as before: CMYK, truncated data, more
     /// than 100 progressive scans.
@@ -271,35 +374,35 @@ mod tests {
     fn other_jpegs_take_the_fallback() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures");
         let cmyk = std::fs::read(dir.join("bad-input/cmyk.jpg")).unwrap();
-        assert!(crate::jpeg::decode_plain(&cmyk, (120, 80), &ImageLimits::default()).is_none());
+        assert!(crate::jpeg::decode_plain(&cmyk, (120, 80), &ImageLimits::default(), 1).is_none());
         let rgb = decode_image(&cmyk, "cmyk.jpg", &ImageLimits::default()).unwrap();
         assert_eq!(rgb.dimensions(), (120, 80));
 
         let jpg = std::fs::read(dir.join("jpeg/progressive_420.jpg")).unwrap();
         let cut = &jpg[..jpg.len() * 2 / 3];
-        assert!(crate::jpeg::decode_plain(cut, (48, 33), &ImageLimits::default()).is_none());
+        assert!(crate::jpeg::decode_plain(cut, (48, 33), &ImageLimits::default(), 1).is_none());
         // Refused as before (and as Pillow refuses it by default).
         let e = decode_image(cut, "cut.jpg", &ImageLimits::default()).unwrap_err();
         assert!(e.to_string().contains("corrupt or truncated"), "{e}");
         // A decode that fails must not spoil the next one on this thread.
-        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default()).is_some());
+        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default(), 1).is_some());
         // A header that disagrees with the caller's, or a limit the
         // progressive coefficients would pass, sends it the other way too.
-        assert!(crate::jpeg::decode_plain(&jpg, (33, 48), &ImageLimits::default()).is_none());
+        assert!(crate::jpeg::decode_plain(&jpg, (33, 48), &ImageLimits::default(), 1).is_none());
         let tight = ImageLimits {
             max_alloc: 48 * 33 * 3 * 2,
             ..ImageLimits::default()
         };
-        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &tight).is_none());
+        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &tight, 1).is_none());
 
         // A valid progressive JPEG of 128 scans (no decoder warning; made by
         // models/fixtures/make_many_scans.py): past 100 scans it stops here
         // and is refused on the other path, as before libjpeg-turbo.
         let many = std::fs::read(dir.join("bad-input/scans_128.jpg")).unwrap();
-        assert!(crate::jpeg::decode_plain(&many, (40, 24), &ImageLimits::default()).is_none());
+        assert!(crate::jpeg::decode_plain(&many, (40, 24), &ImageLimits::default(), 1).is_none());
         let e = decode_image(&many, "scans.jpg", &ImageLimits::default()).unwrap_err();
         assert!(e.to_string().contains("Too many scans"), "{e}");
         // And the thread's next decode is fine.
-        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default()).is_some());
+        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default(), 1).is_some());
     }
 }

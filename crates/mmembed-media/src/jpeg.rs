@@ -20,11 +20,16 @@
 //! than [`MAX_SCANS`] scans, which the `image` crate refuses: each scan is a
 //! pass over the image's blocks, so a small file could otherwise ask for
 //! thousands of passes.
+//!
+//! On request (`decode_image_draft`) this path also decodes at 1/2, 1/4 or
+//! 1/8 of the size, as Pillow's `Image.draft` does: libjpeg reduces in the
+//! inverse DCT, which skips most of the IDCT, colour conversion and
+//! resizing work, and its pixels are Pillow's for the same request.
 
 use std::cell::RefCell;
 
 use image::RgbImage;
-use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat};
+use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
 
 use crate::image::ImageLimits;
 
@@ -40,8 +45,19 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor>> = const { RefCell::new(None) };
 }
 
+/// The reduction Pillow's `draft` picks for an image of `(width, height)`
+/// that must stay at least `(need_w, need_h)`: the largest of 8, 4 and 2
+/// that both sides' whole ratios allow (`min(w // need_w, h // need_h)`),
+/// else 1. The reduced sides round up, so they are never under the need.
+pub(crate) fn draft_denominator((width, height): (u32, u32), (need_w, need_h): (u32, u32)) -> u32 {
+    let ratio = (width / need_w.max(1)).min(height / need_h.max(1));
+    [8, 4, 2].into_iter().find(|&d| ratio >= d).unwrap_or(1)
+}
+
 /// Decodes `bytes` to RGB with libjpeg-turbo when the JPEG is a plain one
 /// (see the module's documentation) and fits `limits`; `None` otherwise.
+/// `denominator` (1, 2, 4 or 8) reduces the image that many times in each
+/// direction, each side rounded up.
 ///
 /// `(width, height)` are the dimensions the caller already read from the
 /// header and checked against the pixel limit; a header that disagrees
@@ -50,6 +66,7 @@ pub(crate) fn decode_plain(
     bytes: &[u8],
     (width, height): (u32, u32),
     limits: &ImageLimits,
+    denominator: u32,
 ) -> Option<RgbImage> {
     // Taken out for the call and put back only after a clean decode: after
     // an error libjpeg's state is not worth trusting for the next image.
@@ -61,7 +78,7 @@ pub(crate) fn decode_plain(
             d
         }
     };
-    let rgb = decode_with(&mut d, bytes, (width, height), limits)?;
+    let rgb = decode_with(&mut d, bytes, (width, height), limits, denominator)?;
     DECOMPRESSOR.with(|cell| *cell.borrow_mut() = Some(d));
     Some(rgb)
 }
@@ -71,6 +88,7 @@ fn decode_with(
     bytes: &[u8],
     (width, height): (u32, u32),
     limits: &ImageLimits,
+    denominator: u32,
 ) -> Option<RgbImage> {
     // Any warning is an error here (the crate reports TurboJPEG's -1 for
     // both); such files go to the lenient decoder as before.
@@ -83,13 +101,19 @@ fn decode_with(
     {
         return None;
     }
-    let (w, h) = (header.width, header.height);
+    // Set on every call: the decompressor is the thread's, and the call
+    // before may have asked for another reduction.
+    let scale = ScalingFactor::new(1, denominator as usize);
+    d.set_scaling_factor(scale).ok()?;
+    let (w, h) = (scale.scale(header.width), scale.scale(header.height));
     let out = w.checked_mul(h)?.checked_mul(3)?;
     // What libjpeg allocates beyond our output: a progressive image keeps
-    // every DCT coefficient (2 bytes a sample, up to 3 samples a pixel)
-    // until the last scan. The `image` crate's path enforces `max_alloc`
-    // itself; images that would pass it only there go there.
-    let coefficients = if header.is_progressive { out * 2 } else { 0 };
+    // every DCT coefficient (2 bytes a sample, up to 3 samples a pixel, at
+    // full size whatever the reduction) until the last scan. The `image`
+    // crate's path enforces `max_alloc` itself; images that would pass it
+    // only there go there.
+    let full = header.width.checked_mul(header.height)?.checked_mul(3)?;
+    let coefficients = if header.is_progressive { full * 2 } else { 0 };
     if (out + coefficients) as u64 > limits.max_alloc {
         return None;
     }
@@ -102,5 +126,5 @@ fn decode_with(
         format: PixelFormat::RGB,
     };
     d.decompress(bytes, image).ok()?;
-    RgbImage::from_raw(width, height, pixels)
+    RgbImage::from_raw(w as u32, h as u32, pixels)
 }
