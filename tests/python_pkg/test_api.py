@@ -8,10 +8,11 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import mmembed
-from conftest import INTERVAL, assert_same_rows, rows_by_key
+from conftest import INTERVAL, ROOT, assert_same_rows, cli, rows_by_key
 
 
 def test_info_and_repr(embedder):
@@ -109,6 +110,24 @@ def test_arrow_rows_equal_the_cli_rows(embedder, media, cli_rows):
     assert isinstance(out, pa.RecordBatch)
     # Bytes carry no modification time; the rest is the same.
     assert_same_rows(rows_by_key(out), cli_rows, ignore_identity=True)
+
+
+def test_jpeg_draft_in_the_spec_is_the_cli_flag(embedder, tmp_path):
+    """`?jpeg_draft=true` decodes as `mmembed batch --jpeg-draft` does (the
+    640x427 photo at 1/4 for the demo model's 64-pixel input), which is not
+    the exact decode."""
+    photo = ROOT / "models/fixtures/images/rocket_640x427.jpg"
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / photo.name).write_bytes(photo.read_bytes())
+    out = tmp_path / "draft.parquet"
+    cli("batch", str(d), "-o", str(out), "--model", "demo", "--jpeg-draft")
+    want = np.array(pq.read_table(out)["embedding"].to_pylist()[0], dtype=np.float32)
+    drafted = mmembed.Embedder("local:demo?jpeg_draft=true").embed_images([str(photo)])
+    assert drafted.status == [""]
+    np.testing.assert_array_equal(drafted.embeddings[0], want)
+    exact = embedder.embed_images([str(photo)])
+    assert not np.array_equal(exact.embeddings[0], want)
 
 
 def test_arrow_input_errors_are_clear(embedder):

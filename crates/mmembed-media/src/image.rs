@@ -77,13 +77,15 @@ pub fn decode_image(
 /// `(width, height)` is the image's size as displayed (after its EXIF
 /// orientation) and so is the need.
 ///
-/// libjpeg reduces in the inverse DCT, so most of the decoding and of the
-/// resizing after it is skipped: a 640×480 photo that a CLIP model resizes
-/// to 298×224 decodes at 320×240, about twice as fast end to end, and a
-/// 12-megapixel one at 1/8 (BENCHMARKS.md). The pixels are Pillow's for
+/// libjpeg reduces in the inverse DCT, so much of the decoding and of the
+/// resizing after it is skipped (only the entropy decoding stays): a
+/// 640×480 photo that a CLIP model resizes to 298×224 decodes at 320×240,
+/// and decoding plus preprocessing are 1.6× as fast; a 12-megapixel one
+/// decodes at 1/8, 2.4× (BENCHMARKS.md). The pixels are Pillow's for
 /// the same request, but not those of a full decode resized: the DCT's
 /// reduction is a different filter from the resize's, so preprocessed
-/// inputs differ by a few levels. Images other than the plain JPEGs that
+/// inputs differ, by about a level on average and a few in the worst
+/// pixels. Images other than the plain JPEGs that
 /// libjpeg-turbo takes (see [`decode_image`]) decode at full size.
 ///
 /// ```
