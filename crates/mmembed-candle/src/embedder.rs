@@ -61,8 +61,8 @@ pub struct LocalOptions {
     pub image_limits: ImageLimits,
     /// Decode JPEGs reduced by 2, 4 or 8 when that still covers the
     /// model's resize, as Pillow's `Image.draft` does (default false):
-    /// faster, the more so the larger the photos, at the price of inputs a
-    /// few levels off the exact decode's. See
+    /// faster, the more so the larger the photos, at the price of inputs
+    /// about a level off the exact decode's on average. See
     /// [`mmembed_media::decode_image_draft`].
     pub jpeg_draft: bool,
     /// Hub access (default: from the environment).

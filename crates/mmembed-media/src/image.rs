@@ -356,6 +356,9 @@ mod tests {
         .unwrap();
         assert_eq!(asked.get(), Some((20, 30)));
         assert_eq!(img.dimensions(), (10, 15));
+        // The thread's decompressor does not keep the reduction.
+        let whole = decode_image(&jpg, "turned.jpg", &ImageLimits::default()).unwrap();
+        assert_eq!(whole.dimensions(), (20, 30));
 
         assert_eq!(crate::jpeg::draft_denominator((640, 480), (298, 224)), 2);
         assert_eq!(crate::jpeg::draft_denominator((4000, 3000), (298, 224)), 8);
