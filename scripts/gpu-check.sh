@@ -114,20 +114,21 @@ steps() {
     k=$((k + 1))
   done
   # The host's ceilings: decode and preprocess on all cores, exact and with
-  # --jpeg-draft's reduced decoding, for these photos and for large ones.
+  # --jpeg-draft's reduced decoding, for these photos and for large ones;
+  # each JSON line gets the photos' size.
   : >"$out/decode.jsonl"
-  local draft
-  for draft in false true; do
-    "$BIN/gpu_check" decode "$work/jpegs" --model "$model" --seconds "$SECONDS_EACH" --draft $draft \
-      | sed 's/}$/, "photos": "640x480"}/' | tee -a "$out/decode.jsonl" || failed "the decode ceiling (draft $draft)"
-  done
+  ceilings() {
+    local dir=$1 size=$2 draft
+    for draft in false true; do
+      "$BIN/gpu_check" decode "$dir" --model "$model" --seconds "$SECONDS_EACH" --draft $draft \
+        | sed "s/}\$/, \"photos\": \"$size\"}/" | tee -a "$out/decode.jsonl" \
+        || failed "the decode ceiling on $size photos (draft $draft)"
+    done
+  }
+  ceilings "$work/jpegs" 640x480
   "$PY" scripts/gpu/torch_side.py jpegs "$work/photos-big" "$BIG_PHOTOS" --size "$BIG_SIZE" \
     || failed "making the large JPEG files"
-  for draft in false true; do
-    "$BIN/gpu_check" decode "$work/photos-big" --model "$model" --seconds "$SECONDS_EACH" --draft $draft \
-      | sed "s/}\$/, \"photos\": \"$BIG_SIZE\"}/" | tee -a "$out/decode.jsonl" \
-      || failed "the decode ceiling on large photos (draft $draft)"
-  done
+  ceilings "$work/photos-big" "$BIG_SIZE"
   rm -rf "$work/photos-big"
   local prec=${E2E_PRECISION:-${precisions##*,}} small large serial wide draft
   # Two sizes: their difference is the steady rate, without the model's

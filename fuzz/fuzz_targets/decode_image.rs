@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mmembed_media::{ClipPreprocessor, ImageLimits, decode_image, decode_image_draft};
+use mmembed_media::{ClipPreprocessor, ImageLimits};
 
 fuzz_target!(|data: &[u8]| {
     let limits = ImageLimits {
@@ -14,12 +14,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let pre = ClipPreprocessor::openai(224);
     // The input's last byte picks the path, so the corpus reaches both.
-    let img = if data.last().is_some_and(|b| b & 1 == 1) {
-        decode_image_draft(data, "fuzz", &limits, |w, h| pre.resized_size(w, h))
-    } else {
-        decode_image(data, "fuzz", &limits)
-    };
-    if let Ok(img) = img {
+    let draft = data.last().is_some_and(|b| b & 1 == 1);
+    if let Ok(img) = pre.decode(data, "fuzz", &limits, draft) {
         let _ = pre.preprocess(&img);
     }
 });

@@ -341,15 +341,8 @@ fn decode(dir: &Path, model: Option<&str>, budget: Duration, draft: bool) -> Res
                 || vec![0u8; len],
                 |buf, f| -> Result<usize> {
                     let bytes = std::fs::read(f)?;
-                    let what = f.display().to_string();
                     // As the backend decodes with and without --jpeg-draft.
-                    let img = if draft {
-                        mmembed_media::decode_image_draft(&bytes, &what, &limits, |w, h| {
-                            pre.resized_size(w, h)
-                        })?
-                    } else {
-                        mmembed_media::decode_image(&bytes, &what, &limits)?
-                    };
+                    let img = pre.decode(&bytes, &f.display().to_string(), &limits, draft)?;
                     pre.crop_into(&img, buf)
                         .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
                     Ok(buf.len())

@@ -11,7 +11,7 @@ use mmembed_core::{
     EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, MediaSource, Modality,
     SegmentEmbedding, SpaceId, async_trait, l2_normalize,
 };
-use mmembed_media::{ClipPreprocessor, ImageLimits, decode_image, decode_image_draft, read_media};
+use mmembed_media::{ClipPreprocessor, ImageLimits, read_media};
 use tokio::sync::oneshot;
 
 use crate::config::ClipConfig;
@@ -1038,12 +1038,7 @@ impl Worker {
         let what = src.describe(Modality::Image);
         let bytes = read_media(src, Modality::Image, self.limits.max_bytes)?;
         let pre = &self.clip.preprocessor;
-        let img = if self.jpeg_draft {
-            // Reduced no further than the resize's size for the image.
-            decode_image_draft(&bytes, &what, &self.limits, |w, h| pre.resized_size(w, h))?
-        } else {
-            decode_image(&bytes, &what, &self.limits)?
-        };
+        let img = pre.decode(&bytes, &what, &self.limits, self.jpeg_draft)?;
         pre.crop_into(&img, slot)
             .map_err(|e| EmbedError::media(&what, e, None))
     }

@@ -312,6 +312,27 @@ impl ClipPreprocessor {
         }
     }
 
+    /// Decodes an image for this preprocessing: [`decode_image`], or with
+    /// `draft` [`decode_image_draft`] reduced no further than this resize's
+    /// size for it ([`resized_size`](Self::resized_size)), so the crop is
+    /// made from at least as many pixels as it has.
+    ///
+    /// [`decode_image`]: crate::decode_image
+    /// [`decode_image_draft`]: crate::decode_image_draft
+    pub fn decode(
+        &self,
+        bytes: &[u8],
+        what: &str,
+        limits: &crate::ImageLimits,
+        draft: bool,
+    ) -> Result<RgbImage, EmbedError> {
+        if draft {
+            crate::decode_image_draft(bytes, what, limits, |w, h| self.resized_size(w, h))
+        } else {
+            crate::decode_image(bytes, what, limits)
+        }
+    }
+
     /// Resizes and centre-crops in uint8, returning the cropped image: the
     /// exact pixels that get normalised.
     ///
