@@ -24,7 +24,7 @@
 //! concurrently and bounded by bytes in flight, so storage latency overlaps
 //! compute.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use anyhow::{Context, bail};
 
 use clap::Args as ClapArgs;
 use futures::StreamExt;
-use mmembed::{Embedder, MediaSource};
+use mmembed::{Embedder, EmbedderInfo, MediaSource};
 use mmembed_store::{StoreError, Stores};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -74,7 +74,8 @@ pub struct Args {
     /// Continue an interrupted or partly failed job, or bring an output up
     /// to date: keep the rows of objects that succeeded and are unchanged
     /// (same generation/ETag, else same size and modification time), embed
-    /// new and changed objects and retry failed ones.
+    /// new and changed objects and retry failed ones. Refused when the kept
+    /// rows were embedded by another model or at another `--dimension`.
     #[arg(long, env = "MMEMBED_RESUME", conflicts_with = "overwrite")]
     pub resume: bool,
 
@@ -199,6 +200,56 @@ fn done_uris(rows: &[Row]) -> HashMap<String, Identity> {
     }
     seen.retain(|u, _| !failed.contains(u));
     seen
+}
+
+/// Refuses to add this run's vectors to an output whose kept vectors are
+/// in another embedding space or of another size: they could not be
+/// compared, and a search or an index over the output would refuse it (or,
+/// at one size, rank nonsense). `redo` are the URIs this run embeds again;
+/// their old rows are replaced, so they do not count. A combination allowed
+/// to mix spaces is checked for the size only.
+fn check_same_space(
+    output: &str,
+    previous: &[Row],
+    redo: &HashSet<&str>,
+    info: &EmbedderInfo,
+    dimension: Option<u32>,
+) -> anyhow::Result<()> {
+    let dim = dimension.unwrap_or(info.native_dimension as u32) as i32;
+    // (model, space, dimension) of the kept vectors this run could not make,
+    // with how many there are and the first URI.
+    let mut other: BTreeMap<(&str, &str, Option<i32>), (usize, &str)> = BTreeMap::new();
+    for r in previous {
+        if !r.ok() || redo.contains(r.uri.as_str()) {
+            continue;
+        }
+        if (info.space.is_mixed() || r.space == info.space.as_str()) && r.dimension == Some(dim) {
+            continue;
+        }
+        other
+            .entry((&r.model, &r.space, r.dimension))
+            .or_insert((0, &r.uri))
+            .0 += 1;
+    }
+    let Some(((model, space, d), (n, uri))) = other.first_key_value() else {
+        return Ok(());
+    };
+    let more: usize = other.values().skip(1).map(|(n, _)| n).sum();
+    let more = if more > 0 {
+        format!(" (and {more} more of other models or sizes)")
+    } else {
+        String::new()
+    };
+    let d = d.map_or("?".to_string(), |d| d.to_string());
+    bail!(
+        "{output} holds {n} vectors of model `{model}` in space {space} at dimension {d} \
+         (the first: {uri}){more}; this run embeds with `{}` into space {} at dimension {dim}. \
+         Vectors of two spaces or sizes cannot be compared, so they do not go into one output: \
+         resume with the model and --dimension that made it, or write another output (-o) or \
+         replace this one (--overwrite)",
+        info.model_id,
+        info.space
+    )
 }
 
 /// Largest remote image / video fetched for the local backend; the same
@@ -530,8 +581,16 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     }
 
     if !todo.is_empty() {
-        out.prepare_parts().await?;
         let embedder = args.backend.build().await?;
+        let redo: HashSet<&str> = todo.iter().map(|i| i.uri.as_str()).collect();
+        check_same_space(
+            &out.path.display(),
+            &previous,
+            &redo,
+            embedder.info(),
+            args.dimension,
+        )?;
+        out.prepare_parts().await?;
         let buffer_kib = (args.fetch_buffer_mib.max(1) * 1024).min(u64::from(u32::MAX >> 3)) as u32;
         let fetcher = Arc::new(Fetcher {
             embedder: embedder.clone(),
@@ -632,5 +691,56 @@ mod tests {
         assert_eq!(m[1].video_start_sec, Some(0.0));
         let done = done_uris(&old);
         assert_eq!(done.keys().collect::<Vec<_>>(), ["a.png"]);
+    }
+
+    #[test]
+    fn resuming_refuses_vectors_of_another_space_or_size() {
+        let info = |space: &str, dim: usize| EmbedderInfo {
+            backend: "local".into(),
+            model_id: "n".into(),
+            space: mmembed::SpaceId::new(space),
+            native_dimension: dim,
+            supported_dimensions: vec![dim as u32],
+            modalities: vec![],
+            max_text_tokens: None,
+        };
+        let mut other = row("b.png", None, "");
+        other.space = "t".into();
+        let kept = vec![row("a.png", None, ""), row("v.mp4", Some(0.0), "")];
+        let none = HashSet::new();
+        let check = |rows: &[Row], redo: &HashSet<&str>, i: &EmbedderInfo, d: Option<u32>| {
+            check_same_space("out.jsonl", rows, redo, i, d).map_err(|e| e.to_string())
+        };
+
+        // The same space and size, the size asked for or the native one.
+        assert!(check(&kept, &none, &info("s", 1), None).is_ok());
+        assert!(check(&kept, &none, &info("s", 8), Some(1)).is_ok());
+        // Another space: the error names both and the first row.
+        let e = check(&kept, &none, &info("t", 1), None).unwrap_err();
+        assert!(
+            e.contains("2 vectors of model `m` in space s at dimension 1 (the first: a.png)")
+                && e.contains("`n` into space t at dimension 1")
+                && e.contains("--overwrite"),
+            "{e}"
+        );
+        // Another size.
+        let e = check(&kept, &none, &info("s", 1), Some(4)).unwrap_err();
+        assert!(e.contains("at dimension 4"), "{e}");
+        // Two groups: the first is named, the rest counted.
+        let mixed_rows = [kept.clone(), vec![other.clone()]].concat();
+        let e = check(&mixed_rows, &none, &info("u", 1), None).unwrap_err();
+        assert!(e.contains("(and 1 more of other models or sizes)"), "{e}");
+        // Failed rows hold no vector; rows embedded again are replaced.
+        let failed = vec![row("a.png", None, "cannot decode")];
+        assert!(check(&failed, &none, &info("t", 1), None).is_ok());
+        let redo: HashSet<&str> = ["a.png", "v.mp4"].into();
+        assert!(check(&kept, &redo, &info("t", 1), None).is_ok());
+        // A combination allowed to mix spaces: the size is still checked.
+        let both =
+            mmembed::SpaceId::mixed(&mmembed::SpaceId::new("s"), &mmembed::SpaceId::new("t"));
+        let mut m = info("", 1);
+        m.space = both;
+        assert!(check(&mixed_rows, &none, &m, None).is_ok());
+        assert!(check(&mixed_rows, &none, &m, Some(2)).is_err());
     }
 }

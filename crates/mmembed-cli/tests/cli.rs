@@ -735,6 +735,61 @@ fn batch_on_the_vertex_backend_against_the_fake_service() {
             .any(|r| r.body.to_string().contains("gs://bucket/cat.jpg"))
     );
 
+    // Resuming (the broken file is retried) with another size or another
+    // model is refused before anything is embedded: one output never holds
+    // vectors that cannot be compared.
+    let before = std::fs::read(&out).unwrap();
+    let resume = |extra: &[&str]| {
+        let mut c = mmembed(d.path());
+        if extra.contains(&"vertex") {
+            c.env_remove("MMEMBED_MODEL");
+        }
+        c.args(["batch"])
+            .arg(&manifest)
+            .arg("-o")
+            .arg(&out)
+            .arg("--resume")
+            .args(extra)
+            .args(["--vertex-url", &fake.url, "--rpm", "6000"])
+            .env("MMEMBED_VERTEX_ACCESS_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let sent_before = fake.requests().len();
+    let vertex = ["--backend", "vertex", "--project", "test-proj"];
+    let o = resume(&[&vertex[..], &["--dimension", "512"]].concat());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "holds 2 vectors of model `multimodalembedding@001` in space \
+             vertex:multimodalembedding@001 at dimension 256"
+        ) && stderr.contains("at dimension 512"),
+        "{stderr}"
+    );
+    let o = resume(&[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("this run embeds with `demo` into space clip-blake3:"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        before,
+        "the output is untouched"
+    );
+    assert_eq!(fake.requests().len(), sent_before, "nothing was sent");
+    // The same model and size go on.
+    let o = resume(&[&vertex[..], &["--dimension", "256"]].concat());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the broken file fails again: {stderr}"
+    );
+    assert_eq!(read_jsonl(&out).len(), 3);
+
     // Searching Vertex rows with the default local backend says what to do.
     let o = mmembed(d.path())
         .env_remove("MMEMBED_MODEL")

@@ -163,7 +163,7 @@ fn combined_info(
     let space = if a.space == b.space {
         a.space.clone()
     } else if allow_mixed_spaces {
-        SpaceId::new(format!("mixed({},{})", a.space, b.space))
+        SpaceId::mixed(&a.space, &b.space)
     } else {
         return Err(EmbedError::invalid(
             kind,

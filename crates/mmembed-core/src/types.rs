@@ -283,7 +283,28 @@ impl SpaceId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The space of a combination of backends that was explicitly allowed
+    /// to mix two spaces (each result says which one it is in).
+    pub fn mixed(a: &SpaceId, b: &SpaceId) -> Self {
+        Self(format!("{MIXED}{a},{b})"))
+    }
+
+    /// Whether this is a [`SpaceId::mixed`] space: its vectors are in
+    /// several spaces, so no one space can be checked against it.
+    ///
+    /// ```
+    /// use mmembed_core::SpaceId;
+    /// let (a, b) = (SpaceId::new("clip-blake3:1f"), SpaceId::new("vertex:m"));
+    /// assert!(SpaceId::mixed(&a, &b).is_mixed());
+    /// assert!(!a.is_mixed());
+    /// ```
+    pub fn is_mixed(&self) -> bool {
+        self.0.starts_with(MIXED)
+    }
 }
+
+const MIXED: &str = "mixed(";
 
 impl fmt::Display for SpaceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
