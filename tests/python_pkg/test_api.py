@@ -149,8 +149,15 @@ def test_errors_are_python_exceptions_with_the_library_messages():
         e.embed_images([5])
     with pytest.raises(mmembed.InvalidInputError, match="interval"):
         e.embed_videos([b"x"], interval_sec=1)
-    r = e.embed_texts(["a star"], dimension=32)
-    assert r.ok.tolist() == [False] and "dimension" in r.status[0]
+    # A size the model cannot make refuses the call, not each row.
+    for call in (
+        lambda: e.embed_texts(["a star"], dimension=32),
+        lambda: e.embed_images([b"x"], dimension=32),
+        lambda: e.embed_arrow(pa.table({"uri": ["a.png"]}), dimension=32),
+    ):
+        with pytest.raises(mmembed.InvalidInputError, match=r"unsupported dimension 32: .*\[64\]"):
+            call()
+    assert e.embed_texts(["a star"], dimension=64).ok.tolist() == [True]
 
 
 def test_the_gil_is_released_while_the_model_runs(embedder, media):

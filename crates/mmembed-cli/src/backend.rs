@@ -255,6 +255,20 @@ impl BackendArgs {
                 .context("building the backend from its spec")?,
         })
     }
+
+    /// [`Self::build`] for a job of vectors of size `dimension`: a size the
+    /// backend cannot make is refused here, once, rather than failing every
+    /// row of the job with it.
+    pub async fn build_for(&self, dimension: Option<u32>) -> anyhow::Result<Arc<dyn Embedder>> {
+        let embedder = self.build().await?;
+        if let Some(d) = dimension {
+            embedder
+                .info()
+                .check_dimension(d)
+                .map_err(|e| anyhow::anyhow!("--dimension: {e}"))?;
+        }
+        Ok(embedder)
+    }
 }
 
 /// Video segment flags; unset ones take Vertex's defaults (0, 120, 16).

@@ -581,7 +581,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     }
 
     if !todo.is_empty() {
-        let embedder = args.backend.build().await?;
+        let embedder = args.backend.build_for(args.dimension).await?;
         let redo: HashSet<&str> = todo.iter().map(|i| i.uri.as_str()).collect();
         check_same_space(
             &out.path.display(),

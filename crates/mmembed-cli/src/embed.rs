@@ -135,7 +135,7 @@ fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
 /// Prints one JSON line per input; returns how many failed.
 pub async fn run(args: Args) -> anyhow::Result<usize> {
     let reqs = requests(&args)?;
-    let embedder = args.backend.build().await?;
+    let embedder = args.backend.build_for(args.dimension).await?;
     let (labels, reqs): (Vec<String>, Vec<EmbedRequest>) = reqs.into_iter().unzip();
     let kinds: Vec<&str> = reqs
         .iter()

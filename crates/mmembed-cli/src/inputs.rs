@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use mmembed_store::ObjectInfo;
 use serde_json::{Map, Value};
 
@@ -45,7 +45,7 @@ impl Identity {
     pub fn of_file(m: &std::fs::Metadata) -> Self {
         Self {
             size: Some(m.len() as i64),
-            updated: m.modified().ok().map(DateTime::<Utc>::from),
+            updated: m.modified().ok().map(|t| micros(DateTime::<Utc>::from(t))),
             etag: None,
             generation: None,
         }
@@ -66,11 +66,19 @@ impl Identity {
             _ => true,
         };
         let updated = match (self.updated, other.updated) {
-            (Some(a), Some(b)) => a == b,
+            (Some(a), Some(b)) => micros(a) == micros(b),
             _ => true,
         };
         size && updated
     }
+}
+
+/// `t` to the microsecond, as outputs keep it (Parquet's and BigQuery's
+/// timestamps), where a file's modification time has nanoseconds on most
+/// file systems: without this every local file would look changed to
+/// `--resume` of a Parquet output.
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
 }
 
 /// One object of the input table.
@@ -563,6 +571,35 @@ mod tests {
             ..local.clone()
         }));
         assert!(Identity::default().same_version(&a));
+
+        // A file's nanoseconds against the microseconds an output keeps.
+        let ns = DateTime::<Utc>::from_timestamp(10, 880_840_046);
+        let us = DateTime::<Utc>::from_timestamp(10, 880_840_000);
+        let file = |updated| Identity {
+            size: Some(3),
+            updated,
+            ..Default::default()
+        };
+        assert!(file(ns).same_version(&file(us)));
+        assert!(!file(ns).same_version(&file(DateTime::<Utc>::from_timestamp(10, 880_841_000))));
+    }
+
+    #[test]
+    fn a_file_identity_is_kept_to_the_microsecond() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.png");
+        std::fs::write(&p, b"x").unwrap();
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_733_000_000, 123_456_789);
+        f.set_modified(t).unwrap();
+        let meta = std::fs::metadata(&p).unwrap();
+        let updated = Identity::of_file(&meta).updated.unwrap();
+        assert_eq!(updated.timestamp(), 1_733_000_000);
+        assert_eq!(updated.timestamp_subsec_nanos() % 1000, 0);
+        if meta.modified().unwrap() == t {
+            // This file system keeps nanoseconds (most do).
+            assert_eq!(updated.timestamp_subsec_nanos(), 123_456_000);
+        }
     }
 
     #[test]

@@ -347,6 +347,17 @@ fn shards_partition_the_job_and_parquet_has_the_schema() {
     let n: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
     assert_eq!(n, 11);
 
+    // Parquet keeps microseconds, the files' times have nanoseconds: a
+    // resume still knows the 5 files that succeeded as unchanged.
+    let o = batch(d.path(), &root, &full, &["--interval", "4", "--resume"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("unchanged_and_done=5 changed=0 to_embed=4"),
+        "{stderr}"
+    );
+
     // The same job as JSONL, whole and in three shards: every file in
     // exactly one shard, and the shards' rows together are the whole job's.
     // (Which shard a file lands in hashes its absolute path, so it changes
@@ -627,6 +638,30 @@ fn embed_prints_json_and_reports_bad_inputs() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("interval"));
+
+    // A size the model cannot make is refused up front, not per input or row.
+    let out = d.path().join("o.jsonl");
+    for args in [
+        vec!["embed", "--text", "x", "--dimension", "65"],
+        vec![
+            "batch",
+            d.path().to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--dimension",
+            "65",
+        ],
+    ] {
+        let o = mmembed(d.path()).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("--dimension: unsupported dimension 65: this model produces [64]"),
+            "{stderr}"
+        );
+        assert!(o.stdout.is_empty());
+    }
+    assert!(!out.exists() && !d.path().join("o.jsonl.parts").exists());
 }
 
 #[test]

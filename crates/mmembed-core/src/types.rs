@@ -362,15 +362,22 @@ impl EmbedderInfo {
                 });
             }
         }
-        if let Some(d) = req.dimension
-            && !self.supported_dimensions.contains(&d)
-        {
-            return Err(EmbedError::UnsupportedDimension {
-                requested: d,
-                supported: self.supported_dimensions.clone(),
-            });
+        match req.dimension {
+            Some(d) => self.check_dimension(d),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Whether this backend can make vectors of size `d`; a job checks its
+    /// dimension once up front rather than failing every row with it.
+    pub fn check_dimension(&self, d: u32) -> Result<(), EmbedError> {
+        if self.supported_dimensions.contains(&d) {
+            return Ok(());
+        }
+        Err(EmbedError::UnsupportedDimension {
+            requested: d,
+            supported: self.supported_dimensions.clone(),
+        })
     }
 }
 

@@ -278,8 +278,17 @@ struct Embedder {
 }
 
 impl Embedder {
-    fn dimension_for(&self, dimension: Option<u32>) -> usize {
-        dimension.map_or(self.inner.info().native_dimension, |d| d as usize)
+    /// The vector size of a call; a size the backend cannot make refuses
+    /// the whole call (as a bad interval does) rather than failing each row.
+    fn dimension_for(&self, dimension: Option<u32>) -> PyResult<usize> {
+        let info = self.inner.info();
+        match dimension {
+            Some(d) => {
+                info.check_dimension(d).map_err(to_py)?;
+                Ok(d as usize)
+            }
+            None => Ok(info.native_dimension),
+        }
     }
 
     /// Refuses calls in a process forked after the embedder was built.
@@ -390,6 +399,7 @@ impl Embedder {
         texts: Vec<String>,
         dimension: Option<u32>,
     ) -> PyResult<EmbedResult> {
+        let dim = self.dimension_for(dimension)?;
         let reqs = texts
             .into_iter()
             .map(|t| {
@@ -402,7 +412,7 @@ impl Embedder {
             .collect();
         let out = self.run(py, reqs)?;
         let (model, space) = self.names();
-        let f = Flat::single(self.dimension_for(dimension), out, |e| e.text.as_ref());
+        let f = Flat::single(dim, out, |e| e.text.as_ref());
         result_of(py, f, model, space)
     }
 
@@ -414,6 +424,7 @@ impl Embedder {
         images: Vec<Bound<'_, PyAny>>,
         dimension: Option<u32>,
     ) -> PyResult<EmbedResult> {
+        let dim = self.dimension_for(dimension)?;
         let mut reqs = Vec::with_capacity(images.len());
         for item in &images {
             let r = EmbedRequest::image(media_of(item)?);
@@ -424,7 +435,7 @@ impl Embedder {
         }
         let out = self.run(py, reqs)?;
         let (model, space) = self.names();
-        let f = Flat::single(self.dimension_for(dimension), out, |e| e.image.as_ref());
+        let f = Flat::single(dim, out, |e| e.image.as_ref());
         result_of(py, f, model, space)
     }
 
@@ -447,7 +458,7 @@ impl Embedder {
         }
         let out = self.run(py, reqs)?;
         let (model, space) = self.names();
-        let mut f = Flat::new(self.dimension_for(None));
+        let mut f = Flat::new(self.dimension_for(None)?);
         for (i, r) in out.iter().enumerate() {
             match r {
                 Err(e) => f.push(i, None, Err(e.to_string())),
@@ -489,6 +500,7 @@ impl Embedder {
         let batch = batch.0;
         self.check_process()?;
         let cfg = segment_config(start_sec, end_sec, interval_sec)?;
+        let dim = self.dimension_for(dimension)? as i32;
         let schema = batch.schema();
         let (name_col, names) = ["uri", "path"]
             .iter()
@@ -556,7 +568,6 @@ impl Embedder {
         let rows = py.detach(move || {
             rt.block_on(mmembed_rows::embed_rows(inner.as_ref(), dimension, inputs))
         });
-        let dim = self.dimension_for(dimension) as i32;
         let index: Vec<u32> = rows.iter().map(|(i, _)| *i as u32).collect();
         let rows: Vec<_> = rows.into_iter().map(|(_, r)| r).collect();
         let out = mmembed_rows::arrow::to_batch(&rows, &[], EmbeddingLayout::FixedSize(dim))
