@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use mmembed_store::ObjectInfo;
 use serde_json::{Map, Value};
 
+use mmembed_rows::to_micros;
 pub use mmembed_rows::{Kind, STANDARD_COLUMNS, content_type, supported_extensions};
 
 /// What identifies one version of an object: BigQuery object tables'
@@ -45,7 +46,7 @@ impl Identity {
     pub fn of_file(m: &std::fs::Metadata) -> Self {
         Self {
             size: Some(m.len() as i64),
-            updated: m.modified().ok().map(|t| micros(DateTime::<Utc>::from(t))),
+            updated: mmembed_rows::modified(m),
             etag: None,
             generation: None,
         }
@@ -66,19 +67,12 @@ impl Identity {
             _ => true,
         };
         let updated = match (self.updated, other.updated) {
-            (Some(a), Some(b)) => micros(a) == micros(b),
+            // Outputs of earlier versions in JSON Lines kept nanoseconds.
+            (Some(a), Some(b)) => to_micros(a) == to_micros(b),
             _ => true,
         };
         size && updated
     }
-}
-
-/// `t` to the microsecond, as outputs keep it (Parquet's and BigQuery's
-/// timestamps), where a file's modification time has nanoseconds on most
-/// file systems: without this every local file would look changed to
-/// `--resume` of a Parquet output.
-fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.trunc_subsecs(6)
 }
 
 /// One object of the input table.
@@ -221,7 +215,24 @@ fn from_dir(dir: &Path) -> anyhow::Result<InputTable> {
         .into_iter()
         .filter_entry(|e| e.depth() == 0 || !is_hidden(e.path()));
     for entry in walk {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let entry = match entry {
+            Ok(e) => e,
+            // A link to a folder above it: that folder's files are listed
+            // already, by their own paths.
+            Err(e) if e.loop_ancestor().is_some() => {
+                tracing::warn!("skipping a symbolic link loop: {e}");
+                continue;
+            }
+            // A link to nothing is an input that fails with its reason,
+            // as an unreadable file does; the job goes on.
+            Err(e) if e.path().is_some_and(is_dangling) => {
+                inputs.push(local(e.path().expect("checked")));
+                continue;
+            }
+            // A folder that cannot be read: its files would be missing
+            // from the output unseen, so the job stops and says which.
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
         if entry.file_type().is_file() {
             inputs.push(local(entry.path()));
         }
@@ -232,11 +243,16 @@ fn from_dir(dir: &Path) -> anyhow::Result<InputTable> {
     })
 }
 
+/// A symbolic link to nothing (or to something that cannot be looked at).
+fn is_dangling(p: &Path) -> bool {
+    p.is_symlink() && std::fs::metadata(p).is_err()
+}
+
 fn from_glob(pattern: &str) -> anyhow::Result<InputTable> {
     let mut inputs = vec![];
     for entry in glob::glob(pattern).with_context(|| format!("bad glob `{pattern}`"))? {
         let p = entry.with_context(|| format!("listing `{pattern}`"))?;
-        if p.is_file() {
+        if p.is_file() || is_dangling(&p) {
             inputs.push(local(&p));
         }
     }
@@ -582,6 +598,28 @@ mod tests {
         };
         assert!(file(ns).same_version(&file(us)));
         assert!(!file(ns).same_version(&file(DateTime::<Utc>::from_timestamp(10, 880_841_000))));
+    }
+
+    #[test]
+    fn a_dangling_link_is_an_input_and_a_link_loop_is_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("a.png"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.path().join("gone.png"), d.path().join("b.png")).unwrap();
+        std::os::unix::fs::symlink("..", d.path().join("sub/loop")).unwrap();
+        let names = |t: InputTable| {
+            let mut v: Vec<String> = t
+                .inputs
+                .iter()
+                .map(|i| i.uri.rsplit('/').next().unwrap().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        // The dangling link fails its own row later (it cannot be read).
+        assert_eq!(names(from_dir(d.path()).unwrap()), ["a.png", "b.png"]);
+        let glob = format!("{}/*.png", d.path().display());
+        assert_eq!(names(from_glob(&glob).unwrap()), ["a.png", "b.png"]);
     }
 
     #[test]

@@ -102,7 +102,22 @@ fn empty_status(uri: &str) -> String {
 /// a file that cannot be read.
 pub fn stat_file(path: &Path) -> Result<(i64, Option<DateTime<Utc>>), String> {
     let m = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok((m.len() as i64, m.modified().ok().map(DateTime::<Utc>::from)))
+    Ok((m.len() as i64, modified(&m)))
+}
+
+/// A file's modification time as rows keep it: to the microsecond.
+pub fn modified(m: &std::fs::Metadata) -> Option<DateTime<Utc>> {
+    m.modified()
+        .ok()
+        .map(|t| to_micros(DateTime::<Utc>::from(t)))
+}
+
+/// `t` to the microsecond, as every output format keeps it (Parquet's
+/// and BigQuery's timestamps) where file systems give nanoseconds: a time
+/// read back from an output compares equal to the file's only this way.
+pub fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    t.trunc_subsecs(6)
 }
 
 /// One output row: an image, a video segment, or a file that failed.
