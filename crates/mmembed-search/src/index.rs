@@ -546,6 +546,17 @@ impl Index {
     /// Opens the index in `dir` (maps the graph, reads nothing else).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, SearchError> {
         let dir = dir.as_ref().to_path_buf();
+        if !dir.join(MANIFEST_FILE).exists() {
+            let what = if dir.is_dir() {
+                format!("no index here (no {MANIFEST_FILE})")
+            } else {
+                "no such folder".to_string()
+            };
+            return Err(index_err(
+                &dir,
+                format!("{what}; build one with `mmembed index build TABLES -o DIR`"),
+            ));
+        }
         let manifest = Manifest::read(&dir)?;
         let inner =
             usearch::Index::new(&manifest.options()).map_err(|e| index_err(&dir, e.to_string()))?;

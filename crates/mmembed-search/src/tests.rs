@@ -633,5 +633,16 @@ mod index {
         std::fs::write(idx.join("manifest.json"), m.to_string()).unwrap();
         let err = Index::open(&idx).unwrap_err();
         assert!(err.to_string().contains("damaged"), "{err}");
+        // Searching where there is no index says how to make one.
+        for (at, what) in [
+            (dir.path(), "no index here"),
+            (&dir.path().join("nope"), "no such folder"),
+        ] {
+            let err = Index::open(at).unwrap_err().to_string();
+            assert!(
+                err.contains(what) && err.contains("mmembed index build"),
+                "{err}"
+            );
+        }
     }
 }
