@@ -9,6 +9,8 @@ use clap::Args;
 use mmembed::Embedder;
 use mmembed::local::{DeviceSpec, LocalEmbedder, LocalOptions, Manifest, Precision};
 use mmembed::spec::BackendSpec;
+
+use crate::recipe::Recipe;
 use mmembed::vertex::{CredentialsSource, VertexConfig, VertexEmbedder};
 
 /// A credential from a flag or the environment: `Debug` never shows it.
@@ -256,6 +258,28 @@ impl BackendArgs {
         })
     }
 
+    /// What this backend's vectors depend on beyond the model and size
+    /// each row records (see `recipe`): the local model's precision and
+    /// JPEG decoding, and with `video` its frame sampling. A spec string's
+    /// settings are not picked apart (its space and size still are).
+    pub(crate) fn recipe(&self, video: bool) -> Recipe {
+        let r = Recipe::default();
+        match self.backend {
+            BackendKind::Local => {
+                let r = r
+                    .with("precision", format!("{:?}", self.precision).to_lowercase())
+                    .with("jpeg_draft", self.jpeg_draft);
+                if video {
+                    r.with("fps", self.fps)
+                        .with("keyframes_only", self.keyframes_only)
+                } else {
+                    r
+                }
+            }
+            BackendKind::Vertex | BackendKind::Spec(_) => r,
+        }
+    }
+
     /// [`Self::build`] for a job of vectors of size `dimension`: a size the
     /// backend cannot make is refused here, once, rather than failing every
     /// row of the job with it.
@@ -287,6 +311,17 @@ pub struct SegmentArgs {
 }
 
 impl SegmentArgs {
+    /// The segments as a job's recipe records them.
+    pub(crate) fn describe(&self) -> String {
+        let n = |v: Option<u32>| v.map_or("default".to_string(), |v| v.to_string());
+        format!(
+            "start {} end {} interval {}",
+            n(self.start),
+            n(self.end),
+            n(self.interval)
+        )
+    }
+
     /// The segment config, checked, or `None` for the backend's defaults.
     pub fn config(&self) -> anyhow::Result<Option<mmembed::VideoSegmentConfig>> {
         if self.start.is_none() && self.end.is_none() && self.interval.is_none() {

@@ -41,6 +41,7 @@ use crate::backend::{BackendArgs, SegmentArgs};
 use crate::inputs::{self, Identity, Input, Kind, Shard};
 use crate::lock::OutputLock;
 use crate::output::{Location, Output};
+use crate::recipe::Recipe;
 use crate::rows::{self, Format, Row};
 use mmembed_rows::RowInput;
 
@@ -75,7 +76,8 @@ pub struct Args {
     /// to date: keep the rows of objects that succeeded and are unchanged
     /// (same generation/ETag, else same size and modification time), embed
     /// new and changed objects and retry failed ones. Refused when the kept
-    /// rows were embedded by another model or at another `--dimension`.
+    /// rows were embedded by another model or at another `--dimension`, or
+    /// (a Parquet output records them) with other decode or video settings.
     #[arg(long, env = "MMEMBED_RESUME", conflicts_with = "overwrite")]
     pub resume: bool,
 
@@ -142,7 +144,18 @@ pub struct Summary {
 }
 
 async fn read_rows(out: &Output, loc: &Location) -> anyhow::Result<Vec<Row>> {
-    rows::decode(loc.read().await?, out.format, &loc.display())
+    Ok(rows::decode(loc.read().await?, out.format, &loc.display())?.0)
+}
+
+/// The rows of an earlier run's output or part, refused when that run was
+/// made with other settings than `recipe`.
+async fn read_to_resume(out: &Output, loc: &Location, recipe: &Recipe) -> anyhow::Result<Vec<Row>> {
+    let what = loc.display();
+    let (rows, earlier) = rows::decode(loc.read().await?, out.format, &what)?;
+    if let Some(earlier) = earlier {
+        recipe.check_resume(&what, &earlier)?;
+    }
+    Ok(rows)
 }
 
 async fn write_rows(
@@ -150,8 +163,9 @@ async fn write_rows(
     loc: &Location,
     rows: &[Row],
     carried: &[String],
+    recipe: &Recipe,
 ) -> anyhow::Result<()> {
-    let bytes = rows::encode(out.format, rows, carried)?;
+    let bytes = rows::encode(out.format, rows, carried, recipe)?;
     loc.write(bytes, out.format.content_type())
         .await
         .with_context(|| format!("writing {}", loc.display()))
@@ -527,13 +541,22 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         out.path.remove().await?;
         out.remove_parts().await?;
     }
+    // What the vectors depend on beyond the model and size each row says.
+    let video = table
+        .inputs
+        .iter()
+        .any(|i| matches!(inputs::content_type(&i.uri), Some((_, Kind::Video))));
+    let mut recipe = args.backend.recipe(video);
+    if video {
+        recipe = recipe.with("video_segments", args.segments.describe());
+    }
     let mut sources = vec![];
     if args.resume {
         if exists {
-            sources.push(read_rows(out, &out.path).await?);
+            sources.push(read_to_resume(out, &out.path, &recipe).await?);
         }
         for (_, p) in out.part_files().await? {
-            sources.push(read_rows(out, &p).await?);
+            sources.push(read_to_resume(out, &p, &recipe).await?);
         }
     }
     let previous = merge(sources);
@@ -624,7 +647,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         let mut written = 0;
         while let Some((n, rows)) = embedded.next().await {
             failed_rows += rows.iter().filter(|r| !r.ok()).count();
-            write_rows(out, &out.part(part), &rows, &carried).await?;
+            write_rows(out, &out.part(part), &rows, &carried, &recipe).await?;
             part += 1;
             written += 1;
             progress.advance(n, failed_rows);
@@ -644,7 +667,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         all.push(read_rows(out, &p).await?);
     }
     let merged = merge(all);
-    write_rows(out, &out.path, &merged, &carried).await?;
+    write_rows(out, &out.path, &merged, &carried, &recipe).await?;
     out.remove_parts().await?;
     let failed = merged.iter().filter(|r| !r.ok()).count();
     Ok(Summary {

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::inputs::{self, Shard};
 use crate::job::{self, JobOptions, Summary};
+use crate::recipe::Recipe;
 use crate::rows::Format;
 use crate::table::{self, Row, Table};
 
@@ -100,7 +101,8 @@ pub struct JobArgs {
 
     /// Continue an earlier run: keep the rows done (or failed for a reason a
     /// rerun would repeat), run the missing ones and those whose status
-    /// starts with `A retryable error occurred:`.
+    /// starts with `A retryable error occurred:`. A Parquet output records
+    /// the prompt (labels, text) and model; resuming with others is refused.
     #[arg(long, env = "MMEMBED_RESUME", conflicts_with = "overwrite")]
     pub resume: bool,
 
@@ -133,6 +135,7 @@ impl JobArgs {
             shard: self.shard,
             chunk_rows: self.chunk_rows as usize,
             lock_ttl: Duration::from_secs(self.lock_ttl_secs.max(3)),
+            recipe: Recipe::default(),
         }
     }
 }
@@ -426,7 +429,20 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     let out_schema = output_schema(&input, extra)?;
     let generator = args.generator.build().await?;
     tracing::info!(backend = %generator.info().backend, model = %generator.info().model_id, "generating");
-    let opts = args.job.options();
+    let opts = JobOptions {
+        recipe: Recipe::default()
+            .with("prompt", &args.prompt)
+            .with(
+                "output_schema",
+                args.output_schema
+                    .clone()
+                    .unwrap_or_else(|| format!("{:?}", args.returns).to_lowercase()),
+            )
+            // Parsed, so that spacing and key order do not count.
+            .with("model_params", Value::Object(params.clone()))
+            .with("generator", generator.info().model_id.clone()),
+        ..args.job.options()
+    };
     let shared = input.clone();
     job::run(input, out_schema, &opts, |rows: Vec<Row>| {
         let generator = generator.clone();

@@ -23,6 +23,7 @@ use crate::batch::Progress;
 use crate::inputs::Shard;
 use crate::lock::OutputLock;
 use crate::output::{Location, Output};
+use crate::recipe::Recipe;
 use crate::rows::Format;
 use crate::table::{self, Row, Table};
 
@@ -42,6 +43,9 @@ pub struct JobOptions {
     pub chunk_rows: usize,
     /// Bucket lock validity.
     pub lock_ttl: Duration,
+    /// What the results depend on beyond the input row (the prompt, the
+    /// labels, the model): recorded in Parquet outputs, checked on resume.
+    pub recipe: Recipe,
 }
 
 /// Rows ok / failed in the whole output.
@@ -110,13 +114,24 @@ where
 {
     let out = Output::new(&Shard::name_output(&opts.output, opts.shard)?, opts.format)?;
     let lock = OutputLock::acquire(&out.path, opts.lock_ttl).await?;
+    let out_schema = std::sync::Arc::new(opts.recipe.attach(&out_schema));
     let result = run_locked(input, out_schema, opts, &out, &mut compute).await;
     lock.release().await;
     result
 }
 
-async fn read_all(out: &Output, loc: &Location, expect: &[String]) -> anyhow::Result<Vec<Row>> {
-    let (names, rows) = table::decode(loc.read().await?, out.format, &loc.display())?;
+/// The rows of an earlier run's output or part, refused when that run
+/// made other columns or was made with other settings.
+async fn read_all(
+    out: &Output,
+    loc: &Location,
+    expect: &[String],
+    recipe: &Recipe,
+) -> anyhow::Result<Vec<Row>> {
+    let (names, rows, earlier) = table::decode(loc.read().await?, out.format, &loc.display())?;
+    if let Some(earlier) = earlier {
+        recipe.check_resume(&loc.display(), &earlier)?;
+    }
     let mut got = names.clone();
     got.sort();
     let mut want = expect.to_vec();
@@ -184,11 +199,15 @@ where
             absorb(
                 &mut done,
                 &columns,
-                read_all(out, &out.path, &out_columns).await?,
+                read_all(out, &out.path, &out_columns, &opts.recipe).await?,
             );
         }
         for (_, p) in out.part_files().await? {
-            absorb(&mut done, &columns, read_all(out, &p, &out_columns).await?);
+            absorb(
+                &mut done,
+                &columns,
+                read_all(out, &p, &out_columns, &opts.recipe).await?,
+            );
         }
     }
     let todo: Vec<Row> = rows

@@ -19,6 +19,7 @@ mod job;
 mod lock;
 mod models;
 mod output;
+mod recipe;
 mod rows;
 mod search;
 mod serve;

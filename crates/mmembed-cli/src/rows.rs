@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -16,6 +17,8 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
 pub use mmembed_rows::Row;
+
+use crate::recipe::Recipe;
 
 /// Output file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -53,12 +56,11 @@ impl Format {
     }
 }
 
-fn to_batch(rows: &[Row], carried: &[String]) -> anyhow::Result<RecordBatch> {
-    Ok(mmembed_rows::arrow::to_batch(
-        rows,
-        carried,
-        mmembed_rows::arrow::EmbeddingLayout::List,
-    )?)
+fn to_batch(rows: &[Row], carried: &[String], recipe: &Recipe) -> anyhow::Result<RecordBatch> {
+    let batch =
+        mmembed_rows::arrow::to_batch(rows, carried, mmembed_rows::arrow::EmbeddingLayout::List)?;
+    let schema = recipe.attach(&batch.schema());
+    Ok(batch.with_schema(Arc::new(schema))?)
 }
 
 /// One record batch as a whole Parquet file (one row group, Snappy): the
@@ -74,11 +76,17 @@ pub fn parquet_bytes(batch: &RecordBatch) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// `rows` as the bytes of a whole file of `format`.
-pub fn encode(format: Format, rows: &[Row], carried: &[String]) -> anyhow::Result<Vec<u8>> {
+/// `rows` as the bytes of a whole file of `format` (Parquet records
+/// `recipe`; JSON Lines has no place for it).
+pub fn encode(
+    format: Format,
+    rows: &[Row],
+    carried: &[String],
+    recipe: &Recipe,
+) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     match format {
-        Format::Parquet => out = parquet_bytes(&to_batch(rows, carried)?)?,
+        Format::Parquet => out = parquet_bytes(&to_batch(rows, carried, recipe)?)?,
         Format::Jsonl => {
             for r in rows {
                 serde_json::to_writer(&mut out, r)?;
@@ -116,19 +124,23 @@ pub fn write_atomic(
     rows: &[Row],
     carried: &[String],
 ) -> anyhow::Result<()> {
-    write_file_atomic(path, &encode(format, rows, carried)?)
+    write_file_atomic(path, &encode(format, rows, carried, &Recipe::default())?)
 }
 
 /// Reads a local file written by [`write_file_atomic`].
 #[cfg(test)]
 pub fn read(path: &Path, format: Format) -> anyhow::Result<Vec<Row>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    decode(Bytes::from(bytes), format, &path.display().to_string())
+    Ok(decode(Bytes::from(bytes), format, &path.display().to_string())?.0)
 }
 
 /// Parses a whole output file (or any Parquet/JSONL file with the same
-/// columns); `what` names it in errors.
-pub fn decode(bytes: Bytes, format: Format, what: &str) -> anyhow::Result<Vec<Row>> {
+/// columns), with the recipe it records; `what` names it in errors.
+pub fn decode(
+    bytes: Bytes,
+    format: Format,
+    what: &str,
+) -> anyhow::Result<(Vec<Row>, Option<Recipe>)> {
     let ctx = || format!("reading {what}");
     match format {
         Format::Jsonl => {
@@ -143,18 +155,17 @@ pub fn decode(bytes: Bytes, format: Format, what: &str) -> anyhow::Result<Vec<Ro
                         .with_context(|| format!("{what}:{}: not an output row", i + 1))?,
                 );
             }
-            Ok(rows)
+            Ok((rows, None))
         }
         Format::Parquet => {
-            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                .with_context(ctx)?
-                .build()
-                .with_context(ctx)?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).with_context(ctx)?;
+            let recipe = Recipe::of(builder.schema());
+            let reader = builder.build().with_context(ctx)?;
             let mut rows = vec![];
             for batch in reader {
                 rows.extend(from_batch(&batch.with_context(ctx)?).with_context(ctx)?);
             }
-            Ok(rows)
+            Ok((rows, recipe))
         }
     }
 }
@@ -228,6 +239,19 @@ mod tests {
                 .count();
             assert_eq!(leftovers, 0);
         }
+    }
+
+    #[test]
+    fn parquet_records_the_recipe() {
+        let recipe = Recipe::default().with("jpeg_draft", true);
+        let bytes = encode(Format::Parquet, &sample(), &["label".into()], &recipe).unwrap();
+        let (rows, got) = decode(Bytes::from(bytes), Format::Parquet, "p").unwrap();
+        assert_eq!((rows, got), (sample(), Some(recipe.clone())));
+        let bytes = encode(Format::Jsonl, &sample(), &["label".into()], &recipe).unwrap();
+        assert_eq!(
+            decode(Bytes::from(bytes), Format::Jsonl, "j").unwrap().1,
+            None
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Map, Value};
 
 use crate::inputs;
+use crate::recipe::Recipe;
 use crate::rows::Format;
 
 /// One row: column name to value.
@@ -297,19 +298,25 @@ pub fn encode(format: Format, schema: &SchemaRef, rows: &[Row]) -> anyhow::Resul
     Ok(out)
 }
 
-/// Decodes a whole file written by [`encode`]: its column names and rows.
-pub fn decode(bytes: Bytes, format: Format, what: &str) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
+/// Decodes a whole file written by [`encode`]: its column names, rows and
+/// recipe (Parquet only).
+pub fn decode(
+    bytes: Bytes,
+    format: Format,
+    what: &str,
+) -> anyhow::Result<(Vec<String>, Vec<Row>, Option<Recipe>)> {
     match format {
         Format::Parquet => {
             let (schema, rows) = read_parquet(bytes, what)?;
             Ok((
                 schema.fields().iter().map(|f| f.name().clone()).collect(),
                 rows,
+                Recipe::of(&schema),
             ))
         }
         Format::Jsonl => {
             let text = std::str::from_utf8(&bytes).with_context(|| format!("reading {what}"))?;
-            Ok((jsonl_columns(text), read_jsonl(text, what)?))
+            Ok((jsonl_columns(text), read_jsonl(text, what)?, None))
         }
     }
 }
@@ -338,7 +345,7 @@ mod tests {
         assert_eq!(want[1]["n"], Value::Null);
         for format in [Format::Parquet, Format::Jsonl] {
             let bytes = encode(format, &schema, &rows).unwrap();
-            let (names, back) = decode(Bytes::from(bytes), format, "t").unwrap();
+            let (names, back, _) = decode(Bytes::from(bytes), format, "t").unwrap();
             assert_eq!(names.len(), 6, "{format:?}");
             assert_eq!(back, want, "{format:?}");
         }

@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 
 use crate::backend::{BackendArgs, SegmentArgs};
 use crate::generate::{GeneratorArgs, JobArgs, media_of, output_schema};
+use crate::inputs::{self, Kind};
 use crate::job::{self, Summary};
+use crate::recipe::Recipe;
 use crate::table::{self, Row, Table};
 
 /// CLIP's logit scale (its learned temperature, clamped at 100 in
@@ -292,7 +294,19 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
             Field::new("model", DataType::Utf8, true),
         ],
     )?;
-    let opts = c.job.options();
+    // What the results depend on beyond the input row: the texts compared
+    // (labels in their template, or the text scored), and the model.
+    let asked = match &task {
+        Task::Classify { .. } => ("labels", Value::from(task.texts()).to_string()),
+        Task::Score { text } => ("text", text.clone()),
+    };
+    let with_task = |r: Recipe| r.with(asked.0, &asked.1);
+    let video = input.rows.iter().any(|r| {
+        r.get("uri")
+            .and_then(Value::as_str)
+            .is_some_and(|u| matches!(inputs::content_type(u), Some((_, Kind::Video))))
+    });
+    let mut opts = c.job.options();
     let task = Arc::new(task);
     let shared = Arc::new(input.clone());
     match &c.generator {
@@ -308,6 +322,7 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
             }
             .build()
             .await?;
+            opts.recipe = with_task(Recipe::default()).with("generator", g.info().model_id.clone());
             job::run(input, out_schema, &opts, |rows| {
                 on_generator(task.clone(), shared.clone(), g.clone(), rows)
             })
@@ -324,6 +339,11 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
                 .collect::<Result<Vec<_>, _>>()
                 .context("embedding the labels / text")?;
             let texts = Arc::new(texts);
+            opts.recipe =
+                with_task(c.backend.recipe(video)).with("model", e.info().model_id.clone());
+            if video {
+                opts.recipe = opts.recipe.with("video_segments", c.segments.describe());
+            }
             job::run(input, out_schema, &opts, |rows| {
                 on_embedder(
                     task.clone(),

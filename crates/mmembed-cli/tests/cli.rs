@@ -357,6 +357,27 @@ fn shards_partition_the_job_and_parquet_has_the_schema() {
         stderr.contains("unchanged_and_done=5 changed=0 to_embed=4"),
         "{stderr}"
     );
+    // It records how the vectors were made: another decode or segmentation
+    // is refused rather than mixed in.
+    let before = std::fs::read(&full).unwrap();
+    for (flags, says) in [
+        (
+            &["--interval", "4", "--jpeg-draft"][..],
+            "jpeg_draft \"false\" (now \"true\")",
+        ),
+        (
+            &["--interval", "8"][..],
+            "video_segments \"start default end default interval 4\" (now \"start default end default interval 8\")",
+        ),
+    ] {
+        let o = batch(d.path(), &root, &full, &[flags, &["--resume"]].concat())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+    assert_eq!(std::fs::read(&full).unwrap(), before);
 
     // The same job as JSONL, whole and in three shards: every file in
     // exactly one shard, and the shards' rows together are the whole job's.

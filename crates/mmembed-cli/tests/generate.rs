@@ -167,6 +167,25 @@ fn classify_and_score_on_the_demo_model_offline() {
         best["uri"].as_str().unwrap().ends_with("red-star.png"),
         "{rows:?}"
     );
+
+    // Resuming with another text is refused (the Parquet output records
+    // it); with the same one the job goes on.
+    let before = std::fs::read(&out).unwrap();
+    let score = |text: &str| {
+        run(mmembed(d.path())
+            .args(["score", "--model", "demo", "--resume", "--text", text])
+            .arg(&root)
+            .arg("-o")
+            .arg(&out))
+    };
+    let (ok, err) = score("a blue square");
+    assert!(
+        !ok && err.contains("was made with text \"a red star\" (now \"a blue square\")"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+    let (_, err) = score("a red star");
+    assert!(err.contains("keeping 5 rows already done"), "{err}");
 }
 
 #[test]
@@ -496,6 +515,29 @@ fn parquet_tables_and_classify_score_on_gemini() {
     assert_eq!(
         fake.requests()[1].body["contents"][0]["parts"][0]["text"],
         "Price of 5 pears?"
+    );
+    // A Parquet output records the prompt: resuming with another is refused.
+    let pq = d.path().join("prices.parquet");
+    let generate = |prompt: &str, extra: &[&str]| {
+        run(mmembed(d.path())
+            .arg("generate")
+            .arg(&table)
+            .arg("-o")
+            .arg(&pq)
+            .args(["-g", &spec, "--max-attempts", "1", "--returns", "int"])
+            .args(["--prompt", prompt])
+            .args(extra))
+    };
+    assert!(generate("Price of {qty} {name}s?", &[]).0);
+    let (ok, err) = generate("Cost of {qty} {name}s?", &["--resume"]);
+    assert!(
+        !ok && err.contains("made with prompt \"Price of {qty} {name}s?\" (now \"Cost of"),
+        "{err}"
+    );
+    let (ok, err) = generate("Price of {qty} {name}s?", &["--resume"]);
+    assert!(
+        ok && err.contains("keeping 2 rows already done; running 0"),
+        "{err}"
     );
 
     // An input column named like an output column is refused, naming it.
