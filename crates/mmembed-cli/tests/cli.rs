@@ -221,6 +221,19 @@ fn batch_gives_one_row_per_image_and_segment_with_statuses() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
 }
 
+/// `--resume` of the media folder's finished job skips the 5 files that
+/// succeeded and are unchanged, and runs the 4 that failed again.
+fn resume_redoes_only_the_4_failed(cache: &Path, root: &Path, out: &Path) {
+    let o = batch(cache, root, out, &["--interval", "4", "--resume"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("unchanged_and_done=5 changed=0 to_embed=4"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_crashed_job_resumes_to_the_same_rows() {
     let d = tempfile::tempdir().unwrap();
@@ -260,14 +273,7 @@ fn a_crashed_job_resumes_to_the_same_rows() {
 
     // Resuming a finished job re-tries only the failed files.
     let before = std::fs::metadata(&out).unwrap().modified().unwrap();
-    let o = batch(d.path(), &root, &out, &["--interval", "4", "--resume"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        stderr.contains("unchanged_and_done=5 changed=0 to_embed=4"),
-        "{stderr}"
-    );
+    resume_redoes_only_the_4_failed(d.path(), &root, &out);
     assert_same_rows(&expected, &read_jsonl(&out));
     assert!(std::fs::metadata(&out).unwrap().modified().unwrap() >= before);
 }
@@ -349,14 +355,7 @@ fn shards_partition_the_job_and_parquet_has_the_schema() {
 
     // Parquet keeps microseconds, the files' times have nanoseconds: a
     // resume still knows the 5 files that succeeded as unchanged.
-    let o = batch(d.path(), &root, &full, &["--interval", "4", "--resume"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        stderr.contains("unchanged_and_done=5 changed=0 to_embed=4"),
-        "{stderr}"
-    );
+    resume_redoes_only_the_4_failed(d.path(), &root, &full);
     // It records how the vectors were made: another decode or segmentation
     // is refused rather than mixed in.
     let before = std::fs::read(&full).unwrap();
