@@ -336,9 +336,17 @@ fn from_csv(path: &Path) -> anyhow::Result<InputTable> {
     })
 }
 
+/// `text` without a leading byte order mark, which Windows tools (Excel,
+/// PowerShell) write at the start of UTF-8 files and JSON parsers refuse.
+/// (The `csv` crate skips it itself.)
+pub(crate) fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 fn from_jsonl(path: &Path) -> anyhow::Result<InputTable> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = without_bom(&text);
     let mut inputs = vec![];
     let mut columns = BTreeSet::new();
     let mut order = vec![];
@@ -665,9 +673,10 @@ mod tests {
         assert_eq!(t.inputs[0].carried["label"], "dog");
 
         let jl = d.path().join("m.jsonl");
+        // With the byte order mark and line ends of a Windows tool.
         std::fs::write(
             &jl,
-            "{\"uri\":\"gs://b/x.mp4\",\"n\":3}\n\n{\"uri\":\"y.png\"}\n",
+            "\u{feff}{\"uri\":\"gs://b/x.mp4\",\"n\":3}\r\n\r\n{\"uri\":\"y.png\"}\r\n",
         )
         .unwrap();
         let t = list_local(jl.to_str().unwrap()).unwrap();

@@ -224,12 +224,13 @@ pub async fn read_input(spec: &str) -> anyhow::Result<Table> {
         }
         "jsonl" | "ndjson" if is_file => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {spec}"))?;
-            let rows = read_jsonl(&text, spec)?;
+            let text = inputs::without_bom(&text);
+            let rows = read_jsonl(text, spec)?;
             let values: Vec<Value> = rows.iter().cloned().map(Value::Object).collect();
             let inferred =
                 arrow_json::reader::infer_json_schema_from_iterator(values.iter().map(Ok))
                     .with_context(|| format!("{spec}: the columns have no consistent types"))?;
-            let order = jsonl_columns(&text);
+            let order = jsonl_columns(text);
             let fields: Vec<Field> = order
                 .iter()
                 .filter_map(|n| inferred.field_with_name(n).ok().cloned())
@@ -324,6 +325,17 @@ pub fn decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_jsonl_table_may_start_with_a_byte_order_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.jsonl");
+        std::fs::write(&p, "\u{feff}{\"name\": \"pear\", \"n\": 2}\r\n").unwrap();
+        let t = read_input(p.to_str().unwrap()).await.unwrap();
+        let names: Vec<&String> = t.schema.fields().iter().map(|f| f.name()).collect();
+        assert_eq!(names, ["name", "n"]);
+        assert_eq!(t.rows[0]["name"], "pear");
+    }
 
     #[test]
     fn typed_columns_round_trip_through_both_formats() {
