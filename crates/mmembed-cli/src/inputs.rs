@@ -1,6 +1,6 @@
 //! The input of a batch job, an object table: a folder (recursive), a glob,
 //! a bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`), or a
-//! manifest (CSV or JSONL with a `uri` or `path` column; other columns are
+//! manifest (CSV, JSONL or Parquet with a `uri` or `path` column; other columns are
 //! carried through to the output rows). Every object comes with its
 //! identity (size, modification time, ETag/generation) so a rerun can tell
 //! which objects changed.
@@ -177,6 +177,7 @@ fn list_local(spec: &str) -> anyhow::Result<InputTable> {
         match ext.as_str() {
             "csv" => from_csv(path)?,
             "jsonl" | "ndjson" => from_jsonl(path)?,
+            "parquet" | "pq" => from_parquet(path)?,
             _ => InputTable {
                 inputs: vec![local(path)],
                 carried_columns: vec![],
@@ -186,7 +187,7 @@ fn list_local(spec: &str) -> anyhow::Result<InputTable> {
         from_glob(spec)?
     } else {
         bail!(
-            "input `{spec}` is not a directory, a manifest (.csv, .jsonl), a file, a glob \
+            "input `{spec}` is not a directory, a manifest (.csv, .jsonl, .parquet), a file, a glob \
              or a gs://, s3://, az:// prefix"
         );
     };
@@ -370,6 +371,32 @@ fn from_jsonl(path: &Path) -> anyhow::Result<InputTable> {
     Ok(InputTable {
         inputs,
         carried_columns: order,
+    })
+}
+
+/// A Parquet manifest (a table exported from BigQuery or pandas): the
+/// same columns as a CSV or JSON Lines one, the others carried with their
+/// types.
+fn from_parquet(path: &Path) -> anyhow::Result<InputTable> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (schema, rows) = crate::table::read_parquet(bytes.into(), &path.display().to_string())?;
+    let mut inputs = vec![];
+    for (i, mut fields) in rows.into_iter().enumerate() {
+        // NULLs are absent, as in a JSON Lines manifest that leaves them
+        // out (but a NULL `uri` is reported as such).
+        fields.retain(|k, v| !v.is_null() || k == "uri" || k == "path");
+        inputs.push(manifest_input(path, i + 1, fields)?);
+    }
+    let carried_columns = schema
+        .fields()
+        .iter()
+        .map(|f| f.name())
+        .filter(|n| *n != "uri" && *n != "path")
+        .cloned()
+        .collect();
+    Ok(InputTable {
+        inputs,
+        carried_columns,
     })
 }
 
@@ -684,6 +711,31 @@ mod tests {
         assert_eq!(t.inputs[0].uri, "gs://b/x.mp4");
         assert_eq!(t.inputs[0].path, None);
         assert_eq!(t.carried_columns, ["n"]);
+
+        // Parquet: the same columns, the others carried with their types;
+        // NULLs left out.
+        let pq = d.path().join("m.parquet");
+        let batch = arrow_array::RecordBatch::try_from_iter([
+            (
+                "path",
+                std::sync::Arc::new(arrow_array::StringArray::from(vec!["b.png", "a.png"]))
+                    as arrow_array::ArrayRef,
+            ),
+            (
+                "n",
+                std::sync::Arc::new(arrow_array::Int64Array::from(vec![Some(3), None])),
+            ),
+        ])
+        .unwrap();
+        std::fs::write(&pq, crate::rows::parquet_bytes(&batch).unwrap()).unwrap();
+        let t = list_local(pq.to_str().unwrap()).unwrap();
+        assert_eq!(t.carried_columns, ["n"]);
+        assert_eq!(
+            t.inputs[0].uri,
+            absolute(&d.path().join("b.png")).to_string_lossy()
+        );
+        assert_eq!(t.inputs[0].carried["n"], 3);
+        assert!(t.inputs[1].carried.is_empty());
 
         std::fs::write(&csv, "uri,status\na.png,x\n").unwrap();
         let e = list_local(csv.to_str().unwrap()).unwrap_err().to_string();

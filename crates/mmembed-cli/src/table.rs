@@ -114,7 +114,7 @@ pub fn normalize(schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<Vec<Row>> {
     from_batch(&to_batch(schema, rows)?)
 }
 
-fn read_parquet(bytes: Bytes, what: &str) -> anyhow::Result<(SchemaRef, Vec<Row>)> {
+pub(crate) fn read_parquet(bytes: Bytes, what: &str) -> anyhow::Result<(SchemaRef, Vec<Row>)> {
     let ctx = || format!("reading {what}");
     let b = ParquetRecordBatchReaderBuilder::try_new(bytes).with_context(ctx)?;
     let schema = b.schema().clone();
