@@ -57,9 +57,10 @@ use mmembed_rows::RowInput;
   mmembed batch gs://b/media/ -o 'gs://b/emb/part-{shard}.parquet' --shard auto   # array job")]
 pub struct Args {
     /// A folder (walked recursively; hidden entries skipped), a glob
-    /// (quote it), a manifest (`.csv`/`.jsonl`/`.parquet` with a `uri` or `path`
-    /// column; other columns are carried to the output), one file, or a
-    /// bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`, `az://c/x/`).
+    /// (quote it), a manifest (`.csv`/`.jsonl`/`.parquet` with a `uri` or
+    /// `path` column; other columns are carried to the output), one file,
+    /// or a bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`,
+    /// `az://c/x/`).
     #[arg(env = "MMEMBED_INPUT")]
     pub input: String,
 

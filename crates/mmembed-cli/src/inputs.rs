@@ -1,9 +1,9 @@
 //! The input of a batch job, an object table: a folder (recursive), a glob,
 //! a bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`), or a
-//! manifest (CSV, JSONL or Parquet with a `uri` or `path` column; other columns are
-//! carried through to the output rows). Every object comes with its
-//! identity (size, modification time, ETag/generation) so a rerun can tell
-//! which objects changed.
+//! manifest (CSV, JSONL or Parquet with a `uri` or `path` column; other
+//! columns are carried through to the output rows). Every object comes with
+//! its identity (size, modification time, ETag/generation) so a rerun can
+//! tell which objects changed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
