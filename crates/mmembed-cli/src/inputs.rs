@@ -123,8 +123,9 @@ fn is_hidden(p: &Path) -> bool {
 }
 
 /// Lists `spec`: a directory (walked recursively, hidden entries skipped), a
-/// `.csv`/`.jsonl`/`.ndjson` manifest, a glob pattern, one media file, or a
-/// bucket prefix, glob or object (`gs://`, `s3://`, `az://`).
+/// `.csv`/`.jsonl`/`.ndjson`/`.parquet` manifest on this machine, a glob
+/// pattern, one media file, or a bucket prefix, glob or object (`gs://`,
+/// `s3://`, `az://`).
 pub async fn list(spec: &str) -> anyhow::Result<InputTable> {
     let mut table = if mmembed_store::is_remote(spec) {
         from_bucket(spec).await?
