@@ -58,9 +58,9 @@ use mmembed_rows::RowInput;
 pub struct Args {
     /// A folder (walked recursively; hidden entries skipped), a glob
     /// (quote it), a manifest (`.csv`/`.jsonl`/`.parquet` with a `uri` or
-    /// `path` column; other columns are carried to the output), one file,
-    /// or a bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`,
-    /// `az://c/x/`).
+    /// `path` column, here or in a bucket; other columns are carried to the
+    /// output), one file, or a bucket prefix or glob (`gs://b/photos/`,
+    /// `s3://b/**/*.jpg`, `az://c/x/`).
     #[arg(env = "MMEMBED_INPUT")]
     pub input: String,
 

@@ -157,9 +157,10 @@ Examples:
       --prompt 'Price in USD of {name}?' --model-params '{\"temperature\": 0}'"
 )]
 pub struct Args {
-    /// The table: `.csv`, `.jsonl`, `.parquet`, or an object table (a
-    /// folder, glob, media file or bucket prefix: columns `uri`,
-    /// `content_type`, `size_bytes`, `generation`, `etag`, `updated`).
+    /// The table: `.csv`, `.jsonl`, `.parquet` (here or in a bucket), or an
+    /// object table (a folder, glob, media file or bucket prefix: columns
+    /// `uri`, `content_type`, `size_bytes`, `generation`, `etag`,
+    /// `updated`).
     #[arg(env = "MMEMBED_INPUT")]
     pub input: String,
 
@@ -277,14 +278,15 @@ pub fn media_of(table: &Table, row: &Row, column: &str) -> Result<Media, String>
         .filter(|t| *t != "application/octet-stream")
         .map(String::from)
         .or_else(|| inputs::content_type(&name).map(|c| c.0.to_string()));
-    let source = if name.contains("://") && !name.starts_with("file://") {
-        MediaSource::Uri(name)
-    } else {
-        let p = std::path::PathBuf::from(name.strip_prefix("file://").unwrap_or(&name));
-        match (&table.base, p.is_absolute()) {
-            (Some(base), false) => MediaSource::Path(base.join(p)),
-            _ => MediaSource::Path(p),
-        }
+    // Relative names are taken from the table's folder or bucket prefix;
+    // an object table's names are whole already.
+    let base = table
+        .base
+        .clone()
+        .unwrap_or_else(|| inputs::Base::Dir(std::path::PathBuf::new()));
+    let source = match base.locate(&name) {
+        inputs::Located::File(p) => MediaSource::Path(p),
+        inputs::Located::Object(uri) => MediaSource::Uri(uri),
     };
     Ok(Media { source, mime_type })
 }

@@ -123,12 +123,16 @@ fn is_hidden(p: &Path) -> bool {
 }
 
 /// Lists `spec`: a directory (walked recursively, hidden entries skipped), a
-/// `.csv`/`.jsonl`/`.ndjson`/`.parquet` manifest on this machine, a glob
-/// pattern, one media file, or a bucket prefix, glob or object (`gs://`,
-/// `s3://`, `az://`).
+/// `.csv`/`.jsonl`/`.ndjson`/`.parquet` manifest (here or in a bucket), a
+/// glob pattern, one media file, or a bucket prefix, glob or object
+/// (`gs://`, `s3://`, `az://`).
 pub async fn list(spec: &str) -> anyhow::Result<InputTable> {
     let mut table = if mmembed_store::is_remote(spec) {
-        from_bucket(spec).await?
+        // One object named like a manifest is one (a glob lists objects).
+        match ManifestKind::of(spec).filter(|_| !has_glob_chars(spec)) {
+            Some(kind) => from_remote_manifest(spec, kind).await?,
+            None => from_bucket(spec).await?,
+        }
     } else {
         list_local(spec)?
     };
@@ -170,16 +174,13 @@ fn list_local(spec: &str) -> anyhow::Result<InputTable> {
     let table = if path.is_dir() {
         from_dir(path)?
     } else if path.is_file() {
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .unwrap_or_default();
-        match ext.as_str() {
-            "csv" => from_csv(path)?,
-            "jsonl" | "ndjson" => from_jsonl(path)?,
-            "parquet" | "pq" => from_parquet(path)?,
-            _ => InputTable {
+        match ManifestKind::of(spec) {
+            Some(kind) => {
+                let bytes =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                from_manifest(&bytes, kind, &Base::of(spec), &path.display().to_string())?
+            }
+            None => InputTable {
                 inputs: vec![local(path)],
                 carried_columns: vec![],
             },
@@ -265,67 +266,151 @@ fn from_glob(pattern: &str) -> anyhow::Result<InputTable> {
 }
 
 /// A manifest row's object: `uri` or `path`, relative paths taken from the
-/// manifest's directory.
+/// manifest's location.
 fn manifest_input(
-    manifest: &Path,
+    manifest: &str,
+    base: &Base,
     line: usize,
     mut fields: Map<String, Value>,
 ) -> anyhow::Result<Input> {
     let key = ["uri", "path"]
         .into_iter()
         .find(|k| fields.contains_key(*k))
-        .with_context(|| format!("{}:{line}: no `uri` or `path` column", manifest.display()))?;
+        .with_context(|| format!("{manifest}:{line}: no `uri` or `path` column"))?;
     let uri = match fields.remove(key) {
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
-        _ => bail!(
-            "{}:{line}: `{key}` is empty or not a string",
-            manifest.display()
-        ),
+        _ => bail!("{manifest}:{line}: `{key}` is empty or not a string"),
     };
     for k in fields.keys() {
         if STANDARD_COLUMNS.contains(&k.as_str()) {
             bail!(
-                "{}: column `{k}` would collide with an output column of the same name; rename it",
-                manifest.display()
+                "{manifest}: column `{k}` would collide with an output column of the same name; rename it"
             );
         }
     }
-    if is_remote(&uri) {
-        return Ok(Input {
-            uri,
-            path: None,
-            identity: Identity::default(),
-            listed: None,
-            carried: fields,
-        });
-    }
-    let p = PathBuf::from(uri.strip_prefix("file://").unwrap_or(&uri));
-    let p = if p.is_absolute() {
-        p
-    } else {
-        manifest.parent().unwrap_or(Path::new("")).join(p)
+    let remote = |uri: String| Input {
+        uri,
+        path: None,
+        identity: Identity::default(),
+        listed: None,
+        carried: Map::new(),
     };
-    let mut input = local(&p);
+    let mut input = match base.locate(&uri) {
+        Located::File(p) => local(&p),
+        Located::Object(uri) => remote(uri),
+    };
     input.carried = fields;
     Ok(input)
 }
 
-fn from_csv(path: &Path) -> anyhow::Result<InputTable> {
-    let mut rd =
-        csv::Reader::from_path(path).with_context(|| format!("opening {}", path.display()))?;
+/// Where a manifest's relative names are taken from: its folder, or the
+/// bucket prefix it sits under (`gs://b/jobs/` for `gs://b/jobs/list.csv`).
+#[derive(Debug, Clone)]
+pub(crate) enum Base {
+    Dir(PathBuf),
+    Prefix(String),
+}
+
+/// A name from a manifest or table, resolved.
+pub(crate) enum Located {
+    /// A file on this machine.
+    File(PathBuf),
+    /// A bucket or HTTP object.
+    Object(String),
+}
+
+impl Base {
+    /// Where `name` (a URI, an absolute path, or a name relative to the
+    /// manifest) points.
+    pub(crate) fn locate(&self, name: &str) -> Located {
+        if is_remote(name) {
+            return Located::Object(name.to_string());
+        }
+        let p = PathBuf::from(name.strip_prefix("file://").unwrap_or(name));
+        if p.is_absolute() {
+            return Located::File(p);
+        }
+        match self {
+            Self::Dir(dir) => Located::File(dir.join(p)),
+            // A relative name in a manifest in a bucket: an object beside it.
+            Self::Prefix(prefix) => {
+                Located::Object(format!("{prefix}{}", name.trim_start_matches("./")))
+            }
+        }
+    }
+
+    /// The base of a manifest or table at `spec` (a local file or a bucket
+    /// object).
+    pub(crate) fn of(spec: &str) -> Self {
+        if mmembed_store::is_remote(spec) {
+            Self::Prefix(spec[..spec.rfind('/').map_or(spec.len(), |i| i + 1)].to_string())
+        } else {
+            let dir = absolute(Path::new(spec)).parent().map(Path::to_path_buf);
+            Self::Dir(dir.unwrap_or_default())
+        }
+    }
+}
+
+/// The formats of a manifest, by its name's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ManifestKind {
+    Csv,
+    Jsonl,
+    Parquet,
+}
+
+impl ManifestKind {
+    /// The kind a file's name says, if it names a table.
+    pub(crate) fn of(name: &str) -> Option<Self> {
+        let file = name.rsplit('/').next().unwrap_or(name);
+        let ext = file.rsplit_once('.')?.1.to_ascii_lowercase();
+        match ext.as_str() {
+            "csv" => Some(Self::Csv),
+            "jsonl" | "ndjson" => Some(Self::Jsonl),
+            "parquet" | "pq" => Some(Self::Parquet),
+            _ => None,
+        }
+    }
+}
+
+/// A manifest in a bucket (`gs://b/jobs/list.csv`): read whole, relative
+/// names taken as objects beside it.
+async fn from_remote_manifest(spec: &str, kind: ManifestKind) -> anyhow::Result<InputTable> {
+    let (bytes, _) = mmembed_store::Stores::shared()
+        .read(spec, u64::MAX)
+        .await
+        .with_context(|| format!("reading the manifest {spec}"))?;
+    from_manifest(&bytes, kind, &Base::of(spec), spec)
+}
+
+fn from_manifest(
+    bytes: &[u8],
+    kind: ManifestKind,
+    base: &Base,
+    what: &str,
+) -> anyhow::Result<InputTable> {
+    match kind {
+        ManifestKind::Csv => from_csv(bytes, base, what),
+        ManifestKind::Jsonl => from_jsonl(bytes, base, what),
+        ManifestKind::Parquet => from_parquet(bytes, base, what),
+    }
+}
+
+fn from_csv(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable> {
+    let mut rd = csv::Reader::from_reader(bytes);
     let headers = rd
         .headers()
-        .with_context(|| format!("reading the header of {}", path.display()))?
+        .with_context(|| format!("reading the header of {what}"))?
         .clone();
     let mut inputs = vec![];
     for (i, rec) in rd.records().enumerate() {
-        let rec = rec.with_context(|| format!("reading {}", path.display()))?;
+        let rec = rec.with_context(|| format!("reading {what}"))?;
         let fields: Map<String, Value> = headers
             .iter()
             .zip(rec.iter())
             .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
             .collect();
-        inputs.push(manifest_input(path, i + 2, fields)?);
+        inputs.push(manifest_input(what, base, i + 2, fields)?);
     }
     let carried_columns = headers
         .iter()
@@ -345,10 +430,9 @@ pub(crate) fn without_bom(text: &str) -> &str {
     text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
-fn from_jsonl(path: &Path) -> anyhow::Result<InputTable> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = without_bom(&text);
+fn from_jsonl(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable> {
+    let text = std::str::from_utf8(bytes).with_context(|| format!("{what} is not UTF-8 text"))?;
+    let text = without_bom(text);
     let mut inputs = vec![];
     let mut columns = BTreeSet::new();
     let mut order = vec![];
@@ -356,12 +440,12 @@ fn from_jsonl(path: &Path) -> anyhow::Result<InputTable> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{what}:{}: not JSON", i + 1))?;
         let Value::Object(fields) = v else {
-            bail!("{}:{}: not a JSON object", path.display(), i + 1);
+            bail!("{what}:{}: not a JSON object", i + 1);
         };
-        let input = manifest_input(path, i + 1, fields)?;
+        let input = manifest_input(what, base, i + 1, fields)?;
         for k in input.carried.keys() {
             if columns.insert(k.clone()) {
                 order.push(k.clone());
@@ -378,15 +462,14 @@ fn from_jsonl(path: &Path) -> anyhow::Result<InputTable> {
 /// A Parquet manifest (a table exported from BigQuery or pandas): the
 /// same columns as a CSV or JSON Lines one, the others carried with their
 /// types.
-fn from_parquet(path: &Path) -> anyhow::Result<InputTable> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (schema, rows) = crate::table::read_parquet(bytes.into(), &path.display().to_string())?;
+fn from_parquet(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable> {
+    let (schema, rows) = crate::table::read_parquet(bytes::Bytes::copy_from_slice(bytes), what)?;
     let mut inputs = vec![];
     for (i, mut fields) in rows.into_iter().enumerate() {
         // NULLs are absent, as in a JSON Lines manifest that leaves them
         // out (but a NULL `uri` is reported as such).
         fields.retain(|k, v| !v.is_null() || k == "uri" || k == "path");
-        inputs.push(manifest_input(path, i + 1, fields)?);
+        inputs.push(manifest_input(what, base, i + 1, fields)?);
     }
     let carried_columns = schema
         .fields()
@@ -634,6 +717,47 @@ mod tests {
         };
         assert!(file(ns).same_version(&file(us)));
         assert!(!file(ns).same_version(&file(DateTime::<Utc>::from_timestamp(10, 880_841_000))));
+    }
+
+    #[test]
+    fn a_manifest_in_a_bucket_names_objects_beside_it() {
+        assert_eq!(
+            ManifestKind::of("gs://b/jobs/list.CSV"),
+            Some(ManifestKind::Csv)
+        );
+        assert_eq!(
+            ManifestKind::of("s3://b/x.ndjson"),
+            Some(ManifestKind::Jsonl)
+        );
+        assert_eq!(ManifestKind::of("s3://b/x.pq"), Some(ManifestKind::Parquet));
+        assert_eq!(ManifestKind::of("gs://b/list.csv/"), None);
+        assert_eq!(ManifestKind::of("gs://b/photos/"), None);
+        assert_eq!(ManifestKind::of("gs://b.csv/photo.jpg"), None);
+        let csv = b"uri,label\nphotos/a.jpg,x\n./b.jpg,y\ngs://other/c.jpg,z\n/data/d.jpg,w\n";
+        let base = Base::of("gs://b/jobs/list.csv");
+        let t = from_manifest(csv, ManifestKind::Csv, &base, "gs://b/jobs/list.csv").unwrap();
+        let uris: Vec<&str> = t.inputs.iter().map(|i| i.uri.as_str()).collect();
+        assert_eq!(
+            uris,
+            [
+                "gs://b/jobs/photos/a.jpg",
+                "gs://b/jobs/b.jpg",
+                "gs://other/c.jpg",
+                "/data/d.jpg"
+            ]
+        );
+        assert!(t.inputs[..3].iter().all(|i| i.path.is_none()));
+        assert_eq!(t.inputs[3].path.as_deref(), Some(Path::new("/data/d.jpg")));
+        assert_eq!(t.inputs[0].carried["label"], "x");
+        let e = from_manifest(
+            b"{\"uri\": 3}",
+            ManifestKind::Jsonl,
+            &base,
+            "gs://b/jobs/l.jsonl",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "gs://b/jobs/l.jsonl:1: `uri` is empty or not a string");
     }
 
     #[test]

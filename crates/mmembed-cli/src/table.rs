@@ -9,7 +9,7 @@
 //! (`normalize`), so a row read back from an output compares equal to the
 //! input row it came from.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -34,8 +34,9 @@ pub struct Table {
     pub schema: SchemaRef,
     /// Its rows, in input order.
     pub rows: Vec<Row>,
-    /// Where relative media paths are taken from (a manifest's folder).
-    pub base: Option<PathBuf>,
+    /// Where relative media names are taken from: a table's folder, or
+    /// the bucket prefix it sits under.
+    pub base: Option<inputs::Base>,
 }
 
 /// The Arrow type of an output schema type.
@@ -183,24 +184,38 @@ fn read_jsonl(text: &str, what: &str) -> anyhow::Result<Vec<Row>> {
 }
 
 /// Reads the input of a job: a `.csv` (every column a string), `.jsonl`
-/// (types inferred), `.parquet` (types kept) table, or anything `mmembed
-/// batch` lists (a folder, glob, media file, bucket prefix), which becomes
-/// an object table (`uri`, `content_type`, `size_bytes`, `generation`,
-/// `etag`, `updated`).
+/// (types inferred), `.parquet` (types kept) table, on this machine or one
+/// object in a bucket, or anything `mmembed batch` lists (a folder, glob,
+/// media file, bucket prefix), which becomes an object table (`uri`,
+/// `content_type`, `size_bytes`, `generation`, `etag`, `updated`).
 pub async fn read_input(spec: &str) -> anyhow::Result<Table> {
     let path = Path::new(spec);
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
-    let is_file = !mmembed_store::is_remote(spec) && path.is_file();
-    let base = is_file
-        .then(|| inputs::absolute(path).parent().map(Path::to_path_buf))
-        .flatten();
-    let (schema, rows): (SchemaRef, Vec<Row>) = match ext.as_str() {
-        "csv" if is_file => {
-            let mut rd = csv::Reader::from_path(path).with_context(|| format!("opening {spec}"))?;
+    let remote = mmembed_store::is_remote(spec);
+    // A table here, or one object in a bucket named like a table.
+    let kind = inputs::ManifestKind::of(spec).filter(|_| {
+        if remote {
+            !spec.contains(['*', '?', '['])
+        } else {
+            path.is_file()
+        }
+    });
+    let bytes = match kind {
+        None => None,
+        Some(_) if remote => Some(
+            mmembed_store::Stores::shared()
+                .read(spec, u64::MAX)
+                .await
+                .with_context(|| format!("reading {spec}"))?
+                .0,
+        ),
+        Some(_) => Some(Bytes::from(
+            std::fs::read(path).with_context(|| format!("reading {spec}"))?,
+        )),
+    };
+    let base = kind.map(|_| inputs::Base::of(spec));
+    let (schema, rows): (SchemaRef, Vec<Row>) = match (kind, bytes) {
+        (Some(inputs::ManifestKind::Csv), Some(bytes)) => {
+            let mut rd = csv::Reader::from_reader(bytes.as_ref());
             let headers = rd
                 .headers()
                 .with_context(|| format!("reading {spec}"))?
@@ -222,9 +237,10 @@ pub async fn read_input(spec: &str) -> anyhow::Result<Table> {
                 .collect();
             (Arc::new(Schema::new(fields)), rows)
         }
-        "jsonl" | "ndjson" if is_file => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {spec}"))?;
-            let text = inputs::without_bom(&text);
+        (Some(inputs::ManifestKind::Jsonl), Some(bytes)) => {
+            let text =
+                std::str::from_utf8(&bytes).with_context(|| format!("{spec} is not UTF-8 text"))?;
+            let text = inputs::without_bom(text);
             let rows = read_jsonl(text, spec)?;
             let values: Vec<Value> = rows.iter().cloned().map(Value::Object).collect();
             let inferred =
@@ -237,10 +253,7 @@ pub async fn read_input(spec: &str) -> anyhow::Result<Table> {
                 .collect();
             (Arc::new(Schema::new(fields)), rows)
         }
-        "parquet" | "pq" if is_file => {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {spec}"))?;
-            read_parquet(Bytes::from(bytes), spec)?
-        }
+        (Some(inputs::ManifestKind::Parquet), Some(bytes)) => read_parquet(bytes, spec)?,
         _ => {
             let listed = inputs::list(spec).await?;
             let rows = listed

@@ -303,6 +303,69 @@ fn whole_job(kind: Kind) {
         .collect();
     assert_same_vectors(&reference[..1], &[("blue-square.png".to_string(), got)]);
 
+    // A manifest in the bucket: its relative names are objects beside it,
+    // its other columns carried.
+    let manifest = format!("{base}/list.csv");
+    rt.block_on(b.stores.put(
+        &manifest,
+        Bytes::from_static(b"uri,label\nin/blue-square.png,b\nin/sub/green-circle.png,g\n"),
+        "text/csv",
+        PutMode::Overwrite,
+    ))
+    .unwrap();
+    let listed_out = format!("{base}/listed.jsonl");
+    let o = b
+        .mmembed(&cache, &proxy.url)
+        .args(["batch", &manifest, "-o", &listed_out])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (bytes, _) = rt.block_on(b.stores.read(&listed_out, 1 << 30)).unwrap();
+    let rows = jsonl(&bytes);
+    let labels: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["uri"].as_str().unwrap(), r["label"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            (format!("{input}blue-square.png").as_str(), "b"),
+            (format!("{input}sub/green-circle.png").as_str(), "g")
+        ]
+    );
+    let wanted: Vec<_> = reference
+        .iter()
+        .filter(|(n, _)| n == "blue-square.png" || n == "sub/green-circle.png")
+        .cloned()
+        .collect();
+    assert_same_vectors(&wanted, &vectors(&rows, &input));
+    // The same file as a table for `score` (and `generate`, `classify`):
+    // its columns kept, its relative names read from beside it.
+    let scores = format!("{base}/scores.jsonl");
+    let o = b
+        .mmembed(&cache, &proxy.url)
+        .args(["score", &manifest, "--text", "a blue square", "-o", &scores])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (bytes, _) = rt.block_on(b.stores.read(&scores, 1 << 30)).unwrap();
+    let rows = jsonl(&bytes);
+    let got: Vec<(&str, &str, bool)> = rows
+        .iter()
+        .map(|r| {
+            let ok = r["status"] == "" && r["result"].is_f64();
+            (r["uri"].as_str().unwrap(), r["label"].as_str().unwrap(), ok)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("in/blue-square.png", "b", true),
+            ("in/sub/green-circle.png", "g", true)
+        ]
+    );
+    assert!(rows[0]["result"].as_f64() > rows[1]["result"].as_f64());
+
     // A rerun skips what is done and unchanged, retries the failures.
     let o = run(&["--resume"], &[]);
     let e = stderr(&o);
