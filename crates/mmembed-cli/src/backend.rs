@@ -9,9 +9,9 @@ use clap::Args;
 use mmembed::Embedder;
 use mmembed::local::{DeviceSpec, LocalEmbedder, LocalOptions, Manifest, Precision};
 use mmembed::spec::BackendSpec;
+use mmembed::vertex::{CredentialsSource, VertexConfig, VertexEmbedder};
 
 use crate::recipe::Recipe;
-use mmembed::vertex::{CredentialsSource, VertexConfig, VertexEmbedder};
 
 /// A credential from a flag or the environment: `Debug` never shows it.
 #[derive(Clone)]
@@ -260,21 +260,26 @@ impl BackendArgs {
 
     /// What this backend's vectors depend on beyond the model and size
     /// each row records (see `recipe`): the local model's precision and
-    /// JPEG decoding, and with `video` its frame sampling. A spec string's
-    /// settings are not picked apart (its space and size still are).
-    pub(crate) fn recipe(&self, video: bool) -> Recipe {
-        let r = Recipe::default();
+    /// JPEG decoding, and for an input with videos (`video`: its segment
+    /// flags) the segments and the local model's frame sampling. A spec
+    /// string's settings are not picked apart (its space and size still
+    /// are).
+    pub(crate) fn recipe(&self, video: Option<&SegmentArgs>) -> Recipe {
+        let mut r = Recipe::default();
+        if let Some(segments) = video {
+            r = r.with("video_segments", segments.describe());
+        }
         match self.backend {
             BackendKind::Local => {
-                let r = r
+                r = r
                     .with("precision", format!("{:?}", self.precision).to_lowercase())
                     .with("jpeg_draft", self.jpeg_draft);
-                if video {
-                    r.with("fps", self.fps)
-                        .with("keyframes_only", self.keyframes_only)
-                } else {
-                    r
+                if video.is_some() {
+                    r = r
+                        .with("fps", self.fps)
+                        .with("keyframes_only", self.keyframes_only);
                 }
+                r
             }
             BackendKind::Vertex | BackendKind::Spec(_) => r,
         }

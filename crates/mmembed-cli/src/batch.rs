@@ -543,14 +543,8 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         out.remove_parts().await?;
     }
     // What the vectors depend on beyond the model and size each row says.
-    let video = table
-        .inputs
-        .iter()
-        .any(|i| matches!(inputs::content_type(&i.uri), Some((_, Kind::Video))));
-    let mut recipe = args.backend.recipe(video);
-    if video {
-        recipe = recipe.with("video_segments", args.segments.describe());
-    }
+    let video = table.inputs.iter().any(|i| inputs::is_video(&i.uri));
+    let recipe = args.backend.recipe(video.then_some(&args.segments));
     let mut sources = vec![];
     if args.resume {
         if exists {

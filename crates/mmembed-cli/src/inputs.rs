@@ -303,6 +303,11 @@ fn manifest_input(
     Ok(input)
 }
 
+/// Whether `uri` names a video by its extension.
+pub(crate) fn is_video(uri: &str) -> bool {
+    matches!(content_type(uri), Some((_, Kind::Video)))
+}
+
 /// Where a manifest's relative names are taken from: its folder, or the
 /// bucket prefix it sits under (`gs://b/jobs/` for `gs://b/jobs/list.csv`).
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::backend::{BackendArgs, SegmentArgs};
 use crate::generate::{GeneratorArgs, JobArgs, media_of, output_schema};
-use crate::inputs::{self, Kind};
+use crate::inputs;
 use crate::job::{self, Summary};
 use crate::recipe::Recipe;
 use crate::table::{self, Row, Table};
@@ -304,7 +304,7 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
     let video = input.rows.iter().any(|r| {
         r.get("uri")
             .and_then(Value::as_str)
-            .is_some_and(|u| matches!(inputs::content_type(u), Some((_, Kind::Video))))
+            .is_some_and(inputs::is_video)
     });
     let mut opts = c.job.options();
     let task = Arc::new(task);
@@ -339,11 +339,8 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
                 .collect::<Result<Vec<_>, _>>()
                 .context("embedding the labels / text")?;
             let texts = Arc::new(texts);
-            opts.recipe =
-                with_task(c.backend.recipe(video)).with("model", e.info().model_id.clone());
-            if video {
-                opts.recipe = opts.recipe.with("video_segments", c.segments.describe());
-            }
+            opts.recipe = with_task(c.backend.recipe(video.then_some(&c.segments)))
+                .with("model", e.info().model_id.clone());
             job::run(input, out_schema, &opts, |rows| {
                 on_embedder(
                     task.clone(),
