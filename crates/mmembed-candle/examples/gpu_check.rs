@@ -3,10 +3,10 @@
 //!
 //! ```text
 //! gpu_check parity MODEL_DIR INPUTS_DIR OUT.safetensors [--device cuda] [--precision f32]
-//!                  [--kernels auto|portable] (portable: the GPU graph, e.g. on the CPU)
+//!                  [--kernels auto|portable|cublas] (a GPU graph, e.g. on the CPU)
 //! gpu_check speed MODEL_DIR [--device cuda] [--precisions f32,f16,bf16]
 //!                 [--images 1,32,256,1024] [--texts 32,256] [--seconds 3]
-//!                 [--kernels auto|portable]
+//!                 [--kernels auto|portable|cublas] [--host true|false]
 //! gpu_check decode IMAGE_DIR [--model MODEL_DIR] [--seconds 3] [--draft false|true]
 //! ```
 //!
@@ -18,7 +18,9 @@
 //! `speed` prints one JSON line per measurement: model-only (inputs already on
 //! the device, as PyTorch is timed) and, for images, the library's own calls
 //! (host f32 pixels, or the crops' bytes as `mmembed batch` sends them, in;
-//! unit vectors out: transfers included). `decode`
+//! unit vectors out: transfers included; `--host false` leaves those out).
+//! Its lines name the stack `mmembed`, or `mmembed-portable` /
+//! `mmembed-cublas` for a graph chosen with `--kernels`. `decode`
 //! times JPEG decoding and preprocessing on all cores, the host's ceiling
 //! (`--draft true`: with `mmembed batch --jpeg-draft`'s reduced decoding).
 
@@ -58,10 +60,13 @@ fn main() -> Result<()> {
             Path::new(model),
             &flag("device", "cuda"),
             &flag("precisions", "f32,f16,bf16"),
-            &numbers(&flag("images", "1,32,256,1024"))?,
-            &numbers(&flag("texts", "32,256"))?,
-            seconds(&flag("seconds", "3"))?,
-            &flag("kernels", "auto"),
+            &Workloads {
+                images: numbers(&flag("images", "1,32,256,1024"))?,
+                texts: numbers(&flag("texts", "32,256"))?,
+                budget: seconds(&flag("seconds", "3"))?,
+                kernels: flag("kernels", "auto"),
+                host: flag("host", "true").parse().context("--host true|false")?,
+            },
         ),
         ("decode", [dir]) => decode(
             Path::new(dir),
@@ -124,7 +129,8 @@ fn open(model: &Path, device: &str, precision: Precision, kernels: &str) -> Resu
     let kernels = match kernels {
         "auto" => Kernels::for_device(&device, precision),
         "portable" => Kernels::Portable,
-        other => bail!("--kernels {other}: expected auto or portable"),
+        "cublas" => Kernels::Cublas,
+        other => bail!("--kernels {other}: expected auto, portable or cublas"),
     };
     let files = local_files(model)?;
     Ok(LoadedClip::load_with_kernels(
@@ -210,15 +216,32 @@ fn time(dev: &Device, budget: Duration, mut f: impl FnMut() -> Result<()>) -> Re
     Ok(t.elapsed().as_secs_f64() / n as f64)
 }
 
-fn speed(
-    model: &Path,
-    device: &str,
-    precisions: &str,
-    images: &[usize],
-    texts: &[usize],
+/// What `speed` times, and on which graph.
+struct Workloads {
+    /// Image batch sizes.
+    images: Vec<usize>,
+    /// Text batch sizes.
+    texts: Vec<usize>,
+    /// Seconds per measurement.
     budget: Duration,
-    kernels: &str,
-) -> Result<()> {
+    kernels: String,
+    /// Also the library's calls from host memory.
+    host: bool,
+}
+
+fn speed(model: &Path, device: &str, precisions: &str, w: &Workloads) -> Result<()> {
+    let Workloads {
+        images,
+        texts,
+        budget,
+        kernels,
+        host,
+    } = w;
+    let (budget, host, kernels) = (*budget, *host, kernels.as_str());
+    let stack = match kernels {
+        "auto" => "mmembed".to_string(),
+        k => format!("mmembed-{k}"),
+    };
     for p in precisions.split(',').filter(|p| !p.is_empty()) {
         let precision: Precision = p.parse().map_err(anyhow::Error::msg)?;
         let clip = open(model, device, precision, kernels)?;
@@ -228,7 +251,7 @@ fn speed(
             println!(
                 "{}",
                 serde_json::json!({
-                    "stack": "mmembed", "precision": p, "workload": workload,
+                    "stack": stack, "precision": p, "workload": workload,
                     "batch": batch, "ms": secs * 1e3, "per_s": batch as f64 / secs,
                 })
             );
@@ -242,7 +265,7 @@ fn speed(
             report("images", b, secs);
         }
         // The library's call: host pixels up, unit vectors down.
-        if let Some(&b) = images.iter().max() {
+        if let (Some(&b), true) = (images.iter().max(), host) {
             let host: Vec<Vec<f32>> = (0..b)
                 .map(|i| vec![(i % 7) as f32 * 0.1; 3 * side * side])
                 .collect();
@@ -277,7 +300,7 @@ fn speed(
             println!(
                 "{}",
                 serde_json::json!({
-                    "stack": "mmembed", "precision": p, "workload": "u8_vs_f32_rows",
+                    "stack": stack, "precision": p, "workload": "u8_vs_f32_rows",
                     "batch": k, "max_abs_diff": diff,
                 })
             );

@@ -277,8 +277,8 @@ impl LoadedClip {
         kernels: Kernels,
     ) -> Result<Self, EmbedError> {
         let dtype = match precision {
-            Precision::F16 if kernels == Kernels::Portable && device.is_cpu() => DType::F16,
-            Precision::Bf16 if kernels == Kernels::Portable && device.is_cpu() => DType::BF16,
+            Precision::F16 if kernels.gpu_graph() && device.is_cpu() => DType::F16,
+            Precision::Bf16 if kernels.gpu_graph() && device.is_cpu() => DType::BF16,
             _ => precision.dtype_for(device)?,
         };
         let model_name = files

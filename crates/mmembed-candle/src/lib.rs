@@ -12,6 +12,8 @@
 //!   change.
 //! - Vectors are L2-normalised and tagged with the model's space id.
 
+mod blas;
+mod blas_ops;
 mod config;
 mod cpu_kernels;
 mod demo;

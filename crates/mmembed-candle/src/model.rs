@@ -27,6 +27,7 @@ use candle_nn::{
     embedding, linear, linear_no_bias,
 };
 
+use crate::blas_ops;
 use crate::config::{Activation, ClipConfig, Family, TowerConfig};
 use crate::cpu_kernels::{self, Epilogue, Visible};
 use crate::int8::QLinear;
@@ -60,6 +61,13 @@ pub enum Kernels {
     /// matmul. The GPU path (CUDA, Metal); on the CPU it runs the same
     /// graph through candle's CPU ops, which is how its tests check it.
     Portable,
+    /// The CUDA graph: [`Kernels::Portable`]'s, with every linear layer one
+    /// cuBLASLt call carrying its bias (and residual) in the epilogue, and
+    /// attention as per-head cuBLAS calls that read the packed Q/K/V in
+    /// place and write the merged heads in place (`blas_ops`). On the CPU
+    /// the same calls run through a reference of cuBLAS's semantics: slow,
+    /// and there for the tests.
+    Cublas,
 }
 
 impl Kernels {
@@ -69,18 +77,48 @@ impl Kernels {
 
     /// The inference kernels for a device and precision: our own CPU
     /// kernels (f32 or int8: gemm and AVX code on host memory) on the CPU,
-    /// [`Kernels::Portable`] on GPUs.
+    /// [`Kernels::Cublas`] on CUDA, [`Kernels::Portable`] on Metal.
+    ///
+    /// `MMEMBED_CUDA_GRAPH=portable` runs CUDA on [`Kernels::Portable`]
+    /// instead: candle's own ops, slower (BENCHMARKS.md) but free of the
+    /// cuBLASLt calls, for comparisons and as a way round a cuBLAS problem
+    /// on some GPU or driver.
     pub fn for_device(device: &Device, precision: crate::Precision) -> Self {
         match precision {
+            _ if device.is_cuda() => {
+                cuda_graph(std::env::var("MMEMBED_CUDA_GRAPH").ok().as_deref())
+            }
             _ if !device.is_cpu() => Kernels::Portable,
             crate::Precision::Int8 => Kernels::Int8,
             _ => Kernels::Fused,
         }
     }
 
+    /// Whether this is a GPU graph ([`Kernels::Portable`] or
+    /// [`Kernels::Cublas`]): packed Q/K/V with the scale in the query
+    /// weights, QuickGELU as one silu, broadcasts instead of repeats.
+    pub fn gpu_graph(self) -> bool {
+        matches!(self, Kernels::Portable | Kernels::Cublas)
+    }
+
     /// Whether `x` goes through our own CPU kernels (fused f32 or int8).
     fn host(self, x: &Tensor) -> bool {
         matches!(self, Kernels::Fused | Kernels::Int8) && cpu_kernels::supported(x)
+    }
+}
+
+/// The CUDA graph `MMEMBED_CUDA_GRAPH` asks for (see
+/// [`Kernels::for_device`]).
+fn cuda_graph(var: Option<&str>) -> Kernels {
+    match var.map(str::trim) {
+        None | Some("" | "cublas") => Kernels::Cublas,
+        Some("portable") => Kernels::Portable,
+        Some(other) => {
+            tracing::warn!(
+                "MMEMBED_CUDA_GRAPH={other:?}: expected cublas or portable; using cublas"
+            );
+            Kernels::Cublas
+        }
     }
 }
 
@@ -149,7 +187,9 @@ fn activate(act: Activation, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
 /// ops candle can differentiate for training.
 fn softmax(kernels: Kernels, w: &Tensor) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused | Kernels::Int8 | Kernels::Portable => candle_nn::ops::softmax_last_dim(w),
+        Kernels::Fused | Kernels::Int8 | Kernels::Portable | Kernels::Cublas => {
+            candle_nn::ops::softmax_last_dim(w)
+        }
         Kernels::Differentiable if train_ops::supported(w) => train_ops::softmax_last_dim(w),
         Kernels::Differentiable => candle_nn::ops::softmax(w, D::Minus1),
     }
@@ -318,22 +358,41 @@ impl Dense {
         if let (true, Some(b)) = (self.kernels.host(x), linear.bias()) {
             return cpu_kernels::linear(x, linear.weight(), b, residual, epilogue);
         }
+        if self.kernels == Kernels::Cublas {
+            // The residual rides in the GEMM only when nothing comes
+            // between: an activation applies before it.
+            let (inside, after) = match epilogue {
+                Epilogue::None => (residual, None),
+                _ => (None, residual),
+            };
+            let y = blas_ops::linear(x, linear.weight(), linear.bias(), inside)?;
+            let y = self.activate(y, epilogue)?;
+            return match after {
+                Some(r) => y + r,
+                None => Ok(y),
+            };
+        }
         // All rows as one 2-D matmul against the transposed weight (one
         // GEMM, where candle-nn's Linear broadcasts the weight into a
         // batched one), then the bias over the rows.
-        let mut y = matmul_rows(x, linear.weight(), |y, _| match linear.bias() {
+        let y = matmul_rows(x, linear.weight(), |y, _| match linear.bias() {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         })?;
-        match epilogue {
-            Epilogue::None => {}
-            Epilogue::QuickGelu => y = activate(Activation::QuickGelu, self.kernels, &y)?,
-            Epilogue::GeluTanh => y = activate(Activation::GeluTanh, self.kernels, &y)?,
-            Epilogue::GeluErf => y = activate(Activation::Gelu, self.kernels, &y)?,
-        }
+        let y = self.activate(y, epilogue)?;
         match residual {
             Some(r) => y + r,
             None => Ok(y),
+        }
+    }
+
+    /// An epilogue's activation with candle's ops.
+    fn activate(&self, y: Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        match epilogue {
+            Epilogue::None => Ok(y),
+            Epilogue::QuickGelu => activate(Activation::QuickGelu, self.kernels, &y),
+            Epilogue::GeluTanh => activate(Activation::GeluTanh, self.kernels, &y),
+            Epilogue::GeluErf => activate(Activation::Gelu, self.kernels, &y),
         }
     }
 }
@@ -453,13 +512,11 @@ impl Attention {
         );
         let scale = (head_dim as f64).powf(-0.5);
         let qkv = match (ql.bias(), kl.bias(), vl.bias()) {
-            (Some(qb), Some(kb), Some(vb))
-                if kernels == Kernels::Portable || kernels.host(ql.weight()) =>
-            {
+            (Some(qb), Some(kb), Some(vb)) if kernels.gpu_graph() || kernels.host(ql.weight()) => {
                 // The portable path scales the queries through their
                 // weights, saving a pass over q (exact for CLIP's head dim
                 // 64: the scale is 1/8, a power of two).
-                let (qw, qb) = if kernels == Kernels::Portable {
+                let (qw, qb) = if kernels.gpu_graph() {
                     ((ql.weight() * scale)?, (qb * scale)?)
                 } else {
                     (ql.weight().clone(), qb.clone())
@@ -515,6 +572,10 @@ impl Attention {
             Qkv::Packed(qkv) if self.kernels == Kernels::Portable => {
                 let qkv = qkv.forward_normed(x, norm, None, Epilogue::None)?;
                 return self.portable_attention(&qkv, mask.additive.as_ref());
+            }
+            Qkv::Packed(qkv) if self.kernels == Kernels::Cublas => {
+                let qkv = qkv.forward_normed(x, norm, None, Epilogue::None)?;
+                return blas_ops::attention(&qkv, self.heads, mask.additive.as_ref());
             }
             Qkv::Packed(qkv) => {
                 let d = self.heads * self.head_dim;
@@ -590,7 +651,7 @@ impl Mlp {
         fc2: VarBuilder,
     ) -> Result<Self> {
         let inner = c.intermediate_size;
-        if kernels == Kernels::Portable && c.activation == Activation::QuickGelu {
+        if kernels.gpu_graph() && c.activation == Activation::QuickGelu {
             // QuickGELU(h) = h·σ(1.702 h) = silu(1.702 h) / 1.702: with
             // 1.702 folded into fc1 and 1/1.702 into fc2, the activation is
             // candle's one silu kernel instead of three (scale, sigmoid,
@@ -953,7 +1014,9 @@ impl TextTower {
 /// `x [b, t, d] + pos [t, d]`, broadcast over the batch.
 fn add_positions(x: &Tensor, pos: &Tensor, kernels: Kernels) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused | Kernels::Int8 | Kernels::Portable => x.broadcast_add(pos),
+        Kernels::Fused | Kernels::Int8 | Kernels::Portable | Kernels::Cublas => {
+            x.broadcast_add(pos)
+        }
         Kernels::Differentiable => {
             let b = x.dim(0)?;
             x + repeat_rows(pos, b)?.reshape(x.shape())?
@@ -1073,11 +1136,15 @@ impl VisionTower {
         // the gemm crate's kernel against a tiled loop on the CPU, and on
         // CUDA one reshaping copy and one GEMM against an im2col kernel and
         // a GEMM (the patches do not overlap, so unfolding is a permute).
+        if self.kernels == Kernels::Cublas {
+            let x = self.embed_by_cublas(pixels)?;
+            return self.encode(x, b);
+        }
         let mut x = self.patches_by_matmul(pixels)?;
         let d = x.dim(2)?;
         if let Some(class) = &self.class {
             let cls = match self.kernels {
-                Kernels::Fused | Kernels::Int8 | Kernels::Portable => {
+                Kernels::Fused | Kernels::Int8 | Kernels::Portable | Kernels::Cublas => {
                     class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?
                 }
                 Kernels::Differentiable => repeat_rows(class, b)?.reshape((b, 1, d))?,
@@ -1085,7 +1152,13 @@ impl VisionTower {
             x = Tensor::cat(&[&cls, &x], 1)?;
         }
         let pos = Tensor::arange(0u32, self.positions as u32, pixels.device())?;
-        let mut x = add_positions(&x, &self.position.forward(&pos)?, self.kernels)?;
+        let x = add_positions(&x, &self.position.forward(&pos)?, self.kernels)?;
+        self.encode(x, b)
+    }
+
+    /// The encoder, pooling and projection over the embedded tokens `x
+    /// [b, positions, d]`.
+    fn encode(&self, mut x: Tensor, b: usize) -> Result<Tensor> {
         if let Some(pre_ln) = &self.pre_ln {
             x = pre_ln.forward(&x)?;
         }
@@ -1179,6 +1252,42 @@ impl AttentionPool {
 }
 
 impl VisionTower {
+    /// The tokens `[b, positions, d]` on [`Kernels::Cublas`]: the patch
+    /// embedding's GEMM writes each image's patches after its class row
+    /// and adds the positions in its epilogue ([`blas_ops::patch_embed`]),
+    /// where the other graphs concatenate and broadcast-add.
+    fn embed_by_cublas(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let class = usize::from(self.class.is_some());
+        if h % p != 0 || w % p != 0 || gh * gw + class != self.positions {
+            candle_core::bail!(
+                "pixels {h} x {w} in patches of {p}: {} positions, the model has {}",
+                gh * gw + class,
+                self.positions
+            );
+        }
+        let unfolded = pixels
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b * gh * gw, c * p * p))?;
+        let weight = self.patch.weight();
+        let d = weight.dim(0)?;
+        let weight = weight.reshape((d, c * p * p))?;
+        let pos = Tensor::arange(0u32, self.positions as u32, pixels.device())?;
+        let pos = self.position.forward(&pos)?;
+        // The class token rides on its row's position.
+        let first = match &self.class {
+            Some(class) => {
+                let zeros = Tensor::zeros((gh * gw, d), pos.dtype(), pos.device())?;
+                (pos + Tensor::cat(&[&class.reshape((1, d))?, &zeros], 0)?)?
+            }
+            None => pos,
+        };
+        blas_ops::patch_embed(&unfolded, &weight, self.patch.bias(), &first, b)
+    }
+
     /// The patch embedding as one matmul over unfolded patches: the same
     /// function as the strided convolution, and its backward pass is several
     /// times cheaper in candle than the convolution's.
@@ -1250,7 +1359,19 @@ mod tests {
     use super::*;
     use candle_nn::VarMap;
 
-    /// The GPU path's graph, run on the CPU, against our CPU kernels: same
+    /// `MMEMBED_CUDA_GRAPH`: cuBLAS unless `portable` is asked for (an
+    /// unknown value warns and keeps the default).
+    #[test]
+    fn cuda_graph_is_chosen_by_its_variable() {
+        assert_eq!(cuda_graph(None), Kernels::Cublas);
+        assert_eq!(cuda_graph(Some("")), Kernels::Cublas);
+        assert_eq!(cuda_graph(Some("cublas")), Kernels::Cublas);
+        assert_eq!(cuda_graph(Some(" portable ")), Kernels::Portable);
+        assert_eq!(cuda_graph(Some("fast")), Kernels::Cublas);
+    }
+
+    /// The GPU graphs (portable, and CUDA's with its cuBLAS calls through
+    /// their CPU reference), run on the CPU, against our CPU kernels: same
     /// weights, same function (texts through the causal mask, images through
     /// the patch matmul), with a head dim of 64 as in every CLIP tower so
     /// the folded attention scale is the real one.
@@ -1276,7 +1397,6 @@ mod tests {
             var.set(&Tensor::randn(0f32, 0.3, t.shape(), &dev)?)?;
         }
         let fused = ClipModel::new(&cfg, vb.clone())?;
-        let portable = ClipModel::with_kernels(&cfg, Kernels::Portable, vb)?;
         let ids = Tensor::new(&[[3u32, 7, 1, 19, 0, 0], [5, 5, 5, 5, 5, 2]], &dev)?;
         let pixels = Tensor::randn(0f32, 1., (3, 3, 16, 16), &dev)?;
         let rel = |a: Tensor, b: Tensor| -> Result<f32> {
@@ -1284,15 +1404,16 @@ mod tests {
             assert!(scale > 0.1, "degenerate output");
             Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
         };
-        let t = rel(
-            fused.text.forward(&ids, &[3, 5])?,
-            portable.text.forward(&ids, &[3, 5])?,
-        )?;
-        let v = rel(
-            fused.vision.forward(&pixels)?,
-            portable.vision.forward(&pixels)?,
-        )?;
-        assert!(t < 1e-5 && v < 1e-5, "text {t}, vision {v}");
+        // The CUDA graph's cuBLAS calls, run through their CPU reference.
+        for kernels in [Kernels::Portable, Kernels::Cublas] {
+            let gpu = ClipModel::with_kernels(&cfg, kernels, vb.clone())?;
+            let t = rel(
+                fused.text.forward(&ids, &[3, 5])?,
+                gpu.text.forward(&ids, &[3, 5])?,
+            )?;
+            let v = rel(fused.vision.forward(&pixels)?, gpu.vision.forward(&pixels)?)?;
+            assert!(t < 1e-5 && v < 1e-5, "{kernels:?}: text {t}, vision {v}");
+        }
         Ok(())
     }
 

@@ -234,6 +234,42 @@ fn portable_kernels_match_pytorch() {
     }
 }
 
+/// The CUDA graph ([`Kernels::Cublas`]: every linear layer one cuBLASLt
+/// call with its bias and residual in the epilogue, attention as per-head
+/// cuBLAS calls reading the packed Q/K/V and writing the merged heads in
+/// place), its calls run through the CPU reference of cuBLAS's semantics:
+/// the index arithmetic CUDA is handed, held to the f32 bar against
+/// PyTorch, for every family (causal and padded masks, attention pooling,
+/// a patch bias) and in half precision.
+#[test]
+fn cublas_graph_matches_pytorch() {
+    let f = fixtures();
+    for model in [
+        "tiny-clip",
+        "tiny-clip-gelu",
+        "tiny-siglip",
+        "tiny-chinese-clip",
+    ] {
+        for precision in [Precision::F32, Precision::Bf16, Precision::F16] {
+            let (text, image, _) = check_model_on(
+                &f.join(model),
+                &f.join("images"),
+                precision,
+                Kernels::Cublas,
+            );
+            let floor = match precision {
+                // check_model_on holds f32 to the f32 bar itself.
+                Precision::F32 | Precision::F16 => 0.999,
+                _ => INT8_MIN,
+            };
+            assert!(
+                text.min(image) >= floor,
+                "{model} {precision:?}: min cosine text {text}, image {image}"
+            );
+        }
+    }
+}
+
 /// The GPU's half-precision graphs, run on the CPU (candle's CPU kernels
 /// take f16 and bf16): every tensor of the graph in that dtype, against
 /// PyTorch's f32. A dtype the graph forgets to carry (a mask or a scale

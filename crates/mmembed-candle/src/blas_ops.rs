@@ -1,0 +1,715 @@
+//! The CUDA graph's fused ops ([`crate::Kernels::Cublas`]): linear layers
+//! as one cuBLASLt call each with the bias, and where there is one the
+//! residual, in the GEMM's epilogue; attention as per-head strided-batched
+//! cuBLAS GEMMs that read the packed Q/K/V projections in place and write
+//! the merged heads in place.
+//!
+//! Why: on an H200, candle's broadcast add (the bias after every linear
+//! layer, the residuals) was 55 % of the GPU graph's kernel time, and the
+//! copies that split and merge the heads 21 %, against 13 % for every GEMM
+//! (Nsight Compute, BENCHMARKS.md "On a GPU"): candle's strided kernels
+//! index with 64-bit divisions per element and ran at 0.2-0.3 TB/s of the
+//! chip's 4.8. Here a bias costs the epilogue nothing measurable, and no
+//! attention tensor is copied.
+//!
+//! The calls are [`crate::blas::Gemm`]s. On CUDA they go to cuBLASLt
+//! (`cudarc`'s bindings, the library candle itself links) and to candle's
+//! own cuBLAS handle, on candle's stream; on the CPU the same calls run
+//! through [`crate::blas::Gemm::run`], cuBLAS's semantics written out,
+//! which is how the whole graph is tested against PyTorch without a GPU.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::blas::{Gemm, Heads};
+
+/// `x [.., inp] · w [out, inp]ᵀ + bias [out] (+ residual [.., out])`.
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let inp = *dims.last().unwrap_or(&0);
+    let (out, w_inp) = w.dims2()?;
+    if inp != w_inp || inp == 0 {
+        candle_core::bail!("linear: input width {inp}, weight [{out}, {w_inp}]");
+    }
+    let rows = x.elem_count() / inp;
+    let x = x.reshape((rows, inp))?.contiguous()?;
+    let w = w.contiguous()?;
+    if let Some(b) = bias
+        && b.dims1()? != out
+    {
+        candle_core::bail!("linear: {} bias values for {out} outputs", b.elem_count());
+    }
+    let residual = residual
+        .map(|r| {
+            if r.elem_count() != rows * out {
+                candle_core::bail!("linear: residual {:?} for [{rows}, {out}]", r.dims());
+            }
+            r.reshape((rows, out))?.contiguous()
+        })
+        .transpose()?;
+    for t in [Some(&w), bias, residual.as_ref()].into_iter().flatten() {
+        if t.dtype() != x.dtype() {
+            candle_core::bail!("linear: {:?} input, {:?} operand", x.dtype(), t.dtype());
+        }
+    }
+    let y = match x.device() {
+        Device::Cpu => reference_linear(&x, &w, bias, residual.as_ref())?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => aligned(&x)?.apply_op1_no_bwd(&cuda::LinearOp {
+            w: aligned(&w)?,
+            bias: bias.map(aligned).transpose()?,
+            residual,
+        })?,
+        other => candle_core::bail!(
+            "the cuBLAS graph runs on CUDA (and, for tests, the CPU), not {other:?}"
+        ),
+    };
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    y.reshape(dims)
+}
+
+/// The vision tower's first rows: `patches [b · n, inp] · w [d, inp]ᵀ (+
+/// bias)` written after each image's first `first.dim(0) - n` rows (the
+/// class token), every row plus `first [n (+ 1), d]` (the positions, the
+/// class token's added to its row): `[b, first.dim(0), d]`, the same as
+/// `cat([class, patches]) + positions` without the concatenation's copy
+/// or a broadcast add. `first` is laid under every image by doubling
+/// copies, then one GEMM batched over the images accumulates onto it.
+pub(crate) fn patch_embed(
+    patches: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    first: &Tensor,
+    images: usize,
+) -> Result<Tensor> {
+    let (rows, inp) = patches.dims2()?;
+    let (d, w_inp) = w.dims2()?;
+    let (r, fd) = first.dims2()?;
+    if images == 0 || rows % images != 0 || w_inp != inp || fd != d || r < rows / images {
+        candle_core::bail!(
+            "patch embedding: {rows} x {inp} patches of {images} images, weight [{d}, {w_inp}], first rows [{r}, {fd}]"
+        );
+    }
+    let n = rows / images;
+    let g = Gemm::patches(images, n, inp, d, r - n);
+    match patches.device() {
+        Device::Cpu => {
+            let mut out = host(first)?.repeat(images);
+            let bias = bias.map(host).transpose()?;
+            g.run(&host(w)?, &host(patches)?, &mut out, bias.as_deref())?;
+            stored(out, &[images, r, d], patches)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => aligned(patches)?.apply_op1_no_bwd(&cuda::PatchOp {
+            g,
+            w: aligned(w)?,
+            bias: bias.map(aligned).transpose()?,
+            first: first.to_dtype(patches.dtype())?.contiguous()?,
+            rows_per_image: r,
+        }),
+        other => candle_core::bail!(
+            "the cuBLAS graph runs on CUDA (and, for tests, the CPU), not {other:?}"
+        ),
+    }
+}
+
+/// Multi-head attention over packed projections `qkv [b, t, 3d]` whose
+/// queries are already scaled, with an additive `mask [b, 1, t, t]` (0 or
+/// -inf): the heads' outputs merged, `[b, t, d]`. The scores of every head
+/// go through candle's fused last-dim softmax between the two calls.
+pub(crate) fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let shape = Heads::of(qkv.dims3()?, heads)?;
+    let Heads { b, t, .. } = shape;
+    let qkv = qkv.contiguous()?;
+    let mask = mask
+        .map(|m| {
+            if m.elem_count() != b * t * t {
+                candle_core::bail!("attention: mask {:?} for {b} sequences of {t}", m.dims());
+            }
+            m.to_dtype(qkv.dtype())?.contiguous()
+        })
+        .transpose()?;
+    let scores = match qkv.device() {
+        Device::Cpu => reference_scores(&qkv, shape, mask.as_ref())?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => qkv.apply_op1_no_bwd(&cuda::ScoresOp { heads, mask })?,
+        other => candle_core::bail!(
+            "the cuBLAS graph runs on CUDA (and, for tests, the CPU), not {other:?}"
+        ),
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    match qkv.device() {
+        Device::Cpu => reference_values(&probs, &qkv, shape),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => probs.apply_op2_no_bwd(&qkv, &cuda::ValuesOp { heads }),
+        other => candle_core::bail!(
+            "the cuBLAS graph runs on CUDA (and, for tests, the CPU), not {other:?}"
+        ),
+    }
+}
+
+/// `t` contiguous and starting on a 256-byte boundary, copied if not.
+/// cuBLASLt's algorithm search assumes 256-byte aligned operands unless
+/// told otherwise (`CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES`, which
+/// cudarc's call leaves at that default); candle's allocations are, but a
+/// view into one (a narrowed tensor) need not be. The model's operands are
+/// fresh tensors, so this copies nothing there.
+#[cfg(feature = "cuda")]
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if (t.layout().start_offset() * t.dtype().size_in_bytes()) % 256 == 0 {
+        Ok(t)
+    } else {
+        // A fresh allocation, offset 0 (`copy` would keep the offset).
+        t.force_contiguous()
+    }
+}
+
+/// A tensor's values as f32 (exact for f16 and bf16).
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+}
+
+/// The f32 results rounded once to the inputs' dtype, as cuBLAS stores
+/// its f32 accumulators.
+fn stored(v: Vec<f32>, shape: &[usize], like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())
+}
+
+fn reference_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (rows, inp) = x.dims2()?;
+    let out = w.dim(0)?;
+    let mut y = match residual {
+        Some(r) => host(r)?,
+        None => vec![0.0; rows * out],
+    };
+    let bias = bias.map(host).transpose()?;
+    Gemm::linear(rows, inp, out, residual.is_some()).run(
+        &host(w)?,
+        &host(x)?,
+        &mut y,
+        bias.as_deref(),
+    )?;
+    stored(y, &[rows, out], x)
+}
+
+fn reference_scores(qkv: &Tensor, shape: Heads, mask: Option<&Tensor>) -> Result<Tensor> {
+    let Heads { b, t, heads, .. } = shape;
+    let q = host(qkv)?;
+    let mut s = match mask {
+        Some(m) => host(m)?.repeat(heads),
+        None => vec![0.0; shape.scores_len()],
+    };
+    for g in Gemm::scores(shape, mask.is_some()) {
+        g.run(&q, &q, &mut s, None)?;
+    }
+    stored(s, &[heads, b, t, t], qkv)
+}
+
+fn reference_values(probs: &Tensor, qkv: &Tensor, shape: Heads) -> Result<Tensor> {
+    let Heads { b, t, heads, dh } = shape;
+    let (p, q) = (host(probs)?, host(qkv)?);
+    let mut o = vec![0.0; b * t * heads * dh];
+    for g in Gemm::values(shape) {
+        g.run(&q, &p, &mut o, None)?;
+    }
+    stored(o, &[b, t, heads * dh], qkv)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! The calls on CUDA. Every call is checked against its buffers
+    //! ([`Gemm::check`]) before it is made.
+
+    use std::collections::HashMap;
+    use std::ffi::{c_int, c_longlong};
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::cublas::{
+        self, CudaBlas, GemmConfig, StridedBatchedConfig,
+    };
+    use candle_core::cuda_backend::cudarc::cublaslt::{
+        self, CudaBlasLT, Matmul, MatmulConfig, MatmulShared, Workspace,
+    };
+    use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, DeviceRepr};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
+    use candle_core::{
+        CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage,
+        Tensor, WithDType,
+    };
+    use half::{bf16, f16};
+
+    use crate::blas::{Gemm, Heads};
+
+    fn cu<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {
+        candle_core::Error::Cuda(Box::new(e))
+    }
+
+    fn int(v: usize) -> Result<c_int> {
+        c_int::try_from(v)
+            .map_err(|_| candle_core::Error::Msg(format!("gemm: {v} exceeds cuBLAS's int")))
+    }
+
+    fn long(v: usize) -> Result<c_longlong> {
+        c_longlong::try_from(v)
+            .map_err(|_| candle_core::Error::Msg(format!("gemm: stride {v} too large")))
+    }
+
+    /// cuBLASLt, accumulating in f32 for every dtype. cudarc's own `f32`
+    /// `Matmul` asks for TF32 (a 10-bit mantissa), which would miss the f32
+    /// parity goal (cosine ≥ 0.99999 against PyTorch, whose f32 matmuls
+    /// are exact by default); its f16/bf16 ones accumulate in f32 already
+    /// and are restated here so that one type serves all three.
+    #[derive(Debug)]
+    pub(super) struct Lt(CudaBlasLT);
+
+    impl MatmulShared for Lt {
+        fn handle(&self) -> &cublaslt::sys::cublasLtHandle_t {
+            self.0.handle()
+        }
+        fn workspace(&self) -> &Workspace {
+            self.0.workspace()
+        }
+        fn stream(&self) -> &Arc<CudaStream> {
+            self.0.stream()
+        }
+    }
+
+    macro_rules! f32_accumulation {
+        ($t:ty, $data:ident) => {
+            impl Matmul<$t> for Lt {
+                fn matrix_type() -> cublaslt::sys::cudaDataType {
+                    cublaslt::sys::cudaDataType_t::$data
+                }
+                fn compute_type() -> cublaslt::sys::cublasComputeType_t {
+                    cublaslt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+                }
+            }
+        };
+    }
+    f32_accumulation!(f32, CUDA_R_32F);
+    f32_accumulation!(f16, CUDA_R_16F);
+    f32_accumulation!(bf16, CUDA_R_16BF);
+
+    /// One cuBLASLt handle (and its 32 MiB workspace) per candle device,
+    /// on the device's stream, so its calls are ordered with candle's own
+    /// kernels. Devices live as long as the models on them; a handle is
+    /// kept for the process's life.
+    fn lt(dev: &CudaDevice) -> Result<Arc<Lt>> {
+        static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<Lt>>>> = OnceLock::new();
+        let mut handles = HANDLES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = handles.get(&dev.id()) {
+            return Ok(h.clone());
+        }
+        let h = Arc::new(Lt(CudaBlasLT::new(dev.cuda_stream()).map_err(cu)?));
+        handles.insert(dev.id(), h.clone());
+        Ok(h)
+    }
+
+    /// A contiguous tensor's elements on the device.
+    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+            None => candle_core::bail!("cuBLAS ops take contiguous tensors"),
+        }
+    }
+
+    fn storage_of(s: &Storage) -> Result<&CudaStorage> {
+        match s {
+            Storage::Cuda(s) => Ok(s),
+            _ => candle_core::bail!("cuBLAS ops take CUDA tensors"),
+        }
+    }
+
+    /// One strided-batched cuBLAS GEMM (f32 accumulation) on candle's
+    /// handle.
+    fn gemm<T>(
+        blas: &CudaBlas,
+        g: &Gemm,
+        a: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        c: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    ) -> Result<()>
+    where
+        T: WithDType + DeviceRepr,
+        CudaBlas: cublas::Gemm<T>,
+    {
+        g.check(a.len(), b.len(), c.len())?;
+        let op = |t: bool| {
+            if t {
+                cublas::sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas::sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: op(g.transa),
+                transb: op(g.transb),
+                m: int(g.m)?,
+                n: int(g.n)?,
+                k: int(g.k)?,
+                alpha: T::from_f64(1.0),
+                lda: int(g.lda)?,
+                ldb: int(g.ldb)?,
+                beta: T::from_f64(if g.accumulate { 1.0 } else { 0.0 }),
+                ldc: int(g.ldc)?,
+            },
+            batch_size: int(g.batch)?,
+            stride_a: long(g.stride_a)?,
+            stride_b: long(g.stride_b)?,
+            stride_c: long(g.stride_c)?,
+        };
+        let (a, b) = (a.slice(g.a_offset..), b.slice(g.b_offset..));
+        let mut c = c.slice_mut(g.c_offset..);
+        // SAFETY: `check` above keeps every element the call reads or
+        // writes inside the three buffers; all three are on candle's
+        // stream, which the handle uses.
+        unsafe { cublas::Gemm::gemm_strided_batched(blas, cfg, &a, &b, &mut c) }.map_err(cu)
+    }
+
+    /// [`super::linear`] on CUDA: the weight, bias and residual ride in the
+    /// op, the rows `[rows, inp]` are its input.
+    pub(super) struct LinearOp {
+        pub w: Tensor,
+        pub bias: Option<Tensor>,
+        pub residual: Option<Tensor>,
+    }
+
+    impl LinearOp {
+        fn run<T>(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)>
+        where
+            T: CudaDType + DeviceRepr,
+            Lt: Matmul<T>,
+        {
+            let (rows, inp) = xl.shape().dims2()?;
+            let out = self.w.dim(0)?;
+            let dev = x.device().clone();
+            let g = Gemm::linear(rows, inp, out, self.residual.is_some());
+            let xs = view::<T>(x, xl)?;
+            let (w_guard, wl) = self.w.storage_and_layout();
+            let ws = view::<T>(storage_of(&w_guard)?, wl)?;
+            let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+            let bias = match &bias_guard {
+                Some((s, l)) => Some(view::<T>(storage_of(s)?, l)?),
+                None => None,
+            };
+            // SAFETY: every element is written, by the residual's copy and
+            // then the GEMM's accumulation, or by the GEMM alone (beta 0).
+            let mut y = unsafe { dev.alloc::<T>(rows * out)? };
+            if let Some(r) = &self.residual {
+                let (r_guard, rl) = r.storage_and_layout();
+                let rs = view::<T>(storage_of(&r_guard)?, rl)?;
+                if rs.len() != y.len() {
+                    candle_core::bail!("linear: residual of {} for [{rows}, {out}]", rs.len());
+                }
+                dev.memcpy_dtod(&rs, &mut y)?;
+            }
+            lt_call(&dev, &g, &ws, &xs, &mut y, bias.as_ref())?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(y, dev),
+                Shape::from((rows, out)),
+            ))
+        }
+    }
+
+    /// Runs one cuBLASLt call `g` of `A = w`, `B = x`, `C = y` (already
+    /// holding what the call accumulates onto, if it does), with `bias`
+    /// in the epilogue.
+    fn lt_call<T>(
+        dev: &CudaDevice,
+        g: &Gemm,
+        w: &CudaView<'_, T>,
+        x: &CudaView<'_, T>,
+        y: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+        bias: Option<&CudaView<'_, T>>,
+    ) -> Result<()>
+    where
+        T: DeviceRepr,
+        Lt: Matmul<T>,
+    {
+        g.check(w.len(), x.len(), y.len())?;
+        if let Some(b) = bias
+            && b.len() != g.m
+        {
+            candle_core::bail!("gemm: {} bias values for {} rows", b.len(), g.m);
+        }
+        let batched = g.batch > 1;
+        let stride = |s: usize| batched.then_some(s as i64);
+        let cfg = MatmulConfig {
+            transa: g.transa,
+            transb: g.transb,
+            transc: false,
+            m: g.m as u64,
+            n: g.n as u64,
+            k: g.k as u64,
+            alpha: 1.0,
+            lda: g.lda as i64,
+            ldb: g.ldb as i64,
+            beta: if g.accumulate { 1.0 } else { 0.0 },
+            ldc: g.ldc as i64,
+            stride_a: stride(g.stride_a),
+            stride_b: stride(g.stride_b),
+            stride_c: stride(g.stride_c),
+            // The same bias for every batch (cuBLASLt's default stride 0).
+            stride_bias: None,
+            batch_size: if batched { Some(int(g.batch)?) } else { None },
+        };
+        let (w, x) = (w.slice(g.a_offset..), x.slice(g.b_offset..));
+        let mut y = y.slice_mut(g.c_offset..);
+        let bias = bias.map(|b| b.slice(0..));
+        let lt = lt(dev)?;
+        // SAFETY: checked above: the three operands hold the call's
+        // extents and the bias its `m` values; all on candle's stream,
+        // which the handle uses.
+        unsafe { lt.matmul(cfg, &w, &x, &mut y, bias.as_ref(), None) }.map_err(cu)
+    }
+
+    /// [`super::patch_embed`] on CUDA.
+    pub(super) struct PatchOp {
+        pub g: Gemm,
+        pub w: Tensor,
+        pub bias: Option<Tensor>,
+        pub first: Tensor,
+        pub rows_per_image: usize,
+    }
+
+    impl PatchOp {
+        fn run<T>(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)>
+        where
+            T: CudaDType + DeviceRepr,
+            Lt: Matmul<T>,
+        {
+            let dev = x.device().clone();
+            let (images, d) = (self.g.batch, self.g.m);
+            let unit = self.rows_per_image * d;
+            let xs = view::<T>(x, xl)?;
+            let (w_guard, wl) = self.w.storage_and_layout();
+            let ws = view::<T>(storage_of(&w_guard)?, wl)?;
+            let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+            let bias = match &bias_guard {
+                Some((s, l)) => Some(view::<T>(storage_of(s)?, l)?),
+                None => None,
+            };
+            let (f_guard, fl) = self.first.storage_and_layout();
+            let first = view::<T>(storage_of(&f_guard)?, fl)?;
+            if first.len() != unit {
+                candle_core::bail!("patch embedding: first rows of {} for {unit}", first.len());
+            }
+            // SAFETY: every element is written by the copies of `first`
+            // below (then accumulated onto by the GEMM).
+            let mut y = unsafe { dev.alloc::<T>(images * unit)? };
+            dev.memcpy_dtod(&first, &mut y.slice_mut(0..unit))?;
+            // Doubling: images [0, filled) copied to [filled, 2 filled),
+            // log2(images) copies of contiguous memory.
+            let mut filled = 1;
+            while filled < images {
+                let n = filled.min(images - filled);
+                let (done, mut rest) = y.split_at_mut(filled * unit);
+                dev.memcpy_dtod(&done.slice(0..n * unit), &mut rest.slice_mut(0..n * unit))?;
+                filled += n;
+            }
+            lt_call(&dev, &self.g, &ws, &xs, &mut y, bias.as_ref())?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(y, dev),
+                Shape::from((images, self.rows_per_image, d)),
+            ))
+        }
+    }
+
+    impl CustomOp1 for PatchOp {
+        fn name(&self) -> &'static str {
+            "cublaslt-patch-embedding"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!(
+                "cublaslt-patch-embedding runs on CUDA; the CPU takes blas_ops::patch_embed's reference"
+            )
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            match x.dtype() {
+                DType::F32 => self.run::<f32>(x, l),
+                DType::F16 => self.run::<f16>(x, l),
+                DType::BF16 => self.run::<bf16>(x, l),
+                dt => candle_core::bail!("cublaslt-patch-embedding: no {dt:?}"),
+            }
+        }
+    }
+
+    impl CustomOp1 for LinearOp {
+        fn name(&self) -> &'static str {
+            "cublaslt-linear"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!(
+                "cublaslt-linear runs on CUDA; the CPU takes blas_ops::linear's reference"
+            )
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            match x.dtype() {
+                DType::F32 => self.run::<f32>(x, l),
+                DType::F16 => self.run::<f16>(x, l),
+                DType::BF16 => self.run::<bf16>(x, l),
+                dt => candle_core::bail!("cublaslt-linear: no {dt:?}"),
+            }
+        }
+    }
+
+    /// Every head's scores `[heads, b, t, t]` from `qkv [b, t, 3d]`, the
+    /// mask (if any) copied under each head first and accumulated into.
+    pub(super) struct ScoresOp {
+        pub heads: usize,
+        pub mask: Option<Tensor>,
+    }
+
+    impl ScoresOp {
+        fn run<T>(&self, qkv: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)>
+        where
+            T: CudaDType + WithDType + DeviceRepr,
+            CudaBlas: cublas::Gemm<T>,
+        {
+            let shape = Heads::of(l.shape().dims3()?, self.heads)?;
+            let Heads { b, t, heads, .. } = shape;
+            let dev = qkv.device().clone();
+            let q = view::<T>(qkv, l)?;
+            let block = b * t * t;
+            // SAFETY: every element is written: by the mask's copies and the
+            // accumulating GEMMs, or by the GEMMs alone (beta 0); each head
+            // covers its own `block`.
+            let mut s = unsafe { dev.alloc::<T>(shape.scores_len())? };
+            if let Some(m) = &self.mask {
+                let (m_guard, ml) = m.storage_and_layout();
+                let mv = view::<T>(storage_of(&m_guard)?, ml)?;
+                if mv.len() != block {
+                    candle_core::bail!("attention: mask of {} for {b} x {t} x {t}", mv.len());
+                }
+                for h in 0..heads {
+                    dev.memcpy_dtod(&mv, &mut s.slice_mut(h * block..(h + 1) * block))?;
+                }
+            }
+            let blas = dev.cublas_handle();
+            for g in Gemm::scores(shape, self.mask.is_some()) {
+                gemm(&blas, &g, &q, &q, &mut s)?;
+            }
+            Ok((
+                CudaStorage::wrap_cuda_slice(s, dev),
+                Shape::from((heads, b, t, t)),
+            ))
+        }
+    }
+
+    impl CustomOp1 for ScoresOp {
+        fn name(&self) -> &'static str {
+            "cublas-attention-scores"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!(
+                "cublas-attention-scores runs on CUDA; the CPU takes blas_ops::attention's reference"
+            )
+        }
+
+        fn cuda_fwd(&self, qkv: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            match qkv.dtype() {
+                DType::F32 => self.run::<f32>(qkv, l),
+                DType::F16 => self.run::<f16>(qkv, l),
+                DType::BF16 => self.run::<bf16>(qkv, l),
+                dt => candle_core::bail!("cublas-attention-scores: no {dt:?}"),
+            }
+        }
+    }
+
+    /// `probs [heads, b, t, t]` times each head's values, written into the
+    /// merged rows `[b, t, d]`.
+    pub(super) struct ValuesOp {
+        pub heads: usize,
+    }
+
+    impl ValuesOp {
+        fn run<T>(
+            &self,
+            p: &CudaStorage,
+            pl: &Layout,
+            qkv: &CudaStorage,
+            ql: &Layout,
+        ) -> Result<(CudaStorage, Shape)>
+        where
+            T: CudaDType + WithDType + DeviceRepr,
+            CudaBlas: cublas::Gemm<T>,
+        {
+            let shape = Heads::of(ql.shape().dims3()?, self.heads)?;
+            let Heads { b, t, heads, dh } = shape;
+            if pl.shape().elem_count() != shape.scores_len() {
+                candle_core::bail!(
+                    "attention: {:?} probabilities for {heads} x {b} x {t} x {t}",
+                    pl.dims()
+                );
+            }
+            let dev = qkv.device().clone();
+            let (pv, qv) = (view::<T>(p, pl)?, view::<T>(qkv, ql)?);
+            // SAFETY: the calls write head `h`'s columns `h·dh..(h+1)·dh`
+            // of every row (beta 0) for every head: every element.
+            let mut o = unsafe { dev.alloc::<T>(b * t * heads * dh)? };
+            let blas = dev.cublas_handle();
+            for g in Gemm::values(shape) {
+                gemm(&blas, &g, &qv, &pv, &mut o)?;
+            }
+            Ok((
+                CudaStorage::wrap_cuda_slice(o, dev),
+                Shape::from((b, t, heads * dh)),
+            ))
+        }
+    }
+
+    impl CustomOp2 for ValuesOp {
+        fn name(&self) -> &'static str {
+            "cublas-attention-values"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!(
+                "cublas-attention-values runs on CUDA; the CPU takes blas_ops::attention's reference"
+            )
+        }
+
+        fn cuda_fwd(
+            &self,
+            p: &CudaStorage,
+            pl: &Layout,
+            qkv: &CudaStorage,
+            ql: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            match qkv.dtype() {
+                DType::F32 => self.run::<f32>(p, pl, qkv, ql),
+                DType::F16 => self.run::<f16>(p, pl, qkv, ql),
+                DType::BF16 => self.run::<bf16>(p, pl, qkv, ql),
+                dt => candle_core::bail!("cublas-attention-values: no {dt:?}"),
+            }
+        }
+    }
+}
