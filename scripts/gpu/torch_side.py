@@ -23,6 +23,7 @@ does (make_fixtures.py checks that equality to 1e-5).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -204,6 +205,34 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.startswith("{")]
 
 
+def ncu_summary(path: Path) -> list:
+    """Nsight Compute's per-kernel durations (`--csv`, one metric) as a
+    table of kernels by share of the summed time."""
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace").splitlines()
+    start = next((i for i, l in enumerate(text) if l.startswith('"ID"')), None)
+    if start is None:
+        return ["", "Nsight Compute gave no kernel table (see ncu.csv)."]
+    total, by = 0.0, {}
+    for row in csv.DictReader(text[start:]):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        ns = float(row["Metric Value"].replace(",", ""))
+        name = row["Kernel Name"]
+        name = name if len(name) <= 70 else name[:67] + "..."
+        t, n = by.get(name, (0.0, 0))
+        by[name] = (t + ns, n + 1)
+        total += ns
+    if not total:
+        return []
+    md = ["", f"## Nsight Compute: our bf16 image forward at batch 256 ({sum(n for _, n in by.values())} kernels, "
+          f"{total / 1e3:,.0f} µs summed)", "", "| kernel | share | calls | mean µs |", "|---|---|---|---|"]
+    for name, (t, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:15]:
+        md.append(f"| `{name}` | {100 * t / total:.1f} % | {n} | {t / n / 1e3:,.1f} |")
+    return md
+
+
 def report(out: Path) -> None:
     """report.md: machine, parity table, throughput side by side, end to end."""
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
@@ -269,6 +298,10 @@ def report(out: Path) -> None:
         checked = out / "e2e_rows.txt"
         if checked.exists():
             md += [f"- output of the large run: {l}" for l in checked.read_text().splitlines() if l]
+    fallback = out / "fallback.txt"
+    if fallback.exists():
+        md += ["", "**" + fallback.read_text().strip().lstrip("! ") + "**"]
+    md += ncu_summary(out / "ncu.csv")
     (out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
