@@ -17,6 +17,11 @@
 #                                       About 5.5 minutes on an H200 (336 s
 #                                       in the first run), then torch.compile
 #                                       if the rest took under 6 minutes.
+#   scripts/gpu-check.sh quick OUT      on the GPU machine, after a change:
+#                                       bf16 parity, model-only throughput
+#                                       (ours, both graphs, and PyTorch eager)
+#                                       and the Nsight Compute table; about
+#                                       two minutes.
 #   scripts/gpu-check.sh dry-run OUT    here, on the CPU: the same steps on
 #                                       the tiny fixture model with the debug
 #                                       CPU builds, to check the script itself
@@ -66,65 +71,10 @@ build() {
   say "bundle: $(du -h "$BUNDLE/bin.tar.xz" | cut -f1) in $BUNDLE (carry it to the GPU machine)"
 }
 
-# run OUT DEVICE PRECISIONS: the steps, shared by run and dry-run.
-steps() {
-  local out=$1 device=$2 precisions=$3
-  local work model inputs t0
-  t0=$(date +%s)
-  work=$(mktemp -d)
-  mkdir -p "$out"
-  inputs=$work/inputs
-  "$PY" scripts/gpu/torch_side.py inputs "$inputs"
-  if [ -n "${MODEL:-}" ]; then
-    model=$MODEL
-  else
-    model=$work/vit-b-32
-    say "making the seeded ViT-B/32 with this machine's PyTorch"
-    "$PY" scripts/gpu/torch_side.py make "$model"
-  fi
-
-  say "parity: ours on $device per precision"
-  local p broken=""
-  for p in ${precisions//,/ }; do
-    "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
-      --kernels "${KERNELS:-auto}" \
-      | tee -a "$out/parity_ours.jsonl" || { failed "our parity run at $p"; broken=1; }
-  done
-  if [ -n "$broken" ] && [ "$device" = cuda ] && [ "${KERNELS:-auto}" = auto ]; then
-    # The default CUDA graph (cuBLAS) errs on this machine: the rest runs
-    # on candle's own ops, so that the run still gives every other figure.
-    echo "!! our default CUDA graph failed (see above): every further step runs MMEMBED_CUDA_GRAPH=portable" \
-      | tee "$out/fallback.txt"
-    export MMEMBED_CUDA_GRAPH=portable
-    : >"$out/parity_ours.jsonl"
-    for p in ${precisions//,/ }; do
-      "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
-        | tee -a "$out/parity_ours.jsonl" || failed "our parity run at $p (portable graph)"
-    done
-  fi
-  say "parity: PyTorch on $device, then the cosines"
-  "$PY" scripts/gpu/torch_side.py reference "$model" "$inputs" "$out" --device "$device" --precisions "$precisions" \
-    || failed "PyTorch's references"
-  "$PY" scripts/gpu/torch_side.py compare "$inputs" "$out" || echo "!! parity below the goal: see $out/parity.jsonl"
-
-  say "throughput: ours"
-  "$BIN/gpu_check" speed "$model" --device "$device" --precisions "$precisions" \
-    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" --kernels "${KERNELS:-auto}" \
-    | tee "$out/speed_ours.jsonl" \
-    || failed "our throughput run"
-  # The same model on candle's own ops (the graph before the cuBLAS ops;
-  # MMEMBED_CUDA_GRAPH=portable), model only: what those ops cost, measured
-  # beside the rest.
-  say "throughput: ours on the portable graph, model only"
-  "$BIN/gpu_check" speed "$model" --device "$device" --precisions "${precisions##*,}" \
-    --images "$PORTABLE_IMAGES" --texts "$PORTABLE_TEXTS" --seconds "$SECONDS_EACH" --kernels portable --host false \
-    | tee -a "$out/speed_ours.jsonl" \
-    || failed "our throughput run on the portable graph"
-  say "throughput: PyTorch eager"
-  "$PY" scripts/gpu/torch_side.py speed "$model" --device "$device" --precisions "$precisions" \
-    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" | tee "$out/speed_torch.jsonl" \
-    || failed "PyTorch's throughput run"
-
+# end_to_end OUT WORK MODEL DEVICE PRECISIONS: JPEG files through
+# `mmembed batch`, and the host's decode ceilings.
+end_to_end() {
+  local out=$1 work=$2 model=$3 device=$4 precisions=$5
   say "end to end: $E2E_LARGE JPEG files (640x480) through mmembed batch"
   "$PY" scripts/gpu/torch_side.py jpegs "$work/jpegs" "$E2E_LARGE" || failed "making the JPEG files"
   mkdir -p "$work/jpegs-small"
@@ -206,6 +156,68 @@ st = t.column("status").to_pylist()
 ok = sum(1 for s in st if not s)
 print(f"rows {t.num_rows} of {sys.argv[2]}, ok {ok}, failed {t.num_rows - ok}")
 EOF
+}
+
+# steps OUT DEVICE PRECISIONS: the steps, shared by run, quick and dry-run.
+steps() {
+  local out=$1 device=$2 precisions=$3
+  local work model inputs t0
+  t0=$(date +%s)
+  work=$(mktemp -d)
+  mkdir -p "$out"
+  inputs=$work/inputs
+  "$PY" scripts/gpu/torch_side.py inputs "$inputs"
+  if [ -n "${MODEL:-}" ]; then
+    model=$MODEL
+  else
+    model=$work/vit-b-32
+    say "making the seeded ViT-B/32 with this machine's PyTorch"
+    "$PY" scripts/gpu/torch_side.py make "$model"
+  fi
+
+  say "parity: ours on $device per precision"
+  local p broken=""
+  for p in ${precisions//,/ }; do
+    "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
+      --kernels "${KERNELS:-auto}" \
+      | tee -a "$out/parity_ours.jsonl" || { failed "our parity run at $p"; broken=1; }
+  done
+  if [ -n "$broken" ] && [ "$device" = cuda ] && [ "${KERNELS:-auto}" = auto ]; then
+    # The default CUDA graph (cuBLAS) errs on this machine: the rest runs
+    # on candle's own ops, so that the run still gives every other figure.
+    echo "!! our default CUDA graph failed (see above): every further step runs MMEMBED_CUDA_GRAPH=portable" \
+      | tee "$out/fallback.txt"
+    export MMEMBED_CUDA_GRAPH=portable
+    : >"$out/parity_ours.jsonl"
+    for p in ${precisions//,/ }; do
+      "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
+        | tee -a "$out/parity_ours.jsonl" || failed "our parity run at $p (portable graph)"
+    done
+  fi
+  say "parity: PyTorch on $device, then the cosines"
+  "$PY" scripts/gpu/torch_side.py reference "$model" "$inputs" "$out" --device "$device" --precisions "$precisions" \
+    || failed "PyTorch's references"
+  "$PY" scripts/gpu/torch_side.py compare "$inputs" "$out" || echo "!! parity below the goal: see $out/parity.jsonl"
+
+  say "throughput: ours"
+  "$BIN/gpu_check" speed "$model" --device "$device" --precisions "$precisions" \
+    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" --kernels "${KERNELS:-auto}" \
+    | tee "$out/speed_ours.jsonl" \
+    || failed "our throughput run"
+  # The same model on candle's own ops (the graph before the cuBLAS ops;
+  # MMEMBED_CUDA_GRAPH=portable), model only: what those ops cost, measured
+  # beside the rest.
+  say "throughput: ours on the portable graph, model only"
+  "$BIN/gpu_check" speed "$model" --device "$device" --precisions "${precisions##*,}" \
+    --images "$PORTABLE_IMAGES" --texts "$PORTABLE_TEXTS" --seconds "$SECONDS_EACH" --kernels portable --host false \
+    | tee -a "$out/speed_ours.jsonl" \
+    || failed "our throughput run on the portable graph"
+  say "throughput: PyTorch eager"
+  "$PY" scripts/gpu/torch_side.py speed "$model" --device "$device" --precisions "$precisions" \
+    --images "$IMAGES" --texts "$TEXTS" --seconds "$SECONDS_EACH" | tee "$out/speed_torch.jsonl" \
+    || failed "PyTorch's throughput run"
+
+  [ -n "${QUICK:-}" ] || end_to_end "$out" "$work" "$model" "$device" "$precisions"
 
   # Where our bf16 image forward spends its GPU time, kernel by kernel
   # (about 400 kernels, one forward at batch 256, each replayed by Nsight
@@ -272,6 +284,20 @@ EOF
 
 run() {
   local out=${1:?usage: scripts/gpu-check.sh run OUT}
+  unpack "$out"
+  IMAGES=1,32,256,1024 TEXTS=32,256 SECONDS_EACH=${SECONDS_EACH:-2}
+  PORTABLE_IMAGES=1,256,1024 PORTABLE_TEXTS=256
+  E2E_SMALL=2000 E2E_LARGE=${E2E_LARGE:-20000} E2E_BATCH=1024 E2E_WIDE_BATCH=4096 E2E_MAX_BATCH=256
+  BIG_PHOTOS=160 BIG_SIZE=4000x3000
+  COMPILE=bf16 COMPILE_IMAGES=256,1024 COMPILE_TEXTS=256 COMPILE_IF_UNDER=${COMPILE_IF_UNDER:-360}
+  NCU_IF_UNDER=${NCU_IF_UNDER:-330}
+  steps "$out" cuda f32,f16,bf16
+}
+
+# The bundle unpacked into $BIN, this machine's CUDA libraries on the
+# loader's path, the environment into OUT/env.json.
+unpack() {
+  local out=$1
   PY=${MMEMBED_GPU_PYTHON:-python3}
   [ -f "$BUNDLE/bin.tar.xz" ] || { echo "no $BUNDLE/bin.tar.xz: run 'scripts/gpu-check.sh build' first and carry $BUNDLE"; exit 1; }
   BIN=$(mktemp -d)
@@ -288,13 +314,18 @@ run() {
     echo "!! libraries missing for the binary:"; ldd "$BIN/mmembed" | grep "not found"; exit 1
   fi
   env_json "$out"
-  IMAGES=1,32,256,1024 TEXTS=32,256 SECONDS_EACH=${SECONDS_EACH:-2}
-  PORTABLE_IMAGES=1,256,1024 PORTABLE_TEXTS=256
-  E2E_SMALL=2000 E2E_LARGE=${E2E_LARGE:-20000} E2E_BATCH=1024 E2E_WIDE_BATCH=4096 E2E_MAX_BATCH=256
-  BIG_PHOTOS=160 BIG_SIZE=4000x3000
-  COMPILE=bf16 COMPILE_IMAGES=256,1024 COMPILE_TEXTS=256 COMPILE_IF_UNDER=${COMPILE_IF_UNDER:-360}
-  NCU_IF_UNDER=${NCU_IF_UNDER:-330}
-  steps "$out" cuda f32,f16,bf16
+}
+
+# A second look after a change, in about two minutes: bf16 parity, model-only
+# throughput of ours (both graphs) and PyTorch eager at the batches of the
+# goal, and the Nsight Compute table; no end-to-end run, no torch.compile.
+quick() {
+  local out=${1:?usage: scripts/gpu-check.sh quick OUT}
+  unpack "$out"
+  IMAGES=256,1024 TEXTS=256 SECONDS_EACH=${SECONDS_EACH:-2}
+  PORTABLE_IMAGES=256,1024 PORTABLE_TEXTS=""
+  QUICK=1 COMPILE="" COMPILE_IF_UNDER=0 NCU_IF_UNDER=${NCU_IF_UNDER:-600}
+  steps "$out" cuda bf16
 }
 
 dry_run() {
@@ -321,6 +352,7 @@ dry_run() {
 case "${1:-}" in
   build) build ;;
   run) shift; run "$@" ;;
+  quick) shift; quick "$@" ;;
   dry-run) shift; dry_run "$@" ;;
-  *) sed -n 2,25p "$0"; exit 2 ;;
+  *) sed -n "2,/^set -euo/{/^set/!p}" "$0"; exit 2 ;;
 esac

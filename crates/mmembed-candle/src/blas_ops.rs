@@ -59,11 +59,16 @@ pub(crate) fn linear(
     let y = match x.device() {
         Device::Cpu => reference_linear(&x, &w, bias, residual.as_ref())?,
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => aligned(&x)?.apply_op1_no_bwd(&cuda::LinearOp {
-            w: aligned(&w)?,
-            bias: bias.map(aligned).transpose()?,
-            residual,
-        })?,
+        Device::Cuda(_) => {
+            let op = cuda::LinearOp {
+                w: aligned(&w)?,
+                bias: bias.map(aligned).transpose()?,
+                residual: residual.clone(),
+            };
+            or_candle(aligned(&x)?.apply_op1_no_bwd(&op), || {
+                candle_linear(&x, &w, bias, residual.as_ref())
+            })?
+        }
         other => candle_core::bail!(
             "the cuBLAS graph runs on CUDA (and, for tests, the CPU), not {other:?}"
         ),
@@ -106,13 +111,18 @@ pub(crate) fn patch_embed(
             stored(out, &[images, r, d], patches)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => aligned(patches)?.apply_op1_no_bwd(&cuda::PatchOp {
-            g,
-            w: aligned(w)?,
-            bias: bias.map(aligned).transpose()?,
-            first: first.to_dtype(patches.dtype())?.contiguous()?,
-            rows_per_image: r,
-        }),
+        Device::Cuda(_) => {
+            let op = cuda::PatchOp {
+                g,
+                w: aligned(w)?,
+                bias: bias.map(aligned).transpose()?,
+                first: first.to_dtype(patches.dtype())?.contiguous()?,
+                rows_per_image: r,
+            };
+            or_candle(aligned(patches)?.apply_op1_no_bwd(&op), || {
+                candle_patch_embed(patches, w, bias, first, images)
+            })
+        }
         other => candle_core::bail!(
             "the cuBLAS graph runs on CUDA (and, for tests, the CPU), not {other:?}"
         ),
@@ -152,6 +162,67 @@ pub(crate) fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Re
             "the cuBLAS graph runs on CUDA (and, for tests, the CPU), not {other:?}"
         ),
     }
+}
+
+/// A cuBLASLt call's result, or where cuBLASLt refused the call (an
+/// algorithm it has none of for this shape, dtype or alignment on this GPU:
+/// an API error, nothing run), the same function from candle's ops, slower;
+/// said once per process, with cuBLASLt's reason.
+#[cfg(feature = "cuda")]
+fn or_candle(lt: Result<Tensor>, candle: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SAID: AtomicBool = AtomicBool::new(false);
+    match lt {
+        Ok(y) => Ok(y),
+        Err(e) => {
+            if !SAID.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "cuBLASLt refused a linear layer ({e}); such layers run on candle's ops \
+                     instead, slower (MMEMBED_CUDA_GRAPH=portable runs every layer so)"
+                );
+            }
+            candle()
+        }
+    }
+}
+
+/// [`linear`] from candle's ops: the fallback where cuBLASLt refuses.
+#[cfg(any(feature = "cuda", test))]
+fn candle_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut y = x.broadcast_matmul(&w.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
+}
+
+/// [`patch_embed`] from candle's ops: the fallback where cuBLASLt refuses.
+#[cfg(any(feature = "cuda", test))]
+fn candle_patch_embed(
+    patches: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    first: &Tensor,
+    images: usize,
+) -> Result<Tensor> {
+    let (r, d) = first.dims2()?;
+    let n = patches.dim(0)? / images;
+    let y = candle_linear(patches, w, bias, None)?.reshape((images, n, d))?;
+    let y = if r > n {
+        let head = Tensor::zeros((images, r - n, d), y.dtype(), y.device())?;
+        Tensor::cat(&[&head, &y], 1)?
+    } else {
+        y
+    };
+    y.broadcast_add(&first.to_dtype(y.dtype())?)
 }
 
 /// `t` contiguous and starting on a 256-byte boundary, copied if not.
@@ -711,5 +782,47 @@ mod cuda {
                 dt => candle_core::bail!("cublas-attention-values: no {dt:?}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The fallbacks (candle's ops, where cuBLASLt refuses a call) compute
+    /// what the cuBLAS calls compute.
+    #[test]
+    fn fallbacks_compute_the_calls_functions() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, n, inp, d) = (3, 4, 6, 5);
+        let x = Tensor::randn(0f32, 1., (b, n, inp), &dev)?;
+        let w = Tensor::randn(0f32, 1., (d, inp), &dev)?;
+        let bias = Tensor::randn(0f32, 1., d, &dev)?;
+        let res = Tensor::randn(0f32, 1., (b, n, d), &dev)?;
+        let want = linear(&x, &w, Some(&bias), Some(&res))?;
+        let got = candle_linear(&x, &w, Some(&bias), Some(&res))?;
+        assert!(max_diff(&want, &got) < 1e-5);
+        let patches = x.reshape((b * n, inp))?;
+        for r in [n, n + 1] {
+            let first = Tensor::randn(0f32, 1., (r, d), &dev)?;
+            let want = patch_embed(&patches, &w, Some(&bias), &first, b)?;
+            let got = candle_patch_embed(&patches, &w, Some(&bias), &first, b)?;
+            assert_eq!(want.dims(), &[b, r, d]);
+            assert!(max_diff(&want, &got) < 1e-5, "{r} rows");
+        }
+        Ok(())
     }
 }
