@@ -534,7 +534,10 @@ fn activation_really_changes_the_output() {
 /// committed). Build it with
 /// `python3 models/fixtures/make_fixtures.py --full /tmp/vit-b-32`, then run
 /// `MMEMBED_FULL_FIXTURE=/tmp/vit-b-32 cargo test --release -p mmembed-candle --test parity -- --ignored --nocapture`
-/// (both precisions).
+/// (both precisions, then the CUDA graph's calls through their CPU
+/// reference at full size: 12 heads of 64, fewer images than heads, so
+/// attention splits per image, and more texts than heads, per head; about
+/// two minutes of naive loops).
 #[test]
 #[ignore = "needs MMEMBED_FULL_FIXTURE (see the doc comment)"]
 fn full_size_vit_b_32_matches_pytorch() {
@@ -543,4 +546,7 @@ fn full_size_vit_b_32_matches_pytorch() {
     );
     check_model(&dir, &dir.join("images"), Precision::F32);
     check_model(&dir, &dir.join("images"), Precision::Int8);
+    let (text, image, _) =
+        check_model_on(&dir, &dir.join("images"), Precision::F32, Kernels::Cublas);
+    eprintln!("cuBLAS graph (CPU reference), f32: min cosine text {text}, image {image}");
 }
