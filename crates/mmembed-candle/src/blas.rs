@@ -50,18 +50,23 @@ pub(crate) struct Gemm {
 }
 
 impl Gemm {
-    /// `y [rows, out] = x [rows, inp] · w [out, inp]ᵀ (+ bias [out])`, all
-    /// row-major and contiguous: `A = w` (read transposed), `B = x`, `C = y`.
-    pub(crate) fn linear(rows: usize, inp: usize, out: usize, accumulate: bool) -> Self {
+    /// One unbatched call `C = op(A) · op(B)` at the buffers' starts, the
+    /// fields the constructors below then set.
+    fn new(
+        (transa, transb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (lda, ldb, ldc): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Self {
         Self {
-            transa: true,
-            transb: false,
-            m: out,
-            n: rows,
-            k: inp,
-            lda: inp,
-            ldb: inp,
-            ldc: out,
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
             batch: 1,
             stride_a: 0,
             stride_b: 0,
@@ -73,6 +78,12 @@ impl Gemm {
         }
     }
 
+    /// `y [rows, out] = x [rows, inp] · w [out, inp]ᵀ (+ bias [out])`, all
+    /// row-major and contiguous: `A = w` (read transposed), `B = x`, `C = y`.
+    pub(crate) fn linear(rows: usize, inp: usize, out: usize, accumulate: bool) -> Self {
+        Self::new((true, false), (out, rows, inp), (inp, inp, out), accumulate)
+    }
+
     /// The patch embedding of `images` images of `n` patches (`patches
     /// [images · n, inp]`, weight `w [d, inp]`), each image's rows written
     /// after its first `prefix` rows (the class token) of `out [images, n
@@ -81,22 +92,11 @@ impl Gemm {
     /// `B = patches`, `C = out`.
     pub(crate) fn patches(images: usize, n: usize, inp: usize, d: usize, prefix: usize) -> Self {
         Self {
-            transa: true,
-            transb: false,
-            m: d,
-            n,
-            k: inp,
-            lda: inp,
-            ldb: inp,
-            ldc: d,
             batch: images,
-            stride_a: 0,
             stride_b: n * inp,
             stride_c: (n + prefix) * d,
-            a_offset: 0,
-            b_offset: 0,
             c_offset: prefix * d,
-            accumulate: true,
+            ..Self::new((true, false), (d, n, inp), (inp, inp, d), true)
         }
     }
 
@@ -111,24 +111,7 @@ impl Gemm {
     pub(crate) fn scores(shape: Heads, masked: bool) -> Vec<Self> {
         let Heads { b, t, heads, dh } = shape;
         let d = heads * dh;
-        let base = Self {
-            transa: true,
-            transb: false,
-            m: t,
-            n: t,
-            k: dh,
-            lda: 3 * d,
-            ldb: 3 * d,
-            ldc: t,
-            batch: 0,
-            stride_a: 0,
-            stride_b: 0,
-            stride_c: 0,
-            a_offset: 0,
-            b_offset: 0,
-            c_offset: 0,
-            accumulate: masked,
-        };
+        let base = Self::new((true, false), (t, t, dh), (3 * d, 3 * d, t), masked);
         shape.split(|at| Self {
             batch: at.batch,
             stride_a: at.step(t * 3 * d, dh),
@@ -148,24 +131,7 @@ impl Gemm {
     pub(crate) fn values(shape: Heads) -> Vec<Self> {
         let Heads { b, t, heads, dh } = shape;
         let d = heads * dh;
-        let base = Self {
-            transa: false,
-            transb: false,
-            m: dh,
-            n: t,
-            k: t,
-            lda: 3 * d,
-            ldb: t,
-            ldc: d,
-            batch: 0,
-            stride_a: 0,
-            stride_b: 0,
-            stride_c: 0,
-            a_offset: 0,
-            b_offset: 0,
-            c_offset: 0,
-            accumulate: false,
-        };
+        let base = Self::new((false, false), (dh, t, t), (3 * d, t, d), false);
         shape.split(|at| Self {
             batch: at.batch,
             stride_a: at.step(t * 3 * d, dh),

@@ -454,6 +454,43 @@ mod cuda {
         unsafe { cublas::Gemm::gemm_strided_batched(blas, cfg, &a, &b, &mut c) }.map_err(cu)
     }
 
+    /// `CustomOp1` for an op whose `run::<T>(storage, layout)` does the
+    /// work, for f32, f16 and bf16; the CPU has the references instead.
+    macro_rules! cuda_op1 {
+        ($op:ty, $name:literal, $reference:literal) => {
+            impl CustomOp1 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+
+                fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                    candle_core::bail!(concat!($name, " runs on CUDA; the CPU takes ", $reference))
+                }
+
+                fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+                    match x.dtype() {
+                        DType::F32 => self.run::<f32>(x, l),
+                        DType::F16 => self.run::<f16>(x, l),
+                        DType::BF16 => self.run::<bf16>(x, l),
+                        dt => candle_core::bail!("{}: no {dt:?}", $name),
+                    }
+                }
+            }
+        };
+    }
+
+    cuda_op1!(LinearOp, "cublaslt-linear", "blas_ops::linear's reference");
+    cuda_op1!(
+        PatchOp,
+        "cublaslt-patch-embedding",
+        "blas_ops::patch_embed's reference"
+    );
+    cuda_op1!(
+        ScoresOp,
+        "cublas-attention-scores",
+        "blas_ops::attention's reference"
+    );
+
     /// [`super::linear`] on CUDA: the weight, bias and residual ride in the
     /// op, the rows `[rows, inp]` are its input.
     pub(super) struct LinearOp {
@@ -603,48 +640,6 @@ mod cuda {
         }
     }
 
-    impl CustomOp1 for PatchOp {
-        fn name(&self) -> &'static str {
-            "cublaslt-patch-embedding"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!(
-                "cublaslt-patch-embedding runs on CUDA; the CPU takes blas_ops::patch_embed's reference"
-            )
-        }
-
-        fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            match x.dtype() {
-                DType::F32 => self.run::<f32>(x, l),
-                DType::F16 => self.run::<f16>(x, l),
-                DType::BF16 => self.run::<bf16>(x, l),
-                dt => candle_core::bail!("cublaslt-patch-embedding: no {dt:?}"),
-            }
-        }
-    }
-
-    impl CustomOp1 for LinearOp {
-        fn name(&self) -> &'static str {
-            "cublaslt-linear"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!(
-                "cublaslt-linear runs on CUDA; the CPU takes blas_ops::linear's reference"
-            )
-        }
-
-        fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            match x.dtype() {
-                DType::F32 => self.run::<f32>(x, l),
-                DType::F16 => self.run::<f16>(x, l),
-                DType::BF16 => self.run::<bf16>(x, l),
-                dt => candle_core::bail!("cublaslt-linear: no {dt:?}"),
-            }
-        }
-    }
-
     /// Every head's scores `[heads, b, t, t]` from `qkv [b, t, 3d]`, the
     /// mask (if any) copied under each head first and accumulated into.
     pub(super) struct ScoresOp {
@@ -685,27 +680,6 @@ mod cuda {
                 CudaStorage::wrap_cuda_slice(s, dev),
                 Shape::from((heads, b, t, t)),
             ))
-        }
-    }
-
-    impl CustomOp1 for ScoresOp {
-        fn name(&self) -> &'static str {
-            "cublas-attention-scores"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!(
-                "cublas-attention-scores runs on CUDA; the CPU takes blas_ops::attention's reference"
-            )
-        }
-
-        fn cuda_fwd(&self, qkv: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            match qkv.dtype() {
-                DType::F32 => self.run::<f32>(qkv, l),
-                DType::F16 => self.run::<f16>(qkv, l),
-                DType::BF16 => self.run::<bf16>(qkv, l),
-                dt => candle_core::bail!("cublas-attention-scores: no {dt:?}"),
-            }
         }
     }
 
