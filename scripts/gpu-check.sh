@@ -103,7 +103,7 @@ end_to_end() {
     || failed "making the large JPEG files"
   ceilings "$work/photos-big" "$BIG_SIZE"
   rm -rf "$work/photos-big"
-  local prec=${E2E_PRECISION:-${precisions##*,}} small large serial wide draft
+  local prec=${E2E_PRECISION:-${precisions##*,}} small large serial wide draft block
   # Two sizes: their difference is the steady rate, without the model's
   # load and the process start. Then the large set twice more, to say what
   # bounds it: `serial` sends one call at a time (--calls-in-flight 1), so
@@ -113,15 +113,19 @@ end_to_end() {
   # of E2E_WIDE_BATCH rows, a quarter of the seams; `draft` decodes with
   # --jpeg-draft (its steady rate is taken against the exact small run, so
   # it understates a little: the small run's decoding was the slower one).
-  local -A batch_of=([small]=$E2E_BATCH [large]=$E2E_BATCH [serial]=$E2E_BATCH [wide]=$E2E_WIDE_BATCH [draft]=$E2E_BATCH)
-  local -A inflight_of=([small]=2 [large]=2 [serial]=1 [wide]=2 [draft]=2)
-  for n in small large serial wide draft; do
-    local dir=$work/jpegs batch=${batch_of[$n]} extra=()
+  # `block`: the large run again with MMEMBED_CUDA_SYNC=block (the thread
+  # waiting for the GPU sleeps instead of spinning on a core the decoders
+  # could use).
+  local -A batch_of=([small]=$E2E_BATCH [large]=$E2E_BATCH [serial]=$E2E_BATCH [wide]=$E2E_WIDE_BATCH [draft]=$E2E_BATCH [block]=$E2E_BATCH)
+  local -A inflight_of=([small]=2 [large]=2 [serial]=1 [wide]=2 [draft]=2 [block]=2)
+  for n in small large serial wide draft block; do
+    local dir=$work/jpegs batch=${batch_of[$n]} extra=() sync=
     [ $n = small ] && dir=$work/jpegs-small
     [ $n = draft ] && extra=(--jpeg-draft)
+    [ $n = block ] && sync=block
     local s e
     s=$(date +%s.%N)
-    "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
+    MMEMBED_CUDA_SYNC=$sync "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
       --precision "$prec" --batch-size "$batch" --max-batch "$E2E_MAX_BATCH" \
       --calls-in-flight "${inflight_of[$n]}" "${extra[@]}" >"$out/batch_$n.log" 2>&1 \
       || { echo "!! mmembed batch failed:"; tail -20 "$out/batch_$n.log"; }
@@ -132,7 +136,7 @@ end_to_end() {
   exact_ceiling=$(grep '"decode_preprocess"' "$out/decode.jsonl" | sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' | head -1)
   draft_ceiling=$(grep '"decode_preprocess_draft"' "$out/decode.jsonl" | sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' | head -1)
   : >"$out/e2e.jsonl"
-  for n in large serial wide draft; do
+  for n in large serial wide draft block; do
     local secs=${!n} batch=${batch_of[$n]}
     ceiling=$exact_ceiling
     [ $n = draft ] && ceiling=$draft_ceiling

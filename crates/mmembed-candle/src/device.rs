@@ -80,6 +80,7 @@ impl DeviceSpec {
                 }
                 let dev = Device::new_cuda(i).map_err(|e| unavailable(self, e.to_string()))?;
                 check_kernels_run(&dev).map_err(|why| unavailable(self, why))?;
+                wait_by_blocking(&dev, std::env::var("MMEMBED_CUDA_SYNC").ok().as_deref());
                 Ok(dev)
             }
             Self::Metal(i) => {
@@ -103,6 +104,33 @@ impl DeviceSpec {
         }
     }
 }
+
+/// `MMEMBED_CUDA_SYNC=block`: a thread waiting for the GPU sleeps instead
+/// of spinning. CUDA's default with one context on a machine of many cores
+/// is to spin, which in a batch job keeps one core busy doing nothing
+/// while the decoders (every core) wait for it; whether sleeping pays, in
+/// the end-to-end rate, is for `scripts/gpu-check.sh` to measure (a
+/// measurement switch, not yet a default). Anything else keeps CUDA's
+/// choice.
+#[cfg(feature = "cuda")]
+fn wait_by_blocking(device: &Device, var: Option<&str>) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let (Some("block"), Device::Cuda(d)) = (var.map(str::trim), device) else {
+        return;
+    };
+    let set = d
+        .cuda_stream()
+        .context()
+        .bind_to_thread()
+        .and_then(|()| result::ctx::set_flags(sys::CUctx_flags::CU_CTX_SCHED_BLOCKING_SYNC));
+    match set {
+        Ok(()) => tracing::info!("CUDA: waits for the GPU block (MMEMBED_CUDA_SYNC=block)"),
+        Err(e) => tracing::warn!("MMEMBED_CUDA_SYNC=block: CUDA refused ({e}); waits spin"),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn wait_by_blocking(_device: &Device, _var: Option<&str>) {}
 
 /// The GPU's name and compute capability, where the device can say.
 #[cfg(feature = "cuda")]
