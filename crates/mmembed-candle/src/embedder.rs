@@ -438,20 +438,31 @@ impl LoadedClip {
     /// The bytes of `n` cropped images copied to the device as they are,
     /// then rescaled and normalised there: `(x · scale − mean) / std`, one
     /// rounded f32 step at a time as the host does, so the same floats.
+    ///
+    /// Channels last, as the bytes lie, until the end: the cast and the
+    /// rescale are then contiguous kernels, and the per-channel steps
+    /// broadcast over 2 dimensions instead of 4 (candle's strided kernels
+    /// pay an index division per dimension and element), then one copy
+    /// puts the channels first.
     fn normalize_on_device(&self, hwc: &[u8], n: usize) -> candle_core::Result<Tensor> {
         let side = self.config.vision.image_size;
         let pre = &self.preprocessor;
         let (mean, std) = pre.normalize_stats();
-        let per_channel = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3, 1, 1), &self.device);
-        let x = Tensor::from_slice(hwc, (n, side, side, 3), &self.device)?
-            .permute((0, 3, 1, 2))?
-            .to_dtype(DType::F32)?;
+        let per_channel = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3), &self.device);
+        let x =
+            Tensor::from_slice(hwc, (n * side * side, 3), &self.device)?.to_dtype(DType::F32)?;
         let x = match pre.rescale_factor {
-            Some(scale) => x.broadcast_mul(&per_channel([scale; 3])?)?,
+            // `x · scale + 0`: the same float as `x · scale` (a fused
+            // multiply-add with 0 rounds once, like the product).
+            Some(scale) => x.affine(f64::from(scale), 0.0)?,
             None => x,
         };
         x.broadcast_sub(&per_channel(mean)?)?
-            .broadcast_div(&per_channel(std)?)
+            .broadcast_div(&per_channel(std)?)?
+            .reshape((n, side * side, 3))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, 3, side, side))
     }
 
     /// Floats of one preprocessed image: channels × side × side.
