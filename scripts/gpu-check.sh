@@ -180,23 +180,24 @@ steps() {
   fi
 
   say "parity: ours on $device per precision"
-  local p broken=""
-  for p in ${precisions//,/ }; do
-    "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
-      --kernels "${KERNELS:-auto}" \
-      | tee -a "$out/parity_ours.jsonl" || { failed "our parity run at $p"; broken=1; }
-  done
-  if [ -n "$broken" ] && [ "$device" = cuda ] && [ "${KERNELS:-auto}" = auto ]; then
+  # Ours per precision into parity_ours.jsonl; fails if any run did.
+  our_parity() {
+    local p ok=0
+    : >"$out/parity_ours.jsonl"
+    for p in ${precisions//,/ }; do
+      "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
+        --kernels "${KERNELS:-auto}" \
+        | tee -a "$out/parity_ours.jsonl" || { failed "our parity run at $p${MMEMBED_CUDA_GRAPH:+ ($MMEMBED_CUDA_GRAPH graph)}"; ok=1; }
+    done
+    return $ok
+  }
+  if ! our_parity && [ "$device" = cuda ] && [ "${KERNELS:-auto}" = auto ]; then
     # The default CUDA graph (cuBLAS) errs on this machine: the rest runs
     # on candle's own ops, so that the run still gives every other figure.
     echo "!! our default CUDA graph failed (see above): every further step runs MMEMBED_CUDA_GRAPH=portable" \
       | tee "$out/fallback.txt"
     export MMEMBED_CUDA_GRAPH=portable
-    : >"$out/parity_ours.jsonl"
-    for p in ${precisions//,/ }; do
-      "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
-        | tee -a "$out/parity_ours.jsonl" || failed "our parity run at $p (portable graph)"
-    done
+    our_parity || true
   fi
   say "parity: PyTorch on $device, then the cosines"
   "$PY" scripts/gpu/torch_side.py reference "$model" "$inputs" "$out" --device "$device" --precisions "$precisions" \

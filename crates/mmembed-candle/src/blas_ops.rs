@@ -60,10 +60,12 @@ pub(crate) fn linear(
         Device::Cpu => reference_linear(&x, &w, bias, residual.as_ref())?,
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
-            let op = cuda::LinearOp {
+            let op = cuda::LtOp {
+                g: Gemm::linear(rows, inp, out, residual.is_some()),
                 w: aligned(&w)?,
                 bias: bias.map(aligned).transpose()?,
-                residual: residual.clone(),
+                under: residual.clone(),
+                shape: (rows, out).into(),
             };
             or_candle(aligned(&x)?.apply_op1_no_bwd(&op), || {
                 candle_linear(&x, &w, bias, residual.as_ref())
@@ -112,12 +114,12 @@ pub(crate) fn patch_embed(
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
-            let op = cuda::PatchOp {
+            let op = cuda::LtOp {
                 g,
                 w: aligned(w)?,
                 bias: bias.map(aligned).transpose()?,
-                first: first.to_dtype(patches.dtype())?.contiguous()?,
-                rows_per_image: r,
+                under: Some(first.to_dtype(patches.dtype())?.contiguous()?),
+                shape: (images, r, d).into(),
             };
             or_candle(aligned(patches)?.apply_op1_no_bwd(&op), || {
                 candle_patch_embed(patches, w, bias, first, images)
@@ -479,11 +481,10 @@ mod cuda {
         };
     }
 
-    cuda_op1!(LinearOp, "cublaslt-linear", "blas_ops::linear's reference");
     cuda_op1!(
-        PatchOp,
-        "cublaslt-patch-embedding",
-        "blas_ops::patch_embed's reference"
+        LtOp,
+        "cublaslt-linear",
+        "blas_ops::linear's and blas_ops::patch_embed's references"
     );
     cuda_op1!(
         ScoresOp,
@@ -491,24 +492,29 @@ mod cuda {
         "blas_ops::attention's reference"
     );
 
-    /// [`super::linear`] on CUDA: the weight, bias and residual ride in the
-    /// op, the rows `[rows, inp]` are its input.
-    pub(super) struct LinearOp {
+    /// One cuBLASLt call on CUDA, for [`super::linear`] and
+    /// [`super::patch_embed`]: the weight and bias ride in the op, `B` (the
+    /// rows or patches) is its input, and the output starts as `under`
+    /// laid end to end until it is full (the residual once; the class and
+    /// position rows once per image) when the call accumulates onto it.
+    pub(super) struct LtOp {
+        pub g: Gemm,
         pub w: Tensor,
         pub bias: Option<Tensor>,
-        pub residual: Option<Tensor>,
+        pub under: Option<Tensor>,
+        pub shape: Shape,
     }
 
-    impl LinearOp {
+    impl LtOp {
         fn run<T>(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)>
         where
             T: CudaDType + DeviceRepr,
             Lt: Matmul<T>,
         {
-            let (rows, inp) = xl.shape().dims2()?;
-            let out = self.w.dim(0)?;
+            if self.g.accumulate != self.under.is_some() {
+                candle_core::bail!("gemm: accumulates onto nothing, or overwrites what is laid");
+            }
             let dev = x.device().clone();
-            let g = Gemm::linear(rows, inp, out, self.residual.is_some());
             let xs = view::<T>(x, xl)?;
             let (w_guard, wl) = self.w.storage_and_layout();
             let ws = view::<T>(storage_of(&w_guard)?, wl)?;
@@ -517,23 +523,44 @@ mod cuda {
                 Some((s, l)) => Some(view::<T>(storage_of(s)?, l)?),
                 None => None,
             };
-            // SAFETY: every element is written, by the residual's copy and
-            // then the GEMM's accumulation, or by the GEMM alone (beta 0).
-            let mut y = unsafe { dev.alloc::<T>(rows * out)? };
-            if let Some(r) = &self.residual {
-                let (r_guard, rl) = r.storage_and_layout();
-                let rs = view::<T>(storage_of(&r_guard)?, rl)?;
-                if rs.len() != y.len() {
-                    candle_core::bail!("linear: residual of {} for [{rows}, {out}]", rs.len());
-                }
-                dev.memcpy_dtod(&rs, &mut y)?;
+            // SAFETY: every element is written, by the copies of `under`
+            // and then the GEMM's accumulation, or by the GEMM alone (beta
+            // 0, which `check` holds to cover the output).
+            let mut y = unsafe { dev.alloc::<T>(self.shape.elem_count())? };
+            if let Some(u) = &self.under {
+                let (u_guard, ul) = u.storage_and_layout();
+                tile_into(&dev, &view::<T>(storage_of(&u_guard)?, ul)?, &mut y)?;
             }
-            lt_call(&dev, &g, &ws, &xs, &mut y, bias.as_ref())?;
-            Ok((
-                CudaStorage::wrap_cuda_slice(y, dev),
-                Shape::from((rows, out)),
-            ))
+            lt_call(&dev, &self.g, &ws, &xs, &mut y, bias.as_ref())?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), self.shape.clone()))
         }
+    }
+
+    /// `unit` copied end to end over the whole of `y` (a whole number of
+    /// times): one copy, then doubling, `[0, filled)` to `[filled, 2
+    /// filled)`, so log2(times) copies of contiguous memory.
+    fn tile_into<T: DeviceRepr>(
+        dev: &CudaDevice,
+        unit: &CudaView<'_, T>,
+        y: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    ) -> Result<()> {
+        let len = unit.len();
+        if len == 0 || !y.len().is_multiple_of(len) {
+            candle_core::bail!(
+                "{} elements laid over {}: not a whole number of times",
+                len,
+                y.len()
+            );
+        }
+        dev.memcpy_dtod(unit, &mut y.slice_mut(0..len))?;
+        let mut filled = len;
+        while filled < y.len() {
+            let n = filled.min(y.len() - filled);
+            let (done, mut rest) = y.split_at_mut(filled);
+            dev.memcpy_dtod(&done.slice(0..n), &mut rest.slice_mut(0..n))?;
+            filled += n;
+        }
+        Ok(())
     }
 
     /// Runs one cuBLASLt call `g` of `A = w`, `B = x`, `C = y` (already
@@ -588,58 +615,6 @@ mod cuda {
         unsafe { lt.matmul(cfg, &w, &x, &mut y, bias.as_ref(), None) }.map_err(cu)
     }
 
-    /// [`super::patch_embed`] on CUDA.
-    pub(super) struct PatchOp {
-        pub g: Gemm,
-        pub w: Tensor,
-        pub bias: Option<Tensor>,
-        pub first: Tensor,
-        pub rows_per_image: usize,
-    }
-
-    impl PatchOp {
-        fn run<T>(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)>
-        where
-            T: CudaDType + DeviceRepr,
-            Lt: Matmul<T>,
-        {
-            let dev = x.device().clone();
-            let (images, d) = (self.g.batch, self.g.m);
-            let unit = self.rows_per_image * d;
-            let xs = view::<T>(x, xl)?;
-            let (w_guard, wl) = self.w.storage_and_layout();
-            let ws = view::<T>(storage_of(&w_guard)?, wl)?;
-            let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
-            let bias = match &bias_guard {
-                Some((s, l)) => Some(view::<T>(storage_of(s)?, l)?),
-                None => None,
-            };
-            let (f_guard, fl) = self.first.storage_and_layout();
-            let first = view::<T>(storage_of(&f_guard)?, fl)?;
-            if first.len() != unit {
-                candle_core::bail!("patch embedding: first rows of {} for {unit}", first.len());
-            }
-            // SAFETY: every element is written by the copies of `first`
-            // below (then accumulated onto by the GEMM).
-            let mut y = unsafe { dev.alloc::<T>(images * unit)? };
-            dev.memcpy_dtod(&first, &mut y.slice_mut(0..unit))?;
-            // Doubling: images [0, filled) copied to [filled, 2 filled),
-            // log2(images) copies of contiguous memory.
-            let mut filled = 1;
-            while filled < images {
-                let n = filled.min(images - filled);
-                let (done, mut rest) = y.split_at_mut(filled * unit);
-                dev.memcpy_dtod(&done.slice(0..n * unit), &mut rest.slice_mut(0..n * unit))?;
-                filled += n;
-            }
-            lt_call(&dev, &self.g, &ws, &xs, &mut y, bias.as_ref())?;
-            Ok((
-                CudaStorage::wrap_cuda_slice(y, dev),
-                Shape::from((images, self.rows_per_image, d)),
-            ))
-        }
-    }
-
     /// Every head's scores `[heads, b, t, t]` from `qkv [b, t, 3d]`, the
     /// mask (if any) copied under each head first and accumulated into.
     pub(super) struct ScoresOp {
@@ -668,9 +643,7 @@ mod cuda {
                 if mv.len() != block {
                     candle_core::bail!("attention: mask of {} for {b} x {t} x {t}", mv.len());
                 }
-                for h in 0..heads {
-                    dev.memcpy_dtod(&mv, &mut s.slice_mut(h * block..(h + 1) * block))?;
-                }
+                tile_into(&dev, &mv, &mut s)?;
             }
             let blas = dev.cublas_handle();
             for g in Gemm::scores(shape, self.mask.is_some()) {

@@ -1257,30 +1257,24 @@ impl VisionTower {
     /// and adds the positions in its epilogue ([`blas_ops::patch_embed`]),
     /// where the other graphs concatenate and broadcast-add.
     fn embed_by_cublas(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = pixels.dims4()?;
-        let p = self.patch_size;
-        let (gh, gw) = (h / p, w / p);
+        let (unfolded, weight, (b, n)) = self.unfold(pixels)?;
         let class = usize::from(self.class.is_some());
-        if h % p != 0 || w % p != 0 || gh * gw + class != self.positions {
+        if n + class != self.positions {
             candle_core::bail!(
-                "pixels {h} x {w} in patches of {p}: {} positions, the model has {}",
-                gh * gw + class,
+                "pixels {:?} in patches of {}: {} positions, the model has {}",
+                pixels.dims(),
+                self.patch_size,
+                n + class,
                 self.positions
             );
         }
-        let unfolded = pixels
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b * gh * gw, c * p * p))?;
-        let weight = self.patch.weight();
         let d = weight.dim(0)?;
-        let weight = weight.reshape((d, c * p * p))?;
         let pos = Tensor::arange(0u32, self.positions as u32, pixels.device())?;
         let pos = self.position.forward(&pos)?;
         // The class token rides on its row's position.
         let first = match &self.class {
             Some(class) => {
-                let zeros = Tensor::zeros((gh * gw, d), pos.dtype(), pos.device())?;
+                let zeros = Tensor::zeros((n, d), pos.dtype(), pos.device())?;
                 (pos + Tensor::cat(&[&class.reshape((1, d))?, &zeros], 0)?)?
             }
             None => pos,
@@ -1288,10 +1282,10 @@ impl VisionTower {
         blas_ops::patch_embed(&unfolded, &weight, self.patch.bias(), &first, b)
     }
 
-    /// The patch embedding as one matmul over unfolded patches: the same
-    /// function as the strided convolution, and its backward pass is several
-    /// times cheaper in candle than the convolution's.
-    fn patches_by_matmul(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// `pixels [b, c, h, w]` as rows of unfolded patches `[b · n, c · p ·
+    /// p]` (the patches do not overlap, so unfolding is a permute), the
+    /// patch weight as `[d, c · p · p]` to match, and `(b, n)`.
+    fn unfold(&self, pixels: &Tensor) -> Result<(Tensor, Tensor, (usize, usize))> {
         let (b, c, h, w) = pixels.dims4()?;
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
@@ -1299,24 +1293,32 @@ impl VisionTower {
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * gh * gw, c * p * p))?;
+        let weight = self.patch.weight();
+        let weight = weight.reshape((weight.dim(0)?, c * p * p))?;
+        Ok((unfolded, weight, (b, gh * gw)))
+    }
+
+    /// The patch embedding as one matmul over unfolded patches: the same
+    /// function as the strided convolution, and its backward pass is several
+    /// times cheaper in candle than the convolution's.
+    fn patches_by_matmul(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (unfolded, weight, (b, n)) = self.unfold(pixels)?;
         if let (Some(p), true) = (&self.patch_packed, self.kernels.host(&unfolded)) {
             let x = tiled::forward(p.as_ref(), &unfolded, None, Epilogue::None)?;
             let d = x.dim(1)?;
-            return x.reshape((b, gh * gw, d));
+            return x.reshape((b, n, d));
         }
-        let weight = self.patch.weight();
         let d = weight.dim(0)?;
-        let weight = weight.reshape((d, c * p * p))?;
         // One 2-D matmul: a weight broadcast over the batch would be
         // differentiated by candle's slow leading-dim sum.
         let mut y = unfolded.matmul(&weight.t()?)?;
         if let Some(bias) = self.patch.bias() {
             y = match self.kernels {
-                Kernels::Differentiable => (y + repeat_rows(bias, b * gh * gw)?)?,
+                Kernels::Differentiable => (y + repeat_rows(bias, b * n)?)?,
                 _ => y.broadcast_add(bias)?,
             };
         }
-        y.reshape((b, gh * gw, d))
+        y.reshape((b, n, d))
     }
 }
 
