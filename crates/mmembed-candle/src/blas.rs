@@ -27,7 +27,7 @@ use candle_core::Result;
 /// transpose where `trans*` says so. `op(A)` is `m × k`, `op(B)` `k × n`,
 /// `C` `m × n`. A bias (cuBLASLt's epilogue) has `m` values, one per row
 /// of `C`, added to every column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Gemm {
     pub transa: bool,
     pub transb: bool,
@@ -145,7 +145,7 @@ impl Gemm {
     }
 
     /// The stored shape (rows, columns) of `A` and `B` before `op`.
-    fn stored(&self) -> ((usize, usize), (usize, usize)) {
+    pub(crate) fn stored(&self) -> ((usize, usize), (usize, usize)) {
         let a = if self.transa {
             (self.k, self.m)
         } else {

@@ -64,7 +64,7 @@ pub(crate) fn linear(
                 g: Gemm::linear(rows, inp, out, residual.is_some()),
                 w: aligned(&w)?,
                 bias: bias.map(aligned).transpose()?,
-                under: residual.clone(),
+                under: residual.as_ref().map(aligned).transpose()?,
                 shape: (rows, out).into(),
             };
             or_candle(aligned(&x)?.apply_op1_no_bwd(&op), || {
@@ -305,19 +305,14 @@ mod cuda {
     //! The calls on CUDA. Every call is checked against its buffers
     //! ([`Gemm::check`]) before it is made.
 
-    use std::collections::HashMap;
     use std::ffi::{c_int, c_longlong};
-    use std::sync::{Arc, Mutex, OnceLock};
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublas::{
         self, CudaBlas, GemmConfig, StridedBatchedConfig,
     };
-    use candle_core::cuda_backend::cudarc::cublaslt::{
-        self, CudaBlasLT, Matmul, MatmulConfig, MatmulShared, Workspace,
-    };
-    use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, DeviceRepr};
-    use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
     use candle_core::{
         CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage,
         Tensor, WithDType,
@@ -325,6 +320,7 @@ mod cuda {
     use half::{bf16, f16};
 
     use crate::blas::{Gemm, Heads};
+    use crate::lt::{Lt, LtType};
 
     fn cu<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {
         candle_core::Error::Cuda(Box::new(e))
@@ -338,60 +334,6 @@ mod cuda {
     fn long(v: usize) -> Result<c_longlong> {
         c_longlong::try_from(v)
             .map_err(|_| candle_core::Error::Msg(format!("gemm: stride {v} too large")))
-    }
-
-    /// cuBLASLt, accumulating in f32 for every dtype. cudarc's own `f32`
-    /// `Matmul` asks for TF32 (a 10-bit mantissa), which would miss the f32
-    /// parity goal (cosine ≥ 0.99999 against PyTorch, whose f32 matmuls
-    /// are exact by default); its f16/bf16 ones accumulate in f32 already
-    /// and are restated here so that one type serves all three.
-    #[derive(Debug)]
-    pub(super) struct Lt(CudaBlasLT);
-
-    impl MatmulShared for Lt {
-        fn handle(&self) -> &cublaslt::sys::cublasLtHandle_t {
-            self.0.handle()
-        }
-        fn workspace(&self) -> &Workspace {
-            self.0.workspace()
-        }
-        fn stream(&self) -> &Arc<CudaStream> {
-            self.0.stream()
-        }
-    }
-
-    macro_rules! f32_accumulation {
-        ($t:ty, $data:ident) => {
-            impl Matmul<$t> for Lt {
-                fn matrix_type() -> cublaslt::sys::cudaDataType {
-                    cublaslt::sys::cudaDataType_t::$data
-                }
-                fn compute_type() -> cublaslt::sys::cublasComputeType_t {
-                    cublaslt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-                }
-            }
-        };
-    }
-    f32_accumulation!(f32, CUDA_R_32F);
-    f32_accumulation!(f16, CUDA_R_16F);
-    f32_accumulation!(bf16, CUDA_R_16BF);
-
-    /// One cuBLASLt handle (and its 32 MiB workspace) per candle device,
-    /// on the device's stream, so its calls are ordered with candle's own
-    /// kernels. Devices live as long as the models on them; a handle is
-    /// kept for the process's life.
-    fn lt(dev: &CudaDevice) -> Result<Arc<Lt>> {
-        static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<Lt>>>> = OnceLock::new();
-        let mut handles = HANDLES
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = handles.get(&dev.id()) {
-            return Ok(h.clone());
-        }
-        let h = Arc::new(Lt(CudaBlasLT::new(dev.cuda_stream()).map_err(cu)?));
-        handles.insert(dev.id(), h.clone());
-        Ok(h)
     }
 
     /// A contiguous tensor's elements on the device.
@@ -494,9 +436,11 @@ mod cuda {
 
     /// One cuBLASLt call on CUDA, for [`super::linear`] and
     /// [`super::patch_embed`]: the weight and bias ride in the op, `B` (the
-    /// rows or patches) is its input, and the output starts as `under`
-    /// laid end to end until it is full (the residual once; the class and
-    /// position rows once per image) when the call accumulates onto it.
+    /// rows or patches) is its input, and when the call accumulates it
+    /// adds `under`: read where it lies when it is the output's size (a
+    /// linear layer's residual, cuBLASLt's `C` apart from `D`), else laid
+    /// end to end over the output first (the class and position rows, once
+    /// per image) and accumulated onto in place.
     pub(super) struct LtOp {
         pub g: Gemm,
         pub w: Tensor,
@@ -508,8 +452,7 @@ mod cuda {
     impl LtOp {
         fn run<T>(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)>
         where
-            T: CudaDType + DeviceRepr,
-            Lt: Matmul<T>,
+            T: CudaDType + WithDType + DeviceRepr + LtType,
         {
             if self.g.accumulate != self.under.is_some() {
                 candle_core::bail!("gemm: accumulates onto nothing, or overwrites what is laid");
@@ -523,15 +466,25 @@ mod cuda {
                 Some((s, l)) => Some(view::<T>(storage_of(s)?, l)?),
                 None => None,
             };
-            // SAFETY: every element is written, by the copies of `under`
-            // and then the GEMM's accumulation, or by the GEMM alone (beta
-            // 0, which `check` holds to cover the output).
-            let mut y = unsafe { dev.alloc::<T>(self.shape.elem_count())? };
-            if let Some(u) = &self.under {
-                let (u_guard, ul) = u.storage_and_layout();
-                tile_into(&dev, &view::<T>(storage_of(&u_guard)?, ul)?, &mut y)?;
-            }
-            lt_call(&dev, &self.g, &ws, &xs, &mut y, bias.as_ref())?;
+            let under_guard = self.under.as_ref().map(|u| u.storage_and_layout());
+            let under = match &under_guard {
+                Some((s, l)) => Some(view::<T>(storage_of(s)?, l)?),
+                None => None,
+            };
+            let len = self.shape.elem_count();
+            // SAFETY: every element is written: by the GEMM (beta 0, or
+            // reading `C` apart, which `check` holds to cover the output),
+            // or by the copies of `under` and then the GEMM's accumulation.
+            let mut y = unsafe { dev.alloc::<T>(len)? };
+            let apart = match &under {
+                Some(u) if u.len() == len => Some(u),
+                Some(u) => {
+                    tile_into(&dev, u, &mut y)?;
+                    None
+                }
+                None => None,
+            };
+            Lt::for_device(&dev)?.matmul(&self.g, &ws, &xs, apart, &mut y, bias.as_ref())?;
             Ok((CudaStorage::wrap_cuda_slice(y, dev), self.shape.clone()))
         }
     }
@@ -561,58 +514,6 @@ mod cuda {
             filled += n;
         }
         Ok(())
-    }
-
-    /// Runs one cuBLASLt call `g` of `A = w`, `B = x`, `C = y` (already
-    /// holding what the call accumulates onto, if it does), with `bias`
-    /// in the epilogue.
-    fn lt_call<T>(
-        dev: &CudaDevice,
-        g: &Gemm,
-        w: &CudaView<'_, T>,
-        x: &CudaView<'_, T>,
-        y: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-        bias: Option<&CudaView<'_, T>>,
-    ) -> Result<()>
-    where
-        T: DeviceRepr,
-        Lt: Matmul<T>,
-    {
-        g.check(w.len(), x.len(), y.len())?;
-        if let Some(b) = bias
-            && b.len() != g.m
-        {
-            candle_core::bail!("gemm: {} bias values for {} rows", b.len(), g.m);
-        }
-        let batched = g.batch > 1;
-        let stride = |s: usize| batched.then_some(s as i64);
-        let cfg = MatmulConfig {
-            transa: g.transa,
-            transb: g.transb,
-            transc: false,
-            m: g.m as u64,
-            n: g.n as u64,
-            k: g.k as u64,
-            alpha: 1.0,
-            lda: g.lda as i64,
-            ldb: g.ldb as i64,
-            beta: if g.accumulate { 1.0 } else { 0.0 },
-            ldc: g.ldc as i64,
-            stride_a: stride(g.stride_a),
-            stride_b: stride(g.stride_b),
-            stride_c: stride(g.stride_c),
-            // The same bias for every batch (cuBLASLt's default stride 0).
-            stride_bias: None,
-            batch_size: if batched { Some(int(g.batch)?) } else { None },
-        };
-        let (w, x) = (w.slice(g.a_offset..), x.slice(g.b_offset..));
-        let mut y = y.slice_mut(g.c_offset..);
-        let bias = bias.map(|b| b.slice(0..));
-        let lt = lt(dev)?;
-        // SAFETY: checked above: the three operands hold the call's
-        // extents and the bias its `m` values; all on candle's stream,
-        // which the handle uses.
-        unsafe { lt.matmul(cfg, &w, &x, &mut y, bias.as_ref(), None) }.map_err(cu)
     }
 
     /// Every head's scores `[heads, b, t, t]` from `qkv [b, t, 3d]`, the

@@ -21,6 +21,8 @@ mod device;
 mod embedder;
 mod hub;
 mod int8;
+#[cfg(feature = "cuda")]
+mod lt;
 mod malloc;
 mod manifest;
 mod model;
