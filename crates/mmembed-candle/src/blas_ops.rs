@@ -133,29 +133,45 @@ pub(crate) fn patch_embed(
 
 /// Multi-head attention over packed projections `qkv [b, t, 3d]` whose
 /// queries are already scaled, with an additive `mask [b, 1, t, t]` (0 or
-/// -inf): the heads' outputs merged, `[b, t, d]`. The scores of every head
-/// go through candle's fused last-dim softmax between the two calls.
-pub(crate) fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+/// -inf; `[1, 1, t, t]` when every sequence sees the same keys): the heads'
+/// outputs merged, `[b, t, d]`. The scores of every head
+/// go through a fused last-dim softmax between the two calls: with `rows`
+/// our own ([`crate::rows::softmax`]), which adds the mask as it reads the
+/// scores, else candle's, the mask laid under the scores and accumulated
+/// onto by their GEMM.
+pub(crate) fn attention(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    rows: bool,
+) -> Result<Tensor> {
     let shape = Heads::of(qkv.dims3()?, heads)?;
     let Heads { b, t, .. } = shape;
     let qkv = qkv.contiguous()?;
     let mask = mask
         .map(|m| {
-            if m.elem_count() != b * t * t {
+            // One `[t, t]` block per sequence, or one for all of them.
+            let len = m.elem_count();
+            if len == 0 || !len.is_multiple_of(t * t) || !(b * t * t).is_multiple_of(len) {
                 candle_core::bail!("attention: mask {:?} for {b} sequences of {t}", m.dims());
             }
             m.to_dtype(qkv.dtype())?.contiguous()
         })
         .transpose()?;
+    let (under, after) = if rows { (None, mask) } else { (mask, None) };
     let scores = match qkv.device() {
-        Device::Cpu => reference_scores(&qkv, shape, mask.as_ref())?,
+        Device::Cpu => reference_scores(&qkv, shape, under.as_ref())?,
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => qkv.apply_op1_no_bwd(&cuda::ScoresOp { heads, mask })?,
+        Device::Cuda(_) => qkv.apply_op1_no_bwd(&cuda::ScoresOp { heads, mask: under })?,
         other => candle_core::bail!(
             "the cuBLAS graph runs on CUDA (and, for tests, the CPU), not {other:?}"
         ),
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = if rows {
+        crate::rows::softmax(&scores, after.as_ref())?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     match qkv.device() {
         Device::Cpu => reference_values(&probs, &qkv, shape),
         #[cfg(feature = "cuda")]
@@ -281,7 +297,10 @@ fn reference_scores(qkv: &Tensor, shape: Heads, mask: Option<&Tensor>) -> Result
     let Heads { b, t, heads, .. } = shape;
     let q = host(qkv)?;
     let mut s = match mask {
-        Some(m) => host(m)?.repeat(heads),
+        Some(m) => {
+            let m = host(m)?;
+            m.repeat(shape.scores_len() / m.len())
+        }
         None => vec![0.0; shape.scores_len()],
     };
     for g in Gemm::scores(shape, mask.is_some()) {
@@ -541,7 +560,7 @@ mod cuda {
             if let Some(m) = &self.mask {
                 let (m_guard, ml) = m.storage_and_layout();
                 let mv = view::<T>(storage_of(&m_guard)?, ml)?;
-                if mv.len() != block {
+                if mv.is_empty() || !block.is_multiple_of(mv.len()) {
                     candle_core::bail!("attention: mask of {} for {b} x {t} x {t}", mv.len());
                 }
                 tile_into(&dev, &mv, &mut s)?;

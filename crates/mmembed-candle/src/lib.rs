@@ -28,6 +28,7 @@ mod manifest;
 mod model;
 mod packed;
 mod random;
+mod rows;
 mod spm;
 mod tiled;
 mod tokenizer;

@@ -32,6 +32,7 @@ use crate::config::{Activation, ClipConfig, Family, TowerConfig};
 use crate::cpu_kernels::{self, Epilogue, Visible};
 use crate::int8::QLinear;
 use crate::packed::{self, PackedLinear};
+use crate::rows;
 use crate::tiled::{self, TiledLinear};
 use crate::train_ops;
 use crate::w8a8::{self, W8A8Linear};
@@ -68,6 +69,13 @@ pub enum Kernels {
     /// the same calls run through a reference of cuBLAS's semantics: slow,
     /// and there for the tests.
     Cublas,
+    /// The CUDA graph, the default there: [`Kernels::Cublas`]'s, with the
+    /// row-wise ops on our own kernels (`rows`): the attention softmax
+    /// with the mask added as it reads the scores (no mask copies, no
+    /// accumulating scores GEMM) and layer norm, a warp per row in
+    /// registers where candle's kernels run a 32-thread block per row.
+    /// On the CPU they run as f32 tensor ops, for the tests.
+    Cuda,
 }
 
 impl Kernels {
@@ -77,12 +85,13 @@ impl Kernels {
 
     /// The inference kernels for a device and precision: our own CPU
     /// kernels (f32 or int8: gemm and AVX code on host memory) on the CPU,
-    /// [`Kernels::Cublas`] on CUDA, [`Kernels::Portable`] on Metal.
+    /// [`Kernels::Cuda`] on CUDA, [`Kernels::Portable`] on Metal.
     ///
-    /// `MMEMBED_CUDA_GRAPH=portable` runs CUDA on [`Kernels::Portable`]
-    /// instead: candle's own ops, slower (BENCHMARKS.md) but free of the
-    /// cuBLASLt calls, for comparisons and as a way round a cuBLAS problem
-    /// on some GPU or driver.
+    /// `MMEMBED_CUDA_GRAPH` picks another CUDA graph, for comparisons and
+    /// as a way round a problem on some GPU or driver: `cublas`
+    /// ([`Kernels::Cublas`]: candle's softmax and layer norm instead of
+    /// ours) or `portable` ([`Kernels::Portable`]: candle's own ops
+    /// throughout, free of the cuBLAS calls, slower; BENCHMARKS.md).
     pub fn for_device(device: &Device, precision: crate::Precision) -> Self {
         match precision {
             _ if device.is_cuda() => {
@@ -94,11 +103,17 @@ impl Kernels {
         }
     }
 
-    /// Whether this is a GPU graph ([`Kernels::Portable`] or
-    /// [`Kernels::Cublas`]): packed Q/K/V with the scale in the query
-    /// weights, QuickGELU as one silu, broadcasts instead of repeats.
+    /// Whether this is a GPU graph ([`Kernels::Portable`],
+    /// [`Kernels::Cublas`] or [`Kernels::Cuda`]): packed Q/K/V with the
+    /// scale in the query weights, QuickGELU as one silu, broadcasts
+    /// instead of repeats.
     pub fn gpu_graph(self) -> bool {
-        matches!(self, Kernels::Portable | Kernels::Cublas)
+        matches!(self, Kernels::Portable | Kernels::Cublas | Kernels::Cuda)
+    }
+
+    /// Whether the GEMMs are the cuBLAS calls of `blas_ops`.
+    fn cublas(self) -> bool {
+        matches!(self, Kernels::Cublas | Kernels::Cuda)
     }
 
     /// Whether `x` goes through our own CPU kernels (fused f32 or int8).
@@ -111,13 +126,14 @@ impl Kernels {
 /// [`Kernels::for_device`]).
 fn cuda_graph(var: Option<&str>) -> Kernels {
     match var.map(str::trim) {
-        None | Some("" | "cublas") => Kernels::Cublas,
+        None | Some("" | "cuda") => Kernels::Cuda,
+        Some("cublas") => Kernels::Cublas,
         Some("portable") => Kernels::Portable,
         Some(other) => {
             tracing::warn!(
-                "MMEMBED_CUDA_GRAPH={other:?}: expected cublas or portable; using cublas"
+                "MMEMBED_CUDA_GRAPH={other:?}: expected cuda, cublas or portable; using cuda"
             );
-            Kernels::Cublas
+            Kernels::Cuda
         }
     }
 }
@@ -144,6 +160,9 @@ impl Norm {
         if self.kernels.fused() {
             if let (true, Some(b)) = (self.kernels.host(x), self.ln.bias()) {
                 return cpu_kernels::layer_norm(x, self.ln.weight(), b, self.eps);
+            }
+            if let (Kernels::Cuda, Some(b)) = (self.kernels, self.ln.bias()) {
+                return rows::layer_norm(x, self.ln.weight(), b, self.eps);
             }
             // candle's fused layer-norm kernel needs a contiguous input
             // (else LayerNorm falls back to a chain of reductions).
@@ -190,6 +209,7 @@ fn softmax(kernels: Kernels, w: &Tensor) -> Result<Tensor> {
         Kernels::Fused | Kernels::Int8 | Kernels::Portable | Kernels::Cublas => {
             candle_nn::ops::softmax_last_dim(w)
         }
+        Kernels::Cuda => rows::softmax(w, None),
         Kernels::Differentiable if train_ops::supported(w) => train_ops::softmax_last_dim(w),
         Kernels::Differentiable => candle_nn::ops::softmax(w, D::Minus1),
     }
@@ -358,7 +378,7 @@ impl Dense {
         if let (true, Some(b)) = (self.kernels.host(x), linear.bias()) {
             return cpu_kernels::linear(x, linear.weight(), b, residual, epilogue);
         }
-        if self.kernels == Kernels::Cublas {
+        if self.kernels.cublas() {
             // The residual rides in the GEMM only when nothing comes
             // between: an activation applies before it.
             let (inside, after) = match epilogue {
@@ -573,9 +593,10 @@ impl Attention {
                 let qkv = qkv.forward_normed(x, norm, None, Epilogue::None)?;
                 return self.portable_attention(&qkv, mask.additive.as_ref());
             }
-            Qkv::Packed(qkv) if self.kernels == Kernels::Cublas => {
+            Qkv::Packed(qkv) if self.kernels.cublas() => {
                 let qkv = qkv.forward_normed(x, norm, None, Epilogue::None)?;
-                return blas_ops::attention(&qkv, self.heads, mask.additive.as_ref());
+                let rows = self.kernels == Kernels::Cuda;
+                return blas_ops::attention(&qkv, self.heads, mask.additive.as_ref(), rows);
             }
             Qkv::Packed(qkv) => {
                 let d = self.heads * self.head_dim;
@@ -1014,7 +1035,7 @@ impl TextTower {
 /// `x [b, t, d] + pos [t, d]`, broadcast over the batch.
 fn add_positions(x: &Tensor, pos: &Tensor, kernels: Kernels) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused | Kernels::Int8 | Kernels::Portable | Kernels::Cublas => {
+        Kernels::Fused | Kernels::Int8 | Kernels::Portable | Kernels::Cublas | Kernels::Cuda => {
             x.broadcast_add(pos)
         }
         Kernels::Differentiable => {
@@ -1136,7 +1157,7 @@ impl VisionTower {
         // the gemm crate's kernel against a tiled loop on the CPU, and on
         // CUDA one reshaping copy and one GEMM against an im2col kernel and
         // a GEMM (the patches do not overlap, so unfolding is a permute).
-        if self.kernels == Kernels::Cublas {
+        if self.kernels.cublas() {
             let x = self.embed_by_cublas(pixels)?;
             return self.encode(x, b);
         }
@@ -1144,9 +1165,11 @@ impl VisionTower {
         let d = x.dim(2)?;
         if let Some(class) = &self.class {
             let cls = match self.kernels {
-                Kernels::Fused | Kernels::Int8 | Kernels::Portable | Kernels::Cublas => {
-                    class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?
-                }
+                Kernels::Fused
+                | Kernels::Int8
+                | Kernels::Portable
+                | Kernels::Cublas
+                | Kernels::Cuda => class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?,
                 Kernels::Differentiable => repeat_rows(class, b)?.reshape((b, 1, d))?,
             };
             x = Tensor::cat(&[&cls, &x], 1)?;
@@ -1361,19 +1384,20 @@ mod tests {
     use super::*;
     use candle_nn::VarMap;
 
-    /// `MMEMBED_CUDA_GRAPH`: cuBLAS unless `portable` is asked for (an
-    /// unknown value warns and keeps the default).
+    /// `MMEMBED_CUDA_GRAPH`: ours unless `cublas` or `portable` is asked
+    /// for (an unknown value warns and keeps the default).
     #[test]
     fn cuda_graph_is_chosen_by_its_variable() {
-        assert_eq!(cuda_graph(None), Kernels::Cublas);
-        assert_eq!(cuda_graph(Some("")), Kernels::Cublas);
+        assert_eq!(cuda_graph(None), Kernels::Cuda);
+        assert_eq!(cuda_graph(Some("")), Kernels::Cuda);
+        assert_eq!(cuda_graph(Some("cuda")), Kernels::Cuda);
         assert_eq!(cuda_graph(Some("cublas")), Kernels::Cublas);
         assert_eq!(cuda_graph(Some(" portable ")), Kernels::Portable);
-        assert_eq!(cuda_graph(Some("fast")), Kernels::Cublas);
+        assert_eq!(cuda_graph(Some("fast")), Kernels::Cuda);
     }
 
-    /// The GPU graphs (portable, and CUDA's with its cuBLAS calls through
-    /// their CPU reference), run on the CPU, against our CPU kernels: same
+    /// The GPU graphs (portable, and CUDA's with its cuBLAS calls and row
+    /// kernels through their CPU references), run on the CPU, against our CPU kernels: same
     /// weights, same function (texts through the causal mask, images through
     /// the patch matmul), with a head dim of 64 as in every CLIP tower so
     /// the folded attention scale is the real one.
@@ -1407,7 +1431,7 @@ mod tests {
             Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
         };
         // The CUDA graph's cuBLAS calls, run through their CPU reference.
-        for kernels in [Kernels::Portable, Kernels::Cublas] {
+        for kernels in [Kernels::Portable, Kernels::Cublas, Kernels::Cuda] {
             let gpu = ClipModel::with_kernels(&cfg, kernels, vb.clone())?;
             let t = rel(
                 fused.text.forward(&ids, &[3, 5])?,

@@ -249,6 +249,18 @@ fn cublas_graph_matches_pytorch() {
     );
 }
 
+/// The default CUDA graph ([`Kernels::Cuda`]: the cuBLAS graph's calls, and
+/// our row kernels for softmax and layer norm, the mask added by the
+/// softmax rather than accumulated by the scores' GEMM), through the CPU
+/// references of both: held to the same bars as the cuBLAS graph.
+#[test]
+fn cuda_graph_matches_pytorch() {
+    every_family_matches_pytorch(
+        Kernels::Cuda,
+        &[Precision::F32, Precision::Bf16, Precision::F16],
+    );
+}
+
 /// Every fixture family through `kernels` in each of `precisions`, against
 /// PyTorch's f32: f32 at its own bar ([`check_model_on`]), f16 at the
 /// issue's 0.999, bf16's worst text at [`INT8_MIN`] (see below).
@@ -515,8 +527,8 @@ fn activation_really_changes_the_output() {
 /// committed). Build it with
 /// `python3 models/fixtures/make_fixtures.py --full /tmp/vit-b-32`, then run
 /// `MMEMBED_FULL_FIXTURE=/tmp/vit-b-32 cargo test --release -p mmembed-candle --test parity -- --ignored --nocapture`
-/// (both precisions, then the CUDA graph's calls through their CPU
-/// reference at full size: 12 heads of 64, fewer images than heads, so
+/// (both precisions, then the CUDA graph's calls and row kernels through
+/// their CPU references at full size: 12 heads of 64, fewer images than heads, so
 /// attention splits per image, and more texts than heads, per head; about
 /// two minutes of naive loops).
 #[test]
@@ -527,7 +539,6 @@ fn full_size_vit_b_32_matches_pytorch() {
     );
     check_model(&dir, &dir.join("images"), Precision::F32);
     check_model(&dir, &dir.join("images"), Precision::Int8);
-    let (text, image, _) =
-        check_model_on(&dir, &dir.join("images"), Precision::F32, Kernels::Cublas);
-    eprintln!("cuBLAS graph (CPU reference), f32: min cosine text {text}, image {image}");
+    let (text, image, _) = check_model_on(&dir, &dir.join("images"), Precision::F32, Kernels::Cuda);
+    eprintln!("CUDA graph (CPU references), f32: min cosine text {text}, image {image}");
 }
