@@ -3,10 +3,10 @@
 //!
 //! ```text
 //! gpu_check parity MODEL_DIR INPUTS_DIR OUT.safetensors [--device cuda] [--precision f32]
-//!                  [--kernels auto|portable|cublas] (a GPU graph, e.g. on the CPU)
+//!                  [--kernels auto|cuda|cublas|portable] (a GPU graph, e.g. on the CPU)
 //! gpu_check speed MODEL_DIR [--device cuda] [--precisions f32,f16,bf16]
 //!                 [--images 1,32,256,1024] [--texts 32,256] [--seconds 3]
-//!                 [--kernels auto|portable|cublas] [--host true|false]
+//!                 [--kernels auto|cuda|cublas|portable] [--host true|false]
 //! gpu_check decode IMAGE_DIR [--model MODEL_DIR] [--seconds 3] [--draft false|true]
 //! ```
 //!
@@ -19,8 +19,9 @@
 //! the device, as PyTorch is timed) and, for images, the library's own calls
 //! (host f32 pixels, or the crops' bytes as `mmembed batch` sends them, in;
 //! unit vectors out: transfers included; `--host false` leaves those out).
-//! Its lines name the stack `mmembed`, or `mmembed-portable` /
-//! `mmembed-cublas` for a graph chosen with `--kernels`. `decode`
+//! Its lines name the stack `mmembed`, or `mmembed-cuda`,
+//! `mmembed-cublas` or `mmembed-portable` for a graph chosen with
+//! `--kernels`. `decode`
 //! times JPEG decoding and preprocessing on all cores, the host's ceiling
 //! (`--draft true`: with `mmembed batch --jpeg-draft`'s reduced decoding).
 
@@ -128,9 +129,10 @@ fn open(model: &Path, device: &str, precision: Precision, kernels: &str) -> Resu
         .open()?;
     let kernels = match kernels {
         "auto" => Kernels::for_device(&device, precision),
-        "portable" => Kernels::Portable,
+        "cuda" => Kernels::Cuda,
         "cublas" => Kernels::Cublas,
-        other => bail!("--kernels {other}: expected auto, portable or cublas"),
+        "portable" => Kernels::Portable,
+        other => bail!("--kernels {other}: expected auto, cuda, cublas or portable"),
     };
     let files = local_files(model)?;
     Ok(LoadedClip::load_with_kernels(
