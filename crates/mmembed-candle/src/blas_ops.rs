@@ -332,18 +332,11 @@ mod cuda {
     };
     use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
     use candle_core::cuda_backend::{CudaDType, CudaDevice};
-    use candle_core::{
-        CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage,
-        Tensor, WithDType,
-    };
-    use half::{bf16, f16};
+    use candle_core::{CudaStorage, Layout, Result, Shape, Tensor, WithDType};
 
     use crate::blas::{Gemm, Heads};
+    use crate::cuda_ops::{cu, cuda_only_op, storage_of, view};
     use crate::lt::{Lt, LtType};
-
-    fn cu<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {
-        candle_core::Error::Cuda(Box::new(e))
-    }
 
     fn int(v: usize) -> Result<c_int> {
         c_int::try_from(v)
@@ -353,21 +346,6 @@ mod cuda {
     fn long(v: usize) -> Result<c_longlong> {
         c_longlong::try_from(v)
             .map_err(|_| candle_core::Error::Msg(format!("gemm: stride {v} too large")))
-    }
-
-    /// A contiguous tensor's elements on the device.
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-            None => candle_core::bail!("cuBLAS ops take contiguous tensors"),
-        }
-    }
-
-    fn storage_of(s: &Storage) -> Result<&CudaStorage> {
-        match s {
-            Storage::Cuda(s) => Ok(s),
-            _ => candle_core::bail!("cuBLAS ops take CUDA tensors"),
-        }
     }
 
     /// One strided-batched cuBLAS GEMM (f32 accumulation) on candle's
@@ -417,39 +395,22 @@ mod cuda {
         unsafe { cublas::Gemm::gemm_strided_batched(blas, cfg, &a, &b, &mut c) }.map_err(cu)
     }
 
-    /// `CustomOp1` for an op whose `run::<T>(storage, layout)` does the
-    /// work, for f32, f16 and bf16; the CPU has the references instead.
-    macro_rules! cuda_op1 {
-        ($op:ty, $name:literal, $reference:literal) => {
-            impl CustomOp1 for $op {
-                fn name(&self) -> &'static str {
-                    $name
-                }
-
-                fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-                    candle_core::bail!(concat!($name, " runs on CUDA; the CPU takes ", $reference))
-                }
-
-                fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-                    match x.dtype() {
-                        DType::F32 => self.run::<f32>(x, l),
-                        DType::F16 => self.run::<f16>(x, l),
-                        DType::BF16 => self.run::<bf16>(x, l),
-                        dt => candle_core::bail!("{}: no {dt:?}", $name),
-                    }
-                }
-            }
-        };
-    }
-
-    cuda_op1!(
+    cuda_only_op!(
+        1,
         LtOp,
         "cublaslt-linear",
         "blas_ops::linear's and blas_ops::patch_embed's references"
     );
-    cuda_op1!(
+    cuda_only_op!(
+        1,
         ScoresOp,
         "cublas-attention-scores",
+        "blas_ops::attention's reference"
+    );
+    cuda_only_op!(
+        2,
+        ValuesOp,
+        "cublas-attention-values",
         "blas_ops::attention's reference"
     );
 
@@ -583,7 +544,7 @@ mod cuda {
     }
 
     impl ValuesOp {
-        fn run<T>(
+        fn run2<T>(
             &self,
             p: &CudaStorage,
             pl: &Layout,
@@ -615,39 +576,6 @@ mod cuda {
                 CudaStorage::wrap_cuda_slice(o, dev),
                 Shape::from((b, t, heads * dh)),
             ))
-        }
-    }
-
-    impl CustomOp2 for ValuesOp {
-        fn name(&self) -> &'static str {
-            "cublas-attention-values"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!(
-                "cublas-attention-values runs on CUDA; the CPU takes blas_ops::attention's reference"
-            )
-        }
-
-        fn cuda_fwd(
-            &self,
-            p: &CudaStorage,
-            pl: &Layout,
-            qkv: &CudaStorage,
-            ql: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            match qkv.dtype() {
-                DType::F32 => self.run::<f32>(p, pl, qkv, ql),
-                DType::F16 => self.run::<f16>(p, pl, qkv, ql),
-                DType::BF16 => self.run::<bf16>(p, pl, qkv, ql),
-                dt => candle_core::bail!("cublas-attention-values: no {dt:?}"),
-            }
         }
     }
 }

@@ -16,6 +16,8 @@ mod blas;
 mod blas_ops;
 mod config;
 mod cpu_kernels;
+#[cfg(feature = "cuda")]
+mod cuda_ops;
 mod demo;
 mod device;
 mod embedder;

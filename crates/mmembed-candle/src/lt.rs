@@ -35,6 +35,7 @@ use candle_core::{DType, Result};
 use half::{bf16, f16};
 
 use crate::blas::Gemm;
+use crate::cuda_ops::cu;
 
 /// cuBLASLt's recommended workspace on Hopper (4 MiB before it); one
 /// per device, so the larger everywhere.
@@ -43,10 +44,6 @@ const WORKSPACE: usize = 32 << 20;
 /// Kept algorithms per device before the cache starts over (a server
 /// seeing every batch size up to its maximum makes a few per size).
 const MAX_ALGOS: usize = 4096;
-
-fn cu<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {
-    candle_core::Error::Cuda(Box::new(e))
-}
 
 /// An element type cuBLASLt multiplies, accumulating in f32.
 pub(crate) trait LtType:

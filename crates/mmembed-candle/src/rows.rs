@@ -133,14 +133,12 @@ mod cuda {
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
-    use candle_core::{
-        CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
-        WithDType,
-    };
-    use half::{bf16, f16};
+    use candle_core::{CudaStorage, Layout, Result, Shape, WithDType};
+
+    use crate::cuda_ops::{cuda_only_op, view};
 
     mod ptx {
         include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
@@ -151,13 +149,6 @@ mod cuda {
 
     /// Eight rows (warps) to a block.
     const WARPS_PER_BLOCK: usize = 8;
-
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-            None => candle_core::bail!("row kernels take contiguous tensors"),
-        }
-    }
 
     /// `(rows, cols)` of `l`, the launch shape for them and the kernel's
     /// name, `{op}_{dtype}_{N}`.
@@ -190,111 +181,86 @@ mod cuda {
         unsafe { dev.alloc::<T>(len) }
     }
 
-    /// Dispatches `run::<T>` on f32, f16 and bf16.
-    macro_rules! by_dtype {
-        ($dtype:expr, $name:literal, $run:ident ( $($arg:expr),* )) => {
-            match $dtype {
-                DType::F32 => $run::<f32>($($arg),*),
-                DType::F16 => $run::<f16>($($arg),*),
-                DType::BF16 => $run::<bf16>($($arg),*),
-                dt => candle_core::bail!("{}: no {dt:?}", $name),
-            }
-        };
-    }
-
-    /// Op1: without a mask; op2: with one.
+    /// The softmax: op1 without a mask, op2 with one.
     pub(super) struct Softmax;
 
-    fn softmax<T: CudaDType + WithDType + DeviceRepr>(
-        x: &CudaStorage,
-        xl: &Layout,
-        mask: Option<(&CudaStorage, &Layout)>,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = x.device().clone();
-        let xv = view::<T>(x, xl)?;
-        let op = if mask.is_some() {
-            "softmax_masked"
-        } else {
-            "softmax"
-        };
-        let (rows, cols, cfg, name) = plan::<T>(op, xl)?;
-        let c = cols as usize;
-        let mask = match mask {
-            Some((m, ml)) => {
-                let mv = view::<T>(m, ml)?;
-                let mr = mv.len() / c.max(1);
-                if c == 0 || mr == 0 || mv.len() != mr * c || !(rows as usize).is_multiple_of(mr) {
-                    candle_core::bail!("softmax: a mask of {} values for rows of {c}", mv.len());
-                }
-                Some((mv, mr as i64))
-            }
-            None => None,
-        };
-        let y = out::<T>(&dev, xv.len())?;
-        let func = dev.get_or_load_custom_func(&name, MODULE, ptx::ROWS)?;
-        let mut b = func.builder();
-        b.arg(&xv);
-        if let Some((mv, _)) = &mask {
-            b.arg(mv);
-        }
-        b.arg(&y);
-        b.arg(&rows);
-        b.arg(&cols);
-        if let Some((_, mask_rows)) = &mask {
-            b.arg(mask_rows);
-        }
-        // SAFETY: the kernel reads `rows · cols` values of `x`, `mask_rows
-        // · cols` of the mask (checked above) and writes `rows · cols` of
-        // `y`, all on candle's stream.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
-    }
+    cuda_only_op!(1, Softmax, "mmembed-softmax", "rows::softmax's reference");
+    cuda_only_op!(
+        2,
+        Softmax,
+        "mmembed-softmax-masked",
+        "rows::softmax's reference"
+    );
 
-    impl CustomOp1 for Softmax {
-        fn name(&self) -> &'static str {
-            "mmembed-softmax"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!(
-                "mmembed-softmax runs on CUDA; the CPU takes rows::softmax's reference"
-            )
-        }
-
-        fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            by_dtype!(x.dtype(), "mmembed-softmax", softmax(x, l, None))
-        }
-    }
-
-    impl CustomOp2 for Softmax {
-        fn name(&self) -> &'static str {
-            "mmembed-softmax-masked"
-        }
-
-        fn cpu_fwd(
+    impl Softmax {
+        fn run<T: CudaDType + WithDType + DeviceRepr>(
             &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!(
-                "mmembed-softmax-masked runs on CUDA; the CPU takes rows::softmax's reference"
-            )
+            x: &CudaStorage,
+            xl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            Self::launch::<T>(x, xl, None)
         }
 
-        fn cuda_fwd(
+        fn run2<T: CudaDType + WithDType + DeviceRepr>(
             &self,
             x: &CudaStorage,
             xl: &Layout,
             m: &CudaStorage,
             ml: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            by_dtype!(
-                x.dtype(),
-                "mmembed-softmax-masked",
-                softmax(x, xl, Some((m, ml)))
-            )
+            Self::launch::<T>(x, xl, Some((m, ml)))
+        }
+
+        fn launch<T: CudaDType + WithDType + DeviceRepr>(
+            x: &CudaStorage,
+            xl: &Layout,
+            mask: Option<(&CudaStorage, &Layout)>,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device().clone();
+            let xv = view::<T>(x, xl)?;
+            let op = if mask.is_some() {
+                "softmax_masked"
+            } else {
+                "softmax"
+            };
+            let (rows, cols, cfg, name) = plan::<T>(op, xl)?;
+            let c = cols as usize;
+            let mask = match mask {
+                Some((m, ml)) => {
+                    let mv = view::<T>(m, ml)?;
+                    let mr = mv.len() / c.max(1);
+                    if c == 0
+                        || mr == 0
+                        || mv.len() != mr * c
+                        || !(rows as usize).is_multiple_of(mr)
+                    {
+                        candle_core::bail!(
+                            "softmax: a mask of {} values for rows of {c}",
+                            mv.len()
+                        );
+                    }
+                    Some((mv, mr as i64))
+                }
+                None => None,
+            };
+            let y = out::<T>(&dev, xv.len())?;
+            let func = dev.get_or_load_custom_func(&name, MODULE, ptx::ROWS)?;
+            let mut b = func.builder();
+            b.arg(&xv);
+            if let Some((mv, _)) = &mask {
+                b.arg(mv);
+            }
+            b.arg(&y);
+            b.arg(&rows);
+            b.arg(&cols);
+            if let Some((_, mask_rows)) = &mask {
+                b.arg(mask_rows);
+            }
+            // SAFETY: the kernel reads `rows · cols` values of `x`,
+            // `mask_rows · cols` of the mask (checked above) and writes
+            // `rows · cols` of `y`, all on candle's stream.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
         }
     }
 
@@ -302,58 +268,16 @@ mod cuda {
         pub eps: f32,
     }
 
-    fn layer_norm<T: CudaDType + WithDType + DeviceRepr>(
-        eps: f32,
-        (x, xl): (&CudaStorage, &Layout),
-        (w, wl): (&CudaStorage, &Layout),
-        (b, bl): (&CudaStorage, &Layout),
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = x.device().clone();
-        let (xv, wv, bv) = (view::<T>(x, xl)?, view::<T>(w, wl)?, view::<T>(b, bl)?);
-        let (rows, cols, cfg, name) = plan::<T>("layer_norm", xl)?;
-        if wv.len() != cols as usize || bv.len() != cols as usize {
-            candle_core::bail!(
-                "layer norm: {} weights and {} biases for rows of {cols}",
-                wv.len(),
-                bv.len()
-            );
-        }
-        let y = out::<T>(&dev, xv.len())?;
-        let func = dev.get_or_load_custom_func(&name, MODULE, ptx::ROWS)?;
-        let mut launch = func.builder();
-        launch.arg(&xv);
-        launch.arg(&wv);
-        launch.arg(&bv);
-        launch.arg(&y);
-        launch.arg(&rows);
-        launch.arg(&cols);
-        launch.arg(&eps);
-        // SAFETY: `rows · cols` values of `x` and `y`, `cols` of the
-        // weight and bias (checked above), all on candle's stream.
-        unsafe { launch.launch(cfg) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
-    }
+    cuda_only_op!(
+        3,
+        LayerNorm,
+        "mmembed-layer-norm",
+        "rows::layer_norm's reference"
+    );
 
-    impl CustomOp3 for LayerNorm {
-        fn name(&self) -> &'static str {
-            "mmembed-layer-norm"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!(
-                "mmembed-layer-norm runs on CUDA; the CPU takes rows::layer_norm's reference"
-            )
-        }
-
-        fn cuda_fwd(
+    impl LayerNorm {
+        #[allow(clippy::too_many_arguments)]
+        fn run3<T: CudaDType + WithDType + DeviceRepr>(
             &self,
             x: &CudaStorage,
             xl: &Layout,
@@ -362,11 +286,30 @@ mod cuda {
             b: &CudaStorage,
             bl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            by_dtype!(
-                x.dtype(),
-                "mmembed-layer-norm",
-                layer_norm(self.eps, (x, xl), (w, wl), (b, bl))
-            )
+            let dev = x.device().clone();
+            let (xv, wv, bv) = (view::<T>(x, xl)?, view::<T>(w, wl)?, view::<T>(b, bl)?);
+            let (rows, cols, cfg, name) = plan::<T>("layer_norm", xl)?;
+            if wv.len() != cols as usize || bv.len() != cols as usize {
+                candle_core::bail!(
+                    "layer norm: {} weights and {} biases for rows of {cols}",
+                    wv.len(),
+                    bv.len()
+                );
+            }
+            let y = out::<T>(&dev, xv.len())?;
+            let func = dev.get_or_load_custom_func(&name, MODULE, ptx::ROWS)?;
+            let mut launch = func.builder();
+            launch.arg(&xv);
+            launch.arg(&wv);
+            launch.arg(&bv);
+            launch.arg(&y);
+            launch.arg(&rows);
+            launch.arg(&cols);
+            launch.arg(&self.eps);
+            // SAFETY: `rows · cols` values of `x` and `y`, `cols` of the
+            // weight and bias (checked above), all on candle's stream.
+            unsafe { launch.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
         }
     }
 }
