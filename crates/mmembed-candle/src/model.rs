@@ -1396,11 +1396,12 @@ mod tests {
         assert_eq!(cuda_graph(Some("fast")), Kernels::Cuda);
     }
 
-    /// The GPU graphs (portable, and CUDA's with its cuBLAS calls and row
-    /// kernels through their CPU references), run on the CPU, against our CPU kernels: same
-    /// weights, same function (texts through the causal mask, images through
-    /// the patch matmul), with a head dim of 64 as in every CLIP tower so
-    /// the folded attention scale is the real one.
+    /// The GPU graphs (portable, and CUDA's two with their cuBLAS calls
+    /// and row kernels through their CPU references), run on the CPU,
+    /// against our CPU kernels: same weights, same function (texts through
+    /// the causal mask, images through the patch matmul), with a head dim
+    /// of 64 as in every CLIP tower so the folded attention scale is the
+    /// real one.
     #[test]
     fn portable_kernels_compute_the_same_function() -> Result<()> {
         let cfg = ClipConfig::from_json(
@@ -1430,7 +1431,8 @@ mod tests {
             assert!(scale > 0.1, "degenerate output");
             Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
         };
-        // The CUDA graph's cuBLAS calls, run through their CPU reference.
+        // The CUDA graphs' cuBLAS calls and row kernels run through their
+        // CPU references.
         for kernels in [Kernels::Portable, Kernels::Cublas, Kernels::Cuda] {
             let gpu = ClipModel::with_kernels(&cfg, kernels, vb.clone())?;
             let t = rel(
