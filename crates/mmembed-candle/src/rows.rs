@@ -21,35 +21,19 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
-/// The widest row the kernels hold, in values (32 lanes × 32); wider rows
-/// take candle's kernels.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const MAX_COLS: usize = 1024;
-
 /// `softmax(x + mask)` over the last dimension of `x`, the mask's rows
 /// repeating down `x`'s: scores `[heads, b, t, t]` take a mask `[b, t,
 /// t]` (or `[b, 1, t, t]`) under every head.
 pub(crate) fn softmax(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let cols = x.dim(D::Minus1)?;
     let rows = x.elem_count() / cols.max(1);
-    let mask_rows = match mask {
-        Some(m) => {
-            let mr = m.elem_count() / cols.max(1);
-            if cols == 0 || mr == 0 || m.elem_count() != mr * cols || !rows.is_multiple_of(mr) {
-                candle_core::bail!(
-                    "softmax: mask {:?} does not tile scores {:?}",
-                    m.dims(),
-                    x.dims()
-                );
-            }
-            Some(mr)
-        }
-        None => None,
-    };
+    let mask_rows = mask
+        .map(|m| mask_rows(rows, cols, m.elem_count()))
+        .transpose()?;
     match x.device() {
         // (Nothing to launch for no rows.)
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(_) if (1..=MAX_COLS).contains(&cols) && rows > 0 => {
+        candle_core::Device::Cuda(_) if width(cols).is_some() && rows > 0 => {
             let x = x.contiguous()?;
             match mask {
                 Some(m) => {
@@ -97,7 +81,7 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
     }
     match x.device() {
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(_) if (1..=MAX_COLS).contains(&cols) && x.elem_count() > 0 => {
+        candle_core::Device::Cuda(_) if width(cols).is_some() && x.elem_count() > 0 => {
             let dt = x.dtype();
             let (w, b) = (w.to_dtype(dt)?.contiguous()?, b.to_dtype(dt)?.contiguous()?);
             x.contiguous()?
@@ -116,14 +100,31 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
     }
 }
 
+/// How many mask rows repeat down `rows` rows of `cols` values, from the
+/// mask's length: a whole number of rows that divides `rows`, else an
+/// error. The op checks the tensors with it, the launch its buffers.
+fn mask_rows(rows: usize, cols: usize, len: usize) -> Result<usize> {
+    let mr = len / cols.max(1);
+    if cols == 0 || mr == 0 || len != mr * cols || !rows.is_multiple_of(mr) {
+        candle_core::bail!("softmax: a mask of {len} values does not tile {rows} rows of {cols}");
+    }
+    Ok(mr)
+}
+
 /// The compiled widths: a kernel for rows of up to 32·N values for each N
 /// here (`ROWS_WIDTHS` in `kernels/rows.cu`).
 const ROW_WIDTHS: [usize; 7] = [1, 2, 4, 8, 16, 24, 32];
 
-/// Which compiled width serves rows of `cols` values.
+/// The widest row a kernel holds (32 lanes × the widest N); wider rows
+/// take candle's kernels.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const MAX_COLS: usize = 32 * ROW_WIDTHS[ROW_WIDTHS.len() - 1];
+
+/// Which compiled width serves rows of `cols` values (none for empty or
+/// too wide rows).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn width(cols: usize) -> Option<usize> {
-    ROW_WIDTHS.into_iter().find(|n| 32 * n >= cols)
+    ROW_WIDTHS.into_iter().find(|n| cols > 0 && 32 * n >= cols)
 }
 
 #[cfg(feature = "cuda")]
@@ -224,21 +225,10 @@ mod cuda {
                 "softmax"
             };
             let (rows, cols, cfg, name) = plan::<T>(op, xl)?;
-            let c = cols as usize;
             let mask = match mask {
                 Some((m, ml)) => {
                     let mv = view::<T>(m, ml)?;
-                    let mr = mv.len() / c.max(1);
-                    if c == 0
-                        || mr == 0
-                        || mv.len() != mr * c
-                        || !(rows as usize).is_multiple_of(mr)
-                    {
-                        candle_core::bail!(
-                            "softmax: a mask of {} values for rows of {c}",
-                            mv.len()
-                        );
-                    }
+                    let mr = super::mask_rows(rows as usize, cols as usize, mv.len())?;
                     Some((mv, mr as i64))
                 }
                 None => None,
@@ -365,7 +355,7 @@ mod tests {
         assert_eq!(width(768), Some(24));
         assert_eq!(width(MAX_COLS), Some(32));
         assert_eq!(width(MAX_COLS + 1), None);
-        assert_eq!(32 * ROW_WIDTHS[ROW_WIDTHS.len() - 1], MAX_COLS);
+        assert_eq!(width(0), None);
         // Each width is compiled (a missing one would fail at load, on a GPU).
         let src = include_str!("../kernels/rows.cu");
         for n in ROW_WIDTHS {
