@@ -367,9 +367,7 @@ fn decode(dir: &Path, model: Option<&str>, budget: Duration, draft: bool) -> Res
                 |buf, f| -> Result<usize> {
                     let bytes = std::fs::read(f)?;
                     // As the backend decodes with and without --jpeg-draft.
-                    let img = pre.decode(&bytes, &f.display().to_string(), &limits, draft)?;
-                    pre.crop_into(&img, buf)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                    pre.decode_crop_into(&bytes, &f.display().to_string(), &limits, draft, buf)?;
                     Ok(buf.len())
                 },
             )

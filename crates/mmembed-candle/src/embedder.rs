@@ -1048,10 +1048,9 @@ impl Worker {
     fn pixels_into(&self, src: &MediaSource, slot: &mut [u8]) -> Result<(), EmbedError> {
         let what = src.describe(Modality::Image);
         let bytes = read_media(src, Modality::Image, self.limits.max_bytes)?;
-        let pre = &self.clip.preprocessor;
-        let img = pre.decode(&bytes, &what, &self.limits, self.jpeg_draft)?;
-        pre.crop_into(&img, slot)
-            .map_err(|e| EmbedError::media(&what, e, None))
+        self.clip
+            .preprocessor
+            .decode_crop_into(&bytes, &what, &self.limits, self.jpeg_draft, slot)
     }
 }
 

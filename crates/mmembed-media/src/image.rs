@@ -68,7 +68,7 @@ pub fn decode_image(
     what: &str,
     limits: &ImageLimits,
 ) -> Result<RgbImage, EmbedError> {
-    decode(bytes, what, limits, None)
+    decode(bytes, what, limits, None, None).map(|d| d.image)
 }
 
 /// [`decode_image`], except that a JPEG may be decoded at 1/2, 1/4 or 1/8
@@ -105,17 +105,40 @@ pub fn decode_image_draft(
     limits: &ImageLimits,
     need: impl Fn(u32, u32) -> (u32, u32),
 ) -> Result<RgbImage, EmbedError> {
-    decode(bytes, what, limits, Some(&need))
+    decode(bytes, what, limits, Some(&need), None).map(|d| d.image)
 }
 
 type Need<'a> = Option<&'a dyn Fn(u32, u32) -> (u32, u32)>;
 
-fn decode(
+/// An image decoded whole, or only its columns `x0..x0 + image.width()`
+/// (all rows) of an image `width` wide.
+pub(crate) struct Decoded {
+    pub image: RgbImage,
+    pub x0: u32,
+    pub width: u32,
+}
+
+impl From<RgbImage> for Decoded {
+    fn from(image: RgbImage) -> Self {
+        Self {
+            x0: 0,
+            width: image.width(),
+            image,
+        }
+    }
+}
+
+/// [`decode_image`] or [`decode_image_draft`] (with `need`); with
+/// `columns`, a plain JPEG shown as stored (no EXIF turn) may decode only
+/// the columns it names for the `(width, height)` of the image as decoded,
+/// and a margin. Everything else decodes whole, with `x0` 0.
+pub(crate) fn decode(
     bytes: &[u8],
     what: &str,
     limits: &ImageLimits,
     need: Need<'_>,
-) -> Result<RgbImage, EmbedError> {
+    columns: Option<&dyn Fn(u32, u32) -> std::ops::Range<u32>>,
+) -> Result<Decoded, EmbedError> {
     if bytes.len() as u64 > limits.max_bytes {
         return Err(EmbedError::media(
             what,
@@ -184,16 +207,28 @@ fn decode(
         };
         crate::jpeg::draft_denominator((w, h), (nw, nh))
     });
-    if format == ImageFormat::Jpeg
-        && let Some(rgb) = crate::jpeg::decode_plain(bytes, (w, h), limits, denominator)
-    {
-        let mut img = DynamicImage::ImageRgb8(rgb);
-        img.apply_orientation(orientation);
-        return Ok(img.into_rgb8());
+    if format == ImageFormat::Jpeg {
+        // Columns of the image as stored are the displayed ones only when
+        // it is not turned or flipped.
+        let upright = orientation == image::metadata::Orientation::NoTransforms;
+        let columns = columns.filter(|_| upright);
+        if let Some(plain) = crate::jpeg::decode_plain(bytes, (w, h), limits, denominator, columns)
+        {
+            if upright {
+                return Ok(Decoded {
+                    image: plain.image,
+                    x0: plain.x0,
+                    width: plain.width,
+                });
+            }
+            let mut img = DynamicImage::ImageRgb8(plain.image);
+            img.apply_orientation(orientation);
+            return Ok(img.into_rgb8().into());
+        }
     }
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(what, e))?;
     img.apply_orientation(orientation);
-    Ok(to_rgb_on_white(img))
+    Ok(to_rgb_on_white(img).into())
 }
 
 /// Converts to RGB8, compositing any alpha onto white with Pillow's integer
@@ -379,35 +414,47 @@ mod tests {
     fn other_jpegs_take_the_fallback() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures");
         let cmyk = std::fs::read(dir.join("bad-input/cmyk.jpg")).unwrap();
-        assert!(crate::jpeg::decode_plain(&cmyk, (120, 80), &ImageLimits::default(), 1).is_none());
+        assert!(
+            crate::jpeg::decode_plain(&cmyk, (120, 80), &ImageLimits::default(), 1, None).is_none()
+        );
         let rgb = decode_image(&cmyk, "cmyk.jpg", &ImageLimits::default()).unwrap();
         assert_eq!(rgb.dimensions(), (120, 80));
 
         let jpg = std::fs::read(dir.join("jpeg/progressive_420.jpg")).unwrap();
         let cut = &jpg[..jpg.len() * 2 / 3];
-        assert!(crate::jpeg::decode_plain(cut, (48, 33), &ImageLimits::default(), 1).is_none());
+        assert!(
+            crate::jpeg::decode_plain(cut, (48, 33), &ImageLimits::default(), 1, None).is_none()
+        );
         // Refused as before (and as Pillow refuses it by default).
         let e = decode_image(cut, "cut.jpg", &ImageLimits::default()).unwrap_err();
         assert!(e.to_string().contains("corrupt or truncated"), "{e}");
         // A decode that fails must not spoil the next one on this thread.
-        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default(), 1).is_some());
+        assert!(
+            crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default(), 1, None).is_some()
+        );
         // A header that disagrees with the caller's, or a limit the
         // progressive coefficients would pass, sends it the other way too.
-        assert!(crate::jpeg::decode_plain(&jpg, (33, 48), &ImageLimits::default(), 1).is_none());
+        assert!(
+            crate::jpeg::decode_plain(&jpg, (33, 48), &ImageLimits::default(), 1, None).is_none()
+        );
         let tight = ImageLimits {
             max_alloc: 48 * 33 * 3 * 2,
             ..ImageLimits::default()
         };
-        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &tight, 1).is_none());
+        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &tight, 1, None).is_none());
 
         // A valid progressive JPEG of 128 scans (no decoder warning; made by
         // models/fixtures/make_many_scans.py): past 100 scans it stops here
         // and is refused on the other path, as before libjpeg-turbo.
         let many = std::fs::read(dir.join("bad-input/scans_128.jpg")).unwrap();
-        assert!(crate::jpeg::decode_plain(&many, (40, 24), &ImageLimits::default(), 1).is_none());
+        assert!(
+            crate::jpeg::decode_plain(&many, (40, 24), &ImageLimits::default(), 1, None).is_none()
+        );
         let e = decode_image(&many, "scans.jpg", &ImageLimits::default()).unwrap_err();
         assert!(e.to_string().contains("Too many scans"), "{e}");
         // And the thread's next decode is fine.
-        assert!(crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default(), 1).is_some());
+        assert!(
+            crate::jpeg::decode_plain(&jpg, (48, 33), &ImageLimits::default(), 1, None).is_some()
+        );
     }
 }

@@ -146,22 +146,83 @@ fn nearest_index(in_size: u32, in0: f64, in1: f64, out_size: u32) -> Vec<Option<
         .collect()
 }
 
-/// Resizes the source box `[left, top, right, bottom]` of `img` to `w × h`
-/// exactly as Pillow's `Image.resize((w, h), resample, box)` does for an RGB
-/// image. `w`, `h` and the image must be non-empty. `whole` is the size of
-/// the resize this is a window of (`(w, h)` for a plain resize): Pillow
-/// picks its pass order from that call's sizes, and the order changes the
-/// rounding.
+/// An image, or the columns `x0..x0 + image.width()` (all rows) of one
+/// `width` wide: what a partial JPEG decode gives.
+#[derive(Clone, Copy)]
+pub(crate) struct Columns<'a> {
+    pub image: &'a RgbImage,
+    pub x0: u32,
+    pub width: u32,
+}
+
+impl<'a> From<&'a RgbImage> for Columns<'a> {
+    fn from(image: &'a RgbImage) -> Self {
+        Self {
+            image,
+            x0: 0,
+            width: image.width(),
+        }
+    }
+}
+
+/// The source columns [`resize`] reads of an image `sw` wide for the same
+/// arguments: what a partial decode must hold.
+pub(crate) fn columns_read(
+    sw: u32,
+    w: u32,
+    resample: Resample,
+    bx: [f64; 4],
+) -> std::ops::Range<u32> {
+    if resample == Resample::Nearest {
+        let xs = nearest_index(sw, bx[0], bx[2], w);
+        let lo = xs.iter().flatten().copied().min();
+        let hi = xs.iter().flatten().copied().max();
+        return match (lo, hi) {
+            (Some(lo), Some(hi)) => lo..hi + 1,
+            _ => 0..0,
+        };
+    }
+    let need_h = w != sw || bx[0] != 0.0 || bx[2] != f64::from(w);
+    if !need_h {
+        return 0..sw;
+    }
+    let t = taps(sw, bx[0], bx[2], w, resample);
+    let lo = t.iter().map(|t| t.start).min().unwrap_or(0);
+    let hi = t
+        .iter()
+        .map(|t| t.start + t.weights.len())
+        .max()
+        .unwrap_or(lo);
+    lo as u32..hi as u32
+}
+
+/// Resizes the source box `[left, top, right, bottom]` of `img`
+/// to `w × h` exactly as Pillow's `Image.resize((w, h), resample, box)` does
+/// for an RGB image. `w`, `h` and the image must be non-empty. `whole` is
+/// the size of the resize this is a window of (`(w, h)` for a plain
+/// resize): Pillow picks its pass order from that call's sizes, and the
+/// order changes the rounding.
+///
+/// `img` may hold only some of the image's columns (the taps stay those
+/// of the whole image); an error says it lacks one that is read (never
+/// when they are [`columns_read`]'s).
 pub(crate) fn resize(
-    img: &RgbImage,
+    img: Columns<'_>,
     w: u32,
     h: u32,
     resample: Resample,
     bx: [f64; 4],
     whole: (u32, u32),
-) -> RgbImage {
-    let (sw, sh) = img.dimensions();
-    let src = img.as_raw();
+) -> Result<RgbImage, String> {
+    let (sw, sh) = (img.width, img.image.height());
+    let (x0, iw) = (img.x0 as usize, img.image.width() as usize);
+    let missing = |lo: usize, hi: usize| {
+        format!(
+            "columns {lo}..{hi} are read, the decoded ones are {x0}..{}",
+            x0 + iw
+        )
+    };
+    let src = img.image.as_raw();
     if resample == Resample::Nearest {
         let xs = nearest_index(sw, bx[0], bx[2], w);
         let ys = nearest_index(sh, bx[1], bx[3], h);
@@ -169,11 +230,14 @@ pub(crate) fn resize(
         for (y, sy) in ys.iter().enumerate() {
             for (x, sx) in xs.iter().enumerate() {
                 if let (Some(sx), Some(sy)) = (sx, sy) {
-                    out.put_pixel(x as u32, y as u32, *img.get_pixel(*sx, *sy));
+                    let Some(col) = (*sx as usize).checked_sub(x0).filter(|&c| c < iw) else {
+                        return Err(missing(*sx as usize, *sx as usize + 1));
+                    };
+                    out.put_pixel(x as u32, y as u32, *img.image.get_pixel(col as u32, *sy));
                 }
             }
         }
-        return out;
+        return Ok(out);
     }
     let need_h = w != sw || bx[0] != 0.0 || bx[2] != f64::from(w);
     let need_v = h != sh || bx[1] != 0.0 || bx[3] != f64::from(h);
@@ -187,19 +251,32 @@ pub(crate) fn resize(
     );
     let vertical_first = dh > 0 && dh > 2 * dw;
     let vtaps = need_v.then(|| taps(sh, bx[1], bx[3], h, resample));
-    let htaps = || taps(sw, bx[0], bx[2], w, resample);
+    if !need_h && (x0, iw) != (0, sw as usize) {
+        return Err(missing(0, sw as usize));
+    }
+    // The taps of the whole image (Pillow clips them to it), moved to the
+    // decoded columns.
+    let mut htaps = if need_h {
+        taps(sw, bx[0], bx[2], w, resample)
+    } else {
+        Vec::new()
+    };
+    for t in &mut htaps {
+        let end = t.start + t.weights.len();
+        if t.start < x0 || end > x0 + iw {
+            return Err(missing(t.start, end));
+        }
+        t.start -= x0;
+    }
     let (out_w, out) = if vertical_first {
         let mid = match &vtaps {
-            Some(vt) => vertical(src, sw as usize, 0, vt),
+            Some(vt) => vertical(src, iw, 0, vt),
             None => src.to_vec(),
         };
         if need_h {
-            (
-                w as usize,
-                horizontal(&mid, sw as usize, 0..h as usize, &htaps()),
-            )
+            (w as usize, horizontal(&mid, iw, 0..h as usize, &htaps))
         } else {
-            (sw as usize, mid)
+            (iw, mid)
         }
     } else {
         // Horizontal pass, only over the rows the vertical pass will read.
@@ -212,22 +289,16 @@ pub(crate) fn resize(
             None => (0, sh as usize),
         };
         let (mid_w, mid) = if need_h {
-            (
-                w as usize,
-                horizontal(src, sw as usize, row0..row1, &htaps()),
-            )
+            (w as usize, horizontal(src, iw, row0..row1, &htaps))
         } else {
-            (
-                sw as usize,
-                src[row0 * sw as usize * 3..row1 * sw as usize * 3].to_vec(),
-            )
+            (iw, src[row0 * iw * 3..row1 * iw * 3].to_vec())
         };
         match &vtaps {
             None => (mid_w, mid),
             Some(vt) => (mid_w, vertical(&mid, mid_w, row0, vt)),
         }
     };
-    RgbImage::from_raw(out_w as u32, h, out).unwrap_or_else(|| unreachable!("buffer is w*h*3"))
+    Ok(RgbImage::from_raw(out_w as u32, h, out).unwrap_or_else(|| unreachable!("buffer is w*h*3")))
 }
 
 /// Pillow's accumulator start: half of the last fixed-point unit, so the
@@ -314,6 +385,8 @@ fn horizontal_lanes(
     htaps: &[Taps],
 ) -> Vec<u8> {
     let w = htaps.len();
+    let taps = Padded::new(htaps, width);
+    let k = taps.count;
     let mut mid = vec![0u8; rows.len() * w * 3];
     let mut block = Vec::new();
     let mut outs = [0u8; OUT_CHUNK * LANES];
@@ -325,30 +398,34 @@ fn horizontal_lanes(
         let lines: [&[u8]; BLOCK] =
             std::array::from_fn(|r| &src[(y0 + r.min(n - 1)) * width * 3..][..width * 3]);
         let out_rows = &mut mid[(y0 - first) * w * 3..][..n * w * 3];
-        for (c, chunk) in htaps.chunks(OUT_CHUNK).enumerate() {
+        for (c, (starts, weights)) in taps
+            .starts
+            .chunks(OUT_CHUNK)
+            .zip(taps.weights.chunks(OUT_CHUNK * k))
+            .enumerate()
+        {
             // The source columns this chunk of outputs reads, transposed.
-            let lo = chunk.iter().map(|t| t.start).min().unwrap_or(0);
-            let hi = chunk
-                .iter()
-                .map(|t| t.start + t.weights.len())
-                .max()
-                .unwrap_or(lo);
+            let lo = starts.iter().copied().min().unwrap_or(0);
+            let hi = starts.iter().map(|s| s + k).max().unwrap_or(lo);
             block.resize((hi - lo) * LANES, 0);
             rows_to_lanes(&lines, lo, hi, &mut block);
-            for (t, bytes) in chunk.iter().zip(outs.chunks_exact_mut(LANES)) {
+            for ((&start, ws), out) in starts
+                .iter()
+                .zip(weights.chunks_exact(k))
+                .zip(outs.chunks_exact_mut(LANES))
+            {
+                let cols = &block[(start - lo) * LANES..][..k * LANES];
                 // 16 lanes at a time, so that the sums stay in registers
                 // (one AVX-512 or two AVX2 registers) across the taps.
-                for (part, out) in bytes.chunks_exact_mut(16).enumerate() {
-                    let mut acc = [HALF; 16];
-                    for (i, &k) in t.weights.iter().enumerate() {
-                        let col: &[u8; 16] = block[(t.start - lo + i) * LANES + part * 16..][..16]
-                            .try_into()
-                            .unwrap_or_else(|_| unreachable!("16 bytes"));
-                        for (a, &p) in acc.iter_mut().zip(col) {
+                for (part, out) in out.chunks_exact_mut(BLOCK).enumerate() {
+                    let mut acc = [HALF; BLOCK];
+                    for (col, &wt) in cols.chunks_exact(LANES).zip(ws) {
+                        let px = &col[part * BLOCK..][..BLOCK];
+                        for (a, &p) in acc.iter_mut().zip(px) {
                             // Pillow's int arithmetic; never wraps (|sum| <
-                            // 2^31 for normalised weights), wrapping keeps it
-                            // panic-free.
-                            *a = a.wrapping_add(i32::from(p).wrapping_mul(k));
+                            // 2^31 for normalised weights), wrapping keeps
+                            // it panic-free.
+                            *a = a.wrapping_add(i32::from(p).wrapping_mul(wt));
                         }
                     }
                     for (o, a) in out.iter_mut().zip(acc) {
@@ -356,10 +433,61 @@ fn horizontal_lanes(
                     }
                 }
             }
-            lanes_to_rows(&outs[..chunk.len() * LANES], out_rows, n, w, c * OUT_CHUNK);
+            lanes_to_rows(&outs[..starts.len() * LANES], out_rows, n, w, c * OUT_CHUNK);
         }
     }
     mid
+}
+
+/// Every output's taps padded with zero weights to the longest's count.
+///
+/// Why: the tap count varies from one output to the next (8 or 9 when CLIP
+/// shrinks a 640-pixel row), so the loop over taps ended where the branch
+/// predictor could not guess, once per output and channel: `perf` put the
+/// horizontal pass at a fifth of decode + preprocess, most of it there. A
+/// zero weight adds nothing to Pillow's sum, so the bytes are the same.
+struct Padded {
+    /// Taps per output.
+    count: usize,
+    /// First source column of each output's taps.
+    starts: Vec<usize>,
+    /// `count` weights per output.
+    weights: Vec<i32>,
+}
+
+impl Padded {
+    /// Pads `taps` over a row `width` pixels wide. The zeros go after an
+    /// output's weights, or before them where the row ends first (the
+    /// start moves left): every tap's column is in the row, as no output
+    /// has more taps than the row has pixels.
+    fn new(taps: &[Taps], width: usize) -> Self {
+        // At least one (a zero) so that every output has a column to read.
+        let count = taps
+            .iter()
+            .map(|t| t.weights.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut starts = Vec::with_capacity(taps.len());
+        let mut weights = Vec::with_capacity(taps.len() * count);
+        for t in taps {
+            let (start, before) = if t.weights.is_empty() {
+                (0, 0)
+            } else {
+                let start = t.start.min(width.saturating_sub(count));
+                (start, t.start - start)
+            };
+            starts.push(start);
+            weights.extend(std::iter::repeat_n(0, before));
+            weights.extend(&t.weights);
+            weights.extend(std::iter::repeat_n(0, count - before - t.weights.len()));
+        }
+        Self {
+            count,
+            starts,
+            weights,
+        }
+    }
 }
 
 /// Transposes a 16 × 16 byte matrix (`m[r][c]` becomes `m[c][r]`).
@@ -560,7 +688,7 @@ mod tests {
                 Some(b) => [0, 1, 2, 3].map(|i| b[i].as_f64().unwrap()),
                 None => [0.0, 0.0, f64::from(sw), f64::from(sh)],
             };
-            let got = resize(&img, w, h, resample, bx, (w, h));
+            let got = resize((&img).into(), w, h, resample, bx, (w, h)).unwrap();
             let wrong = got
                 .as_raw()
                 .iter()
@@ -580,7 +708,15 @@ mod tests {
     #[test]
     fn identity_size_is_a_copy() {
         let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
-        let out = resize(&img, 5, 4, Resample::Bicubic, [0.0, 0.0, 5.0, 4.0], (5, 4));
+        let out = resize(
+            (&img).into(),
+            5,
+            4,
+            Resample::Bicubic,
+            [0.0, 0.0, 5.0, 4.0],
+            (5, 4),
+        )
+        .unwrap();
         assert_eq!(out, img);
     }
 }
