@@ -165,6 +165,12 @@ impl<'a> From<&'a RgbImage> for Columns<'a> {
     }
 }
 
+/// Pillow's test for a horizontal pass (`need_horizontal` in
+/// `Resample.c`; it compares the box's right edge with the output width).
+fn needs_horizontal(sw: u32, w: u32, bx: [f64; 4]) -> bool {
+    w != sw || bx[0] != 0.0 || bx[2] != f64::from(w)
+}
+
 /// The source columns [`resize`] reads of an image `sw` wide for the same
 /// arguments: what a partial decode must hold.
 pub(crate) fn columns_read(
@@ -182,8 +188,7 @@ pub(crate) fn columns_read(
             _ => 0..0,
         };
     }
-    let need_h = w != sw || bx[0] != 0.0 || bx[2] != f64::from(w);
-    if !need_h {
+    if !needs_horizontal(sw, w, bx) {
         return 0..sw;
     }
     let t = taps(sw, bx[0], bx[2], w, resample);
@@ -239,7 +244,7 @@ pub(crate) fn resize(
         }
         return Ok(out);
     }
-    let need_h = w != sw || bx[0] != 0.0 || bx[2] != f64::from(w);
+    let need_h = needs_horizontal(sw, w, bx);
     let need_v = h != sh || bx[1] != 0.0 || bx[3] != f64::from(h);
     // Pillow runs the vertical pass first when the height shrinks by more
     // than twice what the width does (fewer rows for the horizontal pass);
