@@ -118,6 +118,17 @@ pub(crate) struct Decoded {
     pub width: u32,
 }
 
+impl Decoded {
+    /// The decoded columns as the resampling reads them.
+    pub fn columns(&self) -> crate::pillow::Columns<'_> {
+        crate::pillow::Columns {
+            image: &self.image,
+            x0: self.x0,
+            width: self.width,
+        }
+    }
+}
+
 impl From<RgbImage> for Decoded {
     fn from(image: RgbImage) -> Self {
         Self {
@@ -215,11 +226,7 @@ pub(crate) fn decode(
         if let Some(plain) = crate::jpeg::decode_plain(bytes, (w, h), limits, denominator, columns)
         {
             if upright {
-                return Ok(Decoded {
-                    image: plain.image,
-                    x0: plain.x0,
-                    width: plain.width,
-                });
+                return Ok(plain);
             }
             let mut img = DynamicImage::ImageRgb8(plain.image);
             img.apply_orientation(orientation);

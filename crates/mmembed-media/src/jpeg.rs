@@ -44,7 +44,7 @@ use std::ptr::NonNull;
 use image::RgbImage;
 use turbojpeg_sys as tj;
 
-use crate::image::ImageLimits;
+use crate::image::{Decoded, ImageLimits};
 
 /// Scans a progressive JPEG may have on this path: the `image` crate's
 /// decoder (zune-jpeg) refuses more than 100, and jpegtran's scan scripts
@@ -137,15 +137,6 @@ pub(crate) fn draft_denominator((width, height): (u32, u32), (need_w, need_h): (
     [8, 4, 2].into_iter().find(|&d| ratio >= d).unwrap_or(1)
 }
 
-/// A decoded JPEG, or the columns `x0..x0 + image.width()` of it.
-pub(crate) struct Plain {
-    pub image: RgbImage,
-    /// First decoded column.
-    pub x0: u32,
-    /// Width of the whole (reduced) image.
-    pub width: u32,
-}
-
 /// Decodes `bytes` to RGB with libjpeg-turbo when the JPEG is a plain one
 /// (see the module's documentation) and fits `limits`; `None` otherwise.
 /// `denominator` (1, 2, 4 or 8) reduces the image that many times in each
@@ -162,7 +153,7 @@ pub(crate) fn decode_plain(
     limits: &ImageLimits,
     denominator: u32,
     columns: Option<&dyn Fn(u32, u32) -> Range<u32>>,
-) -> Option<Plain> {
+) -> Option<Decoded> {
     // Taken out for the call and put back only after a clean decode: after
     // an error libjpeg's state is not worth trusting for the next image.
     let d = match DECOMPRESSOR.with(|cell| cell.borrow_mut().take()) {
@@ -181,7 +172,7 @@ fn decode_with(
     limits: &ImageLimits,
     denominator: u32,
     columns: Option<&dyn Fn(u32, u32) -> Range<u32>>,
-) -> Option<Plain> {
+) -> Option<Decoded> {
     // Any warning is an error here (TurboJPEG returns -1 for both); such
     // files go to the lenient decoder as before.
     let header = d.header(bytes)?;
@@ -280,7 +271,7 @@ fn decode_with(
     }
     // SAFETY: a successful decompression wrote every one of the `out` bytes.
     unsafe { pixels.set_len(out) };
-    Some(Plain {
+    Some(Decoded {
         image: RgbImage::from_raw(x1 - x0, h, pixels)?,
         x0,
         width: w,

@@ -454,11 +454,7 @@ impl ClipPreprocessor {
         let columns = |w, h| self.columns_read((w, h));
         let decoded = crate::image::decode(bytes, what, limits, need, Some(&columns))?;
         let crop = self
-            .resize_and_crop_columns(Columns {
-                image: &decoded.image,
-                x0: decoded.x0,
-                width: decoded.width,
-            })
+            .resize_and_crop_columns(decoded.columns())
             .map_err(|e| EmbedError::media(what, e, None))?;
         self.crop_bytes_into(&crop, out)
             .map_err(|e| EmbedError::media(what, e, None))
