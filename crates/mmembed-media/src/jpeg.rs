@@ -205,16 +205,18 @@ fn decode_with(
             let x0 = want.start.saturating_sub(CROP_MARGIN);
             match mcu {
                 0 => (0, w),
-                // A progressive image whose scans leave coefficients
-                // unrefined is smoothed from the DC values of two blocks
-                // on each side, and the region's first blocks take
-                // themselves for their left neighbours: two iMCU columns
-                // more (a chroma block of 4:2:0 is one iMCU wide).
-                m if header.progressive => (
-                    (x0 - x0 % m).saturating_sub(2 * m),
-                    (want.end + CROP_MARGIN).min(w),
-                ),
-                m => (x0 - x0 % m, (want.end + CROP_MARGIN).min(w)),
+                m => {
+                    // A progressive image whose scans leave coefficients
+                    // unrefined is smoothed from the DC values of two
+                    // blocks on each side, and the region's first blocks
+                    // take themselves for their left neighbours: two iMCU
+                    // columns more (a chroma block of 4:2:0 is one wide).
+                    let smoothing = if header.progressive { 2 * m } else { 0 };
+                    (
+                        (x0 - x0 % m).saturating_sub(smoothing),
+                        (want.end + CROP_MARGIN).min(w),
+                    )
+                }
             }
         }
         _ => (0, w),
