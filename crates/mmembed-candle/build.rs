@@ -1,6 +1,8 @@
 //! With the `cuda` feature: our CUDA kernels (`kernels/*.cu`) compiled to
 //! PTX, one `&str` constant per file in `$OUT_DIR/ptx.rs` (`ROWS` for
-//! `rows.cu`), loaded by the driver at first use as candle loads its own.
+//! `rows.cu`, `PIXELS` for `pixels.cu`), loaded by the driver at first use
+//! as candle loads its own. `convert.cuh`, which both include, is watched:
+//! the builder's cache otherwise only sees the `.cu` files change.
 //! Built by `cudaforge`, which compiles candle's kernels too: the same
 //! nvcc (`CUDA_ROOT`, `PATH`), the same `CUDA_COMPUTE_CAP`.
 
@@ -11,6 +13,7 @@ fn main() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let ptx = cudaforge::KernelBuilder::new()
         .source_dir("kernels")
+        .watch(["kernels/convert.cuh"])
         .arg("-std=c++17")
         .arg("-O3")
         .build_ptx()

@@ -249,6 +249,15 @@ def report(out: Path) -> None:
         md.append(f"| {r['precision']} | {r['kind']} | {r['n']} | {r['min_vs_torch_f32']:.7f} | "
                   f"{r['mean_vs_torch_f32']:.7f} | {r['goal']} | "
                   f"{r.get('torch_same_vs_torch_f32', float('nan')):.7f} | {'yes' if r['pass'] else '**no**'} |")
+    pixels = [r for r in lines(out / "parity_ours.jsonl") if r.get("check") == "u8_pixels"]
+    if pixels:
+        md.append("")
+    for r in pixels:
+        # The model's input from the crops' bytes (what `mmembed batch`
+        # sends), normalised on the device, against the host's floats.
+        md.append(f"- {r['precision']} ({r['graph']} graph): the crops' bytes normalised on the device: "
+                  f"{r['differ']} of {r['values']:,} values differ from the host's "
+                  f"(max abs diff {r['max_abs_diff']:.2e}){'' if r['differ'] == 0 else ' **fails**'}")
     md += ["", "## Throughput, model only (inputs on the GPU), per second", ""]
     host_kinds = ("images_from_host", "images_from_host_u8", "u8_vs_f32_rows")
     keys = sorted({(r["workload"], r["batch"]) for r in speed_rows if r["workload"] not in host_kinds},

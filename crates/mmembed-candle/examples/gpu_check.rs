@@ -14,7 +14,9 @@
 //! Hugging Face's tokenizer gave them) and `INPUTS_DIR/pixels.safetensors`
 //! (`pixel_values`, f32 `[n, 3, 224, 224]`, from Hugging Face's image
 //! processor), checks our tokenizer gives the same ids (the CPU path), embeds
-//! both with our model and writes the unit vectors as `text` and `image`.
+//! both with our model and writes the unit vectors as `text` and `image`,
+//! then checks that the crops' bytes (what `mmembed batch` sends) become
+//! the host's floats on the device, bit for bit.
 //! `speed` prints one JSON line per measurement: model-only (inputs already on
 //! the device, as PyTorch is timed) and, for images, the library's own calls
 //! (host f32 pixels, or the crops' bytes as `mmembed batch` sends them, in;
@@ -193,6 +195,55 @@ fn parity(
     );
     if mismatched > 0 {
         bail!("{mismatched} texts tokenised differently");
+    }
+    u8_pixels(&clip, precision)
+}
+
+/// What `mmembed batch` sends the model, the crops' bytes, normalised on
+/// the device (on CUDA by our kernel): the model's input must be the
+/// host's floats rounded once to its dtype, bit for bit, or the parity
+/// step fails (and the script falls back to the graph before ours).
+fn u8_pixels(clip: &LoadedClip, precision: Precision) -> Result<()> {
+    let (k, len) = (8, clip.pixels_per_image());
+    // Every byte value, in every channel and position.
+    let hwc: Vec<u8> = (0..k * len).map(|i| (i * 7 + i / 3) as u8).collect();
+    let mut host = vec![0f32; k * len];
+    for (dst, src) in host.chunks_mut(len).zip(hwc.chunks(len)) {
+        clip.preprocessor
+            .normalize_hwc_into(src, dst)
+            .map_err(anyhow::Error::msg)?;
+    }
+    let f32s = |t: Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    };
+    let want = f32s(Tensor::from_vec(host, k * len, &Device::Cpu)?.to_dtype(clip.dtype)?)?;
+    let got = f32s(clip.pixels_from_u8_rows(&hwc, k)?)?;
+    let differ = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let max_abs_diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!(
+        "{}",
+        serde_json::json!({
+            "check": "u8_pixels", "precision": format!("{precision:?}").to_lowercase(),
+            "graph": format!("{:?}", clip.kernels).to_lowercase(), "values": want.len(),
+            "differ": differ, "max_abs_diff": max_abs_diff,
+        })
+    );
+    if differ > 0 || got.len() != want.len() {
+        bail!(
+            "the crops' bytes normalised on the device differ from the host's floats in {differ} of \
+             {} values (max abs diff {max_abs_diff:e})",
+            want.len()
+        );
     }
     Ok(())
 }

@@ -14,24 +14,16 @@
 // `r % mask_rows`): the scores `[heads, b, t, t]` take one `[b, t, t]` mask
 // under every head without copying it.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "convert.cuh"
 
 namespace {
 
+using mmembed::load;
+using mmembed::store;
+
 constexpr int kWarp = 32;
-
-__device__ __forceinline__ float load(float x) { return x; }
-__device__ __forceinline__ float load(__half x) { return __half2float(x); }
-__device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T store(float x);
-template <> __device__ __forceinline__ float store<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half store<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

@@ -1,10 +1,16 @@
-//! What the CUDA-only ops share (`blas_ops`, `rows`): tensor storage as
-//! device views, CUDA errors as candle's, and the `CustomOp` impls of an
-//! op that runs on CUDA only (the CPU runs a reference function instead).
+//! What the CUDA-only ops share (`blas_ops`, `rows`, `pixels`): our
+//! kernels' PTX, tensor storage as device views, CUDA errors as candle's,
+//! and the `CustomOp` impls of an op that runs on CUDA only (the CPU runs a
+//! reference function instead).
 
 use candle_core::cuda_backend::CudaDType;
 use candle_core::cuda_backend::cudarc::driver::CudaView;
 use candle_core::{CudaStorage, Layout, Result, Storage};
+
+/// Our kernels (`kernels/*.cu`) as PTX, one constant per file (build.rs).
+pub(crate) mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
 
 /// A CUDA library's error as candle's.
 pub(crate) fn cu<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {

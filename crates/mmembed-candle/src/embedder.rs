@@ -236,6 +236,8 @@ pub struct LoadedClip {
     pub device: Device,
     /// The dtype it computes in.
     pub dtype: DType,
+    /// The kernels its forward pass runs on.
+    pub kernels: Kernels,
 }
 
 impl fmt::Debug for LoadedClip {
@@ -244,6 +246,7 @@ impl fmt::Debug for LoadedClip {
             .field("config", &self.config)
             .field("device", &self.device)
             .field("dtype", &self.dtype)
+            .field("kernels", &self.kernels)
             .finish_non_exhaustive()
     }
 }
@@ -319,6 +322,7 @@ impl LoadedClip {
             config,
             device: device.clone(),
             dtype,
+            kernels,
         })
     }
 
@@ -406,6 +410,22 @@ impl LoadedClip {
     /// ViT-B/32 images), where they are normalised. The floats are the same
     /// as [`ClipPreprocessor::normalize_u8`]'s on every device.
     pub fn embed_u8_rows(&self, hwc: &[u8], n: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        // (Checked before the empty case: bytes for no images are an error.)
+        let px = self.pixels_from_u8_rows(hwc, n)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        self.on_pool(|| self.forward_pixels(px))
+    }
+
+    /// The vision tower's input for `n` crops' bytes laid out as
+    /// [`embed_u8_rows`](Self::embed_u8_rows) takes them: `(n, 3, side,
+    /// side)` in the model's dtype on its device, the floats of
+    /// [`ClipPreprocessor::normalize_hwc_into`] (rounded once to the
+    /// dtype). On the CPU they are normalised on the host, in parallel; on
+    /// a GPU the bytes are copied and normalised there (on CUDA by one
+    /// kernel of ours, elsewhere by candle's tensor ops).
+    pub fn pixels_from_u8_rows(&self, hwc: &[u8], n: usize) -> candle_core::Result<Tensor> {
         use rayon::prelude::*;
         let len = self.pixels_per_image();
         if self.config.vision.num_channels != 3 || hwc.len() != n * len {
@@ -415,54 +435,29 @@ impl LoadedClip {
                 self.config.vision.num_channels
             );
         }
-        if n == 0 {
-            return Ok(Vec::new());
+        if !self.device.is_cpu() {
+            let side = self.config.vision.image_size;
+            let pre = &self.preprocessor;
+            return crate::pixels::from_u8_rows(
+                hwc,
+                n,
+                side,
+                pre,
+                &self.device,
+                self.dtype,
+                self.kernels,
+            );
         }
+        // Normalised in parallel straight into the model's input (one
+        // buffer, which the tensor then owns).
+        let mut flat = vec![0f32; n * len];
         self.on_pool(|| {
-            let px = if self.device.is_cpu() {
-                // Normalised in parallel straight into the model's input
-                // (one buffer, which the tensor then owns).
-                let mut flat = vec![0f32; n * len];
-                flat.par_chunks_mut(len)
-                    .zip(hwc.par_chunks(len))
-                    .try_for_each(|(dst, src)| self.preprocessor.normalize_hwc_into(src, dst))
-                    .map_err(candle_core::Error::msg)?;
-                Tensor::from_vec(flat, self.pixel_shape(n), &self.device)?
-            } else {
-                self.normalize_on_device(hwc, n)?
-            };
-            self.forward_pixels(px)
+            flat.par_chunks_mut(len.max(1))
+                .zip(hwc.par_chunks(len.max(1)))
+                .try_for_each(|(dst, src)| self.preprocessor.normalize_hwc_into(src, dst))
         })
-    }
-
-    /// The bytes of `n` cropped images copied to the device as they are,
-    /// then rescaled and normalised there: `(x · scale − mean) / std`, one
-    /// rounded f32 step at a time as the host does, so the same floats.
-    ///
-    /// Channels last, as the bytes lie, until the end: the cast and the
-    /// rescale are then contiguous kernels, and the per-channel steps
-    /// broadcast over 2 dimensions instead of 4 (candle's strided kernels
-    /// pay an index division per dimension and element), then one copy
-    /// puts the channels first.
-    fn normalize_on_device(&self, hwc: &[u8], n: usize) -> candle_core::Result<Tensor> {
-        let side = self.config.vision.image_size;
-        let pre = &self.preprocessor;
-        let (mean, std) = pre.normalize_stats();
-        let per_channel = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3), &self.device);
-        let x =
-            Tensor::from_slice(hwc, (n * side * side, 3), &self.device)?.to_dtype(DType::F32)?;
-        let x = match pre.rescale_factor {
-            // `x · scale + 0`: the same float as `x · scale` (a fused
-            // multiply-add with 0 rounds once, like the product).
-            Some(scale) => x.affine(f64::from(scale), 0.0)?,
-            None => x,
-        };
-        x.broadcast_sub(&per_channel(mean)?)?
-            .broadcast_div(&per_channel(std)?)?
-            .reshape((n, side * side, 3))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, 3, side, side))
+        .map_err(candle_core::Error::msg)?;
+        Tensor::from_vec(flat, self.pixel_shape(n), &self.device)?.to_dtype(self.dtype)
     }
 
     /// Floats of one preprocessed image: channels × side × side.
@@ -1414,13 +1409,51 @@ mod tests {
             for (dst, src) in host.chunks_mut(len).zip(hwc.chunks(len)) {
                 clip.preprocessor.normalize_hwc_into(src, dst).unwrap();
             }
-            let dev = clip.normalize_on_device(&hwc, n).unwrap();
-            let dev: Vec<f32> = dev.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(
-                dev.iter()
-                    .zip(&host)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{model}: tensor ops differ from the host's normalisation"
+            let side = clip.config.vision.image_size;
+            let bits = |t: Tensor| -> Vec<u32> {
+                let v: Vec<f32> = t
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                v.into_iter().map(f32::to_bits).collect()
+            };
+            // In each dtype a GPU model takes: the host's floats rounded
+            // once to it (`half`'s rounding, not candle's, on the host side).
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let ops = crate::pixels::from_u8_rows(
+                    &hwc,
+                    n,
+                    side,
+                    &clip.preprocessor,
+                    &Device::Cpu,
+                    dtype,
+                    Kernels::Portable,
+                )
+                .unwrap();
+                assert_eq!(ops.dims(), [n, 3, side, side]);
+                assert_eq!(ops.dtype(), dtype);
+                let want: Vec<u32> = host
+                    .iter()
+                    .map(|&x| match dtype {
+                        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+                        DType::F16 => half::f16::from_f32(x).to_f32(),
+                        _ => x,
+                    })
+                    .map(f32::to_bits)
+                    .collect();
+                assert!(
+                    bits(ops) == want,
+                    "{model}: tensor ops differ from the host's normalisation in {dtype:?}"
+                );
+            }
+            // The CPU's own path: the host's floats as they are.
+            let cpu = clip.pixels_from_u8_rows(&hwc, n).unwrap();
+            assert_eq!(
+                bits(cpu),
+                host.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
             );
             // And the embedder's entry point on the CPU: the same vectors as
             // the f32 rows.

@@ -29,6 +29,7 @@ mod malloc;
 mod manifest;
 mod model;
 mod packed;
+mod pixels;
 mod random;
 mod rows;
 mod spm;

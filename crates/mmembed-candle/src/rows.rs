@@ -139,11 +139,7 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, Shape, WithDType};
 
-    use crate::cuda_ops::{cuda_only_op, view};
-
-    mod ptx {
-        include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
-    }
+    use crate::cuda_ops::{cuda_only_op, ptx, view};
 
     /// The module's name in candle's per-device cache of loaded PTX.
     const MODULE: &str = "mmembed_rows";
