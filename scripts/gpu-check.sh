@@ -125,7 +125,9 @@ end_to_end() {
     [ $n = block ] && sync=block
     local s e
     s=$(date +%s.%N)
-    MMEMBED_CUDA_SYNC=$sync "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
+    # The local backend's debug line says where its two threads spent the
+    # run (the report quotes each run's last).
+    MMEMBED_LOG=info,mmembed_candle=debug MMEMBED_CUDA_SYNC=$sync "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
       --precision "$prec" --batch-size "$batch" --max-batch "$E2E_MAX_BATCH" \
       --calls-in-flight "${inflight_of[$n]}" "${extra[@]}" >"$out/batch_$n.log" 2>&1 \
       || { echo "!! mmembed batch failed:"; tail -20 "$out/batch_$n.log"; }

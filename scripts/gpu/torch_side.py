@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -233,6 +234,25 @@ def ncu_summary(path: Path) -> list:
     return md
 
 
+def pipeline(log: Path) -> str:
+    """Where the local backend's threads spent a batch run: its last
+    "local pipeline" debug line (cumulative), as shares of the wall time."""
+    if not log.exists():
+        return ""
+    found = [l for l in log.read_text(errors="replace").splitlines() if "local pipeline since" in l]
+    if not found:
+        return ""
+    f = dict(re.findall(r"(\w+)=([0-9.e+-]+)", found[-1]))
+    try:
+        wall = float(f["wall_s"])
+        share = lambda k: 100 * float(f[k]) / wall if wall > 0 else 0
+        return (f"; pipeline over {wall:.2f} s: model thread busy {share('model_busy_s'):.0f} %, "
+                f"preparing (decode) {share('preparing_s'):.0f} %, preparing waiting for the model "
+                f"{share('waiting_for_model_s'):.0f} % and for calls {share('waiting_for_calls_s'):.0f} %")
+    except (KeyError, ValueError):
+        return ""
+
+
 def report(out: Path) -> None:
     """report.md: machine, parity table, throughput side by side, end to end."""
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
@@ -303,7 +323,7 @@ def report(out: Path) -> None:
     if e2e:
         md += ["", "## End to end: JPEG files through `mmembed batch`", ""]
         for r in e2e:
-            md.append("- " + ", ".join(f"{k} {v}" for k, v in r.items()))
+            md.append("- " + ", ".join(f"{k} {v}" for k, v in r.items()) + pipeline(out / f"batch_{r['run']}.log"))
         checked = out / "e2e_rows.txt"
         if checked.exists():
             md += [f"- output of the large run: {l}" for l in checked.read_text().splitlines() if l]

@@ -3,7 +3,9 @@
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -561,6 +563,67 @@ enum Unit {
 /// 38.5 MB at 256 ViT-B/32 images): the slower side sets the pace anyway.
 const SLOTS: usize = 2;
 
+/// Where the pipeline's two threads spend their time, from its first call
+/// on: whether the model waits for prepared batches (the host's decoding
+/// bounds the job) or the preparing thread waits for the model to free a
+/// batch buffer (the model bounds it). Cumulative, logged at debug level
+/// (`MMEMBED_LOG=mmembed_candle=debug`) as each group of calls is
+/// answered, so a job's last line sums it up; `scripts/gpu-check.sh` puts
+/// that line in its report.
+#[derive(Default)]
+struct Clock {
+    /// When the preparing thread took its first call.
+    start: std::sync::OnceLock<Instant>,
+    /// Nanoseconds the model thread ran units (uploads, forward passes,
+    /// the wait for a GPU's results, videos).
+    model_busy: AtomicU64,
+    /// Nanoseconds the preparing thread prepared (tokenizing, decoding and
+    /// preprocessing images on the pool) ...
+    preparing: AtomicU64,
+    /// ... waited for a free batch buffer (the model was behind) ...
+    waiting_for_model: AtomicU64,
+    /// ... and waited for calls (the caller was behind).
+    waiting_for_calls: AtomicU64,
+    /// Images and texts the model thread has taken (failed ones too).
+    images: AtomicU64,
+    texts: AtomicU64,
+}
+
+impl Clock {
+    fn add(counter: &AtomicU64, since: Instant) {
+        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        counter.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    fn count(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn log(&self) {
+        let Some(start) = self.start.get() else {
+            return;
+        };
+        let wall = start.elapsed().as_secs_f64();
+        let secs = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e9;
+        let share = |c: &AtomicU64| 100.0 * secs(c) / wall.max(1e-9);
+        tracing::debug!(
+            images = self.images.load(Ordering::Relaxed),
+            texts = self.texts.load(Ordering::Relaxed),
+            wall_s = wall,
+            model_busy_s = secs(&self.model_busy),
+            preparing_s = secs(&self.preparing),
+            waiting_for_model_s = secs(&self.waiting_for_model),
+            waiting_for_calls_s = secs(&self.waiting_for_calls),
+            "local pipeline since its first call: model thread busy {:.0} %, preparing {:.0} %, \
+             the preparing thread waiting for the model {:.0} % and for calls {:.0} %",
+            share(&self.model_busy),
+            share(&self.preparing),
+            share(&self.waiting_for_model),
+            share(&self.waiting_for_calls),
+        );
+    }
+}
+
 /// The preparing thread's slots: the one it holds for the next group, the
 /// ones the model thread sends back, and how many it made up for.
 struct SlotPool {
@@ -577,23 +640,31 @@ struct SlotPool {
 impl SlotPool {
     /// A slot, waiting for the model to give one back if need be; None when
     /// the model thread is gone.
-    fn take(&mut self) -> Option<Vec<u8>> {
+    fn take(&mut self, clock: &Clock) -> Option<Vec<u8>> {
         let slot = match self.held.take() {
             Some(s) => s,
             None if self.lost > 0 => {
                 self.lost -= 1;
                 Vec::new()
             }
-            None => self.back.recv().ok()?,
+            None => match self.back.try_recv() {
+                Ok(s) => s,
+                Err(_) => {
+                    let t = Instant::now();
+                    let s = self.back.recv().ok();
+                    Clock::add(&clock.waiting_for_model, t);
+                    s?
+                }
+            },
         };
         self.in_hand += 1;
         Some(slot)
     }
 
     /// Holds a slot for the next group, if it does not hold one yet.
-    fn hold(&mut self) -> bool {
+    fn hold(&mut self, clock: &Clock) -> bool {
         if self.held.is_none() {
-            let Some(slot) = self.take() else {
+            let Some(slot) = self.take(clock) else {
                 return false;
             };
             self.in_hand -= 1;
@@ -656,6 +727,7 @@ struct Worker {
     video_fps: f64,
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
     video_keyframes_only: bool,
+    clock: Clock,
 }
 
 impl Worker {
@@ -679,11 +751,22 @@ impl Worker {
         };
         loop {
             // False: the model thread is gone (it never stops first).
-            if !slots.hold() {
+            if !slots.hold(&self.clock) {
                 return;
             }
             // Err: the LocalEmbedder was dropped.
-            let Ok(first) = jobs.recv() else { return };
+            let first = match jobs.try_recv() {
+                Ok(job) => job,
+                Err(_) => {
+                    let t = Instant::now();
+                    let Ok(job) = jobs.recv() else { return };
+                    if self.clock.start.get().is_some() {
+                        Clock::add(&self.clock.waiting_for_calls, t);
+                    }
+                    job
+                }
+            };
+            self.clock.start.get_or_init(Instant::now);
             let jobs = merge_waiting(first, jobs, self.max_batch);
             if jobs.is_empty() {
                 continue;
@@ -715,6 +798,26 @@ impl Worker {
     /// Sends one group's units: texts, then images, then videos, in model
     /// batches. Returns false when the model thread is gone.
     fn prepare_group(
+        &self,
+        items: Vec<Item>,
+        units: &mpsc::Sender<Unit>,
+        slots: &mut SlotPool,
+    ) -> bool {
+        // The time spent here less the waits for the model's buffers.
+        let (t, waited) = (
+            Instant::now(),
+            self.clock.waiting_for_model.load(Ordering::Relaxed),
+        );
+        let going = self.send_group(items, units, slots);
+        let waited = self.clock.waiting_for_model.load(Ordering::Relaxed) - waited;
+        let busy = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.clock
+            .preparing
+            .fetch_add(busy.saturating_sub(waited), Ordering::Relaxed);
+        going
+    }
+
+    fn send_group(
         &self,
         items: Vec<Item>,
         units: &mpsc::Sender<Unit>,
@@ -752,7 +855,7 @@ impl Worker {
                 break;
             }
             let idx = text_idx.by_ref().take(seqs.len()).collect();
-            let Some(slot) = slots.take() else {
+            let Some(slot) = slots.take(&self.clock) else {
                 return false;
             };
             if !slots.send(units, Unit::Texts { idx, seqs, slot }) {
@@ -760,7 +863,7 @@ impl Worker {
             }
         }
         for chunk in images.chunks(batch) {
-            let Some(buf) = slots.take() else {
+            let Some(buf) = slots.take(&self.clock) else {
                 return false;
             };
             if !slots.send(units, Unit::Images(self.prepare_images(chunk, buf))) {
@@ -768,7 +871,7 @@ impl Worker {
             }
         }
         for (i, src, cfg) in videos {
-            let Some(slot) = slots.take() else {
+            let Some(slot) = slots.take(&self.clock) else {
                 return false;
             };
             if !slots.send(units, Unit::Video { i, src, cfg, slot }) {
@@ -783,6 +886,13 @@ impl Worker {
     fn model_loop(&self, units: &mpsc::Receiver<Unit>, slots: &mpsc::Sender<Vec<u8>>) {
         let mut group: Option<Group> = None;
         while let Ok(unit) = units.recv() {
+            let (t, runs) = (
+                Instant::now(),
+                matches!(
+                    unit,
+                    Unit::Texts { .. } | Unit::Images(_) | Unit::Video { .. }
+                ),
+            );
             let slot = match unit {
                 Unit::Begin { replies, lens } => {
                     let n = lens.iter().sum();
@@ -794,6 +904,7 @@ impl Worker {
                     if let Some(g) = group.take() {
                         g.answer(panicked);
                     }
+                    self.clock.log();
                     None
                 }
                 Unit::Answered(done) => {
@@ -805,6 +916,7 @@ impl Worker {
                     None
                 }
                 Unit::Texts { idx, seqs, slot } => {
+                    Clock::count(&self.clock.texts, idx.len());
                     if let Some(g) = group.as_mut() {
                         let res = unpanicked("the text model", || {
                             self.clip.embed_token_ids(&seqs).map_err(forward_err)
@@ -814,6 +926,7 @@ impl Worker {
                     Some(slot)
                 }
                 Unit::Images(Prepared { idx, failed, buf }) => {
+                    Clock::count(&self.clock.images, idx.len() + failed.len());
                     if let Some(g) = group.as_mut() {
                         for (i, e) in failed {
                             g.out[i] = Some(Err(e));
@@ -838,6 +951,9 @@ impl Worker {
                     Some(slot)
                 }
             };
+            if runs {
+                Clock::add(&self.clock.model_busy, t);
+            }
             if let Some(slot) = slot {
                 // Err: the preparing thread has stopped; this ends next.
                 let _ = slots.send(slot);
@@ -1236,6 +1352,7 @@ impl LocalEmbedder {
             jpeg_draft: opts.jpeg_draft,
             video_fps: opts.video_fps,
             video_keyframes_only: opts.video_keyframes_only,
+            clock: Clock::default(),
         });
         let (tx, jobs) = mpsc::channel::<Job>();
         let (units_tx, units) = mpsc::channel::<Unit>();
@@ -1372,12 +1489,13 @@ mod tests {
             in_hand: 0,
             lost: 0,
         };
-        assert!(pool.hold());
-        let slot = pool.take().unwrap();
+        let clock = Clock::default();
+        assert!(pool.hold(&clock));
+        let slot = pool.take(&clock).unwrap();
         assert_eq!(slot, [1], "the held slot comes first");
         drop(slot); // preparing its unit panicked
         pool.unwound();
-        let made = pool.take().expect("made up for");
+        let made = pool.take(&clock).expect("made up for");
         assert!(made.is_empty());
         let (units, _model) = mpsc::channel();
         let texts = Unit::Texts {
@@ -1388,7 +1506,33 @@ mod tests {
         assert!(pool.send(&units, texts));
         pool.unwound(); // a later panic with nothing in hand
         drop(tx); // no model thread: nothing more to take
-        assert_eq!(pool.take(), None, "no second replacement");
+        assert_eq!(pool.take(&clock), None, "no second replacement");
+    }
+
+    /// The preparing thread's wait for a batch buffer is counted as waiting
+    /// for the model (the sum the pipeline's log line reports), and a slot
+    /// that is there at once costs no wait.
+    #[test]
+    fn waiting_for_a_batch_buffer_counts_as_waiting_for_the_model() {
+        let (tx, rx) = mpsc::channel();
+        tx.send(Vec::new()).unwrap();
+        let mut pool = SlotPool {
+            back: rx,
+            held: None,
+            in_hand: 0,
+            lost: 0,
+        };
+        let clock = Clock::default();
+        pool.take(&clock).unwrap();
+        assert_eq!(clock.waiting_for_model.load(Ordering::Relaxed), 0);
+        let model = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            tx.send(Vec::new()).unwrap();
+        });
+        pool.take(&clock).unwrap();
+        model.join().unwrap();
+        let waited = clock.waiting_for_model.load(Ordering::Relaxed);
+        assert!(waited >= 50_000_000, "{waited} ns");
     }
 
     /// What a GPU runs for the embedder's batches (the crops' bytes
