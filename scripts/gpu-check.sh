@@ -206,9 +206,15 @@ steps() {
     # the graph before it (candle's softmax and layer norm), then candle's
     # own ops: every later step runs on the first graph that is right, so
     # one run still gives every other figure.
+    # First, if only our kernel for the crops' bytes is off (parity's
+    # u8_pixels check), candle's ops for that alone on our graph.
     local graph
-    for graph in "" cublas portable; do
-      if [ -n "$graph" ]; then
+    for graph in "" pixels cublas portable; do
+      if [ "$graph" = pixels ]; then
+        grep -q '"check":"u8_pixels","differ":[1-9]' "$out/parity_ours.jsonl" || continue
+        echo "!! every further step runs MMEMBED_CUDA_PIXELS=candle (our kernel's floats differ from the host's)" | tee -a "$out/fallback.txt"
+        export MMEMBED_CUDA_PIXELS=candle
+      elif [ -n "$graph" ]; then
         echo "!! every further step runs MMEMBED_CUDA_GRAPH=$graph (the graph above failed)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_GRAPH=$graph
       fi

@@ -275,9 +275,11 @@ def report(out: Path) -> None:
     for r in pixels:
         # The model's input from the crops' bytes (what `mmembed batch`
         # sends), normalised on the device, against the host's floats.
+        how = (f"error: {r['error']}" if "error" in r
+               else f"max abs diff {r.get('max_abs_diff', float('nan')):.2e}")
         md.append(f"- {r['precision']} ({r['graph']} graph): the crops' bytes normalised on the device: "
                   f"{r['differ']} of {r['values']:,} values differ from the host's "
-                  f"(max abs diff {r['max_abs_diff']:.2e}){'' if r['differ'] == 0 else ' **fails**'}")
+                  f"({how}){'' if r['differ'] == 0 else ' **fails**'}")
     md += ["", "## Throughput, model only (inputs on the GPU), per second", ""]
     host_kinds = ("images_from_host", "images_from_host_u8", "u8_vs_f32_rows")
     keys = sorted({(r["workload"], r["batch"]) for r in speed_rows if r["workload"] not in host_kinds},

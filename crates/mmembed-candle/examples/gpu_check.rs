@@ -219,7 +219,28 @@ fn u8_pixels(clip: &LoadedClip, precision: Precision) -> Result<()> {
             .to_vec1::<f32>()?)
     };
     let want = f32s(Tensor::from_vec(host, k * len, &Device::Cpu)?.to_dtype(clip.dtype)?)?;
-    let got = f32s(clip.pixels_from_u8_rows(&hwc, k)?)?;
+    let line = |fields: serde_json::Value| {
+        let mut v = serde_json::json!({
+            "check": "u8_pixels", "precision": format!("{precision:?}").to_lowercase(),
+            "graph": format!("{:?}", clip.kernels).to_lowercase(), "values": want.len(),
+        });
+        v.as_object_mut()
+            .expect("an object")
+            .extend(fields.as_object().cloned().unwrap_or_default());
+        println!("{v}");
+    };
+    // An error is every value differing, so that the script falls back.
+    let got = match clip
+        .pixels_from_u8_rows(&hwc, k)
+        .map_err(anyhow::Error::from)
+        .and_then(f32s)
+    {
+        Ok(got) => got,
+        Err(e) => {
+            line(serde_json::json!({"differ": want.len(), "error": e.to_string()}));
+            return Err(e.context("normalising the crops' bytes on the device"));
+        }
+    };
     let differ = got
         .iter()
         .zip(&want)
@@ -230,14 +251,7 @@ fn u8_pixels(clip: &LoadedClip, precision: Precision) -> Result<()> {
         .zip(&want)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    println!(
-        "{}",
-        serde_json::json!({
-            "check": "u8_pixels", "precision": format!("{precision:?}").to_lowercase(),
-            "graph": format!("{:?}", clip.kernels).to_lowercase(), "values": want.len(),
-            "differ": differ, "max_abs_diff": max_abs_diff,
-        })
-    );
+    line(serde_json::json!({"differ": differ, "max_abs_diff": max_abs_diff}));
     if differ > 0 || got.len() != want.len() {
         bail!(
             "the crops' bytes normalised on the device differ from the host's floats in {differ} of \

@@ -13,8 +13,9 @@
 //! the cast to the model's dtype), the kernel reads the bytes once and
 //! writes the model's input once. What only a GPU can check (the kernel)
 //! `gpu_check parity` checks against the host's floats, bit for bit, and
-//! `scripts/gpu-check.sh` falls back to the graph before ours if it
-//! differs.
+//! `scripts/gpu-check.sh` falls back to candle's ops if it differs.
+//! `MMEMBED_CUDA_PIXELS=candle` takes candle's ops on CUDA too (a way round
+//! a problem with the kernel on some GPU or driver).
 
 use candle_core::{DType, Device, Result, Tensor};
 use mmembed_media::ClipPreprocessor;
@@ -43,7 +44,7 @@ pub(crate) fn from_u8_rows(
     match device {
         // (Nothing to launch for no crops.)
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) if kernels == Kernels::Cuda && n > 0 => {
+        Device::Cuda(_) if kernels == Kernels::Cuda && n > 0 && ours() => {
             let op = cuda::NormalizeU8 {
                 dtype,
                 side,
@@ -57,6 +58,26 @@ pub(crate) fn from_u8_rows(
             // `kernels` picks the way on CUDA only.
             let _ = kernels;
             tensor_ops(hwc, n, side, pre.rescale_factor, (mean, std), device)?.to_dtype(dtype)
+        }
+    }
+}
+
+/// Whether our kernel normalises on CUDA: unless `MMEMBED_CUDA_PIXELS` is
+/// `candle` (read per call, as each batch is a few hundred images).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn ours() -> bool {
+    match std::env::var("MMEMBED_CUDA_PIXELS")
+        .as_deref()
+        .map(str::trim)
+    {
+        Ok("candle") => false,
+        Ok("" | "ours") | Err(_) => true,
+        Ok(other) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("MMEMBED_CUDA_PIXELS={other:?}: expected ours or candle; using ours")
+            });
+            true
         }
     }
 }
