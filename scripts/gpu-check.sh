@@ -20,7 +20,7 @@
 #   scripts/gpu-check.sh quick OUT      on the GPU machine, after a change:
 #                                       bf16 parity, model-only throughput
 #                                       (ours, all graphs, and PyTorch eager)
-#                                       and the Nsight Compute table; about
+#                                       and the Nsight Compute tables; about
 #                                       two minutes.
 #   scripts/gpu-check.sh dry-run OUT    here, on the CPU: the same steps on
 #                                       the tiny fixture model with the debug
@@ -258,6 +258,14 @@ steps() {
       "$BIN/gpu_check" speed "$model" --device cuda --precisions bf16 --images 256 --texts "" \
       --seconds 0.2 --host false >"$out/ncu.csv" 2>&1 || failed "Nsight Compute"
   fi
+  # The same for the text forward (77 tokens, batch 256: 0.18x PyTorch in
+  # the first run, the furthest from its goal), when time still allows.
+  if [ "$device" = cuda ] && [ -x "$ncu" ] && [ $(( $(date +%s) - t0 )) -lt "$NCU_TEXTS_IF_UNDER" ]; then
+    say "Nsight Compute: kernel times of our bf16 text forward, batch 256"
+    timeout 100 "$ncu" --launch-skip 600 --launch-count 400 --metrics gpu__time_duration.sum --csv \
+      "$BIN/gpu_check" speed "$model" --device cuda --precisions bf16 --images "" --texts 256 \
+      --seconds 0.2 --host false >"$out/ncu_texts.csv" 2>&1 || failed "Nsight Compute (texts)"
+  fi
   # The report now, and again after torch.compile: a run stopped by its
   # time limit during the compilation still leaves one.
   "$PY" scripts/gpu/torch_side.py report "$out" >/dev/null || failed "the report"
@@ -319,7 +327,7 @@ run() {
   E2E_SMALL=2000 E2E_LARGE=${E2E_LARGE:-20000} E2E_BATCH=1024 E2E_WIDE_BATCH=4096 E2E_MAX_BATCH=256
   BIG_PHOTOS=160 BIG_SIZE=4000x3000
   COMPILE=bf16 COMPILE_IMAGES=256,1024 COMPILE_TEXTS=256 COMPILE_IF_UNDER=${COMPILE_IF_UNDER:-360}
-  NCU_IF_UNDER=${NCU_IF_UNDER:-330}
+  NCU_IF_UNDER=${NCU_IF_UNDER:-330} NCU_TEXTS_IF_UNDER=${NCU_TEXTS_IF_UNDER:-400}
   steps "$out" cuda f32,f16,bf16
 }
 
@@ -353,7 +361,7 @@ quick() {
   unpack "$out"
   IMAGES=256,1024 TEXTS=256 SECONDS_EACH=${SECONDS_EACH:-2}
   GRAPHS_IMAGES=256,1024 GRAPHS_TEXTS=""
-  QUICK=1 COMPILE="" COMPILE_IF_UNDER=0 NCU_IF_UNDER=${NCU_IF_UNDER:-600}
+  QUICK=1 COMPILE="" COMPILE_IF_UNDER=0 NCU_IF_UNDER=${NCU_IF_UNDER:-600} NCU_TEXTS_IF_UNDER=${NCU_TEXTS_IF_UNDER:-600}
   steps "$out" cuda bf16
 }
 
@@ -369,7 +377,7 @@ dry_run() {
   IMAGES=1,8 TEXTS=8 SECONDS_EACH=0.2 GRAPHS_IMAGES=8 GRAPHS_TEXTS=8
   E2E_SMALL=20 E2E_LARGE=100 E2E_BATCH=32 E2E_WIDE_BATCH=96 E2E_MAX_BATCH=8
   BIG_PHOTOS=4 BIG_SIZE=1600x1200
-  COMPILE="" COMPILE_IF_UNDER=0 NCU_IF_UNDER=0
+  COMPILE="" COMPILE_IF_UNDER=0 NCU_IF_UNDER=0 NCU_TEXTS_IF_UNDER=0
   # Parity and model-only speed through the CUDA graph (Kernels::Cuda, its
   # cuBLAS calls and row kernels through their CPU references) in every
   # precision, run on the CPU; the batch job (which picks its own kernels,

@@ -206,7 +206,7 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.startswith("{")]
 
 
-def ncu_summary(path: Path) -> list:
+def ncu_summary(path: Path, what: str = "image") -> list:
     """Nsight Compute's per-kernel durations (`--csv`, one metric) as a
     table of kernels by share of the summed time."""
     if not path.exists():
@@ -214,7 +214,7 @@ def ncu_summary(path: Path) -> list:
     text = path.read_text(errors="replace").splitlines()
     start = next((i for i, l in enumerate(text) if l.startswith('"ID"')), None)
     if start is None:
-        return ["", "Nsight Compute gave no kernel table (see ncu.csv)."]
+        return ["", f"Nsight Compute gave no kernel table for the {what} forward (see {path.name})."]
     total, by = 0.0, {}
     for row in csv.DictReader(text[start:]):
         if row.get("Metric Name") != "gpu__time_duration.sum":
@@ -227,7 +227,7 @@ def ncu_summary(path: Path) -> list:
         total += ns
     if not total:
         return []
-    md = ["", f"## Nsight Compute: our bf16 image forward at batch 256 ({sum(n for _, n in by.values())} kernels, "
+    md = ["", f"## Nsight Compute: our bf16 {what} forward at batch 256 ({sum(n for _, n in by.values())} kernels, "
           f"{total / 1e3:,.0f} µs summed)", "", "| kernel | share | calls | mean µs |", "|---|---|---|---|"]
     for name, (t, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:15]:
         md.append(f"| `{name}` | {100 * t / total:.1f} % | {n} | {t / n / 1e3:,.1f} |")
@@ -335,6 +335,7 @@ def report(out: Path) -> None:
         md += [""] + ["**" + line.strip().lstrip("! ") + "**  "
                       for line in fallback.read_text().splitlines() if line.strip()]
     md += ncu_summary(out / "ncu.csv")
+    md += ncu_summary(out / "ncu_texts.csv", "text")
     (out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
