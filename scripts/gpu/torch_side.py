@@ -247,8 +247,8 @@ def pipeline(log: Path) -> str:
         wall = float(f["wall_s"])
         share = lambda k: 100 * float(f[k]) / wall if wall > 0 else 0
         return (f"; pipeline over {wall:.2f} s: model thread busy {share('model_busy_s'):.0f} %, "
-                f"preparing (decode) {share('preparing_s'):.0f} %, preparing waiting for the model "
-                f"{share('waiting_for_model_s'):.0f} % and for calls {share('waiting_for_calls_s'):.0f} %")
+                f"images being decoded {share('decoding_s'):.0f} %, "
+                f"waiting for calls {share('waiting_for_calls_s'):.0f} %")
     except (KeyError, ValueError):
         return ""
 

@@ -412,12 +412,17 @@ impl LoadedClip {
     /// ViT-B/32 images), where they are normalised. The floats are the same
     /// as [`ClipPreprocessor::normalize_u8`]'s on every device.
     pub fn embed_u8_rows(&self, hwc: &[u8], n: usize) -> candle_core::Result<Vec<Vec<f32>>> {
-        // (Checked before the empty case: bytes for no images are an error.)
-        let px = self.pixels_from_u8_rows(hwc, n)?;
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        self.on_pool(|| self.forward_pixels(px))
+        // One hop onto the pool on the CPU for the normalisation and the
+        // forward pass (the input is made, and freed, on a worker, as the
+        // model's activations are).
+        self.on_pool(|| {
+            // (Checked before the empty case: bytes for no images are an error.)
+            let px = self.pixels_from_u8_rows(hwc, n)?;
+            if n == 0 {
+                return Ok(Vec::new());
+            }
+            self.forward_pixels(px)
+        })
     }
 
     /// The vision tower's input for `n` crops' bytes laid out as
@@ -563,10 +568,11 @@ enum Unit {
 /// 38.5 MB at 256 ViT-B/32 images): the slower side sets the pace anyway.
 const SLOTS: usize = 2;
 
-/// Where the pipeline's two threads spend their time, from its first call
-/// on: whether the model waits for prepared batches (the host's decoding
-/// bounds the job) or the preparing thread waits for the model to free a
-/// batch buffer (the model bounds it). Cumulative, logged at debug level
+/// Where a local pipeline spends its time, from its first call on: the
+/// share of the time its model thread ran units and the share during which
+/// images were being decoded. A job bound by the host's decoding keeps the
+/// decoding near 100 % and leaves the model thread waiting; one bound by
+/// the model the other way round. Cumulative, logged at debug level
 /// (`MMEMBED_LOG=mmembed_candle=debug`) as each group of calls is
 /// answered, so a job's last line sums it up; `scripts/gpu-check.sh` puts
 /// that line in its report.
@@ -577,12 +583,13 @@ struct Clock {
     /// Nanoseconds the model thread ran units (uploads, forward passes,
     /// the wait for a GPU's results, videos).
     model_busy: AtomicU64,
-    /// Nanoseconds the preparing thread prepared (tokenizing, decoding and
-    /// preprocessing images on the pool) ...
-    preparing: AtomicU64,
-    /// ... waited for a free batch buffer (the model was behind) ...
-    waiting_for_model: AtomicU64,
-    /// ... and waited for calls (the caller was behind).
+    /// Nanoseconds during which at least one batch of images was being
+    /// decoded (batches overlap: see [`Worker::send_images`]).
+    decoding: AtomicU64,
+    /// Batches being decoded now, and since when one has been.
+    decoding_now: std::sync::Mutex<(usize, Option<Instant>)>,
+    /// Nanoseconds the preparing thread waited for calls (the caller was
+    /// behind).
     waiting_for_calls: AtomicU64,
     /// Images and texts the model thread has taken (failed ones too).
     images: AtomicU64,
@@ -599,6 +606,16 @@ impl Clock {
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// A batch's decoding starts; it ends when the guard is dropped.
+    fn decoding(&self) -> Decoding<'_> {
+        let mut now = self.decoding_now.lock().unwrap_or_else(|e| e.into_inner());
+        if now.0 == 0 {
+            now.1 = Some(Instant::now());
+        }
+        now.0 += 1;
+        Decoding(self)
+    }
+
     fn log(&self) {
         let Some(start) = self.start.get() else {
             return;
@@ -611,16 +628,33 @@ impl Clock {
             texts = self.texts.load(Ordering::Relaxed),
             wall_s = wall,
             model_busy_s = secs(&self.model_busy),
-            preparing_s = secs(&self.preparing),
-            waiting_for_model_s = secs(&self.waiting_for_model),
+            decoding_s = secs(&self.decoding),
             waiting_for_calls_s = secs(&self.waiting_for_calls),
-            "local pipeline since its first call: model thread busy {:.0} %, preparing {:.0} %, \
-             the preparing thread waiting for the model {:.0} % and for calls {:.0} %",
+            "local pipeline since its first call: model thread busy {:.0} %, images being \
+             decoded {:.0} %, waiting for calls {:.0} %",
             share(&self.model_busy),
-            share(&self.preparing),
-            share(&self.waiting_for_model),
+            share(&self.decoding),
             share(&self.waiting_for_calls),
         );
+    }
+}
+
+/// A batch of images being decoded (see [`Clock::decoding`]).
+struct Decoding<'a>(&'a Clock);
+
+impl Drop for Decoding<'_> {
+    fn drop(&mut self) {
+        let mut now = self
+            .0
+            .decoding_now
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        now.0 = now.0.saturating_sub(1);
+        if now.0 == 0
+            && let Some(t) = now.1.take()
+        {
+            Clock::add(&self.0.decoding, t);
+        }
     }
 }
 
@@ -640,31 +674,23 @@ struct SlotPool {
 impl SlotPool {
     /// A slot, waiting for the model to give one back if need be; None when
     /// the model thread is gone.
-    fn take(&mut self, clock: &Clock) -> Option<Vec<u8>> {
+    fn take(&mut self) -> Option<Vec<u8>> {
         let slot = match self.held.take() {
             Some(s) => s,
             None if self.lost > 0 => {
                 self.lost -= 1;
                 Vec::new()
             }
-            None => match self.back.try_recv() {
-                Ok(s) => s,
-                Err(_) => {
-                    let t = Instant::now();
-                    let s = self.back.recv().ok();
-                    Clock::add(&clock.waiting_for_model, t);
-                    s?
-                }
-            },
+            None => self.back.recv().ok()?,
         };
         self.in_hand += 1;
         Some(slot)
     }
 
     /// Holds a slot for the next group, if it does not hold one yet.
-    fn hold(&mut self, clock: &Clock) -> bool {
+    fn hold(&mut self) -> bool {
         if self.held.is_none() {
-            let Some(slot) = self.take(clock) else {
+            let Some(slot) = self.take() else {
                 return false;
             };
             self.in_hand -= 1;
@@ -751,7 +777,7 @@ impl Worker {
         };
         loop {
             // False: the model thread is gone (it never stops first).
-            if !slots.hold(&self.clock) {
+            if !slots.hold() {
                 return;
             }
             // Err: the LocalEmbedder was dropped.
@@ -803,26 +829,6 @@ impl Worker {
         units: &mpsc::Sender<Unit>,
         slots: &mut SlotPool,
     ) -> bool {
-        // The time spent here less the waits for the model's buffers.
-        let (t, waited) = (
-            Instant::now(),
-            self.clock.waiting_for_model.load(Ordering::Relaxed),
-        );
-        let going = self.send_group(items, units, slots);
-        let waited = self.clock.waiting_for_model.load(Ordering::Relaxed) - waited;
-        let busy = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.clock
-            .preparing
-            .fetch_add(busy.saturating_sub(waited), Ordering::Relaxed);
-        going
-    }
-
-    fn send_group(
-        &self,
-        items: Vec<Item>,
-        units: &mpsc::Sender<Unit>,
-        slots: &mut SlotPool,
-    ) -> bool {
         let mut answered = Vec::new();
         // Item indices and model inputs kept side by side.
         let (mut text_idx, mut seqs) = (Vec::new(), Vec::new());
@@ -855,23 +861,18 @@ impl Worker {
                 break;
             }
             let idx = text_idx.by_ref().take(seqs.len()).collect();
-            let Some(slot) = slots.take(&self.clock) else {
+            let Some(slot) = slots.take() else {
                 return false;
             };
             if !slots.send(units, Unit::Texts { idx, seqs, slot }) {
                 return false;
             }
         }
-        for chunk in images.chunks(batch) {
-            let Some(buf) = slots.take(&self.clock) else {
-                return false;
-            };
-            if !slots.send(units, Unit::Images(self.prepare_images(chunk, buf))) {
-                return false;
-            }
+        if !self.send_images(&images, units, slots) {
+            return false;
         }
         for (i, src, cfg) in videos {
-            let Some(slot) = slots.take(&self.clock) else {
+            let Some(slot) = slots.take() else {
                 return false;
             };
             if !slots.send(units, Unit::Video { i, src, cfg, slot }) {
@@ -879,6 +880,67 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// Decodes a group's images into model batches and sends each as it is
+    /// done. Returns false when the model thread is gone.
+    ///
+    /// Each batch is a task on rayon's pool, started as soon as it has a
+    /// batch buffer, so the next batch's images are decoded by the threads
+    /// the current one's last images leave idle: one parallel loop per
+    /// batch, waited for before the next (as before), left most of the
+    /// pool idle at every batch's end while its last images finished
+    /// (about half an image per thread and batch; at 256 images on 16
+    /// threads a few percent of the decoding). Batches may so reach the
+    /// model out of order, which is fine: each carries its items' indices,
+    /// and the group ends only once all are sent.
+    fn send_images(
+        &self,
+        images: &[(usize, MediaSource)],
+        units: &mpsc::Sender<Unit>,
+        slots: &mut SlotPool,
+    ) -> bool {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        let gone = AtomicBool::new(false);
+        // Batch buffers that went down with a panicking task (see below).
+        let lost = AtomicUsize::new(0);
+        let mut taken = true;
+        rayon::in_place_scope(|scope| {
+            for chunk in images.chunks(self.max_batch) {
+                if gone.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Some(buf) = slots.take() else {
+                    taken = false;
+                    break;
+                };
+                // The task owns the buffer now, and sends it on.
+                slots.in_hand -= 1;
+                let (gone, lost) = (&gone, &lost);
+                scope.spawn(move |_| {
+                    let decoding = self.clock.decoding();
+                    // Each image is guarded in `prepare_images`; this is for
+                    // the rest, whose items then fail instead of the group
+                    // waiting for them.
+                    let unit = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.prepare_images(chunk, buf)
+                    })) {
+                        Ok(prepared) => Unit::Images(prepared),
+                        Err(_) => {
+                            lost.fetch_add(1, Ordering::Relaxed);
+                            let err = || Err(backend_err("preparing this batch panicked".into()));
+                            Unit::Answered(chunk.iter().map(|(i, _)| (*i, err())).collect())
+                        }
+                    };
+                    drop(decoding);
+                    if units.send(unit).is_err() {
+                        gone.store(true, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        slots.lost += lost.into_inner();
+        taken && !gone.into_inner()
     }
 
     /// The model thread: runs each unit as it comes and answers each group
@@ -1489,13 +1551,12 @@ mod tests {
             in_hand: 0,
             lost: 0,
         };
-        let clock = Clock::default();
-        assert!(pool.hold(&clock));
-        let slot = pool.take(&clock).unwrap();
+        assert!(pool.hold());
+        let slot = pool.take().unwrap();
         assert_eq!(slot, [1], "the held slot comes first");
         drop(slot); // preparing its unit panicked
         pool.unwound();
-        let made = pool.take(&clock).expect("made up for");
+        let made = pool.take().expect("made up for");
         assert!(made.is_empty());
         let (units, _model) = mpsc::channel();
         let texts = Unit::Texts {
@@ -1506,33 +1567,29 @@ mod tests {
         assert!(pool.send(&units, texts));
         pool.unwound(); // a later panic with nothing in hand
         drop(tx); // no model thread: nothing more to take
-        assert_eq!(pool.take(&clock), None, "no second replacement");
+        assert_eq!(pool.take(), None, "no second replacement");
     }
 
-    /// The preparing thread's wait for a batch buffer is counted as waiting
-    /// for the model (the sum the pipeline's log line reports), and a slot
-    /// that is there at once costs no wait.
+    /// The decoding share counts the time during which any batch was being
+    /// decoded, once however many overlap, and nothing while none was.
     #[test]
-    fn waiting_for_a_batch_buffer_counts_as_waiting_for_the_model() {
-        let (tx, rx) = mpsc::channel();
-        tx.send(Vec::new()).unwrap();
-        let mut pool = SlotPool {
-            back: rx,
-            held: None,
-            in_hand: 0,
-            lost: 0,
-        };
+    fn overlapping_batches_count_once_as_decoding() {
+        use std::time::Duration;
         let clock = Clock::default();
-        pool.take(&clock).unwrap();
-        assert_eq!(clock.waiting_for_model.load(Ordering::Relaxed), 0);
-        let model = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            tx.send(Vec::new()).unwrap();
-        });
-        pool.take(&clock).unwrap();
-        model.join().unwrap();
-        let waited = clock.waiting_for_model.load(Ordering::Relaxed);
-        assert!(waited >= 50_000_000, "{waited} ns");
+        let t = Instant::now();
+        let first = clock.decoding();
+        std::thread::sleep(Duration::from_millis(30));
+        let second = clock.decoding();
+        std::thread::sleep(Duration::from_millis(30));
+        drop(first);
+        std::thread::sleep(Duration::from_millis(30));
+        drop(second);
+        let spanned = t.elapsed();
+        // Nothing being decoded: not counted.
+        std::thread::sleep(Duration::from_millis(50));
+        let counted = Duration::from_nanos(clock.decoding.load(Ordering::Relaxed));
+        assert!(counted >= Duration::from_millis(90), "{counted:?}");
+        assert!(counted <= spanned, "{counted:?} > {spanned:?}");
     }
 
     /// What a GPU runs for the embedder's batches (the crops' bytes

@@ -342,3 +342,60 @@ async fn next_call_is_read_while_the_model_is_busy() {
         .unwrap();
     assert_eq!(got, want);
 }
+
+/// Within a call, a model batch's images are decoded while the batch
+/// before still waits for its last image (issue #19: at the end of each
+/// batch most decoding threads sat idle until its last image was done).
+/// One image per model batch; both are named pipes, the first kept
+/// unwritten: the second must still be opened. Decoding batch by batch,
+/// one parallel loop each (as before), never gets to it, and fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_batch_is_decoded_while_the_one_before_waits() {
+    use std::io::Write;
+    use std::time::Duration;
+    if rayon::current_num_threads() < 2 {
+        eprintln!("skipped: one decoding thread cannot overlap two batches");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    fifo(&first);
+    fifo(&second);
+    let cat = std::fs::read(fixtures().join("images/cat_451x300.png")).unwrap();
+    let wait = Duration::from_secs(60);
+    let e = LocalEmbedder::load_blocking(
+        LocalOptions::new(fixtures().join("tiny-clip").to_str().unwrap())
+            .with_device(DeviceSpec::Cpu)
+            .with_max_batch(1),
+    )
+    .unwrap();
+    let reqs = vec![
+        EmbedRequest::image(first.clone()),
+        EmbedRequest::image(second.clone()),
+    ];
+    let call = tokio::spawn(async move {
+        let out = e.embed_batch(reqs).await;
+        (e, out)
+    });
+    let first_w = writer_once_read(&first, wait).expect("the first image is never opened");
+    // The first batch's image stays unwritten while the second is awaited.
+    let second_w = writer_once_read(&second, wait);
+    let write = |mut w: std::fs::File| w.write_all(&cat).unwrap();
+    write(first_w);
+    let Some(second_w) = second_w else {
+        panic!("the second batch was not decoded while the first waited for its image");
+    };
+    write(second_w);
+    let (e, out) = call.await.unwrap();
+    let want = e
+        .embed(EmbedRequest::image(
+            fixtures().join("images/cat_451x300.png"),
+        ))
+        .await
+        .unwrap()
+        .image
+        .unwrap();
+    for (i, r) in out.into_iter().enumerate() {
+        assert_eq!(r.unwrap().image.unwrap(), want, "image {i}");
+    }
+}
