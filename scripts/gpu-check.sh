@@ -125,9 +125,11 @@ end_to_end() {
     [ $n = block ] && sync=block
     local s e
     s=$(date +%s.%N)
-    # The local backend's debug line says where its two threads spent the
-    # run (the report quotes each run's last).
-    MMEMBED_LOG=info,mmembed_candle=debug MMEMBED_CUDA_SYNC=$sync "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
+    # The local backend's debug line says where the run's time went (the
+    # report quotes each run's last).
+    # A time limit per run (seconds at thousands of files a second): a run
+    # that hangs costs its own figure, not the report.
+    MMEMBED_LOG=info,mmembed_candle=debug MMEMBED_CUDA_SYNC=$sync timeout "$STEP_LIMIT" "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
       --precision "$prec" --batch-size "$batch" --max-batch "$E2E_MAX_BATCH" \
       --calls-in-flight "${inflight_of[$n]}" "${extra[@]}" >"$out/batch_$n.log" 2>&1 \
       || { echo "!! mmembed batch failed:"; tail -20 "$out/batch_$n.log"; }
@@ -167,6 +169,8 @@ EOF
 # steps OUT DEVICE PRECISIONS: the steps, shared by run, quick and dry-run.
 steps() {
   local out=$1 device=$2 precisions=$3
+  # Seconds a parity run or a batch job may take before it counts as hung.
+  STEP_LIMIT=${STEP_LIMIT:-150}
   local work model inputs t0
   t0=$(date +%s)
   work=$(mktemp -d)
@@ -192,7 +196,7 @@ steps() {
     local p ok=0
     : >"$out/parity_ours.jsonl"
     for p in ${precisions//,/ }; do
-      "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
+      timeout "$STEP_LIMIT" "$BIN/gpu_check" parity "$model" "$inputs" "$out/ours_$p.safetensors" --device "$device" --precision "$p" \
         --kernels "${KERNELS:-auto}" \
         | tee -a "$out/parity_ours.jsonl" || { failed "our parity run at $p${MMEMBED_CUDA_GRAPH:+ ($MMEMBED_CUDA_GRAPH graph)}"; ok=1; }
     done
