@@ -103,7 +103,7 @@ end_to_end() {
     || failed "making the large JPEG files"
   ceilings "$work/photos-big" "$BIG_SIZE"
   rm -rf "$work/photos-big"
-  local prec=${E2E_PRECISION:-${precisions##*,}} small large serial wide draft block
+  local prec=${E2E_PRECISION:-${precisions##*,}} small large serial wide draft block fewer
   # Two sizes: their difference is the steady rate, without the model's
   # load and the process start. Then the large set twice more, to say what
   # bounds it: `serial` sends one call at a time (--calls-in-flight 1), so
@@ -115,10 +115,16 @@ end_to_end() {
   # it understates a little: the small run's decoding was the slower one).
   # `block`: the large run again with MMEMBED_CUDA_SYNC=block (the thread
   # waiting for the GPU sleeps instead of spinning on a core the decoders
-  # could use).
-  local -A batch_of=([small]=$E2E_BATCH [large]=$E2E_BATCH [serial]=$E2E_BATCH [wide]=$E2E_WIDE_BATCH [draft]=$E2E_BATCH [block]=$E2E_BATCH)
-  local -A inflight_of=([small]=2 [large]=2 [serial]=1 [wide]=2 [draft]=2 [block]=2)
-  for n in small large serial wide draft block; do
+  # could use); `fewer`: the large run again with one decoding thread fewer
+  # than cores (RAYON_NUM_THREADS), the core left to the model thread and
+  # the job's own threads.
+  local -A batch_of=([small]=$E2E_BATCH [large]=$E2E_BATCH [serial]=$E2E_BATCH [wide]=$E2E_WIDE_BATCH [draft]=$E2E_BATCH [block]=$E2E_BATCH [fewer]=$E2E_BATCH)
+  local -A inflight_of=([small]=2 [large]=2 [serial]=1 [wide]=2 [draft]=2 [block]=2 [fewer]=2)
+  local cores fewer_threads
+  cores=$(nproc)
+  fewer_threads=$(( cores > 1 ? cores - 1 : 1 ))
+  local -A threads_of=([small]=$cores [large]=$cores [serial]=$cores [wide]=$cores [draft]=$cores [block]=$cores [fewer]=$fewer_threads)
+  for n in small large serial wide draft block fewer; do
     local dir=$work/jpegs batch=${batch_of[$n]} extra=() sync=
     [ $n = small ] && dir=$work/jpegs-small
     [ $n = draft ] && extra=(--jpeg-draft)
@@ -129,7 +135,7 @@ end_to_end() {
     # report quotes each run's last).
     # A time limit per run (seconds at thousands of files a second): a run
     # that hangs costs its own figure, not the report.
-    MMEMBED_LOG=info,mmembed_candle=debug MMEMBED_CUDA_SYNC=$sync timeout "$STEP_LIMIT" "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
+    RAYON_NUM_THREADS=${threads_of[$n]} MMEMBED_LOG=info,mmembed_candle=debug MMEMBED_CUDA_SYNC=$sync timeout "$STEP_LIMIT" "$BIN/mmembed" batch "$dir" -o "$work/$n.parquet" --model "$model" --device "$device" \
       --precision "$prec" --batch-size "$batch" --max-batch "$E2E_MAX_BATCH" \
       --calls-in-flight "${inflight_of[$n]}" "${extra[@]}" >"$out/batch_$n.log" 2>&1 \
       || { echo "!! mmembed batch failed:"; tail -20 "$out/batch_$n.log"; }
@@ -140,14 +146,14 @@ end_to_end() {
   exact_ceiling=$(grep '"decode_preprocess"' "$out/decode.jsonl" | sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' | head -1)
   draft_ceiling=$(grep '"decode_preprocess_draft"' "$out/decode.jsonl" | sed -n 's/.*"per_s": *\([0-9.]*\).*/\1/p' | head -1)
   : >"$out/e2e.jsonl"
-  for n in large serial wide draft block; do
+  for n in large serial wide draft block fewer; do
     local secs=${!n} batch=${batch_of[$n]}
     ceiling=$exact_ceiling
     [ $n = draft ] && ceiling=$draft_ceiling
-    printf '{"run": "%s", "precision": "%s", "files_small": %s, "seconds_small": %.2f, "files_large": %s, "seconds_large": %.2f, "steady_images_per_s": %.0f, "decode_ceiling_per_s": %.0f, "batch_size": %s, "calls_in_flight": %s, "max_batch": %s, "cores": %s}\n' \
+    printf '{"run": "%s", "precision": "%s", "files_small": %s, "seconds_small": %.2f, "files_large": %s, "seconds_large": %.2f, "steady_images_per_s": %.0f, "decode_ceiling_per_s": %.0f, "batch_size": %s, "calls_in_flight": %s, "max_batch": %s, "cores": %s, "decode_threads": %s}\n' \
       "$n" "$prec" "$E2E_SMALL" "$small" "$E2E_LARGE" "$secs" \
       "$(awk "BEGIN { d = $secs - $small; print (d > 0 ? ($E2E_LARGE - $E2E_SMALL) / d : 0) }")" "${ceiling:-0}" \
-      "$batch" "${inflight_of[$n]}" "$E2E_MAX_BATCH" "$(nproc)" | tee -a "$out/e2e.jsonl"
+      "$batch" "${inflight_of[$n]}" "$E2E_MAX_BATCH" "$cores" "${threads_of[$n]}" | tee -a "$out/e2e.jsonl"
   done
   "$PY" - "$work/large.parquet" "$E2E_LARGE" "$out/batch_large.log" <<'EOF' | tee -a "$out/e2e_rows.txt" || failed "reading the batch's rows"
 import sys
