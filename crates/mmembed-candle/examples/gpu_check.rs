@@ -199,20 +199,28 @@ fn parity(
     u8_pixels(&clip, precision)
 }
 
-/// What `mmembed batch` sends the model, the crops' bytes, normalised on
-/// the device (on CUDA by our kernel): the model's input must be the
-/// host's floats rounded once to its dtype, bit for bit, or the parity
-/// step fails (and the script falls back to the graph before ours).
-fn u8_pixels(clip: &LoadedClip, precision: Precision) -> Result<()> {
-    let (k, len) = (8, clip.pixels_per_image());
-    // Every byte value, in every channel and position.
-    let hwc: Vec<u8> = (0..k * len).map(|i| (i * 7 + i / 3) as u8).collect();
+/// `n` crops' bytes (every byte value, in every channel and position),
+/// and the first `k` of them normalised on the host: what the device's
+/// normalisation is checked against.
+fn crops(clip: &LoadedClip, n: usize, k: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+    let len = clip.pixels_per_image();
+    let hwc: Vec<u8> = (0..n * len).map(|i| (i * 7 + i / 3) as u8).collect();
     let mut host = vec![0f32; k * len];
     for (dst, src) in host.chunks_mut(len).zip(hwc.chunks(len)) {
         clip.preprocessor
             .normalize_hwc_into(src, dst)
             .map_err(anyhow::Error::msg)?;
     }
+    Ok((hwc, host))
+}
+
+/// What `mmembed batch` sends the model, the crops' bytes, normalised on
+/// the device (on CUDA by our kernel): the model's input must be the
+/// host's floats rounded once to its dtype, bit for bit, or the parity
+/// step fails (and the script falls back to the graph before ours).
+fn u8_pixels(clip: &LoadedClip, precision: Precision) -> Result<()> {
+    let (k, len) = (8, clip.pixels_per_image());
+    let (hwc, host) = crops(clip, k, k)?;
     let f32s = |t: Tensor| -> Result<Vec<f32>> {
         Ok(t.to_dtype(candle_core::DType::F32)?
             .flatten_all()?
@@ -346,14 +354,8 @@ fn speed(model: &Path, device: &str, precisions: &str, w: &Workloads) -> Result<
             // gives the host's vectors (the CPU test holds it bit for bit
             // there; here the GPU's kernels do it).
             let len = clip.pixels_per_image();
-            let hwc: Vec<u8> = (0..b * len).map(|i| (i * 7 + i / 3) as u8).collect();
             let k = b.min(8);
-            let mut flat = vec![0f32; k * len];
-            for (dst, src) in flat.chunks_mut(len).zip(hwc.chunks(len)) {
-                clip.preprocessor
-                    .normalize_hwc_into(src, dst)
-                    .map_err(anyhow::Error::msg)?;
-            }
+            let (hwc, flat) = crops(&clip, b, k)?;
             let (a, f) = (
                 clip.embed_u8_rows(&hwc[..k * len], k)?,
                 clip.embed_pixel_rows(&flat, k)?,

@@ -23,8 +23,9 @@ use mmembed_media::ClipPreprocessor;
 use crate::model::Kernels;
 
 /// The vision tower's input for `n` crops of `side × side` RGB bytes in
-/// `hwc`, on `device` (a GPU; the CPU normalises on the host instead), in
-/// `dtype`.
+/// `hwc` (its length checked by the caller,
+/// [`crate::LoadedClip::pixels_from_u8_rows`]), on `device` (a GPU; the
+/// CPU normalises on the host instead), in `dtype`.
 pub(crate) fn from_u8_rows(
     hwc: &[u8],
     n: usize,
@@ -34,12 +35,6 @@ pub(crate) fn from_u8_rows(
     dtype: DType,
     kernels: Kernels,
 ) -> Result<Tensor> {
-    if hwc.len() != n * side * side * 3 {
-        candle_core::bail!(
-            "{} bytes for {n} crops of {side}x{side} RGB pixels",
-            hwc.len()
-        );
-    }
     let (mean, std) = pre.normalize_stats();
     match device {
         // (Nothing to launch for no crops.)
