@@ -134,11 +134,12 @@ pub(crate) fn patch_embed(
 /// Multi-head attention over packed projections `qkv [b, t, 3d]` whose
 /// queries are already scaled, with an additive `mask [b, 1, t, t]` (0 or
 /// -inf; `[1, 1, t, t]` when every sequence sees the same keys): the heads'
-/// outputs merged, `[b, t, d]`. The scores of every head
-/// go through a fused last-dim softmax between the two calls: with `rows`
-/// our own ([`crate::rows::softmax`]), which adds the mask as it reads the
-/// scores, else candle's, the mask laid under the scores and accumulated
-/// onto by their GEMM.
+/// outputs merged, `[b, t, d]`. With `rows` (our CUDA graph), where
+/// [`crate::attention`]'s kernel fits, that kernel. Otherwise the scores of
+/// every head go through a fused last-dim softmax between the two calls:
+/// with `rows` our own ([`crate::rows::softmax`]), which adds the mask as it
+/// reads the scores, else candle's, the mask laid under the scores and
+/// accumulated onto by their GEMM.
 pub(crate) fn attention(
     qkv: &Tensor,
     heads: usize,
@@ -158,6 +159,22 @@ pub(crate) fn attention(
             m.to_dtype(qkv.dtype())?.contiguous()
         })
         .transpose()?;
+    if rows && crate::attention::fits(shape, qkv.dtype()) && crate::attention::wanted() {
+        match crate::attention::attention(&qkv, heads, mask.as_ref()) {
+            Ok(y) => return Ok(y),
+            // The kernel's module failed to load (bf16 needs sm_80; a
+            // driver older than the toolkit): the GEMMs below, said once.
+            Err(e) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::warn!(
+                        "our attention kernel failed ({e}); attention takes cuBLAS GEMMs \
+                         instead (MMEMBED_CUDA_ATTENTION=gemm says so up front)"
+                    )
+                });
+            }
+        }
+    }
     let (under, after) = if rows { (None, mask) } else { (mask, None) };
     let scores = match qkv.device() {
         Device::Cpu => reference_scores(&qkv, shape, under.as_ref())?,

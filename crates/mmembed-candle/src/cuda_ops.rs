@@ -1,4 +1,4 @@
-//! What the CUDA-only ops share (`blas_ops`, `rows`, `pixels`): our
+//! What the CUDA-only ops share (`blas_ops`, `rows`, `pixels`, `attention`): our
 //! kernels' PTX, tensor storage as device views, CUDA errors as candle's,
 //! and the `CustomOp` impls of an op that runs on CUDA only (the CPU runs a
 //! reference function instead).
@@ -10,6 +10,24 @@ use candle_core::{CudaStorage, Layout, Result, Storage};
 /// Our kernels (`kernels/*.cu`) as PTX, one constant per file (build.rs).
 pub(crate) mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// The GPU for the `on_cuda` tests, which only a machine with one runs
+/// (`scripts/gpu-check.sh`): `None`, said on stderr, where there is none or
+/// no driver to ask (cudarc panics when it cannot load `libcuda`).
+#[cfg(test)]
+pub(crate) fn test_device() -> Option<candle_core::Device> {
+    match std::panic::catch_unwind(|| candle_core::Device::new_cuda(0)) {
+        Ok(Ok(dev)) => Some(dev),
+        Ok(Err(e)) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+        Err(_) => {
+            eprintln!("skipped: no CUDA driver");
+            None
+        }
+    }
 }
 
 /// A CUDA library's error as candle's.

@@ -12,6 +12,7 @@
 //!   change.
 //! - Vectors are L2-normalised and tagged with the model's space id.
 
+mod attention;
 mod blas;
 mod blas_ops;
 mod config;
@@ -20,6 +21,7 @@ mod cpu_kernels;
 mod cuda_ops;
 mod demo;
 mod device;
+mod elementwise;
 mod embedder;
 mod hub;
 mod int8;

@@ -343,6 +343,81 @@ mod tests {
         Ok(())
     }
 
+    /// On a GPU (`scripts/gpu-check.sh` runs the `on_cuda` tests there;
+    /// without one they say so and pass): the kernels against the
+    /// references above, every precision, rows of several widths, the
+    /// softmax with and without a mask.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn on_cuda_the_kernels_are_the_references() -> Result<()> {
+        let Some(gpu) = crate::cuda_ops::test_device() else {
+            return Ok(());
+        };
+        let cpu = Device::Cpu;
+        let values = |n: usize, seed: u32, scale: f32| -> Vec<f32> {
+            let mut s = seed.wrapping_mul(2_654_435_761) | 1;
+            (0..n)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 17;
+                    s ^= s << 5;
+                    ((s % 2000) as f32 / 1000.0 - 1.0) * scale
+                })
+                .collect()
+        };
+        // The largest difference as a share of the largest value.
+        let diff = |got: &Tensor, want: &Tensor| -> Result<f32> {
+            let (g, w) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
+            let scale = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            Ok((g - w)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+        };
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            // A few ulps of the storage type.
+            let tol = match dtype {
+                DType::F32 => 1e-5,
+                DType::F16 => 2e-3,
+                _ => 1.6e-2,
+            };
+            for (rows, cols) in [(7, 1), (300, 50), (2 * 77, 77), (33, 768), (5, MAX_COLS)] {
+                let x = Tensor::from_vec(values(rows * cols, 1, 6.0), (rows, cols), &cpu)?
+                    .to_dtype(dtype)?;
+                let on_gpu = |t: &Tensor| t.to_device(&gpu);
+                let d = diff(&softmax(&on_gpu(&x)?, None)?, &softmax(&x, None)?)?;
+                eprintln!("softmax {dtype:?} {rows}x{cols}: max diff {d:e} of the largest value");
+                assert!(d < tol, "softmax {dtype:?} {rows}x{cols}: {d}");
+                // A causal mask over the rows in blocks of `cols`, where
+                // they tile.
+                if rows % cols == 0 {
+                    let mask: Vec<f32> = (0..cols * cols)
+                        .map(|i| {
+                            if i % cols > i / cols {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.
+                            }
+                        })
+                        .collect();
+                    let m = Tensor::from_vec(mask, (cols, cols), &cpu)?.to_dtype(dtype)?;
+                    let got = softmax(&on_gpu(&x)?, Some(&on_gpu(&m)?))?;
+                    let d = diff(&got, &softmax(&x, Some(&m))?)?;
+                    eprintln!(
+                        "masked softmax {dtype:?} {rows}x{cols}: max diff {d:e} of the largest value"
+                    );
+                    assert!(d < tol, "masked softmax {dtype:?} {rows}x{cols}: {d}");
+                }
+                let w = Tensor::from_vec(values(cols, 2, 2.0), cols, &cpu)?.to_dtype(dtype)?;
+                let b = Tensor::from_vec(values(cols, 3, 1.0), cols, &cpu)?.to_dtype(dtype)?;
+                let got = layer_norm(&on_gpu(&x)?, &on_gpu(&w)?, &on_gpu(&b)?, 1e-5)?;
+                let d = diff(&got, &layer_norm(&x, &w, &b, 1e-5)?)?;
+                eprintln!(
+                    "layer norm {dtype:?} {rows}x{cols}: max diff {d:e} of the largest value"
+                );
+                assert!(d < tol, "layer norm {dtype:?} {rows}x{cols}: {d}");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn every_row_up_to_the_widest_has_a_kernel() {
         assert_eq!(width(1), Some(1));
