@@ -59,14 +59,30 @@ build() {
     CARGO_TARGET_DIR=target/gpu-build \
     cargo build --release --locked -p mmembed-cli -p mmembed-candle --no-default-features \
       --features mmembed-cli/cuda,mmembed-candle/cuda --bin mmembed --example gpu_check
+  # mmembed-candle's unit tests, built the same way: their `on_cuda` tests
+  # hold each of our CUDA kernels to its reference on the GPU, before
+  # anything else runs there.
+  say "release build of mmembed-candle's unit tests with --features cuda (their on_cuda tests check our kernels on the GPU)"
+  local tests
+  tests=$(PATH="$nv/bin:$PATH" CUDA_ROOT="$nv" CUDA_PATH="$nv" CUDA_TOOLKIT_ROOT_DIR="$stubs" CUDA_COMPUTE_CAP=90 \
+    CARGO_TARGET_DIR=target/gpu-build \
+    cargo test --release --locked -p mmembed-candle --no-default-features --features cuda --lib --no-run \
+      --message-format=json \
+    | python3 -c 'import json, sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "mmembed_candle":
+        print(m["executable"])')
+  [ -x "$tests" ] || { echo "!! no test executable for mmembed-candle"; exit 1; }
   rm -rf "$BUNDLE" && mkdir -p "$BUNDLE"
   local tmp
   tmp=$(mktemp -d)
   strip -o "$tmp/mmembed" target/gpu-build/release/mmembed
   strip -o "$tmp/gpu_check" target/gpu-build/release/examples/gpu_check
+  strip -o "$tmp/kernel_tests" "$tests"
   printf '{"commit": "%s", "built": "%s", "compute_capability": "9.0", "cuda": "13.0 (PyPI wheels)"}\n' \
     "$(git rev-parse --short HEAD)$(git diff --quiet || echo +changes)" "$(date -u +%FT%TZ)" >"$tmp/build.json"
-  tar -C "$tmp" -cJf "$BUNDLE/bin.tar.xz" mmembed gpu_check build.json
+  tar -C "$tmp" -cJf "$BUNDLE/bin.tar.xz" mmembed gpu_check kernel_tests build.json
   rm -rf "$tmp"
   say "bundle: $(du -h "$BUNDLE/bin.tar.xz" | cut -f1) in $BUNDLE (carry it to the GPU machine)"
 }
@@ -172,6 +188,40 @@ print(f"rows {t.num_rows} of {sys.argv[2]}, ok {ok}, failed {t.num_rows - ok}")
 EOF
 }
 
+# kernel_tests OUT: mmembed-candle's on_cuda tests from the bundle, each in
+# its own process; OUT/kernel_tests.jsonl gets a line per test, OUT/kernel_tests.txt
+# their output (the largest differences they measured). A failed kernel's
+# environment switch is exported for every later step.
+kernel_tests() {
+  local out=$1 name rc s
+  : >"$out/kernel_tests.jsonl"
+  : >"$out/kernel_tests.txt"
+  for name in $("$BIN/kernel_tests" --list on_cuda 2>/dev/null | sed -n 's/: test$//p'); do
+    s=$(date +%s.%N)
+    rc=0
+    timeout 120 "$BIN/kernel_tests" --exact "$name" --nocapture --test-threads 1 >"$out/kernel_test.txt" 2>&1 || rc=$?
+    cat "$out/kernel_test.txt" >>"$out/kernel_tests.txt"
+    # A test that found no GPU passes without checking anything: here that
+    # is a failure.
+    if [ $rc = 0 ] && grep -q '^skipped: no CUDA' "$out/kernel_test.txt"; then rc=99; fi
+    rm -f "$out/kernel_test.txt"
+    printf '{"test": "%s", "ok": %s, "rc": %s, "seconds": %.1f}\n' "$name" "$([ $rc = 0 ] && echo true || echo false)" "$rc" \
+      "$(awk "BEGIN { print $(date +%s.%N) - $s }")" | tee -a "$out/kernel_tests.jsonl"
+    [ $rc = 0 ] && continue
+    case $name in
+      attention::*)
+        echo "!! every further step runs MMEMBED_CUDA_ATTENTION=gemm (our attention kernel failed its test)" | tee -a "$out/fallback.txt"
+        export MMEMBED_CUDA_ATTENTION=gemm ;;
+      elementwise::*)
+        echo "!! every further step runs MMEMBED_CUDA_SILU=candle (our silu kernel failed its test)" | tee -a "$out/fallback.txt"
+        export MMEMBED_CUDA_SILU=candle ;;
+      rows::*)
+        echo "!! every further step runs MMEMBED_CUDA_GRAPH=cublas (our softmax or layer norm kernel failed its test)" | tee -a "$out/fallback.txt"
+        export MMEMBED_CUDA_GRAPH=cublas ;;
+    esac
+  done
+}
+
 # steps OUT DEVICE PRECISIONS: the steps, shared by run, quick and dry-run.
 steps() {
   local out=$1 device=$2 precisions=$3
@@ -189,6 +239,15 @@ steps() {
     model=$work/vit-b-32
     say "making the seeded ViT-B/32 with this machine's PyTorch"
     "$PY" scripts/gpu/torch_side.py make "$model"
+  fi
+
+  # Our CUDA kernels against their references, one test at a time (a
+  # kernel that faults poisons its process's CUDA context, not the next
+  # test's): a kernel that fails gives way, for every later step, to the op
+  # it replaced, and the report says so.
+  if [ "$device" = cuda ] && [ -x "$BIN/kernel_tests" ]; then
+    say "our CUDA kernels against their references (mmembed-candle's on_cuda tests)"
+    kernel_tests "$out"
   fi
 
   say "parity: PyTorch on $device (the references)"
@@ -218,12 +277,22 @@ steps() {
     # one run still gives every other figure.
     # First, if only our kernel for the crops' bytes is off (parity's
     # u8_pixels check), candle's ops for that alone on our graph.
+    # Then, before leaving our graph, its attention kernel and its silu,
+    # one at a time (if their tests above did not already).
     local graph
-    for graph in "" pixels cublas portable; do
+    for graph in "" pixels attention silu cublas portable; do
       if [ "$graph" = pixels ]; then
         grep -q '"check":"u8_pixels","differ":[1-9]' "$out/parity_ours.jsonl" || continue
         echo "!! every further step runs MMEMBED_CUDA_PIXELS=candle (our kernel's floats differ from the host's)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_PIXELS=candle
+      elif [ "$graph" = attention ]; then
+        [ "${MMEMBED_CUDA_ATTENTION:-}" != gemm ] || continue
+        echo "!! every further step runs MMEMBED_CUDA_ATTENTION=gemm (parity failed with our attention kernel)" | tee -a "$out/fallback.txt"
+        export MMEMBED_CUDA_ATTENTION=gemm
+      elif [ "$graph" = silu ]; then
+        [ "${MMEMBED_CUDA_SILU:-}" != candle ] || continue
+        echo "!! every further step runs MMEMBED_CUDA_SILU=candle (parity failed with our silu kernel)" | tee -a "$out/fallback.txt"
+        export MMEMBED_CUDA_SILU=candle
       elif [ -n "$graph" ]; then
         echo "!! every further step runs MMEMBED_CUDA_GRAPH=$graph (the graph above failed)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_GRAPH=$graph
@@ -250,6 +319,19 @@ steps() {
       --images "$GRAPHS_IMAGES" --texts "$GRAPHS_TEXTS" --seconds "$SECONDS_EACH" --kernels "$other" --host false \
       | tee -a "$out/speed_ours.jsonl" \
       || failed "our throughput run on the $other graph"
+  done
+  # And our graph with one of its kernels swapped back for the op before
+  # it (attention by cuBLAS GEMMs, candle's silu), model only, bf16: what
+  # that kernel is worth. Skipped where a fallback already swapped it.
+  local variant
+  for variant in MMEMBED_CUDA_ATTENTION=gemm:mmembed-gemm-attention MMEMBED_CUDA_SILU=candle:mmembed-candle-silu; do
+    local setting=${variant%%:*} name=${variant#*:}
+    [ "$(printenv "${setting%%=*}" || true)" != "${setting#*=}" ] && [ -z "${MMEMBED_CUDA_GRAPH:-}" ] || continue
+    say "throughput: ours with $setting, model only"
+    env "$setting" "$BIN/gpu_check" speed "$model" --device "$device" --precisions "${precisions##*,}" \
+      --images "$VARIANT_IMAGES" --texts "$GRAPHS_TEXTS" --seconds "$SECONDS_EACH" --kernels "${KERNELS:-auto}" \
+      --host false --stack "$name" | tee -a "$out/speed_ours.jsonl" \
+      || failed "our throughput run with $setting"
   done
   say "throughput: PyTorch eager"
   "$PY" scripts/gpu/torch_side.py speed "$model" --device "$device" --precisions "$precisions" \
@@ -336,7 +418,7 @@ run() {
   local out=${1:?usage: scripts/gpu-check.sh run OUT}
   unpack "$out"
   IMAGES=1,32,256,1024 TEXTS=32,256 SECONDS_EACH=${SECONDS_EACH:-2}
-  GRAPHS_IMAGES=1,256,1024 GRAPHS_TEXTS=256
+  GRAPHS_IMAGES=1,256,1024 GRAPHS_TEXTS=256 VARIANT_IMAGES=256,1024
   E2E_SMALL=2000 E2E_LARGE=${E2E_LARGE:-20000} E2E_BATCH=1024 E2E_WIDE_BATCH=4096 E2E_MAX_BATCH=256
   BIG_PHOTOS=160 BIG_SIZE=4000x3000
   COMPILE=bf16 COMPILE_IMAGES=256,1024 COMPILE_TEXTS=256 COMPILE_IF_UNDER=${COMPILE_IF_UNDER:-360}
@@ -354,6 +436,7 @@ unpack() {
   # Python's tarfile: the machine may have no xz.
   "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$BUNDLE/bin.tar.xz" "$BIN"
   chmod +x "$BIN/mmembed" "$BIN/gpu_check"
+  [ ! -f "$BIN/kernel_tests" ] || chmod +x "$BIN/kernel_tests"
   BUILD_JSON=$BIN/build.json
   # The CUDA libraries of this machine's PyTorch wheels (cuBLAS, cuRAND,
   # NVRTC); the driver's libcuda.so.1 is on the loader's path already.
@@ -373,7 +456,7 @@ quick() {
   local out=${1:?usage: scripts/gpu-check.sh quick OUT}
   unpack "$out"
   IMAGES=256,1024 TEXTS=256 SECONDS_EACH=${SECONDS_EACH:-2}
-  GRAPHS_IMAGES=256,1024 GRAPHS_TEXTS=""
+  GRAPHS_IMAGES=256,1024 GRAPHS_TEXTS="" VARIANT_IMAGES=256,1024
   QUICK=1 COMPILE="" COMPILE_IF_UNDER=0 NCU_IF_UNDER=${NCU_IF_UNDER:-600} NCU_TEXTS_IF_UNDER=${NCU_TEXTS_IF_UNDER:-600}
   steps "$out" cuda bf16
 }
@@ -387,7 +470,7 @@ dry_run() {
   ln -s "$PWD/target/debug/mmembed" "$PWD/target/debug/examples/gpu_check" "$BIN/"
   env_json "$out"
   MODEL=$PWD/models/fixtures/tiny-clip
-  IMAGES=1,8 TEXTS=8 SECONDS_EACH=0.2 GRAPHS_IMAGES=8 GRAPHS_TEXTS=8
+  IMAGES=1,8 TEXTS=8 SECONDS_EACH=0.2 GRAPHS_IMAGES=8 GRAPHS_TEXTS=8 VARIANT_IMAGES=8
   E2E_SMALL=20 E2E_LARGE=100 E2E_BATCH=32 E2E_WIDE_BATCH=96 E2E_MAX_BATCH=8
   BIG_PHOTOS=4 BIG_SIZE=1600x1200
   COMPILE="" COMPILE_IF_UNDER=0 NCU_IF_UNDER=0 NCU_TEXTS_IF_UNDER=0

@@ -262,6 +262,19 @@ def report(out: Path) -> None:
     md = ["# GPU check report", ""]
     for k, v in env.items():
         md.append(f"- {k}: {v}")
+    tests = lines(out / "kernel_tests.jsonl")
+    if tests:
+        # mmembed-candle's on_cuda tests: each of our kernels against its
+        # reference, and the largest differences they printed.
+        md += ["", "## Our CUDA kernels against their references (`on_cuda` tests)", ""]
+        for r in tests:
+            md.append(f"- `{r['test']}`: {'ok' if r['ok'] else '**failed** (exit ' + str(r['rc']) + ')'}, "
+                      f"{r['seconds']:.1f} s")
+        found = (out / "kernel_tests.txt").read_text(errors="replace").splitlines() \
+            if (out / "kernel_tests.txt").exists() else []
+        diffs = [l.strip() for l in found if "max diff" in l or "max abs diff" in l]
+        if diffs:
+            md += ["", "```"] + diffs + ["```"]
     md += ["", "## Parity (cosine of unit vectors; PyTorch fp32 on the same GPU is the truth)", "",
            "| ours | kind | n | min | mean | goal | PyTorch same precision vs fp32 (min) | pass |",
            "|---|---|---|---|---|---|---|---|"]

@@ -7,6 +7,7 @@
 //! gpu_check speed MODEL_DIR [--device cuda] [--precisions f32,f16,bf16]
 //!                 [--images 1,32,256,1024] [--texts 32,256] [--seconds 3]
 //!                 [--kernels auto|cuda|cublas|portable] [--host true|false]
+//!                 [--stack NAME]
 //! gpu_check decode IMAGE_DIR [--model MODEL_DIR] [--seconds 3] [--draft false|true]
 //! ```
 //!
@@ -23,7 +24,8 @@
 //! unit vectors out: transfers included; `--host false` leaves those out).
 //! Its lines name the stack `mmembed`, or `mmembed-cuda`,
 //! `mmembed-cublas` or `mmembed-portable` for a graph chosen with
-//! `--kernels`. `decode`
+//! `--kernels`, or `--stack`'s name (a run under an environment variable
+//! that swaps one of our CUDA kernels for the op before it). `decode`
 //! times JPEG decoding and preprocessing on all cores, the host's ceiling
 //! (`--draft true`: with `mmembed batch --jpeg-draft`'s reduced decoding).
 
@@ -69,6 +71,10 @@ fn main() -> Result<()> {
                 budget: seconds(&flag("seconds", "3"))?,
                 kernels: flag("kernels", "auto"),
                 host: flag("host", "true").parse().context("--host true|false")?,
+                stack: flags
+                    .iter()
+                    .find(|(k, _)| k == "stack")
+                    .map(|(_, v)| v.clone()),
             },
         ),
         ("decode", [dir]) => decode(
@@ -302,6 +308,8 @@ struct Workloads {
     kernels: String,
     /// Also the library's calls from host memory.
     host: bool,
+    /// The lines' stack name, if not the graph's.
+    stack: Option<String>,
 }
 
 fn speed(model: &Path, device: &str, precisions: &str, w: &Workloads) -> Result<()> {
@@ -311,11 +319,13 @@ fn speed(model: &Path, device: &str, precisions: &str, w: &Workloads) -> Result<
         budget,
         kernels,
         host,
+        stack,
     } = w;
     let (budget, host, kernels) = (*budget, *host, kernels.as_str());
-    let stack = match kernels {
-        "auto" => "mmembed".to_string(),
-        k => format!("mmembed-{k}"),
+    let stack = match (stack, kernels) {
+        (Some(name), _) => name.clone(),
+        (None, "auto") => "mmembed".to_string(),
+        (None, k) => format!("mmembed-{k}"),
     };
     for p in precisions.split(',').filter(|p| !p.is_empty()) {
         let precision: Precision = p.parse().map_err(anyhow::Error::msg)?;
