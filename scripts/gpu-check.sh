@@ -213,8 +213,8 @@ kernel_tests() {
         echo "!! every further step runs MMEMBED_CUDA_ATTENTION=gemm (our attention kernel failed its test)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_ATTENTION=gemm ;;
       elementwise::*)
-        echo "!! every further step runs MMEMBED_CUDA_SILU=candle (our silu kernel failed its test)" | tee -a "$out/fallback.txt"
-        export MMEMBED_CUDA_SILU=candle ;;
+        echo "!! every further step runs MMEMBED_CUDA_ELEMENTWISE=candle (our silu or unfold kernel failed its test)" | tee -a "$out/fallback.txt"
+        export MMEMBED_CUDA_ELEMENTWISE=candle ;;
       rows::*)
         echo "!! every further step runs MMEMBED_CUDA_GRAPH=cublas (our softmax or layer norm kernel failed its test)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_GRAPH=cublas ;;
@@ -277,10 +277,11 @@ steps() {
     # one run still gives every other figure.
     # First, if only our kernel for the crops' bytes is off (parity's
     # u8_pixels check), candle's ops for that alone on our graph.
-    # Then, before leaving our graph, its attention kernel and its silu,
-    # one at a time (if their tests above did not already).
+    # Then, before leaving our graph, its attention kernel and its
+    # elementwise ones (silu, the patches' unfolding), one at a time (if
+    # their tests above did not already).
     local graph
-    for graph in "" pixels attention silu cublas portable; do
+    for graph in "" pixels attention elementwise cublas portable; do
       if [ "$graph" = pixels ]; then
         grep -q '"check":"u8_pixels","differ":[1-9]' "$out/parity_ours.jsonl" || continue
         echo "!! every further step runs MMEMBED_CUDA_PIXELS=candle (our kernel's floats differ from the host's)" | tee -a "$out/fallback.txt"
@@ -289,10 +290,10 @@ steps() {
         [ "${MMEMBED_CUDA_ATTENTION:-}" != gemm ] || continue
         echo "!! every further step runs MMEMBED_CUDA_ATTENTION=gemm (parity failed with our attention kernel)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_ATTENTION=gemm
-      elif [ "$graph" = silu ]; then
-        [ "${MMEMBED_CUDA_SILU:-}" != candle ] || continue
-        echo "!! every further step runs MMEMBED_CUDA_SILU=candle (parity failed with our silu kernel)" | tee -a "$out/fallback.txt"
-        export MMEMBED_CUDA_SILU=candle
+      elif [ "$graph" = elementwise ]; then
+        [ "${MMEMBED_CUDA_ELEMENTWISE:-}" != candle ] || continue
+        echo "!! every further step runs MMEMBED_CUDA_ELEMENTWISE=candle (parity failed with our silu and unfold kernels)" | tee -a "$out/fallback.txt"
+        export MMEMBED_CUDA_ELEMENTWISE=candle
       elif [ -n "$graph" ]; then
         echo "!! every further step runs MMEMBED_CUDA_GRAPH=$graph (the graph above failed)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_GRAPH=$graph
@@ -321,10 +322,11 @@ steps() {
       || failed "our throughput run on the $other graph"
   done
   # And our graph with one of its kernels swapped back for the op before
-  # it (attention by cuBLAS GEMMs, candle's silu), model only, bf16: what
-  # that kernel is worth. Skipped where a fallback already swapped it.
+  # it (attention by cuBLAS GEMMs; candle's silu and unfolding), model
+  # only, bf16: what that kernel is worth. Skipped where a fallback already
+  # swapped it.
   local variant
-  for variant in MMEMBED_CUDA_ATTENTION=gemm:mmembed-gemm-attention MMEMBED_CUDA_SILU=candle:mmembed-candle-silu; do
+  for variant in MMEMBED_CUDA_ATTENTION=gemm:mmembed-gemm-attention MMEMBED_CUDA_ELEMENTWISE=candle:mmembed-candle-elementwise; do
     local setting=${variant%%:*} name=${variant#*:}
     [ "$(printenv "${setting%%=*}" || true)" != "${setting#*=}" ] && [ -z "${MMEMBED_CUDA_GRAPH:-}" ] || continue
     say "throughput: ours with $setting, model only"

@@ -1,6 +1,7 @@
 // Elementwise kernels of the CUDA graph (`Kernels::Cuda`, src/elementwise.rs):
 // `silu`, which with 1.702 folded into the weights around it is QuickGELU,
-// over the MLP's widest activations (4x the model width).
+// over the MLP's widest activations (4x the model width), and the pixels'
+// unfolding into rows of patches for the patch embedding's GEMM.
 //
 // Why our own: candle's bf16 `silu` reads 16 bytes a thread but launches a
 // thread per value, so seven threads in eight only check a bound and leave
@@ -40,7 +41,50 @@ __device__ void silu_all(const T* __restrict__ x, T* __restrict__ y, int64_t n) 
     for (int64_t i = groups * V + first; i < n; i += stride) y[i] = store<T>(silu(load(x[i])));
 }
 
+// Pixels `x [images, c, h, w]` to rows of patches `y [images · gh · gw, c ·
+// p · p]` (gh = h / p, gw = w / p; a row's values in (channel, row, column)
+// order, as the patch weight's): a permute, since patches do not overlap.
+// candle does it as a strided copy that divides a 64-bit index by each of
+// six dimensions per value. Here a thread moves 16 bytes (V values of one
+// patch row, contiguous in both layouts: p and w are multiples of V and
+// both pointers 16-byte aligned, which src/elementwise.rs checks).
+template <typename T>
+__device__ void unfold_all(const T* __restrict__ x, T* __restrict__ y, int64_t groups, int c,
+                           int h, int w, int p) {
+    constexpr int V = 16 / sizeof(T);
+    const int gh = h / p, gw = w / p, per_row = p / V;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+         g += stride) {
+        // g = ((((image · gh + gy) · gw + gx) · c + ch) · p + py) · per_row + px.
+        int64_t rest = g;
+        const int px = static_cast<int>(rest % per_row);
+        rest /= per_row;
+        const int py = static_cast<int>(rest % p);
+        rest /= p;
+        const int ch = static_cast<int>(rest % c);
+        rest /= c;
+        const int gx = static_cast<int>(rest % gw);
+        rest /= gw;
+        const int gy = static_cast<int>(rest % gh);
+        const int64_t image = rest / gh;
+        const int64_t from =
+            ((image * c + ch) * h + static_cast<int64_t>(gy) * p + py) * w + gx * p + px * V;
+        reinterpret_cast<uint4*>(y)[g] = *reinterpret_cast<const uint4*>(x + from);
+    }
+}
+
 }  // namespace
+
+#define UNFOLD_KERNEL(T, NAME)                                                                   \
+    extern "C" __global__ void unfold_##NAME(const T* x, T* y, int64_t groups, int c, int h,   \
+                                             int w, int p) {                                   \
+        unfold_all<T>(x, y, groups, c, h, w, p);                                               \
+    }
+
+UNFOLD_KERNEL(float, f32)
+UNFOLD_KERNEL(__half, f16)
+UNFOLD_KERNEL(__nv_bfloat16, bf16)
 
 #define SILU_KERNEL(T, NAME) \
     extern "C" __global__ void silu_##NAME(const T* x, T* y, int64_t n) { silu_all<T>(x, y, n); }

@@ -1,20 +1,24 @@
 //! Elementwise ops of the CUDA graph ([`crate::Kernels::Cuda`]) as our own
 //! kernels (`kernels/elementwise.cu`): `silu`, which is QuickGELU once the
 //! graph has folded 1.702 into the weights around it, over the MLP's widest
-//! activations.
+//! activations; and the pixels unfolded into rows of patches for the patch
+//! embedding's GEMM.
 //!
 //! Why: candle's bf16 `silu` launches a thread per value although each
 //! thread that works takes eight, and its f16 one reads a value a thread;
 //! on the first H200 run it moved about 1.6 TB/s of the chip's 4.8 (3.9 %
 //! of the portable graph's kernel time, more of a graph whose other kernels
-//! got faster). Ours give each thread 16 bytes and size the grid to the
-//! work; the arithmetic is candle's, `x / (1 + e^-x)` in f32, rounded once.
-//! `MMEMBED_CUDA_SILU=candle` takes candle's kernel instead; other devices
-//! and graphs always do.
+//! got faster). The unfolding is a permute that candle copies with its
+//! strided kernel, which divides a 64-bit index by each of six dimensions
+//! per value (its copies ran at 0.2–0.3 TB/s on that run). Ours give each
+//! thread 16 bytes and size the grid to the work; `silu`'s arithmetic is
+//! candle's, `x / (1 + e^-x)` in f32, rounded once, and the unfolding moves
+//! values unchanged. `MMEMBED_CUDA_ELEMENTWISE=candle` takes candle's ops
+//! for both instead; other devices and graphs always do.
 
 use candle_core::{DType, Result, Tensor};
 
-/// `x · σ(x)`, on CUDA by our kernel unless `MMEMBED_CUDA_SILU=candle`.
+/// `x · σ(x)`, on CUDA by our kernel unless `MMEMBED_CUDA_ELEMENTWISE=candle`.
 pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
     match x.device() {
         #[cfg(feature = "cuda")]
@@ -31,16 +35,56 @@ fn reference(x: &Tensor) -> Result<Tensor> {
     x.to_dtype(DType::F32)?.silu()?.to_dtype(x.dtype())
 }
 
-/// Whether our kernel runs on CUDA: unless `MMEMBED_CUDA_SILU` is `candle`.
+/// `pixels [b, c, h, w]` as rows of patches `[b · (h/p) · (w/p), c · p ·
+/// p]`, each row's values in (channel, row, column) order as the patch
+/// weight's: with `ours` on CUDA our kernel (where whole 16-byte pieces of
+/// patch rows line up: `p` a multiple of 8 values in bf16/f16, 4 in f32),
+/// otherwise candle's permute and copy.
+pub(crate) fn unfold(pixels: &Tensor, p: usize, ours: bool) -> Result<Tensor> {
+    let (b, c, h, w) = pixels.dims4()?;
+    if p == 0 || h % p != 0 || w % p != 0 {
+        candle_core::bail!(
+            "pixels {:?} do not split into patches of {p}",
+            pixels.dims()
+        );
+    }
+    let (gh, gw) = (h / p, w / p);
+    match pixels.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_)
+            if ours
+                && self::ours()
+                && p.is_multiple_of(16 / pixels.dtype().size_in_bytes())
+                && pixels.elem_count() > 0 =>
+        {
+            pixels.contiguous()?.apply_op1_no_bwd(&cuda::Unfold { p })
+        }
+        _ => {
+            let _ = ours;
+            pixels
+                .reshape((b, c, gh, p, gw, p))?
+                .permute((0, 2, 4, 1, 3, 5))?
+                .reshape((b * gh * gw, c * p * p))
+        }
+    }
+}
+
+/// Whether our kernels run on CUDA: unless `MMEMBED_CUDA_ELEMENTWISE` is
+/// `candle`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn ours() -> bool {
-    match std::env::var("MMEMBED_CUDA_SILU").as_deref().map(str::trim) {
+    match std::env::var("MMEMBED_CUDA_ELEMENTWISE")
+        .as_deref()
+        .map(str::trim)
+    {
         Ok("candle") => false,
         Ok("" | "ours") | Err(_) => true,
         Ok(other) => {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
-                tracing::warn!("MMEMBED_CUDA_SILU={other:?}: expected ours or candle; using ours")
+                tracing::warn!(
+                    "MMEMBED_CUDA_ELEMENTWISE={other:?}: expected ours or candle; using ours"
+                )
             });
             true
         }
@@ -66,6 +110,73 @@ mod cuda {
     const THREADS: usize = 256;
     const MAX_BLOCKS: usize = 1 << 20;
 
+    /// The launch shape for `items` threads' work: a grid as large as the
+    /// work, striding past [`MAX_BLOCKS`].
+    fn grid(items: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (items.div_ceil(THREADS).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// The kernels read 16 bytes at a time from where a view starts
+    /// (allocations are 256-byte aligned).
+    fn aligned<T>(op: &str, l: &Layout) -> Result<()> {
+        if !(l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16) {
+            candle_core::bail!("{op}: a view from element {}", l.start_offset());
+        }
+        Ok(())
+    }
+
+    pub(super) struct Unfold {
+        pub p: usize,
+    }
+
+    cuda_only_op!(1, Unfold, "mmembed-unfold", "candle's permute");
+
+    impl Unfold {
+        fn run<T: CudaDType + WithDType + DeviceRepr>(
+            &self,
+            x: &CudaStorage,
+            l: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device().clone();
+            let xv = view::<T>(x, l)?;
+            let (b, c, h, w) = l.shape().dims4()?;
+            let (p, per16) = (self.p, 16 / std::mem::size_of::<T>());
+            aligned::<T>("mmembed-unfold", l)?;
+            if p == 0 || !p.is_multiple_of(per16) || h % p != 0 || w % p != 0 {
+                candle_core::bail!("mmembed-unfold: {:?} in patches of {p}", l.dims());
+            }
+            let n = xv.len();
+            let groups = n / per16;
+            // SAFETY: every 16-byte group of the output is written once.
+            let y = unsafe { dev.alloc::<T>(n) }?;
+            let func = dev.get_or_load_custom_func(
+                &format!("unfold_{}", T::DTYPE.as_str()),
+                MODULE,
+                ptx::ELEMENTWISE,
+            )?;
+            let int = |v: usize| i32::try_from(v).map_err(candle_core::Error::wrap);
+            let (g, ci, hi, wi, pi) = (groups as i64, int(c)?, int(h)?, int(w)?, int(p)?);
+            let mut launch = func.builder();
+            launch.arg(&xv);
+            launch.arg(&y);
+            launch.arg(&g);
+            for v in [&ci, &hi, &wi, &pi] {
+                launch.arg(v);
+            }
+            // SAFETY: the groups read lie inside `x` (image < b, channel
+            // < c, rows and columns inside h and w, since p divides both:
+            // checked above) and the writes inside `y`, `n` values each,
+            // 16-byte aligned; on candle's stream.
+            unsafe { launch.launch(grid(groups)) }.w()?;
+            let shape = Shape::from((b * (h / p) * (w / p), c * p * p));
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
+        }
+    }
+
     pub(super) struct Silu;
 
     cuda_only_op!(1, Silu, "mmembed-silu", "candle's silu");
@@ -80,22 +191,10 @@ mod cuda {
             let xv = view::<T>(x, l)?;
             let n = xv.len();
             let per_thread = 16 / std::mem::size_of::<T>();
-            // The kernel reads 16 bytes at a time from where the view
-            // starts (allocations are 256-byte aligned).
-            if !(l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16) {
-                candle_core::bail!("mmembed-silu: a view from element {}", l.start_offset());
-            }
+            aligned::<T>("mmembed-silu", l)?;
             // SAFETY: the kernel writes every value.
             let y = unsafe { dev.alloc::<T>(n) }?;
-            let blocks = n
-                .div_ceil(per_thread)
-                .div_ceil(THREADS)
-                .clamp(1, MAX_BLOCKS) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid(n.div_ceil(per_thread));
             let name = format!("silu_{}", T::DTYPE.as_str());
             let func = dev.get_or_load_custom_func(&name, MODULE, ptx::ELEMENTWISE)?;
             let len = n as i64;
@@ -131,6 +230,78 @@ mod tests {
         }
         let cpu = silu(&x)?.to_vec1::<f32>()?;
         assert_eq!(cpu, reference(&x)?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    /// The unfolding by hand: row (image, patch row, patch column), value
+    /// (channel, row in the patch, column in the patch).
+    fn unfold_by_hand(x: &[f32], (b, c, h, w): (usize, usize, usize, usize), p: usize) -> Vec<f32> {
+        let mut y = Vec::with_capacity(x.len());
+        for i in 0..b {
+            for gy in 0..h / p {
+                for gx in 0..w / p {
+                    for ch in 0..c {
+                        for py in 0..p {
+                            for px in 0..p {
+                                y.push(x[((i * c + ch) * h + gy * p + py) * w + gx * p + px]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn unfold_makes_rows_of_patches() -> Result<()> {
+        let dims = (2, 3, 8, 12);
+        let x = Tensor::arange(0f32, (2 * 3 * 8 * 12) as f32, &Device::Cpu)?.reshape(dims)?;
+        let y = unfold(&x, 4, true)?;
+        assert_eq!(y.dims(), &[2 * 2 * 3, 3 * 16]);
+        let want = unfold_by_hand(&x.flatten_all()?.to_vec1()?, dims, 4);
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, want);
+        assert!(unfold(&x, 5, true).is_err());
+        assert!(unfold(&x, 0, true).is_err());
+        Ok(())
+    }
+
+    /// On a GPU (`scripts/gpu-check.sh` runs the `on_cuda` tests there;
+    /// without one they say so and pass): the kernel moves every value
+    /// where the unfolding by hand puts it, every precision and patch size
+    /// it takes (and candle's ops where it does not: 14).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn on_cuda_unfold_is_the_permute() -> Result<()> {
+        let Some(gpu) = crate::cuda_ops::test_device() else {
+            return Ok(());
+        };
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (dims, p) in [
+                ((3, 3, 224, 224), 32),
+                ((2, 3, 224, 224), 16),
+                ((2, 3, 224, 224), 14),
+                ((1, 2, 16, 48), 8),
+            ] {
+                let (b, c, h, w) = dims;
+                // Integers mod 251, exact in every dtype (bf16 holds them up
+                // to 256); 251 divides no dimension, so a value moved to
+                // the wrong place shows.
+                let x: Vec<f32> = (0..b * c * h * w).map(|i| (i % 251) as f32).collect();
+                let t = Tensor::from_vec(x.clone(), dims, &Device::Cpu)?.to_dtype(dtype)?;
+                let got = unfold(&t.to_device(&gpu)?, p, true)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let want = unfold_by_hand(&x, dims, p);
+                let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                eprintln!("unfold {dtype:?} {dims:?} p {p}: {wrong} values misplaced");
+                assert!(
+                    wrong == 0 && got.len() == want.len(),
+                    "{dtype:?} {dims:?} p {p}"
+                );
+            }
+        }
         Ok(())
     }
 

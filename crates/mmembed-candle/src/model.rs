@@ -1314,10 +1314,7 @@ impl VisionTower {
         let (b, c, h, w) = pixels.dims4()?;
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
-        let unfolded = pixels
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b * gh * gw, c * p * p))?;
+        let unfolded = crate::elementwise::unfold(pixels, p, self.kernels == Kernels::Cuda)?;
         let weight = self.patch.weight();
         let weight = weight.reshape((weight.dim(0)?, c * p * p))?;
         Ok((unfolded, weight, (b, gh * gw)))
