@@ -1,8 +1,8 @@
 //! With the `cuda` feature: our CUDA kernels (`kernels/*.cu`) compiled to
 //! PTX, one `&str` constant per file in `$OUT_DIR/ptx.rs` (`ROWS` for
-//! `rows.cu`, `PIXELS` for `pixels.cu`), loaded by the driver at first use
-//! as candle loads its own. `convert.cuh`, which both include, is watched:
-//! the builder's cache otherwise only sees the `.cu` files change.
+//! `rows.cu`, `ATTENTION` for `attention.cu`, ...), loaded by the driver at
+//! first use as candle loads its own. `convert.cuh`, which they include, is
+//! watched: the builder's cache otherwise only sees the `.cu` files change.
 //! Built by `cudaforge`, which compiles candle's kernels too: the same
 //! nvcc (`CUDA_ROOT`, `PATH`), the same `CUDA_COMPUTE_CAP`.
 

@@ -1,7 +1,8 @@
-//! What the CUDA-only ops share (`blas_ops`, `rows`, `pixels`, `attention`): our
-//! kernels' PTX, tensor storage as device views, CUDA errors as candle's,
-//! and the `CustomOp` impls of an op that runs on CUDA only (the CPU runs a
-//! reference function instead).
+//! What the CUDA-only ops share (`blas_ops`, `rows`, `pixels`,
+//! `attention`, `elementwise`): our kernels' PTX, tensor storage as device
+//! views, CUDA errors as candle's, the `CustomOp` impls of an op that runs
+//! on CUDA only (the CPU runs a reference function instead), and the GPU
+//! for the `on_cuda` tests.
 
 use candle_core::cuda_backend::CudaDType;
 use candle_core::cuda_backend::cudarc::driver::CudaView;
