@@ -46,25 +46,9 @@ pub(crate) fn fits(shape: Heads, dtype: DType) -> bool {
         && padded(shape.t).is_some()
 }
 
-/// Whether the kernel is wanted: unless `MMEMBED_CUDA_ATTENTION` is `gemm`
-/// (read per call: a forward pass is milliseconds).
+/// Whether the kernel is wanted: unless `MMEMBED_CUDA_ATTENTION` is `gemm`.
 pub(crate) fn wanted() -> bool {
-    match std::env::var("MMEMBED_CUDA_ATTENTION")
-        .as_deref()
-        .map(str::trim)
-    {
-        Ok("gemm") => false,
-        Ok("" | "fused") | Err(_) => true,
-        Ok(other) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                tracing::warn!(
-                    "MMEMBED_CUDA_ATTENTION={other:?}: expected fused or gemm; using fused"
-                )
-            });
-            true
-        }
-    }
+    crate::device::our_kernel("MMEMBED_CUDA_ATTENTION", "fused", "gemm")
 }
 
 /// The heads' outputs merged, `[b, t, d]`, from packed projections `qkv
@@ -300,13 +284,6 @@ mod tests {
         Tensor::from_vec(v, (b, 1, t, t), dev)
     }
 
-    #[cfg(feature = "cuda")]
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
-        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
-    }
-
     /// Attention by hand, in f64 from the stored values: the probabilities
     /// rounded to bf16 as the kernel rounds them (`rounded`), the output
     /// left unrounded. `mask` is `[blocks, t, t]` flattened.
@@ -476,7 +453,7 @@ mod tests {
                 )?
                 .to_device(&cpu)?;
                 assert_eq!(got.dims(), want.dims());
-                let diff = max_rel_diff(&got, &want)?;
+                let diff = crate::cuda_ops::largest_diff(&got, &want)?;
                 eprintln!(
                     "attention {dtype:?} b {b} t {t} heads {heads}: max diff {diff:e} of the largest value"
                 );

@@ -31,6 +31,16 @@ pub(crate) fn test_device() -> Option<candle_core::Device> {
     }
 }
 
+/// For the `on_cuda` tests: the largest difference between `got` and
+/// `want`, compared as f32, as a share of `want`'s largest magnitude.
+#[cfg(test)]
+pub(crate) fn largest_diff(got: &candle_core::Tensor, want: &candle_core::Tensor) -> Result<f32> {
+    use candle_core::DType;
+    let (g, w) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
+    let scale = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+    Ok((g - w)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+}
+
 /// A CUDA library's error as candle's.
 pub(crate) fn cu<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))

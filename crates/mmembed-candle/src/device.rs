@@ -58,6 +58,28 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// Whether one of our CUDA kernels runs, by its switch: the environment
+/// variable `var` set to `theirs` takes the op the kernel replaced
+/// (`MMEMBED_CUDA_PIXELS=candle`, `MMEMBED_CUDA_ATTENTION=gemm`, ...);
+/// unset, empty or `ours` runs ours. Anything else runs ours too, said once
+/// per variable. Read per call: a switch costs nothing next to a batch.
+pub(crate) fn our_kernel(var: &'static str, ours: &str, theirs: &str) -> bool {
+    match std::env::var(var).as_deref().map(str::trim) {
+        Ok(v) if v == theirs => false,
+        Ok(v) if v.is_empty() || v == ours => true,
+        Err(_) => true,
+        Ok(other) => {
+            static WARNED: std::sync::Mutex<Vec<&str>> = std::sync::Mutex::new(Vec::new());
+            let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+            if !warned.contains(&var) {
+                warned.push(var);
+                tracing::warn!("{var}={other:?}: expected {ours} or {theirs}; using {ours}");
+            }
+            true
+        }
+    }
+}
+
 fn unavailable(spec: DeviceSpec, why: String) -> EmbedError {
     EmbedError::Backend {
         backend: "local".into(),

@@ -58,23 +58,10 @@ pub(crate) fn from_u8_rows(
 }
 
 /// Whether our kernel normalises on CUDA: unless `MMEMBED_CUDA_PIXELS` is
-/// `candle` (read per call, as each batch is a few hundred images).
+/// `candle`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn ours() -> bool {
-    match std::env::var("MMEMBED_CUDA_PIXELS")
-        .as_deref()
-        .map(str::trim)
-    {
-        Ok("candle") => false,
-        Ok("" | "ours") | Err(_) => true,
-        Ok(other) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                tracing::warn!("MMEMBED_CUDA_PIXELS={other:?}: expected ours or candle; using ours")
-            });
-            true
-        }
-    }
+    crate::device::our_kernel("MMEMBED_CUDA_PIXELS", "ours", "candle")
 }
 
 /// Normalised by candle's tensor ops, in f32. Channels last, as the bytes

@@ -365,12 +365,7 @@ mod tests {
                 })
                 .collect()
         };
-        // The largest difference as a share of the largest value.
-        let diff = |got: &Tensor, want: &Tensor| -> Result<f32> {
-            let (g, w) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
-            let scale = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
-            Ok((g - w)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
-        };
+        let diff = crate::cuda_ops::largest_diff;
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             // A few ulps of the storage type.
             let tol = match dtype {
