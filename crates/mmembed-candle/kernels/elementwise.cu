@@ -1,7 +1,8 @@
 // Elementwise kernels of the CUDA graph (`Kernels::Cuda`, src/elementwise.rs):
 // `silu`, which with 1.702 folded into the weights around it is QuickGELU,
-// over the MLP's widest activations (4x the model width), and the pixels'
-// unfolding into rows of patches for the patch embedding's GEMM.
+// over the MLP's widest activations (4x the model width), the pixels'
+// unfolding into rows of patches for the patch embedding's GEMM, and the
+// text tower's first rows, token embedding plus position, in one pass.
 //
 // Why our own: candle's bf16 `silu` reads 16 bytes a thread but launches a
 // thread per value, so seven threads in eight only check a bound and leave
@@ -74,7 +75,49 @@ __device__ void unfold_all(const T* __restrict__ x, T* __restrict__ y, int64_t g
     }
 }
 
+// The text tower's input rows: y[r] = table[ids[r]] + pos[r % t], `rows`
+// rows of `d` values (d a multiple of V; all pointers 16-byte aligned), in
+// f32 and rounded once. candle does it as a gather and a broadcast add,
+// two passes, the second its strided kernel. An id past the table (which
+// the tokenizer never gives) reads nothing: its row is the position alone.
+template <typename T>
+__device__ void token_rows_all(const uint32_t* __restrict__ ids, const T* __restrict__ table,
+                               const T* __restrict__ pos, T* __restrict__ y, int64_t rows, int t,
+                               int d, int64_t vocab) {
+    constexpr int V = 16 / sizeof(T);
+    const int per_row = d / V;
+    const int64_t groups = rows * per_row;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+         g += stride) {
+        const int64_t r = g / per_row;
+        const int k = static_cast<int>(g % per_row) * V;
+        const uint32_t id = ids[r];
+        uint4 a = make_uint4(0, 0, 0, 0);
+        if (id < vocab) a = *reinterpret_cast<const uint4*>(table + static_cast<int64_t>(id) * d + k);
+        const uint4 b = *reinterpret_cast<const uint4*>(pos + (r % t) * d + k);
+        uint4 out;
+        const T* av = reinterpret_cast<const T*>(&a);
+        const T* bv = reinterpret_cast<const T*>(&b);
+        T* ov = reinterpret_cast<T*>(&out);
+#pragma unroll
+        for (int i = 0; i < V; ++i) ov[i] = store<T>(load(av[i]) + load(bv[i]));
+        reinterpret_cast<uint4*>(y)[g] = out;
+    }
+}
+
 }  // namespace
+
+#define TOKEN_ROWS_KERNEL(T, NAME)                                                           \
+    extern "C" __global__ void token_rows_##NAME(const uint32_t* ids, const T* table,       \
+                                                 const T* pos, T* y, int64_t rows, int t,    \
+                                                 int d, int64_t vocab) {                     \
+        token_rows_all<T>(ids, table, pos, y, rows, t, d, vocab);                            \
+    }
+
+TOKEN_ROWS_KERNEL(float, f32)
+TOKEN_ROWS_KERNEL(__half, f16)
+TOKEN_ROWS_KERNEL(__nv_bfloat16, bf16)
 
 #define UNFOLD_KERNEL(T, NAME)                                                                   \
     extern "C" __global__ void unfold_##NAME(const T* x, T* y, int64_t groups, int c, int h,   \

@@ -1,8 +1,9 @@
 //! Elementwise ops of the CUDA graph ([`crate::Kernels::Cuda`]) as our own
 //! kernels (`kernels/elementwise.cu`): `silu`, which is QuickGELU once the
 //! graph has folded 1.702 into the weights around it, over the MLP's widest
-//! activations; and the pixels unfolded into rows of patches for the patch
-//! embedding's GEMM.
+//! activations; the pixels unfolded into rows of patches for the patch
+//! embedding's GEMM; and the text tower's first rows, token embedding plus
+//! position, in one pass.
 //!
 //! Why: candle's bf16 `silu` launches a thread per value although each
 //! thread that works takes eight, and its f16 one reads a value a thread;
@@ -13,8 +14,10 @@
 //! per value (its copies ran at 0.2–0.3 TB/s on that run). Ours give each
 //! thread 16 bytes and size the grid to the work; `silu`'s arithmetic is
 //! candle's, `x / (1 + e^-x)` in f32, rounded once, and the unfolding moves
-//! values unchanged. `MMEMBED_CUDA_ELEMENTWISE=candle` takes candle's ops
-//! for both instead; other devices and graphs always do.
+//! values unchanged. The text rows were candle's gather and then its
+//! strided broadcast add; ours reads each token's row and its position's
+//! once and adds in f32. `MMEMBED_CUDA_ELEMENTWISE=candle` takes candle's
+//! ops for all three instead; other devices and graphs always do.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -69,6 +72,50 @@ pub(crate) fn unfold(pixels: &Tensor, p: usize, ours: bool) -> Result<Tensor> {
     }
 }
 
+/// The text tower's input rows `[b, t, d]`: the token embeddings
+/// `table [vocab, d]` of `ids [b, t]` (u32) plus the positions `pos [t,
+/// d]` (the position table's first `t` rows). With `ours` on CUDA our
+/// kernel (rows of whole 16-byte pieces: `d` a multiple of 8 values in
+/// bf16/f16, 4 in f32), which adds in f32 and rounds once, and gives an id
+/// past the table (which the tokenizer never makes) its position alone;
+/// otherwise candle's gather and broadcast add.
+pub(crate) fn token_rows(table: &Tensor, ids: &Tensor, pos: &Tensor, ours: bool) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let (_, d) = table.dims2()?;
+    if pos.dims2()? != (t, d) || pos.dtype() != table.dtype() {
+        candle_core::bail!(
+            "token rows: positions {:?} {:?} for {t} tokens of a {:?} {:?} table",
+            pos.dims(),
+            pos.dtype(),
+            table.dims(),
+            table.dtype()
+        );
+    }
+    match table.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_)
+            if ours
+                && self::ours()
+                && ids.dtype() == DType::U32
+                && d.is_multiple_of(16 / table.dtype().size_in_bytes())
+                && b * t > 0 =>
+        {
+            table.contiguous()?.apply_op3_no_bwd(
+                &ids.contiguous()?,
+                &pos.contiguous()?,
+                &cuda::TokenRows,
+            )
+        }
+        _ => {
+            let _ = ours;
+            table
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, d))?
+                .broadcast_add(pos)
+        }
+    }
+}
+
 /// Whether our kernels run on CUDA: unless `MMEMBED_CUDA_ELEMENTWISE` is
 /// `candle`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -112,6 +159,78 @@ mod cuda {
             candle_core::bail!("{op}: a view from element {}", l.start_offset());
         }
         Ok(())
+    }
+
+    /// `[b, t, d]` rows from the table, the ids and the positions.
+    pub(super) struct TokenRows;
+
+    cuda_only_op!(
+        3,
+        TokenRows,
+        "mmembed-token-rows",
+        "candle's gather and add"
+    );
+
+    impl TokenRows {
+        #[allow(clippy::too_many_arguments)]
+        fn run3<T: CudaDType + WithDType + DeviceRepr>(
+            &self,
+            table: &CudaStorage,
+            tl: &Layout,
+            ids: &CudaStorage,
+            il: &Layout,
+            pos: &CudaStorage,
+            pl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = table.device().clone();
+            let (tv, iv, pv) = (
+                view::<T>(table, tl)?,
+                view::<u32>(ids, il)?,
+                view::<T>(pos, pl)?,
+            );
+            let (vocab, d) = tl.shape().dims2()?;
+            let (b, t) = il.shape().dims2()?;
+            aligned::<T>("mmembed-token-rows", tl)?;
+            aligned::<T>("mmembed-token-rows", pl)?;
+            let per16 = 16 / std::mem::size_of::<T>();
+            if !d.is_multiple_of(per16)
+                || pv.len() != t * d
+                || iv.len() != b * t
+                || tv.len() != vocab * d
+            {
+                candle_core::bail!(
+                    "mmembed-token-rows: {:?} table, {:?} ids, {:?} positions",
+                    tl.dims(),
+                    il.dims(),
+                    pl.dims()
+                );
+            }
+            let rows = b * t;
+            // SAFETY: every row's `d` values are written.
+            let y = unsafe { dev.alloc::<T>(rows * d) }?;
+            let func = dev.get_or_load_custom_func(
+                &format!("token_rows_{}", T::DTYPE.as_str()),
+                MODULE,
+                ptx::ELEMENTWISE,
+            )?;
+            let int = |v: usize| i32::try_from(v).map_err(candle_core::Error::wrap);
+            let (r, ti, di, vi) = (rows as i64, int(t)?, int(d)?, vocab as i64);
+            let mut launch = func.builder();
+            launch.arg(&iv);
+            launch.arg(&tv);
+            launch.arg(&pv);
+            launch.arg(&y);
+            launch.arg(&r);
+            launch.arg(&ti);
+            launch.arg(&di);
+            launch.arg(&vi);
+            // SAFETY: reads `rows` ids, table rows below `vocab` (the kernel
+            // skips others), `t` position rows, all `d` wide and 16-byte
+            // aligned (checked above); writes `rows · d` values; on
+            // candle's stream.
+            unsafe { launch.launch(grid(rows * d / per16)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((b, t, d))))
+        }
     }
 
     pub(super) struct Unfold {
@@ -239,6 +358,18 @@ mod tests {
     }
 
     #[test]
+    fn token_rows_are_table_rows_plus_positions() -> Result<()> {
+        let dev = Device::Cpu;
+        let table = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)?;
+        let pos = Tensor::new(&[[10f32, 20.], [30., 40.]], &dev)?;
+        let ids = Tensor::new(&[[2u32, 0], [1, 1]], &dev)?;
+        let y = token_rows(&table, &ids, &pos, true)?.to_vec3::<f32>()?;
+        assert_eq!(y, [[[15., 26.], [31., 42.]], [[13., 24.], [33., 44.]]]);
+        assert!(token_rows(&table, &ids, &pos.narrow(0, 0, 1)?, true).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn unfold_makes_rows_of_patches() -> Result<()> {
         let dims = (2, 3, 8, 12);
         let x = Tensor::arange(0f32, (2 * 3 * 8 * 12) as f32, &Device::Cpu)?.reshape(dims)?;
@@ -248,6 +379,63 @@ mod tests {
         assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, want);
         assert!(unfold(&x, 5, true).is_err());
         assert!(unfold(&x, 0, true).is_err());
+        Ok(())
+    }
+
+    /// On a GPU (`scripts/gpu-check.sh` runs the `on_cuda` tests there;
+    /// without one they say so and pass): the kernel's rows are the table's
+    /// and the positions' sum rounded once, bit for bit, every precision;
+    /// an id past the table gives the position alone.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn on_cuda_token_rows_are_the_sums() -> Result<()> {
+        let Some(gpu) = crate::cuda_ops::test_device() else {
+            return Ok(());
+        };
+        let cpu = Device::Cpu;
+        let (vocab, t, d, b) = (1000, 77, 512, 5);
+        let values = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k) % 1999) as f32 / 500. - 2.)
+                .collect()
+        };
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let table =
+                Tensor::from_vec(values(vocab * d, 7), (vocab, d), &cpu)?.to_dtype(dtype)?;
+            let pos = Tensor::from_vec(values(t * d, 13), (t, d), &cpu)?.to_dtype(dtype)?;
+            let mut ids: Vec<u32> = (0..b * t).map(|i| ((i * 31) % vocab) as u32).collect();
+            ids[3] = vocab as u32 + 5;
+            let ids_t = Tensor::from_vec(ids.clone(), (b, t), &cpu)?;
+            let got = token_rows(
+                &table.to_device(&gpu)?,
+                &ids_t.to_device(&gpu)?,
+                &pos.to_device(&gpu)?,
+                true,
+            )?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+            let (tf, pf) = (
+                table.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+                pos.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+            );
+            let mut wrong = 0;
+            for (r, &id) in ids.iter().enumerate() {
+                for k in 0..d {
+                    let tok = tf.get(id as usize).map_or(0., |row| row[k]);
+                    let want = Tensor::new(&[tok + pf[r % t][k]], &cpu)?
+                        .to_dtype(dtype)?
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()?[0];
+                    wrong += usize::from(got[r * d + k].to_bits() != want.to_bits());
+                }
+            }
+            eprintln!(
+                "token rows {dtype:?}: {wrong} of {} values differ",
+                b * t * d
+            );
+            assert_eq!(wrong, 0, "{dtype:?}");
+        }
         Ok(())
     }
 

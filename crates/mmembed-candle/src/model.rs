@@ -1005,12 +1005,18 @@ impl TextTower {
             candle_core::bail!("a batch of {b} sequences needs {b} pool positions and lengths");
         }
         let dev = ids.device();
-        let pos = Tensor::arange(0u32, t as u32, dev)?;
-        let mut x = add_positions(
-            &self.token.forward(ids)?,
-            &self.position.forward(&pos)?,
-            self.kernels,
-        )?;
+        let mut x = if self.kernels == Kernels::Cuda {
+            // One pass on CUDA (our kernel), candle's ops elsewhere.
+            let pos = self.position.embeddings().narrow(0, 0, t)?;
+            crate::elementwise::token_rows(self.token.embeddings(), ids, &pos, true)?
+        } else {
+            let pos = Tensor::arange(0u32, t as u32, dev)?;
+            add_positions(
+                &self.token.forward(ids)?,
+                &self.position.forward(&pos)?,
+                self.kernels,
+            )?
+        };
         if let Some(ln) = &self.embed_ln {
             x = ln.forward(&x)?;
         }
