@@ -6,11 +6,14 @@
 #                                       stand-ins for the CUDA libraries, and
 #                                       a release build of `mmembed` and
 #                                       `gpu_check` with --features cuda for
-#                                       compute capability 9.0 (Hopper), into
-#                                       target/gpu-check/ (about 25 MB, xz)
+#                                       compute capability 9.0 (Hopper), and
+#                                       mmembed-candle's unit tests (their
+#                                       on_cuda tests check our kernels), into
+#                                       target/gpu-check/ (about 31 MB, xz)
 #   scripts/gpu-check.sh run OUT        on the GPU machine (no Rust, no
 #                                       network; its python3 with torch and
-#                                       transformers): parity against PyTorch
+#                                       transformers): our kernels against
+#                                       their references, parity against PyTorch
 #                                       on the same GPU, throughput side by
 #                                       side, JPEG files end to end; writes
 #                                       OUT/report.md and the raw JSON lines.
