@@ -216,7 +216,7 @@ kernel_tests() {
         echo "!! every further step runs MMEMBED_CUDA_ATTENTION=gemm (our attention kernel failed its test)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_ATTENTION=gemm ;;
       elementwise::*)
-        echo "!! every further step runs MMEMBED_CUDA_ELEMENTWISE=candle (our silu or unfold kernel failed its test)" | tee -a "$out/fallback.txt"
+        echo "!! every further step runs MMEMBED_CUDA_ELEMENTWISE=candle (one of our elementwise kernels, silu, unfold or token rows, failed its test)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_ELEMENTWISE=candle ;;
       rows::*)
         echo "!! every further step runs MMEMBED_CUDA_GRAPH=cublas (our softmax or layer norm kernel failed its test)" | tee -a "$out/fallback.txt"
@@ -281,8 +281,8 @@ steps() {
     # First, if only our kernel for the crops' bytes is off (parity's
     # u8_pixels check), candle's ops for that alone on our graph.
     # Then, before leaving our graph, its attention kernel and its
-    # elementwise ones (silu, the patches' unfolding), one at a time (if
-    # their tests above did not already).
+    # elementwise ones (silu, the patches' unfolding, the text rows), one
+    # at a time (if their tests above did not already).
     local graph
     for graph in "" pixels attention elementwise cublas portable; do
       if [ "$graph" = pixels ]; then
@@ -295,7 +295,7 @@ steps() {
         export MMEMBED_CUDA_ATTENTION=gemm
       elif [ "$graph" = elementwise ]; then
         [ "${MMEMBED_CUDA_ELEMENTWISE:-}" != candle ] || continue
-        echo "!! every further step runs MMEMBED_CUDA_ELEMENTWISE=candle (parity failed with our silu and unfold kernels)" | tee -a "$out/fallback.txt"
+        echo "!! every further step runs MMEMBED_CUDA_ELEMENTWISE=candle (parity failed with our elementwise kernels: silu, unfold, token rows)" | tee -a "$out/fallback.txt"
         export MMEMBED_CUDA_ELEMENTWISE=candle
       elif [ -n "$graph" ]; then
         echo "!! every further step runs MMEMBED_CUDA_GRAPH=$graph (the graph above failed)" | tee -a "$out/fallback.txt"
@@ -325,7 +325,7 @@ steps() {
       || failed "our throughput run on the $other graph"
   done
   # And our graph with one of its kernels swapped back for the op before
-  # it (attention by cuBLAS GEMMs; candle's silu and unfolding), model
+  # it (attention by cuBLAS GEMMs; candle's silu, unfolding and text rows), model
   # only, bf16: what that kernel is worth. Skipped where a fallback already
   # swapped it.
   local variant
