@@ -76,8 +76,9 @@ pub(crate) fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Re
 }
 
 /// How many `[t, t]` mask blocks a mask of `len` values holds: a whole
-/// number that divides the sequences, else an error.
-fn mask_blocks(shape: Heads, len: usize) -> Result<usize> {
+/// number that divides the sequences, else an error (the GEMM path's
+/// check too).
+pub(crate) fn mask_blocks(shape: Heads, len: usize) -> Result<usize> {
     let Heads { b, t, .. } = shape;
     let blocks = len / (t * t).max(1);
     if blocks == 0 || blocks * t * t != len || !b.is_multiple_of(blocks) {

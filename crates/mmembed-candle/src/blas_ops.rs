@@ -147,15 +147,11 @@ pub(crate) fn attention(
     rows: bool,
 ) -> Result<Tensor> {
     let shape = Heads::of(qkv.dims3()?, heads)?;
-    let Heads { b, t, .. } = shape;
     let qkv = qkv.contiguous()?;
     let mask = mask
         .map(|m| {
             // One `[t, t]` block per sequence, or one for all of them.
-            let len = m.elem_count();
-            if len == 0 || !len.is_multiple_of(t * t) || !(b * t * t).is_multiple_of(len) {
-                candle_core::bail!("attention: mask {:?} for {b} sequences of {t}", m.dims());
-            }
+            crate::attention::mask_blocks(shape, m.elem_count())?;
             m.to_dtype(qkv.dtype())?.contiguous()
         })
         .transpose()?;
