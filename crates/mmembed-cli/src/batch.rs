@@ -14,17 +14,19 @@
 //! ```
 //!
 //! At the end the parts (and, with `--resume`, the previous `out.parquet`)
-//! are merged into `out.parquet`, written whole, then the parts are
-//! removed. Every URI's rows live in exactly one part, so merging keeps,
-//! for each URI, the rows of the newest file that has it: a retried or
-//! changed object replaces its old rows, and a crash between the final
-//! write and the clean-up duplicates nothing.
+//! are merged into `out.parquet`, written whole (a temporary file renamed,
+//! or one upload), then the parts are removed. Every URI's rows live in
+//! exactly one part, so merging keeps, for each URI, the rows of the newest
+//! file that has it: a retried or changed object replaces its old rows, and
+//! a crash between the final write and the clean-up duplicates nothing. The
+//! merge and `--resume`'s reading are streams ([`merge`](crate::merge)):
+//! memory does not grow with the output.
 //!
 //! Remote objects are fetched ahead of the model by a separate task,
 //! concurrently and bounded by bytes in flight, so storage latency overlaps
 //! compute.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,8 +42,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::backend::{BackendArgs, SegmentArgs};
 use crate::inputs::{self, Identity, Input, Kind, Shard};
 use crate::lock::OutputLock;
+use crate::merge::{self, Kept, Source, SpaceGroup, Staging};
 use crate::output::{Location, Output};
-use crate::recipe::Recipe;
 use crate::rows::{self, Format, Row};
 use mmembed_rows::RowInput;
 
@@ -144,89 +146,36 @@ pub struct Summary {
     pub failed: usize,
 }
 
-async fn read_rows(out: &Output, loc: &Location) -> anyhow::Result<Vec<Row>> {
-    Ok(rows::decode(loc.read().await?, out.format, &loc.display())?.0)
-}
-
-/// The rows of an earlier run's output or part, refused when that run was
-/// made with other settings than `recipe`.
-async fn read_to_resume(out: &Output, loc: &Location, recipe: &Recipe) -> anyhow::Result<Vec<Row>> {
-    let what = loc.display();
-    let (rows, earlier) = rows::decode(loc.read().await?, out.format, &what)?;
-    if let Some(earlier) = earlier {
-        recipe.check_resume(&what, &earlier)?;
-    }
-    Ok(rows)
-}
-
-async fn write_rows(
-    out: &Output,
-    loc: &Location,
-    rows: &[Row],
-    carried: &[String],
-    recipe: &Recipe,
-) -> anyhow::Result<()> {
-    let bytes = rows::encode(out.format, rows, carried, recipe)?;
-    loc.write(bytes, out.format.content_type())
-        .await
-        .with_context(|| format!("writing {}", loc.display()))
-}
-
-/// Keeps, for each URI, the rows of the newest source that has it.
-fn merge(sources: Vec<Vec<Row>>) -> Vec<Row> {
-    let mut newest: HashMap<String, usize> = HashMap::new();
-    for (i, rows) in sources.iter().enumerate() {
-        for r in rows {
-            newest.insert(r.uri.clone(), i);
-        }
-    }
-    let mut out: Vec<Row> = sources
-        .into_iter()
-        .enumerate()
-        .flat_map(|(i, rows)| rows.into_iter().map(move |r| (i, r)))
-        .filter(|(i, r)| newest.get(&r.uri) == Some(i))
-        .map(|(_, r)| r)
-        .collect();
-    // Deterministic whatever the chunking, resuming or sharding.
-    out.sort_by(|a, b| {
-        a.uri.cmp(&b.uri).then(
-            a.video_start_sec
-                .unwrap_or(-1.0)
-                .total_cmp(&b.video_start_sec.unwrap_or(-1.0)),
-        )
-    });
-    out
-}
-
-/// URIs whose rows all succeeded, with the identity the rows recorded.
-fn done_uris(rows: &[Row]) -> HashMap<String, Identity> {
-    let mut failed = HashSet::new();
-    let mut seen = HashMap::new();
-    for r in rows {
-        seen.entry(r.uri.clone()).or_insert_with(|| Identity {
-            size: r.size_bytes,
-            updated: r.updated,
-            etag: r.etag.clone(),
-            generation: r.generation.clone(),
+/// The previous output (rank 0) and the parts (ranked by number), as
+/// local files.
+async fn sources(out: &Output, staging: &mut Staging) -> anyhow::Result<Vec<Source>> {
+    let mut sources = vec![];
+    if out.path.exists().await? {
+        sources.push(Source {
+            rank: 0,
+            path: staging.local(&out.path).await?,
+            what: out.path.display(),
         });
-        if !r.ok() {
-            failed.insert(r.uri.clone());
-        }
     }
-    seen.retain(|u, _| !failed.contains(u));
-    seen
+    for (n, p) in out.part_files().await? {
+        sources.push(Source {
+            rank: n,
+            path: staging.local(&p).await?,
+            what: p.display(),
+        });
+    }
+    Ok(sources)
 }
 
 /// Refuses to add this run's vectors to an output whose kept vectors are
 /// in another embedding space or of another size: they could not be
 /// compared, and a search or an index over the output would refuse it (or,
-/// at one size, rank nonsense). `redo` are the URIs this run embeds again;
-/// their old rows are replaced, so they do not count. A combination allowed
-/// to mix spaces is checked for the size only.
+/// at one size, rank nonsense). `kept` are the groups of vectors that stay
+/// (the URIs this run embeds again are replaced, so they do not count). A
+/// combination allowed to mix spaces is checked for the size only.
 fn check_same_space(
     output: &str,
-    previous: &[Row],
-    redo: &HashSet<&str>,
+    kept: &[SpaceGroup<'_>],
     info: &EmbedderInfo,
     dimension: Option<u32>,
 ) -> anyhow::Result<()> {
@@ -234,17 +183,11 @@ fn check_same_space(
     // (model, space, dimension) of the kept vectors this run could not make,
     // with how many there are and the first URI.
     let mut other: BTreeMap<(&str, &str, Option<i32>), (usize, &str)> = BTreeMap::new();
-    for r in previous {
-        if !r.ok() || redo.contains(r.uri.as_str()) {
+    for g in kept {
+        if (info.space.is_mixed() || g.space == info.space.as_str()) && g.dimension == Some(dim) {
             continue;
         }
-        if (info.space.is_mixed() || r.space == info.space.as_str()) && r.dimension == Some(dim) {
-            continue;
-        }
-        other
-            .entry((&r.model, &r.space, r.dimension))
-            .or_insert((0, &r.uri))
-            .0 += 1;
+        other.insert((g.model, g.space, g.dimension), (g.rows, g.first));
     }
     let Some(((model, space, d), (n, uri))) = other.first_key_value() else {
         return Ok(());
@@ -545,22 +488,20 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     // What the vectors depend on beyond the model and size each row says.
     let video = table.inputs.iter().any(|i| inputs::is_video(&i.uri));
     let recipe = args.backend.recipe(video.then_some(&args.segments));
-    let mut sources = vec![];
-    if args.resume {
-        if exists {
-            sources.push(read_to_resume(out, &out.path, &recipe).await?);
-        }
-        for (_, p) in out.part_files().await? {
-            sources.push(read_to_resume(out, &p, &recipe).await?);
-        }
-    }
-    let previous = merge(sources);
-    let done = done_uris(&previous);
+    let mut staging = Staging::new();
+    let kept = if args.resume {
+        let sources = sources(out, &mut staging).await?;
+        let (format, recipe) = (out.format, recipe.clone());
+        tokio::task::spawn_blocking(move || Kept::read(&sources, format, &recipe)).await??
+    } else {
+        Kept::default()
+    };
+    let done = kept.done();
     let mut changed = 0;
-    let todo: Vec<Input> = table
+    let mut todo: Vec<Input> = table
         .inputs
         .iter()
-        .filter(|i| match done.get(&i.uri) {
+        .filter(|i| match done.get(i.uri.as_str()) {
             Some(id) if id.same_version(&i.identity) => false,
             Some(_) => {
                 changed += 1;
@@ -570,13 +511,14 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         })
         .cloned()
         .collect();
+    // In URI order, so that this run's parts follow each other and the
+    // final merge streams them as one run.
+    todo.sort_by(|a, b| a.uri.cmp(&b.uri));
     // Columns carried by earlier runs stay, new ones are added.
     let mut carried = table.carried_columns.clone();
-    for r in &previous {
-        for k in r.carried.keys() {
-            if !carried.contains(k) {
-                carried.push(k.clone());
-            }
+    for k in &kept.carried {
+        if !carried.contains(k) {
+            carried.push(k.clone());
         }
     }
     if table.inputs.is_empty() {
@@ -598,16 +540,20 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         );
     }
 
+    // What resuming read of the earlier files is needed once more, to check
+    // the vectors that stay, and only when there is something to embed.
+    let kept = (!todo.is_empty()).then_some(kept);
     if !todo.is_empty() {
         let embedder = args.backend.build_for(args.dimension).await?;
-        let redo: HashSet<&str> = todo.iter().map(|i| i.uri.as_str()).collect();
-        check_same_space(
-            &out.path.display(),
-            &previous,
-            &redo,
-            embedder.info(),
-            args.dimension,
-        )?;
+        if let Some(kept) = kept {
+            let redo: HashSet<&str> = todo.iter().map(|i| i.uri.as_str()).collect();
+            check_same_space(
+                &out.path.display(),
+                &kept.spaces_kept(&redo),
+                embedder.info(),
+                args.dimension,
+            )?;
+        }
         out.prepare_parts().await?;
         let buffer_kib = (args.fetch_buffer_mib.max(1) * 1024).min(u64::from(u32::MAX >> 3)) as u32;
         let fetcher = Arc::new(Fetcher {
@@ -640,9 +586,16 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         let mut embedded = std::pin::pin!(embedded);
         let mut part = first_part;
         let mut written = 0;
-        while let Some((n, rows)) = embedded.next().await {
+        while let Some((n, mut rows)) = embedded.next().await {
             failed_rows += rows.iter().filter(|r| !r.ok()).count();
-            write_rows(out, &out.part(part), &rows, &carried, &recipe).await?;
+            // Sorted, as the merge reads parts (a video's segments by start).
+            rows.sort_by(merge::key_cmp);
+            let loc = out.part(part);
+            let bytes = rows::encode(out.format, &rows, &carried, &recipe)?;
+            staging.keep(&loc, &bytes)?;
+            loc.write(bytes, out.format.content_type())
+                .await
+                .with_context(|| format!("writing {}", loc.display()))?;
             part += 1;
             written += 1;
             progress.advance(n, failed_rows);
@@ -653,21 +606,43 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         progress.finish();
     }
 
-    // Merge everything there is: the previous output and all parts.
-    let mut all = vec![];
-    if out.path.exists().await? {
-        all.push(read_rows(out, &out.path).await?);
+    drop(table);
+    // Merge everything there is: the previous output and all parts,
+    // streamed into a file beside the output (or in the staging folder for
+    // a bucket), flushed, then renamed over the output (or uploaded).
+    let sources = sources(out, &mut staging).await?;
+    let dest = match &out.path {
+        Location::Local(p) => rows::temporary_beside(p)?,
+        Location::Remote(_) => staging.file("merged")?,
+    };
+    let (format, target) = (out.format, dest.clone());
+    let counts = tokio::task::spawn_blocking(move || {
+        merge::merge(sources, format, &target, &carried, &recipe)
+    })
+    .await?;
+    let counts = match counts {
+        Ok(c) => c,
+        Err(e) => {
+            std::fs::remove_file(&dest).ok();
+            return Err(e);
+        }
+    };
+    match &out.path {
+        Location::Local(p) => std::fs::rename(&dest, p)
+            .with_context(|| format!("renaming {} to {}", dest.display(), p.display()))?,
+        Location::Remote(_) => {
+            let bytes =
+                std::fs::read(&dest).with_context(|| format!("reading {}", dest.display()))?;
+            out.path
+                .write(bytes, out.format.content_type())
+                .await
+                .with_context(|| format!("writing {}", out.path.display()))?;
+        }
     }
-    for (_, p) in out.part_files().await? {
-        all.push(read_rows(out, &p).await?);
-    }
-    let merged = merge(all);
-    write_rows(out, &out.path, &merged, &carried, &recipe).await?;
     out.remove_parts().await?;
-    let failed = merged.iter().filter(|r| !r.ok()).count();
     Ok(Summary {
-        ok: merged.len() - failed,
-        failed,
+        ok: counts.ok,
+        failed: counts.failed,
     })
 }
 
@@ -695,23 +670,6 @@ mod tests {
     }
 
     #[test]
-    fn merge_keeps_the_newest_rows_of_each_uri() {
-        let old = vec![
-            row("v.mp4", Some(0.0), ""),
-            row("v.mp4", Some(1.0), "corrupt"),
-            row("a.png", None, ""),
-        ];
-        let retry = vec![row("v.mp4", Some(1.0), ""), row("v.mp4", Some(0.0), "")];
-        let m = merge(vec![old.clone(), retry]);
-        assert_eq!(m.len(), 3);
-        assert!(m.iter().all(Row::ok));
-        assert_eq!(m[0].uri, "a.png");
-        assert_eq!(m[1].video_start_sec, Some(0.0));
-        let done = done_uris(&old);
-        assert_eq!(done.keys().collect::<Vec<_>>(), ["a.png"]);
-    }
-
-    #[test]
     fn resuming_refuses_vectors_of_another_space_or_size() {
         let info = |space: &str, dim: usize| EmbedderInfo {
             backend: "local".into(),
@@ -727,7 +685,11 @@ mod tests {
         let kept = vec![row("a.png", None, ""), row("v.mp4", Some(0.0), "")];
         let none = HashSet::new();
         let check = |rows: &[Row], redo: &HashSet<&str>, i: &EmbedderInfo, d: Option<u32>| {
-            check_same_space("out.jsonl", rows, redo, i, d).map_err(|e| e.to_string())
+            let mut kept = Kept::default();
+            for r in rows {
+                kept.add(0, r);
+            }
+            check_same_space("out.jsonl", &kept.spaces_kept(redo), i, d).map_err(|e| e.to_string())
         };
 
         // The same space and size, the size asked for or the native one.

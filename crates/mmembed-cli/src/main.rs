@@ -17,6 +17,7 @@ mod index;
 mod inputs;
 mod job;
 mod lock;
+mod merge;
 mod models;
 mod output;
 mod recipe;

@@ -3,16 +3,13 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-use bytes::Bytes;
 
 use anyhow::Context;
 use arrow_array::RecordBatch;
 use clap::ValueEnum;
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
@@ -56,7 +53,11 @@ impl Format {
     }
 }
 
-fn to_batch(rows: &[Row], carried: &[String], recipe: &Recipe) -> anyhow::Result<RecordBatch> {
+pub(crate) fn to_batch(
+    rows: &[Row],
+    carried: &[String],
+    recipe: &Recipe,
+) -> anyhow::Result<RecordBatch> {
     let batch =
         mmembed_rows::arrow::to_batch(rows, carried, mmembed_rows::arrow::EmbeddingLayout::List)?;
     let schema = recipe.attach(&batch.schema());
@@ -101,11 +102,7 @@ pub fn encode(
 /// directory, flushed to disk, then renamed over `path`. A crash at any
 /// point leaves either the old file or the new one, never a torn one.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("output path has no file name")?;
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let tmp = temporary_beside(path)?;
     let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     file.write_all(bytes)
         .with_context(|| format!("writing {}", tmp.display()))?;
@@ -114,6 +111,15 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     drop(file);
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
+}
+
+/// The temporary file, beside `path` and hidden, that is renamed over it.
+pub fn temporary_beside(path: &Path) -> anyhow::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("output path has no file name")?;
+    Ok(path.with_file_name(format!(".{name}.tmp")))
 }
 
 /// Encodes and writes `rows` with [`write_file_atomic`].
@@ -127,50 +133,21 @@ pub fn write_atomic(
     write_file_atomic(path, &encode(format, rows, carried, &Recipe::default())?)
 }
 
-/// Reads a local file written by [`write_file_atomic`].
+/// Reads a local file written by [`write_file_atomic`], with the recipe it
+/// records.
 #[cfg(test)]
-pub fn read(path: &Path, format: Format) -> anyhow::Result<Vec<Row>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(decode(Bytes::from(bytes), format, &path.display().to_string())?.0)
-}
-
-/// Parses a whole output file (or any Parquet/JSONL file with the same
-/// columns), with the recipe it records; `what` names it in errors.
-pub fn decode(
-    bytes: Bytes,
-    format: Format,
-    what: &str,
-) -> anyhow::Result<(Vec<Row>, Option<Recipe>)> {
-    let ctx = || format!("reading {what}");
-    match format {
-        Format::Jsonl => {
-            let text = std::str::from_utf8(&bytes).with_context(ctx)?;
-            let mut rows = vec![];
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                rows.push(
-                    serde_json::from_str(line)
-                        .with_context(|| format!("{what}:{}: not an output row", i + 1))?,
-                );
-            }
-            Ok((rows, None))
-        }
-        Format::Parquet => {
-            let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).with_context(ctx)?;
-            let recipe = Recipe::of(builder.schema());
-            let reader = builder.build().with_context(ctx)?;
-            let mut rows = vec![];
-            for batch in reader {
-                rows.extend(from_batch(&batch.with_context(ctx)?).with_context(ctx)?);
-            }
-            Ok((rows, recipe))
-        }
+pub fn read(path: &Path, format: Format) -> anyhow::Result<(Vec<Row>, Option<Recipe>)> {
+    let what = path.display().to_string();
+    let file = crate::merge::open(path, format, &what, crate::merge::Columns::All)?;
+    let recipe = file.recipe.clone();
+    let mut rows = vec![];
+    for b in file {
+        rows.extend(b?);
     }
+    Ok((rows, recipe))
 }
 
-fn from_batch(b: &RecordBatch) -> anyhow::Result<Vec<Row>> {
+pub(crate) fn from_batch(b: &RecordBatch) -> anyhow::Result<Vec<Row>> {
     Ok(mmembed_rows::arrow::from_batch(b)?)
 }
 
@@ -226,7 +203,7 @@ mod tests {
         for f in [Format::Parquet, Format::Jsonl] {
             let p = d.path().join(format!("out.{}", f.ext()));
             write_atomic(&p, f, &sample(), &["label".to_string()]).unwrap();
-            assert_eq!(read(&p, f).unwrap(), sample(), "{f:?}");
+            assert_eq!(read(&p, f).unwrap().0, sample(), "{f:?}");
             let leftovers = std::fs::read_dir(d.path())
                 .unwrap()
                 .filter(|e| {
@@ -243,15 +220,19 @@ mod tests {
 
     #[test]
     fn parquet_records_the_recipe() {
+        let d = tempfile::tempdir().unwrap();
         let recipe = Recipe::default().with("jpeg_draft", true);
+        let p = d.path().join("o.parquet");
         let bytes = encode(Format::Parquet, &sample(), &["label".into()], &recipe).unwrap();
-        let (rows, got) = decode(Bytes::from(bytes), Format::Parquet, "p").unwrap();
-        assert_eq!((rows, got), (sample(), Some(recipe.clone())));
-        let bytes = encode(Format::Jsonl, &sample(), &["label".into()], &recipe).unwrap();
+        write_file_atomic(&p, &bytes).unwrap();
         assert_eq!(
-            decode(Bytes::from(bytes), Format::Jsonl, "j").unwrap().1,
-            None
+            read(&p, Format::Parquet).unwrap(),
+            (sample(), Some(recipe.clone()))
         );
+        let p = d.path().join("o.jsonl");
+        let bytes = encode(Format::Jsonl, &sample(), &["label".into()], &recipe).unwrap();
+        write_file_atomic(&p, &bytes).unwrap();
+        assert_eq!(read(&p, Format::Jsonl).unwrap().1, None);
     }
 
     #[test]
