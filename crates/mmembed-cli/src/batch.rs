@@ -627,18 +627,10 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
             return Err(e);
         }
     };
-    match &out.path {
-        Location::Local(p) => std::fs::rename(&dest, p)
-            .with_context(|| format!("renaming {} to {}", dest.display(), p.display()))?,
-        Location::Remote(_) => {
-            let bytes =
-                std::fs::read(&dest).with_context(|| format!("reading {}", dest.display()))?;
-            out.path
-                .write(bytes, out.format.content_type())
-                .await
-                .with_context(|| format!("writing {}", out.path.display()))?;
-        }
-    }
+    out.path
+        .upload(&dest, out.format.content_type())
+        .await
+        .with_context(|| format!("writing {}", out.path.display()))?;
     out.remove_parts().await?;
     Ok(Summary {
         ok: counts.ok,

@@ -718,10 +718,10 @@ impl RowWriter {
     }
 }
 
-/// Local copies of a bucket output's files, for the merge to stream (an
-/// object store gives no cheap random access to a Parquet footer and its
-/// row groups through our layer; a local copy does). Local outputs are
-/// read where they are.
+/// Local copies of a bucket output's files, downloaded as streams, for the
+/// merge to read in batches (our store layer has no ranged reads for a
+/// Parquet footer and its row groups; a local copy serves them). Local
+/// outputs are read where they are.
 pub(crate) struct Staging {
     dir: Option<tempfile::TempDir>,
     copies: HashMap<String, PathBuf>,
@@ -765,9 +765,11 @@ impl Staging {
                 if let Some(p) = self.copies.get(u) {
                     return Ok(p.clone());
                 }
-                let bytes = loc.read().await?;
-                self.keep(loc, &bytes)?;
-                Ok(self.copies[u].clone())
+                let n = self.copies.len();
+                let path = self.dir()?.join(format!("{n:06}"));
+                loc.download(&path).await?;
+                self.copies.insert(u.clone(), path.clone());
+                Ok(path)
             }
         }
     }

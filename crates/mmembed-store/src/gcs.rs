@@ -3,10 +3,12 @@
 //! Hand-rolled rather than `object_store`'s GCS client because that client
 //! speaks the XML API: its listings carry no `generation` (the identity
 //! BigQuery's object tables use), and the GCS emulators on PyPI implement
-//! only the JSON API. The surface needed is five requests (metadata,
-//! download, list, media upload, delete), each retried here on 408/429/5xx,
-//! timeouts and connection faults; a download that breaks off mid-body
-//! resumes with a `Range` request pinned to the same generation.
+//! only the JSON API. The surface needed is six requests (metadata,
+//! download, list, media upload, resumable upload, delete), each retried
+//! here on 408/429/5xx, timeouts and connection faults; a download that
+//! breaks off mid-body resumes with a `Range` request pinned to the same
+//! generation, and a resumable upload after a fault asks the session how
+//! many bytes it holds and goes on from there.
 
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use crate::{Bucket, ObjectInfo, PutMode, StoreError, StoreOptions, backoff};
+use crate::{Bucket, ObjectInfo, PutMode, Sink, StoreError, StoreOptions, backoff};
 
 const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
 /// Characters left as they are in an object name inside a URL path.
@@ -286,6 +288,125 @@ impl GcsBucket {
     }
 }
 
+/// What a resumable upload's session answered.
+enum Resumable {
+    /// The object is complete.
+    Done,
+    /// GCS holds this many bytes, and wants the rest.
+    Has(u64),
+}
+
+/// Why a request to a resumable session did not get an answer.
+enum Fault {
+    /// Worth asking again (a transport fault, 408/429/5xx).
+    Retry(StoreError),
+    /// Not (an expired session, access refused).
+    Fail(StoreError),
+}
+
+/// GCS's unit for a resumable upload's pieces.
+const RESUMABLE_UNIT: usize = 256 << 10;
+
+impl GcsBucket {
+    /// Starts a resumable upload of `size` bytes; its session URL.
+    async fn start_resumable(
+        &self,
+        key: &str,
+        content_type: &str,
+        size: u64,
+    ) -> Result<String, StoreError> {
+        let url = format!(
+            "{}/upload/storage/v1/b/{}/o",
+            self.endpoint,
+            utf8_percent_encode(&self.bucket, NAME)
+        );
+        let q = [("uploadType", "resumable"), ("name", key)];
+        self.retrying(|_| async {
+            let resp = match self
+                .send(key, |h| {
+                    self.http
+                        .post(&url)
+                        .headers(h)
+                        .query(&q)
+                        .header("X-Upload-Content-Type", content_type)
+                        .header("X-Upload-Content-Length", size)
+                        .header(http::header::CONTENT_LENGTH, 0)
+                })
+                .await
+            {
+                Attempt::Done(r) => r,
+                Attempt::Retry(e) => return Attempt::Retry(e),
+                Attempt::Fail(e) => return Attempt::Fail(e),
+            };
+            match resp
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(l) => Attempt::Done(l.to_string()),
+                None => Attempt::Fail(StoreError::Transport {
+                    uri: self.uri(key),
+                    message: "GCS started an upload without naming its session".into(),
+                    retryable: false,
+                }),
+            }
+        })
+        .await
+    }
+
+    /// One request to a resumable session (a piece, or with an empty body
+    /// and `bytes */SIZE`, a question): 200/201 when the object is
+    /// complete, 308 with the bytes held. `Err(Retry)` for faults worth
+    /// trying again, `Err(Fail)` for the rest (an expired session: 404/410).
+    async fn resumable_put(
+        &self,
+        key: &str,
+        session: &str,
+        range: &str,
+        body: Bytes,
+    ) -> Result<Resumable, Fault> {
+        let h = match self.headers(key).await {
+            Ok(h) => h,
+            Err(e) if e.is_retryable() => return Err(Fault::Retry(e)),
+            Err(e) => return Err(Fault::Fail(e)),
+        };
+        let resp = match self
+            .http
+            .put(session)
+            .headers(h)
+            .header(http::header::CONTENT_RANGE, range)
+            .body(body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Err(Fault::Retry(self.transport(key, &e))),
+        };
+        match resp.status().as_u16() {
+            200 | 201 => Ok(Resumable::Done),
+            // `Range: bytes=0-N` once GCS holds N + 1 bytes; none before.
+            308 => Ok(Resumable::Has(
+                resp.headers()
+                    .get(http::header::RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.rsplit('-').next())
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .map_or(0, |last| last + 1),
+            )),
+            _ => match self.status_error::<()>(key, resp).await {
+                Attempt::Retry(e) => Err(Fault::Retry(e)),
+                Attempt::Fail(e) => Err(Fault::Fail(e)),
+                // status_error classifies failures only.
+                Attempt::Done(()) => Err(Fault::Fail(StoreError::Transport {
+                    uri: self.uri(key),
+                    message: "GCS answered an upload with an unexpected status".into(),
+                    retryable: false,
+                })),
+            },
+        }
+    }
+}
+
 #[async_trait]
 impl Bucket for GcsBucket {
     async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
@@ -296,12 +417,17 @@ impl Bucket for GcsBucket {
         self.info(r)
     }
 
-    async fn get(&self, info: &ObjectInfo, key: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
+    async fn get(
+        &self,
+        info: &ObjectInfo,
+        key: &str,
+        sink: &mut dyn Sink,
+    ) -> Result<(), StoreError> {
         let mut url = format!("{}?alt=media", self.object_url("download/", key));
         if let Some(g) = &info.generation {
             url.push_str(&format!("&generation={g}"));
         }
-        let buf = Mutex::new(crate::Capped::new(&info.uri, max_bytes, info.size));
+        let buf = Mutex::new(sink);
         self.retrying(|_| async {
             let mut buf = buf.lock().await;
             let resume_at = buf.len();
@@ -323,7 +449,9 @@ impl Bucket for GcsBucket {
             };
             if resume_at > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
                 // The server ignored the range: start over.
-                buf.clear();
+                if let Err(e) = buf.clear() {
+                    return Attempt::Fail(e);
+                }
             }
             let mut body = resp.bytes_stream();
             while let Some(chunk) = body.next().await {
@@ -346,7 +474,7 @@ impl Bucket for GcsBucket {
             Attempt::Done(())
         })
         .await?;
-        Ok(buf.into_inner().freeze())
+        Ok(())
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
@@ -411,6 +539,93 @@ impl Bucket for GcsBucket {
             .map(|_| ())
         })
         .await
+    }
+
+    async fn upload(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        content_type: &str,
+        chunk: usize,
+    ) -> Result<(), StoreError> {
+        let uri = self.uri(key);
+        let local = |doing: &str, e: std::io::Error| crate::local_error(&uri, path, doing, &e);
+        let mut file = std::fs::File::open(path).map_err(|e| local("opening", e))?;
+        let size = file.metadata().map_err(|e| local("reading", e))?.len();
+        // GCS takes a resumable upload's pieces in multiples of 256 KiB.
+        let chunk = (chunk / RESUMABLE_UNIT).max(1) * RESUMABLE_UNIT;
+        if size <= chunk as u64 {
+            let data = std::fs::read(path).map_err(|e| local("reading", e))?;
+            return self
+                .put(key, Bytes::from(data), content_type, PutMode::Overwrite)
+                .await;
+        }
+        let session = self.start_resumable(key, content_type, size).await?;
+        // The bytes GCS holds; each piece is read from the file there, so a
+        // piece it kept only part of is sent again from where it stopped.
+        let mut offset: u64 = 0;
+        let mut buf = vec![0u8; chunk];
+        let mut failures = 0;
+        loop {
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .map_err(|e| local("reading", e))?;
+            let want = chunk.min((size - offset) as usize);
+            let n = crate::objstore::read_full(&mut file, &mut buf[..want])
+                .map_err(|e| local("reading", e))?;
+            if n < want {
+                return Err(local(
+                    "reading",
+                    std::io::Error::other("the file shrank during the upload"),
+                ));
+            }
+            let range = format!("bytes {offset}-{}/{size}", offset + n as u64 - 1);
+            let body = Bytes::copy_from_slice(&buf[..n]);
+            let sent = self.resumable_put(key, &session, &range, body).await;
+            match sent {
+                Ok(Resumable::Done) => return Ok(()),
+                Ok(Resumable::Has(held)) if held > offset => {
+                    offset = held;
+                    failures = 0;
+                    continue;
+                }
+                // A piece taken without progress: counted as a fault, so a
+                // session that never moves ends.
+                Ok(Resumable::Has(held)) => {
+                    offset = held;
+                    if failures >= self.max_retries {
+                        return Err(StoreError::Transport {
+                            uri,
+                            message: format!("GCS kept {held} of {size} bytes and took no more"),
+                            retryable: true,
+                        });
+                    }
+                    failures += 1;
+                    continue;
+                }
+                Err(Fault::Fail(e)) => return Err(e),
+                Err(Fault::Retry(e)) => {
+                    if failures >= self.max_retries {
+                        return Err(e);
+                    }
+                    let wait = backoff(self.initial_backoff, failures);
+                    tracing::debug!(error = %e, attempt = failures + 1, ?wait, "resuming a GCS upload");
+                    tokio::time::sleep(wait).await;
+                    failures += 1;
+                }
+            }
+            // After a fault: ask how much GCS holds, and go on from there.
+            match self
+                .resumable_put(key, &session, &format!("bytes */{size}"), Bytes::new())
+                .await
+            {
+                Ok(Resumable::Done) => return Ok(()),
+                Ok(Resumable::Has(held)) => offset = held,
+                Err(Fault::Fail(e)) => return Err(e),
+                // Unknown: the same piece again (GCS ignores bytes it has).
+                Err(_) => {}
+            }
+        }
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

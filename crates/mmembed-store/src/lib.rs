@@ -16,7 +16,9 @@
 //!
 //! Reads check the object's size against the caller's limit *before*
 //! downloading and stop at the limit while streaming, so no object can make
-//! a process allocate without bound. Credentials never appear in errors,
+//! a process allocate without bound; [`Stores::download`] and
+//! [`Stores::upload`] move whole files between disk and a bucket in
+//! streamed pieces, whatever their size. Credentials never appear in errors,
 //! logs or `Debug` output.
 //!
 //! ```
@@ -35,6 +37,7 @@ pub mod testkit;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -271,9 +274,14 @@ impl ObjectUri {
 pub(crate) trait Bucket: Send + Sync + fmt::Debug {
     async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError>;
     /// The bytes of the object `info` describes (as `head` or `list` gave
-    /// it: pinned to that generation/ETag where the store allows), at most
-    /// `max_bytes`.
-    async fn get(&self, info: &ObjectInfo, key: &str, max_bytes: u64) -> Result<Bytes, StoreError>;
+    /// it: pinned to that generation/ETag where the store allows), into
+    /// `sink` (which refuses bytes past its limit).
+    async fn get(
+        &self,
+        info: &ObjectInfo,
+        key: &str,
+        sink: &mut dyn Sink,
+    ) -> Result<(), StoreError>;
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
     async fn put(
         &self,
@@ -283,6 +291,17 @@ pub(crate) trait Bucket: Send + Sync + fmt::Debug {
         mode: PutMode,
     ) -> Result<(), StoreError>;
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Writes the file at `path` as the object, whole: readers see it only
+    /// once completed (one put up to `chunk` bytes, else a multipart or
+    /// resumable upload of `chunk`-sized pieces read from the file, so
+    /// memory holds a few pieces, not the file).
+    async fn upload(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        content_type: &str,
+        chunk: usize,
+    ) -> Result<(), StoreError>;
 }
 
 /// Retries and timeouts of every store; each is an environment variable.
@@ -302,6 +321,11 @@ pub struct StoreOptions {
     /// GCS endpoint (`STORAGE_EMULATOR_HOST`, as Google's client libraries
     /// read it): when set, requests go there without credentials.
     pub gcs_endpoint: Option<String>,
+    /// [`Stores::upload`] sends files up to this size in one request and
+    /// larger ones in pieces of this size, read from the file one at a time
+    /// (`MMEMBED_STORE_UPLOAD_CHUNK_MIB`, default 64 MiB; at least 5 MiB on
+    /// S3, a multiple of 256 KiB on GCS, as the stores require).
+    pub upload_chunk: usize,
 }
 
 impl Default for StoreOptions {
@@ -312,6 +336,7 @@ impl Default for StoreOptions {
             connect_timeout: Duration::from_secs(10),
             initial_backoff: Duration::from_millis(100),
             gcs_endpoint: None,
+            upload_chunk: 64 << 20,
         }
     }
 }
@@ -336,6 +361,9 @@ impl StoreOptions {
         }
         if let Some(n) = num("MMEMBED_STORE_BACKOFF_MS") {
             o.initial_backoff = Duration::from_millis(n);
+        }
+        if let Some(n) = num("MMEMBED_STORE_UPLOAD_CHUNK_MIB") {
+            o.upload_chunk = (n.clamp(1, 4096) as usize) << 20;
         }
         o.gcs_endpoint = std::env::var("STORAGE_EMULATOR_HOST")
             .ok()
@@ -444,7 +472,38 @@ impl Stores {
     ) -> Result<Bytes, StoreError> {
         check_size(&info.uri, info.size, max_bytes)?;
         let u = ObjectUri::parse(&info.uri)?;
-        self.bucket(&u)?.get(info, &u.key, max_bytes).await
+        let mut buf = Capped::new(&info.uri, max_bytes, info.size);
+        self.bucket(&u)?.get(info, &u.key, &mut buf).await?;
+        Ok(buf.freeze())
+    }
+
+    /// Downloads an object to a local file (created or truncated), streamed:
+    /// memory holds a chunk of the body, whatever the object's size. Pinned
+    /// to the generation/ETag its metadata gave, and resumed where a body
+    /// breaks off, as [`read`](Self::read) is.
+    pub async fn download(&self, uri: &str, path: &Path) -> Result<ObjectInfo, StoreError> {
+        let u = ObjectUri::parse(uri)?;
+        let b = self.bucket(&u)?;
+        let info = b.head(&u.key).await?;
+        let mut sink = FileSink::create(uri, path)?;
+        b.get(&info, &u.key, &mut sink).await?;
+        Ok(info)
+    }
+
+    /// Uploads a local file as an object, streamed from the file; readers
+    /// see the old object or the whole new one, never a part (one put up to
+    /// [`StoreOptions::upload_chunk`] bytes, else one multipart upload on
+    /// S3 and Azure, one resumable upload on GCS, completed at the end).
+    pub async fn upload(
+        &self,
+        uri: &str,
+        path: &Path,
+        content_type: &str,
+    ) -> Result<(), StoreError> {
+        let u = ObjectUri::parse(uri)?;
+        self.bucket(&u)?
+            .upload(&u.key, path, content_type, self.options.upload_chunk)
+            .await
     }
 
     /// Lists `spec`: a prefix (`gs://b/photos/`: everything under it), a
@@ -533,6 +592,85 @@ pub(crate) fn check_size(uri: &str, size: u64, limit: u64) -> Result<(), StoreEr
         });
     }
     Ok(())
+}
+
+/// Where a download's bytes go.
+pub(crate) trait Sink: Send {
+    fn push(&mut self, chunk: &[u8]) -> Result<(), StoreError>;
+    /// Bytes received so far (where a broken-off body resumes).
+    fn len(&self) -> usize;
+    /// Drops what was received (a server that ignored a resume range).
+    fn clear(&mut self) -> Result<(), StoreError>;
+}
+
+impl Sink for Capped<'_> {
+    fn push(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        Capped::push(self, chunk)
+    }
+
+    fn len(&self) -> usize {
+        Capped::len(self)
+    }
+
+    fn clear(&mut self) -> Result<(), StoreError> {
+        Capped::clear(self);
+        Ok(())
+    }
+}
+
+/// A download written to a local file as it arrives.
+struct FileSink {
+    uri: String,
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    len: usize,
+}
+
+impl FileSink {
+    fn create(uri: &str, path: &Path) -> Result<Self, StoreError> {
+        let file =
+            std::fs::File::create(path).map_err(|e| local_error(uri, path, "creating", &e))?;
+        Ok(Self {
+            uri: uri.to_string(),
+            path: path.to_path_buf(),
+            file,
+            len: 0,
+        })
+    }
+}
+
+/// A local file's fault during a download or upload, naming both.
+pub(crate) fn local_error(uri: &str, path: &Path, doing: &str, e: &std::io::Error) -> StoreError {
+    StoreError::Transport {
+        uri: uri.to_string(),
+        message: format!("{doing} the local file {}: {e}", path.display()),
+        retryable: false,
+    }
+}
+
+impl Sink for FileSink {
+    fn push(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        use std::io::Write;
+        self.file
+            .write_all(chunk)
+            .map_err(|e| local_error(&self.uri, &self.path, "writing", &e))?;
+        self.len += chunk.len();
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) -> Result<(), StoreError> {
+        use std::io::Seek;
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.rewind())
+            .map_err(|e| local_error(&self.uri, &self.path, "truncating", &e))?;
+        self.len = 0;
+        Ok(())
+    }
 }
 
 /// A download buffer that refuses to grow past the limit (an object that

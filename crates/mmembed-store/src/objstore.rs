@@ -11,7 +11,7 @@ use object_store::{
     PutOptions, PutPayload, RetryConfig, WriteMultipart,
 };
 
-use crate::{Bucket, ObjectInfo, ObjectUri, PutMode, Scheme, StoreError, StoreOptions};
+use crate::{Bucket, ObjectInfo, ObjectUri, PutMode, Scheme, Sink, StoreError, StoreOptions};
 
 /// Objects at least this large are written as one multipart upload (S3
 /// refuses single PUTs over 5 GiB; parts also retry independently).
@@ -174,7 +174,12 @@ impl Bucket for OsBucket {
         }
     }
 
-    async fn get(&self, info: &ObjectInfo, key: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
+    async fn get(
+        &self,
+        info: &ObjectInfo,
+        key: &str,
+        sink: &mut dyn Sink,
+    ) -> Result<(), StoreError> {
         let p = self.path(key)?;
         let opts = GetOptions {
             if_match: info.etag.clone(),
@@ -186,15 +191,13 @@ impl Bucket for OsBucket {
             .get_opts(&p, opts)
             .await
             .map_err(|e| self.error(key, e))?;
-        crate::check_size(&info.uri, got.meta.size, max_bytes)?;
-        let mut buf = crate::Capped::new(&info.uri, max_bytes, got.meta.size);
         // object_store resumes a body that breaks off mid-way (a reset, a
         // timeout) with a ranged request pinned to the same ETag.
         let mut stream = got.into_stream();
         while let Some(chunk) = stream.next().await {
-            buf.push(&chunk.map_err(|e| self.error(key, e))?)?;
+            sink.push(&chunk.map_err(|e| self.error(key, e))?)?;
         }
-        Ok(buf.freeze())
+        Ok(())
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
@@ -269,6 +272,65 @@ impl Bucket for OsBucket {
             .map_err(|e| self.error(key, e))
     }
 
+    async fn upload(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        content_type: &str,
+        chunk: usize,
+    ) -> Result<(), StoreError> {
+        let uri = self.base.with_key(key).to_uri();
+        let local = |doing: &str, e: std::io::Error| crate::local_error(&uri, path, doing, &e);
+        let mut file = std::fs::File::open(path).map_err(|e| local("opening", e))?;
+        let size = file.metadata().map_err(|e| local("reading", e))?.len();
+        // S3 refuses parts under 5 MiB (but the last).
+        let chunk = chunk.max(5 << 20);
+        if size <= chunk as u64 {
+            let data = std::fs::read(path).map_err(|e| local("reading", e))?;
+            return self
+                .put(key, Bytes::from(data), content_type, PutMode::Overwrite)
+                .await;
+        }
+        let p = self.path(key)?;
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, content_type.to_string().into());
+        let upload = self
+            .store
+            .put_multipart_opts(
+                &p,
+                object_store::PutMultipartOptions {
+                    attributes,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| self.error(key, e))?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, chunk);
+        let mut buf = vec![0u8; chunk];
+        let sent: Result<(), StoreError> = async {
+            loop {
+                let n = read_full(&mut file, &mut buf).map_err(|e| local("reading", e))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                // At most a few parts in flight: memory stays a few chunks.
+                w.wait_for_capacity(4)
+                    .await
+                    .map_err(|e| self.error(key, e))?;
+                w.write(&buf[..n]);
+            }
+        }
+        .await;
+        match sent {
+            // Not visible until completed; a failure aborts the upload.
+            Ok(()) => w.finish().await.map(|_| ()).map_err(|e| self.error(key, e)),
+            Err(e) => {
+                w.abort().await.ok();
+                Err(e)
+            }
+        }
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let p = self.path(key)?;
         // S3 deletes go out as a bulk-delete POST, which object_store does
@@ -287,4 +349,18 @@ impl Bucket for OsBucket {
             }
         }
     }
+}
+
+/// Fills `buf` from `r` as far as it goes (short only at the end).
+pub(crate) fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }

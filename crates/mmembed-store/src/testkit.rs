@@ -55,6 +55,8 @@ pub struct Stats {
 
 struct Shared {
     upstream: String,
+    /// The proxy's own `http://127.0.0.1:PORT`.
+    url: String,
     faults: Faults,
     stats: Arc<Stats>,
     http: reqwest::Client,
@@ -85,6 +87,7 @@ impl FaultProxy {
         let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
+            url: url.clone(),
             faults,
             stats: stats.clone(),
             http: reqwest::Client::builder()
@@ -157,9 +160,18 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
     };
     let mut b = Response::builder().status(code);
     for (k, v) in &headers {
-        if !HOP_BY_HOP.contains(&k.as_str()) {
-            b = b.header(k, v);
+        if HOP_BY_HOP.contains(&k.as_str()) {
+            continue;
         }
+        // A URL the store hands out for later requests (a resumable
+        // upload's session) leads back through the proxy, faults included.
+        if k == "location"
+            && let Some(rest) = v.to_str().ok().and_then(|v| v.strip_prefix(&s.upstream))
+        {
+            b = b.header(k, format!("{}{rest}", s.url));
+            continue;
+        }
+        b = b.header(k, v);
     }
     b = b.header(HeaderName::from_static("content-length"), bytes.len());
     let cut = parts.method == axum::http::Method::GET

@@ -30,6 +30,39 @@ fn stores(gcs: Option<String>) -> Stores {
     })
 }
 
+/// Uploads a file of `size` seeded bytes in pieces of `chunk` and
+/// downloads it back to a file, both streamed: the same bytes, and the
+/// object's size and type as uploaded; a smaller file goes in one put.
+async fn files_both_ways(s: &Stores, base: &str, size: usize) {
+    let d = tempfile::tempdir().unwrap();
+    let mut rng = fastrand::Rng::with_seed(size as u64);
+    let data: Vec<u8> = (0..size).map(|_| rng.u8(..)).collect();
+    let (up, down) = (d.path().join("up.bin"), d.path().join("down.bin"));
+    std::fs::write(&up, &data).unwrap();
+    let uri = format!("{base}/files-{}/big.parquet", fastrand::u64(..));
+    s.upload(&uri, &up, "application/vnd.apache.parquet")
+        .await
+        .unwrap();
+    let info = s.download(&uri, &down).await.unwrap();
+    assert_eq!(info.size, size as u64);
+    assert!(
+        std::fs::read(&down).unwrap() == data,
+        "{uri}: the bytes differ"
+    );
+    // A second upload replaces the object whole.
+    std::fs::write(&up, b"small").unwrap();
+    s.upload(&uri, &up, "application/octet-stream")
+        .await
+        .unwrap();
+    s.download(&uri, &down).await.unwrap();
+    assert_eq!(std::fs::read(&down).unwrap(), b"small");
+    let e = s
+        .upload(&uri, &d.path().join("missing"), "x")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+}
+
 fn s3_env(endpoint: &str) {
     // SAFETY: every test of this file sets the same values before any store
     // is built; nothing reads them concurrently with a different value.
@@ -123,6 +156,12 @@ async fn s3_on_moto() {
     s3_env(&ep);
     let s = stores(None);
     round_trip(&s, "s3://mmembed-test").await;
+    // 12 MiB in 5 MiB parts (S3's smallest): a multipart upload of three.
+    let parts = Stores::new(StoreOptions {
+        upload_chunk: 5 << 20,
+        ..StoreOptions::default()
+    });
+    files_both_ways(&parts, "s3://mmembed-test", (12 << 20) + 123).await;
     // Create-if-absent is atomic on S3 (If-None-Match: *).
     let k = format!("s3://mmembed-test/lock-{}", fastrand::u64(..));
     s.put(&k, Bytes::from("a"), "application/json", PutMode::Create)
@@ -146,8 +185,39 @@ async fn gcs_on_the_emulator() {
     let Some(ep) = endpoint("MMEMBED_TEST_GCS") else {
         return;
     };
-    let s = stores(Some(ep));
+    let s = stores(Some(ep.clone()));
     round_trip(&s, "gs://mmembed-test").await;
+    // 1.3 MB in 256 KiB pieces: a resumable upload of six, each answered
+    // 308 with the bytes held but the last.
+    let pieces = |endpoint: String| {
+        Stores::new(StoreOptions {
+            gcs_endpoint: Some(endpoint),
+            upload_chunk: 256 << 10,
+            initial_backoff: std::time::Duration::from_millis(10),
+            ..StoreOptions::default()
+        })
+    };
+    files_both_ways(&pieces(ep.clone()), "gs://mmembed-test", 1_300_000).await;
+    // Through a proxy that answers every third request 503 (the session's
+    // pieces too): each fault is followed by a question for the bytes held,
+    // and the upload goes on from there.
+    let proxy = mmembed_store::testkit::FaultProxy::start(
+        &ep,
+        mmembed_store::testkit::Faults {
+            unavailable: Some((3, 1)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    files_both_ways(&pieces(proxy.url.clone()), "gs://mmembed-test", 1_300_000).await;
+    assert!(
+        proxy
+            .stats
+            .unavailable
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
     let all = s.list("gs://mmembed-test/").await.unwrap();
     assert!(
         all.iter().all(|o| o.generation.is_some()),
