@@ -611,6 +611,11 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     // streamed into a file beside the output (or in the staging folder for
     // a bucket), flushed, then renamed over the output (or uploaded).
     let sources = sources(out, &mut staging).await?;
+    tracing::info!(
+        files = sources.len(),
+        output = %out.path.display(),
+        "merging the earlier output and the parts into the output"
+    );
     let dest = match &out.path {
         Location::Local(p) => rows::temporary_beside(p)?,
         Location::Remote(_) => staging.file("merged")?,

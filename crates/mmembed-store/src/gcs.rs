@@ -541,25 +541,22 @@ impl Bucket for GcsBucket {
         .await
     }
 
+    fn piece(&self, chunk: usize) -> usize {
+        // GCS takes a resumable upload's pieces in multiples of 256 KiB.
+        (chunk / RESUMABLE_UNIT).max(1) * RESUMABLE_UNIT
+    }
+
     async fn upload(
         &self,
         key: &str,
+        mut file: std::fs::File,
         path: &std::path::Path,
-        content_type: &str,
+        size: u64,
         chunk: usize,
+        content_type: &str,
     ) -> Result<(), StoreError> {
         let uri = self.uri(key);
         let local = |doing: &str, e: std::io::Error| crate::local_error(&uri, path, doing, &e);
-        let mut file = std::fs::File::open(path).map_err(|e| local("opening", e))?;
-        let size = file.metadata().map_err(|e| local("reading", e))?.len();
-        // GCS takes a resumable upload's pieces in multiples of 256 KiB.
-        let chunk = (chunk / RESUMABLE_UNIT).max(1) * RESUMABLE_UNIT;
-        if size <= chunk as u64 {
-            let data = std::fs::read(path).map_err(|e| local("reading", e))?;
-            return self
-                .put(key, Bytes::from(data), content_type, PutMode::Overwrite)
-                .await;
-        }
         let session = self.start_resumable(key, content_type, size).await?;
         // The bytes GCS holds; each piece is read from the file there, so a
         // piece it kept only part of is sent again from where it stopped.

@@ -291,16 +291,20 @@ pub(crate) trait Bucket: Send + Sync + fmt::Debug {
         mode: PutMode,
     ) -> Result<(), StoreError>;
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
-    /// Writes the file at `path` as the object, whole: readers see it only
-    /// once completed (one put up to `chunk` bytes, else a multipart or
-    /// resumable upload of `chunk`-sized pieces read from the file, so
-    /// memory holds a few pieces, not the file).
+    /// The size of the pieces this store takes for uploads of `chunk`.
+    fn piece(&self, chunk: usize) -> usize;
+    /// Writes `file` (at `path`, `size` bytes, more than one `piece`) as the
+    /// object, whole: one multipart or resumable upload of pieces read from
+    /// the file, so memory holds a few pieces, not the file; readers see it
+    /// only once completed.
     async fn upload(
         &self,
         key: &str,
-        path: &std::path::Path,
+        file: std::fs::File,
+        path: &Path,
+        size: u64,
+        piece: usize,
         content_type: &str,
-        chunk: usize,
     ) -> Result<(), StoreError>;
 }
 
@@ -501,8 +505,18 @@ impl Stores {
         content_type: &str,
     ) -> Result<(), StoreError> {
         let u = ObjectUri::parse(uri)?;
-        self.bucket(&u)?
-            .upload(&u.key, path, content_type, self.options.upload_chunk)
+        let b = self.bucket(&u)?;
+        let local = |doing: &str, e: std::io::Error| local_error(uri, path, doing, &e);
+        let file = std::fs::File::open(path).map_err(|e| local("opening", e))?;
+        let size = file.metadata().map_err(|e| local("reading", e))?.len();
+        let piece = b.piece(self.options.upload_chunk);
+        if size <= piece as u64 {
+            let data = std::fs::read(path).map_err(|e| local("reading", e))?;
+            return b
+                .put(&u.key, Bytes::from(data), content_type, PutMode::Overwrite)
+                .await;
+        }
+        b.upload(&u.key, file, path, size, piece, content_type)
             .await
     }
 

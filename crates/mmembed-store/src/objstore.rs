@@ -124,6 +124,27 @@ impl OsBucket {
         })
     }
 
+    /// A multipart upload of `key`, not visible until completed.
+    async fn start_multipart(
+        &self,
+        key: &str,
+        content_type: &str,
+    ) -> Result<Box<dyn object_store::MultipartUpload>, StoreError> {
+        let p = self.path(key)?;
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, content_type.to_string().into());
+        self.store
+            .put_multipart_opts(
+                &p,
+                object_store::PutMultipartOptions {
+                    attributes,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| self.error(key, e))
+    }
+
     fn info(&self, m: ObjectMeta) -> ObjectInfo {
         ObjectInfo {
             uri: self.base.with_key(m.location.as_ref()).to_uri(),
@@ -237,26 +258,16 @@ impl Bucket for OsBucket {
         mode: PutMode,
     ) -> Result<(), StoreError> {
         let p = self.path(key)?;
-        let mut attributes = Attributes::new();
-        attributes.insert(Attribute::ContentType, content_type.to_string().into());
         if data.len() >= MULTIPART_FROM && mode == PutMode::Overwrite {
-            let upload = self
-                .store
-                .put_multipart_opts(
-                    &p,
-                    object_store::PutMultipartOptions {
-                        attributes,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| self.error(key, e))?;
+            let upload = self.start_multipart(key, content_type).await?;
             let mut w = WriteMultipart::new_with_chunk_size(upload, 16 << 20);
             w.put(data);
             // Not visible until completed; a failure aborts the upload.
             w.finish().await.map_err(|e| self.error(key, e))?;
             return Ok(());
         }
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, content_type.to_string().into());
         let opts = PutOptions {
             mode: match mode {
                 PutMode::Overwrite => object_store::PutMode::Overwrite,
@@ -272,39 +283,23 @@ impl Bucket for OsBucket {
             .map_err(|e| self.error(key, e))
     }
 
+    fn piece(&self, chunk: usize) -> usize {
+        // S3 refuses parts under 5 MiB (but the last).
+        chunk.max(5 << 20)
+    }
+
     async fn upload(
         &self,
         key: &str,
+        mut file: std::fs::File,
         path: &std::path::Path,
-        content_type: &str,
+        _size: u64,
         chunk: usize,
+        content_type: &str,
     ) -> Result<(), StoreError> {
         let uri = self.base.with_key(key).to_uri();
         let local = |doing: &str, e: std::io::Error| crate::local_error(&uri, path, doing, &e);
-        let mut file = std::fs::File::open(path).map_err(|e| local("opening", e))?;
-        let size = file.metadata().map_err(|e| local("reading", e))?.len();
-        // S3 refuses parts under 5 MiB (but the last).
-        let chunk = chunk.max(5 << 20);
-        if size <= chunk as u64 {
-            let data = std::fs::read(path).map_err(|e| local("reading", e))?;
-            return self
-                .put(key, Bytes::from(data), content_type, PutMode::Overwrite)
-                .await;
-        }
-        let p = self.path(key)?;
-        let mut attributes = Attributes::new();
-        attributes.insert(Attribute::ContentType, content_type.to_string().into());
-        let upload = self
-            .store
-            .put_multipart_opts(
-                &p,
-                object_store::PutMultipartOptions {
-                    attributes,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| self.error(key, e))?;
+        let upload = self.start_multipart(key, content_type).await?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, chunk);
         let mut buf = vec![0u8; chunk];
         let sent: Result<(), StoreError> = async {
