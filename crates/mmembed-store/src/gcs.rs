@@ -563,8 +563,35 @@ impl Bucket for GcsBucket {
         let mut offset: u64 = 0;
         let mut buf = vec![0u8; chunk];
         let mut failures = 0;
+        let status = format!("bytes */{size}");
         loop {
             use std::io::Seek;
+            if offset >= size {
+                // GCS says it holds every byte but has not said the object
+                // is complete: ask it (the answer completes it), a bounded
+                // number of times, so a session that claims more than was
+                // sent ends with an error rather than a bad range.
+                if failures >= self.max_retries {
+                    return Err(StoreError::Transport {
+                        uri,
+                        message: format!(
+                            "GCS holds {offset} of {size} bytes but did not complete the object"
+                        ),
+                        retryable: true,
+                    });
+                }
+                failures += 1;
+                match self
+                    .resumable_put(key, &session, &status, Bytes::new())
+                    .await
+                {
+                    Ok(Resumable::Done) => return Ok(()),
+                    Ok(Resumable::Has(held)) => offset = held,
+                    Err(Fault::Fail(e)) => return Err(e),
+                    Err(Fault::Retry(_)) => {}
+                }
+                continue;
+            }
             file.seek(std::io::SeekFrom::Start(offset))
                 .map_err(|e| local("reading", e))?;
             let want = chunk.min((size - offset) as usize);
@@ -613,7 +640,7 @@ impl Bucket for GcsBucket {
             }
             // After a fault: ask how much GCS holds, and go on from there.
             match self
-                .resumable_put(key, &session, &format!("bytes */{size}"), Bytes::new())
+                .resumable_put(key, &session, &status, Bytes::new())
                 .await
             {
                 Ok(Resumable::Done) => return Ok(()),
