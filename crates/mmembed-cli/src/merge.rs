@@ -718,6 +718,44 @@ impl RowWriter {
     }
 }
 
+/// The staging folders' names: this, the process id, `-` and a random tail.
+const STAGING: &str = "mmembed-merge-";
+
+/// Removes the staging folders in `base` of processes that no longer run
+/// on this machine (a job killed with `kill -9` leaves its copies behind).
+/// Where `/proc` cannot tell, nothing is removed.
+fn clear_stale(base: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STAGING))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => tracing::info!(
+                folder = %e.path().display(),
+                "removed the merge folder of a job that no longer runs"
+            ),
+            Err(err) => {
+                tracing::debug!(folder = %e.path().display(), %err, "cannot remove a stale merge folder")
+            }
+        }
+    }
+}
+
 /// Local copies of a bucket output's files, downloaded as streams, for the
 /// merge to read in batches (our store layer has no ranged reads for a
 /// Parquet footer and its row groups; a local copy serves them). Local
@@ -737,10 +775,12 @@ impl Staging {
 
     fn dir(&mut self) -> anyhow::Result<&Path> {
         if self.dir.is_none() {
+            let base = std::env::temp_dir();
+            clear_stale(&base);
             self.dir = Some(
                 tempfile::Builder::new()
-                    .prefix("mmembed-merge-")
-                    .tempdir()
+                    .prefix(&format!("{STAGING}{}-", std::process::id()))
+                    .tempdir_in(&base)
                     .context("creating a temporary folder for the merge (TMPDIR)")?,
             );
         }
@@ -1061,5 +1101,23 @@ mod tests {
             let done = kept.done();
             assert_eq!(done["a.png"].generation.as_deref(), Some("g5"));
         }
+    }
+
+    #[test]
+    fn stale_staging_folders_of_dead_processes_are_removed() {
+        let base = tempfile::tempdir().unwrap();
+        let mine = base
+            .path()
+            .join(format!("{STAGING}{}-abc", std::process::id()));
+        // Above Linux's largest process id (2^22): never a running process.
+        let dead = base.path().join(format!("{STAGING}999999999-xyz"));
+        let other = base.path().join("mmembed-merge-notapid-1");
+        for d in [&mine, &dead, &other] {
+            std::fs::create_dir_all(d.join("sub")).unwrap();
+            std::fs::write(d.join("sub/f"), b"x").unwrap();
+        }
+        clear_stale(base.path());
+        assert!(mine.exists() && other.exists());
+        assert_eq!(dead.exists(), !Path::new("/proc/self").exists());
     }
 }
