@@ -807,7 +807,7 @@ impl Staging {
                 }
                 let n = self.copies.len();
                 let path = self.dir()?.join(format!("{n:06}"));
-                loc.download(&path).await?;
+                mmembed_store::Stores::shared().download(u, &path).await?;
                 self.copies.insert(u.clone(), path.clone());
                 Ok(path)
             }

@@ -75,19 +75,6 @@ impl Location {
         }
     }
 
-    /// Copies the object or file to the local file `to`, streamed.
-    pub(crate) async fn download(&self, to: &Path) -> anyhow::Result<()> {
-        match self {
-            Self::Local(p) => {
-                std::fs::copy(p, to).with_context(|| format!("copying {}", p.display()))?;
-            }
-            Self::Remote(u) => {
-                Stores::shared().download(u, to).await?;
-            }
-        }
-        Ok(())
-    }
-
     /// Writes the local file `from` here whole (renamed over a local path;
     /// one upload, visible when complete, to a bucket), streamed.
     pub(crate) async fn upload(&self, from: &Path, content_type: &str) -> anyhow::Result<()> {

@@ -354,6 +354,25 @@ impl GcsBucket {
         .await
     }
 
+    /// Asks a resumable session of `size` bytes what it holds; `None` when
+    /// no answer came (a fault worth asking again).
+    async fn resumable_held(
+        &self,
+        key: &str,
+        session: &str,
+        size: u64,
+    ) -> Result<Option<Resumable>, StoreError> {
+        let question = format!("bytes */{size}");
+        match self
+            .resumable_put(key, session, &question, Bytes::new())
+            .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(Fault::Fail(e)) => Err(e),
+            Err(Fault::Retry(_)) => Ok(None),
+        }
+    }
+
     /// One request to a resumable session (a piece, or with an empty body
     /// and `bytes */SIZE`, a question): 200/201 when the object is
     /// complete, 308 with the bytes held. `Err(Retry)` for faults worth
@@ -563,7 +582,6 @@ impl Bucket for GcsBucket {
         let mut offset: u64 = 0;
         let mut buf = vec![0u8; chunk];
         let mut failures = 0;
-        let status = format!("bytes */{size}");
         loop {
             use std::io::Seek;
             if offset >= size {
@@ -581,14 +599,10 @@ impl Bucket for GcsBucket {
                     });
                 }
                 failures += 1;
-                match self
-                    .resumable_put(key, &session, &status, Bytes::new())
-                    .await
-                {
-                    Ok(Resumable::Done) => return Ok(()),
-                    Ok(Resumable::Has(held)) => offset = held,
-                    Err(Fault::Fail(e)) => return Err(e),
-                    Err(Fault::Retry(_)) => {}
+                match self.resumable_held(key, &session, size).await? {
+                    Some(Resumable::Done) => return Ok(()),
+                    Some(Resumable::Has(held)) => offset = held,
+                    None => {}
                 }
                 continue;
             }
@@ -638,16 +652,12 @@ impl Bucket for GcsBucket {
                     failures += 1;
                 }
             }
-            // After a fault: ask how much GCS holds, and go on from there.
-            match self
-                .resumable_put(key, &session, &status, Bytes::new())
-                .await
-            {
-                Ok(Resumable::Done) => return Ok(()),
-                Ok(Resumable::Has(held)) => offset = held,
-                Err(Fault::Fail(e)) => return Err(e),
-                // Unknown: the same piece again (GCS ignores bytes it has).
-                Err(_) => {}
+            // After a fault: ask how much GCS holds, and go on from there
+            // (no answer: the same piece again; GCS ignores bytes it has).
+            match self.resumable_held(key, &session, size).await? {
+                Some(Resumable::Done) => return Ok(()),
+                Some(Resumable::Has(held)) => offset = held,
+                None => {}
             }
         }
     }
