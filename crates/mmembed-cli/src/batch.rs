@@ -42,7 +42,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::backend::{BackendArgs, SegmentArgs};
 use crate::inputs::{self, Identity, Input, Kind, Shard};
 use crate::lock::OutputLock;
-use crate::merge::{self, Kept, Source, SpaceGroup, Staging};
+use crate::merge::{self, Kept, SpaceGroup, Staging, sources};
 use crate::output::{Location, Output};
 use crate::rows::{self, Format, Row};
 use mmembed_rows::RowInput;
@@ -144,27 +144,6 @@ pub struct Summary {
     pub ok: usize,
     /// Rows with a status.
     pub failed: usize,
-}
-
-/// The previous output (rank 0) and the parts (ranked by number), as
-/// local files.
-async fn sources(out: &Output, staging: &mut Staging) -> anyhow::Result<Vec<Source>> {
-    let mut sources = vec![];
-    if out.path.exists().await? {
-        sources.push(Source {
-            rank: 0,
-            path: staging.local(&out.path).await?,
-            what: out.path.display(),
-        });
-    }
-    for (n, p) in out.part_files().await? {
-        sources.push(Source {
-            rank: n,
-            path: staging.local(&p).await?,
-            what: p.display(),
-        });
-    }
-    Ok(sources)
 }
 
 /// Refuses to add this run's vectors to an output whose kept vectors are
@@ -394,17 +373,19 @@ pub(crate) struct Progress {
     done: u64,
     started: Instant,
     last_log: Instant,
+    /// What is counted: `files` (a batch job), `rows` (a row job).
+    unit: &'static str,
 }
 
 impl Progress {
-    pub(crate) fn new(total: u64) -> Self {
+    pub(crate) fn new(total: u64, unit: &'static str) -> Self {
         use std::io::IsTerminal;
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} files  {per_sec}  eta {eta}  {msg}",
-                )
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{bar:40}} {{pos}}/{{len}} {unit}  {{per_sec}}  eta {{eta}}  {{msg}}"
+                ))
                 .expect("the template is valid"),
             );
             b
@@ -415,6 +396,7 @@ impl Progress {
             done: 0,
             started: Instant::now(),
             last_log: Instant::now(),
+            unit,
         }
     }
 
@@ -434,9 +416,10 @@ impl Progress {
             let rate = self.done as f64 / secs.max(1e-9);
             let eta = (self.total - self.done) as f64 / rate.max(1e-9);
             tracing::info!(
-                "{}/{} files, {rate:.1} files/s, eta {eta:.0} s, {failed_rows} failed rows so far",
+                "{}/{} {unit}, {rate:.1} {unit}/s, eta {eta:.0} s, {failed_rows} failed rows so far",
                 self.done,
-                self.total
+                self.total,
+                unit = self.unit
             );
         }
     }
@@ -564,7 +547,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
             buffer_kib,
         });
         let first_part = out.part_files().await?.last().map_or(1, |(n, _)| n + 1);
-        let mut progress = Progress::new(todo.len() as u64);
+        let mut progress = Progress::new(todo.len() as u64, "files");
         let mut failed_rows = 0;
         let batch = args.backend.batch_size();
         let chunks = prefetch(fetcher, todo, args.fetch_concurrency, batch);

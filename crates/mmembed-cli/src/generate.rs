@@ -265,8 +265,9 @@ fn as_text(v: Option<&Value>) -> String {
     }
 }
 
-/// The media a value names, or why it names none.
-pub fn media_of(table: &Table, row: &Row, column: &str) -> Result<Media, String> {
+/// The media a value names, or why it names none; relative names are
+/// taken from `base` (a table's folder or bucket prefix).
+pub fn media_of(base: Option<&inputs::Base>, row: &Row, column: &str) -> Result<Media, String> {
     let name = match row.get(column) {
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
         _ => return Err(format!("column `{column}` names no media in this row")),
@@ -280,11 +281,8 @@ pub fn media_of(table: &Table, row: &Row, column: &str) -> Result<Media, String>
         .or_else(|| inputs::content_type(&name).map(|c| c.0.to_string()));
     // Relative names are taken from the table's folder or bucket prefix;
     // an object table's names are whole already.
-    let base = table
-        .base
-        .clone()
-        .unwrap_or_else(|| inputs::Base::Dir(std::path::PathBuf::new()));
-    let source = match base.locate(&name) {
+    let here = inputs::Base::Dir(std::path::PathBuf::new());
+    let source = match base.unwrap_or(&here).locate(&name) {
         inputs::Located::File(p) => MediaSource::Path(p),
         inputs::Located::Object(uri) => MediaSource::Uri(uri),
     };
@@ -293,7 +291,7 @@ pub fn media_of(table: &Table, row: &Row, column: &str) -> Result<Media, String>
 
 /// The request for one row, or why there is none.
 fn request(
-    table: &Table,
+    base: Option<&inputs::Base>,
     template: &[Segment],
     row: &Row,
     schema: Option<&OutputSchema>,
@@ -304,7 +302,7 @@ fn request(
         match s {
             Segment::Text(t) => parts.push(Part::Text(t.clone())),
             Segment::Column(c) => parts.push(Part::Text(as_text(row.get(c)))),
-            Segment::Media(c) => parts.push(Part::Media(media_of(table, row, c)?)),
+            Segment::Media(c) => parts.push(Part::Media(media_of(base, row, c)?)),
         }
     }
     // Adjacent text pieces are one part, as BigQuery's concatenation reads.
@@ -445,16 +443,24 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
             .with("generator", generator.info().model_id.clone()),
         ..args.job.options()
     };
-    let shared = input.clone();
+    // Only the base travels with each chunk: a copy of the input per chunk
+    // made a job of n rows cost n²/32 row copies.
+    let base = Arc::new(input.base.clone());
     job::run(input, out_schema, &opts, |rows: Vec<Row>| {
         let generator = generator.clone();
-        let table = shared.clone();
+        let base = base.clone();
         let template = template.clone();
         let schema = schema.clone();
         let params = params.clone();
         async move {
             let (reqs, slots) = job::plan(&rows, |row| {
-                request(&table, &template, row, schema.as_ref(), &params)
+                request(
+                    base.as_ref().as_ref(),
+                    &template,
+                    row,
+                    schema.as_ref(),
+                    &params,
+                )
             });
             let answers = generator.generate_batch(reqs).await;
             rows.into_iter()

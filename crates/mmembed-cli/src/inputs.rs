@@ -468,7 +468,11 @@ fn from_jsonl(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTabl
 /// same columns as a CSV or JSON Lines one, the others carried with their
 /// types.
 fn from_parquet(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable> {
-    let (schema, rows) = crate::table::read_parquet(bytes::Bytes::copy_from_slice(bytes), what)?;
+    let (schema, batches) = crate::table::read_parquet(bytes::Bytes::copy_from_slice(bytes), what)?;
+    let mut rows = vec![];
+    for b in &batches {
+        rows.extend(crate::table::from_batch(b).with_context(|| format!("reading {what}"))?);
+    }
     let mut inputs = vec![];
     for (i, mut fields) in rows.into_iter().enumerate() {
         // NULLs are absent, as in a JSON Lines manifest that leaves them

@@ -4,27 +4,30 @@
 //! `mmembed batch` (see its module docs for the layout and crash safety).
 //!
 //! An input row is identified by its values: output rows carry the input's
-//! columns, so a rerun knows which rows are done. `--resume` keeps the rows
+//! columns, so a rerun knows which rows are done. Rows equal in every
+//! column are one row of the job, answered once in the first one's place.
+//! The output keeps the input's order; it is merged from the earlier output
+//! and the parts as a stream (see [`crate::job_merge`]). `--resume` keeps the rows
 //! whose status is empty or names a failure that a rerun would repeat, and
 //! runs again the missing ones and those whose status starts with
 //! BigQuery's `A retryable error occurred:` — Google's own recipe for
 //! re-running `AI.GENERATE` jobs.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use arrow_schema::SchemaRef;
-use mmembed::generate::RETRYABLE_PREFIX;
 use serde_json::Value;
 
 use crate::batch::Progress;
 use crate::inputs::Shard;
+use crate::job_merge::{self, Index, Placed, key_of};
 use crate::lock::OutputLock;
+use crate::merge::{self, Source, Staging};
 use crate::output::{Location, Output};
 use crate::recipe::Recipe;
-use crate::rows::Format;
+use crate::rows::{self, Format};
 use crate::table::{self, Row, Table};
 
 /// Settings shared by the row jobs.
@@ -57,16 +60,6 @@ pub struct Summary {
     pub failed: usize,
 }
 
-/// The identity of an input row: a hash of its values, in column order.
-pub fn row_key(columns: &[String], row: &Row) -> String {
-    let values: Vec<&Value> = columns
-        .iter()
-        .map(|c| row.get(c).unwrap_or(&Value::Null))
-        .collect();
-    let text = serde_json::to_string(&values).unwrap_or_default();
-    blake3::hash(text.as_bytes()).to_hex()[..32].to_string()
-}
-
 /// Splits a chunk into the requests to send and, per row, the index of its
 /// request or why it has none (that row fails alone, nothing is sent).
 pub fn plan<T>(
@@ -84,19 +77,6 @@ pub fn plan<T>(
         })
         .collect();
     (reqs, slots)
-}
-
-/// Makes `rows` the newest rows of their keys.
-fn absorb(done: &mut HashMap<String, Vec<Row>>, columns: &[String], rows: Vec<Row>) {
-    let mut fresh: HashMap<String, Vec<Row>> = HashMap::new();
-    for r in rows {
-        fresh.entry(row_key(columns, &r)).or_default().push(r);
-    }
-    done.extend(fresh);
-}
-
-fn status(r: &Row) -> &str {
-    r.get("status").and_then(Value::as_str).unwrap_or("")
 }
 
 /// Runs `compute` over the input rows not yet done, in chunks; each call
@@ -118,34 +98,6 @@ where
     let result = run_locked(input, out_schema, opts, &out, &mut compute).await;
     lock.release().await;
     result
-}
-
-/// The rows of an earlier run's output or part, refused when that run
-/// made other columns or was made with other settings.
-async fn read_all(
-    out: &Output,
-    loc: &Location,
-    expect: &[String],
-    recipe: &Recipe,
-) -> anyhow::Result<Vec<Row>> {
-    let (names, rows, earlier) = table::decode(loc.read().await?, out.format, &loc.display())?;
-    if let Some(earlier) = earlier {
-        recipe.check_resume(&loc.display(), &earlier)?;
-    }
-    let mut got = names.clone();
-    got.sort();
-    let mut want = expect.to_vec();
-    want.sort();
-    if !rows.is_empty() && got != want {
-        bail!(
-            "{} was written with other columns ({}) than this job makes ({}): the input, the prompt's \
-             schema or the command changed. Write to a new output or pass --overwrite",
-            loc.display(),
-            names.join(", "),
-            expect.join(", ")
-        );
-    }
-    Ok(rows)
 }
 
 async fn run_locked<F, Fut>(
@@ -170,14 +122,38 @@ where
         .iter()
         .map(|f| f.name().clone())
         .collect();
-    let mut rows: Vec<(String, Row)> = input
-        .rows
-        .into_iter()
-        .map(|r| (row_key(&columns, &r), r))
-        .filter(|r| !out.owns(r.1.get("uri").and_then(Value::as_str).unwrap_or("")))
-        .collect();
-    if let Some(s) = opts.shard {
-        rows.retain(|(k, _)| s.contains(k));
+    // This job's distinct rows, in input order (their places), as rows of
+    // the input, and their index.
+    let mut index = Index::new(columns.clone(), input.len());
+    let (mut at, mut keys) = (vec![], vec![]);
+    let mut repeated = 0usize;
+    let mut row = 0;
+    for chunk in input.chunks() {
+        for r in chunk? {
+            row += 1;
+            if out.owns(r.get("uri").and_then(Value::as_str).unwrap_or("")) {
+                continue;
+            }
+            let key = key_of(&columns, &r);
+            // Slices by the key's 32 hex digits, as earlier versions did.
+            if let Some(s) = opts.shard
+                && !s.contains(&format!("{key:032x}"))
+            {
+                continue;
+            }
+            if !index.insert(key, at.len() as u64) {
+                repeated += 1;
+                continue;
+            }
+            at.push(row - 1);
+            keys.push(key);
+        }
+    }
+    if repeated > 0 {
+        tracing::warn!(
+            repeated,
+            "input rows equal to an earlier row (every column) are answered once, in the first one's place"
+        );
     }
 
     let exists = out.path.exists().await?;
@@ -192,43 +168,33 @@ where
         out.path.remove().await?;
         out.remove_parts().await?;
     }
-    // Newest rows of every key: the output, then the parts in order.
-    let mut done: HashMap<String, Vec<Row>> = HashMap::new();
+    // Which file holds the newest rows of every key: the output, then the
+    // parts in order.
+    let mut staging = Staging::new();
+    let mut files = vec![];
     if opts.resume {
-        if exists {
-            absorb(
-                &mut done,
-                &columns,
-                read_all(out, &out.path, &out_columns, &opts.recipe).await?,
-            );
-        }
-        for (_, p) in out.part_files().await? {
-            absorb(
-                &mut done,
-                &columns,
-                read_all(out, &p, &out_columns, &opts.recipe).await?,
-            );
-        }
-    }
-    let todo: Vec<Row> = rows
-        .iter()
-        .filter(|(k, _)| {
-            done.get(k)
-                .is_none_or(|rs| rs.iter().any(|r| status(r).starts_with(RETRYABLE_PREFIX)))
+        let sources = merge::sources(out, &mut staging).await?;
+        let (format, recipe, expect) = (out.format, opts.recipe.clone(), out_columns.clone());
+        let scanned = tokio::task::spawn_blocking(move || {
+            let files = job_merge::scan(sources, format, &expect, &recipe, &mut index);
+            (index, files)
         })
-        .map(|(_, r)| r.clone())
-        .collect();
+        .await?;
+        index = scanned.0;
+        files = scanned.1?;
+    }
+    let todo: Vec<usize> = (0..at.len()).filter(|&i| index.to_run(keys[i])).collect();
     tracing::info!(
-        rows = rows.len(),
-        done = rows.len() - todo.len(),
+        rows = at.len(),
+        done = at.len() - todo.len(),
         to_run = todo.len(),
         output = %out.path.display(),
         "row job"
     );
-    if opts.resume && todo.len() < rows.len() {
+    if opts.resume && todo.len() < at.len() {
         eprintln!(
             "keeping {} rows already done; running {}",
-            rows.len() - todo.len(),
+            at.len() - todo.len(),
             todo.len()
         );
     }
@@ -236,45 +202,81 @@ where
     if !todo.is_empty() {
         out.prepare_parts().await?;
         let mut part = out.part_files().await?.last().map_or(1, |(n, _)| n + 1);
-        let mut progress = Progress::new(todo.len() as u64);
+        let mut progress = Progress::new(todo.len() as u64, "rows");
         let mut failed = 0;
         for chunk in todo.chunks(opts.chunk_rows.max(1)) {
             let n = chunk.len();
-            let produced = compute(chunk.to_vec()).await;
+            let rows = input.take(&chunk.iter().map(|&i| at[i]).collect::<Vec<_>>())?;
+            let produced = compute(rows).await;
             if produced.len() != n {
                 bail!("internal error: {} results for {n} rows", produced.len());
             }
+            // Places of the rows with output, in input order (the todo's).
+            let mut range: Option<(u64, u64)> = None;
+            for (&i, made) in chunk.iter().zip(&produced) {
+                if !made.is_empty() {
+                    index.wrote(keys[i], part, made);
+                    range = Some(range.map_or((i as u64, i as u64), |(a, _)| (a, i as u64)));
+                }
+            }
             let flat: Vec<Row> = produced.into_iter().flatten().collect();
-            failed += flat.iter().filter(|r| !status(r).is_empty()).count();
+            failed += flat
+                .iter()
+                .filter(|r| !job_merge::status(r).is_empty())
+                .count();
             let loc = out.part(part);
             let bytes = table::encode(out.format, &out_schema, &flat)?;
+            // A bucket part's copy for the merge, so it is not downloaded.
+            staging.keep(&loc, &bytes)?;
             loc.write(bytes, out.format.content_type())
                 .await
                 .with_context(|| format!("writing {}", loc.display()))?;
-            absorb(&mut done, &columns, flat);
+            if let Some((first, last)) = range {
+                files.push(Placed {
+                    source: Source {
+                        rank: part,
+                        path: staging.local(&loc).await?,
+                        what: loc.display(),
+                    },
+                    first,
+                    last,
+                    sorted: true,
+                });
+            }
             part += 1;
             progress.advance(n as u64, failed);
         }
         progress.finish();
     }
+    drop((input, at, keys));
 
-    // One entry per input row, in input order (rows no longer in the input
-    // are dropped; rows of other shards were never here).
-    let mut merged = vec![];
-    for (k, _) in &rows {
-        if let Some(rs) = done.get(k) {
-            merged.extend(rs.iter().cloned());
+    // The newest rows of every input row, in input order (rows no longer
+    // in the input are dropped; rows of other shards were never here),
+    // streamed into a file beside the output (or in the staging folder for
+    // a bucket), flushed, then renamed over the output (or uploaded).
+    let dest = match &out.path {
+        Location::Local(p) => rows::temporary_beside(p)?,
+        Location::Remote(_) => staging.file("merged")?,
+    };
+    let (format, target) = (out.format, dest.clone());
+    let counts = tokio::task::spawn_blocking(move || {
+        job_merge::merge(files, format, &target, &out_schema, &index)
+    })
+    .await?;
+    let counts = match counts {
+        Ok(c) => c,
+        Err(e) => {
+            std::fs::remove_file(&dest).ok();
+            return Err(e);
         }
-    }
-    let bytes = table::encode(out.format, &out_schema, &merged)?;
+    };
     out.path
-        .write(bytes, out.format.content_type())
+        .upload(&dest, out.format.content_type())
         .await
         .with_context(|| format!("writing {}", out.path.display()))?;
     out.remove_parts().await?;
-    let failed = merged.iter().filter(|r| !status(r).is_empty()).count();
     Ok(Summary {
-        ok: merged.len() - failed,
-        failed,
+        ok: counts.ok,
+        failed: counts.failed,
     })
 }

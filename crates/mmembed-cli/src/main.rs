@@ -16,6 +16,7 @@ mod generate;
 mod index;
 mod inputs;
 mod job;
+mod job_merge;
 mod lock;
 mod merge;
 mod models;

@@ -37,18 +37,18 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
 use crate::inputs::Identity;
-use crate::output::Location;
+use crate::output::{Location, Output};
 use crate::recipe::Recipe;
 use crate::rows::{self, Format, Row};
 
 /// Rows per record batch or group of lines read at once.
-const READ_BATCH: usize = 2048;
+pub(crate) const READ_BATCH: usize = 2048;
 /// Rows buffered before they are encoded into the output's row group.
-const WRITE_BATCH: usize = 2048;
+pub(crate) const WRITE_BATCH: usize = 2048;
 /// A row group of the output is closed once its encoded columns reach this
 /// size: readers can then skip or stream whole groups, and the writer
 /// holds no more than this.
-const ROW_GROUP_BYTES: usize = 64 << 20;
+pub(crate) const ROW_GROUP_BYTES: usize = 64 << 20;
 
 /// The order of every output and part: URI, then segment start (images,
 /// which have none, first).
@@ -754,6 +754,27 @@ fn clear_stale(base: &Path) {
             }
         }
     }
+}
+
+/// The previous output (rank 0) and the parts (ranked by number), as
+/// local files.
+pub(crate) async fn sources(out: &Output, staging: &mut Staging) -> anyhow::Result<Vec<Source>> {
+    let mut sources = vec![];
+    if out.path.exists().await? {
+        sources.push(Source {
+            rank: 0,
+            path: staging.local(&out.path).await?,
+            what: out.path.display(),
+        });
+    }
+    for (n, p) in out.part_files().await? {
+        sources.push(Source {
+            rank: n,
+            path: staging.local(&p).await?,
+            what: p.display(),
+        });
+    }
+    Ok(sources)
 }
 
 /// Local copies of a bucket output's files, downloaded as streams, for the

@@ -20,7 +20,7 @@ use crate::generate::{GeneratorArgs, JobArgs, media_of, output_schema};
 use crate::inputs;
 use crate::job::{self, Summary};
 use crate::recipe::Recipe;
-use crate::table::{self, Row, Table};
+use crate::table::{self, Row};
 
 /// CLIP's logit scale (its learned temperature, clamped at 100 in
 /// training): softmax over 100·cosine gives CLIP's zero-shot probabilities.
@@ -227,8 +227,8 @@ fn kind_of(row: &Row) -> Option<Modality> {
 }
 
 /// The image or video a row names, or why it names none.
-fn media(table: &Table, row: &Row) -> Result<(mmembed::Media, Modality), String> {
-    let m = media_of(table, row, "uri")?;
+fn media(base: Option<&inputs::Base>, row: &Row) -> Result<(mmembed::Media, Modality), String> {
+    let m = media_of(base, row, "uri")?;
     match kind_of(row) {
         Some(kind @ (Modality::Image | Modality::Video)) => Ok((m, kind)),
         _ => Err("not an image or video (by its content type or extension)".to_string()),
@@ -260,24 +260,7 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
         if input.schema.field_with_name("path").is_ok() {
             // A manifest naming files by `path`: the same column under the
             // object table's name.
-            let fields: Vec<Field> = input
-                .schema
-                .fields()
-                .iter()
-                .map(|f| {
-                    if f.name() == "path" {
-                        Field::new("uri", f.data_type().clone(), true)
-                    } else {
-                        f.as_ref().clone()
-                    }
-                })
-                .collect();
-            input.schema = Arc::new(arrow_schema::Schema::new(fields));
-            for r in &mut input.rows {
-                if let Some(v) = r.remove("path") {
-                    r.insert("uri".into(), v);
-                }
-            }
+            input.rename("path", "uri")?;
         } else {
             bail!(
                 "{}: the input has no `uri` or `path` column naming the media",
@@ -301,14 +284,17 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
         Task::Score { text } => ("text", text.clone()),
     };
     let with_task = |r: Recipe| r.with(asked.0, &asked.1);
-    let video = input.rows.iter().any(|r| {
-        r.get("uri")
-            .and_then(Value::as_str)
-            .is_some_and(inputs::is_video)
-    });
+    let mut video = false;
+    for chunk in input.chunks() {
+        video |= chunk?.iter().any(|r| {
+            r.get("uri")
+                .and_then(Value::as_str)
+                .is_some_and(inputs::is_video)
+        });
+    }
     let mut opts = c.job.options();
     let task = Arc::new(task);
-    let shared = Arc::new(input.clone());
+    let shared = Arc::new(input.base.clone());
     match &c.generator {
         Some(spec) => {
             // Concurrency and pacing of a generator go in its spec here
@@ -358,7 +344,7 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
 
 async fn on_embedder(
     task: Arc<Task>,
-    table: Arc<Table>,
+    base: Arc<Option<inputs::Base>>,
     e: Arc<dyn Embedder>,
     texts: Arc<Vec<Vec<f32>>>,
     segments: Option<mmembed::VideoSegmentConfig>,
@@ -366,7 +352,7 @@ async fn on_embedder(
 ) -> Vec<Vec<Row>> {
     let model = e.info().model_id.clone();
     let (reqs, slots) = job::plan(&rows, |r| {
-        media(&table, r).map(|(m, kind)| match kind {
+        media(base.as_ref().as_ref(), r).map(|(m, kind)| match kind {
             Modality::Video => EmbedRequest::video(m, segments),
             _ => EmbedRequest::image(m),
         })
@@ -442,13 +428,13 @@ async fn on_embedder(
 
 async fn on_generator(
     task: Arc<Task>,
-    table: Arc<Table>,
+    base: Arc<Option<inputs::Base>>,
     g: Arc<dyn Generator>,
     rows: Vec<Row>,
 ) -> Vec<Vec<Row>> {
     let model = g.info().model_id.clone();
     let (reqs, slots) = job::plan(&rows, |r| {
-        media(&table, r).map(|(m, kind)| task.request(&kind.to_string(), m))
+        media(base.as_ref().as_ref(), r).map(|(m, kind)| task.request(&kind.to_string(), m))
     });
     let answers = g.generate_batch(reqs).await;
     rows.iter()

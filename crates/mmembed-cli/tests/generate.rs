@@ -597,3 +597,56 @@ fn parquet_tables_and_classify_score_on_gemini() {
     assert_eq!(star["result"], 2.0);
     assert_eq!(star["status"], "");
 }
+
+#[test]
+fn repeated_rows_are_answered_once_and_the_output_keeps_the_input_order() {
+    let d = tempfile::tempdir().unwrap();
+    let llm = FakeLlm::start().unwrap();
+    let csv = d.path().join("q.csv");
+    let out = d.path().join("answers.jsonl");
+    let generate = |extra: &[&str]| {
+        run(mmembed(d.path())
+            .arg("generate")
+            .arg(&csv)
+            .arg("-o")
+            .arg(&out)
+            .args(["-g", &format!("openai:{}?model=qwen", llm.url)])
+            .args(["--prompt", "{q}", "--chunk-rows", "1"])
+            .args(extra))
+    };
+    let asked = |rows: &[Value]| -> Vec<String> {
+        rows.iter()
+            .map(|r| r["q"].as_str().unwrap().to_string())
+            .collect()
+    };
+    std::fs::write(&csv, "q\none\ntwo\none\nthree\n").unwrap();
+    let (ok, err) = generate(&[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("answered once"), "{err}");
+    assert_eq!(asked(&read_jsonl(&out)), ["one", "two", "three"]);
+    assert_eq!(llm.requests().len(), 3);
+    assert_eq!(read_jsonl(&out)[2]["result"], "You asked: three (0 images)");
+
+    // The input reordered, with a new row: only that row is asked, and the
+    // output follows the new order (the earlier output, out of that
+    // order, is read whole).
+    std::fs::write(&csv, "q\nthree\nfour\none\ntwo\n").unwrap();
+    let (ok, err) = generate(&["--resume"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("keeping 3 rows already done; running 1"),
+        "{err}"
+    );
+    assert_eq!(llm.requests().len(), 4);
+    assert_eq!(asked(&read_jsonl(&out)), ["three", "four", "one", "two"]);
+    assert_eq!(read_jsonl(&out)[1]["result"], "You asked: four (0 images)");
+
+    // Another input's columns: resuming is refused, naming the output.
+    std::fs::write(&csv, "q,lang\nthree,en\n").unwrap();
+    let (ok, err) = generate(&["--resume"]);
+    assert!(
+        !ok && err.contains("other columns") && err.contains("answers.jsonl"),
+        "{err}"
+    );
+    assert_eq!(llm.requests().len(), 4);
+}
