@@ -3,9 +3,14 @@ measuring row jobs (scripts/rowjob-bench.sh): asyncio, HTTP/1.1 keep-alive,
 each answer "A short answer to: <the prompt>" at once. Not a test double of
 the protocol (the tests use mmembed-llm's fake); only fast.
 
-    python3 scripts/lib/fake_openai.py PORT
+    python3 scripts/lib/fake_openai.py PORT [MAX_DELAY_MS]
+
+With MAX_DELAY_MS, each answer waits a uniform random 0..MAX_DELAY_MS
+first, as a server's varying latency.
 """
-import asyncio, json, sys
+import asyncio, json, random, sys
+
+MAX_DELAY = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
 async def handle(r, w):
     try:
         while True:
@@ -14,6 +19,8 @@ async def handle(r, w):
             for line in head.split(b"\r\n"):
                 if line.lower().startswith(b"content-length:"): n = int(line.split(b":")[1])
             body = json.loads(await r.readexactly(n))
+            if MAX_DELAY:
+                await asyncio.sleep(random.uniform(0, MAX_DELAY))
             text = body["messages"][-1]["content"]
             if isinstance(text, list): text = " ".join(p.get("text", "") for p in text)
             out = json.dumps({"id": "x", "object": "chat.completion", "model": body.get("model"),

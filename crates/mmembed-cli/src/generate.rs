@@ -115,9 +115,16 @@ pub struct JobArgs {
     #[arg(long, env = "MMEMBED_SHARD")]
     pub shard: Option<Shard>,
 
-    /// Input rows per part written (a killed job loses at most one part).
+    /// Input rows per part written.
     #[arg(long, env = "MMEMBED_CHUNK_ROWS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub chunk_rows: u32,
+
+    /// Chunks of --chunk-rows asked at once, their parts written in order
+    /// (a killed job loses at most these). Requests in flight are still
+    /// bounded by the backend's concurrency; this keeps its slots busy
+    /// while a chunk's slowest answer is awaited.
+    #[arg(long, env = "MMEMBED_CHUNKS_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub chunks_in_flight: u32,
 
     /// How long a bucket output's lock stays valid without renewal (s).
     #[arg(long, env = "MMEMBED_LOCK_TTL_SECS", default_value_t = 120)]
@@ -134,6 +141,7 @@ impl JobArgs {
             overwrite: self.overwrite,
             shard: self.shard,
             chunk_rows: self.chunk_rows as usize,
+            in_flight: self.chunks_in_flight as usize,
             lock_ttl: Duration::from_secs(self.lock_ttl_secs.max(3)),
             recipe: Recipe::default(),
         }

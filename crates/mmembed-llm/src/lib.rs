@@ -133,6 +133,7 @@ impl LlmConfig {
                 timeout: self.timeout,
                 retry: self.retry,
                 requests_per_minute: self.requests_per_minute,
+                max_in_flight: self.max_concurrency,
                 service: service.to_string(),
             },
         )
@@ -198,22 +199,6 @@ async fn complete<R: serde::de::DeserializeOwned>(
         &info.backend,
         model.as_deref().unwrap_or(&info.model_id),
     ))
-}
-
-/// Answers a batch `concurrency` requests at a time, in order.
-async fn in_order<'a, F>(
-    reqs: Vec<GenerateRequest>,
-    concurrency: usize,
-    one: impl Fn(GenerateRequest) -> F,
-) -> Vec<Result<Generation, EmbedError>>
-where
-    F: std::future::Future<Output = Result<Generation, EmbedError>> + 'a,
-{
-    use futures::StreamExt;
-    futures::stream::iter(reqs.into_iter().map(one))
-        .buffered(concurrency)
-        .collect()
-        .await
 }
 
 /// Merges `add` into `base` field by field (objects recursively).

@@ -8,7 +8,9 @@ use mmembed_transport::JsonClient;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::{LlmConfig, Piece, check_params, complete, in_order, merge, pieces};
+use mmembed_transport::in_order;
+
+use crate::{LlmConfig, Piece, check_params, complete, merge, pieces};
 
 const BACKEND: &str = "openai";
 

@@ -22,6 +22,11 @@ pub struct ClientOptions {
     pub retry: RetryPolicy,
     /// Client-side pacing shared by every request of the client.
     pub requests_per_minute: u32,
+    /// Requests sent at once by the client and all its clones together
+    /// (an attempt holds a slot; a retry's backoff holds none). A bound per
+    /// batch instead let concurrent batches (a server's callers, a row
+    /// job's chunks) multiply it.
+    pub max_in_flight: usize,
     /// Service name used in messages (`Vertex AI`, `Ollama`).
     pub service: String,
 }
@@ -40,7 +45,8 @@ pub struct Reply<T> {
 /// self-hosted model servers.
 ///
 /// - credentials from an [`Auth`] (a 401 refreshes them once);
-/// - requests evenly paced (shared by all clones: one quota per program);
+/// - requests evenly paced and at most `max_in_flight` at once (both
+///   shared by all clones: one quota per program);
 /// - 429, 500, 502, 503, 504, timeouts, dropped connections and — because
 ///   every API we call through it is idempotent per request — a 200 whose
 ///   body is cut off or not the expected JSON are retried with truncated
@@ -59,6 +65,7 @@ struct Inner {
     http: reqwest::Client,
     auth: Auth,
     pacer: Pacer,
+    slots: tokio::sync::Semaphore,
     clock: Arc<dyn Clock>,
     opts: ClientOptions,
 }
@@ -136,6 +143,9 @@ impl JsonClient {
         if opts.timeout.is_zero() {
             return Err(EmbedError::invalid("timeout", "must be positive"));
         }
+        if opts.max_in_flight == 0 {
+            return Err(EmbedError::invalid("max_concurrency", "must be at least 1"));
+        }
         let http = reqwest::Client::builder()
             .timeout(opts.timeout)
             .user_agent(concat!("mmembed/", env!("CARGO_PKG_VERSION")))
@@ -152,6 +162,7 @@ impl JsonClient {
             inner: Arc::new(Inner {
                 http,
                 pacer: Pacer::new(opts.requests_per_minute),
+                slots: tokio::sync::Semaphore::new(opts.max_in_flight),
                 auth,
                 clock,
                 opts,
@@ -185,8 +196,13 @@ impl JsonClient {
         let mut refreshed = false;
         let mut refresh = false;
         loop {
-            i.pacer.acquire(i.clock.as_ref()).await;
-            match self.attempt(url, &body, refresh).await {
+            let outcome = {
+                // The semaphore is never closed; `ok()` only names that.
+                let _slot = i.slots.acquire().await.ok();
+                i.pacer.acquire(i.clock.as_ref()).await;
+                self.attempt(url, &body, refresh).await
+            };
+            match outcome {
                 Ok(r) => return Ok(r),
                 Err(f) if f.unauthorized && !refreshed => {
                     tracing::debug!(service = %i.opts.service, "401: refreshing credentials once");
@@ -307,6 +323,25 @@ pub fn without_url(e: &reqwest::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// Runs `one` over `items`, at most `limit` at once, and returns the
+/// results in the items' order. Unlike `buffered`, a slow item does not
+/// hold back the start of the ones after it.
+pub async fn in_order<T, R, F, Fut>(items: Vec<T>, limit: usize, one: F) -> Vec<R>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = R>,
+{
+    use futures::StreamExt;
+    let one = &one;
+    let mut done: Vec<(usize, R)> = futures::stream::iter(items.into_iter().enumerate())
+        .map(|(i, t)| async move { (i, one(t).await) })
+        .buffer_unordered(limit.max(1))
+        .collect()
+        .await;
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //!
 //! Everything a remote call needs lives here once: credentials
 //! ([`Auth`]: ADC through `google-cloud-auth`, a bearer token, or none; the
-//! quota project), client-side pacing ([`pacing`]), retries with backoff and
+//! quota project), client-side pacing ([`pacing`]) and a bound on the
+//! requests in flight, retries with backoff and
 //! `Retry-After` ([`RetryPolicy`]), error mapping and token redaction
 //! ([`JsonClient`]).
 //!
@@ -18,6 +19,7 @@
 //!         timeout: Duration::from_secs(60),
 //!         retry: RetryPolicy::default(),
 //!         requests_per_minute: 60,
+//!         max_in_flight: 8,
 //!         service: "Vertex AI".into(),
 //!     },
 //! )?;
@@ -34,6 +36,6 @@ pub mod pacing;
 mod retry;
 
 pub use auth::{Auth, CLOUD_PLATFORM, CredentialsSource, STORAGE_READ_WRITE, scrub};
-pub use client::{ClientOptions, JsonClient, Reply, error_message, without_url};
+pub use client::{ClientOptions, JsonClient, Reply, error_message, in_order, without_url};
 pub use pacing::{Clock, Pacer, TokioClock, VirtualClock};
 pub use retry::RetryPolicy;

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use mmembed_core::{
     EmbedError, EmbedRequest, Embedder, EmbedderInfo, Embeddings, Modality, SegmentEmbedding,
     SpaceId, async_trait,
@@ -179,9 +178,7 @@ impl Embedder for VertexEmbedder {
     }
 
     async fn embed_batch(&self, reqs: Vec<EmbedRequest>) -> Vec<Result<Embeddings, EmbedError>> {
-        futures::stream::iter(reqs.into_iter().map(|r| self.embed_one(r)))
-            .buffered(self.inner.cfg.max_concurrency)
-            .collect()
+        mmembed_transport::in_order(reqs, self.inner.cfg.max_concurrency, |r| self.embed_one(r))
             .await
     }
 }

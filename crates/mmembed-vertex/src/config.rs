@@ -225,6 +225,7 @@ impl VertexConfig {
                 timeout: self.timeout,
                 retry: self.retry,
                 requests_per_minute: self.requests_per_minute,
+                max_in_flight: self.max_concurrency,
                 service: service.to_string(),
             },
             clock,

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use futures::StreamExt;
 use mmembed_core::generate::{GenerateRequest, Generation, Generator, GeneratorInfo, Part};
 use mmembed_core::{EmbedError, Media, MediaSource, Modality, async_trait};
 use mmembed_media::image_crate::ImageFormat;
@@ -477,10 +476,10 @@ impl Generator for GeminiGenerator {
         &self,
         reqs: Vec<GenerateRequest>,
     ) -> Vec<Result<Generation, EmbedError>> {
-        futures::stream::iter(reqs.into_iter().map(|r| self.generate_one(r)))
-            .buffered(self.inner.cfg.max_concurrency)
-            .collect()
-            .await
+        mmembed_transport::in_order(reqs, self.inner.cfg.max_concurrency, |r| {
+            self.generate_one(r)
+        })
+        .await
     }
 }
 
