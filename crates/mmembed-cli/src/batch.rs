@@ -43,7 +43,7 @@ use crate::backend::{BackendArgs, SegmentArgs};
 use crate::inputs::{self, Identity, Input, Kind, Shard};
 use crate::lock::OutputLock;
 use crate::merge::{self, Kept, SpaceGroup, Staging, sources};
-use crate::output::{Location, Output};
+use crate::output::Output;
 use crate::rows::{self, Format, Row};
 use mmembed_rows::RowInput;
 
@@ -599,27 +599,11 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         output = %out.path.display(),
         "merging the earlier output and the parts into the output"
     );
-    let dest = match &out.path {
-        Location::Local(p) => rows::temporary_beside(p)?,
-        Location::Remote(_) => staging.file("merged")?,
-    };
-    let (format, target) = (out.format, dest.clone());
-    let counts = tokio::task::spawn_blocking(move || {
-        merge::merge(sources, format, &target, &carried, &recipe)
+    let format = out.format;
+    let counts = merge::write_merged(out, &mut staging, move |dest| {
+        merge::merge(sources, format, dest, &carried, &recipe)
     })
     .await?;
-    let counts = match counts {
-        Ok(c) => c,
-        Err(e) => {
-            std::fs::remove_file(&dest).ok();
-            return Err(e);
-        }
-    };
-    out.path
-        .upload(&dest, out.format.content_type())
-        .await
-        .with_context(|| format!("writing {}", out.path.display()))?;
-    out.remove_parts().await?;
     Ok(Summary {
         ok: counts.ok,
         failed: counts.failed,

@@ -26,9 +26,9 @@ use crate::inputs::Shard;
 use crate::job_merge::{self, Index, Placed, key_of};
 use crate::lock::OutputLock;
 use crate::merge::{self, Source, Staging};
-use crate::output::{Location, Output};
+use crate::output::Output;
 use crate::recipe::Recipe;
-use crate::rows::{self, Format};
+use crate::rows::Format;
 use crate::table::{self, Row, Table};
 
 /// Settings shared by the row jobs.
@@ -266,27 +266,11 @@ where
     // in the input are dropped; rows of other shards were never here),
     // streamed into a file beside the output (or in the staging folder for
     // a bucket), flushed, then renamed over the output (or uploaded).
-    let dest = match &out.path {
-        Location::Local(p) => rows::temporary_beside(p)?,
-        Location::Remote(_) => staging.file("merged")?,
-    };
-    let (format, target) = (out.format, dest.clone());
-    let counts = tokio::task::spawn_blocking(move || {
-        job_merge::merge(files, format, &target, &out_schema, &index)
+    let format = out.format;
+    let counts = merge::write_merged(out, &mut staging, move |dest| {
+        job_merge::merge(files, format, dest, &out_schema, &index)
     })
     .await?;
-    let counts = match counts {
-        Ok(c) => c,
-        Err(e) => {
-            std::fs::remove_file(&dest).ok();
-            return Err(e);
-        }
-    };
-    out.path
-        .upload(&dest, out.format.content_type())
-        .await
-        .with_context(|| format!("writing {}", out.path.display()))?;
-    out.remove_parts().await?;
     Ok(Summary {
         ok: counts.ok,
         failed: counts.failed,

@@ -27,16 +27,14 @@ use std::io::{BufRead, BufReader, BufWriter};
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use mmembed::generate::RETRYABLE_PREFIX;
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 use serde_json::Value;
 
-use crate::merge::{Counts, READ_BATCH, ROW_GROUP_BYTES, Source, WRITE_BATCH};
+use crate::merge::{Counts, Encoding, READ_BATCH, Source, StreamWriter};
 use crate::recipe::Recipe;
 use crate::rows::Format;
 use crate::table::{self, Row};
@@ -289,6 +287,13 @@ pub(crate) fn scan(
     Ok(placed)
 }
 
+/// A placed file opened again, every column, to merge it (its recipe was
+/// checked when it was scanned, or it is this run's part).
+fn reopen(p: &Placed, format: Format, expect: &[String]) -> anyhow::Result<Batches> {
+    let s = &p.source;
+    open(&s.path, format, &s.what, expect, &Recipe::default(), None)
+}
+
 /// Files whose places follow each other, read one after the other; or a
 /// file out of order, read whole and sorted.
 struct Run {
@@ -317,14 +322,7 @@ impl Run {
     /// put in input order (stably: a key's rows keep their file order).
     fn whole(p: &Placed, format: Format, expect: &[String], index: &Index) -> anyhow::Result<Self> {
         let mut rows = vec![];
-        for batch in open(
-            &p.source.path,
-            format,
-            &p.source.what,
-            expect,
-            &Recipe::default(),
-            None,
-        )? {
+        for batch in reopen(p, format, expect)? {
             for row in batch? {
                 if let Some(place) = index.winner(&row, p.source.rank) {
                     rows.push((place, row));
@@ -381,16 +379,7 @@ impl Run {
             let Some(p) = self.files.pop_front() else {
                 return Ok(None);
             };
-            // The recipe was checked when the file was scanned (or it is
-            // this run's part).
-            self.rows = Some(open(
-                &p.source.path,
-                format,
-                &p.source.what,
-                expect,
-                &Recipe::default(),
-                None,
-            )?);
+            self.rows = Some(reopen(&p, format, expect)?);
             self.rank = p.source.rank;
             self.what = p.source.what;
         }
@@ -439,7 +428,7 @@ pub(crate) fn merge(
             None => runs.push(Run::new(p)),
         }
     }
-    let mut out = TableWriter::create(dest, format, schema)?;
+    let mut out = StreamWriter::create(dest, format, Typed(schema.clone()))?;
     let mut heads: Vec<Option<Row>> = Vec::with_capacity(runs.len());
     let mut heap = BinaryHeap::new();
     for (i, r) in runs.iter_mut().enumerate() {
@@ -463,88 +452,26 @@ pub(crate) fn merge(
     out.finish()
 }
 
-/// A row job's output written as a stream: rows go out in record batches,
-/// row groups close at [`ROW_GROUP_BYTES`].
-pub(crate) struct TableWriter {
-    sink: Sink,
-    schema: SchemaRef,
-    pending: Vec<Row>,
-    counts: Counts,
-}
+/// A row job's rows: typed columns of the output's schema.
+pub(crate) struct Typed(pub(crate) SchemaRef);
 
-enum Sink {
-    Parquet(Box<ArrowWriter<BufWriter<File>>>),
-    Jsonl(BufWriter<File>),
-}
+impl Encoding for Typed {
+    type Row = Row;
 
-impl TableWriter {
-    /// Creates `path` (replacing a file there) for rows of `schema`.
-    pub(crate) fn create(path: &Path, format: Format, schema: &SchemaRef) -> anyhow::Result<Self> {
-        let file = BufWriter::with_capacity(
-            1 << 20,
-            File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        let sink = match format {
-            Format::Jsonl => Sink::Jsonl(file),
-            Format::Parquet => {
-                let props = WriterProperties::builder()
-                    .set_compression(Compression::SNAPPY)
-                    .build();
-                Sink::Parquet(Box::new(ArrowWriter::try_new(
-                    file,
-                    schema.clone(),
-                    Some(props),
-                )?))
-            }
-        };
-        Ok(Self {
-            sink,
-            schema: schema.clone(),
-            pending: Vec::with_capacity(WRITE_BATCH),
-            counts: Counts::default(),
-        })
+    fn schema(&self) -> anyhow::Result<SchemaRef> {
+        Ok(self.0.clone())
     }
 
-    pub(crate) fn push(&mut self, row: Row) -> anyhow::Result<()> {
-        if status(&row).is_empty() {
-            self.counts.ok += 1;
-        } else {
-            self.counts.failed += 1;
-        }
-        self.pending.push(row);
-        if self.pending.len() >= WRITE_BATCH {
-            self.write_pending()?;
-        }
-        Ok(())
+    fn batch(&self, rows: &[Row]) -> anyhow::Result<RecordBatch> {
+        table::to_batch(&self.0, rows)
     }
 
-    fn write_pending(&mut self) -> anyhow::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        match &mut self.sink {
-            Sink::Parquet(w) => {
-                w.write(&table::to_batch(&self.schema, &self.pending)?)?;
-                if w.in_progress_size() >= ROW_GROUP_BYTES {
-                    w.flush()?;
-                }
-            }
-            Sink::Jsonl(w) => table::write_jsonl(w, &self.schema, &self.pending)?,
-        }
-        self.pending.clear();
-        Ok(())
+    fn lines(&self, out: &mut BufWriter<File>, rows: &[Row]) -> anyhow::Result<()> {
+        table::write_jsonl(out, &self.0, rows)
     }
 
-    /// Writes what is left, closes the file and flushes it to disk.
-    pub(crate) fn finish(mut self) -> anyhow::Result<Counts> {
-        self.write_pending()?;
-        let file = match self.sink {
-            Sink::Parquet(w) => w.into_inner()?,
-            Sink::Jsonl(w) => w,
-        };
-        let file = file.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok(self.counts)
+    fn ok(row: &Row) -> bool {
+        status(row).is_empty()
     }
 }
 

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use arrow_array::{Array, RecordBatch, new_null_array};
-use arrow_schema::{Field, Schema};
+use arrow_schema::{Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -585,7 +585,14 @@ pub(crate) fn merge(
             "merging many overlapping runs of parts (written by an earlier version?)"
         );
     }
-    let mut out = RowWriter::create(dest, format, carried, recipe)?;
+    let mut out = StreamWriter::create(
+        dest,
+        format,
+        Vectors {
+            carried: carried.to_vec(),
+            recipe: recipe.clone(),
+        },
+    )?;
     let mut heap = BinaryHeap::new();
     for (i, r) in runs.iter_mut().enumerate() {
         r.advance(format)?;
@@ -624,13 +631,56 @@ pub(crate) fn merge(
     out.finish()
 }
 
+/// How a job's rows go into a file: record batches of a schema (Parquet)
+/// or lines (JSON Lines), and which rows count as failed.
+pub(crate) trait Encoding {
+    type Row;
+    /// The schema of the Parquet file.
+    fn schema(&self) -> anyhow::Result<SchemaRef>;
+    /// Rows as one record batch of that schema.
+    fn batch(&self, rows: &[Self::Row]) -> anyhow::Result<RecordBatch>;
+    /// Rows as JSON Lines.
+    fn lines(&self, out: &mut BufWriter<File>, rows: &[Self::Row]) -> anyhow::Result<()>;
+    /// Whether a row succeeded (its status is empty).
+    fn ok(row: &Self::Row) -> bool;
+}
+
+/// A batch job's rows: vectors, carried columns and the recipe.
+pub(crate) struct Vectors {
+    pub(crate) carried: Vec<String>,
+    pub(crate) recipe: Recipe,
+}
+
+impl Encoding for Vectors {
+    type Row = Row;
+
+    fn schema(&self) -> anyhow::Result<SchemaRef> {
+        Ok(rows::to_batch(&[], &self.carried, &self.recipe)?.schema())
+    }
+
+    fn batch(&self, rows: &[Row]) -> anyhow::Result<RecordBatch> {
+        rows::to_batch(rows, &self.carried, &self.recipe)
+    }
+
+    fn lines(&self, out: &mut BufWriter<File>, rows: &[Row]) -> anyhow::Result<()> {
+        for r in rows {
+            serde_json::to_writer(&mut *out, r)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
+    fn ok(row: &Row) -> bool {
+        row.ok()
+    }
+}
+
 /// An output written as a stream: rows go out in record batches, row
 /// groups close at [`ROW_GROUP_BYTES`].
-pub(crate) struct RowWriter {
+pub(crate) struct StreamWriter<E: Encoding> {
     sink: Sink,
-    pending: Vec<Row>,
-    carried: Vec<String>,
-    recipe: Recipe,
+    encoding: E,
+    pending: Vec<E::Row>,
     counts: Counts,
 }
 
@@ -639,14 +689,9 @@ enum Sink {
     Jsonl(BufWriter<File>),
 }
 
-impl RowWriter {
+impl<E: Encoding> StreamWriter<E> {
     /// Creates `path` (replacing a file there).
-    pub(crate) fn create(
-        path: &Path,
-        format: Format,
-        carried: &[String],
-        recipe: &Recipe,
-    ) -> anyhow::Result<Self> {
+    pub(crate) fn create(path: &Path, format: Format, encoding: E) -> anyhow::Result<Self> {
         let file = BufWriter::with_capacity(
             1 << 20,
             File::create(path).with_context(|| format!("creating {}", path.display()))?,
@@ -654,24 +699,26 @@ impl RowWriter {
         let sink = match format {
             Format::Jsonl => Sink::Jsonl(file),
             Format::Parquet => {
-                let schema = rows::to_batch(&[], carried, recipe)?.schema();
                 let props = WriterProperties::builder()
                     .set_compression(Compression::SNAPPY)
                     .build();
-                Sink::Parquet(Box::new(ArrowWriter::try_new(file, schema, Some(props))?))
+                Sink::Parquet(Box::new(ArrowWriter::try_new(
+                    file,
+                    encoding.schema()?,
+                    Some(props),
+                )?))
             }
         };
         Ok(Self {
             sink,
+            encoding,
             pending: Vec::with_capacity(WRITE_BATCH),
-            carried: carried.to_vec(),
-            recipe: recipe.clone(),
             counts: Counts::default(),
         })
     }
 
-    pub(crate) fn push(&mut self, row: Row) -> anyhow::Result<()> {
-        if row.ok() {
+    pub(crate) fn push(&mut self, row: E::Row) -> anyhow::Result<()> {
+        if E::ok(&row) {
             self.counts.ok += 1;
         } else {
             self.counts.failed += 1;
@@ -689,17 +736,12 @@ impl RowWriter {
         }
         match &mut self.sink {
             Sink::Parquet(w) => {
-                w.write(&rows::to_batch(&self.pending, &self.carried, &self.recipe)?)?;
+                w.write(&self.encoding.batch(&self.pending)?)?;
                 if w.in_progress_size() >= ROW_GROUP_BYTES {
                     w.flush()?;
                 }
             }
-            Sink::Jsonl(w) => {
-                for r in &self.pending {
-                    serde_json::to_writer(&mut *w, r)?;
-                    w.write_all(b"\n")?;
-                }
-            }
+            Sink::Jsonl(w) => self.encoding.lines(w, &self.pending)?,
         }
         self.pending.clear();
         Ok(())
@@ -716,6 +758,37 @@ impl RowWriter {
         file.sync_all()?;
         Ok(self.counts)
     }
+}
+
+/// Writes the output of a job from its merge: `merge` streams the merged
+/// rows into a new file beside a local output (or in the staging folder
+/// for a bucket) and flushes it; the file is then renamed over the output
+/// (or uploaded) and the parts are removed. A merge that fails leaves no
+/// file behind.
+pub(crate) async fn write_merged(
+    out: &Output,
+    staging: &mut Staging,
+    merge: impl FnOnce(&Path) -> anyhow::Result<Counts> + Send + 'static,
+) -> anyhow::Result<Counts> {
+    let dest = match &out.path {
+        Location::Local(p) => rows::temporary_beside(p)?,
+        Location::Remote(_) => staging.file("merged")?,
+    };
+    let target = dest.clone();
+    let counts = tokio::task::spawn_blocking(move || merge(&target)).await?;
+    let counts = match counts {
+        Ok(c) => c,
+        Err(e) => {
+            std::fs::remove_file(&dest).ok();
+            return Err(e);
+        }
+    };
+    out.path
+        .upload(&dest, out.format.content_type())
+        .await
+        .with_context(|| format!("writing {}", out.path.display()))?;
+    out.remove_parts().await?;
+    Ok(counts)
 }
 
 /// The staging folders' names: this, the process id, `-` and a random tail.
