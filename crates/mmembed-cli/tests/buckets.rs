@@ -365,6 +365,28 @@ fn whole_job(kind: Kind) {
         ]
     );
     assert!(rows[0]["result"].as_f64() > rows[1]["result"].as_f64());
+    // Resumed, the bucket output is read back and written again the same.
+    let o = b
+        .mmembed(&cache, &proxy.url)
+        .args([
+            "score",
+            &manifest,
+            "--text",
+            "a blue square",
+            "-o",
+            &scores,
+            "--resume",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("keeping 2 rows already done; running 0"),
+        "{}",
+        stderr(&o)
+    );
+    let (again, _) = rt.block_on(b.stores.read(&scores, 1 << 30)).unwrap();
+    assert_eq!(again, bytes);
 
     // A rerun skips what is done and unchanged, retries the failures.
     let o = run(&["--resume"], &[]);
