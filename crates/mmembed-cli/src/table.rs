@@ -348,6 +348,13 @@ pub async fn read_input(spec: &str) -> anyhow::Result<Table> {
         }
         (Some(inputs::ManifestKind::Parquet), Some(bytes)) => {
             let (schema, batches) = read_parquet(bytes, spec)?;
+            // The input's columns go into every output row: a type that
+            // cannot make that trip is refused now, not after the first
+            // chunk's answers (types are per column, so a few rows tell).
+            if let Some(b) = batches.iter().find(|b| b.num_rows() > 0) {
+                normalize(&schema, &from_batch(&b.slice(0, b.num_rows().min(64)))?)
+                    .with_context(|| format!("{spec}: a column's type cannot be written back"))?;
+            }
             Table::from_batches(schema, &batches, base).with_context(ctx)
         }
         _ => {
