@@ -194,19 +194,37 @@ pub fn normalize(schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<Vec<Row>> {
     from_batch(&to_batch(schema, rows)?)
 }
 
-/// A Parquet file's schema and record batches.
+/// A Parquet file's schema and record batches, dictionary columns (a
+/// pandas categorical) decoded to their values: rows travel as JSON, and
+/// Arrow's JSON decoder has no dictionary type.
 pub(crate) fn read_parquet(
     bytes: Bytes,
     what: &str,
 ) -> anyhow::Result<(SchemaRef, Vec<RecordBatch>)> {
     let ctx = || format!("reading {what}");
     let b = ParquetRecordBatchReaderBuilder::try_new(bytes).with_context(ctx)?;
-    let schema = b.schema().clone();
-    let batches = b
-        .build()
-        .with_context(ctx)?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(ctx)?;
+    let stored = b.schema().clone();
+    let fields: Vec<Field> = stored
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Dictionary(_, values) => f.as_ref().clone().with_data_type(*values.clone()),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    let schema = Arc::new(Schema::new_with_metadata(fields, stored.metadata().clone()));
+    let mut batches = vec![];
+    for batch in b.build().with_context(ctx)? {
+        let batch = batch.with_context(ctx)?;
+        let columns = batch
+            .columns()
+            .iter()
+            .zip(schema.fields())
+            .map(|(c, f)| arrow_cast::cast(c, f.data_type()))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(ctx)?;
+        batches.push(RecordBatch::try_new(schema.clone(), columns).with_context(ctx)?);
+    }
     Ok((schema, batches))
 }
 
@@ -504,5 +522,37 @@ mod tests {
                 .unwrap(),
         ];
         assert!(to_batch(&schema, &bad).is_err());
+    }
+
+    #[tokio::test]
+    async fn dictionary_columns_of_a_parquet_table_are_read_as_their_values() {
+        use arrow_array::{DictionaryArray, Int64Array, types::Int32Type};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.parquet");
+        // A pandas categorical is stored as a dictionary column.
+        let kinds: DictionaryArray<Int32Type> =
+            vec![Some("cat"), None, Some("cat")].into_iter().collect();
+        let batch = RecordBatch::try_from_iter([
+            ("kind", Arc::new(kinds) as arrow_array::ArrayRef),
+            (
+                "n",
+                Arc::new(Int64Array::from(vec![1, 2, 3])) as arrow_array::ArrayRef,
+            ),
+        ])
+        .unwrap();
+        std::fs::write(&p, crate::rows::parquet_bytes(&batch).unwrap()).unwrap();
+        let t = read_input(p.to_str().unwrap()).await.unwrap();
+        assert_eq!(
+            t.schema.field_with_name("kind").unwrap().data_type(),
+            &DataType::Utf8
+        );
+        let rows = t.take(&[0, 1, 2]).unwrap();
+        assert_eq!(rows[0]["kind"], "cat");
+        assert_eq!(rows[1]["kind"], Value::Null);
+        assert_eq!(rows[2]["n"], 3);
+        // And they go into output rows.
+        let back = encode(Format::Parquet, &t.schema, &rows).unwrap();
+        let (_, again, _) = decode(Bytes::from(back), Format::Parquet, "t").unwrap();
+        assert_eq!(again, rows);
     }
 }
