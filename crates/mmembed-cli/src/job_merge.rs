@@ -185,20 +185,10 @@ pub(crate) fn open(
                         Ok(l) => l,
                         Err(e) => return Some(Err(e)),
                     };
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    let row = match serde_json::from_str::<Value>(&line) {
-                        Ok(Value::Object(o)) => o,
-                        Ok(_) => {
-                            return Some(Err(anyhow::anyhow!(
-                                "{what}:{}: not a JSON object",
-                                i + 1
-                            )));
-                        }
-                        Err(e) => {
-                            return Some(Err(anyhow::anyhow!("{what}:{}: not JSON ({e})", i + 1)));
-                        }
+                    let row = match table::jsonl_row(&line, &what, i + 1) {
+                        None => continue,
+                        Some(Ok(row)) => row,
+                        Some(Err(e)) => return Some(Err(e)),
                     };
                     // Every row written has every column (NULL as null).
                     if row.len() != expect.len() || !expect.iter().all(|c| row.contains_key(c)) {

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
@@ -274,12 +274,19 @@ fn jsonl_columns(text: &str) -> Vec<String> {
 fn jsonl_rows<'a>(text: &'a str, what: &'a str) -> impl Iterator<Item = anyhow::Result<Row>> + 'a {
     text.lines()
         .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(move |(i, line)| match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(o)) => Ok(o),
-            Ok(_) => bail!("{what}:{}: not a JSON object", i + 1),
-            Err(e) => bail!("{what}:{}: not JSON ({e})", i + 1),
-        })
+        .filter_map(move |(i, line)| jsonl_row(line, what, i + 1))
+}
+
+/// Line `n` of a JSON Lines table as a row; `None` for a blank line.
+pub(crate) fn jsonl_row(line: &str, what: &str, n: usize) -> Option<anyhow::Result<Row>> {
+    if line.trim().is_empty() {
+        return None;
+    }
+    Some(match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(_) => Err(anyhow::anyhow!("{what}:{n}: not a JSON object")),
+        Err(e) => Err(anyhow::anyhow!("{what}:{n}: not JSON ({e})")),
+    })
 }
 
 #[cfg(test)]
