@@ -18,7 +18,9 @@
 //! or one upload), then the parts are removed. Every URI's rows live in
 //! exactly one part, so merging keeps, for each URI, the rows of the newest
 //! file that has it: a retried or changed object replaces its old rows, and
-//! a crash between the final write and the clean-up duplicates nothing. The
+//! a crash between the final write and the clean-up duplicates nothing.
+//! Rows of URIs the input no longer lists stay unless `--prune` (the
+//! listing, sorted by URI, is then the merge's filter). The
 //! merge and `--resume`'s reading are streams ([`merge`](crate::merge)):
 //! memory does not grow with the output.
 //!
@@ -83,6 +85,13 @@ pub struct Args {
     /// (a Parquet output records them) with other decode or video settings.
     #[arg(long, env = "MMEMBED_RESUME", conflicts_with = "overwrite")]
     pub resume: bool,
+
+    /// With `--resume`: drop the earlier rows of URIs the input no longer
+    /// lists (objects deleted or renamed since), so that the output holds
+    /// the input's rows and no others. Without it they are kept, and the
+    /// job says how many. Refused when the input lists nothing.
+    #[arg(long, env = "MMEMBED_PRUNE", requires = "resume")]
+    pub prune: bool,
 
     /// Replace an existing output instead of refusing.
     #[arg(long, env = "MMEMBED_OVERWRITE")]
@@ -479,6 +488,26 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     } else {
         Kept::default()
     };
+    // Rows of URIs this input does not list: kept unless `--prune`.
+    let (outside, outside_rows) = kept.outside(&table.inputs);
+    if outside > 0 {
+        if !args.prune {
+            eprintln!(
+                "keeping {outside_rows} rows of {outside} URIs the input no longer lists (deleted \
+                 or renamed since, or another input's); --prune drops them"
+            );
+        } else if table.inputs.is_empty() {
+            bail!(
+                "the input lists no files, so --prune would empty {}: check the input, or \
+                 remove the output",
+                out.path.display()
+            );
+        } else {
+            eprintln!(
+                "dropping {outside_rows} rows of {outside} URIs the input no longer lists (--prune)"
+            );
+        }
+    }
     let done = kept.done();
     let mut changed = 0;
     let mut todo: Vec<Input> = table
@@ -530,9 +559,12 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         let embedder = args.backend.build_for(args.dimension).await?;
         if let Some(kept) = kept {
             let redo: HashSet<&str> = todo.iter().map(|i| i.uri.as_str()).collect();
+            let stays = |uri: &str| {
+                !redo.contains(uri) && (!args.prune || merge::listed(&table.inputs, uri))
+            };
             check_same_space(
                 &out.path.display(),
-                &kept.spaces_kept(&redo),
+                &kept.spaces_kept(stays),
                 embedder.info(),
                 args.dimension,
             )?;
@@ -589,7 +621,8 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         progress.finish();
     }
 
-    drop(table);
+    // With `--prune` the listing (sorted by URI) says which rows stay.
+    let only = args.prune.then_some(table.inputs);
     // Merge everything there is: the previous output and all parts,
     // streamed into a file beside the output (or in the staging folder for
     // a bucket), flushed, then renamed over the output (or uploaded).
@@ -601,7 +634,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     );
     let format = out.format;
     let counts = merge::write_merged(out, &mut staging, move |dest| {
-        merge::merge(sources, format, dest, &carried, &recipe)
+        merge::merge(sources, format, dest, &carried, &recipe, only.as_deref())
     })
     .await?;
     Ok(Summary {
@@ -653,7 +686,8 @@ mod tests {
             for r in rows {
                 kept.add(0, r);
             }
-            check_same_space("out.jsonl", &kept.spaces_kept(redo), i, d).map_err(|e| e.to_string())
+            check_same_space("out.jsonl", &kept.spaces_kept(|u| !redo.contains(u)), i, d)
+                .map_err(|e| e.to_string())
         };
 
         // The same space and size, the size asked for or the native one.

@@ -184,7 +184,14 @@ where
         })
         .await?;
         index = scanned.0;
-        files = scanned.1?;
+        let outside;
+        (files, outside) = scanned.1?;
+        if outside > 0 {
+            eprintln!(
+                "dropping the rows of {outside} earlier input rows the input no longer has \
+                 (the output follows the input)"
+            );
+        }
     }
     let todo: Vec<usize> = (0..at.len()).filter(|&i| index.to_run(keys[i])).collect();
     tracing::info!(

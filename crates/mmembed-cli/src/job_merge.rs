@@ -21,7 +21,7 @@
 //!   was written) is read whole, as before.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter};
 use std::path::Path;
@@ -239,18 +239,21 @@ pub(crate) fn open(
 
 /// Reads the earlier files of the job (local, in any order) into `index`:
 /// which file holds each key's newest rows and whether they are to be run
-/// again. Returns the files that hold rows of this job, with their places.
+/// again. Returns the files that hold rows of this job, with their places,
+/// and how many distinct input rows the files have rows of that are not
+/// this job's (the input changed since; the merge leaves them out).
 pub(crate) fn scan(
     mut sources: Vec<Source>,
     format: Format,
     expect: &[String],
     recipe: &Recipe,
     index: &mut Index,
-) -> anyhow::Result<Vec<Placed>> {
+) -> anyhow::Result<(Vec<Placed>, usize)> {
     sources.sort_by_key(|s| s.rank);
     let mut only = index.columns.clone();
     only.push("status".into());
     let mut placed = vec![];
+    let mut outside = HashSet::new();
     for s in sources {
         let mut p: Option<Placed> = None;
         for batch in open(&s.path, format, &s.what, expect, recipe, Some(&only))? {
@@ -258,6 +261,7 @@ pub(crate) fn scan(
                 let key = key_of(&index.columns, &row);
                 let retry = status(&row).starts_with(RETRYABLE_PREFIX);
                 let Some(place) = index.saw(key, s.rank, retry) else {
+                    outside.insert(key);
                     continue;
                 };
                 let p = p.get_or_insert_with(|| Placed {
@@ -274,7 +278,7 @@ pub(crate) fn scan(
         }
         placed.extend(p);
     }
-    Ok(placed)
+    Ok((placed, outside.len()))
 }
 
 /// A placed file opened again, every column, to merge it (its recipe was
@@ -468,7 +472,6 @@ impl Encoding for Typed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashSet;
     use std::sync::Arc;
 
     use arrow_schema::{DataType, Field, Schema};
@@ -622,7 +625,18 @@ mod tests {
             }
             rng.shuffle(&mut sources);
             let expect: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-            let placed = scan(sources, format, &expect, &Recipe::default(), &mut index).unwrap();
+            let (placed, outside) =
+                scan(sources, format, &expect, &Recipe::default(), &mut index).unwrap();
+            let input_keys: HashSet<Key> = inputs.iter().map(|r| key_of(&columns(), r)).collect();
+            let file_keys: HashSet<Key> = files
+                .iter()
+                .flat_map(|(_, rows)| rows.iter().map(|r| key_of(&columns(), r)))
+                .collect();
+            assert_eq!(
+                outside,
+                file_keys.difference(&input_keys).count(),
+                "case {case}"
+            );
             let (want_todo, want) = reference(&inputs, &files);
             let todo: Vec<usize> = distinct
                 .iter()

@@ -21,7 +21,7 @@
 //!   version) is read whole and sorted, as before.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use crate::inputs::Identity;
+use crate::inputs::{Identity, Input};
 use crate::output::{Location, Output};
 use crate::recipe::Recipe;
 use crate::rows::{self, Format, Row};
@@ -315,12 +315,22 @@ impl Kept {
             .collect()
     }
 
-    /// The spaces of the vectors that stay (URIs that succeeded and are
-    /// not in `redo`), ordered by model, space and dimension.
-    pub(crate) fn spaces_kept(&self, redo: &HashSet<&str>) -> Vec<SpaceGroup<'_>> {
+    /// URIs of the earlier files not in `inputs` (sorted by URI: the
+    /// input listing), and their rows: objects deleted or renamed since, or
+    /// rows of another input.
+    pub(crate) fn outside(&self, inputs: &[Input]) -> (usize, usize) {
+        self.uris
+            .iter()
+            .filter(|(uri, _)| !listed(inputs, uri))
+            .fold((0, 0), |(n, rows), (_, k)| (n + 1, rows + k.rows))
+    }
+
+    /// The spaces of the vectors that stay (URIs that succeeded and that
+    /// `stays` keeps), ordered by model, space and dimension.
+    pub(crate) fn spaces_kept(&self, stays: impl Fn(&str) -> bool) -> Vec<SpaceGroup<'_>> {
         let mut groups: Vec<Option<SpaceGroup<'_>>> = vec![None; self.spaces.len()];
         for (uri, k) in &self.uris {
-            if !k.ok || redo.contains(uri.as_str()) {
+            if !k.ok || !stays(uri) {
                 continue;
             }
             let (model, space, dimension) = &self.spaces[k.space];
@@ -537,15 +547,22 @@ pub(crate) struct Counts {
     pub(crate) failed: usize,
 }
 
+/// Whether `uri` is one of `inputs` (sorted by URI).
+pub(crate) fn listed(inputs: &[Input], uri: &str) -> bool {
+    inputs.binary_search_by(|i| i.uri.as_str().cmp(uri)).is_ok()
+}
+
 /// Writes the merge of `sources` (local files, any order) to the new file
 /// `dest`, streamed, and flushes it to disk: for each URI the rows of the
-/// highest-ranked source that has it, sorted by URI and segment start.
+/// highest-ranked source that has it, sorted by URI and segment start;
+/// with `only` (sorted by URI), only the rows of its URIs.
 pub(crate) fn merge(
     sources: Vec<Source>,
     format: Format,
     dest: &Path,
     carried: &[String],
     recipe: &Recipe,
+    only: Option<&[Input]>,
 ) -> anyhow::Result<Counts> {
     let mut scanned = vec![];
     for s in sources {
@@ -613,7 +630,8 @@ pub(crate) fn merge(
             .iter()
             .copied()
             .max_by_key(|&j| runs[j].rank)
-            .unwrap_or(i);
+            .filter(|_| only.is_none_or(|o| listed(o, &uri)))
+            .unwrap_or(usize::MAX);
         for &j in &members {
             let run = &mut runs[j];
             while run.head.as_ref().is_some_and(|h| h.uri == uri) {
@@ -980,13 +998,14 @@ mod tests {
         out
     }
 
-    fn merged(
+    /// `sources` written as files in `dir`.
+    fn written(
         dir: &Path,
         format: Format,
         sources: &[(u64, Vec<Row>)],
         carried: &[String],
-    ) -> (Vec<Row>, Counts) {
-        let files = sources
+    ) -> Vec<Source> {
+        sources
             .iter()
             .map(|(rank, rows)| Source {
                 rank: *rank,
@@ -999,9 +1018,19 @@ mod tests {
                 ),
                 what: format!("s{rank}"),
             })
-            .collect();
+            .collect()
+    }
+
+    fn merged(
+        dir: &Path,
+        format: Format,
+        sources: &[(u64, Vec<Row>)],
+        carried: &[String],
+        only: Option<&[Input]>,
+    ) -> (Vec<Row>, Counts) {
+        let files = written(dir, format, sources, carried);
         let dest = dir.join(format!("out.{}", format.ext()));
-        let counts = merge(files, format, &dest, carried, &Recipe::default()).unwrap();
+        let counts = merge(files, format, &dest, carried, &Recipe::default(), only).unwrap();
         (read_all(&dest, format, Columns::All), counts)
     }
 
@@ -1021,7 +1050,7 @@ mod tests {
             ];
             let new = vec![row("b.png", None, "", 2.0)];
             let sources = [(0, old), (1, retry), (2, new)];
-            let (got, counts) = merged(d.path(), format, &sources, &[]);
+            let (got, counts) = merged(d.path(), format, &sources, &[], None);
             assert_eq!(got, reference(&sources), "{format:?}");
             let uris: Vec<_> = got
                 .iter()
@@ -1096,9 +1125,45 @@ mod tests {
                 rank += rng.u64(1..3);
             }
             rng.shuffle(&mut sources);
-            let (got, counts) = merged(d.path(), format, &sources, &carried);
-            let want = reference(&sources);
+            // Half the cases list a part of the URIs and prune the others.
+            let listing: Vec<Input> = (0..pool + 3)
+                .filter(|_| rng.u8(..) < 200)
+                .map(|u| Input {
+                    uri: format!("gs://b/{u:03}.{}", if u % 3 == 0 { "mp4" } else { "png" }),
+                    path: None,
+                    identity: Identity::default(),
+                    listed: None,
+                    carried: Map::new(),
+                })
+                .collect();
+            let only = rng.bool().then_some(&listing[..]);
+            let (got, counts) = merged(d.path(), format, &sources, &carried, only);
+            let mut want = reference(&sources);
+            let everything = want.len();
+            if let Some(o) = only {
+                want.retain(|r| o.iter().any(|i| i.uri == r.uri));
+            }
             assert_eq!(got, want, "case {case}");
+            // What resuming says of the URIs the listing lacks.
+            let kept = Kept::read(
+                &written(d.path(), format, &sources, &carried),
+                format,
+                &Recipe::default(),
+            )
+            .unwrap();
+            let all = reference(&sources);
+            let outside: Vec<&Row> = all
+                .iter()
+                .filter(|r| !listing.iter().any(|i| i.uri == r.uri))
+                .collect();
+            let mut uris: Vec<&str> = outside.iter().map(|r| r.uri.as_str()).collect();
+            uris.dedup();
+            assert_eq!(
+                kept.outside(&listing),
+                (uris.len(), outside.len()),
+                "case {case}"
+            );
+            assert_eq!(all.len(), everything);
             let failed = want.iter().filter(|r| !r.ok()).count();
             assert_eq!(
                 counts,
@@ -1159,7 +1224,7 @@ mod tests {
             ]
         );
         assert_eq!(kept.carried, ["label"]);
-        let groups = kept.spaces_kept(&HashSet::from(["c.png"]));
+        let groups = kept.spaces_kept(|u| u != "c.png");
         assert_eq!(
             groups,
             [SpaceGroup {

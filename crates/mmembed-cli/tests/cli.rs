@@ -278,6 +278,68 @@ fn a_crashed_job_resumes_to_the_same_rows() {
     assert!(std::fs::metadata(&out).unwrap().modified().unwrap() >= before);
 }
 
+/// Rows of objects deleted since the last run stay unless `--prune` drops
+/// them; an empty listing never prunes an output to nothing.
+#[test]
+fn resume_keeps_the_rows_of_deleted_objects_unless_pruned() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("photos");
+    std::fs::create_dir_all(&root).unwrap();
+    for (i, (shape, colour)) in SHOWN.iter().take(3).enumerate() {
+        scene(*shape, *colour, i as u64)
+            .save(root.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let out = d.path().join("out.jsonl");
+    run_ok(&mut batch(d.path(), &root, &out, &[]));
+    let before = read_jsonl(&out);
+    assert_eq!(before.len(), 3);
+    let gone = root.join("1.png").to_string_lossy().into_owned();
+    std::fs::remove_file(&gone).unwrap();
+
+    let o = run_ok(&mut batch(d.path(), &root, &out, &["--resume"]));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("keeping 1 rows of 1 URIs the input no longer lists"),
+        "{stderr}"
+    );
+    assert_same_rows(&before, &read_jsonl(&out));
+
+    // --prune without --resume is a usage error; the output is untouched.
+    let o = batch(d.path(), &root, &out, &["--prune"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+
+    let o = run_ok(&mut batch(d.path(), &root, &out, &["--resume", "--prune"]));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("dropping 1 rows of 1 URIs the input no longer lists"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("embedding 0"),
+        "nothing embedded again: {stderr}"
+    );
+    let pruned: Vec<Value> = before
+        .iter()
+        .filter(|r| r["uri"] != gone.as_str())
+        .cloned()
+        .collect();
+    assert_eq!(pruned.len(), 2);
+    assert_same_rows(&pruned, &read_jsonl(&out));
+
+    // An input that lists nothing (a typo, an unmounted disk) is refused.
+    let empty = d.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = batch(d.path(), &empty, &out, &["--resume", "--prune"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--prune would empty"), "{stderr}");
+    assert_same_rows(&pruned, &read_jsonl(&out));
+}
+
 #[test]
 fn kill_9_mid_job_then_resume_loses_and_duplicates_nothing() {
     let d = tempfile::tempdir().unwrap();

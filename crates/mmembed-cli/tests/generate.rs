@@ -641,6 +641,17 @@ fn repeated_rows_are_answered_once_and_the_output_keeps_the_input_order() {
     assert_eq!(asked(&read_jsonl(&out)), ["three", "four", "one", "two"]);
     assert_eq!(read_jsonl(&out)[1]["result"], "You asked: four (0 images)");
 
+    // Rows taken out of the input leave the output, and the job says so.
+    std::fs::write(&csv, "q\nfour\ntwo\n").unwrap();
+    let (ok, err) = generate(&["--resume"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("dropping the rows of 2 earlier input rows the input no longer has"),
+        "{err}"
+    );
+    assert_eq!(llm.requests().len(), 4);
+    assert_eq!(asked(&read_jsonl(&out)), ["four", "two"]);
+
     // Another input's columns: resuming is refused, naming the output.
     std::fs::write(&csv, "q,lang\nthree,en\n").unwrap();
     let (ok, err) = generate(&["--resume"]);
