@@ -509,12 +509,16 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         }
     }
     let done = kept.done();
-    let mut changed = 0;
+    let (mut changed, mut unknown) = (0, 0);
     let mut todo: Vec<Input> = table
         .inputs
         .iter()
         .filter(|i| match done.get(i.uri.as_str()) {
-            Some(id) if id.same_version(&i.identity) => false,
+            Some(id) if id.same_version(&i.identity) => {
+                // A manifest's remote object, without identity columns.
+                unknown += usize::from(i.path.is_none() && i.identity == Identity::default());
+                false
+            }
             Some(_) => {
                 changed += 1;
                 true
@@ -549,6 +553,13 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
             "skipping {} objects already embedded and unchanged; embedding {} ({changed} changed since)",
             table.inputs.len() - todo.len(),
             todo.len()
+        );
+    }
+    if unknown > 0 {
+        eprintln!(
+            "{unknown} of the skipped objects are named by the manifest without their version \
+             (no generation, etag, size or updated column, as an object table has): they are \
+             taken as unchanged"
         );
     }
 

@@ -1,9 +1,12 @@
 //! The input of a batch job, an object table: a folder (recursive), a glob,
 //! a bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`), or a
-//! manifest (CSV, JSONL or Parquet with a `uri` or `path` column; other
-//! columns are carried through to the output rows). Every object comes with
-//! its identity (size, modification time, ETag/generation) so a rerun can
-//! tell which objects changed.
+//! manifest (CSV, JSONL or Parquet with a `uri` or `path` column, such as a
+//! BigQuery object table exported; its version columns are the objects'
+//! identity, other columns are carried through to the output rows). Every
+//! object comes with its identity (size, modification time,
+//! ETag/generation) so a rerun can tell which objects changed; a manifest
+//! without version columns gives its remote objects none until they are
+//! read.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -267,11 +270,95 @@ fn from_glob(pattern: &str) -> anyhow::Result<InputTable> {
 
 /// A manifest row's object: `uri` or `path`, relative paths taken from the
 /// manifest's location.
+/// Columns of a manifest that say which version of an object it names
+/// rather than travel with it: a BigQuery object table's (`generation`,
+/// `updated`, `content_type`, and `size` beside `generation`) and a batch
+/// output's (`size_bytes`, `etag`). An object table exported from BigQuery
+/// (or an earlier output's identity columns) is a manifest as it is, and
+/// `--resume` re-embeds the objects whose version it says changed.
+const IDENTITY_COLUMNS: [&str; 5] = [
+    "generation",
+    "etag",
+    "updated",
+    "size_bytes",
+    "content_type",
+];
+
+/// Whether `column` is one of the manifest's identity columns, given all
+/// its columns (`size` counts only in an object table, beside
+/// `generation`; elsewhere it is any other column, carried).
+fn is_identity_column(column: &str, has_generation: bool) -> bool {
+    IDENTITY_COLUMNS.contains(&column) || (column == "size" && has_generation)
+}
+
+/// The object's identity from a manifest row's identity columns (taken out
+/// of `fields`).
+fn manifest_identity(
+    fields: &mut Map<String, Value>,
+    has_generation: bool,
+    at: &dyn Fn() -> String,
+) -> anyhow::Result<Identity> {
+    let mut id = Identity::default();
+    let names: Vec<String> = fields
+        .keys()
+        .filter(|k| is_identity_column(k, has_generation))
+        .cloned()
+        .collect();
+    for k in names {
+        let v = fields.remove(&k).unwrap_or(Value::Null);
+        let text = match &v {
+            Value::Null => continue,
+            Value::String(s) if s.trim().is_empty() => continue,
+            Value::String(s) => s.trim().to_string(),
+            Value::Number(n) => n.to_string(),
+            other => bail!("{}: `{k}` is {other}, not a string or number", at()),
+        };
+        match k.as_str() {
+            "generation" => id.generation = Some(text),
+            "etag" => id.etag = Some(text),
+            "size" | "size_bytes" => {
+                let n = text.parse::<i64>().ok().filter(|n| *n >= 0);
+                id.size = Some(n.with_context(|| {
+                    format!("{}: `{k}` is {text:?}, not a size in bytes", at())
+                })?);
+            }
+            "updated" => {
+                id.updated = Some(parse_timestamp(&text).with_context(|| {
+                    format!("{}: `updated` is {text:?}, not a timestamp", at())
+                })?);
+            }
+            // The output's own `content_type` is the file type's.
+            _ => {}
+        }
+    }
+    Ok(id)
+}
+
+/// A timestamp as BigQuery exports write it (`2024-05-01 12:34:56.5 UTC`),
+/// as RFC 3339, or as Arrow writes a Parquet timestamp (with or without a
+/// zone; none is UTC).
+fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.to_utc());
+    }
+    let t = text.replacen(' ', "T", 1);
+    let t = t.trim_end_matches(" UTC").trim_end_matches('Z');
+    if let Ok(t) = DateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f%#z") {
+        return Some(t.to_utc());
+    }
+    chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
+/// A manifest row as an input; `has_generation`: whether the manifest has
+/// a `generation` column (an object table's `size` is then the identity's).
 fn manifest_input(
     manifest: &str,
     base: &Base,
     line: usize,
     mut fields: Map<String, Value>,
+    has_generation: bool,
 ) -> anyhow::Result<Input> {
     let key = ["uri", "path"]
         .into_iter()
@@ -281,6 +368,9 @@ fn manifest_input(
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
         _ => bail!("{manifest}:{line}: `{key}` is empty or not a string"),
     };
+    let identity = manifest_identity(&mut fields, has_generation, &|| {
+        format!("{manifest}:{line}")
+    })?;
     for k in fields.keys() {
         if STANDARD_COLUMNS.contains(&k.as_str()) {
             bail!(
@@ -296,8 +386,12 @@ fn manifest_input(
         carried: Map::new(),
     };
     let mut input = match base.locate(&uri) {
+        // A file's identity is read from it (cheap, and the truth).
         Located::File(p) => local(&p),
-        Located::Object(uri) => remote(uri),
+        Located::Object(uri) => Input {
+            identity,
+            ..remote(uri)
+        },
     };
     input.carried = fields;
     Ok(input)
@@ -407,6 +501,7 @@ fn from_csv(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable>
         .headers()
         .with_context(|| format!("reading the header of {what}"))?
         .clone();
+    let has_generation = headers.iter().any(|h| h == "generation");
     let mut inputs = vec![];
     for (i, rec) in rd.records().enumerate() {
         let rec = rec.with_context(|| format!("reading {what}"))?;
@@ -415,11 +510,11 @@ fn from_csv(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable>
             .zip(rec.iter())
             .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
             .collect();
-        inputs.push(manifest_input(what, base, i + 2, fields)?);
+        inputs.push(manifest_input(what, base, i + 2, fields, has_generation)?);
     }
     let carried_columns = headers
         .iter()
-        .filter(|h| *h != "uri" && *h != "path")
+        .filter(|h| *h != "uri" && *h != "path" && !is_identity_column(h, has_generation))
         .map(String::from)
         .collect();
     Ok(InputTable {
@@ -438,9 +533,7 @@ pub(crate) fn without_bom(text: &str) -> &str {
 fn from_jsonl(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable> {
     let text = std::str::from_utf8(bytes).with_context(|| format!("{what} is not UTF-8 text"))?;
     let text = without_bom(text);
-    let mut inputs = vec![];
-    let mut columns = BTreeSet::new();
-    let mut order = vec![];
+    let mut rows = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -450,7 +543,14 @@ fn from_jsonl(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTabl
         let Value::Object(fields) = v else {
             bail!("{what}:{}: not a JSON object", i + 1);
         };
-        let input = manifest_input(what, base, i + 1, fields)?;
+        rows.push((i + 1, fields));
+    }
+    let has_generation = rows.iter().any(|(_, f)| f.contains_key("generation"));
+    let mut inputs = vec![];
+    let mut columns = BTreeSet::new();
+    let mut order = vec![];
+    for (line, fields) in rows {
+        let input = manifest_input(what, base, line, fields, has_generation)?;
         for k in input.carried.keys() {
             if columns.insert(k.clone()) {
                 order.push(k.clone());
@@ -473,18 +573,19 @@ fn from_parquet(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTa
     for b in &batches {
         rows.extend(crate::table::from_batch(b).with_context(|| format!("reading {what}"))?);
     }
+    let has_generation = schema.fields().iter().any(|f| f.name() == "generation");
     let mut inputs = vec![];
     for (i, mut fields) in rows.into_iter().enumerate() {
         // NULLs are absent, as in a JSON Lines manifest that leaves them
         // out (but a NULL `uri` is reported as such).
         fields.retain(|k, v| !v.is_null() || k == "uri" || k == "path");
-        inputs.push(manifest_input(what, base, i + 1, fields)?);
+        inputs.push(manifest_input(what, base, i + 1, fields, has_generation)?);
     }
     let carried_columns = schema
         .fields()
         .iter()
         .map(|f| f.name())
-        .filter(|n| *n != "uri" && *n != "path")
+        .filter(|n| *n != "uri" && *n != "path" && !is_identity_column(n, has_generation))
         .cloned()
         .collect();
     Ok(InputTable {
@@ -877,5 +978,114 @@ mod tests {
         std::fs::write(&csv, "file\na.png\n").unwrap();
         let e = list_local(csv.to_str().unwrap()).unwrap_err().to_string();
         assert!(e.contains("no `uri` or `path`"), "{e}");
+    }
+
+    /// A BigQuery object table exported as CSV, JSON Lines (INT64 as
+    /// strings) or Parquet is a manifest: its version columns are the
+    /// objects' identity, `md5_hash` and `metadata` are carried.
+    #[test]
+    fn an_object_table_export_is_a_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        let when = DateTime::parse_from_rfc3339("2024-05-01T12:34:56.123456Z")
+            .unwrap()
+            .to_utc();
+        let want = Identity {
+            size: Some(1234),
+            updated: Some(when),
+            etag: None,
+            generation: Some("1714566896123456".into()),
+        };
+        let csv = d.path().join("t.csv");
+        std::fs::write(
+            &csv,
+            "uri,generation,content_type,size,md5_hash,updated,metadata\n\
+             gs://b/a.jpg,1714566896123456,image/jpeg,1234,qL8Q==,2024-05-01 12:34:56.123456 UTC,[]\n",
+        )
+        .unwrap();
+        let t = list_local(csv.to_str().unwrap()).unwrap();
+        assert_eq!(t.carried_columns, ["md5_hash", "metadata"]);
+        assert_eq!(t.inputs[0].identity, want);
+        assert_eq!(t.inputs[0].carried["md5_hash"], "qL8Q==");
+
+        let jl = d.path().join("t.jsonl");
+        std::fs::write(
+            &jl,
+            "{\"uri\":\"gs://b/a.jpg\",\"generation\":\"1714566896123456\",\
+             \"content_type\":\"image/jpeg\",\"size\":\"1234\",\"md5_hash\":\"qL8Q==\",\
+             \"updated\":\"2024-05-01 12:34:56.123456 UTC\",\"metadata\":[]}\n",
+        )
+        .unwrap();
+        let t = list_local(jl.to_str().unwrap()).unwrap();
+        assert_eq!(t.inputs[0].identity, want);
+        assert_eq!(t.carried_columns, ["md5_hash", "metadata"]);
+
+        // Parquet as BigQuery exports it: INT64 and a UTC TIMESTAMP.
+        use arrow_array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
+        use std::sync::Arc;
+        let pq = d.path().join("t.parquet");
+        let batch = arrow_array::RecordBatch::try_from_iter([
+            (
+                "uri",
+                Arc::new(StringArray::from(vec!["gs://b/a.jpg"])) as ArrayRef,
+            ),
+            (
+                "generation",
+                Arc::new(Int64Array::from(vec![1_714_566_896_123_456])),
+            ),
+            (
+                "content_type",
+                Arc::new(StringArray::from(vec!["image/jpeg"])),
+            ),
+            ("size", Arc::new(Int64Array::from(vec![1234]))),
+            (
+                "updated",
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![when.timestamp_micros()])
+                        .with_timezone("UTC"),
+                ),
+            ),
+        ])
+        .unwrap();
+        std::fs::write(&pq, crate::rows::parquet_bytes(&batch).unwrap()).unwrap();
+        let t = list_local(pq.to_str().unwrap()).unwrap();
+        assert_eq!(t.inputs[0].identity, want);
+        assert!(t.carried_columns.is_empty(), "{:?}", t.carried_columns);
+
+        // A batch output's names; a timestamp without a zone is UTC.
+        std::fs::write(
+            &csv,
+            "uri,size_bytes,etag,updated\ngs://b/a.jpg,7,\"e1\",2024-05-01T12:34:56.123456\n",
+        )
+        .unwrap();
+        let t = list_local(csv.to_str().unwrap()).unwrap();
+        let id = &t.inputs[0].identity;
+        assert_eq!(
+            (id.size, id.etag.as_deref(), id.updated),
+            (Some(7), Some("e1"), Some(when))
+        );
+
+        // `size` elsewhere is any column; a local file's identity is its own.
+        std::fs::write(d.path().join("a.png"), b"xyz").unwrap();
+        std::fs::write(&csv, "path,size\na.png,large\n").unwrap();
+        let t = list_local(csv.to_str().unwrap()).unwrap();
+        assert_eq!(t.carried_columns, ["size"]);
+        assert_eq!(t.inputs[0].identity.size, Some(3));
+
+        // Values that are not what the column says are refused, naming the line.
+        for (row, bad) in [
+            (
+                "gs://b/a.jpg,1,big,",
+                "`size` is \"big\", not a size in bytes",
+            ),
+            ("gs://b/a.jpg,1,-4,", "not a size in bytes"),
+            (
+                "gs://b/a.jpg,1,4,yesterday",
+                "`updated` is \"yesterday\", not a timestamp",
+            ),
+        ] {
+            std::fs::write(&csv, format!("uri,generation,size,updated\n{row}\n")).unwrap();
+            let e = format!("{:#}", list_local(csv.to_str().unwrap()).unwrap_err());
+            assert!(e.contains(bad) && e.contains("t.csv:2"), "{e}");
+        }
     }
 }

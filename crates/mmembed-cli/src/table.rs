@@ -195,8 +195,9 @@ pub fn normalize(schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<Vec<Row>> {
 }
 
 /// A Parquet file's schema and record batches, dictionary columns (a
-/// pandas categorical) decoded to their values: rows travel as JSON, and
-/// Arrow's JSON decoder has no dictionary type.
+/// pandas categorical) decoded to their values and timestamps in a named
+/// zone labelled UTC: rows travel as JSON, and Arrow's JSON decoder has no
+/// dictionary type nor (without a zone database) named zones.
 pub(crate) fn read_parquet(
     bytes: Bytes,
     what: &str,
@@ -209,6 +210,15 @@ pub(crate) fn read_parquet(
         .iter()
         .map(|f| match f.data_type() {
             DataType::Dictionary(_, values) => f.as_ref().clone().with_data_type(*values.clone()),
+            // A zone by name (pandas and pyarrow write "UTC") is relabelled
+            // UTC: Arrow's JSON writer knows only offsets without a time
+            // zone database, and failed on them. The instants stay (Arrow
+            // stores them in UTC whatever the label); they are written in
+            // UTC, as BigQuery writes a TIMESTAMP.
+            DataType::Timestamp(unit, Some(tz)) if !tz.starts_with(['+', '-']) => f
+                .as_ref()
+                .clone()
+                .with_data_type(DataType::Timestamp(*unit, Some("+00:00".into()))),
             _ => f.as_ref().clone(),
         })
         .collect();
@@ -558,6 +568,42 @@ mod tests {
         assert_eq!(rows[1]["kind"], Value::Null);
         assert_eq!(rows[2]["n"], 3);
         // And they go into output rows.
+        let back = encode(Format::Parquet, &t.schema, &rows).unwrap();
+        let (_, again, _) = decode(Bytes::from(back), Format::Parquet, "t").unwrap();
+        assert_eq!(again, rows);
+    }
+
+    #[tokio::test]
+    async fn timestamps_in_a_named_zone_are_read_as_utc() {
+        use arrow_array::TimestampMicrosecondArray;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.parquet");
+        // pandas writes "UTC"; the instant is 2024-05-01T12:34:56.5Z.
+        let at = 1_714_566_896_500_000;
+        let batch = RecordBatch::try_from_iter([
+            (
+                "utc",
+                Arc::new(TimestampMicrosecondArray::from(vec![at]).with_timezone("UTC"))
+                    as arrow_array::ArrayRef,
+            ),
+            (
+                "ny",
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![at]).with_timezone("America/New_York"),
+                ),
+            ),
+            (
+                "plus",
+                Arc::new(TimestampMicrosecondArray::from(vec![at]).with_timezone("+02:00")),
+            ),
+        ])
+        .unwrap();
+        std::fs::write(&p, crate::rows::parquet_bytes(&batch).unwrap()).unwrap();
+        let t = read_input(p.to_str().unwrap()).await.unwrap();
+        let rows = t.take(&[0]).unwrap();
+        assert_eq!(rows[0]["utc"], "2024-05-01T12:34:56.500Z");
+        assert_eq!(rows[0]["ny"], "2024-05-01T12:34:56.500Z");
+        assert_eq!(rows[0]["plus"], "2024-05-01T14:34:56.500+02:00");
         let back = encode(Format::Parquet, &t.schema, &rows).unwrap();
         let (_, again, _) = decode(Bytes::from(back), Format::Parquet, "t").unwrap();
         assert_eq!(again, rows);

@@ -339,6 +339,89 @@ fn whole_job(kind: Kind) {
         .cloned()
         .collect();
     assert_same_vectors(&wanted, &vectors(&rows, &input));
+    // Without version columns, resuming takes its objects as unchanged,
+    // and says so.
+    let o = b
+        .mmembed(&cache, &proxy.url)
+        .args(["batch", &manifest, "-o", &listed_out, "--resume"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("2 of the skipped objects are named by the manifest without their version"),
+        "{}",
+        stderr(&o)
+    );
+    // An object table exported as CSV (BigQuery's columns and timestamp
+    // form): its versions are the objects' identity, so resuming after the
+    // table says an object changed embeds that one again.
+    let listed = rt.block_on(b.stores.list(&format!("{input}sub/"))).unwrap();
+    let table_csv = |bump: bool| {
+        let mut text = String::from("uri,generation,etag,content_type,size,md5_hash,updated\n");
+        for o in &listed {
+            let changed = |v: &Option<String>| match v {
+                Some(v) if bump => format!("{v}0"),
+                Some(v) => v.clone(),
+                None => String::new(),
+            };
+            text += &format!(
+                "{},{},\"{}\",image/png,{},x,{}\n",
+                o.uri,
+                changed(&o.generation),
+                changed(&o.etag).replace('"', "\"\""),
+                o.size,
+                o.updated.unwrap().format("%Y-%m-%d %H:%M:%S%.6f UTC")
+            );
+        }
+        Bytes::from(text)
+    };
+    let object_table = format!("{base}/table.csv");
+    let table_out = format!("{base}/table.jsonl");
+    let put_table = |bump| {
+        rt.block_on(b.stores.put(
+            &object_table,
+            table_csv(bump),
+            "text/csv",
+            PutMode::Overwrite,
+        ))
+        .unwrap()
+    };
+    let batch_table = |extra: &[&str]| {
+        let o = b
+            .mmembed(&cache, &proxy.url)
+            .args(["batch", &object_table, "-o", &table_out])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    put_table(false);
+    batch_table(&[]);
+    let e = batch_table(&["--resume"]);
+    assert!(
+        e.contains("unchanged_and_done=2 changed=0 to_embed=0"),
+        "{e}"
+    );
+    assert!(!e.contains("without their version"), "{e}");
+    put_table(true);
+    let e = batch_table(&["--resume"]);
+    assert!(
+        e.contains("unchanged_and_done=0 changed=2 to_embed=2"),
+        "{e}"
+    );
+    let (bytes, _) = rt.block_on(b.stores.read(&table_out, 1 << 30)).unwrap();
+    let rows = jsonl(&bytes);
+    assert_eq!(rows.len(), 2);
+    for (r, o) in rows.iter().zip(&listed) {
+        assert_eq!(r["uri"].as_str(), Some(o.uri.as_str()));
+        assert_eq!(r["md5_hash"], "x");
+        assert!(r.get("size").is_none(), "{r}");
+        // The output records the version it read, not the table's.
+        assert_eq!(r["generation"].as_str(), o.generation.as_deref());
+        assert_eq!(r["etag"].as_str(), o.etag.as_deref());
+    }
     // The same file as a table for `score` (and `generate`, `classify`):
     // its columns kept, its relative names read from beside it.
     let scores = format!("{base}/scores.jsonl");
