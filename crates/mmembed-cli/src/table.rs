@@ -56,12 +56,12 @@ impl Table {
         for r in rows {
             chunk.push(r?);
             if chunk.len() == READ_CHUNK {
-                batches.push(to_batch(&schema, &chunk)?);
+                batches.push(rows_to_batch(&schema, &chunk, true)?);
                 chunk.clear();
             }
         }
         if !chunk.is_empty() {
-            batches.push(to_batch(&schema, &chunk)?);
+            batches.push(rows_to_batch(&schema, &chunk, true)?);
         }
         Self::from_batches(schema, &batches, base)
     }
@@ -163,8 +163,16 @@ fn object_table_schema() -> Schema {
 
 /// Rows into one record batch of `schema` (fields a row lacks are NULL).
 pub fn to_batch(schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<RecordBatch> {
+    rows_to_batch(schema, rows, false)
+}
+
+/// [`to_batch`]; with `coerce`, numbers and booleans in a string column
+/// become their text (an input's column of mixed values, which Arrow's
+/// inference types as strings, as BigQuery's loads do).
+fn rows_to_batch(schema: &SchemaRef, rows: &[Row], coerce: bool) -> anyhow::Result<RecordBatch> {
     let mut d = arrow_json::ReaderBuilder::new(schema.clone())
         .with_batch_size(rows.len().max(1))
+        .with_coerce_primitive(coerce)
         .build_decoder()?;
     d.serialize(rows)
         .context("a value does not fit its column's type")?;
@@ -492,6 +500,26 @@ mod tests {
         let names: Vec<&String> = t.schema.fields().iter().map(|f| f.name()).collect();
         assert_eq!(names, ["name", "n"]);
         assert_eq!(t.take(&[0]).unwrap()[0]["name"], "pear");
+    }
+
+    #[tokio::test]
+    async fn a_jsonl_column_of_strings_and_numbers_is_read_as_text() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.jsonl");
+        std::fs::write(
+            &p,
+            "{\"q\": \"a\", \"n\": 1}\n{\"q\": 3, \"n\": 2.5}\n{\"q\": true}\n",
+        )
+        .unwrap();
+        let t = read_input(p.to_str().unwrap()).await.unwrap();
+        let rows = t.take(&[0, 1, 2]).unwrap();
+        let q: Vec<&Value> = rows.iter().map(|r| &r["q"]).collect();
+        assert_eq!(q, ["a", "3", "true"]);
+        assert_eq!(rows[0]["n"], 1.0);
+        // Objects and strings in one column have no common type.
+        std::fs::write(&p, "{\"q\": \"a\"}\n{\"q\": {\"x\": 1}}\n").unwrap();
+        let e = format!("{:#}", read_input(p.to_str().unwrap()).await.unwrap_err());
+        assert!(e.contains("t.jsonl"), "{e}");
     }
 
     #[test]
