@@ -87,6 +87,19 @@ impl Table {
         from_batch(&arrow_select::take::take_record_batch(&self.data, &idx)?)
     }
 
+    /// Whether a value of the column `name` (as text) satisfies `f`; false
+    /// without such a column. Read from the typed data: no rows are made.
+    pub fn any_text(&self, name: &str, f: impl Fn(&str) -> bool) -> bool {
+        use arrow_array::cast::AsArray;
+        let Some(c) = self.data.column_by_name(name) else {
+            return false;
+        };
+        match arrow_cast::cast(c, &DataType::Utf8) {
+            Ok(c) => c.as_string::<i32>().iter().flatten().any(f),
+            Err(_) => false,
+        }
+    }
+
     /// All rows in order, a chunk at a time, as JSON objects.
     pub fn chunks(&self) -> impl Iterator<Item = anyhow::Result<Vec<Row>>> + '_ {
         (0..self.len())
@@ -500,6 +513,25 @@ mod tests {
         let names: Vec<&String> = t.schema.fields().iter().map(|f| f.name()).collect();
         assert_eq!(names, ["name", "n"]);
         assert_eq!(t.take(&[0]).unwrap()[0]["name"], "pear");
+    }
+
+    #[tokio::test]
+    async fn any_text_reads_a_column_as_text() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.jsonl");
+        std::fs::write(
+            &p,
+            "{\"uri\": \"a.png\", \"n\": 1}\n{\"uri\": null, \"n\": 20}\n",
+        )
+        .unwrap();
+        let t = read_input(p.to_str().unwrap()).await.unwrap();
+        assert!(!t.any_text("uri", inputs::is_video));
+        assert!(t.any_text("uri", |u| u == "a.png"));
+        assert!(t.any_text("n", |n| n == "20"));
+        assert!(!t.any_text("gone", |_| true));
+        std::fs::write(&p, "{\"uri\": \"a.png\"}\n{\"uri\": \"gs://b/c.MP4\"}\n").unwrap();
+        let t = read_input(p.to_str().unwrap()).await.unwrap();
+        assert!(t.any_text("uri", inputs::is_video));
     }
 
     #[tokio::test]

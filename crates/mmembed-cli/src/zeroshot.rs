@@ -284,14 +284,7 @@ async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
         Task::Score { text } => ("text", text.clone()),
     };
     let with_task = |r: Recipe| r.with(asked.0, &asked.1);
-    let mut video = false;
-    for chunk in input.chunks() {
-        video |= chunk?.iter().any(|r| {
-            r.get("uri")
-                .and_then(Value::as_str)
-                .is_some_and(inputs::is_video)
-        });
-    }
+    let video = input.any_text("uri", inputs::is_video);
     let mut opts = c.job.options();
     let task = Arc::new(task);
     let shared = Arc::new(input.base.clone());
