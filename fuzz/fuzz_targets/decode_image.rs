@@ -1,6 +1,9 @@
 //! Any bytes through image decoding and CLIP preprocessing, whole and
-//! reduced (`decode_image_draft`, as `--jpeg-draft` decodes): errors are
-//! fine, panics, hangs and huge allocations are bugs.
+//! reduced (`decode_image_draft`, as `--jpeg-draft` decodes), and through
+//! `decode_crop_into` (what `mmembed batch` runs: a JPEG decoded only over
+//! the columns the crop reads): errors are fine, panics, hangs and huge
+//! allocations are bugs, and so is a crop that differs from the whole
+//! decode's when both succeed (they promise the same bytes).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,10 +15,22 @@ fuzz_target!(|data: &[u8]| {
         max_bytes: 1 << 20,
         max_alloc: 256 << 20,
     };
-    let pre = ClipPreprocessor::openai(224);
-    // The input's last byte picks the path, so the corpus reaches both.
-    let draft = data.last().is_some_and(|b| b & 1 == 1);
-    if let Ok(img) = pre.decode(data, "fuzz", &limits, draft) {
-        let _ = pre.preprocess(&img);
+    // The input's last byte picks the path and the crop size, so the
+    // corpus reaches each (odd sizes stress the columns the crop reads).
+    let pick = data.last().copied().unwrap_or(0);
+    let draft = pick & 1 == 1;
+    let size = [224, 37, 8, 336][usize::from(pick >> 1 & 3)];
+    let pre = ClipPreprocessor::openai(size);
+    let whole = pre.decode(data, "fuzz", &limits, draft);
+    if let Ok(img) = &whole {
+        let _ = pre.preprocess(img);
+    }
+    let (w, h) = pre.output_size();
+    let mut row = vec![0u8; w as usize * h as usize * 3];
+    let cropped = pre.decode_crop_into(data, "fuzz", &limits, draft, &mut row);
+    if let (Ok(img), Ok(())) = (&whole, &cropped) {
+        let mut expected = vec![0u8; row.len()];
+        pre.crop_into(img, &mut expected).unwrap();
+        assert!(row == expected, "the crop differs from the whole decode's");
     }
 });

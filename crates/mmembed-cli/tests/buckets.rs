@@ -6,14 +6,14 @@
 //! Without the variables the bucket tests say so and pass, except under
 //! `CI=true`, where a missing emulator is an error.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use mmembed_shapes::{Colour, Scene, Shape};
-use mmembed_store::testkit::{FaultProxy, Faults};
+use mmembed_store::testkit::{FaultProxy, Faults, FileServer};
 use mmembed_store::{PutMode, StoreOptions, Stores};
 use serde_json::Value;
 
@@ -587,27 +587,15 @@ fn a_second_job_on_a_bucket_output_is_refused_naming_the_holder() {
     );
 }
 
-/// Serves `dir` over plain HTTP on loopback.
-fn serve_dir(dir: PathBuf) -> String {
-    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", server.server_addr().to_ip().unwrap());
-    std::thread::spawn(move || {
-        for req in server.incoming_requests() {
-            let p = dir.join(req.url().trim_start_matches('/'));
-            let _ = match std::fs::read(&p) {
-                Ok(b) => req.respond(tiny_http::Response::from_data(b)),
-                Err(_) => req.respond(tiny_http::Response::empty(404)),
-            };
-        }
-    });
-    url
-}
-
 #[test]
 fn http_objects_named_by_a_manifest() {
     let d = tempfile::tempdir().unwrap();
     let reference = local_reference(d.path());
-    let url = serve_dir(d.path().join("ref-media"));
+    let rt = rt();
+    let server = rt
+        .block_on(FileServer::start(d.path().join("ref-media")))
+        .unwrap();
+    let url = &server.url;
     let manifest = d.path().join("m.csv");
     let mut text = String::from("uri,label\n");
     for (k, _) in objects() {

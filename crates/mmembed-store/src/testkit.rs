@@ -1,7 +1,8 @@
 //! A fault-injecting HTTP proxy on loopback, in front of a real store or
 //! emulator: per-request delays, bursts of 503s, and response bodies cut
 //! off half-way (the connection dropped after the headers promised more).
-//! Used by the bucket tests and the remote-throughput benchmark.
+//! Used by the bucket tests and the remote-throughput benchmark. And
+//! [`FileServer`], a folder served over plain HTTP, for `http://` inputs.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -199,4 +200,51 @@ fn status(code: StatusCode) -> Response {
         .status(code)
         .body(Body::empty())
         .expect("a valid response")
+}
+
+/// A folder served over plain HTTP on loopback (GET and HEAD; 404 for a
+/// missing file); stops when dropped.
+///
+/// On tokio, each connection its own task: `tiny_http`'s thread pool can
+/// leave a new connection unserved while its threads wait on idle
+/// keep-alive ones, until the client drops one (reqwest after 90 s), which
+/// made a test take 90–120 s one run in three.
+pub struct FileServer {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FileServer {
+    /// Serves `dir` on a free loopback port (on the caller's runtime).
+    pub async fn start(dir: std::path::PathBuf) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let dir = Arc::new(dir);
+        // A GET route answers HEAD too, without the body.
+        let app = axum::Router::new().fallback(axum::routing::get(
+            |State(dir): State<Arc<std::path::PathBuf>>, req: Request| async move {
+                let name = req.uri().path().trim_start_matches('/').to_string();
+                let inside = !name.split('/').any(|c| c == "..");
+                match tokio::fs::read(dir.join(&name)).await {
+                    Ok(bytes) if inside => Response::new(Body::from(bytes)),
+                    _ => Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Body::empty())
+                        .expect("a valid response"),
+                }
+            },
+        ));
+        let app = app.with_state(dir);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { url, task })
+    }
 }
