@@ -230,7 +230,10 @@ impl Fetcher {
         if !remote {
             return 0;
         }
-        let size = input.listed.as_ref().map_or(UNKNOWN_SIZE, |o| o.size);
+        let size = match (&input.listed, input.identity.size) {
+            (Some(_), Some(n)) => n.max(0) as u64,
+            _ => UNKNOWN_SIZE,
+        };
         // An object larger than the whole buffer takes all of it: alone.
         (size.div_ceil(1024).max(1)).min(u64::from(self.buffer_kib)) as u32
     }
@@ -242,12 +245,12 @@ impl Fetcher {
             let listed_type = input
                 .listed
                 .as_ref()
-                .and_then(|o| o.content_type.clone())
+                .and_then(|l| l.content_type.clone())
                 .filter(|t| t.starts_with("image/") || t.starts_with("video/"));
             let ct = listed_type.as_deref().unwrap_or("application/octet-stream");
             let row = RowInput::failed(uri, ct, mmembed_rows::unsupported_type_status());
             return Prepared {
-                row: with_identity(row, input.identity, input.carried),
+                row: with_identity(row, input.identity, input.carried.into_map()),
                 permit: None,
             };
         };
@@ -264,9 +267,10 @@ impl Fetcher {
                     Kind::Video => MAX_REMOTE_VIDEO,
                 };
                 let stores = Stores::shared();
+                let listing = input.listing();
                 let mut identity = input.identity;
-                let info = match &input.listed {
-                    Some(o) => Ok(o.clone()),
+                let info = match listing {
+                    Some(o) => Ok(o),
                     None => stores.head(&uri).await,
                 };
                 let got = match info {
@@ -284,9 +288,9 @@ impl Fetcher {
             }
         };
         let mut row = match identity {
-            Some(id) => with_identity(row, id, input.carried),
+            Some(id) => with_identity(row, id, input.carried.into_map()),
             None => RowInput {
-                carried: input.carried,
+                carried: input.carried.into_map(),
                 ..row
             },
         };
@@ -489,7 +493,12 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         Kept::default()
     };
     // Rows of URIs this input does not list: kept unless `--prune`.
-    let (outside, outside_rows) = kept.outside(&table.inputs);
+    let (outside, outside_rows) = kept.outside(|uri| {
+        table
+            .inputs
+            .binary_search_by(|i| i.uri.as_str().cmp(uri))
+            .is_ok()
+    });
     if outside > 0 {
         if !args.prune {
             eprintln!(
@@ -509,10 +518,17 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         }
     }
     let done = kept.done();
+    // The listing is taken apart: what is to embed moves on (not copied:
+    // ten million listed objects hold about 3 GB), with `--prune` the URIs
+    // stay (sorted) to say which earlier rows are kept.
+    let listed = std::mem::take(&mut table.inputs);
+    let inputs_total = listed.len();
+    let uris: Option<Vec<String>> = args
+        .prune
+        .then(|| listed.iter().map(|i| i.uri.clone()).collect());
     let (mut changed, mut unknown) = (0, 0);
-    let mut todo: Vec<Input> = table
-        .inputs
-        .iter()
+    let mut todo: Vec<Input> = listed
+        .into_iter()
         .filter(|i| match done.get(i.uri.as_str()) {
             Some(id) if id.same_version(&i.identity) => {
                 // A manifest's remote object, without identity columns.
@@ -525,8 +541,8 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
             }
             None => true,
         })
-        .cloned()
         .collect();
+    drop(done);
     // In URI order, so that this run's parts follow each other and the
     // final merge streams them as one run.
     todo.sort_by(|a, b| a.uri.cmp(&b.uri));
@@ -537,21 +553,21 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
             carried.push(k.clone());
         }
     }
-    if table.inputs.is_empty() {
+    if inputs_total == 0 {
         tracing::warn!(input = %args.input, "the input lists no files");
     }
     tracing::info!(
-        inputs = table.inputs.len(),
-        unchanged_and_done = table.inputs.len() - todo.len(),
+        inputs = inputs_total,
+        unchanged_and_done = inputs_total - todo.len(),
         changed,
         to_embed = todo.len(),
         output = %out.path.display(),
         "batch job"
     );
-    if args.resume && todo.len() < table.inputs.len() {
+    if args.resume && todo.len() < inputs_total {
         eprintln!(
             "skipping {} objects already embedded and unchanged; embedding {} ({changed} changed since)",
-            table.inputs.len() - todo.len(),
+            inputs_total - todo.len(),
             todo.len()
         );
     }
@@ -571,7 +587,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         if let Some(kept) = kept {
             let redo: HashSet<&str> = todo.iter().map(|i| i.uri.as_str()).collect();
             let stays = |uri: &str| {
-                !redo.contains(uri) && (!args.prune || merge::listed(&table.inputs, uri))
+                !redo.contains(uri) && uris.as_ref().is_none_or(|u| merge::listed(u, uri))
             };
             check_same_space(
                 &out.path.display(),
@@ -633,7 +649,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     }
 
     // With `--prune` the listing (sorted by URI) says which rows stay.
-    let only = args.prune.then_some(table.inputs);
+    let only = uris;
     // Merge everything there is: the previous output and all parts,
     // streamed into a file beside the output (or in the staging folder for
     // a bucket), flushed, then renamed over the output (or uploaded).

@@ -8,9 +8,10 @@
 //! without version columns gives its remote objects none until they are
 //! read.
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
@@ -89,11 +90,85 @@ pub struct Input {
     /// Its identity when listed (remote objects named by a manifest get
     /// theirs when they are read).
     pub identity: Identity,
-    /// The listing entry of a remote object, to read it without asking
-    /// for its metadata again.
-    pub listed: Option<ObjectInfo>,
+    /// For an object of a bucket listing, what the listing said beyond its
+    /// identity ([`listing`](Self::listing) puts the entry together again).
+    pub listed: Option<Listed>,
     /// Manifest columns carried to the output.
-    pub carried: Map<String, Value>,
+    pub carried: Carried,
+}
+
+/// A manifest row's columns carried to its output rows, kept compact:
+/// the names are shared by every row of the manifest, and there is no map
+/// per row (a `serde_json::Map`, a B-tree, allocates a 632-byte node for
+/// each row however few its columns: 6 GB for ten million rows).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Carried(Vec<(Arc<str>, Value)>);
+
+impl Carried {
+    /// `fields` with names shared through `names` (one manifest's names).
+    fn new(fields: Map<String, Value>, names: &mut HashSet<Arc<str>>) -> Self {
+        let mut v: Vec<(Arc<str>, Value)> = fields
+            .into_iter()
+            .map(|(k, value)| {
+                let name = match names.get(k.as_str()) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n: Arc<str> = k.into();
+                        names.insert(n.clone());
+                        n
+                    }
+                };
+                (name, value)
+            })
+            .collect();
+        v.shrink_to_fit();
+        Self(v)
+    }
+
+    /// Whether it carries nothing.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The value of the column `name`.
+    #[cfg(test)]
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.iter().find(|(k, _)| &**k == name).map(|(_, v)| v)
+    }
+
+    /// As the map an output row holds.
+    pub fn into_map(self) -> Map<String, Value> {
+        self.0
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+}
+
+/// What a bucket listing said of an object beyond its URI and identity.
+/// (The entry is not kept whole: its URI and version would be held twice,
+/// about 200 bytes an object, 2 GB for ten million.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The stored MIME type, when the store has one.
+    pub content_type: Option<String>,
+}
+
+impl Input {
+    /// The listing entry of an object a bucket listing gave, to read it
+    /// without asking for its metadata again.
+    pub fn listing(&self) -> Option<ObjectInfo> {
+        let listed = self.listed.as_ref()?;
+        Some(ObjectInfo {
+            uri: self.uri.clone(),
+            size: u64::try_from(self.identity.size?).ok()?,
+            updated: self.identity.updated,
+            etag: self.identity.etag.clone(),
+            generation: self.identity.generation.clone(),
+            content_type: listed.content_type.clone(),
+        })
+    }
 }
 
 /// The input table and the names of its carried columns, in order.
@@ -159,11 +234,18 @@ async fn from_bucket(spec: &str) -> anyhow::Result<InputTable> {
     let inputs = objects
         .into_iter()
         .map(|o| Input {
-            uri: o.uri.clone(),
             path: None,
-            identity: Identity::of(&o),
-            listed: Some(o),
-            carried: Map::new(),
+            identity: Identity {
+                size: Some(o.size as i64),
+                updated: o.updated,
+                etag: o.etag,
+                generation: o.generation,
+            },
+            listed: Some(Listed {
+                content_type: o.content_type,
+            }),
+            uri: o.uri,
+            carried: Carried::default(),
         })
         .collect();
     Ok(InputTable {
@@ -210,7 +292,7 @@ fn local(p: &Path) -> Input {
             .unwrap_or_default(),
         path: Some(p),
         listed: None,
-        carried: Map::new(),
+        carried: Carried::default(),
     }
 }
 
@@ -359,6 +441,7 @@ fn manifest_input(
     line: usize,
     mut fields: Map<String, Value>,
     has_generation: bool,
+    names: &mut HashSet<Arc<str>>,
 ) -> anyhow::Result<Input> {
     let key = ["uri", "path"]
         .into_iter()
@@ -383,7 +466,7 @@ fn manifest_input(
         path: None,
         identity: Identity::default(),
         listed: None,
-        carried: Map::new(),
+        carried: Carried::default(),
     };
     let mut input = match base.locate(&uri) {
         // A file's identity is read from it (cheap, and the truth).
@@ -393,7 +476,7 @@ fn manifest_input(
             ..remote(uri)
         },
     };
-    input.carried = fields;
+    input.carried = Carried::new(fields, names);
     Ok(input)
 }
 
@@ -503,6 +586,7 @@ fn from_csv(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable>
         .clone();
     let has_generation = headers.iter().any(|h| h == "generation");
     let mut inputs = vec![];
+    let mut names = HashSet::new();
     for (i, rec) in rd.records().enumerate() {
         let rec = rec.with_context(|| format!("reading {what}"))?;
         let fields: Map<String, Value> = headers
@@ -510,7 +594,14 @@ fn from_csv(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable>
             .zip(rec.iter())
             .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
             .collect();
-        inputs.push(manifest_input(what, base, i + 2, fields, has_generation)?);
+        inputs.push(manifest_input(
+            what,
+            base,
+            i + 2,
+            fields,
+            has_generation,
+            &mut names,
+        )?);
     }
     let carried_columns = headers
         .iter()
@@ -533,34 +624,33 @@ pub(crate) fn without_bom(text: &str) -> &str {
 fn from_jsonl(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable> {
     let text = std::str::from_utf8(bytes).with_context(|| format!("{what} is not UTF-8 text"))?;
     let text = without_bom(text);
-    let mut rows = vec![];
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value =
-            serde_json::from_str(line).with_context(|| format!("{what}:{}: not JSON", i + 1))?;
-        let Value::Object(fields) = v else {
-            bail!("{what}:{}: not a JSON object", i + 1);
-        };
-        rows.push((i + 1, fields));
-    }
-    let has_generation = rows.iter().any(|(_, f)| f.contains_key("generation"));
+    // The columns first (names only: the rows are parsed one at a time
+    // below, not held), for the order carried columns take and whether
+    // this is an object table.
+    let columns = crate::table::jsonl_columns(text);
+    let has_generation = columns.iter().any(|c| c == "generation");
     let mut inputs = vec![];
-    let mut columns = BTreeSet::new();
-    let mut order = vec![];
-    for (line, fields) in rows {
-        let input = manifest_input(what, base, line, fields, has_generation)?;
-        for k in input.carried.keys() {
-            if columns.insert(k.clone()) {
-                order.push(k.clone());
-            }
-        }
-        inputs.push(input);
+    let mut names = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some(fields) = crate::table::jsonl_row(line, what, i + 1) else {
+            continue;
+        };
+        inputs.push(manifest_input(
+            what,
+            base,
+            i + 1,
+            fields?,
+            has_generation,
+            &mut names,
+        )?);
     }
+    let carried_columns = columns
+        .into_iter()
+        .filter(|c| names.contains(c.as_str()))
+        .collect();
     Ok(InputTable {
         inputs,
-        carried_columns: order,
+        carried_columns,
     })
 }
 
@@ -569,17 +659,26 @@ fn from_jsonl(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTabl
 /// types.
 fn from_parquet(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable> {
     let (schema, batches) = crate::table::read_parquet(bytes::Bytes::copy_from_slice(bytes), what)?;
-    let mut rows = vec![];
-    for b in &batches {
-        rows.extend(crate::table::from_batch(b).with_context(|| format!("reading {what}"))?);
-    }
     let has_generation = schema.fields().iter().any(|f| f.name() == "generation");
     let mut inputs = vec![];
-    for (i, mut fields) in rows.into_iter().enumerate() {
-        // NULLs are absent, as in a JSON Lines manifest that leaves them
-        // out (but a NULL `uri` is reported as such).
-        fields.retain(|k, v| !v.is_null() || k == "uri" || k == "path");
-        inputs.push(manifest_input(what, base, i + 1, fields, has_generation)?);
+    let mut names = HashSet::new();
+    // A record batch's rows as JSON at a time, not the whole table's.
+    for b in &batches {
+        let rows = crate::table::from_batch(b).with_context(|| format!("reading {what}"))?;
+        for mut fields in rows {
+            // NULLs are absent, as in a JSON Lines manifest that leaves
+            // them out (but a NULL `uri` is reported as such).
+            fields.retain(|k, v| !v.is_null() || k == "uri" || k == "path");
+            let row = inputs.len() + 1;
+            inputs.push(manifest_input(
+                what,
+                base,
+                row,
+                fields,
+                has_generation,
+                &mut names,
+            )?);
+        }
     }
     let carried_columns = schema
         .fields()
@@ -858,7 +957,7 @@ mod tests {
         );
         assert!(t.inputs[..3].iter().all(|i| i.path.is_none()));
         assert_eq!(t.inputs[3].path.as_deref(), Some(Path::new("/data/d.jpg")));
-        assert_eq!(t.inputs[0].carried["label"], "x");
+        assert_eq!(t.inputs[0].carried.get("label").unwrap(), "x");
         let e = from_manifest(
             b"{\"uri\": 3}",
             ManifestKind::Jsonl,
@@ -932,7 +1031,7 @@ mod tests {
             },
             ..t
         };
-        assert_eq!(t.inputs[0].carried["label"], "dog");
+        assert_eq!(t.inputs[0].carried.get("label").unwrap(), "dog");
 
         let jl = d.path().join("m.jsonl");
         // With the byte order mark and line ends of a Windows tool.
@@ -969,7 +1068,7 @@ mod tests {
             t.inputs[0].uri,
             absolute(&d.path().join("b.png")).to_string_lossy()
         );
-        assert_eq!(t.inputs[0].carried["n"], 3);
+        assert_eq!(t.inputs[0].carried.get("n").unwrap(), 3);
         assert!(t.inputs[1].carried.is_empty());
 
         std::fs::write(&csv, "uri,status\na.png,x\n").unwrap();
@@ -1005,7 +1104,7 @@ mod tests {
         let t = list_local(csv.to_str().unwrap()).unwrap();
         assert_eq!(t.carried_columns, ["md5_hash", "metadata"]);
         assert_eq!(t.inputs[0].identity, want);
-        assert_eq!(t.inputs[0].carried["md5_hash"], "qL8Q==");
+        assert_eq!(t.inputs[0].carried.get("md5_hash").unwrap(), "qL8Q==");
 
         let jl = d.path().join("t.jsonl");
         std::fs::write(

@@ -36,7 +36,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use crate::inputs::{Identity, Input};
+use crate::inputs::Identity;
 use crate::output::{Location, Output};
 use crate::recipe::Recipe;
 use crate::rows::{self, Format, Row};
@@ -315,13 +315,12 @@ impl Kept {
             .collect()
     }
 
-    /// URIs of the earlier files not in `inputs` (sorted by URI: the
-    /// input listing), and their rows: objects deleted or renamed since, or
-    /// rows of another input.
-    pub(crate) fn outside(&self, inputs: &[Input]) -> (usize, usize) {
+    /// URIs of the earlier files that are not `listed`, and their rows:
+    /// objects deleted or renamed since, or rows of another input.
+    pub(crate) fn outside(&self, listed: impl Fn(&str) -> bool) -> (usize, usize) {
         self.uris
             .iter()
-            .filter(|(uri, _)| !listed(inputs, uri))
+            .filter(|(uri, _)| !listed(uri))
             .fold((0, 0), |(n, rows), (_, k)| (n + 1, rows + k.rows))
     }
 
@@ -547,22 +546,22 @@ pub(crate) struct Counts {
     pub(crate) failed: usize,
 }
 
-/// Whether `uri` is one of `inputs` (sorted by URI).
-pub(crate) fn listed(inputs: &[Input], uri: &str) -> bool {
-    inputs.binary_search_by(|i| i.uri.as_str().cmp(uri)).is_ok()
+/// Whether `uri` is one of `uris` (sorted).
+pub(crate) fn listed(uris: &[String], uri: &str) -> bool {
+    uris.binary_search_by(|u| u.as_str().cmp(uri)).is_ok()
 }
 
 /// Writes the merge of `sources` (local files, any order) to the new file
 /// `dest`, streamed, and flushes it to disk: for each URI the rows of the
 /// highest-ranked source that has it, sorted by URI and segment start;
-/// with `only` (sorted by URI), only the rows of its URIs.
+/// with `only` (sorted), only the rows of its URIs.
 pub(crate) fn merge(
     sources: Vec<Source>,
     format: Format,
     dest: &Path,
     carried: &[String],
     recipe: &Recipe,
-    only: Option<&[Input]>,
+    only: Option<&[String]>,
 ) -> anyhow::Result<Counts> {
     let mut scanned = vec![];
     for s in sources {
@@ -1026,7 +1025,7 @@ mod tests {
         format: Format,
         sources: &[(u64, Vec<Row>)],
         carried: &[String],
-        only: Option<&[Input]>,
+        only: Option<&[String]>,
     ) -> (Vec<Row>, Counts) {
         let files = written(dir, format, sources, carried);
         let dest = dir.join(format!("out.{}", format.ext()));
@@ -1126,22 +1125,16 @@ mod tests {
             }
             rng.shuffle(&mut sources);
             // Half the cases list a part of the URIs and prune the others.
-            let listing: Vec<Input> = (0..pool + 3)
+            let listing: Vec<String> = (0..pool + 3)
                 .filter(|_| rng.u8(..) < 200)
-                .map(|u| Input {
-                    uri: format!("gs://b/{u:03}.{}", if u % 3 == 0 { "mp4" } else { "png" }),
-                    path: None,
-                    identity: Identity::default(),
-                    listed: None,
-                    carried: Map::new(),
-                })
+                .map(|u| format!("gs://b/{u:03}.{}", if u % 3 == 0 { "mp4" } else { "png" }))
                 .collect();
             let only = rng.bool().then_some(&listing[..]);
             let (got, counts) = merged(d.path(), format, &sources, &carried, only);
             let mut want = reference(&sources);
             let everything = want.len();
             if let Some(o) = only {
-                want.retain(|r| o.iter().any(|i| i.uri == r.uri));
+                want.retain(|r| o.contains(&r.uri));
             }
             assert_eq!(got, want, "case {case}");
             // What resuming says of the URIs the listing lacks.
@@ -1152,14 +1145,11 @@ mod tests {
             )
             .unwrap();
             let all = reference(&sources);
-            let outside: Vec<&Row> = all
-                .iter()
-                .filter(|r| !listing.iter().any(|i| i.uri == r.uri))
-                .collect();
+            let outside: Vec<&Row> = all.iter().filter(|r| !listing.contains(&r.uri)).collect();
             let mut uris: Vec<&str> = outside.iter().map(|r| r.uri.as_str()).collect();
             uris.dedup();
             assert_eq!(
-                kept.outside(&listing),
+                kept.outside(|u| listing.iter().any(|l| l == u)),
                 (uris.len(), outside.len()),
                 "case {case}"
             );

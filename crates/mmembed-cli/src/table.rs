@@ -287,7 +287,7 @@ impl<'de> serde::Deserialize<'de> for KeyOrder {
 }
 
 /// The columns of JSON Lines in the order the lines first name them.
-fn jsonl_columns(text: &str) -> Vec<String> {
+pub(crate) fn jsonl_columns(text: &str) -> Vec<String> {
     let mut order: Vec<String> = vec![];
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         if let Ok(KeyOrder(keys)) = serde_json::from_str::<KeyOrder>(line) {
