@@ -42,7 +42,7 @@ use mmembed_store::{StoreError, Stores};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::backend::{BackendArgs, SegmentArgs};
-use crate::inputs::{self, Identity, Input, Kind, Shard};
+use crate::inputs::{self, Identity, Input, Kind, Shard, Version};
 use crate::lock::OutputLock;
 use crate::merge::{self, Kept, SpaceGroup, Staging, sources};
 use crate::output::Output;
@@ -517,7 +517,6 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
             );
         }
     }
-    let done = kept.done();
     // The listing is taken apart: what is to embed moves on (not copied:
     // ten million listed objects hold about 3 GB), with `--prune` the URIs
     // stay (sorted) to say which earlier rows are kept.
@@ -529,8 +528,8 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     let (mut changed, mut unknown) = (0, 0);
     let mut todo: Vec<Input> = listed
         .into_iter()
-        .filter(|i| match done.get(i.uri.as_str()) {
-            Some(id) if id.same_version(&i.identity) => {
+        .filter(|i| match kept.done(&i.uri) {
+            Some(v) if v.same(&Version::of(&i.identity)) => {
                 // A manifest's remote object, without identity columns.
                 unknown += usize::from(i.path.is_none() && i.identity == Identity::default());
                 false
@@ -542,7 +541,6 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
             None => true,
         })
         .collect();
-    drop(done);
     // In URI order, so that this run's parts follow each other and the
     // final merge streams them as one run.
     todo.sort_by(|a, b| a.uri.cmp(&b.uri));

@@ -36,7 +36,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use crate::inputs::Identity;
+use crate::inputs::{Identity, Version};
 use crate::output::{Location, Output};
 use crate::recipe::Recipe;
 use crate::rows::{self, Format, Row};
@@ -198,12 +198,14 @@ pub(crate) struct Source {
 #[derive(Debug, Clone)]
 struct KeptUri {
     rank: u64,
-    identity: Identity,
-    ok: bool,
-    rows: usize,
+    /// What resuming compares of its identity (64 bytes, no heap: the
+    /// map holds one per URI of the earlier output).
+    version: Version,
+    rows: u32,
     /// Index into [`Kept::spaces`]: the model, space and dimension of its
     /// first row.
-    space: usize,
+    space: u32,
+    ok: bool,
 }
 
 /// What `--resume` needs of the earlier files, without their vectors.
@@ -271,7 +273,7 @@ impl Kept {
             match k.rank.cmp(&rank) {
                 Ordering::Equal => {
                     k.ok &= r.ok();
-                    k.rows += 1;
+                    k.rows = k.rows.saturating_add(1);
                     return;
                 }
                 // An older file's rows of a URI a newer one has.
@@ -289,30 +291,29 @@ impl Kept {
             }
         };
         // A newer file's rows of a URI replace an older one's.
-        self.uris.insert(
-            r.uri.clone(),
-            KeptUri {
-                rank,
-                identity: Identity {
-                    size: r.size_bytes,
-                    updated: r.updated,
-                    etag: r.etag.clone(),
-                    generation: r.generation.clone(),
-                },
-                ok: r.ok(),
-                rows: 1,
-                space,
-            },
-        );
+        let kept = KeptUri {
+            rank,
+            version: Version::of(&Identity {
+                size: r.size_bytes,
+                updated: r.updated,
+                etag: r.etag.clone(),
+                generation: r.generation.clone(),
+            }),
+            ok: r.ok(),
+            rows: 1,
+            space: space as u32,
+        };
+        match self.uris.get_mut(r.uri.as_str()) {
+            Some(k) => *k = kept,
+            None => {
+                self.uris.insert(r.uri.clone(), kept);
+            }
+        }
     }
 
-    /// URIs whose rows all succeeded, with the identity the rows recorded.
-    pub(crate) fn done(&self) -> HashMap<&str, &Identity> {
-        self.uris
-            .iter()
-            .filter(|(_, k)| k.ok)
-            .map(|(u, k)| (u.as_str(), &k.identity))
-            .collect()
+    /// The version the rows of `uri` recorded, if they all succeeded.
+    pub(crate) fn done(&self, uri: &str) -> Option<&Version> {
+        self.uris.get(uri).filter(|k| k.ok).map(|k| &k.version)
     }
 
     /// URIs of the earlier files that are not `listed`, and their rows:
@@ -321,7 +322,7 @@ impl Kept {
         self.uris
             .iter()
             .filter(|(uri, _)| !listed(uri))
-            .fold((0, 0), |(n, rows), (_, k)| (n + 1, rows + k.rows))
+            .fold((0, 0), |(n, rows), (_, k)| (n + 1, rows + k.rows as usize))
     }
 
     /// The spaces of the vectors that stay (URIs that succeeded and that
@@ -332,15 +333,15 @@ impl Kept {
             if !k.ok || !stays(uri) {
                 continue;
             }
-            let (model, space, dimension) = &self.spaces[k.space];
-            let g = groups[k.space].get_or_insert(SpaceGroup {
+            let (model, space, dimension) = &self.spaces[k.space as usize];
+            let g = groups[k.space as usize].get_or_insert(SpaceGroup {
                 model,
                 space,
                 dimension: *dimension,
                 rows: 0,
                 first: uri,
             });
-            g.rows += k.rows;
+            g.rows += k.rows as usize;
             if uri.as_str() < g.first {
                 g.first = uri;
             }
@@ -963,6 +964,15 @@ mod tests {
         }
     }
 
+    /// The version `row` records with generation `generation`.
+    fn version(generation: &str) -> Version {
+        Version::of(&Identity {
+            size: Some(7),
+            generation: Some(generation.into()),
+            ..Identity::default()
+        })
+    }
+
     fn write(dir: &Path, name: &str, format: Format, rows: &[Row], carried: &[String]) -> PathBuf {
         let p = dir.join(name);
         let bytes = rows::encode(format, rows, carried, &Recipe::default()).unwrap();
@@ -1199,20 +1209,12 @@ mod tests {
         assert!(rows.iter().all(|r| r.embedding.is_none()));
         assert_eq!(rows.len(), 3);
         let kept = Kept::read(&sources, format, &Recipe::default()).unwrap();
-        let mut done: Vec<_> = kept
-            .done()
+        let done: Vec<_> = ["a.png", "b.png", "c.png"]
             .into_iter()
-            .map(|(u, id)| (u, id.generation.clone()))
+            .map(|u| kept.done(u).copied())
             .collect();
-        done.sort();
         // a.png's retry succeeded; b.png's failed, so it is done no more.
-        assert_eq!(
-            done,
-            [
-                ("a.png", Some("g3".to_string())),
-                ("c.png", Some("g0".to_string()))
-            ]
-        );
+        assert_eq!(done, [Some(version("g3")), None, Some(version("g0"))]);
         assert_eq!(kept.carried, ["label"]);
         let groups = kept.spaces_kept(|u| u != "c.png");
         assert_eq!(
@@ -1247,8 +1249,7 @@ mod tests {
             for (rank, r) in order {
                 kept.add(rank, r);
             }
-            let done = kept.done();
-            assert_eq!(done["a.png"].generation.as_deref(), Some("g5"));
+            assert_eq!(kept.done("a.png"), Some(&version("g5")));
         }
     }
 
