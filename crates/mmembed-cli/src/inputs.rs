@@ -269,12 +269,7 @@ async fn from_bucket(spec: &str) -> anyhow::Result<InputTable> {
         .into_iter()
         .map(|o| Input {
             path: None,
-            identity: Identity {
-                size: Some(o.size as i64),
-                updated: o.updated,
-                etag: o.etag,
-                generation: o.generation,
-            },
+            identity: Identity::of(&o),
             listed: Some(Listed {
                 content_type: o.content_type,
             }),
