@@ -626,17 +626,17 @@ pub(crate) fn merge(
                 members.push(j);
             }
         }
-        let newest = members
-            .iter()
-            .copied()
-            .max_by_key(|&j| runs[j].rank)
-            .filter(|_| only.is_none_or(|o| listed(o, &uri)))
-            .unwrap_or(usize::MAX);
+        // The run whose rows of `uri` are written: the newest, unless
+        // `only` leaves the URI out (then every run's rows are skipped).
+        let written = only
+            .is_none_or(|o| listed(o, &uri))
+            .then(|| members.iter().copied().max_by_key(|&j| runs[j].rank))
+            .flatten();
         for &j in &members {
             let run = &mut runs[j];
             while run.head.as_ref().is_some_and(|h| h.uri == uri) {
                 if let Some(row) = run.take(format)?
-                    && j == newest
+                    && written == Some(j)
                 {
                     out.push(row)?;
                 }
