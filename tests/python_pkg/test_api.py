@@ -112,6 +112,35 @@ def test_arrow_rows_equal_the_cli_rows(embedder, media, cli_rows):
     assert_same_rows(rows_by_key(out), cli_rows, ignore_identity=True)
 
 
+def test_objects_without_an_extension_are_typed_as_the_cli_types_them(embedder, media, tmp_path):
+    """A ``content_type`` column (an object table's) types the objects; a
+    name without an extension is told by its bytes; the vector is the
+    named file's."""
+    png = next(p for p in sorted(media.iterdir()) if p.suffix == ".png" and "garbage" not in p.name)
+    named = embedder.embed_images([str(png)])
+    blob = tmp_path / "3f2a9c"
+    blob.write_bytes(png.read_bytes())
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "uri": [str(blob), str(blob), "in-memory", "in-memory"],
+            "bytes": [None, None, png.read_bytes(), b"plain text"],
+            "content_type": [None, "text/plain", "image/png", None],
+        }
+    )
+    out = embedder.embed_arrow(batch).to_pylist()
+    assert [r["content_type"] for r in out] == [
+        "image/png",
+        "text/plain",
+        "image/png",
+        "application/octet-stream",
+    ]
+    assert [r["status"] == "" for r in out] == [True, False, True, False]
+    assert "unsupported file type" in out[1]["status"] and "text/plain" in out[1]["status"]
+    for r in (out[0], out[2]):
+        np.testing.assert_allclose(r["embedding"], named.embeddings[0], atol=1e-6, rtol=0)
+    assert len([c for c in embedder.embed_arrow(batch).column_names if c == "content_type"]) == 1
+
+
 def test_jpeg_draft_in_the_spec_is_the_cli_flag(embedder, tmp_path):
     """`?jpeg_draft=true` decodes as `mmembed batch --jpeg-draft` does (the
     640x427 photo at 1/4 for the demo model's 64-pixel input), which is not

@@ -38,7 +38,7 @@ use anyhow::{Context, bail};
 use clap::Args as ClapArgs;
 use futures::StreamExt;
 use mmembed::{Embedder, EmbedderInfo, MediaSource};
-use mmembed_store::{StoreError, Stores};
+use mmembed_store::{ObjectInfo, StoreError, Stores};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::backend::{BackendArgs, SegmentArgs};
@@ -62,9 +62,11 @@ use mmembed_rows::RowInput;
 pub struct Args {
     /// A folder (walked recursively; hidden entries skipped), a glob
     /// (quote it), a manifest (`.csv`/`.jsonl`/`.parquet` with a `uri` or
-    /// `path` column, here or in a bucket; other columns are carried to the
-    /// output), one file, or a bucket prefix or glob (`gs://b/photos/`,
-    /// `s3://b/**/*.jpg`, `az://c/x/`).
+    /// `path` column, here or in a bucket; a `content_type` column types
+    /// the objects, other columns are carried to the output), one file, or
+    /// a bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`,
+    /// `az://c/x/`). Objects are typed by their declared type, else their
+    /// extension, else (names without one) their first bytes.
     #[arg(env = "MMEMBED_INPUT")]
     pub input: String,
 
@@ -230,8 +232,8 @@ impl Fetcher {
         if !remote {
             return 0;
         }
-        let size = match (&input.listed, input.identity.size) {
-            (Some(_), Some(n)) => n.max(0) as u64,
+        let size = match (input.listed, input.identity.size) {
+            (true, Some(n)) => n.max(0) as u64,
             _ => UNKNOWN_SIZE,
         };
         // An object larger than the whole buffer takes all of it: alone.
@@ -241,31 +243,29 @@ impl Fetcher {
     async fn prepare(&self, input: Input, permit: Option<OwnedSemaphorePermit>) -> Prepared {
         let (segments, dimension) = (self.segments, self.dimension);
         let uri = input.uri.clone();
-        let Some((ct, kind)) = inputs::content_type(&uri) else {
-            let listed_type = input
-                .listed
-                .as_ref()
-                .and_then(|l| l.content_type.clone())
-                .filter(|t| t.starts_with("image/") || t.starts_with("video/"));
-            let ct = listed_type.as_deref().unwrap_or("application/octet-stream");
-            let row = RowInput::failed(uri, ct, mmembed_rows::unsupported_type_status());
+        let declared = input.content_type.clone();
+        let known = mmembed_rows::media_type(&uri, declared.as_deref());
+        if known.is_none() && !mmembed_rows::worth_sniffing(&uri, declared.as_deref()) {
+            // Not an image or a video by its name or declared type: failed
+            // without a request (a bucket's sidecar files cost nothing).
+            let row = RowInput::unsupported(uri, declared.as_deref());
             return Prepared {
                 row: with_identity(row, input.identity, input.carried.into_map()),
                 permit: None,
             };
-        };
+        }
         let (row, identity) = match &input.path {
             // Its size and modification time are read now, not at listing.
-            Some(p) => (RowInput::file(uri, p, segments, dimension), None),
-            None if self.embedder.reads_uri(&uri) => (
-                RowInput::new(uri.clone(), MediaSource::Uri(uri), segments, dimension),
-                Some(input.identity),
-            ),
+            Some(p) => {
+                let row = RowInput::file(uri, p, declared.as_deref(), segments, dimension);
+                (row, None)
+            }
+            None if self.embedder.reads_uri(&uri) => {
+                let source = MediaSource::Uri(uri.clone());
+                let row = RowInput::new(uri, source, declared.as_deref(), segments, dimension);
+                (row, Some(input.identity))
+            }
             None => {
-                let limit = match kind {
-                    Kind::Image => MAX_REMOTE_IMAGE,
-                    Kind::Video => MAX_REMOTE_VIDEO,
-                };
                 let stores = Stores::shared();
                 let listing = input.listing();
                 let mut identity = input.identity;
@@ -273,30 +273,72 @@ impl Fetcher {
                     Some(o) => Ok(o),
                     None => stores.head(&uri).await,
                 };
-                let got = match info {
+                let row = match info {
                     Ok(info) => {
                         identity = Identity::of(&info);
-                        stores.read_listed(&info, limit).await
+                        // A manifest's declared type, else the store's.
+                        let declared = declared.as_deref().or(info.content_type.as_deref());
+                        self.fetch(uri, &info, declared).await
                     }
-                    Err(e) => Err(e),
-                };
-                let row = match got {
-                    Ok(bytes) => RowInput::new(uri, MediaSource::Bytes(bytes), segments, dimension),
-                    Err(e) => RowInput::failed(uri, ct, store_status(&e)),
+                    Err(e) => {
+                        let ct = known.map_or("application/octet-stream", |k| k.0);
+                        RowInput::failed(uri, declared.as_deref().unwrap_or(ct), store_status(&e))
+                    }
                 };
                 (row, Some(identity))
             }
         };
-        let mut row = match identity {
+        let row = match identity {
             Some(id) => with_identity(row, id, input.carried.into_map()),
             None => RowInput {
                 carried: input.carried.into_map(),
                 ..row
             },
         };
-        row.content_type = ct.into();
         let permit = if row.request.is_ok() { permit } else { None };
         Prepared { row, permit }
+    }
+
+    /// The row of a remote object read here, typed by `declared` or its
+    /// name, else by its first bytes (the body abandoned there when they
+    /// are no image's or video's).
+    async fn fetch(&self, uri: String, info: &ObjectInfo, declared: Option<&str>) -> RowInput {
+        let (segments, dimension) = (self.segments, self.dimension);
+        let stores = Stores::shared();
+        let typed = mmembed_rows::media_type(&uri, declared);
+        let got = match typed {
+            Some((_, kind)) => {
+                let limit = match kind {
+                    Kind::Image => MAX_REMOTE_IMAGE,
+                    Kind::Video => MAX_REMOTE_VIDEO,
+                };
+                stores.read_listed(info, limit).await.map(Some)
+            }
+            None if mmembed_rows::worth_sniffing(&uri, declared) => {
+                let media = |head: &[u8]| mmembed_rows::sniff(head).is_some();
+                let head = mmembed_rows::SNIFF_LEN;
+                stores
+                    .read_listed_if(info, MAX_REMOTE_VIDEO, head, &media)
+                    .await
+            }
+            None => Ok(None),
+        };
+        match got {
+            Ok(Some(bytes)) => RowInput::new(
+                uri,
+                MediaSource::Bytes(bytes),
+                declared,
+                segments,
+                dimension,
+            ),
+            // Not an image or a video: the row says what it was taken for.
+            Ok(None) => RowInput::unsupported(uri, declared),
+            Err(e) => {
+                let ct = typed.map(|t| t.0).or(declared);
+                let ct = ct.unwrap_or("application/octet-stream");
+                RowInput::failed(uri, ct, store_status(&e))
+            }
+        }
     }
 }
 
@@ -482,7 +524,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         out.remove_parts().await?;
     }
     // What the vectors depend on beyond the model and size each row says.
-    let video = table.inputs.iter().any(|i| inputs::is_video(&i.uri));
+    let video = table.inputs.iter().any(Input::may_be_video);
     let recipe = args.backend.recipe(video.then_some(&args.segments));
     let mut staging = Staging::new();
     let kept = if args.resume {

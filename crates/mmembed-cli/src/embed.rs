@@ -80,7 +80,11 @@ fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
             out.push((t.clone(), EmbedRequest::text(t.as_str())));
         }
     }
-    let media = |p: &PathBuf, kind: Kind| -> anyhow::Result<(String, EmbedRequest)> {
+    // `sniffed`: the type a file's first bytes told, for a name without one.
+    let media = |p: &PathBuf,
+                 kind: Kind,
+                 sniffed: Option<&str>|
+     -> anyhow::Result<(String, EmbedRequest)> {
         let (label, source) = if is_stdin(p) {
             ("-".to_string(), MediaSource::Bytes(read_stdin()?.into()))
         } else if let Some(u) = p.to_str().filter(|u| mmembed_store::is_remote(u)) {
@@ -92,7 +96,10 @@ fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
         };
         let media = Media {
             source,
-            mime_type: inputs::content_type(&label).map(|(ct, _)| ct.to_string()),
+            mime_type: inputs::content_type(&label)
+                .map(|(ct, _)| ct)
+                .or(sniffed)
+                .map(String::from),
         };
         Ok((
             label,
@@ -103,23 +110,35 @@ fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
         ))
     };
     for p in &args.image {
-        out.push(media(p, Kind::Image)?);
+        out.push(media(p, Kind::Image, None)?);
     }
     for p in &args.video {
-        out.push(media(p, Kind::Video)?);
+        out.push(media(p, Kind::Video, None)?);
     }
     for p in &args.files {
         if is_stdin(p) {
             bail!("`-` as a file: say what it is with --image - or --video -");
         }
         let name = p.display().to_string();
-        let Some((_, kind)) = inputs::content_type(&name) else {
+        // A local file named without an extension is told by its first bytes.
+        let sniffed = || {
+            let local = !mmembed_store::is_remote(&name);
+            let worth = local && mmembed_rows::worth_sniffing(&name, None);
+            worth.then(|| mmembed_rows::sniff_file(p)).transpose()
+        };
+        let typed = match inputs::content_type(&name) {
+            Some(t) => Some(t),
+            None => sniffed()
+                .with_context(|| format!("reading {name}"))?
+                .flatten(),
+        };
+        let Some((ct, kind)) = typed else {
             bail!(
                 "{name}: unknown file type; supported extensions: {} (or pass --image/--video)",
                 inputs::supported_extensions()
             );
         };
-        out.push(media(p, kind)?);
+        out.push(media(p, kind, Some(ct))?);
     }
     if out.is_empty() {
         bail!("nothing to embed: give files, --text, --image or --video (see --help)");

@@ -124,9 +124,13 @@ pub struct Input {
     /// Its identity when listed (remote objects named by a manifest get
     /// theirs when they are read).
     pub identity: Identity,
-    /// For an object of a bucket listing, what the listing said beyond its
-    /// identity ([`listing`](Self::listing) puts the entry together again).
-    pub listed: Option<Listed>,
+    /// Whether a bucket listing gave it ([`listing`](Self::listing) puts
+    /// the entry together again).
+    pub listed: bool,
+    /// The MIME type declared for it: by the bucket (a listing's
+    /// `Content-Type`) or by a manifest's `content_type` column (an object
+    /// table's). Shared by the objects of one type.
+    pub content_type: Option<Arc<str>>,
     /// Manifest columns carried to the output.
     pub carried: Carried,
 }
@@ -143,17 +147,7 @@ impl Carried {
     fn new(fields: Map<String, Value>, names: &mut HashSet<Arc<str>>) -> Self {
         let mut v: Vec<(Arc<str>, Value)> = fields
             .into_iter()
-            .map(|(k, value)| {
-                let name = match names.get(k.as_str()) {
-                    Some(n) => n.clone(),
-                    None => {
-                        let n: Arc<str> = k.into();
-                        names.insert(n.clone());
-                        n
-                    }
-                };
-                (name, value)
-            })
+            .map(|(k, value)| (shared(names, &k), value))
             .collect();
         v.shrink_to_fit();
         Self(v)
@@ -180,27 +174,35 @@ impl Carried {
     }
 }
 
-/// What a bucket listing said of an object beyond its URI and identity.
-/// (The entry is not kept whole: its URI and version would be held twice,
-/// about 200 bytes an object, 2 GB for ten million.)
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listed {
-    /// The stored MIME type, when the store has one.
-    pub content_type: Option<String>,
+/// `s`, shared with the other strings of `names` equal to it: a listing's
+/// column names and content types repeat for every object. (The entries
+/// are not kept whole: their URIs and versions would be held twice, about
+/// 200 bytes an object, 2 GB for ten million.)
+fn shared(names: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
+    match names.get(s) {
+        Some(n) => n.clone(),
+        None => {
+            let n: Arc<str> = s.into();
+            names.insert(n.clone());
+            n
+        }
+    }
 }
 
 impl Input {
     /// The listing entry of an object a bucket listing gave, to read it
     /// without asking for its metadata again.
     pub fn listing(&self) -> Option<ObjectInfo> {
-        let listed = self.listed.as_ref()?;
+        if !self.listed {
+            return None;
+        }
         Some(ObjectInfo {
             uri: self.uri.clone(),
             size: u64::try_from(self.identity.size?).ok()?,
             updated: self.identity.updated,
             etag: self.identity.etag.clone(),
             generation: self.identity.generation.clone(),
-            content_type: listed.content_type.clone(),
+            content_type: self.content_type.as_deref().map(String::from),
         })
     }
 }
@@ -265,14 +267,14 @@ async fn from_bucket(spec: &str) -> anyhow::Result<InputTable> {
         .list(spec)
         .await
         .with_context(|| format!("listing {spec}"))?;
+    let mut types = HashSet::new();
     let inputs = objects
         .into_iter()
         .map(|o| Input {
             path: None,
             identity: Identity::of(&o),
-            listed: Some(Listed {
-                content_type: o.content_type,
-            }),
+            listed: true,
+            content_type: o.content_type.as_deref().map(|t| shared(&mut types, t)),
             uri: o.uri,
             carried: Carried::default(),
         })
@@ -320,7 +322,8 @@ fn local(p: &Path) -> Input {
             .map(|m| Identity::of_file(&m))
             .unwrap_or_default(),
         path: Some(p),
-        listed: None,
+        listed: false,
+        content_type: None,
         carried: Carried::default(),
     }
 }
@@ -438,7 +441,7 @@ fn manifest_identity(
                     format!("{}: `updated` is {text:?}, not a timestamp", at())
                 })?);
             }
-            // The output's own `content_type` is the file type's.
+            // `content_type` is the declared type, taken by the caller.
             _ => {}
         }
     }
@@ -480,6 +483,12 @@ fn manifest_input(
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
         _ => bail!("{manifest}:{line}: `{key}` is empty or not a string"),
     };
+    // An object table's `content_type` types the objects (it is taken out
+    // with the identity columns below).
+    let declared = match fields.get("content_type") {
+        Some(Value::String(t)) if !t.trim().is_empty() => Some(shared(names, t.trim())),
+        _ => None,
+    };
     let identity = manifest_identity(&mut fields, has_generation, &|| {
         format!("{manifest}:{line}")
     })?;
@@ -494,7 +503,8 @@ fn manifest_input(
         uri,
         path: None,
         identity: Identity::default(),
-        listed: None,
+        listed: false,
+        content_type: None,
         carried: Carried::default(),
     };
     let mut input = match base.locate(&uri) {
@@ -506,12 +516,52 @@ fn manifest_input(
         },
     };
     input.carried = Carried::new(fields, names);
+    input.content_type = declared;
     Ok(input)
 }
 
 /// Whether `uri` names a video by its extension.
 pub(crate) fn is_video(uri: &str) -> bool {
     matches!(content_type(uri), Some((_, Kind::Video)))
+}
+
+impl Input {
+    /// Its type by its declared type or name ([`mmembed_rows::media_type`]).
+    pub fn media_type(&self) -> Option<(&'static str, Kind)> {
+        mmembed_rows::media_type(&self.uri, self.content_type.as_deref())
+    }
+
+    /// Whether it may be a video: typed as one, or of a type only its bytes
+    /// can tell.
+    pub fn may_be_video(&self) -> bool {
+        match self.media_type() {
+            Some((_, kind)) => kind == Kind::Video,
+            None => mmembed_rows::worth_sniffing(&self.uri, self.content_type.as_deref()),
+        }
+    }
+
+    /// Its MIME type as an object table gives it: its image or video type
+    /// by [`media_type`](Self::media_type), else the declared one (a PDF's,
+    /// for `mmembed generate`), else (a local file named without an
+    /// extension) its first bytes'; `application/octet-stream` when none
+    /// tells.
+    pub fn table_content_type(&self) -> String {
+        let declared = self.content_type.as_deref();
+        if let Some((t, _)) = self.media_type() {
+            return t.to_string();
+        }
+        let sniffed = || {
+            let path = self.path.as_deref()?;
+            if !mmembed_rows::worth_sniffing(&self.uri, declared) {
+                return None;
+            }
+            mmembed_rows::sniff_file(path).ok().flatten().map(|t| t.0)
+        };
+        declared
+            .or_else(sniffed)
+            .unwrap_or("application/octet-stream")
+            .to_string()
+    }
 }
 
 /// Where a manifest's relative names are taken from: its folder, or the
@@ -1021,6 +1071,32 @@ mod tests {
     }
 
     #[test]
+    fn an_object_tables_content_type_is_what_the_object_is_taken_for() {
+        let d = tempfile::tempdir().unwrap();
+        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01".to_vec();
+        std::fs::write(d.path().join("3f2a9c"), &png).unwrap();
+        std::fs::write(d.path().join("a.JPG"), b"x").unwrap();
+        std::fs::write(d.path().join("notes"), b"hello").unwrap();
+        let mut t = list_local(d.path().to_str().unwrap()).unwrap();
+        t.inputs.sort_by(|a, b| a.uri.cmp(&b.uri));
+        let types: Vec<String> = t.inputs.iter().map(Input::table_content_type).collect();
+        assert_eq!(
+            types,
+            ["image/png", "image/jpeg", "application/octet-stream"]
+        );
+        let videos: Vec<bool> = t.inputs.iter().map(Input::may_be_video).collect();
+        assert_eq!(videos, [true, false, true], "unknown until read: may be");
+        let mut remote = t.inputs[0].clone();
+        remote.path = None;
+        remote.uri = "gs://b/doc".into();
+        remote.content_type = Some("application/pdf".into());
+        assert_eq!(remote.table_content_type(), "application/pdf");
+        assert!(!remote.may_be_video());
+        remote.content_type = Some("image/jpg".into());
+        assert_eq!(remote.table_content_type(), "image/jpeg");
+    }
+
+    #[test]
     fn a_file_identity_is_kept_to_the_microsecond() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.png");
@@ -1127,13 +1203,26 @@ mod tests {
         std::fs::write(
             &csv,
             "uri,generation,content_type,size,md5_hash,updated,metadata\n\
-             gs://b/a.jpg,1714566896123456,image/jpeg,1234,qL8Q==,2024-05-01 12:34:56.123456 UTC,[]\n",
+             gs://b/a.jpg,1714566896123456,image/jpeg,1234,qL8Q==,2024-05-01 12:34:56.123456 UTC,[]\n\
+             gs://b/b,1714566896123457,image/jpeg,99,qL8Q==,2024-05-01 12:34:56.123456 UTC,[]\n",
         )
         .unwrap();
         let t = list_local(csv.to_str().unwrap()).unwrap();
+        let types: Vec<_> = t
+            .inputs
+            .iter()
+            .map(|i| i.content_type.clone().unwrap())
+            .collect();
+        assert!(Arc::ptr_eq(&types[0], &types[1]), "one string for a type");
+        assert_eq!(t.inputs[1].media_type(), Some(("image/jpeg", Kind::Image)));
         assert_eq!(t.carried_columns, ["md5_hash", "metadata"]);
         assert_eq!(t.inputs[0].identity, want);
         assert_eq!(t.inputs[0].carried.get("md5_hash").unwrap(), "qL8Q==");
+        assert_eq!(t.inputs[0].content_type.as_deref(), Some("image/jpeg"));
+        assert!(
+            !t.inputs[0].listed,
+            "a manifest's objects are read after a HEAD"
+        );
 
         let jl = d.path().join("t.jsonl");
         std::fs::write(
@@ -1146,6 +1235,7 @@ mod tests {
         let t = list_local(jl.to_str().unwrap()).unwrap();
         assert_eq!(t.inputs[0].identity, want);
         assert_eq!(t.carried_columns, ["md5_hash", "metadata"]);
+        assert_eq!(t.inputs[0].content_type.as_deref(), Some("image/jpeg"));
 
         // Parquet as BigQuery exports it: INT64 and a UTC TIMESTAMP.
         use arrow_array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
@@ -1178,6 +1268,7 @@ mod tests {
         let t = list_local(pq.to_str().unwrap()).unwrap();
         assert_eq!(t.inputs[0].identity, want);
         assert!(t.carried_columns.is_empty(), "{:?}", t.carried_columns);
+        assert_eq!(t.inputs[0].content_type.as_deref(), Some("image/jpeg"));
 
         // A batch output's names; a timestamp without a zone is UTC.
         std::fs::write(

@@ -418,12 +418,7 @@ pub async fn read_input(spec: &str) -> anyhow::Result<Table> {
             let rows = listed.inputs.iter().map(|i| {
                 let mut r = Row::new();
                 r.insert("uri".into(), i.uri.clone().into());
-                r.insert(
-                    "content_type".into(),
-                    inputs::content_type(&i.uri)
-                        .map_or("application/octet-stream", |c| c.0)
-                        .into(),
-                );
+                r.insert("content_type".into(), i.table_content_type().into());
                 r.insert("size_bytes".into(), i.identity.size.into());
                 r.insert("generation".into(), i.identity.generation.clone().into());
                 r.insert("etag".into(), i.identity.etag.clone().into());

@@ -27,11 +27,13 @@ fn png(shape: Shape, colour: Colour, seed: u64) -> Vec<u8> {
     out
 }
 
-/// The objects of every test: four images, a corrupt one, a text file, a
-/// hidden one.
+/// The objects of every test: four images, one more named without an
+/// extension (an upload named by a hash: its bytes tell), a corrupt one, a
+/// text file, a hidden one.
 fn objects() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("red-star.png", png(Shape::Star, Colour::Red, 1)),
+        ("uploads/3f2a9c", png(Shape::Cross, Colour::Black, 6)),
         ("blue-square.png", png(Shape::Square, Colour::Blue, 2)),
         ("sub/green-circle.png", png(Shape::Circle, Colour::Green, 3)),
         (
@@ -217,11 +219,17 @@ fn whole_job(kind: Kind) {
     let input = format!("{base}/in/");
     rt.block_on(async {
         for (k, bytes) in objects() {
+            // As uploaders set it: by the extension, else the default.
+            let content_type = match k.rsplit_once('.').map(|x| x.1) {
+                Some("png") => "image/png",
+                Some("txt") => "text/plain",
+                _ => "application/octet-stream",
+            };
             b.stores
                 .put(
                     &format!("{input}{k}"),
                     Bytes::from(bytes),
-                    "image/png",
+                    content_type,
                     PutMode::Overwrite,
                 )
                 .await
@@ -263,7 +271,7 @@ fn whole_job(kind: Kind) {
     let rows = read_out();
     assert!(!format!("{rows:?}").contains(SECRET));
     let uris: Vec<&str> = rows.iter().map(|r| r["uri"].as_str().unwrap()).collect();
-    assert_eq!(uris.len(), 6, "{uris:?}");
+    assert_eq!(uris.len(), 7, "{uris:?}");
     assert!(
         uris.iter()
             .all(|u| u.starts_with(&input) && !u.contains("out.jsonl") && !u.contains(".hidden"))
@@ -475,10 +483,10 @@ fn whole_job(kind: Kind) {
     let o = run(&["--resume"], &[]);
     let e = stderr(&o);
     assert!(
-        e.contains("unchanged_and_done=4 changed=0 to_embed=2"),
+        e.contains("unchanged_and_done=5 changed=0 to_embed=2"),
         "{e}"
     );
-    assert_eq!(read_out().len(), 6);
+    assert_eq!(read_out().len(), 7);
 
     // A changed object is embedded again; the others are not.
     rt.block_on(b.stores.put(
@@ -491,7 +499,7 @@ fn whole_job(kind: Kind) {
     let o = run(&["--resume"], &[]);
     let e = stderr(&o);
     assert!(
-        e.contains("unchanged_and_done=3 changed=1 to_embed=3"),
+        e.contains("unchanged_and_done=4 changed=1 to_embed=3"),
         "{e}"
     );
     let after = vectors(&read_out(), &input);
@@ -533,7 +541,7 @@ fn whole_job(kind: Kind) {
     let resumed = jsonl(&bytes);
     // The first job's output sits in this job's input: one more row (an
     // unsupported type).
-    assert_eq!(resumed.len(), 7);
+    assert_eq!(resumed.len(), 8);
     assert_eq!(
         resumed
             .iter()

@@ -221,6 +221,119 @@ fn batch_gives_one_row_per_image_and_segment_with_statuses() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
 }
 
+/// Objects named without an extension (uploads named by a hash or a
+/// number) are typed by the type declared for them (a manifest's
+/// `content_type`, as an object table's) or else by their first bytes; the
+/// vectors are those of the same bytes under a named file.
+#[test]
+fn objects_named_without_an_extension_are_typed_by_their_content() {
+    let d = tempfile::tempdir().unwrap();
+    let root = media(d.path());
+    let dir = d.path().join("uploads");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = |from: &str, to: &str| std::fs::copy(root.join(from), dir.join(to)).unwrap();
+    copy("red-star.png", "red-star.png");
+    copy("red-star.png", "3f2a9c");
+    copy("slideshow.mp4", "clip");
+    copy("notes.txt", "blob");
+    copy("notes.txt", "sidecar.json");
+    let mut jpeg = vec![];
+    scene(Shape::Cross, Colour::Black, 7)
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    std::fs::write(dir.join("frame.000123"), &jpeg).unwrap();
+
+    let out = d.path().join("out.jsonl");
+    let o = batch(d.path(), &dir, &out, &["--interval", "4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("rows: 6 ok, 2 failed"), "{stderr}");
+    let rows = read_jsonl(&out);
+    let row = |name: &str| {
+        let uri = dir.join(name).to_string_lossy().into_owned();
+        rows.iter()
+            .find(|r| r["uri"] == uri.as_str())
+            .unwrap_or_else(|| panic!("no row for {name}"))
+    };
+    assert_eq!(row("3f2a9c")["status"], "");
+    assert_eq!(row("3f2a9c")["content_type"], "image/png");
+    assert_eq!(
+        row("3f2a9c")["embedding"],
+        row("red-star.png")["embedding"],
+        "the same bytes, the same vector"
+    );
+    assert_eq!(row("frame.000123")["content_type"], "image/jpeg");
+    assert_eq!(row("frame.000123")["status"], "");
+    let clip = dir.join("clip").to_string_lossy().into_owned();
+    let segments: Vec<_> = rows.iter().filter(|r| r["uri"] == clip.as_str()).collect();
+    assert_eq!(segments.len(), 3, "{segments:?}");
+    assert!(
+        segments
+            .iter()
+            .all(|r| r["status"] == "" && r["content_type"] == "video/mp4")
+    );
+    for name in ["blob", "sidecar.json"] {
+        let r = row(name);
+        assert!(
+            r["status"]
+                .as_str()
+                .unwrap()
+                .contains("unsupported file type"),
+            "{r}"
+        );
+        assert_eq!(r["content_type"], "application/octet-stream");
+    }
+
+    // A manifest's `content_type` (an object table's) is believed: a PNG
+    // declared as text is not looked at; an extension-less video declared
+    // as one is split into segments.
+    let manifest = d.path().join("table.csv");
+    std::fs::write(
+        &manifest,
+        "uri,content_type,label\n\
+         uploads/3f2a9c,text/plain,a\n\
+         uploads/clip,video/mp4,b\n\
+         uploads/blob,IMAGE/PNG,c\n",
+    )
+    .unwrap();
+    let out = d.path().join("declared.jsonl");
+    let o = batch(d.path(), &manifest, &out, &["--interval", "4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("rows: 3 ok, 2 failed"), "{stderr}");
+    let rows = read_jsonl(&out);
+    let by = |label: &str| -> Vec<&Value> { rows.iter().filter(|r| r["label"] == label).collect() };
+    let text = by("a");
+    assert_eq!(text[0]["content_type"], "text/plain");
+    let status = text[0]["status"].as_str().unwrap();
+    assert!(status.contains("content type \"text/plain\""), "{status}");
+    assert_eq!(by("b").len(), 3);
+    let blob = by("c");
+    assert_eq!(blob[0]["content_type"], "image/png");
+    assert!(
+        blob[0]["status"].as_str().unwrap().contains("decode"),
+        "{}",
+        blob[0]
+    );
+
+    // `mmembed embed` takes such a file by its bytes too.
+    let o = run_ok(mmembed(d.path()).arg("embed").arg(dir.join("3f2a9c")));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["modality"], "image");
+    let o = mmembed(d.path())
+        .arg("embed")
+        .arg(dir.join("blob"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown file type"));
+}
+
 /// `--resume` of the media folder's finished job skips the 5 files that
 /// succeeded and are unchanged, and runs the 4 that failed again.
 fn resume_redoes_only_the_4_failed(cache: &Path, root: &Path, out: &Path) {

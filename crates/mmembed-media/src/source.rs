@@ -47,7 +47,10 @@ pub fn store_error(e: mmembed_store::StoreError, kind: Modality) -> EmbedError {
         S::BadUri { .. } | S::Unsupported { .. } => {
             EmbedError::invalid(kind.to_string(), e.to_string())
         }
-        S::NotFound { ref uri } | S::TooLarge { ref uri, .. } | S::AlreadyExists { ref uri } => {
+        S::NotFound { ref uri }
+        | S::TooLarge { ref uri, .. }
+        | S::AlreadyExists { ref uri }
+        | S::Unwanted { ref uri } => {
             let uri = uri.clone();
             let reason = e.to_string();
             let reason = reason

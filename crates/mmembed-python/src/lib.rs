@@ -517,11 +517,20 @@ impl Embedder {
                 })?),
                 None => None,
             };
+        // An object table's `content_type` types its objects, as in
+        // `mmembed batch` (and becomes the output's, not a carried column).
+        let declared = match batch.column_by_name("content_type") {
+            Some(c) => Some(strings(c).ok_or_else(|| {
+                InvalidInputError::new_err("the `content_type` column must be strings")
+            })?),
+            None => None,
+        };
         let carried: Vec<usize> = schema
             .fields()
             .iter()
             .enumerate()
-            .filter(|(_, f)| f.name() != name_col && f.name() != "bytes")
+            .filter(|(_, f)| !matches!(f.name().as_str(), "bytes" | "content_type"))
+            .filter(|(_, f)| f.name() != name_col)
             .map(|(i, _)| i)
             .collect();
         if let Some(f) = carried
@@ -547,19 +556,20 @@ impl Embedder {
             // Bytes when the batch has them; else the file (stat'ed like
             // `mmembed batch` does) or the URI, read by the backend.
             // Taken, not cloned: each object's bytes are copied out of Arrow once.
+            let ct = declared.as_ref().and_then(|d| d[i].as_deref());
             inputs.push(match contents.as_mut().and_then(|c| c[i].take()) {
                 Some(b) => {
                     let size = b.len() as i64;
-                    let mut input = RowInput::new(uri, b, cfg, dimension);
+                    let mut input = RowInput::new(uri, b, ct, cfg, dimension);
                     input.size_bytes = Some(size);
                     input
                 }
                 None if uri.contains("://") => {
-                    RowInput::new(uri.clone(), MediaSource::Uri(uri), cfg, dimension)
+                    RowInput::new(uri.clone(), MediaSource::Uri(uri), ct, cfg, dimension)
                 }
                 None => {
                     let path = PathBuf::from(&uri);
-                    RowInput::file(uri, &path, cfg, dimension)
+                    RowInput::file(uri, &path, ct, cfg, dimension)
                 }
             });
         }

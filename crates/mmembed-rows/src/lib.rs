@@ -37,7 +37,7 @@ pub const STANDARD_COLUMNS: [&str; 13] = [
     "dimension",
 ];
 
-/// What a file holds, judged by its extension.
+/// What a file holds: a still image or a video.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// A still image.
@@ -68,15 +68,133 @@ const TYPES: &[(&str, &str, Kind)] = &[
     ("3gp", "video/3gpp", Kind::Video),
 ];
 
-/// The MIME type and kind for a file name, if it is a supported type.
+/// Other names stores and uploaders give the supported types, and the
+/// extension whose type each is.
+const ALIASES: &[(&str, &str)] = &[
+    ("image/jpg", "jpg"),
+    ("image/pjpeg", "jpg"),
+    ("image/x-png", "png"),
+    ("image/x-ms-bmp", "bmp"),
+    ("image/x-bmp", "bmp"),
+    ("video/x-m4v", "m4v"),
+    ("video/avi", "avi"),
+    ("video/msvideo", "avi"),
+    ("video/matroska", "mkv"),
+    ("video/x-mpeg", "mpg"),
+];
+
+/// The MIME type and kind for a file name, if its extension is a
+/// supported type's.
 pub fn content_type(name: &str) -> Option<(&'static str, Kind)> {
-    // Query strings of URLs are not part of the extension.
-    let name = name.split(['?', '#']).next().unwrap_or(name);
-    let ext = Path::new(name).extension()?.to_str()?.to_ascii_lowercase();
+    by_extension(&extension(name)?)
+}
+
+fn by_extension(ext: &str) -> Option<(&'static str, Kind)> {
+    let ext = ext.to_ascii_lowercase();
     TYPES
         .iter()
         .find(|(e, _, _)| *e == ext)
         .map(|(_, ct, k)| (*ct, *k))
+}
+
+/// A name's extension: what follows its last dot, unless that is only
+/// digits (`frame.000123`, `scan.2024`: a sequence number or a date, not a
+/// type).
+fn extension(name: &str) -> Option<String> {
+    // Query strings of URLs are not part of the extension.
+    let name = name.split(['?', '#']).next().unwrap_or(name);
+    let ext = Path::new(name).extension()?.to_str()?;
+    (!ext.bytes().all(|b| b.is_ascii_digit())).then(|| ext.to_string())
+}
+
+/// The supported type a declared MIME type (a bucket's `Content-Type`, an
+/// object table's `content_type`) names: case and parameters ignored,
+/// common aliases (`image/jpg`, `video/avi`) accepted.
+pub fn declared_type(declared: &str) -> Option<(&'static str, Kind)> {
+    let mime = declared.split(';').next()?.trim().to_ascii_lowercase();
+    if let Some(t) = TYPES.iter().find(|(_, ct, _)| *ct == mime) {
+        return Some((t.1, t.2));
+    }
+    let (_, ext) = ALIASES.iter().find(|(alias, _)| *alias == mime)?;
+    by_extension(ext)
+}
+
+/// An object's type from what is known without reading it: the type
+/// declared for it when that is a supported one (BigQuery's object tables
+/// type objects by their `content_type`), else its name's extension.
+///
+/// ```
+/// use mmembed_rows::{Kind, media_type};
+///
+/// // An object without an extension, typed by its bucket metadata:
+/// assert_eq!(media_type("s3://b/u/3f2a", Some("image/JPEG")), Some(("image/jpeg", Kind::Image)));
+/// // A generic declared type leaves the extension to say:
+/// assert_eq!(
+///     media_type("gs://b/a.mp4", Some("application/octet-stream")),
+///     Some(("video/mp4", Kind::Video))
+/// );
+/// assert_eq!(media_type("gs://b/notes.txt", None), None);
+/// ```
+pub fn media_type(name: &str, declared: Option<&str>) -> Option<(&'static str, Kind)> {
+    declared
+        .and_then(declared_type)
+        .or_else(|| content_type(name))
+}
+
+/// Whether an object whose [`media_type`] is unknown is worth reading to
+/// look at its first bytes: its name has no extension and nothing more
+/// specific than `application/octet-stream` was declared for it (uploads
+/// named by a hash or a number). A name with an unsupported extension
+/// (`notes.txt`, `meta.json`) or a declared type that is not an image or
+/// video (`text/plain`) is not read: a bucket's sidecar files cost no
+/// request.
+pub fn worth_sniffing(name: &str, declared: Option<&str>) -> bool {
+    let generic = declared.is_none_or(|d| {
+        let mime = d
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        matches!(
+            mime.as_str(),
+            "" | "application/octet-stream" | "binary/octet-stream" | "application/unknown"
+        )
+    });
+    generic && extension(name).is_none()
+}
+
+/// How many first bytes [`sniff`] looks at.
+pub const SNIFF_LEN: usize = 512;
+
+/// The supported type an object's first bytes (up to [`SNIFF_LEN`]) say it
+/// is, by their magic numbers: PNG, JPEG, GIF, BMP, WebP, TIFF, MP4/M4V,
+/// QuickTime, 3GP, AVI, FLV, Matroska, WebM, WMV, MPEG.
+///
+/// ```
+/// use mmembed_rows::{Kind, sniff};
+///
+/// assert_eq!(sniff(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), Some(("image/png", Kind::Image)));
+/// assert_eq!(sniff(b"hello"), None);
+/// ```
+pub fn sniff(head: &[u8]) -> Option<(&'static str, Kind)> {
+    let head = &head[..head.len().min(SNIFF_LEN)];
+    // `infer` knows the ISO media brands of MP4 but not 3GPP's.
+    if head.len() >= 12 && &head[4..8] == b"ftyp" && matches!(&head[8..11], b"3gp" | b"3g2") {
+        return by_extension("3gp");
+    }
+    by_extension(infer::get(head)?.extension())
+}
+
+/// The supported type of the file at `path` by its first bytes; `None`
+/// when they are no supported format's.
+pub fn sniff_file(path: &Path) -> std::io::Result<Option<(&'static str, Kind)>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(SNIFF_LEN);
+    std::fs::File::open(path)?
+        .take(SNIFF_LEN as u64)
+        .read_to_end(&mut head)?;
+    Ok(sniff(&head))
 }
 
 /// The supported extensions, for error messages.
@@ -84,12 +202,21 @@ pub fn supported_extensions() -> String {
     TYPES.iter().map(|t| t.0).collect::<Vec<_>>().join(", ")
 }
 
-/// The status of a file whose name has no supported extension.
-pub fn unsupported_type_status() -> String {
-    format!(
-        "unsupported file type (supported extensions: {})",
-        supported_extensions()
-    )
+/// The status of an object whose type is not a supported one: by its
+/// name's extension, its declared type (when it had one), nor (when they
+/// were read) its first bytes.
+pub fn unsupported_type_status(declared: Option<&str>) -> String {
+    let declared = declared.map(str::trim).filter(|d| !d.is_empty());
+    match declared {
+        Some(d) => format!(
+            "unsupported file type (content type {d:?}; supported extensions: {})",
+            supported_extensions()
+        ),
+        None => format!(
+            "unsupported file type (supported extensions: {})",
+            supported_extensions()
+        ),
+    }
 }
 
 /// The status of an empty object: the same whether it came as a file or
@@ -125,7 +252,9 @@ pub fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
 pub struct Row {
     /// The object, as the input named it.
     pub uri: String,
-    /// MIME type from the extension (`application/octet-stream` if unknown).
+    /// The supported MIME type the object was taken for ([`media_type`],
+    /// [`sniff`]); for an unsupported object its declared type, else
+    /// `application/octet-stream`.
     pub content_type: String,
     /// File size, when known.
     pub size_bytes: Option<i64>,
@@ -186,21 +315,44 @@ pub struct RowInput {
 }
 
 impl RowInput {
-    /// An object named `uri` whose bytes come from `media`: the request is
-    /// an image or a video (split into segments by `segments`) by the
-    /// name's extension, or a failed row for an unsupported type.
+    /// An object named `uri` whose bytes come from `media`, with the MIME
+    /// type declared for it if any (a bucket's `Content-Type`, an object
+    /// table's `content_type`): the request is an image or a video (split
+    /// into segments by `segments`) by its [`media_type`], or for a name
+    /// without an extension by its first bytes ([`sniff`]; bytes and files
+    /// are looked at, URIs are not); a failed row for an unsupported type.
     pub fn new(
         uri: impl Into<String>,
         media: impl Into<Media>,
+        declared: Option<&str>,
         segments: Option<VideoSegmentConfig>,
         dimension: Option<u32>,
     ) -> Self {
         let uri = uri.into();
-        let Some((ct, kind)) = content_type(&uri) else {
-            return Self::failed(uri, "application/octet-stream", unsupported_type_status());
-        };
         let mut media = media.into();
-        if matches!(&media.source, MediaSource::Bytes(b) if b.is_empty()) {
+        let declared = declared.map(str::trim).filter(|d| !d.is_empty());
+        let untyped = declared.unwrap_or("application/octet-stream");
+        let empty = matches!(&media.source, MediaSource::Bytes(b) if b.is_empty());
+        let typed = match media_type(&uri, declared) {
+            Some(t) => Some(t),
+            None if !worth_sniffing(&uri, declared) => None,
+            None if empty => return Self::failed(uri.clone(), untyped, empty_status(&uri)),
+            None => match &media.source {
+                MediaSource::Bytes(b) => sniff(b),
+                MediaSource::Path(p) => match sniff_file(p) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let status = format!("cannot read {}: {e}", p.display());
+                        return Self::failed(uri, untyped, status);
+                    }
+                },
+                _ => None,
+            },
+        };
+        let Some((ct, kind)) = typed else {
+            return Self::unsupported(uri, declared);
+        };
+        if empty {
             return Self::failed(uri.clone(), ct, empty_status(&uri));
         }
         media.mime_type.get_or_insert_with(|| ct.to_string());
@@ -216,15 +368,17 @@ impl RowInput {
         input
     }
 
-    /// A file on this machine, named `uri` in the rows: its size and
+    /// A file on this machine, named `uri` in the rows (typed as by
+    /// [`new`](Self::new)): its size and
     /// modification time recorded, or a failed row when it cannot be read.
     pub fn file(
         uri: impl Into<String>,
         path: &Path,
+        declared: Option<&str>,
         segments: Option<VideoSegmentConfig>,
         dimension: Option<u32>,
     ) -> Self {
-        let mut input = Self::new(uri, path.to_path_buf(), segments, dimension);
+        let mut input = Self::new(uri, path.to_path_buf(), declared, segments, dimension);
         match stat_file(path) {
             Ok((size, updated)) => {
                 input.size_bytes = Some(size);
@@ -238,6 +392,14 @@ impl RowInput {
             Err(_) => {}
         }
         input
+    }
+
+    /// An object of no supported type (by [`media_type`] or [`sniff`]):
+    /// a failed row that keeps the type declared for it.
+    pub fn unsupported(uri: impl Into<String>, declared: Option<&str>) -> Self {
+        let declared = declared.map(str::trim).filter(|d| !d.is_empty());
+        let ct = declared.unwrap_or("application/octet-stream");
+        Self::failed(uri, ct, unsupported_type_status(declared))
     }
 
     /// An object that fails with `status` before reaching the model.
@@ -372,10 +534,10 @@ mod tests {
 
     #[test]
     fn unsupported_names_fail_before_the_model() {
-        let i = RowInput::new("notes.txt", vec![1u8, 2], None, None);
+        let i = RowInput::new("notes.txt", vec![1u8, 2], None, None, None);
         assert_eq!(i.content_type, "application/octet-stream");
         assert!(i.request.unwrap_err().contains("unsupported file type"));
-        let i = RowInput::new("a.png", vec![1u8], None, Some(128));
+        let i = RowInput::new("a.png", vec![1u8], None, None, Some(128));
         let req = i.request.unwrap();
         assert_eq!(req.dimension, Some(128));
         assert_eq!(
@@ -383,5 +545,122 @@ mod tests {
             Some("image/png"),
             "the type comes from the name"
         );
+    }
+
+    #[test]
+    fn declared_types_win_over_extensions_and_accept_aliases() {
+        for (declared, want) in [
+            ("image/jpeg", Some("image/jpeg")),
+            ("IMAGE/JPG", Some("image/jpeg")),
+            ("image/png; charset=binary", Some("image/png")),
+            (" video/avi ", Some("video/x-msvideo")),
+            ("video/x-m4v", Some("video/mp4")),
+            ("video/matroska", Some("video/x-matroska")),
+            ("image/heic", None),
+            ("application/octet-stream", None),
+            ("", None),
+        ] {
+            assert_eq!(declared_type(declared).map(|t| t.0), want, "{declared:?}");
+        }
+        assert_eq!(
+            media_type("gs://b/clip.mp4", Some("image/png")),
+            Some(("image/png", Kind::Image)),
+            "an object table's type decides, as in BigQuery"
+        );
+        assert_eq!(
+            media_type("gs://b/clip.mp4", Some("text/plain")),
+            Some(("video/mp4", Kind::Video)),
+            "an unsupported declared type leaves the extension to say"
+        );
+        assert_eq!(
+            media_type("gs://b/3f2a", Some("image/webp")).unwrap().1,
+            Kind::Image
+        );
+    }
+
+    #[test]
+    fn only_names_without_an_extension_and_a_specific_type_are_sniffed() {
+        assert!(worth_sniffing("s3://b/uploads/3f2a9c", None));
+        assert!(worth_sniffing(
+            "s3://b/uploads/3f2a9c",
+            Some("binary/octet-stream")
+        ));
+        assert!(worth_sniffing("frames/frame.000123", Some("")));
+        assert!(worth_sniffing("https://h/p/abc?x=y.json", None));
+        assert!(!worth_sniffing("gs://b/meta.json", None));
+        assert!(!worth_sniffing("gs://b/3f2a9c", Some("text/plain")));
+        assert_eq!(content_type("scan.2024"), None);
+    }
+
+    /// The committed fixtures of every format the decoders are tested on,
+    /// named without their extension, are told by their first bytes.
+    #[test]
+    fn first_bytes_tell_the_formats_of_the_fixtures() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures");
+        let mut seen = 0;
+        for dir in ["jpeg", "images", "bad-input"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+                continue;
+            };
+            for e in entries {
+                let path = e.unwrap().path();
+                let name = path.to_string_lossy().to_string();
+                let Some((want, _)) = content_type(&name) else {
+                    continue;
+                };
+                let got = sniff_file(&path).unwrap();
+                assert_eq!(got.map(|t| t.0), Some(want), "{name}");
+                seen += 1;
+            }
+        }
+        assert!(
+            seen >= 20,
+            "found only {seen} fixtures under {}",
+            root.display()
+        );
+        assert_eq!(sniff(b""), None);
+        assert_eq!(sniff(b"not an image at all"), None);
+        let mut three_gp = b"\0\0\0\x18ftyp3gp4\0\0\0\0".to_vec();
+        three_gp.resize(64, 0);
+        assert_eq!(sniff(&three_gp), Some(("video/3gpp", Kind::Video)));
+    }
+
+    #[test]
+    fn names_without_an_extension_are_typed_by_their_bytes() {
+        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01".to_vec();
+        let i = RowInput::new("s3://b/u/3f2a", png.clone(), None, None, None);
+        assert_eq!(i.content_type, "image/png");
+        assert!(i.request.unwrap().image.is_some());
+        // Declared types are believed without a look.
+        let i = RowInput::new("s3://b/u/3f2a", png.clone(), Some("video/mp4"), None, None);
+        assert!(i.request.unwrap().video.is_some());
+        // A specific unsupported type is not second-guessed, and is kept.
+        let i = RowInput::new("s3://b/u/3f2a", png.clone(), Some("text/plain"), None, None);
+        assert_eq!(i.content_type, "text/plain");
+        let status = i.request.unwrap_err();
+        assert!(status.contains("content type \"text/plain\""), "{status}");
+        let i = RowInput::new("s3://b/u/3f2a", b"plain text".to_vec(), None, None, None);
+        assert_eq!(i.content_type, "application/octet-stream");
+        assert!(i.request.unwrap_err().contains("unsupported file type"));
+        let i = RowInput::new("s3://b/u/3f2a", Vec::<u8>::new(), None, None, None);
+        assert!(i.request.unwrap_err().contains("it is empty"));
+        // URIs the backend reads are not fetched to be looked at.
+        let uri = MediaSource::Uri("gs://b/u/3f2a".into());
+        let i = RowInput::new("gs://b/u/3f2a", uri, None, None, None);
+        assert!(i.request.unwrap_err().contains("unsupported file type"));
+
+        let dir = std::env::temp_dir().join(format!("mmembed-rows-sniff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("IMG_0001");
+        std::fs::write(&file, &png).unwrap();
+        let i = RowInput::file("IMG_0001", &file, None, None, None);
+        assert_eq!(
+            (i.content_type.as_str(), i.size_bytes),
+            ("image/png", Some(png.len() as i64))
+        );
+        assert!(i.request.is_ok());
+        let i = RowInput::file("gone", &dir.join("gone"), None, None, None);
+        assert!(i.request.unwrap_err().starts_with("cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -45,7 +45,13 @@ async fn fixture() -> Fixture {
             .path()
             .join(format!("{}-{}.png", colour.name(), shape.name()));
         Scene::sample(shape, colour, i as u64).save(&p).unwrap();
-        inputs.push(RowInput::file(p.display().to_string(), &p, None, None));
+        inputs.push(RowInput::file(
+            p.display().to_string(),
+            &p,
+            None,
+            None,
+            None,
+        ));
     }
     // A row whose file is in a bucket: listed, never served.
     let mut rows: Vec<_> = embed_rows(embedder.as_ref(), None, inputs)

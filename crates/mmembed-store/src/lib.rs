@@ -73,6 +73,13 @@ pub enum StoreError {
         /// The limit.
         limit: u64,
     },
+    /// A read that looks at an object's first bytes before taking the rest
+    /// refused them; the rest of the body was not downloaded.
+    #[error("{uri}: not read further: its first bytes are not what was wanted")]
+    Unwanted {
+        /// The object.
+        uri: String,
+    },
     /// A create-if-absent write found the object already there.
     #[error("{uri} already exists")]
     AlreadyExists {
@@ -481,6 +488,32 @@ impl Stores {
         Ok(buf.freeze())
     }
 
+    /// As [`read_listed`](Self::read_listed), for an object worth reading
+    /// only if its first `head` bytes (or all of it, if shorter) satisfy
+    /// `wanted`: `None` when they do not, and the body is abandoned there
+    /// (one request, a chunk of it transferred, not the whole object). For
+    /// objects whose type only their bytes can tell.
+    pub async fn read_listed_if(
+        &self,
+        info: &ObjectInfo,
+        max_bytes: u64,
+        head: usize,
+        wanted: &HeadCheck,
+    ) -> Result<Option<Bytes>, StoreError> {
+        check_size(&info.uri, info.size, max_bytes)?;
+        let u = ObjectUri::parse(&info.uri)?;
+        let mut buf = Capped::new(&info.uri, max_bytes, info.size).with_head(head, wanted);
+        match self.bucket(&u)?.get(info, &u.key, &mut buf).await {
+            Err(StoreError::Unwanted { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        if !buf.head_checked() && !wanted(&buf.buf) {
+            return Ok(None);
+        }
+        Ok(Some(buf.freeze()))
+    }
+
     /// Downloads an object to a local file (created or truncated), streamed:
     /// memory holds a chunk of the body, whatever the object's size. Pinned
     /// to the generation/ETag its metadata gave, and resumed where a body
@@ -689,10 +722,16 @@ impl Sink for FileSink {
 
 /// A download buffer that refuses to grow past the limit (an object that
 /// grows while being read, or a server that sends more than it said).
+/// Says whether an object's first bytes are worth the rest of it.
+pub type HeadCheck = dyn Fn(&[u8]) -> bool + Send + Sync;
+
 pub(crate) struct Capped<'a> {
     uri: &'a str,
     limit: u64,
     buf: bytes::BytesMut,
+    /// How many first bytes `wanted` looks at, once they have come.
+    head: Option<(usize, &'a HeadCheck)>,
+    checked: bool,
 }
 
 impl<'a> Capped<'a> {
@@ -701,12 +740,37 @@ impl<'a> Capped<'a> {
             uri,
             limit,
             buf: bytes::BytesMut::with_capacity(expected.min(limit) as usize),
+            head: None,
+            checked: false,
         }
+    }
+
+    /// Refuses the body ([`StoreError::Unwanted`]) once its first `len`
+    /// bytes have come and `wanted` says no.
+    fn with_head(mut self, len: usize, wanted: &'a HeadCheck) -> Self {
+        self.head = Some((len, wanted));
+        self
+    }
+
+    /// Whether the head was looked at (a body shorter than it is not,
+    /// until the caller does).
+    fn head_checked(&self) -> bool {
+        self.checked
     }
 
     pub(crate) fn push(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
         check_size(self.uri, (self.buf.len() + chunk.len()) as u64, self.limit)?;
         self.buf.extend_from_slice(chunk);
+        if let Some((len, wanted)) = self.head.filter(|_| !self.checked)
+            && self.buf.len() >= len
+        {
+            self.checked = true;
+            if !wanted(&self.buf[..len]) {
+                return Err(StoreError::Unwanted {
+                    uri: self.uri.to_string(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -716,6 +780,7 @@ impl<'a> Capped<'a> {
 
     pub(crate) fn clear(&mut self) {
         self.buf.clear();
+        self.checked = false;
     }
 
     pub(crate) fn freeze(self) -> Bytes {

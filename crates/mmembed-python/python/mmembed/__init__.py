@@ -96,8 +96,12 @@ class Embedder(_native.Embedder):
         ``data`` is a ``pyarrow.RecordBatch``, a ``pyarrow.Table`` or any
         object with ``__arrow_c_stream__``; it needs a string column ``uri``
         (or ``path``, as ``ray.data.read_binary_files(include_paths=True)``
-        names it) and may have a binary ``bytes`` column with the content.
-        Every other column is carried to the rows of its object. The result
+        names it) and may have a binary ``bytes`` column with the content
+        and a string ``content_type`` column (an object table's) that types
+        each object, as ``mmembed batch`` does: the declared type when it is
+        a supported image or video type, else the name's extension, else
+        (a name without an extension) the first bytes. Every other column
+        is carried to the rows of its object. The result
         (a batch for a batch, a table otherwise) has the columns ``uri``,
         ``content_type``, ``size_bytes``, ``generation``, ``etag``,
         ``updated``, ``embedding`` (fixed_size_list<float32>), ``status``,
