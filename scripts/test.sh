@@ -12,7 +12,7 @@ install_system_deps
 install_browser
 # Early, so a missing Python fails in seconds rather than after the build.
 python_venv tests/python/requirements.txt SDK_PY
-# S3 and GCS emulators for the bucket tests (started before `cargo test`).
+# S3, GCS and Azure emulators for the bucket tests (started before `cargo test`).
 python_venv tests/storage/requirements.txt STORAGE_PY
 # Selenium for the search page's browser tests.
 python_venv tests/search_page/requirements.txt PAGE_PY
@@ -49,7 +49,7 @@ echo ">> cargo clippy --no-default-features --features cuda (mmembed-candle, the
 PATH="$CUDA_HOME_WHEELS/bin:$PATH" CUDA_ROOT="$CUDA_HOME_WHEELS" CUDA_PATH="$CUDA_HOME_WHEELS" CUDA_COMPUTE_CAP=90 \
   cargo clippy -p mmembed-candle -p mmembed -p mmembed-cli --no-default-features --features cuda --all-targets --locked -- -D warnings
 start_storage_emulators "$STORAGE_PY"
-echo ">> cargo test (bucket tests against S3 at $MMEMBED_TEST_S3 and GCS at $MMEMBED_TEST_GCS)"
+echo ">> cargo test (bucket tests against S3 at $MMEMBED_TEST_S3, GCS at $MMEMBED_TEST_GCS, Azure at $MMEMBED_TEST_AZURE)"
 # PYO3_BUILD_EXTENSION_MODULE: the Python module (an example of
 # mmembed-python) is built as an extension, not linked to libpython.
 # Bounded, so a test that hangs fails this run in minutes instead of

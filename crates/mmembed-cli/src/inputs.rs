@@ -77,7 +77,7 @@ pub struct Version {
 impl Version {
     /// The version `id` names.
     pub fn of(id: &Identity) -> Self {
-        let hash = |s: &String| {
+        let hash = |s: &str| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&blake3::hash(s.as_bytes()).as_bytes()[..8]);
             u64::from_le_bytes(b)
@@ -86,8 +86,19 @@ impl Version {
             size: id.size,
             // Outputs of earlier versions in JSON Lines kept nanoseconds.
             updated_us: id.updated.map(|t| to_micros(t).timestamp_micros()),
-            etag: id.etag.as_ref().map(hash),
-            generation: id.generation.as_ref().map(hash),
+            // `"0x8D…"` and `0x8D…` are one ETag: Azure's listings leave
+            // out the quotes its HEAD answers have (outputs of earlier
+            // versions kept either).
+            etag: id
+                .etag
+                .as_deref()
+                .map(|e| {
+                    e.strip_prefix('"')
+                        .and_then(|e| e.strip_suffix('"'))
+                        .unwrap_or(e)
+                })
+                .map(hash),
+            generation: id.generation.as_deref().map(hash),
         }
     }
 
@@ -994,6 +1005,23 @@ mod tests {
             ..local.clone()
         }));
         assert!(Identity::default().same_version(&a));
+        let quoted = Identity {
+            etag: Some("\"e1\"".into()),
+            generation: None,
+            ..a.clone()
+        };
+        let bare = Identity {
+            generation: None,
+            ..a.clone()
+        };
+        assert!(
+            quoted.same_version(&bare),
+            "an ETag with or without its quotes"
+        );
+        assert!(!quoted.same_version(&Identity {
+            etag: Some("e2".into()),
+            ..bare.clone()
+        }));
 
         // A file's nanoseconds against the microseconds an output keeps.
         let ns = DateTime::<Utc>::from_timestamp(10, 880_840_046);

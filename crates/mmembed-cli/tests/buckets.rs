@@ -49,6 +49,8 @@ fn objects() -> Vec<(&'static str, Vec<u8>)> {
 enum Kind {
     S3,
     Gcs,
+    /// Azurite's Blob service, through `object_store`'s emulator mode.
+    Azure,
 }
 
 struct Bucket {
@@ -61,6 +63,7 @@ fn bucket(kind: Kind) -> Option<Bucket> {
     let var = match kind {
         Kind::S3 => "MMEMBED_TEST_S3",
         Kind::Gcs => "MMEMBED_TEST_GCS",
+        Kind::Azure => "MMEMBED_TEST_AZURE",
     };
     let endpoint = match std::env::var(var) {
         Ok(v) if !v.is_empty() => v,
@@ -73,6 +76,13 @@ fn bucket(kind: Kind) -> Option<Bucket> {
         }
     };
     let gcs = matches!(kind, Kind::Gcs).then(|| endpoint.clone());
+    if matches!(kind, Kind::Azure) {
+        // SAFETY: as below.
+        unsafe {
+            std::env::set_var("AZURE_STORAGE_USE_EMULATOR", "true");
+            std::env::set_var("AZURITE_BLOB_STORAGE_URL", &endpoint);
+        }
+    }
     if matches!(kind, Kind::S3) {
         // SAFETY: every test sets the same values before building a store.
         unsafe {
@@ -97,6 +107,7 @@ impl Bucket {
         let scheme = match self.kind {
             Kind::S3 => "s3",
             Kind::Gcs => "gs",
+            Kind::Azure => "az",
         };
         format!("{scheme}://mmembed-test/{test}-{:x}", fastrand_u64())
     }
@@ -105,7 +116,11 @@ impl Bucket {
     fn mmembed(&self, cache: &Path, via: &str) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_mmembed"));
         for (k, _) in std::env::vars() {
-            if k.starts_with("MMEMBED_") || k.starts_with("AWS_") || k == "STORAGE_EMULATOR_HOST" {
+            if ["MMEMBED_", "AWS_", "AZURE_", "AZURITE_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+                || k == "STORAGE_EMULATOR_HOST"
+            {
                 c.env_remove(k);
             }
         }
@@ -124,6 +139,10 @@ impl Bucket {
             }
             Kind::Gcs => {
                 c.env("STORAGE_EMULATOR_HOST", via);
+            }
+            Kind::Azure => {
+                c.env("AZURE_STORAGE_USE_EMULATOR", "true")
+                    .env("AZURITE_BLOB_STORAGE_URL", via);
             }
         }
         c
@@ -556,6 +575,11 @@ fn whole_job(kind: Kind) {
 #[test]
 fn s3_batch_reads_writes_resumes_and_survives_faults() {
     whole_job(Kind::S3);
+}
+
+#[test]
+fn azure_batch_reads_writes_resumes_and_survives_faults() {
+    whole_job(Kind::Azure);
 }
 
 #[test]

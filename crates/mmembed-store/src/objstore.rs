@@ -150,7 +150,16 @@ impl OsBucket {
             uri: self.base.with_key(m.location.as_ref()).to_uri(),
             size: m.size,
             updated: Some(m.last_modified),
-            etag: m.e_tag,
+            // Quoted, as HTTP sends it: Azure's listings leave the quotes
+            // out of the ETags its HEAD answers quote, so one object would
+            // have two.
+            etag: m.e_tag.map(|e| {
+                if e.starts_with('"') || e.starts_with("W/") {
+                    e
+                } else {
+                    format!("\"{e}\"")
+                }
+            }),
             generation: m.version,
             content_type: None,
         }

@@ -160,7 +160,14 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
         return status(StatusCode::BAD_GATEWAY);
     };
     let mut b = Response::builder().status(code);
+    let head = parts.method == axum::http::Method::HEAD;
     for (k, v) in &headers {
+        // A HEAD answer's length is the object's, not its (empty) body's:
+        // S3 and Azure clients read the object's size from it.
+        if head && k == "content-length" {
+            b = b.header(k, v);
+            continue;
+        }
         if HOP_BY_HOP.contains(&k.as_str()) {
             continue;
         }
@@ -174,7 +181,9 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
         }
         b = b.header(k, v);
     }
-    b = b.header(HeaderName::from_static("content-length"), bytes.len());
+    if !head {
+        b = b.header(HeaderName::from_static("content-length"), bytes.len());
+    }
     let cut = parts.method == axum::http::Method::GET
         && code.is_success()
         && bytes.len() >= 2
