@@ -294,6 +294,17 @@ pub fn media_of(base: Option<&inputs::Base>, row: &Row, column: &str) -> Result<
         inputs::Located::File(p) => MediaSource::Path(p),
         inputs::Located::Object(uri) => MediaSource::Uri(uri),
     };
+    // A local file named without an extension: its first bytes (as
+    // `mmembed batch` types it). Objects in buckets are not read here.
+    let mime_type = match (&source, mime_type) {
+        (MediaSource::Path(p), None) if mmembed_rows::worth_sniffing(&name, None) => {
+            mmembed_rows::sniff_file(p)
+                .ok()
+                .flatten()
+                .map(|t| t.0.to_string())
+        }
+        (_, m) => m,
+    };
     Ok(Media { source, mime_type })
 }
 

@@ -125,7 +125,9 @@ impl Table {
             fields,
             self.schema.metadata().clone(),
         ));
-        self.data = self.data.clone().with_schema(schema.clone())?;
+        // Not `with_schema`: it takes only a schema whose names include the
+        // old ones, which a renamed column's does not.
+        self.data = RecordBatch::try_new(schema.clone(), self.data.columns().to_vec())?;
         self.schema = schema;
         Ok(())
     }

@@ -229,9 +229,17 @@ fn kind_of(row: &Row) -> Option<Modality> {
 /// The image or video a row names, or why it names none.
 fn media(base: Option<&inputs::Base>, row: &Row) -> Result<(mmembed::Media, Modality), String> {
     let m = media_of(base, row, "uri")?;
-    match kind_of(row) {
+    // Else the type `media_of` found in a local file's first bytes.
+    let sniffed = || match m.mime_type.as_deref()?.split('/').next()? {
+        "image" => Some(Modality::Image),
+        "video" => Some(Modality::Video),
+        _ => None,
+    };
+    match kind_of(row).or_else(sniffed) {
         Some(kind @ (Modality::Image | Modality::Video)) => Ok((m, kind)),
-        _ => Err("not an image or video (by its content type or extension)".to_string()),
+        _ => {
+            Err("not an image or video (by its content type, extension or first bytes)".to_string())
+        }
     }
 }
 

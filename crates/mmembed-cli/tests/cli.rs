@@ -321,6 +321,45 @@ fn objects_named_without_an_extension_are_typed_by_their_content() {
         blob[0]
     );
 
+    // `classify`/`score` type them the same way: from a folder's table,
+    // and from a manifest that names them without a `content_type`.
+    let names = d.path().join("names.csv");
+    std::fs::write(&names, "path,label\nuploads/3f2a9c,a\nuploads/blob,b\n").unwrap();
+    for input in [&dir, &names] {
+        let scores = d.path().join("scores.jsonl");
+        let o = mmembed(d.path())
+            .arg("score")
+            .arg(input)
+            .args(["--text", "a red star", "--overwrite", "-o"])
+            .arg(&scores)
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let rows = read_jsonl(&scores);
+        let scored = |name: &str| {
+            let r = rows
+                .iter()
+                .find(|r| r["uri"].as_str().unwrap().ends_with(name))
+                .unwrap();
+            (
+                r["status"].as_str().unwrap().to_string(),
+                r["result"].clone(),
+            )
+        };
+        let (status, score) = scored("3f2a9c");
+        assert_eq!(status, "", "{input:?}");
+        assert!(score.as_f64().is_some(), "{score}");
+        assert!(
+            scored("blob").0.contains("not an image or video"),
+            "{input:?}"
+        );
+    }
+
     // `mmembed embed` takes such a file by its bytes too.
     let o = run_ok(mmembed(d.path()).arg("embed").arg(dir.join("3f2a9c")));
     let line: Value = serde_json::from_slice(&o.stdout).unwrap();
