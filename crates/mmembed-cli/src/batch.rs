@@ -281,8 +281,9 @@ impl Fetcher {
                         self.fetch(uri, &info, declared).await
                     }
                     Err(e) => {
-                        let ct = known.map_or("application/octet-stream", |k| k.0);
-                        RowInput::failed(uri, declared.as_deref().unwrap_or(ct), store_status(&e))
+                        let ct = known.map(|k| k.0).or(declared.as_deref());
+                        let ct = ct.unwrap_or("application/octet-stream");
+                        RowInput::failed(uri, ct, store_status(&e))
                     }
                 };
                 (row, Some(identity))

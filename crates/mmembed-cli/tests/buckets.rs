@@ -634,6 +634,9 @@ fn http_objects_named_by_a_manifest() {
         text.push_str(&format!("{url}/{k},x\n"));
     }
     text.push_str(&format!("{url}/missing.png,y\n"));
+    // A URL with a query (a signed URL's, a CDN's parameters) is read with
+    // it; this server ignores it.
+    text.push_str(&format!("{url}/red-star.png?v=2&sig=abc,q\n"));
     std::fs::write(&manifest, text).unwrap();
     let out = d.path().join("http.jsonl");
     let o = Command::new(env!("CARGO_BIN_EXE_mmembed"))
@@ -658,12 +661,15 @@ fn http_objects_named_by_a_manifest() {
     );
     // The hidden object is listed by the manifest, so it is an input here.
     let mut want = reference.clone();
-    let hidden = vectors(&rows, &format!("{url}/"))
-        .into_iter()
-        .find(|x| x.0 == ".hidden/x.png")
-        .unwrap();
+    let mut got = vectors(&rows, &format!("{url}/"));
+    let hidden = got.iter().find(|x| x.0 == ".hidden/x.png").unwrap().clone();
     want.insert(0, hidden);
-    assert_same_vectors(&want, &vectors(&rows, &format!("{url}/")));
+    let queried = got.iter().position(|x| x.0.contains('?')).unwrap();
+    let (name, v) = got.remove(queried);
+    assert_eq!(name, "red-star.png?v=2&sig=abc");
+    assert_same_vectors(&want, &got);
+    let red = want.iter().find(|x| x.0 == "red-star.png").unwrap();
+    assert_same_vectors(&[(red.0.clone(), v)], std::slice::from_ref(red));
 }
 
 #[test]

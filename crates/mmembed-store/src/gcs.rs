@@ -23,7 +23,9 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use crate::{Bucket, ObjectInfo, PutMode, Sink, StoreError, StoreOptions, backoff};
+use crate::{
+    Attempt, Bucket, ObjectInfo, PutMode, Sink, StoreError, StoreOptions, backoff, retrying,
+};
 
 const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
 /// Characters left as they are in an object name inside a URL path.
@@ -76,23 +78,6 @@ struct Listing {
     items: Vec<Resource>,
     #[serde(default)]
     next_page_token: Option<String>,
-}
-
-/// One attempt's outcome, before retrying.
-enum Attempt<T> {
-    Done(T),
-    Retry(StoreError),
-    Fail(StoreError),
-}
-
-impl<T> Attempt<T> {
-    fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U> {
-        match self {
-            Attempt::Done(v) => Attempt::Done(f(v)),
-            Attempt::Retry(e) => Attempt::Retry(e),
-            Attempt::Fail(e) => Attempt::Fail(e),
-        }
-    }
 }
 
 impl GcsBucket {
@@ -159,25 +144,18 @@ impl GcsBucket {
 
     /// Runs `attempt` until it is done, fails for good, or the retries are
     /// spent.
-    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, StoreError>
+    async fn retrying<T, F, Fut>(&self, attempt: F) -> Result<T, StoreError>
     where
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = Attempt<T>>,
     {
-        let mut n = 0;
-        loop {
-            match attempt(n).await {
-                Attempt::Done(v) => return Ok(v),
-                Attempt::Fail(e) => return Err(e),
-                Attempt::Retry(e) if n >= self.max_retries => return Err(e),
-                Attempt::Retry(e) => {
-                    let wait = backoff(self.initial_backoff, n);
-                    tracing::debug!(error = %e, attempt = n + 1, ?wait, "retrying a GCS request");
-                    tokio::time::sleep(wait).await;
-                    n += 1;
-                }
-            }
-        }
+        retrying(
+            self.max_retries,
+            self.initial_backoff,
+            "a GCS request",
+            attempt,
+        )
+        .await
     }
 
     fn transport(&self, key: &str, e: &reqwest::Error) -> StoreError {

@@ -2,10 +2,13 @@
 //! `az://` and `http(s)://` read, listing and write of the workspace goes
 //! through [`Stores`].
 //!
-//! - **S3, Azure Blob and plain HTTP** go through the Arrow project's
+//! - **S3 and Azure Blob** go through the Arrow project's
 //!   [`object_store`] crate: its credential chains (the AWS chain,
 //!   `AZURE_*` variables), its retries (5xx, timeouts, connection resets,
 //!   also in the middle of a body) and its multipart uploads.
+//! - **`http(s)://` URLs** are read with plain GETs ([`signed`](crate)
+//!   module): signed URLs and URLs with parameters keep their query, and a
+//!   URL signed for GET need not answer HEAD.
 //! - **GCS** goes through the GCS JSON API ([`gcs`](crate) module): it is
 //!   the API that reports an object's `generation` (BigQuery object tables
 //!   key on it), the one the GCS emulators implement, and it takes
@@ -32,6 +35,7 @@
 
 mod gcs;
 mod objstore;
+mod signed;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
@@ -176,19 +180,37 @@ pub struct ObjectUri {
     pub scheme: Scheme,
     /// Bucket or container; for HTTP, `scheme://host[:port]`.
     pub bucket: String,
-    /// The object key (no leading `/`); for HTTP, the URL's path.
+    /// The object key (no leading `/`); for HTTP, the URL's path and
+    /// query.
     pub key: String,
 }
 
-/// `uri` with any `user:password@` replaced by `***@`, for messages.
+/// `uri` for messages: any `user:password@` replaced by `***@`, and an
+/// `http(s)://` URL's query by `?…` (a signed URL's query is a credential).
+///
+/// ```
+/// use mmembed_store::redact;
+///
+/// assert_eq!(
+///     redact("https://b.example/k.jpg?X-Amz-Signature=abc"),
+///     "https://b.example/k.jpg?…"
+/// );
+/// assert_eq!(redact("https://u:p@h/k"), "https://***@h/k");
+/// assert_eq!(redact("gs://b/k"), "gs://b/k");
+/// ```
 pub fn redact(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return uri.to_string();
     };
     let end = rest.find('/').unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => uri.to_string(),
+    let rest = match rest[..end].rfind('@') {
+        Some(at) => format!("***@{}", &rest[at + 1..]),
+        None => rest.to_string(),
+    };
+    let web = scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https");
+    match rest.split_once('?') {
+        Some((before, _)) if web => format!("{scheme}://{before}?…"),
+        _ => format!("{scheme}://{rest}"),
     }
 }
 
@@ -221,14 +243,6 @@ impl ObjectUri {
             .ok_or_else(|| bad("not a gs://, s3://, az:// or http(s):// URI"))?;
         if scheme == Scheme::Http {
             let url = url::Url::parse(uri).map_err(|e| bad(&format!("not a URL: {e}")))?;
-            if url.query().is_some() {
-                // object_store's HTTP client addresses objects by path; a
-                // signed URL's query would be dropped and the read refused.
-                return Err(bad(
-                    "URLs with a query string (signed URLs) are not supported; \
-                     use the bucket's own scheme (gs://, s3://) with credentials",
-                ));
-            }
             if !url.username().is_empty() || url.password().is_some() {
                 return Err(bad(
                     "credentials in URLs are refused; they would end up in logs",
@@ -239,7 +253,12 @@ impl ObjectUri {
                 Some(p) => format!("{}://{host}:{p}", url.scheme()),
                 None => format!("{}://{host}", url.scheme()),
             };
-            let key = url.path().trim_start_matches('/').to_string();
+            // The path as sent (percent-encoded) and the query, which
+            // signed URLs and some servers need.
+            let mut key = url.path().trim_start_matches('/').to_string();
+            if let Some(q) = url.query() {
+                key = format!("{key}?{q}");
+            }
             return Ok(Self {
                 scheme,
                 bucket,
@@ -442,7 +461,8 @@ impl Stores {
         }
         let b: Arc<dyn Bucket> = match u.scheme {
             Scheme::Gcs => Arc::new(gcs::GcsBucket::new(&u.bucket, &self.options)?),
-            _ => Arc::new(objstore::OsBucket::new(u, &self.options)?),
+            Scheme::Http => Arc::new(signed::UrlBucket::new(&u.bucket, &self.options)?),
+            Scheme::S3 | Scheme::Azure => Arc::new(objstore::OsBucket::new(u, &self.options)?),
         };
         map.insert(k, b.clone());
         Ok(b)
@@ -633,7 +653,7 @@ impl Stores {
 pub(crate) fn check_size(uri: &str, size: u64, limit: u64) -> Result<(), StoreError> {
     if size > limit {
         return Err(StoreError::TooLarge {
-            uri: uri.to_string(),
+            uri: redact(uri),
             size,
             limit,
         });
@@ -720,11 +740,11 @@ impl Sink for FileSink {
     }
 }
 
-/// A download buffer that refuses to grow past the limit (an object that
-/// grows while being read, or a server that sends more than it said).
 /// Says whether an object's first bytes are worth the rest of it.
 pub type HeadCheck = dyn Fn(&[u8]) -> bool + Send + Sync;
 
+/// A download buffer that refuses to grow past the limit (an object that
+/// grows while being read, or a server that sends more than it said).
 pub(crate) struct Capped<'a> {
     uri: &'a str,
     limit: u64,
@@ -767,7 +787,7 @@ impl<'a> Capped<'a> {
             self.checked = true;
             if !wanted(&self.buf[..len]) {
                 return Err(StoreError::Unwanted {
-                    uri: self.uri.to_string(),
+                    uri: redact(self.uri),
                 });
             }
         }
@@ -785,6 +805,52 @@ impl<'a> Capped<'a> {
 
     pub(crate) fn freeze(self) -> Bytes {
         self.buf.freeze()
+    }
+}
+
+/// One attempt's outcome, before retrying (the stores whose requests are
+/// made here: GCS's JSON API, URLs with a query string).
+pub(crate) enum Attempt<T> {
+    Done(T),
+    Retry(StoreError),
+    Fail(StoreError),
+}
+
+impl<T> Attempt<T> {
+    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U> {
+        match self {
+            Attempt::Done(v) => Attempt::Done(f(v)),
+            Attempt::Retry(e) => Attempt::Retry(e),
+            Attempt::Fail(e) => Attempt::Fail(e),
+        }
+    }
+}
+
+/// Runs `attempt` until it is done, fails for good, or `max_retries` are
+/// spent, waiting [`backoff`] between tries.
+pub(crate) async fn retrying<T, F, Fut>(
+    max_retries: usize,
+    initial_backoff: Duration,
+    what: &str,
+    mut attempt: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Attempt<T>>,
+{
+    let mut n = 0;
+    loop {
+        match attempt(n).await {
+            Attempt::Done(v) => return Ok(v),
+            Attempt::Fail(e) => return Err(e),
+            Attempt::Retry(e) if n >= max_retries => return Err(e),
+            Attempt::Retry(e) => {
+                let wait = backoff(initial_backoff, n);
+                tracing::debug!(error = %e, attempt = n + 1, ?wait, "retrying {what}");
+                tokio::time::sleep(wait).await;
+                n += 1;
+            }
+        }
     }
 }
 
@@ -815,8 +881,10 @@ mod tests {
         assert_eq!(u.to_uri(), "http://127.0.0.1:8080/m/c.jpg");
         assert!(ObjectUri::parse("gs:///k").is_err());
         assert!(ObjectUri::parse("ftp://h/k").is_err());
-        let e = ObjectUri::parse("https://h/k.png?X-Amz-Signature=abc").unwrap_err();
-        assert!(e.to_string().contains("signed URLs"), "{e}");
+        // A signed URL keeps its query (and its path's encoding).
+        let u = ObjectUri::parse("https://h/a%20b.png?X-Amz-Signature=abc&x=1").unwrap();
+        assert_eq!(u.key, "a%20b.png?X-Amz-Signature=abc&x=1");
+        assert_eq!(u.to_uri(), "https://h/a%20b.png?X-Amz-Signature=abc&x=1");
         let e = ObjectUri::parse("https://user:hunter2@h/k.png").unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(e.to_string().contains("https://***@h/k.png"), "{e}");

@@ -1,4 +1,4 @@
-//! S3, Azure Blob and plain HTTP through the `object_store` crate.
+//! S3 and Azure Blob through the `object_store` crate.
 
 use std::sync::Arc;
 
@@ -94,20 +94,7 @@ impl OsBucket {
                     );
                 Arc::new(b.build().map_err(err)?)
             }
-            Scheme::Http => {
-                use object_store::http::HttpBuilder;
-                let b = HttpBuilder::new()
-                    .with_url(&u.bucket)
-                    .with_retry(retry(o))
-                    .with_config(ClientConfigKey::Timeout, secs(o.timeout))
-                    .with_config(ClientConfigKey::ConnectTimeout, secs(o.connect_timeout))
-                    .with_config(
-                        ClientConfigKey::AllowHttp,
-                        u.bucket.starts_with("http://").to_string(),
-                    );
-                Arc::new(b.build().map_err(err)?)
-            }
-            Scheme::Gcs => unreachable!("GCS has its own client"),
+            Scheme::Gcs | Scheme::Http => unreachable!("GCS and URLs have their own clients"),
         };
         Ok(Self {
             store,
@@ -231,12 +218,6 @@ impl Bucket for OsBucket {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        if self.base.scheme == Scheme::Http {
-            return Err(StoreError::Unsupported {
-                uri: self.base.with_key(prefix).to_uri(),
-                operation: "listing (plain HTTP has no listing; give a manifest of URLs)".into(),
-            });
-        }
         // object_store lists by whole path segments; a partial last segment
         // is filtered here.
         let (dir, rest) = match prefix.rfind('/') {

@@ -1,0 +1,284 @@
+//! `http(s)://` URLs with a query string: signed URLs (S3 presigned, GCS
+//! V4 signed, Azure SAS) and URLs whose server wants its parameters
+//! (`?width=800`), read with plain GETs.
+//!
+//! Hand-rolled rather than through `object_store`'s HTTP client, which
+//! addresses objects by path (the query would be dropped, so the read
+//! refused) and asks for metadata with HEAD, which a URL signed for GET
+//! refuses. Here the metadata comes from a HEAD, or when that is refused
+//! (403, 405) from a GET of the first byte (`Range: bytes=0-0`); a body
+//! that breaks off resumes with `Range` and `If-Range`, so a changed
+//! object starts over rather than mixing two versions. Retried on
+//! 408/429/5xx, timeouts and connection faults, as every store is.
+//!
+//! The query is a credential for signed URLs: messages show the URL
+//! without it ([`redact`](crate::redact)).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use http::HeaderMap;
+use http::header::{
+    CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE,
+};
+use mmembed_transport::without_url;
+use reqwest::StatusCode;
+use tokio::sync::Mutex;
+
+use crate::{
+    Attempt, Bucket, ObjectInfo, PutMode, Sink, StoreError, StoreOptions, redact, retrying,
+};
+
+pub(crate) struct UrlBucket {
+    /// `scheme://host[:port]`.
+    origin: String,
+    http: reqwest::Client,
+    max_retries: usize,
+    initial_backoff: Duration,
+}
+
+impl std::fmt::Debug for UrlBucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UrlBucket")
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UrlBucket {
+    pub(crate) fn new(origin: &str, o: &StoreOptions) -> Result<Self, StoreError> {
+        let http = reqwest::Client::builder()
+            .timeout(o.timeout)
+            .connect_timeout(o.connect_timeout)
+            .build()
+            .map_err(|e| StoreError::BadUri {
+                uri: origin.to_string(),
+                reason: format!("cannot build an HTTP client: {e}"),
+            })?;
+        Ok(Self {
+            origin: origin.to_string(),
+            http,
+            max_retries: o.max_retries,
+            initial_backoff: o.initial_backoff,
+        })
+    }
+
+    /// The whole URL (`key` is its path and query).
+    fn url(&self, key: &str) -> String {
+        format!("{}/{key}", self.origin)
+    }
+
+    /// The URL as messages show it: without its query.
+    fn shown(&self, key: &str) -> String {
+        redact(&self.url(key))
+    }
+
+    async fn retrying<T, F, Fut>(&self, attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Attempt<T>>,
+    {
+        retrying(self.max_retries, self.initial_backoff, "a URL", attempt).await
+    }
+
+    fn transport(&self, key: &str, e: &reqwest::Error) -> StoreError {
+        StoreError::Transport {
+            uri: self.shown(key),
+            // reqwest's Display names the URL, query and all.
+            message: format!("request failed: {}", without_url(e)),
+            retryable: true,
+        }
+    }
+
+    /// A non-success answer, classified; its body is not shown (a signed
+    /// URL's error page may quote the signature).
+    fn status_error<T>(&self, key: &str, status: StatusCode) -> Attempt<T> {
+        let uri = self.shown(key);
+        match status {
+            StatusCode::NOT_FOUND | StatusCode::GONE => Attempt::Fail(StoreError::NotFound { uri }),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Attempt::Fail(StoreError::Denied {
+                uri,
+                message: format!(
+                    "HTTP {status} (a signed URL that expired or was signed for another request?)"
+                ),
+            }),
+            s if s == StatusCode::REQUEST_TIMEOUT
+                || s == StatusCode::TOO_MANY_REQUESTS
+                || s.is_server_error() =>
+            {
+                Attempt::Retry(StoreError::Transport {
+                    uri,
+                    message: format!("HTTP {status}"),
+                    retryable: true,
+                })
+            }
+            _ => Attempt::Fail(StoreError::Transport {
+                uri,
+                message: format!("HTTP {status}"),
+                retryable: false,
+            }),
+        }
+    }
+
+    /// One metadata request: HEAD, or a GET of the first byte.
+    async fn probe(&self, key: &str, ranged: bool) -> Attempt<ObjectInfo> {
+        let url = self.url(key);
+        let req = if ranged {
+            self.http.get(&url).header(RANGE, "bytes=0-0")
+        } else {
+            self.http.head(&url)
+        };
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return Attempt::Retry(self.transport(key, &e)),
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            return self.status_error(key, status);
+        }
+        let h = resp.headers();
+        // A 206's length is the range's; the object's is after the slash.
+        let size = match status {
+            StatusCode::PARTIAL_CONTENT => header(h, CONTENT_RANGE)
+                .and_then(|r| r.rsplit_once('/'))
+                .and_then(|(_, total)| total.parse().ok()),
+            _ => header(h, CONTENT_LENGTH).and_then(|n| n.parse().ok()),
+        };
+        let Some(size) = size else {
+            return Attempt::Fail(StoreError::Transport {
+                uri: self.shown(key),
+                message: "the server did not say the object's size (no Content-Length)".into(),
+                retryable: false,
+            });
+        };
+        Attempt::Done(ObjectInfo {
+            uri: url,
+            size,
+            updated: header(h, LAST_MODIFIED)
+                .and_then(|t| DateTime::parse_from_rfc2822(t).ok())
+                .map(|t| t.with_timezone(&Utc)),
+            etag: header(h, ETAG).map(String::from),
+            generation: None,
+            content_type: header(h, CONTENT_TYPE).map(String::from),
+        })
+        // The ranged GET's one byte is dropped with the response.
+    }
+
+    fn read_only(&self, key: &str, operation: &str) -> StoreError {
+        StoreError::Unsupported {
+            uri: self.shown(key),
+            operation: format!("{operation} (a URL is read-only)"),
+        }
+    }
+}
+
+fn header(h: &HeaderMap, name: http::HeaderName) -> Option<&str> {
+    h.get(name)?.to_str().ok()
+}
+
+#[async_trait]
+impl Bucket for UrlBucket {
+    async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        let head = self.retrying(|_| self.probe(key, false)).await;
+        match head {
+            // A URL signed for GET refuses HEAD (S3 and GCS answer 403,
+            // some servers 405): ask for its first byte instead.
+            Err(StoreError::Denied { .. })
+            | Err(StoreError::Transport {
+                retryable: false, ..
+            }) => self.retrying(|_| self.probe(key, true)).await,
+            other => other,
+        }
+    }
+
+    async fn get(
+        &self,
+        info: &ObjectInfo,
+        key: &str,
+        sink: &mut dyn Sink,
+    ) -> Result<(), StoreError> {
+        let url = self.url(key);
+        let buf = Mutex::new(sink);
+        self.retrying(|_| async {
+            let mut buf = buf.lock().await;
+            let resume_at = buf.len();
+            let mut req = self.http.get(&url);
+            if resume_at > 0 {
+                // The rest, if the object is still the one begun; else the
+                // server sends it whole (200) and the start is dropped.
+                req = req.header(RANGE, format!("bytes={resume_at}-"));
+                if let Some(etag) = &info.etag {
+                    req = req.header(IF_RANGE, etag);
+                }
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => return Attempt::Retry(self.transport(key, &e)),
+            };
+            let status = resp.status();
+            if !status.is_success() {
+                return self.status_error(key, status);
+            }
+            if resume_at > 0
+                && status != StatusCode::PARTIAL_CONTENT
+                && let Err(e) = buf.clear()
+            {
+                return Attempt::Fail(e);
+            }
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                match chunk {
+                    Ok(c) => {
+                        if let Err(e) = buf.push(&c) {
+                            return Attempt::Fail(e);
+                        }
+                    }
+                    Err(e) => return Attempt::Retry(self.transport(key, &e)),
+                }
+            }
+            if (buf.len() as u64) < info.size {
+                return Attempt::Retry(StoreError::Transport {
+                    uri: self.shown(key),
+                    message: format!("the body ended after {} of {} bytes", buf.len(), info.size),
+                    retryable: true,
+                });
+            }
+            Attempt::Done(())
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        Err(StoreError::Unsupported {
+            uri: self.shown(prefix),
+            operation: "listing (plain HTTP has no listing; give a manifest of URLs)".into(),
+        })
+    }
+
+    async fn put(&self, key: &str, _: Bytes, _: &str, _: PutMode) -> Result<(), StoreError> {
+        Err(self.read_only(key, "writing"))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        Err(self.read_only(key, "deleting"))
+    }
+
+    fn piece(&self, chunk: usize) -> usize {
+        chunk
+    }
+
+    async fn upload(
+        &self,
+        key: &str,
+        _: std::fs::File,
+        _: &std::path::Path,
+        _: u64,
+        _: usize,
+        _: &str,
+    ) -> Result<(), StoreError> {
+        Err(self.read_only(key, "writing"))
+    }
+}
