@@ -160,7 +160,7 @@ def test_jpeg_draft_in_the_spec_is_the_cli_flag(embedder, tmp_path):
 
 
 def test_arrow_input_errors_are_clear(embedder):
-    with pytest.raises(mmembed.InvalidInputError, match="`uri` or `path`"):
+    with pytest.raises(mmembed.InvalidInputError, match="`uri`, `path` or `url`"):
         embedder.embed_arrow(pa.table({"name": ["a.png"]}))
     with pytest.raises(mmembed.InvalidInputError, match="`status`"):
         embedder.embed_arrow(pa.table({"uri": ["a.png"], "status": ["x"]}))

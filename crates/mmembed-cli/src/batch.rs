@@ -61,8 +61,8 @@ use mmembed_rows::RowInput;
   mmembed batch gs://b/media/ -o 'gs://b/emb/part-{shard}.parquet' --shard auto   # array job")]
 pub struct Args {
     /// A folder (walked recursively; hidden entries skipped), a glob
-    /// (quote it), a manifest (`.csv`/`.jsonl`/`.parquet` with a `uri` or
-    /// `path` column, here or in a bucket; a `content_type` column types
+    /// (quote it), a manifest (`.csv`/`.jsonl`/`.parquet` with a `uri`,
+    /// `path` or `url` column, here or in a bucket; a `content_type` column types
     /// the objects, other columns are carried to the output), one file, or
     /// a bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`,
     /// `az://c/x/`). Objects are typed by their declared type, else their

@@ -1,6 +1,6 @@
 //! The input of a batch job, an object table: a folder (recursive), a glob,
 //! a bucket prefix or glob (`gs://b/photos/`, `s3://b/**/*.jpg`), or a
-//! manifest (CSV, JSONL or Parquet with a `uri` or `path` column, such as a
+//! manifest (CSV, JSONL or Parquet with a `uri`, `path` or `url` column, such as a
 //! BigQuery object table exported; its version columns are the objects'
 //! identity, other columns are carried through to the output rows). Every
 //! object comes with its identity (size, modification time,
@@ -486,10 +486,12 @@ fn manifest_input(
     has_generation: bool,
     names: &mut HashSet<Arc<str>>,
 ) -> anyhow::Result<Input> {
-    let key = ["uri", "path"]
+    let key = NAME_COLUMNS
         .into_iter()
         .find(|k| fields.contains_key(*k))
-        .with_context(|| format!("{manifest}:{line}: no `uri` or `path` column"))?;
+        .with_context(|| {
+            format!("{manifest}:{line}: no `uri`, `path` or `url` column naming the objects")
+        })?;
     let uri = match fields.remove(key) {
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
         _ => bail!("{manifest}:{line}: `{key}` is empty or not a string"),
@@ -529,6 +531,20 @@ fn manifest_input(
     input.carried = Carried::new(fields, names);
     input.content_type = declared;
     Ok(input)
+}
+
+/// The columns that may name a manifest's objects, in the order they are
+/// looked for: an object table's `uri`, a file list's `path` (as Ray's
+/// `read_binary_files` names it), a web dataset's `url` (`URL` in LAION's
+/// Parquet files). It is taken out; the rows' `uri` holds its value.
+pub const NAME_COLUMNS: [&str; 4] = ["uri", "path", "url", "URL"];
+
+/// Which of [`NAME_COLUMNS`] names the objects of a manifest with these
+/// columns.
+fn name_column<'a>(columns: impl Iterator<Item = &'a str> + Clone) -> Option<&'static str> {
+    NAME_COLUMNS
+        .into_iter()
+        .find(|n| columns.clone().any(|c| c == *n))
 }
 
 /// Whether `uri` names a video by its extension.
@@ -693,9 +709,10 @@ fn from_csv(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTable>
             &mut names,
         )?);
     }
+    let key = name_column(headers.iter());
     let carried_columns = headers
         .iter()
-        .filter(|h| *h != "uri" && *h != "path" && !is_identity_column(h, has_generation))
+        .filter(|h| Some(*h) != key && !is_identity_column(h, has_generation))
         .map(String::from)
         .collect();
     Ok(InputTable {
@@ -770,11 +787,12 @@ fn from_parquet(bytes: &[u8], base: &Base, what: &str) -> anyhow::Result<InputTa
             )?);
         }
     }
+    let key = name_column(schema.fields().iter().map(|f| f.name().as_str()));
     let carried_columns = schema
         .fields()
         .iter()
         .map(|f| f.name())
-        .filter(|n| *n != "uri" && *n != "path" && !is_identity_column(n, has_generation))
+        .filter(|n| Some(n.as_str()) != key && !is_identity_column(n, has_generation))
         .cloned()
         .collect();
     Ok(InputTable {
@@ -1125,6 +1143,31 @@ mod tests {
     }
 
     #[test]
+    fn a_web_datasets_url_column_names_its_objects() {
+        let d = tempfile::tempdir().unwrap();
+        let csv = d.path().join("laion.csv");
+        std::fs::write(
+            &csv,
+            "URL,TEXT\nhttps://cdn.example/a.jpg?w=800,a cat\nhttps://cdn.example/b,a dog\n",
+        )
+        .unwrap();
+        let t = list_local(csv.to_str().unwrap()).unwrap();
+        let uris: Vec<&str> = t.inputs.iter().map(|i| i.uri.as_str()).collect();
+        assert_eq!(
+            uris,
+            ["https://cdn.example/a.jpg?w=800", "https://cdn.example/b"]
+        );
+        assert_eq!(t.carried_columns, ["TEXT"]);
+        assert_eq!(t.inputs[1].carried.get("TEXT").unwrap(), "a dog");
+        std::fs::write(&csv, "link,TEXT\nhttps://cdn.example/a.jpg,a cat\n").unwrap();
+        let e = list_local(csv.to_str().unwrap()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("no `uri`, `path` or `url` column"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
     fn a_file_identity_is_kept_to_the_microsecond() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.png");
@@ -1209,7 +1252,7 @@ mod tests {
         assert!(e.contains("collide"), "{e}");
         std::fs::write(&csv, "file\na.png\n").unwrap();
         let e = list_local(csv.to_str().unwrap()).unwrap_err().to_string();
-        assert!(e.contains("no `uri` or `path`"), "{e}");
+        assert!(e.contains("no `uri`, `path` or `url`"), "{e}");
     }
 
     /// A BigQuery object table exported as CSV, JSON Lines (INT64 as

@@ -265,16 +265,18 @@ fn out_row(
 async fn run(task: Task, c: Common) -> anyhow::Result<Summary> {
     let mut input = table::read_input(&c.input).await?;
     if input.schema.field_with_name("uri").is_err() {
-        if input.schema.field_with_name("path").is_ok() {
-            // A manifest naming files by `path`: the same column under the
-            // object table's name.
-            input.rename("path", "uri")?;
-        } else {
+        // A manifest naming files by `path` or `url`: the same column under
+        // the object table's name.
+        let Some(name) = inputs::NAME_COLUMNS
+            .into_iter()
+            .find(|n| input.schema.field_with_name(n).is_ok())
+        else {
             bail!(
-                "{}: the input has no `uri` or `path` column naming the media",
+                "{}: the input has no `uri`, `path` or `url` column naming the media",
                 c.input
             );
-        }
+        };
+        input.rename(name, "uri")?;
     }
     let out_schema = output_schema(
         &input,

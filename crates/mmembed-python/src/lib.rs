@@ -502,12 +502,12 @@ impl Embedder {
         let cfg = segment_config(start_sec, end_sec, interval_sec)?;
         let dim = self.dimension_for(dimension)? as i32;
         let schema = batch.schema();
-        let (name_col, names) = ["uri", "path"]
+        let (name_col, names) = ["uri", "path", "url", "URL"]
             .iter()
             .find_map(|c| Some((*c, strings(batch.column_by_name(c)?)?)))
             .ok_or_else(|| {
                 InvalidInputError::new_err(
-                    "the batch needs a string column `uri` or `path` naming each object",
+                    "the batch needs a string column `uri`, `path` or `url` naming each object",
                 )
             })?;
         let mut contents =

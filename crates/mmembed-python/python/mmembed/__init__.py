@@ -96,7 +96,7 @@ class Embedder(_native.Embedder):
         ``data`` is a ``pyarrow.RecordBatch``, a ``pyarrow.Table`` or any
         object with ``__arrow_c_stream__``; it needs a string column ``uri``
         (or ``path``, as ``ray.data.read_binary_files(include_paths=True)``
-        names it) and may have a binary ``bytes`` column with the content
+        names it, or ``url``/``URL`` as web datasets do) and may have a binary ``bytes`` column with the content
         and a string ``content_type`` column (an object table's) that types
         each object, as ``mmembed batch`` does: the declared type when it is
         a supported image or video type, else the name's extension, else
