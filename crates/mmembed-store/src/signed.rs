@@ -32,6 +32,9 @@ use crate::{
     Attempt, Bucket, ObjectInfo, PutMode, Sink, StoreError, StoreOptions, redact, retrying,
 };
 
+/// Attempts at a connection to a URL's host before its read fails.
+const CONNECT_TRIES: usize = 3;
+
 pub(crate) struct UrlBucket {
     /// `scheme://host[:port]`.
     origin: String,
@@ -93,6 +96,19 @@ impl UrlBucket {
         }
     }
 
+    /// A request that got no answer, on attempt `n`: retried, except a
+    /// connection that cannot be made (no such host, refused) after
+    /// [`CONNECT_TRIES`]: in a list of web URLs dead hosts are common,
+    /// and each would otherwise hold a fetch slot through every retry.
+    fn fault<T>(&self, key: &str, e: &reqwest::Error, n: usize) -> Attempt<T> {
+        let err = self.transport(key, e);
+        if e.is_connect() && n + 1 >= CONNECT_TRIES {
+            Attempt::Fail(err)
+        } else {
+            Attempt::Retry(err)
+        }
+    }
+
     /// A non-success answer, classified; its body is not shown (a signed
     /// URL's error page may quote the signature).
     fn status_error<T>(&self, key: &str, status: StatusCode) -> Attempt<T> {
@@ -124,7 +140,7 @@ impl UrlBucket {
     }
 
     /// One metadata request: HEAD, or a GET of the first byte.
-    async fn probe(&self, key: &str, ranged: bool) -> Attempt<ObjectInfo> {
+    async fn probe(&self, key: &str, ranged: bool, n: usize) -> Attempt<ObjectInfo> {
         let url = self.url(key);
         let req = if ranged {
             self.http.get(&url).header(RANGE, "bytes=0-0")
@@ -133,7 +149,7 @@ impl UrlBucket {
         };
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return Attempt::Retry(self.transport(key, &e)),
+            Err(e) => return self.fault(key, &e, n),
         };
         let status = resp.status();
         if !status.is_success() {
@@ -182,14 +198,14 @@ fn header(h: &HeaderMap, name: http::HeaderName) -> Option<&str> {
 #[async_trait]
 impl Bucket for UrlBucket {
     async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
-        let head = self.retrying(|_| self.probe(key, false)).await;
+        let head = self.retrying(|n| self.probe(key, false, n)).await;
         match head {
             // A URL signed for GET refuses HEAD (S3 and GCS answer 403,
             // some servers 405): ask for its first byte instead.
             Err(StoreError::Denied { .. })
             | Err(StoreError::Transport {
                 retryable: false, ..
-            }) => self.retrying(|_| self.probe(key, true)).await,
+            }) => self.retrying(|n| self.probe(key, true, n)).await,
             other => other,
         }
     }
@@ -200,12 +216,12 @@ impl Bucket for UrlBucket {
         key: &str,
         sink: &mut dyn Sink,
     ) -> Result<(), StoreError> {
-        let url = self.url(key);
-        let buf = Mutex::new(sink);
-        self.retrying(|_| async {
+        let url = &self.url(key);
+        let buf = &Mutex::new(sink);
+        self.retrying(|n| async move {
             let mut buf = buf.lock().await;
             let resume_at = buf.len();
-            let mut req = self.http.get(&url);
+            let mut req = self.http.get(url);
             if resume_at > 0 {
                 // The rest, if the object is still the one begun; else the
                 // server sends it whole (200) and the start is dropped.
@@ -216,7 +232,7 @@ impl Bucket for UrlBucket {
             }
             let resp = match req.send().await {
                 Ok(r) => r,
-                Err(e) => return Attempt::Retry(self.transport(key, &e)),
+                Err(e) => return self.fault(key, &e, n),
             };
             let status = resp.status();
             if !status.is_success() {
@@ -280,5 +296,41 @@ impl Bucket for UrlBucket {
         _: &str,
     ) -> Result<(), StoreError> {
         Err(self.read_only(key, "writing"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_host_that_cannot_be_reached_is_tried_three_times_not_every_retry() {
+        // Nothing listens on a port once its listener is dropped.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let origin = format!("http://127.0.0.1:{port}");
+        let b = UrlBucket::new(&origin, &StoreOptions::default()).unwrap();
+        let e = b
+            .http
+            .get(b.url("x.png?sig=secret"))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(e.is_connect(), "{e}");
+        let kinds: Vec<&str> = (0..4)
+            .map(|n| match b.fault::<()>("x.png?sig=secret", &e, n) {
+                Attempt::Retry(_) => "retry",
+                Attempt::Fail(_) => "fail",
+                Attempt::Done(()) => "done",
+            })
+            .collect();
+        assert_eq!(kinds, ["retry", "retry", "fail", "fail"]);
+        let Attempt::Fail(err) = b.fault::<()>("x.png?sig=secret", &e, 2) else {
+            unreachable!()
+        };
+        assert!(!format!("{err} {err:?}").contains("secret"), "{err:?}");
     }
 }
