@@ -204,6 +204,14 @@ fn check_same_space(
 /// defaults as its own limits (`ImageLimits`, `LocalOptions::max_video_bytes`).
 const MAX_REMOTE_IMAGE: u64 = 100 << 20;
 const MAX_REMOTE_VIDEO: u64 = 2 << 30;
+/// The largest remote object of `kind` read.
+fn max_remote(kind: Kind) -> u64 {
+    match kind {
+        Kind::Image => MAX_REMOTE_IMAGE,
+        Kind::Video => MAX_REMOTE_VIDEO,
+    }
+}
+
 /// A remote object of unknown size (named by a manifest) counts as this
 /// much of the fetch buffer until its size is known.
 const UNKNOWN_SIZE: u64 = 1 << 20;
@@ -254,18 +262,35 @@ impl Fetcher {
                 permit: None,
             };
         }
-        let (row, identity) = match &input.path {
+        // A manifest's remote object of a known type is read in one request.
+        let one_request = if input.listed { None } else { known };
+        let (row, identity) = match (&input.path, one_request) {
             // Its size and modification time are read now, not at listing.
-            Some(p) => {
+            (Some(p), _) => {
                 let row = RowInput::file(uri, p, declared.as_deref(), segments, dimension);
                 (row, None)
             }
-            None if self.embedder.reads_uri(&uri) => {
+            (None, _) if self.embedder.reads_uri(&uri) => {
                 let source = MediaSource::Uri(uri.clone());
                 let row = RowInput::new(uri, source, declared.as_deref(), segments, dimension);
                 (row, Some(input.identity))
             }
-            None => {
+            // A manifest's object of a known type: one request, its
+            // metadata from the answer (not a HEAD first: half the requests
+            // for a list of URLs, and URLs signed for GET refuse HEAD).
+            (None, Some((ct, kind))) => {
+                let mut identity = input.identity;
+                let row = match Stores::shared().read(&uri, max_remote(kind)).await {
+                    Ok((bytes, info)) => {
+                        identity = Identity::of(&info);
+                        let source = MediaSource::Bytes(bytes);
+                        RowInput::new(uri, source, declared.as_deref(), segments, dimension)
+                    }
+                    Err(e) => RowInput::failed(uri, ct, store_status(&e)),
+                };
+                (row, Some(identity))
+            }
+            (None, None) => {
                 let stores = Stores::shared();
                 let listing = input.listing();
                 let mut identity = input.identity;
@@ -308,13 +333,7 @@ impl Fetcher {
         let stores = Stores::shared();
         let typed = mmembed_rows::media_type(&uri, declared);
         let got = match typed {
-            Some((_, kind)) => {
-                let limit = match kind {
-                    Kind::Image => MAX_REMOTE_IMAGE,
-                    Kind::Video => MAX_REMOTE_VIDEO,
-                };
-                stores.read_listed(info, limit).await.map(Some)
-            }
+            Some((_, kind)) => stores.read_listed(info, max_remote(kind)).await.map(Some),
             None if mmembed_rows::worth_sniffing(&uri, declared) => {
                 let media = |head: &[u8]| mmembed_rows::sniff(head).is_some();
                 let head = mmembed_rows::SNIFF_LEN;

@@ -308,6 +308,17 @@ pub(crate) trait Bucket: Send + Sync + fmt::Debug {
         key: &str,
         sink: &mut dyn Sink,
     ) -> Result<(), StoreError>;
+    /// The object's bytes and the metadata they are the version of,
+    /// refusing an object over `max_bytes` before its body: one request
+    /// where the store's answer carries the metadata (here a HEAD, then the
+    /// read).
+    async fn read(&self, key: &str, max_bytes: u64) -> Result<(Bytes, ObjectInfo), StoreError> {
+        let info = self.head(key).await?;
+        check_size(&info.uri, info.size, max_bytes)?;
+        let mut buf = Capped::new(&info.uri, max_bytes, info.size);
+        self.get(&info, key, &mut buf).await?;
+        Ok((buf.freeze(), info))
+    }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
     async fn put(
         &self,
@@ -484,13 +495,11 @@ impl Stores {
     }
 
     /// The object's bytes and metadata, refusing objects over `max_bytes`
-    /// before downloading them.
+    /// before downloading them. One request on S3, Azure and URLs (the
+    /// metadata comes with the answer), a metadata request first on GCS.
     pub async fn read(&self, uri: &str, max_bytes: u64) -> Result<(Bytes, ObjectInfo), StoreError> {
         let u = ObjectUri::parse(uri)?;
-        let b = self.bucket(&u)?;
-        let info = b.head(&u.key).await?;
-        let bytes = self.read_listed(&info, max_bytes).await?;
-        Ok((bytes, info))
+        self.bucket(&u)?.read(&u.key, max_bytes).await
     }
 
     /// The bytes of an object as a listing described it (one request less

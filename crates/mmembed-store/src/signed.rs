@@ -29,7 +29,8 @@ use reqwest::StatusCode;
 use tokio::sync::Mutex;
 
 use crate::{
-    Attempt, Bucket, ObjectInfo, PutMode, Sink, StoreError, StoreOptions, redact, retrying,
+    Attempt, Bucket, Capped, ObjectInfo, PutMode, Sink, StoreError, StoreOptions, check_size,
+    redact, retrying,
 };
 
 /// Attempts at a connection to a URL's host before its read fails.
@@ -155,23 +156,31 @@ impl UrlBucket {
         if !status.is_success() {
             return self.status_error(key, status);
         }
+        match self.info(key, &resp) {
+            Some(info) => Attempt::Done(info),
+            None => Attempt::Fail(self.no_size(key)),
+        }
+        // The ranged GET's one byte is dropped with the response.
+    }
+
+    /// The object's metadata from an answer's headers; `None` when they do
+    /// not say its size.
+    fn info(&self, key: &str, resp: &reqwest::Response) -> Option<ObjectInfo> {
         let h = resp.headers();
         // A 206's length is the range's; the object's is after the slash.
-        let size = match status {
+        let size = match resp.status() {
             StatusCode::PARTIAL_CONTENT => header(h, CONTENT_RANGE)
                 .and_then(|r| r.rsplit_once('/'))
                 .and_then(|(_, total)| total.parse().ok()),
             _ => header(h, CONTENT_LENGTH).and_then(|n| n.parse().ok()),
-        };
-        let Some(size) = size else {
-            return Attempt::Fail(StoreError::Transport {
-                uri: self.shown(key),
-                message: "the server did not say the object's size (no Content-Length)".into(),
-                retryable: false,
-            });
-        };
-        Attempt::Done(ObjectInfo {
-            uri: url,
+        }?;
+        Some(self.meta(key, h, size))
+    }
+
+    /// The metadata in `h`, of an object of `size` bytes.
+    fn meta(&self, key: &str, h: &HeaderMap, size: u64) -> ObjectInfo {
+        ObjectInfo {
+            uri: self.url(key),
             size,
             updated: header(h, LAST_MODIFIED)
                 .and_then(|t| DateTime::parse_from_rfc2822(t).ok())
@@ -179,8 +188,15 @@ impl UrlBucket {
             etag: header(h, ETAG).map(String::from),
             generation: None,
             content_type: header(h, CONTENT_TYPE).map(String::from),
-        })
-        // The ranged GET's one byte is dropped with the response.
+        }
+    }
+
+    fn no_size(&self, key: &str) -> StoreError {
+        StoreError::Transport {
+            uri: self.shown(key),
+            message: "the server did not say the object's size (no Content-Length)".into(),
+            retryable: false,
+        }
     }
 
     fn read_only(&self, key: &str, operation: &str) -> StoreError {
@@ -265,6 +281,49 @@ impl Bucket for UrlBucket {
             Attempt::Done(())
         })
         .await
+    }
+
+    async fn read(&self, key: &str, max_bytes: u64) -> Result<(Bytes, ObjectInfo), StoreError> {
+        // One GET, its headers the metadata (a HEAD first would double the
+        // requests of a list of URLs, and a URL signed for GET refuses
+        // it); a body that breaks off is resumed by `get`.
+        let url = &self.url(key);
+        let resp = self
+            .retrying(|n| async move {
+                match self.http.get(url).send().await {
+                    Ok(r) if r.status().is_success() => Attempt::Done(r),
+                    Ok(r) => self.status_error(key, r.status()),
+                    Err(e) => self.fault(key, &e, n),
+                }
+            })
+            .await?;
+        let Some(info) = self.info(key, &resp) else {
+            // No size (a chunked answer): the whole body, capped; a
+            // broken one is an error (nothing to resume against).
+            let headers = resp.headers().clone();
+            let mut buf = Capped::new(url, max_bytes, 0);
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                buf.push(&chunk.map_err(|e| self.transport(key, &e))?)?;
+            }
+            let bytes = buf.freeze();
+            let info = self.meta(key, &headers, bytes.len() as u64);
+            return Ok((bytes, info));
+        };
+        check_size(url, info.size, max_bytes)?;
+        let mut buf = Capped::new(url, max_bytes, info.size);
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => buf.push(&c)?,
+                // The rest below, from where it broke off.
+                Err(_) => break,
+            }
+        }
+        if (buf.len() as u64) < info.size {
+            self.get(&info, key, &mut buf).await?;
+        }
+        Ok((buf.freeze(), info))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {

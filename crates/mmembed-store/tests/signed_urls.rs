@@ -161,9 +161,10 @@ async fn a_presigned_url_is_read_whole_through_a_refused_head_and_a_broken_body(
     let ranges = site.ranges.lock().unwrap().clone();
     assert_eq!(
         ranges,
-        ["bytes=0-0", "bytes=0-0", "bytes=100000-"],
-        "two probes, then the rest after the break"
+        ["bytes=0-0", "bytes=100000-"],
+        "head()'s probe; then read(): one GET (no HEAD), the rest after the break"
     );
+    assert_eq!(site.heads.load(Ordering::SeqCst), 1);
     let log = site.log.lock().unwrap().clone();
     assert!(log.iter().all(|u| u.ends_with(QUERY)), "{log:?}");
     assert!(
