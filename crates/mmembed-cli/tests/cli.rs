@@ -87,6 +87,16 @@ fn media(dir: &Path) -> PathBuf {
         video.as_os_str(),
     ]);
     std::fs::write(root.join("garbage.png"), b"this is not a PNG at all").unwrap();
+    let jpeg = black_cross_jpeg();
+    std::fs::write(root.join("truncated.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
+    std::fs::write(root.join("notes.txt"), b"hello").unwrap();
+    std::fs::write(root.join("empty.mp4"), b"").unwrap();
+    std::fs::write(root.join(".DS_Store"), b"\0\0").unwrap();
+    root
+}
+
+/// A JPEG of a black cross.
+fn black_cross_jpeg() -> Vec<u8> {
     let mut jpeg = vec![];
     scene(Shape::Cross, Colour::Black, 7)
         .write_to(
@@ -94,11 +104,7 @@ fn media(dir: &Path) -> PathBuf {
             image::ImageFormat::Jpeg,
         )
         .unwrap();
-    std::fs::write(root.join("truncated.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
-    std::fs::write(root.join("notes.txt"), b"hello").unwrap();
-    std::fs::write(root.join("empty.mp4"), b"").unwrap();
-    std::fs::write(root.join(".DS_Store"), b"\0\0").unwrap();
-    root
+    jpeg
 }
 
 fn read_jsonl(p: &Path) -> Vec<Value> {
@@ -237,14 +243,7 @@ fn objects_named_without_an_extension_are_typed_by_their_content() {
     copy("slideshow.mp4", "clip");
     copy("notes.txt", "blob");
     copy("notes.txt", "sidecar.json");
-    let mut jpeg = vec![];
-    scene(Shape::Cross, Colour::Black, 7)
-        .write_to(
-            &mut std::io::Cursor::new(&mut jpeg),
-            image::ImageFormat::Jpeg,
-        )
-        .unwrap();
-    std::fs::write(dir.join("frame.000123"), &jpeg).unwrap();
+    std::fs::write(dir.join("frame.000123"), black_cross_jpeg()).unwrap();
 
     let out = d.path().join("out.jsonl");
     let o = batch(d.path(), &dir, &out, &["--interval", "4"])

@@ -15,7 +15,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use http::HeaderMap;
 use mmembed_transport::{Auth, CredentialsSource, STORAGE_READ_WRITE, without_url};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -444,31 +443,16 @@ impl Bucket for GcsBucket {
                 Attempt::Retry(e) => return Attempt::Retry(e),
                 Attempt::Fail(e) => return Attempt::Fail(e),
             };
-            if resume_at > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
-                // The server ignored the range: start over.
-                if let Err(e) = buf.clear() {
-                    return Attempt::Fail(e);
-                }
-            }
-            let mut body = resp.bytes_stream();
-            while let Some(chunk) = body.next().await {
-                match chunk {
-                    Ok(c) => {
-                        if let Err(e) = buf.push(&c) {
-                            return Attempt::Fail(e);
-                        }
-                    }
-                    Err(e) => return Attempt::Retry(self.transport(key, &e)),
-                }
-            }
-            if (buf.len() as u64) < info.size {
-                return Attempt::Retry(StoreError::Transport {
-                    uri: info.uri.clone(),
-                    message: format!("the body ended after {} of {} bytes", buf.len(), info.size),
-                    retryable: true,
-                });
-            }
-            Attempt::Done(())
+            let fault = |e: &reqwest::Error| self.transport(key, e);
+            crate::take_body(
+                &mut **buf,
+                resp,
+                resume_at > 0,
+                info.size,
+                &info.uri,
+                &fault,
+            )
+            .await
         })
         .await?;
         Ok(())

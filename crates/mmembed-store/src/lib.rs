@@ -863,6 +863,47 @@ where
     }
 }
 
+/// One attempt of a resumable download: `resp`'s body into `buf`. An
+/// answer other than 206 to a resumed request (`resumed`) is the whole
+/// object again, so what `buf` holds is dropped first; a body that breaks
+/// off (`fault` names it) or ends before `size` bytes is tried again from
+/// where it stopped.
+pub(crate) async fn take_body(
+    buf: &mut dyn Sink,
+    resp: reqwest::Response,
+    resumed: bool,
+    size: u64,
+    uri: &str,
+    fault: &(dyn Fn(&reqwest::Error) -> StoreError + Sync),
+) -> Attempt<()> {
+    use futures::StreamExt;
+    if resumed
+        && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT
+        && let Err(e) = buf.clear()
+    {
+        return Attempt::Fail(e);
+    }
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => {
+                if let Err(e) = buf.push(&c) {
+                    return Attempt::Fail(e);
+                }
+            }
+            Err(e) => return Attempt::Retry(fault(&e)),
+        }
+    }
+    if (buf.len() as u64) < size {
+        return Attempt::Retry(StoreError::Transport {
+            uri: redact(uri),
+            message: format!("the body ended after {} of {size} bytes", buf.len()),
+            retryable: true,
+        });
+    }
+    Attempt::Done(())
+}
+
 /// Exponential backoff with jitter: `initial * 2^attempt`, at most 10 s.
 pub(crate) fn backoff(initial: Duration, attempt: usize) -> Duration {
     let base = initial.saturating_mul(1u32 << attempt.min(16));

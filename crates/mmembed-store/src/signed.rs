@@ -1,15 +1,17 @@
-//! `http(s)://` URLs with a query string: signed URLs (S3 presigned, GCS
-//! V4 signed, Azure SAS) and URLs whose server wants its parameters
-//! (`?width=800`), read with plain GETs.
+//! `http(s)://` URLs, read with plain GETs: plain ones, signed URLs (S3
+//! presigned, GCS V4 signed, Azure SAS) and URLs whose server wants its
+//! parameters (`?width=800`).
 //!
 //! Hand-rolled rather than through `object_store`'s HTTP client, which
-//! addresses objects by path (the query would be dropped, so the read
-//! refused) and asks for metadata with HEAD, which a URL signed for GET
-//! refuses. Here the metadata comes from a HEAD, or when that is refused
-//! (403, 405) from a GET of the first byte (`Range: bytes=0-0`); a body
-//! that breaks off resumes with `Range` and `If-Range`, so a changed
-//! object starts over rather than mixing two versions. Retried on
-//! 408/429/5xx, timeouts and connection faults, as every store is.
+//! addresses objects by path (a query would be dropped, so a signed URL's
+//! read refused, and an escaped path was escaped again) and asks for
+//! metadata with HEAD, which a URL signed for GET refuses. Here a read is
+//! one GET whose headers are the metadata; a metadata request alone is a
+//! HEAD, or when that is refused (403, 405) a GET of the first byte
+//! (`Range: bytes=0-0`). A body that breaks off resumes with `Range` and
+//! `If-Range`, so a changed object starts over rather than mixing two
+//! versions. Retried on 408/429/5xx, timeouts and connection faults, as
+//! every store is, but a host that cannot be reached only three times.
 //!
 //! The query is a credential for signed URLs: messages show the URL
 //! without it ([`redact`](crate::redact)).
@@ -254,31 +256,9 @@ impl Bucket for UrlBucket {
             if !status.is_success() {
                 return self.status_error(key, status);
             }
-            if resume_at > 0
-                && status != StatusCode::PARTIAL_CONTENT
-                && let Err(e) = buf.clear()
-            {
-                return Attempt::Fail(e);
-            }
-            let mut body = resp.bytes_stream();
-            while let Some(chunk) = body.next().await {
-                match chunk {
-                    Ok(c) => {
-                        if let Err(e) = buf.push(&c) {
-                            return Attempt::Fail(e);
-                        }
-                    }
-                    Err(e) => return Attempt::Retry(self.transport(key, &e)),
-                }
-            }
-            if (buf.len() as u64) < info.size {
-                return Attempt::Retry(StoreError::Transport {
-                    uri: self.shown(key),
-                    message: format!("the body ended after {} of {} bytes", buf.len(), info.size),
-                    retryable: true,
-                });
-            }
-            Attempt::Done(())
+            let fault = |e: &reqwest::Error| self.transport(key, e);
+            let shown = self.shown(key);
+            crate::take_body(&mut **buf, resp, resume_at > 0, info.size, &shown, &fault).await
         })
         .await
     }
