@@ -105,10 +105,19 @@ impl UrlBucket {
     /// and each would otherwise hold a fetch slot through every retry.
     fn fault<T>(&self, key: &str, e: &reqwest::Error, n: usize) -> Attempt<T> {
         let err = self.transport(key, e);
-        if e.is_connect() && n + 1 >= CONNECT_TRIES {
-            Attempt::Fail(err)
-        } else {
-            Attempt::Retry(err)
+        match err {
+            // Not worth another try by a caller either (a fallback, a
+            // rerun of the request): the host is not there.
+            StoreError::Transport { uri, message, .. }
+                if e.is_connect() && n + 1 >= CONNECT_TRIES =>
+            {
+                Attempt::Fail(StoreError::Transport {
+                    uri,
+                    message,
+                    retryable: false,
+                })
+            }
+            err => Attempt::Retry(err),
         }
     }
 
@@ -371,5 +380,9 @@ mod tests {
             unreachable!()
         };
         assert!(!format!("{err} {err:?}").contains("secret"), "{err:?}");
+        assert!(
+            !err.is_retryable(),
+            "a caller need not try it again: {err:?}"
+        );
     }
 }
