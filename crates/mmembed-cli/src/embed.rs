@@ -52,7 +52,7 @@ fn is_stdin(p: &std::path::Path) -> bool {
 }
 
 /// Builds the requests with a label for each; reads stdin at most once.
-fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
+async fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
     let stdin_uses = args.text.iter().filter(|t| *t == "-").count()
         + args.image.iter().filter(|p| is_stdin(p)).count()
         + args.video.iter().filter(|p| is_stdin(p)).count();
@@ -128,6 +128,26 @@ fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
         };
         let typed = match inputs::content_type(&name) {
             Some(t) => Some(t),
+            None if mmembed_store::is_remote(&name) => {
+                // A remote object named without a type: its stored type,
+                // else its first bytes, read here (once) and sent as bytes.
+                match remote_typed(&name).await? {
+                    Some(Remote::Declared(t)) => Some(t),
+                    Some(Remote::Read((ct, kind), bytes)) => {
+                        let media = Media {
+                            source: MediaSource::Bytes(bytes),
+                            mime_type: Some(ct.to_string()),
+                        };
+                        let req = match kind {
+                            Kind::Image => EmbedRequest::image(media),
+                            Kind::Video => EmbedRequest::video(media, segments),
+                        };
+                        out.push((name, req));
+                        continue;
+                    }
+                    None => None,
+                }
+            }
             None => sniffed()
                 .with_context(|| format!("reading {name}"))?
                 .flatten(),
@@ -151,9 +171,38 @@ fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
     Ok(out)
 }
 
+/// How a remote object named without an extension was typed.
+enum Remote {
+    /// By the type its store declares for it.
+    Declared((&'static str, Kind)),
+    /// By its first bytes: read whole, here.
+    Read((&'static str, Kind), bytes::Bytes),
+}
+
+/// The type of a remote object whose name has none; `None` when neither
+/// its store nor its first bytes say a supported one.
+async fn remote_typed(uri: &str) -> anyhow::Result<Option<Remote>> {
+    let stores = mmembed_store::Stores::shared();
+    let info = stores.head(uri).await?;
+    let declared = info.content_type.as_deref();
+    if let Some(t) = mmembed_rows::media_type(uri, declared) {
+        return Ok(Some(Remote::Declared(t)));
+    }
+    if !mmembed_rows::worth_sniffing(uri, declared) {
+        return Ok(None);
+    }
+    let media = |head: &[u8]| mmembed_rows::sniff(head).is_some();
+    // The larger of the backend's limits (a video's); the backend checks
+    // its own.
+    let got = stores
+        .read_listed_if(&info, 2 << 30, mmembed_rows::SNIFF_LEN, &media)
+        .await?;
+    Ok(got.and_then(|bytes| Some(Remote::Read(mmembed_rows::sniff(&bytes)?, bytes))))
+}
+
 /// Prints one JSON line per input; returns how many failed.
 pub async fn run(args: Args) -> anyhow::Result<usize> {
-    let reqs = requests(&args)?;
+    let reqs = requests(&args).await?;
     let embedder = args.backend.build_for(args.dimension).await?;
     let (labels, reqs): (Vec<String>, Vec<EmbedRequest>) = reqs.into_iter().unzip();
     let kinds: Vec<&str> = reqs

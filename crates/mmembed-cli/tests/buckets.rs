@@ -217,6 +217,17 @@ fn vectors(rows: &[Value], prefix: &str) -> Vec<(String, Vec<f64>)> {
     v
 }
 
+/// The one vector `mmembed embed` printed, named `name`.
+fn embedded(name: &str, o: &std::process::Output) -> (String, Vec<f64>) {
+    assert!(o.status.success(), "{}", stderr(o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = v["embedding"].as_array().unwrap();
+    (
+        name.to_string(),
+        e.iter().map(|x| x.as_f64().unwrap()).collect(),
+    )
+}
+
 fn assert_same_vectors(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)]) {
     assert_eq!(
         a.iter().map(|x| &x.0).collect::<Vec<_>>(),
@@ -320,15 +331,19 @@ fn whole_job(kind: Kind) {
         .args(["embed", &format!("{input}blue-square.png")])
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let got: Vec<f64> = v["embedding"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
-    assert_same_vectors(&reference[..1], &[("blue-square.png".to_string(), got)]);
+    assert_same_vectors(&reference[..1], &[embedded("blue-square.png", &o)]);
+    // An object named without an extension, stored as octet-stream: its
+    // first bytes say it is a PNG.
+    let o = b
+        .mmembed(&cache, &proxy.url)
+        .args(["embed", &format!("{input}uploads/3f2a9c")])
+        .output()
+        .unwrap();
+    let untyped = reference.iter().find(|x| x.0 == "uploads/3f2a9c").unwrap();
+    assert_same_vectors(
+        std::slice::from_ref(untyped),
+        &[embedded("uploads/3f2a9c", &o)],
+    );
 
     // A manifest in the bucket: its relative names are objects beside it,
     // its other columns carried.
@@ -670,6 +685,25 @@ fn http_objects_named_by_a_manifest() {
     assert_same_vectors(&want, &got);
     let red = want.iter().find(|x| x.0 == "red-star.png").unwrap();
     assert_same_vectors(&[(red.0.clone(), v)], std::slice::from_ref(red));
+
+    // `mmembed embed` types a URL without an extension by its first bytes
+    // (this server says octet-stream), and refuses one that is no media.
+    let embed = |path: &str| {
+        Command::new(env!("CARGO_BIN_EXE_mmembed"))
+            .env("MMEMBED_CACHE_DIR", d.path().join("cache"))
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["embed", "--model", "demo", "--device", "cpu"])
+            .arg(format!("{url}/{path}"))
+            .output()
+            .unwrap()
+    };
+    let untyped = want.iter().find(|x| x.0 == "uploads/3f2a9c").unwrap();
+    let got = embedded("uploads/3f2a9c", &embed("uploads/3f2a9c"));
+    assert_same_vectors(std::slice::from_ref(untyped), &[got]);
+    std::fs::write(d.path().join("ref-media/uploads/blob"), b"plain text").unwrap();
+    let o = embed("uploads/blob");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("unknown file type"), "{}", stderr(&o));
 }
 
 #[test]
