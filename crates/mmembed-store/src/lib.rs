@@ -517,6 +517,26 @@ impl Stores {
         Ok(buf.freeze())
     }
 
+    /// The first `len` bytes of an object as a listing described it (all of
+    /// it, if shorter): one request whose body is abandoned once they have
+    /// come, for a caller that looks at an object's type and leaves the
+    /// rest to someone else (Vertex reads `gs://` objects itself). Not a
+    /// ranged read: signed URLs and some servers answer those with the
+    /// whole body anyway, and one code path is one to test.
+    pub async fn read_head(&self, info: &ObjectInfo, len: usize) -> Result<Bytes, StoreError> {
+        let u = ObjectUri::parse(&info.uri)?;
+        let refuse: &HeadCheck = &|_| false;
+        let expected = info.size.min(len as u64);
+        let mut buf = Capped::new(&info.uri, u64::MAX, expected).with_head(len, refuse);
+        match self.bucket(&u)?.get(info, &u.key, &mut buf).await {
+            Ok(()) | Err(StoreError::Unwanted { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let mut head = buf.freeze();
+        head.truncate(len);
+        Ok(head)
+    }
+
     /// As [`read_listed`](Self::read_listed), for an object worth reading
     /// only if its first `head` bytes (or all of it, if shorter) satisfy
     /// `wanted`: `None` when they do not, and the body is abandoned there
@@ -531,7 +551,10 @@ impl Stores {
     ) -> Result<Option<Bytes>, StoreError> {
         check_size(&info.uri, info.size, max_bytes)?;
         let u = ObjectUri::parse(&info.uri)?;
-        let mut buf = Capped::new(&info.uri, max_bytes, info.size).with_head(head, wanted);
+        // Room for the head first; the rest once it is wanted.
+        let first = info.size.min(head as u64);
+        let mut buf = Capped::new(&info.uri, max_bytes, first).with_head(head, wanted);
+        buf.expect_after_head(info.size);
         match self.bucket(&u)?.get(info, &u.key, &mut buf).await {
             Err(StoreError::Unwanted { .. }) => return Ok(None),
             Err(e) => return Err(e),
@@ -761,6 +784,9 @@ pub(crate) struct Capped<'a> {
     /// How many first bytes `wanted` looks at, once they have come.
     head: Option<(usize, &'a HeadCheck)>,
     checked: bool,
+    /// The size to make room for once the head is wanted (not before: an
+    /// unwanted body is abandoned after its head).
+    after_head: u64,
 }
 
 impl<'a> Capped<'a> {
@@ -771,7 +797,13 @@ impl<'a> Capped<'a> {
             buf: bytes::BytesMut::with_capacity(expected.min(limit) as usize),
             head: None,
             checked: false,
+            after_head: 0,
         }
+    }
+
+    /// Makes room for `size` bytes once the head is wanted.
+    fn expect_after_head(&mut self, size: u64) {
+        self.after_head = size;
     }
 
     /// Refuses the body ([`StoreError::Unwanted`]) once its first `len`
@@ -799,6 +831,8 @@ impl<'a> Capped<'a> {
                     uri: redact(self.uri),
                 });
             }
+            let rest = self.after_head.min(self.limit) as usize;
+            self.buf.reserve(rest.saturating_sub(self.buf.len()));
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! `Stores::read_listed_if`: an object whose first bytes are not wanted is
 //! abandoned after them (its body not downloaded), a wanted one is read
-//! whole, one shorter than the head is judged whole.
+//! whole, one shorter than the head is judged whole; `Stores::read_head`
+//! takes the first bytes alone.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -99,4 +100,27 @@ async fn unwanted_bodies_are_abandoned_after_their_head() {
         .await
         .unwrap();
     assert!(got.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_head_takes_the_first_bytes_alone() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let url = server(sent.clone()).await;
+    let stores = Stores::new(StoreOptions::from_env());
+    let total = CHUNK * CHUNKS;
+    let head = stores
+        .read_head(&info(&url, "wanted", total), 512)
+        .await
+        .unwrap();
+    assert_eq!(head.len(), 512);
+    assert!(head.starts_with(b"yes..."));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let chunks = sent.load(Ordering::SeqCst);
+    assert!(chunks < CHUNKS / 4, "{chunks} of {CHUNKS} chunks were made");
+    // Shorter than asked: all of it.
+    let head = stores
+        .read_head(&info(&url, "short", 3), 512)
+        .await
+        .unwrap();
+    assert_eq!(&head[..], b"yes");
 }
