@@ -270,7 +270,9 @@ impl Fetcher {
                 let row = RowInput::file(uri, p, declared.as_deref(), segments, dimension);
                 (row, None)
             }
-            (None, _) if self.embedder.reads_uri(&uri) => {
+            // A backend that reads the object itself (Vertex, gs://) gets
+            // its URI; one of unknown type is typed below first.
+            (None, _) if known.is_some() && self.embedder.reads_uri(&uri) => {
                 let source = MediaSource::Uri(uri.clone());
                 let row = RowInput::new(uri, source, declared.as_deref(), segments, dimension);
                 (row, Some(input.identity))
@@ -303,7 +305,11 @@ impl Fetcher {
                         identity = Identity::of(&info);
                         // A manifest's declared type, else the store's.
                         let declared = declared.as_deref().or(info.content_type.as_deref());
-                        self.fetch(uri, &info, declared).await
+                        if self.embedder.reads_uri(&uri) {
+                            self.typed_uri(uri, &info, declared).await
+                        } else {
+                            self.fetch(uri, &info, declared).await
+                        }
                     }
                     Err(e) => {
                         let ct = known.map(|k| k.0).or(declared.as_deref());
@@ -323,6 +329,32 @@ impl Fetcher {
         };
         let permit = if row.request.is_ok() { permit } else { None };
         Prepared { row, permit }
+    }
+
+    /// The row of a remote object the backend reads itself, typed by
+    /// `declared` or its name, else by its first bytes: one request,
+    /// abandoned after them (the backend reads the object, not this job).
+    async fn typed_uri(&self, uri: String, info: &ObjectInfo, declared: Option<&str>) -> RowInput {
+        let (segments, dimension) = (self.segments, self.dimension);
+        let typed = match mmembed_rows::media_type(&uri, declared) {
+            Some(t) => Ok(Some(t)),
+            None if mmembed_rows::worth_sniffing(&uri, declared) => Stores::shared()
+                .read_head(info, mmembed_rows::SNIFF_LEN)
+                .await
+                .map(|head| mmembed_rows::sniff(&head)),
+            None => Ok(None),
+        };
+        match typed {
+            Ok(Some((ct, _))) => {
+                let source = MediaSource::Uri(uri.clone());
+                RowInput::new(uri, source, Some(ct), segments, dimension)
+            }
+            Ok(None) => RowInput::unsupported(uri, declared),
+            Err(e) => {
+                let ct = declared.unwrap_or("application/octet-stream");
+                RowInput::failed(uri, ct, store_status(&e))
+            }
+        }
     }
 
     /// The row of a remote object read here, typed by `declared` or its

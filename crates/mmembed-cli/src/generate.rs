@@ -284,7 +284,7 @@ pub fn media_of(base: Option<&inputs::Base>, row: &Row, column: &str) -> Result<
     let mime_type = (column == "uri")
         .then(|| row.get("content_type").and_then(Value::as_str))
         .flatten()
-        .filter(|t| *t != "application/octet-stream")
+        .filter(|t| !mmembed::core::is_generic_type(t))
         .map(String::from)
         .or_else(|| inputs::content_type(&name).map(|c| c.0.to_string()));
     // Relative names are taken from the table's folder or bucket prefix;

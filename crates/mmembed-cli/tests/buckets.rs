@@ -634,6 +634,133 @@ fn a_second_job_on_a_bucket_output_is_refused_naming_the_holder() {
     );
 }
 
+/// Vertex reads `gs://` objects itself: the job sends their URIs, having
+/// typed one named without an extension (stored as octet-stream) by its
+/// first bytes here, and failed a text file so named without asking Vertex.
+#[test]
+fn vertex_gets_gs_uris_typed_here() {
+    let Some(b) = bucket(Kind::Gcs) else { return };
+    let fake = mmembed_vertex::fake::FakeVertex::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let base = b.base("vertex");
+    let generic = "application/octet-stream";
+    let objects = [
+        (
+            "uploads/3f2a9c",
+            png(Shape::Cross, Colour::Black, 6),
+            generic,
+        ),
+        ("uploads/77", b"plain text".to_vec(), generic),
+        (
+            "uploads/typed",
+            png(Shape::Ring, Colour::Blue, 2),
+            "image/png",
+        ),
+        ("star.png", png(Shape::Star, Colour::Red, 1), generic),
+    ];
+    for (k, bytes, ct) in objects {
+        let uri = format!("{base}/{k}");
+        rt.block_on(
+            b.stores
+                .put(&uri, Bytes::from(bytes), ct, PutMode::Overwrite),
+        )
+        .unwrap();
+    }
+    let out = d.path().join("vertex.jsonl");
+    let o = b
+        .mmembed(&d.path().join("cache"), &b.endpoint)
+        .env_remove("MMEMBED_MODEL")
+        .env("MMEMBED_VERTEX_ACCESS_TOKEN", "t")
+        .args(["batch", &format!("{base}/"), "-o"])
+        .arg(&out)
+        .args(["--backend", "vertex", "--project", "test-proj"])
+        .args(["--vertex-url", &fake.url, "--rpm", "6000"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let rows = jsonl(&std::fs::read(&out).unwrap());
+    let row = |k: &str| {
+        let uri = format!("{base}/{k}");
+        rows.iter()
+            .find(|r| r["uri"] == uri.as_str())
+            .unwrap()
+            .clone()
+    };
+    let untyped = row("uploads/3f2a9c");
+    assert_eq!(untyped["status"], "", "{untyped}");
+    assert_eq!(untyped["content_type"], "image/png");
+    assert_eq!(row("star.png")["status"], "");
+    assert_eq!(row("uploads/typed")["status"], "");
+    let text = row("uploads/77");
+    assert!(
+        text["status"].as_str().unwrap().contains("unsupported"),
+        "{text}"
+    );
+    // Vertex got the URIs, not bytes, and nothing for the text file.
+    let sent: Vec<String> = fake.requests().iter().map(|r| r.body.to_string()).collect();
+    let gcs = |k: &str| format!("\"gcsUri\":\"{base}/{k}\"");
+    assert!(
+        sent.iter().any(|b| b.contains(&gcs("uploads/3f2a9c"))),
+        "{sent:?}"
+    );
+    assert!(
+        sent.iter().any(|b| b.contains(&gcs("star.png"))),
+        "{sent:?}"
+    );
+    assert!(!sent.iter().any(|b| b.contains("uploads/77")), "{sent:?}");
+    assert!(
+        !sent.iter().any(|b| b.contains("bytesBase64Encoded")),
+        "{sent:?}"
+    );
+
+    // Gemini too reads gs:// objects given their type: the stored one when
+    // the name has none; one stored as octet-stream is read here and sent
+    // inline, as the PNG its bytes say it is.
+    let table = d.path().join("prompts.csv");
+    let uris = format!("photo\n{base}/uploads/typed\n{base}/uploads/3f2a9c\n");
+    std::fs::write(&table, uris).unwrap();
+    let out = d.path().join("answers.jsonl");
+    let gemini = format!(
+        "gemini:test-proj/us-central1?base_url={}&max_attempts=1&rpm=60000",
+        fake.url
+    );
+    let o = b
+        .mmembed(&d.path().join("cache"), &b.endpoint)
+        .env("MMEMBED_VERTEX_ACCESS_TOKEN", "t")
+        .arg("generate")
+        .arg(&table)
+        .arg("-o")
+        .arg(&out)
+        .args(["-g", &gemini, "--prompt", "What is in {@photo}?"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sent: Vec<Value> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("generateContent"))
+        .map(|r| r.body)
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    let parts: Vec<&Value> = sent.iter().map(|b| &b["contents"][0]["parts"][1]).collect();
+    let typed = format!("{base}/uploads/typed");
+    let by_file = parts
+        .iter()
+        .find(|p| p["fileData"]["fileUri"] == typed.as_str());
+    assert_eq!(
+        by_file.unwrap()["fileData"]["mimeType"],
+        "image/png",
+        "{parts:?}"
+    );
+    let inline = parts.iter().find(|p| p.get("inlineData").is_some());
+    assert_eq!(
+        inline.unwrap()["inlineData"]["mimeType"],
+        "image/png",
+        "{parts:?}"
+    );
+}
+
 #[test]
 fn http_objects_named_by_a_manifest() {
     let d = tempfile::tempdir().unwrap();

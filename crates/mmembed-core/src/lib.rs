@@ -31,7 +31,7 @@ pub use generate::{GenerateRequest, Generation, Generator, GeneratorInfo, Part};
 pub use segments::{Segment, SegmentRange, VideoSegmentConfig};
 pub use types::{
     EmbedRequest, EmbedderInfo, Embeddings, Media, MediaSource, Modality, SegmentEmbedding,
-    SpaceId, VideoInput,
+    SpaceId, VideoInput, is_generic_type,
 };
 
 /// Re-exported so implementors need not depend on `async-trait` themselves.

@@ -88,6 +88,30 @@ impl From<&std::path::Path> for MediaSource {
     }
 }
 
+/// Whether a declared content type says nothing about what an object is:
+/// none, `application/octet-stream` and its kin, which stores give objects
+/// uploaded without one. Such an object is typed by its name or its bytes.
+///
+/// ```
+/// use mmembed_core::is_generic_type;
+///
+/// assert!(is_generic_type("application/octet-stream"));
+/// assert!(is_generic_type(" Binary/Octet-Stream; charset=binary"));
+/// assert!(!is_generic_type("image/png"));
+/// assert!(!is_generic_type("text/plain"));
+/// ```
+pub fn is_generic_type(content_type: &str) -> bool {
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    [
+        "",
+        "application/octet-stream",
+        "binary/octet-stream",
+        "application/unknown",
+    ]
+    .iter()
+    .any(|g| mime.eq_ignore_ascii_case(g))
+}
+
 /// An image or video input: its source and, optionally, its MIME type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Media {

@@ -149,19 +149,7 @@ pub fn media_type(name: &str, declared: Option<&str>) -> Option<(&'static str, K
 /// video (`text/plain`) is not read: a bucket's sidecar files cost no
 /// request.
 pub fn worth_sniffing(name: &str, declared: Option<&str>) -> bool {
-    let generic = declared.is_none_or(|d| {
-        let mime = d
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        matches!(
-            mime.as_str(),
-            "" | "application/octet-stream" | "binary/octet-stream" | "application/unknown"
-        )
-    });
-    generic && extension(name).is_none()
+    declared.is_none_or(mmembed_core::is_generic_type) && extension(name).is_none()
 }
 
 /// How many first bytes [`sniff`] looks at.

@@ -194,6 +194,18 @@ fn merge(base: &mut Map<String, Value>, add: Map<String, Value>) {
     }
 }
 
+/// The type a `gs://` object was stored with, unless it is a generic one
+/// (which says nothing Gemini could use).
+async fn stored_type(uri: &str, kind: Modality) -> Result<Option<String>, EmbedError> {
+    let info = mmembed_store::Stores::shared()
+        .head(uri)
+        .await
+        .map_err(|e| mmembed_media::store_error(e, kind))?;
+    Ok(info
+        .content_type
+        .filter(|t| !mmembed_core::is_generic_type(t)))
+}
+
 fn mime_from_name(name: &str) -> Option<&'static str> {
     let ext = name.rsplit('.').next()?.to_ascii_lowercase();
     Some(match ext.as_str() {
@@ -343,22 +355,31 @@ impl GeminiGenerator {
             MediaSource::Bytes(_) => String::new(),
         };
         let kind = mmembed_core::generate::media_kind(m);
+        // A generic type (octet-stream) says nothing: as if none was given.
+        let given = m
+            .mime_type
+            .clone()
+            .filter(|t| !mmembed_core::is_generic_type(t));
         let video_meta = json!({"endOffset": format!("{VIDEO_SECONDS}s")});
-        if let MediaSource::Uri(u) = &m.source
-            && u.starts_with("gs://")
-        {
-            let mime = m
-                .mime_type
-                .clone()
-                .or_else(|| mime_from_name(u).map(String::from))
-                .ok_or_else(|| {
-                    EmbedError::invalid(
-                        "prompt",
-                        format!(
-                            "cannot tell the media type of `{u}` from its name: give a MIME type"
-                        ),
-                    )
-                })?;
+        // Gemini reads gs:// objects itself, given their type: the one
+        // declared, else the name's, else the one the object was stored
+        // with. An object stored with a generic type is read here and sent
+        // inline (below), its type told by its bytes.
+        let stored = match &m.source {
+            MediaSource::Uri(u) if u.starts_with("gs://") => {
+                match given
+                    .clone()
+                    .or_else(|| mime_from_name(u).map(String::from))
+                {
+                    Some(t) => Some((u, t)),
+                    None => stored_type(u, kind.unwrap_or(Modality::Image))
+                        .await?
+                        .map(|t| (u, t)),
+                }
+            }
+            _ => None,
+        };
+        if let Some((u, mime)) = stored {
             let mut part = json!({"fileData": {"mimeType": mime, "fileUri": u}});
             if mime.starts_with("video/") {
                 *videos += 1;
@@ -378,15 +399,12 @@ impl GeminiGenerator {
             None => read_media(&m.source, read_kind, MAX_READ_BYTES)?,
         };
         let is_video = kind == Some(Modality::Video)
-            || m.mime_type
-                .as_deref()
-                .is_some_and(|t| t.starts_with("video/"))
+            || given.as_deref().is_some_and(|t| t.starts_with("video/"))
             || (kind.is_none() && sniff_video(&bytes).is_some());
         let (data, mime) = if is_video {
             *videos += 1;
             self.one_video(*videos)?;
-            let mime = m
-                .mime_type
+            let mime = given
                 .clone()
                 .or_else(|| sniff_video(&bytes).map(String::from))
                 .or_else(|| mime_from_name(&name).map(String::from))
@@ -398,8 +416,7 @@ impl GeminiGenerator {
         } else {
             // Gemini takes PNG, JPEG, WebP, HEIC/HEIF; others become PNG,
             // large ones are downscaled to fit the inline limit.
-            let declared = m
-                .mime_type
+            let declared = given
                 .clone()
                 .or_else(|| mime_from_name(&name).map(String::from));
             if let Some(heif) = declared.filter(|t| t == "image/heic" || t == "image/heif") {
