@@ -128,26 +128,9 @@ async fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
         };
         let typed = match inputs::content_type(&name) {
             Some(t) => Some(t),
-            None if mmembed_store::is_remote(&name) => {
-                // A remote object named without a type: its stored type,
-                // else its first bytes, read here (once) and sent as bytes.
-                match remote_typed(&name).await? {
-                    Some(Remote::Declared(t)) => Some(t),
-                    Some(Remote::Read((ct, kind), bytes)) => {
-                        let media = Media {
-                            source: MediaSource::Bytes(bytes),
-                            mime_type: Some(ct.to_string()),
-                        };
-                        let req = match kind {
-                            Kind::Image => EmbedRequest::image(media),
-                            Kind::Video => EmbedRequest::video(media, segments),
-                        };
-                        out.push((name, req));
-                        continue;
-                    }
-                    None => None,
-                }
-            }
+            // A remote object named without a type: its stored type, else
+            // its first bytes (the backend reads it, as any other).
+            None if mmembed_store::is_remote(&name) => remote_typed(&name).await?,
             None => sniffed()
                 .with_context(|| format!("reading {name}"))?
                 .flatten(),
@@ -171,33 +154,21 @@ async fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
     Ok(out)
 }
 
-/// How a remote object named without an extension was typed.
-enum Remote {
-    /// By the type its store declares for it.
-    Declared((&'static str, Kind)),
-    /// By its first bytes: read whole, here.
-    Read((&'static str, Kind), bytes::Bytes),
-}
-
-/// The type of a remote object whose name has none; `None` when neither
-/// its store nor its first bytes say a supported one.
-async fn remote_typed(uri: &str) -> anyhow::Result<Option<Remote>> {
+/// The type of a remote object whose name has none, as `mmembed batch`
+/// types it: its stored type, else its first bytes (one request, abandoned
+/// after them); `None` when neither says a supported one.
+async fn remote_typed(uri: &str) -> anyhow::Result<Option<(&'static str, Kind)>> {
     let stores = mmembed_store::Stores::shared();
     let info = stores.head(uri).await?;
     let declared = info.content_type.as_deref();
     if let Some(t) = mmembed_rows::media_type(uri, declared) {
-        return Ok(Some(Remote::Declared(t)));
+        return Ok(Some(t));
     }
     if !mmembed_rows::worth_sniffing(uri, declared) {
         return Ok(None);
     }
-    let media = |head: &[u8]| mmembed_rows::sniff(head).is_some();
-    // The larger of the backend's limits (a video's); the backend checks
-    // its own.
-    let got = stores
-        .read_listed_if(&info, 2 << 30, mmembed_rows::SNIFF_LEN, &media)
-        .await?;
-    Ok(got.and_then(|bytes| Some(Remote::Read(mmembed_rows::sniff(&bytes)?, bytes))))
+    let head = stores.read_head(&info, mmembed_rows::SNIFF_LEN).await?;
+    Ok(mmembed_rows::sniff(&head))
 }
 
 /// Prints one JSON line per input; returns how many failed.
