@@ -141,6 +141,35 @@ def test_objects_without_an_extension_are_typed_as_the_cli_types_them(embedder, 
     assert len([c for c in embedder.embed_arrow(batch).column_names if c == "content_type"]) == 1
 
 
+def test_remote_objects_without_an_extension_are_typed_by_their_bytes(embedder, media, tmp_path):
+    """A URL named without an extension (served as octet-stream) is typed
+    by its first bytes before the backend reads it, as `mmembed batch`
+    types it; one whose bytes are no media fails alone as unsupported."""
+    import functools
+    import http.server
+
+    png = next(p for p in sorted(media.iterdir()) if p.suffix == ".png" and "garbage" not in p.name)
+    named = embedder.embed_images([str(png)])
+    (tmp_path / "3f2a9c").write_bytes(png.read_bytes())
+    (tmp_path / "77").write_bytes(b"plain text")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        batch = pa.RecordBatch.from_pydict({"uri": [f"{url}/3f2a9c", f"{url}/77", f"{url}/gone"]})
+        out = embedder.embed_arrow(batch).to_pylist()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out[0]["status"] == "", out[0]
+    assert out[0]["content_type"] == "image/png"
+    assert out[0]["size_bytes"] == png.stat().st_size
+    np.testing.assert_allclose(out[0]["embedding"], named.embeddings[0], atol=1e-6, rtol=0)
+    assert "unsupported file type" in out[1]["status"], out[1]
+    assert "not found" in out[2]["status"], out[2]
+
+
 def test_jpeg_draft_in_the_spec_is_the_cli_flag(embedder, tmp_path):
     """`?jpeg_draft=true` decodes as `mmembed batch --jpeg-draft` does (the
     640x427 photo at 1/4 for the demo model's 64-pixel input), which is not

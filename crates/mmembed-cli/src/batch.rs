@@ -288,7 +288,7 @@ impl Fetcher {
                         let source = MediaSource::Bytes(bytes);
                         RowInput::new(uri, source, declared.as_deref(), segments, dimension)
                     }
-                    Err(e) => RowInput::failed(uri, ct, store_status(&e)),
+                    Err(e) => RowInput::failed(uri, ct, mmembed_rows::store_status(&e)),
                 };
                 (row, Some(identity))
             }
@@ -314,7 +314,7 @@ impl Fetcher {
                     Err(e) => {
                         let ct = known.map(|k| k.0).or(declared.as_deref());
                         let ct = ct.unwrap_or("application/octet-stream");
-                        RowInput::failed(uri, ct, store_status(&e))
+                        RowInput::failed(uri, ct, mmembed_rows::store_status(&e))
                     }
                 };
                 (row, Some(identity))
@@ -336,15 +336,7 @@ impl Fetcher {
     /// abandoned after them (the backend reads the object, not this job).
     async fn typed_uri(&self, uri: String, info: &ObjectInfo, declared: Option<&str>) -> RowInput {
         let (segments, dimension) = (self.segments, self.dimension);
-        let typed = match mmembed_rows::media_type(&uri, declared) {
-            Some(t) => Ok(Some(t)),
-            None if mmembed_rows::worth_sniffing(&uri, declared) => Stores::shared()
-                .read_head(info, mmembed_rows::SNIFF_LEN)
-                .await
-                .map(|head| mmembed_rows::sniff(&head)),
-            None => Ok(None),
-        };
-        match typed {
+        match mmembed_rows::object_type(info, declared).await {
             Ok(Some((ct, _))) => {
                 let source = MediaSource::Uri(uri.clone());
                 RowInput::new(uri, source, Some(ct), segments, dimension)
@@ -352,7 +344,7 @@ impl Fetcher {
             Ok(None) => RowInput::unsupported(uri, declared),
             Err(e) => {
                 let ct = declared.unwrap_or("application/octet-stream");
-                RowInput::failed(uri, ct, store_status(&e))
+                RowInput::failed(uri, ct, mmembed_rows::store_status(&e))
             }
         }
     }
@@ -388,7 +380,7 @@ impl Fetcher {
             Err(e) => {
                 let ct = typed.map(|t| t.0).or(declared);
                 let ct = ct.unwrap_or("application/octet-stream");
-                RowInput::failed(uri, ct, store_status(&e))
+                RowInput::failed(uri, ct, mmembed_rows::store_status(&e))
             }
         }
     }
@@ -407,14 +399,6 @@ fn with_identity(
         updated: id.updated,
         carried,
         ..row
-    }
-}
-
-/// A row's status for an object that could not be read.
-fn store_status(e: &StoreError) -> String {
-    match e {
-        StoreError::Transport { .. } => format!("{e} (after retries)"),
-        _ => e.to_string(),
     }
 }
 

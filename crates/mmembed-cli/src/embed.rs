@@ -155,20 +155,10 @@ async fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
 }
 
 /// The type of a remote object whose name has none, as `mmembed batch`
-/// types it: its stored type, else its first bytes (one request, abandoned
-/// after them); `None` when neither says a supported one.
+/// types it; `None` when neither its metadata nor its bytes say one.
 async fn remote_typed(uri: &str) -> anyhow::Result<Option<(&'static str, Kind)>> {
-    let stores = mmembed_store::Stores::shared();
-    let info = stores.head(uri).await?;
-    let declared = info.content_type.as_deref();
-    if let Some(t) = mmembed_rows::media_type(uri, declared) {
-        return Ok(Some(t));
-    }
-    if !mmembed_rows::worth_sniffing(uri, declared) {
-        return Ok(None);
-    }
-    let head = stores.read_head(&info, mmembed_rows::SNIFF_LEN).await?;
-    Ok(mmembed_rows::sniff(&head))
+    let info = mmembed_store::Stores::shared().head(uri).await?;
+    Ok(mmembed_rows::object_type(&info, None).await?)
 }
 
 /// Prints one JSON line per input; returns how many failed.

@@ -544,6 +544,9 @@ impl Embedder {
             )));
         }
         let mut inputs = Vec::with_capacity(batch.num_rows());
+        // Remote objects without bytes: typed (and, where their names say
+        // nothing, looked at) on the runtime below; their rows here until then.
+        let mut remote: Vec<(usize, (String, Option<String>))> = vec![];
         for (i, name) in names.into_iter().enumerate() {
             let Some(uri) = name else {
                 inputs.push(RowInput::failed(
@@ -565,7 +568,8 @@ impl Embedder {
                     input
                 }
                 None if uri.contains("://") => {
-                    RowInput::new(uri.clone(), MediaSource::Uri(uri), ct, cfg, dimension)
+                    remote.push((i, (uri.clone(), ct.map(String::from))));
+                    RowInput::failed(uri, "application/octet-stream", String::new())
                 }
                 None => {
                     let path = PathBuf::from(&uri);
@@ -576,7 +580,14 @@ impl Embedder {
         let rt = runtime()?;
         let inner = self.inner.clone();
         let rows = py.detach(move || {
-            rt.block_on(mmembed_rows::embed_rows(inner.as_ref(), dimension, inputs))
+            rt.block_on(async move {
+                let (at, objects): (Vec<usize>, Vec<_>) = remote.into_iter().unzip();
+                let typed = mmembed_rows::remote_inputs(objects, cfg, dimension).await;
+                for (i, input) in at.into_iter().zip(typed) {
+                    inputs[i] = input;
+                }
+                mmembed_rows::embed_rows(inner.as_ref(), dimension, inputs).await
+            })
         });
         let index: Vec<u32> = rows.iter().map(|(i, _)| *i as u32).collect();
         let rows: Vec<_> = rows.into_iter().map(|(_, r)| r).collect();

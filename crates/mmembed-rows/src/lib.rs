@@ -15,6 +15,7 @@ use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use mmembed_core::{EmbedError, EmbedRequest, Embedder, Media, MediaSource, VideoSegmentConfig};
+use mmembed_store::{ObjectInfo, StoreError, Stores};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -183,6 +184,49 @@ pub fn sniff_file(path: &Path) -> std::io::Result<Option<(&'static str, Kind)>> 
         .take(SNIFF_LEN as u64)
         .read_to_end(&mut head)?;
     Ok(sniff(&head))
+}
+
+/// The type of a remote object as jobs type one: by `declared` (else the
+/// type the store declares for it) or its name, else by its first bytes
+/// when it is [`worth_sniffing`] (one request, abandoned after them).
+/// `None` when nothing says a supported type.
+pub async fn object_type(
+    info: &ObjectInfo,
+    declared: Option<&str>,
+) -> Result<Option<(&'static str, Kind)>, StoreError> {
+    let declared = declared.or(info.content_type.as_deref());
+    if let Some(t) = media_type(&info.uri, declared) {
+        return Ok(Some(t));
+    }
+    if !worth_sniffing(&info.uri, declared) {
+        return Ok(None);
+    }
+    let head = Stores::shared().read_head(info, SNIFF_LEN).await?;
+    Ok(sniff(&head))
+}
+
+/// A store failure as a row's status.
+pub fn store_status(e: &StoreError) -> String {
+    match e {
+        StoreError::Transport { .. } => format!("{e} (after retries)"),
+        _ => e.to_string(),
+    }
+}
+
+/// [`RowInput::remote`] for many objects, up to 16 at a time, in order.
+pub async fn remote_inputs(
+    objects: Vec<(String, Option<String>)>,
+    segments: Option<VideoSegmentConfig>,
+    dimension: Option<u32>,
+) -> Vec<RowInput> {
+    use futures::StreamExt;
+    futures::stream::iter(objects)
+        .map(|(uri, declared)| async move {
+            RowInput::remote(uri, declared.as_deref(), segments, dimension).await
+        })
+        .buffered(16)
+        .collect()
+        .await
 }
 
 /// The supported extensions, for error messages.
@@ -379,6 +423,41 @@ impl RowInput {
             Err(status) if input.request.is_ok() => input.request = Err(status),
             Err(_) => {}
         }
+        input
+    }
+
+    /// A remote object that the backend reads by its URI (`gs://`, `s3://`,
+    /// `az://`, `http(s)://`), typed as [`new`](Self::new) types it; when
+    /// its name and `declared` say nothing, typed by [`object_type`] (its
+    /// metadata, then perhaps its first bytes), its identity recorded.
+    pub async fn remote(
+        uri: String,
+        declared: Option<&str>,
+        segments: Option<VideoSegmentConfig>,
+        dimension: Option<u32>,
+    ) -> Self {
+        let declared = declared.map(str::trim).filter(|d| !d.is_empty());
+        if media_type(&uri, declared).is_some() || !worth_sniffing(&uri, declared) {
+            let source = MediaSource::Uri(uri.clone());
+            return Self::new(uri, source, declared, segments, dimension);
+        }
+        let untyped = declared.unwrap_or("application/octet-stream");
+        let info = match Stores::shared().head(&uri).await {
+            Ok(info) => info,
+            Err(e) => return Self::failed(uri, untyped, store_status(&e)),
+        };
+        let mut input = match object_type(&info, declared).await {
+            Ok(Some((ct, _))) => {
+                let source = MediaSource::Uri(uri.clone());
+                Self::new(uri, source, Some(ct), segments, dimension)
+            }
+            Ok(None) => Self::unsupported(uri, declared.or(info.content_type.as_deref())),
+            Err(e) => return Self::failed(uri, untyped, store_status(&e)),
+        };
+        input.size_bytes = i64::try_from(info.size).ok();
+        input.generation = info.generation;
+        input.etag = info.etag;
+        input.updated = info.updated;
         input
     }
 

@@ -100,7 +100,10 @@ class Embedder(_native.Embedder):
         and a string ``content_type`` column (an object table's) that types
         each object, as ``mmembed batch`` does: the declared type when it is
         a supported image or video type, else the name's extension, else
-        (a name without an extension) the first bytes. Every other column
+        (a name without an extension) the first bytes; for a remote URI
+        without ``bytes``, the type its store declares, then its first
+        bytes (one request, abandoned after them; the backend reads the
+        object, and its size, generation and etag are recorded). Every other column
         is carried to the rows of its object. The result
         (a batch for a batch, a table otherwise) has the columns ``uri``,
         ``content_type``, ``size_bytes``, ``generation``, ``etag``,
