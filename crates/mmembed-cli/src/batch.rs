@@ -38,7 +38,7 @@ use anyhow::{Context, bail};
 use clap::Args as ClapArgs;
 use futures::StreamExt;
 use mmembed::{Embedder, EmbedderInfo, MediaSource};
-use mmembed_store::{ObjectInfo, StoreError, Stores};
+use mmembed_store::{ObjectInfo, Stores};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::backend::{BackendArgs, SegmentArgs};
@@ -306,7 +306,9 @@ impl Fetcher {
                         // A manifest's declared type, else the store's.
                         let declared = declared.as_deref().or(info.content_type.as_deref());
                         if self.embedder.reads_uri(&uri) {
-                            self.typed_uri(uri, &info, declared).await
+                            // Typed here (perhaps by its first bytes); read there.
+                            let (s, d) = (self.segments, self.dimension);
+                            RowInput::object(uri, &info, declared, s, d).await
                         } else {
                             self.fetch(uri, &info, declared).await
                         }
@@ -329,24 +331,6 @@ impl Fetcher {
         };
         let permit = if row.request.is_ok() { permit } else { None };
         Prepared { row, permit }
-    }
-
-    /// The row of a remote object the backend reads itself, typed by
-    /// `declared` or its name, else by its first bytes: one request,
-    /// abandoned after them (the backend reads the object, not this job).
-    async fn typed_uri(&self, uri: String, info: &ObjectInfo, declared: Option<&str>) -> RowInput {
-        let (segments, dimension) = (self.segments, self.dimension);
-        match mmembed_rows::object_type(info, declared).await {
-            Ok(Some((ct, _))) => {
-                let source = MediaSource::Uri(uri.clone());
-                RowInput::new(uri, source, Some(ct), segments, dimension)
-            }
-            Ok(None) => RowInput::unsupported(uri, declared),
-            Err(e) => {
-                let ct = declared.unwrap_or("application/octet-stream");
-                RowInput::failed(uri, ct, mmembed_rows::store_status(&e))
-            }
-        }
     }
 
     /// The row of a remote object read here, typed by `declared` or its

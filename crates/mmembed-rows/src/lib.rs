@@ -441,22 +441,40 @@ impl RowInput {
             let source = MediaSource::Uri(uri.clone());
             return Self::new(uri, source, declared, segments, dimension);
         }
-        let untyped = declared.unwrap_or("application/octet-stream");
-        let info = match Stores::shared().head(&uri).await {
-            Ok(info) => info,
-            Err(e) => return Self::failed(uri, untyped, store_status(&e)),
-        };
-        let mut input = match object_type(&info, declared).await {
+        match Stores::shared().head(&uri).await {
+            Ok(info) => Self::object(uri, &info, declared, segments, dimension).await,
+            Err(e) => {
+                let untyped = declared.unwrap_or("application/octet-stream");
+                Self::failed(uri, untyped, store_status(&e))
+            }
+        }
+    }
+
+    /// The remote object `uri` as its listing or metadata `info` describes
+    /// it, read by the backend by its URI: typed by [`object_type`], its
+    /// identity recorded.
+    pub async fn object(
+        uri: String,
+        info: &ObjectInfo,
+        declared: Option<&str>,
+        segments: Option<VideoSegmentConfig>,
+        dimension: Option<u32>,
+    ) -> Self {
+        let declared = declared.or(info.content_type.as_deref());
+        let mut input = match object_type(info, declared).await {
             Ok(Some((ct, _))) => {
                 let source = MediaSource::Uri(uri.clone());
                 Self::new(uri, source, Some(ct), segments, dimension)
             }
-            Ok(None) => Self::unsupported(uri, declared.or(info.content_type.as_deref())),
-            Err(e) => return Self::failed(uri, untyped, store_status(&e)),
+            Ok(None) => Self::unsupported(uri, declared),
+            Err(e) => {
+                let untyped = declared.unwrap_or("application/octet-stream");
+                return Self::failed(uri, untyped, store_status(&e));
+            }
         };
         input.size_bytes = i64::try_from(info.size).ok();
-        input.generation = info.generation;
-        input.etag = info.etag;
+        input.generation = info.generation.clone();
+        input.etag = info.etag.clone();
         input.updated = info.updated;
         input
     }
