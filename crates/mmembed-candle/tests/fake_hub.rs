@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
 use mmembed_candle::{DeviceSpec, HubOptions, LocalEmbedder, LocalOptions};
 use mmembed_core::{EmbedError, EmbedRequest, Embedder};
 use sha2::{Digest, Sha256};
@@ -19,19 +22,63 @@ struct FakeHub {
     url: String,
     requests: Arc<AtomicUsize>,
     log: Arc<Mutex<Vec<String>>>,
-    server: Arc<tiny_http::Server>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for FakeHub {
     fn drop(&mut self) {
-        self.server.unblock();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
+/// What the hub answers for one request: the file's bytes (or the range
+/// asked for), as the hub sends them, else its 404.
+fn respond(files: &HashMap<String, Vec<u8>>, path: &str, range: Option<&str>) -> Response {
+    let prefix = format!("/{REPO}/resolve/");
+    let file = path
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(_rev, f)| f);
+    let Some(body) = file.and_then(|f| files.get(f)) else {
+        return Response::builder()
+            .status(404)
+            .header("x-error-code", "EntryNotFound")
+            .body(Body::from("Entry not found"))
+            .unwrap();
+    };
+    let (start, end) = match range.and_then(|r| r.strip_prefix("bytes=")) {
+        Some(r) => {
+            let (a, b) = r.split_once('-').unwrap();
+            let a: usize = a.parse().unwrap();
+            let b = if b.is_empty() {
+                body.len() - 1
+            } else {
+                b.parse().unwrap()
+            };
+            (a, b.min(body.len() - 1))
+        }
+        None => (0, body.len() - 1),
+    };
+    Response::builder()
+        .status(206)
+        .header("etag", format!("\"{:x}\"", Sha256::digest(body)))
+        .header("x-repo-commit", COMMIT)
+        .header(
+            "content-range",
+            format!("bytes {start}-{end}/{}", body.len()),
+        )
+        .body(Body::from(body[start..=end].to_vec()))
+        .unwrap()
+}
+
+/// Serves the checkpoint in `dir` on a free loopback port, on a thread of
+/// its own (the tests that load from it block, some outside any runtime).
 fn serve(dir: &Path) -> FakeHub {
     let mut files = HashMap::new();
     for name in [
@@ -42,67 +89,44 @@ fn serve(dir: &Path) -> FakeHub {
     ] {
         files.insert(name.to_string(), std::fs::read(dir.join(name)).unwrap());
     }
-    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-    let url = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let files = Arc::new(files);
     let requests = Arc::new(AtomicUsize::new(0));
     let log = Arc::new(Mutex::new(Vec::new()));
-    let (s, n, l) = (server.clone(), requests.clone(), log.clone());
+    let (n, l) = (requests.clone(), log.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
-        for req in s.incoming_requests() {
-            n.fetch_add(1, Ordering::SeqCst);
-            let path = req.url().to_string();
-            l.lock().unwrap().push(path.clone());
-            let prefix = format!("/{REPO}/resolve/");
-            let file = path
-                .strip_prefix(&prefix)
-                .and_then(|rest| rest.split_once('/'))
-                .map(|(_rev, f)| f.to_string());
-            let Some(body) = file.as_ref().and_then(|f| files.get(f)) else {
-                let _ = req.respond(
-                    tiny_http::Response::from_string("Entry not found")
-                        .with_status_code(404)
-                        .with_header(
-                            tiny_http::Header::from_bytes("x-error-code", "EntryNotFound").unwrap(),
-                        ),
-                );
-                continue;
-            };
-            let range = req
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Range"))
-                .map(|h| h.value.as_str().to_string());
-            let (start, end) = match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
-                Some(r) => {
-                    let (a, b) = r.split_once('-').unwrap();
-                    let a: usize = a.parse().unwrap();
-                    let b = if b.is_empty() {
-                        body.len() - 1
-                    } else {
-                        b.parse().unwrap()
-                    };
-                    (a, b.min(body.len() - 1))
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            let app = axum::Router::new().fallback(move |req: Request| {
+                let (files, n, l) = (files.clone(), n.clone(), l.clone());
+                async move {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    let path = req.uri().path().to_string();
+                    l.lock().unwrap().push(path.clone());
+                    let range = req.headers().get("range").and_then(|v| v.to_str().ok());
+                    respond(&files, &path, range)
                 }
-                None => (0, body.len() - 1),
-            };
-            let etag = format!("\"{:x}\"", Sha256::digest(body));
-            let header = |k: &str, v: &str| tiny_http::Header::from_bytes(k, v).unwrap();
-            let resp = tiny_http::Response::from_data(body[start..=end].to_vec())
-                .with_status_code(206)
-                .with_header(header("etag", &etag))
-                .with_header(header("x-repo-commit", COMMIT))
-                .with_header(header(
-                    "content-range",
-                    &format!("bytes {start}-{end}/{}", body.len()),
-                ));
-            let _ = req.respond(resp);
-        }
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
     });
+    let addr = rx.recv().unwrap();
     FakeHub {
-        url,
+        url: format!("http://{addr}"),
         requests,
         log,
-        server,
+        stop: Some(stop),
         thread: Some(thread),
     }
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mmembed_shapes::{Attributes, Colour, Position, Scene, Shape, Size};
-use mmembed_store::testkit::{FaultProxy, Faults};
+use mmembed_store::testkit::{FaultProxy, Faults, FileServer};
 use mmembed_store::{PutMode, StoreOptions, Stores};
 use rand::SeedableRng;
 
@@ -55,35 +55,6 @@ fn run(bin: &str, model: &str, input: &str, out: &Path, endpoint: &str, cache: &
         String::from_utf8_lossy(&o.stderr)
     );
     t.elapsed().as_secs_f64()
-}
-
-/// Serves the files of `dir` from memory over plain HTTP, 8 threads.
-fn serve_from_memory(dir: &Path) -> String {
-    let files: std::collections::HashMap<String, Vec<u8>> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (
-                format!("/{}", p.file_name().unwrap().to_string_lossy()),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    let files = std::sync::Arc::new(files);
-    let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-    let url = format!("http://{}", server.server_addr().to_ip().unwrap());
-    for _ in 0..8 {
-        let (server, files) = (server.clone(), files.clone());
-        std::thread::spawn(move || {
-            while let Ok(req) = server.recv() {
-                let _ = match files.get(req.url()) {
-                    Some(b) => req.respond(tiny_http::Response::from_data(b.clone())),
-                    None => req.respond(tiny_http::Response::empty(404)),
-                };
-            }
-        });
-    }
-    url
 }
 
 #[tokio::main]
@@ -141,7 +112,9 @@ async fn main() {
     )
     .await
     .unwrap();
-    let http = serve_from_memory(&media);
+    // The media folder over plain HTTP (the page cache holds it).
+    let files = FileServer::start(media.clone()).await.unwrap();
+    let http = files.url.clone();
     let http_proxy = FaultProxy::start(
         &http,
         Faults {
