@@ -182,21 +182,7 @@ impl GcsBucket {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 Attempt::Fail(StoreError::Denied { uri, message })
             }
-            s if s == StatusCode::REQUEST_TIMEOUT
-                || s == StatusCode::TOO_MANY_REQUESTS
-                || s.is_server_error() =>
-            {
-                Attempt::Retry(StoreError::Transport {
-                    uri,
-                    message: format!("HTTP {status}: {message}"),
-                    retryable: true,
-                })
-            }
-            _ => Attempt::Fail(StoreError::Transport {
-                uri,
-                message: format!("HTTP {status}: {message}"),
-                retryable: false,
-            }),
+            _ => crate::other_status(uri, status, format!("HTTP {status}: {message}")),
         }
     }
 

@@ -869,6 +869,30 @@ impl<T> Attempt<T> {
     }
 }
 
+/// An HTTP error status that is none of a store's known ones, for the
+/// stores whose requests are made here: timeouts, throttling and server
+/// errors are retried, anything else fails for good.
+pub(crate) fn other_status<T>(
+    uri: String,
+    status: http::StatusCode,
+    message: String,
+) -> Attempt<T> {
+    use http::StatusCode;
+    let retryable = status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error();
+    let err = StoreError::Transport {
+        uri,
+        message,
+        retryable,
+    };
+    if retryable {
+        Attempt::Retry(err)
+    } else {
+        Attempt::Fail(err)
+    }
+}
+
 /// Runs `attempt` until it is done, fails for good, or `max_retries` are
 /// spent, waiting [`backoff`] between tries.
 pub(crate) async fn retrying<T, F, Fut>(

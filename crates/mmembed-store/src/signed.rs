@@ -133,21 +133,7 @@ impl UrlBucket {
                     "HTTP {status} (a signed URL that expired or was signed for another request?)"
                 ),
             }),
-            s if s == StatusCode::REQUEST_TIMEOUT
-                || s == StatusCode::TOO_MANY_REQUESTS
-                || s.is_server_error() =>
-            {
-                Attempt::Retry(StoreError::Transport {
-                    uri,
-                    message: format!("HTTP {status}"),
-                    retryable: true,
-                })
-            }
-            _ => Attempt::Fail(StoreError::Transport {
-                uri,
-                message: format!("HTTP {status}"),
-                retryable: false,
-            }),
+            _ => crate::other_status(uri, status, format!("HTTP {status}")),
         }
     }
 
