@@ -120,10 +120,10 @@ async fn requests(args: &Args) -> anyhow::Result<Vec<(String, EmbedRequest)>> {
             bail!("`-` as a file: say what it is with --image - or --video -");
         }
         let name = p.display().to_string();
-        // A local file named without an extension is told by its first bytes.
+        // A local file named without an extension is told by its first
+        // bytes (a remote one, below, by its metadata first).
         let sniffed = || {
-            let local = !mmembed_store::is_remote(&name);
-            let worth = local && mmembed_rows::worth_sniffing(&name, None);
+            let worth = mmembed_rows::worth_sniffing(&name, None);
             worth.then(|| mmembed_rows::sniff_file(p)).transpose()
         };
         let typed = match inputs::content_type(&name) {
