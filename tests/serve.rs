@@ -362,7 +362,7 @@ async fn rest_answers_like_the_library_for_every_modality() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_families_answer_like_the_library() {
     let png = cat_png();
-    for fixture in ["tiny-siglip", "tiny-chinese-clip"] {
+    for fixture in ["tiny-siglip", "tiny-chinese-clip", "tiny-mobileclip"] {
         let dir = format!("{}/models/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR"));
         let load = || LocalEmbedder::load_blocking(LocalOptions::new(&dir).with_max_batch(8));
         let reference = load().unwrap();

@@ -1,5 +1,6 @@
-//! A dual-encoder architecture (CLIP, SigLIP or Chinese-CLIP), read from a
-//! Hugging Face `config.json`.
+//! A dual-encoder architecture (CLIP, SigLIP, Chinese-CLIP or MobileCLIP),
+//! read from a Hugging Face `config.json` or open_clip's
+//! `open_clip_config.json`.
 
 use serde::Deserialize;
 
@@ -73,6 +74,14 @@ pub enum Family {
     /// mask) pooled at its first (`[CLS]`) token; bias-free projections to
     /// `projection_dim`.
     ChineseClip,
+    /// MobileCLIP and MobileCLIP 2 (`mobileclip`), in open_clip's format
+    /// (`open_clip_config.json`, `open_clip_model.safetensors`): a timm
+    /// FastViT MCi image tower (convolutions and, in its last stages,
+    /// attention; average pooled, then a linear head with bias) and
+    /// open_clip's text transformer (CLIP's, with exact GELU), attending
+    /// bidirectionally over the zero-padded context (S0–S2, MobileCLIP 2)
+    /// or causally, pooled at the first end-of-text token.
+    MobileClip,
 }
 
 impl Family {
@@ -81,11 +90,15 @@ impl Family {
             None | Some("clip") => Ok(Self::Clip),
             Some("siglip") => Ok(Self::Siglip),
             Some("chinese_clip") => Ok(Self::ChineseClip),
+            Some("mobileclip") => Err("MobileCLIP checkpoints come in open_clip's format: \
+                 open_clip_config.json and open_clip_model.safetensors, not config.json"
+                .into()),
             Some("siglip2") => Err("model_type `siglip2` (NaFlex, variable resolution) is not \
                  supported; SigLIP 2's fixed-resolution checkpoints (model_type `siglip`) are"
                 .into()),
             Some(other) => Err(format!(
-                "model_type `{other}` is not supported (supported: clip, siglip, chinese_clip)"
+                "model_type `{other}` is not supported (supported: clip, siglip, chinese_clip; \
+                 and mobileclip in open_clip's format)"
             )),
         }
     }
@@ -96,6 +109,7 @@ impl Family {
             Self::Clip => "clip",
             Self::Siglip => "siglip",
             Self::ChineseClip => "chinese_clip",
+            Self::MobileClip => "mobileclip",
         }
     }
 }
@@ -120,6 +134,10 @@ pub struct TextConfig {
     /// Rows of BERT's token-type embedding (`type_vocab_size`, 2); only
     /// type 0 is used. Unused by CLIP and SigLIP.
     pub type_vocab_size: usize,
+    /// Whether each token attends only to those before it (CLIP,
+    /// MobileCLIP-B); otherwise every token attends to every other (SigLIP,
+    /// MobileCLIP S0–S2 and MobileCLIP 2, BERT within its padding mask).
+    pub causal: bool,
 }
 
 /// The vision tower.
@@ -133,6 +151,11 @@ pub struct VisionConfig {
     pub image_size: usize,
     /// Patch side in pixels.
     pub patch_size: usize,
+    /// MobileCLIP: the timm FastViT MCi variant the checkpoint names
+    /// (`fastvit_mci0` … `fastvit_mci4`), whose stage depths and widths are
+    /// read from the weights; `tower` and `patch_size` describe no layer
+    /// then. `None` for the transformer towers.
+    pub fastvit: Option<String>,
 }
 
 /// A whole dual encoder: both towers and the shared embedding size.
@@ -200,7 +223,8 @@ struct Defaults {
 impl Defaults {
     fn of(family: Family) -> Self {
         match family {
-            Family::Clip => Self {
+            // MobileCLIP never reads these (its configs are open_clip's).
+            Family::Clip | Family::MobileClip => Self {
                 vocab: 49408,
                 text: [512, 2048, 12, 8],
                 context: 77,
@@ -317,7 +341,7 @@ impl ClipConfig {
         let text_tower = t.tower.resolve("text_config", 0, &d)?;
         let vision_tower = vi.tower.resolve("vision_config", 1, &d)?;
         let projection_dim = match family {
-            Family::Clip | Family::ChineseClip => v
+            Family::Clip | Family::ChineseClip | Family::MobileClip => v
                 .get("projection_dim")
                 .and_then(|p| p.as_u64())
                 .map_or(512, |p| p as usize),
@@ -369,12 +393,184 @@ impl ClipConfig {
                 eos_token_id: t.eos_token_id,
                 pad_token_id: t.pad_token_id.or(d.pad),
                 type_vocab_size: t.type_vocab_size.unwrap_or(2),
+                causal: family == Family::Clip,
             },
             vision: VisionConfig {
                 tower: vision_tower,
                 num_channels,
                 image_size,
                 patch_size,
+                fastvit: None,
+            },
+            projection_dim,
+        })
+    }
+
+    /// Parses open_clip's `open_clip_config.json` (`{"model_cfg": ...,
+    /// "preprocess_cfg": ...}`, as the hub's open_clip repositories hold
+    /// it) of a MobileCLIP: a timm FastViT MCi image tower and open_clip's
+    /// own text transformer. Options that would change the function and
+    /// that no MobileCLIP uses (a Hugging Face text tower, layer scale in
+    /// the text tower, other pooling, a projection after the timm head) are
+    /// refused by name rather than ignored.
+    ///
+    /// ```
+    /// use mmembed_candle::{ClipConfig, Family};
+    /// let c = ClipConfig::from_open_clip_json(r#"{"model_cfg": {"embed_dim": 512,
+    ///     "vision_cfg": {"timm_model_name": "fastvit_mci1", "timm_pool": "avg", "timm_proj": null, "image_size": 256},
+    ///     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+    ///                  "no_causal_mask": true}, "custom_text": true}}"#)?;
+    /// assert_eq!((c.family, c.projection_dim, c.vision.image_size), (Family::MobileClip, 512, 256));
+    /// assert!(!c.text.causal);
+    /// # Ok::<(), String>(())
+    /// ```
+    pub fn from_open_clip_json(json: &str) -> Result<Self, String> {
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| format!("open_clip_config.json is not valid JSON: {e}"))?;
+        let m = v.get("model_cfg").unwrap_or(&v);
+        let object = |x: Option<&serde_json::Value>, what: &str| {
+            x.and_then(|x| x.as_object())
+                .cloned()
+                .ok_or_else(|| format!("open_clip_config.json: no `{what}` object"))
+        };
+        let (vc, tc) = (
+            object(m.get("vision_cfg"), "vision_cfg")?,
+            object(m.get("text_cfg"), "text_cfg")?,
+        );
+        let int =
+            |o: &serde_json::Map<String, serde_json::Value>, k: &str, d: Option<usize>| match o
+                .get(k)
+            {
+                None | Some(serde_json::Value::Null) => {
+                    d.ok_or_else(|| format!("open_clip_config.json: `{k}` is missing"))
+                }
+                Some(x) => x
+                    .as_u64()
+                    .map(|x| x as usize)
+                    .ok_or_else(|| format!("open_clip_config.json: `{k}` must be a whole number")),
+            };
+        let set = |o: &serde_json::Map<String, serde_json::Value>, k: &str| {
+            o.get(k).is_some_and(|x| {
+                !(x.is_null() || x == &serde_json::json!(false) || x == &serde_json::json!(""))
+            })
+        };
+        let timm = vc.get("timm_model_name").and_then(|x| x.as_str());
+        let timm = match timm {
+            Some(t) if t.starts_with("fastvit_mci") => t.to_string(),
+            Some(t) => {
+                return Err(format!(
+                    "vision_cfg: timm model `{t}` is not supported (MobileCLIP's FastViT \
+                     MCi towers, `fastvit_mci0` … `fastvit_mci4`, are; MobileCLIP-B's \
+                     `vit_base_mci_224` and MobileCLIP 2's ViT towers are not)"
+                ));
+            }
+            None => {
+                return Err(
+                    "vision_cfg: no `timm_model_name`: only open_clip checkpoints \
+                     with a timm FastViT MCi image tower (MobileCLIP) are supported"
+                        .into(),
+                );
+            }
+        };
+        match vc.get("timm_pool").and_then(|x| x.as_str()) {
+            None | Some("avg") => {}
+            Some(p) => {
+                return Err(format!(
+                    "vision_cfg: timm_pool `{p}` is not supported (avg is)"
+                ));
+            }
+        }
+        if vc
+            .get("timm_proj")
+            .is_some_and(|p| !(p.is_null() || p == "none" || p == ""))
+        {
+            return Err(
+                "vision_cfg: a `timm_proj` head after the trunk is not supported \
+                 (MobileCLIP's trunk ends in its own linear head)"
+                    .into(),
+            );
+        }
+        let image_size = match vc.get("image_size") {
+            Some(serde_json::Value::Array(hw)) if hw.len() == 2 && hw[0] == hw[1] => {
+                hw[0].as_u64().unwrap_or(0) as usize
+            }
+            Some(serde_json::Value::Array(_)) => {
+                return Err("vision_cfg: only square image sizes are supported".into());
+            }
+            _ => int(&vc, "image_size", Some(224))?,
+        };
+        for (k, why) in [
+            ("hf_model_name", "a Hugging Face text tower"),
+            ("ls_init_value", "layer scale in the text tower"),
+            ("embed_cls", "a class token in the text tower"),
+            ("use_pad_mask", "a padding mask"),
+            ("proj_bias", "a text projection with bias"),
+            ("norm_kwargs", "non-default layer norms"),
+            ("act_kwargs", "non-default activations"),
+        ] {
+            if set(&tc, k) {
+                return Err(format!("text_cfg: `{k}` ({why}) is not supported"));
+            }
+        }
+        for (k, want) in [("pool_type", "argmax"), ("proj_type", "linear")] {
+            match tc.get(k).and_then(|x| x.as_str()) {
+                None => {}
+                Some(p) if p == want => {}
+                Some(p) => return Err(format!("text_cfg: {k} `{p}` is not supported ({want} is)")),
+            }
+        }
+        let width = int(&tc, "width", Some(512))?;
+        let heads = int(&tc, "heads", Some(8))?;
+        let mlp_ratio = match tc.get("mlp_ratio") {
+            None | Some(serde_json::Value::Null) => 4.0,
+            Some(x) => x
+                .as_f64()
+                .ok_or("open_clip_config.json: `mlp_ratio` must be a number")?,
+        };
+        let act = if m.get("quick_gelu").and_then(|q| q.as_bool()) == Some(true) {
+            "quick_gelu"
+        } else {
+            "gelu"
+        };
+        let text_tower = tower(
+            "text_cfg",
+            [
+                width,
+                (width as f64 * mlp_ratio) as usize,
+                int(&tc, "layers", Some(12))?,
+                heads,
+            ],
+            act,
+            1e-5,
+        )?;
+        let projection_dim = int(&object(Some(m), "model_cfg")?, "embed_dim", None)?;
+        let (context, vocab_size) = (
+            int(&tc, "context_length", Some(77))?,
+            int(&tc, "vocab_size", Some(49408))?,
+        );
+        if projection_dim == 0 || image_size == 0 || context < 2 || vocab_size == 0 {
+            return Err("open_clip_config.json: sizes must be positive".into());
+        }
+        Ok(Self {
+            family: Family::MobileClip,
+            text: TextConfig {
+                tower: text_tower,
+                vocab_size,
+                max_position_embeddings: context,
+                // open_clip's tokenizer: end-of-text is the largest id, the
+                // position `argmax` pools at; padding is id 0.
+                eos_token_id: None,
+                pad_token_id: Some(int(&tc, "pad_id", Some(0))? as u32),
+                type_vocab_size: 0,
+                causal: tc.get("no_causal_mask").and_then(|x| x.as_bool()) != Some(true),
+            },
+            vision: VisionConfig {
+                // Unused: the FastViT tower reads its shapes from the weights.
+                tower: no_transformer(),
+                num_channels: 3,
+                image_size,
+                patch_size: 1,
+                fastvit: Some(timm),
             },
             projection_dim,
         })
@@ -385,6 +581,19 @@ impl ClipConfig {
     pub fn vit_b_32() -> Self {
         Self::from_json(r#"{"text_config": {}, "vision_config": {}, "projection_dim": 512}"#)
             .unwrap_or_else(|e| unreachable!("defaults are ViT-B/32: {e}"))
+    }
+}
+
+/// What [`VisionConfig::tower`] holds for a FastViT tower, which has no
+/// transformer shape to give (a 1-wide, 1-layer shape no layer reads).
+fn no_transformer() -> TowerConfig {
+    TowerConfig {
+        hidden_size: 1,
+        intermediate_size: 1,
+        num_hidden_layers: 1,
+        num_attention_heads: 1,
+        activation: Activation::Gelu,
+        layer_norm_eps: 1e-5,
     }
 }
 
@@ -486,6 +695,85 @@ mod tests {
             let e = ClipConfig::from_json(json).unwrap_err();
             assert!(e.contains(needle), "{json}: {e}");
         }
+    }
+
+    /// The hub's MobileCLIP configs load; options that would change the
+    /// function and that no MobileCLIP uses are refused by name.
+    #[test]
+    fn open_clip_configs_load_or_say_what_they_lack() {
+        let s1 = r#"{"model_cfg": {"embed_dim": 512,
+            "vision_cfg": {"timm_model_name": "fastvit_mci1", "timm_model_pretrained": false,
+                "timm_pool": "avg", "timm_proj": null, "timm_drop": 0.0, "timm_drop_path": 0.0,
+                "image_size": 256},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8,
+                "layers": 12, "no_causal_mask": true},
+            "custom_text": true},
+            "preprocess_cfg": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+                "interpolation": "bilinear", "resize_mode": "shortest"}}"#;
+        let c = ClipConfig::from_open_clip_json(s1).unwrap();
+        assert_eq!(c.family, Family::MobileClip);
+        assert_eq!(c.vision.fastvit.as_deref(), Some("fastvit_mci1"));
+        assert_eq!((c.vision.image_size, c.projection_dim), (256, 512));
+        let t = &c.text;
+        assert!(!t.causal);
+        assert_eq!((t.max_position_embeddings, t.pad_token_id), (77, Some(0)));
+        assert_eq!(t.tower.intermediate_size, 2048);
+        assert_eq!(t.tower.activation, Activation::Gelu);
+        // MobileCLIP-B: causal text, but a ViT image tower.
+        let b = s1
+            .replace("fastvit_mci1", "vit_base_mci_224")
+            .replace("\"no_causal_mask\": true", "\"no_causal_mask\": false");
+        let e = ClipConfig::from_open_clip_json(&b).unwrap_err();
+        assert!(e.contains("vit_base_mci_224"), "{e}");
+        let causal = s1.replace("\"no_causal_mask\": true", "\"no_causal_mask\": false");
+        assert!(
+            ClipConfig::from_open_clip_json(&causal)
+                .unwrap()
+                .text
+                .causal
+        );
+        for (from, to, needle) in [
+            ("\"custom_text\": true", "\"quick_gelu\": true", ""),
+            (
+                "\"timm_proj\": null",
+                "\"timm_proj\": \"linear\"",
+                "timm_proj",
+            ),
+            (
+                "\"timm_pool\": \"avg\"",
+                "\"timm_pool\": \"token\"",
+                "timm_pool",
+            ),
+            (
+                "\"layers\": 12,",
+                "\"layers\": 12, \"ls_init_value\": 0.1,",
+                "ls_init_value",
+            ),
+            (
+                "\"layers\": 12,",
+                "\"layers\": 12, \"hf_model_name\": \"x\",",
+                "hf_model_name",
+            ),
+            (
+                "\"layers\": 12,",
+                "\"layers\": 12, \"pool_type\": \"last\",",
+                "pool_type",
+            ),
+            ("\"embed_dim\": 512,", "", "embed_dim"),
+            ("\"heads\": 8", "\"heads\": 7", "not divisible"),
+        ] {
+            let json = s1.replace(from, to);
+            match ClipConfig::from_open_clip_json(&json) {
+                Ok(c) => {
+                    assert!(needle.is_empty(), "{to}: accepted");
+                    assert_eq!(c.text.tower.activation, Activation::QuickGelu);
+                }
+                Err(e) => assert!(!needle.is_empty() && e.contains(needle), "{to}: {e}"),
+            }
+        }
+        let e = ClipConfig::from_json(r#"{"model_type": "mobileclip"}"#).unwrap_err();
+        assert!(e.contains("open_clip_config.json"), "{e}");
+        assert!(ClipConfig::from_open_clip_json("{").is_err());
     }
 
     #[test]

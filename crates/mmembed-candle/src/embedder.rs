@@ -297,12 +297,32 @@ impl LoadedClip {
             reason,
             source: None,
         };
+        let open_clip = files
+            .config
+            .file_name()
+            .is_some_and(|n| n == crate::hub::OPEN_CLIP_CONFIG);
+        let config_name = if open_clip {
+            crate::hub::OPEN_CLIP_CONFIG
+        } else {
+            "config.json"
+        };
         let config_text = std::fs::read_to_string(&files.config)
-            .map_err(|e| err(format!("cannot read config.json: {e}")))?;
-        let config =
-            ClipConfig::from_json(&config_text).map_err(|e| err(format!("config.json: {e}")))?;
+            .map_err(|e| err(format!("cannot read {config_name}: {e}")))?;
+        let config = if open_clip {
+            ClipConfig::from_open_clip_json(&config_text)
+        } else {
+            ClipConfig::from_json(&config_text)
+        }
+        .map_err(|e| err(format!("{config_name}: {e}")))?;
         let tokenizer = ClipTokenizer::for_config(&files.tokenizer, &config)?;
-        let preprocessor = ClipPreprocessor::from_file(&files.preprocessor)?;
+        let preprocessor = if open_clip {
+            ClipPreprocessor::from_open_clip_json(&config_text).map_err(|e| match e {
+                EmbedError::ModelLoad { reason, .. } => err(reason),
+                other => other,
+            })?
+        } else {
+            ClipPreprocessor::from_file(&files.preprocessor)?
+        };
         let (h, w) = preprocessor.output_size();
         let side = config.vision.image_size as u32;
         if (h, w) != (side, side) {
@@ -313,9 +333,14 @@ impl LoadedClip {
         }
         let weights = crate::weights::SafetensorsFiles::open(&files.weights)
             .map_err(|e| err(format!("cannot read the weights: {e}")))?;
-        let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
+        let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = if open_clip {
+            Box::new(crate::weights::OpenClipNames(Box::new(weights)))
+        } else {
+            Box::new(weights)
+        };
+        let vb = VarBuilder::from_backend(backend, dtype, device.clone());
         let model = ClipModel::with_kernels(&config, kernels, vb)
-            .map_err(|e| err(format!("the weights do not match config.json: {e}")))?;
+            .map_err(|e| err(format!("the weights do not match {config_name}: {e}")))?;
         crate::malloc::return_freed_pages();
         Ok(Self {
             model,

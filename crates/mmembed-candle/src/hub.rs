@@ -10,9 +10,14 @@ use hf_hub::{Cache, Repo, RepoType};
 use mmembed_core::EmbedError;
 
 /// Files a CLIP checkpoint needs.
+///
+/// An open_clip checkpoint (MobileCLIP) has `open_clip_config.json` as both
+/// its `config` and its `preprocessor` (open_clip keeps the preprocessing
+/// in `preprocess_cfg` there), `open_clip_model.safetensors` as its weights
+/// and the `tokenizer.json` its repository ships.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelFiles {
-    /// `config.json`.
+    /// `config.json`, or `open_clip_config.json`.
     pub config: PathBuf,
     /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
     pub weights: Vec<PathBuf>,
@@ -27,6 +32,9 @@ pub struct ModelFiles {
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 const OTHERS: [&str; 3] = ["config.json", "tokenizer.json", "preprocessor_config.json"];
+/// An open_clip repository's config (model and preprocessing) and weights.
+pub(crate) const OPEN_CLIP_CONFIG: &str = "open_clip_config.json";
+const OPEN_CLIP_WEIGHTS: &str = "open_clip_model.safetensors";
 /// What a SigLIP v1 repository has instead of `tokenizer.json`.
 const SPIECE: &str = "spiece.model";
 /// What a Chinese-CLIP repository has instead of `tokenizer.json`, and the
@@ -99,6 +107,30 @@ fn load_err(model: &str, reason: String, source: Option<crate::Source>) -> Embed
 /// The files of a checkpoint directory.
 pub fn local_files(dir: &Path) -> Result<ModelFiles, EmbedError> {
     let model = dir.display().to_string();
+    if !dir.join(OTHERS[0]).is_file() && dir.join(OPEN_CLIP_CONFIG).is_file() {
+        let need = |name: &str| -> Result<PathBuf, EmbedError> {
+            let p = dir.join(name);
+            p.is_file().then_some(p).ok_or_else(|| {
+                load_err(
+                    &model,
+                    format!(
+                        "{name} is missing; an open_clip checkpoint directory needs \
+                         {OPEN_CLIP_CONFIG}, {OPEN_CLIP_WEIGHTS} and tokenizer.json (the \
+                         MobileCLIP repositories ship all three; open_clip_pytorch_model.bin \
+                         alone is not read)"
+                    ),
+                    None,
+                )
+            })
+        };
+        let config = need(OPEN_CLIP_CONFIG)?;
+        return Ok(ModelFiles {
+            weights: vec![need(OPEN_CLIP_WEIGHTS)?],
+            tokenizer: need(OTHERS[1])?,
+            preprocessor: config.clone(),
+            config,
+        });
+    }
     let need = |name: &str| -> Result<PathBuf, EmbedError> {
         let p = dir.join(name);
         if p.is_file() {
@@ -211,6 +243,22 @@ pub fn hub_files(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelF
             })
         })
     };
+    let config = match get(OTHERS[0]) {
+        Ok(p) => p,
+        Err(e) => match get(OPEN_CLIP_CONFIG) {
+            // An open_clip repository (MobileCLIP): its config holds the
+            // preprocessing too.
+            Ok(config) => {
+                return Ok(ModelFiles {
+                    weights: vec![get(OPEN_CLIP_WEIGHTS)?],
+                    tokenizer: get(OTHERS[1])?,
+                    preprocessor: config.clone(),
+                    config,
+                });
+            }
+            Err(_) => return Err(e),
+        },
+    };
     let weights = match get(SINGLE) {
         Ok(p) => vec![p],
         Err(single_err) => match get(INDEX) {
@@ -222,7 +270,7 @@ pub fn hub_files(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelF
         },
     };
     Ok(ModelFiles {
-        config: get(OTHERS[0])?,
+        config,
         weights,
         tokenizer: match get(OTHERS[1]) {
             Ok(p) => p,

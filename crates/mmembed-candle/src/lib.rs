@@ -23,6 +23,7 @@ mod demo;
 mod device;
 mod elementwise;
 mod embedder;
+mod fastvit;
 mod hub;
 mod int8;
 #[cfg(feature = "cuda")]

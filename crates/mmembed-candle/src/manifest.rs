@@ -18,7 +18,8 @@ pub struct Manifest {
     /// Native vector size.
     pub dimension: usize,
     /// The architecture family (`config.json`'s `model_type`: `clip`,
-    /// `siglip`, `chinese_clip`), for listings before the weights are here;
+    /// `siglip`, `chinese_clip`; `mobileclip` for open_clip's MobileCLIP
+    /// checkpoints), for listings before the weights are here;
     /// loading reads the family from the checkpoint's own config.
     #[serde(default = "clip")]
     pub family: String,
@@ -58,6 +59,14 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "ofa-sys-chinese-clip-vit-base-patch16.toml",
         include_str!("../../../models/ofa-sys-chinese-clip-vit-base-patch16.toml"),
+    ),
+    (
+        "apple-mobileclip-s1-openclip.toml",
+        include_str!("../../../models/apple-mobileclip-s1-openclip.toml"),
+    ),
+    (
+        "apple-mobileclip-s2-openclip.toml",
+        include_str!("../../../models/apple-mobileclip-s2-openclip.toml"),
     ),
 ];
 
@@ -105,13 +114,16 @@ mod tests {
         for m in &all {
             assert_eq!(m.revision.len(), 40, "{} revision is a commit sha", m.id);
             assert!(m.revision.chars().all(|c| c.is_ascii_hexdigit()));
+            if m.family == crate::Family::MobileClip.name() {
+                continue; // open_clip's configs, not config.json
+            }
             let family =
                 crate::ClipConfig::from_json(&format!(r#"{{"model_type": "{}"}}"#, m.family))
                     .map(|c| c.family.name());
             assert_eq!(family, Ok(m.family.as_str()), "{}", m.id);
         }
         let families: std::collections::HashSet<_> = all.iter().map(|m| &m.family).collect();
-        assert_eq!(families.len(), 3, "{families:?}");
+        assert_eq!(families.len(), 4, "{families:?}");
         let spaces: std::collections::HashSet<_> = all.iter().map(|m| &m.space).collect();
         assert_eq!(spaces.len(), all.len(), "every model has its own space");
         assert!(Manifest::find("laion/CLIP-ViT-B-32-laion2B-s34B-b79K").is_some());

@@ -897,7 +897,8 @@ pub struct TextTower {
 enum TextAttention {
     /// CLIP: each token to those before it.
     Causal,
-    /// SigLIP: every token to every token, padding included (as trained).
+    /// SigLIP, MobileCLIP S0–S2: every token to every token, padding
+    /// included (as trained).
     All,
     /// BERT: every token to the sequence's own tokens, not its padding.
     Unpadded,
@@ -963,9 +964,10 @@ impl TextTower {
             final_ln: Some(norm(d, eps, kernels, vb.pp("final_layer_norm"))?),
             projection,
             context,
-            attends: match c.family {
-                Family::Siglip => TextAttention::All,
-                _ => TextAttention::Causal,
+            attends: if t.causal {
+                TextAttention::Causal
+            } else {
+                TextAttention::All
             },
             kernels,
         })
@@ -1053,8 +1055,38 @@ fn add_positions(x: &Tensor, pos: &Tensor, kernels: Kernels) -> Result<Tensor> {
     }
 }
 
-/// The vision tower with its pooling and projection.
-pub struct VisionTower {
+/// The vision tower with its pooling and projection: a transformer
+/// (CLIP, SigLIP, Chinese-CLIP) or MobileCLIP's FastViT.
+pub struct VisionTower(VisionKind);
+
+enum VisionKind {
+    Vit(Box<Vit>),
+    FastVit(Box<crate::fastvit::FastVit>),
+}
+
+impl VisionTower {
+    fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
+        Ok(Self(match &c.vision.fastvit {
+            Some(name) => VisionKind::FastVit(Box::new(crate::fastvit::FastVit::new(
+                name,
+                c.projection_dim,
+                vb.root().pp("visual.trunk"),
+            )?)),
+            None => VisionKind::Vit(Box::new(Vit::new(c, kernels, vb)?)),
+        }))
+    }
+
+    /// Projected (not normalised) features for `[batch, 3, size, size]` pixels.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        match &self.0 {
+            VisionKind::Vit(v) => v.forward(pixels),
+            VisionKind::FastVit(f) => f.forward(pixels),
+        }
+    }
+}
+
+/// A transformer vision tower.
+struct Vit {
     /// CLIP's class token; SigLIP has none.
     class: Option<Tensor>,
     patch: Conv2d,
@@ -1080,7 +1112,7 @@ enum VisionPool {
     Attention(Box<AttentionPool>),
 }
 
-impl VisionTower {
+impl Vit {
     fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let v = &c.vision;
         let d = v.tower.hidden_size;
@@ -1282,7 +1314,7 @@ impl AttentionPool {
     }
 }
 
-impl VisionTower {
+impl Vit {
     /// The tokens `[b, positions, d]` on [`Kernels::Cublas`]: the patch
     /// embedding's GEMM writes each image's patches after its class row
     /// and adds the positions in its epilogue ([`blas_ops::patch_embed`]),

@@ -24,6 +24,11 @@ enum Pooling {
     /// batch is padded (with end-of-text) after it, where padding cannot
     /// reach the pooled position.
     FirstEos,
+    /// MobileCLIP (S0–S2, MobileCLIP 2): bidirectional attention without
+    /// a mask over a sequence padded to the full context with `pad` (0),
+    /// as open_clip's tokenizer pads it, pooled at the first end-of-text
+    /// token (open_clip's `argmax`: end-of-text is the largest id).
+    FirstEosOfContext { pad: u32 },
     /// SigLIP: bidirectional attention without a mask over a sequence
     /// padded to the full context with `pad`, pooled at the last position.
     /// Padding is part of the input the model was trained on, so every
@@ -153,6 +158,12 @@ impl ClipTokenizer {
                     .unwrap_or(0);
                 tok.pooling = Pooling::FirstMasked { pad };
             }
+            Family::MobileClip if !text.causal => {
+                tok.pooling = Pooling::FirstEosOfContext {
+                    pad: text.pad_token_id.unwrap_or(0),
+                };
+            }
+            Family::MobileClip => {}
         }
         Ok(tok)
     }
@@ -183,7 +194,11 @@ impl ClipTokenizer {
         // A tokenizer.json without a post-processor adds no end-of-text; a
         // CLIP tower needs one to pool at. (SigLIP pools at the last
         // position: its tokenizer's own rule stands.)
-        if self.pooling == Pooling::FirstEos && !ids.contains(&self.eos_id) {
+        let at_eos = matches!(
+            self.pooling,
+            Pooling::FirstEos | Pooling::FirstEosOfContext { .. }
+        );
+        if at_eos && !ids.contains(&self.eos_id) {
             ids.truncate(self.context - 1);
             ids.push(self.eos_id);
         }
@@ -195,7 +210,7 @@ impl ClipTokenizer {
     /// the context (SigLIP), the first token (Chinese-CLIP).
     pub fn pool_position(&self, ids: &[u32]) -> usize {
         match self.pooling {
-            Pooling::FirstEos => ids
+            Pooling::FirstEos | Pooling::FirstEosOfContext { .. } => ids
                 .iter()
                 .position(|&t| t == self.eos_id)
                 .unwrap_or(ids.len().saturating_sub(1)),
@@ -214,7 +229,9 @@ impl ClipTokenizer {
         let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let (len, pad) = match self.pooling {
             Pooling::FirstEos => (longest, self.eos_id),
-            Pooling::LastOfContext { pad } => (longest.max(self.context), pad),
+            Pooling::LastOfContext { pad } | Pooling::FirstEosOfContext { pad } => {
+                (longest.max(self.context), pad)
+            }
             Pooling::FirstMasked { pad } => (longest, pad),
         };
         let mut ids = Vec::with_capacity(seqs.len() * len);

@@ -179,6 +179,110 @@ impl SimpleBackend for SafetensorsFiles {
     }
 }
 
+/// open_clip's text-tower names read under Hugging Face CLIP's, so one
+/// text tower loads both: `text_model.encoder.layers.{i}.self_attn.q_proj`
+/// is the first third of `text.transformer.resblocks.{i}.attn.in_proj_*`,
+/// `text_projection.weight` the transpose of `text.text_projection` (open_clip
+/// multiplies by it from the right), and so on. Other names (the image
+/// tower's `visual.*`) pass through unchanged.
+pub(crate) struct OpenClipNames(pub(crate) Box<dyn SimpleBackend>);
+
+/// What of a stored tensor a Hugging Face name is.
+#[derive(Debug, PartialEq)]
+enum Part {
+    Whole,
+    /// Rows `[i · n / 3, (i + 1) · n / 3)` of a packed q/k/v tensor.
+    Third(usize),
+    Transposed,
+}
+
+fn open_clip_name(name: &str) -> (String, Part) {
+    let whole = |s: String| (s, Part::Whole);
+    if let Some(rest) = name.strip_prefix("text_model.encoder.layers.")
+        && let Some((i, rest)) = rest.split_once('.')
+    {
+        let block = format!("text.transformer.resblocks.{i}");
+        for (j, qkv) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            if let Some(leaf) = rest.strip_prefix(&format!("self_attn.{qkv}.")) {
+                return (format!("{block}.attn.in_proj_{leaf}"), Part::Third(j));
+            }
+        }
+        for (hf, oc) in [
+            ("layer_norm1.", "ln_1."),
+            ("layer_norm2.", "ln_2."),
+            ("self_attn.out_proj.", "attn.out_proj."),
+            ("mlp.fc1.", "mlp.c_fc."),
+            ("mlp.fc2.", "mlp.c_proj."),
+        ] {
+            if let Some(leaf) = rest.strip_prefix(hf) {
+                return whole(format!("{block}.{oc}{leaf}"));
+            }
+        }
+        return whole(format!("{block}.{rest}"));
+    }
+    match name {
+        "text_model.embeddings.token_embedding.weight" => {
+            whole("text.token_embedding.weight".into())
+        }
+        "text_model.embeddings.position_embedding.weight" => {
+            whole("text.positional_embedding".into())
+        }
+        "text_projection.weight" => ("text.text_projection".into(), Part::Transposed),
+        _ => match name.strip_prefix("text_model.final_layer_norm.") {
+            Some(leaf) => whole(format!("text.ln_final.{leaf}")),
+            None => whole(name.to_string()),
+        },
+    }
+}
+
+impl OpenClipNames {
+    fn read(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let (stored, part) = open_clip_name(name);
+        let t = self.0.get_unchecked(&stored, dtype, dev)?;
+        match part {
+            Part::Whole => Ok(t),
+            Part::Third(i) => {
+                let n = t.dim(0)?;
+                if n % 3 != 0 {
+                    candle_core::bail!("{stored}: {n} rows do not split into q, k and v");
+                }
+                t.narrow(0, i * n / 3, n / 3)?.contiguous()
+            }
+            Part::Transposed => t.t()?.contiguous(),
+        }
+    }
+}
+
+impl SimpleBackend for OpenClipNames {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let t = self.read(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name} ({})", open_clip_name(name).0),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.read(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(&open_clip_name(name).0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +334,49 @@ mod tests {
         assert!(e.contains("shape mismatch"), "{e}");
         assert!(!vb.contains_tensor("d"));
         assert!(vb.get(1, "d").is_err());
+    }
+
+    #[test]
+    fn open_clip_names_map_to_hugging_face_names() {
+        for (hf, oc, part) in [
+            (
+                "text_model.encoder.layers.3.self_attn.k_proj.weight",
+                "text.transformer.resblocks.3.attn.in_proj_weight",
+                Part::Third(1),
+            ),
+            (
+                "text_model.encoder.layers.0.self_attn.v_proj.bias",
+                "text.transformer.resblocks.0.attn.in_proj_bias",
+                Part::Third(2),
+            ),
+            (
+                "text_model.encoder.layers.11.mlp.fc2.weight",
+                "text.transformer.resblocks.11.mlp.c_proj.weight",
+                Part::Whole,
+            ),
+            (
+                "text_model.encoder.layers.2.layer_norm1.bias",
+                "text.transformer.resblocks.2.ln_1.bias",
+                Part::Whole,
+            ),
+            (
+                "text_projection.weight",
+                "text.text_projection",
+                Part::Transposed,
+            ),
+            (
+                "text_model.final_layer_norm.weight",
+                "text.ln_final.weight",
+                Part::Whole,
+            ),
+            (
+                "visual.trunk.head.fc.bias",
+                "visual.trunk.head.fc.bias",
+                Part::Whole,
+            ),
+        ] {
+            assert_eq!(open_clip_name(hf), (oc.to_string(), part), "{hf}");
+        }
     }
 
     #[test]

@@ -65,7 +65,8 @@ async fn segment_is_the_mean_of_its_frame_embeddings() {
 }
 
 /// The same on the other families: SigLIP's frames are squashed to the
-/// square (swscale scales straight to 224 x 224), Chinese-CLIP's are CLIP's.
+/// square (swscale scales straight to 224 x 224), Chinese-CLIP's are CLIP's,
+/// MobileCLIP's bilinear to 256 with torchvision's crop origin.
 /// The tiny random Chinese-CLIP vision tower barely tells the photos apart
 /// (the first segment's vector is 0.951 to its own photo, 0.956 to the
 /// next), so only the frame-mean checks apply to it.
@@ -73,6 +74,7 @@ async fn segment_is_the_mean_of_its_frame_embeddings() {
 async fn other_families_segment_videos_alike() {
     segments_are_frame_means("tiny-siglip", true).await;
     segments_are_frame_means("tiny-chinese-clip", false).await;
+    segments_are_frame_means("tiny-mobileclip", false).await;
 }
 
 /// `tells_photos_apart`: whether the fixture's random vision tower gives
@@ -91,9 +93,12 @@ async fn segments_are_frame_means(fixture: &str, tells_photos_apart: bool) {
 
     // Independent reference: the same frames, embedded one by one as images,
     // averaged here.
-    let preprocessor =
-        ClipPreprocessor::from_file(&fixtures().join(fixture).join("preprocessor_config.json"))
-            .unwrap();
+    let dir = fixtures().join(fixture);
+    let preprocessor = match std::fs::read_to_string(dir.join("open_clip_config.json")) {
+        Ok(open_clip) => ClipPreprocessor::from_open_clip_json(&open_clip),
+        Err(_) => ClipPreprocessor::from_file(&dir.join("preprocessor_config.json")),
+    }
+    .unwrap();
     let segs = cfg.segments(30.0).unwrap();
     let per_seg = sample_times(&segs, 1.0);
     for (i, times) in per_seg.iter().enumerate() {

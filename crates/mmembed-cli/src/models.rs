@@ -22,7 +22,7 @@ pub struct Listed {
     pub id: String,
     /// Vector length.
     pub dimension: usize,
-    /// Architecture family (`clip`, `siglip`, `chinese_clip`).
+    /// Architecture family (`clip`, `siglip`, `chinese_clip`, `mobileclip`).
     pub family: String,
     /// Embedding space id.
     pub space: String,

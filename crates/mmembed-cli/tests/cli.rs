@@ -913,7 +913,7 @@ fn models_lists_the_demo_as_present() {
             .any(|m| m["id"] == "openai/clip-vit-base-patch32")
     );
     // Every family has a listed checkpoint.
-    for family in ["clip", "siglip", "chinese_clip"] {
+    for family in ["clip", "siglip", "chinese_clip", "mobileclip"] {
         assert!(
             models.iter().any(|m| m["family"] == family),
             "no {family} model listed"

@@ -89,6 +89,32 @@ pub struct ClipPreprocessor {
     pub rescale_factor: Option<f32>,
     /// Per-channel mean and std (`None`: no normalisation).
     pub normalize: Option<([f32; 3], [f32; 3])>,
+    /// Where the centre crop starts when the margin is odd.
+    pub crop_origin: CropOrigin,
+}
+
+/// Where a centre crop starts when the margin around it is odd: the
+/// libraries differ by one pixel there, and a model's references follow
+/// the library it was published with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CropOrigin {
+    /// transformers' processors: `(size - crop) // 2`.
+    Floor,
+    /// torchvision's `CenterCrop` (open_clip): `round((size - crop) / 2)`,
+    /// halves to even.
+    RoundHalfEven,
+}
+
+impl CropOrigin {
+    fn offset(self, margin: i64) -> i64 {
+        let floor = margin.div_euclid(2);
+        match self {
+            Self::RoundHalfEven if margin.rem_euclid(2) == 1 && floor.rem_euclid(2) == 1 => {
+                floor + 1
+            }
+            _ => floor,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -170,6 +196,7 @@ impl ClipPreprocessor {
             crop: Some((size, size)),
             rescale_factor: Some(1.0 / 255.0),
             normalize: Some((OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)),
+            crop_origin: CropOrigin::Floor,
         }
     }
 
@@ -259,6 +286,93 @@ impl ClipPreprocessor {
             crop,
             rescale_factor,
             normalize,
+            crop_origin: CropOrigin::Floor,
+        })
+    }
+
+    /// The preprocessing of an open_clip checkpoint, from its
+    /// `open_clip_config.json`: `preprocess_cfg` (mean, std,
+    /// interpolation, resize mode; open_clip's defaults where absent: OpenAI's
+    /// statistics, bicubic, shortest side) and the vision tower's
+    /// `image_size`, as open_clip's `image_transform` composes them for
+    /// inference: torchvision's `Resize` of the shortest side (Pillow's
+    /// filter, the same rounding as transformers) and `CenterCrop` (whose
+    /// origin rounds halves to even), or a squash to the square.
+    ///
+    /// ```
+    /// use mmembed_media::{ClipPreprocessor, CropOrigin, Resample};
+    /// let p = ClipPreprocessor::from_open_clip_json(r#"{
+    ///     "model_cfg": {"vision_cfg": {"image_size": 256}},
+    ///     "preprocess_cfg": {"mean": [0, 0, 0], "std": [1, 1, 1], "interpolation": "bilinear"}}"#)?;
+    /// assert_eq!((p.output_size(), p.resample, p.crop_origin), ((256, 256), Resample::Bilinear, CropOrigin::RoundHalfEven));
+    /// # Ok::<(), mmembed_core::EmbedError>(())
+    /// ```
+    pub fn from_open_clip_json(json: &str) -> Result<Self, EmbedError> {
+        let bad = |reason: String| EmbedError::ModelLoad {
+            model: "open_clip_config.json".into(),
+            reason,
+            source: None,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let size = match v.pointer("/model_cfg/vision_cfg/image_size") {
+            None => 224,
+            Some(serde_json::Value::Array(hw)) if hw.len() == 2 && hw[0] == hw[1] => {
+                hw[0].as_u64().unwrap_or(0)
+            }
+            Some(x) => x.as_u64().unwrap_or(0),
+        };
+        let size = u32::try_from(size)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| bad("vision_cfg: image_size must be a positive square size".into()))?;
+        let p = v.get("preprocess_cfg").cloned().unwrap_or_default();
+        let three_of = |k: &str, d: [f32; 3]| -> Result<[f32; 3], EmbedError> {
+            let v = match p.get(k) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(x) => Some(
+                    serde_json::from_value::<Vec<f32>>(x.clone())
+                        .map_err(|e| bad(format!("preprocess_cfg.{k}: {e}")))?,
+                ),
+            };
+            three(k, v, d).map_err(bad)
+        };
+        let mean = three_of("mean", OPENAI_CLIP_MEAN)?;
+        let std = three_of("std", OPENAI_CLIP_STD)?;
+        if std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+            return Err(bad("preprocess_cfg.std must be finite and non-zero".into()));
+        }
+        let resample = match p.get("interpolation").and_then(|x| x.as_str()) {
+            None | Some("bicubic") | Some("random") => Resample::Bicubic,
+            Some("bilinear") => Resample::Bilinear,
+            Some(other) => {
+                return Err(bad(format!(
+                    "preprocess_cfg: interpolation `{other}` is not supported (bicubic, bilinear)"
+                )));
+            }
+        };
+        let (resize, crop) = match p.get("resize_mode").and_then(|x| x.as_str()) {
+            None | Some("shortest") => (ResizeTarget::ShortestEdge(size), Some((size, size))),
+            Some("squash") => (
+                ResizeTarget::Exact {
+                    height: size,
+                    width: size,
+                },
+                None,
+            ),
+            Some(other) => {
+                return Err(bad(format!(
+                    "preprocess_cfg: resize_mode `{other}` is not supported (shortest, squash)"
+                )));
+            }
+        };
+        Ok(Self {
+            resize: Some(resize),
+            resample,
+            crop,
+            rescale_factor: Some(1.0 / 255.0),
+            normalize: Some((mean, std)),
+            crop_origin: CropOrigin::RoundHalfEven,
         })
     }
 
@@ -354,8 +468,8 @@ impl ClipPreprocessor {
     fn crop_box(&self, (w, h): (u32, u32)) -> Option<CropBox> {
         let (rw, rh) = self.resized_size(w, h);
         let (ch, cw) = self.crop?;
-        let top = (i64::from(rh) - i64::from(ch)).div_euclid(2);
-        let left = (i64::from(rw) - i64::from(cw)).div_euclid(2);
+        let top = self.crop_origin.offset(i64::from(rh) - i64::from(ch));
+        let left = self.crop_origin.offset(i64::from(rw) - i64::from(cw));
         if top < 0 || left < 0 || (rw, rh) == (w, h) {
             return None;
         }
@@ -407,7 +521,7 @@ impl ClipPreprocessor {
             resize_rgb(img, (rw, rh), self.resample, None)?
         };
         Ok(match self.crop {
-            Some((ch, cw)) => center_crop(&resized, ch, cw),
+            Some((ch, cw)) => center_crop(&resized, ch, cw, self.crop_origin),
             None => resized,
         })
     }
@@ -583,10 +697,10 @@ fn resize_rgb(
 
 /// Hugging Face's `center_crop`: offsets `(orig - crop) // 2` with Python's
 /// floor division; parts of the crop outside the image are zero.
-fn center_crop(img: &RgbImage, ch: u32, cw: u32) -> RgbImage {
+fn center_crop(img: &RgbImage, ch: u32, cw: u32, origin: CropOrigin) -> RgbImage {
     let (w, h) = img.dimensions();
-    let top = (i64::from(h) - i64::from(ch)).div_euclid(2);
-    let left = (i64::from(w) - i64::from(cw)).div_euclid(2);
+    let top = origin.offset(i64::from(h) - i64::from(ch));
+    let left = origin.offset(i64::from(w) - i64::from(cw));
     if top >= 0 && left >= 0 {
         return image::imageops::crop_imm(img, left as u32, top as u32, cw, ch).to_image();
     }
@@ -609,6 +723,75 @@ fn center_crop(img: &RgbImage, ch: u32, cw: u32) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// torchvision's `int(round((size - crop) / 2.0))` against
+    /// transformers' `(size - crop) // 2`: they differ on odd margins whose
+    /// half rounds up to even (383 - 256 = 127: 64 against 63).
+    #[test]
+    fn crop_origins_round_as_their_libraries_do() {
+        for (margin, floor, even) in [
+            (0, 0, 0),
+            (1, 0, 0),
+            (3, 1, 2),
+            (5, 2, 2),
+            (39, 19, 20),
+            (127, 63, 64),
+            (128, 64, 64),
+        ] {
+            assert_eq!(CropOrigin::Floor.offset(margin), floor, "{margin}");
+            assert_eq!(CropOrigin::RoundHalfEven.offset(margin), even, "{margin}");
+        }
+    }
+
+    #[test]
+    fn open_clip_preprocessing_is_read_or_refused() {
+        let p = ClipPreprocessor::from_open_clip_json(
+            r#"{"model_cfg": {"vision_cfg": {"image_size": [224, 224]}}}"#,
+        )
+        .unwrap();
+        // open_clip's defaults: OpenAI statistics, bicubic, shortest side.
+        assert_eq!(p.normalize, Some((OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)));
+        assert_eq!(
+            (p.resample, p.resize, p.crop),
+            (
+                Resample::Bicubic,
+                Some(ResizeTarget::ShortestEdge(224)),
+                Some((224, 224))
+            )
+        );
+        let squash = ClipPreprocessor::from_open_clip_json(r#"{"model_cfg": {"vision_cfg": {"image_size": 64}}, "preprocess_cfg": {"resize_mode": "squash"}}"#).unwrap();
+        assert_eq!(
+            (squash.resize, squash.crop),
+            (
+                Some(ResizeTarget::Exact {
+                    height: 64,
+                    width: 64
+                }),
+                None
+            )
+        );
+        for (json, needle) in [
+            (
+                r#"{"preprocess_cfg": {"resize_mode": "longest"}}"#,
+                "resize_mode",
+            ),
+            (
+                r#"{"preprocess_cfg": {"interpolation": "lanczos"}}"#,
+                "interpolation",
+            ),
+            (r#"{"preprocess_cfg": {"std": [1, 0, 1]}}"#, "std"),
+            (
+                r#"{"model_cfg": {"vision_cfg": {"image_size": [224, 256]}}}"#,
+                "square",
+            ),
+            ("[", "JSON"),
+        ] {
+            let e = ClipPreprocessor::from_open_clip_json(json)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{json}: {e}");
+        }
+    }
 
     #[test]
     fn parses_both_config_forms() {
@@ -711,11 +894,14 @@ mod tests {
         });
         let p = ClipPreprocessor::openai(224);
         let full = resize_rgb((&img).into(), (336, 224), Resample::Bicubic, None).unwrap();
-        let expected = center_crop(&full, 224, 224);
+        let expected = center_crop(&full, 224, 224, CropOrigin::Floor);
         assert_eq!(p.resize_and_crop(&img), expected);
         let tall = RgbImage::from_fn(97, 403, |x, y| image::Rgb([(x * y % 251) as u8, 3, 200]));
         let full = resize_rgb((&tall).into(), (224, 930), Resample::Bicubic, None).unwrap();
-        assert_eq!(p.resize_and_crop(&tall), center_crop(&full, 224, 224));
+        assert_eq!(
+            p.resize_and_crop(&tall),
+            center_crop(&full, 224, 224, CropOrigin::Floor)
+        );
     }
 
     #[test]
@@ -765,7 +951,7 @@ mod tests {
     #[test]
     fn crop_pads_with_zeros_when_image_is_small() {
         let img = RgbImage::from_pixel(3, 2, image::Rgb([9, 9, 9]));
-        let c = center_crop(&img, 4, 5);
+        let c = center_crop(&img, 4, 5, CropOrigin::Floor);
         // top = (2-4)//2 = -1, left = (3-5)//2 = -1
         assert_eq!(c.get_pixel(0, 0).0, [0, 0, 0]);
         assert_eq!(c.get_pixel(1, 1).0, [9, 9, 9]);
