@@ -1,6 +1,6 @@
 //! mmembed's local backend: Hugging Face CLIP, SigLIP and Chinese-CLIP
-//! checkpoints, run with candle on CPU, CUDA or Metal, behind
-//! [`mmembed_core::Embedder`].
+//! checkpoints and open_clip's MobileCLIP, run with candle on CPU, CUDA or
+//! Metal, behind [`mmembed_core::Embedder`].
 //!
 //! - [`LocalEmbedder`] loads a checkpoint directory, a built-in model id
 //!   ([`Manifest`]) or a hub repository (through `hf-hub` and its cache,
@@ -9,7 +9,9 @@
 //!   ([`ClipConfig`], its `model_type` picks the [`Family`]), the
 //!   preprocessing from its `preprocessor_config.json`, so OpenAI,
 //!   LAION/OpenCLIP, SigLIP and Chinese-CLIP exports load with no code
-//!   change.
+//!   change; a MobileCLIP's both from its `open_clip_config.json`
+//!   ([`ClipConfig::from_open_clip_json`]), its FastViT image tower folded
+//!   from the training-time weights while loading.
 //! - Vectors are L2-normalised and tagged with the model's space id.
 
 mod attention;

@@ -1382,7 +1382,7 @@ impl Vit {
     }
 }
 
-/// A dual encoder (CLIP, SigLIP or Chinese-CLIP, see [`Family`]).
+/// A dual encoder (CLIP, SigLIP, Chinese-CLIP or MobileCLIP, see [`Family`]).
 pub struct ClipModel {
     /// Text tower.
     pub text: TextTower,
