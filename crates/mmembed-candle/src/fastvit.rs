@@ -18,28 +18,30 @@
 //! cannot say is the activation after each downsampling's large-kernel
 //! convolution, which every MCi variant has (`lkc_use_act`).
 //!
-//! The convolutions run as candle ops except the depthwise ones (the 3×3
+//! Feature maps are channels-last (`[b, h, w, c]`) from the stem on, so
+//! that the pointwise convolutions (three quarters of the multiply-adds)
+//! are the text tower's linear layers over rows of pixels: our packed CPU
+//! kernels with GELU and the residual in their epilogue, cuBLAS on CUDA;
+//! attention reads the map as tokens without a transpose, and the layer
+//! norms run over the last dimension. The depthwise convolutions (the 3×3
 //! and 7×7 spatial mixing of every block), which candle's grouped
-//! convolution would split into one convolution per channel: on the CPU they
-//! are a direct loop over each output plane ([`depthwise_cpu`]), elsewhere
-//! a sum of shifted, scaled copies of the input ([`depthwise_ops`]).
+//! convolution would split into one convolution per channel, are a loop
+//! vectorised over channels on the CPU ([`depthwise_cpu`]) and a sum of
+//! shifted, scaled copies of the input elsewhere ([`depthwise_ops`]). Only
+//! the stem's first convolution (3 input channels) is candle's.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
 use rayon::prelude::*;
+
+use crate::config::Activation;
+use crate::cpu_kernels::{self, Epilogue, Visible};
+use crate::model::{Dense, Input, Kernels, Norm, activate, softmax};
 
 /// timm's batch norms keep PyTorch's default epsilon (not stored).
 const BN_EPS: f64 = 1e-5;
 /// timm's FastViT attention: 32 channels per head, whatever the width.
 const HEAD_DIM: usize = 32;
-
-/// A convolution with its branches and batch norms folded in: weight `[o,
-/// i / groups, k, k]`, bias `[o]`, padding `k / 2` as timm pads these.
-struct Conv {
-    weight: Tensor,
-    bias: Tensor,
-    stride: usize,
-}
 
 fn f32_of(vb: &VarBuilder, name: &str) -> Result<Tensor> {
     vb.get_unchecked_dtype(name, DType::F32)
@@ -128,61 +130,150 @@ fn mobileone(vb: &VarBuilder, k: usize, depthwise: bool) -> Result<(Tensor, Tens
     })
 }
 
+/// A folded convolution (`[o, i / groups, k, k]` kernel, `[o]` bias) in the
+/// form channels-last inference runs it.
+enum Conv {
+    /// A depthwise convolution, `o = m · c`: taps `[k · k, o]`.
+    Depthwise {
+        taps: Tensor,
+        bias: Tensor,
+        k: usize,
+        stride: usize,
+    },
+    /// A 1×1 convolution: a linear layer over each pixel's channels.
+    Pointwise(Dense),
+    /// Any other (the stem's first): candle's, channels-first.
+    Dense {
+        weight: Tensor,
+        bias: Tensor,
+        stride: usize,
+    },
+}
+
 impl Conv {
-    fn new((weight, bias): (Tensor, Tensor), stride: usize, dtype: DType) -> Result<Self> {
-        if weight.rank() != 4 || weight.dim(2)? != weight.dim(3)? || weight.dim(2)? % 2 == 0 {
+    fn new(
+        (weight, bias): (Tensor, Tensor),
+        stride: usize,
+        kernels: Kernels,
+        dtype: DType,
+    ) -> Result<Self> {
+        let (o, per_group, k, k2) = weight.dims4()?;
+        if k != k2 || k % 2 == 0 {
             candle_core::bail!(
                 "a convolution kernel of shape {:?}: square and odd expected",
                 weight.dims()
             );
         }
-        Ok(Self {
+        if per_group == 1 && o > 1 {
+            return Ok(Self::Depthwise {
+                taps: weight
+                    .reshape((o, k * k))?
+                    .t()?
+                    .contiguous()?
+                    .to_dtype(dtype)?,
+                bias: bias.to_dtype(dtype)?,
+                k,
+                stride,
+            });
+        }
+        if k == 1 && stride == 1 {
+            let linear = Linear::new(
+                weight.reshape((o, per_group))?.to_dtype(dtype)?,
+                Some(bias.to_dtype(dtype)?),
+            );
+            return Ok(Self::Pointwise(Dense::from_linear(
+                linear,
+                kernels,
+                Input::Narrow,
+            )?));
+        }
+        Ok(Self::Dense {
             weight: weight.to_dtype(dtype)?,
             bias: bias.to_dtype(dtype)?,
             stride,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (o, per_group, k, _) = self.weight.dims4()?;
-        let c = x.dim(1)?;
-        if per_group == 1 && c > 1 {
-            return depthwise(x, &self.weight, &self.bias, self.stride);
+    /// `act(conv(x)) + residual` over a channels-last map.
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+        let y = match self {
+            Self::Depthwise {
+                taps,
+                bias,
+                k,
+                stride,
+            } => depthwise(x, taps, bias, *k, *stride, gelu)?,
+            Self::Pointwise(dense) => {
+                let (b, h, w, _) = x.dims4()?;
+                let rows = |t: &Tensor| t.reshape((b, h * w, t.dim(3)?));
+                let residual = residual.map(rows).transpose()?;
+                let epilogue = if gelu {
+                    Epilogue::GeluErf
+                } else {
+                    Epilogue::None
+                };
+                let y = dense.forward_fused(&rows(x)?, residual.as_ref(), epilogue)?;
+                return y.reshape((b, h, w, y.dim(2)?));
+            }
+            Self::Dense {
+                weight,
+                bias,
+                stride,
+            } => {
+                let k = weight.dim(2)?;
+                let o = weight.dim(0)?;
+                let nchw = x.permute((0, 3, 1, 2))?;
+                let y = if x.device().is_cpu() && x.dtype() != DType::F32 {
+                    // candle's CPU convolution has no half-precision
+                    // kernel; the CPU runs half precision only to test the
+                    // GPU's graphs, whose convolutions accumulate in f32.
+                    let f = |t: &Tensor| t.to_dtype(DType::F32);
+                    f(&nchw)?
+                        .conv2d(&f(weight)?, k / 2, *stride, 1, 1)?
+                        .to_dtype(x.dtype())?
+                } else {
+                    nchw.contiguous()?.conv2d(weight, k / 2, *stride, 1, 1)?
+                };
+                let y = y
+                    .permute((0, 2, 3, 1))?
+                    .broadcast_add(&bias.reshape((1, 1, 1, o))?)?;
+                if gelu { gelu_of(&y)? } else { y }
+            }
+        };
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
         }
-        if c % per_group != 0 {
-            candle_core::bail!("{c} input channels for a kernel of {per_group} per group");
-        }
-        let bias = self.bias.reshape((1, o, 1, 1))?;
-        if k == 1 && self.stride == 1 && per_group == c {
-            // A pointwise convolution is one matmul over the channels.
-            let (b, _, h, w) = x.dims4()?;
-            let y = self
-                .weight
-                .reshape((o, c))?
-                .broadcast_matmul(&x.reshape((b, c, h * w))?)?;
-            return y.reshape((b, o, h, w))?.broadcast_add(&bias);
-        }
-        if x.device().is_cpu() && x.dtype() != DType::F32 {
-            // candle's CPU convolution has no half-precision kernel; the CPU
-            // runs half precision only to test the GPU's graphs, whose
-            // convolutions accumulate in f32 too.
-            let f = |t: &Tensor| t.to_dtype(DType::F32);
-            let y = f(x)?.conv2d(&f(&self.weight)?, k / 2, self.stride, 1, c / per_group)?;
-            return y.to_dtype(x.dtype())?.broadcast_add(&bias);
-        }
-        x.conv2d(&self.weight, k / 2, self.stride, 1, c / per_group)?
-            .broadcast_add(&bias)
     }
 }
 
-/// A depthwise convolution (one input channel per group, `o = m · c`
-/// outputs, output `j` reading input `j / m`), padded by `k / 2`.
-fn depthwise(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        depthwise_cpu(x, w, b, stride)
-    } else {
-        depthwise_ops(x, w, b, stride)
+/// Exact GELU: ours (vectorised) on host f32 tensors, candle's elsewhere.
+fn gelu_of(x: &Tensor) -> Result<Tensor> {
+    if cpu_kernels::supported(x) {
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        v.par_chunks_mut(1 << 14)
+            .for_each(|c| cpu_kernels::act_in_place(Epilogue::GeluErf, c));
+        return Tensor::from_vec(v, x.shape(), x.device());
     }
+    activate(Activation::Gelu, Kernels::Portable, x)
+}
+
+/// A depthwise convolution over a channels-last map: output channel `j`
+/// reads input channel `j / m` (`o = m · c`), padded by `k / 2`; GELU
+/// after it if `gelu`.
+fn depthwise(
+    x: &Tensor,
+    taps: &Tensor,
+    bias: &Tensor,
+    k: usize,
+    stride: usize,
+    gelu: bool,
+) -> Result<Tensor> {
+    if cpu_kernels::supported(x) {
+        return depthwise_cpu(x, taps, bias, k, stride, gelu);
+    }
+    let y = depthwise_ops(x, taps, bias, k, stride)?;
+    if gelu { gelu_of(&y) } else { Ok(y) }
 }
 
 fn out_side(n: usize, k: usize, stride: usize) -> Result<usize> {
@@ -193,119 +284,115 @@ fn out_side(n: usize, k: usize, stride: usize) -> Result<usize> {
     Ok((n + 2 * pad - k) / stride + 1)
 }
 
-/// [`depthwise`] as a direct loop over output planes on the CPU threads.
-fn depthwise_cpu(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let (w, b) = (w.contiguous()?, b.contiguous()?);
-    let (n, c, h, wd) = x.dims4()?;
-    let (o, _, k, _) = w.dims4()?;
+/// `x [b, h, w, c]` with each channel repeated `m` times in place (`[b, h,
+/// w, m · c]`, channel `j` = input `j / m`).
+fn repeat_channels(x: &Tensor, m: usize) -> Result<Tensor> {
+    if m == 1 {
+        return Ok(x.clone());
+    }
+    let c = x.dim(3)?;
+    let idx: Vec<u32> = (0..(m * c) as u32).map(|j| j / m as u32).collect();
+    x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 3)
+}
+
+/// [`depthwise`] on the CPU threads: one task per output row, each pixel
+/// accumulating `k²` taps over all its channels at once (contiguous, so the
+/// loop is vectorised), GELU applied as the row is done.
+fn depthwise_cpu(
+    x: &Tensor,
+    taps: &Tensor,
+    bias: &Tensor,
+    k: usize,
+    stride: usize,
+    gelu: bool,
+) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    let o = bias.dim(0)?;
     if o % c != 0 {
         candle_core::bail!("{o} depthwise outputs for {c} input channels");
     }
-    let m = o / c;
+    let x = repeat_channels(x, o / c)?.contiguous()?;
+    let (taps, bias) = (taps.contiguous()?, bias.contiguous()?);
     let pad = k / 2;
-    let (oh, ow) = (out_side(h, k, stride)?, out_side(wd, k, stride)?);
-    let mut out = vec![0f32; n * o * oh * ow];
-    crate::cpu_kernels::with_f32s(&x, |xs| {
-        crate::cpu_kernels::with_f32s(&w, |ws| {
-            crate::cpu_kernels::with_f32s(&b, |bs| {
-                out.par_chunks_mut(oh * ow)
+    let (oh, ow) = (out_side(h, k, stride)?, out_side(w, k, stride)?);
+    let mut out = vec![0f32; n * oh * ow * o];
+    cpu_kernels::with_f32s(&x, |xs| {
+        cpu_kernels::with_f32s(&taps, |ts| {
+            cpu_kernels::with_f32s(&bias, |bs| {
+                out.par_chunks_mut(ow * o)
                     .enumerate()
-                    .for_each(|(plane, dst)| {
-                        let (img, oc) = (plane / o, plane % o);
-                        let src = &xs[(img * c + oc / m) * h * wd..][..h * wd];
-                        let taps = &ws[oc * k * k..][..k * k];
-                        dst.fill(bs[oc]);
-                        for kx in 0..k {
-                            // Output columns whose input column
-                            // `ox · stride + kx - pad` lies inside the image.
-                            let lo = pad.saturating_sub(kx).div_ceil(stride);
-                            let hi = if wd + pad > kx {
-                                ((wd - 1 + pad - kx) / stride + 1).min(ow)
-                            } else {
-                                0
-                            };
-                            if lo >= hi {
-                                continue;
-                            }
-                            for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
-                                for ky in 0..k {
-                                    let iy = (oy * stride + ky).wrapping_sub(pad);
-                                    if iy >= h {
+                    .for_each(|(row, dst)| {
+                        let (img, oy) = (row / oh, row % oh);
+                        let src = &xs[img * h * w * o..][..h * w * o];
+                        for (ox, px) in dst.chunks_exact_mut(o).enumerate() {
+                            px.copy_from_slice(bs);
+                            for ky in 0..k {
+                                let iy = (oy * stride + ky).wrapping_sub(pad);
+                                if iy >= h {
+                                    continue;
+                                }
+                                for kx in 0..k {
+                                    let ix = (ox * stride + kx).wrapping_sub(pad);
+                                    if ix >= w {
                                         continue;
                                     }
-                                    let srow = &src[iy * wd..][..wd];
-                                    let t = taps[ky * k + kx];
-                                    let first = lo * stride + kx - pad;
-                                    if stride == 1 {
-                                        for (d, s) in row[lo..hi].iter_mut().zip(&srow[first..]) {
-                                            *d += t * s;
-                                        }
-                                    } else {
-                                        for (d, s) in row[lo..hi]
-                                            .iter_mut()
-                                            .zip(srow[first..].iter().step_by(stride))
-                                        {
-                                            *d += t * s;
-                                        }
+                                    let s = &src[(iy * w + ix) * o..][..o];
+                                    let t = &ts[(ky * k + kx) * o..][..o];
+                                    for ((d, s), t) in px.iter_mut().zip(s).zip(t) {
+                                        *d += s * t;
                                     }
                                 }
                             }
+                        }
+                        if gelu {
+                            cpu_kernels::act_in_place(Epilogue::GeluErf, dst);
                         }
                     });
                 Ok(())
             })
         })
     })?;
-    Tensor::from_vec(out, (n, o, oh, ow), x.device())
+    Tensor::from_vec(out, (n, oh, ow, o), x.device())
 }
 
 /// [`depthwise`] in candle ops (any device and dtype): the sum over the
 /// `k²` taps of the shifted input scaled by that tap's weights, accumulated
 /// in f32 as PyTorch's half-precision convolutions accumulate (49 sums
-/// rounded to bf16 each lose the vector: cosine 0.82 on the fixtures).
-fn depthwise_ops(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Tensor> {
+/// rounded to bf16 each lose the vector).
+fn depthwise_ops(
+    x: &Tensor,
+    taps: &Tensor,
+    bias: &Tensor,
+    k: usize,
+    stride: usize,
+) -> Result<Tensor> {
     let dtype = x.dtype();
-    let (x, w, b) = (
-        x.to_dtype(DType::F32)?,
-        w.to_dtype(DType::F32)?,
-        b.to_dtype(DType::F32)?,
-    );
-    let (x, w, b) = (&x, &w, &b);
-    let (n, c, h, wd) = x.dims4()?;
-    let (o, _, k, _) = w.dims4()?;
+    let (n, h, w, c) = x.dims4()?;
+    let o = bias.dim(0)?;
     if o % c != 0 {
         candle_core::bail!("{o} depthwise outputs for {c} input channels");
     }
-    let m = o / c;
-    let x = if m > 1 {
-        let idx: Vec<u32> = (0..o as u32).map(|j| j / m as u32).collect();
-        x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 1)?
-    } else {
-        x.clone()
-    };
+    let x = repeat_channels(&x.to_dtype(DType::F32)?, o / c)?;
+    let taps = taps.to_dtype(DType::F32)?;
     let pad = k / 2;
-    let (oh, ow) = (out_side(h, k, stride)?, out_side(wd, k, stride)?);
+    let (oh, ow) = (out_side(h, k, stride)?, out_side(w, k, stride)?);
     // Padded so that every tap's window, `stride` times the output, fits.
     let (ph, pw) = ((oh - 1) * stride + k, (ow - 1) * stride + k);
     let xp = x
-        .pad_with_zeros(2, pad, (ph + stride).saturating_sub(h + pad))?
-        .pad_with_zeros(3, pad, (pw + stride).saturating_sub(wd + pad))?;
+        .pad_with_zeros(1, pad, (ph + stride).saturating_sub(h + pad))?
+        .pad_with_zeros(2, pad, (pw + stride).saturating_sub(w + pad))?;
     let mut acc: Option<Tensor> = None;
     for ky in 0..k {
         for kx in 0..k {
-            let mut tap = xp.narrow(2, ky, oh * stride)?.narrow(3, kx, ow * stride)?;
+            let mut tap = xp.narrow(1, ky, oh * stride)?.narrow(2, kx, ow * stride)?;
             if stride > 1 {
                 tap = tap
-                    .reshape((n, o, oh, stride, ow, stride))?
-                    .narrow(3, 0, 1)?
-                    .narrow(5, 0, 1)?
-                    .reshape((n, o, oh, ow))?;
+                    .reshape((n, oh, stride, ow, stride, o))?
+                    .narrow(2, 0, 1)?
+                    .narrow(4, 0, 1)?
+                    .reshape((n, oh, ow, o))?;
             }
-            let t = w
-                .narrow(2, ky, 1)?
-                .narrow(3, kx, 1)?
-                .reshape((1, o, 1, 1))?;
+            let t = taps.narrow(0, ky * k + kx, 1)?.reshape((1, 1, 1, o))?;
             let term = tap.broadcast_mul(&t)?;
             acc = Some(match acc {
                 None => term,
@@ -314,16 +401,19 @@ fn depthwise_ops(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize) -> Result<Te
         }
     }
     match acc {
-        Some(a) => a.broadcast_add(&b.reshape((1, o, 1, 1))?)?.to_dtype(dtype),
+        Some(a) => a
+            .broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, 1, 1, o))?)?
+            .to_dtype(dtype),
         None => candle_core::bail!("an empty kernel"),
     }
 }
 
-/// The mean of each channel of `[b, c, h, w]`, `[b, c]`, summed in f32.
+/// The mean of each channel of `[b, h, w, c]`, `[b, c]`, summed in f32.
 fn mean_hw(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
     x.to_dtype(DType::F32)?
-        .flatten_from(2)?
-        .mean(D::Minus1)?
+        .reshape((b, h * w, c))?
+        .mean(1)?
         .to_dtype(x.dtype())
 }
 
@@ -352,10 +442,9 @@ impl SqueezeExcite {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, _, _) = x.dims4()?;
-        let mean = mean_hw(x)?;
-        let gate = self.fc2.forward(&self.fc1.forward(&mean)?.relu()?)?;
-        let gate = candle_nn::ops::sigmoid(&gate)?.reshape((b, c, 1, 1))?;
+        let (b, _, _, c) = x.dims4()?;
+        let gate = self.fc2.forward(&self.fc1.forward(&mean_hw(x)?)?.relu()?)?;
+        let gate = candle_nn::ops::sigmoid(&gate)?.reshape((b, 1, 1, c))?;
         x.broadcast_mul(&gate)
     }
 }
@@ -370,17 +459,20 @@ struct ConvAct {
 
 impl ConvAct {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.conv.forward(x)?;
-        if let Some(se) = &self.se {
-            y = se.forward(&y)?;
+        match &self.se {
+            // The activation follows the gate.
+            Some(se) => {
+                let y = se.forward(&self.conv.forward(x, None, false)?)?;
+                if self.act { gelu_of(&y) } else { Ok(y) }
+            }
+            None => self.conv.forward(x, None, self.act),
         }
-        if self.act { y.gelu_erf() } else { Ok(y) }
     }
 }
 
 /// timm's `ConvMlp`: a 7×7 depthwise convolution (batch norm folded), a
-/// pointwise expansion, GELU, a pointwise projection (the block's layer
-/// scale folded in).
+/// pointwise expansion with GELU, a pointwise projection (the block's layer
+/// scale folded in) added to the input.
 struct ConvMlp {
     conv: Conv,
     fc1: Conv,
@@ -388,27 +480,31 @@ struct ConvMlp {
 }
 
 impl ConvMlp {
-    fn new(vb: &VarBuilder, layer_scale: Option<Tensor>, dtype: DType) -> Result<Self> {
+    fn new(
+        vb: &VarBuilder,
+        layer_scale: Option<Tensor>,
+        kernels: Kernels,
+        dtype: DType,
+    ) -> Result<Self> {
         let (mut w2, mut b2) = (f32_of(vb, "fc2.weight")?, f32_of(vb, "fc2.bias")?);
         if let Some(g) = layer_scale {
             w2 = scale_rows(&w2, &g)?;
             b2 = (b2 * g)?;
         }
+        let conv = |wb| Conv::new(wb, 1, kernels, dtype);
         Ok(Self {
-            conv: Conv::new(conv_bn(&vb.pp("conv"))?, 1, dtype)?,
-            fc1: Conv::new(
-                (f32_of(vb, "fc1.weight")?, f32_of(vb, "fc1.bias")?),
-                1,
-                dtype,
-            )?,
-            fc2: Conv::new((w2, b2), 1, dtype)?,
+            conv: conv(conv_bn(&vb.pp("conv"))?)?,
+            fc1: conv((f32_of(vb, "fc1.weight")?, f32_of(vb, "fc1.bias")?))?,
+            fc2: conv((w2, b2))?,
         })
     }
 
     /// `x + mlp(x)`.
     fn forward_residual(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(&self.conv.forward(x)?)?.gelu_erf()?;
-        x + self.fc2.forward(&h)?
+        let h = self
+            .fc1
+            .forward(&self.conv.forward(x, None, false)?, None, true)?;
+        self.fc2.forward(&h, Some(x), false)
     }
 }
 
@@ -421,26 +517,21 @@ fn layer_scale(vb: &VarBuilder, name: &str) -> Result<Option<Tensor>> {
     f32_of(vb, &key)?.flatten_all().map(Some)
 }
 
-/// The norm before attention.
-enum AttentionNorm {
-    /// A batch norm, folded into the QKV layer.
-    Folded,
-    /// `LayerNorm2d` (MCi3/MCi4): over the channels of each position.
-    Layer(LayerNorm),
-}
-
 /// timm's FastViT `AttentionBlock`: `x + proj(attention(norm(x)))`, then
-/// `x + mlp(x)`, over the positions of a feature map.
+/// `x + mlp(x)`, over the positions of a feature map as tokens.
 struct AttentionBlock {
-    norm: AttentionNorm,
-    qkv: Linear,
-    proj: Linear,
+    /// `LayerNorm2d` (MCi3/MCi4), over each position's channels; a batch
+    /// norm (MCi0–2) is folded into the QKV layer instead.
+    norm: Option<Norm>,
+    qkv: Dense,
+    proj: Dense,
     heads: usize,
+    kernels: Kernels,
     mlp: ConvMlp,
 }
 
 impl AttentionBlock {
-    fn new(vb: &VarBuilder, dtype: DType) -> Result<Self> {
+    fn new(vb: &VarBuilder, kernels: Kernels, dtype: DType) -> Result<Self> {
         let mixer = vb.pp("token_mixer");
         let mut qkv_w = f32_of(&mixer, "qkv.weight")?;
         let c = qkv_w.dim(1)?;
@@ -462,11 +553,11 @@ impl AttentionBlock {
             let (s, t) = batch_norm(&vb.pp("norm"))?;
             qkv_b = (qkv_b + qkv_w.matmul(&t.unsqueeze(1)?)?.squeeze(1)?)?;
             qkv_w = qkv_w.broadcast_mul(&s.unsqueeze(0)?)?;
-            AttentionNorm::Folded
+            None
         } else {
             let w = f32_of(vb, "norm.weight")?.to_dtype(dtype)?;
             let b = f32_of(vb, "norm.bias")?.to_dtype(dtype)?;
-            AttentionNorm::Layer(LayerNorm::new(w, b, BN_EPS))
+            Some(Norm::new(w, b, BN_EPS, kernels))
         };
         let (mut proj_w, mut proj_b) =
             (f32_of(&mixer, "proj.weight")?, f32_of(&mixer, "proj.bias")?);
@@ -474,37 +565,52 @@ impl AttentionBlock {
             proj_w = scale_rows(&proj_w, &g)?;
             proj_b = (proj_b * g)?;
         }
+        let dense = |w: Tensor, b: Tensor, input| {
+            Dense::from_linear(
+                Linear::new(w.to_dtype(dtype)?, Some(b.to_dtype(dtype)?)),
+                kernels,
+                input,
+            )
+        };
         Ok(Self {
             norm,
-            qkv: Linear::new(qkv_w.to_dtype(dtype)?, Some(qkv_b.to_dtype(dtype)?)),
-            proj: Linear::new(proj_w.to_dtype(dtype)?, Some(proj_b.to_dtype(dtype)?)),
+            qkv: dense(qkv_w, qkv_b, Input::Narrow)?,
+            proj: dense(proj_w, proj_b, Input::Wide)?,
             heads: c / HEAD_DIM,
-            mlp: ConvMlp::new(&vb.pp("mlp"), layer_scale(vb, "layer_scale_2")?, dtype)?,
+            kernels,
+            mlp: ConvMlp::new(
+                &vb.pp("mlp"),
+                layer_scale(vb, "layer_scale_2")?,
+                kernels,
+                dtype,
+            )?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let (b, h, w, c) = x.dims4()?;
         let n = h * w;
-        let mut t = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
-        if let AttentionNorm::Layer(ln) = &self.norm {
-            t = ln.forward(&t)?;
-        }
-        let qkv = self
-            .qkv
-            .forward(&t)?
-            .reshape((b, n, 3, self.heads, HEAD_DIM))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)? * (HEAD_DIM as f64).powf(-0.5))?.contiguous()?;
-        let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-        let att = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let tokens = x.reshape((b, n, c))?;
+        let normed = match &self.norm {
+            Some(norm) => norm.forward(&tokens)?,
+            None => tokens.clone(),
+        };
+        let qkv = self.qkv.forward_fused(&normed, None, Epilogue::None)?;
+        let heads = if self.kernels.host(&qkv) {
+            cpu_kernels::attention(&qkv, self.heads, Visible::All)?
+        } else {
+            let qkv = qkv
+                .reshape((b, n, 3, self.heads, HEAD_DIM))?
+                .permute((2, 0, 3, 1, 4))?;
+            let q = (qkv.get(0)? * (HEAD_DIM as f64).powf(-0.5))?.contiguous()?;
+            let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+            let att = softmax(self.kernels, &q.matmul(&k.t()?)?)?;
+            att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?
+        };
         let y = self
             .proj
-            .forward(&y)?
-            .transpose(1, 2)?
-            .reshape((b, c, h, w))?;
-        self.mlp.forward_residual(&(x + y)?)
+            .forward_fused(&heads, Some(&tokens), Epilogue::None)?;
+        self.mlp.forward_residual(&y.reshape((b, h, w, c))?)
     }
 }
 
@@ -523,7 +629,7 @@ struct RepMixerBlock {
 }
 
 impl RepMixerBlock {
-    fn new(vb: &VarBuilder, dtype: DType) -> Result<Self> {
+    fn new(vb: &VarBuilder, kernels: Kernels, dtype: DType) -> Result<Self> {
         let tm = vb.pp("token_mixer");
         let mixer = if tm.contains_tensor("reparam_conv.weight") {
             let w = f32_of(&tm, "reparam_conv.weight")?;
@@ -540,13 +646,19 @@ impl RepMixerBlock {
             (dw, db)
         };
         Ok(Self {
-            mixer: Conv::new(mixer, 1, dtype)?,
-            mlp: ConvMlp::new(&vb.pp("mlp"), layer_scale(vb, "layer_scale")?, dtype)?,
+            mixer: Conv::new(mixer, 1, kernels, dtype)?,
+            mlp: ConvMlp::new(
+                &vb.pp("mlp"),
+                layer_scale(vb, "layer_scale")?,
+                kernels,
+                dtype,
+            )?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.mlp.forward_residual(&(x + self.mixer.forward(x)?)?)
+        self.mlp
+            .forward_residual(&self.mixer.forward(x, Some(x), false)?)
     }
 }
 
@@ -557,8 +669,8 @@ enum Block {
 
 /// One stage: an optional downsampling (`PatchEmbed`: a large-kernel
 /// convolution with activation, then a pointwise MobileOne block), an
-/// optional conditional position encoding (`RepCPE`, a 7×7 depthwise
-/// convolution plus its input, folded), and its blocks.
+/// optional conditional position encoding (`RepCPE`: `x` plus a 7×7
+/// depthwise convolution of it), and its blocks.
 struct Stage {
     downsample: Vec<ConvAct>,
     pos_emb: Option<Conv>,
@@ -566,7 +678,7 @@ struct Stage {
 }
 
 impl Stage {
-    fn new(vb: &VarBuilder, dtype: DType) -> Result<Self> {
+    fn new(vb: &VarBuilder, kernels: Kernels, dtype: DType) -> Result<Self> {
         let mut downsample = Vec::new();
         let ds = vb.pp("downsample.proj");
         let large = ds.pp("0");
@@ -590,34 +702,28 @@ impl Stage {
                 }
             };
             downsample.push(ConvAct {
-                conv: Conv::new(folded, 2, dtype)?,
+                conv: Conv::new(folded, 2, kernels, dtype)?,
                 se: SqueezeExcite::new(&large, dtype)?,
                 // `lkc_use_act`: every MCi variant has it.
                 act: true,
             });
             let point = ds.pp("1");
             downsample.push(ConvAct {
-                conv: Conv::new(mobileone(&point, 1, false)?, 1, dtype)?,
+                conv: Conv::new(mobileone(&point, 1, false)?, 1, kernels, dtype)?,
                 se: SqueezeExcite::new(&point, dtype)?,
                 act: true,
             });
         }
-        let pe = vb.pp("pos_emb");
         // `x + pos_enc(x)`, the identity kept apart (see RepMixerBlock).
+        let pe = vb.pp("pos_emb");
         let pos_emb = if pe.contains_tensor("reparam_conv.weight") {
             let w = f32_of(&pe, "reparam_conv.weight")?;
             let id = identity_kernel(w.dim(0)?, w.dim(1)?, w.dim(2)?, w.device())?;
-            Some(Conv::new(
-                ((w - id)?, f32_of(&pe, "reparam_conv.bias")?),
-                1,
-                dtype,
-            )?)
+            let folded = ((w - id)?, f32_of(&pe, "reparam_conv.bias")?);
+            Some(Conv::new(folded, 1, kernels, dtype)?)
         } else if pe.contains_tensor("pos_enc.weight") {
-            Some(Conv::new(
-                (f32_of(&pe, "pos_enc.weight")?, f32_of(&pe, "pos_enc.bias")?),
-                1,
-                dtype,
-            )?)
+            let w = (f32_of(&pe, "pos_enc.weight")?, f32_of(&pe, "pos_enc.bias")?);
+            Some(Conv::new(w, 1, kernels, dtype)?)
         } else {
             None
         };
@@ -625,9 +731,9 @@ impl Stage {
         loop {
             let b = vb.pp(format!("blocks.{}", blocks.len()));
             if b.contains_tensor("token_mixer.qkv.weight") {
-                blocks.push(Block::Attention(AttentionBlock::new(&b, dtype)?));
+                blocks.push(Block::Attention(AttentionBlock::new(&b, kernels, dtype)?));
             } else if b.contains_tensor("mlp.fc1.weight") {
-                blocks.push(Block::RepMixer(RepMixerBlock::new(&b, dtype)?));
+                blocks.push(Block::RepMixer(RepMixerBlock::new(&b, kernels, dtype)?));
             } else {
                 break;
             }
@@ -645,7 +751,7 @@ impl Stage {
             x = d.forward(&x)?;
         }
         if let Some(pe) = &self.pos_emb {
-            x = (&x + pe.forward(&x)?)?;
+            x = pe.forward(&x, Some(&x), false)?;
         }
         for b in &self.blocks {
             x = match b {
@@ -668,11 +774,21 @@ pub(crate) struct FastVit {
 
 impl FastVit {
     /// Loads the trunk under `vb` (`visual.trunk`) as timm variant `name`,
-    /// its head projecting to `embed_dim`.
-    pub(crate) fn new(name: &str, embed_dim: usize, vb: VarBuilder) -> Result<Self> {
+    /// its head projecting to `embed_dim`. Int8 applies to the text tower
+    /// only: the image tower runs f32 ([`Kernels::Fused`]) then.
+    pub(crate) fn new(
+        name: &str,
+        embed_dim: usize,
+        kernels: Kernels,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         if !name.starts_with("fastvit_mci") {
             candle_core::bail!("timm model `{name}` is not a FastViT MCi tower");
         }
+        let kernels = match kernels {
+            Kernels::Int8 => Kernels::Fused,
+            k => k,
+        };
         let dtype = vb.dtype();
         let stem = [(3, 2, false), (3, 2, true), (1, 1, false)]
             .iter()
@@ -680,7 +796,7 @@ impl FastVit {
             .map(|(i, &(k, stride, depthwise))| {
                 let b = vb.pp(format!("stem.{i}"));
                 Ok(ConvAct {
-                    conv: Conv::new(mobileone(&b, k, depthwise)?, stride, dtype)?,
+                    conv: Conv::new(mobileone(&b, k, depthwise)?, stride, kernels, dtype)?,
                     se: SqueezeExcite::new(&b, dtype)?,
                     act: true,
                 })
@@ -688,10 +804,8 @@ impl FastVit {
             .collect::<Result<Vec<_>>>()?;
         let mut stages = Vec::new();
         while vb.contains_tensor(&format!("stages.{}.blocks.0.mlp.fc1.weight", stages.len())) {
-            stages.push(Stage::new(
-                &vb.pp(format!("stages.{}", stages.len())),
-                dtype,
-            )?);
+            let s = vb.pp(format!("stages.{}", stages.len()));
+            stages.push(Stage::new(&s, kernels, dtype)?);
         }
         if stages.is_empty() {
             candle_core::bail!(
@@ -701,7 +815,7 @@ impl FastVit {
         }
         let fc = vb.pp("final_conv");
         let final_conv = ConvAct {
-            conv: Conv::new(mobileone(&fc, 3, true)?, 1, dtype)?,
+            conv: Conv::new(mobileone(&fc, 3, true)?, 1, kernels, dtype)?,
             se: SqueezeExcite::new(&fc, dtype)?,
             act: true,
         };
@@ -724,9 +838,10 @@ impl FastVit {
         })
     }
 
-    /// `[b, 3, s, s]` pixels to `[b, embed_dim]` (not normalised).
+    /// `[b, 3, s, s]` pixels (channels-first, as every tower takes them) to
+    /// `[b, embed_dim]` (not normalised).
     pub(crate) fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let mut x = pixels.clone();
+        let mut x = pixels.permute((0, 2, 3, 1))?;
         for s in &self.stem {
             x = s.forward(&x)?;
         }
@@ -734,8 +849,7 @@ impl FastVit {
             x = s.forward(&x)?;
         }
         let x = self.final_conv.forward(&x)?;
-        let pooled = mean_hw(&x)?;
-        self.head.forward(&pooled)
+        self.head.forward(&mean_hw(&x)?)
     }
 }
 
@@ -756,9 +870,10 @@ mod tests {
             .unwrap()
     }
 
-    /// The CPU loop and the candle-op sum against candle's own grouped
-    /// convolution, for the shapes FastViT uses: 3×3 and 7×7, stride 1 and
-    /// 2, one or two outputs per input channel, odd and even sides.
+    /// The CPU loop and the candle-op sum (channels-last) against candle's
+    /// own grouped convolution (channels-first), for the shapes FastViT
+    /// uses: 3×3 and 7×7, stride 1 and 2, one or two outputs per input
+    /// channel, odd and even sides.
     #[test]
     fn depthwise_paths_match_candles_grouped_convolution() -> Result<()> {
         let dev = Device::Cpu;
@@ -775,8 +890,11 @@ mod tests {
             let want = x
                 .conv2d(&wt, k / 2, stride, 1, c)?
                 .broadcast_add(&b.reshape((1, c * m, 1, 1))?)?;
-            let cpu = depthwise_cpu(&x, &wt, &b, stride)?;
-            let ops = depthwise_ops(&x, &wt, &b, stride)?;
+            let taps = wt.reshape((c * m, k * k))?.t()?.contiguous()?;
+            let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
+            let back = |t: Tensor| t.permute((0, 3, 1, 2));
+            let cpu = back(depthwise_cpu(&nhwc, &taps, &b, k, stride, false)?)?;
+            let ops = back(depthwise_ops(&nhwc, &taps, &b, k, stride)?)?;
             assert_eq!(cpu.dims(), want.dims(), "{c} {m} {k} {stride} {h} {w}");
             assert_eq!(ops.dims(), want.dims(), "{c} {m} {k} {stride} {h} {w}");
             assert!(

@@ -117,7 +117,7 @@ impl Kernels {
     }
 
     /// Whether `x` goes through our own CPU kernels (fused f32 or int8).
-    fn host(self, x: &Tensor) -> bool {
+    pub(crate) fn host(self, x: &Tensor) -> bool {
         matches!(self, Kernels::Fused | Kernels::Int8) && cpu_kernels::supported(x)
     }
 }
@@ -139,7 +139,7 @@ fn cuda_graph(var: Option<&str>) -> Kernels {
 }
 
 /// Layer norm that can run on either kernel set.
-struct Norm {
+pub(crate) struct Norm {
     ln: LayerNorm,
     eps: f64,
     kernels: Kernels,
@@ -156,7 +156,16 @@ fn norm(d: usize, eps: f64, kernels: Kernels, vb: VarBuilder) -> Result<Norm> {
 }
 
 impl Norm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// A layer norm from its weight and bias.
+    pub(crate) fn new(w: Tensor, b: Tensor, eps: f64, kernels: Kernels) -> Self {
+        Self {
+            ln: LayerNorm::new(w, b, eps),
+            eps,
+            kernels,
+        }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.kernels.fused() {
             if let (true, Some(b)) = (self.kernels.host(x), self.ln.bias()) {
                 return cpu_kernels::layer_norm(x, self.ln.weight(), b, self.eps);
@@ -189,7 +198,7 @@ impl Norm {
 /// QuickGELU's sigmoid scale: `x · σ(1.702 x)` (OpenAI CLIP).
 const QUICK_GELU: f64 = 1.702;
 
-fn activate(act: Activation, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn activate(act: Activation, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
     match act {
         Activation::QuickGelu if kernels == Kernels::Differentiable && train_ops::supported(x) => {
             train_ops::quick_gelu(x)
@@ -206,7 +215,7 @@ fn activate(act: Activation, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
 
 /// Softmax over the last dimension: candle's fused kernel for inference,
 /// ops candle can differentiate for training.
-fn softmax(kernels: Kernels, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax(kernels: Kernels, w: &Tensor) -> Result<Tensor> {
     match kernels {
         Kernels::Fused | Kernels::Int8 | Kernels::Portable | Kernels::Cublas => {
             candle_nn::ops::softmax_last_dim(w)
@@ -229,7 +238,7 @@ fn repeat_rows(v: &Tensor, n: usize) -> Result<Tensor> {
 }
 
 /// A linear layer (Hugging Face `weight`/`bias` names) on either kernel set.
-struct Dense {
+pub(crate) struct Dense {
     linear: Weights,
     kernels: Kernels,
 }
@@ -244,7 +253,7 @@ enum Weights {
 
 /// How wide a layer's int8 form quantises its activations.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Input {
+pub(crate) enum Input {
     /// 8 bits per value where the CPU has AVX-512 VNNI (a tile with an
     /// outlier row takes 16, see [`crate::w8a8`]), else 16.
     Narrow,
@@ -281,7 +290,7 @@ fn packed_layer(
 
 impl Dense {
     /// `linear` as is, or packed for our CPU kernels ([`packed_layer`]).
-    fn from_linear(linear: Linear, kernels: Kernels, input: Input) -> Result<Self> {
+    pub(crate) fn from_linear(linear: Linear, kernels: Kernels, input: Input) -> Result<Self> {
         let linear = match packed_layer(linear.weight(), linear.bias(), kernels, input)? {
             Some(p) => Weights::Packed(p),
             None => Weights::Float(linear),
@@ -367,7 +376,7 @@ fn matmul_rows(
 impl Dense {
     /// Inference: `act(x wᵀ + b) + residual`, in one fused CPU kernel when
     /// the tensors allow, else with candle's ops.
-    fn forward_fused(
+    pub(crate) fn forward_fused(
         &self,
         x: &Tensor,
         residual: Option<&Tensor>,
@@ -1070,6 +1079,7 @@ impl VisionTower {
             Some(name) => VisionKind::FastVit(Box::new(crate::fastvit::FastVit::new(
                 name,
                 c.projection_dim,
+                kernels,
                 vb.root().pp("visual.trunk"),
             )?)),
             None => VisionKind::Vit(Box::new(Vit::new(c, kernels, vb)?)),
