@@ -295,6 +295,90 @@ fn repeat_channels(x: &Tensor, m: usize) -> Result<Tensor> {
     x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 3)
 }
 
+/// Channels [`depthwise_cpu`] accumulates at once: eight AVX2 registers.
+const LANES: usize = 64;
+
+/// Where one output row of a depthwise convolution reads.
+#[derive(Clone, Copy)]
+struct Geometry {
+    h: usize,
+    w: usize,
+    /// Channels (input repeated to match the output).
+    o: usize,
+    k: usize,
+    stride: usize,
+    /// The output row.
+    oy: usize,
+}
+
+/// One output row `dst [ow · o]` of a depthwise convolution of the image
+/// `src [h, w, o]` with `taps [k · k, o]` and `bias [o]`.
+#[inline(always)]
+fn depthwise_row<const FMA: bool>(
+    g: Geometry,
+    src: &[f32],
+    ts: &[f32],
+    bs: &[f32],
+    dst: &mut [f32],
+) {
+    let Geometry {
+        h,
+        w,
+        o,
+        k,
+        stride,
+        oy,
+    } = g;
+    let pad = k / 2;
+    let inside = |t: usize, n: usize, i: usize| (i * stride + t).wrapping_sub(pad) < n;
+    let madd = |acc: f32, s: f32, t: f32| if FMA { s.mul_add(t, acc) } else { acc + s * t };
+    for (ox, px) in dst.chunks_exact_mut(o).enumerate() {
+        // The taps this pixel reads (those inside the image).
+        let read = |ky: usize, kx: usize| {
+            let (iy, ix) = (oy * stride + ky - pad, ox * stride + kx - pad);
+            (
+                &src[(iy * w + ix) * o..][..o],
+                &ts[(ky * k + kx) * o..][..o],
+            )
+        };
+        // Channels in blocks held in registers across every tap: one
+        // store per block, not one per tap.
+        let mut c0 = 0;
+        while c0 + LANES <= o {
+            let mut acc: [f32; LANES] = bs[c0..c0 + LANES].try_into().unwrap_or([0.0; LANES]);
+            for ky in (0..k).filter(|&ky| inside(ky, h, oy)) {
+                for kx in (0..k).filter(|&kx| inside(kx, w, ox)) {
+                    let (s, t) = read(ky, kx);
+                    let s: &[f32; LANES] = s[c0..c0 + LANES].try_into().unwrap_or(&[0.0; LANES]);
+                    let t: &[f32; LANES] = t[c0..c0 + LANES].try_into().unwrap_or(&[0.0; LANES]);
+                    for j in 0..LANES {
+                        acc[j] = madd(acc[j], s[j], t[j]);
+                    }
+                }
+            }
+            px[c0..c0 + LANES].copy_from_slice(&acc);
+            c0 += LANES;
+        }
+        if c0 < o {
+            px[c0..].copy_from_slice(&bs[c0..]);
+            for ky in (0..k).filter(|&ky| inside(ky, h, oy)) {
+                for kx in (0..k).filter(|&kx| inside(kx, w, ox)) {
+                    let (s, t) = read(ky, kx);
+                    for ((d, s), t) in px[c0..].iter_mut().zip(&s[c0..]).zip(&t[c0..]) {
+                        *d = madd(*d, *s, *t);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn depthwise_row_avx2(g: Geometry, src: &[f32], ts: &[f32], bs: &[f32], dst: &mut [f32]) {
+    depthwise_row::<true>(g, src, ts, bs, dst)
+}
+
 /// [`depthwise`] on the CPU threads: one task per output row, each pixel
 /// accumulating `k²` taps over all its channels at once (contiguous, so the
 /// loop is vectorised), GELU applied as the row is done.
@@ -313,7 +397,6 @@ fn depthwise_cpu(
     }
     let x = repeat_channels(x, o / c)?.contiguous()?;
     let (taps, bias) = (taps.contiguous()?, bias.contiguous()?);
-    let pad = k / 2;
     let (oh, ow) = (out_side(h, k, stride)?, out_side(w, k, stride)?);
     let mut out = vec![0f32; n * oh * ow * o];
     cpu_kernels::with_f32s(&x, |xs| {
@@ -324,26 +407,23 @@ fn depthwise_cpu(
                     .for_each(|(row, dst)| {
                         let (img, oy) = (row / oh, row % oh);
                         let src = &xs[img * h * w * o..][..h * w * o];
-                        for (ox, px) in dst.chunks_exact_mut(o).enumerate() {
-                            px.copy_from_slice(bs);
-                            for ky in 0..k {
-                                let iy = (oy * stride + ky).wrapping_sub(pad);
-                                if iy >= h {
-                                    continue;
-                                }
-                                for kx in 0..k {
-                                    let ix = (ox * stride + kx).wrapping_sub(pad);
-                                    if ix >= w {
-                                        continue;
-                                    }
-                                    let s = &src[(iy * w + ix) * o..][..o];
-                                    let t = &ts[(ky * k + kx) * o..][..o];
-                                    for ((d, s), t) in px.iter_mut().zip(s).zip(t) {
-                                        *d += s * t;
-                                    }
-                                }
-                            }
+                        let geo = Geometry {
+                            h,
+                            w,
+                            o,
+                            k,
+                            stride,
+                            oy,
+                        };
+                        #[cfg(target_arch = "x86_64")]
+                        if cpu_kernels::has_avx2_fma() {
+                            // SAFETY: the CPU has the features this copy was compiled for.
+                            unsafe { depthwise_row_avx2(geo, src, ts, bs, dst) };
+                        } else {
+                            depthwise_row::<false>(geo, src, ts, bs, dst);
                         }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        depthwise_row::<false>(geo, src, ts, bs, dst);
                         if gelu {
                             cpu_kernels::act_in_place(Epilogue::GeluErf, dst);
                         }
@@ -883,6 +963,9 @@ mod tests {
             (3, 1, 7, 1, 5, 6),
             (2, 2, 3, 2, 7, 9),
             (5, 1, 7, 2, 3, 4),
+            // Wider than a register block, with a tail.
+            (80, 1, 3, 1, 6, 5),
+            (64, 2, 7, 2, 9, 8),
         ] {
             let x = Tensor::randn(0f32, 1.0, (2, c, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (c * m, 1, k, k), &dev)?;
