@@ -38,6 +38,9 @@ use crate::config::Activation;
 use crate::cpu_kernels::{self, Epilogue, Visible};
 use crate::model::{Dense, Input, Kernels, Norm, activate, softmax};
 
+/// Images the CPU runs through the tower at once (see [`FastVit::forward`]).
+const CPU_CHUNK: usize = 8;
+
 /// timm's batch norms keep PyTorch's default epsilon (not stored).
 const BN_EPS: f64 = 1e-5;
 /// timm's FastViT attention: 32 channels per head, whatever the width.
@@ -921,6 +924,17 @@ impl FastVit {
     /// `[b, 3, s, s]` pixels (channels-first, as every tower takes them) to
     /// `[b, embed_dim]` (not normalised).
     pub(crate) fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let b = pixels.dim(0)?;
+        if pixels.device().is_cpu() && b > CPU_CHUNK {
+            // The first stages' maps of a large batch outgrow the caches
+            // (at 256 px, 32 images' MLP expansion in stage 0 is 100 MB):
+            // a few images at a time, each chunk its own passes.
+            let parts = (0..b)
+                .step_by(CPU_CHUNK)
+                .map(|i| self.forward(&pixels.narrow(0, i, CPU_CHUNK.min(b - i))?))
+                .collect::<Result<Vec<_>>>()?;
+            return Tensor::cat(&parts, 0);
+        }
         let mut x = pixels.permute((0, 2, 3, 1))?;
         for s in &self.stem {
             x = s.forward(&x)?;
