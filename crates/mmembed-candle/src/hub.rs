@@ -194,6 +194,26 @@ fn shard_names(index: &Path, model: &str) -> Result<Vec<String>, EmbedError> {
     Ok(names)
 }
 
+/// `e` (a repository's missing weights) saying that open_clip's layout was
+/// looked for too.
+fn also_no_open_clip(e: EmbedError) -> EmbedError {
+    match e {
+        EmbedError::ModelLoad {
+            model,
+            reason,
+            source,
+        } => EmbedError::ModelLoad {
+            model,
+            reason: format!(
+                "{reason} (nor is {OPEN_CLIP_CONFIG}, which an open_clip checkpoint such as \
+                 MobileCLIP has instead)"
+            ),
+            source,
+        },
+        other => other,
+    }
+}
+
 /// Gets one file of the repository, from the cache or the network.
 type FetchFn = dyn Fn(&str) -> Result<PathBuf, EmbedError>;
 
@@ -216,7 +236,9 @@ pub fn hub_files(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelF
                         "{name} is not in the Hugging Face cache ({cache_path}) and HF_HUB_OFFLINE \
                          is set. Fetch the model once with network access (unset HF_HUB_OFFLINE), \
                          copy a cache that has it into HF_HOME, or pass a local directory holding \
-                         config.json, model.safetensors, tokenizer.json and preprocessor_config.json"
+                         config.json, model.safetensors, tokenizer.json and preprocessor_config.json \
+                         (an open_clip checkpoint: {OPEN_CLIP_CONFIG}, {OPEN_CLIP_WEIGHTS} and \
+                         tokenizer.json)"
                     ),
                     None,
                 )
@@ -243,22 +265,6 @@ pub fn hub_files(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelF
             })
         })
     };
-    let config = match get(OTHERS[0]) {
-        Ok(p) => p,
-        Err(e) => match get(OPEN_CLIP_CONFIG) {
-            // An open_clip repository (MobileCLIP): its config holds the
-            // preprocessing too.
-            Ok(config) => {
-                return Ok(ModelFiles {
-                    weights: vec![get(OPEN_CLIP_WEIGHTS)?],
-                    tokenizer: get(OTHERS[1])?,
-                    preprocessor: config.clone(),
-                    config,
-                });
-            }
-            Err(_) => return Err(e),
-        },
-    };
     let weights = match get(SINGLE) {
         Ok(p) => vec![p],
         Err(single_err) => match get(INDEX) {
@@ -266,11 +272,25 @@ pub fn hub_files(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelF
                 .iter()
                 .map(|s| get(s))
                 .collect::<Result<_, _>>()?,
-            Err(_) => return Err(single_err),
+            Err(_) => match get(OPEN_CLIP_CONFIG) {
+                // An open_clip repository (MobileCLIP): its config holds
+                // the preprocessing too.
+                Ok(config) => {
+                    return Ok(ModelFiles {
+                        weights: vec![get(OPEN_CLIP_WEIGHTS)?],
+                        tokenizer: get(OTHERS[1])?,
+                        preprocessor: config.clone(),
+                        config,
+                    });
+                }
+                // Neither layout: the first error, saying the other was
+                // looked for too.
+                Err(_) => return Err(also_no_open_clip(single_err)),
+            },
         },
     };
     Ok(ModelFiles {
-        config,
+        config: get(OTHERS[0])?,
         weights,
         tokenizer: match get(OTHERS[1]) {
             Ok(p) => p,

@@ -86,8 +86,12 @@ fn serve(dir: &Path) -> FakeHub {
         "model.safetensors",
         "tokenizer.json",
         "preprocessor_config.json",
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
     ] {
-        files.insert(name.to_string(), std::fs::read(dir.join(name)).unwrap());
+        if let Ok(bytes) = std::fs::read(dir.join(name)) {
+            files.insert(name.to_string(), bytes);
+        }
     }
     let files = Arc::new(files);
     let requests = Arc::new(AtomicUsize::new(0));
@@ -208,6 +212,64 @@ async fn download_then_warm_cache_offline_then_cold_cache_offline() {
     }
     assert!(!msg.contains("hf_test_secret_token"));
     assert_eq!(hub.requests.load(Ordering::SeqCst), before);
+}
+
+/// An open_clip repository (MobileCLIP's layout: no config.json or
+/// model.safetensors) is fetched as its files and loads as the directory
+/// does; offline with a cold cache, the error names both layouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_clip_repositories_are_fetched_by_their_own_names() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/tiny-mobileclip");
+    let hub = serve(&dir);
+    let cache = tempfile::tempdir().unwrap();
+    let opts = |offline: bool, cache: &Path| {
+        // The fake hub serves this fixture under its one repository name.
+        LocalOptions::new(format!("{REPO}@{COMMIT}"))
+            .with_device(DeviceSpec::Cpu)
+            .with_hub(HubOptions {
+                offline,
+                cache_dir: Some(cache.to_path_buf()),
+                endpoint: Some(hub.url.clone()),
+                token: None,
+            })
+    };
+    let e = LocalEmbedder::load_blocking(opts(false, cache.path())).unwrap();
+    let log = hub.log.lock().unwrap().clone();
+    for f in [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "tokenizer.json",
+    ] {
+        assert!(
+            log.iter().any(|p| p.ends_with(f)),
+            "{f} not fetched: {log:?}"
+        );
+    }
+    let direct = LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.to_str().unwrap()).with_device(DeviceSpec::Cpu),
+    )
+    .unwrap();
+    assert_eq!(e.info().space, direct.info().space);
+    let a = e
+        .embed(EmbedRequest::text("a photo of a cat"))
+        .await
+        .unwrap();
+    let b = direct
+        .embed(EmbedRequest::text("a photo of a cat"))
+        .await
+        .unwrap();
+    assert_eq!(a.text, b.text);
+    let cold = tempfile::tempdir().unwrap();
+    let msg = LocalEmbedder::load_blocking(opts(true, cold.path()))
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "model.safetensors",
+        "open_clip_config.json",
+        "HF_HUB_OFFLINE",
+    ] {
+        assert!(msg.contains(needle), "missing {needle:?} in: {msg}");
+    }
 }
 
 #[test]
