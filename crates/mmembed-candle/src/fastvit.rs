@@ -7,9 +7,10 @@
 //! and the conditional position encoding adds its input back. Each of those
 //! is one convolution at inference (RepVGG's reparameterisation, what timm's
 //! `reparameterize_model` does), so the loader folds them, in f32, into one
-//! kernel and bias each, and also reads checkpoints already folded
-//! (`reparam_conv`). Batch norms before attention fold into the QKV layer,
-//! layer scales into the layer before them.
+//! kernel and bias each (RepMixer's and the position encoding's identity
+//! kept apart, see [`RepMixerBlock`]), and also reads checkpoints already
+//! folded (`reparam_conv`). Batch norms before attention fold into the QKV
+//! layer, layer scales into the layer before them.
 //!
 //! Depths, widths, which stages downsample, carry a position encoding or
 //! attend, and which norm precedes attention are read from the weights, not
