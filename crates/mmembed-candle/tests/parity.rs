@@ -370,6 +370,27 @@ fn reparameterized_mobileclip_matches_open_clip() {
     check_model(dir.path(), &f.join("images"), Precision::F32);
 }
 
+/// The batch path's decode (a JPEG decoded only in the columns its crop
+/// reads, `decode_crop_into`) gives the bytes of the whole decode's crop
+/// under open_clip's preprocessing too: bilinear, and a crop origin that
+/// rounds half to even (the rocket's margin, 383 − 256, is odd).
+#[test]
+fn mobileclip_partial_jpeg_decode_crops_as_the_whole_decode() {
+    let f = fixtures();
+    let files = local_files(&f.join("tiny-mobileclip")).unwrap();
+    let clip = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+    let pre = &clip.preprocessor;
+    let bytes = std::fs::read(f.join("images/rocket_640x427.jpg")).unwrap();
+    let limits = ImageLimits::default();
+    let whole = decode_image(&bytes, "rocket", &limits).unwrap();
+    let mut want = vec![0u8; 256 * 256 * 3];
+    pre.crop_into(&whole, &mut want).unwrap();
+    let mut got = vec![0u8; want.len()];
+    pre.decode_crop_into(&bytes, "rocket", &limits, false, &mut got)
+        .unwrap();
+    assert_eq!(got, want);
+}
+
 /// MobileCLIP S0–S2 read their text bidirectionally over the whole padded
 /// context: the padding is part of the input, so the same ids pooled
 /// without it (as a causal CLIP tower could) give another vector.
