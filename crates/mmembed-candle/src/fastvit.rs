@@ -99,15 +99,31 @@ fn add(
     }))
 }
 
+/// The block's kernel and bias as inference exports hold them (timm's
+/// `reparameterize_model`: one `reparam_conv`), if it has them.
+fn reparameterized(vb: &VarBuilder) -> Result<Option<(Tensor, Tensor)>> {
+    if !vb.contains_tensor("reparam_conv.weight") {
+        return Ok(None);
+    }
+    Ok(Some((
+        f32_of(vb, "reparam_conv.weight")?,
+        f32_of(vb, "reparam_conv.bias")?,
+    )))
+}
+
+/// A folded kernel less the identity it includes (RepMixer, RepCPE: kept
+/// apart, see [`RepMixerBlock`]).
+fn minus_identity((w, b): (Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
+    let id = identity_kernel(w.dim(0)?, w.dim(1)?, w.dim(2)?, w.device())?;
+    Ok(((w - id)?, b))
+}
+
 /// A MobileOne block's convolution (`k × k`, depthwise or dense): its
 /// `reparam_conv`, or the sum of its branches (k × k convolutions, the 1×1
 /// scale branch, the identity), each with its batch norm folded in.
 fn mobileone(vb: &VarBuilder, k: usize, depthwise: bool) -> Result<(Tensor, Tensor)> {
-    if vb.contains_tensor("reparam_conv.weight") {
-        return Ok((
-            f32_of(vb, "reparam_conv.weight")?,
-            f32_of(vb, "reparam_conv.bias")?,
-        ));
+    if let Some(folded) = reparameterized(vb)? {
+        return Ok(folded);
     }
     let mut acc = None;
     let mut i = 0;
@@ -715,10 +731,8 @@ struct RepMixerBlock {
 impl RepMixerBlock {
     fn new(vb: &VarBuilder, kernels: Kernels, dtype: DType) -> Result<Self> {
         let tm = vb.pp("token_mixer");
-        let mixer = if tm.contains_tensor("reparam_conv.weight") {
-            let w = f32_of(&tm, "reparam_conv.weight")?;
-            let id = identity_kernel(w.dim(0)?, 1, w.dim(2)?, w.device())?;
-            ((w - id)?, f32_of(&tm, "reparam_conv.bias")?)
+        let mixer = if let Some(folded) = reparameterized(&tm)? {
+            minus_identity(folded)?
         } else {
             let (mw, mb) = mobileone(&tm.pp("mixer"), 3, true)?;
             let (nw, nb) = mobileone(&tm.pp("norm"), 3, true)?;
@@ -769,11 +783,8 @@ impl Stage {
         if large.contains_tensor("reparam_conv.weight")
             || large.contains_tensor("large_conv.conv.weight")
         {
-            let folded = if large.contains_tensor("reparam_conv.weight") {
-                (
-                    f32_of(&large, "reparam_conv.weight")?,
-                    f32_of(&large, "reparam_conv.bias")?,
-                )
+            let folded = if let Some(folded) = reparameterized(&large)? {
+                folded
             } else {
                 let (w, b) = conv_bn(&large.pp("large_conv"))?;
                 let k = w.dim(3)?;
@@ -800,11 +811,8 @@ impl Stage {
         }
         // `x + pos_enc(x)`, the identity kept apart (see RepMixerBlock).
         let pe = vb.pp("pos_emb");
-        let pos_emb = if pe.contains_tensor("reparam_conv.weight") {
-            let w = f32_of(&pe, "reparam_conv.weight")?;
-            let id = identity_kernel(w.dim(0)?, w.dim(1)?, w.dim(2)?, w.device())?;
-            let folded = ((w - id)?, f32_of(&pe, "reparam_conv.bias")?);
-            Some(Conv::new(folded, 1, kernels, dtype)?)
+        let pos_emb = if let Some(folded) = reparameterized(&pe)? {
+            Some(Conv::new(minus_identity(folded)?, 1, kernels, dtype)?)
         } else if pe.contains_tensor("pos_enc.weight") {
             let w = (f32_of(&pe, "pos_enc.weight")?, f32_of(&pe, "pos_enc.bias")?);
             Some(Conv::new(w, 1, kernels, dtype)?)

@@ -107,21 +107,23 @@ fn load_err(model: &str, reason: String, source: Option<crate::Source>) -> Embed
 /// The files of a checkpoint directory.
 pub fn local_files(dir: &Path) -> Result<ModelFiles, EmbedError> {
     let model = dir.display().to_string();
+    // What the directory is missing, against the layout it must have.
+    let need_in = |name: &str, layout: &str| -> Result<PathBuf, EmbedError> {
+        let p = dir.join(name);
+        p.is_file()
+            .then_some(p)
+            .ok_or_else(|| load_err(&model, format!("{name} is missing; {layout}"), None))
+    };
     if !dir.join(OTHERS[0]).is_file() && dir.join(OPEN_CLIP_CONFIG).is_file() {
-        let need = |name: &str| -> Result<PathBuf, EmbedError> {
-            let p = dir.join(name);
-            p.is_file().then_some(p).ok_or_else(|| {
-                load_err(
-                    &model,
-                    format!(
-                        "{name} is missing; an open_clip checkpoint directory needs \
-                         {OPEN_CLIP_CONFIG}, {OPEN_CLIP_WEIGHTS} and tokenizer.json (the \
-                         MobileCLIP repositories ship all three; open_clip_pytorch_model.bin \
-                         alone is not read)"
-                    ),
-                    None,
-                )
-            })
+        let need = |name: &str| {
+            need_in(
+                name,
+                &format!(
+                    "an open_clip checkpoint directory needs {OPEN_CLIP_CONFIG}, \
+                     {OPEN_CLIP_WEIGHTS} and tokenizer.json (the MobileCLIP repositories ship \
+                     all three; open_clip_pytorch_model.bin alone is not read)"
+                ),
+            )
         };
         let config = need(OPEN_CLIP_CONFIG)?;
         return Ok(ModelFiles {
@@ -131,21 +133,12 @@ pub fn local_files(dir: &Path) -> Result<ModelFiles, EmbedError> {
             config,
         });
     }
-    let need = |name: &str| -> Result<PathBuf, EmbedError> {
-        let p = dir.join(name);
-        if p.is_file() {
-            Ok(p)
-        } else {
-            Err(load_err(
-                &model,
-                format!(
-                    "{name} is missing; a checkpoint directory needs config.json, \
-                     model.safetensors (or model.safetensors.index.json), tokenizer.json \
-                     and preprocessor_config.json"
-                ),
-                None,
-            ))
-        }
+    let need = |name: &str| {
+        need_in(
+            name,
+            "a checkpoint directory needs config.json, model.safetensors (or \
+             model.safetensors.index.json), tokenizer.json and preprocessor_config.json",
+        )
     };
     let weights = if dir.join(SINGLE).is_file() {
         vec![dir.join(SINGLE)]

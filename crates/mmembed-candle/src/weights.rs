@@ -148,6 +148,16 @@ fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<
     Ok(())
 }
 
+/// A tensor of another shape than the model asks for, named by `what`.
+fn shape_mismatch(what: String, expected: Shape, got: Shape) -> candle_core::Error {
+    candle_core::Error::UnexpectedShape {
+        msg: format!("shape mismatch for {what}"),
+        expected,
+        got,
+    }
+    .bt()
+}
+
 impl SimpleBackend for SafetensorsFiles {
     fn get(
         &self,
@@ -160,12 +170,7 @@ impl SimpleBackend for SafetensorsFiles {
         if let Some(t) = self.tensors.get(name)
             && t.shape != s
         {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape.clone(),
-            }
-            .bt());
+            return Err(shape_mismatch(name.to_string(), s, t.shape.clone()));
         }
         self.load(name, dev)?.to_dtype(dtype)
     }
@@ -264,12 +269,8 @@ impl SimpleBackend for OpenClipNames {
     ) -> Result<Tensor> {
         let t = self.read(name, dtype, dev)?;
         if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name} ({})", open_clip_name(name).0),
-                expected: s,
-                got: t.shape().clone(),
-            }
-            .bt());
+            let what = format!("{name} ({})", open_clip_name(name).0);
+            return Err(shape_mismatch(what, s, t.shape().clone()));
         }
         Ok(t)
     }
