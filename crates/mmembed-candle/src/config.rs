@@ -76,11 +76,12 @@ pub enum Family {
     ChineseClip,
     /// MobileCLIP and MobileCLIP 2 (`mobileclip`), in open_clip's format
     /// (`open_clip_config.json`, `open_clip_model.safetensors`): a timm
-    /// FastViT MCi image tower (convolutions and, in its last stages,
-    /// attention; average pooled, then a linear head with bias) and
-    /// open_clip's text transformer (CLIP's, with exact GELU), attending
-    /// bidirectionally over the zero-padded context (S0–S2, MobileCLIP 2)
-    /// or causally, pooled at the first end-of-text token.
+    /// image tower ([`TimmTower`]: a FastViT MCi, convolutions and, in its
+    /// last stages, attention, average pooled; or for B and L-14 a ViT
+    /// pooled at its class token; either through a linear head with bias)
+    /// and open_clip's text transformer (CLIP's, with exact GELU),
+    /// attending bidirectionally over the zero-padded context (S0–S2,
+    /// MobileCLIP 2) or causally, pooled at the first end-of-text token.
     MobileClip,
 }
 
@@ -151,11 +152,59 @@ pub struct VisionConfig {
     pub image_size: usize,
     /// Patch side in pixels.
     pub patch_size: usize,
-    /// MobileCLIP: the timm FastViT MCi variant the checkpoint names
-    /// (`fastvit_mci0` … `fastvit_mci4`), whose stage depths and widths are
-    /// read from the weights; `tower` and `patch_size` describe no layer
-    /// then. `None` for the transformer towers.
-    pub fastvit: Option<String>,
+    /// MobileCLIP: the image tower open_clip builds with timm, by the
+    /// name its config gives. `None` for the Hugging Face towers.
+    pub timm: Option<TimmTower>,
+}
+
+/// An image tower that open_clip builds with timm (MobileCLIP's), known by
+/// its timm name. The weights give its depths and widths (every variant
+/// of one name, and narrower test checkpoints, load without a table of
+/// shapes); the name gives what weights cannot show.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimmTower {
+    /// A FastViT MCi (`fastvit_mci0` … `fastvit_mci4`: MobileCLIP S0–S2,
+    /// MobileCLIP 2 S0–S4), average pooled through its linear head;
+    /// [`VisionConfig::tower`] and `patch_size` describe no layer then.
+    FastVit(String),
+    /// A timm `VisionTransformer` pooled at its class token through its
+    /// linear head (with bias): MobileCLIP-B's and MobileCLIP 2 B's
+    /// `vit_base_mci_224`, MobileCLIP 2 L-14's `vit_large_patch14_clip_224`.
+    /// [`VisionConfig::tower`] holds the named model's shape; the weights'
+    /// own (width, depth, MLP width, patch or stem) are what loads.
+    Vit(TimmVit),
+}
+
+/// What a timm ViT's name fixes that its weights do not show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimmVit {
+    /// The timm model name.
+    pub name: String,
+    /// Its layer norms' epsilon (timm's default 1e-6; 1e-5 for the CLIP
+    /// towers).
+    pub layer_norm_eps: f64,
+    /// Whether the class token has a position of its own
+    /// (`no_embed_class=False`): `vit_base_mci_224` adds positions to the
+    /// patches only, then prepends the class token.
+    pub class_position: bool,
+}
+
+impl TimmVit {
+    /// The timm ViTs MobileCLIP uses: name, the named model's shape (width,
+    /// MLP width, depth, heads, patch), eps, class position.
+    const KNOWN: [(&'static str, [usize; 5], f64, bool); 2] = [
+        ("vit_base_mci_224", [768, 3072, 12, 12, 16], 1e-6, false),
+        (
+            "vit_large_patch14_clip_224",
+            [1024, 4096, 24, 16, 14],
+            1e-5,
+            true,
+        ),
+    ];
+
+    /// Attention heads are this wide in every known name; a narrower
+    /// checkpoint's head count follows from its width.
+    pub const HEAD_DIM: usize = 64;
 }
 
 /// A whole dual encoder: both towers and the shared embedding size.
@@ -400,7 +449,7 @@ impl ClipConfig {
                 num_channels,
                 image_size,
                 patch_size,
-                fastvit: None,
+                timm: None,
             },
             projection_dim,
         })
@@ -408,8 +457,8 @@ impl ClipConfig {
 
     /// Parses open_clip's `open_clip_config.json` (`{"model_cfg": ...,
     /// "preprocess_cfg": ...}`, as the hub's open_clip repositories hold
-    /// it) of a MobileCLIP: a timm FastViT MCi image tower and open_clip's
-    /// own text transformer. Options that would change the function and
+    /// it) of a MobileCLIP: a timm image tower ([`TimmTower`]) and
+    /// open_clip's own text transformer. Options that would change the function and
     /// that no MobileCLIP uses (a Hugging Face text tower, layer scale in
     /// the text tower, other pooling, a projection after the timm head) are
     /// refused by name rather than ignored.
@@ -454,29 +503,41 @@ impl ClipConfig {
                 !(x.is_null() || x == &serde_json::json!(false) || x == &serde_json::json!(""))
             })
         };
-        let timm = vc.get("timm_model_name").and_then(|x| x.as_str());
-        let timm = match timm {
-            Some(t) if t.starts_with("fastvit_mci") => t.to_string(),
-            Some(t) => {
-                return Err(format!(
-                    "vision_cfg: timm model `{t}` is not supported (MobileCLIP's FastViT \
-                     MCi towers, `fastvit_mci0` … `fastvit_mci4`, are; MobileCLIP-B's \
-                     `vit_base_mci_224` and MobileCLIP 2's ViT towers are not)"
-                ));
+        let supported = "MobileCLIP's: FastViT MCi `fastvit_mci0` … `fastvit_mci4`, \
+                         `vit_base_mci_224`, `vit_large_patch14_clip_224`";
+        let (timm, shape, pool) = match vc.get("timm_model_name").and_then(|x| x.as_str()) {
+            Some(t) if t.starts_with("fastvit_mci") => {
+                (TimmTower::FastVit(t.to_string()), None, "avg")
             }
+            Some(t) => match TimmVit::KNOWN.iter().find(|k| k.0 == t) {
+                Some(&(name, shape, eps, class_position)) => (
+                    TimmTower::Vit(TimmVit {
+                        name: name.to_string(),
+                        layer_norm_eps: eps,
+                        class_position,
+                    }),
+                    Some(shape),
+                    "token",
+                ),
+                None => {
+                    return Err(format!(
+                        "vision_cfg: timm model `{t}` is not supported ({supported})"
+                    ));
+                }
+            },
             None => {
-                return Err(
-                    "vision_cfg: no `timm_model_name`: only open_clip checkpoints \
-                     with a timm FastViT MCi image tower (MobileCLIP) are supported"
-                        .into(),
-                );
+                return Err(format!(
+                    "vision_cfg: no `timm_model_name`: only open_clip checkpoints with a \
+                     timm image tower are supported ({supported})"
+                ));
             }
         };
         match vc.get("timm_pool").and_then(|x| x.as_str()) {
-            None | Some("avg") => {}
+            None => {}
+            Some(p) if p == pool => {}
             Some(p) => {
                 return Err(format!(
-                    "vision_cfg: timm_pool `{p}` is not supported (avg is)"
+                    "vision_cfg: timm_pool `{p}` is not supported for this tower ({pool} is)"
                 ));
             }
         }
@@ -565,12 +626,22 @@ impl ClipConfig {
                 causal: tc.get("no_causal_mask").and_then(|x| x.as_bool()) != Some(true),
             },
             vision: VisionConfig {
-                // Unused: the FastViT tower reads its shapes from the weights.
-                tower: no_transformer(),
+                tower: match (shape, &timm) {
+                    (Some([d, mlp, layers, heads, _]), TimmTower::Vit(v)) => TowerConfig {
+                        hidden_size: d,
+                        intermediate_size: mlp,
+                        num_hidden_layers: layers,
+                        num_attention_heads: heads,
+                        activation: Activation::Gelu,
+                        layer_norm_eps: v.layer_norm_eps,
+                    },
+                    // Unused: the FastViT tower reads its shapes from the weights.
+                    _ => no_transformer(),
+                },
                 num_channels: 3,
                 image_size,
-                patch_size: 1,
-                fastvit: Some(timm),
+                patch_size: shape.map_or(1, |s| s[4]),
+                timm: Some(timm),
             },
             projection_dim,
         })
@@ -712,19 +783,51 @@ mod tests {
                 "interpolation": "bilinear", "resize_mode": "shortest"}}"#;
         let c = ClipConfig::from_open_clip_json(s1).unwrap();
         assert_eq!(c.family, Family::MobileClip);
-        assert_eq!(c.vision.fastvit.as_deref(), Some("fastvit_mci1"));
+        assert_eq!(
+            c.vision.timm,
+            Some(TimmTower::FastVit("fastvit_mci1".into()))
+        );
         assert_eq!((c.vision.image_size, c.projection_dim), (256, 512));
         let t = &c.text;
         assert!(!t.causal);
         assert_eq!((t.max_position_embeddings, t.pad_token_id), (77, Some(0)));
         assert_eq!(t.tower.intermediate_size, 2048);
         assert_eq!(t.tower.activation, Activation::Gelu);
-        // MobileCLIP-B: causal text, but a ViT image tower.
+        // MobileCLIP-B: causal text and a ViT image tower pooled at its
+        // class token; MobileCLIP 2 L-14 has another ViT.
         let b = s1
             .replace("fastvit_mci1", "vit_base_mci_224")
-            .replace("\"no_causal_mask\": true", "\"no_causal_mask\": false");
-        let e = ClipConfig::from_open_clip_json(&b).unwrap_err();
-        assert!(e.contains("vit_base_mci_224"), "{e}");
+            .replace("\"no_causal_mask\": true", "\"no_causal_mask\": false")
+            .replace("\"timm_pool\": \"avg\"", "\"timm_pool\": \"token\"")
+            .replace("\"image_size\": 256", "\"image_size\": 224");
+        let c = ClipConfig::from_open_clip_json(&b).unwrap();
+        let Some(TimmTower::Vit(v)) = &c.vision.timm else {
+            panic!("{:?}", c.vision.timm)
+        };
+        assert_eq!((v.layer_norm_eps, v.class_position), (1e-6, false));
+        assert_eq!((c.vision.tower.hidden_size, c.vision.patch_size), (768, 16));
+        assert!(c.text.causal);
+        let l14 = b.replace("vit_base_mci_224", "vit_large_patch14_clip_224");
+        let c = ClipConfig::from_open_clip_json(&l14).unwrap();
+        let Some(TimmTower::Vit(v)) = &c.vision.timm else {
+            panic!("{:?}", c.vision.timm)
+        };
+        assert_eq!((v.layer_norm_eps, v.class_position), (1e-5, true));
+        assert_eq!(c.vision.tower.num_hidden_layers, 24);
+        for (json, needle) in [
+            (b.replace("\"token\"", "\"avg\""), "timm_pool `avg`"),
+            (
+                b.replace("vit_base_mci_224", "vit_huge_patch14_clip_224"),
+                "vit_huge",
+            ),
+            (
+                b.replace("\"timm_model_name\": \"vit_base_mci_224\",", ""),
+                "no `timm_model_name`",
+            ),
+        ] {
+            let e = ClipConfig::from_open_clip_json(&json).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
         let causal = s1.replace("\"no_causal_mask\": true", "\"no_causal_mask\": false");
         assert!(
             ClipConfig::from_open_clip_json(&causal)

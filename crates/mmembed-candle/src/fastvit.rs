@@ -47,7 +47,7 @@ const BN_EPS: f64 = 1e-5;
 /// timm's FastViT attention: 32 channels per head, whatever the width.
 const HEAD_DIM: usize = 32;
 
-fn f32_of(vb: &VarBuilder, name: &str) -> Result<Tensor> {
+pub(crate) fn f32_of(vb: &VarBuilder, name: &str) -> Result<Tensor> {
     vb.get_unchecked_dtype(name, DType::F32)
 }
 
@@ -69,7 +69,7 @@ fn scale_rows(w: &Tensor, s: &Tensor) -> Result<Tensor> {
 
 /// timm's `ConvNormAct` without activation (`conv`, `bn`) as one kernel
 /// and bias.
-fn conv_bn(vb: &VarBuilder) -> Result<(Tensor, Tensor)> {
+pub(crate) fn conv_bn(vb: &VarBuilder) -> Result<(Tensor, Tensor)> {
     let (scale, shift) = batch_norm(&vb.pp("bn"))?;
     Ok((scale_rows(&f32_of(vb, "conv.weight")?, &scale)?, shift))
 }

@@ -10,14 +10,16 @@
 //!   preprocessing from its `preprocessor_config.json`, so OpenAI,
 //!   LAION/OpenCLIP, SigLIP and Chinese-CLIP exports load with no code
 //!   change; a MobileCLIP's both from its `open_clip_config.json`
-//!   ([`ClipConfig::from_open_clip_json`]), its FastViT image tower folded
-//!   from the training-time weights while loading.
+//!   ([`ClipConfig::from_open_clip_json`]): its FastViT image tower folded
+//!   from the training-time weights while loading, or its timm ViT
+//!   ([`TimmTower`]) read under CLIP's names.
 //! - Vectors are L2-normalised and tagged with the model's space id.
 
 mod attention;
 mod blas;
 mod blas_ops;
 mod config;
+mod conv_stem;
 mod cpu_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
@@ -44,7 +46,9 @@ mod train_ops;
 mod w8a8;
 mod weights;
 
-pub use config::{Activation, ClipConfig, Family, TextConfig, TowerConfig, VisionConfig};
+pub use config::{
+    Activation, ClipConfig, Family, TextConfig, TimmTower, TimmVit, TowerConfig, VisionConfig,
+};
 pub use demo::{DEMO_MODEL_ID, cache_dir, demo_model_dir, is_demo};
 pub use device::{DeviceSpec, Precision};
 pub use embedder::{CPU_MAX_BATCH, GPU_MAX_BATCH, LoadedClip, LocalEmbedder, LocalOptions};

@@ -20,6 +20,13 @@
 //! after each residual (post-norm) instead of before, a padding mask, and
 //! token-type embeddings (always type 0, folded into the positions at load).
 //! It is built from this module's layers for the same reasons.
+//!
+//! MobileCLIP's ViT image towers (timm's `VisionTransformer`, open_clip's
+//! `visual.trunk.*`) are CLIP's vision tower too: the blocks read under
+//! CLIP's names ([`crate::weights::OpenClipNames`]), the class token's
+//! position zero where timm gives it none, the head a projection with
+//! bias, and MobileCLIP-B's convolutional stem ([`ConvStem`]) in place of
+//! the patch convolution.
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{
@@ -28,7 +35,8 @@ use candle_nn::{
 };
 
 use crate::blas_ops;
-use crate::config::{Activation, ClipConfig, Family, TowerConfig};
+use crate::config::{Activation, ClipConfig, Family, TimmTower, TimmVit, TowerConfig};
+use crate::conv_stem::ConvStem;
 use crate::cpu_kernels::{self, Epilogue, Visible};
 use crate::int8::QLinear;
 use crate::packed::{self, PackedLinear};
@@ -1075,13 +1083,16 @@ enum VisionKind {
 
 impl VisionTower {
     fn new(c: &ClipConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
-        Ok(Self(match &c.vision.fastvit {
-            Some(name) => VisionKind::FastVit(Box::new(crate::fastvit::FastVit::new(
-                name,
-                c.projection_dim,
-                kernels,
-                vb.root().pp("visual.trunk"),
-            )?)),
+        Ok(Self(match &c.vision.timm {
+            Some(TimmTower::FastVit(name)) => {
+                VisionKind::FastVit(Box::new(crate::fastvit::FastVit::new(
+                    name,
+                    c.projection_dim,
+                    kernels,
+                    vb.root().pp("visual.trunk"),
+                )?))
+            }
+            Some(TimmTower::Vit(t)) => VisionKind::Vit(Box::new(Vit::timm(c, t, kernels, vb)?)),
             None => VisionKind::Vit(Box::new(Vit::new(c, kernels, vb)?)),
         }))
     }
@@ -1099,10 +1110,12 @@ impl VisionTower {
 struct Vit {
     /// CLIP's class token; SigLIP has none.
     class: Option<Tensor>,
-    patch: Conv2d,
+    patch: PatchEmbed,
     /// The patch embedding as a packed matmul over unfolded patches (int8
     /// or f32, see [`packed_layer`]) on the CPU.
     patch_packed: Option<Box<dyn TiledLinear>>,
+    /// One row per token, the class token's first (zeros where the class
+    /// token has no position, as in timm's `no_embed_class`).
     position: Embedding,
     /// CLIP's norm before the encoder; SigLIP has none.
     pre_ln: Option<Norm>,
@@ -1114,9 +1127,19 @@ struct Vit {
     kernels: Kernels,
 }
 
+/// How pixels become patch tokens.
+enum PatchEmbed {
+    /// A convolution over non-overlapping patches (CLIP, SigLIP, timm's
+    /// `PatchEmbed`).
+    Conv(Conv2d),
+    /// MobileCLIP-B's convolutional stem.
+    Stem(ConvStem),
+}
+
 /// How the encoder's output becomes one vector.
 enum VisionPool {
-    /// CLIP: the class token, normed, through a bias-free projection.
+    /// CLIP: the class token, normed, through a bias-free projection (timm:
+    /// its head, with bias).
     Class(Dense),
     /// SigLIP: attention pooling over every normed patch.
     Attention(Box<AttentionPool>),
@@ -1153,19 +1176,7 @@ impl Vit {
                 emb.pp("patch_embedding"),
             )?
         };
-        // 2.6 % of ViT-B/32's multiply-adds, but 3.3 % of an int8 image
-        // forward while it ran in f32 (the f32 gemm's share of the profile
-        // went from 4.7 to 1.4 %).
-        let patch_packed = if cpu_kernels::supported(patch.weight()) {
-            let w = patch.weight().flatten_from(1)?;
-            let bias = match patch.bias() {
-                Some(b) => b.clone(),
-                None => Tensor::zeros(d, DType::F32, w.device())?,
-            };
-            packed_layer(&w, Some(&bias), kernels, Input::Narrow)?
-        } else {
-            None
-        };
+        let patch_packed = packed_patches(&patch, kernels)?;
         let pool = if clip {
             VisionPool::Class(dense(
                 d,
@@ -1184,7 +1195,7 @@ impl Vit {
         };
         Ok(Self {
             class: clip.then(|| emb.get(d, "class_embedding")).transpose()?,
-            patch,
+            patch: PatchEmbed::Conv(patch),
             patch_packed,
             position: embedding(positions, d, emb.pp("position_embedding"))?,
             // "pre_layrnorm" is the real (misspelt) Hugging Face name.
@@ -1207,11 +1218,22 @@ impl Vit {
         // the gemm crate's kernel against a tiled loop on the CPU, and on
         // CUDA one reshaping copy and one GEMM against an im2col kernel and
         // a GEMM (the patches do not overlap, so unfolding is a permute).
-        if self.kernels.cublas() {
-            let x = self.embed_by_cublas(pixels)?;
-            return self.encode(x, b);
+        let mut x = match &self.patch {
+            PatchEmbed::Conv(conv) if self.kernels.cublas() => {
+                let x = self.embed_by_cublas(conv, pixels)?;
+                return self.encode(x, b);
+            }
+            PatchEmbed::Conv(conv) => self.patches_by_matmul(conv, pixels)?,
+            PatchEmbed::Stem(stem) => stem.forward(pixels)?,
+        };
+        if x.dim(1)? + usize::from(self.class.is_some()) != self.positions {
+            candle_core::bail!(
+                "pixels {:?} make {} patches, the model has {} positions",
+                pixels.dims(),
+                x.dim(1)?,
+                self.positions
+            );
         }
-        let mut x = self.patches_by_matmul(pixels)?;
         let d = x.dim(2)?;
         if let Some(class) = &self.class {
             let cls = match self.kernels {
@@ -1246,6 +1268,155 @@ impl Vit {
                 head.forward(&self.encoder.forward(&x, &Mask::all())?, &self.post_ln)
             }
         }
+    }
+}
+
+/// The patch embedding as a packed layer over unfolded patches, where the
+/// CPU runs packed layers: 2.6 % of ViT-B/32's multiply-adds, but 3.3 % of
+/// an int8 image forward while it ran in f32 (the f32 gemm's share of the
+/// profile went from 4.7 to 1.4 %).
+fn packed_patches(patch: &Conv2d, kernels: Kernels) -> Result<Option<Box<dyn TiledLinear>>> {
+    if !cpu_kernels::supported(patch.weight()) {
+        return Ok(None);
+    }
+    let w = patch.weight().flatten_from(1)?;
+    let bias = match patch.bias() {
+        Some(b) => b.clone(),
+        None => Tensor::zeros(w.dim(0)?, DType::F32, w.device())?,
+    };
+    packed_layer(&w, Some(&bias), kernels, Input::Narrow)
+}
+
+impl Vit {
+    /// A timm `VisionTransformer` in open_clip's checkpoint
+    /// (`visual.trunk.*`): its width, depth, MLP width and patch embedding
+    /// (a patch convolution or MobileCLIP-B's stem) read from the weights,
+    /// what they cannot show from the name ([`TimmVit`]). The blocks are
+    /// CLIP's pre-norm layers (exact GELU), read under CLIP's names through
+    /// [`crate::weights::OpenClipNames`]; pooled at the class token after
+    /// the final norm, through the head (with bias) into the joint space.
+    fn timm(c: &ClipConfig, t: &TimmVit, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
+        let trunk = vb.root().pp("visual.trunk");
+        let dtype = vb.dtype();
+        let get = |name: &str| trunk.get_unchecked_dtype(name, dtype);
+        for (name, what) in [
+            ("blocks.0.ls1.gamma", "layer scale"),
+            ("blocks.0.attn.q_norm.weight", "query/key norms"),
+            ("reg_token", "register tokens"),
+            ("fc_norm.weight", "a norm after pooling"),
+            ("attn_pool.latent", "attention pooling"),
+        ] {
+            if trunk.contains_tensor(name) {
+                candle_core::bail!("{}: {what} (`{name}`) is not supported", t.name);
+            }
+        }
+        let class = get("cls_token")?;
+        let d = class.elem_count();
+        let class = class.reshape(d)?;
+        let mut layers = 0;
+        while trunk.contains_tensor(&format!("blocks.{layers}.attn.qkv.weight")) {
+            layers += 1;
+        }
+        let mlp = get("blocks.0.mlp.fc1.weight")?.dim(0)?;
+        if layers == 0 || !d.is_multiple_of(TimmVit::HEAD_DIM) {
+            candle_core::bail!(
+                "{}: {layers} blocks of width {d} (at least one, in heads of {})",
+                t.name,
+                TimmVit::HEAD_DIM
+            );
+        }
+        let tower = TowerConfig {
+            hidden_size: d,
+            intermediate_size: mlp,
+            num_hidden_layers: layers,
+            num_attention_heads: d / TimmVit::HEAD_DIM,
+            activation: Activation::Gelu,
+            layer_norm_eps: t.layer_norm_eps,
+        };
+        let (patch, patch_packed, patch_size) = if trunk.contains_tensor("patch_embed.proj.weight")
+        {
+            let w = get("patch_embed.proj.weight")?;
+            let (o, _, p, p2) = w.dims4()?;
+            if o != d || p != p2 {
+                candle_core::bail!("{}: a patch embedding of shape {:?}", t.name, w.dims());
+            }
+            let bias = trunk
+                .contains_tensor("patch_embed.proj.bias")
+                .then(|| get("patch_embed.proj.bias"))
+                .transpose()?;
+            let conv = Conv2d::new(
+                w,
+                bias,
+                Conv2dConfig {
+                    stride: p,
+                    ..Default::default()
+                },
+            );
+            let packed = packed_patches(&conv, kernels)?;
+            (PatchEmbed::Conv(conv), packed, p)
+        } else {
+            let stem = ConvStem::new(&trunk.pp("patch_embed.backbone"), kernels, dtype)?;
+            if stem.width() != d {
+                candle_core::bail!(
+                    "{}: the stem makes {}-wide tokens, not {d}",
+                    t.name,
+                    stem.width()
+                );
+            }
+            let p = stem.patch_size();
+            (PatchEmbed::Stem(stem), None, p)
+        };
+        let grid = c.vision.image_size / patch_size;
+        if grid == 0 || grid * patch_size != c.vision.image_size {
+            candle_core::bail!(
+                "{}: {}-pixel images do not split into {patch_size}-pixel patches",
+                t.name,
+                c.vision.image_size
+            );
+        }
+        let positions = grid * grid + 1;
+        let pos = get("pos_embed")?;
+        let pos = pos.reshape((pos.elem_count() / d, d))?;
+        let pos = if t.class_position {
+            pos
+        } else {
+            Tensor::cat(&[&Tensor::zeros((1, d), dtype, pos.device())?, &pos], 0)?
+        };
+        if pos.dim(0)? != positions {
+            candle_core::bail!(
+                "{}: {} position embeddings for {positions} tokens ({grid}×{grid} patches \
+                 and the class token)",
+                t.name,
+                pos.dim(0)?
+            );
+        }
+        let head_w = get("head.weight")?;
+        if head_w.dims() != [c.projection_dim, d] {
+            candle_core::bail!(
+                "{}: a head of shape {:?}, [{}, {d}] expected (embed_dim, width)",
+                t.name,
+                head_w.dims(),
+                c.projection_dim
+            );
+        }
+        let head = Linear::new(head_w, Some(get("head.bias")?));
+        let eps = t.layer_norm_eps;
+        Ok(Self {
+            class: Some(class),
+            patch,
+            patch_packed,
+            position: Embedding::new(pos, d),
+            pre_ln: trunk
+                .contains_tensor("norm_pre.weight")
+                .then(|| norm(d, eps, kernels, trunk.pp("norm_pre")))
+                .transpose()?,
+            encoder: Encoder::new(&tower, kernels, vb.pp("encoder"))?,
+            post_ln: norm(d, eps, kernels, trunk.pp("norm"))?,
+            pool: VisionPool::Class(Dense::from_linear(head, kernels, Input::Narrow)?),
+            positions,
+            patch_size,
+            kernels,
+        })
     }
 }
 
@@ -1329,8 +1500,8 @@ impl Vit {
     /// embedding's GEMM writes each image's patches after its class row
     /// and adds the positions in its epilogue ([`blas_ops::patch_embed`]),
     /// where the other graphs concatenate and broadcast-add.
-    fn embed_by_cublas(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (unfolded, weight, (b, n)) = self.unfold(pixels)?;
+    fn embed_by_cublas(&self, patch: &Conv2d, pixels: &Tensor) -> Result<Tensor> {
+        let (unfolded, weight, (b, n)) = self.unfold(patch, pixels)?;
         let class = usize::from(self.class.is_some());
         if n + class != self.positions {
             candle_core::bail!(
@@ -1352,18 +1523,18 @@ impl Vit {
             }
             None => pos,
         };
-        blas_ops::patch_embed(&unfolded, &weight, self.patch.bias(), &first, b)
+        blas_ops::patch_embed(&unfolded, &weight, patch.bias(), &first, b)
     }
 
     /// `pixels [b, c, h, w]` as rows of unfolded patches `[b · n, c · p ·
     /// p]` (the patches do not overlap, so unfolding is a permute), the
     /// patch weight as `[d, c · p · p]` to match, and `(b, n)`.
-    fn unfold(&self, pixels: &Tensor) -> Result<(Tensor, Tensor, (usize, usize))> {
+    fn unfold(&self, patch: &Conv2d, pixels: &Tensor) -> Result<(Tensor, Tensor, (usize, usize))> {
         let (b, c, h, w) = pixels.dims4()?;
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
         let unfolded = crate::elementwise::unfold(pixels, p, self.kernels == Kernels::Cuda)?;
-        let weight = self.patch.weight();
+        let weight = patch.weight();
         let weight = weight.reshape((weight.dim(0)?, c * p * p))?;
         Ok((unfolded, weight, (b, gh * gw)))
     }
@@ -1371,8 +1542,8 @@ impl Vit {
     /// The patch embedding as one matmul over unfolded patches: the same
     /// function as the strided convolution, and its backward pass is several
     /// times cheaper in candle than the convolution's.
-    fn patches_by_matmul(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (unfolded, weight, (b, n)) = self.unfold(pixels)?;
+    fn patches_by_matmul(&self, patch: &Conv2d, pixels: &Tensor) -> Result<Tensor> {
+        let (unfolded, weight, (b, n)) = self.unfold(patch, pixels)?;
         if let (Some(p), true) = (&self.patch_packed, self.kernels.host(&unfolded)) {
             let x = tiled::forward(p.as_ref(), &unfolded, None, Epilogue::None)?;
             let d = x.dim(1)?;
@@ -1382,7 +1553,7 @@ impl Vit {
         // One 2-D matmul: a weight broadcast over the batch would be
         // differentiated by candle's slow leading-dim sum.
         let mut y = unfolded.matmul(&weight.t()?)?;
-        if let Some(bias) = self.patch.bias() {
+        if let Some(bias) = patch.bias() {
             y = match self.kernels {
                 Kernels::Differentiable => (y + repeat_rows(bias, b * n)?)?,
                 _ => y.broadcast_add(bias)?,

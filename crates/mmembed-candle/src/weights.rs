@@ -188,8 +188,10 @@ impl SimpleBackend for SafetensorsFiles {
 /// text tower loads both: `text_model.encoder.layers.{i}.self_attn.q_proj`
 /// is the first third of `text.transformer.resblocks.{i}.attn.in_proj_*`,
 /// `text_projection.weight` the transpose of `text.text_projection` (open_clip
-/// multiplies by it from the right), and so on. Other names (the image
-/// tower's `visual.*`) pass through unchanged.
+/// multiplies by it from the right), and so on; likewise a timm ViT image
+/// tower's blocks (`vision_model.encoder.layers.{i}.*` are
+/// `visual.trunk.blocks.{i}.*`, q/k/v thirds of `attn.qkv`). Other names
+/// (the rest of the image tower's `visual.*`) pass through unchanged.
 pub(crate) struct OpenClipNames(pub(crate) Box<dyn SimpleBackend>);
 
 /// What of a stored tensor a Hugging Face name is.
@@ -203,22 +205,44 @@ enum Part {
 
 fn open_clip_name(name: &str) -> (String, Part) {
     let whole = |s: String| (s, Part::Whole);
-    if let Some(rest) = name.strip_prefix("text_model.encoder.layers.")
-        && let Some((i, rest)) = rest.split_once('.')
-    {
-        let block = format!("text.transformer.resblocks.{i}");
+    // open_clip's text blocks (torch's MultiheadAttention names), then a
+    // timm ViT image tower's blocks.
+    for (hf, block, qkv_as, names) in [
+        (
+            "text_model.encoder.layers.",
+            "text.transformer.resblocks.",
+            "attn.in_proj_",
+            [
+                ("layer_norm1.", "ln_1."),
+                ("layer_norm2.", "ln_2."),
+                ("self_attn.out_proj.", "attn.out_proj."),
+                ("mlp.fc1.", "mlp.c_fc."),
+                ("mlp.fc2.", "mlp.c_proj."),
+            ],
+        ),
+        (
+            "vision_model.encoder.layers.",
+            "visual.trunk.blocks.",
+            "attn.qkv.",
+            [
+                ("layer_norm1.", "norm1."),
+                ("layer_norm2.", "norm2."),
+                ("self_attn.out_proj.", "attn.proj."),
+                ("mlp.fc1.", "mlp.fc1."),
+                ("mlp.fc2.", "mlp.fc2."),
+            ],
+        ),
+    ] {
+        let Some((i, rest)) = name.strip_prefix(hf).and_then(|r| r.split_once('.')) else {
+            continue;
+        };
+        let block = format!("{block}{i}");
         for (j, qkv) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
             if let Some(leaf) = rest.strip_prefix(&format!("self_attn.{qkv}.")) {
-                return (format!("{block}.attn.in_proj_{leaf}"), Part::Third(j));
+                return (format!("{block}.{qkv_as}{leaf}"), Part::Third(j));
             }
         }
-        for (hf, oc) in [
-            ("layer_norm1.", "ln_1."),
-            ("layer_norm2.", "ln_2."),
-            ("self_attn.out_proj.", "attn.out_proj."),
-            ("mlp.fc1.", "mlp.c_fc."),
-            ("mlp.fc2.", "mlp.c_proj."),
-        ] {
+        for (hf, oc) in names {
             if let Some(leaf) = rest.strip_prefix(hf) {
                 return whole(format!("{block}.{oc}{leaf}"));
             }
@@ -373,6 +397,26 @@ mod tests {
             (
                 "visual.trunk.head.fc.bias",
                 "visual.trunk.head.fc.bias",
+                Part::Whole,
+            ),
+            (
+                "vision_model.encoder.layers.5.self_attn.q_proj.weight",
+                "visual.trunk.blocks.5.attn.qkv.weight",
+                Part::Third(0),
+            ),
+            (
+                "vision_model.encoder.layers.0.self_attn.out_proj.bias",
+                "visual.trunk.blocks.0.attn.proj.bias",
+                Part::Whole,
+            ),
+            (
+                "vision_model.encoder.layers.1.layer_norm2.weight",
+                "visual.trunk.blocks.1.norm2.weight",
+                Part::Whole,
+            ),
+            (
+                "vision_model.encoder.layers.1.mlp.fc1.weight",
+                "visual.trunk.blocks.1.mlp.fc1.weight",
                 Part::Whole,
             ),
         ] {

@@ -132,12 +132,15 @@ async fn chinese_clip_conformance() {
     family_conformance("tiny-chinese-clip", 16, 64).await;
 }
 
-/// MobileCLIP (open_clip's format): FastViT image tower, bidirectional
-/// text over the zero-padded context of 77.
+/// MobileCLIP (open_clip's format): FastViT image towers (and ViT ones:
+/// MobileCLIP-B's stem, MobileCLIP 2 L-14's patches), bidirectional or
+/// causal text over the zero-padded context of 77.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mobileclip_conformance() {
     family_conformance("tiny-mobileclip", 16, 77).await;
     family_conformance("tiny-mobileclip2", 16, 77).await;
+    family_conformance("tiny-mobileclip-b", 16, 77).await;
+    family_conformance("tiny-mobileclip2-l14", 16, 77).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,6 +75,7 @@ async fn other_families_segment_videos_alike() {
     segments_are_frame_means("tiny-siglip", true).await;
     segments_are_frame_means("tiny-chinese-clip", false).await;
     segments_are_frame_means("tiny-mobileclip", false).await;
+    segments_are_frame_means("tiny-mobileclip-b", false).await;
 }
 
 /// `tells_photos_apart`: whether the fixture's random vision tower gives
