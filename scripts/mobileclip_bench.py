@@ -6,6 +6,7 @@ in paired rounds on the same threads.
     cargo build --release --example clip_loop --features local
     python scripts/mobileclip_bench.py                     # MobileCLIP-S1, 2 threads
     python scripts/mobileclip_bench.py --model MobileCLIP-S2 --threads 4
+    python scripts/mobileclip_bench.py --model MobileCLIP-B --batches 1,8 --rounds 1
 
 Needs torch, open_clip_torch, timm, safetensors and (for the ONNX Runtime
 column) onnxruntime and onnx from PyPI. The checkpoint is open_clip's
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=6.0, help="per stack, per workload, per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="1,8,32", help="image batch sizes, comma-separated")
     ap.add_argument("--clip-loop", type=Path, default=ROOT / "target/release/examples/clip_loop")
     args = ap.parse_args()
 
@@ -99,6 +101,9 @@ def main() -> None:
     model.load_state_dict(load_file(str(model_dir / "open_clip_model.safetensors")))
     fused = timm.utils.reparameterize_model(model)
     size = model.visual.image_size[0]
+    # A ViT tower (MobileCLIP-B, MobileCLIP 2 L-14) has no branches to fold,
+    # and is one of our transformers: int8 applies to it too.
+    fastvit = model.visual.trunk.__class__.__name__ == "FastVit"
 
     ort_session = None
     try:
@@ -126,18 +131,19 @@ def main() -> None:
     except ImportError as e:
         print(f"ONNX Runtime column skipped ({e})")
 
-    workloads = [("images", 1), ("images", 8), ("images", 32), ("texts77", 32)]
+    workloads = [*(("images", int(b)) for b in args.batches.split(",")), ("texts77", 32)]
     results: dict[tuple, list[float]] = {}
     for r in range(args.rounds):
         for workload, batch in workloads:
             key = lambda stack: (workload, batch, stack)  # noqa: E731
-            for precision in ("f32", "int8") if workload == "texts77" else ("f32",):
+            for precision in ("f32", "int8") if workload == "texts77" or not fastvit else ("f32",):
                 results.setdefault(key(f"ours {precision}"), []).append(
                     ours(args.clip_loop, model_dir, workload, batch, args.seconds, args.threads, precision))
             with torch.inference_mode():
                 if workload == "images":
                     x = torch.rand(batch, 3, size, size)
-                    for stack, m in (("pytorch eager", model), ("pytorch reparameterised", fused)):
+                    stacks = (("pytorch eager", model), ("pytorch reparameterised", fused))
+                    for stack, m in stacks if fastvit else stacks[:1]:
                         results.setdefault(key(stack), []).append(
                             rate(lambda: m.encode_image(x), batch, args.seconds))
                     if ort_session is not None:
