@@ -222,7 +222,7 @@ impl Conv {
                 bias,
                 k,
                 stride,
-            } => depthwise(x, taps, bias, *k, *stride, gelu)?,
+            } => return depthwise(x, taps, bias, (*k, *stride), gelu, residual),
             Self::Pointwise(dense) => {
                 let (b, h, w, _) = x.dims4()?;
                 let rows = |t: &Tensor| t.reshape((b, h * w, t.dim(3)?));
@@ -280,20 +280,24 @@ fn gelu_of(x: &Tensor) -> Result<Tensor> {
 
 /// A depthwise convolution over a channels-last map: output channel `j`
 /// reads input channel `j / m` (`o = m · c`), padded by `k / 2`; GELU
-/// after it if `gelu`.
+/// after it if `gelu`, then `residual` added.
 fn depthwise(
     x: &Tensor,
     taps: &Tensor,
     bias: &Tensor,
-    k: usize,
-    stride: usize,
+    (k, stride): (usize, usize),
     gelu: bool,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if cpu_kernels::supported(x) {
-        return depthwise_cpu(x, taps, bias, k, stride, gelu);
+    if cpu_kernels::supported(x) && residual.is_none_or(cpu_kernels::supported) {
+        return depthwise_cpu(x, taps, bias, (k, stride), gelu, residual);
     }
     let y = depthwise_ops(x, taps, bias, k, stride)?;
-    if gelu { gelu_of(&y) } else { Ok(y) }
+    let y = if gelu { gelu_of(&y)? } else { y };
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
 }
 
 fn out_side(n: usize, k: usize, stride: usize) -> Result<usize> {
@@ -332,13 +336,15 @@ struct Geometry {
 }
 
 /// One output row `dst [ow · o]` of a depthwise convolution of the image
-/// `src [h, w, o]` with `taps [k · k, o]` and `bias [o]`.
+/// `src [h, w, o]` with `taps [k · k, o]` and `bias [o]`, plus `res` (the
+/// row's residual, shaped like `dst`) if given.
 #[inline(always)]
 fn depthwise_row<const FMA: bool>(
     g: Geometry,
     src: &[f32],
     ts: &[f32],
     bs: &[f32],
+    res: Option<&[f32]>,
     dst: &mut [f32],
 ) {
     let Geometry {
@@ -353,6 +359,10 @@ fn depthwise_row<const FMA: bool>(
     let inside = |t: usize, n: usize, i: usize| (i * stride + t).wrapping_sub(pad) < n;
     let madd = |acc: f32, s: f32, t: f32| if FMA { s.mul_add(t, acc) } else { acc + s * t };
     for (ox, px) in dst.chunks_exact_mut(o).enumerate() {
+        // The residual starts the sum (added while the pixel is in
+        // registers: a pass over the map fewer per RepMixer block and
+        // position encoding).
+        let start = |c0: usize, j: usize| bs[c0 + j] + res.map_or(0.0, |r| r[ox * o + c0 + j]);
         // The taps this pixel reads (those inside the image).
         let read = |ky: usize, kx: usize| {
             let (iy, ix) = (oy * stride + ky - pad, ox * stride + kx - pad);
@@ -365,7 +375,7 @@ fn depthwise_row<const FMA: bool>(
         // store per block, not one per tap.
         let mut c0 = 0;
         while c0 + LANES <= o {
-            let mut acc: [f32; LANES] = bs[c0..c0 + LANES].try_into().unwrap_or([0.0; LANES]);
+            let mut acc: [f32; LANES] = std::array::from_fn(|j| start(c0, j));
             for ky in (0..k).filter(|&ky| inside(ky, h, oy)) {
                 for kx in (0..k).filter(|&kx| inside(kx, w, ox)) {
                     let (s, t) = read(ky, kx);
@@ -380,7 +390,9 @@ fn depthwise_row<const FMA: bool>(
             c0 += LANES;
         }
         if c0 < o {
-            px[c0..].copy_from_slice(&bs[c0..]);
+            for (j, d) in px[c0..].iter_mut().enumerate() {
+                *d = start(c0, j);
+            }
             for ky in (0..k).filter(|&ky| inside(ky, h, oy)) {
                 for kx in (0..k).filter(|&kx| inside(kx, w, ox)) {
                     let (s, t) = read(ky, kx);
@@ -395,8 +407,15 @@ fn depthwise_row<const FMA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn depthwise_row_avx2(g: Geometry, src: &[f32], ts: &[f32], bs: &[f32], dst: &mut [f32]) {
-    depthwise_row::<true>(g, src, ts, bs, dst)
+fn depthwise_row_avx2(
+    g: Geometry,
+    src: &[f32],
+    ts: &[f32],
+    bs: &[f32],
+    res: Option<&[f32]>,
+    dst: &mut [f32],
+) {
+    depthwise_row::<true>(g, src, ts, bs, res, dst)
 }
 
 /// [`depthwise`] on the CPU threads: one task per output row, each pixel
@@ -406,9 +425,9 @@ fn depthwise_cpu(
     x: &Tensor,
     taps: &Tensor,
     bias: &Tensor,
-    k: usize,
-    stride: usize,
+    (k, stride): (usize, usize),
     gelu: bool,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (n, h, w, c) = x.dims4()?;
     let o = bias.dim(0)?;
@@ -418,40 +437,63 @@ fn depthwise_cpu(
     let x = repeat_channels(x, o / c)?.contiguous()?;
     let (taps, bias) = (taps.contiguous()?, bias.contiguous()?);
     let (oh, ow) = (out_side(h, k, stride)?, out_side(w, k, stride)?);
+    let residual = match residual {
+        Some(r) if r.dims() != [n, oh, ow, o] => {
+            candle_core::bail!(
+                "a residual {:?} for a {:?} output",
+                r.dims(),
+                [n, oh, ow, o]
+            )
+        }
+        Some(r) => Some(r.contiguous()?),
+        None => None,
+    };
+    // Zeros for no residual: one borrow below either way.
+    let no_residual = Tensor::zeros(0, DType::F32, x.device())?;
     let mut out = vec![0f32; n * oh * ow * o];
-    cpu_kernels::with_f32s(&x, |xs| {
-        cpu_kernels::with_f32s(&taps, |ts| {
-            cpu_kernels::with_f32s(&bias, |bs| {
-                out.par_chunks_mut(ow * o)
-                    .enumerate()
-                    .for_each(|(row, dst)| {
-                        let (img, oy) = (row / oh, row % oh);
-                        let src = &xs[img * h * w * o..][..h * w * o];
-                        let geo = Geometry {
-                            h,
-                            w,
-                            o,
-                            k,
-                            stride,
-                            oy,
-                        };
-                        #[cfg(target_arch = "x86_64")]
-                        if cpu_kernels::has_avx2_fma() {
-                            // SAFETY: the CPU has the features this copy was compiled for.
-                            unsafe { depthwise_row_avx2(geo, src, ts, bs, dst) };
-                        } else {
-                            depthwise_row::<false>(geo, src, ts, bs, dst);
-                        }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        depthwise_row::<false>(geo, src, ts, bs, dst);
-                        if gelu {
-                            cpu_kernels::act_in_place(Epilogue::GeluErf, dst);
-                        }
-                    });
-                Ok(())
+    cpu_kernels::with_f32s(residual.as_ref().unwrap_or(&no_residual), |rs| {
+        let rs = residual.is_some().then_some(rs);
+        cpu_kernels::with_f32s(&x, |xs| {
+            cpu_kernels::with_f32s(&taps, |ts| {
+                cpu_kernels::with_f32s(&bias, |bs| {
+                    out.par_chunks_mut(ow * o)
+                        .enumerate()
+                        .for_each(|(row, dst)| {
+                            let res = rs.map(|r| &r[row * ow * o..][..ow * o]);
+                            let (img, oy) = (row / oh, row % oh);
+                            let src = &xs[img * h * w * o..][..h * w * o];
+                            let geo = Geometry {
+                                h,
+                                w,
+                                o,
+                                k,
+                                stride,
+                                oy,
+                            };
+                            // GELU comes before the residual: never both here.
+                            let res = if gelu { None } else { res };
+                            #[cfg(target_arch = "x86_64")]
+                            if cpu_kernels::has_avx2_fma() {
+                                // SAFETY: the CPU has the features this copy was compiled for.
+                                unsafe { depthwise_row_avx2(geo, src, ts, bs, res, dst) };
+                            } else {
+                                depthwise_row::<false>(geo, src, ts, bs, res, dst);
+                            }
+                            #[cfg(not(target_arch = "x86_64"))]
+                            depthwise_row::<false>(geo, src, ts, bs, res, dst);
+                            if gelu {
+                                cpu_kernels::act_in_place(Epilogue::GeluErf, dst);
+                            }
+                        });
+                    Ok(())
+                })
             })
         })
     })?;
+    if gelu && let Some(r) = residual {
+        // No FastViT layer has both; kept correct all the same.
+        return Tensor::from_vec(out, (n, oh, ow, o), x.device())? + r;
+    }
     Tensor::from_vec(out, (n, oh, ow, o), x.device())
 }
 
@@ -999,9 +1041,26 @@ mod tests {
             let taps = wt.reshape((c * m, k * k))?.t()?.contiguous()?;
             let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
             let back = |t: Tensor| t.permute((0, 3, 1, 2));
-            let cpu = back(depthwise_cpu(&nhwc, &taps, &b, k, stride, false)?)?;
+            let cpu = back(depthwise_cpu(&nhwc, &taps, &b, (k, stride), false, None)?)?;
             let ops = back(depthwise_ops(&nhwc, &taps, &b, k, stride)?)?;
             assert_eq!(cpu.dims(), want.dims(), "{c} {m} {k} {stride} {h} {w}");
+            // A residual added in the loop: the sum, whichever path; GELU
+            // then residual where both are asked for.
+            let r = Tensor::randn(0f32, 1.0, want.permute((0, 2, 3, 1))?.dims(), &dev)?;
+            let with_r = depthwise(&nhwc, &taps, &b, (k, stride), false, Some(&r))?;
+            let want_r = (want.permute((0, 2, 3, 1))? + &r)?;
+            assert!(
+                max_diff(&with_r, &want_r) < 1e-4,
+                "residual {c} {m} {k} {stride}"
+            );
+            let both = depthwise(&nhwc, &taps, &b, (k, stride), true, Some(&r))?;
+            let want_both = (want.permute((0, 2, 3, 1))?.gelu_erf()? + &r)?;
+            assert!(
+                max_diff(&both, &want_both) < 1e-4,
+                "gelu + residual {c} {m} {k}"
+            );
+            let short = r.narrow(2, 0, r.dim(2)? - 1)?;
+            assert!(depthwise(&nhwc, &taps, &b, (k, stride), false, Some(&short)).is_err());
             assert_eq!(ops.dims(), want.dims(), "{c} {m} {k} {stride} {h} {w}");
             assert!(
                 max_diff(&cpu, &want) < 1e-4,

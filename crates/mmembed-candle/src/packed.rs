@@ -21,9 +21,16 @@ use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
 use crate::tiled::{
-    Line, MR, NR, RowNorm, Rows, Tile, TileOut, TiledLinear, clear_padding_tile, floats,
-    for_each_tile, put_row, rows_of_tile, with_scratch,
+    Line, MR, NR, RowNorm, Rows, Task, Tile, TileOut, TiledLinear, clear_padding_tile, floats,
+    for_each_task, put_row, rows_of_tile, task_layout, with_scratch,
 };
+
+/// The longest reduction read in place rather than packed
+/// ([`PackedLinear::run`]). ViT-B/32's MLP projection (k = 3072, six rows
+/// 12 KB apart) read in place measured 4 % fewer images/s at 32 images (two
+/// rounds, within this machine's noise); MobileCLIP's longest in-place
+/// reduction is 768.
+const DIRECT_MAX_K: usize = 1024;
 
 /// Whether this CPU runs packed layers (faster than the `gemm` crate only
 /// with the AVX2 kernel).
@@ -181,13 +188,72 @@ impl TiledLinear for PackedLinear {
         residual: Option<&[f32]>,
         act: Epilogue,
     ) -> Rows {
-        with_scratch(m.div_ceil(MR) * self.k * MR, |a| {
+        let k = self.k;
+        if task_layout(m, self.n).1 == 1 {
+            // Every task has rows of its own: each packs them itself, into
+            // its thread's scratch, and runs its strips over them while
+            // they are in cache. Packing all rows first wrote the packed
+            // copy out and read it back (stage 0 of MobileCLIP-S1 at 8
+            // images: 25 MB each way per layer).
+            #[cfg(target_arch = "x86_64")]
+            if norm.is_none() && k <= DIRECT_MAX_K && crate::cpu_kernels::has_avx512f() {
+                // No norm to apply on the way: the kernel broadcasts
+                // straight from the input rows (six streams, `k` apart),
+                // as MLAS's kernels read their left-hand side, and
+                // nothing is packed at all.
+                return for_each_task(m, self.n, residual, act, |task| {
+                    for strip in task.strips.clone() {
+                        for r0 in task.rows.clone().step_by(MR) {
+                            // SAFETY: the CPU has AVX2, FMA and AVX-512 F.
+                            unsafe {
+                                avx512::tile_direct(self, x, r0, strip, &task.out(r0, strip))
+                            };
+                        }
+                    }
+                });
+            }
+            return for_each_task(m, self.n, residual, act, |task| {
+                let first = task.rows.start / MR;
+                let tiles = task.rows.end.div_ceil(MR) - first;
+                with_scratch(tiles * k * MR, |a: &mut [f32]| {
+                    let mut normed = Vec::new();
+                    for (i, a) in a.chunks_exact_mut(k * MR).enumerate() {
+                        let t = first + i;
+                        clear_padding_tile(a, t, m);
+                        rows_of_tile(x, (m, k), t, norm, &mut normed, |lane, row| {
+                            put_row::<_, 1>(a, lane, row)
+                        });
+                    }
+                    self.task_tiles(a, first * MR, task);
+                })
+            });
+        }
+        with_scratch(m.div_ceil(MR) * k * MR, |a| {
             self.pack_rows(x, m, norm, a);
             let a = &*a;
-            for_each_tile(m, self.n, residual, act, |tile, out| {
-                self.tile(a, tile, out)
-            })
+            for_each_task(m, self.n, residual, act, |task| self.task_tiles(a, 0, task))
         })
+    }
+}
+
+impl PackedLinear {
+    /// A task's tiles, over its rows packed in `a` from row `a_r0` on.
+    ///
+    /// Why one strip at a time: a kernel over two strips at once (twelve
+    /// FMAs per two weight loads and six broadcasts, where one strip takes
+    /// one load and six broadcasts for six) measured no faster on
+    /// MobileCLIP-S1 or ViT-B/32 (Zen 4, two threads, A/B of 2–3 rounds):
+    /// these layers wait on memory more than on the loop's loads.
+    fn task_tiles(&self, a: &[f32], a_r0: usize, task: &Task) {
+        for strip in task.strips.clone() {
+            for r0 in task.rows.clone().step_by(MR) {
+                let local = Tile {
+                    r0: r0 - a_r0,
+                    strip,
+                };
+                self.tile(a, &local, &task.out(r0, strip));
+            }
+        }
     }
 }
 
@@ -298,6 +364,69 @@ mod avx512 {
         })
     }
 
+    /// One output tile from the unpacked input `x` (`[m, k]` rows): rows
+    /// `r0 .. r0 + out.rows` against weight strip `strip`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and AVX-512 F must be available.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub(super) unsafe fn tile_direct(
+        p: &PackedLinear,
+        x: &[f32],
+        r0: usize,
+        strip: usize,
+        out: &TileOut,
+    ) {
+        let k = p.k;
+        let x = &x[r0 * k..(r0 + out.rows) * k];
+        let b = super::floats(&p.w[strip * k..(strip + 1) * k]);
+        let mut acc = [[0f32; NR]; MR];
+        for acc in acc.iter_mut().take(out.rows) {
+            acc.copy_from_slice(&p.bias[strip * NR..(strip + 1) * NR]);
+        }
+        // SAFETY: this function's features are the kernel's.
+        unsafe { dot_rows!(dot_direct, out.rows, x, b, k, &mut acc) };
+        for (i, acc) in acc.iter_mut().enumerate().take(out.rows) {
+            // SAFETY: `out` describes a writable rectangle of the output.
+            unsafe { out.finish_row(i, acc) };
+        }
+    }
+
+    /// [`dot`] reading its `R` rows from `x` (`R` rows of `k`) in place.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    unsafe fn dot_direct<const R: usize>(
+        x: &[f32],
+        b: &[f32],
+        k: usize,
+        acc: &mut [[f32; NR]; MR],
+    ) {
+        const { assert!(NR == 16) };
+        assert!(R <= MR && x.len() >= R * k && b.len() >= k * NR);
+        // SAFETY: `acc` rows hold NR = 16 floats.
+        let mut v: [__m512; R] =
+            std::array::from_fn(|i| unsafe { _mm512_loadu_ps(acc[i].as_ptr()) });
+        let rows: [*const f32; R] = std::array::from_fn(|i| x[i * k..].as_ptr());
+        let mut b = b.as_ptr();
+        for j in 0..k {
+            // SAFETY (all loads): row `i`'s `k` floats and `k` lines of the
+            // strip, as asserted above.
+            unsafe {
+                let bv = _mm512_loadu_ps(b);
+                for (v, row) in v.iter_mut().zip(rows) {
+                    *v = _mm512_fmadd_ps(_mm512_set1_ps(*row.add(j)), bv, *v);
+                }
+                b = b.add(NR);
+            }
+        }
+        for (acc, v) in acc.iter_mut().zip(v) {
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(acc.as_mut_ptr(), v) };
+        }
+    }
+
     /// `acc[i][j] += Σ_p a[p][i] · b[p][j]` for the first `R <= MR` rows.
     ///
     /// # Safety
@@ -396,6 +525,10 @@ mod tests {
             (53, 131, 37),
             (100, 768, 200),
             (403, 40, 70),
+            // Enough row blocks that each task packs (or reads in place)
+            // its own rows.
+            (6001, 100, 40),
+            (24576, 9, 17),
         ] {
             let x = randn(&[m, k], 1);
             let w = randn(&[n, k], 2);

@@ -441,16 +441,20 @@ pub(crate) fn for_each_tile(
     act: Epilogue,
     f: impl Fn(&Tile, &TileOut) + Sync,
 ) -> Rows {
-    // Not zero-filled: the tiles write every element (zeroing was 2.6 % of
-    // a batch-32 image forward).
-    let len = m * n;
-    let mut y: Vec<f32> = Vec::with_capacity(len + NR - 1);
-    // Floats from the allocation's start to its first cache line (f32s are
-    // 4-byte aligned, so the distance is a whole number of them).
-    // Not `align_offset`, which may answer `usize::MAX`: `start` bounds the
-    // writes below, so it is computed. An f32 address is a multiple of 4,
-    // so this is at most NR − 1.
-    let start = (y.as_ptr() as usize).wrapping_neg() % size_of::<Line>() / size_of::<f32>();
+    for_each_task(m, n, residual, act, |task| {
+        for strip in task.strips.clone() {
+            for r0 in task.rows.clone().step_by(MR) {
+                f(&Tile { r0, strip }, &task.out(r0, strip));
+            }
+        }
+    })
+}
+
+/// How [`for_each_task`] splits an `m × n` output: (row blocks, groups of
+/// strips per row block). One group means every task has rows of its own,
+/// so a layer may pack each task's rows in the task, while they are hot,
+/// instead of all rows in a pass before.
+pub(crate) fn task_layout(m: usize, n: usize) -> (usize, usize) {
     let strips = n.div_ceil(NR);
     // Blocks of about MC rows, as even as whole tiles allow: 50 rows (one
     // image) are one block rather than 48 + 2, whose tasks would each
@@ -467,6 +471,64 @@ pub(crate) fn for_each_tile(
     // Splitting the columns costs little: each task still reads its
     // strips of the weights once.
     let groups = (8 * threads()).div_ceil(row_blocks).clamp(1, strips.max(1));
+    (row_blocks, groups)
+}
+
+/// One task of [`for_each_task`]: its rows (starting on a whole tile), its
+/// strips, and where their tiles go.
+pub(crate) struct Task<'a> {
+    pub(crate) rows: std::ops::Range<usize>,
+    pub(crate) strips: std::ops::Range<usize>,
+    m: usize,
+    n: usize,
+    out: &'a SharedOut,
+    residual: Option<&'a [f32]>,
+    act: Epilogue,
+}
+
+impl Task<'_> {
+    /// Where the tile of rows `r0 ..` (within [`Self::rows`], a multiple
+    /// of `MR` from its start) and strip `strip` goes.
+    pub(crate) fn out(&self, r0: usize, strip: usize) -> TileOut<'_> {
+        let (m, n) = (self.m, self.n);
+        debug_assert!(self.rows.contains(&r0) && self.strips.contains(&strip));
+        let cols = strip * NR..((strip + 1) * NR).min(n);
+        TileOut {
+            // SAFETY: tasks cover disjoint (row block, strip) rectangles
+            // of the output's allocation, which outlives the tasks.
+            y: unsafe { self.out.at(r0 * n + cols.start) },
+            ld: n,
+            rows: MR.min(self.rows.end.min(m) - r0),
+            cols: cols.len(),
+            residual: self.residual.map(|r| &r[r0 * n + cols.start..]),
+            act: self.act,
+        }
+    }
+}
+
+/// Makes the `m × n` output by calling `f` once per task ([`task_layout`])
+/// over rayon's pool; every element is written by exactly one task's tiles
+/// (each task must write every tile of its rows and strips).
+pub(crate) fn for_each_task(
+    m: usize,
+    n: usize,
+    residual: Option<&[f32]>,
+    act: Epilogue,
+    f: impl Fn(&Task) + Sync,
+) -> Rows {
+    // Not zero-filled: the tiles write every element (zeroing was 2.6 % of
+    // a batch-32 image forward).
+    let len = m * n;
+    let mut y: Vec<f32> = Vec::with_capacity(len + NR - 1);
+    // Floats from the allocation's start to its first cache line (f32s are
+    // 4-byte aligned, so the distance is a whole number of them).
+    // Not `align_offset`, which may answer `usize::MAX`: `start` bounds the
+    // writes below, so it is computed. An f32 address is a multiple of 4,
+    // so this is at most NR − 1.
+    let start = (y.as_ptr() as usize).wrapping_neg() % size_of::<Line>() / size_of::<f32>();
+    let strips = n.div_ceil(NR);
+    let tiles = m.div_ceil(MR);
+    let (row_blocks, groups) = task_layout(m, n);
     // Part `i` of `parts` nearly equal ones of `0..len`.
     let part = |i: usize, parts: usize, len: usize| i * len / parts..(i + 1) * len / parts;
     // SAFETY: `start + len ≤ len + NR − 1`, within the capacity.
@@ -474,31 +536,21 @@ pub(crate) fn for_each_tile(
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
         let (rb, g) = (task / groups, task % groups);
         let t = part(rb, row_blocks, tiles);
-        let rows = t.start * MR..(t.end * MR).min(m);
-        let strips = part(g, groups, strips);
-        for strip in strips {
-            let cols = strip * NR..((strip + 1) * NR).min(n);
-            for r0 in rows.clone().step_by(MR) {
-                let tile = Tile { r0, strip };
-                let to = TileOut {
-                    // SAFETY: tasks cover disjoint (row block, strip)
-                    // rectangles of `y`'s allocation, which outlives the
-                    // loop.
-                    y: unsafe { out.at(r0 * n + cols.start) },
-                    ld: n,
-                    rows: MR.min(rows.end - r0),
-                    cols: cols.len(),
-                    residual: residual.map(|r| &r[r0 * n + cols.start..]),
-                    act,
-                };
-                f(&tile, &to);
-            }
-        }
+        f(&Task {
+            rows: t.start * MR..(t.end * MR).min(m),
+            strips: part(g, groups, strips),
+            m,
+            n,
+            out: &out,
+            residual,
+            act,
+        });
     });
     // SAFETY: the row blocks' tiles cover tiles 0..tiles (rows 0..m) and,
     // for each, the groups cover strips 0..strips (consecutive parts of
-    // both ranges), so every one of the m · n elements after `start` was
-    // written above; the padding on either side is written here.
+    // both ranges), and each task writes all its tiles, so every one of
+    // the m · n elements after `start` was written above; the padding on
+    // either side is written here.
     unsafe {
         let pad = y.spare_capacity_mut();
         pad[..start].fill(std::mem::MaybeUninit::new(0.0));
