@@ -335,16 +335,23 @@ struct Geometry {
     oy: usize,
 }
 
-/// One output row `dst [ow · o]` of a depthwise convolution of the image
-/// `src [h, w, o]` with `taps [k · k, o]` and `bias [o]`, plus `res` (the
-/// row's residual, shaped like `dst`) if given.
+/// What a depthwise row reads: the image `src [h, w, o]`, the taps `ts [k ·
+/// k, o]`, the bias `bs [o]` and, if given, the row's residual `res` (shaped
+/// like the row).
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    src: &'a [f32],
+    ts: &'a [f32],
+    bs: &'a [f32],
+    res: Option<&'a [f32]>,
+}
+
+/// One output row `dst [ow · o]` of a depthwise convolution ([`Inputs`]),
+/// pixels `pixels` of it.
 #[inline(always)]
 fn depthwise_row<const FMA: bool>(
     g: Geometry,
-    src: &[f32],
-    ts: &[f32],
-    bs: &[f32],
-    res: Option<&[f32]>,
+    inp: Inputs,
     dst: &mut [f32],
     pixels: std::ops::Range<usize>,
 ) {
@@ -356,6 +363,7 @@ fn depthwise_row<const FMA: bool>(
         stride,
         oy,
     } = g;
+    let Inputs { src, ts, bs, res } = inp;
     let pad = k / 2;
     let inside = |t: usize, n: usize, i: usize| (i * stride + t).wrapping_sub(pad) < n;
     let madd = |acc: f32, s: f32, t: f32| if FMA { s.mul_add(t, acc) } else { acc + s * t };
@@ -413,16 +421,9 @@ fn depthwise_row<const FMA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn depthwise_row_avx2(
-    g: Geometry,
-    src: &[f32],
-    ts: &[f32],
-    bs: &[f32],
-    res: Option<&[f32]>,
-    dst: &mut [f32],
-) {
+fn depthwise_row_avx2(g: Geometry, inp: Inputs, dst: &mut [f32]) {
     let ow = dst.len() / g.o;
-    depthwise_row::<true>(g, src, ts, bs, res, dst, 0..ow)
+    depthwise_row::<true>(g, inp, dst, 0..ow)
 }
 
 /// Output pixels [`depthwise_row_avx512`] computes at once.
@@ -440,18 +441,12 @@ const DW_PIXELS: usize = 8;
 /// AVX2, FMA and AVX-512 F must be available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
-unsafe fn depthwise_row_avx512(
-    g: Geometry,
-    src: &[f32],
-    ts: &[f32],
-    bs: &[f32],
-    res: Option<&[f32]>,
-    dst: &mut [f32],
-) {
+unsafe fn depthwise_row_avx512(g: Geometry, inp: Inputs, dst: &mut [f32]) {
     let Geometry { h, w, o, k, oy, .. } = g;
+    let Inputs { src, ts, bs, res } = inp;
     let ow = dst.len() / o;
     if g.stride != 1 || o % 32 != 0 || ow != w {
-        return depthwise_row::<true>(g, src, ts, bs, res, dst, 0..ow);
+        return depthwise_row::<true>(g, inp, dst, 0..ow);
     }
     let pad = k / 2;
     let kys: Vec<usize> = (0..k)
@@ -467,9 +462,9 @@ unsafe fn depthwise_row_avx512(
             // SAFETY: per `depthwise_block`'s contract, established above.
             unsafe {
                 if inner {
-                    depthwise_block::<false>(g, src, ts, bs, res, dst, &kys, (ox0, pixels, c0))
+                    depthwise_block::<false>(g, inp, dst, &kys, (ox0, pixels, c0))
                 } else {
-                    depthwise_block::<true>(g, src, ts, bs, res, dst, &kys, (ox0, pixels, c0))
+                    depthwise_block::<true>(g, inp, dst, &kys, (ox0, pixels, c0))
                 }
             }
         }
@@ -487,19 +482,16 @@ unsafe fn depthwise_row_avx512(
 /// column of the pixels is inside the row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn depthwise_block<const CHECK: bool>(
     g: Geometry,
-    src: &[f32],
-    ts: &[f32],
-    bs: &[f32],
-    res: Option<&[f32]>,
+    inp: Inputs,
     dst: &mut [f32],
     kys: &[usize],
     (ox0, pixels, c0): (usize, usize, usize),
 ) {
     use std::arch::x86_64::*;
     let Geometry { w, o, k, oy, .. } = g;
+    let Inputs { src, ts, bs, res } = inp;
     let pad = k / 2;
     // SAFETY (all loads and stores): inside the slices per the contract.
     unsafe {
@@ -593,20 +585,25 @@ fn depthwise_cpu(
                                 oy,
                             };
                             // GELU comes before the residual: never both here.
-                            let res = if gelu { None } else { res };
+                            let inp = Inputs {
+                                src,
+                                ts,
+                                bs,
+                                res: if gelu { None } else { res },
+                            };
                             let ow = dst.len() / o;
                             #[cfg(target_arch = "x86_64")]
                             if cpu_kernels::has_avx512f() {
                                 // SAFETY: the CPU has the features this copy was compiled for.
-                                unsafe { depthwise_row_avx512(geo, src, ts, bs, res, dst) };
+                                unsafe { depthwise_row_avx512(geo, inp, dst) };
                             } else if cpu_kernels::has_avx2_fma() {
                                 // SAFETY: as above.
-                                unsafe { depthwise_row_avx2(geo, src, ts, bs, res, dst) };
+                                unsafe { depthwise_row_avx2(geo, inp, dst) };
                             } else {
-                                depthwise_row::<false>(geo, src, ts, bs, res, dst, 0..ow);
+                                depthwise_row::<false>(geo, inp, dst, 0..ow);
                             }
                             #[cfg(not(target_arch = "x86_64"))]
-                            depthwise_row::<false>(geo, src, ts, bs, res, dst, 0..ow);
+                            depthwise_row::<false>(geo, inp, dst, 0..ow);
                             if gelu {
                                 cpu_kernels::act_in_place(Epilogue::GeluErf, dst);
                             }
