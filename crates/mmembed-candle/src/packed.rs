@@ -107,17 +107,29 @@ impl PackedLinear {
     /// tiles of `MR` rows, each `[k][MR]` (the last padded with zero rows):
     /// the kernel's broadcasts then walk one contiguous stream.
     fn pack_rows(&self, x: &[f32], m: usize, norm: Option<&RowNorm>, a: &mut [f32]) {
-        let k = self.k;
-        a.par_chunks_mut(k * MR)
+        a.par_chunks_mut(self.k * MR)
             .enumerate()
             .for_each_init(Vec::new, |normed, (t, a)| {
-                // The kernel never reads padding lanes, but zeros keep it
-                // that way.
-                clear_padding_tile(a, t, m);
-                rows_of_tile(x, (m, k), t, norm, normed, |lane, row| {
-                    put_row::<_, 1>(a, lane, row)
-                });
+                self.pack_tile(x, m, norm, t, normed, a)
             });
+    }
+
+    /// Activation tile `t` of `x` (`m` rows) into `a` (`[k][MR]`), the rows
+    /// normed first (through `normed`) when `norm` is given.
+    fn pack_tile(
+        &self,
+        x: &[f32],
+        m: usize,
+        norm: Option<&RowNorm>,
+        t: usize,
+        normed: &mut Vec<f32>,
+        a: &mut [f32],
+    ) {
+        // The kernel never reads padding lanes, but zeros keep it that way.
+        clear_padding_tile(a, t, m);
+        rows_of_tile(x, (m, self.k), t, norm, normed, |lane, row| {
+            put_row::<_, 1>(a, lane, row)
+        });
     }
 
     /// One output tile: activation tile `r0 / MR` against weight strip
@@ -202,13 +214,9 @@ impl TiledLinear for PackedLinear {
                 // as MLAS's kernels read their left-hand side, and
                 // nothing is packed at all.
                 return for_each_task(m, self.n, residual, act, |task| {
-                    for strip in task.strips.clone() {
-                        for r0 in task.rows.clone().step_by(MR) {
-                            // SAFETY: the CPU has AVX2, FMA and AVX-512 F.
-                            unsafe {
-                                avx512::tile_direct(self, x, r0, strip, &task.out(r0, strip))
-                            };
-                        }
+                    for (r0, strip) in task.tiles() {
+                        // SAFETY: the CPU has AVX2, FMA and AVX-512 F.
+                        unsafe { avx512::tile_direct(self, x, r0, strip, &task.out(r0, strip)) };
                     }
                 });
             }
@@ -218,11 +226,7 @@ impl TiledLinear for PackedLinear {
                 with_scratch(tiles * k * MR, |a: &mut [f32]| {
                     let mut normed = Vec::new();
                     for (i, a) in a.chunks_exact_mut(k * MR).enumerate() {
-                        let t = first + i;
-                        clear_padding_tile(a, t, m);
-                        rows_of_tile(x, (m, k), t, norm, &mut normed, |lane, row| {
-                            put_row::<_, 1>(a, lane, row)
-                        });
+                        self.pack_tile(x, m, norm, first + i, &mut normed, a);
                     }
                     self.task_tiles(a, first * MR, task);
                 })
@@ -245,14 +249,12 @@ impl PackedLinear {
     /// MobileCLIP-S1 or ViT-B/32 (Zen 4, two threads, A/B of 2–3 rounds):
     /// these layers wait on memory more than on the loop's loads.
     fn task_tiles(&self, a: &[f32], a_r0: usize, task: &Task) {
-        for strip in task.strips.clone() {
-            for r0 in task.rows.clone().step_by(MR) {
-                let local = Tile {
-                    r0: r0 - a_r0,
-                    strip,
-                };
-                self.tile(a, &local, &task.out(r0, strip));
-            }
+        for (r0, strip) in task.tiles() {
+            let local = Tile {
+                r0: r0 - a_r0,
+                strip,
+            };
+            self.tile(a, &local, &task.out(r0, strip));
         }
     }
 }

@@ -442,10 +442,8 @@ pub(crate) fn for_each_tile(
     f: impl Fn(&Tile, &TileOut) + Sync,
 ) -> Rows {
     for_each_task(m, n, residual, act, |task| {
-        for strip in task.strips.clone() {
-            for r0 in task.rows.clone().step_by(MR) {
-                f(&Tile { r0, strip }, &task.out(r0, strip));
-            }
+        for (r0, strip) in task.tiles() {
+            f(&Tile { r0, strip }, &task.out(r0, strip));
         }
     })
 }
@@ -479,7 +477,6 @@ pub(crate) fn task_layout(m: usize, n: usize) -> (usize, usize) {
 pub(crate) struct Task<'a> {
     pub(crate) rows: std::ops::Range<usize>,
     pub(crate) strips: std::ops::Range<usize>,
-    m: usize,
     n: usize,
     out: &'a SharedOut,
     residual: Option<&'a [f32]>,
@@ -487,10 +484,18 @@ pub(crate) struct Task<'a> {
 }
 
 impl Task<'_> {
+    /// The task's tiles as (first row, strip), strip by strip: each strip
+    /// of the weights is read once while the rows stay in cache.
+    pub(crate) fn tiles(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.strips
+            .clone()
+            .flat_map(|strip| self.rows.clone().step_by(MR).map(move |r0| (r0, strip)))
+    }
+
     /// Where the tile of rows `r0 ..` (within [`Self::rows`], a multiple
     /// of `MR` from its start) and strip `strip` goes.
     pub(crate) fn out(&self, r0: usize, strip: usize) -> TileOut<'_> {
-        let (m, n) = (self.m, self.n);
+        let n = self.n;
         debug_assert!(self.rows.contains(&r0) && self.strips.contains(&strip));
         let cols = strip * NR..((strip + 1) * NR).min(n);
         TileOut {
@@ -498,7 +503,7 @@ impl Task<'_> {
             // of the output's allocation, which outlives the tasks.
             y: unsafe { self.out.at(r0 * n + cols.start) },
             ld: n,
-            rows: MR.min(self.rows.end.min(m) - r0),
+            rows: MR.min(self.rows.end - r0),
             cols: cols.len(),
             residual: self.residual.map(|r| &r[r0 * n + cols.start..]),
             act: self.act,
@@ -539,7 +544,6 @@ pub(crate) fn for_each_task(
         f(&Task {
             rows: t.start * MR..(t.end * MR).min(m),
             strips: part(g, groups, strips),
-            m,
             n,
             out: &out,
             residual,
