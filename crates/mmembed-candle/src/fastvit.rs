@@ -346,15 +346,9 @@ struct Inputs<'a> {
     res: Option<&'a [f32]>,
 }
 
-/// One output row `dst [ow · o]` of a depthwise convolution ([`Inputs`]),
-/// pixels `pixels` of it.
+/// One output row `dst [ow · o]` of a depthwise convolution ([`Inputs`]).
 #[inline(always)]
-fn depthwise_row<const FMA: bool>(
-    g: Geometry,
-    inp: Inputs,
-    dst: &mut [f32],
-    pixels: std::ops::Range<usize>,
-) {
+fn depthwise_row<const FMA: bool>(g: Geometry, inp: Inputs, dst: &mut [f32]) {
     let Geometry {
         h,
         w,
@@ -367,12 +361,7 @@ fn depthwise_row<const FMA: bool>(
     let pad = k / 2;
     let inside = |t: usize, n: usize, i: usize| (i * stride + t).wrapping_sub(pad) < n;
     let madd = |acc: f32, s: f32, t: f32| if FMA { s.mul_add(t, acc) } else { acc + s * t };
-    for (ox, px) in dst
-        .chunks_exact_mut(o)
-        .enumerate()
-        .skip(pixels.start)
-        .take(pixels.len())
-    {
+    for (ox, px) in dst.chunks_exact_mut(o).enumerate() {
         // The residual starts the sum (added while the pixel is in
         // registers: a pass over the map fewer per RepMixer block and
         // position encoding).
@@ -422,8 +411,7 @@ fn depthwise_row<const FMA: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn depthwise_row_avx2(g: Geometry, inp: Inputs, dst: &mut [f32]) {
-    let ow = dst.len() / g.o;
-    depthwise_row::<true>(g, inp, dst, 0..ow)
+    depthwise_row::<true>(g, inp, dst)
 }
 
 /// Output pixels [`depthwise_row_avx512`] computes at once.
@@ -446,12 +434,12 @@ unsafe fn depthwise_row_avx512(g: Geometry, inp: Inputs, dst: &mut [f32]) {
     let Inputs { src, ts, bs, res } = inp;
     let ow = dst.len() / o;
     if g.stride != 1 || o % 32 != 0 || ow != w {
-        return depthwise_row::<true>(g, inp, dst, 0..ow);
+        return depthwise_row::<true>(g, inp, dst);
     }
     let pad = k / 2;
-    let kys: Vec<usize> = (0..k)
-        .filter(|&ky| (oy + ky).wrapping_sub(pad) < h)
-        .collect();
+    // The kernel rows inside the image: `oy + ky - pad` in `0..h` (stride
+    // 1, so `oy < h`).
+    let kys = pad.saturating_sub(oy)..k.min(h + pad - oy);
     assert!(src.len() >= h * w * o && ts.len() >= k * k * o && bs.len() >= o);
     assert!(dst.len() == w * o && res.is_none_or(|r| r.len() >= dst.len()));
     for ox0 in (0..w).step_by(DW_PIXELS) {
@@ -462,9 +450,9 @@ unsafe fn depthwise_row_avx512(g: Geometry, inp: Inputs, dst: &mut [f32]) {
             // SAFETY: per `depthwise_block`'s contract, established above.
             unsafe {
                 if inner {
-                    depthwise_block::<false>(g, inp, dst, &kys, (ox0, pixels, c0))
+                    depthwise_block::<false>(g, inp, dst, kys.clone(), (ox0, pixels, c0))
                 } else {
-                    depthwise_block::<true>(g, inp, dst, &kys, (ox0, pixels, c0))
+                    depthwise_block::<true>(g, inp, dst, kys.clone(), (ox0, pixels, c0))
                 }
             }
         }
@@ -486,7 +474,7 @@ unsafe fn depthwise_block<const CHECK: bool>(
     g: Geometry,
     inp: Inputs,
     dst: &mut [f32],
-    kys: &[usize],
+    kys: std::ops::Range<usize>,
     (ox0, pixels, c0): (usize, usize, usize),
 ) {
     use std::arch::x86_64::*;
@@ -507,7 +495,7 @@ unsafe fn depthwise_block<const CHECK: bool>(
                 }
             })
         });
-        for &ky in kys {
+        for ky in kys {
             let row = src.as_ptr().add((oy + ky - pad) * w * o);
             for kx in 0..k {
                 let t = ts.as_ptr().add((ky * k + kx) * o + c0);
@@ -591,7 +579,6 @@ fn depthwise_cpu(
                                 bs,
                                 res: if gelu { None } else { res },
                             };
-                            let ow = dst.len() / o;
                             #[cfg(target_arch = "x86_64")]
                             if cpu_kernels::has_avx512f() {
                                 // SAFETY: the CPU has the features this copy was compiled for.
@@ -600,10 +587,10 @@ fn depthwise_cpu(
                                 // SAFETY: as above.
                                 unsafe { depthwise_row_avx2(geo, inp, dst) };
                             } else {
-                                depthwise_row::<false>(geo, inp, dst, 0..ow);
+                                depthwise_row::<false>(geo, inp, dst);
                             }
                             #[cfg(not(target_arch = "x86_64"))]
-                            depthwise_row::<false>(geo, inp, dst, 0..ow);
+                            depthwise_row::<false>(geo, inp, dst);
                             if gelu {
                                 cpu_kernels::act_in_place(Epilogue::GeluErf, dst);
                             }
