@@ -753,9 +753,13 @@ impl ConvMlp {
 
     /// `x + mlp(x)`.
     fn forward_residual(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self
-            .fc1
-            .forward(&self.conv.forward(x, None, false)?, None, true)?;
+        let h = self.conv.forward(x, None, false)?;
+        if let (Conv::Pointwise(fc1), Conv::Pointwise(fc2)) = (&self.fc1, &self.fc2)
+            && let Some(y) = Dense::mlp_fused(fc1, fc2, &h, Epilogue::GeluErf, x)?
+        {
+            return Ok(y);
+        }
+        let h = self.fc1.forward(&h, None, true)?;
         self.fc2.forward(&h, Some(x), false)
     }
 }

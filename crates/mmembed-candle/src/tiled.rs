@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::cpu_kernels::{Epilogue, SharedOut, f32s, layer_norm_row, threads, with_f32s};
+use crate::packed::PackedLinear;
 
 /// Columns per weight strip (two 8-lane registers).
 pub(crate) const NR: usize = 16;
@@ -181,6 +182,11 @@ pub(crate) trait TiledLinear: Send + Sync {
     fn k(&self) -> usize;
     /// Output width.
     fn n(&self) -> usize;
+    /// The layer as an f32 [`PackedLinear`], if it is one (for
+    /// [`crate::packed::mlp`], which chains two).
+    fn as_packed_f32(&self) -> Option<&PackedLinear> {
+        None
+    }
     /// `act(norm(x) · wᵀ + b) (+ residual)` for `m` contiguous rows of `x`
     /// (shapes checked by the caller).
     fn run(
@@ -521,6 +527,19 @@ pub(crate) fn for_each_task(
     act: Epilogue,
     f: impl Fn(&Task) + Sync,
 ) -> Rows {
+    for_each_task_in(task_layout(m, n), m, n, residual, act, f)
+}
+
+/// [`for_each_task`] with the layout given: `(row blocks, groups of
+/// strips per row block)`.
+pub(crate) fn for_each_task_in(
+    (row_blocks, groups): (usize, usize),
+    m: usize,
+    n: usize,
+    residual: Option<&[f32]>,
+    act: Epilogue,
+    f: impl Fn(&Task) + Sync,
+) -> Rows {
     // Not zero-filled: the tiles write every element (zeroing was 2.6 % of
     // a batch-32 image forward).
     let len = m * n;
@@ -533,7 +552,10 @@ pub(crate) fn for_each_task(
     let start = (y.as_ptr() as usize).wrapping_neg() % size_of::<Line>() / size_of::<f32>();
     let strips = n.div_ceil(NR);
     let tiles = m.div_ceil(MR);
-    let (row_blocks, groups) = task_layout(m, n);
+    let (row_blocks, groups) = (
+        row_blocks.clamp(1, tiles.max(1)),
+        groups.clamp(1, strips.max(1)),
+    );
     // Part `i` of `parts` nearly equal ones of `0..len`.
     let part = |i: usize, parts: usize, len: usize| i * len / parts..(i + 1) * len / parts;
     // SAFETY: `start + len ≤ len + NR − 1`, within the capacity.
