@@ -405,8 +405,11 @@ const LANES: usize = 64;
 struct Geometry {
     h: usize,
     w: usize,
-    /// Channels (input repeated to match the output).
+    /// Output channels.
     o: usize,
+    /// Outputs per input channel (1 or 2): output channel `j` reads input
+    /// channel `j / m` of the image's `o / m`.
+    m: usize,
     k: usize,
     stride: usize,
     /// The output row.
@@ -427,14 +430,26 @@ struct Inputs<'a> {
 /// One output row `dst [ow · o]` of a depthwise convolution ([`Inputs`]).
 #[inline(always)]
 fn depthwise_row<const FMA: bool>(g: Geometry, inp: Inputs, dst: &mut [f32]) {
+    match g.m {
+        1 => depthwise_row_m::<FMA, 1>(g, inp, dst),
+        _ => depthwise_row_m::<FMA, 2>(g, inp, dst),
+    }
+}
+
+/// [`depthwise_row`] with `M` outputs per input channel.
+#[inline(always)]
+fn depthwise_row_m<const FMA: bool, const M: usize>(g: Geometry, inp: Inputs, dst: &mut [f32]) {
     let Geometry {
         h,
         w,
         o,
+        m,
         k,
         stride,
         oy,
     } = g;
+    debug_assert_eq!(m, M);
+    let c = o / M;
     let Inputs { src, ts, bs, res } = inp;
     let pad = k / 2;
     let inside = |t: usize, n: usize, i: usize| (i * stride + t).wrapping_sub(pad) < n;
@@ -448,7 +463,7 @@ fn depthwise_row<const FMA: bool>(g: Geometry, inp: Inputs, dst: &mut [f32]) {
         let read = |ky: usize, kx: usize| {
             let (iy, ix) = (oy * stride + ky - pad, ox * stride + kx - pad);
             (
-                &src[(iy * w + ix) * o..][..o],
+                &src[(iy * w + ix) * c..][..c],
                 &ts[(ky * k + kx) * o..][..o],
             )
         };
@@ -460,10 +475,12 @@ fn depthwise_row<const FMA: bool>(g: Geometry, inp: Inputs, dst: &mut [f32]) {
             for ky in (0..k).filter(|&ky| inside(ky, h, oy)) {
                 for kx in (0..k).filter(|&kx| inside(kx, w, ox)) {
                     let (s, t) = read(ky, kx);
-                    let s: &[f32; LANES] = s[c0..c0 + LANES].try_into().unwrap_or(&[0.0; LANES]);
+                    // Input channel `(c0 + j) / M` for output `c0 + j`
+                    // (LANES is a multiple of M).
+                    let s = &s[c0 / M..(c0 + LANES) / M];
                     let t: &[f32; LANES] = t[c0..c0 + LANES].try_into().unwrap_or(&[0.0; LANES]);
                     for j in 0..LANES {
-                        acc[j] = madd(acc[j], s[j], t[j]);
+                        acc[j] = madd(acc[j], s[j / M], t[j]);
                     }
                 }
             }
@@ -477,8 +494,8 @@ fn depthwise_row<const FMA: bool>(g: Geometry, inp: Inputs, dst: &mut [f32]) {
             for ky in (0..k).filter(|&ky| inside(ky, h, oy)) {
                 for kx in (0..k).filter(|&kx| inside(kx, w, ox)) {
                     let (s, t) = read(ky, kx);
-                    for ((d, s), t) in px[c0..].iter_mut().zip(&s[c0..]).zip(&t[c0..]) {
-                        *d = madd(*d, *s, *t);
+                    for (j, (d, t)) in px[c0..].iter_mut().zip(&t[c0..]).enumerate() {
+                        *d = madd(*d, s[(c0 + j) / M], *t);
                     }
                 }
             }
@@ -496,41 +513,63 @@ fn depthwise_row_avx2(g: Geometry, inp: Inputs, dst: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 const DW_PIXELS: usize = 8;
 
-/// [`depthwise_row_avx2`] for stride 1 and whole 32-channel blocks: the
-/// row in blocks of [`DW_PIXELS`] pixels × 32 channels held in sixteen
-/// registers, so each tap's weights are loaded once for eight pixels (18
-/// loads for 16 FMAs, where one pixel at a time takes two loads per FMA).
-/// Blocks with a pixel near the left or right edge check each tap's
-/// column; the others do not.
+/// [`depthwise_row_avx2`] for strides 1 and 2, one or two outputs per
+/// input channel and whole 32-channel blocks: the row in blocks of
+/// [`DW_PIXELS`] pixels × 32 channels held in sixteen registers, so each
+/// tap's weights are loaded once for eight pixels (18 loads for 16 FMAs,
+/// where one pixel at a time takes two loads per FMA). Blocks with a pixel
+/// near the left or right edge check each tap's column; the others do not.
+/// The downsampling's widening 7×7 convolutions (stride 2, two outputs per
+/// input channel) ran at 4 GFLOP/s on two cores through a copy with the
+/// channels repeated and the portable loop; here, about 90 (8 images of
+/// MobileCLIP-S1: 45 → 2.5 ms for the three).
+///
+/// Tried and not kept: sliding along the row, a kernel row's taps held
+/// in registers and each input pixel loaded once for every output it
+/// reaches (21 loads for 56 FMAs at 7×7): no faster (8.5 → 8.3 % of
+/// MobileCLIP-S1's profile, the same images/s): the loop waits on the rows
+/// it reads from L2 more than on its loads.
 ///
 /// # Safety
 /// AVX2, FMA and AVX-512 F must be available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
 unsafe fn depthwise_row_avx512(g: Geometry, inp: Inputs, dst: &mut [f32]) {
-    let Geometry { h, w, o, k, oy, .. } = g;
+    let Geometry {
+        h,
+        w,
+        o,
+        m,
+        k,
+        stride,
+        oy,
+    } = g;
     let Inputs { src, ts, bs, res } = inp;
     let ow = dst.len() / o;
-    if g.stride != 1 || o % 32 != 0 || ow != w {
+    if !matches!(stride, 1 | 2) || !matches!(m, 1 | 2) || o % 32 != 0 {
         return depthwise_row::<true>(g, inp, dst);
     }
     let pad = k / 2;
-    // The kernel rows inside the image: `oy + ky - pad` in `0..h` (stride
-    // 1, so `oy < h`).
-    let kys = pad.saturating_sub(oy)..k.min(h + pad - oy);
-    assert!(src.len() >= h * w * o && ts.len() >= k * k * o && bs.len() >= o);
-    assert!(dst.len() == w * o && res.is_none_or(|r| r.len() >= dst.len()));
-    for ox0 in (0..w).step_by(DW_PIXELS) {
-        let pixels = DW_PIXELS.min(w - ox0);
+    // The kernel rows inside the image: `oy · stride + ky - pad` in `0..h`.
+    let top = oy * stride;
+    let kys = pad.saturating_sub(top)..k.min((h + pad).saturating_sub(top));
+    assert!(src.len() >= h * w * o / m && ts.len() >= k * k * o && bs.len() >= o);
+    assert!(ow * stride <= w + stride && res.is_none_or(|r| r.len() >= dst.len()));
+    for ox0 in (0..ow).step_by(DW_PIXELS) {
+        let pixels = DW_PIXELS.min(ow - ox0);
         // Every tap of every pixel inside the row: no checks.
-        let inner = pixels == DW_PIXELS && ox0 >= pad && ox0 + DW_PIXELS + pad <= w;
+        let inner = pixels == DW_PIXELS
+            && ox0 * stride >= pad
+            && (ox0 + DW_PIXELS - 1) * stride + k - pad <= w;
         for c0 in (0..o).step_by(32) {
+            let at = (ox0, pixels, c0);
             // SAFETY: per `depthwise_block`'s contract, established above.
             unsafe {
-                if inner {
-                    depthwise_block::<false>(g, inp, dst, kys.clone(), (ox0, pixels, c0))
-                } else {
-                    depthwise_block::<true>(g, inp, dst, kys.clone(), (ox0, pixels, c0))
+                match (inner, m) {
+                    (true, 1) => depthwise_block::<false, 1>(g, inp, dst, kys.clone(), at),
+                    (false, 1) => depthwise_block::<true, 1>(g, inp, dst, kys.clone(), at),
+                    (true, _) => depthwise_block::<false, 2>(g, inp, dst, kys.clone(), at),
+                    (false, _) => depthwise_block::<true, 2>(g, inp, dst, kys.clone(), at),
                 }
             }
         }
@@ -542,13 +581,14 @@ unsafe fn depthwise_row_avx512(g: Geometry, inp: Inputs, dst: &mut [f32]) {
 /// with `CHECK`, taps whose column falls outside are skipped.
 ///
 /// # Safety
-/// AVX-512 F must be available; stride 1; the slices hold the image, taps,
-/// bias, residual and row ([`Geometry`]); `c0 + 32 <= o`; `ox0 + pixels
-/// <= w`; `kys` only rows inside the image; without `CHECK`, every tap
-/// column of the pixels is inside the row.
+/// AVX-512 F must be available; `M == g.m`; the slices hold the image,
+/// taps, bias, residual and row ([`Geometry`]); `c0 + 32 <= o`; `ox0 +
+/// pixels` at most the output row's width; `kys` only rows inside the
+/// image; without `CHECK`, every tap column of the pixels is inside the
+/// row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
-unsafe fn depthwise_block<const CHECK: bool>(
+unsafe fn depthwise_block<const CHECK: bool, const M: usize>(
     g: Geometry,
     inp: Inputs,
     dst: &mut [f32],
@@ -556,11 +596,24 @@ unsafe fn depthwise_block<const CHECK: bool>(
     (ox0, pixels, c0): (usize, usize, usize),
 ) {
     use std::arch::x86_64::*;
-    let Geometry { w, o, k, oy, .. } = g;
+    let Geometry {
+        w,
+        o,
+        k,
+        stride,
+        oy,
+        ..
+    } = g;
     let Inputs { src, ts, bs, res } = inp;
-    let pad = k / 2;
+    let (pad, c) = (k / 2, o / M);
     // SAFETY (all loads and stores): inside the slices per the contract.
     unsafe {
+        // With two outputs per input channel, output channels c0 .. c0 + 32
+        // read input channels c0 / 2 .. c0 / 2 + 16, each twice in a row.
+        let spread = (
+            _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+            _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15),
+        );
         let mut acc: [[__m512; 2]; DW_PIXELS] = std::array::from_fn(|p| {
             std::array::from_fn(|half| {
                 let c = c0 + 16 * half;
@@ -574,19 +627,28 @@ unsafe fn depthwise_block<const CHECK: bool>(
             })
         });
         for ky in kys {
-            let row = src.as_ptr().add((oy + ky - pad) * w * o);
+            let row = src.as_ptr().add((oy * stride + ky - pad) * w * c);
             for kx in 0..k {
                 let t = ts.as_ptr().add((ky * k + kx) * o + c0);
                 let (t0, t1) = (_mm512_loadu_ps(t), _mm512_loadu_ps(t.add(16)));
                 for (p, acc) in acc.iter_mut().enumerate() {
                     // The tap's column, wrapping below zero.
-                    let ix = (ox0 + p + kx).wrapping_sub(pad);
+                    let ix = ((ox0 + p) * stride + kx).wrapping_sub(pad);
                     if CHECK && (p >= pixels || ix >= w) {
                         continue;
                     }
-                    let sp = row.add(ix * o + c0);
-                    acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(sp), t0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(_mm512_loadu_ps(sp.add(16)), t1, acc[1]);
+                    let sp = row.add(ix * c + c0 / M);
+                    let (s0, s1) = if M == 1 {
+                        (_mm512_loadu_ps(sp), _mm512_loadu_ps(sp.add(16)))
+                    } else {
+                        let s = _mm512_loadu_ps(sp);
+                        (
+                            _mm512_permutexvar_ps(spread.0, s),
+                            _mm512_permutexvar_ps(spread.1, s),
+                        )
+                    };
+                    acc[0] = _mm512_fmadd_ps(s0, t0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(s1, t1, acc[1]);
                 }
             }
         }
@@ -614,7 +676,12 @@ fn depthwise_cpu(
     if o % c != 0 {
         candle_core::bail!("{o} depthwise outputs for {c} input channels");
     }
-    let x = repeat_channels(x, o / c)?.contiguous()?;
+    // Two outputs per input channel (FastViT's downsampling) are read in
+    // the loop; other multiples from a copy with the channels repeated.
+    let (x, m) = match o / c {
+        m @ (1 | 2) => (x.contiguous()?, m),
+        m => (repeat_channels(x, m)?.contiguous()?, 1),
+    };
     let (taps, bias) = (taps.contiguous()?, bias.contiguous()?);
     let (oh, ow) = (out_side(h, k, stride)?, out_side(w, k, stride)?);
     let residual = match residual {
@@ -641,11 +708,12 @@ fn depthwise_cpu(
                         .for_each(|(row, dst)| {
                             let res = rs.map(|r| &r[row * ow * o..][..ow * o]);
                             let (img, oy) = (row / oh, row % oh);
-                            let src = &xs[img * h * w * o..][..h * w * o];
+                            let src = &xs[img * h * w * o / m..][..h * w * o / m];
                             let geo = Geometry {
                                 h,
                                 w,
                                 o,
+                                m,
                                 k,
                                 stride,
                                 oy,
@@ -1271,6 +1339,17 @@ mod tests {
             (32, 1, 7, 1, 12, 17),
             (64, 1, 3, 1, 5, 20),
             (16, 2, 7, 1, 9, 16),
+            // ... and at stride 2, with and without two outputs per input
+            // channel (the downsampling's widening convolutions).
+            (16, 2, 7, 2, 10, 40),
+            (32, 1, 3, 2, 7, 37),
+            // The last inner block's last tap on the row's last pixel.
+            (16, 2, 7, 2, 6, 33),
+            (32, 1, 7, 1, 5, 18),
+            // Two outputs per input channel are read in the loop, more from
+            // a copy with the channels repeated.
+            (24, 2, 3, 1, 4, 5),
+            (3, 3, 3, 1, 5, 5),
         ] {
             let x = Tensor::randn(0f32, 1.0, (2, c, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (c * m, 1, k, k), &dev)?;
