@@ -17,7 +17,9 @@ times ours (`clip_loop`, a subprocess: the figure is its mean over the
 round), then PyTorch eager, PyTorch after timm's `reparameterize_model`
 (what an inference user runs), then ONNX Runtime on the reparameterised
 image tower exported with opset 17; the table gives each stack's median
-over the rounds and our ratio to it. Figures and machine: BENCHMARKS.md.
+over the rounds and the median of our per-round ratios to it (more rounds
+of fewer seconds make those steadier on a noisy host). Figures and
+machine: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -159,10 +161,18 @@ def main() -> None:
     print(f"\n{args.model}, {args.threads} threads, torch {torch.__version__}, open_clip "
           f"{open_clip.__version__}, timm {timm.__version__}; items/s, median of {args.rounds} rounds")
     for workload, batch in workloads:
-        stacks = {s: statistics.median(v) for (w, b, s), v in results.items() if (w, b) == (workload, batch)}
-        base = stacks.get("ours f32")
-        line = ", ".join(f"{s} {v:.2f}" + ("" if s.startswith("ours") else f" (ours {base / v:.2f}x)")
-                         for s, v in stacks.items())
+        runs = {s: v for (w, b, s), v in results.items() if (w, b) == (workload, batch)}
+        ours_f32 = runs["ours f32"]
+
+        # Our ratio per round, then the median: stacks timed seconds apart
+        # in one round share the host's state, and this host's speed drifts
+        # by 20 % over minutes, which a ratio of medians would carry.
+        def ratio(v: list[float]) -> float:
+            return statistics.median(a / b for a, b in zip(ours_f32, v))
+
+        line = ", ".join(f"{s} {statistics.median(v):.2f}"
+                         + ("" if s.startswith("ours") else f" (ours {ratio(v):.2f}x)")
+                         for s, v in runs.items())
         print(f"{workload} x{batch}: {line}")
 
 
