@@ -175,10 +175,10 @@ impl PackedLinear {
     ) {
         let (k, t) = (self.k, tile.r0 / MR);
         let a = &a[t * k * MR..(t + 1) * k * MR];
-        let b = floats(&self.w[tile.strip * k..(tile.strip + 1) * k]);
+        let (b, bias) = self.strip(tile.strip);
         let mut acc = [[0f32; NR]; MR];
         for acc in &mut acc {
-            acc.copy_from_slice(&self.bias[tile.strip * NR..(tile.strip + 1) * NR]);
+            acc.copy_from_slice(bias);
         }
         dot(a, b, k, out.rows, &mut acc);
         for (i, acc) in acc.iter_mut().enumerate().take(out.rows) {
