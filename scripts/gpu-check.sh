@@ -13,7 +13,9 @@
 #   scripts/gpu-check.sh run OUT        on the GPU machine (no Rust, no
 #                                       network; its python3 with torch and
 #                                       transformers): our kernels against
-#                                       their references, parity against PyTorch
+#                                       their references, every family's tiny
+#                                       fixture against its committed PyTorch
+#                                       embeddings, parity against PyTorch
 #                                       on the same GPU, throughput side by
 #                                       side, JPEG files end to end; writes
 #                                       OUT/report.md and the raw JSON lines.
@@ -252,6 +254,13 @@ steps() {
     say "our CUDA kernels against their references (mmembed-candle's on_cuda tests)"
     kernel_tests "$out"
   fi
+
+  # Every family's tiny fixture (SigLIP, Chinese-CLIP, MobileCLIP's FastViT
+  # and ViT towers: what the seeded ViT-B/32 leaves out) on this device in
+  # each precision, against the PyTorch embeddings committed beside it.
+  say "every model family's tiny fixture on $device against its committed PyTorch embeddings"
+  timeout "$STEP_LIMIT" "$BIN/gpu_check" families models/fixtures --device "$device" --precisions "$precisions" \
+    --kernels "${KERNELS:-auto}" | tee "$out/families.jsonl" || failed "a model family's fixture"
 
   say "parity: PyTorch on $device (the references)"
   local refs=1

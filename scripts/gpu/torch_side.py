@@ -275,6 +275,20 @@ def report(out: Path) -> None:
         diffs = [l.strip() for l in found if "max diff" in l or "max abs diff" in l]
         if diffs:
             md += ["", "```"] + diffs + ["```"]
+    families = lines(out / "families.jsonl")
+    if families:
+        # gpu_check families: each tiny fixture model on this device
+        # against PyTorch's fp32 embeddings committed with it.
+        md += ["", "## Every family's tiny fixture (cosine to PyTorch fp32, committed references)", "",
+               "| model | precision | min text | min image | mean | bars (text, image, mean) | pass |",
+               "|---|---|---|---|---|---|---|"]
+        for r in families:
+            if "error" in r:
+                md.append(f"| {r['model']} | {r['precision']} | error: {r['error']} | | | | **no** |")
+                continue
+            md.append(f"| {r['model']} | {r['precision']} | {r['text_min']:.7f} | {r['image_min']:.7f} | "
+                      f"{r['mean']:.7f} | {', '.join(str(b) for b in r['bars'])} | "
+                      f"{'yes' if r['pass'] else '**no**'} |")
     md += ["", "## Parity (cosine of unit vectors; PyTorch fp32 on the same GPU is the truth)", "",
            "| ours | kind | n | min | mean | goal | PyTorch same precision vs fp32 (min) | pass |",
            "|---|---|---|---|---|---|---|---|"]

@@ -9,6 +9,8 @@
 //!                 [--kernels auto|cuda|cublas|portable] [--host true|false]
 //!                 [--stack NAME]
 //! gpu_check decode IMAGE_DIR [--model MODEL_DIR] [--seconds 3] [--draft false|true]
+//! gpu_check families FIXTURES_DIR [--device cuda] [--precisions f32,f16,bf16]
+//!                    [--kernels auto|cuda|cublas|portable]
 //! ```
 //!
 //! `parity` reads `INPUTS_DIR/inputs.json` (texts and the token ids
@@ -28,6 +30,10 @@
 //! that swaps one of our CUDA kernels for the op before it). `decode`
 //! times JPEG decoding and preprocessing on all cores, the host's ceiling
 //! (`--draft true`: with `mmembed batch --jpeg-draft`'s reduced decoding).
+//! `families` runs every tiny fixture model (`FIXTURES_DIR/tiny-*`: CLIP,
+//! SigLIP, Chinese-CLIP, MobileCLIP's FastViT and ViT towers) on the device
+//! against the PyTorch embeddings committed beside it, one JSON line per
+//! model and precision: the families the seeded ViT-B/32 leaves out.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -88,12 +94,18 @@ fn main() -> Result<()> {
                 .parse()
                 .context("--draft true|false")?,
         ),
+        ("families", [fixtures]) => families(
+            Path::new(fixtures),
+            &flag("device", "cuda"),
+            &flag("precisions", "f32,f16,bf16"),
+            &flag("kernels", "auto"),
+        ),
         _ => bail!(USAGE),
     }
 }
 
-const USAGE: &str =
-    "usage: gpu_check parity MODEL INPUTS OUT | speed MODEL | decode DIR (see the source's header)";
+const USAGE: &str = "usage: gpu_check parity MODEL INPUTS OUT | speed MODEL | decode DIR | \
+     families FIXTURES (see the source's header)";
 
 /// Positional arguments, and `--name value` pairs.
 type Parsed = (Vec<String>, Vec<(String, String)>);
@@ -203,6 +215,143 @@ fn parity(
         bail!("{mismatched} texts tokenised differently");
     }
     u8_pixels(&clip, precision)
+}
+
+/// The floor for any one embedding's cosine to PyTorch's f32, and for
+/// their mean, per precision: `tests/parity.rs`'s bars on the CPU (bf16's
+/// single worst at 0.997: the fixtures' 16-dimensional text embeddings
+/// magnify its 8-bit mantissa, PyTorch's own bf16 reaches 0.9979 there).
+fn bars(precision: Precision) -> (f64, f64, f64) {
+    match precision {
+        // (texts, images, mean)
+        Precision::F32 => (0.99999, 0.9999, 0.9999),
+        Precision::Bf16 => (0.997, 0.997, 0.999),
+        _ => (0.999, 0.999, 0.999),
+    }
+}
+
+/// Every `FIXTURES/tiny-*` model with a committed reference, in each of
+/// `precisions` on `device`: the reference texts' token ids and the
+/// fixture photos (decoded and preprocessed on the host, as `mmembed
+/// batch` does) against PyTorch's f32 embeddings from
+/// `models/fixtures/make_fixtures.py`. Fails if any misses [`bars`] or
+/// does not load.
+fn families(fixtures: &Path, device: &str, precisions: &str, kernels: &str) -> Result<()> {
+    let mut models: Vec<PathBuf> = std::fs::read_dir(fixtures)
+        .with_context(|| format!("reading {}", fixtures.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("tiny-"))
+                && p.join("reference.safetensors").exists()
+        })
+        .collect();
+    models.sort();
+    if models.is_empty() {
+        bail!(
+            "no tiny-* fixture with a reference in {}",
+            fixtures.display()
+        );
+    }
+    let mut failed = Vec::new();
+    for dir in &models {
+        let name = dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        for p in precisions.split(',').filter(|p| !p.is_empty()) {
+            let precision: Precision = p.parse().map_err(anyhow::Error::msg)?;
+            let line = |fields: serde_json::Value| {
+                let mut v = serde_json::json!({"check": "family", "model": name, "precision": p});
+                v.as_object_mut()
+                    .expect("an object")
+                    .extend(fields.as_object().cloned().unwrap_or_default());
+                println!("{v}");
+            };
+            match family(dir, &fixtures.join("images"), device, precision, kernels) {
+                Ok((text_min, image_min, mean, n)) => {
+                    let (t, i, m) = bars(precision);
+                    let pass = f64::from(text_min) >= t
+                        && f64::from(image_min) >= i
+                        && f64::from(mean) >= m;
+                    line(serde_json::json!({
+                        "embeddings": n, "text_min": text_min, "image_min": image_min,
+                        "mean": mean, "bars": [t, i, m], "pass": pass,
+                    }));
+                    if !pass {
+                        failed.push(format!("{name} {p}"));
+                    }
+                }
+                Err(e) => {
+                    line(serde_json::json!({"error": format!("{e:#}"), "pass": false}));
+                    failed.push(format!("{name} {p}"));
+                }
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("below the bar or failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// One fixture in one precision: (min text cosine, min image cosine, mean
+/// cosine, embeddings compared).
+fn family(
+    dir: &Path,
+    images: &Path,
+    device: &str,
+    precision: Precision,
+    kernels: &str,
+) -> Result<(f32, f32, f32, usize)> {
+    let clip = open(dir, device, precision, kernels)?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+    let refs = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
+    let reference = |key: &str| -> Result<Vec<f32>> {
+        let mut v = refs
+            .get(key)
+            .with_context(|| format!("reference.safetensors: {key}"))?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        mmembed_core::l2_normalize(&mut v);
+        Ok(v)
+    };
+    let texts = meta["texts"].as_array().context("reference.json: texts")?;
+    let seqs = texts
+        .iter()
+        .map(|t| serde_json::from_value::<Vec<u32>>(t["ids"].clone()))
+        .collect::<serde_json::Result<Vec<_>>>()?;
+    let mut cosines = Vec::new();
+    let mut text_min = 1f32;
+    for (i, got) in clip.embed_token_ids(&seqs)?.iter().enumerate() {
+        let c = mmembed_core::cosine(got, &reference(&format!("text.{i}"))?);
+        text_min = text_min.min(c);
+        cosines.push(c);
+    }
+    let photos = meta["images"]
+        .as_array()
+        .context("reference.json: images")?;
+    let mut pixels = Vec::new();
+    for im in photos {
+        let file = im["file"].as_str().context("image file")?;
+        let bytes = std::fs::read(images.join(file))?;
+        let img =
+            mmembed_media::decode_image(&bytes, file, &mmembed_media::ImageLimits::default())?;
+        pixels.push(
+            clip.preprocessor
+                .normalize_u8(&clip.preprocessor.resize_and_crop(&img)),
+        );
+    }
+    let mut image_min = 1f32;
+    for (im, got) in photos.iter().zip(clip.embed_pixels(&pixels)?) {
+        let key = im["key"].as_str().context("image key")?;
+        let c = mmembed_core::cosine(&got, &reference(&format!("image.{key}"))?);
+        image_min = image_min.min(c);
+        cosines.push(c);
+    }
+    let mean = cosines.iter().sum::<f32>() / cosines.len().max(1) as f32;
+    Ok((text_min, image_min, mean, cosines.len()))
 }
 
 /// `n` crops' bytes (every byte value, in every channel and position),
