@@ -39,6 +39,8 @@ use rayon::prelude::*;
 use crate::config::Activation;
 use crate::cpu_kernels::{self, Epilogue, Visible};
 use crate::model::{Dense, Input, Kernels, Norm, activate, softmax};
+use crate::packed;
+use crate::tiled::TiledLinear;
 
 /// Images the CPU runs through the tower at once (see [`FastVit::forward`]).
 const CPU_CHUNK: usize = 8;
@@ -725,18 +727,7 @@ fn depthwise_cpu(
                                 bs,
                                 res: if gelu { None } else { res },
                             };
-                            #[cfg(target_arch = "x86_64")]
-                            if cpu_kernels::has_avx512f() {
-                                // SAFETY: the CPU has the features this copy was compiled for.
-                                unsafe { depthwise_row_avx512(geo, inp, dst) };
-                            } else if cpu_kernels::has_avx2_fma() {
-                                // SAFETY: as above.
-                                unsafe { depthwise_row_avx2(geo, inp, dst) };
-                            } else {
-                                depthwise_row::<false>(geo, inp, dst);
-                            }
-                            #[cfg(not(target_arch = "x86_64"))]
-                            depthwise_row::<false>(geo, inp, dst);
+                            depthwise_row_host(geo, inp, dst);
                             if gelu {
                                 cpu_kernels::act_in_place(Epilogue::GeluErf, dst);
                             }
@@ -751,6 +742,22 @@ fn depthwise_cpu(
         return Tensor::from_vec(out, (n, oh, ow, o), x.device())? + r;
     }
     Tensor::from_vec(out, (n, oh, ow, o), x.device())
+}
+
+/// One output row of a depthwise convolution on this CPU's best loop.
+fn depthwise_row_host(geo: Geometry, inp: Inputs, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if cpu_kernels::has_avx512f() {
+        // SAFETY: the CPU has the features this copy was compiled for.
+        unsafe { depthwise_row_avx512(geo, inp, dst) };
+    } else if cpu_kernels::has_avx2_fma() {
+        // SAFETY: as above.
+        unsafe { depthwise_row_avx2(geo, inp, dst) };
+    } else {
+        depthwise_row::<false>(geo, inp, dst);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    depthwise_row::<false>(geo, inp, dst);
 }
 
 /// [`depthwise`] in candle ops (any device and dtype): the sum over the
@@ -899,14 +906,85 @@ impl ConvMlp {
 
     /// `x + mlp(x)`.
     fn forward_residual(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv.forward(x, None, false)?;
-        if let (Conv::Pointwise(fc1), Conv::Pointwise(fc2)) = (&self.fc1, &self.fc2)
-            && let Some(y) = Dense::mlp_fused(fc1, fc2, &h, Epilogue::GeluErf, x)?
-        {
+        if let Some(y) = self.forward_fused(x)? {
             return Ok(y);
         }
+        let h = self.conv.forward(x, None, false)?;
         let h = self.fc1.forward(&h, None, true)?;
         self.fc2.forward(&h, Some(x), false)
+    }
+
+    /// [`Self::forward_residual`] in one pass over blocks of image rows on
+    /// the CPU ([`packed::mlp`]): each block's depthwise rows, expansion
+    /// and projection in the core's cache. `None` where the layers or the
+    /// map do not allow it.
+    fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (
+            Conv::Depthwise {
+                taps,
+                bias,
+                k,
+                stride: 1,
+            },
+            Conv::Pointwise(fc1),
+            Conv::Pointwise(fc2),
+        ) = (&self.conv, &self.fc1, &self.fc2)
+        else {
+            return Ok(None);
+        };
+        let (Some(p1), Some(p2)) = (fc1.packed_f32(), fc2.packed_f32()) else {
+            return Ok(None);
+        };
+        let (b, h, w, c) = x.dims4()?;
+        if !cpu_kernels::supported(x)
+            || !cpu_kernels::supported(taps)
+            || bias.dims() != [c]
+            || p1.k() != c
+            || p2.n() != c
+        {
+            return Ok(None);
+        }
+        let (x, taps, bias) = (x.contiguous()?, taps.contiguous()?, bias.contiguous()?);
+        let rows = cpu_kernels::with_f32s(&x, |xs| {
+            cpu_kernels::with_f32s(&taps, |ts| {
+                cpu_kernels::with_f32s(&bias, |bs| {
+                    // Rows of pixels, whole image rows at a time.
+                    let input = |rows: std::ops::Range<usize>, dst: &mut [f32]| {
+                        for (j, dst) in dst.chunks_exact_mut(w * c).enumerate() {
+                            let row = rows.start / w + j;
+                            let (img, oy) = (row / h, row % h);
+                            let geo = Geometry {
+                                h,
+                                w,
+                                o: c,
+                                m: 1,
+                                k: *k,
+                                stride: 1,
+                                oy,
+                            };
+                            let src = &xs[img * h * w * c..][..h * w * c];
+                            let inp = Inputs {
+                                src,
+                                ts,
+                                bs,
+                                res: None,
+                            };
+                            depthwise_row_host(geo, inp, dst);
+                        }
+                    };
+                    let layers = (p1, p2);
+                    Ok(packed::mlp(
+                        layers,
+                        b * h * w,
+                        (&input, w),
+                        Epilogue::GeluErf,
+                        xs,
+                    ))
+                })
+            })
+        })?;
+        rows.map(|r| r.into_tensor(x.shape(), x.device()))
+            .transpose()
     }
 }
 
@@ -1273,6 +1351,41 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// The MLP fused per block of image rows (depthwise rows, expansion,
+    /// projection in cache) is the three layers one after the other, with
+    /// AVX-512's blocked depthwise loop (32-channel blocks) and the
+    /// portable one (24 channels).
+    #[test]
+    fn fused_conv_mlp_is_the_layers_in_a_row() -> Result<()> {
+        let dev = Device::Cpu;
+        // Enough blocks of three 16-pixel rows for any thread count.
+        let b = 4 * cpu_kernels::threads() * 48 / 256 + 1;
+        for c in [32, 24] {
+            let conv = |o, i, k| -> Result<Conv> {
+                let w = Tensor::randn(0f32, 1.0, (o, i, k, k), &dev)?;
+                let bias = Tensor::randn(0f32, 1.0, o, &dev)?;
+                Conv::new((w, bias), 1, Kernels::Fused, DType::F32)
+            };
+            let mlp = ConvMlp {
+                conv: conv(c, 1, 7)?,
+                fc1: conv(3 * c, c, 1)?,
+                fc2: conv(c, 3 * c, 1)?,
+            };
+            let x = Tensor::randn(0f32, 1.0, (b, 16, 16, c), &dev)?;
+            let want = {
+                let h = mlp.conv.forward(&x, None, false)?;
+                let h = mlp.fc1.forward(&h, None, true)?;
+                mlp.fc2.forward(&h, Some(&x), false)?
+            };
+            match mlp.forward_fused(&x)? {
+                Some(got) => assert!(max_diff(&got, &want) < 1e-5, "{c} channels"),
+                None => assert!(!cpu_kernels::has_avx512f(), "fused on AVX-512"),
+            }
+            assert!(max_diff(&mlp.forward_residual(&x)?, &want) < 1e-5);
+        }
+        Ok(())
     }
 
     /// A dense convolution as a linear layer over patches (the CPU's) against

@@ -382,51 +382,13 @@ fn matmul_rows(
 }
 
 impl Dense {
-    /// Inference: `fc2(act(fc1(x))) + residual` in one pass over blocks of
-    /// rows ([`packed::mlp`]) where both layers are packed f32 and the
-    /// tensors are host f32; `None` where that does not apply (the caller
-    /// then runs the two layers).
-    pub(crate) fn mlp_fused(
-        fc1: &Dense,
-        fc2: &Dense,
-        x: &Tensor,
-        act: Epilogue,
-        residual: &Tensor,
-    ) -> Result<Option<Tensor>> {
-        fn packed(d: &Dense) -> Option<&PackedLinear> {
-            match &d.linear {
-                Weights::Packed(p) => p.as_packed_f32(),
-                Weights::Float(_) => None,
-            }
+    /// The layer as packed f32 for our CPU kernels, if it is (for
+    /// [`packed::mlp`], which chains two).
+    pub(crate) fn packed_f32(&self) -> Option<&PackedLinear> {
+        match &self.linear {
+            Weights::Packed(p) => p.as_packed_f32(),
+            Weights::Float(_) => None,
         }
-        let (Some(p1), Some(p2)) = (packed(fc1), packed(fc2)) else {
-            return Ok(None);
-        };
-        let (k, n) = (p1.k(), p2.n());
-        let lead = x.dims().split_last().map(|(_, l)| l.to_vec());
-        let expected = lead.map(|mut l| {
-            l.push(n);
-            l
-        });
-        if !cpu_kernels::supported(x)
-            || !cpu_kernels::supported(residual)
-            || x.dims().last() != Some(&k)
-            || expected.as_deref() != Some(residual.dims())
-        {
-            return Ok(None);
-        }
-        let (x, residual) = (x.contiguous()?, residual.contiguous()?);
-        let m = x.elem_count() / k;
-        let rows = cpu_kernels::with_f32s(&x, |xs| {
-            cpu_kernels::with_f32s(&residual, |r| Ok(packed::mlp(p1, p2, xs, m, act, r)))
-        })?;
-        let Some(rows) = rows else { return Ok(None) };
-        let len = rows.data.len();
-        // A view from the first cache line on, as `tiled::forward`'s.
-        Tensor::from_vec(rows.data, len, x.device())?
-            .narrow(0, rows.start, m * n)?
-            .reshape(residual.shape())
-            .map(Some)
     }
 
     /// Inference: `act(x wᵀ + b) + residual`, in one fused CPU kernel when

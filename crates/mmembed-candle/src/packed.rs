@@ -21,9 +21,10 @@ use rayon::prelude::*;
 
 use crate::cpu_kernels::{Epilogue, with_f32s};
 use crate::tiled::{
-    Line, MR, NR, RowNorm, Rows, Task, Tile, TileOut, TiledLinear, clear_padding_tile, floats,
-    for_each_task, for_each_task_in, put_row, rows_of_tile, task_layout, with_scratch,
+    Blocks, Line, MC, MR, NR, RowNorm, Rows, Task, Tile, TileOut, TiledLinear, clear_padding_tile,
+    floats, for_each_task, for_each_task_in, put_row, rows_of_tile, task_layout, with_scratch,
 };
+use std::ops::Range;
 
 /// The longest reduction read in place rather than packed
 /// ([`PackedLinear::run`]). ViT-B/32's MLP projection (k = 3072, six rows
@@ -272,76 +273,86 @@ impl PackedLinear {
     }
 }
 
-/// `fc2(act(fc1(x))) + residual` for `m` rows of `x`, one block of rows
-/// at a time: each task runs `fc1` over its rows into its thread's scratch
-/// and `fc2` over that, so the hidden rows (three times `x`'s width in
-/// MobileCLIP's MLPs) stay in the core's cache instead of going out to
-/// memory and back. Layer by layer, `fc2` of MobileCLIP-S1's first stage
-/// at 8 images read its 25 MB input from memory at 66 GFLOP/s on one core,
-/// against 96 with the input in cache.
+/// What [`mlp`] asks for a block's input: `input(rows, dst)` fills `dst`
+/// with those rows of `x`.
+pub(crate) type RowSource<'a> = dyn Fn(Range<usize>, &mut [f32]) + Sync + 'a;
+
+/// `fc2(act(fc1(x))) + residual` for `m` rows, one block of rows at a
+/// time: each task asks `input` for its rows of `x` (`input(rows, dst)`
+/// fills `dst` with those rows; FastViT computes them there, its depthwise
+/// convolution's output rows), runs `fc1` over them into its thread's
+/// scratch and `fc2` over that, so neither `x` nor the hidden rows (three
+/// times `x`'s width in MobileCLIP's MLPs) go out to memory and back.
+/// Layer by layer, `fc2` of MobileCLIP-S1's first stage at 8 images read
+/// its 25 MB input from memory at 66 GFLOP/s on one core, against 96 with
+/// the input in cache. Blocks are whole multiples of `align` rows (an
+/// image's row of pixels), at least [`MC`] rows.
 ///
 /// `None` where this does not apply: no AVX-512 (the in-place kernel is
 /// AVX-512's), widths that do not chain, a hidden width over
 /// [`DIRECT_MAX_K`] (MobileCLIP-S1's last stage, 1536: 11.2 ms fused
 /// against 10.3 layer by layer at 8 images, its 6 MB of weights streamed
-/// past the hidden rows), or fewer than four row blocks per thread (the
+/// past the hidden rows), or fewer than four blocks per thread (the
 /// layer-by-layer path then splits columns too; with rows alone to share,
 /// stage 2 at one image, 5 blocks on 2 threads, ran 1.16 ms fused against
 /// 1.10 apart, and the forward 6 % faster at the higher bar).
 pub(crate) fn mlp(
-    fc1: &PackedLinear,
-    fc2: &PackedLinear,
-    x: &[f32],
+    (fc1, fc2): (&PackedLinear, &PackedLinear),
     m: usize,
+    (input, align): (&RowSource<'_>, usize),
     act: Epilogue,
     residual: &[f32],
 ) -> Option<Rows> {
     #[cfg(target_arch = "x86_64")]
     {
         let (k, hidden, n) = (fc1.k, fc1.n, fc2.n);
-        let (row_blocks, _) = task_layout(m, n);
+        let align = align.max(1);
+        let block = MC.div_ceil(align) * align;
         if !crate::cpu_kernels::has_avx512f()
             || fc2.k != hidden
             || hidden > DIRECT_MAX_K
-            || x.len() != m * k
             || residual.len() != m * n
-            || row_blocks < 4 * crate::cpu_kernels::threads()
+            || m.div_ceil(block) < 4 * crate::cpu_kernels::threads()
         {
             return None;
         }
         Some(for_each_task_in(
-            (row_blocks, 1),
+            Blocks::Of(block),
             m,
             n,
             Some(residual),
             Epilogue::None,
             |task| {
                 let (r0, rows) = (task.rows.start, task.rows.len());
-                with_scratch(rows * hidden, |h: &mut [f32]| {
-                    let at = h.as_mut_ptr();
-                    for strip in 0..hidden.div_ceil(NR) {
-                        let cols = strip * NR..((strip + 1) * NR).min(hidden);
-                        for t0 in (0..rows).step_by(MR) {
-                            let out = TileOut {
-                                // SAFETY: within `h`'s `rows · hidden`
-                                // floats (row `t0`, these columns).
-                                y: unsafe { at.add(t0 * hidden + cols.start) },
-                                ld: hidden,
-                                rows: MR.min(rows - t0),
-                                cols: cols.len(),
-                                residual: None,
-                                act,
-                            };
-                            // SAFETY: the CPU has AVX2, FMA and AVX-512 F.
-                            unsafe { avx512::tile_direct(fc1, x, r0 + t0, strip, &out) };
+                with_scratch(rows * k, |x: &mut [f32]| {
+                    input(task.rows.clone(), x);
+                    let x = &*x;
+                    with_scratch(rows * hidden, |h: &mut [f32]| {
+                        let at = h.as_mut_ptr();
+                        for strip in 0..hidden.div_ceil(NR) {
+                            let cols = strip * NR..((strip + 1) * NR).min(hidden);
+                            for t0 in (0..rows).step_by(MR) {
+                                let out = TileOut {
+                                    // SAFETY: within `h`'s `rows · hidden`
+                                    // floats (row `t0`, these columns).
+                                    y: unsafe { at.add(t0 * hidden + cols.start) },
+                                    ld: hidden,
+                                    rows: MR.min(rows - t0),
+                                    cols: cols.len(),
+                                    residual: None,
+                                    act,
+                                };
+                                // SAFETY: the CPU has AVX2, FMA and AVX-512 F.
+                                unsafe { avx512::tile_direct(fc1, x, t0, strip, &out) };
+                            }
                         }
-                    }
-                    for (t0, strip) in task.tiles() {
-                        // SAFETY: as above; `h` holds the task's rows.
-                        unsafe {
-                            avx512::tile_direct(fc2, h, t0 - r0, strip, &task.out(t0, strip))
-                        };
-                    }
+                        for (t0, strip) in task.tiles() {
+                            // SAFETY: as above; `h` holds the task's rows.
+                            unsafe {
+                                avx512::tile_direct(fc2, h, t0 - r0, strip, &task.out(t0, strip))
+                            };
+                        }
+                    })
                 })
             },
         ))
@@ -716,17 +727,19 @@ mod tests {
 
     /// [`mlp`] is `fc1`, the activation, then `fc2` with the residual, to
     /// the bit (the same kernels sum in the same order), on widths that
-    /// cut tiles and strips short; and it declines what it does not cover.
+    /// cut tiles and strips short and blocks of rows aligned to 1, 7 and
+    /// 64 (whose tiles start off the layer's tile grid); each row asked for
+    /// once; and it declines what it does not cover.
     #[test]
     fn mlp_is_the_two_layers_in_a_row() -> Result<()> {
-        // Enough row blocks for any thread count's threshold, and a short
-        // last tile.
-        let m = 4 * crate::cpu_kernels::threads() * 60 + 5;
-        for (k, hidden, n, act) in [
-            (64, 192, 64, Epilogue::GeluErf),
-            (40, 100, 24, Epilogue::GeluErf),
-            (7, 33, 5, Epilogue::QuickGelu),
-            (96, 1024, 96, Epilogue::None),
+        // Enough blocks for any thread count's threshold, and a short last
+        // tile.
+        let m = 4 * crate::cpu_kernels::threads() * 64 * 7;
+        for (k, hidden, n, act, align) in [
+            (64, 192, 64, Epilogue::GeluErf, 64),
+            (40, 100, 24, Epilogue::GeluErf, 7),
+            (7, 33, 5, Epilogue::QuickGelu, 1),
+            (96, 1024, 96, Epilogue::None, 7),
         ] {
             let x = randn(&[m, k], 20);
             let fc1 = PackedLinear::new(&randn(&[hidden, k], 21), Some(&randn(&[hidden], 22)))?;
@@ -734,30 +747,48 @@ mod tests {
             let res = randn(&[m, n], 25);
             let h = forward(&fc1, &x, None, act)?;
             let want = forward(&fc2, &h, Some(&res), Epilogue::None)?.to_vec2::<f32>()?;
-            let (xs, rs) = (x.flatten_all()?.to_vec1()?, res.flatten_all()?.to_vec1()?);
-            let got = mlp(&fc1, &fc2, &xs, m, act, &rs);
+            let (xs, rs) = (
+                x.flatten_all()?.to_vec1::<f32>()?,
+                res.flatten_all()?.to_vec1()?,
+            );
+            let asked = std::sync::Mutex::new(vec![0u8; m]);
+            let input = |rows: Range<usize>, dst: &mut [f32]| {
+                assert_eq!(rows.start % align, 0, "blocks start on an aligned row");
+                asked.lock().unwrap()[rows.clone()]
+                    .iter_mut()
+                    .for_each(|a| *a += 1);
+                dst.copy_from_slice(&xs[rows.start * k..rows.end * k]);
+            };
+            let got = mlp((&fc1, &fc2), m, (&input, align), act, &rs);
             if !crate::cpu_kernels::has_avx512f() {
                 assert!(got.is_none(), "only the AVX-512 kernel reads rows in place");
                 continue;
             }
             let got = got.expect("fused");
             let got = &got.data[got.start..got.start + m * n];
-            assert_eq!(got, want.concat(), "{k} -> {hidden} -> {n}");
+            assert_eq!(
+                got,
+                want.concat(),
+                "{k} -> {hidden} -> {n}, rows by {align}"
+            );
+            assert!(asked.into_inner().unwrap().iter().all(|&a| a == 1));
         }
         // Declined: too few rows to share, widths that do not chain, a
-        // hidden width past the in-place kernel's.
+        // hidden width past the in-place kernel's, a residual of the wrong
+        // length.
         let (fc1, fc2) = (
             PackedLinear::new(&randn(&[48, 16], 1), None)?,
             PackedLinear::new(&randn(&[16, 48], 2), None)?,
         );
+        let zeros = |_: Range<usize>, dst: &mut [f32]| dst.fill(0.0);
         let few = vec![0.5; 12 * 16];
-        assert!(mlp(&fc1, &fc2, &few, 12, Epilogue::None, &few).is_none());
+        assert!(mlp((&fc1, &fc2), 12, (&zeros, 1), Epilogue::None, &few).is_none());
         let rows = vec![0.5; m * 16];
-        assert!(mlp(&fc1, &fc1, &rows, m, Epilogue::None, &rows).is_none());
-        assert!(mlp(&fc1, &fc2, &rows[1..], m, Epilogue::None, &rows).is_none());
+        assert!(mlp((&fc1, &fc1), m, (&zeros, 1), Epilogue::None, &rows).is_none());
+        assert!(mlp((&fc1, &fc2), m, (&zeros, 1), Epilogue::None, &rows[1..]).is_none());
         let wide = PackedLinear::new(&randn(&[DIRECT_MAX_K + 1, 16], 3), None)?;
         let back = PackedLinear::new(&randn(&[16, DIRECT_MAX_K + 1], 4), None)?;
-        assert!(mlp(&wide, &back, &rows, m, Epilogue::None, &rows).is_none());
+        assert!(mlp((&wide, &back), m, (&zeros, 1), Epilogue::None, &rows).is_none());
         Ok(())
     }
 

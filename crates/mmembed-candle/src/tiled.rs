@@ -11,7 +11,7 @@
 //! (BENCHMARKS.md, "Where the time goes, per op type"); ONNX Runtime's MLAS
 //! packs constant weights at load, and so do we.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -211,6 +211,17 @@ pub(crate) struct Rows {
     /// zeros.
     pub(crate) data: Vec<f32>,
     pub(crate) start: usize,
+}
+
+impl Rows {
+    /// The output as a tensor of `shape` (its `m · n` elements): a view
+    /// from the first cache line on, as [`forward`]'s.
+    pub(crate) fn into_tensor(self, shape: &Shape, device: &Device) -> Result<Tensor> {
+        let len = self.data.len();
+        Tensor::from_vec(self.data, len, device)?
+            .narrow(0, self.start, shape.elem_count())?
+            .reshape(shape)
+    }
 }
 
 /// `act(x · wᵀ + b) (+ residual)` for `x [.., k]`.
@@ -527,13 +538,25 @@ pub(crate) fn for_each_task(
     act: Epilogue,
     f: impl Fn(&Task) + Sync,
 ) -> Rows {
-    for_each_task_in(task_layout(m, n), m, n, residual, act, f)
+    let (row_blocks, groups) = task_layout(m, n);
+    for_each_task_in(Blocks::Even(row_blocks, groups), m, n, residual, act, f)
 }
 
-/// [`for_each_task`] with the layout given: `(row blocks, groups of
-/// strips per row block)`.
+/// How [`for_each_task_in`] splits the rows among tasks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Blocks {
+    /// `.0` row blocks of whole tiles, as even as tiles allow, each split
+    /// into `.1` groups of strips ([`task_layout`]'s).
+    Even(usize, usize),
+    /// Blocks of this many rows (the last one shorter), all strips each:
+    /// rows that go together, such as an image's pixel rows. Their tiles
+    /// start at the block's first row.
+    Of(usize),
+}
+
+/// [`for_each_task`] with the split given.
 pub(crate) fn for_each_task_in(
-    (row_blocks, groups): (usize, usize),
+    blocks: Blocks,
     m: usize,
     n: usize,
     residual: Option<&[f32]>,
@@ -552,19 +575,25 @@ pub(crate) fn for_each_task_in(
     let start = (y.as_ptr() as usize).wrapping_neg() % size_of::<Line>() / size_of::<f32>();
     let strips = n.div_ceil(NR);
     let tiles = m.div_ceil(MR);
-    let (row_blocks, groups) = (
-        row_blocks.clamp(1, tiles.max(1)),
-        groups.clamp(1, strips.max(1)),
-    );
     // Part `i` of `parts` nearly equal ones of `0..len`.
     let part = |i: usize, parts: usize, len: usize| i * len / parts..(i + 1) * len / parts;
+    let (row_blocks, groups) = match blocks {
+        Blocks::Even(r, g) => (r.clamp(1, tiles.max(1)), g.clamp(1, strips.max(1))),
+        Blocks::Of(rows) => (m.div_ceil(rows.max(1)).max(1), 1),
+    };
+    let rows_of = |rb: usize| match blocks {
+        Blocks::Even(..) => {
+            let t = part(rb, row_blocks, tiles);
+            t.start * MR..(t.end * MR).min(m)
+        }
+        Blocks::Of(rows) => rb * rows.max(1)..((rb + 1) * rows.max(1)).min(m),
+    };
     // SAFETY: `start + len ≤ len + NR − 1`, within the capacity.
     let out = SharedOut(unsafe { y.as_mut_ptr().add(start) });
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
         let (rb, g) = (task / groups, task % groups);
-        let t = part(rb, row_blocks, tiles);
         f(&Task {
-            rows: t.start * MR..(t.end * MR).min(m),
+            rows: rows_of(rb),
             strips: part(g, groups, strips),
             n,
             out: &out,
@@ -572,11 +601,11 @@ pub(crate) fn for_each_task_in(
             act,
         });
     });
-    // SAFETY: the row blocks' tiles cover tiles 0..tiles (rows 0..m) and,
-    // for each, the groups cover strips 0..strips (consecutive parts of
-    // both ranges), and each task writes all its tiles, so every one of
-    // the m · n elements after `start` was written above; the padding on
-    // either side is written here.
+    // SAFETY: the row blocks cover rows 0..m (whole tiles' parts of
+    // 0..tiles, or consecutive blocks of `rows`) and, for each, the groups
+    // cover strips 0..strips (consecutive parts), and each task writes all
+    // its tiles, so every one of the m · n elements after `start` was
+    // written above; the padding on either side is written here.
     unsafe {
         let pad = y.spare_capacity_mut();
         pad[..start].fill(std::mem::MaybeUninit::new(0.0));
