@@ -505,17 +505,145 @@ fn depthwise_row_m<const FMA: bool, const M: usize>(g: Geometry, inp: Inputs, ds
     }
 }
 
+/// [`depthwise_row_avx512`] on 8-lane registers, for CPUs with AVX2 but
+/// not AVX-512: pixels in blocks of `P` × 16 channels (two registers each;
+/// `P = 6` with one output per input channel, 4 with two, whose spread
+/// input takes two registers more: AVX2 has sixteen), each tap's weights
+/// loaded once for the block. The one-pixel loop it replaces held 64
+/// channels of one pixel and loaded the taps for every pixel.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn depthwise_row_avx2(g: Geometry, inp: Inputs, dst: &mut [f32]) {
-    depthwise_row::<true>(g, inp, dst)
+unsafe fn depthwise_row_avx2(g: Geometry, inp: Inputs, dst: &mut [f32]) {
+    let Geometry {
+        h,
+        w,
+        o,
+        m,
+        k,
+        stride,
+        oy,
+    } = g;
+    let Inputs { src, ts, bs, res } = inp;
+    let ow = dst.len() / o;
+    if !matches!(stride, 1 | 2) || !matches!(m, 1 | 2) || o % 16 != 0 {
+        return depthwise_row::<true>(g, inp, dst);
+    }
+    let pad = k / 2;
+    let top = oy * stride;
+    let kys = pad.saturating_sub(top)..k.min((h + pad).saturating_sub(top));
+    assert!(src.len() >= h * w * o / m && ts.len() >= k * k * o && bs.len() >= o);
+    assert!(res.is_none_or(|r| r.len() >= dst.len()));
+    let block = if m == 1 { 6 } else { 4 };
+    for ox0 in (0..ow).step_by(block) {
+        let pixels = block.min(ow - ox0);
+        let inner =
+            pixels == block && ox0 * stride >= pad && (ox0 + block - 1) * stride + k - pad <= w;
+        for c0 in (0..o).step_by(16) {
+            let at = (ox0, pixels, c0);
+            let kys = kys.clone();
+            // SAFETY: per `depthwise_block_avx2`'s contract, established
+            // above.
+            unsafe {
+                match (inner, m) {
+                    (true, 1) => depthwise_block_avx2::<false, 1, 6>(g, inp, dst, kys, at),
+                    (false, 1) => depthwise_block_avx2::<true, 1, 6>(g, inp, dst, kys, at),
+                    (true, _) => depthwise_block_avx2::<false, 2, 4>(g, inp, dst, kys, at),
+                    (false, _) => depthwise_block_avx2::<true, 2, 4>(g, inp, dst, kys, at),
+                }
+            }
+        }
+    }
+}
+
+/// Pixels `ox0 .. ox0 + pixels` (at most `P`) × channels `c0 .. c0 + 16`
+/// of [`depthwise_row_avx2`]'s row: [`depthwise_block`] on 8-lane
+/// registers.
+///
+/// # Safety
+/// AVX2 and FMA must be available; otherwise as [`depthwise_block`], with
+/// `c0 + 16 <= o` and `pixels <= P`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_block_avx2<const CHECK: bool, const M: usize, const P: usize>(
+    g: Geometry,
+    inp: Inputs,
+    dst: &mut [f32],
+    kys: std::ops::Range<usize>,
+    (ox0, pixels, c0): (usize, usize, usize),
+) {
+    use std::arch::x86_64::*;
+    let Geometry {
+        w,
+        o,
+        k,
+        stride,
+        oy,
+        ..
+    } = g;
+    let Inputs { src, ts, bs, res } = inp;
+    let (pad, c) = (k / 2, o / M);
+    // SAFETY (all loads and stores): inside the slices per the contract.
+    unsafe {
+        // With two outputs per input channel, output channels c0 .. c0 + 16
+        // read input channels c0 / 2 .. c0 / 2 + 8, each twice in a row.
+        let spread = (
+            _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+            _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7),
+        );
+        let mut acc: [[__m256; 2]; P] = std::array::from_fn(|p| {
+            std::array::from_fn(|half| {
+                let c = c0 + 8 * half;
+                let b = _mm256_loadu_ps(bs.as_ptr().add(c));
+                match res {
+                    Some(r) if p < pixels => {
+                        _mm256_add_ps(b, _mm256_loadu_ps(r.as_ptr().add((ox0 + p) * o + c)))
+                    }
+                    _ => b,
+                }
+            })
+        });
+        for ky in kys {
+            let row = src.as_ptr().add((oy * stride + ky - pad) * w * c);
+            for kx in 0..k {
+                let t = ts.as_ptr().add((ky * k + kx) * o + c0);
+                let (t0, t1) = (_mm256_loadu_ps(t), _mm256_loadu_ps(t.add(8)));
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    // The tap's column, wrapping below zero.
+                    let ix = ((ox0 + p) * stride + kx).wrapping_sub(pad);
+                    if CHECK && (p >= pixels || ix >= w) {
+                        continue;
+                    }
+                    let sp = row.add(ix * c + c0 / M);
+                    let (s0, s1) = if M == 1 {
+                        (_mm256_loadu_ps(sp), _mm256_loadu_ps(sp.add(8)))
+                    } else {
+                        let s = _mm256_loadu_ps(sp);
+                        (
+                            _mm256_permutevar8x32_ps(s, spread.0),
+                            _mm256_permutevar8x32_ps(s, spread.1),
+                        )
+                    };
+                    acc[0] = _mm256_fmadd_ps(s0, t0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(s1, t1, acc[1]);
+                }
+            }
+        }
+        for (p, acc) in acc.iter().enumerate().take(pixels) {
+            let d = dst.as_mut_ptr().add((ox0 + p) * o + c0);
+            _mm256_storeu_ps(d, acc[0]);
+            _mm256_storeu_ps(d.add(8), acc[1]);
+        }
+    }
 }
 
 /// Output pixels [`depthwise_row_avx512`] computes at once.
 #[cfg(target_arch = "x86_64")]
 const DW_PIXELS: usize = 8;
 
-/// [`depthwise_row_avx2`] for strides 1 and 2, one or two outputs per
+/// The portable loop ([`depthwise_row`]) for strides 1 and 2, one or two outputs per
 /// input channel and whole 32-channel blocks: the row in blocks of
 /// [`DW_PIXELS`] pixels × 32 channels held in sixteen registers, so each
 /// tap's weights are loaded once for eight pixels (18 loads for 16 FMAs,
@@ -1381,7 +1509,7 @@ mod tests {
             };
             match mlp.forward_fused(&x)? {
                 Some(got) => assert!(max_diff(&got, &want) < 1e-5, "{c} channels"),
-                None => assert!(!cpu_kernels::has_avx512f(), "fused on AVX-512"),
+                None => assert!(!cpu_kernels::has_avx2_fma(), "fused on AVX2"),
             }
             assert!(max_diff(&mlp.forward_residual(&x)?, &want) < 1e-5);
         }
@@ -1459,6 +1587,10 @@ mod tests {
             // The last inner block's last tap on the row's last pixel.
             (16, 2, 7, 2, 6, 33),
             (32, 1, 7, 1, 5, 18),
+            // The same for AVX2's blocks of 6 pixels (4 with two outputs
+            // per input channel) × 16 channels.
+            (32, 1, 7, 1, 5, 15),
+            (8, 2, 7, 2, 6, 18),
             // Two outputs per input channel are read in the loop, more from
             // a copy with the channels repeated.
             (24, 2, 3, 1, 4, 5),

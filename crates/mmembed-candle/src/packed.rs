@@ -161,19 +161,7 @@ impl PackedLinear {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { avx2::tile(self, a, tile, out) };
         }
-        self.tile_with(a, tile, out, dot_generic)
-    }
-
-    /// [`Self::tile`]'s body with the given inner product; inlined into
-    /// the AVX2 copy so that the epilogue (quick-GELU) is vectorised too.
-    #[inline(always)]
-    fn tile_with(
-        &self,
-        a: &[f32],
-        tile: &Tile,
-        out: &TileOut,
-        dot: impl FnOnce(&[f32], &[f32], usize, usize, &mut [[f32; NR]; MR]),
-    ) {
+        // The portable loop, through an array.
         let (k, t) = (self.k, tile.r0 / MR);
         let a = &a[t * k * MR..(t + 1) * k * MR];
         let (b, bias) = self.strip(tile.strip);
@@ -181,11 +169,39 @@ impl PackedLinear {
         for acc in &mut acc {
             acc.copy_from_slice(bias);
         }
-        dot(a, b, k, out.rows, &mut acc);
+        dot_generic(a, b, k, out.rows, &mut acc);
         for (i, acc) in acc.iter_mut().enumerate().take(out.rows) {
             // SAFETY: `out` describes a writable rectangle of the output.
             unsafe { out.finish_row(i, acc) };
         }
+    }
+
+    /// Whether this CPU has a kernel that reads the input rows in place
+    /// ([`Self::tile_direct`]).
+    fn direct() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return crate::cpu_kernels::has_avx2_fma();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// One output tile from the unpacked input `x` (`[m, k]` rows): rows
+    /// `r0 .. r0 + out.rows` against weight strip `strip`. Only where
+    /// [`Self::direct`] says so.
+    fn tile_direct(&self, x: &[f32], r0: usize, strip: usize, out: &TileOut) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::cpu_kernels::has_avx512f() {
+                // SAFETY: the CPU has AVX2, FMA and AVX-512 F.
+                return unsafe { avx512::tile_direct(self, x, r0, strip, out) };
+            }
+            if crate::cpu_kernels::has_avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { avx2::tile_direct(self, x, r0, strip, out) };
+            }
+        }
+        let _ = (x, r0, strip, out);
+        unreachable!("tile_direct where Self::direct() is false")
     }
 }
 
@@ -221,16 +237,14 @@ impl TiledLinear for PackedLinear {
             // they are in cache. Packing all rows first wrote the packed
             // copy out and read it back (stage 0 of MobileCLIP-S1 at 8
             // images: 25 MB each way per layer).
-            #[cfg(target_arch = "x86_64")]
-            if norm.is_none() && k <= DIRECT_MAX_K && crate::cpu_kernels::has_avx512f() {
+            if norm.is_none() && k <= DIRECT_MAX_K && Self::direct() {
                 // No norm to apply on the way: the kernel broadcasts
                 // straight from the input rows (six streams, `k` apart),
                 // as MLAS's kernels read their left-hand side, and
                 // nothing is packed at all.
                 return for_each_task(m, self.n, residual, act, |task| {
                     for (r0, strip) in task.tiles() {
-                        // SAFETY: the CPU has AVX2, FMA and AVX-512 F.
-                        unsafe { avx512::tile_direct(self, x, r0, strip, &task.out(r0, strip)) };
+                        self.tile_direct(x, r0, strip, &task.out(r0, strip));
                     }
                 });
             }
@@ -288,8 +302,8 @@ pub(crate) type RowSource<'a> = dyn Fn(Range<usize>, &mut [f32]) + Sync + 'a;
 /// the input in cache. Blocks are whole multiples of `align` rows (an
 /// image's row of pixels), at least [`MC`] rows.
 ///
-/// `None` where this does not apply: no AVX-512 (the in-place kernel is
-/// AVX-512's), widths that do not chain, a hidden width over
+/// `None` where this does not apply: no kernel that reads rows in place
+/// (AVX2 or AVX-512), widths that do not chain, a hidden width over
 /// [`DIRECT_MAX_K`] (MobileCLIP-S1's last stage, 1536: 11.2 ms fused
 /// against 10.3 layer by layer at 8 images, its 6 MB of weights streamed
 /// past the hidden rows), or fewer than four blocks per thread (the
@@ -303,62 +317,54 @@ pub(crate) fn mlp(
     act: Epilogue,
     residual: &[f32],
 ) -> Option<Rows> {
-    #[cfg(target_arch = "x86_64")]
+    let (k, hidden, n) = (fc1.k, fc1.n, fc2.n);
+    let align = align.max(1);
+    let block = MC.div_ceil(align) * align;
+    if !PackedLinear::direct()
+        || fc2.k != hidden
+        || hidden > DIRECT_MAX_K
+        || residual.len() != m * n
+        || m.div_ceil(block) < 4 * crate::cpu_kernels::threads()
     {
-        let (k, hidden, n) = (fc1.k, fc1.n, fc2.n);
-        let align = align.max(1);
-        let block = MC.div_ceil(align) * align;
-        if !crate::cpu_kernels::has_avx512f()
-            || fc2.k != hidden
-            || hidden > DIRECT_MAX_K
-            || residual.len() != m * n
-            || m.div_ceil(block) < 4 * crate::cpu_kernels::threads()
-        {
-            return None;
-        }
-        Some(for_each_task_in(
-            Blocks::Of(block),
-            m,
-            n,
-            Some(residual),
-            Epilogue::None,
-            |task| {
-                let (r0, rows) = (task.rows.start, task.rows.len());
-                with_scratch(rows * k, |x: &mut [f32]| {
-                    input(task.rows.clone(), x);
-                    let x = &*x;
-                    with_scratch(rows * hidden, |h: &mut [f32]| {
-                        let at = h.as_mut_ptr();
-                        for strip in 0..hidden.div_ceil(NR) {
-                            let cols = strip * NR..((strip + 1) * NR).min(hidden);
-                            for t0 in (0..rows).step_by(MR) {
-                                let out = TileOut {
-                                    // SAFETY: within `h`'s `rows · hidden`
-                                    // floats (row `t0`, these columns).
-                                    y: unsafe { at.add(t0 * hidden + cols.start) },
-                                    ld: hidden,
-                                    rows: MR.min(rows - t0),
-                                    cols: cols.len(),
-                                    residual: None,
-                                    act,
-                                };
-                                // SAFETY: the CPU has AVX2, FMA and AVX-512 F.
-                                unsafe { avx512::tile_direct(fc1, x, t0, strip, &out) };
-                            }
-                        }
-                        for (t0, strip) in task.tiles() {
-                            // SAFETY: as above; `h` holds the task's rows.
-                            unsafe {
-                                avx512::tile_direct(fc2, h, t0 - r0, strip, &task.out(t0, strip))
-                            };
-                        }
-                    })
-                })
-            },
-        ))
+        return None;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    None
+    Some(for_each_task_in(
+        Blocks::Of(block),
+        m,
+        n,
+        Some(residual),
+        Epilogue::None,
+        |task| {
+            let (r0, rows) = (task.rows.start, task.rows.len());
+            with_scratch(rows * k, |x: &mut [f32]| {
+                input(task.rows.clone(), x);
+                let x = &*x;
+                with_scratch(rows * hidden, |h: &mut [f32]| {
+                    let at = h.as_mut_ptr();
+                    for strip in 0..hidden.div_ceil(NR) {
+                        let cols = strip * NR..((strip + 1) * NR).min(hidden);
+                        for t0 in (0..rows).step_by(MR) {
+                            let out = TileOut {
+                                // SAFETY: within `h`'s `rows · hidden`
+                                // floats (row `t0`, these columns).
+                                y: unsafe { at.add(t0 * hidden + cols.start) },
+                                ld: hidden,
+                                rows: MR.min(rows - t0),
+                                cols: cols.len(),
+                                residual: None,
+                                act,
+                            };
+                            fc1.tile_direct(x, t0, strip, &out);
+                        }
+                    }
+                    for (t0, strip) in task.tiles() {
+                        // `h` holds the task's rows.
+                        fc2.tile_direct(h, t0 - r0, strip, &task.out(t0, strip));
+                    }
+                })
+            })
+        },
+    ))
 }
 
 /// `acc[i][j] += Σ_p a[p][i] · b[p][j]` for the first `rows` rows.
@@ -397,37 +403,74 @@ mod avx2 {
     use super::{MR, NR, PackedLinear, Tile, TileOut};
     use std::arch::x86_64::*;
 
+    /// Two 8-lane registers: one tile row's `NR` columns.
+    type Row = [__m256; NR / 8];
+
     /// [`PackedLinear::tile`] compiled for AVX2 and FMA.
     ///
     /// # Safety
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile(p: &PackedLinear, a: &[f32], tile: &Tile, out: &TileOut) {
+        let (k, t) = (p.k, tile.r0 / MR);
+        let a = &a[t * k * MR..(t + 1) * k * MR];
+        let (b, bias) = p.strip(tile.strip);
         // SAFETY: this function's features are the kernel's.
-        p.tile_with(a, tile, out, |a, b, k, rows, acc| unsafe {
-            dot_rows!(dot, rows, a, b, k, acc)
-        })
+        unsafe { dot_rows!(dot, out.rows, a, b, k, bias, out) }
     }
 
-    /// `acc[i][j] += Σ_p a[p][i] · b[p][j]` for the first `R <= MR` rows,
-    /// in registers.
+    /// One output tile from the unpacked input `x` (`[m, k]` rows): rows
+    /// `r0 .. r0 + out.rows` against weight strip `strip`.
     ///
     /// # Safety
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot<const R: usize>(a: &[f32], b: &[f32], k: usize, acc: &mut [[f32; NR]; MR]) {
+    pub(super) unsafe fn tile_direct(
+        p: &PackedLinear,
+        x: &[f32],
+        r0: usize,
+        strip: usize,
+        out: &TileOut,
+    ) {
+        let k = p.k;
+        let x = &x[r0 * k..(r0 + out.rows) * k];
+        let (b, bias) = p.strip(strip);
+        // SAFETY: this function's features are the kernel's.
+        unsafe { dot_rows!(dot_direct, out.rows, x, b, k, bias, out) }
+    }
+
+    /// The bias of a strip, in registers: where every row's sum starts.
+    ///
+    /// # Safety
+    /// AVX must be available; `bias` holds `NR` floats.
+    #[inline(always)]
+    unsafe fn bias_row(bias: &[f32]) -> Row {
+        debug_assert_eq!(bias.len(), NR);
+        // SAFETY: `bias` holds NR = 8 · (NR / 8) floats.
+        std::array::from_fn(|j| unsafe { _mm256_loadu_ps(bias.as_ptr().add(8 * j)) })
+    }
+
+    /// `bias + Σ_p a[p][i] · b[p][j]` for the first `R <= MR` rows of the
+    /// packed tile `a`, in registers and stored to `out`
+    /// ([`TileOut::store_row_avx`]). Why not from and into an array, as
+    /// this kernel was first written: the bias copied into the array, the
+    /// rows stored back into it and copied out cost as much as the loop on
+    /// short reductions (the AVX-512 kernel's `store_rows`).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `R == out.rows`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot<const R: usize>(a: &[f32], b: &[f32], k: usize, bias: &[f32], out: &TileOut) {
         const NV: usize = NR / 8;
-        assert!(R <= MR && a.len() >= k * MR && b.len() >= k * NR);
-        // SAFETY: `acc` rows hold NR = NV · 8 floats.
-        let mut v: [[__m256; NV]; R] = std::array::from_fn(|i| {
-            std::array::from_fn(|j| unsafe { _mm256_loadu_ps(acc[i].as_ptr().add(8 * j)) })
-        });
+        assert!(R <= MR && a.len() >= k * MR && b.len() >= k * NR && bias.len() == NR);
+        // SAFETY: `bias` holds NR floats.
+        let mut v: [Row; R] = [unsafe { bias_row(bias) }; R];
         let (mut a, mut b) = (a.as_ptr(), b.as_ptr());
         for _ in 0..k {
             // SAFETY (all loads): `k` steps of MR and NR floats stay within
             // the lengths asserted above.
             unsafe {
-                let bv: [__m256; NV] = std::array::from_fn(|j| _mm256_loadu_ps(b.add(8 * j)));
+                let bv: Row = std::array::from_fn(|j| _mm256_loadu_ps(b.add(8 * j)));
                 for (i, v) in v.iter_mut().enumerate() {
                     let av = _mm256_broadcast_ss(&*a.add(i));
                     for (v, bv) in v.iter_mut().zip(bv) {
@@ -438,11 +481,47 @@ mod avx2 {
                 b = b.add(NR);
             }
         }
-        for (acc, v) in acc.iter_mut().zip(v) {
-            for (j, v) in v.iter().enumerate() {
-                // SAFETY: as above.
-                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(8 * j), *v) };
+        const { assert!(NV == 2) };
+        for (i, v) in v.into_iter().enumerate() {
+            // SAFETY: `i < R == out.rows`; the CPU has AVX.
+            unsafe { out.store_row_avx(i, v) };
+        }
+    }
+
+    /// [`dot`] reading its `R` rows from `x` (`R` rows of `k`) in place.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `R == out.rows`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_direct<const R: usize>(
+        x: &[f32],
+        b: &[f32],
+        k: usize,
+        bias: &[f32],
+        out: &TileOut,
+    ) {
+        assert!(R <= MR && x.len() >= R * k && b.len() >= k * NR && bias.len() == NR);
+        // SAFETY: `bias` holds NR floats.
+        let mut v: [Row; R] = [unsafe { bias_row(bias) }; R];
+        let rows: [*const f32; R] = std::array::from_fn(|i| x[i * k..].as_ptr());
+        let mut b = b.as_ptr();
+        for j in 0..k {
+            // SAFETY (all loads): row `i`'s `k` floats and `k` lines of the
+            // strip, as asserted above.
+            unsafe {
+                let bv: Row = std::array::from_fn(|c| _mm256_loadu_ps(b.add(8 * c)));
+                for (v, row) in v.iter_mut().zip(rows) {
+                    let av = _mm256_broadcast_ss(&*row.add(j));
+                    for (v, bv) in v.iter_mut().zip(bv) {
+                        *v = _mm256_fmadd_ps(av, bv, *v);
+                    }
+                }
+                b = b.add(NR);
             }
+        }
+        for (i, v) in v.into_iter().enumerate() {
+            // SAFETY: `i < R == out.rows`; the CPU has AVX.
+            unsafe { out.store_row_avx(i, v) };
         }
     }
 }
@@ -760,8 +839,11 @@ mod tests {
                 dst.copy_from_slice(&xs[rows.start * k..rows.end * k]);
             };
             let got = mlp((&fc1, &fc2), m, (&input, align), act, &rs);
-            if !crate::cpu_kernels::has_avx512f() {
-                assert!(got.is_none(), "only the AVX-512 kernel reads rows in place");
+            if !PackedLinear::direct() {
+                assert!(
+                    got.is_none(),
+                    "only the AVX2 and AVX-512 kernels read rows in place"
+                );
                 continue;
             }
             let got = got.expect("fused");
