@@ -59,6 +59,15 @@ PYO3_BUILD_EXTENSION_MODULE=1 timeout -k 30 2400 cargo test --workspace --locked
   [ "$rc" = 124 ] && echo "!! cargo test ran past 40 minutes: a test hung (the one running for over 60 seconds above)"
   exit "$rc"
 }
+# The CPU kernels again on their AVX2 paths (an AVX-512 machine ran its own
+# above; AVX2-only CPUs, Zen 2/3 and Intel's client cores, run these): the
+# kernels' unit tests and the model fixtures against PyTorch. Nothing is
+# rebuilt (the same features); about 45 seconds.
+echo ">> the CPU kernels on AVX2 (MMEMBED_NO_AVX512=1 MMEMBED_NO_VNNI=1): their unit tests and the PyTorch fixtures"
+export PYO3_BUILD_EXTENSION_MODULE=1 MMEMBED_NO_AVX512=1 MMEMBED_NO_VNNI=1
+cargo test --workspace --locked --lib -q -- packed:: fastvit:: int8:: w8a8:: tiled:: model:: cpu_kernels::
+cargo test --workspace --locked --test parity -q
+unset PYO3_BUILD_EXTENSION_MODULE MMEMBED_NO_AVX512 MMEMBED_NO_VNNI
 # `cargo test` built target/debug/mmembed for the CLI's tests; the SDK tests
 # start it as `mmembed serve --model demo` on a loopback port.
 echo ">> the official Vertex AI Python SDK against mmembed serve (REST and gRPC)"
