@@ -595,39 +595,56 @@ pub(crate) fn gelu_tanh_generic(v: &mut [f32]) {
 }
 
 /// `x Φ(x) = x (1 + erf(x/√2)) / 2` in place, as PyTorch's exact `gelu`.
-/// `erfc(|x|/√2)` comes from Abramowitz & Stegun 7.1.26 (absolute error
-/// under 1.5e-7) on [`exp_approx`], branch-free so it vectorises (libm's
-/// `erff` is a call per element: candle's `gelu_erf` ran one thread at a
-/// time over BERT's whole MLP width). Negative inputs take `erfc / 2`
-/// directly rather than `1 - erf`, so the tail loses nothing to
-/// cancellation.
+/// erf is the rational approximation XLA and Eigen use for f32 (odd
+/// degree 13 over even degree 8 on `[-4, 4]`, absolute error 6.5e-8 in
+/// exact arithmetic, 4.5e-7 in f32), branch-free so it vectorises
+/// (libm's `erff` is a call per element: candle's `gelu_erf` ran one
+/// thread at a time over BERT's whole MLP width). Why not Abramowitz &
+/// Stegun 7.1.26 on [`exp_approx`], as this was first written: a
+/// reciprocal and an `exp` against one division; 0.54 → 0.34 ns per
+/// element at 16 lanes on this project's Zen 4, where GELU was about 5 %
+/// of a MobileCLIP-S1 forward. Below `x = -4√2` the result is 0 (the
+/// true value is under 4e-8 in magnitude, and `1 + erf` there is what is
+/// left of a cancellation).
 #[inline(always)]
 pub(crate) fn gelu_erf_generic(v: &mut [f32]) {
     const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_7,
-        -1.453_152,
-        1.061_405_4,
+    // Numerator, odd: z · Σ a_i z^(2i); denominator, even: Σ b_i z^(2i).
+    const A: [f32; 7] = [
+        -1.609_603_3e-2,
+        -2.954_6e-3,
+        -7.349_906_3e-4,
+        -5.692_506_4e-5,
+        -2.101_024e-6,
+        2.770_681_4e-8,
+        -2.726_142_3e-10,
+    ];
+    const B: [f32; 5] = [
+        -1.426_473_9e-2,
+        -7.373_329e-3,
+        -1.682_827e-3,
+        -2.133_740_6e-4,
+        -1.456_607_2e-5,
     ];
     for x in v {
-        let z = x.abs() * FRAC_1_SQRT_2;
-        let t = 1.0 / P.mul_add(z, 1.0);
-        let poly = A[4]
-            .mul_add(t, A[3])
-            .mul_add(t, A[2])
-            .mul_add(t, A[1])
-            .mul_add(t, A[0])
-            * t;
-        let half_erfc = 0.5 * poly * exp_approx(-z * z);
-        let phi = if *x >= 0.0 {
-            1.0 - half_erfc
-        } else {
-            half_erfc
-        };
-        *x *= phi;
+        let z = *x * FRAC_1_SQRT_2;
+        let c = z.clamp(-4.0, 4.0);
+        let c2 = c * c;
+        let p = A[6]
+            .mul_add(c2, A[5])
+            .mul_add(c2, A[4])
+            .mul_add(c2, A[3])
+            .mul_add(c2, A[2])
+            .mul_add(c2, A[1])
+            .mul_add(c2, A[0])
+            * c;
+        let q = B[4]
+            .mul_add(c2, B[3])
+            .mul_add(c2, B[2])
+            .mul_add(c2, B[1])
+            .mul_add(c2, B[0]);
+        let h = 0.5 * *x;
+        *x = if z < -4.0 { 0.0 } else { h.mul_add(p / q, h) };
     }
 }
 
