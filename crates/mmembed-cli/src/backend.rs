@@ -92,8 +92,10 @@ pub struct BackendArgs {
     #[arg(long, env = "MMEMBED_DEVICE", default_value = "auto")]
     pub device: DeviceSpec,
 
-    /// Local precision: f32, f16, bf16 (GPUs), int8 (CPU: int8 weights, about
-    /// 1.4x faster than f32, mean cosine to f32 >= 0.999; see BENCHMARKS.md).
+    /// Local precision: f32, f16, bf16 (GPUs), int8 (CPU: int8 weights; on
+    /// ViT-B/32 1.4-1.5x f32 with AVX2, 2.3-3x with AVX-512 VNNI; mean
+    /// cosine to f32 >= 0.999; MobileCLIP's FastViT image tower stays f32;
+    /// see BENCHMARKS.md).
     #[arg(long, env = "MMEMBED_PRECISION", default_value = "f32")]
     pub precision: Precision,
 
