@@ -518,6 +518,41 @@ fn depthwise_row_m<const FMA: bool, const M: usize>(g: Geometry, inp: Inputs, ds
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn depthwise_row_avx2(g: Geometry, inp: Inputs, dst: &mut [f32]) {
+    let len = dst.len();
+    let blocked = depthwise_blocks(g, inp, len, ((6, 4), 16), |inner, kys, at| {
+        // SAFETY: per `depthwise_block_avx2`'s contract, which
+        // `depthwise_blocks` establishes.
+        unsafe {
+            match (inner, g.m) {
+                (true, 1) => depthwise_block_avx2::<false, 1, 6>(g, inp, dst, kys, at),
+                (false, 1) => depthwise_block_avx2::<true, 1, 6>(g, inp, dst, kys, at),
+                (true, _) => depthwise_block_avx2::<false, 2, 4>(g, inp, dst, kys, at),
+                (false, _) => depthwise_block_avx2::<true, 2, 4>(g, inp, dst, kys, at),
+            }
+        }
+    });
+    if !blocked {
+        depthwise_row::<true>(g, inp, dst)
+    }
+}
+
+/// Walks one depthwise output row of `len` floats in blocks for the
+/// blocked loops ([`depthwise_row_avx2`], [`depthwise_row_avx512`]):
+/// `f(inner, kys, (ox0, pixels, c0))` for each block of `px.0` pixels
+/// (`px.1` with two outputs per input channel) × `ch` channels, `kys` the
+/// kernel rows inside the image and `inner` when every tap of every pixel
+/// lies inside the row. `false`, calling nothing, where the blocks do not
+/// apply: strides other than 1 and 2, other output multiples, channels not
+/// a multiple of `ch`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn depthwise_blocks(
+    g: Geometry,
+    inp: Inputs,
+    len: usize,
+    ((px1, px2), ch): ((usize, usize), usize),
+    mut f: impl FnMut(bool, std::ops::Range<usize>, (usize, usize, usize)),
+) -> bool {
     let Geometry {
         h,
         w,
@@ -528,35 +563,27 @@ unsafe fn depthwise_row_avx2(g: Geometry, inp: Inputs, dst: &mut [f32]) {
         oy,
     } = g;
     let Inputs { src, ts, bs, res } = inp;
-    let ow = dst.len() / o;
-    if !matches!(stride, 1 | 2) || !matches!(m, 1 | 2) || o % 16 != 0 {
-        return depthwise_row::<true>(g, inp, dst);
+    if !matches!(stride, 1 | 2) || !matches!(m, 1 | 2) || o % ch != 0 {
+        return false;
     }
+    let ow = len / o;
     let pad = k / 2;
+    // The kernel rows inside the image: `oy · stride + ky - pad` in `0..h`.
     let top = oy * stride;
     let kys = pad.saturating_sub(top)..k.min((h + pad).saturating_sub(top));
     assert!(src.len() >= h * w * o / m && ts.len() >= k * k * o && bs.len() >= o);
-    assert!(res.is_none_or(|r| r.len() >= dst.len()));
-    let block = if m == 1 { 6 } else { 4 };
+    assert!(res.is_none_or(|r| r.len() >= len));
+    let block = if m == 1 { px1 } else { px2 };
     for ox0 in (0..ow).step_by(block) {
         let pixels = block.min(ow - ox0);
+        // Every tap of every pixel inside the row: no checks.
         let inner =
             pixels == block && ox0 * stride >= pad && (ox0 + block - 1) * stride + k - pad <= w;
-        for c0 in (0..o).step_by(16) {
-            let at = (ox0, pixels, c0);
-            let kys = kys.clone();
-            // SAFETY: per `depthwise_block_avx2`'s contract, established
-            // above.
-            unsafe {
-                match (inner, m) {
-                    (true, 1) => depthwise_block_avx2::<false, 1, 6>(g, inp, dst, kys, at),
-                    (false, 1) => depthwise_block_avx2::<true, 1, 6>(g, inp, dst, kys, at),
-                    (true, _) => depthwise_block_avx2::<false, 2, 4>(g, inp, dst, kys, at),
-                    (false, _) => depthwise_block_avx2::<true, 2, 4>(g, inp, dst, kys, at),
-                }
-            }
+        for c0 in (0..o).step_by(ch) {
+            f(inner, kys.clone(), (ox0, pixels, c0));
         }
     }
+    true
 }
 
 /// Pixels `ox0 .. ox0 + pixels` (at most `P`) × channels `c0 .. c0 + 16`
@@ -666,44 +693,22 @@ const DW_PIXELS: usize = 8;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
 unsafe fn depthwise_row_avx512(g: Geometry, inp: Inputs, dst: &mut [f32]) {
-    let Geometry {
-        h,
-        w,
-        o,
-        m,
-        k,
-        stride,
-        oy,
-    } = g;
-    let Inputs { src, ts, bs, res } = inp;
-    let ow = dst.len() / o;
-    if !matches!(stride, 1 | 2) || !matches!(m, 1 | 2) || o % 32 != 0 {
-        return depthwise_row::<true>(g, inp, dst);
-    }
-    let pad = k / 2;
-    // The kernel rows inside the image: `oy · stride + ky - pad` in `0..h`.
-    let top = oy * stride;
-    let kys = pad.saturating_sub(top)..k.min((h + pad).saturating_sub(top));
-    assert!(src.len() >= h * w * o / m && ts.len() >= k * k * o && bs.len() >= o);
-    assert!(res.is_none_or(|r| r.len() >= dst.len()));
-    for ox0 in (0..ow).step_by(DW_PIXELS) {
-        let pixels = DW_PIXELS.min(ow - ox0);
-        // Every tap of every pixel inside the row: no checks.
-        let inner = pixels == DW_PIXELS
-            && ox0 * stride >= pad
-            && (ox0 + DW_PIXELS - 1) * stride + k - pad <= w;
-        for c0 in (0..o).step_by(32) {
-            let at = (ox0, pixels, c0);
-            // SAFETY: per `depthwise_block`'s contract, established above.
-            unsafe {
-                match (inner, m) {
-                    (true, 1) => depthwise_block::<false, 1>(g, inp, dst, kys.clone(), at),
-                    (false, 1) => depthwise_block::<true, 1>(g, inp, dst, kys.clone(), at),
-                    (true, _) => depthwise_block::<false, 2>(g, inp, dst, kys.clone(), at),
-                    (false, _) => depthwise_block::<true, 2>(g, inp, dst, kys.clone(), at),
-                }
+    let len = dst.len();
+    let px = (DW_PIXELS, DW_PIXELS);
+    let blocked = depthwise_blocks(g, inp, len, (px, 32), |inner, kys, at| {
+        // SAFETY: per `depthwise_block`'s contract, which
+        // `depthwise_blocks` establishes.
+        unsafe {
+            match (inner, g.m) {
+                (true, 1) => depthwise_block::<false, 1>(g, inp, dst, kys, at),
+                (false, 1) => depthwise_block::<true, 1>(g, inp, dst, kys, at),
+                (true, _) => depthwise_block::<false, 2>(g, inp, dst, kys, at),
+                (false, _) => depthwise_block::<true, 2>(g, inp, dst, kys, at),
             }
         }
+    });
+    if !blocked {
+        depthwise_row::<true>(g, inp, dst)
     }
 }
 
