@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib/storage-emulators.sh
 install_system_deps
 install_browser
+install_aarch64_cross
 # Early, so a missing Python fails in seconds rather than after the build.
 python_venv tests/python/requirements.txt SDK_PY
 # S3, GCS and Azure emulators for the bucket tests (started before `cargo test`).
@@ -68,6 +69,21 @@ export PYO3_BUILD_EXTENSION_MODULE=1 MMEMBED_NO_AVX512=1 MMEMBED_NO_VNNI=1
 cargo test --workspace --locked --lib -q -- packed:: fastvit:: int8:: w8a8:: tiled:: model:: cpu_kernels::
 cargo test --workspace --locked --test parity -q
 unset PYO3_BUILD_EXTENSION_MODULE MMEMBED_NO_AVX512 MMEMBED_NO_VNNI
+# The model and media crates built for aarch64 (Graviton, Ampere; Apple
+# silicon shares their code paths), where none of the x86 kernels exist
+# (packed f32, int8, FastViT's fused blocks, the resampling loops): linted,
+# then their unit tests and the PyTorch fixtures run under qemu-aarch64.
+# Left out: the fixtures of the GPU graphs run on the CPU and of f16/bf16 on
+# the CPU (no code of ours differs per architecture there; 9 of the 11
+# emulated minutes the fixtures would take). No FFmpeg for aarch64 is
+# needed: neither crate needs video for these tests.
+echo ">> mmembed-candle and mmembed-media for aarch64: clippy, then their unit tests and the PyTorch fixtures under qemu-aarch64 (about 9 minutes)"
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+  CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+cargo clippy -p mmembed-candle -p mmembed-media --all-targets --locked --target aarch64-unknown-linux-gnu -- -D warnings
+cargo test -p mmembed-candle -p mmembed-media --locked --target aarch64-unknown-linux-gnu --lib --test parity -q -- \
+  --skip cuda_graph_matches_pytorch --skip cublas_graph_matches_pytorch --skip portable_kernels_in_half_precision_match_pytorch
+unset CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER
 # `cargo test` built target/debug/mmembed for the CLI's tests; the SDK tests
 # start it as `mmembed serve --model demo` on a loopback port.
 echo ">> the official Vertex AI Python SDK against mmembed serve (REST and gRPC)"

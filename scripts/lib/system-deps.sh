@@ -41,3 +41,24 @@ install_browser() {
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends chromium chromium-driver
   fi
 }
+
+# What the aarch64 pass of the test command needs: Rust's standard library
+# for aarch64-unknown-linux-gnu (rustup), Debian's cross C compiler (the
+# build scripts of ring and aws-lc compile C for the target, and it links the
+# test binaries) and qemu-user, which runs those binaries here.
+install_aarch64_cross() {
+  if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+    echo ">> installing Rust's aarch64-unknown-linux-gnu target with rustup (the aarch64 pass)"
+    rustup target add aarch64-unknown-linux-gnu
+  fi
+  local pkgs=()
+  command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+  command -v qemu-aarch64 >/dev/null 2>&1 || pkgs+=(qemu-user)
+  if ((${#pkgs[@]})); then
+    echo ">> installing with apt-get for the aarch64 pass: ${pkgs[*]}"
+    local sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+  fi
+}

@@ -1515,7 +1515,12 @@ mod tests {
             };
             match mlp.forward_fused(&x)? {
                 Some(got) => assert!(max_diff(&got, &want) < 1e-5, "{c} channels"),
+                // Only the x86 kernels read rows in place; elsewhere the
+                // layer-by-layer path is the only one.
+                #[cfg(target_arch = "x86_64")]
                 None => assert!(!cpu_kernels::has_avx2_fma(), "fused on AVX2"),
+                #[cfg(not(target_arch = "x86_64"))]
+                None => {}
             }
             assert!(max_diff(&mlp.forward_residual(&x)?, &want) < 1e-5);
         }

@@ -892,6 +892,7 @@ mod tests {
         let tile = Tile { r0: 0, strip: 0 };
         // Every kernel this CPU can run, whichever `tile` picks.
         type Kernel<'k> = Box<dyn Fn(&[f32], &TileOut) + 'k>;
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut kernels: Vec<(&str, Kernel)> =
             vec![("dispatch", Box::new(|a, o| p.tile(a, &tile, o)))];
         #[cfg(target_arch = "x86_64")]
