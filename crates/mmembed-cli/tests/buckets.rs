@@ -716,7 +716,12 @@ fn vertex_gets_gs_uris_typed_here() {
 
     // Gemini too reads gs:// objects given their type: the stored one when
     // the name has none; one stored as octet-stream is read here and sent
-    // inline, as the PNG its bytes say it is.
+    // inline, as the PNG its bytes say it is. Through a proxy that counts
+    // the storage requests: one metadata request each, and one read of the
+    // untyped object's bytes (it does not ask for the metadata again).
+    let proxy = rt
+        .block_on(FaultProxy::start(&b.endpoint, Faults::default()))
+        .unwrap();
     let table = d.path().join("prompts.csv");
     let uris = format!("photo\n{base}/uploads/typed\n{base}/uploads/3f2a9c\n");
     std::fs::write(&table, uris).unwrap();
@@ -726,7 +731,7 @@ fn vertex_gets_gs_uris_typed_here() {
         fake.url
     );
     let o = b
-        .mmembed(&d.path().join("cache"), &b.endpoint)
+        .mmembed(&d.path().join("cache"), &proxy.url)
         .env("MMEMBED_VERTEX_ACCESS_TOKEN", "t")
         .arg("generate")
         .arg(&table)
@@ -736,6 +741,7 @@ fn vertex_gets_gs_uris_typed_here() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(proxy.stats.requests.load(Ordering::Relaxed), 3);
     let sent: Vec<Value> = fake
         .requests()
         .into_iter()

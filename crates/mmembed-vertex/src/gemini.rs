@@ -194,16 +194,22 @@ fn merge(base: &mut Map<String, Value>, add: Map<String, Value>) {
     }
 }
 
-/// The type a `gs://` object was stored with, unless it is a generic one
-/// (which says nothing Gemini could use).
-async fn stored_type(uri: &str, kind: Modality) -> Result<Option<String>, EmbedError> {
+/// What a `gs://` object's metadata says: the type it was stored with,
+/// unless that is a generic one (which says nothing Gemini could use), and
+/// the object itself, to read without asking for its metadata again.
+async fn stored_type(
+    uri: &str,
+    kind: Modality,
+) -> Result<(Option<String>, mmembed_store::ObjectInfo), EmbedError> {
     let info = mmembed_store::Stores::shared()
         .head(uri)
         .await
         .map_err(|e| mmembed_media::store_error(e, kind))?;
-    Ok(info
+    let typed = info
         .content_type
-        .filter(|t| !mmembed_core::is_generic_type(t)))
+        .clone()
+        .filter(|t| !mmembed_core::is_generic_type(t));
+    Ok((typed, info))
 }
 
 fn mime_from_name(name: &str) -> Option<&'static str> {
@@ -365,6 +371,7 @@ impl GeminiGenerator {
         // declared, else the name's, else the one the object was stored
         // with. An object stored with a generic type is read here and sent
         // inline (below), its type told by its bytes.
+        let mut untyped = None;
         let stored = match &m.source {
             MediaSource::Uri(u) if u.starts_with("gs://") => {
                 match given
@@ -372,9 +379,13 @@ impl GeminiGenerator {
                     .or_else(|| mime_from_name(u).map(String::from))
                 {
                     Some(t) => Some((u, t)),
-                    None => stored_type(u, kind.unwrap_or(Modality::Image))
-                        .await?
-                        .map(|t| (u, t)),
+                    None => match stored_type(u, kind.unwrap_or(Modality::Image)).await? {
+                        (Some(t), _) => Some((u, t)),
+                        (None, info) => {
+                            untyped = Some(info);
+                            None
+                        }
+                    },
                 }
             }
             _ => None,
@@ -394,9 +405,18 @@ impl GeminiGenerator {
             mmembed_store::redact(&name)
         };
         let read_kind = kind.unwrap_or(Modality::Image);
-        let bytes = match mmembed_media::fetch_remote(&m.source, read_kind, MAX_READ_BYTES).await? {
-            Some(b) => b,
-            None => read_media(&m.source, read_kind, MAX_READ_BYTES)?,
+        let bytes = if let Some(info) = untyped {
+            // Its metadata is here already: one request, not two (pinned to
+            // the generation just seen, so a rewrite in between is an error).
+            mmembed_store::Stores::shared()
+                .read_listed(&info, MAX_READ_BYTES)
+                .await
+                .map_err(|e| mmembed_media::store_error(e, read_kind))?
+        } else {
+            match mmembed_media::fetch_remote(&m.source, read_kind, MAX_READ_BYTES).await? {
+                Some(b) => b,
+                None => read_media(&m.source, read_kind, MAX_READ_BYTES)?,
+            }
         };
         let is_video = kind == Some(Modality::Video)
             || given.as_deref().is_some_and(|t| t.starts_with("video/"))
