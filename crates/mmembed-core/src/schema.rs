@@ -196,10 +196,17 @@ fn lex(s: &str) -> Result<Vec<(usize, Tok)>, SchemaError> {
     Ok(out)
 }
 
+/// BigQuery's limit on nested `STRUCT` (RECORD) levels. It also bounds
+/// this parser's recursion (and that of everything that walks a schema),
+/// so a schema of a million `STRUCT<`s is an error, not a stack overflow.
+const MAX_STRUCT_DEPTH: usize = 15;
+
 struct Parser {
     toks: Vec<(usize, Tok)>,
     pos: usize,
     len: usize,
+    /// `STRUCT`s open around the current position.
+    depth: usize,
 }
 
 impl Parser {
@@ -327,20 +334,33 @@ impl Parser {
             "BOOL" | "BOOLEAN" => FieldType::Bool,
             "ARRAY" => {
                 self.sym('<')?;
-                let inner = self.ty()?;
-                if matches!(inner, FieldType::Array(_)) {
+                // Refused before the inner type is parsed, so that arrays
+                // cannot nest deeper than one level between STRUCTs.
+                if matches!(self.peek(), Some(Tok::Ident(t)) if t.eq_ignore_ascii_case("ARRAY")) {
                     return Err(SchemaError {
                         at,
                         reason: "ARRAY<ARRAY<…>> is not allowed (wrap the inner array in a STRUCT)"
                             .into(),
                     });
                 }
+                let inner = self.ty()?;
                 self.sym('>')?;
                 FieldType::Array(Box::new(inner))
             }
             "STRUCT" => {
+                if self.depth == MAX_STRUCT_DEPTH {
+                    return Err(SchemaError {
+                        at,
+                        reason: format!(
+                            "STRUCTs nested more than {MAX_STRUCT_DEPTH} levels deep \
+                             (BigQuery's limit)"
+                        ),
+                    });
+                }
                 self.sym('<')?;
+                self.depth += 1;
                 let fields = self.fields(Some('>'))?;
+                self.depth -= 1;
                 self.sym('>')?;
                 FieldType::Struct(fields)
             }
@@ -379,6 +399,7 @@ impl FromStr for OutputSchema {
             toks,
             pos: 0,
             len: s.chars().count(),
+            depth: 0,
         };
         Ok(Self {
             fields: p.fields(None)?,
@@ -675,6 +696,27 @@ mod tests {
             let e = bad.parse::<OutputSchema>().unwrap_err().to_string();
             assert!(e.contains(says), "{bad:?}: {e}");
         }
+    }
+
+    /// BigQuery's 15 levels of STRUCT, and no deeper: a schema nested a
+    /// hundred thousand levels (or arrays of arrays as deep) is refused at
+    /// its 16th level instead of overflowing the stack.
+    #[test]
+    fn nesting_is_bounded() {
+        let nested = |n: usize| format!("a {}STRING{}", "STRUCT<a ".repeat(n), ">".repeat(n));
+        let s: OutputSchema = nested(15).parse().unwrap();
+        assert!(
+            s.parse_answer(&format!("{}\"x\"{}", r#"{"a":"#.repeat(16), "}".repeat(16)))
+                .is_ok()
+        );
+        for bad in [nested(16), nested(100_000)] {
+            let e = bad.parse::<OutputSchema>().unwrap_err();
+            assert!(e.reason.contains("15 levels"), "{e}");
+            assert_eq!(e.at, 2 + 15 * "STRUCT<a ".len());
+        }
+        let arrays = format!("a {}", "ARRAY<".repeat(100_000));
+        let e = arrays.parse::<OutputSchema>().unwrap_err();
+        assert!(e.reason.contains("ARRAY<ARRAY"), "{e}");
     }
 
     #[test]
