@@ -10,6 +10,8 @@
 //! hedged(SPEC, SPEC)[?delay_ms=200&allow_mixed_spaces=false]
 //! ```
 //!
+//! Combinations nest up to 16 deep.
+//!
 //! TOML form: the same fields, with `kind` naming the variant and nested
 //! tables for the parts of a combination:
 //!
@@ -197,7 +199,19 @@ fn split_pair(spec: &str, inner: &str) -> Result<(String, String), EmbedError> {
     ))
 }
 
+/// How deep combinations may nest in the string form (`fallback(fallback(…),
+/// …)`): far past any real use, and a bound on [`to_json`]'s recursion (and
+/// on the deserialiser's after it), so a mistyped or hostile spec is an
+/// error rather than a stack overflow. The TOML form has the `toml` crate's
+/// own recursion limit.
+const MAX_NESTING: usize = 16;
+
 fn to_json(spec: &str) -> Result<Value, EmbedError> {
+    to_json_nested(spec, 0)
+}
+
+/// [`to_json`] of a part `level` combinations deep.
+fn to_json_nested(spec: &str, level: usize) -> Result<Value, EmbedError> {
     let s = spec.trim();
     let mut obj = Map::new();
     for kind in ["fallback", "hedged"] {
@@ -207,6 +221,12 @@ fn to_json(spec: &str) -> Result<Value, EmbedError> {
         else {
             continue;
         };
+        if level == MAX_NESTING {
+            return Err(bad(
+                spec,
+                format!("combinations nested more than {MAX_NESTING} deep"),
+            ));
+        }
         // The matching closing parenthesis, then optional `?params`.
         let mut depth = 1i32;
         let close = rest
@@ -235,8 +255,8 @@ fn to_json(spec: &str) -> Result<Value, EmbedError> {
             ("first", "second")
         };
         obj.insert("kind".into(), kind.into());
-        obj.insert(ka.into(), to_json(&a)?);
-        obj.insert(kb.into(), to_json(&b)?);
+        obj.insert(ka.into(), to_json_nested(&a, level + 1)?);
+        obj.insert(kb.into(), to_json_nested(&b, level + 1)?);
         return Ok(Value::Object(obj));
     }
     let (head, query) = s.split_once('?').unwrap_or((s, ""));
@@ -855,5 +875,32 @@ mod tests {
         assert!(err("hedged(local, local, local)").contains("exactly two"));
         assert!(err("local?fps=1&fps=2").contains("twice"));
         assert!(BackendSpec::from_toml("kind = 'local'\nmodle = 'x'").is_err());
+    }
+
+    /// Combinations nest 16 deep and no deeper: fifty thousand levels (which
+    /// overflowed the stack) are refused, in both string forms.
+    #[test]
+    fn nesting_is_bounded() {
+        let nested = |n: usize, kind: &str, leaf: &str| {
+            format!(
+                "{}{leaf}{}",
+                format!("{kind}(").repeat(n),
+                format!(", {leaf})").repeat(n)
+            )
+        };
+        let s: BackendSpec = nested(16, "fallback", "local").parse().unwrap();
+        assert!(matches!(s, BackendSpec::Fallback { .. }));
+        let g: GeneratorSpec = nested(16, "hedged", "ollama").parse().unwrap();
+        assert!(matches!(g, GeneratorSpec::Hedged { .. }));
+        for n in [17, 50_000] {
+            let e = nested(n, "fallback", "local")
+                .parse::<BackendSpec>()
+                .unwrap_err();
+            assert!(e.to_string().contains("nested more than 16 deep"), "{e}");
+            let e = nested(n, "hedged", "ollama")
+                .parse::<GeneratorSpec>()
+                .unwrap_err();
+            assert!(e.to_string().contains("nested more than 16 deep"), "{e}");
+        }
     }
 }
