@@ -525,7 +525,9 @@ impl TopK {
     fn new(k: usize) -> Self {
         Self {
             k,
-            heap: BinaryHeap::with_capacity(k + 1),
+            // Room for the first hits only: `k` is the caller's (`-k`) and
+            // may be far more than the rows there are, or than memory holds.
+            heap: BinaryHeap::with_capacity(k.min(4096) + 1),
             ..Self::default()
         }
     }

@@ -157,14 +157,12 @@ fn parquet_and_jsonl_tables_rank_like_the_in_memory_reference() {
         assert_eq!(found.scanned, want.len() as u64);
         assert_eq!(found.matched, found.scanned);
     }
-    // More hits than rows: all of them.
-    let found = search(&tables[2..], &q, &opts(10_000, 2, 100)).unwrap();
-    check(
-        &found,
-        &reference(&all[2..], &q, |_| true),
-        &all[2..],
-        10_000,
-    );
+    // More hits than rows: all of them; also for a `k` no memory could
+    // hold (it once reserved room for `k` hits up front and aborted).
+    for k in [10_000, 1 << 40, usize::MAX] {
+        let found = search(&tables[2..], &q, &opts(k, 2, 100)).unwrap();
+        check(&found, &reference(&all[2..], &q, |_| true), &all[2..], k);
+    }
 }
 
 #[test]
