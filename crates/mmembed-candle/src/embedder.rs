@@ -1097,8 +1097,11 @@ impl Worker {
         // Decoded frames waiting for a model batch: their segments and the
         // crops' bytes, one after another (as image batches carry them).
         let len = self.clip.pixels_per_image();
-        let mut pending_seg: Vec<usize> = Vec::with_capacity(self.max_batch);
-        let mut pending_px: Vec<u8> = Vec::with_capacity(self.max_batch * len);
+        // Never more than the video's frames wait (`max_batch` is the
+        // caller's and may be far larger: room for it would be terabytes).
+        let room = self.max_batch.min(times.len());
+        let mut pending_seg: Vec<usize> = Vec::with_capacity(room);
+        let mut pending_px: Vec<u8> = Vec::with_capacity(room * len);
         let mut fatal: Option<EmbedError> = None;
         let flush = |pending_seg: &mut Vec<usize>,
                      pending_px: &mut Vec<u8>,

@@ -64,6 +64,34 @@ async fn segment_is_the_mean_of_its_frame_embeddings() {
     segments_are_frame_means("tiny-clip", true).await;
 }
 
+/// A `max_batch` far over a video's frames (a typo, or "as large as it
+/// goes") gives the same vectors, holding only the frames there are: room
+/// for `max_batch` crops was once reserved up front (here the list of their
+/// segments alone asked for 34 GB, and the process aborted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_max_batch_holds_only_the_frames_there_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = slideshow(dir.path());
+    let cfg = VideoSegmentConfig::new(0, 30, 10).unwrap();
+    let mut out = vec![];
+    for max_batch in [4, u32::MAX as usize] {
+        let e = LocalEmbedder::load_blocking(
+            LocalOptions::new(fixtures().join("tiny-clip").to_str().unwrap())
+                .with_device(DeviceSpec::Cpu)
+                .with_max_batch(max_batch)
+                .with_video_fps(1.0),
+        )
+        .unwrap();
+        let r = e.embed(EmbedRequest::video(video.clone(), Some(cfg))).await;
+        out.push(r.unwrap().video);
+    }
+    assert_eq!(out[0].len(), 3);
+    for (a, b) in out[0].iter().zip(&out[1]) {
+        assert!(a.error.is_none() && b.error.is_none(), "{a:?} {b:?}");
+        assert!(cosine(&a.embedding, &b.embedding) > 0.999_999);
+    }
+}
+
 /// The same on the other families: SigLIP's frames are squashed to the
 /// square (swscale scales straight to 224 x 224), Chinese-CLIP's are CLIP's,
 /// MobileCLIP's bilinear to 256 with torchvision's crop origin.
