@@ -92,6 +92,49 @@ async fn a_huge_max_batch_holds_only_the_frames_there_are() {
     }
 }
 
+/// A 2 s MP4 whose header says it lasts a billion seconds (its sample
+/// durations, edit list and media header rewritten, as a hostile upload
+/// could): asked for all of it in 4 s segments, it is refused at once. It
+/// once held 23 GB of segments and sample times before the first decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_claiming_a_billion_seconds_is_refused_not_cut_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("short.mp4");
+    let mut args: Vec<String> = ["-f", "lavfi", "-i", "testsrc2=s=64x48:r=10:d=2"]
+        .into_iter()
+        .chain(["-pix_fmt", "yuv420p", "-c:v", "libx264"])
+        .map(String::from)
+        .collect();
+    args.push(path.display().to_string());
+    testkit::ffmpeg(&args);
+    let mut b = std::fs::read(&path).unwrap();
+    let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let find = |b: &[u8], tag: &[u8]| b.windows(4).position(|w| w == tag).unwrap();
+    // 20 samples of 50,000,000 ticks at 1 tick per second; an edit list
+    // and media header that do not cut it short.
+    let stts = find(&b, b"stts");
+    put(&mut b, stts + 12, 20);
+    put(&mut b, stts + 16, 50_000_000);
+    let elst = find(&b, b"elst");
+    put(&mut b, elst + 12, u32::MAX);
+    let mdhd = find(&b, b"mdhd");
+    put(&mut b, mdhd + 16, 1);
+    put(&mut b, mdhd + 20, u32::MAX);
+    let mvhd = find(&b, b"mvhd");
+    put(&mut b, mvhd + 16, 1);
+    put(&mut b, mvhd + 20, u32::MAX);
+    let e = tiny(1.0);
+    let all = VideoSegmentConfig::new(0, u32::MAX, 4).unwrap();
+    let started = std::time::Instant::now();
+    let r = e.embed(EmbedRequest::video(b, Some(all))).await;
+    let err = r.unwrap_err().to_string();
+    assert!(
+        err.contains("250000000 segments") && err.contains("over the limit"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
 /// The same on the other families: SigLIP's frames are squashed to the
 /// square (swscale scales straight to 224 x 224), Chinese-CLIP's are CLIP's,
 /// MobileCLIP's bilinear to 256 with torchvision's crop origin.

@@ -49,6 +49,28 @@ pub struct SegmentRange {
     pub interval_sec: u32,
 }
 
+impl SegmentRange {
+    /// Refuses a range cut into more than
+    /// [`VideoSegmentConfig::MAX_SEGMENTS`] segments when it stops at
+    /// `stop_sec` (its end, or the video's length if that comes first).
+    pub fn check_count(&self, stop_sec: f64) -> Result<(), EmbedError> {
+        let (start, interval) = (f64::from(self.start_sec), f64::from(self.interval_sec));
+        let n = ((stop_sec - start) / interval).ceil().max(0.0);
+        if n > VideoSegmentConfig::MAX_SEGMENTS as f64 {
+            return Err(EmbedError::invalid(
+                "video.segment_config",
+                format!(
+                    "{n:.0} segments of {interval} s between {start} s and {stop_sec:.0} s are \
+                     over the limit of {} per video: set a longer interval or a narrower \
+                     start/end (a video's length is what its header says)",
+                    VideoSegmentConfig::MAX_SEGMENTS
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One time interval of a video, in seconds from its start.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Segment {
@@ -67,6 +89,13 @@ impl VideoSegmentConfig {
     pub const DEFAULT_INTERVAL_SEC: u32 = 16;
     /// The smallest interval Vertex accepts.
     pub const MIN_INTERVAL_SEC: u32 = 4;
+    /// The most segments one video may be cut into: 111 hours at the
+    /// smallest interval, 444 at the default. A bound, not a Vertex rule: a
+    /// video's length comes from its own header, and a 4 KB file can claim
+    /// to last 30 years; with `end` far out, cutting it up held 23 GB before
+    /// a frame was decoded (and the Vertex client would have planned a
+    /// request per 112 s of it).
+    pub const MAX_SEGMENTS: u64 = 100_000;
 
     /// A config with all three values given, validated.
     pub fn new(
@@ -139,6 +168,7 @@ impl VideoSegmentConfig {
             ));
         }
         let stop = f64::from(range.end_sec).min(duration_sec);
+        range.check_count(stop)?;
         let interval = f64::from(range.interval_sec);
         let mut out = Vec::new();
         let mut s = start;
@@ -163,6 +193,27 @@ mod tests {
             .into_iter()
             .map(|s| (s.start_sec, s.end_sec))
             .collect()
+    }
+
+    /// A video that claims to last a billion seconds, asked for all of it
+    /// in 4 s segments, is refused before anything is allocated; a week in
+    /// 16 s segments (37,800) is not.
+    #[test]
+    fn segment_count_is_bounded() {
+        let all = VideoSegmentConfig::new(0, u32::MAX, 4).unwrap();
+        let e = all.segments(1e9).unwrap_err().to_string();
+        assert!(
+            e.contains("250000000 segments") && e.contains("100000"),
+            "{e}"
+        );
+        let week = 7.0 * 86_400.0;
+        let cfg = VideoSegmentConfig::new(0, u32::MAX, 16).unwrap();
+        assert_eq!(cfg.segments(week).unwrap().len(), 37_800);
+        // The limit itself is allowed, one more is not.
+        let cfg = VideoSegmentConfig::new(0, 400_000, 4).unwrap();
+        assert_eq!(cfg.segments(1e9).unwrap().len(), 100_000);
+        let cfg = VideoSegmentConfig::new(0, 400_001, 4).unwrap();
+        assert!(cfg.segments(1e9).is_err());
     }
 
     #[test]

@@ -139,6 +139,9 @@ pub(crate) fn video_windows(
     if r.end_sec - r.start_sec <= MAX_VIDEO_SPAN {
         return Ok(vec![Some(cfg)]);
     }
+    // Every window is a request: as many segments as a local video may
+    // have, no more (the end may be a file header's claim, `with_real_end`).
+    r.check_count(f64::from(r.end_sec))?;
     let window = MAX_VIDEO_SPAN / r.interval_sec * r.interval_sec;
     let mut out = Vec::new();
     let mut s = r.start_sec;
@@ -259,6 +262,12 @@ mod tests {
         assert_eq!(w.len(), 1, "exactly 120 s is one request");
         assert_eq!(video_windows(None).unwrap(), vec![None]);
         assert!(video_windows(Some(VideoSegmentConfig::new(0, 600, 200).unwrap())).is_err());
+        // Not millions of requests for a range as long as a u32 allows (or
+        // a video's header claims): as many segments as a local video.
+        let e = video_windows(Some(VideoSegmentConfig::new(0, u32::MAX, 4).unwrap()));
+        assert!(e.unwrap_err().to_string().contains("over the limit"));
+        let w = video_windows(Some(VideoSegmentConfig::new(0, 400_000, 4).unwrap())).unwrap();
+        assert_eq!(w.len(), 400_000usize.div_ceil(120));
     }
 
     #[test]
