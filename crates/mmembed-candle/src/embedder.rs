@@ -71,8 +71,8 @@ pub struct LocalOptions {
     pub hub: HubOptions,
     /// Overrides the space id (default: the manifest's, else a hash of the weights).
     pub space: Option<String>,
-    /// Video frames sampled per second of each segment (default 1; at least
-    /// one frame per segment whatever the rate).
+    /// Video frames sampled per second of each segment (default 1, at most
+    /// 1000; at least one frame per segment whatever the rate).
     pub video_fps: f64,
     /// Take the keyframe nearest each sample time instead of the exact
     /// frame (default false): only keyframes are decoded, several times
@@ -116,7 +116,8 @@ impl LocalOptions {
         self
     }
 
-    /// Sets the video sampling rate in frames per second (must be positive).
+    /// Sets the video sampling rate in frames per second (above 0, at most
+    /// 1000).
     pub fn with_video_fps(mut self, fps: f64) -> Self {
         self.video_fps = fps;
         self
@@ -1388,6 +1389,11 @@ impl fmt::Debug for LocalEmbedder {
     }
 }
 
+/// The highest video sampling rate: above any camera's (slow-motion
+/// phones film at 240), and a bound on the sample times a segment holds (a
+/// rate of 1e12 asked for 16 TB of them for a 2 s video, and aborted).
+const MAX_FPS: f64 = 1000.0;
+
 impl LocalEmbedder {
     /// Loads the model without blocking the async executor.
     pub async fn load(opts: LocalOptions) -> Result<Self, EmbedError> {
@@ -1398,6 +1404,17 @@ impl LocalEmbedder {
 
     /// Loads the model on the calling thread (may download; reads the weights).
     pub fn load_blocking(opts: LocalOptions) -> Result<Self, EmbedError> {
+        // Before the weights are read: a mistyped rate should not cost a
+        // model load first.
+        if !(opts.video_fps.is_finite() && opts.video_fps > 0.0 && opts.video_fps <= MAX_FPS) {
+            return Err(EmbedError::invalid(
+                "video_fps",
+                format!(
+                    "{} is not a frame rate between 0 and {MAX_FPS} per second",
+                    opts.video_fps
+                ),
+            ));
+        }
         let device = opts.device.open()?;
         let (files, manifest_space) = locate(&opts)?;
         let space = match (&opts.space, manifest_space) {
@@ -1429,12 +1446,6 @@ impl LocalEmbedder {
             })
             .max(1);
         tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, max_batch, jpeg_draft = opts.jpeg_draft, "local model loaded");
-        if !(opts.video_fps.is_finite() && opts.video_fps > 0.0) {
-            return Err(EmbedError::invalid(
-                "video_fps",
-                format!("{} is not a positive frame rate", opts.video_fps),
-            ));
-        }
         let worker = Arc::new(Worker {
             clip,
             max_batch,

@@ -464,6 +464,24 @@ fn weights_config_and_preprocessor_mismatches_are_load_errors() {
     assert!(e.contains("tokenizer.json"), "{e}");
 }
 
+/// A video sampling rate that is not a rate, or one no camera films at
+/// (1e12 asked for 16 TB of sample times for a 2 s video), is refused before the
+/// weights are read (the model named here does not exist).
+#[test]
+fn video_rates_are_checked_before_loading() {
+    for fps in [0.0, -1.0, f64::NAN, f64::INFINITY, 1000.5, 1e12] {
+        let opts = LocalOptions::new("/nonexistent/model").with_video_fps(fps);
+        let e = LocalEmbedder::load_blocking(opts).unwrap_err().to_string();
+        assert!(e.contains("between 0 and 1000"), "{fps}: {e}");
+    }
+    let e = LocalEmbedder::load_blocking(
+        LocalOptions::new("/nonexistent/model").with_video_fps(1000.0),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!e.contains("frame rate"), "{e}");
+}
+
 /// Concurrent callers' calls are merged into shared model batches by the
 /// worker; each caller must still get exactly its own answers, bad items
 /// included, equal to what it gets alone.

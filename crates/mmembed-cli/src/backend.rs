@@ -111,7 +111,8 @@ pub struct BackendArgs {
     #[arg(long, env = "MMEMBED_MAX_BATCH", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_batch: Option<u32>,
 
-    /// Local video sampling rate, frames per second of each segment.
+    /// Local video sampling rate, frames per second of each segment (above
+    /// 0, at most 1000).
     #[arg(long, env = "MMEMBED_VIDEO_FPS", default_value_t = 1.0)]
     pub fps: f64,
 
