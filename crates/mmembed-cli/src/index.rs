@@ -52,7 +52,7 @@ pub struct BuildArgs {
     #[arg(long, env = "MMEMBED_INDEX_EXPANSION_ADD", default_value_t = 128)]
     pub expansion_add: usize,
 
-    /// Inserting threads (default: all cores).
+    /// Inserting threads (default: all cores; at most 256).
     #[arg(long, env = "MMEMBED_INDEX_THREADS")]
     pub threads: Option<usize>,
 }

@@ -70,7 +70,8 @@ pub struct Args {
     #[arg(long = "where", env = "MMEMBED_SEARCH_WHERE", value_delimiter = ',', value_parser = parse_equals)]
     pub equals: Vec<(String, String)>,
 
-    /// Threads reading and scoring the tables (default: all cores).
+    /// Threads reading and scoring the tables (default: all cores; at most
+    /// 256).
     #[arg(long, env = "MMEMBED_SEARCH_THREADS")]
     pub threads: Option<usize>,
 

@@ -92,7 +92,8 @@ pub struct BuildOptions {
     pub connectivity: usize,
     /// Candidates kept while inserting (HNSW's efConstruction).
     pub expansion_add: usize,
-    /// Inserting threads (default: the machine's cores).
+    /// Inserting threads (default: the machine's cores; at most
+    /// [`crate::MAX_THREADS`]).
     pub threads: usize,
 }
 
@@ -383,7 +384,7 @@ fn insert(
     dir: &Path,
     threads: usize,
 ) -> Result<u64, SearchError> {
-    let threads = threads.max(1);
+    let threads = threads.clamp(1, crate::MAX_THREADS);
     let mut planned = vec![];
     let mut next = m.next_key();
     let mut capacity = index.size();

@@ -413,6 +413,11 @@ impl Filter {
     }
 }
 
+/// The most threads a search starts, whatever [`Options::threads`] asks:
+/// past the cores they only wait on each other, and a hundred thousand of
+/// them (`--threads 100000`) exhausted memory and aborted the process.
+pub const MAX_THREADS: usize = 256;
+
 /// How to search.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -423,7 +428,8 @@ pub struct Options {
     /// The space the query was embedded in; rows of another space are an
     /// error. `None`: the space of [`summarize`].
     pub space: Option<String>,
-    /// Threads decoding and scoring (default: the machine's cores).
+    /// Threads decoding and scoring (default: the machine's cores; at most
+    /// [`MAX_THREADS`]).
     pub threads: usize,
     /// Most rows of a Parquet table in one work unit: row groups larger than
     /// this are split so that every thread gets work.
@@ -963,7 +969,7 @@ pub fn search(tables: &[Table], query: &[f32], opts: &Options) -> Result<Found, 
         filter: &opts.filter,
         k: opts.k,
     };
-    let threads = opts.threads.max(1);
+    let threads = opts.threads.clamp(1, MAX_THREADS);
     let (tx, rx) = mpsc::sync_channel::<Unit>(threads * 2);
     let rx = Mutex::new(rx);
     let stop = AtomicBool::new(false);

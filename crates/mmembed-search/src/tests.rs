@@ -151,7 +151,12 @@ fn parquet_and_jsonl_tables_rank_like_the_in_memory_reference() {
     let want = reference(&all, &q, |_| true);
     // One thread whole row groups; three threads with row groups cut into
     // units of 256 rows (starting mid-page and mid-group).
-    for o in [opts(25, 1, 1 << 16), opts(25, 3, 256)] {
+    // And as many threads as anyone may ask for (started: at most 256).
+    for o in [
+        opts(25, 1, 1 << 16),
+        opts(25, 3, 256),
+        opts(25, 100_000, 256),
+    ] {
         let found = search(&tables, &q, &o).unwrap();
         check(&found, &want, &all, 25);
         assert_eq!(found.scanned, want.len() as u64);
