@@ -23,22 +23,26 @@ install_system_deps() {
     pkgs+=(libclang-dev)
   fi
   if ((${#pkgs[@]})); then
-    echo ">> installing system packages with apt-get: ${pkgs[*]}"
-    local sudo_cmd=""
-    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+    apt_install "system packages" "${pkgs[@]}"
   fi
+}
+
+# apt_install WHAT PKG...: says what it installs and why, then installs it
+# (through sudo when not root).
+apt_install() {
+  local what=$1
+  shift
+  echo ">> installing $what with apt-get: $*"
+  local sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "$@"
 }
 
 # Debian's Chromium and its WebDriver, for the search page's browser tests.
 install_browser() {
   if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-    echo ">> installing chromium and chromium-driver with apt-get (the search page's browser tests)"
-    local sudo_cmd=""
-    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends chromium chromium-driver
+    apt_install "the search page's browser for its tests" chromium chromium-driver
   fi
 }
 
@@ -55,10 +59,6 @@ install_aarch64_cross() {
   command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
   command -v qemu-aarch64 >/dev/null 2>&1 || pkgs+=(qemu-user)
   if ((${#pkgs[@]})); then
-    echo ">> installing with apt-get for the aarch64 pass: ${pkgs[*]}"
-    local sudo_cmd=""
-    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+    apt_install "the aarch64 pass's cross compiler and emulator" "${pkgs[@]}"
   fi
 }
