@@ -33,6 +33,50 @@ pub enum ResizeTarget {
         /// Output width.
         width: u32,
     },
+    /// SigLIP 2 NaFlex: the aspect ratio kept, each side a multiple of
+    /// `patch` pixels, as large as fits in `max_patches` patches
+    /// ([`patch_grid_size`]); no crop. The output size varies per image.
+    Patches {
+        /// Patch side in pixels.
+        patch: u32,
+        /// The most patches an image may have.
+        max_patches: u32,
+    },
+}
+
+/// The size `(width, height)` SigLIP 2's NaFlex processor resizes a
+/// `width × height` image to: transformers'
+/// `get_image_size_for_max_num_patches`, the largest scale (found by
+/// bisection, as there, in double precision like Python's floats) at which
+/// both sides, each rounded up to a multiple of `patch` (at least one
+/// patch), make at most `max_patches` patches.
+///
+/// ```
+/// use mmembed_media::patch_grid_size;
+/// // A 4:3 photo in 256 patches of 16: an 18 x 14 grid (252 patches).
+/// assert_eq!(patch_grid_size(640, 480, 16, 256), (288, 224));
+/// // A sliver still gets one patch across.
+/// assert_eq!(patch_grid_size(5000, 1, 16, 256), (4096, 16));
+/// ```
+pub fn patch_grid_size(width: u32, height: u32, patch: u32, max_patches: u32) -> (u32, u32) {
+    let p = f64::from(patch.max(1));
+    let scaled =
+        |scale: f64, size: u32| -> f64 { ((f64::from(size) * scale) / p).ceil().max(1.0) * p };
+    let eps = 1e-5;
+    let (mut lo, mut hi) = (eps / 10.0, 100.0);
+    while hi - lo >= eps {
+        let scale = (lo + hi) / 2.0;
+        let patches = (scaled(scale, height) / p) * (scaled(scale, width) / p);
+        if patches <= f64::from(max_patches) {
+            lo = scale;
+        } else {
+            hi = scale;
+        }
+    }
+    // At most 100 × a u32 side: saturates only for sides over 42 million
+    // pixels, which no decoder here accepts.
+    let side = |size| scaled(lo, size).min(f64::from(u32::MAX)) as u32;
+    (side(width), side(height))
 }
 
 /// Resampling filter, numbered as Pillow numbers them in configs.
@@ -141,12 +185,16 @@ struct RawConfig {
     image_mean: Option<Vec<f32>>,
     image_std: Option<Vec<f32>>,
     image_processor_type: Option<String>,
+    /// SigLIP 2 NaFlex.
+    max_num_patches: Option<u32>,
+    patch_size: Option<u32>,
 }
 
 /// Defaults for the fields a `preprocessor_config.json` leaves out, as the
 /// transformers processor class it names has them.
 struct Defaults {
     resize: ResizeTarget,
+    resample: u32,
     center_crop: bool,
     mean: [f32; 3],
     std: [f32; 3],
@@ -155,6 +203,19 @@ struct Defaults {
 impl Defaults {
     fn for_processor(kind: Option<&str>) -> Self {
         match kind {
+            // Siglip2ImageProcessor (and its Fast twin): NaFlex, patches of
+            // 16, at most 256, bilinear, mean/std 0.5; the patch values
+            // come from the config (see from_json).
+            Some(k) if k.starts_with("Siglip2") => Self {
+                resize: ResizeTarget::Patches {
+                    patch: 16,
+                    max_patches: 256,
+                },
+                resample: 2,
+                center_crop: false,
+                mean: [0.5; 3],
+                std: [0.5; 3],
+            },
             // SiglipImageProcessor: a square resize without cropping,
             // mean/std 0.5 ("IMAGENET_STANDARD").
             Some(k) if k.starts_with("Siglip") => Self {
@@ -162,6 +223,7 @@ impl Defaults {
                     height: 224,
                     width: 224,
                 },
+                resample: 3,
                 center_crop: false,
                 mean: [0.5; 3],
                 std: [0.5; 3],
@@ -170,6 +232,7 @@ impl Defaults {
             // configs): shortest side, centre crop, OpenAI's statistics.
             _ => Self {
                 resize: ResizeTarget::ShortestEdge(224),
+                resample: 3,
                 center_crop: true,
                 mean: OPENAI_CLIP_MEAN,
                 std: OPENAI_CLIP_STD,
@@ -211,7 +274,31 @@ impl ClipPreprocessor {
         let raw: RawConfig = serde_json::from_str(json)
             .map_err(|e| bad(format!("not a valid preprocessor config: {e}")))?;
         let defaults = Defaults::for_processor(raw.image_processor_type.as_deref());
-        let resize = if raw.do_resize.unwrap_or(true) {
+        let naflex = matches!(defaults.resize, ResizeTarget::Patches { .. });
+        let resize = if naflex {
+            // transformers' NaFlex processor ignores `size` (the size is
+            // found per image) and always resizes: without it the image's
+            // edges would be cut to whole patches, which nothing needs.
+            if raw.do_resize == Some(false) {
+                return Err(bad(
+                    "do_resize false with Siglip2ImageProcessor (NaFlex) is not supported".into(),
+                ));
+            }
+            let (patch, max_patches) = (
+                raw.patch_size.unwrap_or(16),
+                raw.max_num_patches.unwrap_or(256),
+            );
+            // 16,384 patches of 16 are 4.2 megapixels: far above any
+            // published budget (256 to 1,024), and a bound on what one
+            // image may cost.
+            if patch == 0 || !(1..=16_384).contains(&max_patches) || patch > 1024 {
+                return Err(bad(format!(
+                    "patch_size {patch} and max_num_patches {max_patches}: need a patch of \
+                     1 to 1024 pixels and 1 to 16384 patches"
+                )));
+            }
+            Some(ResizeTarget::Patches { patch, max_patches })
+        } else if raw.do_resize.unwrap_or(true) {
             Some(match raw.size {
                 None => defaults.resize,
                 Some(SizeSpec::Int(n)) => ResizeTarget::ShortestEdge(n),
@@ -238,6 +325,11 @@ impl ClipPreprocessor {
                 None => match resize {
                     Some(ResizeTarget::ShortestEdge(n)) => (n, n),
                     Some(ResizeTarget::Exact { height, width }) => (height, width),
+                    Some(ResizeTarget::Patches { .. }) => {
+                        return Err(bad(
+                            "a centre crop with NaFlex resizing is not supported".into()
+                        ));
+                    }
                     None => (224, 224),
                 },
                 Some(SizeSpec::Int(n)) => (n, n),
@@ -260,12 +352,13 @@ impl ClipPreprocessor {
         let resize_empty = match resize {
             Some(ResizeTarget::ShortestEdge(n)) => n == 0,
             Some(ResizeTarget::Exact { height, width }) => height == 0 || width == 0,
-            None => false,
+            Some(ResizeTarget::Patches { .. }) | None => false,
         };
         if resize_empty || crop.is_some_and(|(h, w)| h == 0 || w == 0) {
             return Err(bad("`size` and `crop_size` must be positive".into()));
         }
-        let resample = Resample::from_pil(raw.resample.unwrap_or(3)).map_err(bad)?;
+        let resample =
+            Resample::from_pil(raw.resample.unwrap_or(defaults.resample)).map_err(bad)?;
         let rescale_factor = raw
             .do_rescale
             .unwrap_or(true)
@@ -394,13 +487,39 @@ impl ClipPreprocessor {
     }
 
     /// `(height, width)` of the tensor [`preprocess`](Self::preprocess) makes
-    /// (for an image of any size when a crop is configured).
+    /// (for an image of any size when a crop is configured); `(0, 0)` where
+    /// it varies with the image (no resize nor crop, or
+    /// [`ResizeTarget::Patches`]: see [`max_output_pixels`](Self::max_output_pixels)).
     pub fn output_size(&self) -> (u32, u32) {
         match (self.crop, self.resize) {
             (Some(c), _) => c,
             (None, Some(ResizeTarget::Exact { height, width })) => (height, width),
             (None, Some(ResizeTarget::ShortestEdge(n))) => (n, n),
-            (None, None) => (0, 0),
+            (None, Some(ResizeTarget::Patches { .. }) | None) => (0, 0),
+        }
+    }
+
+    /// The most pixels an output may have: the fixed output's, or for
+    /// [`ResizeTarget::Patches`] the patch budget's; `None` without a
+    /// bound (no resize nor crop).
+    ///
+    /// ```
+    /// use mmembed_media::ClipPreprocessor;
+    /// let p = ClipPreprocessor::from_json(r#"{"image_processor_type": "Siglip2ImageProcessor",
+    ///     "patch_size": 16, "max_num_patches": 256}"#)?;
+    /// assert_eq!((p.output_size(), p.max_output_pixels()), ((0, 0), Some(65_536)));
+    /// # Ok::<(), mmembed_core::EmbedError>(())
+    /// ```
+    pub fn max_output_pixels(&self) -> Option<u64> {
+        match (self.crop, self.resize) {
+            (None, Some(ResizeTarget::Patches { patch, max_patches })) => {
+                Some(u64::from(patch) * u64::from(patch) * u64::from(max_patches))
+            }
+            (None, None) => None,
+            _ => {
+                let (h, w) = self.output_size();
+                Some(u64::from(h) * u64::from(w))
+            }
         }
     }
 
@@ -410,6 +529,9 @@ impl ClipPreprocessor {
         match self.resize {
             None => (width, height),
             Some(ResizeTarget::Exact { height, width }) => (width, height),
+            Some(ResizeTarget::Patches { patch, max_patches }) => {
+                patch_grid_size(width, height, patch, max_patches)
+            }
             Some(ResizeTarget::ShortestEdge(n)) => {
                 let (short, long) = if width <= height {
                     (width, height)
@@ -563,15 +685,48 @@ impl ClipPreprocessor {
         draft: bool,
         out: &mut [u8],
     ) -> Result<(), EmbedError> {
+        let crop = self.decode_resized(bytes, what, limits, draft)?;
+        self.crop_bytes_into(&crop, out)
+            .map_err(|e| EmbedError::media(what, e, None))
+    }
+
+    /// [`decode_crop_into`](Self::decode_crop_into) for an output whose
+    /// size may vary with the image ([`ResizeTarget::Patches`]): the bytes
+    /// go to the start of `out`, which must hold at least them (room for
+    /// [`max_output_pixels`](Self::max_output_pixels) always does), and
+    /// the output's `(width, height)` is returned.
+    pub fn decode_resize_into(
+        &self,
+        bytes: &[u8],
+        what: &str,
+        limits: &crate::ImageLimits,
+        draft: bool,
+        out: &mut [u8],
+    ) -> Result<(u32, u32), EmbedError> {
+        let img = self.decode_resized(bytes, what, limits, draft)?;
+        bytes_into_start(&img, out).map_err(|e| EmbedError::media(what, e, None))
+    }
+
+    fn decode_resized(
+        &self,
+        bytes: &[u8],
+        what: &str,
+        limits: &crate::ImageLimits,
+        draft: bool,
+    ) -> Result<RgbImage, EmbedError> {
         let need = |w, h| self.resized_size(w, h);
         let need: Option<&dyn Fn(u32, u32) -> (u32, u32)> = if draft { Some(&need) } else { None };
         let columns = |w, h| self.columns_read((w, h));
         let decoded = crate::image::decode(bytes, what, limits, need, Some(&columns))?;
-        let crop = self
-            .resize_and_crop_columns(decoded.columns())
-            .map_err(|e| EmbedError::media(what, e, None))?;
-        self.crop_bytes_into(&crop, out)
+        self.resize_and_crop_columns(decoded.columns())
             .map_err(|e| EmbedError::media(what, e, None))
+    }
+
+    /// [`resize_and_crop`](Self::resize_and_crop) into the start of `out`,
+    /// as [`decode_resize_into`](Self::decode_resize_into) writes it;
+    /// returns the output's `(width, height)`.
+    pub fn resize_into(&self, img: &RgbImage, out: &mut [u8]) -> Result<(u32, u32), String> {
+        bytes_into_start(&self.resize_and_crop(img), out)
     }
 
     /// The model input for one image: `3 × H × W` floats, channel-first.
@@ -667,6 +822,23 @@ impl ClipPreprocessor {
     }
 }
 
+/// An image's bytes at the start of `out`; its `(width, height)`.
+fn bytes_into_start(img: &RgbImage, out: &mut [u8]) -> Result<(u32, u32), String> {
+    let raw = img.as_raw();
+    let (w, h) = img.dimensions();
+    match out.get_mut(..raw.len()) {
+        Some(dst) => {
+            dst.copy_from_slice(raw);
+            Ok((w, h))
+        }
+        None => Err(format!(
+            "preprocessed to {w}x{h}, {} bytes; room for {}",
+            raw.len(),
+            out.len()
+        )),
+    }
+}
+
 /// A centre crop inside the resized image, as a resize of a source box.
 struct CropBox {
     /// `[left, top, width, height]` of the source.
@@ -723,6 +895,143 @@ fn center_crop(img: &RgbImage, ch: u32, cw: u32, origin: CropOrigin) -> RgbImage
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// transformers' `get_image_size_for_max_num_patches` (5.25) on 80
+    /// random sizes, patches and budgets (1 to 100,000 pixels a side, budgets
+    /// of 1 to 1,024): `(width, height, patch, max_patches, width', height')`.
+    /// Made with `get_image_size_for_max_num_patches(h, w, p, m)` from
+    /// `transformers.models.siglip2.image_processing_pil_siglip2`.
+    #[test]
+    fn patch_grid_size_matches_transformers() {
+        #[rustfmt::skip]
+        const CASES: [(u32, u32, u32, u32, u32, u32); 80] = [
+        (4059,3,32,1024,32768,32),
+        (56724,25,8,1024,8192,8),
+        (1,2,8,1,8,8),
+        (1,42,14,256,42,1190),
+        (1793,3,16,1,16,16),
+        (12,1,32,576,1216,128),
+        (4091,3,8,256,2048,8),
+        (12,54305,8,256,8,2048),
+        (3222,2,8,256,2048,8),
+        (7,2528,14,576,14,5068),
+        (53013,101,16,576,8400,16),
+        (1,35295,32,1024,32,32768),
+        (3491,1059,16,576,688,208),
+        (32,36,8,576,184,200),
+        (7,2713,14,1,14,14),
+        (682,4255,8,48,24,128),
+        (1,2201,14,2,14,28),
+        (18,22040,32,256,32,8192),
+        (22,8,8,48,88,32),
+        (1,4179,32,2,32,64),
+        (7,58415,32,2,32,64),
+        (2632,51761,8,1024,56,1104),
+        (20,1,16,1024,2000,112),
+        (1,3,14,576,112,308),
+        (7,1406,16,1,16,16),
+        (1,14,32,48,64,768),
+        (1,3,14,2,14,28),
+        (1,3,32,576,128,320),
+        (1,4378,8,2,8,16),
+        (78671,2,16,48,768,16),
+        (4948,3,14,576,8064,14),
+        (7,1,14,48,224,42),
+        (29323,1,8,48,384,8),
+        (1,2422,8,48,8,384),
+        (7,1,32,2,64,32),
+        (1,21940,32,256,32,8192),
+        (1,3,14,1024,112,308),
+        (4888,1,32,48,1536,32),
+        (39,3,14,576,1148,98),
+        (7,50,14,48,42,224),
+        (733,1,8,1024,5864,8),
+        (7,37,16,576,160,848),
+        (1,1,14,2,14,14),
+        (1,1,8,1024,104,104),
+        (1,3,16,1,16,16),
+        (1,2,16,2,16,32),
+        (81728,71499,14,2,28,14),
+        (1,2,32,256,128,224),
+        (3714,36,16,2,32,16),
+        (1,3200,16,576,16,9216),
+        (52141,2,32,2,64,32),
+        (1,40,32,1024,128,4000),
+        (3923,3,16,576,9216,16),
+        (4,2,14,576,406,210),
+        (45,3,14,1024,1680,112),
+        (67365,1,32,2,64,32),
+        (428,2,16,256,3424,16),
+        (3,71333,8,48,8,384),
+        (7,686,32,256,64,4096),
+        (1,26,32,576,128,2624),
+        (2275,15479,8,2,8,16),
+        (2,1,14,2,28,14),
+        (18,2,32,2,64,32),
+        (1712,35,14,48,672,14),
+        (48,198,14,1,14,14),
+        (28,3,16,1,16,16),
+        (2497,8,16,1024,8192,32),
+        (7,1,8,48,128,24),
+        (4186,94672,32,1024,224,4672),
+        (29,2,8,1024,928,64),
+        (1,25,32,1024,128,2528),
+        (1279,1,16,2,32,16),
+        (2168,1,16,2,32,16),
+        (30,2,8,1024,960,64),
+        (7,3,14,1024,672,294),
+        (7,83359,14,2,14,28),
+        (45,1,32,576,4512,128),
+        (42,3,14,256,784,56),
+        (7,36,16,576,176,832),
+        (3299,1,14,48,672,14),
+        ];
+        for (w, h, p, m, tw, th) in CASES {
+            assert_eq!(
+                patch_grid_size(w, h, p, m),
+                (tw, th),
+                "{w}x{h} in {m} patches of {p}"
+            );
+            assert!((tw / p) * (th / p) <= m.max(1));
+        }
+    }
+
+    #[test]
+    fn naflex_configs_are_read_and_checked() {
+        let p = ClipPreprocessor::from_json(
+            r#"{"image_processor_type": "Siglip2ImageProcessorFast", "max_num_patches": 48,
+                "patch_size": 8, "size": {"height": 224, "width": 224}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.resize, p.resample, p.crop, p.normalize),
+            (
+                Some(ResizeTarget::Patches {
+                    patch: 8,
+                    max_patches: 48
+                }),
+                Resample::Bilinear,
+                None,
+                Some(([0.5; 3], [0.5; 3]))
+            )
+        );
+        assert_eq!(p.resized_size(451, 300), (64, 48));
+        let img = RgbImage::from_pixel(451, 300, image::Rgb([1, 2, 3]));
+        let mut out = vec![9u8; 48 * 64 * 3];
+        assert!(p.resize_into(&img, &mut out[..64 * 48 * 3 - 1]).is_err());
+        let mut out = vec![9u8; 48 * 64 * 3 + 1];
+        assert_eq!(p.resize_into(&img, &mut out).unwrap(), (64, 48));
+        assert_eq!((out[0], out[1], out[2], out[48 * 64 * 3]), (1, 2, 3, 9));
+        for bad in [
+            r#"{"image_processor_type": "Siglip2ImageProcessor", "max_num_patches": 0}"#,
+            r#"{"image_processor_type": "Siglip2ImageProcessor", "max_num_patches": 16385}"#,
+            r#"{"image_processor_type": "Siglip2ImageProcessor", "patch_size": 0}"#,
+            r#"{"image_processor_type": "Siglip2ImageProcessor", "do_resize": false}"#,
+            r#"{"image_processor_type": "Siglip2ImageProcessor", "do_center_crop": true}"#,
+        ] {
+            assert!(ClipPreprocessor::from_json(bad).is_err(), "{bad}");
+        }
+    }
 
     /// torchvision's `int(round((size - crop) / 2.0))` against
     /// transformers' `(size - crop) // 2`: they differ on odd margins whose
