@@ -31,9 +31,10 @@
 //! times JPEG decoding and preprocessing on all cores, the host's ceiling
 //! (`--draft true`: with `mmembed batch --jpeg-draft`'s reduced decoding).
 //! `families` runs every tiny fixture model (`FIXTURES_DIR/tiny-*`: CLIP,
-//! SigLIP, Chinese-CLIP, MobileCLIP's FastViT and ViT towers) on the device
-//! against the PyTorch embeddings committed beside it, one JSON line per
-//! model and precision: the families the seeded ViT-B/32 leaves out.
+//! SigLIP, SigLIP 2 NaFlex, Chinese-CLIP, MobileCLIP's FastViT and ViT
+//! towers) on the device against the PyTorch embeddings committed beside
+//! it, one JSON line per model and precision: the families the seeded
+//! ViT-B/32 leaves out.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -332,19 +333,23 @@ fn family(
     let photos = meta["images"]
         .as_array()
         .context("reference.json: images")?;
-    let mut pixels = Vec::new();
-    for im in photos {
+    // The images as the embedder's batches carry them (each model's own
+    // sizes: SigLIP 2 NaFlex's vary per image).
+    let row = clip.pixels_per_image();
+    let (mut buf, mut sizes) = (vec![0u8; photos.len() * row], Vec::new());
+    for (im, slot) in photos.iter().zip(buf.chunks_mut(row.max(1))) {
         let file = im["file"].as_str().context("image file")?;
         let bytes = std::fs::read(images.join(file))?;
         let img =
             mmembed_media::decode_image(&bytes, file, &mmembed_media::ImageLimits::default())?;
-        pixels.push(
+        sizes.push(
             clip.preprocessor
-                .normalize_u8(&clip.preprocessor.resize_and_crop(&img)),
+                .resize_into(&img, slot)
+                .map_err(anyhow::Error::msg)?,
         );
     }
     let mut image_min = 1f32;
-    for (im, got) in photos.iter().zip(clip.embed_pixels(&pixels)?) {
+    for (im, got) in photos.iter().zip(clip.embed_u8_images(&buf, &sizes)?) {
         let key = im["key"].as_str().context("image key")?;
         let c = mmembed_core::cosine(&got, &reference(&format!("image.{key}"))?);
         image_min = image_min.min(c);

@@ -64,7 +64,8 @@ pub enum Family {
     /// `projection_dim`.
     Clip,
     /// SigLIP (`siglip`; SigLIP 2's fixed-resolution checkpoints use it
-    /// too): no class token, a multi-head attention pooling head over every
+    /// too; and SigLIP 2 NaFlex, `siglip2`, see
+    /// [`VisionConfig::naflex_grid`]): no class token, a multi-head attention pooling head over every
     /// patch, bidirectional text attention over a fixed-length padded
     /// sequence pooled at its last position, a text `head` with bias; the
     /// joint space is the vision width.
@@ -89,16 +90,14 @@ impl Family {
     fn from_model_type(t: Option<&str>) -> Result<Self, String> {
         match t {
             None | Some("clip") => Ok(Self::Clip),
-            Some("siglip") => Ok(Self::Siglip),
+            Some("siglip" | "siglip2") => Ok(Self::Siglip),
             Some("chinese_clip") => Ok(Self::ChineseClip),
             Some("mobileclip") => Err("MobileCLIP checkpoints come in open_clip's format: \
                  open_clip_config.json and open_clip_model.safetensors, not config.json"
                 .into()),
-            Some("siglip2") => Err("model_type `siglip2` (NaFlex, variable resolution) is not \
-                 supported; SigLIP 2's fixed-resolution checkpoints (model_type `siglip`) are"
-                .into()),
             Some(other) => Err(format!(
-                "model_type `{other}` is not supported (supported: clip, siglip, chinese_clip; \
+                "model_type `{other}` is not supported (supported: clip, siglip, siglip2, \
+                 chinese_clip; \
                  and mobileclip in open_clip's format)"
             )),
         }
@@ -139,6 +138,13 @@ pub struct TextConfig {
     /// MobileCLIP-B); otherwise every token attends to every other (SigLIP,
     /// MobileCLIP S0–S2 and MobileCLIP 2, BERT within its padding mask).
     pub causal: bool,
+    /// Whether texts are lower-cased before the tokenizer's own
+    /// normaliser: SigLIP 2 NaFlex (`model_type` `siglip2`), which
+    /// transformers tokenizes with `Siglip2Tokenizer` (Gemma's
+    /// `tokenizer.json` with SigLIP 2's training default, lower case,
+    /// put in front of its normaliser) whatever tokenizer class the
+    /// repository names.
+    pub lowercase: bool,
 }
 
 /// The vision tower.
@@ -148,13 +154,21 @@ pub struct VisionConfig {
     pub tower: TowerConfig,
     /// Input channels (3).
     pub num_channels: usize,
-    /// Input side in pixels.
+    /// Input side in pixels (for NaFlex, that of the grid its positions
+    /// were learned on).
     pub image_size: usize,
     /// Patch side in pixels.
     pub patch_size: usize,
     /// MobileCLIP: the image tower open_clip builds with timm, by the
     /// name its config gives. `None` for the Hugging Face towers.
     pub timm: Option<TimmTower>,
+    /// SigLIP 2 NaFlex (`model_type` `siglip2`): the side of the square
+    /// grid of learned positions (√`num_patches`: 16 for 256), resized to
+    /// each image's own grid of patches, which its preprocessing sizes to
+    /// keep the aspect ratio ([`mmembed_media::ResizeTarget::Patches`]); the
+    /// patch embedding is then a linear layer over patches' pixels in
+    /// (row, column, channel) order. `None`: one fixed image size.
+    pub naflex_grid: Option<usize>,
 }
 
 /// An image tower that open_clip builds with timm (MobileCLIP's), known by
@@ -254,6 +268,8 @@ struct RawVision {
     image_size: Option<usize>,
     patch_size: Option<usize>,
     vision_use_head: Option<bool>,
+    /// SigLIP 2 NaFlex: the learned positions (a square number).
+    num_patches: Option<usize>,
 }
 
 /// One family's defaults for the fields a config may leave out.
@@ -416,10 +432,24 @@ impl ClipConfig {
         if projection_dim == 0 {
             return Err("projection_dim must be positive".into());
         }
-        let (image_size, patch_size) = (
-            vi.image_size.unwrap_or(224),
-            vi.patch_size.unwrap_or(d.patch),
-        );
+        let naflex = v.get("model_type").and_then(|t| t.as_str()) == Some("siglip2");
+        let patch_size = vi.patch_size.unwrap_or(d.patch);
+        let naflex_grid = if naflex {
+            let n = vi.num_patches.unwrap_or(256);
+            let side = n.isqrt();
+            if side == 0 || side * side != n {
+                return Err(format!(
+                    "vision_config: num_patches {n} is not a square grid of positions"
+                ));
+            }
+            Some(side)
+        } else {
+            None
+        };
+        let image_size = match naflex_grid {
+            Some(side) => side.saturating_mul(patch_size),
+            None => vi.image_size.unwrap_or(224),
+        };
         if patch_size == 0 || image_size == 0 || !image_size.is_multiple_of(patch_size) {
             return Err(format!(
                 "vision_config: image_size {image_size} is not a multiple of patch_size {patch_size}"
@@ -443,6 +473,7 @@ impl ClipConfig {
                 pad_token_id: t.pad_token_id.or(d.pad),
                 type_vocab_size: t.type_vocab_size.unwrap_or(2),
                 causal: family == Family::Clip,
+                lowercase: naflex,
             },
             vision: VisionConfig {
                 tower: vision_tower,
@@ -450,6 +481,7 @@ impl ClipConfig {
                 image_size,
                 patch_size,
                 timm: None,
+                naflex_grid,
             },
             projection_dim,
         })
@@ -624,6 +656,7 @@ impl ClipConfig {
                 pad_token_id: Some(int(&tc, "pad_id", Some(0))? as u32),
                 type_vocab_size: 0,
                 causal: tc.get("no_causal_mask").and_then(|x| x.as_bool()) != Some(true),
+                lowercase: false,
             },
             vision: VisionConfig {
                 tower: match (shape, &timm) {
@@ -642,6 +675,7 @@ impl ClipConfig {
                 image_size,
                 patch_size: shape.map_or(1, |s| s[4]),
                 timm: Some(timm),
+                naflex_grid: None,
             },
             projection_dim,
         })
@@ -757,7 +791,10 @@ mod tests {
                 r#"{"model_type": "siglip", "vision_config": {"vision_use_head": false}}"#,
                 "vision_use_head",
             ),
-            (r#"{"model_type": "siglip2"}"#, "NaFlex"),
+            (
+                r#"{"model_type": "siglip2", "vision_config": {"num_patches": 250}}"#,
+                "num_patches 250 is not a square",
+            ),
             (
                 r#"{"model_type": "blip"}"#,
                 "model_type `blip` is not supported",

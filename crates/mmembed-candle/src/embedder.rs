@@ -326,7 +326,30 @@ impl LoadedClip {
         };
         let (h, w) = preprocessor.output_size();
         let side = config.vision.image_size as u32;
-        if (h, w) != (side, side) {
+        let naflex = match preprocessor.resize {
+            Some(mmembed_media::ResizeTarget::Patches { patch, .. }) => Some(patch),
+            _ => None,
+        };
+        if naflex.is_some() != config.vision.naflex_grid.is_some() {
+            return Err(err(if naflex.is_some() {
+                "preprocessor_config.json is SigLIP 2 NaFlex's (Siglip2ImageProcessor), \
+                 config.json's model is not (model_type `siglip2`)"
+                    .into()
+            } else {
+                "config.json is SigLIP 2 NaFlex's (model_type `siglip2`), \
+                 preprocessor_config.json is not (Siglip2ImageProcessor)"
+                    .into()
+            }));
+        }
+        if let Some(patch) = naflex {
+            if patch as usize != config.vision.patch_size {
+                return Err(err(format!(
+                    "preprocessor_config.json cuts patches of {patch} pixels, the vision tower \
+                     takes {}",
+                    config.vision.patch_size
+                )));
+            }
+        } else if (h, w) != (side, side) {
             return Err(err(format!(
                 "preprocessor_config.json makes {h}x{w} images but the vision tower expects \
                  {side}x{side}"
@@ -381,9 +404,22 @@ impl LoadedClip {
         }
     }
 
+    /// Refuses a model whose images vary in size (NaFlex) in the entry
+    /// points that take one size.
+    fn one_size(&self) -> candle_core::Result<()> {
+        if self.config.vision.naflex_grid.is_some() {
+            candle_core::bail!(
+                "a NaFlex model takes images of varying sizes: use embed_u8_images \
+                 (or LocalEmbedder), not the entry points for one fixed size"
+            );
+        }
+        Ok(())
+    }
+
     /// Unit-length image embeddings for preprocessed CHW pixel buffers.
     pub fn embed_pixels(&self, images: &[Vec<f32>]) -> candle_core::Result<Vec<Vec<f32>>> {
         use rayon::prelude::*;
+        self.one_size()?;
         let len = self.pixels_per_image();
         if let Some(bad) = images.iter().position(|i| i.len() != len) {
             candle_core::bail!(
@@ -413,6 +449,7 @@ impl LoadedClip {
     /// buffer that is filled and reused: on a GPU the pixels are copied
     /// straight from it to the device.
     pub fn embed_pixel_rows(&self, flat: &[f32], n: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        self.one_size()?;
         let len = self.pixels_per_image();
         if flat.len() != n * len {
             candle_core::bail!(
@@ -460,6 +497,7 @@ impl LoadedClip {
     /// kernel of ours, elsewhere by candle's tensor ops).
     pub fn pixels_from_u8_rows(&self, hwc: &[u8], n: usize) -> candle_core::Result<Tensor> {
         use rayon::prelude::*;
+        self.one_size()?;
         let len = self.pixels_per_image();
         if self.config.vision.num_channels != 3 || hwc.len() != n * len {
             candle_core::bail!(
@@ -493,10 +531,87 @@ impl LoadedClip {
         Tensor::from_vec(flat, self.pixel_shape(n), &self.device)?.to_dtype(self.dtype)
     }
 
-    /// Floats of one preprocessed image: channels × side × side.
+    /// Floats of one preprocessed image: channels × side × side; for a
+    /// NaFlex model, of its largest (its patch budget's pixels).
     pub fn pixels_per_image(&self) -> usize {
+        if self.config.vision.naflex_grid.is_some() {
+            let most = self.preprocessor.max_output_pixels().unwrap_or(0);
+            return self.config.vision.num_channels * most as usize;
+        }
         let side = self.config.vision.image_size;
         self.config.vision.num_channels * side * side
+    }
+
+    /// Unit-length image embeddings for images of any size the model's
+    /// preprocessing makes: image `i`'s RGB bytes (`sizes[i]` = `(width,
+    /// height)`, row-major, the channels interleaved, as
+    /// [`ClipPreprocessor::decode_resize_into`] writes them) at the start of
+    /// its row of [`pixels_per_image`](Self::pixels_per_image) bytes in
+    /// `buf`. For a model of one size this is
+    /// [`embed_u8_rows`](Self::embed_u8_rows) (every size must be it); a
+    /// NaFlex model ([`crate::VisionConfig::naflex_grid`]) runs the images
+    /// of each grid of patches as one batch, unpadded.
+    ///
+    /// [`ClipPreprocessor::decode_resize_into`]: mmembed_media::ClipPreprocessor::decode_resize_into
+    pub fn embed_u8_images(
+        &self,
+        buf: &[u8],
+        sizes: &[(u32, u32)],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        use rayon::prelude::*;
+        let n = sizes.len();
+        let row = self.pixels_per_image();
+        if buf.len() != n * row {
+            candle_core::bail!(
+                "{} bytes for {n} images, the model takes rows of {row}",
+                buf.len()
+            );
+        }
+        let Some(_) = self.config.vision.naflex_grid else {
+            let side = self.config.vision.image_size as u32;
+            if let Some((w, h)) = sizes.iter().find(|s| **s != (side, side)) {
+                candle_core::bail!("a {w}x{h} image; the model takes {side}x{side}");
+            }
+            return self.embed_u8_rows(buf, n);
+        };
+        let p = self.config.vision.patch_size;
+        let most = row / (3 * p * p).max(1);
+        // The images of each grid, in order.
+        let mut grids: std::collections::BTreeMap<(usize, usize), Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (i, &(w, h)) in sizes.iter().enumerate() {
+            let (w, h) = (w as usize, h as usize);
+            let (gw, gh) = (w / p, h / p);
+            if w % p != 0 || h % p != 0 || gw * gh == 0 || gw * gh > most {
+                candle_core::bail!(
+                    "image {i} is {w}x{h}: not a grid of at most {most} patches of {p} pixels"
+                );
+            }
+            grids.entry((gh, gw)).or_default().push(i);
+        }
+        let scale = self.preprocessor.rescale_factor.unwrap_or(1.0);
+        let (mean, std) = self.preprocessor.normalize_stats();
+        let mut out = vec![Vec::new(); n];
+        self.on_pool(|| {
+            for ((gh, gw), idx) in grids {
+                let len = gh * gw * p * p * 3;
+                let mut flat = vec![0f32; idx.len() * len];
+                flat.par_chunks_mut(len)
+                    .zip(idx.par_iter())
+                    .for_each(|(dst, &i)| {
+                        let hwc = &buf[i * row..i * row + len];
+                        naflex_patches(hwc, (gw, p), scale, (mean, std), dst);
+                    });
+                let px = Tensor::from_vec(flat, (idx.len(), gh * gw, p * p * 3), &self.device)?
+                    .to_dtype(self.dtype)?;
+                let vecs = rows(&self.model.vision.forward_patches(&px, (gh, gw))?)?;
+                for (i, v) in idx.into_iter().zip(vecs) {
+                    out[i] = v;
+                }
+            }
+            Ok::<_, candle_core::Error>(())
+        })?;
+        Ok(out)
     }
 
     fn pixel_shape(&self, n: usize) -> (usize, usize, usize, usize) {
@@ -507,6 +622,32 @@ impl LoadedClip {
     fn forward_pixels(&self, px: Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
         let out = self.model.vision.forward(&px.to_dtype(self.dtype)?)?;
         rows(&out)
+    }
+}
+
+/// One image's RGB bytes (`gw` patches of `p` pixels wide, row-major, the
+/// channels interleaved) as NaFlex's model input: a row per patch (row by
+/// row of patches), each patch's pixels in (row, column, channel) order
+/// (transformers' `convert_image_to_patches`), rescaled and normalised as
+/// [`ClipPreprocessor::normalize_hwc_into`] does, op by op.
+fn naflex_patches(
+    hwc: &[u8],
+    (gw, p): (usize, usize),
+    scale: f32,
+    (mean, std): ([f32; 3], [f32; 3]),
+    out: &mut [f32],
+) {
+    let width = gw * p * 3;
+    let line = p * 3;
+    for (k, patch) in out.chunks_exact_mut(p * line).enumerate() {
+        let (gy, gx) = (k / gw, k % gw);
+        for (ry, dst) in patch.chunks_exact_mut(line).enumerate() {
+            let at = (gy * p + ry) * width + gx * line;
+            for (x, (d, v)) in dst.iter_mut().zip(&hwc[at..at + line]).enumerate() {
+                let c = x % 3;
+                *d = (f32::from(*v) * scale - mean[c]) / std[c];
+            }
+        }
     }
 }
 
@@ -550,6 +691,8 @@ fn backend_err(message: String) -> EmbedError {
 /// goes back to the preparing thread once the model has read it).
 struct Prepared {
     idx: Vec<usize>,
+    /// Each row's image's `(width, height)` (one size but for NaFlex).
+    sizes: Vec<(u32, u32)>,
     failed: Vec<(usize, EmbedError)>,
     buf: Vec<u8>,
 }
@@ -1013,18 +1156,21 @@ impl Worker {
                     }
                     Some(slot)
                 }
-                Unit::Images(Prepared { idx, failed, buf }) => {
+                Unit::Images(Prepared {
+                    idx,
+                    sizes,
+                    failed,
+                    buf,
+                }) => {
                     Clock::count(&self.clock.images, idx.len() + failed.len());
                     if let Some(g) = group.as_mut() {
                         for (i, e) in failed {
                             g.out[i] = Some(Err(e));
                         }
-                        // All failed: no rows, and embed_u8_rows answers
+                        // All failed: no rows, and embed_u8_images answers
                         // none without running the model.
                         let res = unpanicked("the image model", || {
-                            self.clip
-                                .embed_u8_rows(&buf, idx.len())
-                                .map_err(forward_err)
+                            self.clip.embed_u8_images(&buf, &sizes).map_err(forward_err)
                         });
                         fill(&mut g.out, idx.into_iter(), res);
                     }
@@ -1103,14 +1249,17 @@ impl Worker {
         let room = self.max_batch.min(times.len());
         let mut pending_seg: Vec<usize> = Vec::with_capacity(room);
         let mut pending_px: Vec<u8> = Vec::with_capacity(room * len);
+        // Each frame's (width, height): one size, but for NaFlex.
+        let mut pending_size: Vec<(u32, u32)> = Vec::with_capacity(room);
         let mut fatal: Option<EmbedError> = None;
         let flush = |pending_seg: &mut Vec<usize>,
                      pending_px: &mut Vec<u8>,
+                     pending_size: &mut Vec<(u32, u32)>,
                      sums: &mut Vec<Vec<f32>>,
                      counts: &mut Vec<usize>,
                      fatal: &mut Option<EmbedError>| {
             if !pending_seg.is_empty() && fatal.is_none() {
-                match self.clip.embed_u8_rows(pending_px, pending_seg.len()) {
+                match self.clip.embed_u8_images(pending_px, pending_size) {
                     Ok(vecs) => {
                         for (seg, v) in pending_seg.iter().zip(vecs) {
                             sums[*seg].iter_mut().zip(&v).for_each(|(s, x)| *s += x);
@@ -1122,6 +1271,7 @@ impl Worker {
             }
             pending_seg.clear();
             pending_px.clear();
+            pending_size.clear();
         };
         let sampling = SampleOptions {
             mode: if self.video_keyframes_only {
@@ -1141,17 +1291,21 @@ impl Worker {
                 let cropped = self
                     .clip
                     .preprocessor
-                    .crop_into(&frame.image, &mut pending_px[at..]);
-                if let Err(e) = cropped {
-                    pending_px.truncate(at);
-                    errors[owner[k]].get_or_insert_with(|| format!("frame {e}"));
-                    return;
+                    .resize_into(&frame.image, &mut pending_px[at..]);
+                match cropped {
+                    Ok(size) => pending_size.push(size),
+                    Err(e) => {
+                        pending_px.truncate(at);
+                        errors[owner[k]].get_or_insert_with(|| format!("frame {e}"));
+                        return;
+                    }
                 }
                 pending_seg.push(owner[k]);
                 if pending_seg.len() >= self.max_batch {
                     flush(
                         &mut pending_seg,
                         &mut pending_px,
+                        &mut pending_size,
                         &mut sums,
                         &mut counts,
                         &mut fatal,
@@ -1165,6 +1319,7 @@ impl Worker {
         flush(
             &mut pending_seg,
             &mut pending_px,
+            &mut pending_size,
             &mut sums,
             &mut counts,
             &mut fatal,
@@ -1218,7 +1373,7 @@ impl Worker {
         use rayon::prelude::*;
         let len = self.clip.pixels_per_image();
         buf.resize(chunk.len() * len, 0);
-        let results: Vec<Result<(), EmbedError>> = buf
+        let results: Vec<Result<(u32, u32), EmbedError>> = buf
             .par_chunks_mut(len.max(1))
             .zip(chunk.par_iter())
             .map(|(slot, (_, src))| {
@@ -1227,32 +1382,42 @@ impl Worker {
             .collect();
         // Failed images leave holes: the rows after them move up (the model
         // runs on good rows only).
-        let (mut idx, mut failed, mut n) = (Vec::new(), Vec::new(), 0);
+        let (mut idx, mut sizes, mut failed, mut n) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for ((i, _), (k, res)) in chunk.iter().zip(results.into_iter().enumerate()) {
             match res {
-                Ok(()) => {
+                Ok(size) => {
                     if k != n {
                         buf.copy_within(k * len..(k + 1) * len, n * len);
                     }
                     idx.push(*i);
+                    sizes.push(size);
                     n += 1;
                 }
                 Err(e) => failed.push((*i, e)),
             }
         }
         buf.truncate(n * len);
-        Prepared { idx, failed, buf }
+        Prepared {
+            idx,
+            sizes,
+            failed,
+            buf,
+        }
     }
 
     /// Decodes, resizes and crops one image into its row of a batch
     /// buffer: the crop's RGB bytes, which the model normalises
-    /// ([`LoadedClip::embed_u8_rows`]).
-    fn pixels_into(&self, src: &MediaSource, slot: &mut [u8]) -> Result<(), EmbedError> {
+    /// ([`LoadedClip::embed_u8_images`]); returns its `(width, height)`.
+    fn pixels_into(&self, src: &MediaSource, slot: &mut [u8]) -> Result<(u32, u32), EmbedError> {
         let what = src.describe(Modality::Image);
         let bytes = read_media(src, Modality::Image, self.limits.max_bytes)?;
-        self.clip
-            .preprocessor
-            .decode_crop_into(&bytes, &what, &self.limits, self.jpeg_draft, slot)
+        self.clip.preprocessor.decode_resize_into(
+            &bytes,
+            &what,
+            &self.limits,
+            self.jpeg_draft,
+            slot,
+        )
     }
 }
 

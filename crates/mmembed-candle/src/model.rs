@@ -1113,6 +1113,22 @@ impl VisionTower {
             VisionKind::FastVit(f) => f.forward(pixels),
         }
     }
+
+    /// SigLIP 2 NaFlex ([`crate::VisionConfig::naflex_grid`]): projected
+    /// (not normalised) features for `patches [batch, gh · gw, p · p · 3]`,
+    /// images of one grid `(gh, gw)` of patches, each patch's normalised
+    /// pixels in (row, column, channel) order (transformers'
+    /// `convert_image_to_patches`). Unpadded: images of other grids go in
+    /// batches of their own, which computes what transformers' padded and
+    /// masked batch does.
+    pub fn forward_patches(&self, patches: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+        match &self.0 {
+            VisionKind::Vit(v) => v.forward_patches(patches, grid),
+            VisionKind::FastVit(_) => {
+                candle_core::bail!("a FastViT tower takes pixels, not NaFlex patches")
+            }
+        }
+    }
 }
 
 /// A transformer vision tower.
@@ -1133,6 +1149,9 @@ struct Vit {
     pool: VisionPool,
     positions: usize,
     patch_size: usize,
+    /// NaFlex: the side of the square grid of positions, which
+    /// [`Vit::forward_patches`] resizes to each image's grid.
+    naflex_grid: Option<usize>,
     kernels: Kernels,
 }
 
@@ -1143,6 +1162,9 @@ enum PatchEmbed {
     Conv(Conv2d),
     /// MobileCLIP-B's convolutional stem.
     Stem(ConvStem),
+    /// SigLIP 2 NaFlex: a linear layer over each patch's pixels, which come
+    /// unfolded.
+    Linear(Dense),
 }
 
 /// How the encoder's output becomes one vector.
@@ -1168,6 +1190,9 @@ impl Vit {
         };
         let eps = v.tower.layer_norm_eps;
         let emb = vb.pp("embeddings");
+        if let Some(g) = v.naflex_grid {
+            return Self::naflex(c, g, kernels, vb);
+        }
         let patch = if clip {
             conv2d_no_bias(
                 v.num_channels,
@@ -1216,8 +1241,64 @@ impl Vit {
             pool,
             positions,
             patch_size: v.patch_size,
+            naflex_grid: None,
             kernels,
         })
+    }
+
+    /// SigLIP 2 NaFlex's tower: SigLIP's, with a linear patch embedding
+    /// and a `grid × grid` table of positions that is resized per image.
+    fn naflex(c: &ClipConfig, grid: usize, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
+        let v = &c.vision;
+        let d = v.tower.hidden_size;
+        let emb = vb.pp("embeddings");
+        let p = v.patch_size;
+        let patch = dense(
+            v.num_channels * p * p,
+            d,
+            true,
+            kernels,
+            Input::Narrow,
+            emb.pp("patch_embedding"),
+        )?;
+        Ok(Self {
+            class: None,
+            patch: PatchEmbed::Linear(patch),
+            patch_packed: None,
+            position: embedding(grid * grid, d, emb.pp("position_embedding"))?,
+            pre_ln: None,
+            encoder: Encoder::new(&v.tower, kernels, vb.pp("encoder"))?,
+            post_ln: norm(d, v.tower.layer_norm_eps, kernels, vb.pp("post_layernorm"))?,
+            pool: VisionPool::Attention(Box::new(AttentionPool::new(
+                &v.tower,
+                kernels,
+                vb.pp("head"),
+            )?)),
+            positions: grid * grid,
+            patch_size: p,
+            naflex_grid: Some(grid),
+            kernels,
+        })
+    }
+
+    /// See [`VisionTower::forward_patches`].
+    fn forward_patches(&self, patches: &Tensor, (gh, gw): (usize, usize)) -> Result<Tensor> {
+        let (PatchEmbed::Linear(linear), Some(grid)) = (&self.patch, self.naflex_grid) else {
+            candle_core::bail!("only a NaFlex tower takes patches; this one takes pixels")
+        };
+        let (b, n, _) = patches.dims3()?;
+        if n != gh * gw || n == 0 {
+            candle_core::bail!("{n} patches for a {gh}x{gw} grid");
+        }
+        let x = linear.forward(patches)?;
+        // The positions in f32 (as transformers resizes them), then in the
+        // model's dtype.
+        let weights = naflex_position_weights(grid, (gh, gw));
+        let weights = Tensor::from_vec(weights, (n, grid * grid), patches.device())?;
+        let table = self.position.embeddings().to_dtype(DType::F32)?;
+        let pos = weights.matmul(&table)?.to_dtype(x.dtype())?;
+        let x = add_positions(&x, &pos, self.kernels)?;
+        self.encode(x, b)
     }
 
     /// Projected (not normalised) features for `[batch, 3, size, size]` pixels.
@@ -1234,6 +1315,9 @@ impl Vit {
             }
             PatchEmbed::Conv(conv) => self.patches_by_matmul(conv, pixels)?,
             PatchEmbed::Stem(stem) => stem.forward(pixels)?,
+            PatchEmbed::Linear(_) => {
+                candle_core::bail!("a NaFlex tower takes patches (forward_patches), not pixels")
+            }
         };
         if x.dim(1)? + usize::from(self.class.is_some()) != self.positions {
             candle_core::bail!(
@@ -1278,6 +1362,41 @@ impl Vit {
             }
         }
     }
+}
+
+/// The weights `[gh · gw][grid · grid]` (row-major) that resize a `grid ×
+/// grid` table of positions to a `gh × gw` one: transformers'
+/// `Siglip2VisionEmbeddings.resize_positional_embeddings`, i.e.
+/// `F.interpolate(mode="bilinear", align_corners=False, antialias=True)`
+/// written out: along each axis a triangle filter as wide as the scale
+/// when shrinking (so every source cell counts), 1 when stretching,
+/// normalised to sum to 1; the 2-D weights are the product of the axes'.
+fn naflex_position_weights(grid: usize, (gh, gw): (usize, usize)) -> Vec<f32> {
+    // f32 throughout, as transformers computes them.
+    let axis = |n: usize| -> Vec<f32> {
+        let scale = grid as f32 / n as f32;
+        let support = scale.max(1.0);
+        let mut w = vec![0f32; n * grid];
+        for (i, row) in w.chunks_exact_mut(grid).enumerate() {
+            let center = (i as f32 + 0.5) * scale - 0.5;
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = (1.0 - (j as f32 - center).abs() / support).max(0.0);
+            }
+            let sum: f32 = row.iter().sum();
+            row.iter_mut().for_each(|x| *x /= sum);
+        }
+        w
+    };
+    let (rows, cols) = (axis(gh), axis(gw));
+    let mut out = Vec::with_capacity(gh * gw * grid * grid);
+    for r in rows.chunks_exact(grid) {
+        for c in cols.chunks_exact(grid) {
+            for y in r {
+                out.extend(c.iter().map(|x| y * x));
+            }
+        }
+    }
+    out
 }
 
 /// The patch embedding as a packed layer over unfolded patches, where the
@@ -1424,6 +1543,7 @@ impl Vit {
             pool: VisionPool::Class(Dense::from_linear(head, kernels, Input::Narrow)?),
             positions,
             patch_size,
+            naflex_grid: None,
             kernels,
         })
     }

@@ -142,6 +142,13 @@ impl ClipTokenizer {
     pub fn for_config(path: &Path, config: &ClipConfig) -> Result<Self, EmbedError> {
         let text = &config.text;
         let mut tok = Self::from_file(path, text.max_position_embeddings, text.eos_token_id)?;
+        if text.lowercase {
+            tok.lowercase_first().map_err(|e| EmbedError::ModelLoad {
+                model: path.display().to_string(),
+                reason: format!("cannot add lower-casing to the tokenizer: {e}"),
+                source: None,
+            })?;
+        }
         match config.family {
             Family::Clip => {}
             Family::Siglip => {
@@ -166,6 +173,19 @@ impl ClipTokenizer {
             Family::MobileClip => {}
         }
         Ok(tok)
+    }
+
+    /// Puts lower-casing in front of the tokenizer's own normaliser, as
+    /// transformers' `Siglip2Tokenizer` does to the `tokenizer.json` it
+    /// loads.
+    fn lowercase_first(&mut self) -> tokenizers::Result<()> {
+        use tokenizers::NormalizerWrapper;
+        use tokenizers::normalizers::{Lowercase, Sequence};
+        let mut steps = vec![NormalizerWrapper::Lowercase(Lowercase)];
+        steps.extend(self.inner.get_normalizer().cloned());
+        self.inner
+            .with_normalizer(Some(NormalizerWrapper::Sequence(Sequence::new(steps))))?;
+        Ok(())
     }
 
     /// The end-of-text id the text tower pools at.

@@ -126,6 +126,57 @@ async fn siglip_conformance() {
     family_conformance("tiny-siglip", 32, 64).await;
 }
 
+/// SigLIP 2 NaFlex: images of every aspect ratio through the pipeline's
+/// batches (three a batch, so grids meet and part across batches, and a
+/// broken image among them), each equal to transformers' vector for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn siglip2_naflex_conformance_and_parity_through_the_pipeline() {
+    family_conformance("tiny-siglip2-naflex", 32, 64).await;
+    let dir = fixtures().join("tiny-siglip2-naflex");
+    let e = LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.to_str().unwrap())
+            .with_device(DeviceSpec::Cpu)
+            .with_max_batch(3),
+    )
+    .unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let refs = candle_core::safetensors::load(
+        dir.join("reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let images: Vec<(String, String)> = meta["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["file"].as_str().unwrap().into(),
+                i["key"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let mut reqs: Vec<_> = images
+        .iter()
+        .map(|(f, _)| EmbedRequest::image(fixtures().join("images").join(f)))
+        .collect();
+    reqs.insert(2, EmbedRequest::image(b"not an image".to_vec()));
+    let got = e.embed_batch(reqs).await;
+    assert!(got[2].is_err(), "{:?}", got[2]);
+    let good = got
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, r)| r);
+    for ((file, key), r) in images.iter().zip(good) {
+        let want: Vec<f32> = refs[&format!("image.{key}")].to_vec1().unwrap();
+        let c = cosine(r.as_ref().unwrap().image.as_ref().unwrap(), &want);
+        assert!(c >= 0.99999, "{file}: cosine {c} to transformers");
+    }
+}
+
 /// Chinese-CLIP: BERT text tower, CLIP vision tower.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chinese_clip_conformance() {

@@ -147,6 +147,8 @@ async fn other_families_segment_videos_alike() {
     segments_are_frame_means("tiny-chinese-clip", false).await;
     segments_are_frame_means("tiny-mobileclip", false).await;
     segments_are_frame_means("tiny-mobileclip-b", false).await;
+    // Frames resized to keep their aspect ratio in the patch budget.
+    segments_are_frame_means("tiny-siglip2-naflex", true).await;
 }
 
 /// `tells_photos_apart`: whether the fixture's random vision tower gives

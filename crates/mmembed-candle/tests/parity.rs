@@ -91,28 +91,13 @@ const INT8_MIN: f32 = 0.998;
 /// (so not a fault of one op). The mean's bar stays 0.999.
 const BF16_MIN: f32 = 0.997;
 
-/// Checks one model directory against its references: f32 to PyTorch's
-/// precision, int8 to a mean cosine of 0.999 (and [`INT8_MIN`] for any one
-/// embedding). Returns
-/// (min text cosine, min image cosine, mean cosine).
-fn check_model(model_dir: &Path, image_dir: &Path, precision: Precision) -> (f32, f32, f32) {
-    let kernels = Kernels::for_device(&Device::Cpu, precision);
-    check_model_on(model_dir, image_dir, precision, kernels)
-}
-
-fn check_model_on(
-    model_dir: &Path,
-    image_dir: &Path,
-    precision: Precision,
-    kernels: Kernels,
-) -> (f32, f32, f32) {
-    let files = local_files(model_dir).unwrap();
-    let clip = LoadedClip::load_with_kernels(&files, &Device::Cpu, precision, kernels).unwrap();
+/// Token ids (identical to the reference's where the reference tokenizer
+/// is this one) and text embeddings, all in one padded batch, against the
+/// references: PyTorch's precision in f32, [`BF16_MIN`] or [`INT8_MIN`]
+/// for any one text otherwise. Returns (min cosine, max abs diff, sum of
+/// cosines).
+fn check_texts(clip: &LoadedClip, r: &Reference, precision: Precision) -> (f32, f32, f32) {
     let exact = precision == Precision::F32;
-    let mut sum = 0.0f32;
-    let r = reference(model_dir);
-    assert!(r.texts.len() >= 20 && r.images.len() >= 6);
-
     // Token ids, identical (where the reference tokenizer is open_clip's,
     // on the texts tokenizer.json tokenises as it does; the model is fed
     // the reference ids for every text).
@@ -130,6 +115,7 @@ fn check_model_on(
 
     // Text embeddings, all in one padded batch (padding must not matter).
     let got = clip.embed_token_ids(&seqs).unwrap();
+    let mut sum = 0.0f32;
     let mut min_text = 1.0f32;
     let mut worst_text = 0.0f32;
     for (i, (text, ..)) in r.texts.iter().enumerate() {
@@ -153,6 +139,31 @@ fn check_model_on(
             assert!(c >= floor, "{precision:?} text {text:?}: cosine {c}");
         }
     }
+    (min_text, worst_text, sum)
+}
+
+/// Checks one model directory against its references: f32 to PyTorch's
+/// precision, int8 to a mean cosine of 0.999 (and [`INT8_MIN`] for any one
+/// embedding). Returns
+/// (min text cosine, min image cosine, mean cosine).
+fn check_model(model_dir: &Path, image_dir: &Path, precision: Precision) -> (f32, f32, f32) {
+    let kernels = Kernels::for_device(&Device::Cpu, precision);
+    check_model_on(model_dir, image_dir, precision, kernels)
+}
+
+fn check_model_on(
+    model_dir: &Path,
+    image_dir: &Path,
+    precision: Precision,
+    kernels: Kernels,
+) -> (f32, f32, f32) {
+    let files = local_files(model_dir).unwrap();
+    let clip = LoadedClip::load_with_kernels(&files, &Device::Cpu, precision, kernels).unwrap();
+    let exact = precision == Precision::F32;
+    let r = reference(model_dir);
+    assert!(r.texts.len() >= 20 && r.images.len() >= 6);
+
+    let (min_text, worst_text, mut sum) = check_texts(&clip, &r, precision);
 
     // Pixels and image embeddings. The resized (and cropped) pixels depend
     // on the preprocessing: a model with its own (SigLIP squashes to a
@@ -669,4 +680,89 @@ fn full_size_vit_b_32_matches_pytorch() {
     check_model(&dir, &dir.join("images"), Precision::Int8);
     let (text, image, _) = check_model_on(&dir, &dir.join("images"), Precision::F32, Kernels::Cuda);
     eprintln!("CUDA graph (CPU references), f32: min cosine text {text}, image {image}");
+}
+
+/// SigLIP 2 NaFlex: each image resized to keep its aspect ratio in at most
+/// 48 patches of 8 (grids 3x15 to 9x5 here), a linear patch embedding over
+/// (row, column, channel) pixels, the 4x4 learned positions resized per
+/// image (antialiased where they shrink), SigLIP's text tower. Truth is
+/// transformers' Siglip2ImageProcessorPil and Siglip2Model, one image at a
+/// time, padded and masked; ours runs each grid unpadded.
+#[test]
+fn tiny_siglip2_naflex_matches_pytorch() {
+    let f = fixtures();
+    let dir = f.join("tiny-siglip2-naflex");
+    let r = reference(&dir);
+    let resized =
+        candle_core::safetensors::load(dir.join("resized.safetensors"), &Device::Cpu).unwrap();
+    let files = local_files(&dir).unwrap();
+    for (precision, kernels) in [
+        (Precision::F32, Kernels::Fused),
+        (Precision::F32, Kernels::Portable),
+        (Precision::Int8, Kernels::Int8),
+    ] {
+        let clip = LoadedClip::load_with_kernels(&files, &Device::Cpu, precision, kernels).unwrap();
+        let (min_text, _, mut sum) = check_texts(&clip, &r, precision);
+        let row = clip.pixels_per_image();
+        assert_eq!(row, 48 * 8 * 8 * 3);
+        let (mut buf, mut sizes) = (Vec::new(), Vec::new());
+        for (file, key) in &r.images {
+            let bytes = std::fs::read(f.join("images").join(file)).unwrap();
+            let img = decode_image(&bytes, file, &ImageLimits::default()).unwrap();
+            let ours = clip.preprocessor.resize_and_crop(&img);
+            let theirs = &resized[key];
+            let (h, w, _) = theirs.dims3().unwrap();
+            assert_eq!(ours.dimensions(), (w as u32, h as u32), "{file}: size");
+            let theirs: Vec<u8> = theirs.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(
+                ours.as_raw(),
+                &theirs,
+                "{file}: resize must match Pillow exactly"
+            );
+            let at = buf.len();
+            buf.resize(at + row, 0);
+            let size = clip.preprocessor.resize_into(&img, &mut buf[at..]).unwrap();
+            sizes.push(size);
+        }
+        // Every grid in one call: grouped by grid inside.
+        let got = clip.embed_u8_images(&buf, &sizes).unwrap();
+        let mut min_image = 1.0f32;
+        for (i, (file, key)) in r.images.iter().enumerate() {
+            let want = unit(vec_of(&r.tensors[&format!("image.{key}")]));
+            let c = cosine(&got[i], &want);
+            min_image = min_image.min(c);
+            sum += c;
+            let floor = if precision == Precision::F32 {
+                0.99999
+            } else {
+                INT8_MIN
+            };
+            assert!(c >= floor, "{precision:?} {kernels:?} {file}: cosine {c}");
+            // One image alone: the same vector.
+            let one = clip
+                .embed_u8_images(&buf[i * row..(i + 1) * row], &sizes[i..=i])
+                .unwrap();
+            assert!(
+                max_abs(&one[0], &got[i]) < 1e-6,
+                "{file}: alone vs in the batch"
+            );
+        }
+        let mean = sum / (r.texts.len() + r.images.len()) as f32;
+        assert!(mean >= 0.999, "{precision:?}: mean cosine {mean}");
+        eprintln!(
+            "tiny-siglip2-naflex {precision:?} {kernels:?}: texts min cosine {min_text:.7}, \
+             images min cosine {min_image:.7}, mean {mean:.7}"
+        );
+        // Sizes that are not a grid of the budget, and the one-size entry
+        // points, are errors.
+        for bad in [(60, 48), (8, 0), (8 * 49, 8)] {
+            assert!(
+                clip.embed_u8_images(&buf[..row], &[bad]).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(clip.embed_u8_images(&buf[1..], &sizes).is_err());
+        assert!(clip.embed_u8_rows(&buf[..row], 1).is_err());
+        assert!(clip.embed_pixel_rows(&vec![0.0; row], 1).is_err());
+    }
 }
