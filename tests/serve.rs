@@ -362,7 +362,12 @@ async fn rest_answers_like_the_library_for_every_modality() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_families_answer_like_the_library() {
     let png = cat_png();
-    for fixture in ["tiny-siglip", "tiny-chinese-clip", "tiny-mobileclip"] {
+    for fixture in [
+        "tiny-siglip",
+        "tiny-siglip2-naflex",
+        "tiny-chinese-clip",
+        "tiny-mobileclip",
+    ] {
         let dir = format!("{}/models/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR"));
         let load = || LocalEmbedder::load_blocking(LocalOptions::new(&dir).with_max_batch(8));
         let reference = load().unwrap();
@@ -652,6 +657,29 @@ async fn health_waits_for_the_model_keys_and_limits_are_enforced() {
             .unwrap()
             .contains("4096 bytes"),
         "{body}"
+    );
+    // More than 120 s of video in one instance (Vertex's limit, the
+    // default), refused before the backend sees it; 120 s is fine to ask.
+    let video = |end: u32| {
+        json!({"video": {"gcsUri": "gs://b/v.mp4",
+            "videoSegmentConfig": {"startOffsetSec": 10.0, "endOffsetSec": end}}})
+    };
+    let body = json!({"instances": [{"text": "a red star"}, video(131)]}).to_string();
+    let r = predict(Some("s3cret"), body).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("instances[1]: videoSegmentConfig asks for 121 s of video")
+            && message.contains("--max-video-seconds"),
+        "{body}"
+    );
+    let body = json!({"instances": [video(130)]}).to_string();
+    let r = predict(Some("s3cret"), body).await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        !body.to_string().contains("max-video-seconds"),
+        "120 s refused: {body}"
     );
     server.stop().await;
 }

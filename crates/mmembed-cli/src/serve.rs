@@ -61,6 +61,17 @@ pub struct Args {
     #[arg(long, env = "MMEMBED_SERVE_MAX_INSTANCES", default_value_t = 64)]
     pub max_instances: usize,
 
+    /// Most seconds of video one instance may ask for (endOffsetSec -
+    /// startOffsetSec). Vertex analyses at most 120 s per request; a longer
+    /// span is refused with INVALID_ARGUMENT before anything is decoded.
+    #[arg(
+        long,
+        env = "MMEMBED_SERVE_MAX_VIDEO_SECONDS",
+        default_value_t = 120,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_video_seconds: u32,
+
     /// Longest a predict call may take, queueing included; shorter client
     /// deadlines (grpc-timeout, X-Server-Timeout) win.
     #[arg(
@@ -181,6 +192,7 @@ impl Args {
             api_key: self.api_key.as_ref().map(|k| ApiKey::new(k.expose())),
             max_body_bytes: self.max_body_bytes,
             max_instances: self.max_instances,
+            max_video_seconds: self.max_video_seconds,
             request_timeout,
             batch: BatchOptions {
                 max_batch: self

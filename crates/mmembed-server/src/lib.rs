@@ -47,7 +47,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use mmembed_core::batching::{BatchOptions, Batcher};
-use mmembed_core::{EmbedRequest, Embedder};
+use mmembed_core::{EmbedRequest, Embedder, VideoSegmentConfig};
 use percent_encoding::percent_decode_str;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
@@ -100,6 +100,12 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Most instances per predict call (default 64).
     pub max_instances: usize,
+    /// Most seconds of video one instance may ask for, `endOffsetSec -
+    /// startOffsetSec` (default 120: Vertex analyses at most 120 s of video
+    /// per request, so its clients already ask for no more). A span's cost
+    /// is a decode per sample time whatever the video's real length, so an
+    /// open server bounds it.
+    pub max_video_seconds: u32,
     /// Longest a predict call may take, queue included (default 60 s);
     /// a shorter client deadline wins.
     pub request_timeout: Duration,
@@ -126,6 +132,7 @@ impl Default for ServerConfig {
             api_key: None,
             max_body_bytes: 10 << 20,
             max_instances: 64,
+            max_video_seconds: VideoSegmentConfig::MAX_SPAN_SEC,
             request_timeout: Duration::from_secs(60),
             batch: BatchOptions::default(),
             predict_route: "/predict".into(),
@@ -224,6 +231,7 @@ impl App {
         deadline: Duration,
     ) -> Result<Vec<Value>, ApiError> {
         let batcher = self.batcher()?.clone();
+        wire::check_video_spans(&reqs, self.cfg.max_video_seconds)?;
         self.metrics.count_instances(&reqs);
         let _in_flight = self.metrics.in_flight();
         let n = reqs.len();

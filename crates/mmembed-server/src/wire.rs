@@ -139,6 +139,42 @@ fn no_unknown(obj: &Map<String, Value>, field: &str, known: &[&str]) -> Result<(
     }
 }
 
+/// Refuses a request with an instance whose video asks for more than
+/// `max_sec` seconds (`endOffsetSec - startOffsetSec`, Vertex's defaults
+/// filled in: a missing start or end makes a span of at most 120 s), before
+/// anything is decoded: each second asked for costs a decode per sample
+/// time, whatever the video's real length (a crafted header can claim any).
+///
+/// ```
+/// let body = br#"{"instances": [{"video": {"gcsUri": "gs://b/v.mp4",
+///     "videoSegmentConfig": {"startOffsetSec": 0, "endOffsetSec": 600}}}]}"#;
+/// let reqs = mmembed_server::wire::parse_predict_body(body, 8).unwrap();
+/// let e = mmembed_server::wire::check_video_spans(&reqs, 120).unwrap_err();
+/// assert!(e.to_string().contains("600 s of video"), "{e}");
+/// assert!(mmembed_server::wire::check_video_spans(&reqs, 600).is_ok());
+/// ```
+pub fn check_video_spans(reqs: &[EmbedRequest], max_sec: u32) -> Result<(), ApiError> {
+    for (i, r) in reqs.iter().enumerate() {
+        let Some(v) = &r.video else { continue };
+        let range = v
+            .segment_config
+            .unwrap_or_default()
+            .range()
+            .map_err(|e| ApiError::invalid(e.to_string()).at_instance(i, reqs.len()))?;
+        let span = range.end_sec - range.start_sec;
+        if span > max_sec {
+            return Err(ApiError::invalid(format!(
+                "videoSegmentConfig asks for {span} s of video ({} s to {} s); this server \
+                 analyses at most {max_sec} s per instance, as Vertex analyses 120 s per \
+                 request (--max-video-seconds): send the rest in further requests",
+                range.start_sec, range.end_sec
+            ))
+            .at_instance(i, reqs.len()));
+        }
+    }
+    Ok(())
+}
+
 fn parse_instance(v: &Value, dimension: Option<u32>) -> Result<EmbedRequest, String> {
     let obj = object(v, "instance")?;
     no_unknown(obj, "instance", &["text", "image", "video"])?;
