@@ -20,9 +20,13 @@ use serde_json::Value;
 const SECRET: &str = "s3cr3t-key-never-printed";
 
 fn png(shape: Shape, colour: Colour, seed: u64) -> Vec<u8> {
+    encoded(shape, colour, seed, image::ImageFormat::Png)
+}
+
+fn encoded(shape: Shape, colour: Colour, seed: u64, format: image::ImageFormat) -> Vec<u8> {
     let img = Scene::sample(shape, colour, seed);
     let mut out = vec![];
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+    img.write_to(&mut std::io::Cursor::new(&mut out), format)
         .unwrap();
     out
 }
@@ -653,6 +657,11 @@ fn vertex_gets_gs_uris_typed_here() {
         ),
         ("uploads/77", b"plain text".to_vec(), generic),
         (
+            "uploads/9b1e",
+            encoded(Shape::Star, Colour::Green, 3, image::ImageFormat::Gif),
+            generic,
+        ),
+        (
             "uploads/typed",
             png(Shape::Ring, Colour::Blue, 2),
             "image/png",
@@ -715,15 +724,17 @@ fn vertex_gets_gs_uris_typed_here() {
     );
 
     // Gemini too reads gs:// objects given their type: the stored one when
-    // the name has none; one stored as octet-stream is read here and sent
-    // inline, as the PNG its bytes say it is. Through a proxy that counts
-    // the storage requests: one metadata request each, and one read of the
-    // untyped object's bytes (it does not ask for the metadata again).
+    // the name has none; for one stored as octet-stream, the type its
+    // first bytes say (a PNG); a GIF, which Gemini does not read, is read
+    // here and sent inline as PNG. Through a proxy that counts the storage
+    // requests: one metadata request each, and one read of each untyped
+    // object (the PNG's abandoned after its first bytes, the GIF's to the
+    // end; neither asks for the metadata again).
     let proxy = rt
         .block_on(FaultProxy::start(&b.endpoint, Faults::default()))
         .unwrap();
     let table = d.path().join("prompts.csv");
-    let uris = format!("photo\n{base}/uploads/typed\n{base}/uploads/3f2a9c\n");
+    let uris = format!("photo\n{base}/uploads/typed\n{base}/uploads/3f2a9c\n{base}/uploads/9b1e\n");
     std::fs::write(&table, uris).unwrap();
     let out = d.path().join("answers.jsonl");
     let gemini = format!(
@@ -741,30 +752,32 @@ fn vertex_gets_gs_uris_typed_here() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(proxy.stats.requests.load(Ordering::Relaxed), 3);
+    assert_eq!(proxy.stats.requests.load(Ordering::Relaxed), 5);
     let sent: Vec<Value> = fake
         .requests()
         .into_iter()
         .filter(|r| r.path.contains("generateContent"))
         .map(|r| r.body)
         .collect();
-    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent.len(), 3, "{sent:?}");
     let parts: Vec<&Value> = sent.iter().map(|b| &b["contents"][0]["parts"][1]).collect();
-    let typed = format!("{base}/uploads/typed");
-    let by_file = parts
+    for k in ["uploads/typed", "uploads/3f2a9c"] {
+        let uri = format!("{base}/{k}");
+        let by_file = parts
+            .iter()
+            .find(|p| p["fileData"]["fileUri"] == uri.as_str());
+        assert_eq!(
+            by_file.expect(k)["fileData"]["mimeType"],
+            "image/png",
+            "{parts:?}"
+        );
+    }
+    let inline: Vec<_> = parts
         .iter()
-        .find(|p| p["fileData"]["fileUri"] == typed.as_str());
-    assert_eq!(
-        by_file.unwrap()["fileData"]["mimeType"],
-        "image/png",
-        "{parts:?}"
-    );
-    let inline = parts.iter().find(|p| p.get("inlineData").is_some());
-    assert_eq!(
-        inline.unwrap()["inlineData"]["mimeType"],
-        "image/png",
-        "{parts:?}"
-    );
+        .filter(|p| p.get("inlineData").is_some())
+        .collect();
+    assert_eq!(inline.len(), 1, "{parts:?}");
+    assert_eq!(inline[0]["inlineData"]["mimeType"], "image/png");
 }
 
 #[test]

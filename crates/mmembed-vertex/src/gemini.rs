@@ -244,19 +244,47 @@ fn too_big_inline(what: &str, len: usize) -> EmbedError {
     )
 }
 
-/// A video's MIME type from its first bytes (ISO BMFF `ftyp`, WebM/Matroska).
-fn sniff_video(b: &[u8]) -> Option<&'static str> {
-    if b.len() >= 12 && &b[4..8] == b"ftyp" {
-        return Some(if &b[8..10] == b"qt" {
-            "video/quicktime"
-        } else {
-            "video/mp4"
-        });
+/// How many first bytes [`by_bytes`] looks at.
+const SNIFF_LEN: usize = 512;
+
+/// What a file is to Gemini by its first bytes (magic numbers, as the
+/// `infer` crate reads them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ByBytes {
+    /// A type Gemini reads itself (its image and video types).
+    Reads(&'static str),
+    /// An image in a format Gemini does not take (GIF, BMP, TIFF, …):
+    /// decoded and sent as PNG.
+    Convert,
+    /// Nothing Gemini takes: the type the bytes say, if any.
+    Unsupported(Option<&'static str>),
+}
+
+fn by_bytes(head: &[u8]) -> ByBytes {
+    let head = &head[..head.len().min(SNIFF_LEN)];
+    // `infer` reads 3GPP's ISO brands as MP4's.
+    if head.len() >= 12 && &head[4..8] == b"ftyp" && matches!(&head[8..11], b"3gp" | b"3g2") {
+        return ByBytes::Reads("video/3gpp");
     }
-    if b.starts_with(&[0x1a, 0x45, 0xdf, 0xa3]) {
-        return Some("video/webm");
+    let Some(t) = infer::get(head).map(|t| t.mime_type()) else {
+        return ByBytes::Unsupported(None);
+    };
+    match t {
+        "image/png" | "image/jpeg" | "image/webp" | "image/heif" | "video/mp4"
+        | "video/quicktime" | "video/webm" | "video/mpeg" | "video/x-flv" => ByBytes::Reads(t),
+        "video/x-m4v" => ByBytes::Reads("video/mp4"),
+        "video/x-ms-wmv" => ByBytes::Reads("video/wmv"),
+        "image/gif" | "image/bmp" | "image/tiff" | "image/vnd.microsoft.icon" => ByBytes::Convert,
+        other => ByBytes::Unsupported(Some(other)),
     }
-    None
+}
+
+/// The video type bytes say, for Gemini.
+fn video_by_bytes(bytes: &[u8]) -> Option<&'static str> {
+    match by_bytes(bytes) {
+        ByBytes::Reads(t) if t.starts_with("video/") => Some(t),
+        _ => None,
+    }
 }
 
 impl GeminiGenerator {
@@ -369,8 +397,8 @@ impl GeminiGenerator {
         let video_meta = json!({"endOffset": format!("{VIDEO_SECONDS}s")});
         // Gemini reads gs:// objects itself, given their type: the one
         // declared, else the name's, else the one the object was stored
-        // with. An object stored with a generic type is read here and sent
-        // inline (below), its type told by its bytes.
+        // with, else the one its first bytes say. Only an image Gemini
+        // cannot read (GIF, BMP, …) is read whole here, to send as PNG.
         let mut untyped = None;
         let stored = match &m.source {
             MediaSource::Uri(u) if u.starts_with("gs://") => {
@@ -381,10 +409,13 @@ impl GeminiGenerator {
                     Some(t) => Some((u, t)),
                     None => match stored_type(u, kind.unwrap_or(Modality::Image)).await? {
                         (Some(t), _) => Some((u, t)),
-                        (None, info) => {
-                            untyped = Some(info);
-                            None
-                        }
+                        (None, info) => match self.untyped_object(&info, kind).await? {
+                            Ok(t) => Some((u, t.to_string())),
+                            Err(bytes) => {
+                                untyped = Some(bytes);
+                                None
+                            }
+                        },
                     },
                 }
             }
@@ -405,13 +436,8 @@ impl GeminiGenerator {
             mmembed_store::redact(&name)
         };
         let read_kind = kind.unwrap_or(Modality::Image);
-        let bytes = if let Some(info) = untyped {
-            // Its metadata is here already: one request, not two (pinned to
-            // the generation just seen, so a rewrite in between is an error).
-            mmembed_store::Stores::shared()
-                .read_listed(&info, MAX_READ_BYTES)
-                .await
-                .map_err(|e| mmembed_media::store_error(e, read_kind))?
+        let bytes = if let Some(bytes) = untyped {
+            bytes
         } else {
             match mmembed_media::fetch_remote(&m.source, read_kind, MAX_READ_BYTES).await? {
                 Some(b) => b,
@@ -420,13 +446,13 @@ impl GeminiGenerator {
         };
         let is_video = kind == Some(Modality::Video)
             || given.as_deref().is_some_and(|t| t.starts_with("video/"))
-            || (kind.is_none() && sniff_video(&bytes).is_some());
+            || (kind.is_none() && video_by_bytes(&bytes).is_some());
         let (data, mime) = if is_video {
             *videos += 1;
             self.one_video(*videos)?;
             let mime = given
                 .clone()
-                .or_else(|| sniff_video(&bytes).map(String::from))
+                .or_else(|| video_by_bytes(&bytes).map(String::from))
                 .or_else(|| mime_from_name(&name).map(String::from))
                 .unwrap_or_else(|| "video/mp4".into());
             if bytes.len() > MAX_INLINE_FILE_BYTES {
@@ -438,7 +464,11 @@ impl GeminiGenerator {
             // large ones are downscaled to fit the inline limit.
             let declared = given
                 .clone()
-                .or_else(|| mime_from_name(&name).map(String::from));
+                .or_else(|| mime_from_name(&name).map(String::from))
+                .or_else(|| match by_bytes(&bytes) {
+                    ByBytes::Reads(t) if t == "image/heif" => Some(t.into()),
+                    _ => None,
+                });
             if let Some(heif) = declared.filter(|t| t == "image/heic" || t == "image/heif") {
                 // Gemini reads HEIC/HEIF; we cannot decode them, so they go
                 // as they are, within the inline limit.
@@ -463,6 +493,47 @@ impl GeminiGenerator {
             part["videoMetadata"] = video_meta;
         }
         Ok((part, size))
+    }
+
+    /// A `gs://` object stored with a generic type, by its first bytes:
+    /// `Ok(type)` for one Gemini reads itself (one request, its body
+    /// abandoned after them), `Err(bytes)` for an image to convert (the
+    /// same request read on to the end; pinned to the generation its
+    /// metadata gave, so a rewrite in between is an error), an error for
+    /// anything else, without reading on.
+    async fn untyped_object(
+        &self,
+        info: &mmembed_store::ObjectInfo,
+        kind: Option<Modality>,
+    ) -> Result<Result<&'static str, bytes::Bytes>, EmbedError> {
+        let read_kind = kind.unwrap_or(Modality::Image);
+        // What the check saw, for after it (it must own what it holds).
+        let seen = Arc::new(std::sync::OnceLock::new());
+        let saw = seen.clone();
+        let convert = move |head: &[u8]| {
+            let b = by_bytes(head);
+            let _ = saw.set(b);
+            b == ByBytes::Convert
+        };
+        let read = mmembed_store::Stores::shared()
+            .read_listed_if(info, MAX_READ_BYTES, SNIFF_LEN, &convert)
+            .await
+            .map_err(|e| mmembed_media::store_error(e, read_kind))?;
+        let what = mmembed_store::redact(&info.uri);
+        match (read, seen.get().copied()) {
+            (Some(bytes), _) => Ok(Err(bytes)),
+            (None, Some(ByBytes::Reads(t))) => Ok(Ok(t)),
+            (None, Some(ByBytes::Unsupported(Some(t)))) => Err(EmbedError::media(
+                &what,
+                format!("stored without a type, and its bytes are {t}, which Gemini does not read"),
+                None,
+            )),
+            (None, _) => Err(EmbedError::media(
+                &what,
+                "stored without a type, and its first bytes are no image or video format",
+                None,
+            )),
+        }
     }
 
     fn one_video(&self, videos: usize) -> Result<(), EmbedError> {
@@ -523,6 +594,56 @@ impl Generator for GeminiGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gemini's types by magic number; an ISO-BMFF HEIC is an image (an
+    /// `ftyp` box alone once sent it as MP4 video), GIF is converted, AVI
+    /// and unknown bytes are refused.
+    #[test]
+    fn files_are_typed_by_their_first_bytes() {
+        let iso = |brand: &[u8; 4]| {
+            let mut b = vec![0, 0, 0, 24];
+            b.extend_from_slice(b"ftyp");
+            b.extend_from_slice(brand);
+            b.extend_from_slice(&[0, 0, 0, 0]);
+            b.extend_from_slice(brand);
+            b.extend_from_slice(b"mif1");
+            b
+        };
+        let cases: [(Vec<u8>, ByBytes); 10] = [
+            (
+                b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec(),
+                ByBytes::Reads("image/png"),
+            ),
+            (
+                vec![0xff, 0xd8, 0xff, 0xe0, 0, 0x10],
+                ByBytes::Reads("image/jpeg"),
+            ),
+            (iso(b"heic"), ByBytes::Reads("image/heif")),
+            (iso(b"isom"), ByBytes::Reads("video/mp4")),
+            (iso(b"qt  "), ByBytes::Reads("video/quicktime")),
+            (iso(b"3gp5"), ByBytes::Reads("video/3gpp")),
+            (b"GIF89a\x01\0\x01\0".to_vec(), ByBytes::Convert),
+            (
+                b"BM\x3a\0\0\0\0\0\0\0\x36\0\0\0\x28\0".to_vec(),
+                ByBytes::Convert,
+            ),
+            (
+                b"RIFF\0\0\0\0AVI LIST".to_vec(),
+                ByBytes::Unsupported(Some("video/x-msvideo")),
+            ),
+            (b"hello, world".to_vec(), ByBytes::Unsupported(None)),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                by_bytes(&bytes),
+                want,
+                "{:?}",
+                &bytes[..bytes.len().min(12)]
+            );
+        }
+        assert_eq!(video_by_bytes(&iso(b"heic")), None);
+        assert_eq!(video_by_bytes(&iso(b"mp42")), Some("video/mp4"));
+    }
 
     #[test]
     fn params_merge_field_by_field_in_either_case() {
