@@ -11,7 +11,9 @@
 //!
 //! Workloads: `images`, `texts77` (77-token texts), `texts16` (16 tokens).
 //! An optional last argument is the precision (`f32`, the default, or
-//! `int8`).
+//! `int8`). A SigLIP 2 NaFlex model's images are squares of its whole
+//! patch budget (16 × 16 patches for 256), through
+//! [`LoadedClip::embed_u8_images`].
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -40,6 +42,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let side = clip.config.vision.image_size;
     let mut run: Box<dyn FnMut() -> Result<(), Box<dyn std::error::Error>>> =
         match workload.as_str() {
+            "images" if clip.config.vision.naflex_grid.is_some() => {
+                let row = clip.pixels_per_image();
+                let p = clip.config.vision.patch_size;
+                let grid = (row / (3 * p * p)).isqrt();
+                let px: Vec<u8> = (0..row * batch).map(|i| (i % 251) as u8).collect();
+                let side = (grid * p) as u32;
+                let sizes = vec![(side, side); batch];
+                Box::new(move || {
+                    clip.embed_u8_images(&px, &sizes)
+                        .map(drop)
+                        .map_err(Into::into)
+                })
+            }
             "images" => {
                 // Values do not change the cost; a fixed pattern keeps runs equal.
                 let px: Vec<f32> = (0..3 * side * side)
