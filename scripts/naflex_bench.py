@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
-import subprocess
-import time
 from pathlib import Path
+
+# The timing helpers (run from scripts/, which Python puts on the path).
+from mobileclip_bench import ours, rate
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "models" / "fixtures" / "tiny-siglip2-naflex"
+CLIP_LOOP = ROOT / "target" / "release" / "examples" / "clip_loop"
 
 
 def build(out: Path) -> None:
@@ -55,16 +55,6 @@ def build(out: Path) -> None:
     Siglip2Model(config).eval().save_pretrained(str(out), safe_serialization=True)
 
 
-def ours(model: Path, batch: int, seconds: float, precision: str, threads: int) -> float:
-    exe = ROOT / "target" / "release" / "examples" / "clip_loop"
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    out = subprocess.run(
-        [str(exe), str(model), "images", str(batch), str(seconds), precision],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout
-    return float(re.search(r"([\d.]+) items/s;", out).group(1))
-
-
 def torch_rate(m, batch: int, seconds: float) -> float:
     import torch
 
@@ -72,15 +62,9 @@ def torch_rate(m, batch: int, seconds: float) -> float:
     px = (torch.arange(batch * n * 768) % 251).float().reshape(batch, n, 768) / 127.5 - 1
     mask = torch.ones(batch, n, dtype=torch.long)
     shapes = torch.tensor([[16, 16]] * batch)
-    run = lambda: m.get_image_features(  # noqa: E731
-        pixel_values=px, pixel_attention_mask=mask, spatial_shapes=shapes)
     with torch.inference_mode():
-        run()
-        start, calls = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds or calls < 3:
-            run()
-            calls += 1
-        return calls * batch / (time.perf_counter() - start)
+        return rate(lambda: m.get_image_features(
+            pixel_values=px, pixel_attention_mask=mask, spatial_shapes=shapes), batch, seconds)
 
 
 def main() -> None:
@@ -103,8 +87,9 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         rows = []
         for r in range(args.rounds):
-            f = ours(args.model, batch, args.seconds, "f32", args.threads)
-            i = ours(args.model, batch, args.seconds, "int8", args.threads)
+            run = lambda precision: ours(  # noqa: E731
+                CLIP_LOOP, args.model, "images", batch, args.seconds, args.threads, precision)
+            f, i = run("f32"), run("int8")
             t = torch_rate(m, batch, args.seconds)
             print(f"  round {r + 1}, batch {batch}: ours f32 {f:.2f}/s, int8 {i:.2f}/s, torch {t:.2f}/s",
                   flush=True)
