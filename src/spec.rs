@@ -4,7 +4,7 @@
 //! String form:
 //!
 //! ```text
-//! local[:MODEL][?device=cuda&precision=f16&max_batch=32&fps=1&keyframes_only=true&jpeg_draft=true]
+//! local[:MODEL][?device=cuda&precision=f16&max_batch=32&fps=1&keyframes_only=true&jpeg_draft=true&max_patches=256]
 //! vertex[:PROJECT[/LOCATION]][?dimension=512&model=…&base_url=…&concurrency=8&rpm=120&max_attempts=5&timeout_secs=60]
 //! fallback(SPEC, SPEC)[?failure_threshold=3&open_secs=30&allow_mixed_spaces=false]
 //! hedged(SPEC, SPEC)[?delay_ms=200&allow_mixed_spaces=false]
@@ -59,6 +59,8 @@ pub struct LocalSpec {
     pub keyframes_only: Option<bool>,
     /// Reduced JPEG decoding (`LocalOptions::jpeg_draft`).
     pub jpeg_draft: Option<bool>,
+    /// SigLIP 2 NaFlex's patch budget (`LocalOptions::max_patches`).
+    pub max_patches: Option<u32>,
 }
 
 /// A Vertex backend's settings.
@@ -123,8 +125,9 @@ fn bad(spec: &str, why: impl std::fmt::Display) -> EmbedError {
     EmbedError::invalid("backend spec", format!("`{spec}`: {why}"))
 }
 
-const NUMBERS: [&str; 11] = [
+const NUMBERS: [&str; 12] = [
     "max_batch",
+    "max_patches",
     "fps",
     "dimension",
     "concurrency",
@@ -429,6 +432,9 @@ impl LocalSpec {
         }
         if let Some(d) = self.jpeg_draft {
             o = o.with_jpeg_draft(d);
+        }
+        if let Some(n) = self.max_patches {
+            o = o.with_max_patches(n);
         }
         Ok(o)
     }
@@ -781,7 +787,7 @@ mod tests {
 
     #[test]
     fn string_and_toml_forms_agree() {
-        let s: BackendSpec = "hedged(local:models/demo?device=cpu&max_batch=8&jpeg_draft=true, fallback(vertex:p/us-east1?dimension=512&rpm=600, local))?delay_ms=150"
+        let s: BackendSpec = "hedged(local:models/demo?device=cpu&max_batch=8&jpeg_draft=true&max_patches=576, fallback(vertex:p/us-east1?dimension=512&rpm=600, local))?delay_ms=150"
             .parse()
             .unwrap();
         let t = BackendSpec::from_toml(
@@ -794,6 +800,7 @@ mod tests {
             device = "cpu"
             max_batch = 8
             jpeg_draft = true
+            max_patches = 576
             [second]
             kind = "fallback"
             [second.primary]
@@ -818,7 +825,7 @@ mod tests {
             };
             let o = l.options().unwrap();
             assert!(o.jpeg_draft);
-            assert_eq!(o.max_batch, Some(8));
+            assert_eq!((o.max_batch, o.max_patches), (Some(8), Some(576)));
         }
     }
 

@@ -83,6 +83,13 @@ pub struct LocalOptions {
     /// Remote videos are held in memory while they are embedded; local
     /// files are read by FFmpeg from disk whatever their size.
     pub max_video_bytes: u64,
+    /// SigLIP 2 NaFlex: the most patches an image is resized into (1 to
+    /// 16,384; default: the checkpoint's `max_num_patches`, 256 on the
+    /// hub's), as transformers' processor takes `max_num_patches`. More
+    /// patches see finer detail and cost more (attention grows with their
+    /// square); the learned positions are resized to any grid. An error
+    /// for a model of one image size.
+    pub max_patches: Option<u32>,
 }
 
 impl LocalOptions {
@@ -101,7 +108,15 @@ impl LocalOptions {
             video_fps: 1.0,
             video_keyframes_only: false,
             max_video_bytes: 2 << 30,
+            max_patches: None,
         }
+    }
+
+    /// Sets a SigLIP 2 NaFlex model's patch budget (see
+    /// [`LocalOptions::max_patches`]).
+    pub fn with_max_patches(mut self, patches: u32) -> Self {
+        self.max_patches = Some(patches);
+        self
     }
 
     /// Sets the largest video read from an object store.
@@ -567,13 +582,13 @@ impl LoadedClip {
                 buf.len()
             );
         }
-        let Some(_) = self.config.vision.naflex_grid else {
+        if self.config.vision.naflex_grid.is_none() {
             let side = self.config.vision.image_size as u32;
             if let Some((w, h)) = sizes.iter().find(|s| **s != (side, side)) {
                 candle_core::bail!("a {w}x{h} image; the model takes {side}x{side}");
             }
             return self.embed_u8_rows(buf, n);
-        };
+        }
         let p = self.config.vision.patch_size;
         let most = row / (3 * p * p).max(1);
         // The images of each grid, in order.
@@ -1445,6 +1460,32 @@ fn fill(
     }
 }
 
+/// Gives a NaFlex model's preprocessing another patch budget.
+fn set_max_patches(clip: &mut LoadedClip, model: &str, n: u32) -> Result<(), EmbedError> {
+    let err = |reason: String| EmbedError::ModelLoad {
+        model: model.into(),
+        reason,
+        source: None,
+    };
+    match &mut clip.preprocessor.resize {
+        Some(mmembed_media::ResizeTarget::Patches { max_patches, .. }) => {
+            if !(1..=mmembed_media::MAX_PATCHES).contains(&n) {
+                return Err(err(format!(
+                    "max_patches {n}: a NaFlex budget is 1 to {} patches",
+                    mmembed_media::MAX_PATCHES
+                )));
+            }
+            *max_patches = n;
+            Ok(())
+        }
+        _ => Err(err(format!(
+            "max_patches {n} is for SigLIP 2 NaFlex models; this one takes images of one size \
+             ({0}x{0})",
+            clip.config.vision.image_size
+        ))),
+    }
+}
+
 /// The job just received plus the jobs already waiting behind it, up to
 /// `budget` items in all, so that concurrent callers share model batches
 /// instead of queueing for a batch each (continuous batching: nothing
@@ -1587,7 +1628,10 @@ impl LocalEmbedder {
             (None, Some(s)) => s,
             (None, None) => weights_space(&files)?,
         };
-        let clip = LoadedClip::load(&files, &device, opts.precision)?;
+        let mut clip = LoadedClip::load(&files, &device, opts.precision)?;
+        if let Some(n) = opts.max_patches {
+            set_max_patches(&mut clip, &opts.model, n)?;
+        }
         let dim = clip.config.projection_dim;
         let info = EmbedderInfo {
             backend: BACKEND.into(),
@@ -1610,7 +1654,7 @@ impl LocalEmbedder {
                 GPU_MAX_BATCH
             })
             .max(1);
-        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, max_batch, jpeg_draft = opts.jpeg_draft, "local model loaded");
+        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, max_batch, jpeg_draft = opts.jpeg_draft, max_patches = ?opts.max_patches, "local model loaded");
         let worker = Arc::new(Worker {
             clip,
             max_batch,

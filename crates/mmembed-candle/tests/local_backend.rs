@@ -175,6 +175,50 @@ async fn siglip2_naflex_conformance_and_parity_through_the_pipeline() {
         let c = cosine(r.as_ref().unwrap().image.as_ref().unwrap(), &want);
         assert!(c >= 0.99999, "{file}: cosine {c} to transformers");
     }
+
+    // Another patch budget (transformers' `max_num_patches=24`): grids of
+    // 2x10 to 7x3, each vector transformers' for that budget, and unlike
+    // the default budget's.
+    let small = LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.to_str().unwrap())
+            .with_device(DeviceSpec::Cpu)
+            .with_max_patches(24),
+    )
+    .unwrap();
+    let reqs = images
+        .iter()
+        .map(|(f, _)| EmbedRequest::image(fixtures().join("images").join(f)))
+        .collect();
+    for ((file, key), r) in images.iter().zip(small.embed_batch(reqs).await) {
+        let got = r.unwrap().image.unwrap();
+        let want: Vec<f32> = refs[&format!("image24.{key}")].to_vec1().unwrap();
+        let c = cosine(&got, &want);
+        assert!(
+            c >= 0.99999,
+            "{file} in 24 patches: cosine {c} to transformers"
+        );
+        let other: Vec<f32> = refs[&format!("image.{key}")].to_vec1().unwrap();
+        assert!(
+            cosine(&got, &other) < 0.9999,
+            "{file}: the budget changed nothing"
+        );
+    }
+    // A budget out of range, or for a model of one image size, is a load
+    // error that says so.
+    for (fixture, n, needle) in [
+        ("tiny-siglip2-naflex", 0, "1 to 16384"),
+        ("tiny-siglip2-naflex", 16_385, "1 to 16384"),
+        ("tiny-siglip", 64, "is for SigLIP 2 NaFlex models"),
+    ] {
+        let e = LocalEmbedder::load_blocking(
+            LocalOptions::new(fixtures().join(fixture).to_str().unwrap())
+                .with_device(DeviceSpec::Cpu)
+                .with_max_patches(n),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(needle), "{fixture} {n}: {e}");
+    }
 }
 
 /// Chinese-CLIP: BERT text tower, CLIP vision tower.

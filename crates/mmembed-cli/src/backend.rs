@@ -128,6 +128,12 @@ pub struct BackendArgs {
     #[arg(long, env = "MMEMBED_JPEG_DRAFT")]
     pub jpeg_draft: bool,
 
+    /// Local SigLIP 2 NaFlex models: the most patches an image is resized
+    /// into (default: the checkpoint's, 256 on the hub's); more see finer
+    /// detail and cost more. An error for models of one image size.
+    #[arg(long, env = "MMEMBED_MAX_PATCHES", value_parser = clap::value_parser!(u32).range(1..=16384))]
+    pub max_patches: Option<u32>,
+
     /// Vertex: Google Cloud project.
     #[arg(long, env = "GOOGLE_CLOUD_PROJECT")]
     pub project: Option<String>,
@@ -199,6 +205,9 @@ impl BackendArgs {
         let mut opts = LocalOptions::new(model);
         if let Some(b) = self.max_batch.or(self.batch_size) {
             opts = opts.with_max_batch(b as usize);
+        }
+        if let Some(n) = self.max_patches {
+            opts = opts.with_max_patches(n);
         }
         Ok(opts
             .with_device(self.device)
@@ -277,6 +286,10 @@ impl BackendArgs {
                 r = r
                     .with("precision", format!("{:?}", self.precision).to_lowercase())
                     .with("jpeg_draft", self.jpeg_draft);
+                // Only when set: the jobs written before it had none.
+                if let Some(n) = self.max_patches {
+                    r = r.with("max_patches", n);
+                }
                 if video.is_some() {
                     r = r
                         .with("fps", self.fps)

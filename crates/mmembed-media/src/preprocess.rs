@@ -44,6 +44,11 @@ pub enum ResizeTarget {
     },
 }
 
+/// The largest patch budget a NaFlex preprocessing may have: 16,384
+/// patches of 16 are 4.2 megapixels, far above any published budget (256
+/// to 1,024), and a bound on what one image may cost.
+pub const MAX_PATCHES: u32 = 16_384;
+
 /// The size `(width, height)` SigLIP 2's NaFlex processor resizes a
 /// `width × height` image to: transformers'
 /// `get_image_size_for_max_num_patches`, the largest scale (found by
@@ -288,10 +293,7 @@ impl ClipPreprocessor {
                 raw.patch_size.unwrap_or(16),
                 raw.max_num_patches.unwrap_or(256),
             );
-            // 16,384 patches of 16 are 4.2 megapixels: far above any
-            // published budget (256 to 1,024), and a bound on what one
-            // image may cost.
-            if patch == 0 || !(1..=16_384).contains(&max_patches) || patch > 1024 {
+            if patch == 0 || !(1..=MAX_PATCHES).contains(&max_patches) || patch > 1024 {
                 return Err(bad(format!(
                     "patch_size {patch} and max_num_patches {max_patches}: need a patch of \
                      1 to 1024 pixels and 1 to 16384 patches"
