@@ -285,11 +285,15 @@ impl BackendArgs {
             BackendKind::Local => {
                 r = r
                     .with("precision", format!("{:?}", self.precision).to_lowercase())
-                    .with("jpeg_draft", self.jpeg_draft);
-                // Only when set: the jobs written before it had none.
-                if let Some(n) = self.max_patches {
-                    r = r.with("max_patches", n);
-                }
+                    .with("jpeg_draft", self.jpeg_draft)
+                    // A NaFlex model's patch budget ("default": the
+                    // checkpoint's); jobs written before it recorded none,
+                    // and a setting one side lacks is not compared.
+                    .with(
+                        "max_patches",
+                        self.max_patches
+                            .map_or_else(|| "default".into(), |n| n.to_string()),
+                    );
                 if video.is_some() {
                     r = r
                         .with("fps", self.fps)

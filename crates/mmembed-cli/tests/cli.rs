@@ -578,6 +578,10 @@ fn shards_partition_the_job_and_parquet_has_the_schema() {
             "jpeg_draft \"false\" (now \"true\")",
         ),
         (
+            &["--interval", "4", "--max-patches", "576"][..],
+            "max_patches \"default\" (now \"576\")",
+        ),
+        (
             &["--interval", "8"][..],
             "video_segments \"start default end default interval 4\" (now \"start default end default interval 8\")",
         ),
