@@ -565,7 +565,9 @@ impl LoadedClip {
     /// `buf`. For a model of one size this is
     /// [`embed_u8_rows`](Self::embed_u8_rows) (every size must be it); a
     /// NaFlex model ([`crate::VisionConfig::naflex_grid`]) runs the images
-    /// of each grid of patches as one batch, unpadded.
+    /// of each grid of patches as one batch, unpadded. As for one size, the
+    /// CPU normalises on the host and a GPU is sent the bytes and
+    /// normalises there, to the same floats.
     ///
     /// [`ClipPreprocessor::decode_resize_into`]: mmembed_media::ClipPreprocessor::decode_resize_into
     pub fn embed_u8_images(
@@ -610,15 +612,33 @@ impl LoadedClip {
         self.on_pool(|| {
             for ((gh, gw), idx) in grids {
                 let len = gh * gw * p * p * 3;
-                let mut flat = vec![0f32; idx.len() * len];
-                flat.par_chunks_mut(len)
-                    .zip(idx.par_iter())
-                    .for_each(|(dst, &i)| {
-                        let hwc = &buf[i * row..i * row + len];
-                        naflex_patches(hwc, (gw, p), scale, (mean, std), dst);
-                    });
-                let px = Tensor::from_vec(flat, (idx.len(), gh * gw, p * p * 3), &self.device)?
-                    .to_dtype(self.dtype)?;
+                let px = if self.device.is_cpu() {
+                    let mut flat = vec![0f32; idx.len() * len];
+                    flat.par_chunks_mut(len)
+                        .zip(idx.par_iter())
+                        .for_each(|(dst, &i)| {
+                            let hwc = &buf[i * row..i * row + len];
+                            naflex_patches(hwc, (gw, p), scale, (mean, std), dst);
+                        });
+                    Tensor::from_vec(flat, (idx.len(), gh * gw, p * p * 3), &self.device)?
+                        .to_dtype(self.dtype)?
+                } else {
+                    // The images' bytes up, normalised and cut into
+                    // patches there: a quarter of the f32 rows' bytes.
+                    let mut bytes = Vec::with_capacity(idx.len() * len);
+                    for &i in &idx {
+                        bytes.extend_from_slice(&buf[i * row..i * row + len]);
+                    }
+                    crate::pixels::patches_from_u8(
+                        &bytes,
+                        idx.len(),
+                        (gh, gw),
+                        p,
+                        &self.preprocessor,
+                        &self.device,
+                        self.dtype,
+                    )?
+                };
                 let vecs = rows(&self.model.vision.forward_patches(&px, (gh, gw))?)?;
                 for (i, v) in idx.into_iter().zip(vecs) {
                     out[i] = v;
@@ -1911,6 +1931,78 @@ mod tests {
             assert_eq!(a, b, "{model}");
             assert!(clip.embed_u8_rows(&hwc[1..], n).is_err());
             assert!(clip.embed_u8_rows(&[], 0).unwrap().is_empty());
+        }
+    }
+
+    /// What a GPU runs for a NaFlex model's images (their bytes normalised
+    /// and cut into patches by tensor ops), run here on the CPU: the host's
+    /// patch rows, bit for bit, in each dtype a GPU model takes.
+    #[test]
+    fn naflex_patches_by_tensor_ops_equal_the_hosts() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/fixtures/tiny-siglip2-naflex");
+        let files = crate::local_files(&dir).unwrap();
+        let clip = LoadedClip::load(&files, &Device::Cpu, Precision::F32).unwrap();
+        let p = clip.config.vision.patch_size;
+        let scale = clip.preprocessor.rescale_factor.unwrap_or(1.0);
+        let stats = clip.preprocessor.normalize_stats();
+        // Grids wide, tall and square; two images each.
+        for (gh, gw) in [(3, 5), (5, 3), (4, 4), (1, 9)] {
+            let (n, len) = (2, gh * gw * p * p * 3);
+            // Every byte value, in every channel and position.
+            let hwc: Vec<u8> = (0..n * len).map(|i| (i * 7 + i / 3) as u8).collect();
+            let mut host = vec![0f32; n * len];
+            for (dst, src) in host.chunks_mut(len).zip(hwc.chunks(len)) {
+                naflex_patches(src, (gw, p), scale, stats, dst);
+            }
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let ops = crate::pixels::patches_from_u8(
+                    &hwc,
+                    n,
+                    (gh, gw),
+                    p,
+                    &clip.preprocessor,
+                    &Device::Cpu,
+                    dtype,
+                )
+                .unwrap();
+                assert_eq!(ops.dims(), [n, gh * gw, p * p * 3]);
+                assert_eq!(ops.dtype(), dtype);
+                let got: Vec<u32> = ops
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect();
+                let want: Vec<u32> = host
+                    .iter()
+                    .map(|&x| match dtype {
+                        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+                        DType::F16 => half::f16::from_f32(x).to_f32(),
+                        _ => x,
+                    })
+                    .map(f32::to_bits)
+                    .collect();
+                assert!(
+                    got == want,
+                    "{gh}x{gw} in {dtype:?}: differs from the host's rows"
+                );
+            }
+            // A byte short is an error, not a panic.
+            let short = crate::pixels::patches_from_u8(
+                &hwc[1..],
+                n,
+                (gh, gw),
+                p,
+                &clip.preprocessor,
+                &Device::Cpu,
+                DType::F32,
+            );
+            assert!(short.is_err());
         }
     }
 }

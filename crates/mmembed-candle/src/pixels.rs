@@ -16,6 +16,10 @@
 //! `scripts/gpu-check.sh` falls back to candle's ops if it differs.
 //! `MMEMBED_CUDA_PIXELS=candle` takes candle's ops on CUDA too (a way round
 //! a problem with the kernel on some GPU or driver).
+//!
+//! A SigLIP 2 NaFlex model's images ([`patches_from_u8`]) go the same way
+//! with candle's ops, their one copy laying the pixels out as rows of
+//! patches instead of channels first.
 
 use candle_core::{DType, Device, Result, Tensor};
 use mmembed_media::ClipPreprocessor;
@@ -64,21 +68,36 @@ fn ours() -> bool {
     crate::device::our_kernel("MMEMBED_CUDA_PIXELS", "ours", "candle")
 }
 
-/// Normalised by candle's tensor ops, in f32. Channels last, as the bytes
-/// lie, until the end: the cast and the rescale are then contiguous
-/// kernels, and the per-channel steps broadcast over 2 dimensions instead
-/// of 4 (candle's strided kernels pay an index division per dimension and
-/// element), then one copy puts the channels first.
+/// Normalised by candle's tensor ops, in f32, then one copy puts the
+/// channels first.
 fn tensor_ops(
     hwc: &[u8],
     n: usize,
     side: usize,
     rescale: Option<f32>,
+    stats: ([f32; 3], [f32; 3]),
+    device: &Device,
+) -> Result<Tensor> {
+    channels_last(hwc, rescale, stats, device)?
+        .reshape((n, side * side, 3))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, 3, side, side))
+}
+
+/// RGB bytes normalised by candle's tensor ops, in f32, as they lie:
+/// `(pixels, 3)`. Channels last, so the cast and the rescale are
+/// contiguous kernels and the per-channel steps broadcast over 2
+/// dimensions instead of 4 (candle's strided kernels pay an index division
+/// per dimension and element); each caller's one copy lays them out.
+fn channels_last(
+    hwc: &[u8],
+    rescale: Option<f32>,
     (mean, std): ([f32; 3], [f32; 3]),
     device: &Device,
 ) -> Result<Tensor> {
     let per_channel = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3), device);
-    let x = Tensor::from_slice(hwc, (n * side * side, 3), device)?.to_dtype(DType::F32)?;
+    let x = Tensor::from_slice(hwc, (hwc.len() / 3, 3), device)?.to_dtype(DType::F32)?;
     let x = match rescale {
         // `x · scale + 0`: the same float as `x · scale` (a fused
         // multiply-add with 0 rounds once, like the product).
@@ -86,11 +105,40 @@ fn tensor_ops(
         None => x,
     };
     x.broadcast_sub(&per_channel(mean)?)?
-        .broadcast_div(&per_channel(std)?)?
-        .reshape((n, side * side, 3))?
+        .broadcast_div(&per_channel(std)?)
+}
+
+/// A NaFlex model's input for `n` images of one grid of `gh × gw` patches
+/// of `p` pixels, their RGB bytes one after another in `hwc` (each `gh·p`
+/// rows of `gw·p` pixels, the channels interleaved; its length checked by
+/// the caller, [`crate::LoadedClip::embed_u8_images`]): `(n, gh·gw,
+/// p·p·3)` in `dtype` on `device`, a row per patch in (row, column,
+/// channel) order with the floats of the host's NaFlex rows. A GPU is sent
+/// the bytes, a quarter of the f32 rows the host would make; on the CPU
+/// the host makes the rows itself.
+pub(crate) fn patches_from_u8(
+    hwc: &[u8],
+    n: usize,
+    (gh, gw): (usize, usize),
+    p: usize,
+    pre: &ClipPreprocessor,
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    if hwc.len() != n * gh * gw * p * p * 3 {
+        candle_core::bail!(
+            "{} bytes for {n} images of {gh}x{gw} patches of {p} pixels",
+            hwc.len()
+        );
+    }
+    // Per image: (patch row, pixel row, patch column, pixel column and
+    // channel) to (patch row, patch column, pixel row, the rest).
+    channels_last(hwc, pre.rescale_factor, pre.normalize_stats(), device)?
+        .reshape((n * gh, p, gw, p * 3))?
         .transpose(1, 2)?
         .contiguous()?
-        .reshape((n, 3, side, side))
+        .reshape((n, gh * gw, p * p * 3))?
+        .to_dtype(dtype)
 }
 
 #[cfg(feature = "cuda")]
