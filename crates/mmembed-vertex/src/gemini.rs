@@ -247,6 +247,15 @@ fn too_big_inline(what: &str, len: usize) -> EmbedError {
 /// How many first bytes [`by_bytes`] looks at.
 const SNIFF_LEN: usize = 512;
 
+/// How an untyped `gs://` object goes to Gemini
+/// ([`GeminiGenerator::untyped_object`]).
+enum Untyped {
+    /// As `fileData`, of this type (Gemini reads the object itself).
+    ByUri(&'static str),
+    /// Inline: the whole object, read here, to convert to PNG.
+    Inline(bytes::Bytes),
+}
+
 /// What a file is to Gemini by its first bytes (magic numbers, as the
 /// `infer` crate reads them).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -410,8 +419,8 @@ impl GeminiGenerator {
                     None => match stored_type(u, kind.unwrap_or(Modality::Image)).await? {
                         (Some(t), _) => Some((u, t)),
                         (None, info) => match self.untyped_object(&info, kind).await? {
-                            Ok(t) => Some((u, t.to_string())),
-                            Err(bytes) => {
+                            Untyped::ByUri(t) => Some((u, t.to_string())),
+                            Untyped::Inline(bytes) => {
                                 untyped = Some(bytes);
                                 None
                             }
@@ -496,16 +505,16 @@ impl GeminiGenerator {
     }
 
     /// A `gs://` object stored with a generic type, by its first bytes:
-    /// `Ok(type)` for one Gemini reads itself (one request, its body
-    /// abandoned after them), `Err(bytes)` for an image to convert (the
-    /// same request read on to the end; pinned to the generation its
-    /// metadata gave, so a rewrite in between is an error), an error for
-    /// anything else, without reading on.
+    /// [`Untyped::ByUri`] for one Gemini reads itself (one request, its
+    /// body abandoned after them), [`Untyped::Inline`] for an image to
+    /// convert (the same request read on to the end; pinned to the
+    /// generation its metadata gave, so a rewrite in between is an error),
+    /// an error for anything else, without reading on.
     async fn untyped_object(
         &self,
         info: &mmembed_store::ObjectInfo,
         kind: Option<Modality>,
-    ) -> Result<Result<&'static str, bytes::Bytes>, EmbedError> {
+    ) -> Result<Untyped, EmbedError> {
         let read_kind = kind.unwrap_or(Modality::Image);
         // What the check saw, for after it (it must own what it holds).
         let seen = Arc::new(std::sync::OnceLock::new());
@@ -521,8 +530,8 @@ impl GeminiGenerator {
             .map_err(|e| mmembed_media::store_error(e, read_kind))?;
         let what = mmembed_store::redact(&info.uri);
         match (read, seen.get().copied()) {
-            (Some(bytes), _) => Ok(Err(bytes)),
-            (None, Some(ByBytes::Reads(t))) => Ok(Ok(t)),
+            (Some(bytes), _) => Ok(Untyped::Inline(bytes)),
+            (None, Some(ByBytes::Reads(t))) => Ok(Untyped::ByUri(t)),
             (None, Some(ByBytes::Unsupported(Some(t)))) => Err(EmbedError::media(
                 &what,
                 format!("stored without a type, and its bytes are {t}, which Gemini does not read"),
