@@ -1860,6 +1860,31 @@ mod tests {
         assert!(counted <= spanned, "{counted:?} > {spanned:?}");
     }
 
+    /// A tensor's values as f32 bits.
+    fn bits(t: Tensor) -> Vec<u32> {
+        let v: Vec<f32> = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    }
+
+    /// The host's floats rounded once to `dtype` (`half`'s rounding, not
+    /// candle's), as f32 bits: what a GPU model's input must hold.
+    fn rounded_bits(host: &[f32], dtype: DType) -> Vec<u32> {
+        host.iter()
+            .map(|&x| match dtype {
+                DType::BF16 => half::bf16::from_f32(x).to_f32(),
+                DType::F16 => half::f16::from_f32(x).to_f32(),
+                _ => x,
+            })
+            .map(f32::to_bits)
+            .collect()
+    }
+
     /// What a GPU runs for the embedder's batches (the crops' bytes
     /// normalised by tensor ops), run here on the CPU: the same floats as
     /// the host's normalisation, bit for bit, for CLIP's statistics and for
@@ -1879,18 +1904,7 @@ mod tests {
                 clip.preprocessor.normalize_hwc_into(src, dst).unwrap();
             }
             let side = clip.config.vision.image_size;
-            let bits = |t: Tensor| -> Vec<u32> {
-                let v: Vec<f32> = t
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                v.into_iter().map(f32::to_bits).collect()
-            };
-            // In each dtype a GPU model takes: the host's floats rounded
-            // once to it (`half`'s rounding, not candle's, on the host side).
+            // In each dtype a GPU model takes.
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let ops = crate::pixels::from_u8_rows(
                     &hwc,
@@ -1904,17 +1918,8 @@ mod tests {
                 .unwrap();
                 assert_eq!(ops.dims(), [n, 3, side, side]);
                 assert_eq!(ops.dtype(), dtype);
-                let want: Vec<u32> = host
-                    .iter()
-                    .map(|&x| match dtype {
-                        DType::BF16 => half::bf16::from_f32(x).to_f32(),
-                        DType::F16 => half::f16::from_f32(x).to_f32(),
-                        _ => x,
-                    })
-                    .map(f32::to_bits)
-                    .collect();
                 assert!(
-                    bits(ops) == want,
+                    bits(ops) == rounded_bits(&host, dtype),
                     "{model}: tensor ops differ from the host's normalisation in {dtype:?}"
                 );
             }
@@ -1968,27 +1973,8 @@ mod tests {
                 .unwrap();
                 assert_eq!(ops.dims(), [n, gh * gw, p * p * 3]);
                 assert_eq!(ops.dtype(), dtype);
-                let got: Vec<u32> = ops
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .into_iter()
-                    .map(f32::to_bits)
-                    .collect();
-                let want: Vec<u32> = host
-                    .iter()
-                    .map(|&x| match dtype {
-                        DType::BF16 => half::bf16::from_f32(x).to_f32(),
-                        DType::F16 => half::f16::from_f32(x).to_f32(),
-                        _ => x,
-                    })
-                    .map(f32::to_bits)
-                    .collect();
                 assert!(
-                    got == want,
+                    bits(ops) == rounded_bits(&host, dtype),
                     "{gh}x{gw} in {dtype:?}: differs from the host's rows"
                 );
             }
