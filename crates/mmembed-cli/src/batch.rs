@@ -555,16 +555,18 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         Kept::default()
     };
     // Rows of URIs this input does not list: kept unless `--prune`.
-    let (outside, outside_rows) = kept.outside(|uri| {
+    let outside = kept.outside(|uri| {
         table
             .inputs
             .binary_search_by(|i| i.uri.as_str().cmp(uri))
             .is_ok()
     });
-    if outside > 0 {
+    let (outside_rows, outside) = (outside.rows, outside.uris);
+    if !outside.is_empty() {
+        let n = outside.len();
         if !args.prune {
             eprintln!(
-                "keeping {outside_rows} rows of {outside} URIs the input no longer lists (deleted \
+                "keeping {outside_rows} rows of {n} URIs the input no longer lists (deleted \
                  or renamed since, or another input's); --prune drops them"
             );
         } else if table.inputs.is_empty() {
@@ -575,18 +577,18 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
             );
         } else {
             eprintln!(
-                "dropping {outside_rows} rows of {outside} URIs the input no longer lists (--prune)"
+                "dropping {outside_rows} rows of {n} URIs the input no longer lists (--prune)"
             );
         }
     }
+    // With `--prune` the URIs the input no longer lists (sorted; usually
+    // few) say which earlier rows go: not the listing's URIs, a copy of
+    // which would cost about 80 bytes a listed object.
+    let dropped = if args.prune { outside } else { Vec::new() };
     // The listing is taken apart: what is to embed moves on (not copied:
-    // ten million listed objects hold about 3 GB), with `--prune` the URIs
-    // stay (sorted) to say which earlier rows are kept.
+    // ten million listed objects hold about 3 GB).
     let listed = std::mem::take(&mut table.inputs);
     let inputs_total = listed.len();
-    let uris: Option<Vec<String>> = args
-        .prune
-        .then(|| listed.iter().map(|i| i.uri.clone()).collect());
     let (mut changed, mut unknown) = (0, 0);
     let mut todo: Vec<Input> = listed
         .into_iter()
@@ -646,9 +648,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         let embedder = args.backend.build_for(args.dimension).await?;
         if let Some(kept) = kept {
             let redo: HashSet<&str> = todo.iter().map(|i| i.uri.as_str()).collect();
-            let stays = |uri: &str| {
-                !redo.contains(uri) && uris.as_ref().is_none_or(|u| merge::listed(u, uri))
-            };
+            let stays = |uri: &str| !redo.contains(uri) && !merge::among(&dropped, uri);
             check_same_space(
                 &out.path.display(),
                 &kept.spaces_kept(stays),
@@ -708,8 +708,6 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
         progress.finish();
     }
 
-    // With `--prune` the listing (sorted by URI) says which rows stay.
-    let only = uris;
     // Merge everything there is: the previous output and all parts,
     // streamed into a file beside the output (or in the staging folder for
     // a bucket), flushed, then renamed over the output (or uploaded).
@@ -721,7 +719,7 @@ async fn run_locked(args: &Args, out: &Output) -> anyhow::Result<Summary> {
     );
     let format = out.format;
     let counts = merge::write_merged(out, &mut staging, move |dest| {
-        merge::merge(sources, format, dest, &carried, &recipe, only.as_deref())
+        merge::merge(sources, format, dest, &carried, &recipe, &dropped)
     })
     .await?;
     Ok(Summary {

@@ -218,6 +218,15 @@ pub(crate) struct Kept {
     pub(crate) carried: Vec<String>,
 }
 
+/// The URIs of earlier files that a listing lacks ([`Kept::outside`]).
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Outside {
+    /// Sorted.
+    pub(crate) uris: Vec<String>,
+    /// How many rows they have.
+    pub(crate) rows: usize,
+}
+
 /// A model, space and dimension some kept vectors have, with how many rows
 /// have it and the first URI (by URI order).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,13 +325,18 @@ impl Kept {
         self.uris.get(uri).filter(|k| k.ok).map(|k| &k.version)
     }
 
-    /// URIs of the earlier files that are not `listed`, and their rows:
-    /// objects deleted or renamed since, or rows of another input.
-    pub(crate) fn outside(&self, listed: impl Fn(&str) -> bool) -> (usize, usize) {
-        self.uris
-            .iter()
-            .filter(|(uri, _)| !listed(uri))
-            .fold((0, 0), |(n, rows), (_, k)| (n + 1, rows + k.rows as usize))
+    /// URIs of the earlier files that are not `listed` (objects deleted or
+    /// renamed since, or rows of another input), sorted, and their rows.
+    pub(crate) fn outside(&self, listed: impl Fn(&str) -> bool) -> Outside {
+        let mut out = Outside::default();
+        for (uri, k) in &self.uris {
+            if !listed(uri) {
+                out.uris.push(uri.clone());
+                out.rows += k.rows as usize;
+            }
+        }
+        out.uris.sort_unstable();
+        out
     }
 
     /// The spaces of the vectors that stay (URIs that succeeded and that
@@ -548,21 +562,21 @@ pub(crate) struct Counts {
 }
 
 /// Whether `uri` is one of `uris` (sorted).
-pub(crate) fn listed(uris: &[String], uri: &str) -> bool {
+pub(crate) fn among(uris: &[String], uri: &str) -> bool {
     uris.binary_search_by(|u| u.as_str().cmp(uri)).is_ok()
 }
 
 /// Writes the merge of `sources` (local files, any order) to the new file
 /// `dest`, streamed, and flushes it to disk: for each URI the rows of the
-/// highest-ranked source that has it, sorted by URI and segment start;
-/// with `only` (sorted), only the rows of its URIs.
+/// highest-ranked source that has it, sorted by URI and segment start,
+/// but none of the URIs in `dropped` (sorted).
 pub(crate) fn merge(
     sources: Vec<Source>,
     format: Format,
     dest: &Path,
     carried: &[String],
     recipe: &Recipe,
-    only: Option<&[String]>,
+    dropped: &[String],
 ) -> anyhow::Result<Counts> {
     let mut scanned = vec![];
     for s in sources {
@@ -626,10 +640,9 @@ pub(crate) fn merge(
                 members.push(j);
             }
         }
-        // The run whose rows of `uri` are written: the newest, unless
-        // `only` leaves the URI out (then every run's rows are skipped).
-        let written = only
-            .is_none_or(|o| listed(o, &uri))
+        // The run whose rows of `uri` are written: the newest, unless the
+        // URI is dropped (then every run's rows are skipped).
+        let written = (!among(dropped, &uri))
             .then(|| members.iter().copied().max_by_key(|&j| runs[j].rank))
             .flatten();
         for &j in &members {
@@ -1035,11 +1048,11 @@ mod tests {
         format: Format,
         sources: &[(u64, Vec<Row>)],
         carried: &[String],
-        only: Option<&[String]>,
+        dropped: &[String],
     ) -> (Vec<Row>, Counts) {
         let files = written(dir, format, sources, carried);
         let dest = dir.join(format!("out.{}", format.ext()));
-        let counts = merge(files, format, &dest, carried, &Recipe::default(), only).unwrap();
+        let counts = merge(files, format, &dest, carried, &Recipe::default(), dropped).unwrap();
         (read_all(&dest, format, Columns::All), counts)
     }
 
@@ -1059,7 +1072,7 @@ mod tests {
             ];
             let new = vec![row("b.png", None, "", 2.0)];
             let sources = [(0, old), (1, retry), (2, new)];
-            let (got, counts) = merged(d.path(), format, &sources, &[], None);
+            let (got, counts) = merged(d.path(), format, &sources, &[], &[]);
             assert_eq!(got, reference(&sources), "{format:?}");
             let uris: Vec<_> = got
                 .iter()
@@ -1134,17 +1147,23 @@ mod tests {
                 rank += rng.u64(1..3);
             }
             rng.shuffle(&mut sources);
-            // Half the cases list a part of the URIs and prune the others.
+            // A listing of part of the URIs (and of some no source has);
+            // half the cases prune the others, the rest keep them.
             let listing: Vec<String> = (0..pool + 3)
                 .filter(|_| rng.u8(..) < 200)
                 .map(|u| format!("gs://b/{u:03}.{}", if u % 3 == 0 { "mp4" } else { "png" }))
                 .collect();
-            let only = rng.bool().then_some(&listing[..]);
-            let (got, counts) = merged(d.path(), format, &sources, &carried, only);
+            let prune = rng.bool();
+            let mut dropped: Vec<String> = (0..pool + 3)
+                .map(|u| format!("gs://b/{u:03}.{}", if u % 3 == 0 { "mp4" } else { "png" }))
+                .filter(|u| prune && !listing.contains(u))
+                .collect();
+            dropped.sort();
+            let (got, counts) = merged(d.path(), format, &sources, &carried, &dropped);
             let mut want = reference(&sources);
             let everything = want.len();
-            if let Some(o) = only {
-                want.retain(|r| o.contains(&r.uri));
+            if prune {
+                want.retain(|r| listing.contains(&r.uri));
             }
             assert_eq!(got, want, "case {case}");
             // What resuming says of the URIs the listing lacks.
@@ -1156,11 +1175,15 @@ mod tests {
             .unwrap();
             let all = reference(&sources);
             let outside: Vec<&Row> = all.iter().filter(|r| !listing.contains(&r.uri)).collect();
-            let mut uris: Vec<&str> = outside.iter().map(|r| r.uri.as_str()).collect();
+            let mut uris: Vec<String> = outside.iter().map(|r| r.uri.clone()).collect();
+            uris.sort();
             uris.dedup();
             assert_eq!(
                 kept.outside(|u| listing.iter().any(|l| l == u)),
-                (uris.len(), outside.len()),
+                Outside {
+                    uris,
+                    rows: outside.len()
+                },
                 "case {case}"
             );
             assert_eq!(all.len(), everything);
