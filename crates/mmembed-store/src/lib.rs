@@ -867,6 +867,16 @@ impl<T> Attempt<T> {
             Attempt::Fail(e) => Attempt::Fail(e),
         }
     }
+
+    /// The value of a success, else the outcome as an attempt of any
+    /// type (for the caller to return).
+    pub(crate) fn done<U>(self) -> Result<T, Attempt<U>> {
+        match self {
+            Attempt::Done(v) => Ok(v),
+            Attempt::Retry(e) => Err(Attempt::Retry(e)),
+            Attempt::Fail(e) => Err(Attempt::Fail(e)),
+        }
+    }
 }
 
 /// An HTTP error status that is none of a store's known ones, for the

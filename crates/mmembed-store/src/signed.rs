@@ -145,19 +145,30 @@ impl UrlBucket {
         } else {
             self.http.head(&url)
         };
-        let resp = match req.send().await {
+        let resp = match self.send(key, req, n).await.done() {
             Ok(r) => r,
-            Err(e) => return self.fault(key, &e, n),
+            Err(other) => return other,
         };
-        let status = resp.status();
-        if !status.is_success() {
-            return self.status_error(key, status);
-        }
         match self.info(key, &resp) {
             Some(info) => Attempt::Done(info),
             None => Attempt::Fail(self.no_size(key)),
         }
         // The ranged GET's one byte is dropped with the response.
+    }
+
+    /// Attempt `n` of `req`: its answer if a success, else the fault or
+    /// the status's error.
+    async fn send(
+        &self,
+        key: &str,
+        req: reqwest::RequestBuilder,
+        n: usize,
+    ) -> Attempt<reqwest::Response> {
+        match req.send().await {
+            Ok(r) if r.status().is_success() => Attempt::Done(r),
+            Ok(r) => self.status_error(key, r.status()),
+            Err(e) => self.fault(key, &e, n),
+        }
     }
 
     /// The object's metadata from an answer's headers; `None` when they do
@@ -243,14 +254,10 @@ impl Bucket for UrlBucket {
                     req = req.header(IF_RANGE, etag);
                 }
             }
-            let resp = match req.send().await {
+            let resp = match self.send(key, req, n).await.done() {
                 Ok(r) => r,
-                Err(e) => return self.fault(key, &e, n),
+                Err(other) => return other,
             };
-            let status = resp.status();
-            if !status.is_success() {
-                return self.status_error(key, status);
-            }
             let fault = |e: &reqwest::Error| self.transport(key, e);
             let shown = self.shown(key);
             crate::take_body(&mut **buf, resp, resume_at > 0, info.size, &shown, &fault).await
@@ -264,13 +271,7 @@ impl Bucket for UrlBucket {
         // it); a body that breaks off is resumed by `get`.
         let url = &self.url(key);
         let resp = self
-            .retrying(|n| async move {
-                match self.http.get(url).send().await {
-                    Ok(r) if r.status().is_success() => Attempt::Done(r),
-                    Ok(r) => self.status_error(key, r.status()),
-                    Err(e) => self.fault(key, &e, n),
-                }
-            })
+            .retrying(|n| self.send(key, self.http.get(url), n))
             .await?;
         let Some(info) = self.info(key, &resp) else {
             // No size (a chunked answer): the whole body, capped; a
