@@ -340,12 +340,12 @@ fn family(
     for (im, slot) in photos.iter().zip(buf.chunks_mut(row.max(1))) {
         let file = im["file"].as_str().context("image file")?;
         let bytes = std::fs::read(images.join(file))?;
-        let img =
-            mmembed_media::decode_image(&bytes, file, &mmembed_media::ImageLimits::default())?;
+        let limits = mmembed_media::ImageLimits::default();
+        // From the bytes, as the embedder decodes them (open_clip's models
+        // resize a transparent image with its alpha).
         sizes.push(
             clip.preprocessor
-                .resize_into(&img, slot)
-                .map_err(anyhow::Error::msg)?,
+                .decode_resize_into(&bytes, file, &limits, false, slot)?,
         );
     }
     let mut image_min = 1f32;

@@ -181,8 +181,15 @@ fn check_model_on(
     let mut min_image = 1.0f32;
     for (file, key) in &r.images {
         let bytes = std::fs::read(image_dir.join(file)).unwrap();
-        let img = decode_image(&bytes, file, &ImageLimits::default()).unwrap();
-        let ours = clip.preprocessor.resize_and_crop(&img);
+        // From the file's bytes, as the embedder reads them (the way that
+        // keeps a transparent image's alpha through the resize where the
+        // model's library does).
+        let (h, w) = clip.preprocessor.output_size();
+        let mut row = vec![0u8; (h * w * 3) as usize];
+        clip.preprocessor
+            .decode_crop_into(&bytes, file, &ImageLimits::default(), false, &mut row)
+            .unwrap();
+        let ours = image::RgbImage::from_raw(w, h, row).unwrap();
         let theirs: Vec<u8> = crops[key].flatten_all().unwrap().to_vec1().unwrap();
         let plane = (ours.width() * ours.height()) as usize;
         let mut diffs = Vec::with_capacity(theirs.len());

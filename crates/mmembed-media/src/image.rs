@@ -68,7 +68,7 @@ pub fn decode_image(
     what: &str,
     limits: &ImageLimits,
 ) -> Result<RgbImage, EmbedError> {
-    decode(bytes, what, limits, None, None).map(|d| d.image)
+    decode(bytes, what, limits, None, None, false).map(|d| d.image)
 }
 
 /// [`decode_image`], except that a JPEG may be decoded at 1/2, 1/4 or 1/8
@@ -105,7 +105,7 @@ pub fn decode_image_draft(
     limits: &ImageLimits,
     need: impl Fn(u32, u32) -> (u32, u32),
 ) -> Result<RgbImage, EmbedError> {
-    decode(bytes, what, limits, Some(&need), None).map(|d| d.image)
+    decode(bytes, what, limits, Some(&need), None, false).map(|d| d.image)
 }
 
 type Need<'a> = Option<&'a dyn Fn(u32, u32) -> (u32, u32)>;
@@ -116,6 +116,9 @@ pub(crate) struct Decoded {
     pub image: RgbImage,
     pub x0: u32,
     pub width: u32,
+    /// Where the alpha was kept: its plane (as grey RGB, for the
+    /// resampler); `image` holds the colours as stored.
+    pub alpha: Option<RgbImage>,
 }
 
 impl Decoded {
@@ -135,6 +138,7 @@ impl From<RgbImage> for Decoded {
             x0: 0,
             width: image.width(),
             image,
+            alpha: None,
         }
     }
 }
@@ -142,13 +146,16 @@ impl From<RgbImage> for Decoded {
 /// [`decode_image`] or [`decode_image_draft`] (with `need`); with
 /// `columns`, a plain JPEG shown as stored (no EXIF turn) may decode only
 /// the columns it names for the `(width, height)` of the image as decoded,
-/// and a margin. Everything else decodes whole, with `x0` 0.
+/// and a margin. Everything else decodes whole, with `x0` 0. With
+/// `keep_alpha` a transparent image keeps its alpha
+/// ([`Decoded::alpha`]) instead of being composited onto white.
 pub(crate) fn decode(
     bytes: &[u8],
     what: &str,
     limits: &ImageLimits,
     need: Need<'_>,
     columns: Option<&dyn Fn(u32, u32) -> std::ops::Range<u32>>,
+    keep_alpha: bool,
 ) -> Result<Decoded, EmbedError> {
     if bytes.len() as u64 > limits.max_bytes {
         return Err(EmbedError::media(
@@ -235,7 +242,59 @@ pub(crate) fn decode(
     }
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(what, e))?;
     img.apply_orientation(orientation);
+    if keep_alpha && img.color().has_alpha() {
+        let (image, alpha) = split_alpha(img);
+        return Ok(Decoded {
+            alpha: Some(alpha),
+            ..image.into()
+        });
+    }
     Ok(to_rgb_on_white(img).into())
+}
+
+/// The colours as stored (not premultiplied), and the alpha as grey RGB,
+/// for the resampler. (Grey with alpha is grey in every channel, as
+/// Pillow's "LA" converts.)
+fn split_alpha(img: DynamicImage) -> (RgbImage, RgbImage) {
+    let rgba: RgbaImage = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let (mut colours, mut alpha) = (RgbImage::new(w, h), RgbImage::new(w, h));
+    for ((c, a), p) in colours
+        .pixels_mut()
+        .zip(alpha.pixels_mut())
+        .zip(rgba.pixels())
+    {
+        *c = image::Rgb([p[0], p[1], p[2]]);
+        *a = image::Rgb([p[3]; 3]);
+    }
+    (colours, alpha)
+}
+
+/// Premultiplies colours by `alpha` as Pillow's `convert("RGBa")` does
+/// (`MULDIV255`: `c · a / 255`, rounded).
+pub(crate) fn premultiply(colours: &mut RgbImage, alpha: &RgbImage) {
+    for (c, a) in colours.pixels_mut().zip(alpha.pixels()) {
+        let k = u32::from(a[0]);
+        for v in c.0.iter_mut() {
+            let t = u32::from(*v) * k + 128;
+            *v = (((t >> 8) + t) >> 8) as u8;
+        }
+    }
+}
+
+/// Divides colours premultiplied by `alpha` (both resized alike) by it,
+/// as Pillow's `convert("RGBA")` from "RGBa" does (`255 · c / a`, clipped;
+/// kept as they are where the alpha is 0 or 255), and drops the alpha.
+pub(crate) fn unpremultiply(colours: &mut RgbImage, alpha: &RgbImage) {
+    for (c, a) in colours.pixels_mut().zip(alpha.pixels()) {
+        let k = u32::from(a[0]);
+        if k == 0 || k == 255 {
+            continue;
+        }
+        for v in c.0.iter_mut() {
+            *v = (255 * u32::from(*v) / k).min(255) as u8;
+        }
+    }
 }
 
 /// Converts to RGB8, compositing any alpha onto white with Pillow's integer
@@ -289,6 +348,46 @@ mod tests {
         assert_eq!(composite_on_white(100, 128), 177);
         assert_eq!(composite_on_white(37, 3), 252);
         assert_eq!(composite_on_white(250, 254), 250);
+    }
+
+    #[test]
+    fn premultiplying_and_dividing_match_pillow() {
+        // Values printed by Pillow 13: `convert("RGBa")` of these RGBA
+        // pixels, and `convert("RGBA")` of that.
+        let stored = [
+            [200, 100, 50, 0],
+            [200, 100, 50, 255],
+            [200, 100, 50, 128],
+            [37, 250, 1, 3],
+            [255, 255, 255, 1],
+            [10, 20, 30, 254],
+        ];
+        let premultiplied = [
+            [0, 0, 0],
+            [200, 100, 50],
+            [100, 50, 25],
+            [0, 3, 0],
+            [1, 1, 1],
+            [10, 20, 30],
+        ];
+        let divided = [
+            [0, 0, 0],
+            [200, 100, 50],
+            [199, 99, 49],
+            [0, 255, 0],
+            [255, 255, 255],
+            [10, 20, 30],
+        ];
+        let img = DynamicImage::ImageRgba8(RgbaImage::from_fn(6, 1, |x, _| {
+            image::Rgba(stored[x as usize])
+        }));
+        let (mut colours, alpha) = split_alpha(img);
+        premultiply(&mut colours, &alpha);
+        let got: Vec<[u8; 3]> = colours.pixels().map(|p| p.0).collect();
+        assert_eq!(got, premultiplied);
+        unpremultiply(&mut colours, &alpha);
+        let got: Vec<[u8; 3]> = colours.pixels().map(|p| p.0).collect();
+        assert_eq!(got, divided);
     }
 
     #[test]

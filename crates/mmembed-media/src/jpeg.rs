@@ -277,6 +277,7 @@ fn decode_with(
         image: RgbImage::from_raw(x1 - x0, h, pixels)?,
         x0,
         width: w,
+        alpha: None,
     })
 }
 

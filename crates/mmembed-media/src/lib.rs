@@ -17,8 +17,8 @@ pub mod video;
 
 pub use crate::image::{ImageLimits, decode_image, decode_image_draft, to_rgb_on_white};
 pub use preprocess::{
-    ClipPreprocessor, CropOrigin, MAX_PATCHES, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resample,
-    ResizeTarget, patch_grid_size,
+    AlphaMode, ClipPreprocessor, CropOrigin, MAX_PATCHES, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+    Resample, ResizeTarget, patch_grid_size,
 };
 pub use source::{fetch_remote, read_media, store_error};
 pub use upload::{UploadImage, encode_for_upload};

@@ -140,6 +140,25 @@ pub struct ClipPreprocessor {
     pub normalize: Option<([f32; 3], [f32; 3])>,
     /// Where the centre crop starts when the margin is odd.
     pub crop_origin: CropOrigin,
+    /// What becomes of an image's transparency.
+    pub alpha: AlphaMode,
+}
+
+/// What becomes of a transparent image's alpha: the libraries differ, and
+/// a model's references follow the library it was published with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlphaMode {
+    /// transformers' processors (`convert_to_rgb`): composited onto white
+    /// before anything else, Pillow's `alpha_composite` arithmetic.
+    OnWhite,
+    /// open_clip's transform: the image resized with its alpha (Pillow
+    /// premultiplies the colours for the resize and divides them after),
+    /// cropped, and its alpha then dropped (`convert("RGB")`), so what
+    /// was transparent shows the colours stored under it, black where
+    /// they were premultiplied away. Only the decoding entry points that
+    /// resize (`decode_crop_into`, `decode_resize_into`) see the alpha;
+    /// [`ClipPreprocessor::decode`] returns the image on white.
+    ResizedThenDropped,
 }
 
 /// Where a centre crop starts when the margin around it is odd: the
@@ -265,6 +284,7 @@ impl ClipPreprocessor {
             rescale_factor: Some(1.0 / 255.0),
             normalize: Some((OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)),
             crop_origin: CropOrigin::Floor,
+            alpha: AlphaMode::OnWhite,
         }
     }
 
@@ -382,6 +402,7 @@ impl ClipPreprocessor {
             rescale_factor,
             normalize,
             crop_origin: CropOrigin::Floor,
+            alpha: AlphaMode::OnWhite,
         })
     }
 
@@ -468,6 +489,7 @@ impl ClipPreprocessor {
             rescale_factor: Some(1.0 / 255.0),
             normalize: Some((mean, std)),
             crop_origin: CropOrigin::RoundHalfEven,
+            alpha: AlphaMode::ResizedThenDropped,
         })
     }
 
@@ -554,7 +576,12 @@ impl ClipPreprocessor {
     /// Decodes an image for this preprocessing: [`decode_image`], or with
     /// `draft` [`decode_image_draft`] reduced no further than this resize's
     /// size for it ([`resized_size`](Self::resized_size)), so the crop is
-    /// made from at least as many pixels as it has.
+    /// made from at least as many pixels as it has. Transparency is
+    /// composited onto white here whatever [`alpha`](Self::alpha) says:
+    /// for [`AlphaMode::ResizedThenDropped`] take the model's pixels of a
+    /// transparent image from [`decode_crop_into`](Self::decode_crop_into)
+    /// or [`decode_resize_into`](Self::decode_resize_into), which resize
+    /// with the alpha.
     ///
     /// [`decode_image`]: crate::decode_image
     /// [`decode_image_draft`]: crate::decode_image_draft
@@ -719,9 +746,39 @@ impl ClipPreprocessor {
         let need = |w, h| self.resized_size(w, h);
         let need: Option<&dyn Fn(u32, u32) -> (u32, u32)> = if draft { Some(&need) } else { None };
         let columns = |w, h| self.columns_read((w, h));
-        let decoded = crate::image::decode(bytes, what, limits, need, Some(&columns))?;
-        self.resize_and_crop_columns(decoded.columns())
-            .map_err(|e| EmbedError::media(what, e, None))
+        let keep_alpha = self.alpha == AlphaMode::ResizedThenDropped;
+        let mut decoded =
+            crate::image::decode(bytes, what, limits, need, Some(&columns), keep_alpha)?;
+        let fail = |e| EmbedError::media(what, e, None);
+        let Some(alpha) = decoded.alpha.take() else {
+            return self
+                .resize_and_crop_columns(decoded.columns())
+                .map_err(fail);
+        };
+        // open_clip's way (AlphaMode::ResizedThenDropped). Pillow's resize
+        // of an image to its own size is a copy, so the colours are then
+        // the stored ones; otherwise they are premultiplied for the
+        // resize and divided after, per pixel (so before or after the
+        // crop alike).
+        let (w, h) = (decoded.width, decoded.image.height());
+        if self.resized_size(w, h) == (w, h) {
+            return self
+                .resize_and_crop_columns(decoded.columns())
+                .map_err(fail);
+        }
+        crate::image::premultiply(&mut decoded.image, &alpha);
+        let mut out = self
+            .resize_and_crop_columns(decoded.columns())
+            .map_err(fail)?;
+        let alpha = self
+            .resize_and_crop_columns(crate::pillow::Columns {
+                image: &alpha,
+                x0: decoded.x0,
+                width: decoded.width,
+            })
+            .map_err(fail)?;
+        crate::image::unpremultiply(&mut out, &alpha);
+        Ok(out)
     }
 
     /// [`resize_and_crop`](Self::resize_and_crop) into the start of `out`,
@@ -1033,6 +1090,41 @@ mod tests {
         ] {
             assert!(ClipPreprocessor::from_json(bad).is_err(), "{bad}");
         }
+    }
+
+    /// open_clip's alpha without a resize: Pillow's resize of an image to
+    /// its own size is a copy, so the crop shows the colours as stored,
+    /// however transparent (checked with open_clip's transform and Pillow
+    /// 13 on a random 256x300 RGBA image: rows 22..278 as stored).
+    /// transformers' way composites onto white instead.
+    #[test]
+    fn open_clip_alpha_without_a_resize_keeps_the_stored_colours() {
+        let rgba = image::RgbaImage::from_fn(256, 300, |x, y| {
+            image::Rgba([x as u8, y as u8, (x * 7 + y) as u8, (x + 3 * y) as u8])
+        });
+        let mut png = Vec::new();
+        rgba.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let open_clip = ClipPreprocessor::from_open_clip_json(
+            r#"{"model_cfg": {"vision_cfg": {"image_size": 256}}}"#,
+        )
+        .unwrap();
+        assert_eq!(open_clip.alpha, AlphaMode::ResizedThenDropped);
+        let limits = crate::ImageLimits::default();
+        let mut row = vec![0u8; 256 * 256 * 3];
+        open_clip
+            .decode_crop_into(&png, "a.png", &limits, false, &mut row)
+            .unwrap();
+        let want: Vec<u8> = (22..278)
+            .flat_map(|y| (0..256).flat_map(move |x| [x as u8, y as u8, (x * 7 + y) as u8]))
+            .collect();
+        assert!(row == want, "not the stored colours");
+        let mut hf = open_clip.clone();
+        hf.alpha = AlphaMode::OnWhite;
+        let mut on_white = vec![0u8; row.len()];
+        hf.decode_crop_into(&png, "a.png", &limits, false, &mut on_white)
+            .unwrap();
+        assert_ne!(on_white, want);
     }
 
     /// torchvision's `int(round((size - crop) / 2.0))` against
@@ -1353,8 +1445,15 @@ mod partial_decode {
                             let need: Option<&dyn Fn(u32, u32) -> (u32, u32)> =
                                 if draft { Some(&need) } else { None };
                             let cols = |w, h| pre.columns_read((w, h));
-                            let d = crate::image::decode(&jpeg, "part", &limits, need, Some(&cols))
-                                .unwrap();
+                            let d = crate::image::decode(
+                                &jpeg,
+                                "part",
+                                &limits,
+                                need,
+                                Some(&cols),
+                                false,
+                            )
+                            .unwrap();
                             cases += 1;
                             partial += usize::from(d.image.width() < d.width);
                             let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
