@@ -3,7 +3,9 @@
 use std::io::Cursor;
 use std::sync::Arc;
 
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, RgbaImage};
+use image::{
+    DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, RgbImage, RgbaImage,
+};
 use mmembed_core::EmbedError;
 
 /// Bounds on what an image may cost to decode.
@@ -51,7 +53,8 @@ fn decode_error(what: &str, e: image::ImageError) -> EmbedError {
 /// Decodes an image from its bytes, sniffing the format from the content
 /// (never the file name), applying EXIF orientation, and converting to 8-bit
 /// RGB the way Hugging Face's CLIP processor does: transparency is
-/// composited onto white, grayscale is replicated, 16-bit is scaled down.
+/// composited onto white, grayscale is replicated, 16-bit samples keep
+/// their high byte (as Pillow reads them).
 /// JPEGs decode with libjpeg-turbo, as in Pillow, so their pixels are
 /// Pillow's; the rare ones it does not take plainly (CMYK, 12-bit, corrupt
 /// data) fall back to the `image` crate's decoder.
@@ -240,7 +243,8 @@ pub(crate) fn decode(
             return Ok(img.into_rgb8().into());
         }
     }
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(what, e))?;
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(what, e))?;
+    let mut img = eight_bit(img);
     img.apply_orientation(orientation);
     if keep_alpha && img.color().has_alpha() {
         let (image, alpha) = split_alpha(img);
@@ -250,6 +254,31 @@ pub(crate) fn decode(
         });
     }
     Ok(to_rgb_on_white(img).into())
+}
+
+/// 16-bit samples as 8-bit ones the way Pillow reads them (its `;16B`
+/// and `;16L` raw modes keep each sample's high byte), not rounded as the
+/// `image` crate's conversions round them: one level apart on about half
+/// the values (60000 is 234 to Pillow, 233 rounded). 16-bit grey is the
+/// exception: Pillow opens it as "I;16" and its conversion to RGB clips
+/// every value over 255 to white, which no model was meant to see, so
+/// here it keeps its high byte like the colours.
+fn eight_bit(img: DynamicImage) -> DynamicImage {
+    fn high<P: image::Pixel<Subpixel = u16>, Q: image::Pixel<Subpixel = u8>>(
+        b: ImageBuffer<P, Vec<u16>>,
+    ) -> ImageBuffer<Q, Vec<u8>> {
+        let (w, h) = b.dimensions();
+        let bytes = b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
+        ImageBuffer::from_raw(w, h, bytes)
+            .unwrap_or_else(|| unreachable!("as many samples as the 16-bit image"))
+    }
+    match img {
+        DynamicImage::ImageRgb16(b) => DynamicImage::ImageRgb8(high(b)),
+        DynamicImage::ImageRgba16(b) => DynamicImage::ImageRgba8(high(b)),
+        DynamicImage::ImageLuma16(b) => DynamicImage::ImageLuma8(high(b)),
+        DynamicImage::ImageLumaA16(b) => DynamicImage::ImageLumaA8(high(b)),
+        other => other,
+    }
 }
 
 /// The colours as stored (not premultiplied), and the alpha as grey RGB,
@@ -301,6 +330,7 @@ pub(crate) fn unpremultiply(colours: &mut RgbImage, alpha: &RgbImage) {
 /// arithmetic (`Image.alpha_composite` onto an opaque white background), so
 /// transparent images match Hugging Face's processor bit for bit.
 pub fn to_rgb_on_white(img: DynamicImage) -> RgbImage {
+    let img = eight_bit(img);
     if !img.color().has_alpha() {
         return img.into_rgb8();
     }
@@ -391,6 +421,46 @@ mod tests {
     }
 
     #[test]
+    fn sixteen_bit_samples_become_what_pillow_reads() {
+        // Pillow 13's 8-bit values for these 16-bit samples of an RGB, an
+        // RGBA (opaque) and a grey-with-alpha PNG (`Image.open(...)`): the
+        // high byte, where rounding would give 1, 233 and 254 for 255,
+        // 60000 and 65280.
+        let samples: [u16; 12] = [
+            0, 127, 128, 255, 256, 383, 384, 20000, 40000, 60000, 65280, 65535,
+        ];
+        let pillow: [u8; 12] = [0, 0, 0, 0, 1, 1, 1, 78, 156, 234, 255, 255];
+        let w = samples.len() as u32;
+        let rgb16 = ImageBuffer::from_fn(w, 1, |x, _| image::Rgb([samples[x as usize]; 3]));
+        let rgba16 = ImageBuffer::from_fn(w, 1, |x, _| {
+            let v = samples[x as usize];
+            Rgba([v, v, v, u16::MAX])
+        });
+        for img in [
+            DynamicImage::ImageRgb16(rgb16),
+            DynamicImage::ImageRgba16(rgba16),
+        ] {
+            let got = decode_image(&png(&img), "16", &ImageLimits::default()).unwrap();
+            let got: Vec<u8> = got.pixels().map(|p| p[0]).collect();
+            assert_eq!(got, pillow, "{:?}", img.color());
+        }
+        // Grey with alpha 40000 (156 to Pillow), kept for open_clip's way.
+        let la16 = ImageBuffer::from_fn(w, 1, |x, _| image::LumaA([samples[x as usize], 40000]));
+        let d = decode(
+            &png(&DynamicImage::ImageLumaA16(la16)),
+            "la16",
+            &ImageLimits::default(),
+            None,
+            None,
+            true,
+        )
+        .unwrap();
+        let got: Vec<u8> = d.image.pixels().map(|p| p[0]).collect();
+        assert_eq!(got, pillow);
+        assert!(d.alpha.unwrap().pixels().all(|p| p.0 == [156; 3]));
+    }
+
+    #[test]
     fn gray_16bit_and_alpha_convert() {
         let g16: ImageBuffer<Luma<u16>, Vec<u16>> =
             ImageBuffer::from_fn(4, 3, |x, _| Luma([(x as u16) * 20000]));
@@ -401,8 +471,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(rgb.dimensions(), (4, 3));
-        // 16-bit scaled to 8-bit, replicated to three channels.
-        assert_eq!(rgb.get_pixel(3, 0).0, [233, 233, 233]);
+        // 16-bit to 8-bit (the high byte), replicated to three channels.
+        assert_eq!(rgb.get_pixel(3, 0).0, [234, 234, 234]);
         let rgba: RgbaImage = ImageBuffer::from_pixel(2, 2, Rgba([0, 0, 0, 0]));
         let rgb = decode_image(
             &png(&DynamicImage::ImageRgba8(rgba)),
