@@ -11,10 +11,11 @@
 //! `turbojpeg-sys` crate's sources with its SIMD code) gives the same bytes
 //! as Pillow's.
 //!
-//! Only the plain cases go this way: 8-bit lossy JPEGs in YCbCr, RGB or
-//! grayscale that decode without a single warning. Everything else (CMYK
-//! and YCCK, 12-bit, lossless, corrupt or truncated data, junk before a
-//! marker) returns `None` and takes the `image` crate's path as before, so
+//! Only the plain cases go this way: 8-bit lossy JPEGs in YCbCr, RGB,
+//! grayscale, CMYK or YCCK (made RGB as Pillow makes it) that decode
+//! without a single warning. Everything else (12-bit, lossless, corrupt or
+//! truncated data, junk before a marker) returns `None` and takes the
+//! `image` crate's path as before, so
 //! what is accepted and what is refused does not change, only the pixels of
 //! the plain case and their speed. That includes progressive JPEGs of more
 //! than [`MAX_SCANS`] scans, which the `image` crate refuses: each scan is a
@@ -176,12 +177,22 @@ fn decode_with(
     // Any warning is an error here (TurboJPEG returns -1 for both); such
     // files go to the lenient decoder as before.
     let header = d.header(bytes)?;
-    if ![tj::TJCS_TJCS_YCbCr, tj::TJCS_TJCS_RGB, tj::TJCS_TJCS_GRAY].contains(&header.colorspace)
+    let cmyk = [tj::TJCS_TJCS_CMYK, tj::TJCS_TJCS_YCCK].contains(&header.colorspace);
+    if !(cmyk
+        || [tj::TJCS_TJCS_YCbCr, tj::TJCS_TJCS_RGB, tj::TJCS_TJCS_GRAY]
+            .contains(&header.colorspace))
         || header.lossless
         || (header.width, header.height) != (width, height)
     {
         return None;
     }
+    // CMYK (YCCK converted by libjpeg) comes out as its four bytes a pixel,
+    // turned into RGB below as Pillow does.
+    let (format, depth) = if cmyk {
+        (tj::TJPF_TJPF_CMYK, 4)
+    } else {
+        (tj::TJPF_TJPF_RGB, 3)
+    };
     // Set on every call: the decompressor is the thread's, and the call
     // before may have asked for another reduction or region.
     let scaled = |n: u32| n.div_ceil(denominator);
@@ -238,7 +249,7 @@ fn decode_with(
         return None;
     }
     let cols = (x1 - x0) as usize;
-    let out = cols.checked_mul(h as usize)?.checked_mul(3)?;
+    let out = cols.checked_mul(h as usize)?.checked_mul(depth)?;
     // What libjpeg allocates beyond our output: a progressive image keeps
     // every DCT coefficient (2 bytes a sample, up to 3 samples a pixel, at
     // full size whatever the reduction or region) until the last scan. The
@@ -246,26 +257,27 @@ fn decode_with(
     // pass it only there go there. Counted for the whole (reduced) output
     // even when decoding part of it, so that what a limit refuses does
     // not depend on the crop.
-    let whole = (w as usize).checked_mul(h as usize)?.checked_mul(3)?;
+    let whole = (w as usize).checked_mul(h as usize)?.checked_mul(depth)?;
     let full = (header.width as usize)
         .checked_mul(header.height as usize)?
-        .checked_mul(3)?;
+        .checked_mul(depth)?;
     let coefficients = if header.progressive { full * 2 } else { 0 };
     if (whole + coefficients) as u64 > limits.max_alloc {
         return None;
     }
     let mut pixels = Vec::<u8>::with_capacity(out);
-    // SAFETY: the destination holds `out` bytes, `cols * 3` a row for `h`
-    // rows, which is what TurboJPEG writes for this region and reduction;
-    // the bytes count as initialised only after it returns success.
+    // SAFETY: the destination holds `out` bytes, `cols * depth` a row for
+    // `h` rows, which is what TurboJPEG writes for this region, reduction
+    // and pixel format; the bytes count as initialised only after it
+    // returns success.
     let rc = unsafe {
         tj::tj3Decompress8(
             d.0.as_ptr(),
             bytes.as_ptr(),
             bytes.len() as _,
             pixels.as_mut_ptr(),
-            c_int::try_from(cols * 3).ok()?,
-            tj::TJPF_TJPF_RGB,
+            c_int::try_from(cols * depth).ok()?,
+            format,
         )
     };
     if rc != 0 {
@@ -273,12 +285,37 @@ fn decode_with(
     }
     // SAFETY: a successful decompression wrote every one of the `out` bytes.
     unsafe { pixels.set_len(out) };
+    if cmyk {
+        pixels = cmyk_to_rgb(&pixels);
+    }
     Some(Decoded {
         image: RgbImage::from_raw(x1 - x0, h, pixels)?,
         x0,
         width: w,
         alpha: None,
     })
+}
+
+/// CMYK bytes as libjpeg stores them to RGB, as Pillow reads a CMYK JPEG:
+/// inverted first (its "CMYK;I" raw mode: Adobe's convention, which it
+/// assumes for every CMYK JPEG), then its `cmyk2rgb`, `k' − c'·k'/255`
+/// per channel with `k' = 255 − k` and the product rounded as its
+/// `MULDIV255` rounds it.
+fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    let muldiv255 = |a: u32, b: u32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    let mut rgb = Vec::with_capacity(cmyk.len() / 4 * 3);
+    for p in cmyk.chunks_exact(4) {
+        // Inverted: the stored k is 255 − k, which is Pillow's nk.
+        let nk = u32::from(p[3]);
+        for &stored in &p[..3] {
+            let c = 255 - u32::from(stored);
+            rgb.push(nk.saturating_sub(muldiv255(c, nk)) as u8);
+        }
+    }
+    rgb
 }
 
 /// JPEGs made by libjpeg-turbo's own compressor, for tests that need
@@ -324,6 +361,42 @@ pub(crate) mod make {
             let out = std::slice::from_raw_parts(buf, size as usize).to_vec();
             tj::tj3Free(buf.cast());
             tj::tj3Destroy(h);
+            out
+        }
+    }
+
+    /// CMYK bytes (four a pixel) compressed as YCCK, as libjpeg writes a
+    /// CMYK source by default (with Adobe's marker), 4:4:4.
+    pub(crate) fn encode_ycck(cmyk: &[u8], w: u32, h: u32, quality: c_int) -> Vec<u8> {
+        // SAFETY: test helper; the source is `w * 4` byte rows, TurboJPEG
+        // allocates the output, copied and freed here.
+        unsafe {
+            let handle = tj::tj3Init(tj::TJINIT_TJINIT_COMPRESS as c_int);
+            assert!(!handle.is_null());
+            for (p, v) in [
+                (tj::TJPARAM_TJPARAM_SUBSAMP, tj::TJSAMP_TJSAMP_444 as c_int),
+                (tj::TJPARAM_TJPARAM_QUALITY, quality),
+                (tj::TJPARAM_TJPARAM_COLORSPACE, tj::TJCS_TJCS_YCCK as c_int),
+            ] {
+                assert_eq!(tj::tj3Set(handle, p as c_int, v), 0);
+            }
+            let mut buf: *mut u8 = std::ptr::null_mut();
+            let mut size = 0;
+            let (w, h) = (w as c_int, h as c_int);
+            let rc = tj::tj3Compress8(
+                handle,
+                cmyk.as_ptr(),
+                w,
+                w * 4,
+                h,
+                tj::TJPF_TJPF_CMYK,
+                &mut buf,
+                &mut size,
+            );
+            assert_eq!(rc, 0, "tj3Compress8");
+            let out = std::slice::from_raw_parts(buf, size as usize).to_vec();
+            tj::tj3Free(buf.cast());
+            tj::tj3Destroy(handle);
             out
         }
     }
