@@ -591,7 +591,7 @@ mod tests {
                 ]
             })
             .collect();
-        let ycck = crate::jpeg::make::encode_ycck(&cmyk, w, h, 95);
+        let ycck = crate::jpeg::make::encode_ycck(&cmyk, (w, h), 95);
         let got = decode_image(&ycck, "ycck", &limits).unwrap();
         let other = image::load_from_memory(&ycck).unwrap().into_rgb8();
         let max = got

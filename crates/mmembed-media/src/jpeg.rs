@@ -332,52 +332,49 @@ pub(crate) mod make {
         quality: c_int,
         progressive: bool,
     ) -> Vec<u8> {
-        // SAFETY: test helper; the source is the image's `w * 3` byte rows,
-        // TurboJPEG allocates the output, copied and freed here.
-        unsafe {
-            let h = tj::tj3Init(tj::TJINIT_TJINIT_COMPRESS as c_int);
-            assert!(!h.is_null());
-            for (p, v) in [
+        compress(
+            img.as_raw(),
+            img.dimensions(),
+            (tj::TJPF_TJPF_RGB, 3),
+            &[
                 (tj::TJPARAM_TJPARAM_SUBSAMP, subsamp),
                 (tj::TJPARAM_TJPARAM_QUALITY, quality),
                 (tj::TJPARAM_TJPARAM_PROGRESSIVE, c_int::from(progressive)),
-            ] {
-                assert_eq!(tj::tj3Set(h, p as c_int, v), 0);
-            }
-            let mut buf: *mut u8 = std::ptr::null_mut();
-            let mut size = 0;
-            let (w, ht) = (img.width() as c_int, img.height() as c_int);
-            let rc = tj::tj3Compress8(
-                h,
-                img.as_raw().as_ptr(),
-                w,
-                w * 3,
-                ht,
-                tj::TJPF_TJPF_RGB,
-                &mut buf,
-                &mut size,
-            );
-            assert_eq!(rc, 0, "tj3Compress8");
-            let out = std::slice::from_raw_parts(buf, size as usize).to_vec();
-            tj::tj3Free(buf.cast());
-            tj::tj3Destroy(h);
-            out
-        }
+            ],
+        )
     }
 
     /// CMYK bytes (four a pixel) compressed as YCCK, as libjpeg writes a
     /// CMYK source by default (with Adobe's marker), 4:4:4.
-    pub(crate) fn encode_ycck(cmyk: &[u8], w: u32, h: u32, quality: c_int) -> Vec<u8> {
-        // SAFETY: test helper; the source is `w * 4` byte rows, TurboJPEG
-        // allocates the output, copied and freed here.
-        unsafe {
-            let handle = tj::tj3Init(tj::TJINIT_TJINIT_COMPRESS as c_int);
-            assert!(!handle.is_null());
-            for (p, v) in [
+    pub(crate) fn encode_ycck(cmyk: &[u8], size: (u32, u32), quality: c_int) -> Vec<u8> {
+        compress(
+            cmyk,
+            size,
+            (tj::TJPF_TJPF_CMYK, 4),
+            &[
                 (tj::TJPARAM_TJPARAM_SUBSAMP, tj::TJSAMP_TJSAMP_444 as c_int),
                 (tj::TJPARAM_TJPARAM_QUALITY, quality),
                 (tj::TJPARAM_TJPARAM_COLORSPACE, tj::TJCS_TJCS_YCCK as c_int),
-            ] {
+            ],
+        )
+    }
+
+    /// `pixels` (`(format, bytes a pixel)`, rows of `w` pixels) compressed
+    /// with these TurboJPEG parameters.
+    fn compress(
+        pixels: &[u8],
+        (w, h): (u32, u32),
+        (format, depth): (tj::TJPF, c_int),
+        params: &[(tj::TJPARAM, c_int)],
+    ) -> Vec<u8> {
+        assert_eq!(pixels.len(), (w * h) as usize * depth as usize);
+        // SAFETY: test helper; the source is `h` rows of `w * depth` bytes
+        // (checked above), TurboJPEG allocates the output, copied and freed
+        // here.
+        unsafe {
+            let handle = tj::tj3Init(tj::TJINIT_TJINIT_COMPRESS as c_int);
+            assert!(!handle.is_null());
+            for &(p, v) in params {
                 assert_eq!(tj::tj3Set(handle, p as c_int, v), 0);
             }
             let mut buf: *mut u8 = std::ptr::null_mut();
@@ -385,11 +382,11 @@ pub(crate) mod make {
             let (w, h) = (w as c_int, h as c_int);
             let rc = tj::tj3Compress8(
                 handle,
-                cmyk.as_ptr(),
+                pixels.as_ptr(),
                 w,
-                w * 4,
+                w * depth,
                 h,
-                tj::TJPF_TJPF_CMYK,
+                format,
                 &mut buf,
                 &mut size,
             );
