@@ -56,8 +56,9 @@ fn decode_error(what: &str, e: image::ImageError) -> EmbedError {
 /// composited onto white, grayscale is replicated, 16-bit samples keep
 /// their high byte (as Pillow reads them).
 /// JPEGs decode with libjpeg-turbo, as in Pillow, so their pixels are
-/// Pillow's; the rare ones it does not take plainly (CMYK, 12-bit, corrupt
-/// data) fall back to the `image` crate's decoder.
+/// Pillow's (CMYK and YCCK made RGB as Pillow makes them); the rare ones it
+/// does not take plainly (12-bit, lossless, corrupt data) fall back to the
+/// `image` crate's decoder.
 ///
 /// `what` names the input in error messages (a path, a URI).
 ///
