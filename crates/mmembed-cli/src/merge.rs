@@ -1108,6 +1108,13 @@ mod tests {
             let d = tempfile::tempdir().unwrap();
             let carried = vec!["label".to_string()];
             let pool = rng.usize(1..40);
+            // URI number `u` (a video every third).
+            let name = |u: usize| {
+                format!(
+                    "gs://b/{u:03}.{}",
+                    if u.is_multiple_of(3) { "mp4" } else { "png" }
+                )
+            };
             let mut sources = vec![];
             let mut rank = 0;
             for _ in 0..rng.usize(0..7) {
@@ -1124,7 +1131,7 @@ mod tests {
                     if rng.u8(..) < 100 {
                         continue;
                     }
-                    let uri = format!("gs://b/{u:03}.{}", if u % 3 == 0 { "mp4" } else { "png" });
+                    let uri = name(u);
                     let status = if rng.u8(..) < 40 { "cannot decode" } else { "" };
                     let tag = rank as f32 + u as f32 / 100.0;
                     if u % 3 == 0 {
@@ -1151,11 +1158,11 @@ mod tests {
             // half the cases prune the others, the rest keep them.
             let listing: Vec<String> = (0..pool + 3)
                 .filter(|_| rng.u8(..) < 200)
-                .map(|u| format!("gs://b/{u:03}.{}", if u % 3 == 0 { "mp4" } else { "png" }))
+                .map(name)
                 .collect();
             let prune = rng.bool();
             let mut dropped: Vec<String> = (0..pool + 3)
-                .map(|u| format!("gs://b/{u:03}.{}", if u % 3 == 0 { "mp4" } else { "png" }))
+                .map(name)
                 .filter(|u| prune && !listing.contains(u))
                 .collect();
             dropped.sort();

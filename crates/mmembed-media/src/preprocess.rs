@@ -750,22 +750,18 @@ impl ClipPreprocessor {
         let mut decoded =
             crate::image::decode(bytes, what, limits, need, Some(&columns), keep_alpha)?;
         let fail = |e| EmbedError::media(what, e, None);
-        let Some(alpha) = decoded.alpha.take() else {
+        // open_clip's way (AlphaMode::ResizedThenDropped) when the image is
+        // resized: the colours premultiplied for the resize and divided
+        // after, per pixel (so before or after the crop alike). Pillow's
+        // resize of an image to its own size is a copy, so without a
+        // resize the colours are the stored ones, as without alpha.
+        let (w, h) = (decoded.width, decoded.image.height());
+        let resized = self.resized_size(w, h) != (w, h);
+        let Some(alpha) = decoded.alpha.take().filter(|_| resized) else {
             return self
                 .resize_and_crop_columns(decoded.columns())
                 .map_err(fail);
         };
-        // open_clip's way (AlphaMode::ResizedThenDropped). Pillow's resize
-        // of an image to its own size is a copy, so the colours are then
-        // the stored ones; otherwise they are premultiplied for the
-        // resize and divided after, per pixel (so before or after the
-        // crop alike).
-        let (w, h) = (decoded.width, decoded.image.height());
-        if self.resized_size(w, h) == (w, h) {
-            return self
-                .resize_and_crop_columns(decoded.columns())
-                .map_err(fail);
-        }
         crate::image::premultiply(&mut decoded.image, &alpha);
         let mut out = self
             .resize_and_crop_columns(decoded.columns())
