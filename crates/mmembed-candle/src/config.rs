@@ -103,7 +103,10 @@ impl Family {
         }
     }
 
-    /// The `model_type` value.
+    /// The family's `model_type` value (`siglip` for SigLIP 2 NaFlex too,
+    /// whose checkpoints say `siglip2`: it is SigLIP's architecture with
+    /// another patch embedding; [`ClipConfig::model_type`] tells them
+    /// apart).
     pub fn name(self) -> &'static str {
         match self {
             Self::Clip => "clip",
@@ -372,6 +375,23 @@ fn tower(
 }
 
 impl ClipConfig {
+    /// The `model_type` a checkpoint of this architecture says: the
+    /// family's name, and `siglip2` for SigLIP 2 NaFlex (which
+    /// [`Family::name`] calls `siglip`).
+    ///
+    /// ```
+    /// use mmembed_candle::ClipConfig;
+    ///
+    /// let c = ClipConfig::from_json(r#"{"model_type": "siglip2"}"#).unwrap();
+    /// assert_eq!((c.family.name(), c.model_type()), ("siglip", "siglip2"));
+    /// ```
+    pub fn model_type(&self) -> &'static str {
+        match (self.family, self.vision.naflex_grid) {
+            (Family::Siglip, Some(_)) => "siglip2",
+            (family, _) => family.name(),
+        }
+    }
+
     /// Parses a Hugging Face `config.json` of a supported family
     /// ([`Family`], from `model_type`).
     ///

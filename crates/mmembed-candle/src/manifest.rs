@@ -18,7 +18,7 @@ pub struct Manifest {
     /// Native vector size.
     pub dimension: usize,
     /// The architecture family (`config.json`'s `model_type`: `clip`,
-    /// `siglip`, `chinese_clip`; `mobileclip` for open_clip's MobileCLIP
+    /// `siglip`, `siglip2`, `chinese_clip`; `mobileclip` for open_clip's MobileCLIP
     /// checkpoints), for listings before the weights are here;
     /// loading reads the family from the checkpoint's own config.
     #[serde(default = "clip")]
@@ -55,6 +55,14 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "google-siglip-base-patch16-224.toml",
         include_str!("../../../models/google-siglip-base-patch16-224.toml"),
+    ),
+    (
+        "google-siglip2-base-patch16-224.toml",
+        include_str!("../../../models/google-siglip2-base-patch16-224.toml"),
+    ),
+    (
+        "google-siglip2-base-patch16-naflex.toml",
+        include_str!("../../../models/google-siglip2-base-patch16-naflex.toml"),
     ),
     (
         "ofa-sys-chinese-clip-vit-base-patch16.toml",
@@ -119,11 +127,11 @@ mod tests {
             }
             let family =
                 crate::ClipConfig::from_json(&format!(r#"{{"model_type": "{}"}}"#, m.family))
-                    .map(|c| c.family.name());
+                    .map(|c| c.model_type());
             assert_eq!(family, Ok(m.family.as_str()), "{}", m.id);
         }
         let families: std::collections::HashSet<_> = all.iter().map(|m| &m.family).collect();
-        assert_eq!(families.len(), 4, "{families:?}");
+        assert_eq!(families.len(), 5, "{families:?}");
         let spaces: std::collections::HashSet<_> = all.iter().map(|m| &m.space).collect();
         assert_eq!(spaces.len(), all.len(), "every model has its own space");
         assert!(Manifest::find("laion/CLIP-ViT-B-32-laion2B-s34B-b79K").is_some());

@@ -39,8 +39,13 @@ impl Drop for FakeHub {
 
 /// What the hub answers for one request: the file's bytes (or the range
 /// asked for), as the hub sends them, else its 404.
-fn respond(files: &HashMap<String, Vec<u8>>, path: &str, range: Option<&str>) -> Response {
-    let prefix = format!("/{REPO}/resolve/");
+fn respond(
+    files: &HashMap<String, Vec<u8>>,
+    (repo, commit): (&str, &str),
+    path: &str,
+    range: Option<&str>,
+) -> Response {
+    let prefix = format!("/{repo}/resolve/");
     let file = path
         .strip_prefix(&prefix)
         .and_then(|rest| rest.split_once('/'))
@@ -68,7 +73,7 @@ fn respond(files: &HashMap<String, Vec<u8>>, path: &str, range: Option<&str>) ->
     Response::builder()
         .status(206)
         .header("etag", format!("\"{:x}\"", Sha256::digest(body)))
-        .header("x-repo-commit", COMMIT)
+        .header("x-repo-commit", commit)
         .header(
             "content-range",
             format!("bytes {start}-{end}/{}", body.len()),
@@ -77,9 +82,15 @@ fn respond(files: &HashMap<String, Vec<u8>>, path: &str, range: Option<&str>) ->
         .unwrap()
 }
 
-/// Serves the checkpoint in `dir` on a free loopback port, on a thread of
-/// its own (the tests that load from it block, some outside any runtime).
+/// Serves the checkpoint in `dir` as [`REPO`] at [`COMMIT`].
 fn serve(dir: &Path) -> FakeHub {
+    serve_as(dir, REPO, COMMIT)
+}
+
+/// Serves the checkpoint in `dir` as `repo` at `commit` on a free loopback
+/// port, on a thread of its own (the tests that load from it block, some
+/// outside any runtime).
+fn serve_as(dir: &Path, repo: &'static str, commit: &'static str) -> FakeHub {
     let mut files = HashMap::new();
     for name in [
         "config.json",
@@ -114,7 +125,7 @@ fn serve(dir: &Path) -> FakeHub {
                     let path = req.uri().path().to_string();
                     l.lock().unwrap().push(path.clone());
                     let range = req.headers().get("range").and_then(|v| v.to_str().ok());
-                    respond(&files, &path, range)
+                    respond(&files, (repo, commit), &path, range)
                 }
             });
             axum::serve(listener, app)
@@ -269,6 +280,56 @@ async fn open_clip_repositories_are_fetched_by_their_own_names() {
         "HF_HUB_OFFLINE",
     ] {
         assert!(msg.contains(needle), "missing {needle:?} in: {msg}");
+    }
+}
+
+/// A built-in id (here SigLIP 2 NaFlex's) is fetched at its manifest's
+/// pinned revision, not `main`, and its vectors live in the manifest's
+/// space; the fake hub serves the tiny NaFlex fixture under that name, and
+/// it embeds as the directory does (aspect-kept grids, lower-cased texts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_in_ids_are_fetched_at_their_pinned_revision() {
+    let id = "google/siglip2-base-patch16-naflex";
+    let m = mmembed_candle::Manifest::find(id).unwrap();
+    assert_eq!((m.repo.as_str(), m.family.as_str()), (id, "siglip2"));
+    let revision: &'static str = m.revision.clone().leak();
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/tiny-siglip2-naflex");
+    let hub = serve_as(&dir, id, revision);
+    let cache = tempfile::tempdir().unwrap();
+    let e =
+        LocalEmbedder::load_blocking(LocalOptions::new(id).with_device(DeviceSpec::Cpu).with_hub(
+            HubOptions {
+                offline: false,
+                cache_dir: Some(cache.path().to_path_buf()),
+                endpoint: Some(hub.url.clone()),
+                token: None,
+            },
+        ))
+        .unwrap();
+    let log = hub.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .any(|p| p == &format!("/{id}/resolve/{revision}/model.safetensors")),
+        "{log:?}"
+    );
+    assert!(!log.iter().any(|p| p.contains("/main/")), "{log:?}");
+    assert_eq!(e.info().space.as_str(), m.space);
+    let direct = LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.to_str().unwrap()).with_device(DeviceSpec::Cpu),
+    )
+    .unwrap();
+    let panorama = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/fixtures/images/coffee_panorama_600x120.png");
+    for req in [
+        EmbedRequest::text("A Photo of a CAT"),
+        EmbedRequest::image(panorama.as_path()),
+    ] {
+        let (a, b) = (
+            e.embed(req.clone()).await.unwrap(),
+            direct.embed(req).await.unwrap(),
+        );
+        assert_eq!((a.text, a.image), (b.text, b.image));
     }
 }
 

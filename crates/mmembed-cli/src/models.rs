@@ -22,7 +22,8 @@ pub struct Listed {
     pub id: String,
     /// Vector length.
     pub dimension: usize,
-    /// Architecture family (`clip`, `siglip`, `chinese_clip`, `mobileclip`).
+    /// Architecture family (`clip`, `siglip`, `siglip2`, `chinese_clip`,
+    /// `mobileclip`).
     pub family: String,
     /// Embedding space id.
     pub space: String,
