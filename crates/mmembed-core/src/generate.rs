@@ -248,9 +248,8 @@ pub fn media_kind(m: &Media) -> Option<Modality> {
         .unwrap_or_default()
         .to_ascii_lowercase();
     match ext.as_str() {
-        "png" | "jpg" | "jpeg" | "webp" | "gif" | "bmp" | "tif" | "tiff" | "heic" | "heif" => {
-            Some(Modality::Image)
-        }
+        "png" | "jpg" | "jpeg" | "webp" | "gif" | "bmp" | "tif" | "tiff" | "ico" | "heic"
+        | "heif" => Some(Modality::Image),
         "mp4" | "mov" | "webm" | "mkv" | "avi" | "mpeg" | "mpg" | "wmv" | "flv" | "3gp" | "m4v" => {
             Some(Modality::Video)
         }

@@ -31,7 +31,8 @@ impl Default for ImageLimits {
 }
 
 /// Formats we decode: what Vertex accepts (BMP, GIF, JPEG, PNG) plus WebP
-/// and TIFF, common in photo collections.
+/// and TIFF, common in photo collections; and ICO, by a path of its own
+/// (`crate::ico`), before these are sniffed.
 const FORMATS: &[ImageFormat] = &[
     ImageFormat::Png,
     ImageFormat::Jpeg,
@@ -54,7 +55,9 @@ fn decode_error(what: &str, e: image::ImageError) -> EmbedError {
 /// (never the file name), applying EXIF orientation, and converting to 8-bit
 /// RGB the way Hugging Face's CLIP processor does: transparency is
 /// composited onto white, grayscale is replicated, 16-bit samples keep
-/// their high byte (as Pillow reads them).
+/// their high byte (as Pillow reads them). An icon (ICO) gives the frame
+/// Pillow opens: the largest, with its AND mask or alpha as transparency;
+/// 16-bit BMPs widen their 5- and 6-bit samples as Pillow does.
 /// JPEGs decode with libjpeg-turbo, as in Pillow, so their pixels are
 /// Pillow's (CMYK and YCCK made RGB as Pillow makes them); the rare ones it
 /// does not take plainly (12-bit, lossless, corrupt data) fall back to the
@@ -172,13 +175,16 @@ pub(crate) fn decode(
             None,
         ));
     }
+    if crate::ico::is_ico(bytes) {
+        return decode_ico(bytes, what, limits, keep_alpha);
+    }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| EmbedError::media(what, "cannot read", Some(Arc::new(e))))?;
     let Some(format) = reader.format() else {
         return Err(EmbedError::media(
             what,
-            "not a recognised image format (expected PNG, JPEG, GIF, BMP, WebP or TIFF)",
+            "not a recognised image format (expected PNG, JPEG, GIF, BMP, WebP, TIFF or ICO)",
             None,
         ));
     };
@@ -229,6 +235,11 @@ pub(crate) fn decode(
         };
         crate::jpeg::draft_denominator((w, h), (nw, nh))
     });
+    if format == ImageFormat::Bmp
+        && let Some(img) = crate::bmp::decode_16_bit(bytes, limits.max_pixels)
+    {
+        return Ok(finish(DynamicImage::ImageRgb8(img), keep_alpha));
+    }
     if format == ImageFormat::Jpeg {
         // Columns of the image as stored are the displayed ones only when
         // it is not turned or flipped.
@@ -247,14 +258,60 @@ pub(crate) fn decode(
     let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(what, e))?;
     let mut img = eight_bit(img);
     img.apply_orientation(orientation);
+    Ok(finish(img, keep_alpha))
+}
+
+/// An 8-bit image, turned as displayed, made RGB: its alpha kept apart
+/// (with `keep_alpha`) or composited onto white.
+fn finish(img: DynamicImage, keep_alpha: bool) -> Decoded {
     if keep_alpha && img.color().has_alpha() {
         let (image, alpha) = split_alpha(img);
-        return Ok(Decoded {
+        return Decoded {
             alpha: Some(alpha),
             ..image.into()
-        });
+        };
     }
-    Ok(to_rgb_on_white(img).into())
+    to_rgb_on_white(img).into()
+}
+
+/// An icon: the frame Pillow reads ([`crate::ico::frame`]), a PNG decoded
+/// as any PNG, a bitmap as the BMP it is with the alpha Pillow gives it.
+fn decode_ico(
+    bytes: &[u8],
+    what: &str,
+    limits: &ImageLimits,
+    keep_alpha: bool,
+) -> Result<Decoded, EmbedError> {
+    let corrupt = |reason: String| EmbedError::media(what, format!("corrupt icon: {reason}"), None);
+    let bitmap = match crate::ico::frame(bytes, limits.max_pixels).map_err(corrupt)? {
+        crate::ico::Frame::Png(png) => return decode(png, what, limits, None, None, keep_alpha),
+        crate::ico::Frame::Bitmap(b) => b,
+    };
+    let colours = match crate::bmp::decode_16_bit(&bitmap.bmp, limits.max_pixels) {
+        Some(c) => c,
+        None => {
+            let mut reader = ImageReader::with_format(Cursor::new(&bitmap.bmp), ImageFormat::Bmp);
+            let mut decoder_limits = image::Limits::default();
+            decoder_limits.max_alloc = Some(limits.max_alloc);
+            reader.limits(decoder_limits);
+            reader
+                .decode()
+                .map_err(|e| decode_error(what, e))?
+                .into_rgb8()
+        }
+    };
+    if colours.dimensions() != (bitmap.width, bitmap.height) {
+        return Err(corrupt(format!(
+            "its bitmap decodes to {:?}, its header says {:?}",
+            colours.dimensions(),
+            (bitmap.width, bitmap.height)
+        )));
+    }
+    let mut rgba = RgbaImage::new(bitmap.width, bitmap.height);
+    for ((out, c), a) in rgba.pixels_mut().zip(colours.pixels()).zip(&bitmap.alpha) {
+        *out = image::Rgba([c[0], c[1], c[2], *a]);
+    }
+    Ok(finish(DynamicImage::ImageRgba8(rgba), keep_alpha))
 }
 
 /// 16-bit samples as 8-bit ones the way Pillow reads them (its `;16B`

@@ -6,6 +6,8 @@
 //! Video probing and frame sampling live here too, behind the `video`
 //! feature (it needs the system's FFmpeg libraries).
 
+mod bmp;
+mod ico;
 mod image;
 mod jpeg;
 mod pillow;

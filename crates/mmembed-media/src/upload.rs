@@ -55,7 +55,7 @@ pub fn encode_for_upload(
     let format = image::guess_format(bytes).map_err(|_| {
         EmbedError::media(
             what,
-            "not a recognised image format (expected PNG, JPEG, GIF, BMP, WebP or TIFF)",
+            "not a recognised image format (expected PNG, JPEG, GIF, BMP, WebP, TIFF or ICO)",
             None,
         )
     })?;
@@ -109,4 +109,24 @@ pub fn encode_for_upload(
         bytes: out,
         mime_type,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An icon goes to a service as the PNG of the frame Pillow opens,
+    /// composited onto white like any transparent image.
+    #[test]
+    fn icons_are_sent_as_png() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/ico");
+        let ico = std::fs::read(dir.join("choice_fewest_colours.ico")).unwrap();
+        let up = encode_for_upload(&ico, "a.ico", 1 << 20, &[ImageFormat::Png]).unwrap();
+        assert_eq!(up.mime_type, "image/png");
+        let limits = ImageLimits::default();
+        let sent = decode_image(&up.bytes, "sent.png", &limits).unwrap();
+        assert_eq!(sent, decode_image(&ico, "a.ico", &limits).unwrap());
+        assert_eq!(sent.dimensions(), (32, 32));
+    }
 }

@@ -56,6 +56,7 @@ const TYPES: &[(&str, &str, Kind)] = &[
     ("webp", "image/webp", Kind::Image),
     ("tif", "image/tiff", Kind::Image),
     ("tiff", "image/tiff", Kind::Image),
+    ("ico", "image/vnd.microsoft.icon", Kind::Image),
     ("mp4", "video/mp4", Kind::Video),
     ("m4v", "video/mp4", Kind::Video),
     ("mov", "video/quicktime", Kind::Video),
@@ -77,6 +78,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("image/x-png", "png"),
     ("image/x-ms-bmp", "bmp"),
     ("image/x-bmp", "bmp"),
+    ("image/x-icon", "ico"),
     ("video/x-m4v", "m4v"),
     ("video/avi", "avi"),
     ("video/msvideo", "avi"),
@@ -641,6 +643,7 @@ mod tests {
             (" video/avi ", Some("video/x-msvideo")),
             ("video/x-m4v", Some("video/mp4")),
             ("video/matroska", Some("video/x-matroska")),
+            ("image/x-icon", Some("image/vnd.microsoft.icon")),
             ("image/heic", None),
             ("application/octet-stream", None),
             ("", None),
@@ -683,7 +686,7 @@ mod tests {
     fn first_bytes_tell_the_formats_of_the_fixtures() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures");
         let mut seen = 0;
-        for dir in ["jpeg", "images", "bad-input"] {
+        for dir in ["jpeg", "images", "bad-input", "ico"] {
             let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
                 continue;
             };

@@ -69,7 +69,7 @@ pub(crate) async fn fetch_non_gcs(req: &mut EmbedRequest) -> Result<(), EmbedErr
 }
 
 /// Encodes an image for the request: JPEG and PNG within the limit go as they
-/// are (with their MIME type); BMP, GIF, WebP and TIFF are transcoded to PNG
+/// are (with their MIME type); BMP, GIF, WebP, TIFF and ICO are transcoded to PNG
 /// (the service's `mimeType` knows only JPEG and PNG); larger images are
 /// downscaled and re-encoded, or rejected when even that does not fit.
 pub(crate) fn image_json(m: &Media, max_bytes: usize) -> Result<MediaJson, EmbedError> {
