@@ -190,9 +190,11 @@ fn bitmap(bytes: &[u8], e: &Entry, max_pixels: u64) -> Result<Bitmap, String> {
         bmp[at..at + 4].copy_from_slice(&half.to_le_bytes());
     }
     let (wu, hu) = (w as usize, h as usize);
-    let mut alpha = vec![0u8; wu * hu];
-    // Both read bottom row first whatever the bitmap's own direction (as
-    // Pillow's raw modes with orientation -1 read them).
+    // Both are read bottom row first whatever the bitmap's own direction
+    // (as Pillow's raw modes with orientation -1 read them), and only once
+    // the file is known to hold them: the alpha is never larger than 8
+    // times the bytes it comes from.
+    let mut alpha = Vec::new();
     if e.bpp == 32 {
         // The pixels' fourth bytes, unpadded rows of 4-byte pixels.
         let start = e.offset as usize + pixels_at as usize;
@@ -200,11 +202,9 @@ fn bitmap(bytes: &[u8], e: &Entry, max_pixels: u64) -> Result<Bitmap, String> {
             .get(start..)
             .and_then(|b| b.get(..wu * hu * 4))
             .ok_or("an icon's 32-bit pixels end before the frame's size")?;
-        for (y, row) in raw.chunks_exact(wu * 4).enumerate() {
-            let out = &mut alpha[(hu - 1 - y) * wu..][..wu];
-            for (a, px) in out.iter_mut().zip(row.chunks_exact(4)) {
-                *a = px[3];
-            }
+        alpha.reserve_exact(wu * hu);
+        for row in raw.chunks_exact(wu * 4).rev() {
+            alpha.extend(row.chunks_exact(4).map(|px| px[3]));
         }
     } else {
         // The AND mask: the last bytes of the frame as the directory sizes
@@ -216,12 +216,12 @@ fn bitmap(bytes: &[u8], e: &Entry, max_pixels: u64) -> Result<Bitmap, String> {
             .checked_sub(total as u64)
             .and_then(|start| bytes.get(start as usize..end as usize))
             .ok_or("an icon's AND mask lies outside the file")?;
-        for (y, row) in raw.chunks_exact(row_bytes).enumerate() {
-            let out = &mut alpha[(hu - 1 - y) * wu..][..wu];
-            for (x, a) in out.iter_mut().enumerate() {
-                let bit = row[x / 8] >> (7 - x % 8) & 1;
-                *a = if bit == 1 { 0 } else { 255 };
-            }
+        alpha.reserve_exact(wu * hu);
+        for row in raw.chunks_exact(row_bytes).rev() {
+            alpha.extend((0..wu).map(|x| match row[x / 8] >> (7 - x % 8) & 1 {
+                1 => 0,
+                _ => 255,
+            }));
         }
     }
     Ok(Bitmap {
@@ -309,6 +309,35 @@ mod tests {
                 for keep_alpha in [false, true] {
                     let _ = decode(&bytes[..n], name, &limits, None, None, keep_alpha);
                 }
+            }
+        }
+        // Every fixture with bytes of its directory and headers changed at
+        // random (a fixed seed): errors or images, never a panic. A smaller
+        // pixel limit keeps headers that claim huge bitmaps cheap.
+        let small = ImageLimits {
+            max_pixels: 1 << 16,
+            ..limits
+        };
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for entry in std::fs::read_dir(fixtures()).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.extension().is_some_and(|x| x == "ico" || x == "bmp") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            for _ in 0..200 {
+                let mut b = bytes.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() % b.len().min(80) as u64) as usize;
+                    b[at] = next() as u8;
+                }
+                let _ = decode(&b, "mutated", &small, None, None, next() % 2 == 0);
             }
         }
     }
