@@ -237,13 +237,15 @@ mod tests {
     use crate::image::{ImageLimits, decode};
 
     fn fixtures() -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/ico")
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/ico-bmp")
     }
 
-    /// Pillow 13's `Image.open(f).convert("RGBA")` of icons written byte by
-    /// byte (models/fixtures/make_ico.py): bitmaps of 1 to 32 bits a pixel
-    /// with their AND masks, PNG frames of four modes, and icons of several
-    /// frames; the frame, its colours and its alpha all exact.
+    /// Pillow 13's `Image.open(f).convert("RGBA")` of icons and BMPs
+    /// written byte by byte (models/fixtures/make_ico_bmp.py): icons of
+    /// bitmaps of 1 to 32 bits a pixel with their AND masks, of PNG frames
+    /// of four modes, and of several frames; BMP files of 16 and 32 bits,
+    /// core headers, grey palettes, top-down rows and run-length coding.
+    /// The frame, its colours and its alpha, all exact.
     #[test]
     fn icons_match_pillow() {
         let dir = fixtures();
@@ -251,7 +253,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
         let blob = std::fs::read(dir.join("decoded.bin")).unwrap();
         let cases = meta["cases"].as_array().unwrap();
-        assert!(cases.len() >= 15);
+        assert!(cases.len() >= 25);
         let mut bad = Vec::new();
         for case in cases {
             let file = case["file"].as_str().unwrap();
@@ -303,7 +305,22 @@ mod tests {
         huge[22 + 4..22 + 8].copy_from_slice(&100_000u32.to_le_bytes());
         huge[22 + 8..22 + 12].copy_from_slice(&200_000u32.to_le_bytes());
         refuse(&huge, "over the limit");
-        for name in ["bmp32.ico", "bmp8.ico", "bmp1.ico", "png_rgba.ico"] {
+        // Runs that stop before the image is full fail as in Pillow ("not
+        // enough image data"); without only the end-of-bitmap code, the
+        // image is whole and decodes (as in Pillow 13, both checked).
+        let rle = std::fs::read(fixtures().join("bmp8_rle.bmp")).unwrap();
+        let e = crate::decode_image(&rle[..rle.len() - 30], "x.bmp", &limits).unwrap_err();
+        assert!(e.to_string().contains("not enough image data"), "{e}");
+        let whole = crate::decode_image(&rle, "x.bmp", &limits).unwrap();
+        let no_end = crate::decode_image(&rle[..rle.len() - 2], "x.bmp", &limits).unwrap();
+        assert_eq!(whole, no_end);
+        for name in [
+            "bmp32.ico",
+            "bmp8.ico",
+            "bmp1.ico",
+            "png_rgba.ico",
+            "bmp4_rle.bmp",
+        ] {
             let bytes = std::fs::read(fixtures().join(name)).unwrap();
             for n in 0..bytes.len() {
                 for keep_alpha in [false, true] {

@@ -42,6 +42,10 @@ const FORMATS: &[ImageFormat] = &[
     ImageFormat::Tiff,
 ];
 
+fn corrupt(what: &str, reason: String) -> EmbedError {
+    EmbedError::media(what, format!("corrupt or truncated image ({reason})"), None)
+}
+
 fn decode_error(what: &str, e: image::ImageError) -> EmbedError {
     let reason = match &e {
         image::ImageError::Limits(_) => format!("exceeds a decoding limit ({e})"),
@@ -236,8 +240,9 @@ pub(crate) fn decode(
         crate::jpeg::draft_denominator((w, h), (nw, nh))
     });
     if format == ImageFormat::Bmp
-        && let Some(img) = crate::bmp::decode_16_bit(bytes, limits.max_pixels)
+        && let Some(img) = crate::bmp::decode(bytes, limits.max_pixels)
     {
+        let img = img.map_err(|e| corrupt(what, e))?;
         return Ok(finish(DynamicImage::ImageRgb8(img), keep_alpha));
     }
     if format == ImageFormat::Jpeg {
@@ -282,13 +287,14 @@ fn decode_ico(
     limits: &ImageLimits,
     keep_alpha: bool,
 ) -> Result<Decoded, EmbedError> {
-    let corrupt = |reason: String| EmbedError::media(what, format!("corrupt icon: {reason}"), None);
-    let bitmap = match crate::ico::frame(bytes, limits.max_pixels).map_err(corrupt)? {
+    let bad_icon =
+        |reason: String| EmbedError::media(what, format!("corrupt icon: {reason}"), None);
+    let bitmap = match crate::ico::frame(bytes, limits.max_pixels).map_err(bad_icon)? {
         crate::ico::Frame::Png(png) => return decode(png, what, limits, None, None, keep_alpha),
         crate::ico::Frame::Bitmap(b) => b,
     };
-    let colours = match crate::bmp::decode_16_bit(&bitmap.bmp, limits.max_pixels) {
-        Some(c) => c,
+    let colours = match crate::bmp::decode(&bitmap.bmp, limits.max_pixels) {
+        Some(c) => c.map_err(|e| corrupt(what, e))?,
         None => {
             let mut reader = ImageReader::with_format(Cursor::new(&bitmap.bmp), ImageFormat::Bmp);
             let mut decoder_limits = image::Limits::default();
@@ -301,7 +307,7 @@ fn decode_ico(
         }
     };
     if colours.dimensions() != (bitmap.width, bitmap.height) {
-        return Err(corrupt(format!(
+        return Err(bad_icon(format!(
             "its bitmap decodes to {:?}, its header says {:?}",
             colours.dimensions(),
             (bitmap.width, bitmap.height)

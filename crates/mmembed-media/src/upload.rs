@@ -120,7 +120,7 @@ mod tests {
     #[test]
     fn icons_are_sent_as_png() {
         let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/ico");
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/ico-bmp");
         let ico = std::fs::read(dir.join("choice_fewest_colours.ico")).unwrap();
         let up = encode_for_upload(&ico, "a.ico", 1 << 20, &[ImageFormat::Png]).unwrap();
         assert_eq!(up.mime_type, "image/png");

@@ -686,7 +686,7 @@ mod tests {
     fn first_bytes_tell_the_formats_of_the_fixtures() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures");
         let mut seen = 0;
-        for dir in ["jpeg", "images", "bad-input", "ico"] {
+        for dir in ["jpeg", "images", "bad-input", "ico-bmp"] {
             let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
                 continue;
             };
