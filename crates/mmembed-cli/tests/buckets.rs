@@ -641,6 +641,8 @@ fn a_second_job_on_a_bucket_output_is_refused_naming_the_holder() {
 /// Vertex reads `gs://` objects itself: the job sends their URIs, having
 /// typed one named without an extension (stored as octet-stream) by its
 /// first bytes here, and failed a text file so named without asking Vertex.
+/// A GIF goes by URI without a `mimeType` (which names only JPEG and PNG);
+/// a WebP, which the service does not read, is fetched and sent as PNG.
 #[test]
 fn vertex_gets_gs_uris_typed_here() {
     let Some(b) = bucket(Kind::Gcs) else { return };
@@ -667,6 +669,11 @@ fn vertex_gets_gs_uris_typed_here() {
             "image/png",
         ),
         ("star.png", png(Shape::Star, Colour::Red, 1), generic),
+        (
+            "ring.webp",
+            encoded(Shape::Ring, Colour::Red, 4, image::ImageFormat::WebP),
+            generic,
+        ),
     ];
     for (k, bytes, ct) in objects {
         let uri = format!("{base}/{k}");
@@ -718,10 +725,22 @@ fn vertex_gets_gs_uris_typed_here() {
         "{sent:?}"
     );
     assert!(!sent.iter().any(|b| b.contains("uploads/77")), "{sent:?}");
+    assert_eq!(row("ring.webp")["status"], "");
+    assert!(!sent.iter().any(|b| b.contains("ring.webp")), "{sent:?}");
+    let inline: Vec<&String> = sent
+        .iter()
+        .filter(|b| b.contains("bytesBase64Encoded"))
+        .collect();
+    assert_eq!(inline.len(), 1, "only the WebP goes as bytes: {sent:?}");
     assert!(
-        !sent.iter().any(|b| b.contains("bytesBase64Encoded")),
-        "{sent:?}"
+        inline[0].contains("\"mimeType\":\"image/png\""),
+        "{inline:?}"
     );
+    let gif = sent
+        .iter()
+        .find(|b| b.contains(&gcs("uploads/9b1e")))
+        .expect("the GIF by its URI");
+    assert!(!gif.contains("mimeType"), "{gif}");
 
     // Gemini too reads gs:// objects given their type: the stored one when
     // the name has none; for one stored as octet-stream, the type its

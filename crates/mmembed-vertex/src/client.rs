@@ -100,7 +100,7 @@ impl VertexEmbedder {
     async fn embed_one(&self, mut req: EmbedRequest) -> Result<Embeddings, EmbedError> {
         req.validate()?;
         self.inner.info.check(&req)?;
-        crate::prepare::fetch_non_gcs(&mut req).await?;
+        crate::prepare::fetch_unreadable(&mut req).await?;
         let dimension = req.dimension.unwrap_or(NATIVE_DIMENSION) as usize;
         let max_image = self.inner.cfg.max_image_bytes;
         let bodies = bodies(&req, max_image)?;

@@ -35,24 +35,53 @@ fn gcs_or_error(u: &str, field: &str) -> Result<String, EmbedError> {
     }
 }
 
-fn mime_from_name(name: &str) -> Option<String> {
-    let lower = name.to_ascii_lowercase();
-    if lower.ends_with(".png") {
-        Some("image/png".into())
-    } else if lower.ends_with(".jpg") || lower.ends_with(".jpeg") {
-        Some("image/jpeg".into())
-    } else {
-        None
+/// How the service can take an image in GCS, by the type it has here (its
+/// declared MIME type, else its name's extension). The service reads BMP,
+/// GIF, JPEG and PNG from a `gcsUri`, but its `mimeType` may name only JPEG
+/// and PNG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GcsImage {
+    /// JPEG or PNG: the URI, with this `mimeType`.
+    Typed(&'static str),
+    /// BMP, GIF, or a type not known here: the URI alone, for the service
+    /// to read (or refuse) as it finds it.
+    Untyped,
+    /// A format the service does not read (WebP, TIFF, ICO, ...): fetched
+    /// here, and sent as PNG bytes.
+    Fetch,
+}
+
+fn gcs_image(uri: &str, declared: Option<&str>) -> GcsImage {
+    // The image crate's own tables of MIME types and extensions.
+    let by_mime = declared
+        .and_then(|d| d.split(';').next())
+        .map(|d| d.trim().to_ascii_lowercase())
+        .and_then(ImageFormat::from_mime_type);
+    let name = uri.split(['?', '#']).next().unwrap_or(uri);
+    let by_name = || {
+        std::path::Path::new(name)
+            .extension()
+            .and_then(ImageFormat::from_extension)
+    };
+    match by_mime.or_else(by_name) {
+        Some(ImageFormat::Jpeg) => GcsImage::Typed("image/jpeg"),
+        Some(ImageFormat::Png) => GcsImage::Typed("image/png"),
+        Some(ImageFormat::Bmp | ImageFormat::Gif) | None => GcsImage::Untyped,
+        Some(_) => GcsImage::Fetch,
     }
 }
 
-/// Replaces media in object stores other than GCS (`s3://`, `az://`,
-/// `http(s)://`) by their bytes: the service reads only `gs://` itself.
-/// `gs://` URIs stay as they are and go to the service as `gcsUri`.
-pub(crate) async fn fetch_non_gcs(req: &mut EmbedRequest) -> Result<(), EmbedError> {
+/// Replaces media the service cannot read itself by their bytes: those in
+/// object stores other than GCS (`s3://`, `az://`, `http(s)://`), and
+/// images in GCS of a format it does not read (WebP, TIFF, ICO; see
+/// [`GcsImage`]). Other `gs://` URIs stay as they are and go to the
+/// service as `gcsUri`.
+pub(crate) async fn fetch_unreadable(req: &mut EmbedRequest) -> Result<(), EmbedError> {
     let fetch = async |m: &mut Media, kind: Modality, max: u64| -> Result<(), EmbedError> {
         if let MediaSource::Uri(u) = &m.source
-            && !u.starts_with("gs://")
+            && (!u.starts_with("gs://")
+                || (kind == Modality::Image
+                    && gcs_image(u, m.mime_type.as_deref()) == GcsImage::Fetch))
             && let Some(b) = mmembed_media::fetch_remote(&m.source, kind, max).await?
         {
             m.source = MediaSource::Bytes(b);
@@ -76,10 +105,24 @@ pub(crate) fn image_json(m: &Media, max_bytes: usize) -> Result<MediaJson, Embed
     if let MediaSource::Uri(u) = &m.source
         && !u.starts_with("file://")
     {
+        let gcs_uri = gcs_or_error(u, "image")?;
+        let mime_type = match gcs_image(u, m.mime_type.as_deref()) {
+            GcsImage::Typed(t) => Some(t.to_string()),
+            GcsImage::Untyped => None,
+            GcsImage::Fetch => {
+                return Err(EmbedError::invalid(
+                    "image",
+                    format!(
+                        "`{u}` is of a format Vertex does not read from GCS; \
+                         fetch it first (the client does)"
+                    ),
+                ));
+            }
+        };
         return Ok(MediaJson {
             bytes_base64_encoded: None,
-            gcs_uri: Some(gcs_or_error(u, "image")?),
-            mime_type: m.mime_type.clone().or_else(|| mime_from_name(u)),
+            gcs_uri: Some(gcs_uri),
+            mime_type,
         });
     }
     let what = m.source.describe(Modality::Image);
@@ -305,6 +348,46 @@ mod tests {
         let j = image_json(&Media::from(MediaSource::Uri("gs://b/c.JPG".into())), 10).unwrap();
         assert_eq!(j.gcs_uri.as_deref(), Some("gs://b/c.JPG"));
         assert_eq!(j.mime_type.as_deref(), Some("image/jpeg"));
+        // The service reads GIF and BMP from GCS, but `mimeType` names only
+        // JPEG and PNG: the URI goes alone. WebP, TIFF and ICO it does not
+        // read: those are fetched first (`fetch_unreadable`).
+        let typed = |uri: &str, declared: Option<&str>| {
+            let mut m = Media::from(MediaSource::Uri(uri.into()));
+            m.mime_type = declared.map(String::from);
+            m
+        };
+        for (uri, declared, want) in [
+            ("gs://b/a.gif", None, GcsImage::Untyped),
+            ("gs://b/a", Some("image/gif"), GcsImage::Untyped),
+            ("gs://b/a.bmp?x=1", None, GcsImage::Untyped),
+            ("gs://b/a", None, GcsImage::Untyped),
+            (
+                "gs://b/a.png",
+                Some("image/jpeg"),
+                GcsImage::Typed("image/jpeg"),
+            ),
+            (
+                "gs://b/a.png",
+                Some("application/octet-stream"),
+                GcsImage::Typed("image/png"),
+            ),
+            ("gs://b/a.webp", None, GcsImage::Fetch),
+            ("gs://b/a", Some("image/tiff"), GcsImage::Fetch),
+            ("gs://b/a.ico", None, GcsImage::Fetch),
+            (
+                "gs://b/a",
+                Some("image/x-icon; charset=binary"),
+                GcsImage::Fetch,
+            ),
+        ] {
+            assert_eq!(gcs_image(uri, declared), want, "{uri} {declared:?}");
+            let j = image_json(&typed(uri, declared), 10);
+            match want {
+                GcsImage::Typed(t) => assert_eq!(j.unwrap().mime_type.as_deref(), Some(t)),
+                GcsImage::Untyped => assert_eq!(j.unwrap().mime_type, None),
+                GcsImage::Fetch => assert!(j.unwrap_err().to_string().contains("does not read")),
+            }
+        }
         assert!(image_json(&Media::from(MediaSource::Uri("https://x/y.png".into())), 10).is_err());
         let e = image_json(&Media::from(b"hello".to_vec()), 100).unwrap_err();
         assert!(matches!(e, EmbedError::MediaDecode { .. }), "{e}");
