@@ -248,23 +248,13 @@ mod tests {
     /// The frame, its colours and its alpha, all exact.
     #[test]
     fn icons_match_pillow() {
-        let dir = fixtures();
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
-        let blob = std::fs::read(dir.join("decoded.bin")).unwrap();
-        let cases = meta["cases"].as_array().unwrap();
-        assert!(cases.len() >= 25);
+        let fx = crate::fixture::Fixture::open("ico-bmp", "decoded.bin");
+        assert!(fx.cases.len() >= 25);
         let mut bad = Vec::new();
-        for case in cases {
-            let file = case["file"].as_str().unwrap();
-            let (w, h) = (
-                case["size"][0].as_u64().unwrap() as u32,
-                case["size"][1].as_u64().unwrap() as u32,
-            );
-            let o = case["offset"].as_u64().unwrap() as usize;
-            let want = &blob[o..o + (w * h * 4) as usize];
-            let bytes = std::fs::read(dir.join(file)).unwrap();
-            let got = decode(&bytes, file, &ImageLimits::default(), None, None, true).unwrap();
+        for case in &fx.cases {
+            let ((w, h), want) = fx.pixels(case, 4);
+            let (file, bytes) = fx.file(case);
+            let got = decode(&bytes, &file, &ImageLimits::default(), None, None, true).unwrap();
             assert_eq!(got.image.dimensions(), (w, h), "{file}");
             let alpha = |i: usize| got.alpha.as_ref().map_or(255, |a| a.as_raw()[3 * i]);
             let wrong = want

@@ -565,23 +565,13 @@ mod tests {
     /// marker) takes the lenient fallback and is only close.
     #[test]
     fn jpeg_pixels_match_pillow() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/jpeg");
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
-        let blob = std::fs::read(dir.join("decoded.bin")).unwrap();
-        let cases = meta["cases"].as_array().unwrap();
-        assert!(cases.len() >= 26);
+        let fx = crate::fixture::Fixture::open("jpeg", "decoded.bin");
+        assert!(fx.cases.len() >= 26);
         let mut bad = Vec::new();
-        for case in cases {
-            let file = case["file"].as_str().unwrap();
-            let (w, h) = (
-                case["size"][0].as_u64().unwrap() as u32,
-                case["size"][1].as_u64().unwrap() as u32,
-            );
-            let o = case["offset"].as_u64().unwrap() as usize;
-            let want = &blob[o..o + (w * h * 3) as usize];
-            let bytes = std::fs::read(dir.join(file)).unwrap();
+        for case in &fx.cases {
+            let ((w, h), want) = fx.pixels(case, 3);
+            let (file, bytes) = fx.file(case);
+            let file = file.as_str();
             let limits = ImageLimits::default();
             let (got, file) = match case.get("draft") {
                 // Reduced as Pillow's draft reduces it, for this need.

@@ -27,3 +27,6 @@ pub use upload::{UploadImage, encode_for_upload};
 
 /// The `image` crate, re-exported so callers use the same version.
 pub use ::image as image_crate;
+
+#[cfg(test)]
+mod fixture;

@@ -670,12 +670,8 @@ mod tests {
     /// Pillow's own output (models/fixtures/make_resample.py).
     #[test]
     fn matches_pillow_on_noise() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/resample");
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
-        let blob = std::fs::read(dir.join("cases.bin")).unwrap();
-        let cases = meta["cases"].as_array().unwrap();
+        let fx = crate::fixture::Fixture::open("resample", "cases.bin");
+        let (cases, blob) = (&fx.cases, &fx.blob);
         assert!(cases.len() > 70);
         let dims =
             |v: &serde_json::Value| (v[0].as_u64().unwrap() as u32, v[1].as_u64().unwrap() as u32);
