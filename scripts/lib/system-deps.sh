@@ -5,6 +5,8 @@
 # - pkg-config, libclang and FFmpeg's -dev libraries: ffmpeg-next links the
 #   system's libavcodec/libavformat/libavutil/libswscale (feature `video`);
 # - the ffmpeg CLI: tests make their videos with it;
+# - libheif's -dev package: HEIC photos decode with the system's libheif
+#   (feature `heif`, on by default in the CLI and the Python package);
 # - cmake and nasm: turbojpeg-sys builds libjpeg-turbo (Pillow's JPEG
 #   decoder, with its SIMD code) from source.
 install_system_deps() {
@@ -17,6 +19,7 @@ install_system_deps() {
   if ! pkg-config --exists libavcodec libavformat libavutil libswscale 2>/dev/null; then
     pkgs+=(libavcodec-dev libavformat-dev libavutil-dev libswscale-dev)
   fi
+  pkg-config --exists libheif 2>/dev/null || pkgs+=(libheif-dev)
   # libclang itself (bindgen loads it), not libclang-cpp, which other
   # packages pull in and which bindgen cannot use.
   if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1; then

@@ -182,6 +182,18 @@ pub(crate) fn decode(
     if crate::ico::is_ico(bytes) {
         return decode_ico(bytes, what, limits, keep_alpha);
     }
+    if crate::heif::is_heic(bytes) {
+        #[cfg(feature = "heif")]
+        return crate::heif::decode(bytes, limits.max_pixels)
+            .map(|img| finish(img, keep_alpha))
+            .map_err(|e| EmbedError::media(what, format!("cannot decode HEIC ({e})"), None));
+        #[cfg(not(feature = "heif"))]
+        return Err(EmbedError::media(
+            what,
+            "HEIC images need mmembed built with the `heif` feature (the system's libheif)",
+            None,
+        ));
+    }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| EmbedError::media(what, "cannot read", Some(Arc::new(e))))?;

@@ -7,6 +7,7 @@
 //! feature (it needs the system's FFmpeg libraries).
 
 mod bmp;
+mod heif;
 mod ico;
 mod image;
 mod jpeg;

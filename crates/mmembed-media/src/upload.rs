@@ -31,9 +31,9 @@ fn mime(f: ImageFormat) -> Option<&'static str> {
 }
 
 /// Encodes `bytes` for a service: images in one of `keep` and within
-/// `max_bytes` go as they are; others are transcoded to PNG (JPEG stays
-/// JPEG); images over `max_bytes` are downscaled and re-encoded, or refused
-/// when even that does not fit. Decoding validates the file.
+/// `max_bytes` go as they are; others are transcoded to PNG (JPEG and
+/// HEIC to JPEG); images over `max_bytes` are downscaled and re-encoded,
+/// or refused when even that does not fit. Decoding validates the file.
 ///
 /// ```
 /// use mmembed_media::image_crate::ImageFormat;
@@ -52,14 +52,23 @@ pub fn encode_for_upload(
     max_bytes: usize,
     keep: &[ImageFormat],
 ) -> Result<UploadImage, EmbedError> {
-    let format = image::guess_format(bytes).map_err(|_| {
-        EmbedError::media(
-            what,
-            "not a recognised image format (expected PNG, JPEG, GIF, BMP, WebP, TIFF or ICO)",
-            None,
-        )
-    })?;
-    if keep.contains(&format)
+    // HEIC, which the `image` crate does not know, is a photo: it goes
+    // as JPEG (as PNG it would be several times the size).
+    let heic = crate::heif::is_heic(bytes);
+    let format = match image::guess_format(bytes) {
+        Ok(f) => f,
+        Err(_) if heic => ImageFormat::Jpeg,
+        Err(_) => {
+            return Err(EmbedError::media(
+                what,
+                "not a recognised image format (expected PNG, JPEG, GIF, BMP, WebP, TIFF, ICO \
+                 or HEIC)",
+                None,
+            ));
+        }
+    };
+    if !heic
+        && keep.contains(&format)
         && bytes.len() <= max_bytes
         && let Some(m) = mime(format)
     {
@@ -128,5 +137,20 @@ mod tests {
         let sent = decode_image(&up.bytes, "sent.png", &limits).unwrap();
         assert_eq!(sent, decode_image(&ico, "a.ico", &limits).unwrap());
         assert_eq!(sent.dimensions(), (32, 32));
+    }
+
+    /// A HEIC photo goes as JPEG (what it decodes to, re-encoded), never
+    /// as it is: the services that take `keep`'s formats do not read it.
+    #[cfg(feature = "heif")]
+    #[test]
+    fn heics_are_sent_as_jpeg() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/heic");
+        let heic = std::fs::read(dir.join("yuv420_64x48.heic")).unwrap();
+        let keep = [ImageFormat::Png, ImageFormat::Jpeg];
+        let up = encode_for_upload(&heic, "a.heic", 1 << 20, &keep).unwrap();
+        assert_eq!(up.mime_type, "image/jpeg");
+        let sent = decode_image(&up.bytes, "sent.jpg", &ImageLimits::default()).unwrap();
+        assert_eq!(sent.dimensions(), (64, 48));
     }
 }

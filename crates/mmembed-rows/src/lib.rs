@@ -57,6 +57,8 @@ const TYPES: &[(&str, &str, Kind)] = &[
     ("tif", "image/tiff", Kind::Image),
     ("tiff", "image/tiff", Kind::Image),
     ("ico", "image/vnd.microsoft.icon", Kind::Image),
+    ("heic", "image/heic", Kind::Image),
+    ("heif", "image/heif", Kind::Image),
     ("mp4", "video/mp4", Kind::Video),
     ("m4v", "video/mp4", Kind::Video),
     ("mov", "video/quicktime", Kind::Video),

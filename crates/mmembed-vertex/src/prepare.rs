@@ -63,6 +63,19 @@ fn gcs_image(uri: &str, declared: Option<&str>) -> GcsImage {
             .extension()
             .and_then(ImageFormat::from_extension)
     };
+    // HEIC, which the service does not read, is not in the image crate's
+    // tables.
+    let heic = |t: &str| matches!(t, "image/heic" | "image/heif" | "heic" | "heif");
+    let declared_heic = declared
+        .and_then(|d| d.split(';').next())
+        .is_some_and(|d| heic(&d.trim().to_ascii_lowercase()));
+    let named_heic = std::path::Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| heic(&e.to_ascii_lowercase()));
+    if declared_heic || (by_mime.is_none() && named_heic) {
+        return GcsImage::Fetch;
+    }
     match by_mime.or_else(by_name) {
         Some(ImageFormat::Jpeg) => GcsImage::Typed("image/jpeg"),
         Some(ImageFormat::Png) => GcsImage::Typed("image/png"),
@@ -378,6 +391,13 @@ mod tests {
                 "gs://b/a",
                 Some("image/x-icon; charset=binary"),
                 GcsImage::Fetch,
+            ),
+            ("gs://b/IMG_0001.HEIC", None, GcsImage::Fetch),
+            ("gs://b/a", Some("image/heif"), GcsImage::Fetch),
+            (
+                "gs://b/a.heic",
+                Some("image/jpeg"),
+                GcsImage::Typed("image/jpeg"),
             ),
         ] {
             assert_eq!(gcs_image(uri, declared), want, "{uri} {declared:?}");
