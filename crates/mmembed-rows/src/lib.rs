@@ -646,7 +646,8 @@ mod tests {
             ("video/x-m4v", Some("video/mp4")),
             ("video/matroska", Some("video/x-matroska")),
             ("image/x-icon", Some("image/vnd.microsoft.icon")),
-            ("image/heic", None),
+            ("image/heic", Some("image/heic")),
+            ("image/avif", None),
             ("application/octet-stream", None),
             ("", None),
         ] {
