@@ -6,9 +6,9 @@
 //!   `google-cloud-auth` crate, or a plain access token; the quota project
 //!   goes in `x-goog-user-project`; a 401 refreshes the token once.
 //! - Validation before any network call; BMP/GIF/WebP/TIFF/ICO transcoded
-//!   to PNG, oversized images downscaled; `gs://` URIs passed through,
-//!   except images of formats the service does not read from GCS (WebP,
-//!   TIFF, ICO), which are fetched and sent as PNG.
+//!   to PNG and HEIC to JPEG, oversized images downscaled; `gs://` URIs
+//!   passed through, except images of formats the service does not read
+//!   from GCS (WebP, TIFF, ICO, HEIC), which are fetched and transcoded.
 //! - Video ranges over 120 s are split into interval-aligned windows and
 //!   merged into one ordered answer.
 //! - Retries with truncated exponential backoff and full jitter, honouring

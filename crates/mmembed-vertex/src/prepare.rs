@@ -46,47 +46,48 @@ enum GcsImage {
     /// BMP, GIF, or a type not known here: the URI alone, for the service
     /// to read (or refuse) as it finds it.
     Untyped,
-    /// A format the service does not read (WebP, TIFF, ICO, ...): fetched
-    /// here, and sent as PNG bytes.
+    /// A format the service does not read (WebP, TIFF, ICO, HEIC, ...):
+    /// fetched here, and sent as PNG bytes (HEIC as JPEG).
     Fetch,
 }
 
 fn gcs_image(uri: &str, declared: Option<&str>) -> GcsImage {
-    // The image crate's own tables of MIME types and extensions.
-    let by_mime = declared
-        .and_then(|d| d.split(';').next())
-        .map(|d| d.trim().to_ascii_lowercase())
-        .and_then(ImageFormat::from_mime_type);
-    let name = uri.split(['?', '#']).next().unwrap_or(uri);
-    let by_name = || {
-        std::path::Path::new(name)
-            .extension()
-            .and_then(ImageFormat::from_extension)
+    /// A type by the image crate's tables, or HEIC, which they lack.
+    enum Type {
+        Known(ImageFormat),
+        Heic,
+    }
+    let by_mime = |m: &str| match m {
+        "image/heic" | "image/heif" => Some(Type::Heic),
+        m => ImageFormat::from_mime_type(m).map(Type::Known),
     };
-    // HEIC, which the service does not read, is not in the image crate's
-    // tables.
-    let heic = |t: &str| matches!(t, "image/heic" | "image/heif" | "heic" | "heif");
-    let declared_heic = declared
+    let by_extension = |e: &str| match e {
+        "heic" | "heif" => Some(Type::Heic),
+        e => ImageFormat::from_extension(e).map(Type::Known),
+    };
+    let declared = declared
         .and_then(|d| d.split(';').next())
-        .is_some_and(|d| heic(&d.trim().to_ascii_lowercase()));
-    let named_heic = std::path::Path::new(name)
+        .map(|d| d.trim().to_ascii_lowercase());
+    let name = uri.split(['?', '#']).next().unwrap_or(uri);
+    let extension = std::path::Path::new(name)
         .extension()
         .and_then(|e| e.to_str())
-        .is_some_and(|e| heic(&e.to_ascii_lowercase()));
-    if declared_heic || (by_mime.is_none() && named_heic) {
-        return GcsImage::Fetch;
-    }
-    match by_mime.or_else(by_name) {
-        Some(ImageFormat::Jpeg) => GcsImage::Typed("image/jpeg"),
-        Some(ImageFormat::Png) => GcsImage::Typed("image/png"),
-        Some(ImageFormat::Bmp | ImageFormat::Gif) | None => GcsImage::Untyped,
-        Some(_) => GcsImage::Fetch,
+        .map(str::to_ascii_lowercase);
+    let known = declared
+        .as_deref()
+        .and_then(by_mime)
+        .or_else(|| extension.as_deref().and_then(by_extension));
+    match known {
+        Some(Type::Known(ImageFormat::Jpeg)) => GcsImage::Typed("image/jpeg"),
+        Some(Type::Known(ImageFormat::Png)) => GcsImage::Typed("image/png"),
+        Some(Type::Known(ImageFormat::Bmp | ImageFormat::Gif)) | None => GcsImage::Untyped,
+        Some(Type::Known(_) | Type::Heic) => GcsImage::Fetch,
     }
 }
 
 /// Replaces media the service cannot read itself by their bytes: those in
 /// object stores other than GCS (`s3://`, `az://`, `http(s)://`), and
-/// images in GCS of a format it does not read (WebP, TIFF, ICO; see
+/// images in GCS of a format it does not read (WebP, TIFF, ICO, HEIC; see
 /// [`GcsImage`]). Other `gs://` URIs stay as they are and go to the
 /// service as `gcsUri`.
 pub(crate) async fn fetch_unreadable(req: &mut EmbedRequest) -> Result<(), EmbedError> {
@@ -111,7 +112,8 @@ pub(crate) async fn fetch_unreadable(req: &mut EmbedRequest) -> Result<(), Embed
 }
 
 /// Encodes an image for the request: JPEG and PNG within the limit go as they
-/// are (with their MIME type); BMP, GIF, WebP, TIFF and ICO are transcoded to PNG
+/// are (with their MIME type); BMP, GIF, WebP, TIFF and ICO are transcoded to PNG,
+/// HEIC to JPEG
 /// (the service's `mimeType` knows only JPEG and PNG); larger images are
 /// downscaled and re-encoded, or rejected when even that does not fit.
 pub(crate) fn image_json(m: &Media, max_bytes: usize) -> Result<MediaJson, EmbedError> {
