@@ -11,6 +11,8 @@
 //! `image` crate, a bitmap frame as the BMP file it is once given a file
 //! header, a PNG frame as any PNG.
 
+use crate::bmp::{u16_at, u32_at};
+
 /// An ICO file's first bytes (reserved 0, type 1 = icon), which is all
 /// Pillow checks before reading the directory.
 const MAGIC: [u8; 4] = [0, 0, 1, 0];
@@ -54,14 +56,6 @@ struct Entry {
     bpp: u16,
     size: u32,
     offset: u32,
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
 /// The frame Pillow's `Image.open` reads: the largest by the directory's

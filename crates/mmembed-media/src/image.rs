@@ -42,6 +42,13 @@ const FORMATS: &[ImageFormat] = &[
     ImageFormat::Tiff,
 ];
 
+/// The `image` crate's decoder limits for ours: its allocations bounded.
+fn decoder_limits(limits: &ImageLimits) -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_alloc = Some(limits.max_alloc);
+    l
+}
+
 fn corrupt(what: &str, reason: String) -> EmbedError {
     EmbedError::media(what, format!("corrupt or truncated image ({reason})"), None)
 }
@@ -211,9 +218,7 @@ pub(crate) fn decode(
             None,
         ));
     }
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_alloc = Some(limits.max_alloc);
-    reader.limits(decoder_limits);
+    reader.limits(decoder_limits(limits));
     let mut decoder = reader.into_decoder().map_err(|e| decode_error(what, e))?;
     let (w, h) = decoder.dimensions();
     let pixels = u64::from(w) * u64::from(h);
@@ -309,9 +314,7 @@ fn decode_ico(
         Some(c) => c.map_err(|e| corrupt(what, e))?,
         None => {
             let mut reader = ImageReader::with_format(Cursor::new(&bitmap.bmp), ImageFormat::Bmp);
-            let mut decoder_limits = image::Limits::default();
-            decoder_limits.max_alloc = Some(limits.max_alloc);
-            reader.limits(decoder_limits);
+            reader.limits(decoder_limits(limits));
             reader
                 .decode()
                 .map_err(|e| decode_error(what, e))?
