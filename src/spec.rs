@@ -57,7 +57,7 @@ pub struct LocalSpec {
     pub fps: Option<f64>,
     /// Keyframe-only video sampling.
     pub keyframes_only: Option<bool>,
-    /// Reduced JPEG decoding (`LocalOptions::jpeg_draft`).
+    /// Reduced JPEG decoding, HEIC thumbnails (`LocalOptions::jpeg_draft`).
     pub jpeg_draft: Option<bool>,
     /// SigLIP 2 NaFlex's patch budget (`LocalOptions::max_patches`).
     pub max_patches: Option<u32>,

@@ -64,7 +64,9 @@ pub struct LocalOptions {
     /// Decode JPEGs reduced by 2, 4 or 8 when that still covers the
     /// model's resize, as Pillow's `Image.draft` does (default false):
     /// faster, the more so the larger the photos, at the price of inputs
-    /// about a level off the exact decode's on average. See
+    /// about a level off the exact decode's on average. With it a HEIC
+    /// photo decodes as its embedded thumbnail where that covers the resize
+    /// (pillow-heif's `draft`): the inputs of a thumbnail differ more. See
     /// [`mmembed_media::decode_image_draft`].
     pub jpeg_draft: bool,
     /// Hub access (default: from the environment).
@@ -162,8 +164,8 @@ impl LocalOptions {
         self
     }
 
-    /// Decodes JPEGs reduced where the model's resize allows (see
-    /// [`LocalOptions::jpeg_draft`]).
+    /// Decodes JPEGs reduced, and HEIC photos as their thumbnails, where
+    /// the model's resize allows (see [`LocalOptions::jpeg_draft`]).
     pub fn with_jpeg_draft(mut self, yes: bool) -> Self {
         self.jpeg_draft = yes;
         self

@@ -663,3 +663,33 @@ async fn jpeg_draft_embeds_the_reduced_decode() {
     let whole = embed(&exact, jpeg).await;
     assert_ne!(drafted, whole);
 }
+
+/// With `jpeg_draft`, a HEIC photo whose embedded thumbnail covers the
+/// model's resize embeds as that thumbnail (pillow-heif's `draft`;
+/// `mmembed-media`'s fixtures hold the choice and the pixels to it): the
+/// 400×300 fixture's 320×240 thumbnail for CLIP's 299×224.
+#[cfg(feature = "heif")]
+#[tokio::test]
+async fn jpeg_draft_embeds_a_heic_thumbnail() {
+    let heic = std::fs::read(fixtures().join("heic/photo_400x300.heic")).unwrap();
+    let limits = mmembed_media::ImageLimits::default();
+    let thumb =
+        mmembed_media::decode_image_draft(&heic, "photo.heic", &limits, |_, _| (299, 224)).unwrap();
+    assert_eq!(thumb.dimensions(), (320, 240));
+    let png = encode(&DynamicImage::ImageRgb8(thumb), ImageFormat::Png);
+    let dir = fixtures().join("tiny-clip");
+    let draft = LocalEmbedder::load_blocking(
+        LocalOptions::new(dir.to_str().unwrap())
+            .with_device(DeviceSpec::Cpu)
+            .with_jpeg_draft(true),
+    )
+    .unwrap();
+    let exact = tiny();
+    let embed = async |e: &LocalEmbedder, bytes: Vec<u8>| {
+        let mut r = e.embed_batch(vec![EmbedRequest::image(bytes)]).await;
+        r.remove(0).unwrap().image.unwrap()
+    };
+    let drafted = embed(&draft, heic.clone()).await;
+    assert_eq!(drafted, embed(&exact, png).await);
+    assert_ne!(drafted, embed(&exact, heic).await);
+}

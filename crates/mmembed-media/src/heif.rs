@@ -7,6 +7,13 @@
 //! `libheif-rs` crate needs libheif 1.17 or later, and Debian 12 ships
 //! 1.15. The functions used here have been in libheif since 1.x, with
 //! these layouts.
+//!
+//! With a need (`Image.draft`, `--jpeg-draft`), a photo's embedded
+//! thumbnail is decoded instead when pillow-heif's `draft` would take it:
+//! the smallest one at least as large as the need that is a scaled copy of
+//! the image ([`scaled_copy`]). libheif 1.15 does not say which
+//! transformations an item has, so the file's item properties are read
+//! here ([`transforms`]).
 
 /// Whether `bytes` are a HEIF file whose brands say HEVC (HEIC): an ISO
 /// BMFF `ftyp` box whose major brand, or with `mif1`/`msf1` one of whose
@@ -43,6 +50,210 @@ pub(crate) fn is_heic(bytes: &[u8]) -> bool {
 #[cfg(feature = "heif")]
 pub(crate) use libheif::decode;
 
+/// A transformation property of an item, as pillow-heif lists them
+/// (libheif's `heif_item_get_transformation_properties`).
+#[cfg(feature = "heif")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transform {
+    /// `irot`: quarter turns anticlockwise.
+    Rotate(u8),
+    /// `imir`: the mirror's axis.
+    Mirror(u8),
+    /// `clap` as the borders it takes off the item's `ispe` size, with it:
+    /// left, top, right, bottom, width, height.
+    Crop([i64; 6]),
+}
+
+/// The ISO BMFF boxes of `data`: (type, body). Stops at the first box
+/// whose size does not fit.
+#[cfg(feature = "heif")]
+fn boxes(mut data: &[u8]) -> impl Iterator<Item = ([u8; 4], &[u8])> {
+    std::iter::from_fn(move || {
+        let head = data.get(..8)?;
+        let kind = [head[4], head[5], head[6], head[7]];
+        let (size, start) = match u32::from_be_bytes([head[0], head[1], head[2], head[3]]) {
+            0 => (data.len(), 8),
+            1 => {
+                let large = data.get(8..16)?;
+                (
+                    usize::try_from(u64::from_be_bytes(large.try_into().ok()?)).ok()?,
+                    16,
+                )
+            }
+            n => (n as usize, 8),
+        };
+        if size < start || size > data.len() {
+            return None;
+        }
+        let body = &data[start..size];
+        data = &data[size..];
+        Some((kind, body))
+    })
+}
+
+#[cfg(feature = "heif")]
+fn child<'a>(data: &'a [u8], kind: &[u8; 4]) -> Option<&'a [u8]> {
+    boxes(data).find(|(k, _)| k == kind).map(|(_, body)| body)
+}
+
+#[cfg(feature = "heif")]
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Each item's transformation properties in the order the file's `ipma`
+/// associates them (ISO/IEC 23008-12 §9.3): what libheif 1.15 applies
+/// but does not tell. `None` when the file's `meta` box cannot be read.
+#[cfg(feature = "heif")]
+fn transforms(file: &[u8]) -> Option<std::collections::HashMap<u32, Vec<Transform>>> {
+    // meta and ipma are full boxes: a version byte and 3 bytes of flags.
+    let meta = child(file, b"meta")?.get(4..)?;
+    let iprp = child(meta, b"iprp")?;
+    let props: Vec<([u8; 4], &[u8])> = boxes(child(iprp, b"ipco")?).collect();
+    let mut out = std::collections::HashMap::new();
+    for (kind, ipma) in boxes(iprp) {
+        if &kind != b"ipma" {
+            continue;
+        }
+        let (version, wide) = (*ipma.first()?, ipma.get(3)? & 1 == 1);
+        let mut at = 8;
+        for _ in 0..be32(ipma, 4)? {
+            let item = if version < 1 {
+                at += 2;
+                u32::from(u16::from_be_bytes(ipma.get(at - 2..at)?.try_into().ok()?))
+            } else {
+                at += 4;
+                be32(ipma, at - 4)?
+            };
+            let count = *ipma.get(at)? as usize;
+            at += 1;
+            let mut indices = Vec::with_capacity(count);
+            for _ in 0..count {
+                // The top bit says "essential"; 0 is no property.
+                let index = if wide {
+                    at += 2;
+                    usize::from(u16::from_be_bytes(ipma.get(at - 2..at)?.try_into().ok()?) & 0x7fff)
+                } else {
+                    at += 1;
+                    usize::from(ipma.get(at - 1)? & 0x7f)
+                };
+                indices.extend(index.checked_sub(1).and_then(|i| props.get(i)));
+            }
+            let ispe = indices
+                .iter()
+                .find(|(k, _)| k == b"ispe")
+                .and_then(|(_, b)| Some((be32(b, 4)?, be32(b, 8)?)));
+            let mut list = Vec::new();
+            for (kind, body) in indices {
+                list.push(match &kind {
+                    b"irot" => Transform::Rotate(body.first()? & 3),
+                    b"imir" => Transform::Mirror(body.first()? & 1),
+                    b"clap" => Transform::Crop(crop_borders(body, ispe?)?),
+                    _ => continue,
+                });
+            }
+            out.insert(item, list);
+        }
+    }
+    Some(out)
+}
+
+/// A `clap`'s borders on an image `width`×`height`, rounded as libheif
+/// rounds them (the left edge down, the others to nearest; its fractions'
+/// integer division truncates).
+#[cfg(feature = "heif")]
+fn crop_borders(clap: &[u8], (width, height): (u32, u32)) -> Option<[i64; 6]> {
+    let u = |i: usize| be32(clap, 4 * i).map(f64::from);
+    let s = |i: usize| be32(clap, 4 * i).map(|v| f64::from(v as i32));
+    let ratio = |n: f64, d: f64| (d != 0.0).then(|| n / d);
+    let clean_w = ratio(u(0)?, u(1)?)?;
+    let clean_h = ratio(u(2)?, u(3)?)?;
+    let off_x = ratio(s(4)?, u(5)?)?;
+    let off_y = ratio(s(6)?, u(7)?)?;
+    let (w, h) = (f64::from(width), f64::from(height));
+    let round = |x: f64| (x + 0.5).trunc() as i64;
+    let left = (off_x + (w - 1.0) / 2.0 - (clean_w - 1.0) / 2.0).trunc() as i64;
+    let right = round(clean_w - 1.0 + left as f64);
+    let top = round(off_y + (h - 1.0) / 2.0 - (clean_h - 1.0) / 2.0);
+    let bottom = round(clean_h - 1.0 + top as f64);
+    let (w, h) = (i64::from(width), i64::from(height));
+    // Saturating: a broken box's fractions may be anything.
+    let (right, bottom) = (
+        (w - 1).saturating_sub(right),
+        (h - 1).saturating_sub(bottom),
+    );
+    Some([left, top, right, bottom, w, h])
+}
+
+/// An image or thumbnail as pillow-heif compares them: its size as
+/// displayed, whether it has an alpha plane (its mode), its
+/// transformations and its colour profile.
+#[cfg(feature = "heif")]
+#[derive(Debug, Clone)]
+struct Item {
+    size: (u32, u32),
+    alpha: bool,
+    transforms: Vec<Transform>,
+    profile: Option<Profile>,
+}
+
+/// A colour profile: ICC bytes, else the nclx code points.
+#[cfg(feature = "heif")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Profile {
+    Icc(Vec<u8>),
+    Nclx([i32; 4]),
+}
+
+/// Whether pillow-heif's `draft` takes `thumb` for `image` at `need`
+/// (pillow-heif 1.9's `_is_scaled_copy`): at least the need, smaller than
+/// the image, of the same mode, aspect ratio (to rounding), rotation and
+/// mirroring, crop (to rounding; an encoder's padding anchored top-left is
+/// no crop) and colour profile (where both have one).
+#[cfg(feature = "heif")]
+fn scaled_copy(thumb: &Item, image: &Item, need: (u32, u32)) -> bool {
+    // i128: products of a file's 32-bit sizes and borders.
+    let (w, h) = (i128::from(image.size.0), i128::from(image.size.1));
+    let (tw, th) = (i128::from(thumb.size.0), i128::from(thumb.size.1));
+    if thumb.alpha != image.alpha || tw < i128::from(need.0) || th < i128::from(need.1) {
+        return false;
+    }
+    if (tw >= w && th >= h) || (tw * h - th * w).abs() > 2 * w.max(h) {
+        return false;
+    }
+    let turns = |t: &Item| -> Vec<Transform> {
+        let turn = |x: &&Transform| !matches!(x, Transform::Crop(_));
+        t.transforms.iter().filter(turn).copied().collect()
+    };
+    if turns(thumb) != turns(image) {
+        return false;
+    }
+    let crops = |t: &Item| -> Vec<[i64; 6]> {
+        let crop = |x: &Transform| match *x {
+            Transform::Crop(c) if c[0] != 0 || c[1] != 0 || c[2] >= 64 || c[3] >= 64 => Some(c),
+            _ => None,
+        };
+        t.transforms.iter().filter_map(crop).collect()
+    };
+    let (tc, ic) = (crops(thumb), crops(image));
+    if tc.len() != ic.len() {
+        return false;
+    }
+    for (t, c) in tc.iter().zip(&ic) {
+        for (border, size) in [(0, 4), (2, 4), (1, 5), (3, 5)] {
+            let (tb, ts) = (i128::from(t[border]), i128::from(t[size]));
+            let (cb, cs) = (i128::from(c[border]), i128::from(c[size]));
+            if (tb * cs - cb * ts).abs() > 2 * cs.max(ts) {
+                return false;
+            }
+        }
+    }
+    match (&thumb.profile, &image.profile) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
+}
+
 /// The bindings and the decoder (feature `heif`: links the system's
 /// libheif).
 #[cfg(feature = "heif")]
@@ -51,6 +262,8 @@ mod libheif {
     use std::sync::Once;
 
     use image::{DynamicImage, ImageBuffer, Rgb, Rgba};
+
+    use super::{Item, Profile};
 
     #[repr(C)]
     struct HeifError {
@@ -71,6 +284,17 @@ mod libheif {
         end_progress: *const c_void,
         progress_user_data: *mut c_void,
         convert_hdr_to_8bit: u8,
+    }
+
+    /// The leading fields of libheif's `heif_color_profile_nclx` (version 1
+    /// on; allocated by libheif).
+    #[repr(C)]
+    struct Nclx {
+        version: u8,
+        color_primaries: c_int,
+        transfer_characteristics: c_int,
+        matrix_coefficients: c_int,
+        full_range_flag: u8,
     }
 
     enum Context {}
@@ -97,6 +321,28 @@ mod libheif {
             ctx: *mut Context,
             handle: *mut *mut Handle,
         ) -> HeifError;
+        fn heif_context_get_primary_image_ID(ctx: *mut Context, id: *mut u32) -> HeifError;
+        fn heif_image_handle_get_number_of_thumbnails(handle: *const Handle) -> c_int;
+        fn heif_image_handle_get_list_of_thumbnail_IDs(
+            handle: *const Handle,
+            ids: *mut u32,
+            count: c_int,
+        ) -> c_int;
+        fn heif_image_handle_get_thumbnail(
+            handle: *const Handle,
+            id: u32,
+            thumbnail: *mut *mut Handle,
+        ) -> HeifError;
+        fn heif_image_handle_get_raw_color_profile_size(handle: *const Handle) -> usize;
+        fn heif_image_handle_get_raw_color_profile(
+            handle: *const Handle,
+            out: *mut c_void,
+        ) -> HeifError;
+        fn heif_image_handle_get_nclx_color_profile(
+            handle: *const Handle,
+            out: *mut *mut Nclx,
+        ) -> HeifError;
+        fn heif_nclx_color_profile_free(nclx: *mut Nclx);
         fn heif_image_handle_release(handle: *const Handle);
         fn heif_image_handle_get_width(handle: *const Handle) -> c_int;
         fn heif_image_handle_get_height(handle: *const Handle) -> c_int;
@@ -160,11 +406,25 @@ mod libheif {
         unsafe { heif_image_release(i) }
     }
 
+    unsafe extern "C" fn free_nclx(n: *mut Nclx) {
+        // SAFETY: see `Guard`.
+        unsafe { heif_nclx_color_profile_free(n) }
+    }
+
     /// Decodes a HEIC file's primary image to 8-bit RGB (RGBA where it has an
     /// alpha), its transformations (rotation, mirroring, crop) applied as
     /// libheif applies them by default, and 10- and 12-bit images brought to 8
     /// bits by libheif. Refuses an image over `max_pixels` before decoding.
-    pub(crate) fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, String> {
+    ///
+    /// With `need` (the size needed of the image as displayed, given that
+    /// size), decodes instead the smallest embedded thumbnail that
+    /// pillow-heif's `draft` would take for it ([`super::scaled_copy`]);
+    /// the image itself when there is none, or none decodes.
+    pub(crate) fn decode(
+        bytes: &[u8],
+        max_pixels: u64,
+        need: Option<&dyn Fn(u32, u32) -> (u32, u32)>,
+    ) -> Result<DynamicImage, String> {
         static INIT: Once = Once::new();
         // SAFETY: heif_init takes no parameters here (null is allowed) and is
         // reference counted; it is never matched by heif_deinit, so libheif
@@ -174,8 +434,7 @@ mod libheif {
         });
         // SAFETY: each call below gets pointers that libheif gave, or `bytes`,
         // which outlives the context that reads it without a copy; every
-        // allocation is freed by a guard; the plane is read within the
-        // bounds libheif reports (stride × height).
+        // allocation is freed by a guard.
         unsafe {
             let ctx = Guard(heif_context_alloc(), heif_context_free);
             if ctx.0.is_null() {
@@ -190,11 +449,8 @@ mod libheif {
             let mut handle = std::ptr::null_mut();
             check(heif_context_get_primary_image_handle(ctx.0, &mut handle))?;
             let handle = Guard(handle, release_handle);
-            let (w, h) = (
-                heif_image_handle_get_width(handle.0),
-                heif_image_handle_get_height(handle.0),
-            );
-            let pixels = u64::from(w.max(0) as u32) * u64::from(h.max(0) as u32);
+            let (w, h) = size(handle.0);
+            let pixels = u64::from(w) * u64::from(h);
             if pixels == 0 {
                 return Err("image has zero width or height".into());
             }
@@ -203,7 +459,116 @@ mod libheif {
                     "{w}x{h} is {pixels} pixels, over the limit of {max_pixels}"
                 ));
             }
-            let alpha = heif_image_handle_has_alpha_channel(handle.0) != 0;
+            if let Some(need) = need
+                && heif_image_handle_get_number_of_thumbnails(handle.0) > 0
+            {
+                for thumb in thumbnails(ctx.0, handle.0, bytes, need(w, h)) {
+                    // pillow-heif goes on to the next when one fails.
+                    if let Ok(img) = decode_handle(thumb.0) {
+                        return Ok(img);
+                    }
+                }
+            }
+            decode_handle(handle.0)
+        }
+    }
+
+    /// The size of an image as displayed (libheif applies the
+    /// transformations to it).
+    unsafe fn size(handle: *const Handle) -> (u32, u32) {
+        // SAFETY: a handle libheif gave.
+        let (w, h) = unsafe {
+            (
+                heif_image_handle_get_width(handle),
+                heif_image_handle_get_height(handle),
+            )
+        };
+        (w.max(0) as u32, h.max(0) as u32)
+    }
+
+    /// The thumbnails pillow-heif's `draft` may take for `need`, smallest
+    /// first (a stable sort by area, as its own).
+    unsafe fn thumbnails(
+        ctx: *mut Context,
+        handle: *const Handle,
+        bytes: &[u8],
+        need: (u32, u32),
+    ) -> Vec<Guard<Handle>> {
+        let Some(transforms) = super::transforms(bytes) else {
+            return Vec::new();
+        };
+        // SAFETY: `ctx` and `handle` are libheif's; the list is written
+        // into a buffer of the count it is given.
+        unsafe {
+            let mut primary = 0u32;
+            if check(heif_context_get_primary_image_ID(ctx, &mut primary)).is_err() {
+                return Vec::new();
+            }
+            let item = |h: *const Handle, id: u32| Item {
+                size: size(h),
+                alpha: heif_image_handle_has_alpha_channel(h) != 0,
+                transforms: transforms.get(&id).cloned().unwrap_or_default(),
+                profile: profile(h),
+            };
+            let image = item(handle, primary);
+            let n = heif_image_handle_get_number_of_thumbnails(handle).max(0);
+            let mut ids = vec![0u32; n as usize];
+            let n = heif_image_handle_get_list_of_thumbnail_IDs(handle, ids.as_mut_ptr(), n);
+            ids.truncate(n.max(0) as usize);
+            let mut found = Vec::new();
+            for id in ids {
+                let mut thumb = std::ptr::null_mut();
+                if check(heif_image_handle_get_thumbnail(handle, id, &mut thumb)).is_err() {
+                    continue;
+                }
+                let thumb = Guard(thumb, release_handle);
+                let t = item(thumb.0, id);
+                if super::scaled_copy(&t, &image, need) {
+                    found.push((u64::from(t.size.0) * u64::from(t.size.1), thumb));
+                }
+            }
+            found.sort_by_key(|(area, _)| *area);
+            found.into_iter().map(|(_, t)| t).collect()
+        }
+    }
+
+    /// An image's colour profile: its ICC profile, else its nclx one.
+    unsafe fn profile(handle: *const Handle) -> Option<Profile> {
+        // SAFETY: the ICC profile is copied into a buffer of the size
+        // libheif gives; the nclx one is libheif's, freed by a guard.
+        unsafe {
+            let n = heif_image_handle_get_raw_color_profile_size(handle);
+            if n > 0 {
+                let mut icc = vec![0u8; n];
+                if check(heif_image_handle_get_raw_color_profile(
+                    handle,
+                    icc.as_mut_ptr().cast(),
+                ))
+                .is_ok()
+                {
+                    return Some(Profile::Icc(icc));
+                }
+            }
+            let mut nclx = std::ptr::null_mut();
+            check(heif_image_handle_get_nclx_color_profile(handle, &mut nclx)).ok()?;
+            let nclx = Guard(nclx, free_nclx);
+            let n = nclx.0.as_ref()?;
+            Some(Profile::Nclx([
+                n.color_primaries,
+                n.transfer_characteristics,
+                n.matrix_coefficients,
+                i32::from(n.full_range_flag),
+            ]))
+        }
+    }
+
+    /// Decodes an image (or thumbnail) to interleaved 8-bit RGB(A).
+    unsafe fn decode_handle(handle: *const Handle) -> Result<DynamicImage, String> {
+        // SAFETY: `handle` is libheif's; every allocation is freed by a
+        // guard; the plane is read within the bounds libheif reports
+        // (stride × height).
+        unsafe {
+            let alpha = heif_image_handle_has_alpha_channel(handle) != 0;
             let options = Guard(heif_decoding_options_alloc(), heif_decoding_options_free);
             if options.0.is_null() {
                 return Err("libheif could not allocate decoding options".into());
@@ -218,7 +583,7 @@ mod libheif {
             };
             let mut image = std::ptr::null_mut();
             check(heif_decode_image(
-                handle.0,
+                handle,
                 &mut image,
                 COLORSPACE_RGB,
                 chroma,
@@ -281,7 +646,9 @@ mod tests {
 
     /// pillow-heif's pixels of HEIC files it wrote
     /// (models/fixtures/make_heic.py): 4:2:0 at odd sizes, 4:4:4, grey,
-    /// with alpha, turned by a HEIF rotation, 10-bit. Its libheif (1.23) and Debian 12's (1.15) make
+    /// with alpha, turned by a HEIF rotation, 10-bit; and with a need, the
+    /// thumbnail (or image) its `draft` chose, of photos with thumbnails
+    /// (grid, turned, alpha, and two whose thumbnail is no scaled copy). Its libheif (1.23) and Debian 12's (1.15) make
     /// 4:4:4 and grey alike to the bit; 4:2:0 a level apart on a few
     /// percent of the values (their YCbCr conversions round differently),
     /// 10-bit up to two (their reductions to 8 bits do).
@@ -295,7 +662,23 @@ mod tests {
             let ((w, h), want) = fx.pixels(case, 4);
             let (file, bytes) = fx.file(case);
             assert!(is_heic(&bytes), "{file}");
-            let got = super::decode(&bytes, u64::MAX).unwrap().into_rgba8();
+            // With a need, pillow-heif's `draft` chose a thumbnail or the
+            // image: ours must choose the same (the size says which).
+            let need = case.get("draft").map(|d| {
+                let d: Vec<u32> = serde_json::from_value(d.clone()).unwrap();
+                (d[0], d[1])
+            });
+            let file = match need {
+                Some(n) => format!("{file} (draft {n:?})"),
+                None => file,
+            };
+            let need_of = need.map(|n| move |_: u32, _: u32| n);
+            let need_fn = need_of
+                .as_ref()
+                .map(|f| f as &dyn Fn(u32, u32) -> (u32, u32));
+            let got = super::decode(&bytes, u64::MAX, need_fn)
+                .unwrap()
+                .into_rgba8();
             assert_eq!(got.dimensions(), (w, h), "{file}");
             let d: Vec<u8> = got
                 .as_raw()
@@ -344,7 +727,7 @@ mod tests {
     fn broken_and_huge_heics_are_errors() {
         let fx = crate::fixture::Fixture::open("heic", "decoded.bin");
         let (_, bytes) = fx.file(&fx.cases[0]);
-        let e = super::decode(&bytes, 100).unwrap_err();
+        let e = super::decode(&bytes, 100, None).unwrap_err();
         assert!(e.contains("over the limit"), "{e}");
         for cut in [40, bytes.len() / 2, bytes.len() - 10] {
             let e = crate::decode_image(&bytes[..cut], "x.heic", &crate::ImageLimits::default());
@@ -355,6 +738,76 @@ mod tests {
         for b in flipped[bytes.len() / 2..].iter_mut() {
             *b ^= 0x5A;
         }
-        let _ = super::decode(&flipped, u64::MAX);
+        let _ = super::decode(&flipped, u64::MAX, None);
+    }
+
+    /// Colour profiles, which no fixture differs in (pillow-heif writes
+    /// thumbnails without one): a thumbnail whose profile is another than
+    /// the photo's is no scaled copy; one of them without a profile is no
+    /// objection (pillow-heif 1.9's `_is_scaled_copy`).
+    #[cfg(feature = "heif")]
+    #[test]
+    fn thumbnails_of_another_colour_profile_are_no_copy() {
+        use super::{Item, Profile, scaled_copy};
+        let item = |size, profile| Item {
+            size,
+            alpha: false,
+            transforms: Vec::new(),
+            profile,
+        };
+        let srgb = Some(Profile::Nclx([1, 13, 6, 1]));
+        let photo = item((4032, 3024), Some(Profile::Icc(b"display p3".to_vec())));
+        let need = (298, 224);
+        assert!(scaled_copy(&item((320, 240), None), &photo, need));
+        assert!(scaled_copy(
+            &item((320, 240), photo.profile.clone()),
+            &photo,
+            need
+        ));
+        assert!(!scaled_copy(&item((320, 240), srgb.clone()), &photo, need));
+        assert!(!scaled_copy(
+            &item((320, 240), Some(Profile::Icc(b"srgb".to_vec()))),
+            &photo,
+            need
+        ));
+        let untagged = item((4032, 3024), None);
+        assert!(scaled_copy(&item((320, 240), srgb), &untagged, need));
+    }
+
+    /// The item properties of the files with thumbnails, cut short or with
+    /// bytes of their `meta` box changed (seeded), read without a panic,
+    /// and such files decode with a need or fail without one.
+    #[cfg(feature = "heif")]
+    #[test]
+    fn broken_thumbnail_properties_are_no_panic() {
+        let fx = crate::fixture::Fixture::open("heic", "decoded.bin");
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let need = |_: u32, _: u32| (1, 1);
+        for case in fx.cases.iter().filter(|c| c.get("draft").is_some()) {
+            let (file, bytes) = fx.file(case);
+            let t = super::transforms(&bytes).unwrap_or_else(|| panic!("{file}"));
+            assert!(!t.is_empty(), "{file}");
+            for cut in (0..bytes.len().min(2048)).step_by(7) {
+                let _ = super::transforms(&bytes[..cut]);
+            }
+            // ftyp, then meta: its first 1,000 bytes or so hold every
+            // property and association.
+            let meta = 8 + usize::from(bytes[3]);
+            for _ in 0..300 {
+                let mut b = bytes.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = meta + (next() as usize) % (b.len() - meta).min(1200);
+                    b[at] = next() as u8;
+                }
+                let _ = super::transforms(&b);
+                let _ = super::decode(&b, u64::MAX, Some(&need));
+            }
+        }
     }
 }

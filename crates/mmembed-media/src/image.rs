@@ -104,7 +104,19 @@ pub fn decode_image(
 /// reduction is a different filter from the resize's, so preprocessed
 /// inputs differ, by about a level on average and a few in the worst
 /// pixels. Images other than the plain JPEGs that
-/// libjpeg-turbo takes (see [`decode_image`]) decode at full size.
+/// libjpeg-turbo takes (see [`decode_image`]) decode at full size,
+/// except HEIC photos (feature `heif`):
+///
+/// A HEIC photo decodes as its embedded thumbnail (phones store one of
+/// 320×240 or so in each) where pillow-heif's `Image.draft` takes it: the
+/// smallest thumbnail at least `need` large that is a scaled copy of the
+/// photo (of the same mode, aspect ratio, rotation, mirroring, crop and
+/// colour profile); else the photo itself. The thumbnail is not the photo
+/// resized: its encoder downscaled and compressed it again, so the inputs
+/// differ more than the JPEG reduction's (BENCHMARKS.md, "HEIC photos"); a
+/// 12-megapixel photo, about a second's HEVC decoding a core, becomes a
+/// few milliseconds'. Which thumbnail, and its pixels, are held to
+/// pillow-heif's by fixtures (`models/fixtures/make_heic.py`).
 ///
 /// ```
 /// use mmembed_media::{decode_image_draft, ImageLimits};
@@ -191,7 +203,7 @@ pub(crate) fn decode(
     }
     if crate::heif::is_heic(bytes) {
         #[cfg(feature = "heif")]
-        return crate::heif::decode(bytes, limits.max_pixels)
+        return crate::heif::decode(bytes, limits.max_pixels, need)
             .map(|img| finish(img, keep_alpha))
             .map_err(|e| EmbedError::media(what, format!("cannot decode HEIC ({e})"), None));
         #[cfg(not(feature = "heif"))]
