@@ -4,7 +4,7 @@
 //! String form:
 //!
 //! ```text
-//! local[:MODEL][?device=cuda&precision=f16&max_batch=32&fps=1&keyframes_only=true&jpeg_draft=true&max_patches=256]
+//! local[:MODEL][?device=cuda&precision=f16&max_batch=32&fps=1&keyframes_only=true&jpeg_draft=true&heic_thumbnail=true&max_patches=256]
 //! vertex[:PROJECT[/LOCATION]][?dimension=512&model=…&base_url=…&concurrency=8&rpm=120&max_attempts=5&timeout_secs=60]
 //! fallback(SPEC, SPEC)[?failure_threshold=3&open_secs=30&allow_mixed_spaces=false]
 //! hedged(SPEC, SPEC)[?delay_ms=200&allow_mixed_spaces=false]
@@ -57,8 +57,10 @@ pub struct LocalSpec {
     pub fps: Option<f64>,
     /// Keyframe-only video sampling.
     pub keyframes_only: Option<bool>,
-    /// Reduced JPEG decoding, HEIC thumbnails (`LocalOptions::jpeg_draft`).
+    /// Reduced JPEG decoding (`LocalOptions::jpeg_draft`).
     pub jpeg_draft: Option<bool>,
+    /// HEIC photos as their thumbnails (`LocalOptions::heic_thumbnail`).
+    pub heic_thumbnail: Option<bool>,
     /// SigLIP 2 NaFlex's patch budget (`LocalOptions::max_patches`).
     pub max_patches: Option<u32>,
 }
@@ -139,7 +141,12 @@ const NUMBERS: [&str; 12] = [
     "delay_ms",
     "delay",
 ];
-const BOOLS: [&str; 3] = ["keyframes_only", "jpeg_draft", "allow_mixed_spaces"];
+const BOOLS: [&str; 4] = [
+    "keyframes_only",
+    "jpeg_draft",
+    "heic_thumbnail",
+    "allow_mixed_spaces",
+];
 
 /// `a=1&b=x` into typed JSON values.
 fn params(spec: &str, query: &str, into: &mut Map<String, Value>) -> Result<(), EmbedError> {
@@ -432,6 +439,9 @@ impl LocalSpec {
         }
         if let Some(d) = self.jpeg_draft {
             o = o.with_jpeg_draft(d);
+        }
+        if let Some(t) = self.heic_thumbnail {
+            o = o.with_heic_thumbnail(t);
         }
         if let Some(n) = self.max_patches {
             o = o.with_max_patches(n);
@@ -787,7 +797,7 @@ mod tests {
 
     #[test]
     fn string_and_toml_forms_agree() {
-        let s: BackendSpec = "hedged(local:models/demo?device=cpu&max_batch=8&jpeg_draft=true&max_patches=576, fallback(vertex:p/us-east1?dimension=512&rpm=600, local))?delay_ms=150"
+        let s: BackendSpec = "hedged(local:models/demo?device=cpu&max_batch=8&jpeg_draft=true&heic_thumbnail=true&max_patches=576, fallback(vertex:p/us-east1?dimension=512&rpm=600, local))?delay_ms=150"
             .parse()
             .unwrap();
         let t = BackendSpec::from_toml(
@@ -800,6 +810,7 @@ mod tests {
             device = "cpu"
             max_batch = 8
             jpeg_draft = true
+            heic_thumbnail = true
             max_patches = 576
             [second]
             kind = "fallback"
@@ -824,7 +835,7 @@ mod tests {
                 unreachable!()
             };
             let o = l.options().unwrap();
-            assert!(o.jpeg_draft);
+            assert!(o.jpeg_draft && o.heic_thumbnail);
             assert_eq!((o.max_batch, o.max_patches), (Some(8), Some(576)));
         }
     }

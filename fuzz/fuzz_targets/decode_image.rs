@@ -1,5 +1,6 @@
 //! Any bytes through image decoding and CLIP preprocessing, whole and
-//! reduced (`decode_image_draft`, as `--jpeg-draft` decodes), and through
+//! reduced (`decode_image_draft`, as `--jpeg-draft` and `--heic-thumbnail`
+//! decode), and through
 //! `decode_crop_into` (what `mmembed batch` runs: a JPEG decoded only over
 //! the columns the crop reads): errors are fine, panics, hangs and huge
 //! allocations are bugs, and so is a crop that differs from the whole
@@ -7,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mmembed_media::{ClipPreprocessor, ImageLimits};
+use mmembed_media::{ClipPreprocessor, Draft, ImageLimits};
 
 fuzz_target!(|data: &[u8]| {
     let limits = ImageLimits {
@@ -18,7 +19,14 @@ fuzz_target!(|data: &[u8]| {
     // The input's last byte picks the path and the crop size, so the
     // corpus reaches each (odd sizes stress the columns the crop reads).
     let pick = data.last().copied().unwrap_or(0);
-    let draft = pick & 1 == 1;
+    let draft = if pick & 1 == 1 {
+        Draft {
+            jpeg: true,
+            heic_thumbnail: true,
+        }
+    } else {
+        Draft::NONE
+    };
     let size = [224, 37, 8, 336][usize::from(pick >> 1 & 3)];
     let pre = ClipPreprocessor::openai(size);
     let whole = pre.decode(data, "fuzz", &limits, draft);

@@ -170,21 +170,30 @@ def test_remote_objects_without_an_extension_are_typed_by_their_bytes(embedder, 
     assert "not found" in out[2]["status"], out[2]
 
 
-def test_jpeg_draft_in_the_spec_is_the_cli_flag(embedder, tmp_path):
-    """`?jpeg_draft=true` decodes as `mmembed batch --jpeg-draft` does (the
-    640x427 photo at 1/4 for the demo model's 64-pixel input), which is not
-    the exact decode."""
-    photo = ROOT / "models/fixtures/images/rocket_640x427.jpg"
+@pytest.mark.parametrize(
+    "key, photo",
+    [
+        # The 640x427 photo at 1/4 for the demo model's 64-pixel input.
+        ("jpeg_draft", "images/rocket_640x427.jpg"),
+        # The 400x300 photo as its 320x240 thumbnail.
+        ("heic_thumbnail", "heic/photo_400x300.heic"),
+    ],
+)
+def test_drafts_in_the_spec_are_the_cli_flags(embedder, tmp_path, key, photo):
+    """`?jpeg_draft=true` and `?heic_thumbnail=true` decode as `mmembed batch
+    --jpeg-draft` and `--heic-thumbnail` do, which is not the exact decode."""
+    photo = ROOT / "models/fixtures" / photo
     d = tmp_path / "photos"
     d.mkdir()
     (d / photo.name).write_bytes(photo.read_bytes())
     out = tmp_path / "draft.parquet"
-    cli("batch", str(d), "-o", str(out), "--model", "demo", "--jpeg-draft")
+    cli("batch", str(d), "-o", str(out), "--model", "demo", "--" + key.replace("_", "-"))
     want = np.array(pq.read_table(out)["embedding"].to_pylist()[0], dtype=np.float32)
-    drafted = mmembed.Embedder("local:demo?jpeg_draft=true").embed_images([str(photo)])
+    drafted = mmembed.Embedder(f"local:demo?{key}=true").embed_images([str(photo)])
     assert drafted.status == [""]
     np.testing.assert_allclose(drafted.embeddings[0], want, atol=1e-6, rtol=0)
     exact = embedder.embed_images([str(photo)])
+    assert exact.status == [""]
     assert np.abs(exact.embeddings[0] - want).max() > 1e-4
 
 

@@ -343,10 +343,13 @@ fn family(
         let limits = mmembed_media::ImageLimits::default();
         // From the bytes, as the embedder decodes them (open_clip's models
         // resize a transparent image with its alpha).
-        sizes.push(
-            clip.preprocessor
-                .decode_resize_into(&bytes, file, &limits, false, slot)?,
-        );
+        sizes.push(clip.preprocessor.decode_resize_into(
+            &bytes,
+            file,
+            &limits,
+            mmembed_media::Draft::NONE,
+            slot,
+        )?);
     }
     let mut image_min = 1f32;
     for (im, got) in photos.iter().zip(clip.embed_u8_images(&buf, &sizes)?) {
@@ -598,6 +601,10 @@ fn decode(dir: &Path, model: Option<&str>, budget: Duration, draft: bool) -> Res
                 |buf, f| -> Result<usize> {
                     let bytes = std::fs::read(f)?;
                     // As the backend decodes with and without --jpeg-draft.
+                    let draft = mmembed_media::Draft {
+                        jpeg: draft,
+                        heic_thumbnail: false,
+                    };
                     pre.decode_crop_into(&bytes, &f.display().to_string(), &limits, draft, buf)?;
                     Ok(buf.len())
                 },

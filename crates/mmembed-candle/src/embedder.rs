@@ -64,11 +64,16 @@ pub struct LocalOptions {
     /// Decode JPEGs reduced by 2, 4 or 8 when that still covers the
     /// model's resize, as Pillow's `Image.draft` does (default false):
     /// faster, the more so the larger the photos, at the price of inputs
-    /// about a level off the exact decode's on average. With it a HEIC
-    /// photo decodes as its embedded thumbnail where that covers the resize
-    /// (pillow-heif's `draft`): the inputs of a thumbnail differ more. See
+    /// about a level off the exact decode's on average. See
     /// [`mmembed_media::decode_image_draft`].
     pub jpeg_draft: bool,
+    /// Decode HEIC photos as their embedded thumbnail when one covers the
+    /// model's resize, as pillow-heif's `Image.draft` does (default
+    /// false): a phone photo's second of HEVC decoding becomes
+    /// milliseconds, but the thumbnail is its encoder's downscaled and
+    /// recompressed copy, so inputs differ from the photo's by several
+    /// levels. See [`mmembed_media::decode_image_draft`].
+    pub heic_thumbnail: bool,
     /// Hub access (default: from the environment).
     pub hub: HubOptions,
     /// Overrides the space id (default: the manifest's, else a hash of the weights).
@@ -105,6 +110,7 @@ impl LocalOptions {
             max_batch: None,
             image_limits: ImageLimits::default(),
             jpeg_draft: false,
+            heic_thumbnail: false,
             hub: HubOptions::from_env(),
             space: None,
             video_fps: 1.0,
@@ -164,10 +170,17 @@ impl LocalOptions {
         self
     }
 
-    /// Decodes JPEGs reduced, and HEIC photos as their thumbnails, where
-    /// the model's resize allows (see [`LocalOptions::jpeg_draft`]).
+    /// Decodes JPEGs reduced where the model's resize allows (see
+    /// [`LocalOptions::jpeg_draft`]).
     pub fn with_jpeg_draft(mut self, yes: bool) -> Self {
         self.jpeg_draft = yes;
+        self
+    }
+
+    /// Decodes HEIC photos as their embedded thumbnails where the model's
+    /// resize allows (see [`LocalOptions::heic_thumbnail`]).
+    pub fn with_heic_thumbnail(mut self, yes: bool) -> Self {
+        self.heic_thumbnail = yes;
         self
     }
 
@@ -954,7 +967,7 @@ struct Worker {
     clip: LoadedClip,
     max_batch: usize,
     limits: ImageLimits,
-    jpeg_draft: bool,
+    draft: mmembed_media::Draft,
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
     video_fps: f64,
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
@@ -1448,13 +1461,9 @@ impl Worker {
     fn pixels_into(&self, src: &MediaSource, slot: &mut [u8]) -> Result<(u32, u32), EmbedError> {
         let what = src.describe(Modality::Image);
         let bytes = read_media(src, Modality::Image, self.limits.max_bytes)?;
-        self.clip.preprocessor.decode_resize_into(
-            &bytes,
-            &what,
-            &self.limits,
-            self.jpeg_draft,
-            slot,
-        )
+        self.clip
+            .preprocessor
+            .decode_resize_into(&bytes, &what, &self.limits, self.draft, slot)
     }
 }
 
@@ -1676,12 +1685,15 @@ impl LocalEmbedder {
                 GPU_MAX_BATCH
             })
             .max(1);
-        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, max_batch, jpeg_draft = opts.jpeg_draft, max_patches = ?opts.max_patches, "local model loaded");
+        tracing::info!(model = %info.model_id, space = %info.space, device = ?device, precision = ?opts.precision, max_batch, jpeg_draft = opts.jpeg_draft, heic_thumbnail = opts.heic_thumbnail, max_patches = ?opts.max_patches, "local model loaded");
         let worker = Arc::new(Worker {
             clip,
             max_batch,
             limits: opts.image_limits,
-            jpeg_draft: opts.jpeg_draft,
+            draft: mmembed_media::Draft {
+                jpeg: opts.jpeg_draft,
+                heic_thumbnail: opts.heic_thumbnail,
+            },
             video_fps: opts.video_fps,
             video_keyframes_only: opts.video_keyframes_only,
             clock: Clock::default(),

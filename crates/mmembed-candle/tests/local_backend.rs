@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use mmembed_candle::{DeviceSpec, LocalEmbedder, LocalOptions};
 use mmembed_core::{EmbedError, EmbedRequest, Embedder, MediaSource, cosine, testkit};
+use mmembed_media::Draft;
 use mmembed_media::image_crate::{self as image, DynamicImage, ImageBuffer, ImageFormat, Rgb};
 
 fn fixtures() -> PathBuf {
@@ -642,7 +643,10 @@ async fn jpeg_draft_embeds_the_reduced_decode() {
     let limits = mmembed_media::ImageLimits::default();
     // CLIP's 224 shortest edge: 298×224 of 640×480, so halved.
     let reduced =
-        mmembed_media::decode_image_draft(&jpeg, "photo.jpg", &limits, |_, _| (298, 224)).unwrap();
+        mmembed_media::decode_image_draft(&jpeg, "photo.jpg", &limits, Draft::JPEG, |_, _| {
+            (298, 224)
+        })
+        .unwrap();
     assert_eq!(reduced.dimensions(), (320, 240));
     let png = encode(&DynamicImage::ImageRgb8(reduced), ImageFormat::Png);
 
@@ -664,32 +668,39 @@ async fn jpeg_draft_embeds_the_reduced_decode() {
     assert_ne!(drafted, whole);
 }
 
-/// With `jpeg_draft`, a HEIC photo whose embedded thumbnail covers the
-/// model's resize embeds as that thumbnail (pillow-heif's `draft`;
+/// With `heic_thumbnail`, a HEIC photo whose embedded thumbnail covers
+/// the model's resize embeds as that thumbnail (pillow-heif's `draft`;
 /// `mmembed-media`'s fixtures hold the choice and the pixels to it): the
-/// 400×300 fixture's 320×240 thumbnail for CLIP's 299×224.
+/// 400×300 fixture's 320×240 thumbnail for CLIP's 299×224. `jpeg_draft`
+/// alone decodes it whole.
 #[cfg(feature = "heif")]
 #[tokio::test]
-async fn jpeg_draft_embeds_a_heic_thumbnail() {
+async fn heic_thumbnail_embeds_the_thumbnail() {
     let heic = std::fs::read(fixtures().join("heic/photo_400x300.heic")).unwrap();
     let limits = mmembed_media::ImageLimits::default();
-    let thumb =
-        mmembed_media::decode_image_draft(&heic, "photo.heic", &limits, |_, _| (299, 224)).unwrap();
+    let thumb = mmembed_media::decode_image_draft(
+        &heic,
+        "photo.heic",
+        &limits,
+        Draft::HEIC_THUMBNAIL,
+        |_, _| (299, 224),
+    )
+    .unwrap();
     assert_eq!(thumb.dimensions(), (320, 240));
     let png = encode(&DynamicImage::ImageRgb8(thumb), ImageFormat::Png);
     let dir = fixtures().join("tiny-clip");
-    let draft = LocalEmbedder::load_blocking(
-        LocalOptions::new(dir.to_str().unwrap())
-            .with_device(DeviceSpec::Cpu)
-            .with_jpeg_draft(true),
-    )
-    .unwrap();
+    let load =
+        |o: LocalOptions| LocalEmbedder::load_blocking(o.with_device(DeviceSpec::Cpu)).unwrap();
+    let thumbnails = load(LocalOptions::new(dir.to_str().unwrap()).with_heic_thumbnail(true));
+    let jpeg_draft = load(LocalOptions::new(dir.to_str().unwrap()).with_jpeg_draft(true));
     let exact = tiny();
     let embed = async |e: &LocalEmbedder, bytes: Vec<u8>| {
         let mut r = e.embed_batch(vec![EmbedRequest::image(bytes)]).await;
         r.remove(0).unwrap().image.unwrap()
     };
-    let drafted = embed(&draft, heic.clone()).await;
+    let drafted = embed(&thumbnails, heic.clone()).await;
     assert_eq!(drafted, embed(&exact, png).await);
-    assert_ne!(drafted, embed(&exact, heic).await);
+    let whole = embed(&exact, heic.clone()).await;
+    assert_ne!(drafted, whole);
+    assert_eq!(embed(&jpeg_draft, heic).await, whole);
 }

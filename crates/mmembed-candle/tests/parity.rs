@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use mmembed_candle::{Kernels, LoadedClip, Precision, local_files};
 use mmembed_core::cosine;
-use mmembed_media::{ImageLimits, decode_image};
+use mmembed_media::{Draft, ImageLimits, decode_image};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures")
@@ -187,7 +187,7 @@ fn check_model_on(
         let (h, w) = clip.preprocessor.output_size();
         let mut row = vec![0u8; (h * w * 3) as usize];
         clip.preprocessor
-            .decode_crop_into(&bytes, file, &ImageLimits::default(), false, &mut row)
+            .decode_crop_into(&bytes, file, &ImageLimits::default(), Draft::NONE, &mut row)
             .unwrap();
         let ours = image::RgbImage::from_raw(w, h, row).unwrap();
         let theirs: Vec<u8> = crops[key].flatten_all().unwrap().to_vec1().unwrap();
@@ -431,7 +431,7 @@ fn mobileclip_partial_jpeg_decode_crops_as_the_whole_decode() {
     let mut want = vec![0u8; 256 * 256 * 3];
     pre.crop_into(&whole, &mut want).unwrap();
     let mut got = vec![0u8; want.len()];
-    pre.decode_crop_into(&bytes, "rocket", &limits, false, &mut got)
+    pre.decode_crop_into(&bytes, "rocket", &limits, Draft::NONE, &mut got)
         .unwrap();
     assert_eq!(got, want);
 }

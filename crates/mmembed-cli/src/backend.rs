@@ -125,10 +125,15 @@ pub struct BackendArgs {
     /// covers the model's resize, as Pillow's `Image.draft` does: decoding
     /// and preprocessing 1.6x as fast on 640x480 photos, 2.4x on 12
     /// megapixels; inputs about a level off the exact decode's on average.
-    /// HEIC photos decode as their embedded thumbnail where it covers the
-    /// resize, as pillow-heif's `draft` does (inputs further off).
     #[arg(long, env = "MMEMBED_JPEG_DRAFT")]
     pub jpeg_draft: bool,
+
+    /// Local images: decode HEIC photos as their embedded thumbnail when
+    /// one covers the model's resize, as pillow-heif's `Image.draft` does:
+    /// milliseconds instead of a second of HEVC decoding per phone photo;
+    /// inputs are the thumbnail's, several levels off the photo's.
+    #[arg(long, env = "MMEMBED_HEIC_THUMBNAIL")]
+    pub heic_thumbnail: bool,
 
     /// Local SigLIP 2 NaFlex models: the most patches an image is resized
     /// into (default: the checkpoint's, 256 on the hub's); more see finer
@@ -216,7 +221,8 @@ impl BackendArgs {
             .with_precision(self.precision)
             .with_video_fps(self.fps)
             .with_video_keyframes_only(self.keyframes_only)
-            .with_jpeg_draft(self.jpeg_draft))
+            .with_jpeg_draft(self.jpeg_draft)
+            .with_heic_thumbnail(self.heic_thumbnail))
     }
 
     /// The Vertex settings these flags describe.
@@ -274,7 +280,7 @@ impl BackendArgs {
 
     /// What this backend's vectors depend on beyond the model and size
     /// each row records (see `recipe`): the local model's precision and
-    /// JPEG decoding, and for an input with videos (`video`: its segment
+    /// JPEG and HEIC decoding, and for an input with videos (`video`: its segment
     /// flags) the segments and the local model's frame sampling. A spec
     /// string's settings are not picked apart (its space and size still
     /// are).
@@ -288,6 +294,8 @@ impl BackendArgs {
                 r = r
                     .with("precision", format!("{:?}", self.precision).to_lowercase())
                     .with("jpeg_draft", self.jpeg_draft)
+                    // Jobs written before it recorded none (not compared).
+                    .with("heic_thumbnail", self.heic_thumbnail)
                     // A NaFlex model's patch budget ("default": the
                     // checkpoint's); jobs written before it recorded none,
                     // and a setting one side lacks is not compared.

@@ -578,6 +578,10 @@ fn shards_partition_the_job_and_parquet_has_the_schema() {
             "jpeg_draft \"false\" (now \"true\")",
         ),
         (
+            &["--interval", "4", "--heic-thumbnail"][..],
+            "heic_thumbnail \"false\" (now \"true\")",
+        ),
+        (
             &["--interval", "4", "--max-patches", "576"][..],
             "max_patches \"default\" (now \"576\")",
         ),

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mmembed_media::image_crate::RgbImage;
-use mmembed_media::{ClipPreprocessor, ImageLimits};
+use mmembed_media::{ClipPreprocessor, Draft, ImageLimits};
 
 fn photo() -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -48,13 +48,13 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode");
     g.bench_function("rocket_640x427", |b| {
         b.iter(|| {
-            clip.decode(black_box(&jpeg), "photo", &limits, false)
+            clip.decode(black_box(&jpeg), "photo", &limits, Draft::NONE)
                 .unwrap()
         })
     });
     g.bench_function("rocket_640x427_draft", |b| {
         b.iter(|| {
-            clip.decode(black_box(&jpeg), "photo", &limits, true)
+            clip.decode(black_box(&jpeg), "photo", &limits, Draft::JPEG)
                 .unwrap()
         })
     });
@@ -68,14 +68,14 @@ fn bench(c: &mut Criterion) {
     g.bench_function("decode_then_crop/rocket_640x427", |b| {
         b.iter(|| {
             let img = clip
-                .decode(black_box(&jpeg), "photo", &limits, false)
+                .decode(black_box(&jpeg), "photo", &limits, Draft::NONE)
                 .unwrap();
             clip.crop_into(&img, &mut row).unwrap()
         })
     });
     g.bench_function("decode_crop_into/rocket_640x427", |b| {
         b.iter(|| {
-            clip.decode_crop_into(black_box(&jpeg), "photo", &limits, false, &mut row)
+            clip.decode_crop_into(black_box(&jpeg), "photo", &limits, Draft::NONE, &mut row)
                 .unwrap()
         })
     });
@@ -86,7 +86,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("noise_640x480", |b| {
         b.iter(|| clip.resize_and_crop(black_box(&img)))
     });
-    let img = clip.decode(&jpeg, "photo", &limits, false).unwrap();
+    let img = clip.decode(&jpeg, "photo", &limits, Draft::NONE).unwrap();
     g.bench_function("rocket_640x427", |b| {
         b.iter(|| clip.resize_and_crop(black_box(&img)))
     });

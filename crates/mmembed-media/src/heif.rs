@@ -8,7 +8,7 @@
 //! 1.15. The functions used here have been in libheif since 1.x, with
 //! these layouts.
 //!
-//! With a need (`Image.draft`, `--jpeg-draft`), a photo's embedded
+//! With a need (`Image.draft`, `--heic-thumbnail`), a photo's embedded
 //! thumbnail is decoded instead when pillow-heif's `draft` would take it:
 //! the smallest one at least as large as the need that is a scaled copy of
 //! the image ([`scaled_copy`]). libheif 1.15 does not say which
@@ -739,6 +739,28 @@ mod tests {
             *b ^= 0x5A;
         }
         let _ = super::decode(&flipped, u64::MAX, None);
+    }
+
+    /// Thumbnails are taken only where the draft says HEIC: a JPEG draft
+    /// decodes a HEIC photo whole.
+    #[cfg(feature = "heif")]
+    #[test]
+    fn only_a_heic_draft_takes_thumbnails() {
+        use crate::{Draft, ImageLimits, decode_image_draft};
+        let bytes = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../models/fixtures/heic/thumbs_160x120.heic"),
+        )
+        .unwrap();
+        let limits = ImageLimits::default();
+        let size = |draft| {
+            decode_image_draft(&bytes, "t.heic", &limits, draft, |_, _| (10, 10))
+                .unwrap()
+                .dimensions()
+        };
+        assert_eq!(size(Draft::NONE), (160, 120));
+        assert_eq!(size(Draft::JPEG), (160, 120));
+        assert_eq!(size(Draft::HEIC_THUMBNAIL), (64, 48));
     }
 
     /// Colour profiles, which no fixture differs in (pillow-heif writes

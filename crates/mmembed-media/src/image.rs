@@ -89,43 +89,85 @@ pub fn decode_image(
     decode(bytes, what, limits, None, None, false).map(|d| d.image)
 }
 
-/// [`decode_image`], except that a JPEG may be decoded at 1/2, 1/4 or 1/8
-/// of its size, as Pillow's `Image.draft("RGB", need)` does: the largest
-/// reduction that keeps both sides at least `need(width, height)`, where
+/// Which formats a draft decode ([`decode_image_draft`]) may take less of,
+/// as Pillow's `Image.draft` does for JPEG and pillow-heif's for HEIC.
+/// Each costs the inputs' fidelity differently, so each is its own choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Draft {
+    /// JPEGs decoded at 1/2, 1/4 or 1/8 of their size (libjpeg's reduced
+    /// inverse DCT): inputs about a level off the exact decode's on
+    /// average.
+    pub jpeg: bool,
+    /// HEIC photos decoded as their embedded thumbnail (feature `heif`):
+    /// inputs further off, as the thumbnail's encoder made it.
+    pub heic_thumbnail: bool,
+}
+
+impl Draft {
+    /// Every image decoded whole.
+    pub const NONE: Self = Self {
+        jpeg: false,
+        heic_thumbnail: false,
+    };
+    /// JPEGs reduced, nothing else.
+    pub const JPEG: Self = Self {
+        jpeg: true,
+        heic_thumbnail: false,
+    };
+    /// HEIC photos as their thumbnails, nothing else.
+    pub const HEIC_THUMBNAIL: Self = Self {
+        jpeg: false,
+        heic_thumbnail: true,
+    };
+
+    /// Whether any format may be decoded reduced.
+    pub fn any(self) -> bool {
+        self.jpeg || self.heic_thumbnail
+    }
+}
+
+/// [`decode_image`], except that where `draft` allows, less of the image
+/// is decoded when that still covers `need(width, height)`, where
 /// `(width, height)` is the image's size as displayed (after its EXIF
-/// orientation) and so is the need.
+/// orientation or HEIF transformations) and so is the need:
 ///
-/// libjpeg reduces in the inverse DCT, so much of the decoding and of the
-/// resizing after it is skipped (only the entropy decoding stays): a
-/// 640×480 photo that a CLIP model resizes to 298×224 decodes at 320×240,
-/// and decoding plus preprocessing are 1.6× as fast; a 12-megapixel one
-/// decodes at 1/8, 2.4× (BENCHMARKS.md). The pixels are Pillow's for
-/// the same request, but not those of a full decode resized: the DCT's
-/// reduction is a different filter from the resize's, so preprocessed
-/// inputs differ, by about a level on average and a few in the worst
-/// pixels. Images other than the plain JPEGs that
-/// libjpeg-turbo takes (see [`decode_image`]) decode at full size,
-/// except HEIC photos (feature `heif`):
+/// **JPEG** ([`Draft::jpeg`]): decoded at 1/2, 1/4 or 1/8 of its size, as
+/// Pillow's `Image.draft("RGB", need)` does: the largest reduction that
+/// keeps both sides at least the need. libjpeg reduces in the inverse DCT,
+/// so much of the decoding and of the resizing after it is skipped (only
+/// the entropy decoding stays): a 640×480 photo that a CLIP model resizes
+/// to 298×224 decodes at 320×240, and decoding plus preprocessing are 1.6×
+/// as fast; a 12-megapixel one decodes at 1/8, 2.4× (BENCHMARKS.md). The
+/// pixels are Pillow's for the same request, but not those of a full
+/// decode resized: the DCT's reduction is a different filter from the
+/// resize's, so preprocessed inputs differ, by about a level on average and
+/// a few in the worst pixels. JPEGs other than the plain ones that
+/// libjpeg-turbo takes (see [`decode_image`]) decode at full size.
 ///
-/// A HEIC photo decodes as its embedded thumbnail (phones store one of
-/// 320×240 or so in each) where pillow-heif's `Image.draft` takes it: the
-/// smallest thumbnail at least `need` large that is a scaled copy of the
-/// photo (of the same mode, aspect ratio, rotation, mirroring, crop and
-/// colour profile); else the photo itself. The thumbnail is not the photo
-/// resized: its encoder downscaled and compressed it again, so the inputs
-/// differ more than the JPEG reduction's (BENCHMARKS.md, "HEIC photos"); a
-/// 12-megapixel photo, about a second's HEVC decoding a core, becomes a
-/// few milliseconds'. Which thumbnail, and its pixels, are held to
-/// pillow-heif's by fixtures (`models/fixtures/make_heic.py`).
+/// **HEIC** ([`Draft::heic_thumbnail`], feature `heif`): decoded as its
+/// embedded thumbnail (phones store one of 320×240 or so in each) where
+/// pillow-heif's `Image.draft` takes it: the smallest thumbnail at least
+/// the need that is a scaled copy of the photo (of the same mode, aspect
+/// ratio, rotation, mirroring, crop and colour profile); else the photo
+/// itself. A 12-megapixel photo, about a second's HEVC decoding a core,
+/// becomes a few milliseconds'. The thumbnail is not the photo resized:
+/// its encoder scaled it (how well is the encoder's business) and
+/// compressed it again, so the inputs differ more than the JPEG
+/// reduction's (BENCHMARKS.md, "HEIC photos"). Which thumbnail, and its
+/// pixels, are held to pillow-heif's by fixtures
+/// (`models/fixtures/make_heic.py`).
+///
+/// Other formats decode whole.
 ///
 /// ```
-/// use mmembed_media::{decode_image_draft, ImageLimits};
+/// use mmembed_media::{decode_image_draft, Draft, ImageLimits};
 /// let mut jpeg = Vec::new();
 /// image::RgbImage::from_pixel(640, 480, image::Rgb([200, 30, 90]))
 ///     .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
 ///     .unwrap();
 /// // A model that resizes the shortest side to 224 needs 298×224 of it.
-/// let img = decode_image_draft(&jpeg, "red.jpg", &ImageLimits::default(), |_, _| (298, 224))?;
+/// let need = |_, _| (298, 224);
+/// let img = decode_image_draft(&jpeg, "red.jpg", &ImageLimits::default(), Draft::JPEG, need)?;
 /// assert_eq!(img.dimensions(), (320, 240));
 /// # Ok::<(), mmembed_core::EmbedError>(())
 /// ```
@@ -133,12 +175,26 @@ pub fn decode_image_draft(
     bytes: &[u8],
     what: &str,
     limits: &ImageLimits,
+    draft: Draft,
     need: impl Fn(u32, u32) -> (u32, u32),
 ) -> Result<RgbImage, EmbedError> {
-    decode(bytes, what, limits, Some(&need), None, false).map(|d| d.image)
+    let need = Need { size: &need, draft };
+    decode(bytes, what, limits, Some(need), None, false).map(|d| d.image)
 }
 
-type Need<'a> = Option<&'a dyn Fn(u32, u32) -> (u32, u32)>;
+/// The size needed of an image as displayed, given that size, and which
+/// formats may be decoded reduced for it.
+#[derive(Clone, Copy)]
+pub(crate) struct Need<'a> {
+    pub size: &'a dyn Fn(u32, u32) -> (u32, u32),
+    pub draft: Draft,
+}
+
+impl<'a> Need<'a> {
+    fn jpeg(need: Option<Self>) -> Option<&'a dyn Fn(u32, u32) -> (u32, u32)> {
+        need.filter(|n| n.draft.jpeg).map(|n| n.size)
+    }
+}
 
 /// An image decoded whole, or only its columns `x0..x0 + image.width()`
 /// (all rows) of an image `width` wide.
@@ -183,7 +239,7 @@ pub(crate) fn decode(
     bytes: &[u8],
     what: &str,
     limits: &ImageLimits,
-    need: Need<'_>,
+    need: Option<Need<'_>>,
     columns: Option<&dyn Fn(u32, u32) -> std::ops::Range<u32>>,
     keep_alpha: bool,
 ) -> Result<Decoded, EmbedError> {
@@ -203,9 +259,13 @@ pub(crate) fn decode(
     }
     if crate::heif::is_heic(bytes) {
         #[cfg(feature = "heif")]
-        return crate::heif::decode(bytes, limits.max_pixels, need)
-            .map(|img| finish(img, keep_alpha))
-            .map_err(|e| EmbedError::media(what, format!("cannot decode HEIC ({e})"), None));
+        return crate::heif::decode(
+            bytes,
+            limits.max_pixels,
+            need.filter(|n| n.draft.heic_thumbnail).map(|n| n.size),
+        )
+        .map(|img| finish(img, keep_alpha))
+        .map_err(|e| EmbedError::media(what, format!("cannot decode HEIC ({e})"), None));
         #[cfg(not(feature = "heif"))]
         return Err(EmbedError::media(
             what,
@@ -252,7 +312,7 @@ pub(crate) fn decode(
         ));
     }
     let orientation = decoder.orientation().map_err(|e| decode_error(what, e))?;
-    let denominator = need.map_or(1, |need| {
+    let denominator = Need::jpeg(need).map_or(1, |need| {
         // The need is for the image as displayed; the reduction applies to
         // it as stored, turned a quarter for orientations 5-8.
         use image::metadata::Orientation::*;
@@ -604,7 +664,8 @@ mod tests {
                 // Reduced as Pillow's draft reduces it, for this need.
                 Some(d) => {
                     let need = (d[0].as_u64().unwrap() as u32, d[1].as_u64().unwrap() as u32);
-                    let got = decode_image_draft(&bytes, file, &limits, |_, _| need).unwrap();
+                    let got = decode_image_draft(&bytes, file, &limits, Draft::JPEG, |_, _| need)
+                        .unwrap();
                     (got, format!("{file} (draft {need:?})"))
                 }
                 None => (
@@ -647,14 +708,14 @@ mod tests {
             r#"{"size": {"shortest_edge": 20}, "crop_size": 12, "resample": 2}"#,
         )
         .unwrap();
-        for draft in [false, true] {
+        for draft in [Draft::NONE, Draft::JPEG] {
             let whole = pre.decode(&jpeg, "cmyk", &limits, draft).unwrap();
             let mut want = vec![0u8; 12 * 12 * 3];
             pre.crop_into(&whole, &mut want).unwrap();
             let mut got = vec![0u8; want.len()];
             pre.decode_crop_into(&jpeg, "cmyk", &limits, draft, &mut got)
                 .unwrap();
-            assert_eq!(got, want, "draft {draft}");
+            assert_eq!(got, want, "draft {draft:?}");
         }
         let cols = |_, _| 16..30;
         let part = decode(&jpeg, "cmyk", &limits, None, Some(&cols), false).unwrap();
@@ -696,10 +757,16 @@ mod tests {
         // Stored 30 × 20, displayed 20 × 30 (EXIF orientation 6).
         let jpg = std::fs::read(dir.join("jpeg/exif_orientation_6.jpg")).unwrap();
         let asked = std::cell::Cell::new(None);
-        let img = decode_image_draft(&jpg, "turned.jpg", &ImageLimits::default(), |w, h| {
-            asked.set(Some((w, h)));
-            (w / 2, h / 2)
-        })
+        let img = decode_image_draft(
+            &jpg,
+            "turned.jpg",
+            &ImageLimits::default(),
+            Draft::JPEG,
+            |w, h| {
+                asked.set(Some((w, h)));
+                (w / 2, h / 2)
+            },
+        )
         .unwrap();
         assert_eq!(asked.get(), Some((20, 30)));
         assert_eq!(img.dimensions(), (10, 15));
@@ -716,11 +783,23 @@ mod tests {
 
         // CMYK reduces too, as Pillow's draft reduces it.
         let cmyk = std::fs::read(dir.join("bad-input/cmyk.jpg")).unwrap();
-        let img = decode_image_draft(&cmyk, "cmyk.jpg", &ImageLimits::default(), |_, _| (1, 1));
+        let img = decode_image_draft(
+            &cmyk,
+            "cmyk.jpg",
+            &ImageLimits::default(),
+            Draft::JPEG,
+            |_, _| (1, 1),
+        );
         assert_eq!(img.unwrap().dimensions(), (15, 10));
         // What the JPEG path does not take decodes whole.
         let jpg = std::fs::read(dir.join("jpeg/junk_before_eoi.jpg")).unwrap();
-        let img = decode_image_draft(&jpg, "junk.jpg", &ImageLimits::default(), |_, _| (1, 1));
+        let img = decode_image_draft(
+            &jpg,
+            "junk.jpg",
+            &ImageLimits::default(),
+            Draft::JPEG,
+            |_, _| (1, 1),
+        );
         assert_eq!(img.unwrap().dimensions(), (32, 24));
     }
 

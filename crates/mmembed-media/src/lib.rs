@@ -18,7 +18,7 @@ mod upload;
 #[cfg(feature = "video")]
 pub mod video;
 
-pub use crate::image::{ImageLimits, decode_image, decode_image_draft, to_rgb_on_white};
+pub use crate::image::{Draft, ImageLimits, decode_image, decode_image_draft, to_rgb_on_white};
 pub use preprocess::{
     AlphaMode, ClipPreprocessor, CropOrigin, MAX_PATCHES, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
     Resample, ResizeTarget, patch_grid_size,

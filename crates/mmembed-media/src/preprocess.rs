@@ -573,9 +573,9 @@ impl ClipPreprocessor {
         }
     }
 
-    /// Decodes an image for this preprocessing: [`decode_image`], or with
-    /// `draft` [`decode_image_draft`] reduced no further than this resize's
-    /// size for it ([`resized_size`](Self::resized_size)), so the crop is
+    /// Decodes an image for this preprocessing: [`decode_image`], or where
+    /// `draft` allows [`decode_image_draft`] reduced no further than this
+    /// resize's size for it ([`resized_size`](Self::resized_size)), so the crop is
     /// made from at least as many pixels as it has. Transparency is
     /// composited onto white here whatever [`alpha`](Self::alpha) says:
     /// for [`AlphaMode::ResizedThenDropped`] take the model's pixels of a
@@ -590,10 +590,10 @@ impl ClipPreprocessor {
         bytes: &[u8],
         what: &str,
         limits: &crate::ImageLimits,
-        draft: bool,
+        draft: crate::Draft,
     ) -> Result<RgbImage, EmbedError> {
-        if draft {
-            crate::decode_image_draft(bytes, what, limits, |w, h| self.resized_size(w, h))
+        if draft.any() {
+            crate::decode_image_draft(bytes, what, limits, draft, |w, h| self.resized_size(w, h))
         } else {
             crate::decode_image(bytes, what, limits)
         }
@@ -690,17 +690,17 @@ impl ClipPreprocessor {
     /// [`crop_into`](Self::crop_into).
     ///
     /// ```
-    /// use mmembed_media::{ClipPreprocessor, ImageLimits};
+    /// use mmembed_media::{ClipPreprocessor, Draft, ImageLimits};
     /// let mut jpeg = Vec::new();
     /// image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([x as u8, y as u8, 90]))
     ///     .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
     ///     .unwrap();
     /// let clip = ClipPreprocessor::openai(224);
     /// let mut row = vec![0u8; 224 * 224 * 3];
-    /// clip.decode_crop_into(&jpeg, "photo.jpg", &ImageLimits::default(), false, &mut row)?;
+    /// clip.decode_crop_into(&jpeg, "photo.jpg", &ImageLimits::default(), Draft::NONE, &mut row)?;
     ///
     /// // The same bytes as decoding the whole image first.
-    /// let whole = clip.decode(&jpeg, "photo.jpg", &ImageLimits::default(), false)?;
+    /// let whole = clip.decode(&jpeg, "photo.jpg", &ImageLimits::default(), Draft::NONE)?;
     /// let mut expected = vec![0u8; row.len()];
     /// clip.crop_into(&whole, &mut expected).unwrap();
     /// assert_eq!(row, expected);
@@ -711,7 +711,7 @@ impl ClipPreprocessor {
         bytes: &[u8],
         what: &str,
         limits: &crate::ImageLimits,
-        draft: bool,
+        draft: crate::Draft,
         out: &mut [u8],
     ) -> Result<(), EmbedError> {
         let crop = self.decode_resized(bytes, what, limits, draft)?;
@@ -729,7 +729,7 @@ impl ClipPreprocessor {
         bytes: &[u8],
         what: &str,
         limits: &crate::ImageLimits,
-        draft: bool,
+        draft: crate::Draft,
         out: &mut [u8],
     ) -> Result<(u32, u32), EmbedError> {
         let img = self.decode_resized(bytes, what, limits, draft)?;
@@ -741,10 +741,12 @@ impl ClipPreprocessor {
         bytes: &[u8],
         what: &str,
         limits: &crate::ImageLimits,
-        draft: bool,
+        draft: crate::Draft,
     ) -> Result<RgbImage, EmbedError> {
-        let need = |w, h| self.resized_size(w, h);
-        let need: Option<&dyn Fn(u32, u32) -> (u32, u32)> = if draft { Some(&need) } else { None };
+        let size = |w, h| self.resized_size(w, h);
+        let need = draft
+            .any()
+            .then_some(crate::image::Need { size: &size, draft });
         let columns = |w, h| self.columns_read((w, h));
         let keep_alpha = self.alpha == AlphaMode::ResizedThenDropped;
         let mut decoded =
@@ -950,6 +952,7 @@ fn center_crop(img: &RgbImage, ch: u32, cw: u32, origin: CropOrigin) -> RgbImage
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Draft;
 
     /// transformers' `get_image_size_for_max_num_patches` (5.25) on 80
     /// random sizes, patches and budgets (1 to 100,000 pixels a side, budgets
@@ -1109,7 +1112,7 @@ mod tests {
         let limits = crate::ImageLimits::default();
         let mut row = vec![0u8; 256 * 256 * 3];
         open_clip
-            .decode_crop_into(&png, "a.png", &limits, false, &mut row)
+            .decode_crop_into(&png, "a.png", &limits, Draft::NONE, &mut row)
             .unwrap();
         let want: Vec<u8> = (22..278)
             .flat_map(|y| (0..256).flat_map(move |x| [x as u8, y as u8, (x * 7 + y) as u8]))
@@ -1118,7 +1121,7 @@ mod tests {
         let mut hf = open_clip.clone();
         hf.alpha = AlphaMode::OnWhite;
         let mut on_white = vec![0u8; row.len()];
-        hf.decode_crop_into(&png, "a.png", &limits, false, &mut on_white)
+        hf.decode_crop_into(&png, "a.png", &limits, Draft::NONE, &mut on_white)
             .unwrap();
         assert_ne!(on_white, want);
     }
@@ -1371,8 +1374,8 @@ mod tests {
 #[cfg(test)]
 mod partial_decode {
     use super::*;
-    use crate::ImageLimits;
     use crate::jpeg::make::{drop_refinement_scans, encode};
+    use crate::{Draft, ImageLimits};
 
     /// Gradients, edges and noise (xorshift), the same on every run.
     fn picture(w: u32, h: u32, seed: u64) -> RgbImage {
@@ -1429,7 +1432,7 @@ mod partial_decode {
                         jpeg
                     };
                     for (p, pre) in pres.iter().enumerate() {
-                        for draft in [false, true] {
+                        for draft in [Draft::NONE, Draft::JPEG] {
                             let (ch, cw) = pre.output_size();
                             let mut want = vec![0u8; (ch * cw * 3) as usize];
                             let whole = pre.decode(&jpeg, "whole", &limits, draft).unwrap();
@@ -1437,9 +1440,10 @@ mod partial_decode {
                             let mut got = vec![0u8; want.len()];
                             pre.decode_crop_into(&jpeg, "part", &limits, draft, &mut got)
                                 .unwrap();
-                            let need = |w, h| pre.resized_size(w, h);
-                            let need: Option<&dyn Fn(u32, u32) -> (u32, u32)> =
-                                if draft { Some(&need) } else { None };
+                            let size = |w, h| pre.resized_size(w, h);
+                            let need = draft
+                                .any()
+                                .then_some(crate::image::Need { size: &size, draft });
                             let cols = |w, h| pre.columns_read((w, h));
                             let d = crate::image::decode(
                                 &jpeg,
@@ -1455,7 +1459,7 @@ mod partial_decode {
                             let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
                             if wrong > 0 {
                                 bad.push(format!(
-                                    "{w}x{h} subsamp {subsamp} {scans} pre {p} draft {draft}: \
+                                    "{w}x{h} subsamp {subsamp} {scans} pre {p} draft {draft:?}: \
                                      {wrong} bytes differ (columns {}.. of {})",
                                     d.x0, d.width
                                 ));
