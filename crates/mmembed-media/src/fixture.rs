@@ -44,3 +44,14 @@ impl Fixture {
         (name, bytes)
     }
 }
+
+/// A seeded xorshift64 stream, for the tests that change fixtures' bytes
+/// at random: the same changes on every run.
+pub(crate) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

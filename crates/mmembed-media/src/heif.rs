@@ -803,13 +803,7 @@ mod tests {
     #[test]
     fn broken_thumbnail_properties_are_no_panic() {
         let fx = crate::fixture::Fixture::open("heic", "decoded.bin");
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::fixture::xorshift(0x2545_f491_4f6c_dd1d);
         let need = |_: u32, _: u32| (1, 1);
         for case in fx.cases.iter().filter(|c| c.get("draft").is_some()) {
             let (file, bytes) = fx.file(case);

@@ -319,13 +319,7 @@ mod tests {
             max_pixels: 1 << 16,
             ..limits
         };
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::fixture::xorshift(0x2545_f491_4f6c_dd1d);
         for entry in std::fs::read_dir(fixtures()).unwrap() {
             let path = entry.unwrap().path();
             if !path.extension().is_some_and(|x| x == "ico" || x == "bmp") {
@@ -338,7 +332,7 @@ mod tests {
                     let at = (next() % b.len().min(80) as u64) as usize;
                     b[at] = next() as u8;
                 }
-                let _ = decode(&b, "mutated", &small, None, None, next() % 2 == 0);
+                let _ = decode(&b, "mutated", &small, None, None, next().is_multiple_of(2));
             }
         }
     }
