@@ -36,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
     let (w, h) = pre.output_size();
     let mut row = vec![0u8; w as usize * h as usize * 3];
     let cropped = pre.decode_crop_into(data, "fuzz", &limits, draft, &mut row);
-    if let (Ok(img), Ok(())) = (&whole, &cropped) {
+    // libde265 leaves the blocks of a corrupt HEVC stream it cannot decode
+    // as the buffer held them (found by this target: two decodes of one
+    // mutated HEIC differ), so the HEIC path promises no such equality.
+    let heic = data.get(4..8) == Some(b"ftyp");
+    if let (Ok(img), Ok(()), false) = (&whole, &cropped, heic) {
         let mut expected = vec![0u8; row.len()];
         pre.crop_into(img, &mut expected).unwrap();
         assert!(row == expected, "the crop differs from the whole decode's");

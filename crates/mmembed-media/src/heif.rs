@@ -446,9 +446,13 @@ mod libheif {
                 bytes.len(),
                 std::ptr::null(),
             ))?;
+            // Each out-pointer is guarded before its error is looked at:
+            // libheif may fill it and still fail (its nclx getter does,
+            // for code points it does not know: found by fuzzing).
             let mut handle = std::ptr::null_mut();
-            check(heif_context_get_primary_image_handle(ctx.0, &mut handle))?;
+            let e = heif_context_get_primary_image_handle(ctx.0, &mut handle);
             let handle = Guard(handle, release_handle);
+            check(e)?;
             let (w, h) = size(handle.0);
             let pixels = u64::from(w) * u64::from(h);
             if pixels == 0 {
@@ -518,10 +522,11 @@ mod libheif {
             let mut found = Vec::new();
             for id in ids {
                 let mut thumb = std::ptr::null_mut();
-                if check(heif_image_handle_get_thumbnail(handle, id, &mut thumb)).is_err() {
+                let e = heif_image_handle_get_thumbnail(handle, id, &mut thumb);
+                let thumb = Guard(thumb, release_handle);
+                if check(e).is_err() {
                     continue;
                 }
-                let thumb = Guard(thumb, release_handle);
                 let t = item(thumb.0, id);
                 if super::scaled_copy(&t, &image, need) {
                     found.push((u64::from(t.size.0) * u64::from(t.size.1), thumb));
@@ -550,8 +555,9 @@ mod libheif {
                 }
             }
             let mut nclx = std::ptr::null_mut();
-            check(heif_image_handle_get_nclx_color_profile(handle, &mut nclx)).ok()?;
+            let e = heif_image_handle_get_nclx_color_profile(handle, &mut nclx);
             let nclx = Guard(nclx, free_nclx);
+            check(e).ok()?;
             let n = nclx.0.as_ref()?;
             Some(Profile::Nclx([
                 n.color_primaries,
@@ -582,14 +588,9 @@ mod libheif {
                 CHROMA_INTERLEAVED_RGB
             };
             let mut image = std::ptr::null_mut();
-            check(heif_decode_image(
-                handle,
-                &mut image,
-                COLORSPACE_RGB,
-                chroma,
-                options.0,
-            ))?;
+            let e = heif_decode_image(handle, &mut image, COLORSPACE_RGB, chroma, options.0);
             let image = Guard(image, release_image);
+            check(e)?;
             let (w, h) = (
                 heif_image_get_width(image.0, CHANNEL_INTERLEAVED),
                 heif_image_get_height(image.0, CHANNEL_INTERLEAVED),
