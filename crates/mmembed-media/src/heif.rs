@@ -11,7 +11,7 @@
 //! With a need (`Image.draft`, `--heic-thumbnail`), a photo's embedded
 //! thumbnail is decoded instead when pillow-heif's `draft` would take it:
 //! the smallest one at least as large as the need that is a scaled copy of
-//! the image ([`scaled_copy`]). libheif 1.15 does not say which
+//! the image ([`not_a_copy`]). libheif 1.15 does not say which
 //! transformations an item has, so the file's item properties are read
 //! here ([`transforms`]).
 
@@ -205,28 +205,38 @@ enum Profile {
     Nclx([i32; 4]),
 }
 
-/// Whether pillow-heif's `draft` takes `thumb` for `image` at `need`
-/// (pillow-heif 1.9's `_is_scaled_copy`): at least the need, smaller than
-/// the image, of the same mode, aspect ratio (to rounding), rotation and
-/// mirroring, crop (to rounding; an encoder's padding anchored top-left is
-/// no crop) and colour profile (where both have one).
+/// Why pillow-heif's `draft` would not take `thumb` for `image` at `need`,
+/// or `None` where it would (pillow-heif 1.9's `_is_scaled_copy`): it takes
+/// one at least the need, smaller than the image, of the same mode, aspect
+/// ratio (to rounding), rotation and mirroring, crop (to rounding; an
+/// encoder's padding anchored top-left is no crop) and colour profile
+/// (where both have one).
+///
+/// The reason goes to the debug log, so that a user whose photos give no
+/// speed-up can see why.
 #[cfg(feature = "heif")]
-fn scaled_copy(thumb: &Item, image: &Item, need: (u32, u32)) -> bool {
+fn not_a_copy(thumb: &Item, image: &Item, need: (u32, u32)) -> Option<&'static str> {
     // i128: products of a file's 32-bit sizes and borders.
     let (w, h) = (i128::from(image.size.0), i128::from(image.size.1));
     let (tw, th) = (i128::from(thumb.size.0), i128::from(thumb.size.1));
-    if thumb.alpha != image.alpha || tw < i128::from(need.0) || th < i128::from(need.1) {
-        return false;
+    if tw < i128::from(need.0) || th < i128::from(need.1) {
+        return Some("smaller than the model's resize");
     }
-    if (tw >= w && th >= h) || (tw * h - th * w).abs() > 2 * w.max(h) {
-        return false;
+    if thumb.alpha != image.alpha {
+        return Some("an alpha plane on one side only");
+    }
+    if tw >= w && th >= h {
+        return Some("not smaller than the photo");
+    }
+    if (tw * h - th * w).abs() > 2 * w.max(h) {
+        return Some("another aspect ratio");
     }
     let turns = |t: &Item| -> Vec<Transform> {
         let turn = |x: &&Transform| !matches!(x, Transform::Crop(_));
         t.transforms.iter().filter(turn).copied().collect()
     };
     if turns(thumb) != turns(image) {
-        return false;
+        return Some("another rotation or mirroring");
     }
     let crops = |t: &Item| -> Vec<[i64; 6]> {
         let crop = |x: &Transform| match *x {
@@ -237,20 +247,20 @@ fn scaled_copy(thumb: &Item, image: &Item, need: (u32, u32)) -> bool {
     };
     let (tc, ic) = (crops(thumb), crops(image));
     if tc.len() != ic.len() {
-        return false;
+        return Some("another crop");
     }
     for (t, c) in tc.iter().zip(&ic) {
         for (border, size) in [(0, 4), (2, 4), (1, 5), (3, 5)] {
             let (tb, ts) = (i128::from(t[border]), i128::from(t[size]));
             let (cb, cs) = (i128::from(c[border]), i128::from(c[size]));
             if (tb * cs - cb * ts).abs() > 2 * cs.max(ts) {
-                return false;
+                return Some("another crop");
             }
         }
     }
     match (&thumb.profile, &image.profile) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
+        (Some(a), Some(b)) if a != b => Some("another colour profile"),
+        _ => None,
     }
 }
 
@@ -418,10 +428,11 @@ mod libheif {
     ///
     /// With `need` (the size needed of the image as displayed, given that
     /// size), decodes instead the smallest embedded thumbnail that
-    /// pillow-heif's `draft` would take for it ([`super::scaled_copy`]);
+    /// pillow-heif's `draft` would take for it ([`super::not_a_copy`]);
     /// the image itself when there is none, or none decodes.
     pub(crate) fn decode(
         bytes: &[u8],
+        what: &str,
         max_pixels: u64,
         need: Option<&dyn Fn(u32, u32) -> (u32, u32)>,
     ) -> Result<DynamicImage, String> {
@@ -466,10 +477,16 @@ mod libheif {
             if let Some(need) = need
                 && heif_image_handle_get_number_of_thumbnails(handle.0) > 0
             {
-                for thumb in thumbnails(ctx.0, handle.0, bytes, need(w, h)) {
+                for thumb in thumbnails(ctx.0, handle.0, bytes, what, need(w, h)) {
                     // pillow-heif goes on to the next when one fails.
-                    if let Ok(img) = decode_handle(thumb.0) {
-                        return Ok(img);
+                    match decode_handle(thumb.0) {
+                        Ok(img) => {
+                            tracing::debug!(%what, thumbnail = ?size(thumb.0), photo = ?(w, h), "a HEIC photo decoded as its thumbnail");
+                            return Ok(img);
+                        }
+                        Err(e) => {
+                            tracing::debug!(%what, error = %e, "a HEIC thumbnail did not decode")
+                        }
                     }
                 }
             }
@@ -496,6 +513,7 @@ mod libheif {
         ctx: *mut Context,
         handle: *const Handle,
         bytes: &[u8],
+        what: &str,
         need: (u32, u32),
     ) -> Vec<Guard<Handle>> {
         let Some(transforms) = super::transforms(bytes) else {
@@ -528,8 +546,16 @@ mod libheif {
                     continue;
                 }
                 let t = item(thumb.0, id);
-                if super::scaled_copy(&t, &image, need) {
-                    found.push((u64::from(t.size.0) * u64::from(t.size.1), thumb));
+                match super::not_a_copy(&t, &image, need) {
+                    None => found.push((u64::from(t.size.0) * u64::from(t.size.1), thumb)),
+                    Some(why) => tracing::debug!(
+                        %what,
+                        thumbnail = ?t.size,
+                        photo = ?image.size,
+                        ?need,
+                        why,
+                        "a HEIC thumbnail not taken"
+                    ),
                 }
             }
             found.sort_by_key(|(area, _)| *area);
@@ -677,7 +703,7 @@ mod tests {
             let need_fn = need_of
                 .as_ref()
                 .map(|f| f as &dyn Fn(u32, u32) -> (u32, u32));
-            let got = super::decode(&bytes, u64::MAX, need_fn)
+            let got = super::decode(&bytes, "t.heic", u64::MAX, need_fn)
                 .unwrap()
                 .into_rgba8();
             assert_eq!(got.dimensions(), (w, h), "{file}");
@@ -728,7 +754,7 @@ mod tests {
     fn broken_and_huge_heics_are_errors() {
         let fx = crate::fixture::Fixture::open("heic", "decoded.bin");
         let (_, bytes) = fx.file(&fx.cases[0]);
-        let e = super::decode(&bytes, 100, None).unwrap_err();
+        let e = super::decode(&bytes, "t.heic", 100, None).unwrap_err();
         assert!(e.contains("over the limit"), "{e}");
         for cut in [40, bytes.len() / 2, bytes.len() - 10] {
             let e = crate::decode_image(&bytes[..cut], "x.heic", &crate::ImageLimits::default());
@@ -739,7 +765,7 @@ mod tests {
         for b in flipped[bytes.len() / 2..].iter_mut() {
             *b ^= 0x5A;
         }
-        let _ = super::decode(&flipped, u64::MAX, None);
+        let _ = super::decode(&flipped, "t.heic", u64::MAX, None);
     }
 
     /// Thumbnails are taken only where the draft says HEIC: a JPEG draft
@@ -771,7 +797,8 @@ mod tests {
     #[cfg(feature = "heif")]
     #[test]
     fn thumbnails_of_another_colour_profile_are_no_copy() {
-        use super::{Item, Profile, scaled_copy};
+        use super::{Item, Profile, not_a_copy};
+        let scaled_copy = |t: &Item, i: &Item, n| not_a_copy(t, i, n).is_none();
         let item = |size, profile| Item {
             size,
             alpha: false,
@@ -823,7 +850,7 @@ mod tests {
                     b[at] = next() as u8;
                 }
                 let _ = super::transforms(&b);
-                let _ = super::decode(&b, u64::MAX, Some(&need));
+                let _ = super::decode(&b, "t.heic", u64::MAX, Some(&need));
             }
         }
     }

@@ -261,6 +261,7 @@ pub(crate) fn decode(
         #[cfg(feature = "heif")]
         return crate::heif::decode(
             bytes,
+            what,
             limits.max_pixels,
             need.filter(|n| n.draft.heic_thumbnail).map(|n| n.size),
         )
