@@ -97,6 +97,11 @@ fn child<'a>(data: &'a [u8], kind: &[u8; 4]) -> Option<&'a [u8]> {
 }
 
 #[cfg(feature = "heif")]
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+#[cfg(feature = "heif")]
 fn be32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
@@ -120,7 +125,7 @@ fn transforms(file: &[u8]) -> Option<std::collections::HashMap<u32, Vec<Transfor
         for _ in 0..be32(ipma, 4)? {
             let item = if version < 1 {
                 at += 2;
-                u32::from(u16::from_be_bytes(ipma.get(at - 2..at)?.try_into().ok()?))
+                u32::from(be16(ipma, at - 2)?)
             } else {
                 at += 4;
                 be32(ipma, at - 4)?
@@ -132,7 +137,7 @@ fn transforms(file: &[u8]) -> Option<std::collections::HashMap<u32, Vec<Transfor
                 // The top bit says "essential"; 0 is no property.
                 let index = if wide {
                     at += 2;
-                    usize::from(u16::from_be_bytes(ipma.get(at - 2..at)?.try_into().ok()?) & 0x7fff)
+                    usize::from(be16(ipma, at - 2)? & 0x7fff)
                 } else {
                     at += 1;
                     usize::from(ipma.get(at - 1)? & 0x7f)

@@ -190,12 +190,6 @@ pub(crate) struct Need<'a> {
     pub draft: Draft,
 }
 
-impl<'a> Need<'a> {
-    fn jpeg(need: Option<Self>) -> Option<&'a dyn Fn(u32, u32) -> (u32, u32)> {
-        need.filter(|n| n.draft.jpeg).map(|n| n.size)
-    }
-}
-
 /// An image decoded whole, or only its columns `x0..x0 + image.width()`
 /// (all rows) of an image `width` wide.
 pub(crate) struct Decoded {
@@ -313,7 +307,8 @@ pub(crate) fn decode(
         ));
     }
     let orientation = decoder.orientation().map_err(|e| decode_error(what, e))?;
-    let denominator = Need::jpeg(need).map_or(1, |need| {
+    let jpeg_need = need.filter(|n| n.draft.jpeg).map(|n| n.size);
+    let denominator = jpeg_need.map_or(1, |need| {
         // The need is for the image as displayed; the reduction applies to
         // it as stored, turned a quarter for orientations 5-8.
         use image::metadata::Orientation::*;
